@@ -1,0 +1,1 @@
+"""QEMU machine configuration, guest image builder and VM launcher."""

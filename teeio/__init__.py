@@ -1,0 +1,1 @@
+"""Shared, sans-IO protocol cores (PCIe config space, and later DOE/SPDM/IDE/TDISP)."""

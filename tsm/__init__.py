@@ -1,0 +1,1 @@
+"""Host TEE Security Manager (SPDM requester, IDE_KM, TDI lifecycle): next issues."""

@@ -1,0 +1,1 @@
+"""vfio-user server and the emulated TEE-IO capable PCIe device."""

@@ -1,0 +1,354 @@
+"""The emulated PCIe function: config space, BAR0 registers, MSI-X BAR, DMA engine.
+
+Config space layout (4 KiB)::
+
+    0x000 Type 0 header   vendor 0x1234 device 0x7E10, class 12:00:00 (accelerator)
+          BAR0 0x10  32-bit memory, 4 KiB   registers (see regs.py)
+          BAR1 0x14  32-bit memory, 4 KiB   MSI-X table @0x000, PBA @0x800
+    0x040 Power Management (ID 01)   PMC v3, PMCSR power state RW
+    0x050 MSI-X (ID 11)              4 vectors, table BIR 1/0x000, PBA BIR 1/0x800
+    0x060 PCI Express (ID 10)        v2, Endpoint; DevCap bit 30 TEE-IO Supported
+    0x100 Device Serial Number (ext 0003)
+          (DOE 0x2E and IDE 0x30 extended capabilities arrive with the next issues)
+
+No region is offered as mmappable: every BAR access traps here (DESIGN decision 7).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from teeio.pcie.config import (
+    STATUS_RW1C,
+    CapId,
+    Command,
+    ConfigSpace,
+    ExtCapId,
+    Reg,
+    Status,
+    bar_wmask,
+)
+from vfio_user_dev import regs
+from vfio_user_dev.dma import DmaFault, DmaMapSet
+from vfio_user_dev.irq import IrqController
+from vfio_user_dev.protocol import PciRegion, ProtocolError, RegionFlags
+from vfio_user_dev.regs import R, Irq, Op, St
+
+log = logging.getLogger(__name__)
+
+VENDOR_ID = 0x1234
+DEVICE_ID = 0x7E10
+MSIX_VECTORS = 4
+BAR1_SIZE = 4096
+MSIX_TABLE_OFF = 0x000
+MSIX_PBA_OFF = 0x800
+PM_CAP = 0x40
+MSIX_CAP = 0x50
+PCIE_CAP = 0x60
+PCI_EXP_DEVCAP_TEE = 1 << 30  # PCIe 6.x §7.5.3.3 Device Capabilities bit 30 "TEE-IO Supported"
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    size: int
+    flags: int
+
+
+def build_config(serial: int) -> ConfigSpace:
+    cs = ConfigSpace()
+    cs.set(Reg.VENDOR_ID, 2, VENDOR_ID)
+    cs.set(Reg.DEVICE_ID, 2, DEVICE_ID)
+    cs.set(Reg.COMMAND, 2, 0, wmask=Command.MEMORY_SPACE | Command.BUS_MASTER
+           | Command.PARITY_ERROR_RESPONSE | Command.SERR_ENABLE | Command.INTERRUPT_DISABLE)
+    cs.set(Reg.STATUS, 2, 0, w1c=STATUS_RW1C)
+    cs.set(Reg.REVISION_ID, 1, 0x01)
+    cs.set(Reg.CLASS_CODE, 3, 0x120000)
+    cs.set(Reg.CACHE_LINE_SIZE, 1, 0, wmask=0xFF)
+    cs.set(Reg.HEADER_TYPE, 1, 0x00)
+    for bar, size in ((0, regs.BAR0_SIZE), (1, BAR1_SIZE)):
+        value, mask = bar_wmask(size)
+        cs.set(Reg.BAR0 + 4 * bar, 4, value, wmask=mask)
+    cs.set(Reg.SUBSYSTEM_VENDOR_ID, 2, VENDOR_ID)
+    cs.set(Reg.SUBSYSTEM_ID, 2, 0x0001)
+    cs.set(Reg.INTERRUPT_LINE, 1, 0, wmask=0xFF)
+    cs.set(Reg.INTERRUPT_PIN, 1, 1)  # INTA#
+
+    # Power Management (PCI PM 1.2 §3.2): PMC version 3; PMCSR bits 1:0 RW, No_Soft_Reset.
+    cs.add_capability(PM_CAP, CapId.POWER_MANAGEMENT, bytes(6))
+    cs.set(PM_CAP + 2, 2, 0x0003)
+    cs.set(PM_CAP + 4, 2, 0x0008, wmask=0x0003)
+
+    # MSI-X (PCIe 6.x §7.7.2): Message Control, Table Offset/BIR, PBA Offset/BIR.
+    cs.add_capability(MSIX_CAP, CapId.MSIX, bytes(10))
+    cs.set(MSIX_CAP + 2, 2, MSIX_VECTORS - 1, wmask=0xC000)
+    cs.set(MSIX_CAP + 4, 4, MSIX_TABLE_OFF | 1)
+    cs.set(MSIX_CAP + 8, 4, MSIX_PBA_OFF | 1)
+
+    # PCI Express capability v2, Endpoint (PCIe 6.x §7.5.3).
+    cs.add_capability(PCIE_CAP, CapId.PCI_EXPRESS, bytes(0x3A))
+    cs.set(PCIE_CAP + 0x02, 2, 0x0002)                        # version 2, type 0 Endpoint
+    cs.set(PCIE_CAP + 0x04, 4, PCI_EXP_DEVCAP_TEE | (1 << 15) | 0x1)  # RBER, MPS 256 B
+    cs.set(PCIE_CAP + 0x08, 2, 0x2810, wmask=0x7CFF)          # DevCtl (no FLR: bit 15 RO)
+    cs.set(PCIE_CAP + 0x0A, 2, 0, w1c=0x000F)                 # DevSta error bits RW1C
+    cs.set(PCIE_CAP + 0x0C, 4, 0x00000011)                    # LinkCap 2.5 GT/s x1
+    cs.set(PCIE_CAP + 0x10, 2, 0, wmask=0x01C3)               # LinkCtl
+    cs.set(PCIE_CAP + 0x12, 2, 0x0011)                        # LinkSta 2.5 GT/s x1
+    cs.set(PCIE_CAP + 0x2C, 4, 0x00000002)                    # LinkCap2: 2.5 GT/s
+    cs.set(PCIE_CAP + 0x30, 2, 0x0001, wmask=0x000F)          # LinkCtl2 target speed
+
+    # Device Serial Number (PCIe 6.x §7.9.3), proves extended config space reaches the guest.
+    cs.add_ext_capability(0x100, ExtCapId.DEVICE_SERIAL_NUMBER, 1, serial.to_bytes(8, "little"))
+    return cs
+
+
+@dataclass
+class _Job:
+    op: int
+    src: int
+    dst: int
+    length: int
+    pattern: int
+    generation: int
+
+
+class TeeIoDevice:
+    """Device model behind any transport: region accesses, reset, IRQs, DMA engine."""
+
+    REGIONS = {
+        PciRegion.BAR0: RegionSpec(regs.BAR0_SIZE, RegionFlags.READ | RegionFlags.WRITE),
+        PciRegion.BAR1: RegionSpec(BAR1_SIZE, RegionFlags.READ | RegionFlags.WRITE),
+        PciRegion.CONFIG: RegionSpec(4096, RegionFlags.READ | RegionFlags.WRITE),
+    }
+    NUM_REGIONS = 9  # VFIO_PCI_NUM_REGIONS
+
+    def __init__(self, serial: int = 0x7E10_0000_0000_0001) -> None:
+        self.serial = serial
+        self.dma = DmaMapSet()
+        self.irq = IrqController(MSIX_VECTORS, self._intx_allowed)
+        self._lock = threading.RLock()
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.generation = 0
+        self.listeners: list[Callable[[TeeIoDevice], None]] = []
+        self.total = {"jobs": 0, "bytes": 0, "errors": 0}
+        self._reset_state()
+        self._engine = threading.Thread(target=self._engine_loop, name="dma-engine", daemon=True)
+        self._engine.start()
+
+    # -- state ------------------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        self.config = build_config(self.serial)
+        self.r = {reg: 0 for reg in R}
+        self.r[R.ID] = regs.DEVICE_ID_REG_VALUE
+        self.r[R.VERSION] = regs.REGMAP_VERSION
+        self.msix_table = bytearray(BAR1_SIZE)
+        for v in range(MSIX_VECTORS):  # vector control: masked after reset (§7.7.2)
+            self.msix_table[MSIX_TABLE_OFF + 16 * v + 12] = 1
+
+    def reset(self) -> None:
+        """Function-level reset of device state (DMA maps and eventfds belong to the client)."""
+        with self._lock:
+            self.generation += 1
+            self._reset_state()
+            self.irq.set_intx(False)
+        log.info("device reset")
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._engine.join(timeout=5)
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "dma_jobs": self.total["jobs"],
+                "dma_bytes": self.total["bytes"],
+                "dma_errors": self.total["errors"],
+                "irq_signalled": self.irq.signalled,
+                "irq_signalled_intx": self.irq.signalled_by_type["intx"],
+                "irq_signalled_msix": self.irq.signalled_by_type["msix"],
+                "dma_maps_live": len(self.dma.snapshot()),
+                "dma_maps_total": self.dma.maps_total,
+            }
+
+    def _intx_allowed(self) -> bool:
+        return not self.config.get(Reg.COMMAND, 2) & Command.INTERRUPT_DISABLE
+
+    # -- region access ------------------------------------------------------------------------
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        self._bounds(index, offset, count)
+        with self._lock:
+            if index == PciRegion.CONFIG:
+                return self.config.read(offset, count)
+            if index == PciRegion.BAR0:
+                return self._bar0_read(offset, count)
+            return self._bar1_read(offset, count)
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        self._bounds(index, offset, len(data))
+        with self._lock:
+            if index == PciRegion.CONFIG:
+                self.config.write(offset, data)
+                if offset < Reg.COMMAND + 2 and offset + len(data) > Reg.COMMAND:
+                    self.irq.update_intx()
+            elif index == PciRegion.BAR0:
+                self._bar0_write(offset, data)
+            else:
+                self._bar1_write(offset, data)
+
+    def _bounds(self, index: int, offset: int, count: int) -> None:
+        spec = self.REGIONS.get(PciRegion(index)) if index in PciRegion._value2member_map_ else None
+        if spec is None:
+            raise ProtocolError(errno.EINVAL, f"region {index} is not implemented")
+        if count == 0 or offset < 0 or offset + count > spec.size:
+            raise ProtocolError(errno.EINVAL,
+                                f"region {index}: access {offset:#x}+{count} outside {spec.size:#x}")
+
+    # -- BAR0 -------------------------------------------------------------------------------
+    def _bar0_read(self, offset: int, count: int) -> bytes:
+        out = bytearray()
+        for pos in range(offset & ~3, offset + count, 4):
+            out += self._reg_read(pos).to_bytes(4, "little")
+        start = offset & 3
+        return bytes(out[start:start + count])
+
+    def _reg_read(self, off: int) -> int:
+        if off == R.IRQ_COUNT:
+            return self.irq.signalled & 0xFFFFFFFF
+        try:
+            return self.r[R(off)]
+        except ValueError:
+            return 0  # reserved: reads as zero
+
+    def _bar0_write(self, offset: int, data: bytes) -> None:
+        pos = offset
+        while pos < offset + len(data):
+            base = pos & ~3
+            cur = bytearray(self._reg_read(base).to_bytes(4, "little"))
+            mask = bytearray(4)
+            for i in range(4):
+                if offset <= base + i < offset + len(data):
+                    cur[i] = data[base + i - offset]
+                    mask[i] = 0xFF
+            self._reg_write(base, int.from_bytes(cur, "little"), int.from_bytes(mask, "little"))
+            pos = base + 4
+
+    def _reg_write(self, off: int, value: int, bytemask: int) -> None:
+        rw = (R.SCRATCH, R.INT_ENABLE, R.DMA_SRC_LO, R.DMA_SRC_HI, R.DMA_DST_LO, R.DMA_DST_HI,
+              R.DMA_LEN, R.DMA_PATTERN)
+        if off in rw:
+            self.r[R(off)] = value
+            if off == R.INT_ENABLE:
+                self._update_irq(new_bits=0)
+        elif off == R.INT_STATUS:
+            self.r[R.INT_STATUS] &= ~(value & bytemask)
+            self._update_irq(new_bits=0)
+        elif off == R.DMA_CMD and value & regs.CMD_GO:
+            self._start_job(value & 0xF)
+        # RO and reserved registers ignore writes.
+
+    def _start_job(self, op: int) -> None:
+        if self.r[R.STATUS] & St.BUSY:
+            self._finish(regs.DmaError.BUSY)
+            return
+        length = self.r[R.DMA_LEN]
+        self.r[R.STATUS] = St.BUSY
+        self._jobs.put(_Job(op, self.r[R.DMA_SRC_LO] | self.r[R.DMA_SRC_HI] << 32,
+                            self.r[R.DMA_DST_LO] | self.r[R.DMA_DST_HI] << 32,
+                            length, self.r[R.DMA_PATTERN], self.generation))
+
+    # -- BAR1: MSI-X table and PBA ----------------------------------------------------------
+    def _bar1_read(self, offset: int, count: int) -> bytes:
+        pba = 0
+        for v, p in enumerate(self.irq.pending[2]):
+            pba |= int(p) << v
+        view = bytearray(self.msix_table)
+        view[MSIX_PBA_OFF:MSIX_PBA_OFF + 8] = pba.to_bytes(8, "little")
+        return bytes(view[offset:offset + count])
+
+    def _bar1_write(self, offset: int, data: bytes) -> None:
+        end = MSIX_TABLE_OFF + 16 * MSIX_VECTORS
+        for i, b in enumerate(data):
+            o = offset + i
+            if MSIX_TABLE_OFF <= o < end:  # the PBA is read-only
+                self.msix_table[o] = b & 0x01 if (o - MSIX_TABLE_OFF) % 16 == 12 else b
+
+    # -- DMA engine -------------------------------------------------------------------------
+    def _engine_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            code, moved = self._run(job)
+            with self._lock:
+                if job.generation != self.generation:
+                    continue  # reset while running: the result is dropped
+                self.total["bytes"] += moved
+                self.r_add_bytes(moved)
+                self._finish(code)
+            for fn in list(self.listeners):
+                try:
+                    fn(self)
+                except Exception:
+                    log.exception("device listener failed")
+
+    def r_add_bytes(self, n: int) -> None:
+        total = (self.r[R.DMA_BYTES_HI] << 32 | self.r[R.DMA_BYTES_LO]) + n
+        self.r[R.DMA_BYTES_LO] = total & 0xFFFFFFFF
+        self.r[R.DMA_BYTES_HI] = (total >> 32) & 0xFFFFFFFF
+
+    def _run(self, job: _Job) -> tuple[regs.DmaError, int]:
+        if not self.config.get(Reg.COMMAND, 2) & Command.BUS_MASTER:
+            return regs.DmaError.BUS_MASTER_OFF, 0
+        if not 0 < job.length <= regs.MAX_DMA_LEN:
+            return regs.DmaError.BAD_LENGTH, 0
+        try:
+            if job.op == Op.COPY:
+                data = self.dma.read(job.src, job.length)
+                self.dma.write(job.dst, data)
+                return regs.DmaError.NONE, 2 * job.length
+            if job.op == Op.FILL:
+                pat = job.pattern.to_bytes(4, "little")
+                data = (pat * (job.length // 4 + 1))[:job.length]
+                self.dma.write(job.dst, data)
+                return regs.DmaError.NONE, job.length
+            if job.op == Op.SHA256:
+                digest = hashlib.sha256(self.dma.read(job.src, job.length)).digest()
+                self.dma.write(job.dst, digest)
+                return regs.DmaError.NONE, job.length + len(digest)
+        except DmaFault as exc:
+            log.warning("DMA fault: %s", exc)
+            return regs.DmaError.FAULT, 0
+        return regs.DmaError.BAD_OPCODE, 0
+
+    def _finish(self, code: regs.DmaError) -> None:
+        if code == regs.DmaError.NONE:
+            self.r[R.STATUS] = St.DONE
+            bit = Irq.DMA_DONE
+            self.r[R.DMA_JOBS] = (self.r[R.DMA_JOBS] + 1) & 0xFFFFFFFF
+            self.total["jobs"] += 1
+        else:
+            busy = self.r[R.STATUS] & St.BUSY if code == regs.DmaError.BUSY else 0
+            self.r[R.STATUS] = busy | St.ERROR | (int(code) << 8)
+            bit = Irq.DMA_ERROR
+            self.total["errors"] += 1
+        self.r[R.INT_STATUS] |= bit
+        self._update_irq(new_bits=bit)
+
+    def _update_irq(self, new_bits: int) -> None:
+        level = self.r[R.INT_STATUS] & self.r[R.INT_ENABLE]
+        if self.irq.msix_ready(0):
+            self.config.poke(Reg.STATUS, 2, self.config.get(Reg.STATUS, 2)
+                             & ~Status.INTERRUPT_STATUS)
+            if new_bits & self.r[R.INT_ENABLE]:
+                self.irq.raise_msix(0)
+            return
+        status = self.config.get(Reg.STATUS, 2) & ~Status.INTERRUPT_STATUS
+        if level:
+            status |= Status.INTERRUPT_STATUS
+        self.config.poke(Reg.STATUS, 2, status)
+        self.irq.set_intx(bool(level))

@@ -1,0 +1,194 @@
+"""The live set of client DMA regions (vfio-user DMA_MAP / DMA_UNMAP).
+
+A region backed by a file descriptor is mmap()ed and accessed directly; one
+without (QEMU sends some, e.g. ROM areas, or all of RAM when it is not
+``share=on``) is reached through DMA_READ / DMA_WRITE messages on the socket,
+via the ``remote`` callbacks the transport installs.  Maps arrive before
+DEVICE_GET_INFO and are replaced repeatedly while the BIOS runs, so the set is
+kept exact: overlapping maps are refused (EEXIST), unmaps must match a map.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vfio_user_dev.protocol import DmaFlags, ProtocolError
+
+log = logging.getLogger(__name__)
+
+RemoteRead = Callable[[int, int], bytes]
+RemoteWrite = Callable[[int, bytes], None]
+
+
+class DmaFault(Exception):
+    """A device access to guest memory that no live map allows."""
+
+
+@dataclass
+class DmaRegion:
+    address: int
+    size: int
+    flags: int
+    fd_offset: int
+    mem: mmap.mmap | None = field(default=None, repr=False)
+    users: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+
+class DmaMapSet:
+    def __init__(self) -> None:
+        self._regions: list[DmaRegion] = []   # sorted by address
+        self._cond = threading.Condition()
+        self.remote_read: RemoteRead | None = None
+        self.remote_write: RemoteWrite | None = None
+        self.maps_total = 0
+        self.unmaps_total = 0
+
+    # -- client side: DMA_MAP / DMA_UNMAP -------------------------------------------------
+    def map(self, address: int, size: int, flags: int, fd_offset: int, fd: int | None) -> None:
+        mem: mmap.mmap | None = None
+        try:
+            with self._cond:
+                for r in self._regions:
+                    if address < r.end and r.address < address + size:
+                        raise ProtocolError(errno.EEXIST,
+                                            f"DMA_MAP {address:#x}+{size:#x} overlaps "
+                                            f"{r.address:#x}+{r.size:#x}")
+            if fd is not None:
+                prot = 0
+                if flags & DmaFlags.READ:
+                    prot |= mmap.PROT_READ
+                if flags & DmaFlags.WRITE:
+                    prot |= mmap.PROT_WRITE
+                try:
+                    mem = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot or mmap.PROT_READ,
+                                    offset=fd_offset)
+                except (OSError, ValueError) as exc:
+                    raise ProtocolError(errno.EINVAL,
+                                        f"DMA_MAP: cannot mmap fd at {fd_offset:#x}: {exc}") \
+                        from None
+            with self._cond:
+                region = DmaRegion(address, size, flags, fd_offset, mem)
+                keys = [r.address for r in self._regions]
+                self._regions.insert(bisect.bisect(keys, address), region)
+                self.maps_total += 1
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def unmap(self, address: int, size: int) -> None:
+        with self._cond:
+            for i, r in enumerate(self._regions):
+                if r.address == address and r.size == size:
+                    # Release every reference before replying (spec: in-flight DMA too).
+                    while r.users:
+                        self._cond.wait()
+                    del self._regions[i]
+                    self.unmaps_total += 1
+                    if r.mem is not None:
+                        r.mem.close()
+                    return
+        raise ProtocolError(errno.ENOENT, f"DMA_UNMAP {address:#x}+{size:#x}: no such map")
+
+    def clear(self) -> None:
+        with self._cond:
+            while any(r.users for r in self._regions):
+                self._cond.wait()
+            for r in self._regions:
+                if r.mem is not None:
+                    r.mem.close()
+            self._regions.clear()
+
+    def snapshot(self) -> list[tuple[int, int, int, bool]]:
+        with self._cond:
+            return [(r.address, r.size, r.flags, r.mem is not None) for r in self._regions]
+
+    # -- device side: DMA accesses ----------------------------------------------------------
+    def _find(self, address: int, need: int) -> DmaRegion:
+        for r in self._regions:
+            if r.address <= address < r.end:
+                if not r.flags & need:
+                    kind = "read" if need == DmaFlags.READ else "write"
+                    raise DmaFault(f"DMA {kind} at {address:#x}: map is not {kind}able")
+                return r
+        raise DmaFault(f"DMA to unmapped address {address:#x}")
+
+    def _pieces(self, address: int, length: int, need: int) -> list[tuple[DmaRegion, int, int]]:
+        if length < 0 or address < 0 or address + length > 1 << 64:
+            raise DmaFault(f"bad DMA range {address:#x}+{length:#x}")
+        out = []
+        pos = address
+        end = address + length
+        while pos < end:
+            r = self._find(pos, need)
+            n = min(end, r.end) - pos
+            out.append((r, pos, n))
+            pos += n
+        return out
+
+    def read(self, address: int, length: int) -> bytes:
+        chunks: list[bytes] = []
+        with self._cond:
+            pieces = self._pieces(address, length, DmaFlags.READ)
+            self._acquire(pieces)
+        try:
+            for r, pos, n in pieces:
+                if r.mem is not None:
+                    off = pos - r.address
+                    chunks.append(r.mem[off:off + n])
+                else:
+                    chunks.append(self._remote_read(pos, n))
+        finally:
+            self._release(pieces)
+        return b"".join(chunks)
+
+    def write(self, address: int, data: bytes) -> None:
+        with self._cond:
+            pieces = self._pieces(address, len(data), DmaFlags.WRITE)
+            self._acquire(pieces)
+        try:
+            done = 0
+            for r, pos, n in pieces:
+                if r.mem is not None:
+                    off = pos - r.address
+                    r.mem[off:off + n] = data[done:done + n]
+                else:
+                    self._remote_write(pos, data[done:done + n])
+                done += n
+        finally:
+            self._release(pieces)
+
+    @staticmethod
+    def _acquire(pieces: list[tuple[DmaRegion, int, int]]) -> None:
+        # Only mmap()ed regions hold references; socket DMA holds none, so an unmap
+        # never waits on a DMA reply that the reader thread (busy unmapping) must route.
+        for r, _, _ in pieces:
+            if r.mem is not None:
+                r.users += 1
+
+    def _release(self, pieces: list[tuple[DmaRegion, int, int]]) -> None:
+        with self._cond:
+            for r, _, _ in pieces:
+                if r.mem is not None:
+                    r.users -= 1
+            self._cond.notify_all()
+
+    def _remote_read(self, address: int, n: int) -> bytes:
+        if self.remote_read is None:
+            raise DmaFault(f"DMA read at {address:#x}: memory not mappable and no client")
+        return self.remote_read(address, n)
+
+    def _remote_write(self, address: int, data: bytes) -> None:
+        if self.remote_write is None:
+            raise DmaFault(f"DMA write at {address:#x}: memory not mappable and no client")
+        self.remote_write(address, data)

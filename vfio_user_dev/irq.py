@@ -1,0 +1,157 @@
+"""Interrupt signalling through client eventfds (vfio-user DEVICE_SET_IRQS).
+
+INTx is level-triggered and auto-masked (linux/vfio.h semantics, as QEMU's vfio
+expects): the server writes the trigger eventfd and masks; after the guest's EOI
+QEMU sends UNMASK, and if the line is still asserted and not disabled by Command
+bit 10, it fires again.  MSI-X vectors are edge-triggered; a masked vector sets
+its PBA bit and fires on unmask.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+from vfio_user_dev.protocol import (
+    ACTION_MASK,
+    DATA_MASK,
+    IrqInfoFlags,
+    IrqSet,
+    IrqSetFlags,
+    PciIrq,
+    ProtocolError,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _signal(fd: int) -> None:
+    os.write(fd, (1).to_bytes(8, "little"))
+
+
+class IrqController:
+    def __init__(self, msix_vectors: int, intx_allowed: Callable[[], bool]) -> None:
+        self.counts = {PciIrq.INTX: 1, PciIrq.MSI: 0, PciIrq.MSIX: msix_vectors,
+                       PciIrq.ERR: 0, PciIrq.REQ: 0}
+        self._intx_allowed = intx_allowed
+        self._lock = threading.RLock()
+        self.trigger: dict[int, list[int | None]] = {i: [None] * c for i, c in self.counts.items()}
+        self.masked: dict[int, list[bool]] = {i: [False] * c for i, c in self.counts.items()}
+        self.pending: dict[int, list[bool]] = {i: [False] * c for i, c in self.counts.items()}
+        self.intx_asserted = False
+        self.signalled = 0
+        self.signalled_by_type = {"intx": 0, "msix": 0}
+
+    def info_flags(self, index: int) -> int:
+        if index == PciIrq.INTX:
+            return IrqInfoFlags.EVENTFD | IrqInfoFlags.MASKABLE | IrqInfoFlags.AUTOMASKED
+        if index == PciIrq.MSIX:
+            return IrqInfoFlags.EVENTFD | IrqInfoFlags.MASKABLE | IrqInfoFlags.NORESIZE
+        return IrqInfoFlags.EVENTFD
+
+    # -- DEVICE_SET_IRQS --------------------------------------------------------------------
+    def set_irqs(self, req: IrqSet, fds: list[int]) -> list[int]:
+        """Apply *req*; returns the fds it did not keep (the caller closes them)."""
+        if req.index not in self.counts:
+            raise ProtocolError(errno.EINVAL, f"SET_IRQS: no IRQ index {req.index}")
+        n = self.counts[req.index]
+        data = req.flags & DATA_MASK
+        action = req.flags & ACTION_MASK
+        if data == IrqSetFlags.DATA_NONE and req.count == 0 and req.start == 0 \
+                and action == IrqSetFlags.ACTION_TRIGGER:
+            with self._lock:  # disable every interrupt of this index
+                self._release(req.index, 0, n)
+            return fds
+        if req.start + req.count > n or req.count == 0:
+            raise ProtocolError(errno.EINVAL,
+                                f"SET_IRQS: vectors {req.start}+{req.count} outside 0..{n}")
+        with self._lock:
+            if data == IrqSetFlags.DATA_EVENTFD:
+                if action != IrqSetFlags.ACTION_TRIGGER:
+                    raise ProtocolError(errno.ENOTSUP, "SET_IRQS: eventfds only for TRIGGER")
+                if fds and len(fds) != req.count:
+                    raise ProtocolError(errno.EINVAL,
+                                        f"SET_IRQS: {len(fds)} fds for {req.count} vectors")
+                self._release(req.index, req.start, req.count)
+                for i, fd in enumerate(fds):
+                    self.trigger[req.index][req.start + i] = None if fd < 0 else fd
+                return []
+            sel = list(range(req.start, req.start + req.count))
+            if data == IrqSetFlags.DATA_BOOL:
+                sel = [v for v, b in zip(sel, req.data, strict=True) if b]
+            for v in sel:
+                if action == IrqSetFlags.ACTION_MASK:
+                    self.masked[req.index][v] = True
+                elif action == IrqSetFlags.ACTION_UNMASK:
+                    self.masked[req.index][v] = False
+                    self._replay(req.index, v)
+                else:
+                    self._fire(req.index, v)
+        return fds
+
+    def _release(self, index: int, start: int, count: int) -> None:
+        for v in range(start, start + count):
+            fd = self.trigger[index][v]
+            if fd is not None:
+                os.close(fd)
+            self.trigger[index][v] = None
+
+    def close_all(self) -> None:
+        with self._lock:
+            for index, n in self.counts.items():
+                self._release(index, 0, n)
+                self.masked[index] = [False] * n
+                self.pending[index] = [False] * n
+            self.intx_asserted = False
+
+    # -- device side --------------------------------------------------------------------
+    def msix_ready(self, vector: int = 0) -> bool:
+        with self._lock:
+            return self.counts[PciIrq.MSIX] > vector and \
+                self.trigger[PciIrq.MSIX][vector] is not None
+
+    def raise_msix(self, vector: int) -> None:
+        with self._lock:
+            if self.masked[PciIrq.MSIX][vector]:
+                self.pending[PciIrq.MSIX][vector] = True
+                return
+            self._fire(PciIrq.MSIX, vector)
+
+    def set_intx(self, level: bool) -> None:
+        with self._lock:
+            rising = level and not self.intx_asserted
+            self.intx_asserted = level
+            if rising:
+                self.update_intx()
+
+    def update_intx(self) -> None:
+        """Deliver INTx if asserted, enabled (Command bit 10 clear) and not masked."""
+        with self._lock:
+            if self.intx_asserted and self._intx_allowed() and not self.masked[PciIrq.INTX][0]:
+                self._fire(PciIrq.INTX, 0)
+
+    def _replay(self, index: int, v: int) -> None:
+        if index == PciIrq.INTX:
+            self.update_intx()
+        elif self.pending[index][v]:
+            self.pending[index][v] = False
+            self._fire(index, v)
+
+    def _fire(self, index: int, v: int) -> None:
+        fd = self.trigger[index][v]
+        if fd is None:
+            if index == PciIrq.MSIX:
+                self.pending[index][v] = True
+            return
+        if index == PciIrq.INTX:
+            self.masked[index][v] = True  # AUTOMASKED: until the client's UNMASK
+        try:
+            _signal(fd)
+        except OSError as exc:
+            log.warning("eventfd write failed for irq %d/%d: %s", index, v, exc)
+            return
+        self.signalled += 1
+        self.signalled_by_type["intx" if index == PciIrq.INTX else "msix"] += 1
