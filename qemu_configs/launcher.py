@@ -1,0 +1,279 @@
+"""Boot the guest with our vfio-user device attached, and judge the run (DESIGN decisions 5-6).
+
+A run: start the device server on a private socket, start QEMU (through the
+sysroot's loader) with q35, memfd RAM, pcie-root-port + vfio-user-pci, three 9p
+shares (sysroot ro, project ro, results rw), serial console to a file and a QMP
+socket; wait for the guest's status file (written last, on the results share)
+or for QEMU to end, bounded by one timeout table; then stop and clean up
+everything that was started, whatever happened.  The verdict comes from the
+status file and the results, never from QEMU's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu_configs import image as image_mod
+
+log = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+CONFIG_FILE = Path(__file__).resolve().parent / "teeio-q35.cfg"
+
+# One table bounds every wait (seconds).  TCG on 2 shared cores is the baseline.
+TIMEOUTS: dict[str, float] = {
+    "device_socket": 15,     # device server creates its socket
+    "qmp_connect": 30,       # QEMU opens its QMP socket
+    "run": 240,              # boot + guest workload until the status file appears
+    "probe": 60,             # KVM probe boot
+    "shutdown": 15,          # QEMU / device server exit after being asked
+}
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass
+class VmOptions:
+    mode: str = "selftest"
+    params: dict[str, str] = field(default_factory=dict)
+    share_memory: bool = True
+    memory_mb: int = 1024
+    accel: str = "tcg"                 # tcg | kvm (kvm only if a probe boot works)
+    interactive: bool = False
+    device_verbose: bool = False
+    workdir: Path | None = None
+    keep_workdir: bool = False
+    run_timeout: float | None = None
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    status: str
+    workdir: Path
+    report: dict[str, Any] | None
+    device_stats: dict[str, Any] | None
+    qmp_pci: list[dict[str, Any]] | None
+    console_log: Path
+    reason: str = ""
+
+    def text(self, name: str) -> str:
+        path = self.workdir / "results" / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def kvm_usable() -> bool:
+    """A probe boot under KVM: /dev/kvm may exist and still fail on a stock kernel."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    try:
+        res = run_vm(VmOptions(mode="probe", accel="kvm-probe", run_timeout=TIMEOUTS["probe"]))
+    except LaunchError:
+        return False
+    return res.ok
+
+
+def qemu_argv(img: image_mod.GuestImage, opts: VmOptions, wd: Path, sock: Path,
+              qmp: Path, accel: str) -> list[str]:
+    kparams = ["console=ttyS0", "panic=-1", "rdinit=/init", "loglevel=4",
+               f"teeio.mode={opts.mode}"]
+    kparams += [f"teeio.{k}={v}" for k, v in opts.params.items()]
+    device = {"driver": "vfio-user-pci", "id": "teeio0", "bus": "rp0",
+              "socket": {"type": "unix", "path": str(sock)}}
+    argv = img.qemu_argv0() + [
+        "-readconfig", str(CONFIG_FILE),
+        "-object", f"memory-backend-memfd,id=mem,size={opts.memory_mb}M,"
+                   f"share={'on' if opts.share_memory else 'off'}",
+        "-m", f"{opts.memory_mb}M",
+        "-accel", "kvm" if accel == "kvm" else "tcg",
+        "-cpu", "host" if accel == "kvm" else "max",
+        "-smp", "1",
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-kernel", str(img.kernel), "-initrd", str(img.initramfs),
+        "-append", " ".join(kparams),
+        "-device", json.dumps(device),
+        "-qmp", f"unix:{qmp},server=on,wait=off",
+        "-no-reboot",
+    ]
+    for tag, path, ro in (("sysroot", img.sysroot, True), ("project", PROJECT_DIR, True),
+                          ("results", wd / "results", False)):
+        argv += ["-fsdev", f"local,id={tag},path={path},security_model=none"
+                           f"{',readonly=on' if ro else ''}",
+                 "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}"]
+    if opts.interactive:
+        argv += ["-serial", "mon:stdio"]
+    else:
+        argv += ["-serial", f"file:{wd / 'console.log'}"]
+    return argv
+
+
+def _wait_for(pred: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
+              interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if proc is not None and proc.poll() is not None:
+            raise LaunchError(f"{what}: process exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise LaunchError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _qmp_query_pci(qmp_path: Path) -> list[dict[str, Any]] | None:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    mon = QEMUMonitorProtocol(str(qmp_path))
+    try:
+        mon.connect()
+        out = mon.cmd("query-pci")
+        return list(out) if isinstance(out, list) else None
+    finally:
+        mon.close()
+
+
+def run_vm(opts: VmOptions) -> RunResult:
+    img = image_mod.paths()
+    if not image_mod.is_built():
+        raise LaunchError("the guest image is not built: run 'make image'")
+    accel = opts.accel
+    if accel == "kvm" and not kvm_usable():
+        log.warning("KVM requested but a probe boot failed: using TCG")
+        accel = "tcg"
+    elif accel == "kvm-probe":
+        accel = "kvm"
+    own_wd = opts.workdir is None
+    wd = Path(tempfile.mkdtemp(prefix="teeio-vm-")) if own_wd else Path(opts.workdir)  # type: ignore[arg-type]
+    (wd / "results").mkdir(parents=True, exist_ok=True)
+    for stale in ("status", "report.json"):
+        (wd / "results" / stale).unlink(missing_ok=True)
+    sock, qmp, stats = wd / "vfio-user.sock", wd / "qmp.sock", wd / "device-stats.json"
+    console = wd / "console.log"
+    dev_proc: subprocess.Popen[bytes] | None = None
+    qemu_proc: subprocess.Popen[bytes] | None = None
+    qmp_pci: list[dict[str, Any]] | None = None
+    reason = ""
+    try:
+        dev_cmd = [sys.executable, "-m", "vfio_user_dev", "--socket", str(sock),
+                   "--stats-file", str(stats), "--max-clients", "1"]
+        if opts.device_verbose:
+            dev_cmd.append("-v")
+        env = dict(os.environ, PYTHONPATH=str(PROJECT_DIR))
+        with open(wd / "device.log", "wb") as devlog:
+            dev_proc = subprocess.Popen(dev_cmd, stdout=devlog, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        _wait_for(sock.exists, TIMEOUTS["device_socket"], "the device server socket", dev_proc)
+        argv = qemu_argv(img, opts, wd, sock, qmp, accel)
+        (wd / "qemu-cmdline.txt").write_text(shlex.join(argv) + "\n")
+        if opts.interactive:
+            qemu_proc = subprocess.Popen(argv)
+            qemu_proc.wait()
+        else:
+            with open(wd / "qemu.log", "wb") as qlog:
+                qemu_proc = subprocess.Popen(argv, stdout=qlog, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            _wait_for(qmp.exists, TIMEOUTS["qmp_connect"], "QEMU's QMP socket", qemu_proc)
+            try:
+                qmp_pci = _qmp_query_pci(qmp)
+            except Exception as exc:  # QMP is diagnostic here; the verdict is the status file
+                log.warning("QMP query-pci failed: %s", exc)
+            status_file = wd / "results" / "status"
+            try:
+                _wait_for(lambda: status_file.exists() or qemu_proc.poll() is not None,  # type: ignore[union-attr]
+                          opts.run_timeout or TIMEOUTS["run"], "the guest's status file")
+            except LaunchError as exc:
+                reason = str(exc)
+            try:
+                qemu_proc.wait(TIMEOUTS["shutdown"])
+            except subprocess.TimeoutExpired:
+                pass
+    except KeyboardInterrupt:
+        reason = "interrupted"
+        raise
+    except LaunchError as exc:
+        reason = str(exc)
+    finally:
+        _stop(qemu_proc, TIMEOUTS["shutdown"])
+        _stop(dev_proc, TIMEOUTS["shutdown"])
+        for path in (sock, qmp):
+            path.unlink(missing_ok=True)
+    status_path = wd / "results" / "status"
+    status = status_path.read_text().strip() if status_path.exists() else "missing"
+    report = None
+    rp = wd / "results" / "report.json"
+    if rp.exists():
+        try:
+            report = json.loads(rp.read_text())
+        except json.JSONDecodeError as exc:
+            reason = reason or f"report.json is not JSON: {exc}"
+    dev_stats = json.loads(stats.read_text()) if stats.exists() else None
+    ok = status == "ok" and not reason and (opts.mode in ("probe", "shell") or report is not None)
+    if not ok and not reason:
+        reason = f"guest status: {status}"
+    result = RunResult(ok, status, wd, report, dev_stats, qmp_pci, console, reason)
+    if not ok:
+        log.error("guest run failed (%s); console log: %s", reason, console)
+    elif own_wd and not opts.keep_workdir:
+        pass  # callers read results first; they remove the folder with cleanup()
+    return result
+
+
+def cleanup(result: RunResult) -> None:
+    shutil.rmtree(result.workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="teeio-vm", description=__doc__)
+    ap.add_argument("--mode", default="selftest", help="guest mode: selftest | shell | probe")
+    ap.add_argument("--shell", action="store_true", help="boot to a root shell on this terminal")
+    ap.add_argument("--param", action="append", default=[], metavar="K=V",
+                    help="extra teeio.K=V kernel parameter for the guest agent")
+    ap.add_argument("--no-share", action="store_true",
+                    help="guest RAM share=off: every DMA goes through DMA_READ/DMA_WRITE messages")
+    ap.add_argument("--kvm", action="store_true", help="use KVM if a probe boot works")
+    ap.add_argument("--workdir", type=Path, help="keep logs and results here")
+    ap.add_argument("-v", "--device-verbose", action="store_true",
+                    help="log every vfio-user message in device.log")
+    ns = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    params = dict(kv.split("=", 1) for kv in ns.param)
+    opts = VmOptions(mode="shell" if ns.shell else ns.mode, params=params,
+                     share_memory=not ns.no_share, accel="kvm" if ns.kvm else "tcg",
+                     interactive=ns.shell, device_verbose=ns.device_verbose,
+                     workdir=ns.workdir, keep_workdir=True)
+    try:
+        res = run_vm(opts)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"ok": res.ok, "status": res.status, "workdir": str(res.workdir),
+                      "reason": res.reason}, indent=2))
+    return 0 if res.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

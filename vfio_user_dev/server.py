@@ -1,0 +1,385 @@
+"""vfio-user server transport: one client at a time on a UNIX socket.
+
+Threads: the *connection* thread reads every message; client commands are handled
+right there (none of them blocks on the client), replies to our own DMA_READ /
+DMA_WRITE are handed to the waiting engine thread.  So the server keeps serving
+the client while a DMA reply is outstanding, and a DMA reply can always be
+routed, which is what keeps QEMU and us out of a deadlock.
+
+Errors: a malformed message gets an error reply with its errno and the
+connection goes on; an unknown command gets ENOSYS; posted writes (No_reply)
+are never answered, not even with an error.  A client that disconnects has its
+DMA maps and eventfds dropped and the device reset; the next client is accepted.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import itertools
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vfio_user_dev import protocol as p
+from vfio_user_dev.device import TeeIoDevice
+from vfio_user_dev.dma import DmaFault
+from vfio_user_dev.protocol import Command, Header, ProtocolError
+
+log = logging.getLogger(__name__)
+msglog = logging.getLogger("vfio_user_dev.msg")
+
+DMA_REPLY_TIMEOUT = 10.0
+
+
+class Disconnected(Exception):
+    pass
+
+
+def recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytes:
+    """Read exactly *n* bytes, collecting SCM_RIGHTS fds that arrive with them."""
+    buf = bytearray()
+    anc = socket.CMSG_SPACE(p.MAX_MSG_FDS * 4)
+    while len(buf) < n:
+        data, ancdata, _flags, _addr = sock.recvmsg(min(n - len(buf), 1 << 20), anc)
+        for level, typ, cdata in ancdata:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
+                fds.extend(arr)
+        if not data:
+            raise Disconnected("peer closed the connection")
+        buf += data
+    return bytes(buf)
+
+
+def send_all(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> None:
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = sock.sendmsg([data], anc)
+        data = data[sent:]
+    if data:
+        sock.sendall(data)
+
+
+@dataclass
+class _Pending:
+    event: threading.Event = field(default_factory=threading.Event)
+    header: Header | None = None
+    payload: bytes = b""
+
+
+class Connection:
+    """One vfio-user client session."""
+
+    def __init__(self, sock: socket.socket, device: TeeIoDevice) -> None:
+        self.sock = sock
+        self.device = device
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.negotiated = False
+        self.client_max_xfer = p.MAX_DATA_XFER
+        self.closed = threading.Event()
+        self.counters = {"rx": 0, "tx": 0, "errors": 0}
+
+    # -- sending ------------------------------------------------------------------------
+    def send(self, data: bytes, fds: list[int] | None = None) -> None:
+        if msglog.isEnabledFor(logging.DEBUG):
+            h = Header.decode(data)
+            kind = "reply" if h.is_reply else "cmd"
+            err = f" error={h.error}" if h.is_error else ""
+            msglog.debug("--> %s %s id=%d size=%d%s", kind, h.command_name(), h.msg_id,
+                         h.size, err)
+        with self._send_lock:
+            send_all(self.sock, data, fds)
+        self.counters["tx"] += 1
+
+    # -- server -> client requests (DMA fallback) -------------------------------------------
+    def request(self, command: Command, payload: bytes) -> tuple[Header, bytes]:
+        if self.closed.is_set():
+            raise DmaFault("client is gone")
+        msg_id = next(self._ids) & 0xFFFF
+        pend = _Pending()
+        with self._pending_lock:
+            self._pending[msg_id] = pend
+        try:
+            self.send(p.message(msg_id, command, payload))
+            if not pend.event.wait(DMA_REPLY_TIMEOUT) or pend.header is None:
+                raise DmaFault(f"{command.name} id={msg_id}: no reply from the client")
+        finally:
+            with self._pending_lock:
+                self._pending.pop(msg_id, None)
+        if pend.header.is_error:
+            raise DmaFault(f"{command.name}: client answered errno {pend.header.error} "
+                           f"({os.strerror(pend.header.error) if pend.header.error else '?'})")
+        return pend.header, pend.payload
+
+    def dma_read(self, address: int, count: int) -> bytes:
+        out = bytearray()
+        while count:
+            n = min(count, self.client_max_xfer)
+            _, payload = self.request(Command.DMA_READ, p.encode_dma_rw(address, n))
+            try:
+                _, got, data = p.decode_dma_rw(payload, with_data=True)
+            except ProtocolError as exc:
+                raise DmaFault(f"DMA_READ reply: {exc}") from None
+            if got != n:
+                raise DmaFault(f"DMA_READ reply count {got} != {n}")
+            out += data
+            address += n
+            count -= n
+        return bytes(out)
+
+    def dma_write(self, address: int, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            chunk = data[pos:pos + self.client_max_xfer]
+            self.request(Command.DMA_WRITE, p.encode_dma_rw(address + pos, len(chunk), chunk))
+            pos += len(chunk)
+
+    # -- receive loop -------------------------------------------------------------------------
+    def serve(self) -> None:
+        self.device.dma.remote_read = self.dma_read
+        self.device.dma.remote_write = self.dma_write
+        try:
+            while True:
+                fds: list[int] = []
+                try:
+                    raw = recv_exact(self.sock, p.HEADER_SIZE, fds)
+                    hdr = Header.decode(raw)
+                    payload = b""
+                    if hdr.size > p.MAX_MESSAGE:
+                        self._drain(hdr.size - p.HEADER_SIZE, fds)
+                        self._reject(hdr, errno.E2BIG, f"message of {hdr.size} bytes is too big")
+                        continue
+                    if hdr.size > p.HEADER_SIZE:
+                        payload = recv_exact(self.sock, hdr.size - p.HEADER_SIZE, fds)
+                    self.counters["rx"] += 1
+                    self._dispatch(hdr, payload, fds)
+                finally:
+                    for fd in fds:
+                        if fd >= 0:
+                            os.close(fd)
+        except (Disconnected, ConnectionError, OSError) as exc:
+            log.info("client disconnected: %s", exc)
+        finally:
+            self.closed.set()
+            with self._pending_lock:
+                for pend in self._pending.values():
+                    pend.event.set()
+            self.device.dma.remote_read = None
+            self.device.dma.remote_write = None
+
+    def _drain(self, n: int, fds: list[int]) -> None:
+        while n:
+            n -= len(recv_exact(self.sock, min(n, 1 << 20), fds))
+
+    def _reject(self, hdr: Header, err: int, why: str) -> None:
+        self.counters["errors"] += 1
+        log.warning("%s id=%d rejected (%s): %s", hdr.command_name(), hdr.msg_id,
+                    errno.errorcode.get(err, err), why)
+        if not hdr.no_reply and not hdr.is_reply:
+            self.send(p.error_reply(hdr, err))
+
+    def _dispatch(self, hdr: Header, payload: bytes, fds: list[int]) -> None:
+        if msglog.isEnabledFor(logging.DEBUG):
+            kind = "reply" if hdr.is_reply else "cmd"
+            msglog.debug("<-- %s %s id=%d size=%d fds=%d%s", kind, hdr.command_name(),
+                         hdr.msg_id, hdr.size, len(fds), " no_reply" if hdr.no_reply else "")
+        if hdr.is_reply:
+            with self._pending_lock:
+                pend = self._pending.get(hdr.msg_id)
+            if pend is None:
+                log.warning("unexpected reply id=%d to %s", hdr.msg_id, hdr.command_name())
+                return
+            pend.header, pend.payload = hdr, payload
+            pend.event.set()
+            return
+        if hdr.flags & p.TYPE_MASK != 0:
+            self._reject(hdr, errno.EINVAL, f"unknown message type {hdr.flags & p.TYPE_MASK}")
+            return
+        if hdr.size < p.HEADER_SIZE:
+            self._reject(hdr, errno.EINVAL, f"message size {hdr.size} < 16")
+            return
+        handler = self.HANDLERS.get(hdr.command)
+        if handler is None:
+            self._reject(hdr, errno.ENOSYS, "command not supported")
+            return
+        if not self.negotiated and hdr.command != Command.VERSION:
+            self._reject(hdr, errno.EINVAL, "VERSION must come first")
+            return
+        try:
+            out = handler(self, hdr, payload, fds)
+        except ProtocolError as exc:
+            self._reject(hdr, exc.errno, str(exc))
+            return
+        except DmaFault as exc:
+            self._reject(hdr, errno.EFAULT, str(exc))
+            return
+        if hdr.no_reply:
+            return
+        body, reply_fds = out if isinstance(out, tuple) else (out, None)
+        self.send(p.reply(hdr, body), reply_fds)
+
+    # -- command handlers -----------------------------------------------------------------
+    def _version(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
+        v = p.Version.decode(payload)
+        if v.major != 0:
+            raise ProtocolError(errno.ENOTSUP, f"unsupported major version {v.major}")
+        xfer = v.capabilities.get("max_data_xfer_size", p.MAX_DATA_XFER)
+        if not isinstance(xfer, int) or xfer <= 0:
+            raise ProtocolError(errno.EINVAL, f"bad max_data_xfer_size {xfer!r}")
+        self.client_max_xfer = min(xfer, p.MAX_DATA_XFER)
+        # QEMU receives the reply into a buffer the size of its own request: stay shorter.
+        caps: dict[str, object] = {"max_msg_fds": p.MAX_MSG_FDS,
+                                   "max_data_xfer_size": p.MAX_DATA_XFER}
+        body = p.Version(0, 0, caps).encode()
+        if len(body) > len(payload):
+            body = p.Version(0, 0).encode()
+        self.negotiated = True
+        log.info("client version %d.%d caps=%s", v.major, v.minor, sorted(v.capabilities))
+        return body
+
+    def _dma_map(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
+        m = p.DmaMap.decode(payload)
+        if len(fds) > 1:
+            raise ProtocolError(errno.EINVAL, f"DMA_MAP with {len(fds)} fds")
+        fd = fds.pop() if fds else None
+        self.device.dma.map(m.address, m.size, m.flags, m.offset, fd)
+        log.debug("DMA_MAP %#x+%#x flags=%d %s", m.address, m.size, m.flags,
+                  "fd" if fd is not None else "no-fd")
+        return b""
+
+    def _dma_unmap(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
+        u = p.DmaUnmap.decode(payload)
+        self.device.dma.unmap(u.address, u.size)
+        return payload  # the reply echoes the original entry
+
+    def _get_info(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
+        p.decode_argsz(payload, p.DEVICE_INFO.size, "DEVICE_GET_INFO")
+        return p.DEVICE_INFO.pack(p.DEVICE_INFO.size, p.DeviceFlags.RESET | p.DeviceFlags.PCI,
+                                  self.device.NUM_REGIONS, len(self.device.irq.counts))
+
+    def _region_info(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
+        req = p.RegionInfoRequest.decode(payload)
+        if req.index >= self.device.NUM_REGIONS:
+            raise ProtocolError(errno.EINVAL, f"no region {req.index}")
+        spec = self.device.REGIONS.get(p.PciRegion(req.index))
+        size, flags = (spec.size, spec.flags) if spec else (0, 0)
+        return p.REGION_INFO.pack(p.REGION_INFO.size, flags, req.index, 0, size, 0)
+
+    def _irq_info(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
+        req = p.IrqInfoRequest.decode(payload)
+        if req.index not in self.device.irq.counts:
+            raise ProtocolError(errno.EINVAL, f"no IRQ index {req.index}")
+        return p.IRQ_INFO.pack(p.IRQ_INFO.size, self.device.irq.info_flags(req.index),
+                               req.index, self.device.irq.counts[req.index])
+
+    def _set_irqs(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
+        req = p.IrqSet.decode(payload)
+        with self.device._lock:
+            leftover = self.device.irq.set_irqs(req, list(fds))
+            kept = [fd for fd in fds if fd not in leftover]
+            for fd in kept:
+                fds.remove(fd)  # now owned by the IRQ controller
+        return b""
+
+    def _region_read(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
+        a = p.RegionAccess.decode(payload, with_data=False)
+        data = self.device.region_read(a.region, a.offset, a.count)
+        return p.RegionAccess(a.offset, a.region, a.count, data).encode()
+
+    def _region_write(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
+        a = p.RegionAccess.decode(payload, with_data=True)
+        self.device.region_write(a.region, a.offset, a.data)
+        return p.RegionAccess(a.offset, a.region, a.count).encode()
+
+    def _reset(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
+        if payload:
+            raise ProtocolError(errno.EINVAL, "DEVICE_RESET takes no payload")
+        self.device.reset()
+        return b""
+
+    HANDLERS: dict[int, Callable[[Connection, Header, bytes, list[int]],
+                                 bytes | tuple[bytes, list[int]]]] = {
+        Command.VERSION: _version,
+        Command.DMA_MAP: _dma_map,
+        Command.DMA_UNMAP: _dma_unmap,
+        Command.DEVICE_GET_INFO: _get_info,
+        Command.DEVICE_GET_REGION_INFO: _region_info,
+        Command.DEVICE_GET_IRQ_INFO: _irq_info,
+        Command.DEVICE_SET_IRQS: _set_irqs,
+        Command.REGION_READ: _region_read,
+        Command.REGION_WRITE: _region_write,
+        Command.DEVICE_RESET: _reset,
+    }
+
+
+class Server:
+    """Accepts clients one after the other on a listening UNIX socket."""
+
+    def __init__(self, path: str, device: TeeIoDevice) -> None:
+        self.path = path
+        self.device = device
+        if os.path.exists(path):
+            os.unlink(path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+        self._stop = threading.Event()
+        self.clients = 0
+        self.connection: Connection | None = None
+
+    def serve_one(self, sock: socket.socket) -> None:
+        self.clients += 1
+        conn = Connection(sock, self.device)
+        self.connection = conn
+        try:
+            conn.serve()
+        finally:
+            sock.close()
+            # Client gone: drop its memory and eventfds, reset the device (issue #2).
+            self.device.dma.clear()
+            self.device.irq.close_all()
+            self.device.reset()
+            self.connection = None
+
+    def serve_forever(self, max_clients: int | None = None) -> None:
+        log.info("listening on %s", self.path)
+        try:
+            while not self._stop.is_set():
+                try:
+                    sock, _ = self.listener.accept()
+                except OSError:
+                    if self._stop.is_set():
+                        break
+                    raise
+                log.info("client connected")
+                self.serve_one(sock)
+                if max_clients is not None and self.clients >= max_clients:
+                    break
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        conn = self.connection
+        if conn is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
