@@ -34,11 +34,11 @@ from teeio.pcie.config import (
     Status,
     bar_wmask,
 )
-from vfio_user_dev import regs
+from teeio import device_regs as regs
 from vfio_user_dev.dma import DmaFault, DmaMapSet
 from vfio_user_dev.irq import IrqController
 from vfio_user_dev.protocol import PciRegion, ProtocolError, RegionFlags
-from vfio_user_dev.regs import R, Irq, Op, St
+from teeio.device_regs import R, Irq, Op, St
 
 log = logging.getLogger(__name__)
 

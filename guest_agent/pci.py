@@ -1,0 +1,127 @@
+"""Guest-side access to the device: sysfs lookup, BAR0 MMIO, config space, uio INTx.
+
+Stdlib only (the guest has Debian 13's python3).  MMIO goes through a ctypes view
+of the ``resource0`` mapping so that every register access is one 32-bit load or
+store, as a driver would do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import select
+import struct
+import time
+from pathlib import Path
+
+SYSFS_PCI = Path("/sys/bus/pci/devices")
+UIO_DRIVER = Path("/sys/bus/pci/drivers/uio_pci_generic")
+COMMAND_INTX_DISABLE = 1 << 10
+
+
+class AgentError(RuntimeError):
+    pass
+
+
+def find_device(vendor: int, device: int) -> Path:
+    for dev in sorted(SYSFS_PCI.iterdir()):
+        try:
+            v = int((dev / "vendor").read_text(), 16)
+            d = int((dev / "device").read_text(), 16)
+        except OSError:
+            continue
+        if (v, d) == (vendor, device):
+            return dev
+    raise AgentError(f"no PCI device {vendor:04x}:{device:04x} in {SYSFS_PCI}")
+
+
+class Config:
+    """Config space through sysfs ``config`` (root may write the whole 4 KiB)."""
+
+    def __init__(self, dev: Path) -> None:
+        self.path = dev / "config"
+
+    def read(self, off: int, size: int) -> int:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return int.from_bytes(os.pread(fd, size, off), "little")
+        finally:
+            os.close(fd)
+
+    def write(self, off: int, size: int, value: int) -> None:
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, value.to_bytes(size, "little"), off)
+        finally:
+            os.close(fd)
+
+
+class Mmio:
+    def __init__(self, dev: Path, bar: int = 0) -> None:
+        path = dev / f"resource{bar}"
+        self.size = path.stat().st_size
+        fd = os.open(path, os.O_RDWR | os.O_SYNC)
+        try:
+            self.mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+
+    def read32(self, off: int) -> int:
+        return int(ctypes.c_uint32.from_address(self.base + off).value)
+
+    def write32(self, off: int, value: int) -> None:
+        ctypes.c_uint32.from_address(self.base + off).value = value & 0xFFFFFFFF
+
+
+class UioIrq:
+    """INTx delivered to user space by uio_pci_generic (DESIGN decision 8)."""
+
+    def __init__(self, dev: Path, vendor: int, device: int) -> None:
+        if not (dev / "driver").exists():
+            if not UIO_DRIVER.exists():
+                raise AgentError("uio_pci_generic is not loaded")
+            try:
+                (UIO_DRIVER / "new_id").write_text(f"{vendor:04x} {device:04x}")
+            except OSError:
+                (UIO_DRIVER / "bind").write_text(dev.name)
+        deadline = time.monotonic() + 5
+        while not (dev / "uio").is_dir():
+            if time.monotonic() > deadline:
+                raise AgentError(f"uio_pci_generic did not bind {dev.name}")
+            time.sleep(0.05)
+        name = sorted(p.name for p in (dev / "uio").iterdir())[0]
+        self.fd = os.open(f"/dev/{name}", os.O_RDWR)
+        self.received = 0
+        self.last_count: int | None = None
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for one interrupt; True if one arrived."""
+        r, _, _ = select.select([self.fd], [], [], timeout)
+        if not r:
+            return False
+        (count,) = struct.unpack("<I", os.read(self.fd, 4))
+        self.received += 1 if self.last_count is None else count - self.last_count
+        self.last_count = count
+        return True
+
+    def reenable(self, config: Config) -> None:
+        """Clear Command.Interrupt Disable again, which the kernel's handler set.
+
+        uio's irqcontrol write does it where the driver implements it; uio_pci_generic
+        on current kernels does not (ENOSYS), so the config register is written directly.
+        """
+        try:
+            os.write(self.fd, struct.pack("<I", 1))
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+        cmd = config.read(0x04, 2)
+        if cmd & COMMAND_INTX_DISABLE:
+            config.write(0x04, 2, cmd & ~COMMAND_INTX_DISABLE)
+
+    def close(self) -> None:
+        os.close(self.fd)
