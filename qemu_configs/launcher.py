@@ -97,8 +97,12 @@ def qemu_argv(img: image_mod.GuestImage, opts: VmOptions, wd: Path, sock: Path,
               "socket": {"type": "unix", "path": str(sock)}}
     argv = img.qemu_argv0() + [
         "-readconfig", str(CONFIG_FILE),
-        "-object", f"memory-backend-memfd,id=mem,size={opts.memory_mb}M,"
-                   f"share={'on' if opts.share_memory else 'off'}",
+        # memfd share=on: DMA_MAP carries fds the server can mmap.  Without sharing we use
+        # plain anonymous RAM: QEMU then sends no fds and every DMA becomes a DMA_READ /
+        # DMA_WRITE message.  (A memfd with share=off would still be passed as an fd,
+        # but QEMU maps it privately, so the server would not see the guest's writes.)
+        "-object", (f"memory-backend-memfd,id=mem,size={opts.memory_mb}M,share=on"
+                    if opts.share_memory else f"memory-backend-ram,id=mem,size={opts.memory_mb}M"),
         "-m", f"{opts.memory_mb}M",
         "-accel", "kvm" if accel == "kvm" else "tcg",
         "-cpu", "host" if accel == "kvm" else "max",

@@ -10,11 +10,11 @@ Every message starts with a 16-byte header::
 
 Decoders take the payload (bytes after the header) and validate it; a short or
 inconsistent payload raises :class:`ProtocolError` carrying the errno the reply
-must use.  Interop note (DMA_READ/DMA_WRITE): the spec text gives ``count`` 8
-bytes, but QEMU (``hw/vfio-user/protocol.h`` ``VFIOUserDMARW``) uses
-``u64 address; u32 count; data[]`` with the data at payload offset 12 and the
-message size rounded up to ``sizeof`` (payload 16 + count).  We speak QEMU's
-layout, the one client we must interoperate with.
+must use.  Interop note (DMA_READ/DMA_WRITE): we use the spec's layout,
+``u64 address; u64 count; data[]`` (data at payload offset 16), which is what
+QEMU 11.1 speaks (checked end to end by the share=off boot); early QEMU patch
+series declared ``count`` as u32 with the data at offset 12 -- a server built on
+those headers would corrupt every DMA (QEMU answers E2BIG to its writes).
 """
 
 from __future__ import annotations
@@ -370,21 +370,21 @@ class RegionAccess:
         return cls(offset, region, count, bytes(data))
 
 
-# --- DMA_READ / DMA_WRITE (server -> client), QEMU layout -----------------------------------
+# --- DMA_READ / DMA_WRITE (server -> client) -------------------------------------------------
 
-DMA_RW = struct.Struct("<QI")   # address count ; data follows at payload offset 12
-DMA_RW_FIXED = 16               # sizeof(VFIOUserDMARW) - header: payload is 16 + count
+DMA_RW = struct.Struct("<QQ")   # address count ; data follows at payload offset 16
 
 
 def encode_dma_rw(address: int, count: int, data: bytes = b"") -> bytes:
-    body = DMA_RW.pack(address, count) + data
-    return body + b"\0" * (DMA_RW_FIXED + len(data) - len(body))
+    return DMA_RW.pack(address, count) + data
 
 
 def decode_dma_rw(payload: bytes, with_data: bool) -> tuple[int, int, bytes]:
-    _need(payload, DMA_RW_FIXED if with_data else DMA_RW.size, "DMA access")
+    _need(payload, DMA_RW.size, "DMA access")
     address, count = DMA_RW.unpack_from(payload)
-    data = payload[DMA_RW.size:DMA_RW.size + count] if with_data else b""
+    data = payload[DMA_RW.size:]
     if with_data and len(data) != count:
         raise ProtocolError(errno.EINVAL, f"DMA access: count {count}, {len(data)} data bytes")
+    if not with_data and data:
+        raise ProtocolError(errno.EINVAL, "DMA access: unexpected data")
     return int(address), int(count), bytes(data)
