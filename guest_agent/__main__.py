@@ -15,12 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("mode", choices=["selftest", "probe"])
     ap.add_argument("--report", type=Path, required=True, help="where to write the JSON report")
     ap.add_argument("--seed", default="0", help="hex seed the host chose for the test data")
-    ap.add_argument("--jobs", type=int, default=3, help="rounds of FILL/COPY/SHA-256")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of FILL/COPY/SHA-256")
     ns, _unknown = ap.parse_known_args(argv)
     if ns.mode == "probe":
         report = {"mode": "probe", "ok": True}
     else:
-        report = selftest.run(int(ns.seed, 16), ns.jobs)
+        report = selftest.run(int(ns.seed, 16), ns.rounds)
     tmp = ns.report.with_name(ns.report.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
     tmp.replace(ns.report)

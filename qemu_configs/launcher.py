@@ -148,14 +148,37 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
         proc.wait()
 
 
-def _qmp_query_pci(qmp_path: Path) -> list[dict[str, Any]] | None:
+def find_qdev(pci: list[dict[str, Any]], qdev_id: str) -> dict[str, Any] | None:
+    todo = [d for bus in pci for d in bus.get("devices", [])]
+    while todo:
+        d = todo.pop()
+        if d.get("qdev_id") == qdev_id:
+            return d
+        todo += d.get("pci_bridge", {}).get("devices", [])
+    return None
+
+
+def _qmp_query_pci(qmp_path: Path, qdev_id: str, timeout: float) -> list[dict[str, Any]]:
+    """QEMU's own PCI view, once our device has been realized (QMP starts before it is)."""
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
+    deadline = time.monotonic() + timeout
     mon = QEMUMonitorProtocol(str(qmp_path))
+    while True:
+        try:
+            mon.connect()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
     try:
-        mon.connect()
-        out = mon.cmd("query-pci")
-        return list(out) if isinstance(out, list) else None
+        while True:
+            out = mon.cmd("query-pci")
+            pci = list(out) if isinstance(out, list) else []
+            if find_qdev(pci, qdev_id) is not None or time.monotonic() > deadline:
+                return pci
+            time.sleep(0.1)
     finally:
         mon.close()
 
@@ -202,7 +225,7 @@ def run_vm(opts: VmOptions) -> RunResult:
                                              stdin=subprocess.DEVNULL, start_new_session=True)
             _wait_for(qmp.exists, TIMEOUTS["qmp_connect"], "QEMU's QMP socket", qemu_proc)
             try:
-                qmp_pci = _qmp_query_pci(qmp)
+                qmp_pci = _qmp_query_pci(qmp, "teeio0", TIMEOUTS["qmp_connect"])
             except Exception as exc:  # QMP is diagnostic here; the verdict is the status file
                 log.warning("QMP query-pci failed: %s", exc)
             status_file = wd / "results" / "status"

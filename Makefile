@@ -1,0 +1,48 @@
+# TEE-IO emulator.  `make demo` and `make test` are all a newcomer needs; both install
+# what is missing (host packages through apt, the venv through pip, the guest image).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FRESH ?=
+
+.PHONY: all venv demo test test-fast image shell bench lint clean host-deps
+
+all: demo
+
+host-deps:
+	@bash qemu_configs/host-deps.sh
+
+$(STAMP): pyproject.toml | host-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+image: $(STAMP)
+	$(PY) -m qemu_configs.image $(if $(FRESH),--fresh)
+
+demo: image
+	$(PY) -m qemu_configs.demo
+
+shell: image
+	$(PY) -m qemu_configs.launcher --shell
+
+test: image
+	TEEIO_REQUIRE_E2E=1 $(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit tests/protocol tests/integration
+
+bench: $(STAMP)
+	$(PY) -m bench.bench --out out/bench.json
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Micro-benchmarks of the vfio-user server and the device's DMA engine."""
