@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
-from teeio.device_regs import CMD_GO, R, Op, St
+from teeio.device_regs import CMD_GO, Op, R, St
 from vfio_user_dev.client import Client
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.protocol import PciRegion
@@ -307,7 +307,7 @@ def bench_region_access(c: Client, s: Settings) -> RegionAccess:
                                  fence="one REGION_READ after the last write, included"))
 
 
-# -- 2. DMA -----------------------------------------------------------------------------------------
+# -- 2. DMA ---------------------------------------------------------------------------------------
 class DmaDriver:
     """Programs jobs through BAR0 like a guest driver would, polling STATUS."""
 
@@ -356,7 +356,8 @@ def _result(op: Op, size: int, engine: tuple[int, int, float], memcpy_MBps: floa
                      memcpy_MBps=round(memcpy_MBps, 2), baseline=baseline,
                      baseline_MBps=round(b, 2), ratio=round(e / b, 5) if b else 0.0,
                      engine_reps=e_reps, baseline_reps=b_reps,
-                     engine_us_per_job=round(e_ns / 1000 / e_reps, 3), polls_per_job=round(polls, 2))
+                     engine_us_per_job=round(e_ns / 1000 / e_reps, 3),
+                     polls_per_job=round(polls, 2))
 
 
 def bench_dma(c: Client, s: Settings) -> list[DmaResult]:
@@ -484,7 +485,9 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.bench",
+        description="vfio-user region-access latency and DMA engine throughput")
     ap.add_argument("--out", type=Path, help="also write the JSON here (parent dirs are created)")
     ap.add_argument("--quick", action="store_true",
                     help="fewer operations and a shorter DMA time budget (~seconds)")

@@ -137,6 +137,29 @@ def _wait_for(pred: Any, timeout: float, what: str, proc: subprocess.Popen[bytes
         time.sleep(interval)
 
 
+class _LogWatch:
+    """Spots QEMU's fatal accelerator errors early (a KVM that cannot run the guest)."""
+
+    PATTERNS = ("KVM internal error", "emulation failure", "KVM: entry failed")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pos = 0
+        self._found: str | None = None
+
+    def fatal(self) -> str | None:
+        if self._found is None and self.path.exists():
+            with open(self.path, "rb") as fh:
+                fh.seek(self._pos)
+                chunk = fh.read().decode(errors="replace")
+            self._pos += len(chunk.encode(errors="replace"))
+            for line in chunk.splitlines():
+                if any(p in line for p in self.PATTERNS):
+                    self._found = line.strip()[:200]
+                    break
+        return self._found
+
+
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -229,11 +252,15 @@ def run_vm(opts: VmOptions) -> RunResult:
             except Exception as exc:  # QMP is diagnostic here; the verdict is the status file
                 log.warning("QMP query-pci failed: %s", exc)
             status_file = wd / "results" / "status"
+            watch = _LogWatch(wd / "qemu.log")
             try:
-                _wait_for(lambda: status_file.exists() or qemu_proc.poll() is not None,  # type: ignore[union-attr]
+                _wait_for(lambda: status_file.exists() or qemu_proc.poll() is not None  # type: ignore[union-attr]
+                          or watch.fatal() is not None,
                           opts.run_timeout or TIMEOUTS["run"], "the guest's status file")
             except LaunchError as exc:
                 reason = str(exc)
+            if watch.fatal() is not None:
+                reason = f"QEMU reported: {watch.fatal()}"
             try:
                 qemu_proc.wait(TIMEOUTS["shutdown"])
             except subprocess.TimeoutExpired:
@@ -297,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: QEMU and the device server were stopped", file=sys.stderr)
+        return 130
     print(json.dumps({"ok": res.ok, "status": res.status, "workdir": str(res.workdir),
                       "reason": res.reason}, indent=2))
     return 0 if res.ok else 1
