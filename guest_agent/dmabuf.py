@@ -25,7 +25,7 @@ def virt_to_phys(vaddr: int) -> int:
         (entry,) = struct.unpack("<Q", f.read(8))
     if not entry >> 63 & 1:
         raise AgentError(f"page at {vaddr:#x} is not present")
-    pfn = entry & PFN_MASK
+    pfn = int(entry) & PFN_MASK
     if pfn == 0:
         raise AgentError("pagemap hides PFNs (needs CAP_SYS_ADMIN)")
     return pfn * PAGE + vaddr % PAGE

@@ -12,6 +12,7 @@ status file and the results, never from QEMU's exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -172,7 +173,7 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
 
 
 def find_qdev(pci: list[dict[str, Any]], qdev_id: str) -> dict[str, Any] | None:
-    todo = [d for bus in pci for d in bus.get("devices", [])]
+    todo: list[dict[str, Any]] = [d for bus in pci for d in bus.get("devices", [])]
     while todo:
         d = todo.pop()
         if d.get("qdev_id") == qdev_id:
@@ -254,17 +255,16 @@ def run_vm(opts: VmOptions) -> RunResult:
             status_file = wd / "results" / "status"
             watch = _LogWatch(wd / "qemu.log")
             try:
-                _wait_for(lambda: status_file.exists() or qemu_proc.poll() is not None  # type: ignore[union-attr]
+                qp = qemu_proc
+                _wait_for(lambda: status_file.exists() or qp.poll() is not None
                           or watch.fatal() is not None,
                           opts.run_timeout or TIMEOUTS["run"], "the guest's status file")
             except LaunchError as exc:
                 reason = str(exc)
             if watch.fatal() is not None:
                 reason = f"QEMU reported: {watch.fatal()}"
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 qemu_proc.wait(TIMEOUTS["shutdown"])
-            except subprocess.TimeoutExpired:
-                pass
     except KeyboardInterrupt:
         reason = "interrupted"
         raise

@@ -33,7 +33,7 @@ class Check:
 def _qmp_has_device(pci: list[dict[str, Any]] | None) -> bool:
     dev = find_qdev(pci or [], "teeio0")
     ids = (dev or {}).get("id", {})
-    return ids.get("vendor") == 0x1234 and ids.get("device") == 0x7E10
+    return bool(ids.get("vendor") == 0x1234 and ids.get("device") == 0x7E10)
 
 
 def check_selftest(res: RunResult, seed: int, rounds: int) -> list[Check]:

@@ -24,6 +24,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from teeio import device_regs as regs
+from teeio.device_regs import Irq, Op, R, St
 from teeio.pcie.config import (
     STATUS_RW1C,
     CapId,
@@ -34,11 +36,9 @@ from teeio.pcie.config import (
     Status,
     bar_wmask,
 )
-from teeio import device_regs as regs
 from vfio_user_dev.dma import DmaFault, DmaMapSet
 from vfio_user_dev.irq import IrqController
 from vfio_user_dev.protocol import PciRegion, ProtocolError, RegionFlags
-from teeio.device_regs import R, Irq, Op, St
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +201,12 @@ class TeeIoDevice:
                 self._bar1_write(offset, data)
 
     def _bounds(self, index: int, offset: int, count: int) -> None:
-        spec = self.REGIONS.get(PciRegion(index)) if index in PciRegion._value2member_map_ else None
+        spec = self.REGIONS.get(PciRegion(index)) if index in set(PciRegion) else None
         if spec is None:
             raise ProtocolError(errno.EINVAL, f"region {index} is not implemented")
         if count == 0 or offset < 0 or offset + count > spec.size:
-            raise ProtocolError(errno.EINVAL,
-                                f"region {index}: access {offset:#x}+{count} outside {spec.size:#x}")
+            raise ProtocolError(errno.EINVAL, f"region {index}: access {offset:#x}+{count} "
+                                              f"outside {spec.size:#x}")
 
     # -- BAR0 -------------------------------------------------------------------------------
     def _bar0_read(self, offset: int, count: int) -> bytes:

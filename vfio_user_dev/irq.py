@@ -34,7 +34,7 @@ def _signal(fd: int) -> None:
 
 class IrqController:
     def __init__(self, msix_vectors: int, intx_allowed: Callable[[], bool]) -> None:
-        self.counts = {PciIrq.INTX: 1, PciIrq.MSI: 0, PciIrq.MSIX: msix_vectors,
+        self.counts: dict[int, int] = {PciIrq.INTX: 1, PciIrq.MSI: 0, PciIrq.MSIX: msix_vectors,
                        PciIrq.ERR: 0, PciIrq.REQ: 0}
         self._intx_allowed = intx_allowed
         self._lock = threading.RLock()

@@ -331,7 +331,8 @@ class IrqSet:
                                 f"DEVICE_SET_IRQS: argsz {argsz} != payload {len(payload)}")
         d = flags & DATA_MASK
         a = flags & ACTION_MASK
-        if bin(d).count("1") != 1 or bin(a).count("1") != 1 or flags & ~(DATA_MASK | ACTION_MASK):
+        unknown = flags & ~int(DATA_MASK | ACTION_MASK)  # int: ~IntFlag would be 0
+        if bin(d).count("1") != 1 or bin(a).count("1") != 1 or unknown:
             raise ProtocolError(errno.EINVAL, f"DEVICE_SET_IRQS: bad flags {flags:#x}")
         if d == IrqSetFlags.DATA_BOOL and len(data) != count:
             raise ProtocolError(errno.EINVAL, "DEVICE_SET_IRQS: bool array length != count")

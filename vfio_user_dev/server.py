@@ -15,6 +15,7 @@ DMA maps and eventfds dropped and the device reset; the next client is accepted.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import itertools
 import logging
@@ -370,16 +371,10 @@ class Server:
         self._stop.set()
         conn = self.connection
         if conn is not None:
-            try:
+            with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        try:
+        with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.listener.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass

@@ -143,13 +143,13 @@ class ConfigSpace:
         """Place an extended capability (PCIe §7.6.3 header) at *off* and link it."""
         if off < 0x100 or off % 4 or off + 4 + len(body) > self.size:
             raise ValueError(f"bad extended capability offset {off:#x}")
+        if not self._last_ext and off != 0x100:
+            raise ValueError("the first extended capability must sit at 0x100")
         self.set(off, 4, cap_id | (version << 16))
         self.data[off + 4:off + 4 + len(body)] = body
         if self._last_ext:
             hdr = self.get(self._last_ext, 4)
             self.set(self._last_ext, 4, (hdr & 0x000FFFFF) | (off << 20))
-        elif off != 0x100:
-            raise ValueError("the first extended capability must sit at 0x100")
         self._last_ext = off
 
     def find_capability(self, cap_id: int) -> int | None:
