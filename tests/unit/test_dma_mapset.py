@@ -1,0 +1,372 @@
+"""The DMA map set (vfio_user_dev/dma.py) with real memfds."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from vfio_user_dev.dma import DmaFault, DmaMapSet
+from vfio_user_dev.protocol import DmaFlags, ProtocolError
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+RW = DmaFlags.READ | DmaFlags.WRITE
+
+
+def memfd(size: int, name: str = "dma-test") -> int:
+    fd = os.memfd_create(name)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def assert_closed(fd: int) -> None:
+    with pytest.raises(OSError) as info:
+        os.fstat(fd)
+    assert info.value.errno == errno.EBADF
+
+
+def maps_of(name: str) -> int:
+    """Number of mappings of memfd *name* in this process."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if f"/memfd:{name} " in line)
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leak() -> Iterator[None]:
+    before = set(os.listdir("/proc/self/fd"))
+    yield
+    assert set(os.listdir("/proc/self/fd")) - before == set()
+
+
+@pytest.fixture
+def ms() -> Iterator[DmaMapSet]:
+    s = DmaMapSet()
+    yield s
+    s.clear()
+
+
+def map_memfd(ms: DmaMapSet, address: int, size: int, flags: int = RW, fd_offset: int = 0,
+              name: str = "dma-test") -> int:
+    """Map a new memfd; returns a dup of it so the test can look at the memory."""
+    fd = memfd(fd_offset + size, name)
+    view = os.dup(fd)
+    ms.map(address, size, flags, fd_offset, fd)
+    return view
+
+
+# --- mapping ----------------------------------------------------------------------------
+
+
+def test_map_read_write_visible_in_memfd(ms: DmaMapSet) -> None:
+    view = map_memfd(ms, 0x10000, 2 * PAGE)
+    try:
+        ms.write(0x10000 + 5, b"hello")
+        assert os.pread(view, 5, 5) == b"hello"
+        os.pwrite(view, b"from-memfd", PAGE + 1)
+        assert ms.read(0x10000 + PAGE + 1, 10) == b"from-memfd"
+        assert ms.read(0x10000, 4) == b"\0\0\0\0"
+        assert ms.snapshot() == [(0x10000, 2 * PAGE, RW, True)]
+        assert ms.maps_total == 1
+    finally:
+        os.close(view)
+
+
+def test_map_with_fd_offset(ms: DmaMapSet) -> None:
+    view = map_memfd(ms, 0x40000, PAGE, fd_offset=2 * PAGE)
+    try:
+        ms.write(0x40000, b"ABC")
+        assert os.pread(view, 3, 2 * PAGE) == b"ABC"
+        assert os.pread(view, 3, 0) == b"\0\0\0"
+    finally:
+        os.close(view)
+
+
+def test_map_closes_the_fd(ms: DmaMapSet) -> None:
+    fd = memfd(PAGE)
+    ms.map(0x1000, PAGE, RW, 0, fd)
+    assert_closed(fd)
+    ms.write(0x1000, b"still mapped")                  # the mmap outlives the fd
+    assert ms.read(0x1000, 12) == b"still mapped"
+
+
+def test_map_closes_the_fd_on_refusal(ms: DmaMapSet) -> None:
+    ms.map(0x1000, PAGE, RW, 0, memfd(PAGE))
+    fd = memfd(PAGE)
+    with pytest.raises(ProtocolError):
+        ms.map(0x1000, PAGE, RW, 0, fd)
+    assert_closed(fd)
+
+
+def test_map_bad_offset_is_einval_and_closes_fd(ms: DmaMapSet) -> None:
+    fd = memfd(2 * PAGE)
+    with pytest.raises(ProtocolError) as info:
+        ms.map(0x1000, PAGE, RW, 1, fd)                # not page aligned
+    assert info.value.errno == errno.EINVAL
+    assert_closed(fd)
+    assert ms.snapshot() == []
+
+
+@pytest.mark.parametrize(("address", "size"), [
+    (0x10000, PAGE),                 # identical
+    (0x10000 - PAGE, 2 * PAGE),      # overlaps the start
+    (0x10000 + PAGE, PAGE),          # inside
+    (0x10000 + 3 * PAGE, 2 * PAGE),  # overlaps the end
+    (0x0, 0x100000),                 # covers it
+])
+def test_overlapping_map_is_eexist(ms: DmaMapSet, address: int, size: int) -> None:
+    ms.map(0x10000, 4 * PAGE, RW, 0, None)
+    with pytest.raises(ProtocolError) as info:
+        ms.map(address, size, RW, 0, None)
+    assert info.value.errno == errno.EEXIST
+    assert ms.snapshot() == [(0x10000, 4 * PAGE, RW, False)]
+    assert ms.maps_total == 1
+
+
+def test_adjacent_maps_are_allowed_and_sorted(ms: DmaMapSet) -> None:
+    ms.map(0x3000, 0x1000, RW, 0, None)
+    ms.map(0x1000, 0x1000, RW, 0, None)
+    ms.map(0x2000, 0x1000, DmaFlags.READ, 0, None)
+    assert [a for a, *_ in ms.snapshot()] == [0x1000, 0x2000, 0x3000]
+    assert ms.maps_total == 3
+
+
+# --- unmapping --------------------------------------------------------------------------
+
+
+def test_unmap(ms: DmaMapSet) -> None:
+    name = "dma-unmap-test"
+    ms.map(0x1000, PAGE, RW, 0, memfd(PAGE, name))
+    assert maps_of(name) == 1
+    ms.unmap(0x1000, PAGE)
+    assert ms.snapshot() == []
+    assert ms.unmaps_total == 1
+    assert maps_of(name) == 0                          # munmap()ed
+    with pytest.raises(DmaFault):
+        ms.read(0x1000, 1)
+
+
+@pytest.mark.parametrize(("address", "size"), [
+    (0x2000, PAGE),          # nothing there
+    (0x1000, 2 * PAGE),      # size mismatch
+    (0x1000, PAGE // 2),     # size mismatch
+    (0x1000 + 0x800, 0x800),  # inside but not a map
+])
+def test_unmap_unknown_is_enoent(ms: DmaMapSet, address: int, size: int) -> None:
+    ms.map(0x1000, PAGE, RW, 0, None)
+    with pytest.raises(ProtocolError) as info:
+        ms.unmap(address, size)
+    assert info.value.errno == errno.ENOENT
+    assert len(ms.snapshot()) == 1
+    assert ms.unmaps_total == 0
+
+
+def test_remap_after_unmap(ms: DmaMapSet) -> None:
+    ms.map(0x1000, PAGE, RW, 0, None)
+    ms.unmap(0x1000, PAGE)
+    ms.map(0x1000, PAGE, DmaFlags.READ, 0, None)
+    assert ms.snapshot() == [(0x1000, PAGE, DmaFlags.READ, False)]
+
+
+def test_unmap_waits_for_in_flight_dma(ms: DmaMapSet) -> None:
+    # A remote region holds no reference, but an mmap()ed one does: hold one by
+    # reading through a remote piece that blocks, with the mmap piece first.
+    ms.map(0x1000, PAGE, RW, 0, memfd(PAGE))
+    ms.map(0x1000 + PAGE, PAGE, RW, 0, None)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_remote_read(address: int, n: int) -> bytes:
+        entered.set()
+        assert release.wait(5)
+        return b"\x22" * n
+
+    ms.remote_read = slow_remote_read
+    result: list[bytes] = []
+    reader = threading.Thread(target=lambda: result.append(ms.read(0x1000 + PAGE - 2, 4)))
+    reader.start()
+    assert entered.wait(5)
+    unmapper = threading.Thread(target=ms.unmap, args=(0x1000, PAGE))
+    unmapper.start()
+    unmapper.join(0.2)
+    assert unmapper.is_alive()                          # blocked by the reference
+    assert len(ms.snapshot()) == 2
+    release.set()
+    reader.join(5)
+    unmapper.join(5)
+    assert not unmapper.is_alive()
+    assert result == [b"\0\0\x22\x22"]
+    assert ms.snapshot() == [(0x1000 + PAGE, PAGE, RW, False)]
+
+
+# --- access rules -----------------------------------------------------------------------
+
+
+def test_access_spanning_two_adjacent_regions(ms: DmaMapSet) -> None:
+    a = map_memfd(ms, 0x100000, PAGE, name="dma-a")
+    b = map_memfd(ms, 0x100000 + PAGE, PAGE, name="dma-b")
+    try:
+        ms.write(0x100000 + PAGE - 3, b"ABCDEF")
+        assert os.pread(a, 3, PAGE - 3) == b"ABC"
+        assert os.pread(b, 3, 0) == b"DEF"
+        assert ms.read(0x100000 + PAGE - 4, 8) == b"\0ABCDEF\0"
+        whole = ms.read(0x100000, 2 * PAGE)
+        assert len(whole) == 2 * PAGE
+        assert whole[PAGE - 3:PAGE + 3] == b"ABCDEF"
+    finally:
+        os.close(a)
+        os.close(b)
+
+
+def test_access_spanning_mmap_and_remote_regions(ms: DmaMapSet) -> None:
+    view = map_memfd(ms, 0x1000, PAGE)
+    ms.map(0x1000 + PAGE, PAGE, RW, 0, None)
+    writes: list[tuple[int, bytes]] = []
+    reads: list[tuple[int, int]] = []
+    ms.remote_write = lambda address, data: writes.append((address, bytes(data)))
+
+    def remote_read(address: int, n: int) -> bytes:
+        reads.append((address, n))
+        return b"R" * n
+
+    ms.remote_read = remote_read
+    try:
+        ms.write(0x1000 + PAGE - 2, b"wxyz")
+        assert os.pread(view, 2, PAGE - 2) == b"wx"
+        assert writes == [(0x1000 + PAGE, b"yz")]
+        assert ms.read(0x1000 + PAGE - 2, 5) == b"wxRRR"
+        assert reads == [(0x1000 + PAGE, 3)]
+    finally:
+        os.close(view)
+
+
+@pytest.mark.parametrize(("address", "length"), [
+    (0x0, 1),                       # below every map
+    (0x3000, 1),                    # in the gap
+    (0x2000 - 1, 2),                # runs from a map into the gap
+    (0x4000 + PAGE, 1),             # past the end
+    (0x4000 + PAGE - 1, 2),         # runs off the end
+])
+def test_unmapped_address_faults(ms: DmaMapSet, address: int, length: int) -> None:
+    ms.map(0x1000, 0x1000, RW, 0, memfd(0x1000))
+    ms.map(0x4000, PAGE, RW, 0, memfd(PAGE))
+    with pytest.raises(DmaFault):
+        ms.read(address, length)
+    with pytest.raises(DmaFault):
+        ms.write(address, b"\xEE" * length)
+
+
+def test_partial_fault_writes_nothing(ms: DmaMapSet) -> None:
+    view = map_memfd(ms, 0x1000, PAGE)
+    try:
+        with pytest.raises(DmaFault):
+            ms.write(0x1000 + PAGE - 2, b"abcd")
+        assert os.pread(view, 2, PAGE - 2) == b"\0\0"
+    finally:
+        os.close(view)
+
+
+@pytest.mark.parametrize(("address", "length"), [(-1, 1), (0, -1), ((1 << 64) - 1, 2)])
+def test_bad_range_faults(ms: DmaMapSet, address: int, length: int) -> None:
+    with pytest.raises(DmaFault):
+        ms.read(address, length)
+
+
+def test_write_to_read_only_map_faults(ms: DmaMapSet) -> None:
+    view = map_memfd(ms, 0x1000, PAGE, flags=DmaFlags.READ)
+    try:
+        os.pwrite(view, b"guest data", 0)
+        assert ms.read(0x1000, 10) == b"guest data"
+        with pytest.raises(DmaFault, match="not writ"):
+            ms.write(0x1000, b"x")
+        assert os.pread(view, 10, 0) == b"guest data"
+    finally:
+        os.close(view)
+
+
+def test_read_from_write_only_map_faults(ms: DmaMapSet) -> None:
+    ms.map(0x1000, PAGE, DmaFlags.WRITE, 0, None)
+    ms.remote_read = lambda address, n: pytest.fail("must not be called")
+    got: list[tuple[int, bytes]] = []
+    ms.remote_write = lambda address, data: got.append((address, data))
+    with pytest.raises(DmaFault, match="not read"):
+        ms.read(0x1000, 4)
+    ms.write(0x1000, b"ok")
+    assert got == [(0x1000, b"ok")]
+
+
+def test_read_only_span_into_writable_faults_before_writing(ms: DmaMapSet) -> None:
+    rw_view = map_memfd(ms, 0x1000, PAGE)
+    ro_view = map_memfd(ms, 0x1000 + PAGE, PAGE, flags=DmaFlags.READ)
+    try:
+        with pytest.raises(DmaFault):
+            ms.write(0x1000 + PAGE - 1, b"ab")
+        assert os.pread(rw_view, 1, PAGE - 1) == b"\0"
+        assert os.pread(ro_view, 1, 0) == b"\0"
+    finally:
+        os.close(rw_view)
+        os.close(ro_view)
+
+
+# --- regions without an fd --------------------------------------------------------------
+
+
+def test_no_fd_region_uses_remote_callbacks(ms: DmaMapSet) -> None:
+    ms.map(0x8000_0000, 0x10000, RW, 0, None)
+    assert ms.snapshot() == [(0x8000_0000, 0x10000, RW, False)]
+    memory = bytearray(0x10000)
+    calls: list[tuple[str, int, int]] = []
+
+    def remote_read(address: int, n: int) -> bytes:
+        calls.append(("r", address, n))
+        off = address - 0x8000_0000
+        return bytes(memory[off:off + n])
+
+    def remote_write(address: int, data: bytes) -> None:
+        calls.append(("w", address, len(data)))
+        off = address - 0x8000_0000
+        memory[off:off + len(data)] = data
+
+    ms.remote_read = remote_read
+    ms.remote_write = remote_write
+    ms.write(0x8000_0100, b"remote!")
+    assert memory[0x100:0x107] == b"remote!"
+    assert ms.read(0x8000_0100, 7) == b"remote!"
+    assert calls == [("w", 0x8000_0100, 7), ("r", 0x8000_0100, 7)]
+
+
+def test_no_fd_region_without_client_faults(ms: DmaMapSet) -> None:
+    ms.map(0x1000, PAGE, RW, 0, None)
+    assert ms.remote_read is None and ms.remote_write is None
+    with pytest.raises(DmaFault):
+        ms.read(0x1000, 1)
+    with pytest.raises(DmaFault):
+        ms.write(0x1000, b"x")
+
+
+def test_zero_length_access(ms: DmaMapSet) -> None:
+    assert ms.read(0x1234, 0) == b""
+    ms.write(0x1234, b"")                     # nothing mapped, nothing touched
+
+
+# --- clear ------------------------------------------------------------------------------
+
+
+def test_clear_closes_everything(ms: DmaMapSet) -> None:
+    name = "dma-clear-test"
+    ms.map(0x1000, PAGE, RW, 0, memfd(PAGE, name))
+    ms.map(0x1000 + PAGE, PAGE, DmaFlags.READ, 0, memfd(PAGE, name))
+    ms.map(0x10000, PAGE, RW, 0, None)
+    mems = [r.mem for r in ms._regions if r.mem is not None]
+    assert len(mems) == 2
+    assert maps_of(name) == 2
+    ms.clear()
+    assert ms.snapshot() == []
+    assert all(m.closed for m in mems)
+    assert maps_of(name) == 0
+    with pytest.raises(DmaFault):
+        ms.read(0x1000, 1)
+    # The address space is free again.
+    ms.map(0x1000, 2 * PAGE, RW, 0, None)
+    assert len(ms.snapshot()) == 1
