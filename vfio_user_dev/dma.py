@@ -59,11 +59,7 @@ class DmaMapSet:
         mem: mmap.mmap | None = None
         try:
             with self._cond:
-                for r in self._regions:
-                    if address < r.end and r.address < address + size:
-                        raise ProtocolError(errno.EEXIST,
-                                            f"DMA_MAP {address:#x}+{size:#x} overlaps "
-                                            f"{r.address:#x}+{r.size:#x}")
+                self._check_free(address, size)
             if fd is not None:
                 prot = 0
                 if flags & DmaFlags.READ:
@@ -78,6 +74,13 @@ class DmaMapSet:
                                         f"DMA_MAP: cannot mmap fd at {fd_offset:#x}: {exc}") \
                         from None
             with self._cond:
+                # Checked again under the same lock as the insert: no racing map slips in.
+                try:
+                    self._check_free(address, size)
+                except ProtocolError:
+                    if mem is not None:
+                        mem.close()
+                    raise
                 region = DmaRegion(address, size, flags, fd_offset, mem)
                 keys = [r.address for r in self._regions]
                 self._regions.insert(bisect.bisect(keys, address), region)
@@ -85,6 +88,12 @@ class DmaMapSet:
         finally:
             if fd is not None:
                 os.close(fd)
+
+    def _check_free(self, address: int, size: int) -> None:
+        for r in self._regions:
+            if address < r.end and r.address < address + size:
+                raise ProtocolError(errno.EEXIST, f"DMA_MAP {address:#x}+{size:#x} overlaps "
+                                                  f"{r.address:#x}+{r.size:#x}")
 
     def unmap(self, address: int, size: int) -> None:
         with self._cond:
