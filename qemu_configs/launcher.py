@@ -285,6 +285,8 @@ def run_vm(opts: VmOptions) -> RunResult:
         except json.JSONDecodeError as exc:
             reason = reason or f"report.json is not JSON: {exc}"
     dev_stats = json.loads(stats.read_text()) if stats.exists() else None
+    if opts.interactive:  # the user ended the shell session; nothing to judge
+        return RunResult(not reason, status, wd, report, dev_stats, qmp_pci, console, reason)
     ok = status == "ok" and not reason and (opts.mode in ("probe", "shell") or report is not None)
     if not ok and not reason:
         reason = f"guest status: {status}"
