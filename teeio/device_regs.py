@@ -90,3 +90,4 @@ class DmaError(IntEnum):
     FAULT = 3          # an address outside every DMA map (or not read/writable)
     BUS_MASTER_OFF = 4  # Command.Bus Master Enable clear
     BUSY = 5           # GO while a job was running
+    INTERNAL = 6       # an emulator bug (logged with its traceback); the device keeps serving

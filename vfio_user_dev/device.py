@@ -283,7 +283,11 @@ class TeeIoDevice:
             job = self._jobs.get()
             if job is None:
                 return
-            code, moved = self._run(job)
+            try:
+                code, moved = self._run(job)
+            except Exception:
+                log.exception("DMA engine bug while running %s", job)
+                code, moved = regs.DmaError.INTERNAL, 0
             with self._lock:
                 if job.generation != self.generation:
                     continue  # reset while running: the result is dropped
@@ -344,6 +348,7 @@ class TeeIoDevice:
         if self.irq.msix_ready(0):
             self.config.poke(Reg.STATUS, 2, self.config.get(Reg.STATUS, 2)
                              & ~Status.INTERRUPT_STATUS)
+            self.irq.set_intx(False)  # a function using MSI-X never asserts INTx
             if new_bits & self.r[R.INT_ENABLE]:
                 self.irq.raise_msix(0)
             return

@@ -109,7 +109,12 @@ class Connection:
         with self._pending_lock:
             self._pending[msg_id] = pend
         try:
-            self.send(p.message(msg_id, command, payload))
+            try:
+                self.send(p.message(msg_id, command, payload))
+            except OSError as exc:
+                # Client gone before the reader noticed (EPIPE, EBADF): a DMA fault for
+                # this job, not an exception that would kill the DMA engine thread.
+                raise DmaFault(f"{command.name} id={msg_id}: cannot send: {exc}") from None
             if not pend.event.wait(DMA_REPLY_TIMEOUT) or pend.header is None:
                 raise DmaFault(f"{command.name} id={msg_id}: no reply from the client")
         finally:
