@@ -77,7 +77,7 @@ def _name(cn: str) -> x509.Name:
 
 def _cert(subject: str, key: PrivateKey, issuer: x509.Certificate | None, issuer_key: PrivateKey,
           ca: bool, path_len: int | None, leaf: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     b = (x509.CertificateBuilder()
          .subject_name(_name(subject))
          .issuer_name(issuer.subject if issuer else _name(subject))
@@ -159,7 +159,7 @@ def verify_chain(certs: list[x509.Certificate], anchors: list[x509.Certificate],
         raise ChainError("empty certificate chain")
     if not anchors:
         raise ChainError("no trust anchor configured")
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     anchor_ders = {_der(a) for a in anchors}
     first = certs[0]
     if _der(first) not in anchor_ders:
