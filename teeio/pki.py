@@ -64,7 +64,7 @@ def new_key(alg: str) -> PrivateKey:
     raise ValueError(f"unknown key algorithm {alg!r} (choose from {', '.join(ALGORITHMS)})")
 
 
-def _sign_hash(key: PrivateKey) -> hashes.HashAlgorithm:
+def _sign_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
         return hashes.SHA384()
     return hashes.SHA256()
@@ -227,7 +227,7 @@ def parse_spdm_cert_chain(blob: bytes, hash_name: str) -> tuple[bytes, list[x509
         raise ChainError(f"certificate chain length field {length} != {len(blob)} bytes")
     root_hash = blob[4:4 + hlen]
     ders = blob[4 + hlen:]
-    certs = []
+    certs: list[x509.Certificate] = []
     pos = 0
     while pos < len(ders):
         # Each certificate is one DER SEQUENCE: 0x30, then its length.
