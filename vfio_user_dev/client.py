@@ -90,28 +90,24 @@ class Client:
     def _serve(self, hdr: Header, body: bytes) -> None:
         if self.on_server_request is not None and self.on_server_request(hdr, body):
             return
-        if hdr.command == Command.DMA_READ:
-            addr, count, _ = p.decode_dma_rw(body, with_data=False)
-            mem = next((m for m in self.memories if m.contains(addr, count)), None)
-            if mem is None:
-                self.send_raw(p.error_reply(hdr, errno.EFAULT))
-                return
-            mem.reads += 1
-            off = addr - mem.base
-            self.send_raw(p.reply(hdr, p.encode_dma_rw(addr, count,
-                                                       bytes(mem.data[off:off + count]))))
-        elif hdr.command == Command.DMA_WRITE:
-            addr, count, data = p.decode_dma_rw(body, with_data=True)
-            mem = next((m for m in self.memories if m.contains(addr, count)), None)
-            if mem is None:
-                self.send_raw(p.error_reply(hdr, errno.EFAULT))
-                return
+        if hdr.command not in (Command.DMA_READ, Command.DMA_WRITE):
+            self.send_raw(p.error_reply(hdr, errno.ENOSYS))
+            return
+        is_write = hdr.command == Command.DMA_WRITE
+        addr, count, data = p.decode_dma_rw(body, with_data=is_write)
+        mem = next((m for m in self.memories if m.contains(addr, count)), None)
+        if mem is None:
+            self.send_raw(p.error_reply(hdr, errno.EFAULT))
+            return
+        off = addr - mem.base
+        if is_write:
             mem.writes += 1
-            off = addr - mem.base
             mem.data[off:off + count] = data
             self.send_raw(p.reply(hdr))
         else:
-            self.send_raw(p.error_reply(hdr, errno.ENOSYS))
+            mem.reads += 1
+            chunk = bytes(mem.data[off:off + count])
+            self.send_raw(p.reply(hdr, p.encode_dma_rw(addr, count, chunk)))
 
     def serve_pending(self, timeout: float) -> int:
         """Serve server requests arriving within *timeout* seconds; returns how many."""
