@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import threading
 from collections.abc import Callable
 
@@ -44,6 +45,10 @@ class IrqController:
         self.intx_asserted = False
         self.signalled = 0
         self.signalled_by_type = {"intx": 0, "msix": 0}
+        self.unmask_fd: int | None = None
+        self._retired: list[int] = []
+        self._watcher: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
 
     def info_flags(self, index: int) -> int:
         if index == PciIrq.INTX:
@@ -70,8 +75,14 @@ class IrqController:
                                 f"SET_IRQS: vectors {req.start}+{req.count} outside 0..{n}")
         with self._lock:
             if data == IrqSetFlags.DATA_EVENTFD:
+                if action == IrqSetFlags.ACTION_UNMASK and req.index == PciIrq.INTX:
+                    if len(fds) > 1:
+                        raise ProtocolError(errno.EINVAL, "SET_IRQS: one INTx unmask eventfd")
+                    self._set_unmask_fd(fds[0] if fds and fds[0] >= 0 else None)
+                    return []
                 if action != IrqSetFlags.ACTION_TRIGGER:
-                    raise ProtocolError(errno.ENOTSUP, "SET_IRQS: eventfds only for TRIGGER")
+                    raise ProtocolError(errno.ENOTSUP,
+                                        "SET_IRQS: eventfds only for TRIGGER (and INTx UNMASK)")
                 if fds and len(fds) != req.count:
                     raise ProtocolError(errno.EINVAL,
                                         f"SET_IRQS: {len(fds)} fds for {req.count} vectors")
@@ -92,6 +103,46 @@ class IrqController:
                     self._fire(req.index, v)
         return fds
 
+    # -- INTx unmask eventfd (KVM irqfd resampling): a signal on it means UNMASK ----------
+    def _set_unmask_fd(self, fd: int | None) -> None:
+        old, self.unmask_fd = self.unmask_fd, fd
+        if old is not None:
+            self._retired.append(old)
+        if self._watcher is None and fd is not None:
+            self._wake_r, self._wake_w = os.pipe()
+            self._watcher = threading.Thread(target=self._watch_unmask, name="intx-unmask",
+                                             daemon=True)
+            self._watcher.start()
+        elif self._watcher is None:
+            self._close_retired()
+        else:
+            os.write(self._wake_w, b"x")
+
+    def _close_retired(self) -> None:
+        for fd in self._retired:
+            os.close(fd)
+        self._retired.clear()
+
+    def _watch_unmask(self) -> None:
+        while True:
+            with self._lock:
+                self._close_retired()
+                fd = self.unmask_fd
+                if fd is None:
+                    os.close(self._wake_r)
+                    os.close(self._wake_w)
+                    self._watcher = None
+                    return
+            ready, _, _ = select.select([fd, self._wake_r], [], [])
+            if self._wake_r in ready:
+                os.read(self._wake_r, 64)
+            if fd in ready:
+                with self._lock:
+                    if self.unmask_fd == fd:
+                        os.read(fd, 8)
+                        self.masked[PciIrq.INTX][0] = False
+                        self.update_intx()
+
     def _release(self, index: int, start: int, count: int) -> None:
         for v in range(start, start + count):
             fd = self.trigger[index][v]
@@ -101,6 +152,7 @@ class IrqController:
 
     def close_all(self) -> None:
         with self._lock:
+            self._set_unmask_fd(None)
             for index, n in self.counts.items():
                 self._release(index, 0, n)
                 self.masked[index] = [False] * n
