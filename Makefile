@@ -46,3 +46,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# Device firmware image (the ELF the emulated device measures); flags live in the builder.
+.PHONY: firmware
+firmware: out/firmware/teeio-fw.elf
+out/firmware/teeio-fw.elf: firmware/fw.c firmware/link.ld vfio_user_dev/firmware_build.py | $(STAMP)
+	$(PY) -m vfio_user_dev.firmware_build --out $@

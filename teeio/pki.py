@@ -181,7 +181,9 @@ def verify_chain(certs: list[x509.Certificate], anchors: list[x509.Certificate],
             raise ChainError(f"issuer of certificate {i} has no basicConstraints") from None
         if not bc.ca:
             raise ChainError(f"certificate {i} ({name}) is issued by a non-CA certificate")
-        if bc.path_length is not None and len(certs) - i - 2 > bc.path_length:
+        # RFC 5280 §4.2.1.9: pathLenConstraint bounds the CA certificates between the
+        # issuer (certs[i - 1]) and the leaf, i.e. certs[i:-1].
+        if bc.path_length is not None and len(certs) - i - 1 > bc.path_length:
             raise ChainError(f"path length constraint of certificate {i - 1} exceeded")
         try:
             cert.verify_directly_issued_by(parent)

@@ -1,0 +1,40 @@
+"""Reference values of a device firmware image, as JSON for a verifier's policy.
+
+    python -m tsm.refvalues --elf out/firmware/teeio-fw.elf [--out refvalues.json]
+
+Writes teeio.measurements.reference_values() of the image (to stdout without --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from teeio.measurements import FirmwareImageError, reference_values
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tsm.refvalues",
+                                 description="Reference measurement values of a firmware ELF.")
+    ap.add_argument("--elf", type=Path, required=True, help="firmware image (ELF)")
+    ap.add_argument("--out", type=Path, help="JSON file to write (default: stdout)")
+    opts = ap.parse_args(argv)
+    try:
+        values = reference_values(opts.elf)
+    except (OSError, FirmwareImageError) as exc:
+        print(f"error: {opts.elf}: {exc}", file=sys.stderr)
+        return 1
+    text = json.dumps(values, indent=2, sort_keys=True) + "\n"
+    if opts.out is None:
+        sys.stdout.write(text)
+    else:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.write_text(text)
+        print(opts.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
