@@ -60,6 +60,7 @@ class VmOptions:
     workdir: Path | None = None
     keep_workdir: bool = False
     run_timeout: float | None = None
+    device_args: list[str] = field(default_factory=list)   # extra teeio-device options
 
 
 @dataclass
@@ -233,6 +234,7 @@ def run_vm(opts: VmOptions) -> RunResult:
                    "--stats-file", str(stats), "--max-clients", "1"]
         if opts.device_verbose:
             dev_cmd.append("-v")
+        dev_cmd += opts.device_args
         env = dict(os.environ, PYTHONPATH=str(PROJECT_DIR))
         with open(wd / "device.log", "wb") as devlog:
             dev_proc = subprocess.Popen(dev_cmd, stdout=devlog, stderr=subprocess.STDOUT, env=env,

@@ -12,7 +12,9 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from teeio.doe import PCI_SIG_VENDOR_ID, DataObjectType
 from vfio_user_dev.device import TeeIoDevice
+from vfio_user_dev.doe_socket import DoeSocketServer
 from vfio_user_dev.server import Server
 
 log = logging.getLogger("vfio_user_dev")
@@ -25,6 +27,11 @@ def write_stats(path: Path, device: TeeIoDevice, server: Server) -> None:
     os.replace(tmp, path)
 
 
+def echo_for_tests(payload: bytes) -> bytes:
+    """``--doe-test-echo``: answers a CMA/SPDM object with its own payload (tests only)."""
+    return payload
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="teeio-device", description=__doc__)
     ap.add_argument("--socket", required=True, help="UNIX socket path for the vfio-user client")
@@ -32,14 +39,39 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep device counters (DMA jobs, bytes, interrupts) in this JSON file")
     ap.add_argument("--max-clients", type=int, default=None,
                     help="exit after this many client sessions (default: serve forever)")
+    ap.add_argument("--doe-socket", metavar="PATH",
+                    help="serve the device's DOE mailbox to host tools (the TSM) on this UNIX "
+                         "socket, in the DMTF spdm-emu platform socket framing (PCI_DOE)")
+    ap.add_argument("--doe-tcp-port", type=int, metavar="N",
+                    help="the same DOE transport on TCP 127.0.0.1:N (spdm-emu uses 2323)")
+    ap.add_argument("--doe-exit-on-shutdown", action="store_true",
+                    help="a SHUTDOWN on the DOE socket ends the device server "
+                         "(as spdm_responder_emu does); by default the listener stays")
+    ap.add_argument("--doe-test-echo", action="store_true",
+                    help="TEST AID ONLY: register a handler that answers CMA/SPDM (0001:01) "
+                         "DOE objects with their own payload, so tests can exercise the DOE "
+                         "mailbox and discovery before the SPDM responder exists; never use "
+                         "it for a real device")
     ap.add_argument("-v", "--verbose", action="count", default=0,
-                    help="-v logs every vfio-user message (direction, command, id, size)")
+                    help="-v logs every vfio-user message (direction, command, id, size) "
+                         "and DOE object")
     ns = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     device = TeeIoDevice()
+    if ns.doe_test_echo:
+        log.warning("--doe-test-echo: DOE 0001:01 objects are echoed (a test aid, not SPDM)")
+        device.doe.register(PCI_SIG_VENDOR_ID, DataObjectType.CMA_SPDM, echo_for_tests)
+    # The DOE sockets listen before the vfio-user socket appears (which launchers wait for).
+    doe_servers = [DoeSocketServer(device.doe, path=path, port=port,
+                                   exit_on_shutdown=ns.doe_exit_on_shutdown)
+                   for path, port in ((ns.doe_socket, None), (None, ns.doe_tcp_port))
+                   if path is not None or port is not None]
     server = Server(ns.socket, device)
+    for doe in doe_servers:
+        doe.on_shutdown = server.close
+        doe.start()
     if ns.stats_file:
         lock = threading.Lock()
 
@@ -59,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.serve_forever(max_clients=ns.max_clients)
     finally:
+        for doe in doe_servers:
+            doe.close()
         if ns.stats_file:
             write_stats(ns.stats_file, device, server)
         device.close()

@@ -9,7 +9,9 @@ Config space layout (4 KiB)::
     0x050 MSI-X (ID 11)              4 vectors, table BIR 1/0x000, PBA BIR 1/0x800
     0x060 PCI Express (ID 10)        v2, Endpoint; DevCap bit 30 TEE-IO Supported
     0x100 Device Serial Number (ext 0003)
-          (DOE 0x2E and IDE 0x30 extended capabilities arrive with the next issues)
+    0x110 Data Object Exchange (ext 002E) v2, 0x18 bytes; registers +0x04..+0x17 are served
+          by the DOE mailbox (teeio/doe.py); DOE interrupts use MSI-X vector 1
+          (the IDE 0x30 extended capability arrives with the next issue)
 
 No region is offered as mmappable: every BAR access traps here (DESIGN decision 7).
 """
@@ -21,11 +23,13 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from teeio import device_regs as regs
 from teeio.device_regs import Irq, Op, R, St
+from teeio.doe import DOE_CAP_SIZE, DOE_CAP_VERSION, DoeDispatcher, DoeMailbox, protocol_name
 from teeio.pcie.config import (
     STATUS_RW1C,
     CapId,
@@ -52,6 +56,10 @@ PM_CAP = 0x40
 MSIX_CAP = 0x50
 PCIE_CAP = 0x60
 PCI_EXP_DEVCAP_TEE = 1 << 30  # PCIe 6.x §7.5.3.3 Device Capabilities bit 30 "TEE-IO Supported"
+DSN_CAP = 0x100
+DOE_CAP = 0x110
+DOE_REGS = range(DOE_CAP + 4, DOE_CAP + DOE_CAP_SIZE)   # served by the mailbox, not ConfigSpace
+DOE_MSIX_VECTOR = 1
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,11 @@ def build_config(serial: int) -> ConfigSpace:
     cs.set(PCIE_CAP + 0x30, 2, 0x0001, wmask=0x000F)          # LinkCtl2 target speed
 
     # Device Serial Number (PCIe 6.x §7.9.3), proves extended config space reaches the guest.
-    cs.add_ext_capability(0x100, ExtCapId.DEVICE_SERIAL_NUMBER, 1, serial.to_bytes(8, "little"))
+    cs.add_ext_capability(DSN_CAP, ExtCapId.DEVICE_SERIAL_NUMBER, 1, serial.to_bytes(8, "little"))
+
+    # Data Object Exchange (PCIe 6.3 §7.9.24): only the header lives here; the register
+    # bytes stay zero and read-only, region accesses to DOE_REGS go to the DoeMailbox.
+    cs.add_ext_capability(DOE_CAP, ExtCapId.DOE, DOE_CAP_VERSION, bytes(DOE_CAP_SIZE - 4))
     return cs
 
 
@@ -136,6 +148,11 @@ class TeeIoDevice:
         self.generation = 0
         self.listeners: list[Callable[[TeeIoDevice], None]] = []
         self.total = {"jobs": 0, "bytes": 0, "errors": 0}
+        # DOE: one dispatcher for the config-space mailbox and the host socket, serialised
+        # by the device lock.  Protocols (SPDM 0001:01, secured SPDM 0001:02) register here.
+        self.doe = DoeDispatcher(lock=self._lock)
+        self.doe_mailbox = DoeMailbox(self.doe.handle_object,
+                                      interrupt_message_number=DOE_MSIX_VECTOR)
         self._reset_state()
         self._engine = threading.Thread(target=self._engine_loop, name="dma-engine", daemon=True)
         self._engine.start()
@@ -155,6 +172,7 @@ class TeeIoDevice:
         with self._lock:
             self.generation += 1
             self._reset_state()
+            self.doe_mailbox.reset()   # §6.30.2: a reset aborts any DOE transfer in progress
             self.irq.set_intx(False)
         log.info("device reset")
 
@@ -173,6 +191,9 @@ class TeeIoDevice:
                 "irq_signalled_msix": self.irq.signalled_by_type["msix"],
                 "dma_maps_live": len(self.dma.snapshot()),
                 "dma_maps_total": self.dma.maps_total,
+                "doe_objects": self.doe.objects,
+                "doe_responses": self.doe.responses,
+                "doe_protocols": [protocol_name(*p) for p in self.doe.protocols()],
             }
 
     def _intx_allowed(self) -> bool:
@@ -183,7 +204,7 @@ class TeeIoDevice:
         self._bounds(index, offset, count)
         with self._lock:
             if index == PciRegion.CONFIG:
-                return self.config.read(offset, count)
+                return self._config_read(offset, count)
             if index == PciRegion.BAR0:
                 return self._bar0_read(offset, count)
             return self._bar1_read(offset, count)
@@ -192,7 +213,7 @@ class TeeIoDevice:
         self._bounds(index, offset, len(data))
         with self._lock:
             if index == PciRegion.CONFIG:
-                self.config.write(offset, data)
+                self._config_write(offset, data)
                 if offset < Reg.COMMAND + 2 and offset + len(data) > Reg.COMMAND:
                     self.irq.update_intx()
             elif index == PciRegion.BAR0:
@@ -207,6 +228,45 @@ class TeeIoDevice:
         if count == 0 or offset < 0 or offset + count > spec.size:
             raise ProtocolError(errno.EINVAL, f"region {index}: access {offset:#x}+{count} "
                                               f"outside {spec.size:#x}")
+
+    # -- config space: ConfigSpace, with the DOE registers routed to the mailbox --------------
+    def _config_read(self, offset: int, count: int) -> bytes:
+        data = bytearray(self.config.read(offset, count))
+        end = offset + count
+        if end <= DOE_REGS.start or offset >= DOE_REGS.stop:
+            return bytes(data)
+        now = time.monotonic()
+        for base in range(max(offset & ~3, DOE_REGS.start), min(end, DOE_REGS.stop), 4):
+            word = self.doe_mailbox.read(base - DOE_CAP, now).to_bytes(4, "little")
+            for i in range(4):
+                if offset <= base + i < end:
+                    data[base + i - offset] = word[i]
+        self._doe_interrupt()
+        return bytes(data)
+
+    def _config_write(self, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        if end <= DOE_REGS.start or offset >= DOE_REGS.stop:
+            self.config.write(offset, data)
+            return
+        if offset < DOE_REGS.start:
+            self.config.write(offset, data[:DOE_REGS.start - offset])
+        now = time.monotonic()
+        for base in range(max(offset & ~3, DOE_REGS.start), min(end, DOE_REGS.stop), 4):
+            value, enable = 0, 0
+            for i in range(4):
+                if offset <= base + i < end:
+                    value |= data[base + i - offset] << (8 * i)
+                    enable |= 1 << i
+            self.doe_mailbox.write(base - DOE_CAP, value, now, enable)
+        if end > DOE_REGS.stop:
+            self.config.write(DOE_REGS.stop, data[DOE_REGS.stop - offset:])
+        self._doe_interrupt()
+
+    def _doe_interrupt(self) -> None:
+        # §6.30.3: DOE interrupts are MSI/MSI-X only, never INTx.
+        if self.doe_mailbox.take_interrupt() and self.irq.msix_ready(DOE_MSIX_VECTOR):
+            self.irq.raise_msix(DOE_MSIX_VECTOR)
 
     # -- BAR0 -------------------------------------------------------------------------------
     def _bar0_read(self, offset: int, count: int) -> bytes:

@@ -1,0 +1,292 @@
+"""The device server as a real process with ``--doe-socket``: the spdm-emu platform socket
+protocol (TEST, NORMAL, CONTINUE, SHUTDOWN, UNKNOWN), and socket and mailbox used at once.
+The device log is printed at teardown, so a failing test shows it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from guest_agent.doe import DoeMailboxClient
+from teeio.doe import (
+    SERVER_HELLO,
+    SOCKET_MAX_PAYLOAD,
+    DataObjectType,
+    DoeObject,
+    SocketCommand,
+    SocketHeader,
+    SocketTransport,
+)
+from tsm.doe_client import DoeClient, DoeTransportError
+from vfio_user_dev.client import Client
+from vfio_user_dev.device import DOE_CAP, TeeIoDevice
+from vfio_user_dev.protocol import PciRegion
+
+pytestmark = pytest.mark.timeout(60)
+
+PROJECT = Path(__file__).resolve().parents[2]
+SPDM = (1, DataObjectType.CMA_SPDM)
+STARTUP = 15.0
+
+
+class DeviceProcess:
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.sock = tmp / "vfio-user.sock"
+        self.doe = tmp / "doe.sock"
+        self.stats = tmp / "stats.json"
+        self.log = tmp / "device.log"
+        cmd = [sys.executable, "-m", "vfio_user_dev", "--socket", str(self.sock),
+               "--doe-socket", str(self.doe), "--stats-file", str(self.stats), *args]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT,
+                                         env=dict(os.environ, PYTHONPATH=str(PROJECT)))
+        deadline = time.monotonic() + STARTUP
+        while not (self.sock.exists() and self.doe.exists()):
+            assert self.proc.poll() is None, f"device server exited:\n{self.log_text()}"
+            assert time.monotonic() < deadline, f"no sockets after {STARTUP}s:\n{self.log_text()}"
+            time.sleep(0.02)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def client(self) -> DoeClient:
+        return DoeClient.connect_unix(str(self.doe))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., DeviceProcess]]:
+    started: list[DeviceProcess] = []
+
+    def _start(*args: str) -> DeviceProcess:
+        dev = DeviceProcess(tmp_path, *args)
+        started.append(dev)
+        return dev
+
+    yield _start
+    for dev in started:
+        dev.stop()
+        print(f"--- device log ({' '.join(dev.proc.args)}) ---\n{dev.log_text()}")  # type: ignore[arg-type]
+
+
+def raw_call(c: DoeClient, command: int, payload: bytes = b"",
+             transport: int = SocketTransport.PCI_DOE) -> tuple[SocketHeader, bytes]:
+    c.send(command, payload, transport)
+    return c.receive()
+
+
+def closed_by_peer(c: DoeClient) -> bool:
+    c.sock.settimeout(5)
+    try:
+        return c.sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+# -- the protocol -------------------------------------------------------------------------------
+
+def test_hello_discovery_and_echo(start: Callable[..., DeviceProcess]) -> None:
+    dev = start("--doe-test-echo")
+    with dev.client() as c:
+        c.hello()
+        assert c.discover() == [(1, 0), SPDM]
+        req = DoeObject(*SPDM, b"0123456789abcdef").encode()
+        assert c.exchange(req) == req
+        big = DoeObject(*SPDM, os.urandom(SOCKET_MAX_PAYLOAD - 8)).encode()   # 2^18 DW
+        assert c.exchange(big) == big
+        # no response object: an empty NORMAL reply, and the stream stays in step
+        assert c.exchange(DoeObject(1, DataObjectType.SECURED_CMA_SPDM).encode()) is None
+        assert c.exchange(req[:-4]) is None                    # length mismatch
+        assert c.exchange(b"") is None
+        c.hello()
+
+
+def test_product_device_lists_only_what_is_registered(
+        start: Callable[..., DeviceProcess]) -> None:
+    dev = start()
+    reference = TeeIoDevice()
+    try:
+        expected = reference.doe.protocols()
+    finally:
+        reference.close()
+    with dev.client() as c:
+        c.hello()
+        assert c.discover() == expected == [(1, 0)]   # no SPDM responder registered yet
+        assert c.exchange(DoeObject(*SPDM, b"abcd").encode()) is None
+
+
+def test_unknown_commands_get_unknown_and_the_connection_goes_on(
+        start: Callable[..., DeviceProcess]) -> None:
+    dev = start()
+    with dev.client() as c:
+        for command in (0x1234, SocketCommand.OOB_ENCAP_KEY_UPDATE, SocketCommand.UNKNOWN):
+            hdr, body = raw_call(c, command, b"xyz")
+            assert (hdr.command, hdr.transport, body) == (SocketCommand.UNKNOWN, 2, b"")
+        hdr, body = raw_call(c, SocketCommand.TEST, b"Client Hello!\0")
+        assert (hdr.command, body) == (SocketCommand.TEST, SERVER_HELLO)
+
+
+def test_wrong_transport_type_is_refused_and_closed(start: Callable[..., DeviceProcess]) -> None:
+    dev = start()
+    with dev.client() as c:
+        hdr, body = raw_call(c, SocketCommand.TEST, b"Client Hello!\0", SocketTransport.MCTP)
+        assert (hdr.command, hdr.transport, body) == (SocketCommand.UNKNOWN, 2, b"")
+        assert closed_by_peer(c)
+    with dev.client() as c:   # the listener is still there
+        c.hello()
+
+
+def test_oversize_payload_is_drained_without_desync(start: Callable[..., DeviceProcess]) -> None:
+    dev = start("--doe-test-echo")
+    with dev.client() as c:
+        hdr, body = raw_call(c, SocketCommand.NORMAL, bytes(SOCKET_MAX_PAYLOAD + 4))
+        assert (hdr.command, body) == (SocketCommand.NORMAL, b"")
+        c.hello()
+        assert c.discover() == [(1, 0), SPDM]
+    assert "exceeds" in dev.log_text()
+
+
+def test_continue_ends_the_connection_only(start: Callable[..., DeviceProcess]) -> None:
+    dev = start()
+    c = dev.client()
+    c.hello()
+    c.send(SocketCommand.CONTINUE)
+    hdr, body = c.receive()
+    assert (hdr.command, body) == (SocketCommand.CONTINUE, b"")
+    assert closed_by_peer(c)
+    c.close()
+    with dev.client() as c2:
+        c2.hello()
+        c2.end_session()
+
+
+def test_shutdown_keeps_the_listener_by_default(start: Callable[..., DeviceProcess]) -> None:
+    dev = start()
+    c = dev.client()
+    c.hello()
+    c.send(SocketCommand.SHUTDOWN)
+    hdr, body = c.receive()
+    assert (hdr.command, body) == (SocketCommand.SHUTDOWN, b"")
+    assert closed_by_peer(c)
+    c.close()
+    assert dev.proc.poll() is None
+    with dev.client() as c2:
+        c2.hello()
+        c2.shutdown()
+    assert dev.proc.poll() is None
+
+
+def test_exit_on_shutdown_ends_the_device_server(start: Callable[..., DeviceProcess]) -> None:
+    dev = start("--doe-exit-on-shutdown")
+    with dev.client() as c:
+        c.hello()
+        c.shutdown()
+    assert dev.proc.wait(10) == 0
+    assert not dev.doe.exists() and not dev.sock.exists()
+
+
+def test_tcp_port(start: Callable[..., DeviceProcess]) -> None:
+    with socket.socket() as probe:          # a free port (the listener sets SO_REUSEADDR)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dev = start("--doe-tcp-port", str(port), "--doe-test-echo")
+    deadline = time.monotonic() + STARTUP
+    while f"127.0.0.1:{port}" not in dev.log_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with DoeClient.connect_tcp(port) as c:
+        c.hello()
+        assert c.discover() == [(1, 0), SPDM]
+    with dev.client() as c:                 # the UNIX socket serves at the same time
+        c.hello()
+
+
+def test_client_timeout_is_bounded(start: Callable[..., DeviceProcess]) -> None:
+    dev = start()
+    c = DoeClient.connect_unix(str(dev.doe), timeout=0.3)
+    try:
+        c.sock.sendall(SocketHeader(SocketCommand.NORMAL, 2, 8).encode())  # payload never sent
+        t0 = time.monotonic()
+        with pytest.raises(DoeTransportError, match="in time"):
+            c.receive()
+        assert time.monotonic() - t0 < 3
+    finally:
+        c.close()
+
+
+# -- socket and mailbox at once -----------------------------------------------------------------
+
+class VfioConfig:
+    def __init__(self, c: Client) -> None:
+        self.c = c
+
+    def read32(self, off: int) -> int:
+        return self.c.read32(PciRegion.CONFIG, off)
+
+    def write32(self, off: int, value: int) -> None:
+        self.c.write32(PciRegion.CONFIG, off, value)
+
+
+def test_socket_and_mailbox_at_the_same_time(start: Callable[..., DeviceProcess]) -> None:
+    dev = start("--doe-test-echo")
+    errors: list[str] = []
+    rounds = {"socket": 150, "mailbox": 60}
+
+    def socket_side() -> None:
+        try:
+            with dev.client() as c:
+                c.hello()
+                for i in range(rounds["socket"]):
+                    req = DoeObject(*SPDM, b"S" * 4 + i.to_bytes(4, "little") * (1 + i % 40))
+                    if c.exchange_object(req) != req:
+                        errors.append(f"socket {i}")
+        except Exception as exc:   # reported below, with the device log
+            errors.append(f"socket: {exc!r}")
+
+    def mailbox_side() -> None:
+        try:
+            vc = Client.connect(str(dev.sock))
+            vc.version()
+            try:
+                mb = DoeMailboxClient(VfioConfig(vc), DOE_CAP)
+                mb.abort()
+                for i in range(rounds["mailbox"]):
+                    req = DoeObject(*SPDM, b"M" * 4 + i.to_bytes(4, "little") * (1 + i % 20))
+                    if mb.exchange_object(req) != req:
+                        errors.append(f"mailbox {i}")
+                if mb.discover() != [(1, 0), SPDM]:
+                    errors.append("mailbox discovery")
+            finally:
+                vc.close()
+        except Exception as exc:
+            errors.append(f"mailbox: {exc!r}")
+
+    threads = [threading.Thread(target=socket_side), threading.Thread(target=mailbox_side)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(45)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
+    assert dev.stop() == 0
+    stats = json.loads(dev.stats.read_text())
+    total = rounds["socket"] + rounds["mailbox"] + 2   # + the mailbox's discovery walk
+    assert stats["doe_objects"] == stats["doe_responses"] == total
