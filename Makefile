@@ -39,6 +39,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.bench --out out/bench.json
+	$(PY) -m bench.bench_spdm --out out/bench-spdm.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
