@@ -7,23 +7,25 @@ import json
 import sys
 from pathlib import Path
 
-from guest_agent import doe, selftest
+from guest_agent import doe, selftest, spdm_probe
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="guest_agent", description=__doc__)
-    ap.add_argument("mode", choices=["selftest", "probe", "doe-discovery"])
+    ap.add_argument("mode", choices=["selftest", "probe", "doe-discovery", "spdm-probe"])
     ap.add_argument("--report", type=Path, required=True, help="where to write the JSON report")
     ap.add_argument("--seed", default="0", help="hex seed the host chose for the test data")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of FILL/COPY/SHA-256")
-    ap.add_argument("--echo", default="0",
-                    help="doe-discovery: 1 = also round-trip objects through a device started "
-                         "with the test aid --doe-test-echo (0001:01 echoes)")
+    ap.add_argument("--target", default="teeio", choices=sorted(spdm_probe.TARGETS),
+                    help="spdm-probe: whose DOE mailbox to drive (teeio: our device; nvme: "
+                         "QEMU's NVMe controller with spdm_port)")
     ns, _unknown = ap.parse_known_args(argv)
     if ns.mode == "probe":
         report = {"mode": "probe", "ok": True}
     elif ns.mode == "doe-discovery":
-        report = doe.run(echo=ns.echo == "1")
+        report = doe.run()
+    elif ns.mode == "spdm-probe":
+        report = spdm_probe.run(ns.target)
     else:
         report = selftest.run(int(ns.seed, 16), ns.rounds)
     tmp = ns.report.with_name(ns.report.name + ".tmp")

@@ -26,8 +26,6 @@ from teeio.doe import (
     DOE_TIMEOUT,
     HEADER_BYTES,
     MAX_OBJECT_DW,
-    PCI_SIG_VENDOR_ID,
-    DataObjectType,
     DoeControl,
     DoeError,
     DoeObject,
@@ -188,47 +186,41 @@ def kernel_doe_features(dev: Path) -> dict[str, str]:
     return {p.name: p.read_text().strip() for p in sorted(folder.iterdir())}
 
 
-def echo_pattern(n: int) -> bytes:
-    return bytes((i * 7 + 3) & 0xFF for i in range(n))
-
-
-def run(echo: bool) -> dict[str, Any]:
-    checks = Checks()
-    dev = find_device(VENDOR, DEVICE)
+def discovery(dev: Path, mb: DoeMailboxClient, checks: Checks) -> dict[str, Any]:
+    """Linux's discovery (``doe_features``) and our own walk of *mb*, checked against each
+    other; returns the report fields."""
     features = kernel_doe_features(dev)
     kernel = sorted(features.values())
     checks.add("kernel_doe_features", features.get("doe_discovery") == "0001:00",
                files=sorted(features))
+    mb.abort()   # start from a known state, as Linux does before its discovery walk
+    try:
+        user = [protocol_name(*p) for p in mb.discover()]
+    except (DoeError, DoeMailboxError) as exc:
+        user = []
+        checks.add("user_discovery", False, error=str(exc))
+    checks.add("user_discovery_first_entry", user[:1] == ["0001:00"], user=user)
+    checks.add("user_matches_kernel", sorted(user) == kernel, user=user, kernel=kernel)
+    return {"bdf": dev.name, "kernel_doe_features": features, "kernel_protocols": kernel,
+            "doe_cap": hex(mb.cap), "doe_cap_version": mb.version, "user_protocols": user}
+
+
+def check_idle(mb: DoeMailboxClient, checks: Checks) -> None:
+    st = mb.status()
+    checks.add("mailbox_idle_after", st & (DoeStatus.BUSY | DoeStatus.ERROR
+                                           | DoeStatus.DATA_OBJECT_READY) == 0,
+               status=hex(st))
+
+
+def run() -> dict[str, Any]:
+    checks = Checks()
+    dev = find_device(VENDOR, DEVICE)
+    report: dict[str, Any] = {"mode": "doe-discovery"}
     cfg = SysfsConfig(dev)
-    report: dict[str, Any] = {"mode": "doe-discovery", "bdf": dev.name,
-                              "kernel_doe_features": features, "kernel_protocols": kernel}
     try:
         mb = DoeMailboxClient.find(cfg)
-        report |= {"doe_cap": hex(mb.cap), "doe_cap_version": mb.version}
-        mb.abort()   # start from a known state, as Linux does before its discovery walk
-        try:
-            user = [protocol_name(*p) for p in mb.discover()]
-        except (DoeError, DoeMailboxError) as exc:
-            user = []
-            checks.add("user_discovery", False, error=str(exc))
-        report["user_protocols"] = user
-        checks.add("user_discovery_first_entry", user[:1] == ["0001:00"], user=user)
-        checks.add("user_matches_kernel", sorted(user) == kernel, user=user, kernel=kernel)
-        if echo:
-            report["echo"] = []
-            for n in (4, 64, 1024):
-                payload = echo_pattern(n)
-                req = DoeObject(PCI_SIG_VENDOR_ID, DataObjectType.CMA_SPDM, payload)
-                t0 = time.monotonic()
-                rsp = mb.exchange_object(req)
-                seconds = round(time.monotonic() - t0, 4)
-                report["echo"].append({"bytes": n, "seconds": seconds})
-                checks.add(f"echo[{n}]", rsp == req, bytes=n, seconds=seconds,
-                           got=None if rsp is None else len(rsp.payload))
-        st = mb.status()
-        checks.add("mailbox_idle_after", st & (DoeStatus.BUSY | DoeStatus.ERROR
-                                               | DoeStatus.DATA_OBJECT_READY) == 0,
-                   status=hex(st))
+        report |= discovery(dev, mb, checks)
+        check_idle(mb, checks)
     finally:
         cfg.close()
     report |= {"checks": checks.items, "ok": checks.ok}

@@ -61,6 +61,7 @@ class VmOptions:
     keep_workdir: bool = False
     run_timeout: float | None = None
     device_args: list[str] = field(default_factory=list)   # extra teeio-device options
+    extra_qemu_args: list[str] = field(default_factory=list)   # appended to QEMU's argv
 
 
 @dataclass
@@ -125,7 +126,7 @@ def qemu_argv(img: image_mod.GuestImage, opts: VmOptions, wd: Path, sock: Path,
         argv += ["-serial", "mon:stdio"]
     else:
         argv += ["-serial", f"file:{wd / 'console.log'}"]
-    return argv
+    return argv + opts.extra_qemu_args
 
 
 def _wait_for(pred: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,

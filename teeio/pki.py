@@ -152,6 +152,16 @@ def _der(c: x509.Certificate) -> bytes:
     return c.public_bytes(serialization.Encoding.DER)
 
 
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except Exception:  # InvalidSignature, or a key type that cannot sign
+        return False
+    return True
+
+
 def verify_chain(certs: list[x509.Certificate], anchors: list[x509.Certificate],
                  now: datetime.datetime | None = None) -> PublicKey:
     """Check *certs* (root first) up to one of *anchors*; return the leaf's public key."""
@@ -163,6 +173,11 @@ def verify_chain(certs: list[x509.Certificate], anchors: list[x509.Certificate],
     anchor_ders = {_der(a) for a in anchors}
     first = certs[0]
     if _der(first) not in anchor_ders:
+        if _self_signed(first):
+            # A self-signed root that is not itself an anchor is another CA, even when an
+            # anchor has the same name (every provisioned root has).
+            raise ChainError(f"root is not a configured trust anchor nor issued by one "
+                             f"(self-signed {first.subject.rfc4514_string()!r})")
         issuer = next((a for a in anchors if a.subject == first.issuer), None)
         if issuer is None:
             raise ChainError(f"chain root {first.subject.rfc4514_string()!r} is not a "

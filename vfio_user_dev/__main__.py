@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from teeio.doe import PCI_SIG_VENDOR_ID, DataObjectType
+from vfio_user_dev import dsm
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.doe_socket import DoeSocketServer
 from vfio_user_dev.server import Server
@@ -25,11 +25,6 @@ def write_stats(path: Path, device: TeeIoDevice, server: Server) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
     os.replace(tmp, path)
-
-
-def echo_for_tests(payload: bytes) -> bytes:
-    """``--doe-test-echo``: answers a CMA/SPDM object with its own payload (tests only)."""
-    return payload
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,11 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doe-exit-on-shutdown", action="store_true",
                     help="a SHUTDOWN on the DOE socket ends the device server "
                          "(as spdm_responder_emu does); by default the listener stays")
-    ap.add_argument("--doe-test-echo", action="store_true",
-                    help="TEST AID ONLY: register a handler that answers CMA/SPDM (0001:01) "
-                         "DOE objects with their own payload, so tests can exercise the DOE "
-                         "mailbox and discovery before the SPDM responder exists; never use "
-                         "it for a real device")
+    ap.add_argument("--identity", type=Path, metavar="DIR",
+                    help="device identity directory (chain.pem, device.key, trust-anchor.pem "
+                         "as teeio-provision writes them; a fresh P-384 identity is "
+                         "provisioned into DIR if it has none); enables the SPDM responder "
+                         "on DOE 0001:01 and 0001:02")
+    ap.add_argument("--firmware", type=Path, metavar="ELF",
+                    help="firmware image the device loads and measures (default: "
+                         "out/firmware/teeio-fw.elf, built if missing)")
     ap.add_argument("-v", "--verbose", action="count", default=0,
                     help="-v logs every vfio-user message (direction, command, id, size) "
                          "and DOE object")
@@ -59,10 +57,14 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        security = dsm.from_options(ns.identity, ns.firmware)
+    except dsm.DsmSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     device = TeeIoDevice()
-    if ns.doe_test_echo:
-        log.warning("--doe-test-echo: DOE 0001:01 objects are echoed (a test aid, not SPDM)")
-        device.doe.register(PCI_SIG_VENDOR_ID, DataObjectType.CMA_SPDM, echo_for_tests)
+    if security is not None:
+        security.attach(device.doe)
     # The DOE sockets listen before the vfio-user socket appears (which launchers wait for).
     doe_servers = [DoeSocketServer(device.doe, path=path, port=port,
                                    exit_on_shutdown=ns.doe_exit_on_shutdown)

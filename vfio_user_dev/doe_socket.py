@@ -117,6 +117,10 @@ class DoeSocketServer:
                     if self._stop.is_set():
                         break
                     raise
+                if self.port is not None:
+                    # Small request/response messages: no reply may wait in Nagle's
+                    # buffer for the peer's (delayed) ACK of an earlier segment.
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.clients += 1
                 self._conn = conn
                 try:

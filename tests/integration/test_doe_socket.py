@@ -1,5 +1,6 @@
 """The device server as a real process with ``--doe-socket``: the spdm-emu platform socket
-protocol (TEST, NORMAL, CONTINUE, SHUTDOWN, UNKNOWN), and socket and mailbox used at once.
+protocol (TEST, NORMAL, CONTINUE, SHUTDOWN, UNKNOWN), and socket and mailbox used at once,
+with the device's SPDM responder (``--identity``) behind the DOE objects.
 The device log is printed at teardown, so a failing test shows it."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from teeio.doe import (
     SocketCommand,
     SocketHeader,
     SocketTransport,
+    pad_dw,
 )
 from tsm.doe_client import DoeClient, DoeTransportError
 from vfio_user_dev.client import Client
@@ -36,7 +38,11 @@ pytestmark = pytest.mark.timeout(60)
 
 PROJECT = Path(__file__).resolve().parents[2]
 SPDM = (1, DataObjectType.CMA_SPDM)
+SECURED = (1, DataObjectType.SECURED_CMA_SPDM)
 STARTUP = 15.0
+GET_VERSION = bytes.fromhex("10840000")
+# VERSION: SPDM 1.0 header, reserved, two entries (1.2, 1.3), each u16 LE (DSP0274 §10.3)
+VERSION = bytes.fromhex("10040000" "00" "02" "0012" "0013")
 
 
 class DeviceProcess:
@@ -76,7 +82,11 @@ class DeviceProcess:
 def start(tmp_path: Path) -> Iterator[Callable[..., DeviceProcess]]:
     started: list[DeviceProcess] = []
 
-    def _start(*args: str) -> DeviceProcess:
+    def _start(*args: str, spdm: bool = False) -> DeviceProcess:
+        # spdm: the SPDM responder with an identity the device provisions on first start
+        # and the project's default firmware image
+        if spdm:
+            args = ("--identity", str(tmp_path / "identity"), *args)
         dev = DeviceProcess(tmp_path, *args)
         started.append(dev)
         return dev
@@ -103,20 +113,24 @@ def closed_by_peer(c: DoeClient) -> bool:
 
 # -- the protocol -------------------------------------------------------------------------------
 
-def test_hello_discovery_and_echo(start: Callable[..., DeviceProcess]) -> None:
-    dev = start("--doe-test-echo")
+def test_hello_discovery_and_spdm(start: Callable[..., DeviceProcess]) -> None:
+    dev = start(spdm=True)
+    assert "provisioned a fresh P-384" in dev.log_text()
     with dev.client() as c:
         c.hello()
-        assert c.discover() == [(1, 0), SPDM]
-        req = DoeObject(*SPDM, b"0123456789abcdef").encode()
-        assert c.exchange(req) == req
-        big = DoeObject(*SPDM, os.urandom(SOCKET_MAX_PAYLOAD - 8)).encode()   # 2^18 DW
-        assert c.exchange(big) == big
+        assert c.discover() == [(1, 0), SPDM, SECURED]
+        req = DoeObject(*SPDM, GET_VERSION).encode()
+        assert c.exchange(req) == DoeObject(*SPDM, pad_dw(VERSION)).encode()
+        # a whole 2^18-DW object crosses the socket; SPDM answers it with an ERROR
+        big = DoeObject(*SPDM, GET_VERSION + bytes(SOCKET_MAX_PAYLOAD - 12)).encode()
+        rsp = c.exchange_object(DoeObject.decode(big))
+        assert rsp is not None and rsp.protocol == SPDM and rsp.payload[1] == 0x7F   # ERROR
         # no response object: an empty NORMAL reply, and the stream stays in step
-        assert c.exchange(DoeObject(1, DataObjectType.SECURED_CMA_SPDM).encode()) is None
+        assert c.exchange(DoeObject(*SECURED).encode()) is None   # no session ID: dropped
         assert c.exchange(req[:-4]) is None                    # length mismatch
         assert c.exchange(b"") is None
         c.hello()
+        assert c.exchange(req) == DoeObject(*SPDM, pad_dw(VERSION)).encode()
 
 
 def test_product_device_lists_only_what_is_registered(
@@ -129,7 +143,7 @@ def test_product_device_lists_only_what_is_registered(
         reference.close()
     with dev.client() as c:
         c.hello()
-        assert c.discover() == expected == [(1, 0)]   # no SPDM responder registered yet
+        assert c.discover() == expected == [(1, 0)]   # no --identity: no SPDM responder
         assert c.exchange(DoeObject(*SPDM, b"abcd").encode()) is None
 
 
@@ -155,12 +169,12 @@ def test_wrong_transport_type_is_refused_and_closed(start: Callable[..., DeviceP
 
 
 def test_oversize_payload_is_drained_without_desync(start: Callable[..., DeviceProcess]) -> None:
-    dev = start("--doe-test-echo")
+    dev = start(spdm=True)
     with dev.client() as c:
         hdr, body = raw_call(c, SocketCommand.NORMAL, bytes(SOCKET_MAX_PAYLOAD + 4))
         assert (hdr.command, body) == (SocketCommand.NORMAL, b"")
         c.hello()
-        assert c.discover() == [(1, 0), SPDM]
+        assert c.discover() == [(1, 0), SPDM, SECURED]
     assert "exceeds" in dev.log_text()
 
 
@@ -207,14 +221,16 @@ def test_tcp_port(start: Callable[..., DeviceProcess]) -> None:
     with socket.socket() as probe:          # a free port (the listener sets SO_REUSEADDR)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    dev = start("--doe-tcp-port", str(port), "--doe-test-echo")
+    dev = start("--doe-tcp-port", str(port), spdm=True)
     deadline = time.monotonic() + STARTUP
     while f"127.0.0.1:{port}" not in dev.log_text():
         assert time.monotonic() < deadline
         time.sleep(0.02)
     with DoeClient.connect_tcp(port) as c:
         c.hello()
-        assert c.discover() == [(1, 0), SPDM]
+        assert c.discover() == [(1, 0), SPDM, SECURED]
+        assert c.exchange_object(DoeObject(*SPDM, GET_VERSION)) == DoeObject(*SPDM,
+                                                                             pad_dw(VERSION))
     with dev.client() as c:                 # the UNIX socket serves at the same time
         c.hello()
 
@@ -246,17 +262,19 @@ class VfioConfig:
 
 
 def test_socket_and_mailbox_at_the_same_time(start: Callable[..., DeviceProcess]) -> None:
-    dev = start("--doe-test-echo")
+    dev = start(spdm=True)
     errors: list[str] = []
     rounds = {"socket": 150, "mailbox": 60}
+    # GET_VERSION is answered the same in any connection state, so the two requesters may
+    # interleave freely on the one responder.
+    req, expected = DoeObject(*SPDM, GET_VERSION), DoeObject(*SPDM, pad_dw(VERSION))
 
     def socket_side() -> None:
         try:
             with dev.client() as c:
                 c.hello()
                 for i in range(rounds["socket"]):
-                    req = DoeObject(*SPDM, b"S" * 4 + i.to_bytes(4, "little") * (1 + i % 40))
-                    if c.exchange_object(req) != req:
+                    if c.exchange_object(req) != expected:
                         errors.append(f"socket {i}")
         except Exception as exc:   # reported below, with the device log
             errors.append(f"socket: {exc!r}")
@@ -269,10 +287,9 @@ def test_socket_and_mailbox_at_the_same_time(start: Callable[..., DeviceProcess]
                 mb = DoeMailboxClient(VfioConfig(vc), DOE_CAP)
                 mb.abort()
                 for i in range(rounds["mailbox"]):
-                    req = DoeObject(*SPDM, b"M" * 4 + i.to_bytes(4, "little") * (1 + i % 20))
-                    if mb.exchange_object(req) != req:
+                    if mb.exchange_object(req) != expected:
                         errors.append(f"mailbox {i}")
-                if mb.discover() != [(1, 0), SPDM]:
+                if mb.discover() != [(1, 0), SPDM, SECURED]:
                     errors.append("mailbox discovery")
             finally:
                 vc.close()
@@ -288,5 +305,5 @@ def test_socket_and_mailbox_at_the_same_time(start: Callable[..., DeviceProcess]
     assert not errors, errors
     assert dev.stop() == 0
     stats = json.loads(dev.stats.read_text())
-    total = rounds["socket"] + rounds["mailbox"] + 2   # + the mailbox's discovery walk
+    total = rounds["socket"] + rounds["mailbox"] + 3   # + the mailbox's discovery walk
     assert stats["doe_objects"] == stats["doe_responses"] == total

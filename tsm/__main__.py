@@ -1,0 +1,33 @@
+"""``teeio-tsm``: the host TSM's command line.
+
+    teeio-tsm attest ...    attest a device over DOE (see tsm/attest.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tsm import attest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="teeio-tsm", description="The host TSM.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    att = sub.add_parser("attest", help="attest a device over its DOE transport (SPDM)",
+                         description=(attest.__doc__ or "").split("\n\n")[0])
+    attest.add_arguments(att)
+    att.add_argument("-v", "--verbose", action="count", default=0,
+                     help="log to stderr (-v: progress, -vv: every SPDM message in hex)")
+    ns = ap.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(ns.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if ns.command == "attest":
+        return attest.run_command(ns)
+    ap.error(f"unknown command {ns.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

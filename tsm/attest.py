@@ -1,0 +1,450 @@
+"""``teeio-tsm attest``: attest a device over its DOE transport with the TSM's SPDM requester.
+
+    teeio-tsm attest (--doe-socket PATH | --doe-tcp-port N [--host 127.0.0.1])
+                     --trust-anchor PEM [--reference-values JSON] [--nonce HEX]
+                     [--session] [--json OUT]
+
+Steps, each one verified before the next:
+
+1. the spdm-emu platform socket (TEST hello) and DOE Discovery, which must list
+   CMA/SPDM 0001:01 (and Secured CMA/SPDM 0001:02 with ``--session``);
+2. GET_VERSION, GET_CAPABILITIES, NEGOTIATE_ALGORITHMS (the VCA);
+3. GET_DIGESTS and GET_CERTIFICATE (slot 0): the chain must verify up to
+   ``--trust-anchor``, with the right RootHash and digest;
+4. CHALLENGE: CHALLENGE_AUTH signed over the transcript by the leaf key;
+5. GET_MEASUREMENTS (all blocks, signed, with ``--nonce`` or a random one): the
+   signature over L1 (VCA + request + response) is checked, and with
+   ``--reference-values`` (``teeio-refvalues`` JSON) every block is compared;
+6. with ``--session``: KEY_EXCHANGE + FINISH, HEARTBEAT, KEY_UPDATE (all keys),
+   GET_MEASUREMENTS inside the session (must equal the signed ones), END_SESSION.
+
+Exit 0 only if everything verifies; otherwise 1 and one line on stderr naming the
+first thing that did not hold.  ``--json OUT`` writes the evidence (exact VCA and
+GET_MEASUREMENTS/MEASUREMENTS bytes, nonce, certificate chain) that a third party
+re-checks with :func:`teeio.spdm.requester.verify_measurement_transcript`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from teeio import pki
+from teeio.doe import (
+    PCI_SIG_VENDOR_ID,
+    DataObjectType,
+    DoeError,
+    DoeObject,
+    pad_dw,
+    protocol_name,
+)
+from teeio.measurements import (
+    MEASUREMENT_HASHES,
+    REFERENCE_FORMAT,
+    DmtfValueType,
+    MeasurementBlock,
+)
+from teeio.spdm import Requester, RequesterError
+from teeio.spdm import crypto as spdm_crypto
+from teeio.spdm.defs import (
+    MEAS_OP_ALL,
+    NONCE_SIZE,
+    AeadSuite,
+    BaseAsymAlgo,
+    BaseHashAlgo,
+    DheGroup,
+    KeyUpdateOp,
+    MeasurementHashAlgo,
+    version_str,
+)
+from tsm.doe_client import DoeClient, DoeTransportError
+
+log = logging.getLogger(__name__)
+
+EVIDENCE_FORMAT = "teeio-attestation-evidence/1"
+SPDM = (PCI_SIG_VENDOR_ID, DataObjectType.CMA_SPDM)
+SECURED_SPDM = (PCI_SIG_VENDOR_ID, DataObjectType.SECURED_CMA_SPDM)
+
+
+class AttestError(Exception):
+    """Attestation did not verify; the message is the one-line reason."""
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+def parse_nonce(text: str) -> bytes:
+    try:
+        nonce = bytes.fromhex(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not hex: {text!r}") from None
+    if len(nonce) != NONCE_SIZE:
+        raise argparse.ArgumentTypeError(f"the nonce is {NONCE_SIZE} bytes ({2 * NONCE_SIZE} "
+                                         f"hex digits), not {len(nonce)}")
+    return nonce
+
+
+def load_anchors(path: Path) -> list[x509.Certificate]:
+    try:
+        return pki.load_anchors(path)
+    except (OSError, ValueError) as exc:
+        raise AttestError(f"trust anchor {path}: {exc}") from None
+
+
+def load_reference_values(path: Path) -> dict[int, dict[str, Any]]:
+    """``teeio-refvalues`` JSON -> {index: entry}."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AttestError(f"reference values {path}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != REFERENCE_FORMAT:
+        raise AttestError(f"reference values {path}: not in the {REFERENCE_FORMAT} format")
+    entries = doc.get("measurements")
+    if not isinstance(entries, dict):
+        raise AttestError(f"reference values {path}: no \"measurements\" object")
+    out: dict[int, dict[str, Any]] = {}
+    for key, entry in entries.items():
+        where = f"reference values {path}: measurement {key!r}"
+        if not (key.isascii() and key.isdigit()) or not isinstance(entry, dict):
+            raise AttestError(f"{where} is not an index with an object")
+        if not isinstance(entry.get("value_type"), int):
+            raise AttestError(f"{where} has no integer value_type")
+        for name in ("raw", *MEASUREMENT_HASHES):
+            value = entry.get(name)
+            if value is not None and not _is_hex(value):
+                raise AttestError(f"{where}: {name} is not a hex string")
+        out[int(key)] = entry
+    return out
+
+
+def _is_hex(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        return False
+    return True
+
+
+# -- reference comparison (pure) ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Comparison:
+    index: int
+    ok: bool
+    status: str        # "match", "MISMATCH", "MISSING", "NO REFERENCE"
+    reason: str = ""   # for a failure: the one-line reason
+    expected: str = ""  # the reference value (hex) a MISMATCH was compared with
+
+
+def _type_name(value_type: int) -> str:
+    try:
+        return DmtfValueType(value_type).name
+    except ValueError:
+        return f"type 0x{value_type:02x}"
+
+
+def compare_measurements(blocks: tuple[MeasurementBlock, ...] | list[MeasurementBlock],
+                         references: dict[int, dict[str, Any]],
+                         hash_name: str) -> list[Comparison]:
+    """Each reported block against its reference (by index), then references the device
+    did not report.  Digest blocks compare with the *hash_name* reference digest."""
+    out: list[Comparison] = []
+    for b in sorted(blocks, key=lambda b: b.index):
+        ref = references.get(b.index)
+        if ref is None:
+            out.append(Comparison(b.index, False, "NO REFERENCE",
+                                  f"measurement {b.index} has no reference value"))
+            continue
+        label = f" ({ref['label']})" if ref.get("label") else ""
+        if ref.get("value_type") != b.value_type:
+            out.append(Comparison(b.index, False, "MISMATCH",
+                                  f"measurement {b.index} does not match the reference value"
+                                  f"{label}: value type {_type_name(b.value_type)}, expected "
+                                  f"{_type_name(ref['value_type'])}"))
+            continue
+        key = "raw" if b.raw else hash_name
+        expected = ref.get(key)
+        if not isinstance(expected, str):
+            out.append(Comparison(b.index, False, "MISMATCH",
+                                  f"measurement {b.index}: the reference values have no "
+                                  f"{'raw value' if b.raw else hash_name + ' digest'}"))
+        elif bytes.fromhex(expected) != b.value:
+            out.append(Comparison(b.index, False, "MISMATCH",
+                                  f"measurement {b.index} does not match the reference value"
+                                  f"{label}", expected))
+        else:
+            out.append(Comparison(b.index, True, "match"))
+    reported = {b.index for b in blocks}
+    for index in sorted(set(references) - reported):
+        out.append(Comparison(index, False, "MISSING",
+                              f"measurement {index} is in the reference values but the device "
+                              "did not report it"))
+    return out
+
+
+# -- the DOE transport for the requester --------------------------------------------------------
+
+def doe_transport(client: DoeClient) -> Callable[[int, bytes], bytes]:
+    """``send(doe_type, payload) -> payload`` over whole DOE objects (DW padding is the
+    requester's and responder's business; nothing is stripped here)."""
+    def send(doe_type: int, payload: bytes) -> bytes:
+        req = DoeObject(PCI_SIG_VENDOR_ID, doe_type, pad_dw(payload))
+        raw = client.exchange(req.encode())
+        if raw is None:
+            if req.protocol == SECURED_SPDM:
+                return b""   # the requester reports "no response in session ..."
+            raise AttestError(f"DOE: the device sent no response to a "
+                              f"{protocol_name(*req.protocol)} object")
+        try:
+            rsp = DoeObject.decode(raw)
+        except DoeError as exc:
+            raise AttestError(f"DOE: malformed response object: {exc}") from None
+        if rsp.protocol != req.protocol:
+            raise AttestError(f"DOE: a {protocol_name(*req.protocol)} object was answered "
+                              f"with {protocol_name(*rsp.protocol)}")
+        return rsp.payload
+    return send
+
+
+# -- the flow -----------------------------------------------------------------------------------
+
+@dataclass
+class AttestOptions:
+    trust_anchor: Path
+    doe_socket: str | None = None
+    doe_tcp_port: int | None = None
+    host: str = "127.0.0.1"
+    reference_values: Path | None = None
+    nonce: bytes | None = None
+    session: bool = False
+    json_out: Path | None = None
+
+
+@dataclass
+class Attestation:
+    """What a run established; ``evidence`` is the --json document."""
+
+    out: Callable[[str], None]
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+def _alg(enum: type[BaseAsymAlgo | BaseHashAlgo | MeasurementHashAlgo | DheGroup | AeadSuite],
+         value: int) -> str:
+    if not value:
+        return "none"
+    try:
+        return str(enum(value).name)
+    except ValueError:
+        return f"0x{value:x}"
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA384()).hex(":").upper()
+
+
+def _connect(opts: AttestOptions) -> tuple[DoeClient, str]:
+    if opts.doe_socket is not None:
+        where = f"unix:{opts.doe_socket}"
+    else:
+        where = f"tcp:{opts.host}:{opts.doe_tcp_port}"
+    try:
+        if opts.doe_socket is not None:
+            client = DoeClient.connect_unix(opts.doe_socket)
+        else:
+            assert opts.doe_tcp_port is not None
+            client = DoeClient.connect_tcp(opts.doe_tcp_port, opts.host)
+            client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        raise AttestError(f"DOE transport: cannot connect to {where}: "
+                          f"{exc.strerror or exc}") from None
+    return client, where
+
+
+def attest(opts: AttestOptions, run: Attestation) -> None:
+    """Run the whole flow; raises AttestError, RequesterError or DoeTransportError."""
+    anchors = load_anchors(opts.trust_anchor)
+    references = (load_reference_values(opts.reference_values)
+                  if opts.reference_values is not None else None)
+    client, where = _connect(opts)
+    try:
+        _attest(opts, run, client, where, anchors, references)
+    finally:
+        with contextlib.suppress(DoeTransportError, OSError):
+            client.end_session()   # CONTINUE: the device keeps listening and its state
+        client.close()
+
+
+def _attest(opts: AttestOptions, run: Attestation, client: DoeClient, where: str,
+            anchors: list[x509.Certificate],
+            references: dict[int, dict[str, Any]] | None) -> None:
+    out, ev = run.out, run.evidence
+    client.hello()
+    try:
+        protocols = client.discover()
+    except DoeError as exc:
+        raise AttestError(f"DOE discovery: {exc}") from None
+    out(f"DOE: {where}, protocols {' '.join(protocol_name(*p) for p in protocols)}")
+    if SPDM not in protocols:
+        raise AttestError("DOE discovery: the device does not list CMA/SPDM (0001:01)")
+    if opts.session and SECURED_SPDM not in protocols:
+        raise AttestError("DOE discovery: the device does not list Secured CMA/SPDM (0001:02), "
+                          "which --session needs")
+
+    req = Requester(doe_transport(client), anchors, name="attest")
+    neg = req.init_connection()
+    hash_name = spdm_crypto.hash_name(neg.base_hash)
+    algorithms = {"base_asym": _alg(BaseAsymAlgo, neg.base_asym),
+                  "base_hash": _alg(BaseHashAlgo, neg.base_hash),
+                  "measurement_hash": _alg(MeasurementHashAlgo, neg.meas_hash),
+                  "dhe": _alg(DheGroup, neg.dhe), "aead": _alg(AeadSuite, neg.aead)}
+    ev.update({"format": EVIDENCE_FORMAT, "spdm_version": version_str(neg.version),
+               "algorithms": algorithms, "vca": req.vca.hex()})
+    out(f"SPDM version: {version_str(neg.version)}")
+    out("algorithms: " + " ".join(f"{k}={v}" for k, v in algorithms.items()))
+
+    req.get_digests()
+    chain = req.get_certificate(0)   # verified up to the anchors, RootHash and digest checked
+    root_hash, certs = pki.parse_spdm_cert_chain(chain, hash_name)
+    leaf = certs[-1]
+    anchor = next((a for a in anchors if a == certs[0]), None) or next(
+        (a for a in anchors if a.subject == certs[0].issuer), anchors[0])
+    ev["certificate_chain"] = chain.hex()
+    out("device identity (certificate slot 0, chain verified):")
+    out(f"  leaf subject: {leaf.subject.rfc4514_string()}")
+    out("  issuer chain:")
+    for i, cert in enumerate(certs):
+        issuer = ("self-signed" if cert.issuer == cert.subject
+                  else f"issued by {cert.issuer.rfc4514_string()}")
+        out(f"    [{i}] {cert.subject.rfc4514_string()} ({issuer})")
+    out(f"  root hash ({algorithms['base_hash']}): {root_hash.hex()}")
+    out(f"  leaf SHA-384 fingerprint: {_fingerprint(leaf)}")
+    out(f"  trust anchor: {anchor.subject.rfc4514_string()} (SHA-384 {_fingerprint(anchor)})")
+
+    req.challenge(0)
+    out("CHALLENGE: CHALLENGE_AUTH signature verified")
+
+    nonce = opts.nonce if opts.nonce is not None else os.urandom(NONCE_SIZE)
+    result = req.get_measurements(MEAS_OP_ALL, nonce=nonce)   # signature over L1 verified
+    ev.update({"nonce": nonce.hex(),
+               "measurement_transcript": [{"request": q.hex(), "response": r.hex()}
+                                          for q, r in result.transcript],
+               "measurements": [{"index": b.index, "value_type": b.value_type,
+                                 "value_type_name": _type_name(b.value_type), "raw": b.raw,
+                                 "value": b.value.hex()} for b in result.blocks]})
+    meas_hash = spdm_crypto.meas_hash_name(neg.meas_hash)
+    checks = ({c.index: c for c in compare_measurements(result.blocks, references, meas_hash)}
+              if references is not None else {})
+    out(f"measurements (GET_MEASUREMENTS all, signed, nonce {nonce.hex()}; "
+        "signature verified):")
+    for b in sorted(result.blocks, key=lambda b: b.index):
+        verdict = f"  {checks[b.index].status}" if b.index in checks else ""
+        kind = "raw" if b.raw else meas_hash
+        text = (f" ({b.value.decode()!r})"
+                if b.raw and b.value and all(0x20 <= c < 0x7F for c in b.value) else "")
+        out(f"  {b.index:3d} {_type_name(b.value_type):<22} {kind:<6} {b.value.hex()}{text}"
+            f"{verdict}")
+        if b.index in checks and checks[b.index].expected:
+            out(f"  {'':3} {'':<22} {'':<6} {checks[b.index].expected}  (reference)")
+    if references is not None:
+        for c in checks.values():
+            if c.status == "MISSING":
+                out(f"  {c.index:3d} {'(not reported)':<22} {'':<6} {'':<8}  MISSING")
+        ev["reference_check"] = [{"index": c.index, "status": c.status}
+                                 for c in checks.values()]
+        failed = [c for c in checks.values() if not c.ok]
+        if failed:
+            raise AttestError(failed[0].reason)
+        out(f"reference values: all {len(checks)} measurements match")
+
+    if opts.session:
+        _session(req, run, result.blocks)
+
+
+def _session(req: Requester, run: Attestation, signed: tuple[MeasurementBlock, ...]) -> None:
+    out = run.out
+    out("session:")
+    sid = req.start_session(0)
+    sess = req.sessions[sid]
+    out(f"  KEY_EXCHANGE + FINISH: session 0x{sid:08x} established (secured messages "
+        f"{version_str(sess.secured_version)}, heartbeat period {sess.heartbeat_period} s)")
+    req.heartbeat(sid)
+    out("  HEARTBEAT: acknowledged")
+    req.key_update(sid, KeyUpdateOp.UpdateAllKeys)
+    out("  KEY_UPDATE (UpdateAllKeys, VerifyNewKey): acknowledged under the new keys")
+    inside = req.get_measurements(MEAS_OP_ALL, signed=False, session_id=sid)
+    if sorted(inside.blocks, key=lambda b: b.index) != sorted(signed, key=lambda b: b.index):
+        differ = sorted({b.index for b in set(inside.blocks) ^ set(signed)})
+        raise AttestError(f"measurements inside the session differ from the signed ones "
+                          f"(indices {differ})")
+    out(f"  GET_MEASUREMENTS in the session: {len(inside.blocks)} blocks, the same as signed")
+    req.end_session(sid)
+    out("  END_SESSION: acknowledged")
+    run.evidence["session"] = {"session_id": f"0x{sid:08x}", "ok": True}
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--doe-socket", metavar="PATH",
+                       help="the device's DOE socket (teeio-device --doe-socket)")
+    where.add_argument("--doe-tcp-port", type=int, metavar="N",
+                       help="the device's DOE TCP port (teeio-device --doe-tcp-port)")
+    ap.add_argument("--host", default="127.0.0.1", help="host of --doe-tcp-port")
+    ap.add_argument("--trust-anchor", type=Path, required=True, metavar="PEM",
+                    help="root certificate(s) the device chain must verify up to")
+    ap.add_argument("--reference-values", type=Path, metavar="JSON",
+                    help="teeio-refvalues output: every measurement must match it")
+    ap.add_argument("--nonce", type=parse_nonce, metavar="HEX",
+                    help=f"GET_MEASUREMENTS nonce, {NONCE_SIZE} bytes (default: random)")
+    ap.add_argument("--session", action="store_true",
+                    help="also KEY_EXCHANGE/FINISH, HEARTBEAT, KEY_UPDATE, measurements in "
+                         "the session, END_SESSION")
+    ap.add_argument("--json", type=Path, dest="json_out", metavar="OUT",
+                    help="write the evidence (VCA, measurement transcript, nonce, chain)")
+
+
+def run_command(ns: argparse.Namespace) -> int:
+    opts = AttestOptions(trust_anchor=ns.trust_anchor, doe_socket=ns.doe_socket,
+                         doe_tcp_port=ns.doe_tcp_port, host=ns.host,
+                         reference_values=ns.reference_values, nonce=ns.nonce,
+                         session=ns.session, json_out=ns.json_out)
+    run = Attestation(out=print)
+    reason = ""
+    try:
+        attest(opts, run)
+    except (AttestError, RequesterError, DoeTransportError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+    if opts.json_out is not None and "measurement_transcript" in run.evidence:
+        run.evidence.update({"verified": not reason, "reason": reason or None})
+        try:
+            opts.json_out.parent.mkdir(parents=True, exist_ok=True)
+            opts.json_out.write_text(json.dumps(run.evidence, indent=2, sort_keys=True) + "\n")
+        except OSError as exc:
+            reason = reason or f"cannot write {opts.json_out}: {exc}"
+    if reason:
+        sys.stdout.flush()
+        print(f"attestation FAILED: {reason}", file=sys.stderr)
+        return 1
+    if opts.json_out is not None:
+        print(f"evidence: {opts.json_out}")
+    print("attestation verified")
+    return 0
+
+
+__all__ = ["AttestError", "AttestOptions", "Attestation", "Comparison", "add_arguments",
+           "attest", "compare_measurements", "doe_transport", "load_reference_values",
+           "run_command"]
