@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,9 @@ class VmOptions:
     run_timeout: float | None = None
     device_args: list[str] = field(default_factory=list)   # extra teeio-device options
     extra_qemu_args: list[str] = field(default_factory=list)   # appended to QEMU's argv
+    # Called with the work folder once QEMU runs with the device realized (the guest is
+    # booting): host-side work that runs beside the guest, e.g. the TSM attesting the device.
+    on_running: Callable[[Path], None] | None = None
 
 
 @dataclass
@@ -255,6 +259,8 @@ def run_vm(opts: VmOptions) -> RunResult:
                 qmp_pci = _qmp_query_pci(qmp, "teeio0", TIMEOUTS["qmp_connect"])
             except Exception as exc:  # QMP is diagnostic here; the verdict is the status file
                 log.warning("QMP query-pci failed: %s", exc)
+            if opts.on_running is not None:
+                opts.on_running(wd)
             status_file = wd / "results" / "status"
             watch = _LogWatch(wd / "qemu.log")
             try:
