@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
@@ -484,6 +484,15 @@ def _positive(text: str) -> int:
     return v
 
 
+def emit_report(report: Mapping[str, object], out: Path | None) -> None:
+    """Print the JSON report and, with *out*, also write it there (parents created)."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m bench.bench",
@@ -501,12 +510,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     report = run(Settings.from_args(args.quick, args.iterations), args.cpu)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        out: Path = args.out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    emit_report(report, args.out)
     return 0
 
 

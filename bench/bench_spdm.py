@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -56,7 +55,7 @@ import cryptography
 from cryptography import x509
 from cryptography.hazmat.backends.openssl.backend import backend as openssl_backend
 
-from bench.bench import all_threads_on, gc_paused, pin_process, restore_affinity
+from bench.bench import all_threads_on, emit_report, gc_paused, pin_process, restore_affinity
 from teeio import pki
 from teeio.doe import PCI_SIG_VENDOR_ID, DoeDispatcher, DoeObject, pad_dw
 from teeio.measurements import DmtfValueType, FirmwareManifest, MeasurementSource
@@ -567,12 +566,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     report = run(Settings.from_args(args.quick, args.iterations), args.cpu)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        out: Path = args.out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    emit_report(report, args.out)
     return 0
 
 
