@@ -1,0 +1,324 @@
+"""IDE TLP protection (PCIe 6.x §6.33.4-§6.33.6): AES-GCM-256, 96-bit MAC, two key sets.
+
+One :class:`IdeTx` / :class:`IdeRx` per IDE stream and direction; each holds, per
+sub-stream (PR / NPR / CPL), the two key slots K0/K1 as programmed by IDE_KM KEY_PROG,
+which set went GO, and the implicit 64-bit invocation counter.  Nothing of this is
+ever sent on the wire except the K bit of the IDE prefix that names the key set.
+
+Wire form of a protected TLP (non-flit mode, no aggregation, no PCRC)::
+
+    prefix+header (A: authenticated, sent in clear) || C = AES-GCM(P = payload) || MAC (12 B)
+
+IV construction (§6.33.5, reference notes §3.4): the 96-bit GCM IV is
+``00 00 00 00 || counter`` (counter as 8 big-endian bytes).  The counter of a sub-stream
+and direction starts at the key's IFV (initial value 1 per IDE_KM, §6.33.3) when its key
+set goes into use (stream establishment or refresh) and increments by one per TLP.  The
+MAC is the GCM tag truncated to its 12 most significant bytes (GCM §5.2.1.2), so
+``AESGCM(key).encrypt(iv, P, A)[-16:-4]`` is the MAC — the self-consistency vectors in
+``tests/unit/test_ide.py`` check exactly that.
+
+Key-set switching (§6.33.3/§6.33.4): K_SET_GO makes a Tx use the new set from its next
+TLP, which carries the new K bit; an Rx keeps the set it is receiving with until the
+first TLP tagged with the other (GO'd) set arrives, then switches to it and discards the
+old one.  In-order delivery therefore loses nothing across a refresh.
+
+Any receive-side failure (MAC mismatch, wrong stream, missing prefix, key set not GO or
+stopped, malformed header) raises :class:`IdeIntegrityError` and leaves the receiver
+Insecure: it refuses every later TLP until :meth:`IdeRx.reset` (§6.33.6: the stream
+goes Insecure and is re-established with new keys).  A lost or replayed TLP shows up as
+a MAC failure because the implicit counters no longer agree.
+
+Simplified vs the spec: no aggregation (M is always 1, one MAC per TLP), no PCRC, no
+partial header encryption, PR_Sent_Counter is carried but not computed or checked (no
+ordering checks, no IDE Sync messages), Link IDE and Selective IDE are protected the
+same way (no local prefixes exist here), and the IDE prefix bit layout is this project's
+own (see :mod:`teeio.tlp`).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from .tlp import PREFIX_LEN, IdePrefix, SubStream, Tlp, TlpError
+
+__all__ = [
+    "KEY_LEN", "MAC_LEN", "Direction", "IdeError", "IdeIntegrityError", "IdeKey",
+    "IdeKeyStateError", "IdeRx", "IdeTx", "KeySet", "KeySlot", "SubStream", "gcm_iv",
+]
+
+log = logging.getLogger(__name__)
+
+KEY_LEN = 32            # AES-256
+MAC_LEN = 12            # 96-bit MAC (§6.33.5)
+IFV_DEFAULT = 1         # IDE_KM: initial IFV 0x0000_0000_0000_0001 (§6.33.3)
+COUNTER_MAX = (1 << 64) - 1
+
+
+class KeySet(IntEnum):
+    """The two key slots per sub-stream and direction (KeySubStream bit 0; IDE prefix K)."""
+
+    K0 = 0
+    K1 = 1
+
+
+KeySlot = KeySet
+
+
+class Direction(IntEnum):
+    """KeySubStream bit 1 (RxTxB) of IDE_KM objects (§6.33.3)."""
+
+    RX = 0
+    TX = 1
+
+
+class IdeError(Exception):
+    """Base of IDE errors."""
+
+
+class IdeIntegrityError(IdeError):
+    """A received TLP failed an IDE check; the receiving stream is now Insecure (§6.33.6)."""
+
+    def __init__(self, stream_id: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.reason = reason
+        super().__init__(f"IDE stream {stream_id}: {reason}")
+
+
+class IdeKeyStateError(IdeError):
+    """Local misuse: protecting without a GO key set, programming a set in use, ..."""
+
+
+@dataclass(frozen=True)
+class IdeKey:
+    """One key as KEY_PROG delivers it: the AES-256 key (crypto-library byte order) and
+    the 64-bit IFV, the initial invocation counter."""
+
+    key: bytes = field(repr=False)
+    ifv: int = field(default=IFV_DEFAULT, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", bytes(self.key))
+        if len(self.key) != KEY_LEN:
+            raise ValueError(f"IDE key must be {KEY_LEN} bytes, got {len(self.key)}")
+        if not 0 <= self.ifv <= COUNTER_MAX:
+            raise ValueError("IFV must fit in 64 bits")
+
+    @classmethod
+    def generate(cls, ifv: int = IFV_DEFAULT) -> IdeKey:
+        """A fresh random key (as the TSM does for each KEY_PROG)."""
+        return cls(secrets.token_bytes(KEY_LEN), ifv)
+
+
+def gcm_iv(counter: int) -> bytes:
+    """The 96-bit GCM IV: 32 zero bits then the 64-bit counter, big-endian (§6.33.5)."""
+    return bytes(4) + counter.to_bytes(8, "big")
+
+
+def _seal(key: bytes, counter: int, aad: bytes, plaintext: bytes) -> bytes:
+    enc = Cipher(algorithms.AES(key), modes.GCM(gcm_iv(counter))).encryptor()
+    enc.authenticate_additional_data(aad)
+    ct = enc.update(plaintext) + enc.finalize()
+    return ct + enc.tag[:MAC_LEN]
+
+
+def _open(key: bytes, counter: int, aad: bytes, ciphertext: bytes, mac: bytes) -> bytes:
+    dec = Cipher(algorithms.AES(key),
+                 modes.GCM(gcm_iv(counter), mac, min_tag_length=MAC_LEN)).decryptor()
+    dec.authenticate_additional_data(aad)
+    return dec.update(ciphertext) + dec.finalize()
+
+
+@dataclass
+class _SubState:
+    """Key slots, GO flags, the set in use and its counter for one sub-stream."""
+
+    keys: list[IdeKey | None] = field(default_factory=lambda: [None, None], repr=False)
+    go: list[bool] = field(default_factory=lambda: [False, False])
+    active: KeySet | None = None
+    counter: int = 0
+
+
+class _IdeEndpoint:
+    direction: Direction
+
+    def __init__(self, stream_id: int) -> None:
+        if not 0 <= stream_id <= 0xFF:
+            raise ValueError(f"stream id {stream_id} out of range 0..255")
+        self.stream_id = stream_id
+        self._subs = {s: _SubState() for s in SubStream}
+        self.log = log.getChild(f"{self.direction.name.lower()}{stream_id}")
+
+    @staticmethod
+    def _which(substream: SubStream | None) -> list[SubStream]:
+        return list(SubStream) if substream is None else [SubStream(substream)]
+
+    def program(self, key_set: KeySet, substream: SubStream, key: IdeKey) -> None:
+        """KEY_PROG: load *key* into slot *key_set*; refused for the set in use."""
+        st = self._subs[SubStream(substream)]
+        ks = KeySet(key_set)
+        if st.active == ks:
+            raise IdeKeyStateError(f"stream {self.stream_id} {self.direction.name} "
+                                   f"{SubStream(substream).name}: {ks.name} is in use; "
+                                   "stop it before reprogramming")
+        st.keys[ks] = key
+        st.go[ks] = False
+
+    def is_programmed(self, key_set: KeySet, substream: SubStream) -> bool:
+        return self._subs[SubStream(substream)].keys[KeySet(key_set)] is not None
+
+    def is_go(self, key_set: KeySet, substream: SubStream) -> bool:
+        return self._subs[SubStream(substream)].go[KeySet(key_set)]
+
+    def active_key_set(self, substream: SubStream) -> KeySet | None:
+        """The key set this endpoint protects/checks with right now (None: none yet)."""
+        return self._subs[SubStream(substream)].active
+
+    def counter(self, substream: SubStream) -> int:
+        """The next invocation counter of *substream* (for tests and diagnostics)."""
+        return self._subs[SubStream(substream)].counter
+
+    def stop(self, key_set: KeySet, substream: SubStream | None = None) -> None:
+        """K_SET_STOP: invalidate the key set (its later use is an error)."""
+        ks = KeySet(key_set)
+        for s in self._which(substream):
+            st = self._subs[s]
+            st.keys[ks] = None
+            st.go[ks] = False
+            if st.active == ks:
+                st.active = None
+
+    def reset(self) -> None:
+        """Conventional reset / FLR / link down / session loss: every key invalidated."""
+        self._subs = {s: _SubState() for s in SubStream}
+
+    def _require_key(self, st: _SubState, ks: KeySet, s: SubStream) -> IdeKey:
+        key = st.keys[ks]
+        if key is None:
+            raise IdeKeyStateError(f"stream {self.stream_id} {self.direction.name} {s.name}: "
+                                   f"{ks.name} is not programmed")
+        return key
+
+
+class IdeTx(_IdeEndpoint):
+    """The transmit side of one IDE stream."""
+
+    direction = Direction.TX
+
+    def go(self, key_set: KeySet, substream: SubStream | None = None) -> None:
+        """K_SET_GO (Tx): use *key_set* from the next TLP on; its counter restarts at the IFV."""
+        ks = KeySet(key_set)
+        for s in self._which(substream):
+            st = self._subs[s]
+            key = self._require_key(st, ks, s)
+            st.go[ks] = True
+            if st.active != ks:
+                st.active = ks
+                st.counter = key.ifv
+
+    def protect(self, tlp: Tlp) -> bytes:
+        """``header (A) || AES-GCM ciphertext of the payload || 96-bit MAC``.
+
+        The TLP gets this stream's id and the active K in its IDE prefix."""
+        if tlp.stream_id is not None and tlp.stream_id != self.stream_id:
+            raise IdeKeyStateError(f"TLP for stream {tlp.stream_id} handed to the Tx of "
+                                   f"stream {self.stream_id}")
+        s = tlp.substream
+        st = self._subs[s]
+        if st.active is None:
+            raise IdeKeyStateError(f"stream {self.stream_id} Tx {s.name}: no key set is GO")
+        key = self._require_key(st, st.active, s)
+        if st.counter > COUNTER_MAX:
+            raise IdeKeyStateError(f"stream {self.stream_id} Tx {s.name}: invocation counter "
+                                   "exhausted; refresh the keys")
+        tlp = replace(tlp, stream_id=self.stream_id, key_set=int(st.active))
+        aad = tlp.header()
+        wire = aad + _seal(key.key, st.counter, aad, tlp.data)
+        self.log.debug("--> %s K%d ctr %d: %s", s.name, st.active, st.counter, wire.hex())
+        st.counter += 1
+        return wire
+
+
+class IdeRx(_IdeEndpoint):
+    """The receive side of one IDE stream."""
+
+    direction = Direction.RX
+
+    def __init__(self, stream_id: int) -> None:
+        super().__init__(stream_id)
+        self.insecure_reason: str | None = None
+
+    def go(self, key_set: KeySet, substream: SubStream | None = None) -> None:
+        """K_SET_GO (Rx): accept TLPs tagged with *key_set*.  The receiver switches to it
+        (counter restarting at the IFV) at the first such TLP; the first GO of a stream
+        makes it the set in use at once."""
+        ks = KeySet(key_set)
+        for s in self._which(substream):
+            st = self._subs[s]
+            key = self._require_key(st, ks, s)
+            st.go[ks] = True
+            if st.active is None:
+                st.active = ks
+                st.counter = key.ifv
+
+    def reset(self) -> None:
+        super().reset()
+        self.insecure_reason = None
+
+    def _fail(self, reason: str) -> IdeIntegrityError:
+        if self.insecure_reason is None:
+            self.insecure_reason = reason
+            self.log.warning("stream %d Insecure: %s", self.stream_id, reason)
+        return IdeIntegrityError(self.stream_id, reason)
+
+    def unprotect(self, wire: bytes) -> Tlp:
+        """Check and decrypt one protected TLP; any failure makes the stream Insecure."""
+        wire = bytes(wire)
+        if self.insecure_reason is not None:
+            raise IdeIntegrityError(self.stream_id,
+                                    f"stream is Insecure ({self.insecure_reason})")
+        try:
+            prefix = IdePrefix.decode(wire[:PREFIX_LEN])
+            hlen = Tlp.header_length(wire)
+        except (TlpError, IndexError) as e:
+            raise self._fail(f"not an IDE TLP: {e}") from None
+        if len(wire) < hlen + MAC_LEN:
+            raise self._fail(f"truncated: {len(wire)} bytes cannot hold header and MAC")
+        if prefix.stream_id != self.stream_id:
+            raise self._fail(f"misrouted TLP for stream {prefix.stream_id}")
+        aad, body, mac = wire[:hlen], wire[hlen:-MAC_LEN], wire[-MAC_LEN:]
+        try:
+            shell = Tlp.decode(aad + body)
+        except TlpError as e:
+            raise self._fail(f"malformed IDE TLP: {e}") from None
+        s = prefix.substream
+        st = self._subs[s]
+        ks = KeySet(prefix.key_set)
+        key = st.keys[ks]
+        if key is None or not st.go[ks]:
+            raise self._fail(f"{s.name} TLP uses key set {ks.name}, which is not GO "
+                             "(never programmed, stopped or discarded)")
+        if st.active != ks:
+            # First TLP with the new key set: switch, discard the old set (§6.33.4).
+            old = st.active
+            if old is not None:
+                st.keys[old] = None
+                st.go[old] = False
+            st.active = ks
+            st.counter = key.ifv
+            self.log.debug("%s switched to %s", s.name, ks.name)
+        if st.counter > COUNTER_MAX:
+            raise self._fail(f"{s.name}: invocation counter exhausted")
+        try:
+            plain = _open(key.key, st.counter, aad, body, mac)
+        except InvalidTag:
+            raise self._fail(f"{s.name} MAC check failed (counter {st.counter}, "
+                             f"{ks.name})") from None
+        self.log.debug("<-- %s K%d ctr %d: %s", s.name, ks, st.counter, wire.hex())
+        st.counter += 1
+        return replace(shell, data=plain)
