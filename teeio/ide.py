@@ -266,6 +266,23 @@ class IdeRx(_IdeEndpoint):
                 st.active = ks
                 st.counter = key.ifv
 
+    def program(self, key_set: KeySet, substream: SubStream, key: IdeKey) -> None:
+        """KEY_PROG (Rx).  The set in use may be reprogrammed once the other set is GO
+        here: the partner's Tx has moved to that one (the refresh order GOes Rx before
+        Tx), so this receiver switches to it now -- as the partner's first TLP with it
+        would make it do (the counter restarting at its IFV) -- and the old slot is free
+        for the next refresh.  A TSM may thus alternate K0/K1 without K_SET_STOP, as
+        tee-io-validator's key refresh does, whether traffic flowed in between or not."""
+        st = self._subs[SubStream(substream)]
+        ks, other = KeySet(key_set), KeySet(1 - key_set)
+        pending = st.keys[other]
+        if st.active == ks and st.go[other] and pending is not None:
+            st.active = other
+            st.counter = pending.ifv
+            self.log.debug("%s switched to %s (%s reprogrammed)", SubStream(substream).name,
+                           other.name, ks.name)
+        super().program(key_set, substream, key)
+
     def reset(self) -> None:
         super().reset()
         self.insecure_reason = None

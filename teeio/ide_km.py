@@ -36,9 +36,11 @@ Responder rules (§6.33.3) and the choices made where the spec leaves room:
   stream, reserved KSS bits, sub-stream > 2 → *Unsupported Value*; reprogramming the
   key set in use → *Unspecified Failure*;
 * K_SET_GO / K_SET_STOP that are malformed (bad port, unknown stream, bad KSS) → no
-  K_GOSTOP_ACK (the spec's recommendation); K_SET_GO also needs every sub-stream key of
-  that key set and direction programmed first (this project's rule, stricter than the
-  spec's per-sub-stream minimum; the recommended flow programs all keys before GO).
+  K_GOSTOP_ACK (the spec's recommendation); K_SET_GO also needs the key it names (that
+  key set, direction and sub-stream) programmed first, else no K_GOSTOP_ACK either.  That
+  is the spec's per-sub-stream minimum: DMTF spdm-emu's requester programs and GOes only
+  the PR sub-stream.  A stream still turns Secure only once all six (Rx/Tx × PR/NPR/CPL)
+  have a GO key set (``ide_cap``), so a partial GO never protects anything.
 """
 
 from __future__ import annotations
@@ -609,11 +611,10 @@ class IdeKmResponder:
             raise self._drop(f"{name} for unknown stream {req.stream_id}")
         target = (req.stream_id, req.key_set, req.direction)
         if isinstance(req, KSetGo):
-            missing = [s.name for s in SubStream
-                       if not self.store.key_programmed(*target, s)]
-            if missing:
+            if not self.store.key_programmed(*target, req.substream):
                 raise self._drop(f"K_SET_GO stream {req.stream_id} {req.key_set.name} "
-                                 f"{req.direction.name} before keys for {', '.join(missing)}")
+                                 f"{req.direction.name} {req.substream.name} before its key "
+                                 "was programmed")
             self.store.key_set_go(*target, req.substream)
         else:
             self.store.key_set_stop(*target, req.substream)

@@ -1,6 +1,7 @@
 """``teeio-tsm``: the host TSM's command line.
 
     teeio-tsm attest ...    attest a device over DOE (see tsm/attest.py)
+    teeio-tsm ide CMD ...   key, refresh, tear down, report an IDE stream (tsm/ide.py)
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from tsm import attest
+from tsm import attest, ide
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,13 +19,19 @@ def main(argv: list[str] | None = None) -> int:
     att = sub.add_parser("attest", help="attest a device over its DOE transport (SPDM)",
                          description=(attest.__doc__ or "").split("\n\n")[0])
     attest.add_arguments(att)
-    att.add_argument("-v", "--verbose", action="count", default=0,
-                     help="log to stderr (-v: progress, -vv: every SPDM message in hex)")
+    idep = sub.add_parser("ide", help="a Selective IDE stream: device (IDE_KM) and root port",
+                          description=(ide.__doc__ or "").split("\n\n")[0])
+    ide.add_arguments(idep)
+    for p in (att, idep):
+        p.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log to stderr (-v: progress, -vv: every SPDM message in hex)")
     ns = ap.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(ns.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if ns.command == "attest":
         return attest.run_command(ns)
+    if ns.command == "ide":
+        return ide.run_command(ns)
     ap.error(f"unknown command {ns.command!r}")
     return 2
 

@@ -22,6 +22,10 @@ Exit 0 only if everything verifies; otherwise 1 and one line on stderr naming th
 first thing that did not hold.  ``--json OUT`` writes the evidence (exact VCA and
 GET_MEASUREMENTS/MEASUREMENTS bytes, nonce, certificate chain) that a third party
 re-checks with :func:`teeio.spdm.requester.verify_measurement_transcript`.
+
+Steps 1-5 are shared with ``teeio-tsm ide`` (``tsm/ide.py``), which programs IDE keys
+only into a device attested this way: :func:`attested` connects, attests and yields
+the SPDM requester; :func:`add_device_arguments` is their common command line.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,7 +259,8 @@ def _fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA384()).hex(":").upper()
 
 
-def _connect(opts: AttestOptions) -> tuple[DoeClient, str]:
+def connect(opts: AttestOptions) -> tuple[DoeClient, str]:
+    """The DOE transport to the device, and a description of where it is."""
     if opts.doe_socket is not None:
         where = f"unix:{opts.doe_socket}"
     else:
@@ -275,21 +280,36 @@ def _connect(opts: AttestOptions) -> tuple[DoeClient, str]:
 
 def attest(opts: AttestOptions, run: Attestation) -> None:
     """Run the whole flow; raises AttestError, RequesterError or DoeTransportError."""
+    with attested(opts, run) as (req, blocks):
+        if opts.session:
+            _session(req, run, blocks)
+
+
+@contextlib.contextmanager
+def attested(opts: AttestOptions, run: Attestation,
+             ) -> Iterator[tuple[Requester, tuple[MeasurementBlock, ...]]]:
+    """Steps 1-5: connect and attest the device; yields the SPDM requester (connection
+    negotiated, device authenticated) and the signed measurements.  On the way out the
+    DOE connection ends with CONTINUE, so the device keeps its state -- SPDM sessions
+    included -- for the next requester."""
     anchors = load_anchors(opts.trust_anchor)
     references = (load_reference_values(opts.reference_values)
                   if opts.reference_values is not None else None)
-    client, where = _connect(opts)
+    client, where = connect(opts)
     try:
-        _attest(opts, run, client, where, anchors, references)
+        yield authenticate(opts, run, client, where, anchors, references)
     finally:
         with contextlib.suppress(DoeTransportError, OSError):
             client.end_session()   # CONTINUE: the device keeps listening and its state
         client.close()
 
 
-def _attest(opts: AttestOptions, run: Attestation, client: DoeClient, where: str,
-            anchors: list[x509.Certificate],
-            references: dict[int, dict[str, Any]] | None) -> None:
+def authenticate(opts: AttestOptions, run: Attestation, client: DoeClient, where: str,
+                 anchors: list[x509.Certificate],
+                 references: dict[int, dict[str, Any]] | None,
+                 ) -> tuple[Requester, tuple[MeasurementBlock, ...]]:
+    """Steps 1-5 over *client*; with ``opts.session`` the device must also offer
+    Secured CMA/SPDM."""
     out, ev = run.out, run.evidence
     client.hello()
     try:
@@ -368,9 +388,7 @@ def _attest(opts: AttestOptions, run: Attestation, client: DoeClient, where: str
         if failed:
             raise AttestError(failed[0].reason)
         out(f"reference values: all {len(checks)} measurements match")
-
-    if opts.session:
-        _session(req, run, result.blocks)
+    return req, result.blocks
 
 
 def _session(req: Requester, run: Attestation, signed: tuple[MeasurementBlock, ...]) -> None:
@@ -398,6 +416,16 @@ def _session(req: Requester, run: Attestation, signed: tuple[MeasurementBlock, .
 # -- command line -------------------------------------------------------------------------------
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
+    add_device_arguments(ap)
+    ap.add_argument("--session", action="store_true",
+                    help="also KEY_EXCHANGE/FINISH, HEARTBEAT, KEY_UPDATE, measurements in "
+                         "the session, END_SESSION")
+    ap.add_argument("--json", type=Path, dest="json_out", metavar="OUT",
+                    help="write the evidence (VCA, measurement transcript, nonce, chain)")
+
+
+def add_device_arguments(ap: argparse.ArgumentParser) -> None:
+    """Where the device is and what it is checked against (``attest`` and ``ide``)."""
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--doe-socket", metavar="PATH",
                        help="the device's DOE socket (teeio-device --doe-socket)")
@@ -410,11 +438,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="teeio-refvalues output: every measurement must match it")
     ap.add_argument("--nonce", type=parse_nonce, metavar="HEX",
                     help=f"GET_MEASUREMENTS nonce, {NONCE_SIZE} bytes (default: random)")
-    ap.add_argument("--session", action="store_true",
-                    help="also KEY_EXCHANGE/FINISH, HEARTBEAT, KEY_UPDATE, measurements in "
-                         "the session, END_SESSION")
-    ap.add_argument("--json", type=Path, dest="json_out", metavar="OUT",
-                    help="write the evidence (VCA, measurement transcript, nonce, chain)")
 
 
 def run_command(ns: argparse.Namespace) -> int:
@@ -446,5 +469,6 @@ def run_command(ns: argparse.Namespace) -> int:
 
 
 __all__ = ["AttestError", "AttestOptions", "Attestation", "Comparison", "add_arguments",
-           "attest", "compare_measurements", "doe_transport", "load_reference_values",
+           "add_device_arguments", "attest", "attested", "authenticate",
+           "compare_measurements", "connect", "doe_transport", "load_reference_values",
            "run_command"]

@@ -9,12 +9,15 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from vfio_user_dev import dsm
+from vfio_user_dev import dsm, ide_host
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.doe_socket import DoeSocketServer
+from vfio_user_dev.link import DEFAULT_MPS, DEFAULT_MRRS, CaptureWriter, check_tlp_size
+from vfio_user_dev.platform_ctl import PlatformControlServer, write_credential
 from vfio_user_dev.server import Server
 
 log = logging.getLogger("vfio_user_dev")
@@ -25,6 +28,15 @@ def write_stats(path: Path, device: TeeIoDevice, server: Server) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _tlp_size(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            return check_tlp_size(name, int(text, 0))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,10 +62,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--firmware", type=Path, metavar="ELF",
                     help="firmware image the device loads and measures (default: "
                          "out/firmware/teeio-fw.elf, built if missing)")
+    ap.add_argument("--platform-socket", metavar="PATH",
+                    help="platform control socket: the TSM programs root-port IDE keys and "
+                         "trusted-DMA windows and reads link status here (needs "
+                         "--platform-credential)")
+    ap.add_argument("--platform-credential", type=Path, metavar="FILE",
+                    help="write the platform control credential (a fresh random token) to "
+                         "FILE, mode 0600, for the TSM")
+    ap.add_argument("--mps", type=_tlp_size("Max_Payload_Size"), default=DEFAULT_MPS,
+                    metavar="BYTES", help=f"link Max_Payload_Size: DMA writes and read "
+                                          f"completions are split into TLPs of at most this "
+                                          f"(128..4096, default {DEFAULT_MPS})")
+    ap.add_argument("--mrrs", type=_tlp_size("Max_Read_Request_Size"), default=DEFAULT_MRRS,
+                    metavar="BYTES", help=f"link Max_Read_Request_Size: DMA reads are split "
+                                          f"into requests of at most this (default "
+                                          f"{DEFAULT_MRRS})")
+    ap.add_argument("--link-capture", type=Path, metavar="FILE",
+                    help="write every TLP that crosses the link to FILE (pcap, link type "
+                         "USER0; list it with python -m vfio_user_dev.link FILE)")
     ap.add_argument("-v", "--verbose", action="count", default=0,
                     help="-v logs every vfio-user message (direction, command, id, size) "
                          "and DOE object")
     ns = ap.parse_args(argv)
+    if (ns.platform_socket is None) != (ns.platform_credential is None):
+        ap.error("--platform-socket and --platform-credential go together")
 
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -62,14 +94,24 @@ def main(argv: list[str] | None = None) -> int:
     except dsm.DsmSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    device = TeeIoDevice()
+    capture = CaptureWriter(ns.link_capture) if ns.link_capture else None
+    device = TeeIoDevice(mps=ns.mps, mrrs=ns.mrrs, capture=capture)
     if security is not None:
-        security.attach(device.doe)
+        # SPDM on DOE, and IDE_KM over the device's IDE capability (keys, stream state).
+        security.attach(device.doe, device.ide, requester_id=device.link_end.requester_id)
     # The DOE sockets listen before the vfio-user socket appears (which launchers wait for).
     doe_servers = [DoeSocketServer(device.doe, path=path, port=port,
                                    exit_on_shutdown=ns.doe_exit_on_shutdown)
                    for path, port in ((ns.doe_socket, None), (None, ns.doe_tcp_port))
                    if path is not None or port is not None]
+    platform: PlatformControlServer | None = None
+    if ns.platform_socket is not None:
+        token = write_credential(ns.platform_credential)
+        platform = PlatformControlServer(ns.platform_socket, token, device.root_port,
+                                         device.link)
+        ide_host.register(platform, device)   # the host's IDE register writes, for now
+        platform.start()
+        log.info("platform control credential written to %s", ns.platform_credential)
     server = Server(ns.socket, device)
     for doe in doe_servers:
         doe.on_shutdown = server.close
@@ -95,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for doe in doe_servers:
             doe.close()
+        if platform is not None:
+            platform.close()
         if ns.stats_file:
             write_stats(ns.stats_file, device, server)
         device.close()

@@ -11,9 +11,21 @@ Config space layout (4 KiB)::
     0x100 Device Serial Number (ext 0003)
     0x110 Data Object Exchange (ext 002E) v2, 0x18 bytes; registers +0x04..+0x17 are served
           by the DOE mailbox (teeio/doe.py); DOE interrupts use MSI-X vector 1
-          (the IDE 0x30 extended capability arrives with the next issue)
+    0x128 Integrity and Data Encryption (ext 0030) v1, 0x54 bytes (teeio/pcie/ide_cap.py):
+          one Link IDE stream block, two Selective IDE stream blocks with RID and one
+          Address Association block each; IDE_KM, TEE-Limited.  Config writes in its
+          window are applied with the register masks, then ``self.ide`` reacts (Enable,
+          Stream ID...); its Status registers report the stream state.  ``self.ide`` is
+          also the key store of the DSM's IDE_KM responder (dsm.py) and the source of
+          the link endpoint's IDE streams (link.py).
 
 No region is offered as mmappable: every BAR access traps here (DESIGN decision 7).
+
+DMA (DESIGN decision 10): the engine reaches guest memory only through its link endpoint
+(``self.link_end``, ``link.py``): its reads and writes cross the link as TLPs to the root
+port (``root_port.py``), the only part that maps guest RAM.  ``dma`` (the client's DMA
+maps), ``root_port`` and ``link`` are the platform side; the device object holds them
+only for the vfio-user transport (DMA_MAP/UNMAP) and the platform control socket.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from dataclasses import dataclass
 from teeio import device_regs as regs
 from teeio.device_regs import Irq, Op, R, St
 from teeio.doe import DOE_CAP_SIZE, DOE_CAP_VERSION, DoeDispatcher, DoeMailbox, protocol_name
+from teeio.pcie import ide_cap
 from teeio.pcie.config import (
     STATUS_RW1C,
     CapId,
@@ -42,7 +55,9 @@ from teeio.pcie.config import (
 )
 from vfio_user_dev.dma import DmaFault, DmaMapSet
 from vfio_user_dev.irq import IrqController
+from vfio_user_dev.link import DEFAULT_MPS, DEFAULT_MRRS, CaptureWriter, Link, LinkEndpoint
 from vfio_user_dev.protocol import PciRegion, ProtocolError, RegionFlags
+from vfio_user_dev.root_port import RootPort
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +75,9 @@ DSN_CAP = 0x100
 DOE_CAP = 0x110
 DOE_REGS = range(DOE_CAP + 4, DOE_CAP + DOE_CAP_SIZE)   # served by the mailbox, not ConfigSpace
 DOE_MSIX_VECTOR = 1
+IDE_CAP = DOE_CAP + DOE_CAP_SIZE     # 0x128: the first free DW after DOE
+IDE_SELECTIVE_STREAMS = 2
+IDE_ADDR_BLOCKS = 1
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,11 @@ class RegionSpec:
 
 
 def build_config(serial: int) -> ConfigSpace:
+    return build_config_and_ide(serial)[0]
+
+
+def build_config_and_ide(serial: int) -> tuple[ConfigSpace, ide_cap.IdeCapability]:
+    """The function's config space and the model of its IDE capability in it."""
     cs = ConfigSpace()
     cs.set(Reg.VENDOR_ID, 2, VENDOR_ID)
     cs.set(Reg.DEVICE_ID, 2, DEVICE_ID)
@@ -116,7 +139,12 @@ def build_config(serial: int) -> ConfigSpace:
     # Data Object Exchange (PCIe 6.3 §7.9.24): only the header lives here; the register
     # bytes stay zero and read-only, region accesses to DOE_REGS go to the DoeMailbox.
     cs.add_ext_capability(DOE_CAP, ExtCapId.DOE, DOE_CAP_VERSION, bytes(DOE_CAP_SIZE - 4))
-    return cs
+
+    # Integrity and Data Encryption (PCIe 6.x §7.9.26).
+    ide = ide_cap.build(cs, IDE_CAP, link=True, n_selective=IDE_SELECTIVE_STREAMS,
+                        n_addr=IDE_ADDR_BLOCKS, tee_limited=True, name="device")
+    return cs, ide
+
 
 
 @dataclass
@@ -139,9 +167,13 @@ class TeeIoDevice:
     }
     NUM_REGIONS = 9  # VFIO_PCI_NUM_REGIONS
 
-    def __init__(self, serial: int = 0x7E10_0000_0000_0001) -> None:
+    def __init__(self, serial: int = 0x7E10_0000_0000_0001, *, mps: int = DEFAULT_MPS,
+                 mrrs: int = DEFAULT_MRRS, capture: CaptureWriter | None = None) -> None:
         self.serial = serial
         self.dma = DmaMapSet()
+        self.root_port = RootPort(self.dma)
+        self.link_end = LinkEndpoint()
+        self.link = Link(self.link_end, self.root_port, mps=mps, mrrs=mrrs, capture=capture)
         self.irq = IrqController(MSIX_VECTORS, self._intx_allowed)
         self._lock = threading.RLock()
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
@@ -153,6 +185,11 @@ class TeeIoDevice:
         self.doe = DoeDispatcher(lock=self._lock)
         self.doe_mailbox = DoeMailbox(self.doe.handle_object,
                                       interrupt_message_number=DOE_MSIX_VECTOR)
+        # The IDE capability model lives as long as the device (the DSM's IDE_KM responder
+        # holds it); a reset moves it onto the fresh registers (_reset_state).
+        self.config, self.ide = build_config_and_ide(self.serial)
+        self.ide.listeners.append(self._ide_event)
+        self.link_end.attach_ide_capability(self.ide, lock=self._lock)
         self._reset_state()
         self._engine = threading.Thread(target=self._engine_loop, name="dma-engine", daemon=True)
         self._engine.start()
@@ -160,6 +197,10 @@ class TeeIoDevice:
     # -- state ------------------------------------------------------------------------------
     def _reset_state(self) -> None:
         self.config = build_config(self.serial)
+        # Conventional reset / FLR: IDE registers to defaults, keys invalidated, streams
+        # Insecure (PCIe 6.x §6.33.6).
+        self.ide.cs = self.config
+        self.ide.reset()
         self.r = {reg: 0 for reg in R}
         self.r[R.ID] = regs.DEVICE_ID_REG_VALUE
         self.r[R.VERSION] = regs.REGMAP_VERSION
@@ -179,6 +220,7 @@ class TeeIoDevice:
     def close(self) -> None:
         self._jobs.put(None)
         self._engine.join(timeout=5)
+        self.link.close()
 
     def stats(self) -> dict[str, object]:
         with self._lock:
@@ -194,7 +236,22 @@ class TeeIoDevice:
                 "doe_objects": self.doe.objects,
                 "doe_responses": self.doe.responses,
                 "doe_protocols": [protocol_name(*p) for p in self.doe.protocols()],
+                "link": self.link.status(),
+                "link_endpoint": self.link_end.status(),
+                "ide": self.ide_status(),
             }
+
+    def _ide_event(self, stream: ide_cap.IdeStream, event: str) -> None:
+        log.info("IDE stream %d (%s block %d): %s", stream.stream_id,
+                 stream.kind.name.lower(), stream.index, event)
+
+    def ide_status(self) -> list[dict[str, object]]:
+        """The IDE stream blocks as their registers and state say."""
+        with self._lock:
+            return [{"kind": st.kind.name.lower(), "index": st.index, "stream_id": st.stream_id,
+                     "enabled": st.enabled, "state": st.state.name.lower(),
+                     "failure": st.failure, "rid_range": st.rid_range,
+                     "address_ranges": st.address_ranges()} for st in self.ide.streams]
 
     def _intx_allowed(self) -> bool:
         return not self.config.get(Reg.COMMAND, 2) & Command.INTERRUPT_DISABLE
@@ -248,6 +305,7 @@ class TeeIoDevice:
         end = offset + len(data)
         if end <= DOE_REGS.start or offset >= DOE_REGS.stop:
             self.config.write(offset, data)
+            self.ide.after_write(offset, len(data))     # a no-op outside its window
             return
         if offset < DOE_REGS.start:
             self.config.write(offset, data[:DOE_REGS.start - offset])
@@ -261,6 +319,7 @@ class TeeIoDevice:
             self.doe_mailbox.write(base - DOE_CAP, value, now, enable)
         if end > DOE_REGS.stop:
             self.config.write(DOE_REGS.stop, data[DOE_REGS.stop - offset:])
+            self.ide.after_write(DOE_REGS.stop, end - DOE_REGS.stop)
         self._doe_interrupt()
 
     def _doe_interrupt(self) -> None:
@@ -371,18 +430,19 @@ class TeeIoDevice:
         if not 0 < job.length <= regs.MAX_DMA_LEN:
             return regs.DmaError.BAD_LENGTH, 0
         try:
+            mem = self.link_end
             if job.op == Op.COPY:
-                data = self.dma.read(job.src, job.length)
-                self.dma.write(job.dst, data)
+                data = mem.read(job.src, job.length)
+                mem.write(job.dst, data)
                 return regs.DmaError.NONE, 2 * job.length
             if job.op == Op.FILL:
                 pat = job.pattern.to_bytes(4, "little")
                 data = (pat * (job.length // 4 + 1))[:job.length]
-                self.dma.write(job.dst, data)
+                mem.write(job.dst, data)
                 return regs.DmaError.NONE, job.length
             if job.op == Op.SHA256:
-                digest = hashlib.sha256(self.dma.read(job.src, job.length)).digest()
-                self.dma.write(job.dst, digest)
+                digest = hashlib.sha256(mem.read(job.src, job.length)).digest()
+                mem.write(job.dst, digest)
                 return regs.DmaError.NONE, job.length + len(digest)
         except DmaFault as exc:
             log.warning("DMA fault: %s", exc)

@@ -6,6 +6,13 @@ without (QEMU sends some, e.g. ROM areas, or all of RAM when it is not
 via the ``remote`` callbacks the transport installs.  Maps arrive before
 DEVICE_GET_INFO and are replaced repeatedly while the BIOS runs, so the set is
 kept exact: overlapping maps are refused (EEXIST), unmaps must match a map.
+
+Every map gets a ``map_id`` that is never reused, and remembers the identity of the
+file it came from (device and inode: the fd itself is closed once mapped).  The root
+port (``root_port.py``) records this :class:`Backing` when the TSM authorises a
+trusted-DMA window, is told of every later map change through ``listeners``, and pins
+its accesses to the maps it recorded (``pinned``), so a remap by the client is never
+silently followed.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from vfio_user_dev.protocol import DmaFlags, ProtocolError
@@ -25,6 +32,7 @@ log = logging.getLogger(__name__)
 
 RemoteRead = Callable[[int, int], bytes]
 RemoteWrite = Callable[[int, bytes], None]
+Inode = tuple[int, int]      # (st_dev, st_ino) of the file a map came from
 
 
 class DmaFault(Exception):
@@ -39,10 +47,38 @@ class DmaRegion:
     fd_offset: int
     mem: mmap.mmap | None = field(default=None, repr=False)
     users: int = 0
+    map_id: int = 0
+    inode: Inode | None = None
 
     @property
     def end(self) -> int:
         return self.address + self.size
+
+
+@dataclass(frozen=True)
+class Backing:
+    """What backs one piece of guest memory: which map (never-reused id), the map's guest
+    range, its file (device, inode; None for memory reached over the socket) and the
+    file offset of the map's start."""
+
+    map_id: int
+    address: int
+    size: int
+    fd_offset: int
+    inode: Inode | None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"map_id": self.map_id, "address": self.address, "size": self.size,
+                "fd_offset": self.fd_offset,
+                "inode": None if self.inode is None else list(self.inode)}
+
+
+@dataclass(frozen=True)
+class MapEvent:
+    """A change of the map set: ``kind`` is "map" or "unmap" (also for ``clear``)."""
+
+    kind: str
+    backing: Backing
 
 
 class DmaMapSet:
@@ -53,14 +89,20 @@ class DmaMapSet:
         self.remote_write: RemoteWrite | None = None
         self.maps_total = 0
         self.unmaps_total = 0
+        self._next_id = 1
+        # Called after every map and unmap, on the thread that made it, with no lock held.
+        self.listeners: list[Callable[[MapEvent], None]] = []
 
     # -- client side: DMA_MAP / DMA_UNMAP -------------------------------------------------
     def map(self, address: int, size: int, flags: int, fd_offset: int, fd: int | None) -> None:
         mem: mmap.mmap | None = None
+        inode: Inode | None = None
         try:
             with self._cond:
                 self._check_free(address, size)
             if fd is not None:
+                st = os.fstat(fd)
+                inode = (st.st_dev, st.st_ino)
                 prot = 0
                 if flags & DmaFlags.READ:
                     prot |= mmap.PROT_READ
@@ -81,13 +123,16 @@ class DmaMapSet:
                     if mem is not None:
                         mem.close()
                     raise
-                region = DmaRegion(address, size, flags, fd_offset, mem)
+                region = DmaRegion(address, size, flags, fd_offset, mem, map_id=self._next_id,
+                                   inode=inode)
+                self._next_id += 1
                 keys = [r.address for r in self._regions]
                 self._regions.insert(bisect.bisect(keys, address), region)
                 self.maps_total += 1
         finally:
             if fd is not None:
                 os.close(fd)
+        self._notify([MapEvent("map", _backing(region))])
 
     def _check_free(self, address: int, size: int) -> None:
         for r in self._regions:
@@ -106,8 +151,11 @@ class DmaMapSet:
                     self.unmaps_total += 1
                     if r.mem is not None:
                         r.mem.close()
-                    return
-        raise ProtocolError(errno.ENOENT, f"DMA_UNMAP {address:#x}+{size:#x}: no such map")
+                    break
+            else:
+                raise ProtocolError(errno.ENOENT,
+                                    f"DMA_UNMAP {address:#x}+{size:#x}: no such map")
+        self._notify([MapEvent("unmap", _backing(r))])
 
     def clear(self) -> None:
         with self._cond:
@@ -116,7 +164,23 @@ class DmaMapSet:
             for r in self._regions:
                 if r.mem is not None:
                     r.mem.close()
+            gone = [MapEvent("unmap", _backing(r)) for r in self._regions]
             self._regions.clear()
+        self._notify(gone)
+
+    def _notify(self, events: list[MapEvent]) -> None:
+        for ev in events:
+            for fn in list(self.listeners):
+                try:
+                    fn(ev)
+                except Exception:
+                    log.exception("DMA map listener failed on %s", ev)
+
+    def backing(self, address: int, size: int) -> tuple[Backing, ...]:
+        """The maps that back guest range *address*+*size* now, in address order; DmaFault
+        if any byte of it is unmapped."""
+        with self._cond:
+            return tuple(_backing(r) for r, _, _ in self._pieces(address, size, 0))
 
     def snapshot(self) -> list[tuple[int, int, int, bool]]:
         with self._cond:
@@ -126,13 +190,14 @@ class DmaMapSet:
     def _find(self, address: int, need: int) -> DmaRegion:
         for r in self._regions:
             if r.address <= address < r.end:
-                if not r.flags & need:
+                if need and not r.flags & need:
                     kind = "read" if need == DmaFlags.READ else "write"
                     raise DmaFault(f"DMA {kind} at {address:#x}: map is not {kind}able")
                 return r
         raise DmaFault(f"DMA to unmapped address {address:#x}")
 
-    def _pieces(self, address: int, length: int, need: int) -> list[tuple[DmaRegion, int, int]]:
+    def _pieces(self, address: int, length: int, need: int,
+                pinned: Collection[int] | None = None) -> list[tuple[DmaRegion, int, int]]:
         if length < 0 or address < 0 or address + length > 1 << 64:
             raise DmaFault(f"bad DMA range {address:#x}+{length:#x}")
         out = []
@@ -140,15 +205,19 @@ class DmaMapSet:
         end = address + length
         while pos < end:
             r = self._find(pos, need)
+            if pinned is not None and r.map_id not in pinned:
+                raise DmaFault(f"DMA at {pos:#x}: map {r.map_id} is not one the access was "
+                               "pinned to (remapped since it was authorised)")
             n = min(end, r.end) - pos
             out.append((r, pos, n))
             pos += n
         return out
 
-    def read(self, address: int, length: int) -> bytes:
+    def read(self, address: int, length: int, pinned: Collection[int] | None = None) -> bytes:
+        """*length* bytes at guest *address*; with *pinned*, only from maps with those ids."""
         chunks: list[bytes] = []
         with self._cond:
-            pieces = self._pieces(address, length, DmaFlags.READ)
+            pieces = self._pieces(address, length, DmaFlags.READ, pinned)
             self._acquire(pieces)
         try:
             for r, pos, n in pieces:
@@ -161,9 +230,10 @@ class DmaMapSet:
             self._release(pieces)
         return b"".join(chunks)
 
-    def write(self, address: int, data: bytes) -> None:
+    def write(self, address: int, data: bytes, pinned: Collection[int] | None = None) -> None:
+        """*data* to guest *address*; with *pinned*, only into maps with those ids."""
         with self._cond:
-            pieces = self._pieces(address, len(data), DmaFlags.WRITE)
+            pieces = self._pieces(address, len(data), DmaFlags.WRITE, pinned)
             self._acquire(pieces)
         try:
             done = 0
@@ -201,3 +271,7 @@ class DmaMapSet:
         if self.remote_write is None:
             raise DmaFault(f"DMA write at {address:#x}: memory not mappable and no client")
         self.remote_write(address, data)
+
+
+def _backing(r: DmaRegion) -> Backing:
+    return Backing(r.map_id, r.address, r.size, r.fd_offset, r.inode)

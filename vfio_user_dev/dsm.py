@@ -1,13 +1,32 @@
 """Device security manager (DSM): the device's trusted side behind its DOE mailbox.
 
 The DSM owns the device identity (certificate chain and key, slot 0), the firmware
-measurements and the SPDM responder; IDE_KM and TDISP join it in later issues.  It
-serves two DOE protocols on the device's dispatcher, so both the config-space
-mailbox (the guest, Linux) and the host DOE socket (the TSM, spdm-emu) reach it:
+measurements and the SPDM responder, and on it the PCI-SIG vendor-defined protocols:
+IDE_KM now, TDISP in a later issue.  It serves two DOE protocols on the device's
+dispatcher, so both the config-space mailbox (the guest, Linux) and the host DOE
+socket (the TSM, spdm-emu) reach it:
 
-* 0001:01 CMA/SPDM -- one SPDM message in, one out (``Responder.handle_spdm``);
+* 0001:01 CMA/SPDM -- one SPDM message in, one out, or no response at all
+  (``Responder.handle_spdm_or_drop``; the DOE object is then dropped);
 * 0001:02 Secured CMA/SPDM -- one DSP0277 record in, one out, or no response at
-  all (``Responder.handle_secured``; the DOE object is then dropped).
+  all (``Responder.handle_secured``).
+
+IDE_KM (PCIe 6.x §6.33.3) is VENDOR_DEFINED (StandardID PCI-SIG, VendorID 0x0001),
+Protocol ID 0, dispatched by a :class:`~teeio.ide_km.PciSigProtocolMux` to an
+:class:`~teeio.ide_km.IdeKmResponder` over the device's IDE capability as key store
+(:meth:`DeviceSecurityManager.attach`).  It is answered only inside an *established*
+secured session: the same request in the clear, or in a session still in its handshake
+phase, gets no response at all (the spec's "silently discard").  The first session that
+sends QUERY or KEY_PROG owns IDE_KM until it ends; when any SPDM session ends
+(END_SESSION, a record that fails to decrypt, a new GET_VERSION) the responder's
+``on_session_end`` hook tells the IDE_KM responder, which invalidates every key of the
+owning session at once (streams Insecure).
+
+PortIndex: an endpoint has one port, PortIndex 0.  DMTF spdm-emu's requester sends
+IDE_KM with PortIndex 1, so the DSM answers PortIndex 0 and 1 (both name this function)
+and says so with MaxPortIndex 1 in QUERY_RESP; any other PortIndex gets what the spec
+prescribes (QUERY, K_SET_GO, K_SET_STOP: no response; KEY_PROG: KP_ACK Unsupported
+PortIndex).
 
 Payloads arrive DW-padded; the responder accepts that padding, and its responses
 are padded again here (PCIe 6.3 §6.30.1).  The dispatcher's lock (the device lock)
@@ -25,8 +44,17 @@ from pathlib import Path
 
 from teeio import pki
 from teeio.doe import PCI_SIG_VENDOR_ID, DataObjectType, DoeDispatcher, pad_dw
+from teeio.ide_km import (
+    PCI_SIG_STANDARD_ID,
+    IdeKeyStore,
+    IdeKmResponder,
+    PciSigProtocol,
+    PciSigProtocolMux,
+)
 from teeio.measurements import MeasurementSource, measure_elf
 from teeio.spdm import Responder
+from teeio.spdm.errors import DropRequest
+from teeio.spdm.secured import Phase
 from vfio_user_dev import firmware_build
 
 log = logging.getLogger(__name__)
@@ -35,6 +63,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_FIRMWARE = PROJECT_DIR / "out" / "firmware" / "teeio-fw.elf"
 PROVISION_ALG = "P-384"
 IDENTITY_FILES = ("chain.pem", "device.key")
+IDE_KM_PORTS = (0, 1)     # 0: the spec's; 1: what DMTF spdm-emu's requester sends
 
 
 class DsmSetupError(RuntimeError):
@@ -48,16 +77,55 @@ class DeviceSecurityManager:
                  name: str = "") -> None:
         self.identity = identity
         self.measurements = tuple(measurements)
+        self.name = name
         self.responder = Responder(identity, self.measurements, name=name)
+        self.pci_sig = PciSigProtocolMux()
+        self.responder.register_vendor_handler(PCI_SIG_STANDARD_ID, PCI_SIG_VENDOR_ID,
+                                               self.pci_sig)
+        self.responder.on_session_end.append(self._session_ended)
+        self.ide_km: IdeKmResponder | None = None
 
-    def attach(self, doe: DoeDispatcher) -> None:
-        """Register CMA/SPDM (0001:01) and Secured CMA/SPDM (0001:02) on *doe*."""
+    def attach(self, doe: DoeDispatcher, ide: IdeKeyStore | None = None, *,
+               requester_id: int = 0, segment: int = 0) -> None:
+        """Register CMA/SPDM (0001:01) and Secured CMA/SPDM (0001:02) on *doe*; with *ide*
+        (the device's IDE capability) also IDE_KM, reporting the function as
+        *requester_id* (bus << 8 | dev/fn) in *segment*."""
         doe.register(PCI_SIG_VENDOR_ID, DataObjectType.CMA_SPDM, self.handle_spdm)
         doe.register(PCI_SIG_VENDOR_ID, DataObjectType.SECURED_CMA_SPDM, self.handle_secured)
         log.info("SPDM responder on DOE 0001:01 and 0001:02")
+        if ide is not None:
+            self.attach_ide(ide, requester_id=requester_id, segment=segment)
 
-    def handle_spdm(self, payload: bytes) -> bytes:
-        return pad_dw(self.responder.handle_spdm(payload))
+    def attach_ide(self, store: IdeKeyStore, *, requester_id: int = 0,
+                   segment: int = 0) -> IdeKmResponder:
+        """IDE_KM over *store* (the IDE capability), inside secured sessions only."""
+        self.ide_km = IdeKmResponder(store, dev_func=requester_id & 0xFF,
+                                     bus=requester_id >> 8 & 0xFF, segment=segment,
+                                     ports=IDE_KM_PORTS, max_port_index=max(IDE_KM_PORTS),
+                                     name=f"{self.name}.ide_km" if self.name else "ide_km")
+        self.pci_sig.register(PciSigProtocol.IDE_KM, self._ide_km)
+        log.info("IDE_KM responder for %02x:%02x.%x (segment %d), PortIndex %s",
+                 requester_id >> 8 & 0xFF, requester_id >> 3 & 0x1F, requester_id & 7,
+                 segment, "/".join(map(str, IDE_KM_PORTS)))
+        return self.ide_km
+
+    def _ide_km(self, payload: bytes, session_id: int | None) -> bytes:
+        assert self.ide_km is not None
+        if session_id is not None:
+            sess = self.responder.sessions.get(session_id)
+            if sess is None or sess.channel.phase is not Phase.ESTABLISHED:
+                log.info("IDE_KM request dropped, no response: session 0x%08x is not "
+                         "established", session_id)
+                raise DropRequest("IDE_KM in a session that is not established")
+        return self.ide_km.handle(payload, session_id)
+
+    def _session_ended(self, session_id: int) -> None:
+        if self.ide_km is not None:
+            self.ide_km.session_closed(session_id)
+
+    def handle_spdm(self, payload: bytes) -> bytes | None:
+        rsp = self.responder.handle_spdm_or_drop(payload)
+        return None if rsp is None else pad_dw(rsp)
 
     def handle_secured(self, payload: bytes) -> bytes | None:
         rsp = self.responder.handle_secured(payload)

@@ -7,6 +7,11 @@ Entry points for the DOE mailbox:
 * :meth:`Responder.handle_secured` -- DOE type 0001:02 (Secured CMA/SPDM), one DSP0277
   record in, one record out, or ``None`` for "no response".
 
+Session end: every way a session ends -- END_SESSION (after its ACK is sealed), a
+record that fails to decrypt, a failed FINISH, or GET_VERSION resetting the connection --
+goes through one place, which calls each ``Responder.on_session_end`` callback with the
+session ID, so protocols bound to a session (IDE_KM keys, TDISP) can drop their state.
+
 Undecryptable secured messages (our documented choice, libspdm's default
 ``handle_error_return_policy``): an unknown Session ID or a record too short to
 name one is dropped (no response; libspdm ``SPDM_ERROR_CODE_INVALID_SESSION``);
@@ -238,6 +243,8 @@ class Responder:
         self.asym = crypto.asym_algo_for_key(identity.leaf_key)
         self.vendor_handlers: dict[tuple[int, int], VendorHandler] = {}
         self.sessions: dict[int, _Session] = {}
+        # Called with the session ID after a session ended, however it ended.
+        self.on_session_end: list[Callable[[int], None]] = []
         self._next_rsp_sid = 1
         self._after_seal: list[Callable[[], None]] = []
         self._reset()
@@ -253,14 +260,27 @@ class Responder:
         """One SPDM request in the clear -> its response (DOE 0001:01).
 
         A vendor-defined handler that asks for no response gets ERROR(UnsupportedRequest)
-        here, since the plain DOE path always answers."""
+        here, for transports that must always answer; :meth:`handle_spdm_or_drop` is the
+        variant that stays silent."""
+        resp = self.handle_spdm_or_drop(msg)
+        if resp is None:
+            resp = self._error(SpdmError(ErrorCode.UnsupportedRequest,
+                                         data=RequestCode.VENDOR_DEFINED_REQUEST))
+            self.log.debug("<-- %s (instead of no response)", resp.hex())
+        return resp
+
+    def handle_spdm_or_drop(self, msg: bytes) -> bytes | None:
+        """One SPDM request in the clear -> its response, or None when a vendor-defined
+        handler asks for no response (DropRequest), e.g. IDE_KM and TDISP objects that did
+        not arrive in a secured session (PCIe 6.x §6.33.3, §11.2.2).  DOE lets a
+        responder stay silent: the requester's timeout and Abort take over."""
         self.log.debug("--> %s", msg.hex())
         self._after_seal.clear()
         try:
             resp = self._dispatch(msg, None)
         except DropRequest:
-            resp = self._error(SpdmError(ErrorCode.UnsupportedRequest,
-                                         data=RequestCode.VENDOR_DEFINED_REQUEST))
+            self.log.debug("no response")
+            return None
         self.log.debug("<-- %s", resp.hex())
         return resp
 
@@ -324,6 +344,11 @@ class Responder:
     def _terminate(self, sid: int) -> None:
         if self.sessions.pop(sid, None) is not None:
             self.log.info("session 0x%08x ended", sid)
+            for callback in list(self.on_session_end):
+                try:
+                    callback(sid)
+                except Exception:
+                    self.log.exception("session 0x%08x: end-of-session callback failed", sid)
 
     def _both(self, rsp_cap: int, req_cap: int) -> bool:
         """libspdm ``libspdm_is_capabilities_flag_supported``."""

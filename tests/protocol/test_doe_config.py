@@ -36,7 +36,7 @@ from tests.protocol.lockstep import (
 )
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client
-from vfio_user_dev.device import DOE_CAP, DOE_MSIX_VECTOR, DSN_CAP, MSIX_CAP
+from vfio_user_dev.device import DOE_CAP, DOE_MSIX_VECTOR, DSN_CAP, IDE_CAP, MSIX_CAP
 from vfio_user_dev.protocol import Command, IrqSetFlags, PciIrq
 
 pytestmark = pytest.mark.timeout(20)
@@ -147,7 +147,7 @@ def test_doe_capability_follows_dsn_in_the_extended_list(c: Client) -> None:
     assert dsn & 0xFFFF == ExtCapId.DEVICE_SERIAL_NUMBER and dsn >> 20 == DOE_CAP
     hdr = c.read32(CONFIG, DOE_CAP)
     assert hdr & 0xFFFF == DOE_EXT_CAP_ID == ExtCapId.DOE
-    assert (hdr >> 16) & 0xF == 2 and hdr >> 20 == 0
+    assert (hdr >> 16) & 0xF == 2 and hdr >> 20 == IDE_CAP      # next: IDE
     assert find_ext_capabilities(VfioConfig(c), DOE_EXT_CAP_ID) == [DOE_CAP]
     caps = c.read32(CONFIG, DOE_CAP + DoeReg.CAPABILITIES)
     assert caps == 1 | DOE_MSIX_VECTOR << 1          # Interrupt Support, message number 1

@@ -20,6 +20,7 @@ from teeio.pcie.config import (
 )
 from vfio_user_dev.device import (
     DEVICE_ID,
+    IDE_CAP,
     MSIX_CAP,
     PCIE_CAP,
     PM_CAP,
@@ -304,6 +305,24 @@ def test_dsn_extended_capability(cs: ConfigSpace) -> None:
     cs.write(0x104, bytes(8))
     assert r32(cs, 0x100) == hdr
     assert int.from_bytes(cs.read(0x104, 8), "little") == SERIAL
+
+
+def test_ide_extended_capability_follows_doe(cs: ConfigSpace) -> None:
+    """IDE (0x30) at the first free DW after DOE, last in the list: one Link block, two
+    Selective blocks with one Address Association block each (0x54 bytes)."""
+    assert r32(cs, 0x110) >> 20 == IDE_CAP == 0x128
+    hdr = r32(cs, IDE_CAP)
+    assert hdr & 0xFFFF == 0x30 and (hdr >> 16) & 0xF == 1 and hdr >> 20 == 0
+    assert cs.find_ext_capability(ExtCapId.IDE) == IDE_CAP
+    cap = r32(cs, IDE_CAP + 4)
+    assert cap & 0b1000011 == 0b1000011                  # Link, Selective, IDE_KM
+    assert (cap >> 16) & 0xFF == 1 and cap >> 24 & 1     # 2 selective streams, TEE-Limited
+    for i in range(2):
+        block = IDE_CAP + 0x14 + 0x20 * i
+        assert r32(cs, block) == 1                       # one Address Association block
+        cs.write(block + 4, u32(0xFFFF_FFFF))            # Control: PHE, PCRC, aggregation RO
+        assert r32(cs, block + 4) == 0xFFFF_FFFF & ~0x3FFE
+    assert IDE_CAP + 0x54 <= 0x1000
 
 
 def test_serial_differs_per_device() -> None:

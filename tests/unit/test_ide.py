@@ -197,6 +197,26 @@ def test_reprogramming_the_set_in_use_refused() -> None:
             end.program(KeySet.K0, SubStream.PR, IdeKey.generate())
 
 
+def test_rx_reprograms_the_set_in_use_once_the_other_set_is_go() -> None:
+    """K0 -> K1 -> K0 without K_SET_STOP and without traffic in between: the Rx still
+    receives with K0 when the TSM reprograms it, but K1 is GO there, so it moves to K1
+    (as the partner's first K1 TLP would make it) and takes the new K0."""
+    tx, rx, _ = keyed_pair()
+    for new in (KeySet.K1, KeySet.K0, KeySet.K1):
+        refresh(tx, rx, new)             # no TLP crosses between the refreshes
+    assert tx.active_key_set(SubStream.PR) is KeySet.K1
+    assert rx.active_key_set(SubStream.PR) is KeySet.K0   # K1 takes over at its first TLP
+    for i in range(6):                   # every sub-stream: PR, NPR, CPL twice
+        t = traffic(i)
+        assert rx.unprotect(tx.protect(t)).data == t.data
+    assert all(rx.active_key_set(s) is KeySet.K1 for s in SubStream)
+    # Without the other set GO the set in use stays protected.
+    _, rx2, _ = keyed_pair()
+    rx2.program(KeySet.K1, SubStream.PR, IdeKey.generate())
+    with pytest.raises(IdeKeyStateError, match="in use"):
+        rx2.program(KeySet.K0, SubStream.PR, IdeKey.generate())
+
+
 # --- key-set refresh -------------------------------------------------------------------------
 
 def refresh(tx: IdeTx, rx: IdeRx, new: KeySet) -> None:

@@ -241,21 +241,36 @@ def test_key_prog_for_the_set_in_use_is_unspecified_failure() -> None:
 def test_go_before_keys_is_dropped() -> None:
     cap, rsp = device()
     c = client(rsp)
-    with pytest.raises(DropRequest, match="before keys for PR, NPR, CPL"):
+    with pytest.raises(DropRequest, match="PR before its key was programmed"):
         c.k_set_go(SID, KeySet.K0, Direction.RX, SubStream.PR)
-    # Two of three sub-streams programmed: still refused.
-    c.key_prog(SID, KeySet.K0, Direction.RX, SubStream.PR, IdeKey.generate())
+    # Another sub-stream's key does not count ...
     c.key_prog(SID, KeySet.K0, Direction.RX, SubStream.NPR, IdeKey.generate())
-    with pytest.raises(DropRequest, match="before keys for CPL"):
+    with pytest.raises(DropRequest, match="PR before its key"):
         c.k_set_go(SID, KeySet.K0, Direction.RX, SubStream.PR)
-    # Tx keys do not count for an Rx GO.
-    for s in SubStream:
-        c.key_prog(SID, KeySet.K0, Direction.TX, s, IdeKey.generate())
+    # ... nor does the other direction's, nor the other key set's.
+    c.key_prog(SID, KeySet.K0, Direction.TX, SubStream.PR, IdeKey.generate())
+    c.key_prog(SID, KeySet.K1, Direction.RX, SubStream.PR, IdeKey.generate())
     with pytest.raises(DropRequest):
         c.k_set_go(SID, KeySet.K0, Direction.RX, SubStream.PR)
-    c.key_prog(SID, KeySet.K0, Direction.RX, SubStream.CPL, IdeKey.generate())
+    c.key_prog(SID, KeySet.K0, Direction.RX, SubStream.PR, IdeKey.generate())
     c.k_set_go(SID, KeySet.K0, Direction.RX, SubStream.PR)
     assert cap.streams[1].rx.is_go(KeySet.K0, SubStream.PR)
+
+
+def test_spdm_emu_style_partial_go_is_acked_but_never_secure() -> None:
+    """DMTF spdm-emu's requester programs and GOes only PR (Rx then Tx): every object is
+    answered, yet the stream stays Insecure (not all six sub-stream keys are GO)."""
+    cap, rsp = device()
+    c = client(rsp)
+    st = cap.streams[1]
+    cap.config_write(st.ctl_off, ((SID << 24) | 1).to_bytes(4, "little"))
+    for d in Direction:
+        c.key_prog(SID, KeySet.K0, d, SubStream.PR, IdeKey.generate())
+    for d in Direction:
+        c.k_set_go(SID, KeySet.K0, d, SubStream.PR)
+    assert not cap.streams[1].secure
+    for d in Direction:
+        c.k_set_stop(SID, KeySet.K0, d, SubStream.PR)
 
 
 @pytest.mark.parametrize("raw, match", [

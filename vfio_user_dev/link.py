@@ -1,0 +1,963 @@
+"""The PCIe link between the device and its root port, with taps (DESIGN decision 10).
+
+The device holds only a :class:`LinkEndpoint`.  Its DMA requests cross the
+:class:`Link` as TLPs (:mod:`teeio.tlp`) to the root port (``root_port.py``), the only
+part that maps guest RAM::
+
+    device DMA engine                                                 guest RAM
+      │ read/write                                                       ▲
+    LinkEndpoint ── IdeTx ──► Link ──[fault taps]──[capture]──► RootPort: IdeRx, RID,
+      (splits by MPS/MRRS)   ◄── IdeRx ◄── ... completions ... ◄──    windows, DmaMapSet
+
+* **Splitting** (PCIe 6.x §2.2.2, §2.2.7, §2.3.1.1).  A write becomes MWr TLPs of at
+  most Max_Payload_Size (MPS), a read MRd TLPs of at most Max_Read_Request_Size (MRRS);
+  the root port answers each MRd with CplDs of at most MPS, every one but the last
+  ending on a Read Completion Boundary (64 B).  Requests end on MPS/MRRS-aligned
+  addresses, so none crosses a 4 KiB boundary (both sizes divide 4096).  At most 256
+  MRds are outstanding (8-bit tags).
+* **IDE** (§6.33).  When the device's IDE stream is Secure every TLP is protected by the
+  device's :class:`~teeio.ide.IdeTx` and checked by the root port's IdeRx; completions
+  go the other way.  Otherwise TLPs cross in the clear with T=0.  A failed check makes
+  the stream Insecure at the side that saw it, the TLP is discarded and an IDE Fail
+  Message goes to the partner (here an out-of-band call, not a Msg TLP), which makes its
+  stream Insecure too; both sides count it and call their ``on_ide_fail`` hooks.  A
+  non-IDE TLP from a partner whose stream has started IDE on that sub-stream is such a
+  failure as well (§6.33.6).
+* **T bit** (§11.2.1).  The device's ``tee_dma`` hook says whether its DMA is
+  TEE-originated (TDISP: the TDI in RUN on its bound stream).  T=1 needs a Secure
+  stream: without one the request is refused at the device and never sent.
+* **Taps.**  A capture file (:class:`CaptureWriter`, format below) gets every TLP as it
+  crossed; fault injection (:class:`Fault`) flips a bit of the payload, address, T bit or
+  requester ID, drops, or replays a selected TLP (the Nth of a direction, optionally
+  filtered by a predicate).
+* **Refusals.**  A refused MRd gets an Unsupported Request completion.  A posted write
+  the root port refuses or discards (window check, IDE failure, unknown stream) has no
+  completion; real hardware would only log it in the root port, here the root port also
+  reports it back to the endpoint so the DMA engine can flag the job (the data never
+  lands either way).  A TLP lost on the wire is, as on real links, noticed only through
+  IDE (the next TLP's MAC fails) or, for a read, a completion timeout.  Any failed
+  transfer raises :class:`LinkFault`, a :class:`~vfio_user_dev.dma.DmaFault`, so the
+  engine's job ends with STATUS FAULT.
+* **Clear fast path.**  With no Secure stream and no tap installed nobody can observe a
+  TLP's bytes, so a transfer crosses as one descriptor (:meth:`RootPortPort.clear_write`
+  / ``clear_read``): the root port applies the same per-TLP checks (arithmetically, to
+  each MPS/MRRS piece) and touches memory once, as the engine did before the link
+  existed; TLP counters are computed.  Everything else takes the wire path.
+
+Capture file format: a nanosecond pcap file (magic ``0xA1B23C4D``, little-endian,
+version 2.4, snaplen 65535, link type 147 ``LINKTYPE_USER0``), so standard tools list
+it.  Each packet is a 4-byte pseudo-header then the TLP exactly as it crossed (for IDE
+TLPs: prefix + header in clear, ciphertext, 12-byte MAC)::
+
+    +0  u8  direction   0 = upstream (device -> root port), 1 = downstream
+    +1  u8  flags       bit 0 TAMPERED (a fault changed it), bit 1 DROPPED (seen by
+                        the tap, not delivered), bit 2 REPLAYED (a duplicate the tap
+                        injected)
+    +2  u16 reserved    0
+    +4  ... TLP bytes
+
+The pcap timestamp is the wall-clock time the TLP crossed.  :func:`read_capture` reads
+it back; ``python -m vfio_user_dev.link FILE`` lists it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import enum
+import logging
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from teeio.ide import MAC_LEN, IdeIntegrityError, IdeKeyStateError, IdeRx, IdeTx
+from teeio.pcie.ide_cap import IdeCapability, StreamKind
+from teeio.pcie.ide_cap import IdeStream as CapIdeStream
+from teeio.tlp import (
+    IDE_PREFIX_BYTE0,
+    PREFIX_LEN,
+    CplStatus,
+    IdePrefix,
+    SubStream,
+    Tlp,
+    TlpError,
+    TlpType,
+)
+from vfio_user_dev.dma import DmaFault
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MPS = 256
+DEFAULT_MRRS = 512
+RCB = 64                        # Read Completion Boundary of the root port (§2.3.1.1)
+TLP_SIZES = (128, 256, 512, 1024, 2048, 4096)   # legal MPS / MRRS values (§7.5.3.4)
+MAX_OUTSTANDING = 256           # 8-bit tags
+DEFAULT_REQUESTER_ID = 0x0100   # 01:00.0, the function behind the root port
+ROOT_PORT_ID = 0x0008           # 00:01.0, the completer of every DMA read
+
+
+# -- splitting ------------------------------------------------------------------------------
+
+def split(address: int, length: int, size: int) -> list[tuple[int, int]]:
+    """The pieces of *address*+*length* that end on *size*-aligned addresses."""
+    out = []
+    pos, end = address, address + length
+    while pos < end:
+        nxt = min(end, (pos // size + 1) * size)
+        out.append((pos, nxt - pos))
+        pos = nxt
+    return out
+
+
+def count_pieces(address: int, length: int, size: int) -> int:
+    """``len(split(address, length, size))`` in O(1)."""
+    return 0 if length <= 0 else (address + length - 1) // size - address // size + 1
+
+
+def completion_spans(address: int, length: int, mps: int) -> list[tuple[int, int]]:
+    """How a completer splits the answer to one read (§2.3.1.1): at most *mps* bytes of
+    payload (DW-padded, as the Length field counts it) per completion, every completion
+    but the last ending on an RCB boundary."""
+    out = []
+    pos, end = address, address + length
+    while pos < end:
+        nxt = end if end - (pos & ~3) <= mps else (pos + mps) & ~(RCB - 1)
+        out.append((pos, nxt - pos))
+        pos = nxt
+    return out
+
+
+def count_completions(address: int, length: int, mps: int) -> int:
+    """``len(completion_spans(address, length, mps))`` in O(1)."""
+    if length <= 0:
+        return 0
+    end = address + length
+    if end - (address & ~3) <= mps:
+        return 1
+    first_end = (address + mps) & ~(RCB - 1)
+    return 1 + -(-(end - first_end) // mps)
+
+
+def count_read_tlps(address: int, length: int, mrrs: int, mps: int) -> tuple[int, int]:
+    """(MRd count, CplD count) for reading *length* bytes at *address*, in O(1)."""
+    n = count_pieces(address, length, mrrs)
+    if n <= 2:
+        return n, sum(count_completions(a, k, mps) for a, k in split(address, length, mrrs))
+    first = mrrs - address % mrrs
+    end = address + length
+    last = end - (end - 1) // mrrs * mrrs
+    middle = (n - 2) * count_completions(0, mrrs, mps)
+    return n, (count_completions(address, first, mps) + middle
+               + count_completions(end - last, last, mps))
+
+
+def check_tlp_size(name: str, value: int) -> int:
+    if value not in TLP_SIZES:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, TLP_SIZES))}; got {value}")
+    return value
+
+
+# -- directions, capture --------------------------------------------------------------------
+
+class LinkDirection(enum.IntEnum):
+    UPSTREAM = 0      # device -> root port
+    DOWNSTREAM = 1    # root port -> device
+
+
+class CaptureFlags(enum.IntFlag):
+    TAMPERED = 1
+    DROPPED = 2
+    REPLAYED = 4
+
+
+PCAP_MAGIC_NS = 0xA1B23C4D
+LINKTYPE_USER0 = 147
+_PCAP_HEADER = struct.Struct("<IHHiIII")
+_PCAP_RECORD = struct.Struct("<IIII")
+_PSEUDO = struct.Struct("<BBH")
+SNAPLEN = 65535
+
+
+@dataclass(frozen=True)
+class CaptureRecord:
+    timestamp_ns: int
+    direction: LinkDirection
+    flags: CaptureFlags
+    data: bytes = field(repr=False)
+
+
+class CaptureWriter:
+    """Appends every TLP that crosses the link to a pcap file (format in the module doc)."""
+
+    def __init__(self, path: Path | str, clock: Callable[[], int] = time.time_ns) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._file: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 (kept open)
+        self._file.write(_PCAP_HEADER.pack(PCAP_MAGIC_NS, 2, 4, 0, 0, SNAPLEN, LINKTYPE_USER0))
+        self._file.flush()
+        self.records = 0
+
+    def write(self, direction: LinkDirection, data: bytes, flags: int = 0) -> None:
+        ts = self._clock()
+        body = _PSEUDO.pack(int(direction), int(flags), 0) + data
+        with self._lock:
+            if self._file is None:
+                return
+            self._file.write(_PCAP_RECORD.pack(ts // 1_000_000_000, ts % 1_000_000_000,
+                                               len(body), len(body)) + body)
+            self.records += 1
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def read_capture(path: Path | str) -> list[CaptureRecord]:
+    """Every record of a capture file written by :class:`CaptureWriter`."""
+    raw = Path(path).read_bytes()
+    if len(raw) < _PCAP_HEADER.size:
+        raise ValueError(f"{path}: too short for a pcap header")
+    magic, _major, _minor, _zone, _sig, _snap, linktype = _PCAP_HEADER.unpack_from(raw)
+    if magic != PCAP_MAGIC_NS or linktype != LINKTYPE_USER0:
+        raise ValueError(f"{path}: not a TLP capture (magic {magic:#x}, link type {linktype})")
+    out = []
+    pos = _PCAP_HEADER.size
+    while pos < len(raw):
+        if pos + _PCAP_RECORD.size > len(raw):
+            raise ValueError(f"{path}: truncated record header at {pos}")
+        sec, nsec, incl, _orig = _PCAP_RECORD.unpack_from(raw, pos)
+        pos += _PCAP_RECORD.size
+        if incl < _PSEUDO.size or pos + incl > len(raw):
+            raise ValueError(f"{path}: truncated record at {pos}")
+        direction, flags, _ = _PSEUDO.unpack_from(raw, pos)
+        out.append(CaptureRecord(sec * 1_000_000_000 + nsec, LinkDirection(direction),
+                                 CaptureFlags(flags), raw[pos + _PSEUDO.size:pos + incl]))
+        pos += incl
+    return out
+
+
+# -- looking into wire bytes (for taps) ------------------------------------------------------
+
+def is_protected(wire: bytes) -> bool:
+    """Whether *wire* starts with the IDE prefix (in this model: an IDE-protected TLP)."""
+    return wire[:1] == bytes((IDE_PREFIX_BYTE0,))
+
+
+def prefix_stream_id(wire: bytes) -> int | None:
+    """The Stream ID in *wire*'s IDE prefix (None: no valid prefix)."""
+    try:
+        return IdePrefix.decode(wire[:PREFIX_LEN]).stream_id
+    except TlpError:
+        return None
+
+
+def peek(wire: bytes) -> Tlp | None:
+    """The TLP's header fields (payload zeroed: it may be ciphertext), or None if the
+    header does not parse."""
+    try:
+        hlen = Tlp.header_length(wire)
+        head = wire[:hlen]
+        off = PREFIX_LEN if is_protected(wire) else 0
+        t = TlpType(head[off])
+        n = (head[off + 2] & 3) << 8 | head[off + 3]
+        size = ((n or 1024) * 4) if t.has_data else 0
+        return Tlp.decode(head + bytes(size))
+    except (TlpError, ValueError, IndexError):
+        return None
+
+
+def _t_bit_mask() -> int:
+    a = IdePrefix(SubStream.PR, 0, t_bit=False).encode()[1]
+    b = IdePrefix(SubStream.PR, 0, t_bit=True).encode()[1]
+    return a ^ b
+
+
+# -- fault injection --------------------------------------------------------------------------
+
+class FaultKind(enum.Enum):
+    FLIP_PAYLOAD = "flip-payload"            # bit `bit` of the payload (ciphertext under IDE)
+    FLIP_ADDRESS = "flip-address"            # bit `bit` of a request's address (default 12)
+    FLIP_T_BIT = "flip-t-bit"                # the T bit of the IDE prefix
+    FLIP_REQUESTER_ID = "flip-requester-id"  # bit `bit` of the Requester ID
+    DROP = "drop"                            # not delivered
+    REPLAY = "replay"                        # delivered, then delivered again
+
+
+@dataclass(frozen=True)
+class TlpView:
+    """What a fault predicate sees of a TLP on the wire."""
+
+    direction: LinkDirection
+    index: int                 # 1-based count of the TLPs the taps saw in this direction
+    wire: bytes = field(repr=False)
+    tlp: Tlp | None = field(repr=False)   # header fields (payload zeroed), None if malformed
+
+    @property
+    def protected(self) -> bool:
+        return is_protected(self.wire)
+
+
+@dataclass
+class Fault:
+    """One armed fault: acts on the *nth* (1-based) TLP in *direction*, counted from when
+    it was armed, among those *match* accepts (all by default) and that have the field
+    the fault changes (a payload, an address, an IDE prefix).  It fires once."""
+
+    kind: FaultKind
+    direction: LinkDirection = LinkDirection.UPSTREAM
+    nth: int = 1
+    match: Callable[[TlpView], bool] | None = None
+    bit: int | None = None
+    seen: int = 0
+    fired: list[TlpView] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.fired)
+
+
+def _field_span(kind: FaultKind, wire: bytes, tlp: Tlp | None) -> tuple[int, int] | None:
+    """(start, end) byte offsets of the field *kind* changes, or None if *wire* has none."""
+    if kind in (FaultKind.DROP, FaultKind.REPLAY):
+        return (0, len(wire))
+    if tlp is None:
+        return None
+    off = PREFIX_LEN if is_protected(wire) else 0
+    hlen = off + tlp.type.header_dw * 4
+    if kind is FaultKind.FLIP_PAYLOAD:
+        end = len(wire) - (MAC_LEN if off else 0)
+        return (hlen, end) if end > hlen else None
+    if kind is FaultKind.FLIP_ADDRESS:
+        return (off + 8, hlen) if tlp.type.is_request else None
+    if kind is FaultKind.FLIP_T_BIT:
+        return (1, 2) if off else None
+    if kind is FaultKind.FLIP_REQUESTER_ID:
+        at = off + (4 if tlp.type.is_request else 8)
+        return (at, at + 2)
+    raise AssertionError(kind)
+
+
+_DEFAULT_BIT = {FaultKind.FLIP_PAYLOAD: 0, FaultKind.FLIP_ADDRESS: 12,
+                FaultKind.FLIP_REQUESTER_ID: 0}
+
+
+def _flip(kind: FaultKind, wire: bytes, span: tuple[int, int], bit: int | None) -> bytes:
+    out = bytearray(wire)
+    start, end = span
+    if kind is FaultKind.FLIP_T_BIT:
+        out[1] ^= _t_bit_mask()
+        return bytes(out)
+    b = _DEFAULT_BIT[kind] if bit is None else bit
+    # payload: bit 0 is the LSB of its first byte; header fields are big-endian: bit 0 is
+    # the field's LSB, in its last byte.
+    byte = start + b // 8 if kind is FaultKind.FLIP_PAYLOAD else end - 1 - b // 8
+    if not start <= byte < end:
+        raise ValueError(f"{kind.value}: bit {b} is outside the field ({end - start} bytes)")
+    out[byte] ^= 1 << (b % 8)
+    return bytes(out)
+
+
+# -- IDE stream ends --------------------------------------------------------------------------
+
+class StreamPort(Protocol):
+    """One side's IDE stream as the link uses it (:class:`IdeStream`, or a stream block of
+    the device's IDE capability through :class:`CapStreamPort`)."""
+
+    @property
+    def stream_id(self) -> int: ...
+
+    @property
+    def tx(self) -> IdeTx: ...
+
+    @property
+    def rx(self) -> IdeRx: ...
+
+    def is_secure(self) -> bool: ...
+
+    def mark_insecure(self, reason: str) -> None:
+        """An IDE check failed here: the stream goes Insecure (§6.33.6)."""
+
+    def fail_message(self, reason: str) -> None:
+        """The partner's IDE Fail Message arrived for this stream."""
+
+
+class CapStreamPort:
+    """A stream block of the device's IDE extended capability (:mod:`teeio.pcie.ide_cap`)
+    as a :class:`StreamPort`: its Secure state, its engines (which the capability replaces
+    when the Stream ID changes, so they are looked up every time), failures reported to
+    the capability (Status: Insecure; b31 for a received IDE Fail Message)."""
+
+    def __init__(self, block: CapIdeStream) -> None:
+        self.block = block
+
+    @property
+    def stream_id(self) -> int:
+        return self.block.stream_id
+
+    @property
+    def tx(self) -> IdeTx:
+        return self.block.tx
+
+    @property
+    def rx(self) -> IdeRx:
+        return self.block.rx
+
+    def is_secure(self) -> bool:
+        return self.block.secure
+
+    def mark_insecure(self, reason: str) -> None:
+        self.block.cap.report_failure(self.block, reason)
+
+    def fail_message(self, reason: str) -> None:
+        self.block.cap.report_fail_message(self.block.stream_id)
+        self.mark_insecure(reason)
+
+
+def capability_streams(cap: IdeCapability) -> list[StreamPort]:
+    """The device's streams in the order its DMA prefers them: Selective IDE streams (a
+    Default Stream first), then the Link IDE stream."""
+    blocks = sorted(cap.streams, key=lambda b: (b.kind != StreamKind.SELECTIVE,
+                                                not b.default_stream, b.index))
+    return [CapStreamPort(b) for b in blocks]
+
+
+class IdeStream:
+    """One side of a Selective IDE stream: Tx and Rx key state, Enable, and the Secure /
+    Insecure state (§6.33.4, §7.9.26: Secure once enabled with a GO key set in every
+    sub-stream and direction; any failure makes it Insecure until it is reset and keyed
+    again)."""
+
+    def __init__(self, stream_id: int, rid_base: int = 0, rid_limit: int = 0xFFFF) -> None:
+        self.stream_id = stream_id
+        self.rid_base = rid_base
+        self.rid_limit = rid_limit
+        self.tx = IdeTx(stream_id)
+        self.rx = IdeRx(stream_id)
+        self.enabled = False
+        self.insecure_reason: str | None = None
+
+    def keys_ready(self) -> bool:
+        return all(end.active_key_set(s) is not None for end in (self.tx, self.rx)
+                   for s in SubStream)
+
+    def is_secure(self) -> bool:
+        return (self.enabled and self.insecure_reason is None
+                and self.rx.insecure_reason is None and self.keys_ready())
+
+    def mark_insecure(self, reason: str) -> None:
+        if self.insecure_reason is None:
+            self.insecure_reason = reason
+
+    def fail_message(self, reason: str) -> None:
+        self.mark_insecure(reason)
+
+    def reset(self) -> None:
+        """Keys invalidated, Enable clear, Insecure reason forgotten (re-establishment)."""
+        self.tx.reset()
+        self.rx.reset()
+        self.enabled = False
+        self.insecure_reason = None
+
+    def state(self) -> str:
+        return "secure" if self.is_secure() else "insecure"
+
+
+# -- the two ends -----------------------------------------------------------------------------
+
+class LinkFault(DmaFault):
+    """A DMA transfer over the link failed (refused, Unsupported Request, completion
+    timeout, IDE failure); the data did not (all) land."""
+
+
+@dataclass(frozen=True)
+class IdeFailEvent:
+    """An IDE failure as one side saw it: ``detected`` by its own check, or ``message``:
+    the partner's IDE Fail Message."""
+
+    side: str            # "device" or "root_port"
+    stream_id: int
+    reason: str
+    how: str             # "detected" or "message"
+    time: float
+
+
+@dataclass
+class RootPortReply:
+    """What the root port sends back for a burst: completions (wire bytes) and the
+    posted requests it refused (reported to the endpoint, see the module doc)."""
+
+    completions: list[bytes] = field(default_factory=list)
+    refused_posted: list[str] = field(default_factory=list)
+
+
+class RootPortPort(Protocol):
+    """The upstream end of the link (``root_port.RootPort``)."""
+
+    def receive(self, wires: Sequence[bytes]) -> RootPortReply: ...
+
+    def clear_write(self, requester_id: int, address: int, data: bytes, mps: int) -> None: ...
+
+    def clear_read(self, requester_id: int, address: int, length: int, mrrs: int) -> bytes: ...
+
+    def ide_fail_message(self, stream_id: int, reason: str) -> None: ...
+
+    def attach_link(self, mps: int, ide_fail_sink: Callable[[int, str], None]) -> None: ...
+
+
+@dataclass
+class _Pending:
+    address: int
+    length: int
+    data: bytearray = field(default_factory=bytearray)
+    status: CplStatus | None = None
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.error is not None or self.status is not None and (
+            self.status != CplStatus.SC or len(self.data) == self.length)
+
+
+class LinkEndpoint:
+    """The device's end of the link: DMA reads and writes as TLPs, IDE when Secure."""
+
+    def __init__(self, requester_id: int = DEFAULT_REQUESTER_ID) -> None:
+        self.requester_id = requester_id
+        self.link: Link | None = None
+        self._streams: Callable[[], Sequence[StreamPort]] = list
+        # Held around the per-TLP IDE work (protect, check, failure reporting), never
+        # around memory access: the lock under which the device's IDE_KM changes keys.
+        self._ide_lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        self.tee_dma: Callable[[], bool] = lambda: False
+        self.on_ide_fail: list[Callable[[IdeFailEvent], None]] = []
+        self.ide_failures: list[IdeFailEvent] = []
+        self._started: set[tuple[int, SubStream]] = set()
+        self._pending: dict[int, _Pending] = {}
+        self.counters = {"transfers": 0, "faults": 0, "ur_completions": 0,
+                         "completion_timeouts": 0, "unexpected_completions": 0,
+                         "refused_posted": 0, "ide_tlps_tx": 0, "ide_tlps_rx": 0}
+        self.log = log.getChild(f"ep.{requester_id >> 8:02x}:{requester_id >> 3 & 0x1F:02x}."
+                                f"{requester_id & 7}")
+
+    # -- configuration ------------------------------------------------------------------
+    def attach_stream(self, stream: StreamPort | None,
+                      lock: contextlib.AbstractContextManager[object] | None = None) -> None:
+        """The one IDE stream the device's DMA uses while it is Secure (None: no IDE).
+        *lock*: the one its key management holds while it changes the stream's keys."""
+        self._streams = (lambda: [stream]) if stream is not None else list
+        self._ide_lock = lock if lock is not None else contextlib.nullcontext()
+        self._started.clear()
+
+    def attach_ide_capability(self, cap: IdeCapability,
+                              lock: contextlib.AbstractContextManager[object] | None = None
+                              ) -> None:
+        """Use the streams of the device's IDE capability: DMA goes on the first Secure one
+        in :func:`capability_streams` order.  *lock*: the one held while IDE_KM and config
+        writes change the capability (the device lock)."""
+        self._streams = lambda: capability_streams(cap)
+        self._ide_lock = lock if lock is not None else contextlib.nullcontext()
+        self._started.clear()
+
+    def _secure_stream(self) -> StreamPort | None:
+        for s in self._streams():
+            if s.is_secure():
+                return s
+            self._started = {k for k in self._started if k[0] != s.stream_id}
+        return None
+
+    def _stream(self, stream_id: int) -> StreamPort | None:
+        for s in self._streams():
+            if s.stream_id == stream_id:
+                return s
+        return None
+
+    def _require_link(self) -> Link:
+        if self.link is None:
+            raise LinkFault("device is not connected to a link")
+        return self.link
+
+    # -- DMA ----------------------------------------------------------------------------
+    def write(self, address: int, data: bytes) -> None:
+        """Posted write of *data* at guest *address*; LinkFault if any part did not land."""
+        if not data:
+            return
+        _check_range(address, len(data))
+        link = self._require_link()
+        self.counters["transfers"] += 1
+        stream, t_bit = self._route()
+        if stream is None and not link.tapped:
+            link.clear_write(self.requester_id, address, data)
+            return
+        wires = []
+        with self._ide_lock:
+            for pos, n in split(address, len(data), link.mps):
+                off = pos - address
+                tlp = Tlp.memory_write(self.requester_id, 0, pos, data[off:off + n],
+                                       **self._ide_fields(stream, t_bit))
+                wires.append(self._encode(tlp, stream))
+        reply = link.send_upstream(wires)
+        self._check_after(stream, reply)
+
+    def read(self, address: int, length: int) -> bytes:
+        """*length* bytes at guest *address*; LinkFault if any part could not be read."""
+        if length <= 0:
+            return b""
+        _check_range(address, length)
+        link = self._require_link()
+        self.counters["transfers"] += 1
+        stream, t_bit = self._route()
+        if stream is None and not link.tapped:
+            return link.clear_read(self.requester_id, address, length)
+        pieces = split(address, length, link.mrrs)
+        out = bytearray()
+        for first in range(0, len(pieces), MAX_OUTSTANDING):
+            batch = pieces[first:first + MAX_OUTSTANDING]
+            self._pending = {tag: _Pending(a, n) for tag, (a, n) in enumerate(batch)}
+            with self._ide_lock:
+                wires = [self._encode(Tlp.memory_read(self.requester_id, tag, a, n,
+                                                      **self._ide_fields(stream, t_bit)),
+                                      stream)
+                         for tag, (a, n) in enumerate(batch)]
+            try:
+                reply = link.send_upstream(wires)
+                self._check_after(stream, reply)
+                for tag in range(len(batch)):
+                    out += self._take(tag)
+            finally:
+                self._pending = {}
+        return bytes(out)
+
+    def _route(self) -> tuple[StreamPort | None, bool]:
+        with self._ide_lock:
+            stream = self._secure_stream()
+        t_bit = self.tee_dma()
+        if t_bit and stream is None:
+            self.counters["faults"] += 1
+            raise LinkFault("T=1 DMA needs a Secure IDE stream (§11.2.1); none: not sent")
+        return stream, t_bit
+
+    @staticmethod
+    def _ide_fields(stream: StreamPort | None, t_bit: bool) -> dict[str, object]:
+        return {} if stream is None else {"stream_id": stream.stream_id, "t_bit": t_bit}
+
+    def _encode(self, tlp: Tlp, stream: StreamPort | None) -> bytes:
+        if stream is None:
+            return tlp.encode()
+        try:
+            wire = stream.tx.protect(tlp)
+        except IdeKeyStateError as exc:
+            raise LinkFault(f"IDE stream {stream.stream_id}: cannot protect: {exc}") from None
+        self.counters["ide_tlps_tx"] += 1
+        return wire
+
+    def _check_after(self, stream: StreamPort | None, reply: RootPortReply) -> None:
+        if reply.refused_posted:
+            self.counters["refused_posted"] += len(reply.refused_posted)
+            self.counters["faults"] += 1
+            raise LinkFault(f"root port refused {len(reply.refused_posted)} posted TLP(s): "
+                            f"{reply.refused_posted[0]}")
+        if stream is not None and not stream.is_secure():
+            self.counters["faults"] += 1
+            raise LinkFault(f"IDE stream {stream.stream_id} went Insecure during the transfer")
+
+    def _take(self, tag: int) -> bytes:
+        p = self._pending[tag]
+        where = f"MRd tag {tag} {p.address:#x}+{p.length}"
+        if p.error is not None:
+            self.counters["faults"] += 1
+            raise LinkFault(f"{where}: {p.error}")
+        if p.status is None or (p.status == CplStatus.SC and len(p.data) != p.length):
+            self.counters["completion_timeouts"] += 1
+            self.counters["faults"] += 1
+            raise LinkFault(f"{where}: completion timeout ({len(p.data)} of {p.length} bytes)")
+        if p.status != CplStatus.SC:
+            self.counters["ur_completions"] += 1
+            self.counters["faults"] += 1
+            raise LinkFault(f"{where}: completion status {p.status.name}")
+        return bytes(p.data)
+
+    # -- from the link --------------------------------------------------------------------
+    def receive(self, wires: Sequence[bytes]) -> None:
+        for wire in wires:
+            with self._ide_lock:
+                tlp = self._ingress(wire)
+            if tlp is not None:
+                self._completion(tlp)
+
+    def _ingress(self, wire: bytes) -> Tlp | None:
+        if is_protected(wire):
+            sid = prefix_stream_id(wire)
+            stream = None if sid is None else self._stream(sid)
+            if stream is None or not stream.is_secure():
+                self.counters["unexpected_completions"] += 1
+                self.log.warning("IDE TLP but the device's stream is not Secure: discarded")
+                return None
+            try:
+                tlp = stream.rx.unprotect(wire)
+            except IdeIntegrityError as exc:
+                self._ide_failed(stream, exc.reason)
+                return None
+            self._started.add((stream.stream_id, tlp.substream))
+            self.counters["ide_tlps_rx"] += 1
+            return tlp
+        try:
+            tlp = Tlp.decode(wire)
+        except TlpError as exc:
+            self.counters["unexpected_completions"] += 1
+            self.log.warning("malformed TLP discarded: %s", exc)
+            return None
+        for stream in self._streams():
+            if (stream.stream_id, tlp.substream) in self._started and stream.is_secure():
+                self._ide_failed(stream, f"non-IDE {tlp.type.name} on {tlp.substream.name} "
+                                         "after IDE started")
+                return None
+        return tlp
+
+    def _ide_failed(self, stream: StreamPort, reason: str) -> None:
+        stream.mark_insecure(reason)
+        self._record(IdeFailEvent("device", stream.stream_id, reason, "detected", time.time()))
+        if self.link is not None:
+            self.link.ide_fail_message_upstream(stream.stream_id, reason)
+
+    def ide_fail_message(self, stream_id: int, reason: str) -> None:
+        """The root port's IDE Fail Message: the stream is Insecure here too (§6.33.6)."""
+        with self._ide_lock:
+            stream = self._stream(stream_id)
+            if stream is not None:
+                stream.fail_message(f"IDE Fail Message from the root port: {reason}")
+        self._record(IdeFailEvent("device", stream_id, reason, "message", time.time()))
+
+    def _record(self, ev: IdeFailEvent) -> None:
+        self.ide_failures.append(ev)
+        del self.ide_failures[:-64]
+        self.log.warning("IDE stream %d failed (%s): %s", ev.stream_id, ev.how, ev.reason)
+        for fn in list(self.on_ide_fail):
+            try:
+                fn(ev)
+            except Exception:
+                self.log.exception("IDE fail hook failed")
+
+    def _completion(self, tlp: Tlp) -> None:
+        p = self._pending.get(tlp.tag) if tlp.type.is_completion else None
+        if p is None or tlp.requester_id != self.requester_id or p.complete:
+            self.counters["unexpected_completions"] += 1
+            self.log.warning("unexpected %s tag %d for %#06x: discarded", tlp.type.name,
+                             tlp.tag, tlp.requester_id)
+            return
+        if tlp.status != CplStatus.SC:
+            p.status = tlp.status
+            return
+        remaining = p.length - len(p.data)
+        expect_lower = (p.address + len(p.data)) & 0x7F
+        if tlp.byte_count != remaining or tlp.lower_address != expect_lower:
+            p.error = (f"malformed completion (byte count {tlp.byte_count}, lower address "
+                       f"{tlp.lower_address:#x}; expected {remaining}, {expect_lower:#x})")
+            return
+        chunk = tlp.payload_bytes()
+        if not chunk or len(chunk) > remaining:
+            p.error = f"completion carries {len(chunk)} bytes, {remaining} remain"
+            return
+        p.data += chunk
+        p.status = CplStatus.SC if len(p.data) == p.length else None
+
+    def status(self) -> dict[str, object]:
+        with self._ide_lock:
+            streams = [{"id": s.stream_id, "state": "secure" if s.is_secure() else "insecure"}
+                       for s in self._streams()]
+        return {
+            "requester_id": self.requester_id,
+            "streams": streams,
+            **self.counters,
+            "ide_failures": len(self.ide_failures),
+            "last_ide_failure": (self.ide_failures[-1].reason if self.ide_failures else None),
+        }
+
+
+def _check_range(address: int, length: int) -> None:
+    if address < 0 or address + length > 1 << 64:
+        raise LinkFault(f"bad DMA range {address:#x}+{length:#x}")
+
+
+class Link:
+    """Joins a :class:`LinkEndpoint` (downstream) and a root port (upstream)."""
+
+    def __init__(self, endpoint: LinkEndpoint, root_port: RootPortPort, *,
+                 mps: int = DEFAULT_MPS, mrrs: int = DEFAULT_MRRS,
+                 capture: CaptureWriter | None = None) -> None:
+        self.mps = check_tlp_size("Max_Payload_Size", mps)
+        self.mrrs = check_tlp_size("Max_Read_Request_Size", mrrs)
+        self.endpoint = endpoint
+        self.root_port = root_port
+        self.capture = capture
+        self.faults: list[Fault] = []
+        self._lock = threading.Lock()
+        self.index = {d: 0 for d in LinkDirection}
+        self.counters = {f"tlps_{d.name.lower()}": 0 for d in LinkDirection}
+        self.counters.update({f"bytes_{d.name.lower()}": 0 for d in LinkDirection})
+        self.counters.update(dropped=0, tampered=0, replayed=0, ide_fail_messages_up=0,
+                             ide_fail_messages_down=0, clear_transfers=0)
+        endpoint.link = self
+        root_port.attach_link(self.mps, self.ide_fail_message_downstream)
+
+    @property
+    def tapped(self) -> bool:
+        """Whether something looks at TLP bytes (a capture or an armed fault)."""
+        return self.capture is not None or any(not f.done for f in self.faults)
+
+    # -- taps ---------------------------------------------------------------------------
+    def inject(self, fault: Fault) -> Fault:
+        if fault.nth < 1:
+            raise ValueError("Fault.nth counts from 1")
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def _tap(self, direction: LinkDirection, wires: Sequence[bytes]) -> list[bytes]:
+        out: list[bytes] = []
+        for wire in wires:
+            with self._lock:
+                self.index[direction] += 1
+                view = TlpView(direction, self.index[direction], wire,
+                               peek(wire) if self.faults else None)
+                armed = [f for f in self.faults if not f.done and f.direction == direction]
+            copies = [wire]
+            flags = CaptureFlags(0)
+            for f in armed:
+                span = _field_span(f.kind, wire, view.tlp)
+                if span is None or (f.match is not None and not f.match(view)):
+                    continue
+                f.seen += 1
+                if f.seen != f.nth:
+                    continue
+                f.fired.append(view)
+                log.warning("fault %s on %s TLP #%d", f.kind.value, direction.name.lower(),
+                            view.index)
+                if f.kind is FaultKind.DROP:
+                    copies = []
+                elif f.kind is FaultKind.REPLAY:
+                    copies = copies + copies[-1:]
+                else:
+                    copies = [_flip(f.kind, c, span, f.bit) for c in copies]
+                    flags |= CaptureFlags.TAMPERED
+            name = direction.name.lower()
+            if not copies:
+                self.counters["dropped"] += 1
+                self._capture(direction, wire, flags | CaptureFlags.DROPPED)
+            for i, c in enumerate(copies):
+                extra = CaptureFlags.REPLAYED if i else CaptureFlags(0)
+                if i:
+                    self.counters["replayed"] += 1
+                self._capture(direction, c, flags | extra)
+                self.counters[f"tlps_{name}"] += 1
+                self.counters[f"bytes_{name}"] += len(c)
+                out.append(c)
+            if flags & CaptureFlags.TAMPERED:
+                self.counters["tampered"] += 1
+        return out
+
+    def _capture(self, direction: LinkDirection, wire: bytes, flags: int) -> None:
+        if self.capture is not None:
+            self.capture.write(direction, wire, flags)
+
+    # -- crossing -------------------------------------------------------------------------
+    def send_upstream(self, wires: Sequence[bytes]) -> RootPortReply:
+        """A burst of TLPs from the device; the root port's completions are delivered to
+        the endpoint before this returns."""
+        reply = self.root_port.receive(self._tap(LinkDirection.UPSTREAM, wires))
+        completions = self._tap(LinkDirection.DOWNSTREAM, reply.completions)
+        if self.capture is not None:
+            self.capture.flush()
+        self.endpoint.receive(completions)
+        return reply
+
+    def clear_write(self, requester_id: int, address: int, data: bytes) -> None:
+        self.counters["clear_transfers"] += 1
+        self.counters["tlps_upstream"] += count_pieces(address, len(data), self.mps)
+        self.counters["bytes_upstream"] += len(data)
+        self.root_port.clear_write(requester_id, address, data, self.mps)
+
+    def clear_read(self, requester_id: int, address: int, length: int) -> bytes:
+        self.counters["clear_transfers"] += 1
+        mrd, cpl = count_read_tlps(address, length, self.mrrs, self.mps)
+        self.counters["tlps_upstream"] += mrd
+        data = self.root_port.clear_read(requester_id, address, length, self.mrrs)
+        self.counters["tlps_downstream"] += cpl
+        self.counters["bytes_downstream"] += len(data)
+        return data
+
+    def ide_fail_message_upstream(self, stream_id: int, reason: str) -> None:
+        self.counters["ide_fail_messages_up"] += 1
+        self.root_port.ide_fail_message(stream_id, reason)
+
+    def ide_fail_message_downstream(self, stream_id: int, reason: str) -> None:
+        self.counters["ide_fail_messages_down"] += 1
+        self.endpoint.ide_fail_message(stream_id, reason)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "mps": self.mps, "mrrs": self.mrrs,
+            "capture": None if self.capture is None else str(self.capture.path),
+            "faults_armed": sum(1 for f in self.faults if not f.done),
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.close()
+
+
+# -- capture listing --------------------------------------------------------------------------
+
+def _describe(rec: CaptureRecord) -> str:
+    tlp = peek(rec.data)
+    what = "malformed"
+    if tlp is not None:
+        what = f"{tlp.type.name} rid={tlp.requester_id:04x} tag={tlp.tag}"
+        if tlp.type.is_request:
+            what += f" addr={tlp.address:#x} len={tlp.length_dw}DW"
+        if tlp.stream_id is not None:
+            what += f" ide stream={tlp.stream_id} K{tlp.key_set} T={int(tlp.t_bit)}"
+    flags = ",".join((f.name or "?").lower() for f in CaptureFlags if rec.flags & f) or "-"
+    return (f"{rec.timestamp_ns / 1e9:.6f} {'up  ' if rec.direction == 0 else 'down'} "
+            f"{flags:8} {len(rec.data):5} {what}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vfio_user_dev.link",
+                                 description="List a TLP capture file (--link-capture).")
+    ap.add_argument("capture", type=Path)
+    ap.add_argument("--hex", action="store_true", help="also print the TLP bytes")
+    ns = ap.parse_args(argv)
+    for rec in read_capture(ns.capture):
+        print(_describe(rec))
+        if ns.hex:
+            print("    " + rec.data.hex())
+    return 0
+
+
+def iter_tlps(records: Sequence[CaptureRecord]) -> Iterator[Tlp]:
+    """The TLPs of clear (unprotected) records, decoded (for tests and tools)."""
+    for rec in records:
+        if not is_protected(rec.data):
+            yield Tlp.decode(rec.data)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,698 @@
+"""The root port: the only part of the device server that maps guest RAM (DESIGN decision 10).
+
+Every TLP the device sends over the link is checked here, in this order:
+
+1. **IDE** (PCIe 6.x §6.33.4-§6.33.6).  A TLP with the IDE prefix goes to the Rx of the
+   stream it names; a failure (MAC, counter, key set, misrouting) makes that stream
+   Insecure, discards the TLP and sends an IDE Fail Message to the device.  A TLP
+   without the prefix from a requester whose Secure stream has started IDE on that
+   sub-stream is a failure too.  The requester must lie in the stream's RID range.
+2. **Trusted-DMA windows** (IOMMU-style; DESIGN "Trust model: DMA").  The TSM authorises
+   windows, each for one requester ID and stream.  T=1 DMA must lie wholly inside an
+   active window of its requester and stream, with the access (read/write) it allows;
+   T=0 DMA must not touch any window.  Every refusal is counted by reason, kept in a
+   short log and logged (one line per burst and reason).
+3. **Memory** through the DMA map set.  A window remembers which maps (map id, file
+   inode, offset) backed it when it was authorised, and accesses through it are pinned
+   to those maps.  A later DMA_MAP/DMA_UNMAP by the client that touches a window's
+   range suspends the window and is recorded as a security event; DMA into it is refused
+   until the TSM re-authorises it.  Nothing is silently followed.
+
+Refused reads get an Unsupported Request completion; refused posted writes are dropped
+and reported back to the endpoint (see ``link.py``).  Read completions are split by MPS
+on RCB boundaries and, for a request that came over IDE, protected by the root port's
+Tx of the same stream with T echoed (§11.2.1).
+
+The TSM programs all of this through the platform control socket (``platform_ctl.py``):
+stream setup, IDE keys (the same KEY_PROG / K_SET_GO / K_SET_STOP steps IDE_KM gives
+the device), Enable, windows; and reads the status and events.  The lock here guards
+configuration and IDE state; it is never held while guest memory is accessed (a socket
+DMA may wait for the client, whose connection thread reports map changes here).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from teeio.ide import Direction, IdeIntegrityError, IdeKey, IdeKeyStateError, KeySet
+from teeio.tlp import CplStatus, SubStream, Tlp, TlpError, TlpType
+from vfio_user_dev.dma import Backing, DmaFault, DmaMapSet, MapEvent
+from vfio_user_dev.link import (
+    ROOT_PORT_ID,
+    IdeStream,
+    LinkFault,
+    RootPortReply,
+    completion_spans,
+    is_protected,
+    peek,
+    prefix_stream_id,
+    split,
+)
+
+log = logging.getLogger(__name__)
+
+RECENT = 128
+MAX_EVENTS = 1024
+
+
+class RootPortError(Exception):
+    """A configuration request the root port refuses (bad stream, overlap, no backing)."""
+
+
+@dataclass
+class Window:
+    """A trusted-DMA window: guest range, who may use it, what backed it when authorised."""
+
+    window_id: int
+    requester_id: int
+    stream_id: int
+    base: int
+    size: int
+    read: bool
+    write: bool
+    backing: tuple[Backing, ...]
+    suspended: str | None = None
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+    @property
+    def map_ids(self) -> frozenset[int]:
+        return frozenset(b.map_id for b in self.backing)
+
+    def overlaps(self, address: int, length: int) -> bool:
+        return address < self.end and self.base < address + length
+
+    def covers(self, address: int, length: int) -> bool:
+        return self.base <= address and address + length <= self.end
+
+    def as_dict(self) -> dict[str, object]:
+        return {"id": self.window_id, "requester_id": self.requester_id,
+                "stream_id": self.stream_id, "base": self.base, "size": self.size,
+                "access": ("r" if self.read else "") + ("w" if self.write else ""),
+                "state": "suspended" if self.suspended else "active",
+                "suspended_reason": self.suspended,
+                "backing": [b.as_dict() for b in self.backing]}
+
+
+class RootPortStream(IdeStream):
+    """The root port's end of one Selective IDE stream, plus the sub-streams on which IDE
+    TLPs have arrived (after which a non-IDE TLP from its requesters is a failure)."""
+
+    def __init__(self, stream_id: int, rid_base: int, rid_limit: int) -> None:
+        super().__init__(stream_id, rid_base, rid_limit)
+        self.started: set[SubStream] = set()
+
+    def reset(self) -> None:
+        super().reset()
+        self.started.clear()
+
+    def has_rid(self, rid: int) -> bool:
+        return self.rid_base <= rid <= self.rid_limit
+
+    def as_dict(self) -> dict[str, object]:
+        keys: dict[str, dict[str, object]] = {}
+        for d, end in (("tx", self.tx), ("rx", self.rx)):
+            keys[d] = {}
+            for s in SubStream:
+                active = end.active_key_set(s)
+                keys[d][s.name] = {
+                    "active": None if active is None else active.name,
+                    **{k.name: ("go" if end.is_go(k, s) else
+                                "programmed" if end.is_programmed(k, s) else "empty")
+                       for k in KeySet}}
+        return {"id": self.stream_id, "state": self.state(), "enabled": self.enabled,
+                "rid_base": self.rid_base, "rid_limit": self.rid_limit,
+                "insecure_reason": self.insecure_reason or self.rx.insecure_reason,
+                "started": sorted(s.name for s in self.started), "keys": keys}
+
+
+@dataclass
+class _Request:
+    """One memory request as the checks see it (from a TLP, or a clear-path piece)."""
+
+    write: bool
+    requester_id: int
+    address: int
+    length: int
+    t_bit: bool = False
+    stream: RootPortStream | None = None
+    tlp: Tlp | None = None
+    data: bytes = b""
+
+
+@dataclass
+class _Admitted:
+    req: _Request
+    pin: frozenset[int] | None
+    refused: bool = False       # a refused MRd, answered with UR
+
+
+@dataclass
+class _Burst:
+    """Refusals of one burst, logged together at the end."""
+
+    refused: collections.Counter[str] = field(default_factory=collections.Counter)
+    first: dict[str, str] = field(default_factory=dict)
+    fail_messages: list[tuple[int, str]] = field(default_factory=list)   # sent at the end
+
+
+class RootPort:
+    def __init__(self, dma: DmaMapSet, *, completer_id: int = ROOT_PORT_ID,
+                 name: str = "rp0") -> None:
+        self.dma = dma
+        self.completer_id = completer_id
+        self.log = log.getChild(name)
+        self.streams: dict[int, RootPortStream] = {}
+        self.windows: dict[int, Window] = {}
+        self._next_window = 1
+        self._lock = threading.RLock()
+        self.refusals: collections.Counter[str] = collections.Counter()
+        self.recent_refusals: collections.deque[dict[str, object]] = collections.deque(
+            maxlen=RECENT)
+        self.events: collections.deque[tuple[int, dict[str, object]]] = collections.deque(
+            maxlen=MAX_EVENTS)
+        self._event_seq = 0
+        self.counters = {"tlps_in": 0, "tlps_admitted": 0, "completions_out": 0,
+                         "completions_discarded": 0, "security_events": 0,
+                         "ide_failures": 0, "clear_transfers": 0}
+        self.mps = 256
+        self._ide_fail_sink: Callable[[int, str], None] | None = None
+        dma.listeners.append(self._map_changed)
+
+    def attach_link(self, mps: int, ide_fail_sink: Callable[[int, str], None]) -> None:
+        """Called by the Link: its MPS (completions are split by it) and where IDE Fail
+        Messages to the device go."""
+        self.mps = mps
+        self._ide_fail_sink = ide_fail_sink
+
+    # -- configuration (the TSM, through platform_ctl) --------------------------------------
+    def setup_stream(self, stream_id: int, rid_base: int = 0, rid_limit: int = 0xFFFF) -> None:
+        """(Re)create stream *stream_id* for requesters *rid_base*..*rid_limit*: no keys,
+        Enable clear, Insecure."""
+        if not 0 <= stream_id <= 0xFF or not 0 <= rid_base <= rid_limit <= 0xFFFF:
+            raise RootPortError(f"bad stream {stream_id} or RID range {rid_base:#x}.."
+                                f"{rid_limit:#x}")
+        with self._lock:
+            for other in self.streams.values():
+                if other.stream_id != stream_id and other.rid_base <= rid_limit \
+                        and rid_base <= other.rid_limit:
+                    raise RootPortError(f"RID range {rid_base:#06x}..{rid_limit:#06x} overlaps "
+                                        f"stream {other.stream_id}'s")
+            self.streams[stream_id] = RootPortStream(stream_id, rid_base, rid_limit)
+        self.log.info("stream %d set up for RIDs %#06x..%#06x", stream_id, rid_base, rid_limit)
+
+    def remove_stream(self, stream_id: int) -> None:
+        with self._lock:
+            self._stream(stream_id)
+            del self.streams[stream_id]
+        self.log.info("stream %d removed", stream_id)
+
+    def _stream(self, stream_id: int) -> RootPortStream:
+        s = self.streams.get(stream_id)
+        if s is None:
+            raise RootPortError(f"no stream {stream_id} at the root port")
+        return s
+
+    def has_stream(self, stream_id: int) -> bool:
+        with self._lock:
+            return stream_id in self.streams
+
+    def program_key(self, stream_id: int, key_set: KeySet, direction: Direction,
+                    substream: SubStream, key: IdeKey) -> None:
+        with self._lock:
+            s = self._stream(stream_id)
+            end = s.rx if direction == Direction.RX else s.tx
+            try:
+                end.program(key_set, substream, key)
+            except IdeKeyStateError as exc:
+                raise RootPortError(str(exc)) from None
+        self.log.info("stream %d %s %s %s key programmed", stream_id, Direction(direction).name,
+                      SubStream(substream).name, KeySet(key_set).name)
+
+    def key_programmed(self, stream_id: int, key_set: KeySet, direction: Direction,
+                       substream: SubStream) -> bool:
+        with self._lock:
+            s = self._stream(stream_id)
+            end = s.rx if direction == Direction.RX else s.tx
+            return end.is_programmed(key_set, substream)
+
+    def key_set_go(self, stream_id: int, key_set: KeySet, direction: Direction,
+                   substream: SubStream | None = None) -> None:
+        with self._lock:
+            s = self._stream(stream_id)
+            end = s.rx if direction == Direction.RX else s.tx
+            try:
+                end.go(key_set, substream)
+            except IdeKeyStateError as exc:
+                raise RootPortError(str(exc)) from None
+        self.log.info("stream %d %s %s K_SET_GO %s", stream_id, Direction(direction).name,
+                      "all" if substream is None else SubStream(substream).name,
+                      KeySet(key_set).name)
+
+    def key_set_stop(self, stream_id: int, key_set: KeySet, direction: Direction,
+                     substream: SubStream | None = None) -> None:
+        with self._lock:
+            s = self._stream(stream_id)
+            (s.rx if direction == Direction.RX else s.tx).stop(key_set, substream)
+        self.log.info("stream %d %s K_SET_STOP %s", stream_id, Direction(direction).name,
+                      KeySet(key_set).name)
+
+    def enable_stream(self, stream_id: int, enable: bool = True) -> str:
+        """Set or clear Enable; Secure needs a GO key set in all six (direction, sub-stream)
+        slots.  Returns the state."""
+        with self._lock:
+            s = self._stream(stream_id)
+            if enable and not s.keys_ready():
+                raise RootPortError(f"stream {stream_id}: not every sub-stream and direction "
+                                    "has a GO key set")
+            if enable and (s.insecure_reason or s.rx.insecure_reason):
+                raise RootPortError(f"stream {stream_id} is Insecure "
+                                    f"({s.insecure_reason or s.rx.insecure_reason}); reset "
+                                    "and key it again")
+            s.enabled = enable
+            state = s.state()
+        self.log.info("stream %d %s: %s", stream_id, "enabled" if enable else "disabled", state)
+        return state
+
+    def reset_stream(self, stream_id: int) -> None:
+        with self._lock:
+            self._stream(stream_id).reset()
+        self.log.info("stream %d reset: keys invalidated, Insecure", stream_id)
+
+    def invalidate_all(self, reason: str) -> None:
+        with self._lock:
+            for s in self.streams.values():
+                s.reset()
+        self.log.warning("every root-port IDE key invalidated: %s", reason)
+
+    def authorise_window(self, requester_id: int, stream_id: int, base: int, size: int,
+                         read: bool = True, write: bool = True) -> Window:
+        """A trusted-DMA window for T=1 DMA of *requester_id* on *stream_id*; it records
+        the maps that back the range now (all of it must be mapped)."""
+        if size <= 0 or base < 0 or base + size > 1 << 64 or not 0 <= requester_id <= 0xFFFF:
+            raise RootPortError(f"bad window {base:#x}+{size:#x} for RID {requester_id:#x}")
+        if not (read or write):
+            raise RootPortError("a window must allow reads, writes or both")
+        with self._lock:
+            self._stream(stream_id)
+            for w in self.windows.values():
+                if w.overlaps(base, size):
+                    raise RootPortError(f"{base:#x}+{size:#x} overlaps window {w.window_id}")
+            try:
+                backing = self.dma.backing(base, size)
+            except DmaFault as exc:
+                raise RootPortError(f"window {base:#x}+{size:#x} is not wholly mapped: "
+                                    f"{exc}") from None
+            w = Window(self._next_window, requester_id, stream_id, base, size, read, write,
+                       backing)
+            self._next_window += 1
+            self.windows[w.window_id] = w
+        self.log.info("window %d authorised: RID %#06x stream %d %#x+%#x %s, maps %s",
+                      w.window_id, requester_id, stream_id, base, size,
+                      w.as_dict()["access"], sorted(w.map_ids))
+        return w
+
+    def reauthorise_window(self, window_id: int) -> Window:
+        """Record the current backing of a (suspended) window and make it active again."""
+        with self._lock:
+            w = self._window(window_id)
+            try:
+                w.backing = self.dma.backing(w.base, w.size)
+            except DmaFault as exc:
+                raise RootPortError(f"window {window_id} is not wholly mapped: {exc}") from None
+            w.suspended = None
+        self.log.info("window %d re-authorised, maps %s", window_id, sorted(w.map_ids))
+        return w
+
+    def revoke_window(self, window_id: int) -> None:
+        with self._lock:
+            self._window(window_id)
+            del self.windows[window_id]
+        self.log.info("window %d revoked", window_id)
+
+    def _window(self, window_id: int) -> Window:
+        w = self.windows.get(window_id)
+        if w is None:
+            raise RootPortError(f"no window {window_id}")
+        return w
+
+    # -- map changes by the client: security events -----------------------------------------
+    def _map_changed(self, ev: MapEvent) -> None:
+        b = ev.backing
+        with self._lock:
+            for w in self.windows.values():
+                if not w.overlaps(b.address, b.size):
+                    continue
+                if ev.kind == "unmap" and b.map_id not in w.map_ids:
+                    continue
+                why = (f"client {'un' if ev.kind == 'unmap' else ''}mapped {b.address:#x}+"
+                       f"{b.size:#x} (map {b.map_id})")
+                first = w.suspended is None
+                if first:
+                    w.suspended = why
+                self._event("remap", window=w.window_id, op=ev.kind, backing=b.as_dict(),
+                            window_suspended=first)
+                self.counters["security_events"] += 1
+                self.log.warning("SECURITY: window %d (%#x+%#x): %s; DMA into it refused until "
+                                 "re-authorised", w.window_id, w.base, w.size, why)
+
+    def _event(self, kind: str, **data: object) -> None:
+        self._event_seq += 1
+        self.events.append((self._event_seq, {"seq": self._event_seq, "time": time.time(),
+                                              "kind": kind, **data}))
+
+    def events_since(self, seq: int = 0) -> list[dict[str, object]]:
+        """Security and IDE events numbered after *seq* (the TSM polls with the last it saw)."""
+        with self._lock:
+            return [e for n, e in self.events if n > seq]
+
+    # -- IDE failures -------------------------------------------------------------------------
+    def _ide_failed(self, stream: RootPortStream, reason: str, burst: _Burst) -> None:
+        stream.mark_insecure(reason)
+        self.counters["ide_failures"] += 1
+        self._event("ide_fail", stream=stream.stream_id, how="detected", reason=reason)
+        self.log.warning("IDE stream %d Insecure: %s; IDE Fail Message sent", stream.stream_id,
+                         reason)
+        burst.fail_messages.append((stream.stream_id, reason))
+
+    def _finish_burst(self, burst: _Burst) -> None:
+        """Log the burst's refusals; send its IDE Fail Messages (outside the lock: the
+        device side takes its own)."""
+        with self._lock:
+            self._log_burst(burst)
+        if self._ide_fail_sink is not None:
+            for sid, reason in burst.fail_messages:
+                self._ide_fail_sink(sid, reason)
+
+    def ide_fail_message(self, stream_id: int, reason: str) -> None:
+        """The device's IDE Fail Message: the stream is Insecure here too (§6.33.6)."""
+        with self._lock:
+            s = self.streams.get(stream_id)
+            if s is not None:
+                s.mark_insecure(f"IDE Fail Message from the device: {reason}")
+            self.counters["ide_failures"] += 1
+            self._event("ide_fail", stream=stream_id, how="message", reason=reason)
+        self.log.warning("IDE Fail Message from the device for stream %d: %s", stream_id,
+                         reason)
+
+    # -- checks -------------------------------------------------------------------------------
+    def _stream_of_rid(self, rid: int) -> RootPortStream | None:
+        for s in self.streams.values():
+            if s.has_rid(rid):
+                return s
+        return None
+
+    def _check(self, req: _Request) -> tuple[frozenset[int] | None, str | None, str]:
+        """(pinned map ids, refusal reason key or None, detail) for one request."""
+        a, n = req.address, req.length
+        if req.stream is not None and not req.stream.has_rid(req.requester_id):
+            return None, "rid_outside_stream", (f"RID {req.requester_id:#06x} is outside "
+                                                f"stream {req.stream.stream_id}'s RID range")
+        if req.t_bit:
+            sid = req.stream.stream_id if req.stream is not None else None
+            for w in self.windows.values():
+                if w.requester_id == req.requester_id and w.stream_id == sid and w.covers(a, n):
+                    if w.suspended:
+                        return None, "window_suspended", (f"window {w.window_id} suspended: "
+                                                          f"{w.suspended}")
+                    if not (w.write if req.write else w.read):
+                        return None, "window_access", (f"window {w.window_id} does not allow "
+                                                       f"{'writes' if req.write else 'reads'}")
+                    return w.map_ids, None, ""
+            return None, "t1_outside_window", (f"T=1 {a:#x}+{n} is in no window of RID "
+                                               f"{req.requester_id:#06x} stream {sid}")
+        for w in self.windows.values():
+            if w.overlaps(a, n):
+                return None, "t0_into_window", f"T=0 {a:#x}+{n} touches window {w.window_id}"
+        return None, None, ""
+
+    def _refuse(self, burst: _Burst, req: _Request | None, reason: str, detail: str) -> str:
+        self.refusals[reason] += 1
+        burst.refused[reason] += 1
+        burst.first.setdefault(reason, detail)
+        entry: dict[str, object] = {"time": time.time(), "reason": reason, "detail": detail}
+        if req is not None:
+            entry.update(kind="MWr" if req.write else "MRd", requester_id=req.requester_id,
+                         address=req.address, length=req.length, t_bit=req.t_bit,
+                         stream_id=None if req.stream is None else req.stream.stream_id)
+        self.recent_refusals.append(entry)
+        return detail
+
+    def _log_burst(self, burst: _Burst) -> None:
+        for reason, n in burst.refused.items():
+            level = logging.INFO if reason == "memory" else logging.WARNING
+            self.log.log(level, "refused %d TLP(s) (%s): %s", n, reason, burst.first[reason])
+
+    # -- wire path ----------------------------------------------------------------------------
+    def receive(self, wires: Sequence[bytes]) -> RootPortReply:
+        reply = RootPortReply()
+        burst = _Burst()
+        admitted: list[_Admitted] = []
+        with self._lock:
+            for wire in wires:
+                self.counters["tlps_in"] += 1
+                req = self._ingress(wire, burst)
+                if isinstance(req, str):
+                    head = peek(wire)
+                    if head is not None and head.type.is_request and head.type.has_data:
+                        reply.refused_posted.append(req)    # a posted write that never lands
+                    continue
+                pin, reason, detail = self._check(req)
+                if reason is not None:
+                    self._refuse(burst, req, reason, detail)
+                    if req.write:
+                        reply.refused_posted.append(detail)
+                    else:
+                        admitted.append(_Admitted(req, None, refused=True))
+                    continue
+                self.counters["tlps_admitted"] += 1
+                admitted.append(_Admitted(req, pin))
+        for run in _runs(admitted):
+            self._execute(run, reply, burst)
+        self._finish_burst(burst)
+        return reply
+
+    def _ingress(self, wire: bytes, burst: _Burst) -> _Request | str:
+        """IDE check and decode of one TLP: the request, or why it was discarded."""
+        stream: RootPortStream | None = None
+        if is_protected(wire):
+            sid = prefix_stream_id(wire)
+            if sid is None:
+                return self._refuse(burst, None, "malformed", "bad IDE prefix")
+            stream = self.streams.get(sid)
+            if stream is None:
+                return self._refuse(burst, None, "misrouted", f"IDE TLP for unknown stream {sid}")
+            if not stream.is_secure():      # already failed (or not enabled): discard only
+                return self._refuse(burst, None, "ide", f"IDE TLP on stream {sid}, which is "
+                                    f"not Secure ({stream.insecure_reason or 'not enabled'})")
+            try:
+                tlp = stream.rx.unprotect(wire)
+            except IdeIntegrityError as exc:
+                self._ide_failed(stream, exc.reason, burst)
+                return self._refuse(burst, None, "ide", exc.reason)
+            stream.started.add(tlp.substream)
+        else:
+            try:
+                tlp = Tlp.decode(wire)
+            except TlpError as exc:
+                return self._refuse(burst, None, "malformed", str(exc))
+            owner = self._stream_of_rid(tlp.requester_id)
+            if owner is not None and owner.is_secure() and tlp.substream in owner.started:
+                reason = (f"non-IDE {tlp.type.name} from RID {tlp.requester_id:#06x} on "
+                          f"{tlp.substream.name} after IDE started")
+                self._ide_failed(owner, reason, burst)
+                return self._refuse(burst, None, "ide", reason)
+        if not tlp.type.is_request:
+            return self._refuse(burst, None, "malformed",
+                                f"unexpected {tlp.type.name} from the device")
+        write = tlp.type.has_data
+        return _Request(write, tlp.requester_id, tlp.byte_address, tlp.request_byte_count,
+                        tlp.t_bit, stream, tlp, tlp.payload_bytes() if write else b"")
+
+    def _execute(self, run: list[_Admitted], reply: RootPortReply, burst: _Burst) -> None:
+        first = run[0]
+        if first.refused:
+            for adm in run:
+                self._complete(adm.req, None, reply)
+            return
+        start = first.req.address
+        total = sum(a.req.length for a in run)
+        if first.req.write:
+            try:
+                self.dma.write(start, b"".join(a.req.data for a in run), first.pin)
+                return
+            except DmaFault:
+                pass
+            for adm in run:               # find exactly which TLPs could not land
+                try:
+                    self.dma.write(adm.req.address, adm.req.data, adm.pin)
+                except DmaFault as exc:
+                    with self._lock:
+                        self._refuse(burst, adm.req, "memory", str(exc))
+                    reply.refused_posted.append(str(exc))
+            return
+        try:
+            data = self.dma.read(start, total, first.pin)
+        except DmaFault:
+            for adm in run:
+                try:
+                    got: bytes | None = self.dma.read(adm.req.address, adm.req.length, adm.pin)
+                except DmaFault as exc:
+                    with self._lock:
+                        self._refuse(burst, adm.req, "memory", str(exc))
+                    got = None
+                self._complete(adm.req, got, reply)
+            return
+        pos = 0
+        for adm in run:
+            self._complete(adm.req, data[pos:pos + adm.req.length], reply)
+            pos += adm.req.length
+
+    def _complete(self, req: _Request, data: bytes | None, reply: RootPortReply) -> None:
+        """Completion(s) for one MRd: CplDs of *data*, or UR if None."""
+        assert req.tlp is not None
+        with self._lock:
+            stream = req.stream
+            if stream is not None and not stream.is_secure():
+                self.counters["completions_discarded"] += 1
+                return
+            tlps: list[Tlp] = []
+            if data is None:
+                tlps.append(Tlp.completion_for(req.tlp, self.completer_id, status=CplStatus.UR))
+            else:
+                remaining = len(data)
+                for addr, n in completion_spans(req.address, len(data), self.mps):
+                    off = addr - req.address
+                    pad = addr & 3
+                    body = bytes(pad) + data[off:off + n]
+                    body += bytes(-len(body) % 4)
+                    tlps.append(Tlp(TlpType.CPLD, req.tlp.requester_id, req.tlp.tag,
+                                    data=body, completer_id=self.completer_id,
+                                    byte_count=remaining, lower_address=addr & 0x7F,
+                                    t_bit=req.tlp.t_bit, stream_id=req.tlp.stream_id,
+                                    tc=req.tlp.tc, attr=req.tlp.attr))
+                    remaining -= n
+            for tlp in tlps:
+                if stream is None:
+                    reply.completions.append(tlp.encode())
+                else:
+                    try:
+                        reply.completions.append(stream.tx.protect(tlp))
+                    except IdeKeyStateError as exc:
+                        self.counters["completions_discarded"] += 1
+                        self.log.warning("completion not sent: %s", exc)
+                        continue
+                self.counters["completions_out"] += 1
+
+    # -- clear fast path (no IDE, nobody watching the wire; see link.py) ---------------------
+    def clear_write(self, requester_id: int, address: int, data: bytes, mps: int) -> None:
+        burst = _Burst()
+        try:
+            runs = self._clear_plan(True, requester_id, address, len(data), mps, burst)
+            failed = [r[2] for r in runs if r[2] is not None]
+            for start, length, reason, pin in runs:
+                if reason is None:
+                    off = start - address
+                    part = data if length == len(data) else data[off:off + length]
+                    try:
+                        self.dma.write(start, part, pin)
+                    except DmaFault as exc:
+                        with self._lock:
+                            self._refuse(burst, _Request(True, requester_id, start, length),
+                                         "memory", str(exc))
+                        raise
+            if failed:
+                raise LinkFault(f"root port refused posted TLP(s): {burst.first[failed[0]]}")
+        finally:
+            self._finish_burst(burst)
+
+    def clear_read(self, requester_id: int, address: int, length: int, mrrs: int) -> bytes:
+        burst = _Burst()
+        try:
+            runs = self._clear_plan(False, requester_id, address, length, mrrs, burst)
+            for _start, _length, reason, _pin in runs:
+                if reason is not None:
+                    raise LinkFault(f"MRd refused (Unsupported Request): {burst.first[reason]}")
+            out = []
+            for start, n, _reason, pin in runs:
+                try:
+                    out.append(self.dma.read(start, n, pin))
+                except DmaFault as exc:
+                    with self._lock:
+                        self._refuse(burst, _Request(False, requester_id, start, n), "memory",
+                                     str(exc))
+                    raise
+            return b"".join(out)
+        finally:
+            self._finish_burst(burst)
+
+    def _clear_plan(self, write: bool, rid: int, address: int, length: int, size: int,
+                    burst: _Burst) -> list[tuple[int, int, str | None, frozenset[int] | None]]:
+        """Runs (start, length, refusal reason or None, pin) for a T=0 transfer split into
+        *size*-byte TLPs, each checked as the wire path would."""
+        with self._lock:
+            self.counters["clear_transfers"] += 1
+            owner = self._stream_of_rid(rid)
+            sub = SubStream.PR if write else SubStream.NPR
+            if owner is not None and owner.is_secure() and sub in owner.started:
+                why = (f"non-IDE {'MWr' if write else 'MRd'} from RID {rid:#06x} on "
+                       f"{sub.name} after IDE started")
+                self._refuse(burst, None, "ide", why)
+                self._ide_failed(owner, why, burst)
+                raise LinkFault(f"IDE stream {owner.stream_id}: {why}")
+            if not any(w.overlaps(address, length) for w in self.windows.values()):
+                self.counters["tlps_admitted"] += 1
+                return [(address, length, None, None)]
+            runs: list[tuple[int, int, str | None, frozenset[int] | None]] = []
+            for a, n in split(address, length, size):
+                req = _Request(write, rid, a, n)
+                pin, reason, detail = self._check(req)
+                if reason is not None:
+                    self._refuse(burst, req, reason, detail)
+                else:
+                    self.counters["tlps_admitted"] += 1
+                if runs and runs[-1][2] == reason and runs[-1][3] == pin \
+                        and runs[-1][0] + runs[-1][1] == a:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + n, reason, pin)
+                else:
+                    runs.append((a, n, reason, pin))
+            return runs
+
+    # -- status -----------------------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "completer_id": self.completer_id,
+                "streams": [s.as_dict() for s in self.streams.values()],
+                "windows": [w.as_dict() for w in self.windows.values()],
+                "refusals": dict(self.refusals),
+                "refusals_total": sum(self.refusals.values()),
+                "recent_refusals": list(self.recent_refusals)[-16:],
+                "last_event_seq": self._event_seq,
+                **self.counters,
+            }
+
+
+def _runs(admitted: list[_Admitted]) -> Iterator[list[_Admitted]]:
+    """Consecutive admitted requests of one kind, contiguous, with the same pin, grouped so
+    that each group is one memory access."""
+    run: list[_Admitted] = []
+    for adm in admitted:
+        if run:
+            last = run[-1]
+            same = (adm.req.write == last.req.write and adm.pin == last.pin
+                    and adm.refused == last.refused
+                    and (adm.refused or last.req.address + last.req.length == adm.req.address))
+            if not same:
+                yield run
+                run = []
+        run.append(adm)
+    if run:
+        yield run
