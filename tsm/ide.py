@@ -301,6 +301,13 @@ class SelectiveStream:
             f"{q.dev_func & 7} MaxPortIndex {q.max_port_index}, IDE capability "
             f"{regs.capability:#010x}, {sum(b.kind == 'selective' for b in regs.blocks)} "
             f"selective stream block(s)")
+        if sel.enabled and sel.stream_id != self.stream_id:
+            raise IdeError(f"selective block {self.block} is enabled for stream "
+                           f"{sel.stream_id}; tear that one down first")
+        for b in regs.blocks:
+            if b is not sel and b.stream_id == self.stream_id and self.stream_id:
+                raise IdeError(f"stream {self.stream_id} is already on {b.kind} block "
+                               f"{b.index}; tear it down first (or pick another --stream-id)")
         rp_status = self.rp.call("status")["root_port"]
         rp_rid = int(rp_status["completer_id"])
 
@@ -359,20 +366,25 @@ class SelectiveStream:
         return self._expect_secure("after the refresh")
 
     def teardown(self) -> None:
-        """Both ends back to no stream; tolerant of a half-set-up state."""
-        if self.device_rid is None:
-            self.do_query()
+        """Both ends back to no stream.  Tolerates a half-set-up or already reset state:
+        only what still exists is stopped and removed."""
+        regs = self.do_query()
         self.host_read()
-        sel = self.device_block(via_query=False)
-        if sel.stream_id == self.stream_id or sel.enabled:
-            self.host_write(sel.control_offset, self.stream_id << 24)     # Enable clear
-        if root_port_stream(self.rp, self.stream_id) is not None:
+        sel = regs.selective(self.block)
+        if sel.stream_id not in (0, self.stream_id):
+            raise IdeError(f"selective block {self.block} carries stream {sel.stream_id}, "
+                           f"not {self.stream_id}")
+        if sel.enabled:
+            self.host_write(sel.control_offset, sel.stream_id << 24)      # Enable clear
+        rp = root_port_stream(self.rp, self.stream_id)
+        if rp is not None:
             self.rp.call("stream_enable", stream_id=self.stream_id, enable=False)
         self.out("disabled: device (host config write), then root port")
-        km = self._km()
-        for ks in KeySet:
-            km.stop_all(self.stream_id, ks)
-        if root_port_stream(self.rp, self.stream_id) is not None:
+        if any(b.stream_id == self.stream_id for b in regs.blocks):
+            # (K_SET_STOP for a Stream ID no block carries would get no response.)
+            for ks in KeySet:
+                self._km().stop_all(self.stream_id, ks)
+        if rp is not None:
             for ks in KeySet:
                 for d in Direction:
                     root_port_go(self.rp, self.stream_id, ks, d, stop=True)
@@ -443,11 +455,18 @@ def _platform(opts: IdeOptions) -> PlatformClient:
 @contextlib.contextmanager
 def _spdm_session(opts: IdeOptions, run: Attestation, end: bool,
                   ) -> Iterator[tuple[Requester, int]]:
-    """Attest, open a session; END_SESSION on the way out if *end* (and no error)."""
+    """Attest, open a session; END_SESSION on the way out if *end*, and also after a
+    failure (fail-safe: the device then drops every key the session programmed)."""
     with attest.attested(opts.attest, run) as (req, _blocks):
         sid = req.start_session(0)
         run.out(f"SPDM session 0x{sid:08x} established (KEY_EXCHANGE + FINISH)")
-        yield req, sid
+        try:
+            yield req, sid
+        except BaseException:
+            if end and sid in req.sessions:
+                with contextlib.suppress(RequesterError, DoeTransportError, AttestError):
+                    req.end_session(sid)
+            raise
         if end:
             req.end_session(sid)
             run.out(f"END_SESSION 0x{sid:08x}: acknowledged")
@@ -501,7 +520,7 @@ def run_ide(command: str, opts: IdeOptions, run: Attestation) -> dict[str, Any]:
             _wait(opts, "stream Secure with K1", out)
             s.teardown()
             last = s.status()
-        # After END_SESSION: the device invalidated every key of the session.
+        # After END_SESSION (the device invalidates every key the session programmed).
         after = SelectiveStream(rp, None, opts.stream_id, opts.block, out).status(False)
         if after["device"]["state"] != "insecure":
             raise IdeError("the device's stream is not Insecure after END_SESSION")

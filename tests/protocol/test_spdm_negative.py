@@ -300,6 +300,48 @@ def test_dropped_secured_vendor_request() -> None:
         req.vendor_request(RegistryId.PCISIG, PCI_SIG_VENDOR_ID, b"\x00")
 
 
+def test_handle_spdm_or_drop_stays_silent_where_handle_spdm_answers() -> None:
+    req, rsp, _ = established()
+
+    def drop(payload: bytes, session_id: int | None) -> bytes:
+        raise DropRequest
+
+    rsp.register_vendor_handler(RegistryId.PCISIG, PCI_SIG_VENDOR_ID, drop)
+    msg = codec.VendorDefinedRequest(req.version, RegistryId.PCISIG, b"\x01\x00",
+                                     b"\x00").encode()
+    assert rsp.handle_spdm_or_drop(msg) is None
+    assert error_of(rsp.handle_spdm(msg))[1] == ErrorCode.UnsupportedRequest
+    ok = rsp.handle_spdm_or_drop(codec.GetDigests(req.version).encode())
+    assert ok is not None and ok[1] == 0x01
+
+
+def test_on_session_end_sees_every_way_a_session_ends() -> None:
+    req, rsp, sid = established()
+    ended: list[int] = []
+    rsp.on_session_end.append(ended.append)
+    req.heartbeat(sid)
+    assert ended == []
+    req.end_session(sid)                      # END_SESSION: after the ACK went out
+    assert ended == [sid]
+    sid2 = req.start_session()
+    record = bytearray(req.sessions[sid2].channel.seal(codec.Heartbeat(req.version).encode()))
+    record[-1] ^= 1
+    assert rsp.handle_secured(bytes(record)) is not None     # DecryptError, then ended
+    assert ended == [sid, sid2]
+    req.sessions.pop(sid2)
+    sid3, sid4 = req.start_session(), req.start_session()
+    connect(req)                              # GET_VERSION resets the connection
+    assert sorted(ended[2:]) == sorted([sid3, sid4])
+
+    def broken(session_id: int) -> None:
+        raise RuntimeError("bug")
+
+    rsp.on_session_end.insert(0, broken)      # a failing callback does not stop the others
+    sid5 = req.start_session()
+    req.end_session(sid5)
+    assert ended[-1] == sid5
+
+
 def test_vendor_handler_error_becomes_spdm_error() -> None:
     req, rsp, _ = established()
 
