@@ -20,6 +20,8 @@ LSPCI_MUST_SHOW = {
     "lspci_msix": "MSI-X: Enable",
     "lspci_power_management": "Power Management version 3",
     "lspci_extended_config_dsn": "Device Serial Number",
+    "lspci_doe": "Data Object Exchange",
+    "lspci_ide": "Integrity & Data Encryption",
 }
 
 
