@@ -40,6 +40,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.bench --out out/bench.json
 	$(PY) -m bench.bench_spdm --out out/bench-spdm.json
+	$(PY) -m bench.bench_link --out out/bench-link.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -15,7 +15,16 @@ and direction starts at the key's IFV (initial value 1 per IDE_KM, §6.33.3) whe
 set goes into use (stream establishment or refresh) and increments by one per TLP.  The
 MAC is the GCM tag truncated to its 12 most significant bytes (GCM §5.2.1.2), so
 ``AESGCM(key).encrypt(iv, P, A)[-16:-4]`` is the MAC — the self-consistency vectors in
-``tests/unit/test_ide.py`` check exactly that.
+``tests/unit/test_ide.py`` check exactly that.  ``AESGCM`` only checks whole 16-byte tags,
+so a receiver recovers P as ``encrypt(iv, C, A)`` (GCM encryption is CTR, its own inverse),
+encrypts P again to get the tag over C, and compares its first 12 bytes with the MAC in
+constant time; nothing is delivered before that comparison.
+
+Batches (:meth:`IdeTx.protect_many`, :meth:`IdeRx.open_many`) do the same work for a run
+of TLPs without building :class:`~teeio.tlp.Tlp` objects: the link's fast path.  They
+produce and accept exactly the bytes :meth:`IdeTx.protect` / :meth:`IdeRx.unprotect` do;
+:meth:`IdeRx.open_many` stops at the first TLP that needs anything but the common case
+(a key-set switch, a failed check), leaving it to :meth:`IdeRx.unprotect`.
 
 Key-set switching (§6.33.3/§6.33.4): K_SET_GO makes a Tx use the new set from its next
 TLP, which carries the new K bit; an Rx keeps the set it is receiving with until the
@@ -37,15 +46,19 @@ own (see :mod:`teeio.tlp`).
 
 from __future__ import annotations
 
+import functools
+import hmac
 import logging
 import secrets
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .tlp import PREFIX_LEN, IdePrefix, SubStream, Tlp, TlpError
+from .tlp import IDE_PREFIX_BYTE0, PREFIX_LEN, IdePrefix, SubStream, Tlp, TlpError
 
 __all__ = [
     "KEY_LEN", "MAC_LEN", "Direction", "IdeError", "IdeIntegrityError", "IdeKey",
@@ -114,24 +127,35 @@ class IdeKey:
         """A fresh random key (as the TSM does for each KEY_PROG)."""
         return cls(secrets.token_bytes(KEY_LEN), ifv)
 
+    @functools.cached_property
+    def aead(self) -> AESGCM:
+        """The AES-GCM engine of this key (made once: key expansion is not per TLP)."""
+        return AESGCM(self.key)
+
+
+_IV = struct.Struct(">4xQ")
+_TAG_LEN = 16
+_TAG_EXTRA = _TAG_LEN - MAC_LEN         # GCM tag bytes the 96-bit MAC leaves out
+
 
 def gcm_iv(counter: int) -> bytes:
     """The 96-bit GCM IV: 32 zero bits then the 64-bit counter, big-endian (§6.33.5)."""
-    return bytes(4) + counter.to_bytes(8, "big")
+    return _IV.pack(counter)
 
 
-def _seal(key: bytes, counter: int, aad: bytes, plaintext: bytes) -> bytes:
-    enc = Cipher(algorithms.AES(key), modes.GCM(gcm_iv(counter))).encryptor()
-    enc.authenticate_additional_data(aad)
-    ct = enc.update(plaintext) + enc.finalize()
-    return ct + enc.tag[:MAC_LEN]
+def _seal(key: IdeKey, counter: int, aad: bytes, plaintext: bytes) -> bytes:
+    """``C || MAC``: the ciphertext and the tag truncated to its 12 leading bytes."""
+    return key.aead.encrypt(_IV.pack(counter), plaintext, aad)[:-_TAG_EXTRA]
 
 
-def _open(key: bytes, counter: int, aad: bytes, ciphertext: bytes, mac: bytes) -> bytes:
-    dec = Cipher(algorithms.AES(key),
-                 modes.GCM(gcm_iv(counter), mac, min_tag_length=MAC_LEN)).decryptor()
-    dec.authenticate_additional_data(aad)
-    return dec.update(ciphertext) + dec.finalize()
+def _open(key: IdeKey, counter: int, aad: bytes, ciphertext: bytes, mac: bytes) -> bytes:
+    """The plaintext of *ciphertext* once its MAC checks out (InvalidTag otherwise)."""
+    iv = _IV.pack(counter)
+    enc = key.aead.encrypt
+    plain = enc(iv, ciphertext, aad)[:-_TAG_LEN]      # CTR: decryption is encryption
+    if not hmac.compare_digest(enc(iv, plain, aad)[-_TAG_LEN:-_TAG_EXTRA], mac):
+        raise InvalidTag
+    return plain
 
 
 @dataclass
@@ -178,6 +202,10 @@ class _IdeEndpoint:
     def active_key_set(self, substream: SubStream) -> KeySet | None:
         """The key set this endpoint protects/checks with right now (None: none yet)."""
         return self._subs[SubStream(substream)].active
+
+    def all_active(self) -> bool:
+        """Whether every sub-stream has a key set in use."""
+        return all(st.active is not None for st in self._subs.values())
 
     def counter(self, substream: SubStream) -> int:
         """The next invocation counter of *substream* (for tests and diagnostics)."""
@@ -238,10 +266,45 @@ class IdeTx(_IdeEndpoint):
                                    "exhausted; refresh the keys")
         tlp = replace(tlp, stream_id=self.stream_id, key_set=int(st.active))
         aad = tlp.header()
-        wire = aad + _seal(key.key, st.counter, aad, tlp.data)
-        self.log.debug("--> %s K%d ctr %d: %s", s.name, st.active, st.counter, wire.hex())
+        wire = aad + _seal(key, st.counter, aad, tlp.data)
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("--> %s K%d ctr %d: %s", s.name, st.active, st.counter, wire.hex())
         st.counter += 1
         return wire
+
+    def protect_many(self, substream: SubStream, t_bit: bool, headers: Sequence[bytes],
+                     payloads: Sequence[bytes | memoryview],
+                     stream_id: int | None = None) -> list[bytes]:
+        """Protect a run of TLPs of one sub-stream given as header bytes without the IDE
+        prefix (:func:`teeio.tlp.memory_write_parts` and friends) and DW-padded payloads:
+        for each, exactly the bytes :meth:`protect` returns for the same TLP with *t_bit*,
+        with consecutive counters.  *stream_id*: the stream the caller meant (an error if
+        not this one).  All or nothing: nothing is protected if any would fail."""
+        if stream_id is not None and stream_id != self.stream_id:
+            raise IdeKeyStateError(f"TLP for stream {stream_id} handed to the Tx of "
+                                   f"stream {self.stream_id}")
+        s = SubStream(substream)
+        st = self._subs[s]
+        if st.active is None:
+            raise IdeKeyStateError(f"stream {self.stream_id} Tx {s.name}: no key set is GO")
+        key = self._require_key(st, st.active, s)
+        ctr = st.counter
+        if ctr + len(headers) - 1 > COUNTER_MAX:
+            raise IdeKeyStateError(f"stream {self.stream_id} Tx {s.name}: invocation counter "
+                                   "exhausted; refresh the keys")
+        prefix = bytes((IDE_PREFIX_BYTE0, int(s) << 4 | int(t_bit) << 2 | int(st.active) << 1 | 1,
+                        self.stream_id, 0))
+        enc, iv = key.aead.encrypt, _IV.pack
+        out = []
+        for header, payload in zip(headers, payloads, strict=True):
+            aad = prefix + header
+            out.append(aad + enc(iv(ctr), payload, aad)[:-_TAG_EXTRA])
+            ctr += 1
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("--> %s K%d ctr %d..%d: %d TLPs", s.name, st.active, st.counter,
+                           ctr - 1, len(out))
+        st.counter = ctr
+        return out
 
 
 class IdeRx(_IdeEndpoint):
@@ -332,10 +395,66 @@ class IdeRx(_IdeEndpoint):
         if st.counter > COUNTER_MAX:
             raise self._fail(f"{s.name}: invocation counter exhausted")
         try:
-            plain = _open(key.key, st.counter, aad, body, mac)
+            plain = _open(key, st.counter, aad, body, mac)
         except InvalidTag:
             raise self._fail(f"{s.name} MAC check failed (counter {st.counter}, "
                              f"{ks.name})") from None
-        self.log.debug("<-- %s K%d ctr %d: %s", s.name, ks, st.counter, wire.hex())
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("<-- %s K%d ctr %d: %s", s.name, ks, st.counter, wire.hex())
         st.counter += 1
         return replace(shell, data=plain)
+
+    def open_many(self, wires: Sequence[bytes], start: int, stop: int) -> list[bytes]:
+        """Check and decrypt ``wires[start:stop]`` in order, as :meth:`unprotect` would,
+        while each one is the common case: the key set it names is the one in use on its
+        sub-stream, the counter is not exhausted and its MAC checks out.  Returns the
+        plaintext payloads (DW-padded, as on the wire) of those that passed; the first that
+        did not is left untouched -- no counter moved, nothing recorded -- for
+        :meth:`unprotect` to handle (key-set switch, or the failure that makes the stream
+        Insecure).
+
+        The caller must have checked every wire's prefix and header as :meth:`unprotect`
+        does first (:func:`teeio.tlp.parse_ide_requests` / ``parse_ide_completions``):
+        well-formed, of this stream, sub-stream matching the TLP type."""
+        out: list[bytes] = []
+        if self.insecure_reason is not None:
+            return out
+        compare = hmac.compare_digest
+        iv_of = _IV.pack
+        last_b1 = -1
+        enc: Callable[..., bytes] | None = None
+        st = self._subs[SubStream.PR]
+        ctr = 0
+        for i in range(start, stop):
+            wire = wires[i]
+            b1 = wire[1]
+            if b1 != last_b1:                   # sub-stream or key set (or T) changed
+                if enc is not None:
+                    st.counter = ctr
+                st = self._subs[SubStream(b1 >> 4 & 7)]
+                ks = b1 >> 1 & 1
+                key = st.keys[ks]
+                if st.active != ks or key is None or not st.go[ks]:
+                    return out
+                enc = key.aead.encrypt
+                ctr = st.counter
+                last_b1 = b1
+            assert enc is not None
+            if ctr > COUNTER_MAX:
+                break
+            iv = iv_of(ctr)
+            hlen = PREFIX_LEN + (16 if wire[PREFIX_LEN] & 0x20 else 12)
+            aad = wire[:hlen]
+            if len(wire) == hlen + MAC_LEN:      # no payload: the tag is all there is
+                plain = b""
+                if not compare(enc(iv, plain, aad)[:MAC_LEN], wire[hlen:]):
+                    break
+            else:
+                plain = enc(iv, wire[hlen:-MAC_LEN], aad)[:-_TAG_LEN]
+                if not compare(enc(iv, plain, aad)[-_TAG_LEN:-_TAG_EXTRA], wire[-MAC_LEN:]):
+                    break
+            ctr += 1
+            out.append(plain)
+        if enc is not None:
+            st.counter = ctr
+        return out

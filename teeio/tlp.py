@@ -47,6 +47,12 @@ M/K/T/P/Sub-Stream inside byte 1 come from PCIe Figure 6-64, which we could not 
 (reference notes §3.4, §8).  TSM and device both use this module, so the layout is
 consistent end to end; it is not claimed to match silicon bit for bit.
 
+Runs of TLPs can also be encoded and parsed without :class:`Tlp` objects
+(:func:`memory_write_parts`, :func:`memory_read_headers`, :func:`completion_parts`,
+:func:`parse_ide_requests`, :func:`parse_ide_completions`): the same bytes and fields,
+for the link's fast path; the parsers accept only what :meth:`Tlp.decode` accepts and
+leave anything unusual to it.
+
 Simplifications: no TLP digest (TD must be 0 — IDE TLPs never carry ECRC), no
 address translation (AT = 0), no TPH (TH = 0, PH = 0), no LN; 10-bit tags at most
 (14-bit tags exist only in flit mode); no messages, I/O, configuration or atomic TLPs.
@@ -54,6 +60,8 @@ address translation (AT = 0), no TPH (TH = 0, PH = 0), no LN; 10-bit tags at mos
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -542,3 +550,204 @@ def _enables(address: int, size: int) -> tuple[int, int, int, int]:
     if n == 1:
         return start, first & last, 0, 1
     return start, first, last, n
+
+
+# -- runs of TLPs without Tlp objects (the link's fast path) ----------------------------------
+# Each function gives byte for byte what the Tlp class gives for the same TLPs (the unit
+# tests compare them); they leave out Tlp's validation, so the callers pass only what it
+# would accept: pieces of 1..4096 bytes that do not cross a 4 KiB boundary.
+
+_REQ3 = struct.Struct(">BBBBHBBI")
+_REQ4 = struct.Struct(">BBBBHBBQ")
+_CPL = struct.Struct(">BBBBHBBHBB")
+_SPANS = ((0, 0),) + tuple(_span(be) for be in range(1, 16))   # by byte-enable value
+MAC_BYTES = 12      # the IDE MAC that follows a protected TLP (teeio.ide.MAC_LEN)
+
+
+def _dw0_bits(tag: int, tc: int, attr: int) -> tuple[int, int]:
+    """Bytes 1 and 2 of DW0 without the Length bits."""
+    return ((tag >> 9 & 1) << 7 | tc << 4 | (tag >> 8 & 1) << 3 | (attr >> 2) << 2,
+            (attr & 3) << 4)
+
+
+def _request_header(kind32: int, requester_id: int, tag: int, address: int, size: int,
+                    b1: int, b2: int) -> tuple[bytes, int]:
+    """(header, DW count) of one memory request (*kind32*: its 32-bit-address type)."""
+    start = address & ~3
+    end = address + size
+    n = (end - start + 3) >> 2
+    first = (0xF << (address & 3)) & 0xF
+    tail = end & 3
+    last = (0xF >> (4 - tail)) if tail else 0xF
+    if n == 1:
+        first, last = first & last, 0
+    if start < ADDR32_LIMIT:
+        return _REQ3.pack(kind32, b1, b2 | n >> 8 & 3, n & 0xFF, requester_id, tag & 0xFF,
+                          last << 4 | first, start), n
+    return _REQ4.pack(kind32 | 0x20, b1, b2 | n >> 8 & 3, n & 0xFF, requester_id, tag & 0xFF,
+                      last << 4 | first, start), n
+
+
+def memory_write_parts(requester_id: int, address: int, data: bytes,
+                       pieces: Sequence[tuple[int, int]], *, tag: int = 0, tc: int = 0,
+                       attr: int = 0) -> tuple[list[bytes], list[bytes | memoryview]]:
+    """Headers (no IDE prefix) and DW-padded payloads of the MWr TLPs that write the
+    byte ranges *pieces* of *data* (which starts at byte *address*): for each piece
+    ``(a, n)``, ``Tlp.memory_write(requester_id, tag, a, data[a - address:][:n], tc=tc,
+    attr=attr)``'s ``header()`` and ``data``."""
+    b1, b2 = _dw0_bits(tag, tc, attr)
+    view = memoryview(data)
+    headers: list[bytes] = []
+    payloads: list[bytes | memoryview] = []
+    kind = int(TlpType.MWR32)
+    req3, req4 = _REQ3.pack, _REQ4.pack
+    tag8 = tag & 0xFF
+    for a, n in pieces:
+        off = a - address
+        if not (a | n) & 3 and n > 4:           # whole DWs, more than one: all bytes enabled
+            dws = n >> 2
+            if a < ADDR32_LIMIT:
+                headers.append(req3(kind, b1, b2 | dws >> 8 & 3, dws & 0xFF, requester_id,
+                                    tag8, 0xFF, a))
+            else:
+                headers.append(req4(kind | 0x20, b1, b2 | dws >> 8 & 3, dws & 0xFF,
+                                    requester_id, tag8, 0xFF, a))
+            payloads.append(view[off:off + n])
+            continue
+        header, dws = _request_header(kind, requester_id, tag, a, n, b1, b2)
+        headers.append(header)
+        lead = a & 3
+        payloads.append(bytes(lead) + view[off:off + n] + bytes(dws * 4 - lead - n))
+    return headers, payloads
+
+
+def memory_read_headers(requester_id: int, pieces: Sequence[tuple[int, int]], *,
+                        first_tag: int = 0, tc: int = 0, attr: int = 0) -> list[bytes]:
+    """Headers (no IDE prefix) of MRd TLPs for the byte ranges *pieces*, tagged
+    *first_tag*, *first_tag* + 1, ...: ``Tlp.memory_read(requester_id, tag, a, n, tc=tc,
+    attr=attr).header()`` for each."""
+    out = []
+    kind = int(TlpType.MRD32)
+    for i, (a, n) in enumerate(pieces):
+        tag = first_tag + i
+        b1, b2 = _dw0_bits(tag, tc, attr)
+        out.append(_request_header(kind, requester_id, tag, a, n, b1, b2)[0])
+    return out
+
+
+def completion_parts(requester_id: int, tag: int, completer_id: int, address: int,
+                     data: bytes | memoryview, spans: Sequence[tuple[int, int]], *,
+                     tc: int = 0, attr: int = 0) -> tuple[list[bytes], list[bytes | memoryview]]:
+    """Headers (no IDE prefix) and DW-padded payloads of the CplDs that return *data*
+    (read at byte *address*) in the byte ranges *spans*, each carrying the bytes still
+    due as its Byte Count: ``Tlp(CPLD, requester_id, tag, data=padded, completer_id=...,
+    byte_count=remaining, lower_address=a & 0x7F, tc=tc, attr=attr)``."""
+    b1, b2 = _dw0_bits(tag, tc, attr)
+    view = memoryview(data)
+    remaining = len(view)
+    headers: list[bytes] = []
+    payloads: list[bytes | memoryview] = []
+    for a, n in spans:
+        off = a - address
+        lead = a & 3
+        dws = (lead + n + 3) >> 2
+        bc = remaining & 0xFFF                  # 4096 encodes as 0
+        headers.append(_CPL.pack(TlpType.CPLD, b1, b2 | dws >> 8 & 3, dws & 0xFF,
+                                 completer_id, bc >> 8, bc & 0xFF, requester_id, tag & 0xFF,
+                                 a & 0x7F))
+        if lead == 0 and dws * 4 == n:
+            payloads.append(view[off:off + n])
+        else:
+            payloads.append(bytes(lead) + view[off:off + n] + bytes(dws * 4 - lead - n))
+        remaining -= n
+    return headers, payloads
+
+
+# (write, requester_id, tag, tc, attr, t_bit, byte_address, byte_count, first_byte)
+RequestFields = tuple[bool, int, int, int, int, bool, int, int, int]
+# (requester_id, tag, byte_count, lower_address)
+CompletionFields = tuple[int, int, int, int]
+
+
+_HEAD = struct.Struct(">BBBBBBBBHBB")   # IDE prefix, DW0, DW1 of a request (12 bytes)
+_ADDR32 = struct.Struct(">I")
+_ADDR64 = struct.Struct(">Q")
+_CPL_HEAD = struct.Struct(">BBBBBBBBHBBHBB")   # IDE prefix and a completion header
+
+
+def parse_ide_requests(wires: Sequence[bytes], start: int, stream_id: int) -> list[RequestFields]:
+    """The fields of ``wires[start:]``, IDE-protected memory requests of stream
+    *stream_id*, up to the first one that is anything else or that :meth:`Tlp.decode`
+    (with the MAC stripped) would not accept exactly so.  ``first_byte``: where the
+    enabled bytes start in the (DW-padded) payload."""
+    out: list[RequestFields] = []
+    spans = _SPANS
+    head, addr32, addr64 = _HEAD.unpack_from, _ADDR32.unpack_from, _ADDR64.unpack_from
+    for i in range(start, len(wires)):
+        w = wires[i]
+        size = len(w)
+        if size < 16 + MAC_BYTES:
+            break
+        p0, p1, p2, _, kind, h1, h2, h3, rid, tag, be = head(w)
+        # Prefix: IDE, this stream, M = 1, no PCRC, reserved 0, the request's sub-stream
+        # (PR 0 / NPR 1 in bits 6:4); header: no LN/TH, TD, AT.
+        if p0 != IDE_PREFIX_BYTE0 or p2 != stream_id or h1 & 0x03 or h2 & 0x8C:
+            break
+        if kind & 0xDF == 0x40:                 # MWr32 0x40, MWr64 0x60
+            write = True
+            if p1 & 0xF9 != 0x01:
+                break
+        elif kind & 0xDF == 0x00:               # MRd32 0x00, MRd64 0x20
+            write = False
+            if p1 & 0xF9 != 0x11:
+                break
+        else:
+            break
+        n = (h2 & 3) << 8 | h3 or 1024
+        if kind & 0x20:
+            if size < 20 + MAC_BYTES:
+                break
+            hlen = 20
+            address = addr64(w, 12)[0]
+            if address < ADDR32_LIMIT:
+                break
+        else:
+            hlen = 16
+            address = addr32(w, 12)[0]
+        if (size != hlen + MAC_BYTES + (n << 2 if write else 0) or address & 3
+                or (address & 0xFFF) + (n << 2) > 0x1000):
+            break
+        first, last = be & 0xF, be >> 4
+        if not first or (last if n == 1 else not last):
+            break
+        lo, hi = spans[first]
+        out.append((write, rid, (h1 >> 7 & 1) << 9 | (h1 >> 3 & 1) << 8 | tag,
+                    h1 >> 4 & 7, (h1 >> 2 & 1) << 2 | (h2 >> 4 & 3), bool(p1 & 0x04),
+                    address + lo, hi - lo if n == 1 else (n << 2) - lo - 4 + spans[last][1],
+                    lo))
+    return out
+
+
+def parse_ide_completions(wires: Sequence[bytes], start: int,
+                          stream_id: int) -> list[CompletionFields]:
+    """The fields of ``wires[start:]``, IDE-protected successful CplDs of stream
+    *stream_id*, up to the first one that is anything else or that :meth:`Tlp.decode`
+    (with the MAC stripped) would not accept exactly so."""
+    out: list[CompletionFields] = []
+    head = _CPL_HEAD.unpack_from
+    cpld = int(TlpType.CPLD)
+    for i in range(start, len(wires)):
+        w = wires[i]
+        if len(w) < 16 + MAC_BYTES:
+            break
+        p0, p1, p2, _, kind, h1, h2, h3, _cid, st_bc, bc, rid, tag, lower = head(w)
+        # IDE prefix of this stream on CPL (2), M = 1, no PCRC; a CplD, no LN/TH, TD, AT;
+        # status SC; reserved bit 7 of the lower address byte clear.
+        if (p0 != IDE_PREFIX_BYTE0 or p2 != stream_id or p1 & 0xF9 != 0x21 or kind != cpld
+                or h1 & 0x03 or h2 & 0x8C or st_bc & 0xE0 or lower & 0x80):
+            break
+        if len(w) != 16 + ((h2 & 3) << 8 | h3 or 1024) * 4 + MAC_BYTES:
+            break
+        out.append((rid, (h1 >> 7 & 1) << 9 | (h1 >> 3 & 1) << 8 | tag,
+                    (st_bc & 0xF) << 8 | bc or MAX_PAYLOAD, lower))
+    return out

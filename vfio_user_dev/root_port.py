@@ -23,6 +23,12 @@ and reported back to the endpoint (see ``link.py``).  Read completions are split
 on RCB boundaries and, for a request that came over IDE, protected by the root port's
 Tx of the same stream with T echoed (§11.2.1).
 
+Runs of ordinary IDE requests (well-formed, of one Secure stream, key set in use, MAC
+good) are checked and decrypted as bytes, a run at a time, with no TLP objects
+(:func:`~teeio.tlp.parse_ide_requests`, :meth:`~teeio.ide.IdeRx.open_many`), and
+contiguous admitted writes are gathered into one memory access; the checks, their order
+and what is recorded are those of the per-TLP path, which takes every TLP the run does not.
+
 The TSM programs all of this through the platform control socket (``platform_ctl.py``):
 stream setup, IDE keys (the same KEY_PROG / K_SET_GO / K_SET_STOP steps IDE_KM gives
 the device), Enable, windows; and reads the status and events.  The lock here guards
@@ -37,10 +43,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from teeio.ide import Direction, IdeIntegrityError, IdeKey, IdeKeyStateError, KeySet
-from teeio.tlp import CplStatus, SubStream, Tlp, TlpError, TlpType
+from teeio.tlp import (
+    IDE_PREFIX_BYTE0,
+    PREFIX_LEN,
+    CplStatus,
+    SubStream,
+    Tlp,
+    TlpError,
+    TlpType,
+    completion_parts,
+    parse_ide_requests,
+)
 from vfio_user_dev.dma import Backing, DmaFault, DmaMapSet, MapEvent
 from vfio_user_dev.link import (
     ROOT_PORT_ID,
@@ -135,16 +151,37 @@ class RootPortStream(IdeStream):
 
 @dataclass
 class _Request:
-    """One memory request as the checks see it (from a TLP, or a clear-path piece)."""
+    """One memory request as the checks see it (from a TLP, or a clear-path piece); or a
+    run of contiguous admitted requests of one kind gathered by the fast path, whose TLPs'
+    byte ranges and tags are in *pieces*."""
 
     write: bool
     requester_id: int
-    address: int
-    length: int
+    address: int            # of the first enabled byte
+    length: int             # bytes covered
     t_bit: bool = False
     stream: RootPortStream | None = None
-    tlp: Tlp | None = None
+    tag: int = 0
+    tc: int = 0
+    attr: int = 0
     data: bytes = b""
+    pieces: list[tuple[int, int, int]] | None = None    # (address, length, tag)
+
+    @property
+    def tlps(self) -> int:
+        return 1 if self.pieces is None else len(self.pieces)
+
+    def each(self) -> Iterator[_Request]:
+        """The request of each TLP (this one unless it is a gathered run)."""
+        if self.pieces is None:
+            yield self
+            return
+        off = 0
+        for a, n, tag in self.pieces:
+            yield _Request(self.write, self.requester_id, a, n, self.t_bit, self.stream,
+                           tag=tag, tc=self.tc, attr=self.attr,
+                           data=self.data[off:off + n] if self.write else b"")
+            off += n
 
 
 @dataclass
@@ -456,28 +493,102 @@ class RootPort:
         burst = _Burst()
         admitted: list[_Admitted] = []
         with self._lock:
-            for wire in wires:
-                self.counters["tlps_in"] += 1
-                req = self._ingress(wire, burst)
-                if isinstance(req, str):
-                    head = peek(wire)
-                    if head is not None and head.type.is_request and head.type.has_data:
-                        reply.refused_posted.append(req)    # a posted write that never lands
-                    continue
-                pin, reason, detail = self._check(req)
-                if reason is not None:
-                    self._refuse(burst, req, reason, detail)
-                    if req.write:
-                        reply.refused_posted.append(detail)
-                    else:
-                        admitted.append(_Admitted(req, None, refused=True))
-                    continue
-                self.counters["tlps_admitted"] += 1
-                admitted.append(_Admitted(req, pin))
+            i, n = 0, len(wires)
+            while i < n:
+                i = self._receive_run(wires, i, burst, reply, admitted)
+                if i < n:
+                    self._receive_one(wires[i], burst, reply, admitted)
+                    i += 1
         for run in _runs(admitted):
             self._execute(run, reply, burst)
         self._finish_burst(burst)
         return reply
+
+    def _receive_one(self, wire: bytes, burst: _Burst, reply: RootPortReply,
+                     admitted: list[_Admitted]) -> None:
+        self.counters["tlps_in"] += 1
+        req = self._ingress(wire, burst)
+        if isinstance(req, str):
+            head = peek(wire)
+            if head is not None and head.type.is_request and head.type.has_data:
+                reply.refused_posted.append(req)    # a posted write that never lands
+            return
+        self._admit(req, burst, reply, admitted, *self._check(req))
+
+    def _admit(self, req: _Request, burst: _Burst, reply: RootPortReply,
+               admitted: list[_Admitted], pin: frozenset[int] | None, reason: str | None,
+               detail: str) -> None:
+        if reason is not None:
+            self._refuse(burst, req, reason, detail)
+            if req.write:
+                reply.refused_posted.append(detail)
+            else:
+                admitted.append(_Admitted(req, None, refused=True))
+            return
+        self.counters["tlps_admitted"] += 1
+        admitted.append(_Admitted(req, pin))
+
+    def _receive_run(self, wires: Sequence[bytes], start: int, burst: _Burst,
+                     reply: RootPortReply, admitted: list[_Admitted]) -> int:
+        """Take the run of ordinary IDE requests at *start* (well-formed, on one Secure
+        stream, passing the IDE check) without TLP objects, doing for each what
+        :meth:`_receive_one` would; contiguous admitted requests of one kind become one
+        gathered request.  Returns where the run stopped: the TLP there (if any) is
+        :meth:`_receive_one`'s."""
+        first = wires[start]
+        if len(first) <= PREFIX_LEN or first[0] != IDE_PREFIX_BYTE0:
+            return start
+        stream = self.streams.get(first[2])
+        if stream is None or not stream.is_secure():
+            return start
+        fields = parse_ide_requests(wires, start, stream.rx.stream_id)
+        plains = stream.rx.open_many(wires, start, start + len(fields)) if fields else []
+        if not plains:
+            return start
+        self.counters["tlps_in"] += len(plains)
+        quick = not self.windows            # no window to check against, nor to pin to
+        in_range = stream.has_rid
+        run: _Request | None = None         # contiguous admitted requests being gathered
+        parts: list[bytes] = []             # its payloads (writes)
+        pieces: list[tuple[int, int, int]] = []
+        gathered = 0
+        kinds = set()
+        del fields[len(plains):]
+        for (write, rid, tag, tc, attr, t_bit, a, count, lo), plain in zip(fields, plains,
+                                                                           strict=True):
+            kinds.add(write)
+            if quick and not t_bit and in_range(rid):   # admitted, not pinned (_check)
+                if (run is None or run.address + run.length != a or run.write != write
+                        or run.requester_id != rid or run.tc != tc or run.attr != attr):
+                    if run is not None:
+                        self._close_run(run, parts, pieces, admitted)
+                    run = _Request(write, rid, a, 0, False, stream, tc=tc, attr=attr)
+                    parts, pieces = [], []
+                run.length += count
+                if write:
+                    parts.append(plain[lo:lo + count])
+                pieces.append((a, count, tag))
+                gathered += 1
+                continue
+            if run is not None:
+                self._close_run(run, parts, pieces, admitted)
+                run = None
+            req = _Request(write, rid, a, count, t_bit, stream, tag=tag, tc=tc, attr=attr,
+                           data=bytes(plain[lo:lo + count]) if write else b"")
+            self._admit(req, burst, reply, admitted, *self._check(req))
+        if run is not None:
+            self._close_run(run, parts, pieces, admitted)
+        stream.started.update(SubStream.PR if k else SubStream.NPR for k in kinds)
+        self.counters["tlps_admitted"] += gathered
+        return start + len(plains)
+
+    @staticmethod
+    def _close_run(run: _Request, parts: list[bytes], pieces: list[tuple[int, int, int]],
+                   admitted: list[_Admitted]) -> None:
+        if run.write:
+            run.data = b"".join(parts)
+        run.pieces = pieces
+        admitted.append(_Admitted(run, None))
 
     def _ingress(self, wire: bytes, burst: _Burst) -> _Request | str:
         """IDE check and decode of one TLP: the request, or why it was discarded."""
@@ -514,13 +625,13 @@ class RootPort:
                                 f"unexpected {tlp.type.name} from the device")
         write = tlp.type.has_data
         return _Request(write, tlp.requester_id, tlp.byte_address, tlp.request_byte_count,
-                        tlp.t_bit, stream, tlp, tlp.payload_bytes() if write else b"")
+                        tlp.t_bit, stream, tag=tlp.tag, tc=tlp.tc, attr=tlp.attr,
+                        data=tlp.payload_bytes() if write else b"")
 
     def _execute(self, run: list[_Admitted], reply: RootPortReply, burst: _Burst) -> None:
         first = run[0]
         if first.refused:
-            for adm in run:
-                self._complete(adm.req, None, reply)
+            self._complete([(req, None) for adm in run for req in adm.req.each()], reply)
             return
         start = first.req.address
         total = sum(a.req.length for a in run)
@@ -531,65 +642,111 @@ class RootPort:
             except DmaFault:
                 pass
             for adm in run:               # find exactly which TLPs could not land
-                try:
-                    self.dma.write(adm.req.address, adm.req.data, adm.pin)
-                except DmaFault as exc:
-                    with self._lock:
-                        self._refuse(burst, adm.req, "memory", str(exc))
-                    reply.refused_posted.append(str(exc))
+                for req in adm.req.each():
+                    try:
+                        self.dma.write(req.address, req.data, adm.pin)
+                    except DmaFault as exc:
+                        with self._lock:
+                            self._refuse(burst, req, "memory", str(exc))
+                        reply.refused_posted.append(str(exc))
             return
+        answers: list[tuple[_Request, bytes | memoryview | None]] = []
         try:
             data = self.dma.read(start, total, first.pin)
         except DmaFault:
             for adm in run:
-                try:
-                    got: bytes | None = self.dma.read(adm.req.address, adm.req.length, adm.pin)
-                except DmaFault as exc:
-                    with self._lock:
-                        self._refuse(burst, adm.req, "memory", str(exc))
-                    got = None
-                self._complete(adm.req, got, reply)
+                for req in adm.req.each():
+                    try:
+                        got: bytes | None = self.dma.read(req.address, req.length, adm.pin)
+                    except DmaFault as exc:
+                        with self._lock:
+                            self._refuse(burst, req, "memory", str(exc))
+                        got = None
+                    answers.append((req, got))
+            self._complete(answers, reply)
             return
+        view = memoryview(data)
         pos = 0
         for adm in run:
-            self._complete(adm.req, data[pos:pos + adm.req.length], reply)
+            answers.append((adm.req, view[pos:pos + adm.req.length]))
             pos += adm.req.length
+        self._complete(answers, reply)
 
-    def _complete(self, req: _Request, data: bytes | None, reply: RootPortReply) -> None:
-        """Completion(s) for one MRd: CplDs of *data*, or UR if None."""
-        assert req.tlp is not None
+    def _complete(self, answers: Sequence[tuple[_Request, bytes | memoryview | None]],
+                  reply: RootPortReply) -> None:
+        """The completions answering MRds (or gathered runs of them), in order: for each,
+        CplDs of its data, or UR if None; T echoes the request and the completions travel
+        on its stream (§11.2.1).  Consecutive CplDs on one stream with one T are protected
+        as a run."""
         with self._lock:
-            stream = req.stream
-            if stream is not None and not stream.is_secure():
-                self.counters["completions_discarded"] += 1
-                return
-            tlps: list[Tlp] = []
-            if data is None:
-                tlps.append(Tlp.completion_for(req.tlp, self.completer_id, status=CplStatus.UR))
+            group: list[tuple[_Request, bytes | memoryview]] = []
+            for req, data in answers:
+                if group and (data is None or req.stream is not group[0][0].stream
+                              or req.t_bit != group[0][0].t_bit):
+                    self._complete_group(group, reply)
+                    group = []
+                if data is not None:
+                    group.append((req, data))
+                    continue
+                stream = req.stream
+                if stream is not None and not stream.is_secure():
+                    self.counters["completions_discarded"] += 1
+                    continue
+                ur = Tlp(TlpType.CPL, req.requester_id, req.tag, completer_id=self.completer_id,
+                         byte_count=req.length, lower_address=req.address & 0x7F,
+                         status=CplStatus.UR, t_bit=req.t_bit,
+                         stream_id=None if stream is None else stream.stream_id,
+                         tc=req.tc, attr=req.attr)
+                self._send_completions([ur], stream, reply)
+            if group:
+                self._complete_group(group, reply)
+
+    def _complete_group(self, group: list[tuple[_Request, bytes | memoryview]],
+                        reply: RootPortReply) -> None:
+        """CplDs for MRds of one stream (or none) and one T bit.  Under the lock."""
+        stream, t_bit = group[0][0].stream, group[0][0].t_bit
+        if stream is not None and not stream.is_secure():     # one per MRd, as ever
+            self.counters["completions_discarded"] += sum(r.tlps for r, _ in group)
+            return
+        headers: list[bytes] = []
+        payloads: list[bytes | memoryview] = []
+        for req, data in group:
+            base = req.address
+            for a, n, tag in req.pieces or ((base, req.length, req.tag),):
+                h, p = completion_parts(req.requester_id, tag, self.completer_id, a,
+                                        data[a - base:a - base + n],
+                                        completion_spans(a, n, self.mps), tc=req.tc,
+                                        attr=req.attr)
+                headers += h
+                payloads += p
+        if stream is None:
+            reply.completions += [h + p for h, p in zip(headers, payloads, strict=True)]
+            self.counters["completions_out"] += len(headers)
+            return
+        try:
+            wires = stream.tx.protect_many(SubStream.CPL, t_bit, headers, payloads)
+        except IdeKeyStateError:
+            # One by one, so each completion is sent or counted as discarded on its own.
+            tlps = [replace(Tlp.decode(h + p), t_bit=t_bit, stream_id=stream.stream_id)
+                    for h, p in zip(headers, payloads, strict=True)]
+            self._send_completions(tlps, stream, reply)
+            return
+        reply.completions += wires
+        self.counters["completions_out"] += len(wires)
+
+    def _send_completions(self, tlps: list[Tlp], stream: RootPortStream | None,
+                          reply: RootPortReply) -> None:
+        for tlp in tlps:
+            if stream is None:
+                reply.completions.append(tlp.encode())
             else:
-                remaining = len(data)
-                for addr, n in completion_spans(req.address, len(data), self.mps):
-                    off = addr - req.address
-                    pad = addr & 3
-                    body = bytes(pad) + data[off:off + n]
-                    body += bytes(-len(body) % 4)
-                    tlps.append(Tlp(TlpType.CPLD, req.tlp.requester_id, req.tlp.tag,
-                                    data=body, completer_id=self.completer_id,
-                                    byte_count=remaining, lower_address=addr & 0x7F,
-                                    t_bit=req.tlp.t_bit, stream_id=req.tlp.stream_id,
-                                    tc=req.tlp.tc, attr=req.tlp.attr))
-                    remaining -= n
-            for tlp in tlps:
-                if stream is None:
-                    reply.completions.append(tlp.encode())
-                else:
-                    try:
-                        reply.completions.append(stream.tx.protect(tlp))
-                    except IdeKeyStateError as exc:
-                        self.counters["completions_discarded"] += 1
-                        self.log.warning("completion not sent: %s", exc)
-                        continue
-                self.counters["completions_out"] += 1
+                try:
+                    reply.completions.append(stream.tx.protect(tlp))
+                except IdeKeyStateError as exc:
+                    self.counters["completions_discarded"] += 1
+                    self.log.warning("completion not sent: %s", exc)
+                    continue
+            self.counters["completions_out"] += 1
 
     # -- clear fast path (no IDE, nobody watching the wire; see link.py) ---------------------
     def clear_write(self, requester_id: int, address: int, data: bytes, mps: int) -> None:
