@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import Protocol, TypedDict
 
 from teeio.device_regs import CMD_GO, Op, R, St
 from vfio_user_dev.client import Client
@@ -244,19 +244,45 @@ def mbps(nbytes: int, ns: int) -> float:
     return nbytes * 1000.0 / ns if ns > 0 else 0.0
 
 
-def timed_loop(fn: Callable[[], None], s: Settings) -> tuple[int, int]:
-    """Run *fn* (after warm-up) for the configured count or time budget; (reps, ns)."""
-    for _ in range(s.dma_warmup):
+class TimeBudget(Protocol):
+    """How long one measurement point runs: a time budget bounded by repetition counts."""
+
+    @property
+    def budget_ns(self) -> int: ...
+    @property
+    def min_reps(self) -> int: ...
+    @property
+    def max_reps(self) -> int: ...
+    @property
+    def warmup(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Budget:
+    budget_ns: int
+    min_reps: int
+    max_reps: int
+    warmup: int
+
+
+def timed(fn: Callable[[], object], b: TimeBudget) -> tuple[int, int]:
+    """Run *fn* (after warm-up) for the budget's count or time; (reps, ns)."""
+    for _ in range(b.warmup):
         fn()
     with gc_paused():
         reps = 0
         t0 = time.perf_counter_ns()
         elapsed = 0
-        while reps < s.dma_min_reps or (elapsed < s.dma_budget_ns and reps < s.dma_max_reps):
+        while reps < b.min_reps or (elapsed < b.budget_ns and reps < b.max_reps):
             fn()
             reps += 1
             elapsed = time.perf_counter_ns() - t0
     return reps, elapsed
+
+
+def timed_loop(fn: Callable[[], None], s: Settings) -> tuple[int, int]:
+    """The DMA points' budget from *s*."""
+    return timed(fn, Budget(s.dma_budget_ns, s.dma_min_reps, s.dma_max_reps, s.dma_warmup))
 
 
 # -- 1. region access -----------------------------------------------------------------------------

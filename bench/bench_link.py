@@ -61,10 +61,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from bench.bench import (
     all_threads_on,
     emit_report,
-    gc_paused,
     mbps,
     pin_process,
     restore_affinity,
+    timed,
 )
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
 from vfio_user_dev.dma import DmaMapSet
@@ -182,21 +182,6 @@ class Settings:
         if quick:
             return cls(quick, 40_000_000, 2, 10_000, 1, None)
         return cls(quick, 400_000_000, 3, 200_000, 2, None)
-
-
-def timed(fn: Callable[[], object], s: Settings) -> tuple[int, int]:
-    """Run *fn* (after warm-up) for the configured count or time budget; (reps, ns)."""
-    for _ in range(s.warmup):
-        fn()
-    with gc_paused():
-        reps = 0
-        t0 = time.perf_counter_ns()
-        elapsed = 0
-        while reps < s.min_reps or (elapsed < s.budget_ns and reps < s.max_reps):
-            fn()
-            reps += 1
-            elapsed = time.perf_counter_ns() - t0
-    return reps, elapsed
 
 
 def point(nbytes: int, reps: int, ns: int) -> Point:
