@@ -518,6 +518,9 @@ class IdeKmResponder:
         self.ports = ports
         self.max_port_index = max_port_index
         self.bound_session: int | None = None
+        #: (stream, key set, direction, sub-stream) of every key the bound session programmed
+        #: (KP_ACK Success); cleared with the binding.  TDISP's LOCK checks it.
+        self.programmed: set[tuple[int, KeySet, Direction, SubStream]] = set()
         self.log = log.getChild(name) if name else log
 
     def _drop(self, why: str) -> DropRequest:
@@ -529,7 +532,17 @@ class IdeKmResponder:
         every key is invalidated now and the streams go Insecure (§6.33.3)."""
         if session_id == self.bound_session:
             self.bound_session = None
+            self.programmed.clear()
             self.store.invalidate_all(f"SPDM session 0x{session_id:08x} closed")
+
+    def keys_programmed_by(self, session_id: int, stream_id: int
+                           ) -> set[tuple[KeySet, Direction, SubStream]]:
+        """The keys of *stream_id* that session *session_id* programmed and that are still
+        programmed in the store (empty unless it is the session IDE_KM is bound to)."""
+        if session_id != self.bound_session:
+            return set()
+        return {(k, d, s) for (sid, k, d, s) in self.programmed
+                if sid == stream_id and self.store.key_programmed(sid, k, d, s)}
 
     def handle(self, payload: bytes, session_id: int | None) -> bytes:
         payload = bytes(payload)
@@ -596,6 +609,7 @@ class IdeKmResponder:
         except IdeKeyStateError as e:
             self.log.info("KEY_PROG refused: %s", e)
             return ack(KpStatus.UNSPECIFIED_FAILURE)
+        self.programmed.add((req.stream_id, req.key_set, req.direction, req.substream))
         return ack(KpStatus.SUCCESS)
 
     def _go_stop(self, payload: bytes) -> bytes:

@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     device = TeeIoDevice(mps=ns.mps, mrrs=ns.mrrs, capture=capture)
     if security is not None:
         # SPDM on DOE, and IDE_KM over the device's IDE capability (keys, stream state).
-        security.attach(device.doe, device.ide, requester_id=device.link_end.requester_id)
+        # TDISP for the function as its one TDI; config writes that break a locked TDI.
+        security.attach(device.doe, device.ide, requester_id=device.link_end.requester_id,
+                        tdi=device)
+        device.security_listeners.append(security.security_event)
     # The DOE sockets listen before the vfio-user socket appears (which launchers wait for).
     doe_servers = [DoeSocketServer(device.doe, path=path, port=port,
                                    exit_on_shutdown=ns.doe_exit_on_shutdown)

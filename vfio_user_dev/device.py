@@ -53,6 +53,7 @@ from teeio.pcie.config import (
     Status,
     bar_wmask,
 )
+from teeio.tdisp import TdiEvent
 from vfio_user_dev.dma import DmaFault, DmaMapSet
 from vfio_user_dev.irq import IrqController
 from vfio_user_dev.link import DEFAULT_MPS, DEFAULT_MRRS, CaptureWriter, Link, LinkEndpoint
@@ -65,6 +66,7 @@ VENDOR_ID = 0x1234
 DEVICE_ID = 0x7E10
 MSIX_VECTORS = 4
 BAR1_SIZE = 4096
+BIST_OFFSET = 0x0F     # BIST register (a write to it is a TDISP security event)
 MSIX_TABLE_OFF = 0x000
 MSIX_PBA_OFF = 0x800
 PM_CAP = 0x40
@@ -179,6 +181,8 @@ class TeeIoDevice:
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self.generation = 0
         self.listeners: list[Callable[[TeeIoDevice], None]] = []
+        # TDISP security events seen in config space / resets (the DSM's TDISP responder).
+        self.security_listeners: list[Callable[[TdiEvent], None]] = []
         self.total = {"jobs": 0, "bytes": 0, "errors": 0}
         # DOE: one dispatcher for the config-space mailbox and the host socket, serialised
         # by the device lock.  Protocols (SPDM 0001:01, secured SPDM 0001:02) register here.
@@ -212,6 +216,7 @@ class TeeIoDevice:
         """Function-level reset of device state (DMA maps and eventfds belong to the client)."""
         with self._lock:
             self.generation += 1
+            self._security_event(TdiEvent.FLR)
             self._reset_state()
             self.doe_mailbox.reset()   # §6.30.2: a reset aborts any DOE transfer in progress
             self.irq.set_intx(False)
@@ -270,13 +275,38 @@ class TeeIoDevice:
         self._bounds(index, offset, len(data))
         with self._lock:
             if index == PciRegion.CONFIG:
+                old_cmd = self.config.get(Reg.COMMAND, 2)
                 self._config_write(offset, data)
                 if offset < Reg.COMMAND + 2 and offset + len(data) > Reg.COMMAND:
                     self.irq.update_intx()
+                self._config_security_events(offset, len(data), old_cmd)
             elif index == PciRegion.BAR0:
                 self._bar0_write(offset, data)
             else:
                 self._bar1_write(offset, data)
+
+    # -- TDISP: what the TDI's security manager must hear about (PCIe 6.x §11.2.6) ------------
+    def mmio_bars(self) -> list[tuple[int, int, int]]:
+        """(BAR index, base address, size) of the memory BARs as assigned in config space."""
+        with self._lock:
+            return [(bar, self.config.get(Reg.BAR0 + 4 * bar, 4) & ~0xF & 0xFFFFFFFF, size)
+                    for bar, size in ((0, regs.BAR0_SIZE), (1, BAR1_SIZE))]
+
+    def _security_event(self, event: TdiEvent) -> None:
+        for listener in self.security_listeners:
+            listener(event)
+
+    def _config_security_events(self, offset: int, count: int, old_cmd: int) -> None:
+        end = offset + count
+        if (offset < Reg.BAR0 + 24 and end > Reg.BAR0) or (
+                offset < Reg.ROM_ADDRESS + 4 and end > Reg.ROM_ADDRESS) or (
+                offset <= BIST_OFFSET < end):
+            self._security_event(TdiEvent.BAR_WRITE)
+        new_cmd = self.config.get(Reg.COMMAND, 2)
+        if old_cmd & ~new_cmd & Command.MEMORY_SPACE:
+            self._security_event(TdiEvent.MEMORY_SPACE_DISABLED)
+        if old_cmd & ~new_cmd & Command.BUS_MASTER:
+            self._security_event(TdiEvent.BUS_MASTER_DISABLED)
 
     def _bounds(self, index: int, offset: int, count: int) -> None:
         spec = self.REGIONS.get(PciRegion(index)) if index in set(PciRegion) else None

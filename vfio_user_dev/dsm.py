@@ -2,7 +2,7 @@
 
 The DSM owns the device identity (certificate chain and key, slot 0), the firmware
 measurements and the SPDM responder, and on it the PCI-SIG vendor-defined protocols:
-IDE_KM now, TDISP in a later issue.  It serves two DOE protocols on the device's
+IDE_KM and TDISP.  It serves two DOE protocols on the device's
 dispatcher, so both the config-space mailbox (the guest, Linux) and the host DOE
 socket (the TSM, spdm-emu) reach it:
 
@@ -27,6 +27,13 @@ IDE_KM with PortIndex 1, so the DSM answers PortIndex 0 and 1 (both name this fu
 and says so with MaxPortIndex 1 in QUERY_RESP; any other PortIndex gets what the spec
 prescribes (QUERY, K_SET_GO, K_SET_STOP: no response; KEY_PROG: KP_ACK Unsupported
 PortIndex).
+
+TDISP (PCIe 6.x ch. 11) is Protocol ID 0x01 on the same mux, served by a
+:class:`~vfio_user_dev.tdisp_responder.TdispResponder` for the function's one TDI
+(:meth:`DeviceSecurityManager.attach_tdisp`), with the same rule: established secured
+sessions only, no response otherwise.  LOCK checks the IDE keys against what the IDE_KM
+responder recorded for the requesting session; when the session that locked the TDI
+ends, the TDI goes to ERROR (see that module for the details).
 
 Payloads arrive DW-padded; the responder accepts that padding, and its responses
 are padded again here (PCIe 6.3 §6.30.1).  The dispatcher's lock (the device lock)
@@ -55,7 +62,9 @@ from teeio.measurements import MeasurementSource, measure_elf
 from teeio.spdm import Responder
 from teeio.spdm.errors import DropRequest
 from teeio.spdm.secured import Phase
+from teeio.tdisp import TdiEvent
 from vfio_user_dev import firmware_build
+from vfio_user_dev.tdisp_responder import TdiHost, TdispResponder
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +93,21 @@ class DeviceSecurityManager:
                                                self.pci_sig)
         self.responder.on_session_end.append(self._session_ended)
         self.ide_km: IdeKmResponder | None = None
+        self.tdisp: TdispResponder | None = None
 
     def attach(self, doe: DoeDispatcher, ide: IdeKeyStore | None = None, *,
-               requester_id: int = 0, segment: int = 0) -> None:
+               requester_id: int = 0, segment: int = 0, tdi: TdiHost | None = None) -> None:
         """Register CMA/SPDM (0001:01) and Secured CMA/SPDM (0001:02) on *doe*; with *ide*
         (the device's IDE capability) also IDE_KM, reporting the function as
-        *requester_id* (bus << 8 | dev/fn) in *segment*."""
+        *requester_id* (bus << 8 | dev/fn) in *segment*; with *tdi* (the device) also
+        TDISP for the function as its one TDI."""
         doe.register(PCI_SIG_VENDOR_ID, DataObjectType.CMA_SPDM, self.handle_spdm)
         doe.register(PCI_SIG_VENDOR_ID, DataObjectType.SECURED_CMA_SPDM, self.handle_secured)
         log.info("SPDM responder on DOE 0001:01 and 0001:02")
         if ide is not None:
             self.attach_ide(ide, requester_id=requester_id, segment=segment)
+        if tdi is not None:
+            self.attach_tdisp(tdi, requester_id=requester_id, segment=segment)
 
     def attach_ide(self, store: IdeKeyStore, *, requester_id: int = 0,
                    segment: int = 0) -> IdeKmResponder:
@@ -109,17 +122,46 @@ class DeviceSecurityManager:
                  segment, "/".join(map(str, IDE_KM_PORTS)))
         return self.ide_km
 
-    def _ide_km(self, payload: bytes, session_id: int | None) -> bytes:
-        assert self.ide_km is not None
+    def attach_tdisp(self, host: TdiHost, *, requester_id: int = 0,
+                     segment: int = 0) -> TdispResponder:
+        """TDISP for the function (*host* gives its BARs), inside secured sessions only.
+        LOCK needs IDE keys programmed by IDE_KM (:meth:`attach_ide` first)."""
+        store = self.ide_km.store if self.ide_km is not None else None
+        self.tdisp = TdispResponder(host, self.ide_km, requester_id=requester_id,
+                                    segment=segment,
+                                    has_stream=None if store is None else store.has_stream,
+                                    name=f"{self.name}.tdisp" if self.name else "tdisp")
+        self.pci_sig.register(PciSigProtocol.TDISP, self._tdisp)
+        log.info("TDISP responder for %02x:%02x.%x (segment %d)", requester_id >> 8 & 0xFF,
+                 requester_id >> 3 & 0x1F, requester_id & 7, segment)
+        return self.tdisp
+
+    def security_event(self, event: TdiEvent) -> None:
+        """A TDISP security event from the device (config write, FLR, ...)."""
+        if self.tdisp is not None:
+            self.tdisp.security_event(event)
+
+    def _established(self, session_id: int | None, what: str) -> None:
         if session_id is not None:
             sess = self.responder.sessions.get(session_id)
             if sess is None or sess.channel.phase is not Phase.ESTABLISHED:
-                log.info("IDE_KM request dropped, no response: session 0x%08x is not "
-                         "established", session_id)
-                raise DropRequest("IDE_KM in a session that is not established")
+                log.info("%s request dropped, no response: session 0x%08x is not "
+                         "established", what, session_id)
+                raise DropRequest(f"{what} in a session that is not established")
+
+    def _ide_km(self, payload: bytes, session_id: int | None) -> bytes:
+        assert self.ide_km is not None
+        self._established(session_id, "IDE_KM")
         return self.ide_km.handle(payload, session_id)
 
+    def _tdisp(self, payload: bytes, session_id: int | None) -> bytes:
+        assert self.tdisp is not None
+        self._established(session_id, "TDISP")
+        return self.tdisp.handle(payload, session_id)
+
     def _session_ended(self, session_id: int) -> None:
+        if self.tdisp is not None:
+            self.tdisp.session_closed(session_id)
         if self.ide_km is not None:
             self.ide_km.session_closed(session_id)
 

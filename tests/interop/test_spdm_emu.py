@@ -463,9 +463,14 @@ def test_spdm_requester_emu_ide_km_against_device(spdm_emu_bin: Path, firmware_e
     """spdm_requester_emu's application phase in its session (``--exe_session KEY_EX,APP``,
     ``spdm_requester_pci_doe.c``): IDE_KM QUERY (PortIndex 1 in current spdm-emu, 0 in
     older ones), KEY_PROG K0 Rx and Tx for the PR sub-stream of stream 0, K_SET_GO Rx, Tx,
-    K_SET_STOP Rx, Tx -- every one answered by the device's DSM.  spdm-emu then runs TDISP,
-    which this device does not implement yet (ERROR UnsupportedRequest), so the
-    requester's exit status says nothing about IDE_KM; the device log does."""
+    K_SET_STOP Rx, Tx -- every one answered by the device's DSM.  Between K_SET_GO and
+    K_SET_STOP it runs TDISP with FUNCTION_ID 0xBEEF: VERSION, CAPABILITIES, STATE, LOCK
+    (default stream 0, MMIO reporting offset 0xD0000000), STATE, the report in portions,
+    START with LOCK's nonce, STATE RUN, STOP, STATE UNLOCKED -- it asserts each state
+    itself and stops at the first surprise.  Then it goes on to CXL IDE_KM / TSP
+    (VendorID 0x1E98), which a PCIe device answers with ERROR UnsupportedRequest: that
+    is the one error it reports (LIBSPDM_STATUS_ERROR_PEER), after the PCIe parts, and it
+    still ends the run with SHUTDOWN, which the device obeys."""
     alg = ALGS["P-384"]
     identity = tmp_path / "identity"
     pki.provision(identity, alg.key)
@@ -483,6 +488,11 @@ def test_spdm_requester_emu_ide_km_against_device(spdm_emu_bin: Path, firmware_e
             pytest.fail(f"spdm_requester_emu did not finish in {REQUESTER_TIMEOUT}s:\n"
                         f"{exc.stdout!r}\ndevice log:\n{tail(device.log)}")
         (work / "requester.log").write_text(run.stdout + run.stderr)
+        # SHUTDOWN with --doe-exit-on-shutdown ends the device server by itself.
+        try:
+            device_exit: int | None = device.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            device_exit = None
     finally:
         device.stop()
     log = device.log.read_text(errors="replace")
@@ -490,10 +500,36 @@ def test_spdm_requester_emu_ide_km_against_device(spdm_emu_bin: Path, firmware_e
     for kss in ("0x00", "0x02"):                      # K0 Rx PR, K0 Tx PR
         assert any(f"KEY_PROG stream 0 KSS {kss} port {p} -> SUCCESS" in log
                    for p in (0, 1)), where
-    # spdm-emu's flow runs TDISP (PCI-SIG Protocol ID 0x01) between K_SET_GO and
-    # K_SET_STOP; this device has no TDISP yet, answers it with ERROR UnsupportedRequest,
-    # and the requester stops there, so K_SET_STOP is not reached (it comes with issue #5).
     for what in ("K_SET_GO stream 0 K0 RX PR", "K_SET_GO stream 0 K0 TX PR"):
         assert what in log, where
-    assert "PCI-SIG Protocol ID 0x01 not supported" in log, where
+    # TDISP, in spdm-emu's order, between K_SET_GO and K_SET_STOP.
+    steps = ["K_SET_GO stream 0 K0 TX PR",
+             "TDISP: LOCK: TDI CONFIG_LOCKED (session ", "MMIO reporting offset 0xd0000000",
+             "TDISP: START: TDI RUN", "TDISP: STOP: TDI RUN -> CONFIG_UNLOCKED",
+             "K_SET_STOP stream 0 K0 RX PR", "K_SET_STOP stream 0 K0 TX PR",
+             "no handler for StandardID 3 VendorID 0x1e98"]
+    at = 0
+    for what in steps:
+        found = log.find(what, at)
+        assert found >= 0, f"{what!r} missing or out of order{where}"
+        at = found
+    assert "TDISP_ERROR" not in log and "TDISP request dropped" not in log, where
     assert "IDE_KM request dropped" not in log, where
+    # The only SPDM ERROR the device sent is the CXL VendorID's UnsupportedRequest...
+    errors = [line for line in log.splitlines() if "-> ERROR" in line]
+    assert len(errors) == 1 and "VendorID 0x1e98" in errors[0], where
+    # ... which is what spdm-emu's APP flow reports (pci_doe_process_session_message
+    # returns at the first failing stage, and the PCIe stages are all behind us in the
+    # device log), and nothing else: LIBSPDM_STATUS_ERROR_PEER from the app phase, passed
+    # up by do_session_via_spdm, exit status 1.  The run still ends with SHUTDOWN (the
+    # device exits 0).  A requester that skipped CXL on UnsupportedRequest would exit 0.
+    out = run.stdout + run.stderr
+    reported = [line.strip() for line in out.splitlines() if line.startswith("ERROR")]
+    assert "Client stopped" in out, where
+    if reported:
+        assert reported == ["ERROR: do_app_session_via_spdm - 8001000a",
+                            "ERROR: do_session_via_spdm - 8001000a"], where
+        assert run.returncode == 1, f"exit {run.returncode}{where}"
+    else:
+        assert run.returncode == 0, f"exit {run.returncode}{where}"
+    assert device_exit == 0, f"device server exit {device_exit}{where}"

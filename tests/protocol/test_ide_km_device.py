@@ -161,7 +161,7 @@ def test_port_index_1_is_answered_as_spdm_emu_sends_it(dut: Dut) -> None:
         c.k_set_go(0, KeySet.K0, d, SubStream.PR)
     for d in (Direction.RX, Direction.TX):
         c.k_set_stop(0, KeySet.K0, d, SubStream.PR)
-    # spdm-emu then tries TDISP (Protocol ID 1), which this device does not have yet.
+    # spdm-emu then tries TDISP (Protocol ID 1): not registered without attach(tdi=...).
     with pytest.raises(ErrorResponse, match="UnsupportedRequest"):
         vendor(req, b"\x01\x10\x81\x00" + bytes(12), sid)
 
