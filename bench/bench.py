@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypedDict
+from typing import ClassVar, Protocol, Self, TypedDict
 
 from teeio.device_regs import CMD_GO, Op, R, St
 from vfio_user_dev.client import Client
@@ -263,6 +263,28 @@ class Budget:
     min_reps: int
     max_reps: int
     warmup: int
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """Settings of a time-budgeted benchmark; subclasses set QUICK and FULL budgets."""
+
+    QUICK: ClassVar[Budget]
+    FULL: ClassVar[Budget]
+
+    quick: bool
+    budget_ns: int         # time per measurement point (when not a fixed count)
+    min_reps: int
+    max_reps: int
+    warmup: int
+    fixed: int | None      # --iterations: exact count everywhere, no time budget
+
+    @classmethod
+    def from_args(cls, quick: bool, iterations: int | None) -> Self:
+        if iterations is not None:
+            return cls(quick, 0, iterations, iterations, 1, iterations)
+        b = cls.QUICK if quick else cls.FULL
+        return cls(quick, b.budget_ns, b.min_reps, b.max_reps, b.warmup, None)
 
 
 def timed(fn: Callable[[], object], b: TimeBudget) -> tuple[int, int]:

@@ -50,7 +50,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
@@ -59,6 +58,8 @@ from cryptography.hazmat.backends.openssl.backend import backend as openssl_back
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bench.bench import (
+    Budget,
+    BudgetSettings,
     all_threads_on,
     emit_report,
     mbps,
@@ -166,22 +167,9 @@ class Report(TypedDict):
     notes: str
 
 
-@dataclass(frozen=True)
-class Settings:
-    quick: bool
-    budget_ns: int         # time per measurement point (when not a fixed count)
-    min_reps: int
-    max_reps: int
-    warmup: int
-    fixed: int | None      # --iterations: exact count everywhere, no time budget
-
-    @classmethod
-    def from_args(cls, quick: bool, iterations: int | None) -> Settings:
-        if iterations is not None:
-            return cls(quick, 0, iterations, iterations, 1, iterations)
-        if quick:
-            return cls(quick, 40_000_000, 2, 10_000, 1, None)
-        return cls(quick, 400_000_000, 3, 200_000, 2, None)
+class Settings(BudgetSettings):
+    QUICK = Budget(40_000_000, 2, 10_000, 1)
+    FULL = Budget(400_000_000, 3, 200_000, 2)
 
 
 def point(nbytes: int, reps: int, ns: int) -> Point:

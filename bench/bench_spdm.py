@@ -55,7 +55,15 @@ import cryptography
 from cryptography import x509
 from cryptography.hazmat.backends.openssl.backend import backend as openssl_backend
 
-from bench.bench import all_threads_on, emit_report, gc_paused, pin_process, restore_affinity
+from bench.bench import (
+    Budget,
+    BudgetSettings,
+    all_threads_on,
+    emit_report,
+    gc_paused,
+    pin_process,
+    restore_affinity,
+)
 from teeio import pki
 from teeio.doe import PCI_SIG_VENDOR_ID, DoeDispatcher, DoeObject, pad_dw
 from teeio.measurements import DmtfValueType, FirmwareManifest, MeasurementSource
@@ -175,22 +183,9 @@ class Report(TypedDict):
     notes: str
 
 
-@dataclass(frozen=True)
-class Settings:
-    quick: bool
-    budget_ns: int         # time per measurement point (when not a fixed count)
-    min_reps: int
-    max_reps: int
-    warmup: int
-    fixed: int | None      # --iterations: exact count everywhere, no time budget
-
-    @classmethod
-    def from_args(cls, quick: bool, iterations: int | None) -> Settings:
-        if iterations is not None:
-            return cls(quick, 0, iterations, iterations, 1, iterations)
-        if quick:
-            return cls(quick, 500_000_000, 5, 500, 2, None)
-        return cls(quick, 4_000_000_000, 20, 5_000, 5, None)
+class Settings(BudgetSettings):
+    QUICK = Budget(500_000_000, 5, 500, 2)
+    FULL = Budget(4_000_000_000, 20, 5_000, 5)
 
 
 # -- statistics ---------------------------------------------------------------------------------
