@@ -2,6 +2,7 @@
 
     teeio-tsm attest ...    attest a device over DOE (see tsm/attest.py)
     teeio-tsm ide CMD ...   key, refresh, tear down, report an IDE stream (tsm/ide.py)
+    teeio-tsm tdisp demo    lock, report, start, stop the device's TDI (tsm/tdisp.py)
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from tsm import attest, ide
+from tsm import attest, ide, tdisp
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     idep = sub.add_parser("ide", help="a Selective IDE stream: device (IDE_KM) and root port",
                           description=(ide.__doc__ or "").split("\n\n")[0])
     ide.add_arguments(idep)
-    for p in (att, idep):
+    tdp = sub.add_parser("tdisp", help="TDISP for the device's TDI, over an IDE stream",
+                         description=(tdisp.__doc__ or "").split("\n\n")[0])
+    tdisp.add_arguments(tdp)
+    for p in (att, idep, tdp):
         p.add_argument("-v", "--verbose", action="count", default=0,
                        help="log to stderr (-v: progress, -vv: every SPDM message in hex)")
     ns = ap.parse_args(argv)
@@ -32,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return attest.run_command(ns)
     if ns.command == "ide":
         return ide.run_command(ns)
+    if ns.command == "tdisp":
+        return tdisp.run_command(ns)
     ap.error(f"unknown command {ns.command!r}")
     return 2
 

@@ -440,7 +440,7 @@ class IdeOptions:
     json_out: Path | None = None
 
 
-def _platform(opts: IdeOptions) -> PlatformClient:
+def platform_client(opts: IdeOptions) -> PlatformClient:
     try:
         token = read_credential(opts.platform_credential)
     except (OSError, ValueError) as exc:
@@ -453,7 +453,7 @@ def _platform(opts: IdeOptions) -> PlatformClient:
 
 
 @contextlib.contextmanager
-def _spdm_session(opts: IdeOptions, run: Attestation, end: bool,
+def spdm_session(opts: IdeOptions, run: Attestation, end: bool,
                   ) -> Iterator[tuple[Requester, int]]:
     """Attest, open a session; END_SESSION on the way out if *end*, and also after a
     failure (fail-safe: the device then drops every key the session programmed)."""
@@ -495,7 +495,7 @@ def run_ide(command: str, opts: IdeOptions, run: Attestation) -> dict[str, Any]:
     """Run one ``ide`` command; returns the last status.  Raises IdeError and the
     transport/SPDM/IDE_KM errors."""
     out = run.out
-    with _platform(opts) as rp:
+    with platform_client(opts) as rp:
         if command == "status" and not opts.query:
             return SelectiveStream(rp, None, opts.stream_id, opts.block, out).status(False)
         if command == "refresh":
@@ -504,7 +504,7 @@ def run_ide(command: str, opts: IdeOptions, run: Attestation) -> dict[str, Any]:
                            "with it the keys). Use `teeio-tsm ide demo`, or the TSM daemon "
                            "(issue 5)")
         end = command != "setup"
-        with _spdm_session(opts, run, end) as (req, sid):
+        with spdm_session(opts, run, end) as (req, sid):
             s = SelectiveStream(rp, ide_client(req, sid), opts.stream_id, opts.block, out)
             if command == "status":
                 return s.status(True)
@@ -538,7 +538,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="the device server's platform control socket (root port)")
     ap.add_argument("--platform-credential", type=Path, required=True, metavar="FILE",
                     help="the platform control credential the device server wrote (0600)")
-    ap.add_argument("--stream-id", type=_u8, default=DEFAULT_STREAM_ID, metavar="N",
+    ap.add_argument("--stream-id", type=u8_arg, default=DEFAULT_STREAM_ID, metavar="N",
                     help=f"IDE Stream ID (default {DEFAULT_STREAM_ID})")
     ap.add_argument("--block", type=int, default=0, metavar="N",
                     help="the device's Selective IDE stream block to use (default 0)")
@@ -555,7 +555,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="write the last status as JSON")
 
 
-def _u8(text: str) -> int:
+def u8_arg(text: str) -> int:
     try:
         v = int(text, 0)
     except ValueError:
