@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from . import crypto
 from .defs import (
@@ -754,10 +754,10 @@ class _Bare:
         return _hdr(self.version, self.CODE, self.param1, self.param2)
 
     @classmethod
-    def _decode(cls, data: bytes, pad: bool) -> tuple[int, int, int, bytes]:
+    def decode(cls, data: bytes, pad: bool = False) -> Self:
         r = Reader(data, cls.NAME)
         version, p1, p2 = _header(r, cls.CODE)
-        return version, p1, p2, r.finish(pad)
+        return cls(version, p1, p2, raw=r.finish(pad))
 
 
 @dataclass(frozen=True)
@@ -765,21 +765,11 @@ class Heartbeat(_Bare):
     CODE: ClassVar[int] = RequestCode.HEARTBEAT
     NAME: ClassVar[str] = "HEARTBEAT"
 
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> Heartbeat:
-        v, p1, p2, raw = cls._decode(data, pad)
-        return cls(v, p1, p2, raw=raw)
-
 
 @dataclass(frozen=True)
 class HeartbeatAck(_Bare):
     CODE: ClassVar[int] = ResponseCode.HEARTBEAT_ACK
     NAME: ClassVar[str] = "HEARTBEAT_ACK"
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> HeartbeatAck:
-        v, p1, p2, raw = cls._decode(data, pad)
-        return cls(v, p1, p2, raw=raw)
 
 
 @dataclass(frozen=True)
@@ -789,21 +779,11 @@ class KeyUpdate(_Bare):
     CODE: ClassVar[int] = RequestCode.KEY_UPDATE
     NAME: ClassVar[str] = "KEY_UPDATE"
 
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> KeyUpdate:
-        v, p1, p2, raw = cls._decode(data, pad)
-        return cls(v, p1, p2, raw=raw)
-
 
 @dataclass(frozen=True)
 class KeyUpdateAck(_Bare):
     CODE: ClassVar[int] = ResponseCode.KEY_UPDATE_ACK
     NAME: ClassVar[str] = "KEY_UPDATE_ACK"
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> KeyUpdateAck:
-        v, p1, p2, raw = cls._decode(data, pad)
-        return cls(v, p1, p2, raw=raw)
 
 
 @dataclass(frozen=True)
@@ -813,21 +793,11 @@ class EndSession(_Bare):
     CODE: ClassVar[int] = RequestCode.END_SESSION
     NAME: ClassVar[str] = "END_SESSION"
 
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> EndSession:
-        v, p1, p2, raw = cls._decode(data, pad)
-        return cls(v, p1, p2, raw=raw)
-
 
 @dataclass(frozen=True)
 class EndSessionAck(_Bare):
     CODE: ClassVar[int] = ResponseCode.END_SESSION_ACK
     NAME: ClassVar[str] = "END_SESSION_ACK"
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> EndSessionAck:
-        v, p1, p2, raw = cls._decode(data, pad)
-        return cls(v, p1, p2, raw=raw)
 
 
 # --- §10.20 VENDOR_DEFINED_REQUEST / VENDOR_DEFINED_RESPONSE --------------------------------------
