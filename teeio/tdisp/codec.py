@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Self, TypeVar
 
 from .defs import (
     FUNCTION_ID_REQUESTER_ID_MASK,
@@ -350,10 +350,9 @@ def _check_nonce(nonce: bytes) -> None:
 
 
 @dataclass(frozen=True)
-class LockInterfaceResponse(TdispMessage):
-    """[16..47] START_INTERFACE_NONCE."""
+class _NonceMessage(TdispMessage):
+    """A message whose whole payload is the 32-byte START_INTERFACE_NONCE."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.LOCK_INTERFACE_RESPONSE
     PAYLOAD_SIZE: ClassVar[int | None] = START_INTERFACE_NONCE_SIZE
     nonce: bytes = field(default=bytes(START_INTERFACE_NONCE_SIZE), repr=False)
     def __post_init__(self) -> None:
@@ -365,8 +364,15 @@ class LockInterfaceResponse(TdispMessage):
         return self.nonce
 
     @classmethod
-    def _parse(cls, fid: int, raw: bytes) -> LockInterfaceResponse:
+    def _parse(cls, fid: int, raw: bytes) -> Self:
         return cls(fid, raw[HEADER_SIZE:])
+
+
+@dataclass(frozen=True)
+class LockInterfaceResponse(_NonceMessage):
+    """[16..47] START_INTERFACE_NONCE."""
+
+    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.LOCK_INTERFACE_RESPONSE
 
 
 # --- report (§11.3.9–11.3.10) --------------------------------------------------------------------
@@ -456,23 +462,10 @@ class DeviceInterfaceState(TdispMessage):
 # --- start / stop (§11.3.13–11.3.16) -------------------------------------------------------------
 
 @dataclass(frozen=True)
-class StartInterfaceRequest(TdispMessage):
+class StartInterfaceRequest(_NonceMessage):
     """[16..47] START_INTERFACE_NONCE (the one LOCK_INTERFACE_RESPONSE returned)."""
 
     MESSAGE_TYPE: ClassVar[MessageType] = MessageType.START_INTERFACE_REQUEST
-    PAYLOAD_SIZE: ClassVar[int | None] = START_INTERFACE_NONCE_SIZE
-    nonce: bytes = field(default=bytes(START_INTERFACE_NONCE_SIZE), repr=False)
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "nonce", bytes(self.nonce))
-        _check_nonce(self.nonce)
-
-    def _payload(self) -> bytes:
-        return self.nonce
-
-    @classmethod
-    def _parse(cls, fid: int, raw: bytes) -> StartInterfaceRequest:
-        return cls(fid, raw[HEADER_SIZE:])
 
 
 @dataclass(frozen=True)
