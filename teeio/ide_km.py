@@ -49,7 +49,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import ClassVar, Protocol, TypeVar
+from typing import ClassVar, Protocol, Self, TypeVar
 
 from .ide import Direction, IdeKey, IdeKeyStateError, KeySet, SubStream
 from .spdm.defs import PCI_SIG_VENDOR_ID, ErrorCode, RegistryId, RequestCode
@@ -357,6 +357,11 @@ class _StreamObject:
         ks, d, s = _parse_kss(data[6], data, 6)
         return data[4], ks, d, s, data[7]
 
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        """The plain stream objects (K_SET_GO, K_SET_STOP, K_GOSTOP_ACK): byte 5 reserved."""
+        return cls(*cls._fields(bytes(data), True))
+
     def same_target(self, other: _StreamObject) -> bool:
         return ((self.stream_id, self.key_set, self.direction, self.substream, self.port_index)
                 == (other.stream_id, other.key_set, other.direction, other.substream,
@@ -367,27 +372,15 @@ class _StreamObject:
 class KSetGo(_StreamObject):
     OBJECT_ID: ClassVar[ObjectId] = ObjectId.K_SET_GO
 
-    @classmethod
-    def decode(cls, data: bytes) -> KSetGo:
-        return cls(*cls._fields(bytes(data), True))
-
 
 @dataclass(frozen=True)
 class KSetStop(_StreamObject):
     OBJECT_ID: ClassVar[ObjectId] = ObjectId.K_SET_STOP
 
-    @classmethod
-    def decode(cls, data: bytes) -> KSetStop:
-        return cls(*cls._fields(bytes(data), True))
-
 
 @dataclass(frozen=True)
 class KGoStopAck(_StreamObject):
     OBJECT_ID: ClassVar[ObjectId] = ObjectId.K_GOSTOP_ACK
-
-    @classmethod
-    def decode(cls, data: bytes) -> KGoStopAck:
-        return cls(*cls._fields(bytes(data), True))
 
 
 @dataclass(frozen=True)
