@@ -98,7 +98,9 @@ class DmaResult(TypedDict):
     polls_per_job: float
 
 
-class Meta(TypedDict):
+class HostMeta(TypedDict):
+    """Where and how a benchmark ran: shared by every benchmark's meta."""
+
     python: str
     implementation: str
     platform: str
@@ -108,6 +110,18 @@ class Meta(TypedDict):
     affinity_before: list[int]
     threads_pinned: int
     affinity_verified: bool
+
+
+def host_meta(cpu: int | None, before: list[int], threads_pinned: int,
+              verified: bool) -> HostMeta:
+    return HostMeta(
+        python=sys.version.split()[0], implementation=platform.python_implementation(),
+        platform=platform.platform(), machine=platform.machine(), cpu_count=os.cpu_count(),
+        cpu_pinned=cpu, affinity_before=before, threads_pinned=threads_pinned,
+        affinity_verified=verified)
+
+
+class Meta(HostMeta):
     switch_interval_s: float
     date: str
     quick: bool
@@ -514,10 +528,7 @@ def run(s: Settings, cpu: int | None) -> Report:
     finally:
         restore_affinity(saved)
     meta = Meta(
-        python=sys.version.split()[0], implementation=platform.python_implementation(),
-        platform=platform.platform(), machine=platform.machine(), cpu_count=os.cpu_count(),
-        cpu_pinned=cpu, affinity_before=before, threads_pinned=len(saved),
-        affinity_verified=verified, switch_interval_s=sys.getswitchinterval(),
+        **host_meta(cpu, before, len(saved), verified), switch_interval_s=sys.getswitchinterval(),
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         quick=s.quick, iterations=s.fixed,
         dma_budget_s=None if s.fixed is not None else s.dma_budget_ns / 1e9,

@@ -45,8 +45,6 @@ import argparse
 import datetime
 import mmap
 import os
-import platform
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -60,8 +58,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from bench.bench import (
     Budget,
     BudgetSettings,
+    HostMeta,
     all_threads_on,
     emit_report,
+    host_meta,
     mbps,
     pin_process,
     restore_affinity,
@@ -136,16 +136,7 @@ class TargetSummary(TypedDict):
     met: bool
 
 
-class Meta(TypedDict):
-    python: str
-    implementation: str
-    platform: str
-    machine: str
-    cpu_count: int | None
-    cpu_pinned: int | None
-    affinity_before: list[int]
-    threads_pinned: int
-    affinity_verified: bool
+class Meta(HostMeta):
     cryptography: str
     openssl: str
     date: str
@@ -462,10 +453,7 @@ def run(s: Settings, cpu: int | None, mps_list: Sequence[int], sizes: Sequence[i
     finally:
         restore_affinity(saved)
     meta = Meta(
-        python=sys.version.split()[0], implementation=platform.python_implementation(),
-        platform=platform.platform(), machine=platform.machine(), cpu_count=os.cpu_count(),
-        cpu_pinned=cpu, affinity_before=before, threads_pinned=len(saved),
-        affinity_verified=verified, cryptography=cryptography.__version__,
+        **host_meta(cpu, before, len(saved), verified), cryptography=cryptography.__version__,
         openssl=openssl_backend.openssl_version_text(),
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         quick=s.quick, iterations=s.fixed,

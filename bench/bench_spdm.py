@@ -39,9 +39,7 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,9 +56,11 @@ from cryptography.hazmat.backends.openssl.backend import backend as openssl_back
 from bench.bench import (
     Budget,
     BudgetSettings,
+    HostMeta,
     all_threads_on,
     emit_report,
     gc_paused,
+    host_meta,
     pin_process,
     restore_affinity,
 )
@@ -157,16 +157,7 @@ class CryptoResult(TypedDict):
     ops: list[CryptoOp]
 
 
-class Meta(TypedDict):
-    python: str
-    implementation: str
-    platform: str
-    machine: str
-    cpu_count: int | None
-    cpu_pinned: int | None
-    affinity_before: list[int]
-    threads_pinned: int
-    affinity_verified: bool
+class Meta(HostMeta):
     cryptography: str
     openssl: str
     date: str
@@ -524,10 +515,7 @@ def run(s: Settings, cpu: int | None) -> Report:
     finally:
         restore_affinity(saved)
     meta = Meta(
-        python=sys.version.split()[0], implementation=platform.python_implementation(),
-        platform=platform.platform(), machine=platform.machine(), cpu_count=os.cpu_count(),
-        cpu_pinned=cpu, affinity_before=before, threads_pinned=len(saved),
-        affinity_verified=verified, cryptography=cryptography.__version__,
+        **host_meta(cpu, before, len(saved), verified), cryptography=cryptography.__version__,
         openssl=openssl_backend.openssl_version_text(),
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         quick=s.quick, iterations=s.fixed,
