@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from teeio import pki
 from teeio.spdm.errors import SignatureError
 from teeio.spdm.requester import verify_measurement_transcript
+from tests.integration.device_process import started
 from tests.integration.test_doe_socket import DeviceProcess
 from vfio_user_dev.firmware_build import build
 
@@ -43,17 +44,7 @@ def firmware(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def device(tmp_path: Path, firmware: dict[str, Path]) -> Iterator[Callable[..., DeviceProcess]]:
-    started: list[DeviceProcess] = []
-
-    def _start(*args: str) -> DeviceProcess:
-        dev = DeviceProcess(tmp_path, *args)
-        started.append(dev)
-        return dev
-
-    yield _start
-    for dev in started:
-        dev.stop()
-        print(f"--- device log ---\n{dev.log_text()}")
+    yield from started(lambda *args: DeviceProcess(tmp_path, *args))
 
 
 @pytest.fixture

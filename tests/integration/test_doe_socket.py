@@ -6,11 +6,7 @@ The device log is printed at teardown, so a failing test shows it."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +25,7 @@ from teeio.doe import (
     SocketTransport,
     pad_dw,
 )
+from tests.integration.device_process import STARTUP, ServerProcess, started
 from tsm.doe_client import DoeClient, DoeTransportError
 from vfio_user_dev.client import Client
 from vfio_user_dev.device import DOE_CAP, TeeIoDevice
@@ -36,65 +33,36 @@ from vfio_user_dev.protocol import PciRegion
 
 pytestmark = pytest.mark.timeout(60)
 
-PROJECT = Path(__file__).resolve().parents[2]
 SPDM = (1, DataObjectType.CMA_SPDM)
 SECURED = (1, DataObjectType.SECURED_CMA_SPDM)
-STARTUP = 15.0
 GET_VERSION = bytes.fromhex("10840000")
 # VERSION: SPDM 1.0 header, reserved, two entries (1.2, 1.3), each u16 LE (DSP0274 §10.3)
 VERSION = bytes.fromhex("10040000" "00" "02" "0012" "0013")
 
 
-class DeviceProcess:
+class DeviceProcess(ServerProcess):
     def __init__(self, tmp: Path, *args: str) -> None:
         self.sock = tmp / "vfio-user.sock"
         self.doe = tmp / "doe.sock"
         self.stats = tmp / "stats.json"
-        self.log = tmp / "device.log"
-        cmd = [sys.executable, "-m", "vfio_user_dev", "--socket", str(self.sock),
-               "--doe-socket", str(self.doe), "--stats-file", str(self.stats), *args]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT,
-                                         env=dict(os.environ, PYTHONPATH=str(PROJECT)))
-        deadline = time.monotonic() + STARTUP
-        while not (self.sock.exists() and self.doe.exists()):
-            assert self.proc.poll() is None, f"device server exited:\n{self.log_text()}"
-            assert time.monotonic() < deadline, f"no sockets after {STARTUP}s:\n{self.log_text()}"
-            time.sleep(0.02)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        super().__init__(tmp / "device.log",
+                         ["--socket", str(self.sock), "--doe-socket", str(self.doe),
+                          "--stats-file", str(self.stats), *args], [self.sock, self.doe])
 
     def client(self) -> DoeClient:
         return DoeClient.connect_unix(str(self.doe))
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
 
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Callable[..., DeviceProcess]]:
-    started: list[DeviceProcess] = []
-
-    def _start(*args: str, spdm: bool = False) -> DeviceProcess:
+    def device(*args: str, spdm: bool = False) -> DeviceProcess:
         # spdm: the SPDM responder with an identity the device provisions on first start
         # and the project's default firmware image
         if spdm:
             args = ("--identity", str(tmp_path / "identity"), *args)
-        dev = DeviceProcess(tmp_path, *args)
-        started.append(dev)
-        return dev
+        return DeviceProcess(tmp_path, *args)
 
-    yield _start
-    for dev in started:
-        dev.stop()
-        print(f"--- device log ({' '.join(dev.proc.args)}) ---\n{dev.log_text()}")  # type: ignore[arg-type]
+    yield from started(device)
 
 
 def raw_call(c: DoeClient, command: int, payload: bytes = b"",

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import pytest
 
 from teeio.device_regs import DmaError, Op, St
 from teeio.ide import IdeKey, SubStream
+from tests.integration.device_process import PROJECT, ServerProcess, started
 from tests.protocol.lockstep import enable_device, error_code, memfd, ok, run_job
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client
@@ -36,8 +35,6 @@ from vfio_user_dev.protocol import Command, DmaFlags
 
 pytestmark = pytest.mark.timeout(60)
 
-PROJECT = Path(__file__).resolve().parents[2]
-STARTUP = 15.0
 GUEST = 0x1_0000_0000
 SIZE = 0x10000
 RW = DmaFlags.READ | DmaFlags.WRITE
@@ -45,27 +42,16 @@ RID = 0x0100
 SID = 1
 
 
-class DeviceProcess:
+class DeviceProcess(ServerProcess):
     def __init__(self, tmp: Path, *args: str) -> None:
         self.sock = tmp / "vfio-user.sock"
         self.plat = tmp / "platform.sock"
         self.cred = tmp / "platform.cred"
         self.capture = tmp / "link.pcap"
-        self.log = tmp / "device.log"
-        cmd = [sys.executable, "-m", "vfio_user_dev", "--socket", str(self.sock),
-               "--platform-socket", str(self.plat), "--platform-credential", str(self.cred),
-               "--link-capture", str(self.capture), *args]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT,
-                                         env=dict(os.environ, PYTHONPATH=str(PROJECT)))
-        deadline = time.monotonic() + STARTUP
-        while not (self.sock.exists() and self.plat.exists()):
-            assert self.proc.poll() is None, f"device server exited:\n{self.log_text()}"
-            assert time.monotonic() < deadline, f"no sockets after {STARTUP}s:\n{self.log_text()}"
-            time.sleep(0.02)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        super().__init__(tmp / "device.log",
+                         ["--socket", str(self.sock), "--platform-socket", str(self.plat),
+                          "--platform-credential", str(self.cred),
+                          "--link-capture", str(self.capture), *args], [self.sock, self.plat])
 
     def token(self) -> bytes:
         return read_credential(self.cred)
@@ -78,29 +64,11 @@ class DeviceProcess:
         c.version()
         return c
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Callable[..., DeviceProcess]]:
-    started: list[DeviceProcess] = []
-
-    def _start(*args: str) -> DeviceProcess:
-        dev = DeviceProcess(tmp_path, *args)
-        started.append(dev)
-        return dev
-
-    yield _start
-    for dev in started:
-        dev.stop()
-        print(f"--- device log ---\n{dev.log_text()}")
+    yield from started(lambda *args: DeviceProcess(tmp_path, *args))
 
 
 @pytest.fixture
