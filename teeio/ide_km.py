@@ -539,9 +539,10 @@ class IdeKmResponder:
 
     def handle(self, payload: bytes, session_id: int | None) -> bytes:
         payload = bytes(payload)
-        self.log.debug("--> %s (session %s)", payload.hex(), session_id)
+        # Sizes only: KEY_PROG carries the key and IFV in the clear of the session.
+        self.log.debug("--> %d bytes (session %s)", len(payload), session_id)
         rsp = self._handle(payload, session_id)
-        self.log.debug("<-- %s", rsp.hex())
+        self.log.debug("<-- %d bytes", len(rsp))
         return rsp
 
     __call__ = handle

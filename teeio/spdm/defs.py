@@ -379,3 +379,21 @@ class SmDataId(IntEnum):
 
 DOE_TYPE_SPDM = 0x01
 DOE_TYPE_SECURED_SPDM = 0x02
+
+
+def message_name(msg: bytes) -> str:
+    """The request or response code name of an SPDM message (for logs and errors)."""
+    if len(msg) < 2:
+        return "short message"
+    try:
+        return RequestCode(msg[1]).name
+    except ValueError:
+        try:
+            return ResponseCode(msg[1]).name
+        except ValueError:
+            return f"code 0x{msg[1]:02x}"
+
+
+def describe(msg: bytes) -> str:
+    """Name and size, never the bytes: what may be logged of a message inside a session."""
+    return f"{message_name(msg)} ({len(msg)} bytes)"

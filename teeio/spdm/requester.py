@@ -71,6 +71,7 @@ from .defs import (
     OtherParams,
     RequestCode,
     ResponseCode,
+    describe,
 )
 from .errors import (
     CertificateError,
@@ -198,7 +199,8 @@ class Requester:
             response = self.send(DOE_TYPE_SPDM, request)
         else:
             record = sess.channel.seal(request)
-            self.log.debug("session 0x%08x --> %s", sess.session_id, request.hex())
+            # Only name and size in a session: KEY_PROG carries IDE keys.
+            self.log.debug("session 0x%08x --> %s", sess.session_id, describe(request))
             reply = self.send(DOE_TYPE_SECURED_SPDM, record)
             if not reply:
                 raise SessionError(f"{name}: no response in session 0x{sess.session_id:08x}")
@@ -208,7 +210,7 @@ class Requester:
                 self.sessions.pop(sess.session_id, None)
                 raise SessionError(f"{name}: response in session 0x{sess.session_id:08x} "
                                    f"does not decrypt: {exc}") from None
-        self.log.debug("<-- %s", response.hex())
+        self.log.debug("<-- %s", response.hex() if sess is None else describe(response))
         try:
             version, code, p1, p2 = codec.peek_header(response)
         except DecodeError as exc:

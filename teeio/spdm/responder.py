@@ -88,7 +88,8 @@ from .defs import (
     MeasurementHashAlgo,
     OtherParams,
     RequestCode,
-    ResponseCode,
+    describe,
+    message_name,
     version_number_entry,
 )
 from .errors import DropRequest, SpdmError
@@ -307,14 +308,16 @@ class Responder:
             # The requester never saw our KEY_UPDATE_ACK: forget the update.
             sess.channel.rollback_tx()
             sess.pending_update = 0
-        self.log.debug("session 0x%08x --> %s", sid, app.hex())
+        # In a session only name and size are logged: IDE_KM KEY_PROG carries keys and
+        # LOCK_INTERFACE_RESPONSE the START nonce.
+        self.log.debug("session 0x%08x --> %s", sid, describe(app))
         self._after_seal.clear()
         try:
             resp = self._dispatch(app, sess)
         except DropRequest:
             self.log.debug("session 0x%08x: no response", sid)
             return None
-        self.log.debug("session 0x%08x <-- %s", sid, resp.hex())
+        self.log.debug("session 0x%08x <-- %s", sid, describe(resp))
         sealed = sess.channel.seal(resp)
         actions, self._after_seal = self._after_seal, []
         for action in actions:
@@ -370,7 +373,7 @@ class Responder:
         try:
             return self._process(msg, sess)
         except SpdmError as err:
-            self.log.info("%s -> ERROR %s: %s", _name(msg), err.code.name, err)
+            self.log.info("%s -> ERROR %s: %s", message_name(msg), err.code.name, err)
             if len(msg) > 1 and msg[1] == RequestCode.GET_VERSION:
                 return codec.Error(SPDM_VERSION_10, err.code, err.data, err.ext).encode()
             return self._error(err)
@@ -394,26 +397,26 @@ class Responder:
         if rule.exact:   # GET_CAPABILITIES / NEGOTIATE_ALGORITHMS: state first
             if self.state != rule.state or arrival is not Arrival.CLEAR:
                 raise SpdmError(ErrorCode.UnexpectedRequest,
-                                f"{_name(msg)} in connection state {self.state.name}")
+                                f"{message_name(msg)} in connection state {self.state.name}")
             return handler(msg, sess, pad)
         if version != self.version:
             if self.version == 0 and version in self.config.versions:
                 raise SpdmError(ErrorCode.UnexpectedRequest,
-                                f"{_name(msg)} before version negotiation")
+                                f"{message_name(msg)} before version negotiation")
             raise SpdmError(ErrorCode.VersionMismatch,
                             f"request version 0x{version:02x}, negotiated "
                             f"0x{self.version:02x}")
         if not self._both(rule.rsp_cap, rule.req_cap):
             raise SpdmError(ErrorCode.UnsupportedRequest,
-                            f"{_name(msg)} needs capabilities not negotiated", data=code)
+                            f"{message_name(msg)} needs capabilities not negotiated", data=code)
         if self.state < rule.state:
             raise SpdmError(ErrorCode.UnexpectedRequest,
-                            f"{_name(msg)} in connection state {self.state.name}")
+                            f"{message_name(msg)} in connection state {self.state.name}")
         if arrival not in rule.where:
             if arrival is Arrival.CLEAR:
-                raise SpdmError(rule.clear_error, f"{_name(msg)} outside a session")
+                raise SpdmError(rule.clear_error, f"{message_name(msg)} outside a session")
             raise SpdmError(ErrorCode.UnexpectedRequest,
-                            f"{_name(msg)} in a session in phase {arrival.value}")
+                            f"{message_name(msg)} in a session in phase {arrival.value}")
         return handler(msg, sess, pad)
 
     def _handlers(self) -> dict[int, Callable[[bytes, _Session | None, bool], bytes]]:
@@ -846,18 +849,6 @@ class Responder:
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-def _name(msg: bytes) -> str:
-    if len(msg) < 2:
-        return "short message"
-    try:
-        return RequestCode(msg[1]).name
-    except ValueError:
-        try:
-            return ResponseCode(msg[1]).name
-        except ValueError:
-            return f"code 0x{msg[1]:02x}"
-
 
 def _pick(common: int, preference: Sequence[int]) -> int:
     return next((p for p in preference if common & p), 0)

@@ -30,6 +30,7 @@ from teeio.ide_km import (
     KSetGo,
     Query,
     QueryResp,
+    key_to_wire,
 )
 from teeio.measurements import DmtfValueType, MeasurementSource
 from teeio.pcie.ide_cap import StreamState
@@ -400,3 +401,16 @@ def test_dma_crosses_the_link_under_ide_km_keys_and_survives_a_refresh(
     finally:
         os.close(fd)
         client.close()
+
+
+def test_debug_logs_of_a_session_never_hold_ide_keys(dut: Dut,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    table = keys()
+    with caplog.at_level("DEBUG"):
+        req, sid, c = session(dut)
+        for (d, sub), key in table.items():   # stream 0: the block's reset Stream ID
+            c.key_prog(0, KeySet.K0, d, sub, key)   # raises unless KP_ACK says SUCCESS
+    assert "VENDOR_DEFINED_REQUEST" in caplog.text   # session traffic is logged, by name
+    for key in table.values():
+        for form in (key.key, key_to_wire(key.key)):
+            assert form.hex() not in caplog.text
