@@ -55,10 +55,13 @@ from teeio.doe import (
     protocol_name,
 )
 from teeio.measurements import (
-    MEASUREMENT_HASHES,
-    REFERENCE_FORMAT,
-    DmtfValueType,
     MeasurementBlock,
+)
+from teeio.refcheck import (
+    Comparison,
+    compare_measurements,
+    parse_reference_values,
+    value_type_name,
 )
 from teeio.spdm import Requester, RequesterError
 from teeio.spdm import crypto as spdm_crypto
@@ -109,94 +112,9 @@ def load_anchors(path: Path) -> list[x509.Certificate]:
 def load_reference_values(path: Path) -> dict[int, dict[str, Any]]:
     """``teeio-refvalues`` JSON -> {index: entry}."""
     try:
-        doc = json.loads(path.read_text())
+        return parse_reference_values(json.loads(path.read_text()))
     except (OSError, ValueError) as exc:
         raise AttestError(f"reference values {path}: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format") != REFERENCE_FORMAT:
-        raise AttestError(f"reference values {path}: not in the {REFERENCE_FORMAT} format")
-    entries = doc.get("measurements")
-    if not isinstance(entries, dict):
-        raise AttestError(f"reference values {path}: no \"measurements\" object")
-    out: dict[int, dict[str, Any]] = {}
-    for key, entry in entries.items():
-        where = f"reference values {path}: measurement {key!r}"
-        if not (key.isascii() and key.isdigit()) or not isinstance(entry, dict):
-            raise AttestError(f"{where} is not an index with an object")
-        if not isinstance(entry.get("value_type"), int):
-            raise AttestError(f"{where} has no integer value_type")
-        for name in ("raw", *MEASUREMENT_HASHES):
-            value = entry.get(name)
-            if value is not None and not _is_hex(value):
-                raise AttestError(f"{where}: {name} is not a hex string")
-        out[int(key)] = entry
-    return out
-
-
-def _is_hex(value: object) -> bool:
-    if not isinstance(value, str):
-        return False
-    try:
-        bytes.fromhex(value)
-    except ValueError:
-        return False
-    return True
-
-
-# -- reference comparison (pure) ----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Comparison:
-    index: int
-    ok: bool
-    status: str        # "match", "MISMATCH", "MISSING", "NO REFERENCE"
-    reason: str = ""   # for a failure: the one-line reason
-    expected: str = ""  # the reference value (hex) a MISMATCH was compared with
-
-
-def _type_name(value_type: int) -> str:
-    try:
-        return DmtfValueType(value_type).name
-    except ValueError:
-        return f"type 0x{value_type:02x}"
-
-
-def compare_measurements(blocks: tuple[MeasurementBlock, ...] | list[MeasurementBlock],
-                         references: dict[int, dict[str, Any]],
-                         hash_name: str) -> list[Comparison]:
-    """Each reported block against its reference (by index), then references the device
-    did not report.  Digest blocks compare with the *hash_name* reference digest."""
-    out: list[Comparison] = []
-    for b in sorted(blocks, key=lambda b: b.index):
-        ref = references.get(b.index)
-        if ref is None:
-            out.append(Comparison(b.index, False, "NO REFERENCE",
-                                  f"measurement {b.index} has no reference value"))
-            continue
-        label = f" ({ref['label']})" if ref.get("label") else ""
-        if ref.get("value_type") != b.value_type:
-            out.append(Comparison(b.index, False, "MISMATCH",
-                                  f"measurement {b.index} does not match the reference value"
-                                  f"{label}: value type {_type_name(b.value_type)}, expected "
-                                  f"{_type_name(ref['value_type'])}"))
-            continue
-        key = "raw" if b.raw else hash_name
-        expected = ref.get(key)
-        if not isinstance(expected, str):
-            out.append(Comparison(b.index, False, "MISMATCH",
-                                  f"measurement {b.index}: the reference values have no "
-                                  f"{'raw value' if b.raw else hash_name + ' digest'}"))
-        elif bytes.fromhex(expected) != b.value:
-            out.append(Comparison(b.index, False, "MISMATCH",
-                                  f"measurement {b.index} does not match the reference value"
-                                  f"{label}", expected))
-        else:
-            out.append(Comparison(b.index, True, "match"))
-    reported = {b.index for b in blocks}
-    for index in sorted(set(references) - reported):
-        out.append(Comparison(index, False, "MISSING",
-                              f"measurement {index} is in the reference values but the device "
-                              "did not report it"))
-    return out
 
 
 # -- the DOE transport for the requester --------------------------------------------------------
@@ -362,7 +280,7 @@ def authenticate(opts: AttestOptions, run: Attestation, client: DoeClient, where
                "measurement_transcript": [{"request": q.hex(), "response": r.hex()}
                                           for q, r in result.transcript],
                "measurements": [{"index": b.index, "value_type": b.value_type,
-                                 "value_type_name": _type_name(b.value_type), "raw": b.raw,
+                                 "value_type_name": value_type_name(b.value_type), "raw": b.raw,
                                  "value": b.value.hex()} for b in result.blocks]})
     meas_hash = spdm_crypto.meas_hash_name(neg.meas_hash)
     checks = ({c.index: c for c in compare_measurements(result.blocks, references, meas_hash)}
@@ -374,7 +292,7 @@ def authenticate(opts: AttestOptions, run: Attestation, client: DoeClient, where
         kind = "raw" if b.raw else meas_hash
         text = (f" ({b.value.decode()!r})"
                 if b.raw and b.value and all(0x20 <= c < 0x7F for c in b.value) else "")
-        out(f"  {b.index:3d} {_type_name(b.value_type):<22} {kind:<6} {b.value.hex()}{text}"
+        out(f"  {b.index:3d} {value_type_name(b.value_type):<22} {kind:<6} {b.value.hex()}{text}"
             f"{verdict}")
         if b.index in checks and checks[b.index].expected:
             out(f"  {'':3} {'':<22} {'':<6} {checks[b.index].expected}  (reference)")
