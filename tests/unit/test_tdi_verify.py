@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from teeio import pki
 from teeio.measurements import REFERENCE_FORMAT, DmtfValueType, MeasurementSource
@@ -45,7 +46,7 @@ def refs(sources: tuple[MeasurementSource, ...] = SOURCES) -> dict[str, Any]:
 
 
 def policy(anchor_pem: bytes | None = None, **dev: Any) -> GuestPolicy:
-    pem = anchor_pem or ident().root.public_bytes(pki.serialization.Encoding.PEM)
+    pem = anchor_pem or ident().root.public_bytes(Encoding.PEM)
     return policy_from_doc({"format": "teeio-guest-policy/1",
                             "trust_anchors_pem": pem.decode(),
                             "reference_values": refs(),
@@ -100,7 +101,7 @@ def test_happy_path_passes_every_check() -> None:
 def test_rogue_anchor_is_refused() -> None:
     nonce = os.urandom(32)
     ev = evidence(nonce)
-    rogue = pki.generate_chain("P-384").root.public_bytes(pki.serialization.Encoding.PEM)
+    rogue = pki.generate_chain("P-384").root.public_bytes(Encoding.PEM)
     v = verify(policy(rogue), ev, info(ev), nonce, BARS)
     assert not v.ok and "chain" in failed(v)
 
