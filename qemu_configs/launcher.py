@@ -66,6 +66,10 @@ class VmOptions:
     # Called with the work folder once QEMU runs with the device realized (the guest is
     # booting): host-side work that runs beside the guest, e.g. the TSM attesting the device.
     on_running: Callable[[Path], None] | None = None
+    # Called with the work folder once the device server is up, before QEMU starts: e.g.
+    # the TSM connecting to the device and binding the VM (its launch secret must exist
+    # before QEMU reads it from fw_cfg).
+    before_qemu: Callable[[Path], None] | None = None
 
 
 @dataclass
@@ -245,6 +249,8 @@ def run_vm(opts: VmOptions) -> RunResult:
             dev_proc = subprocess.Popen(dev_cmd, stdout=devlog, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         _wait_for(sock.exists, TIMEOUTS["device_socket"], "the device server socket", dev_proc)
+        if opts.before_qemu is not None:
+            opts.before_qemu(wd)
         argv = qemu_argv(img, opts, wd, sock, qmp, accel)
         (wd / "qemu-cmdline.txt").write_text(shlex.join(argv) + "\n")
         if opts.interactive:
