@@ -37,10 +37,11 @@ test: image
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit tests/protocol tests/integration
 
-bench: $(STAMP)
+bench: image
 	$(PY) -m bench.bench --out out/bench.json
 	$(PY) -m bench.bench_spdm --out out/bench-spdm.json
 	$(PY) -m bench.bench_link --out out/bench-link.json
+	$(PY) -m bench.bench_tdi --out out/bench-tdi.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
