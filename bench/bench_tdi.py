@@ -37,9 +37,9 @@ LOCK_TO_RUN = ("tdi_lock", "get_evidence", "tdi_info", "verify", "tdi_accept")
 def summarise(cycles: list[list[dict[str, Any]]]) -> dict[str, Any]:
     per: dict[str, list[float]] = {}
     totals = []
-    for steps in cycles:
+    for cycle in cycles:
         total = 0.0
-        for st in steps:
+        for st in cycle:
             per.setdefault(st["step"], []).append(float(st["seconds"]))
             if st["step"] in LOCK_TO_RUN:
                 total += float(st["seconds"])

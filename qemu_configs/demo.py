@@ -1,45 +1,77 @@
-"""``make demo``: attest the device from the host, drive it from the guest, judge both.
+"""``make demo``: the whole Secure IO story, end to end, with a summary of every step.
 
-1. Builds what is missing: the guest image, the device firmware ELF.
-2. Provisions a fresh device identity (root CA -> intermediate -> device leaf) and
-   computes the firmware's reference values from the golden ELF.
-3. Starts the device server with that identity and firmware, boots the guest under TCG
-   (KVM with --kvm, when a probe boot works); while the guest boots, the host TSM
-   attests the device over its DOE socket (SPDM: certificate chain, CHALLENGE, signed
-   measurements against the reference values, a secured session).
-4. The guest runs the agent's self-test (MMIO, DMA, interrupts) on a fresh seed.
-Prints a short summary; exits 0 only if every check passed.
+1. Build what is missing (guest image, device firmware ELF); provision a device identity;
+   compute reference values from the golden ELF; write the guest's policy (its own trust
+   anchor, the reference values, the expected device).
+2. Start the TSM daemon; start the device server; the TSM attests the device over its DOE
+   socket (certificate chain, CHALLENGE, signed measurements), opens an SPDM session, sets
+   up a Selective IDE stream (IDE_KM to the device, platform socket to the root port) and
+   binds the device's TDI to the VM, creating the VM's launch secret.
+3. Boot the guest (QEMU: vfio-user device, virtio-serial GHCx port, launch secret by
+   fw_cfg).  The guest agent enumerates the device, asks the TSM to LOCK it, fetches the
+   evidence with its own nonce, verifies it against its own policy, and ACCEPTs it: the TSM
+   STARTs the TDI (RUN) and opens private MMIO.
+4. The guest validates encrypted DMA: FILL / COPY / SHA-256 into and out of a private buffer
+   it accepted for DMA, over the IDE-protected link (T=1); a buffer it did not accept and
+   one it released are refused.  Then it STOPs the TDI.
+5. The host judges from its own view: the link capture holds IDE ciphertext only (none of
+   the guest's data in the clear), the TSM's status and the device's counters agree.
+
+Exits 0 only if every check passed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from qemu_configs import image
-from qemu_configs.launcher import LaunchError, VmOptions, cleanup, run_vm
-from qemu_configs.verify import Check, check_selftest
-from teeio import pki
-from teeio.measurements import reference_values
+from qemu_configs.launcher import LaunchError
+from qemu_configs.tee_stack import StackOptions, TeeStack, capture_summary, guest_dma_data
+from qemu_configs.verify import Check
 from vfio_user_dev.firmware_build import FirmwareBuildError
-from vfio_user_dev.firmware_build import build as build_firmware
+
+
+def judge(stack: TeeStack, report: dict[str, Any] | None, seed: int) -> list[Check]:
+    """The host's own checks of an accept run (also used by the e2e tests)."""
+    rep = report or {}
+    checks = [Check("guest_report", report is not None, "the guest wrote its report"
+                    if report is not None else "no report from the guest")]
+    for c in rep.get("checks", []):
+        checks.append(Check(f"guest:{c['name']}", bool(c["ok"]),
+                            ", ".join(f"{k}={v}" for k, v in c.items()
+                                      if k in ("value", "digest", "error"))))
+    verdict = rep.get("verdict", {})
+    for c in verdict.get("checks", []):
+        checks.append(Check(f"verify:{c['name']}", bool(c["ok"]), str(c.get("detail", ""))))
+    checks.append(Check("accepted", bool(rep.get("accepted")),
+                        rep.get("refusal") or "TDI_ACCEPT: TDI in RUN"))
+    data = guest_dma_data(seed)
+    digest = bytes.fromhex(rep["private_sha256"]) if rep.get("private_sha256") else b""
+    checks.append(Check("host_recomputes_sha256",
+                        digest == hashlib.sha256(data).digest(),
+                        "the device's SHA-256 of the guest's private data equals the host's"))
+    cap = capture_summary(stack.capture, {"guest data": data[:32], "digest": digest or b"-"})
+    checks.append(Check("link_ciphertext_only", cap["ide_protected"] > 0
+                        and not cap["plaintext_found"],
+                        f"{cap['tlps']} TLPs captured, {cap['ide_protected']} IDE-protected; "
+                        f"plaintext found: {cap['plaintext_found'] or 'none'}"))
+    return checks
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="teeio-demo", description=__doc__)
     ap.add_argument("--seed", type=lambda s: int(s, 16), default=None, help="hex seed")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--no-share", action="store_true",
-                    help="guest RAM not shared: all DMA through DMA_READ/DMA_WRITE messages")
-    ap.add_argument("--kvm", action="store_true")
+    ap.add_argument("--kvm", action="store_true", help="use KVM if a probe boot works")
     ap.add_argument("--workdir", type=Path, help="keep logs and results here")
     ns = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -51,64 +83,43 @@ def main(argv: list[str] | None = None) -> int:
     except image.ImageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    image_s = time.monotonic() - t0
     wd = ns.workdir or Path(tempfile.mkdtemp(prefix="teeio-demo-"))
-    try:
-        fw = build_firmware(wd / "teeio-fw.elf")
-    except FirmwareBuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    ident = pki.provision(wd / "identity")
-    ref = wd / "reference-values.json"
-    ref.write_text(json.dumps(reference_values(fw), indent=2, sort_keys=True))
-    print(f"provisioned a P-384 device identity and built the firmware "
-          f"({fw.stat().st_size} bytes); reference values in {ref.name}")
-    doe_sock = wd / "doe.sock"
-    attest_out: dict[str, object] = {}
-
-    def attest_while_booting(_vm_dir: Path) -> None:
-        cmd = [sys.executable, "-m", "tsm", "attest", "--doe-socket", str(doe_sock),
-               "--trust-anchor", str(ident["trust_anchor"]), "--reference-values", str(ref),
-               "--session", "--json", str(wd / "evidence.json")]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-        attest_out.update(rc=r.returncode, stdout=r.stdout, stderr=r.stderr.strip())
-
     seed = ns.seed if ns.seed is not None else secrets.randbits(64)
-    print(f"booting the guest (kernel {img.kernel_release}, "
-          f"{'KVM if usable' if ns.kvm else 'TCG'}), seed {seed:#x} ...")
+    stack = TeeStack(StackOptions(wd, seed=seed, accel="kvm" if ns.kvm else "tcg"))
+    stack.timings.append(("guest image (cached or built)", image_s))
+    print(f"work folder {wd}; guest kernel {img.kernel_release}; "
+          f"{'KVM if usable' if ns.kvm else 'TCG'}; seed {seed:#x}")
     try:
-        res = run_vm(VmOptions(mode="selftest", params={"seed": f"{seed:x}",
-                                                        "rounds": str(ns.rounds)},
-                               share_memory=not ns.no_share,
-                               accel="kvm" if ns.kvm else "tcg", workdir=wd / "vm",
-                               device_args=["--identity", str(wd / "identity"),
-                                            "--firmware", str(fw),
-                                            "--doe-socket", str(doe_sock)],
-                               on_running=attest_while_booting))
-    except LaunchError as exc:
+        res = stack.run()
+    except (LaunchError, FirmwareBuildError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        print(f"logs kept in {wd}", file=sys.stderr)
         return 1
-    checks = check_selftest(res, seed, ns.rounds)
     rep = res.report or {}
-    print(f"device {rep.get('bdf', '?')} found by the guest; "
-          f"{rep.get('jobs_issued', 0)} DMA jobs, {rep.get('device_bytes', 0)} bytes moved, "
-          f"{rep.get('interrupts_received', 0)} interrupts received")
-    att_ok = attest_out.get("rc") == 0
-    if att_ok:
-        print("host TSM attestation (SPDM over the device's DOE socket):")
-        for line in str(attest_out.get("stdout", "")).splitlines():
-            print(f"    {line}")
-    checks.append(Check("host_tsm_attestation", att_ok,
-                        "chain, CHALLENGE, signed measurements = reference values, session"
-                        if att_ok else str(attest_out.get("stderr") or "did not run")))
+    print("\nsteps                                                        seconds")
+    for name, secs in stack.timings:
+        print(f"  host   {name:<52} {secs:7.2f}")
+    for st in rep.get("steps", []):
+        mark = "" if st.get("ok") else "  FAILED: " + str(st.get("error", ""))
+        print(f"  guest  {st['step']:<52} {st['seconds']:7.2f}{mark}")
+    checks = judge(stack, res.report, seed)
+    checks.append(Check("guest_run", res.ok, res.reason or "status ok"))
+    print()
     for c in checks:
         print(f"  [{'PASS' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
     ok = all(c.ok for c in checks)
-    print(f"{'PASSED' if ok else 'FAILED'}: {sum(c.ok for c in checks)}/{len(checks)} checks "
-          f"in {time.monotonic() - t0:.1f}s")
+    print(f"\n{'PASSED' if ok else 'FAILED'}: {sum(c.ok for c in checks)}/{len(checks)} "
+          f"checks in {time.monotonic() - t0:.1f}s")
+    status = wd / "tsm-status.json"
+    if status.exists():
+        print(f"TSM status at the end: {status}  (journal: {wd / 'tsm' / 'journal.jsonl'})")
+    (wd / "demo-summary.json").write_text(json.dumps(
+        {"ok": ok, "timings": stack.timings, "guest_steps": rep.get("steps", []),
+         "checks": [vars(c) for c in checks]}, indent=2))
     if not ok:
         print(f"logs kept in {wd} (console: {res.console_log})")
     elif ns.workdir is None:
-        cleanup(res)
         shutil.rmtree(wd, ignore_errors=True)
     return 0 if ok else 1
 

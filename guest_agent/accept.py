@@ -1,0 +1,241 @@
+"""``python3 -m guest_agent accept --policy FILE``: lock, attest, accept, validate encrypted DMA.
+
+The TVM's side of trusted device assignment (PCIe 6.x §11.2.7; DESIGN, trust model), over
+the GHCx channel to the TSM (docs/ghcx.md):
+
+1. enumerate and configure the device (sysfs, uio_pci_generic, Memory Space + Bus Master),
+   then ask for TDI_LOCK -- after enumeration, as Linux's ``tsm/lock`` does, so BAR sizing
+   cannot trip ERROR;
+2. GET_EVIDENCE with a nonce the guest draws, TDI_INFO;
+3. verify everything itself (:mod:`teeio.tdi_verify`: digests, chain to the *policy's*
+   anchors, signed transcript, nonce, reference measurements, TDI info, report vs BARs);
+4. only if all pass: TDI_ACCEPT carrying the digests and lock epoch it verified -- the TSM
+   starts the TDI only if they still match;
+5. in RUN: MMIO through the TEE path (T=1), DMA_ACCEPT of a private buffer, FILL / COPY /
+   SHA-256 jobs into and out of it, checked here; a buffer never accepted and the
+   released one must be refused (T=1 DMA outside a window), then DMA_RELEASE (and TDI_STOP
+   with ``--stop``).
+
+``--pause-at before-accept|in-run`` stops at that point and waits for the host (a test)
+to act behind the guest's back: the agent writes ``paused-<point>`` into ``--sync-dir`` and
+waits for ``resume-<point>``; after an in-run pause it records what it then observes (a
+DMA job, TDI_INFO) rather than asserting it.  ``--expect refuse`` inverts the verdict for
+runs where the host has broken something on purpose: success then means the guest
+refused to accept.  Results: one JSON report with every step and its time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from guest_agent.dmabuf import HugeBuffer
+from guest_agent.ghcx_client import GhcxCallError, GhcxClient
+from guest_agent.selftest import DEVICE, VENDOR, Checks, Driver
+from teeio import tdi_verify
+from teeio.device_regs import DEVICE_ID_REG_VALUE, Op, R
+from teeio.ghcx import MsgType
+
+PAUSE_POINTS = ("before-accept", "in-run")
+PAUSE_TIMEOUT = 90.0
+HUGE_PAGE = 2 * 1024 * 1024
+SRC, DST, DIGEST = 0x0000, 0x40000, 0x80000
+
+
+class Steps:
+    """Each step with its wall time (the LOCK -> RUN latency split the benchmark reports)."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.t0 = time.monotonic()
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        t = time.monotonic()
+        try:
+            out = fn()
+        except Exception as exc:
+            self.items.append({"step": name, "ok": False, "seconds": _since(t),
+                               "error": f"{type(exc).__name__}: {exc}"})
+            raise
+        self.items.append({"step": name, "ok": True, "seconds": _since(t)})
+        return out
+
+
+def _since(t: float) -> float:
+    return round(time.monotonic() - t, 4)
+
+
+def bars_of(dev: Path) -> list[tuple[int, int, int]]:
+    """(index, base, size) of the memory BARs, from sysfs ``resource``."""
+    out = []
+    for index, line in enumerate((dev / "resource").read_text().splitlines()[:6]):
+        start, end, flags = (int(x, 16) for x in line.split())
+        if end > start and flags & 0x200:          # IORESOURCE_MEM
+            out.append((index, start, end - start + 1))
+    return out
+
+
+def pause(sync_dir: Path, point: str) -> float:
+    t = time.monotonic()
+    (sync_dir / f"paused-{point}").write_text(str(os.getpid()))
+    resume = sync_dir / f"resume-{point}"
+    while not resume.exists():
+        if time.monotonic() - t > PAUSE_TIMEOUT:
+            raise TimeoutError(f"no {resume.name} from the host within {PAUSE_TIMEOUT:.0f} s")
+        time.sleep(0.05)
+    return _since(t)
+
+
+def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/results"),
+        expect: str = "accept", stop: bool = False, seed: int = 0,
+        cycles: int = 0) -> dict[str, Any]:
+    policy = tdi_verify.load_policy(policy_path)
+    steps, checks = Steps(), Checks()
+    report: dict[str, Any] = {"mode": "accept", "expect": expect, "steps": steps.items,
+                              "checks": checks.items, "accepted": False}
+    if (policy.vendor_id, policy.device_id) != (VENDOR, DEVICE):
+        raise tdi_verify.PolicyError(f"the policy expects {policy.vendor_id:04x}:"
+                                     f"{policy.device_id:04x}, this agent drives "
+                                     f"{VENDOR:04x}:{DEVICE:04x}")
+    d = steps.run("enumerate", Driver)
+    bars = bars_of(d.dev)
+    report["bdf"], report["bars"] = d.dev.name, [[i, hex(b), s] for i, b, s in bars]
+    client = steps.run("ghcx_handshake", GhcxClient.connect)
+    report["ghcx"] = client.counters
+    try:
+        _flow(report, steps, checks, client, d, policy, bars, pause_at, sync_dir, stop, seed)
+        if cycles and report["accepted"]:
+            report["cycles"] = [_cycle(client, policy, bars) for _ in range(cycles)]
+    except GhcxCallError as exc:
+        report["error"] = f"GHCx {exc.code}: {exc.message}"
+        checks.add("ghcx_error", False, error=report["error"])
+    finally:
+        report["ghcx"] = client.counters
+        report["tsm_restarted"] = client.tsm_restarted
+    if expect == "refuse":
+        report["ok"] = not report["accepted"] and bool(report.get("refusal"))
+    else:
+        report["ok"] = bool(report["accepted"]) and checks.ok
+    return report
+
+
+def _flow(report: dict[str, Any], steps: Steps, checks: Checks, client: GhcxClient,
+          d: Driver, policy: tdi_verify.GuestPolicy, bars: list[tuple[int, int, int]],
+          pause_at: str, sync_dir: Path, stop: bool, seed: int) -> None:
+    lock = steps.run("tdi_lock", lambda: client.call(MsgType.TDI_LOCK, {}))
+    report["lock"] = lock
+    # In CONFIG_LOCKED the TEE range answers nobody: reads are all ones (§11.2.1).
+    checks.add("mmio_blocked_when_locked", d.mmio.read32(R.ID) == 0xFFFFFFFF,
+               value=hex(d.mmio.read32(R.ID)))
+    nonce = os.urandom(32)
+    ev_payload = steps.run("get_evidence",
+                           lambda: client.call(MsgType.GET_EVIDENCE, {"nonce": nonce.hex()}))
+    info = steps.run("tdi_info", lambda: client.call(MsgType.TDI_INFO, {}))
+    report["info"] = info
+    evidence = tdi_verify.Evidence.from_payload(ev_payload)
+    verdict = steps.run("verify", lambda: tdi_verify.verify(policy, evidence, info, nonce,
+                                                            bars))
+    report["verdict"] = verdict.as_dict()
+    if not verdict.ok:
+        report["refusal"] = verdict.first_failure()
+        steps.run("tdi_stop", lambda: client.call(MsgType.TDI_STOP, {}))
+        return
+    if pause_at == "before-accept":
+        report["paused_seconds"] = pause(sync_dir, "before-accept")
+    accept = {"digests": tdi_verify.digests(evidence), "lock_epoch": info["lock_epoch"]}
+    try:
+        report["accept"] = steps.run("tdi_accept",
+                                     lambda: client.call(MsgType.TDI_ACCEPT, accept))
+    except GhcxCallError as exc:
+        report["refusal"] = f"TDI_ACCEPT refused: {exc.code}: {exc.message}"
+        return
+    report["accepted"] = True
+    # RUN: the register BAR now answers through the TEE path (T=1 over the IDE stream).
+    checks.add("mmio_in_run", d.mmio.read32(R.ID) == DEVICE_ID_REG_VALUE,
+               value=hex(d.mmio.read32(R.ID)))
+    d.mmio.write32(R.INT_ENABLE, 0x3)
+    steps.run("dma_validation", lambda: _dma(report, checks, client, d, seed))
+    if pause_at == "in-run":
+        report["paused_seconds"] = pause(sync_dir, "in-run")
+        report["after_pause"] = _observe(client, d)
+        return
+    if stop:
+        report["stop"] = steps.run("tdi_stop", lambda: client.call(MsgType.TDI_STOP, {}))
+
+
+def _cycle(client: GhcxClient, policy: tdi_verify.GuestPolicy,
+           bars: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
+    """One more STOP -> LOCK -> evidence -> verify -> ACCEPT round (for the benchmark of
+    the LOCK -> RUN latency, split by step)."""
+    steps = Steps()
+    steps.run("tdi_stop", lambda: client.call(MsgType.TDI_STOP, {}))
+    steps.run("tdi_lock", lambda: client.call(MsgType.TDI_LOCK, {}))
+    nonce = os.urandom(32)
+    ev = tdi_verify.Evidence.from_payload(steps.run(
+        "get_evidence", lambda: client.call(MsgType.GET_EVIDENCE, {"nonce": nonce.hex()})))
+    info = steps.run("tdi_info", lambda: client.call(MsgType.TDI_INFO, {}))
+    verdict = steps.run("verify", lambda: tdi_verify.verify(policy, ev, info, nonce, bars))
+    if not verdict.ok:
+        raise RuntimeError(f"cycle: verification failed: {verdict.first_failure()}")
+    steps.run("tdi_accept", lambda: client.call(
+        MsgType.TDI_ACCEPT, {"digests": tdi_verify.digests(ev),
+                             "lock_epoch": info["lock_epoch"]}))
+    return steps.items
+
+
+def _dma(report: dict[str, Any], checks: Checks, client: GhcxClient, d: Driver,
+         seed: int) -> None:
+    private = d.buf                       # 2 MiB hugetlbfs page, accepted below
+    other = HugeBuffer(name="teeio-dma-unaccepted")
+    win = client.call(MsgType.DMA_ACCEPT, {"base": private.phys, "size": HUGE_PAGE,
+                                           "access": "rw"})
+    report["window"] = win
+    data = hashlib.sha256(seed.to_bytes(8, "little")).digest() * 2048     # 64 KiB
+    pattern = 0xC0DE0000 | seed & 0xFFFF
+    private.write(DST, b"\xAA" * 4096)
+    res = d.run_job(Op.FILL, 0, private.phys + DST, 4096, pattern)
+    checks.add("private_fill", res["done"] and private.read(DST, 4096)
+               == pattern.to_bytes(4, "little") * 1024, **res)
+    private.write(SRC, data)
+    private.write(DST, b"\x55" * len(data))
+    res = d.run_job(Op.COPY, private.phys + SRC, private.phys + DST, len(data))
+    checks.add("private_copy", res["done"] and private.read(DST, len(data)) == data, **res)
+    private.write(DIGEST, bytes(32))
+    res = d.run_job(Op.SHA256, private.phys + SRC, private.phys + DIGEST, len(data))
+    digest = private.read(DIGEST, 32)
+    checks.add("private_sha256", res["done"] and digest == hashlib.sha256(data).digest(),
+               digest=digest.hex(), **res)
+    report["private_sha256"] = digest.hex()
+    report["private_pattern"] = data[:32].hex()
+    # T=1 DMA outside every window: refused at the root port, nothing lands.
+    other.write(0, b"\x11" * 4096)
+    res = d.run_job(Op.FILL, 0, other.phys, 4096, pattern)
+    checks.add("unaccepted_buffer_refused", not res["done"]
+               and other.read(0, 4096) == b"\x11" * 4096, **res)
+    client.call(MsgType.DMA_RELEASE, {"window_id": win["window_id"]})
+    private.write(DST, b"\x22" * 4096)
+    res = d.run_job(Op.FILL, 0, private.phys + DST, 4096, pattern)
+    checks.add("released_buffer_refused", not res["done"]
+               and private.read(DST, 4096) == b"\x22" * 4096, **res)
+    # Accept it again for whatever follows (in-run observations, STOP).
+    report["window"] = client.call(MsgType.DMA_ACCEPT, {"base": private.phys,
+                                                        "size": HUGE_PAGE, "access": "rw"})
+
+
+def _observe(client: GhcxClient, d: Driver) -> dict[str, Any]:
+    """After the host acted during RUN: what the guest now sees (judged by the host)."""
+    out: dict[str, Any] = {}
+    d.buf.write(DST, b"\x33" * 4096)
+    res = d.run_job(Op.FILL, 0, d.buf.phys + DST, 4096, 0x5A5A5A5A)
+    out["dma_job"] = {**res, "landed": d.buf.read(DST, 4096) != b"\x33" * 4096}
+    out["mmio_id"] = hex(d.mmio.read32(R.ID))
+    try:
+        out["info"] = client.call(MsgType.TDI_INFO, {})
+    except GhcxCallError as exc:
+        out["info_error"] = f"{exc.code}: {exc.message}"
+    out["tsm_restarted"] = client.tsm_restarted
+    return out
