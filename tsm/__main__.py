@@ -3,6 +3,9 @@
     teeio-tsm attest ...    attest a device over DOE (see tsm/attest.py)
     teeio-tsm ide CMD ...   key, refresh, tear down, report an IDE stream (tsm/ide.py)
     teeio-tsm tdisp demo    lock, report, start, stop the device's TDI (tsm/tdisp.py)
+    teeio-tsm daemon ...    the persistent TSM: sessions, TDIs, GHCx per VM (tsm/daemon.py)
+    teeio-tsm ctl OP ...    drive the daemon: connect, bind, lock, stop, status... (tsm/ctl.py)
+    teeio-tsm status        the daemon's status (``ctl status``)
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from tsm import attest, ide, tdisp
+from tsm import attest, ctl, daemon, ide, tdisp
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,11 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     tdp = sub.add_parser("tdisp", help="TDISP for the device's TDI, over an IDE stream",
                          description=(tdisp.__doc__ or "").split("\n\n")[0])
     tdisp.add_arguments(tdp)
-    for p in (att, idep, tdp):
+    dmn = sub.add_parser("daemon", help="run the TSM daemon in the foreground (logs to stderr)",
+                         description=(daemon.__doc__ or "").split("\n\n")[0])
+    daemon.add_arguments(dmn)
+    ctlp = sub.add_parser("ctl", help="send one request to the TSM daemon",
+                          description=(ctl.__doc__ or "").split("\n\n")[0])
+    ctl.add_arguments(ctlp)
+    stp = sub.add_parser("status", help="the TSM daemon's status (ctl status)")
+    ctl.add_socket_arguments(stp)
+    ctl.add_status_arguments(stp)
+    for p in (att, idep, tdp, dmn, ctlp, stp):
         p.add_argument("-v", "--verbose", action="count", default=0,
                        help="log to stderr (-v: progress, -vv: every SPDM message in hex)")
     ns = ap.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(ns.verbose, logging.DEBUG)
+    if ns.command == "daemon":
+        level = min(level, logging.INFO)      # a daemon tells what it does
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if ns.command == "attest":
         return attest.run_command(ns)
@@ -38,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         return ide.run_command(ns)
     if ns.command == "tdisp":
         return tdisp.run_command(ns)
+    if ns.command == "daemon":
+        return daemon.run_command(ns)
+    if ns.command == "ctl":
+        return ctl.run_command(ns)
+    if ns.command == "status":
+        ns.ctl_op = "status"
+        return ctl.run_command(ns)
     ap.error(f"unknown command {ns.command!r}")
     return 2
 

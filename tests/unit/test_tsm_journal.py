@@ -1,0 +1,170 @@
+"""tsm.journal: append + replay, fsync of every record and of the directory on create, a
+torn last line tolerated (and cut before the next append), corruption elsewhere refused,
+secret-bearing field names refused; and the daemon's replay of a journal into its state,
+with the fail-safe at start when the devices cannot be reached."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from teeio.tdisp.defs import TdiState
+from tsm import journal as journal_mod
+from tsm.daemon import Daemon, read_secret, write_secret
+from tsm.journal import JOURNAL_NAME, Journal, JournalError, read_records
+from tsm.tdi import REASON_RESTART
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_append_and_replay(tmp_path: Path) -> None:
+    j, records = Journal.open(tmp_path)
+    assert records == []
+    j.append("device", device="dev0", stream_id=1)
+    j.append("tdi", device="dev0", state="RUN", lock_epoch=2)
+    j.close()
+    j2, records = Journal.open(tmp_path)
+    assert [(r["seq"], r["type"]) for r in records] == [(1, "device"), (2, "tdi")]
+    assert records[1]["lock_epoch"] == 2 and isinstance(records[1]["time"], float)
+    assert j2.append("vm", vm="vm0")["seq"] == 3          # numbering goes on
+    j2.close()
+    assert (tmp_path / JOURNAL_NAME).stat().st_mode & 0o777 == 0o600
+
+
+def test_every_record_and_the_directory_are_fsynced(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    j, _ = Journal.open(tmp_path)
+    assert str(tmp_path) in synced                          # the directory, on create
+    synced.clear()
+    j.append("a")
+    j.append("b")
+    assert synced == [str(tmp_path / JOURNAL_NAME)] * 2     # each record before returning
+    j.close()
+
+
+@pytest.mark.parametrize("tail", [b'{"seq":3,"type":"tdi","sta', b'{"seq":3,"type":"x"}',
+                                  b"\xff\xfe"])
+def test_torn_last_line_is_ignored_and_cut(tmp_path: Path, tail: bytes) -> None:
+    j, _ = Journal.open(tmp_path)
+    j.append("a")
+    j.append("b")
+    j.close()
+    path = tmp_path / JOURNAL_NAME
+    good = path.read_bytes()
+    path.write_bytes(good + tail)                           # a crash mid-write
+    records, length = read_records(path)
+    assert [r["type"] for r in records] == ["a", "b"] and length == len(good)
+    j, records = Journal.open(tmp_path)
+    assert len(records) == 2
+    j.append("c")
+    j.close()
+    assert [r["type"] for r in read_records(path)[0]] == ["a", "b", "c"]
+    assert path.read_bytes().startswith(good) and tail not in path.read_bytes()
+
+
+def test_corruption_before_the_end_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    path.write_bytes(b'{"seq":1,"type":"a"}\nnot json\n{"seq":3,"type":"c"}\n')
+    with pytest.raises(JournalError, match="line 2 is corrupt"):
+        Journal.open(tmp_path)
+
+
+def test_secret_fields_are_refused(tmp_path: Path) -> None:
+    j, _ = Journal.open(tmp_path)
+    for name in ("secret", "key", "nonce", "token", "wrapped_key"):
+        with pytest.raises(ValueError, match="may not carry"):
+            j.append("vm", vm="vm0", **{name: "00"})
+    j.close()
+    assert read_records(tmp_path / JOURNAL_NAME)[0] == []
+
+
+def test_secret_file(tmp_path: Path) -> None:
+    path = tmp_path / "vms" / "vm0.secret"
+    write_secret(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "vms").stat().st_mode & 0o777 == 0o700
+    first = read_secret(path)
+    write_secret(path)
+    assert len(first) == 32 and read_secret(path) != first
+    path.chmod(0o644)
+    with pytest.raises(PermissionError, match="0600"):
+        read_secret(path)
+
+
+def _journal(tmp_path: Path, *records: dict[str, Any]) -> None:
+    lines = [json.dumps({"seq": i, "time": 0.0, **r}) for i, r in enumerate(records, 1)]
+    (tmp_path / JOURNAL_NAME).write_text("\n".join(lines) + "\n")
+
+
+def _device(tmp_path: Path) -> dict[str, Any]:
+    return {"type": "device", "device": "dev0", "doe_socket": str(tmp_path / "gone.sock"),
+            "trust_anchor": str(tmp_path / "anchor.pem"),
+            "platform_socket": str(tmp_path / "gone-platform.sock"),
+            "platform_credential": str(tmp_path / "cred"), "stream_id": 3, "block": 0}
+
+
+def test_replay_then_fail_safe_without_the_device(tmp_path: Path) -> None:
+    """The journal says: device, secure stream, VM bound, TDI RUN at epoch 2, a window.
+    The device is unreachable: the daemon still knows everything, marks the stream
+    Insecure and the TDI ERROR (journaled), keeps the window it could not revoke, and
+    counts the failures."""
+    secret = tmp_path / "vm0.secret"
+    write_secret(secret)
+    _journal(tmp_path, _device(tmp_path),
+             {"type": "session", "device": "dev0", "session_id": "0xfffe0001"},
+             {"type": "stream", "device": "dev0", "stream_id": 3, "state": "secure",
+              "requester_id": 0x100},
+             {"type": "vm", "vm": "vm0", "device": "dev0",
+              "ghcx_socket": str(tmp_path / "ghcx.sock"), "secret_file": str(secret)},
+             {"type": "tdi", "device": "dev0", "state": "CONFIG_LOCKED", "lock_epoch": 2},
+             {"type": "tdi", "device": "dev0", "state": "RUN", "lock_epoch": 2},
+             {"type": "mmio_private", "device": "dev0", "enabled": True},
+             {"type": "window", "window_id": 7, "vm": "vm0", "device": "dev0",
+              "base": 0x1000, "size": 0x1000, "access": "rw"},
+             {"type": "window", "window_id": 8, "vm": "vm0", "device": "dev0",
+              "base": 0x3000, "size": 0x1000, "access": "r"},
+             {"type": "window_revoked", "window_id": 8})
+    d = Daemon(tmp_path)
+    try:
+        dev = d.devices["dev0"]
+        assert (dev.tdi.state, dev.tdi.lock_epoch, dev.tdi.vm) == (TdiState.RUN, 2, "vm0")
+        assert dev.stream_state == "secure" and dev.requester_id == 0x100
+        assert d.vms["vm0"].windows == {7: {"base": 0x1000, "size": 0x1000, "access": "rw"}}
+        d.start()
+        assert dev.tdi.state is TdiState.ERROR and dev.tdi.reason == REASON_RESTART
+        assert dev.stream_state == "insecure" and not dev.link.session_up
+        assert d.counters["reconnect_failures"] == 1
+        assert d.counters["platform_errors"] == 2     # the window and private MMIO
+        assert 7 in d.vms["vm0"].windows              # not revoked: kept, not forgotten
+        st = d.op_status({})
+        assert st["tdis"][0]["state"] == "ERROR" and st["tdis"][0]["reason"] == REASON_RESTART
+        assert st["vms"][0]["ghcx"]["connected"] is False
+        assert (tmp_path / "ghcx.sock").exists()      # serving the VM again
+    finally:
+        d.close()
+    records = read_records(tmp_path / JOURNAL_NAME)[0]
+    new = records[10:]
+    assert new[0]["type"] == "daemon_start"
+    assert {"type": "tdi", "state": "ERROR", "reason": REASON_RESTART}.items() <= \
+        next(r for r in new if r["type"] == "tdi").items()
+    assert next(r for r in new if r["type"] == "stream")["state"] == "insecure"
+    # a second replay agrees
+    d2 = Daemon(tmp_path)
+    try:
+        assert d2.devices["dev0"].tdi.state is TdiState.ERROR
+    finally:
+        d2.close()
+    raw = (tmp_path / JOURNAL_NAME).read_bytes()
+    assert secret.read_bytes() not in raw and secret.read_bytes().hex().encode() not in raw

@@ -1,0 +1,364 @@
+"""The TSM daemon's control API and ``teeio-tsm ctl`` / ``teeio-tsm status``.
+
+Protocol: a UNIX socket (mode 0600: only the TSM's user may drive it), one JSON object per
+line both ways (UTF-8, at most 64 KiB a line).  Request ``{"op": OP, "args": {...}}``;
+response ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": {"code": C,
+"message": M}}`` with C one of ``malformed`` (not a JSON object, line too long),
+``unknown_op``, ``bad_args``, ``failed`` (the operation was tried and did not work; M
+says why), ``internal``.  The connection survives any error.
+
+Operations (``tsm/daemon.py``), the CLI's options in brackets:
+
+``connect``     device, doe_socket | doe_tcp_port [host], trust_anchor, platform_socket,
+                platform_credential, [reference_values], [stream_id], [block]
+``disconnect``  device
+``bind``        vm, device, ghcx_socket, [secret_file], [mmio_reporting_offset]
+``unbind``      vm
+``lock``        vm           (host-requested LOCK: a new lock epoch)
+``stop``        vm           (host-requested STOP; there is no host-side start)
+``status``      --           (``--json``: the document; else a table)
+
+Paths are made absolute by the CLI: the daemon's working directory is not the caller's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 64 * 1024
+CTL_SOCKET_NAME = "ctl.sock"
+CLIENT_TIMEOUT = 120.0     # connect attests and keys a stream: seconds, not milliseconds
+ENV_SOCKET = "TEEIO_TSM_CTL"
+
+
+class CtlError(Exception):
+    """An error response: ``code`` (see the module docstring) and a one-line message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+Dispatch = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+# -- server ---------------------------------------------------------------------------------
+
+class CtlServer:
+    """Serves the control API on *path*, a thread per connection."""
+
+    def __init__(self, path: str, dispatch: Dispatch) -> None:
+        self.path = path
+        self.dispatch = dispatch
+        self.counters = {"connections": 0, "requests": 0, "errors": 0}
+        self._stop = threading.Event()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.listener.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.listener.listen(8)
+        self._thread = threading.Thread(target=self._accept_loop, name="tsm-ctl", daemon=True)
+
+    def start(self) -> CtlServer:
+        self._thread.start()
+        log.info("control socket listening on %s", self.path)
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.counters["connections"] += 1
+            threading.Thread(target=self._serve, args=(conn,), name="tsm-ctl-conn",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn, conn.makefile("rb") as rfile:
+                while True:
+                    line = rfile.readline(MAX_LINE + 1)
+                    if not line:
+                        return
+                    if len(line) > MAX_LINE and not line.endswith(b"\n"):
+                        while line and not line.endswith(b"\n"):
+                            line = rfile.readline(MAX_LINE)
+                        reply = self._error("malformed", f"line longer than {MAX_LINE} bytes")
+                    else:
+                        reply = self.handle_line(line)
+                    conn.sendall(json.dumps(reply, sort_keys=True).encode() + b"\n")
+        except OSError as exc:
+            log.info("control connection ended: %s", exc)
+
+    def _error(self, code: str, message: str) -> dict[str, Any]:
+        self.counters["errors"] += 1
+        log.warning("control request refused (%s): %s", code, message)
+        return {"ok": False, "error": {"code": code, "message": message}}
+
+    def handle_line(self, line: bytes) -> dict[str, Any]:
+        """One request line → one response object (never raises)."""
+        try:
+            msg = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return self._error("malformed", f"not JSON: {exc}")
+        if not isinstance(msg, dict):
+            return self._error("malformed", "a request must be a JSON object")
+        op, args = msg.get("op"), msg.get("args", {})
+        if not isinstance(op, str) or not isinstance(args, dict):
+            return self._error("malformed", "'op' must be a string and 'args' an object")
+        self.counters["requests"] += 1
+        log.info("control: %s", op)
+        try:
+            result = self.dispatch(op, args)
+        except CtlError as exc:
+            return self._error(exc.code, exc.message)
+        except Exception as exc:
+            log.exception("control %s failed", op)
+            return self._error("internal", f"{op}: {type(exc).__name__}: {exc}")
+        return {"ok": True, "result": result}
+
+
+# -- client ---------------------------------------------------------------------------------
+
+class CtlClient:
+    def __init__(self, path: str, timeout: float = CLIENT_TIMEOUT) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+        self._rfile = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        self._rfile.close()
+        self.sock.close()
+
+    def __enter__(self) -> CtlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_raw(self, data: bytes) -> dict[str, Any]:
+        self.sock.sendall(data)
+        line = self._rfile.readline(MAX_LINE * 64)
+        if not line:
+            raise ConnectionError("the TSM daemon closed the control connection")
+        reply = json.loads(line)
+        if not isinstance(reply, dict):
+            raise CtlError("malformed", "the daemon's reply is not an object")
+        return reply
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        reply = self.send_raw(json.dumps({"op": op, "args": args}).encode() + b"\n")
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise CtlError(str(err.get("code", "malformed")), str(err.get("message", "")))
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            raise CtlError("malformed", "the daemon's result is not an object")
+        return result
+
+
+# -- the status table -----------------------------------------------------------------------
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows]
+
+
+def format_status(st: dict[str, Any]) -> str:
+    out = [f"TSM boot id {st['boot_id']} (pid {st['pid']}), state {st['state_dir']}"]
+    devs = [["DEVICE", "DOE", "SESSION", "HEARTBEAT", "RID", "STREAM", "NOTE"]]
+    for d in st["devices"]:
+        s, sess = d["stream"], d["session"]
+        devs.append([d["name"], d["doe"], sess["id"] if sess else "-",
+                     f"{sess['heartbeat_period']}s/{sess['heartbeats']}" if sess else "-",
+                     d["requester_id"] or "-", f"{s['id']} {s['state']}",
+                     d["last_error"] or s["reason"] or ""])
+    out += ["", *_table(devs)] if st["devices"] else ["", "no devices"]
+    if st["tdis"]:
+        tdis = [["TDI", "STATE", "EPOCH", "VM", "PRIVATE MMIO", "REASON"]]
+        for t in st["tdis"]:
+            tdis.append([t["name"], t["state"], str(t["lock_epoch"]), t["vm"] or "-",
+                         "open" if t["mmio_private"] else "closed", t["reason"] or ""])
+        out += ["", *_table(tdis)]
+    if st["vms"]:
+        vms = [["VM", "TDI", "GHCX SOCKET", "GUEST", "REQUESTS", "ERRORS", "REJECTED",
+                "WINDOWS"]]
+        for v in st["vms"]:
+            g = v["ghcx"] or {}
+            c = g.get("counters", {})
+            guest = ("session" if g.get("established") else
+                     "connected" if g.get("connected") else "-")
+            rejected = ",".join(f"{k}={n}" for k, n in g.get("rejected", {}).items()) or "0"
+            wins = " ".join(f"{w['window_id']}:{w['base']:#x}+{w['size']:#x}/{w['access']}"
+                            for w in v["windows"]) or "-"
+            vms.append([v["vm"], v["device"], v["ghcx_socket"], guest,
+                        str(c.get("requests", 0)), str(c.get("errors", 0)), rejected, wins])
+        out += ["", *_table(vms)]
+    if st["counters"]:
+        out += ["", "counters: " + " ".join(f"{k}={v}" for k, v in st["counters"].items())]
+    return "\n".join(out)
+
+
+# -- command line ---------------------------------------------------------------------------
+
+OPS = ("connect", "disconnect", "bind", "unbind", "lock", "stop", "status")
+
+
+def _abs(p: Path | None) -> str | None:
+    return None if p is None else str(p.absolute())
+
+
+def add_socket_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--ctl-socket", type=Path, metavar="PATH",
+                    help=f"the daemon's control socket (default: ${ENV_SOCKET}, or "
+                         f"DIR/{CTL_SOCKET_NAME} with --state-dir)")
+    ap.add_argument("--state-dir", type=Path, metavar="DIR",
+                    help="the daemon's --state-dir (to find its control socket)")
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    add_socket_arguments(ap)
+    sub = ap.add_subparsers(dest="ctl_op", required=True, metavar="OP")
+    c = sub.add_parser("connect", help="attest a device, open the session, set the IDE "
+                                       "stream up")
+    c.add_argument("--device", required=True, metavar="NAME")
+    where = c.add_mutually_exclusive_group(required=True)
+    where.add_argument("--doe-socket", type=Path, metavar="PATH")
+    where.add_argument("--doe-tcp-port", type=int, metavar="N")
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--platform-socket", type=Path, required=True, metavar="PATH")
+    c.add_argument("--platform-credential", type=Path, required=True, metavar="FILE")
+    c.add_argument("--trust-anchor", type=Path, required=True, metavar="PEM")
+    c.add_argument("--reference-values", type=Path, metavar="JSON")
+    c.add_argument("--stream-id", type=int, metavar="N")
+    c.add_argument("--block", type=int, metavar="N")
+    d = sub.add_parser("disconnect", help="tear the stream down, END_SESSION")
+    d.add_argument("--device", required=True, metavar="NAME")
+    b = sub.add_parser("bind", help="bind a device's TDI to a VM: secret file, GHCx socket")
+    b.add_argument("--vm", required=True, metavar="VMID")
+    b.add_argument("--device", required=True, metavar="NAME")
+    b.add_argument("--ghcx-socket", type=Path, required=True, metavar="PATH")
+    b.add_argument("--secret-file", type=Path, metavar="FILE")
+    b.add_argument("--mmio-reporting-offset", type=lambda s: int(s, 0), metavar="N")
+    for op, text in (("unbind", "stop the VM's TDI if needed, forget the VM"),
+                     ("lock", "host-requested LOCK of the VM's TDI (a new lock epoch)"),
+                     ("stop", "host-requested STOP of the VM's TDI")):
+        sub.add_parser(op, help=text).add_argument("--vm", required=True, metavar="VMID")
+    s = sub.add_parser("status", help="devices, sessions, streams, TDIs, VMs")
+    add_status_arguments(s)
+
+
+def add_status_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--json", action="store_true", help="the status document as JSON")
+
+
+def socket_path(ns: argparse.Namespace) -> str:
+    if ns.ctl_socket is not None:
+        return str(ns.ctl_socket)
+    if ns.state_dir is not None:
+        return str(ns.state_dir / CTL_SOCKET_NAME)
+    if os.environ.get(ENV_SOCKET):
+        return os.environ[ENV_SOCKET]
+    raise CtlError("bad_args", f"where is the daemon? give --ctl-socket or --state-dir "
+                               f"(or set {ENV_SOCKET})")
+
+
+def request_args(ns: argparse.Namespace) -> dict[str, Any]:
+    op: str = ns.ctl_op
+    if op == "connect":
+        args = {"device": ns.device, "doe_socket": _abs(ns.doe_socket),
+                "doe_tcp_port": ns.doe_tcp_port, "host": ns.host,
+                "platform_socket": _abs(ns.platform_socket),
+                "platform_credential": _abs(ns.platform_credential),
+                "trust_anchor": _abs(ns.trust_anchor),
+                "reference_values": _abs(ns.reference_values), "stream_id": ns.stream_id,
+                "block": ns.block}
+    elif op == "disconnect":
+        args = {"device": ns.device}
+    elif op == "bind":
+        args = {"vm": ns.vm, "device": ns.device, "ghcx_socket": _abs(ns.ghcx_socket),
+                "secret_file": _abs(ns.secret_file),
+                "mmio_reporting_offset": ns.mmio_reporting_offset}
+    elif op in ("unbind", "lock", "stop"):
+        args = {"vm": ns.vm}
+    else:
+        args = {}
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def summary(op: str, result: dict[str, Any]) -> str:
+    if op == "connect":
+        sess = result.get("session") or {}
+        return (f"connect {result['name']}: session {sess.get('id')}, stream "
+                f"{result['stream']['id']} {result['stream']['state']}, RID "
+                f"{result['requester_id']}")
+    if op == "bind":
+        return (f"bind {result['vm']}: TDI {result['device']}, GHCx socket "
+                f"{result['ghcx_socket']}, secret file {result['secret_file']}")
+    if op in ("lock", "stop"):
+        epoch = f", lock epoch {result['lock_epoch']}" if "lock_epoch" in result else ""
+        return f"{op} {result['tdi']}: {result['state']}{epoch}"
+    return f"{op}: done"
+
+
+def run_command(ns: argparse.Namespace) -> int:
+    op: str = ns.ctl_op
+    try:
+        path = socket_path(ns)
+        try:
+            client = CtlClient(path)
+        except OSError as exc:
+            raise CtlError("failed", f"control socket {path}: cannot connect: "
+                                     f"{exc.strerror or exc} (is the daemon running?)") from None
+        with client:
+            try:
+                result = client.call(op, **request_args(ns))
+            except (OSError, ValueError) as exc:
+                raise CtlError("failed", f"control socket {path}: {exc}") from None
+    except CtlError as exc:
+        reason = " ".join(exc.message.split()) or exc.code
+        print(f"ctl {op} FAILED: {reason}", file=sys.stderr)
+        return 1
+    if op == "status":
+        print(json.dumps(result, indent=2, sort_keys=True) if ns.json
+              else format_status(result))
+    else:
+        print(summary(op, result))
+    return 0
+
+
+__all__ = ["CtlClient", "CtlError", "CtlServer", "OPS", "add_arguments",
+           "add_socket_arguments", "add_status_arguments", "format_status", "run_command"]

@@ -1,0 +1,783 @@
+"""``teeio-tsm daemon``: the persistent TSM (issue 5).
+
+    teeio-tsm daemon --state-dir DIR [--ctl-socket PATH] [--heartbeat SECONDS] [-v]
+
+Runs in the foreground and logs to stderr.  It owns, per device, the DOE connection, the
+SPDM session, the Selective IDE stream and the TDI (``tsm/device.py``, ``tsm/tdi.py``);
+per VM, a GHCx server (``tsm/ghcx_server.py``) and the launch secret's file; and it
+answers the control API (``tsm/ctl.py``) on ``DIR/ctl.sock`` (0600).
+
+DESIGN "Who does what": the guest asks for LOCK; the TSM locks, fetches the report, and
+takes measurements with the guest's nonce; the guest's TDI_ACCEPT carries the digests and
+lock epoch it verified, and START_INTERFACE is sent only if they are still current.  There
+is no host-side start: the host can only LOCK and STOP (``ctl lock``/``ctl stop``).
+
+Everything the TSM must not forget goes to the journal (``tsm/journal.py``) before it
+answers.  At start the journal is replayed, and the daemon **fails safe** (DESIGN
+"Restart"): the SPDM sessions died with the old process, so every stream is marked
+Insecure and every CONFIG_LOCKED/RUN TDI ERROR ("TSM restarted: SPDM session lost"), the
+journaled trusted-DMA windows and private MMIO are revoked on the platform socket, each
+device is reconnected (its new GET_VERSION makes the device end the old session, so the
+device's TDI really is in ERROR: checked with GET_DEVICE_INTERFACE_STATE and journaled),
+the stream is keyed afresh in the new session, and every bound VM's GHCx socket listens
+again with a new boot id, so the guest's next call gets REHELLO and then sees ERROR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import secrets
+import signal
+import sys
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from teeio.ghcx import BOOT_ID_SIZE, SECRET_SIZE
+from teeio.spdm.defs import MEAS_OP_ALL, NONCE_SIZE
+from teeio.tdisp.defs import TdiState
+from tsm import ctl, ide
+from tsm.ctl import CtlError
+from tsm.device import LINK_ERRORS, DeviceConfig, DeviceError, DeviceLink, one_line
+from tsm.ghcx_server import GhcxFailure, GhcxServer
+from tsm.journal import Journal, JournalError
+from tsm.tdi import REASON_DEVICE_ERROR, REASON_RESTART, TdiRecord, lock_flags, read_report
+from tsm.tdisp import TdispRequestError
+from vfio_user_dev.platform_ctl import PlatformCtlError
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
+VM_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,16}")     # docs/ghcx.md "Launch secret and VM id"
+ACCESS = ("rw", "r", "w")
+REASON_HEARTBEAT = "SPDM session lost"
+
+
+@dataclass
+class DeviceEntry:
+    config: DeviceConfig
+    link: DeviceLink
+    tdi: TdiRecord
+    stream_state: str = "insecure"
+    stream_reason: str | None = None
+    requester_id: int | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class VmBinding:
+    vm: str
+    device: str
+    ghcx_socket: str
+    secret_file: str
+    mmio_reporting_offset: int = 0
+    windows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    server: GhcxServer | None = field(default=None, repr=False)
+
+
+def write_secret(path: Path) -> None:
+    """A fresh per-VM secret, raw bytes, in a 0600 file (replaced atomically).  QEMU hands
+    it to the guest with ``-fw_cfg name=opt/org.teeio/ghcx-secret,file=PATH``."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, secrets.token_bytes(SECRET_SIZE))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_secret(path: Path) -> bytes:
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        raise PermissionError(f"{path}: a GHCx secret file must be mode 0600, is "
+                              f"{st.st_mode & 0o777:o}")
+    data = path.read_bytes()
+    if len(data) != SECRET_SIZE:
+        raise ValueError(f"{path}: a GHCx secret is {SECRET_SIZE} bytes, not {len(data)}")
+    return data
+
+
+# -- argument checks (control API) --------------------------------------------------------------
+
+def _arg(args: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
+    if args.get(name) is None:
+        if default is ...:
+            raise CtlError("bad_args", f"missing argument {name!r}")
+        return default
+    v = args[name]
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise CtlError("bad_args", f"{name!r} must be an integer")
+    if not isinstance(v, kind):
+        raise CtlError("bad_args", f"{name!r} must be a {kind.__name__}")
+    return v
+
+
+def _name(args: dict[str, Any], key: str, pattern: re.Pattern[str]) -> str:
+    v = _arg(args, key, str)
+    if not pattern.fullmatch(v):
+        raise CtlError("bad_args", f"{key} {v!r}: use 1-{16 if pattern is VM_ID_RE else 32} "
+                                   "characters of [A-Za-z0-9._-]")
+    return str(v)
+
+
+def _abs(path: str) -> str:
+    return str(Path(path).absolute())
+
+
+class Daemon:
+    """The TSM's state and operations.  Thread-safe: :attr:`lock` covers the state and is
+    always taken before a device's lock."""
+
+    def __init__(self, state_dir: Path, heartbeat: float | None = None) -> None:
+        self.state_dir = state_dir
+        self.heartbeat = heartbeat
+        self.boot_id = os.urandom(BOOT_ID_SIZE)
+        self.lock = threading.RLock()
+        self.devices: dict[str, DeviceEntry] = {}
+        self.vms: dict[str, VmBinding] = {}
+        self.counters: Counter[str] = Counter()
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.journal, records = Journal.open(state_dir)
+        self._replay(records)
+        self.replayed = len(records)
+
+    def __repr__(self) -> str:
+        return f"Daemon({str(self.state_dir)!r}, boot_id={self.boot_id.hex()})"
+
+    # -- journal --------------------------------------------------------------------------
+    def _replay(self, records: list[dict[str, Any]]) -> None:
+        for rec in records:
+            try:
+                self._apply(rec)
+            except (KeyError, ValueError, TypeError) as exc:
+                raise JournalError(f"journal record {rec.get('seq')} ({rec.get('type')}) "
+                                   f"cannot be applied: {exc!r}") from None
+
+    def _apply(self, rec: dict[str, Any]) -> None:
+        t = rec["type"]
+        if t == "device":
+            cfg = DeviceConfig.from_record(rec)
+            old = self.devices.get(cfg.name)
+            self.devices[cfg.name] = DeviceEntry(
+                cfg, self._link(cfg), old.tdi if old else TdiRecord(cfg.name))
+        elif t == "device_removed":
+            self.devices.pop(rec["device"])
+        elif t == "stream":
+            dev = self.devices[rec["device"]]
+            dev.stream_state = rec["state"]
+            dev.stream_reason = rec.get("reason")
+            if rec.get("requester_id") is not None:
+                dev.requester_id = int(rec["requester_id"])
+        elif t == "vm":
+            vm = VmBinding(rec["vm"], rec["device"], rec["ghcx_socket"], rec["secret_file"],
+                           int(rec.get("mmio_reporting_offset", 0)))
+            self.vms[vm.vm] = vm
+            self.devices[vm.device].tdi.vm = vm.vm
+        elif t == "vm_removed":
+            vm = self.vms.pop(rec["vm"])
+            if vm.device in self.devices:
+                self.devices[vm.device].tdi.vm = None
+        elif t == "tdi":
+            tdi = self.devices[rec["device"]].tdi
+            tdi.state = TdiState[rec["state"]]
+            tdi.lock_epoch = int(rec["lock_epoch"])
+            tdi.reason = rec.get("reason")
+        elif t == "mmio_private":
+            self.devices[rec["device"]].tdi.mmio_private = bool(rec["enabled"])
+        elif t == "window":
+            self.vms[rec["vm"]].windows[int(rec["window_id"])] = {
+                k: rec[k] for k in ("base", "size", "access")}
+        elif t == "window_revoked":
+            for vm in self.vms.values():
+                vm.windows.pop(int(rec["window_id"]), None)
+        elif t not in ("daemon_start", "session"):
+            log.warning("journal record %s of unknown type %r ignored", rec.get("seq"), t)
+            self.counters["journal_unknown_records"] += 1
+
+    def _journal_tdi(self, dev: DeviceEntry, source: str = "tsm") -> None:
+        t = dev.tdi
+        self.journal.append("tdi", device=dev.config.name, state=t.state.name,
+                            lock_epoch=t.lock_epoch, vm=t.vm, reason=t.reason, source=source)
+
+    def _journal_stream(self, dev: DeviceEntry, state: str, reason: str | None) -> None:
+        dev.stream_state, dev.stream_reason = state, reason
+        self.journal.append("stream", device=dev.config.name, stream_id=dev.config.stream_id,
+                            state=state, requester_id=dev.requester_id, reason=reason)
+
+    # -- start, stop ---------------------------------------------------------------------
+    def _link(self, cfg: DeviceConfig) -> DeviceLink:
+        return DeviceLink(cfg, self._session_lost, heartbeat_interval=self.heartbeat)
+
+    def start(self) -> None:
+        """Recover what the journal knows (fail-safe), then serve every bound VM."""
+        with self.lock:
+            self.journal.append("daemon_start", boot_id=self.boot_id.hex(), pid=os.getpid())
+            for dev in list(self.devices.values()):
+                self._recover(dev)
+            for vm in list(self.vms.values()):
+                try:
+                    self._serve_vm(vm)
+                except (OSError, ValueError) as exc:
+                    self.counters["vm_serve_failures"] += 1
+                    log.error("VM %s: cannot serve GHCx on %s: %s", vm.vm, vm.ghcx_socket,
+                              one_line(exc))
+
+    def _recover(self, dev: DeviceEntry) -> None:
+        """DESIGN "Restart": the old session is gone; fail safe, then reconnect."""
+        name = dev.config.name
+        log.warning("device %s: recovering after a TSM restart", name)
+        self.journal.append("session", device=name, session_id=None, reason=REASON_RESTART)
+        if dev.stream_state != "insecure":
+            self._journal_stream(dev, "insecure", REASON_RESTART)
+        if dev.tdi.state in (TdiState.CONFIG_LOCKED, TdiState.RUN):
+            dev.tdi.failed(REASON_RESTART)
+            self._journal_tdi(dev)
+        self._fail_safe_platform(dev, REASON_RESTART)
+        try:
+            self._connect(dev)
+        except DeviceError as exc:
+            dev.last_error = str(exc)
+            self.counters["reconnect_failures"] += 1
+            log.error("device %s: cannot reconnect: %s", name, exc)
+
+    def _fail_safe_platform(self, dev: DeviceEntry, reason: str) -> None:
+        """Revoke every journaled window of the device's VM, and its private MMIO."""
+        vm = self.vms.get(dev.tdi.vm) if dev.tdi.vm else None
+        if vm is not None:
+            for wid in sorted(vm.windows):
+                self._revoke(dev, vm, wid, reason)
+        if dev.tdi.mmio_private or dev.tdi.state is TdiState.ERROR:
+            try:
+                self._mmio_private(dev, False)
+            except (PlatformCtlError, DeviceError) as exc:
+                self.counters["platform_errors"] += 1
+                log.error("device %s: cannot close private MMIO: %s", dev.config.name, exc)
+
+    def _revoke(self, dev: DeviceEntry, vm: VmBinding, wid: int, reason: str) -> None:
+        try:
+            dev.link.platform_call("window_revoke", window_id=wid)
+        except PlatformCtlError as exc:      # refused: the platform no longer has it
+            log.warning("window %d: revoke: %s (treated as gone)", wid, exc)
+        except DeviceError as exc:
+            self.counters["platform_errors"] += 1
+            log.error("window %d: cannot revoke: %s (kept in the journal)", wid, exc)
+            return
+        vm.windows.pop(wid, None)
+        self.journal.append("window_revoked", window_id=wid, reason=reason)
+
+    def _mmio_private(self, dev: DeviceEntry, enable: bool) -> None:
+        """Open or close private MMIO of the TDI at the device server (platform op
+        ``mmio_private``).  A platform without the operation is logged and counted."""
+        rid = dev.requester_id
+        try:
+            dev.link.platform_call("mmio_private", requester_id=rid if rid is not None else 0,
+                                   stream_id=dev.config.stream_id, enable=enable)
+        except PlatformCtlError as exc:
+            if exc.code != "unknown_op":
+                raise
+            self.counters["mmio_private_unsupported"] += 1
+            log.warning("device %s: the platform has no mmio_private operation; private "
+                        "MMIO is not enforced there", dev.config.name)
+            return
+        dev.tdi.mmio_private = enable
+        self.journal.append("mmio_private", device=dev.config.name, enabled=enable)
+
+    def _connect(self, dev: DeviceEntry) -> None:
+        """Connect (attest, session, stream), then learn the TDI's state from the device."""
+        dev.link.connect()
+        link = dev.link
+        dev.last_error = None
+        dev.requester_id = link.requester_id
+        self.journal.append("session", device=dev.config.name,
+                            session_id=f"0x{link.session_id or 0:08x}", reason=None)
+        self._journal_stream(dev, "secure", None)
+        self._refresh_state(dev)
+
+    def _refresh_state(self, dev: DeviceEntry) -> None:
+        """GET_DEVICE_INTERFACE_STATE; a state other than the recorded one is adopted and
+        journaled as the device's word (source "device")."""
+        with dev.link.lock:
+            live = dev.link.tdisp_client().get_state()
+        if live is dev.tdi.state:
+            return
+        log.warning("device %s: TDI is %s (recorded %s)", dev.config.name, live.name,
+                    dev.tdi.state.name)
+        if live is TdiState.ERROR:
+            dev.tdi.failed(dev.tdi.reason or REASON_DEVICE_ERROR)
+        else:
+            dev.tdi.state = live
+            dev.tdi.reason = f"device reported {live.name}"
+            if live is TdiState.CONFIG_UNLOCKED:
+                dev.tdi.clear_lock()
+        self._journal_tdi(dev, source="device")
+
+    def _session_lost(self, link: DeviceLink, reason: str) -> None:
+        """The heartbeat failed: the same fail-safe as a restart (DESIGN)."""
+        with self.lock:
+            dev = self.devices.get(link.config.name)
+            if dev is None or dev.link is not link:
+                return
+            self.counters["sessions_lost"] += 1
+            self.journal.append("session", device=dev.config.name, session_id=None,
+                                reason=reason)
+            self._journal_stream(dev, "insecure", reason)
+            if dev.tdi.state in (TdiState.CONFIG_LOCKED, TdiState.RUN):
+                dev.tdi.failed(f"{REASON_HEARTBEAT}: {reason}")
+                self._journal_tdi(dev)
+            with contextlib.suppress(PlatformCtlError, DeviceError):
+                self._fail_safe_platform(dev, reason)
+
+    def close(self) -> None:
+        with self.lock:
+            for vm in self.vms.values():
+                if vm.server is not None:
+                    vm.server.close()
+                    vm.server = None
+            for dev in self.devices.values():
+                dev.link.close()
+            self.journal.close()
+
+    # -- GHCx ----------------------------------------------------------------------------
+    def _serve_vm(self, vm: VmBinding) -> None:
+        secret = read_secret(Path(vm.secret_file))
+        vm.server = GhcxServer(vm.vm, vm.ghcx_socket, secret, self.boot_id,
+                               self.ghcx_request).start()
+
+    def ghcx_request(self, vm_id: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """One decrypted guest request (docs/ghcx.md "Messages") → its response payload;
+        raises GhcxFailure for an error response."""
+        with self.lock:
+            vm = self.vms.get(vm_id)
+            if vm is None or vm.device not in self.devices:
+                raise GhcxFailure("refused", f"VM {vm_id} is not bound to a TDI")
+            dev = self.devices[vm.device]
+            handlers = {"TDI_LOCK": self._g_lock, "TDI_INFO": self._g_info,
+                        "GET_EVIDENCE": self._g_evidence, "TDI_ACCEPT": self._g_accept,
+                        "DMA_ACCEPT": self._g_dma_accept, "DMA_RELEASE": self._g_dma_release,
+                        "TDI_STOP": self._g_stop, "STATUS": self._g_status}
+            fn = handlers.get(op)
+            if fn is None:
+                raise GhcxFailure("unknown_request", f"no request {op}")
+            try:
+                return fn(vm, dev, payload)
+            except GhcxFailure as exc:
+                self.counters[f"ghcx_{exc.code}"] += 1
+                raise
+            except TdispRequestError as exc:
+                self.counters["ghcx_device"] += 1
+                raise GhcxFailure("device", f"{exc.request}: {exc.code_name}") from None
+            except (*LINK_ERRORS, DeviceError) as exc:
+                self.counters["ghcx_device"] += 1
+                raise GhcxFailure("device", one_line(exc)) from None
+
+    def _session(self, dev: DeviceEntry) -> DeviceLink:
+        if not dev.link.session_up:
+            why = dev.last_error or dev.tdi.reason or "not connected"
+            raise GhcxFailure("state", f"device {dev.config.name} has no SPDM session ({why})")
+        return dev.link
+
+    def _g_lock(self, vm: VmBinding, dev: DeviceEntry, payload: dict[str, Any]) -> dict[str, Any]:
+        self.lock_tdi(dev, vm)
+        return {"state": dev.tdi.state.name, "lock_epoch": dev.tdi.lock_epoch}
+
+    def lock_tdi(self, dev: DeviceEntry, vm: VmBinding) -> None:
+        """LOCK_INTERFACE_REQUEST (PCIe 6.x §11.3.6: NO_FW_UPDATE, DEFAULT_STREAM_ID = the
+        stream, the VM's MMIO reporting offset), then the whole report (§11.3.8), then
+        lock_epoch + 1, journaled."""
+        link = self._session(dev)
+        if dev.tdi.state is not TdiState.CONFIG_UNLOCKED:
+            raise GhcxFailure("state", f"TDI {dev.config.name} is {dev.tdi.state.name}, not "
+                                       "CONFIG_UNLOCKED (STOP it first)")
+        epoch = dev.tdi.lock_epoch + 1
+        flags = lock_flags(link.lock_flags)
+        with link.lock:
+            client = link.tdisp_client()
+            nonce = client.lock(flags, dev.config.stream_id, vm.mmio_reporting_offset)
+            try:
+                report: bytes | None = read_report(client)
+            except BaseException:
+                report = None        # locked all the same: recorded, then the error
+                raise
+            finally:
+                dev.tdi.locked(epoch, int(flags), nonce, report, link.cert_chain)
+                self._journal_tdi(dev)
+        log.info("TDI %s: CONFIG_LOCKED for VM %s, lock epoch %d", dev.config.name, vm.vm,
+                 dev.tdi.lock_epoch)
+
+    def _g_info(self, vm: VmBinding, dev: DeviceEntry, payload: dict[str, Any]) -> dict[str, Any]:
+        if dev.link.session_up:
+            self._refresh_state(dev)
+        return self._info(dev, vm)
+
+    def _info(self, dev: DeviceEntry, vm: VmBinding) -> dict[str, Any]:
+        return dev.tdi.info(dev.config.stream_id, dev.stream_state, self.boot_id,
+                            vm.mmio_reporting_offset)
+
+    def _g_evidence(self, vm: VmBinding, dev: DeviceEntry,
+                    payload: dict[str, Any]) -> dict[str, Any]:
+        nonce_hex = payload.get("nonce")
+        try:
+            nonce = bytes.fromhex(nonce_hex) if isinstance(nonce_hex, str) else b""
+        except ValueError:
+            nonce = b""
+        if len(nonce) != NONCE_SIZE:
+            raise GhcxFailure("bad_request", f"nonce must be {NONCE_SIZE} bytes of hex")
+        link = self._session(dev)
+        if dev.tdi.state not in (TdiState.CONFIG_LOCKED, TdiState.RUN) or not dev.tdi.report:
+            raise GhcxFailure("state", f"TDI {dev.config.name} is {dev.tdi.state.name}: "
+                                       "evidence is given under a LOCK")
+        with link.lock:
+            assert link.requester is not None
+            # DSP0274 §10.11: all blocks, signed, with exactly the guest's nonce; outside
+            # the session, so L1 = VCA || GET_MEASUREMENTS || MEASUREMENTS of this
+            # connection, which the guest re-checks.
+            result = link.requester.get_measurements(MEAS_OP_ALL, nonce=nonce, signed=True)
+        dev.tdi.evidence(result)
+        return {"cert_chain": link.cert_chain.hex(), "vca": result.vca.hex(),
+                "measurements": [[q.hex(), r.hex()] for q, r in result.transcript],
+                "report": dev.tdi.report.hex()}
+
+    def _g_accept(self, vm: VmBinding, dev: DeviceEntry,
+                  payload: dict[str, Any]) -> dict[str, Any]:
+        digests, epoch = payload.get("digests"), payload.get("lock_epoch")
+        if not isinstance(digests, dict) or isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise GhcxFailure("bad_request", "TDI_ACCEPT needs {\"digests\": {...}, "
+                                             "\"lock_epoch\": n}")
+        link = self._session(dev)
+        tdi = dev.tdi
+        if tdi.state is not TdiState.CONFIG_LOCKED:
+            raise GhcxFailure("state", f"TDI {dev.config.name} is {tdi.state.name}, not "
+                                       "CONFIG_LOCKED")
+        if epoch != tdi.lock_epoch:
+            raise GhcxFailure("mismatch", f"lock epoch {epoch} is not the current one "
+                                          f"({tdi.lock_epoch}): the TDI was locked again")
+        if tdi.digest_transcript is None:
+            raise GhcxFailure("mismatch", "no evidence was fetched under this lock")
+        current = tdi.digests()
+        differ = sorted(k for k in current if digests.get(k) != current[k])
+        if differ:
+            raise GhcxFailure("mismatch", f"digests differ from the current ones: "
+                                          f"{', '.join(differ)}")
+        assert tdi.start_nonce is not None
+        with link.lock:
+            link.tdisp_client().start(tdi.start_nonce)     # §11.3.10, LOCK's nonce
+        tdi.state = TdiState.RUN
+        tdi.start_nonce = None
+        self._journal_tdi(dev)
+        try:
+            self._mmio_private(dev, True)
+        except (PlatformCtlError, DeviceError) as exc:
+            # fail safe: a TDI whose private MMIO could not be opened does not stay in RUN
+            log.error("TDI %s: private MMIO not opened (%s): stopping it", dev.config.name,
+                      exc)
+            self.stop_tdi(dev, vm, "private MMIO could not be opened")
+            raise GhcxFailure("refused", f"private MMIO could not be opened: "
+                                         f"{one_line(exc)}") from None
+        log.info("TDI %s: RUN (accepted by VM %s, lock epoch %d)", dev.config.name, vm.vm,
+                 tdi.lock_epoch)
+        return {"state": tdi.state.name, "dma_stream": dev.config.stream_id}
+
+    def _g_dma_accept(self, vm: VmBinding, dev: DeviceEntry,
+                      payload: dict[str, Any]) -> dict[str, Any]:
+        base, size, access = payload.get("base"), payload.get("size"), payload.get("access", "rw")
+        if (isinstance(base, bool) or not isinstance(base, int) or isinstance(size, bool)
+                or not isinstance(size, int) or base < 0 or size <= 0 or access not in ACCESS):
+            raise GhcxFailure("bad_request", "DMA_ACCEPT needs integer base >= 0, size > 0 "
+                                             "and access rw, r or w")
+        if dev.tdi.state is not TdiState.RUN:
+            raise GhcxFailure("state", f"TDI {dev.config.name} is {dev.tdi.state.name}: "
+                                       "DMA windows only in RUN")
+        try:
+            w = dev.link.platform_call("window_authorise", requester_id=dev.requester_id,
+                                       stream_id=dev.config.stream_id, base=base, size=size,
+                                       access=access)
+        except PlatformCtlError as exc:
+            raise GhcxFailure("refused", f"window {base:#x}+{size:#x}: {exc.message}") from None
+        wid = w.get("window_id", w.get("id"))
+        if isinstance(wid, bool) or not isinstance(wid, int):
+            raise GhcxFailure("internal", "the platform returned a window without an id")
+        vm.windows[wid] = {"base": base, "size": size, "access": access}
+        self.journal.append("window", window_id=wid, vm=vm.vm, device=dev.config.name,
+                            base=base, size=size, access=access)
+        return {"window_id": wid}
+
+    def _g_dma_release(self, vm: VmBinding, dev: DeviceEntry,
+                       payload: dict[str, Any]) -> dict[str, Any]:
+        wid = payload.get("window_id")
+        if isinstance(wid, bool) or not isinstance(wid, int):
+            raise GhcxFailure("bad_request", "DMA_RELEASE needs an integer window_id")
+        if wid not in vm.windows:
+            raise GhcxFailure("refused", f"window {wid} is not one of this VM's")
+        try:
+            dev.link.platform_call("window_revoke", window_id=wid)
+        except PlatformCtlError as exc:
+            raise GhcxFailure("refused", f"window {wid}: {exc.message}") from None
+        del vm.windows[wid]
+        self.journal.append("window_revoked", window_id=wid, reason="released by the guest")
+        return {}
+
+    def _g_stop(self, vm: VmBinding, dev: DeviceEntry, payload: dict[str, Any]) -> dict[str, Any]:
+        self.stop_tdi(dev, vm, "stopped by the guest")
+        return {"state": dev.tdi.state.name}
+
+    def stop_tdi(self, dev: DeviceEntry, vm: VmBinding | None, why: str) -> None:
+        """Revoke the VM's windows, close private MMIO, STOP_INTERFACE (§11.3.12)."""
+        if vm is not None:
+            for wid in sorted(vm.windows):
+                self._revoke(dev, vm, wid, why)
+        if dev.tdi.mmio_private or dev.tdi.state is TdiState.RUN:
+            self._mmio_private(dev, False)
+        link = self._session(dev)
+        with link.lock:
+            link.tdisp_client().stop()
+        dev.tdi.unlocked()
+        self._journal_tdi(dev)
+        log.info("TDI %s: CONFIG_UNLOCKED (%s)", dev.config.name, why)
+
+    def _g_status(self, vm: VmBinding, dev: DeviceEntry,
+                  payload: dict[str, Any]) -> dict[str, Any]:
+        return {"boot_id": self.boot_id.hex(), "vm_id": vm.vm, "tdi": dev.config.name,
+                "state": dev.tdi.state.name,
+                "windows": [{"window_id": k, **v} for k, v in sorted(vm.windows.items())]}
+
+    # -- control API -----------------------------------------------------------------------
+    def ctl_request(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        ops = {"connect": self.op_connect, "disconnect": self.op_disconnect,
+               "bind": self.op_bind, "unbind": self.op_unbind, "lock": self.op_lock,
+               "stop": self.op_stop, "status": self.op_status}
+        fn = ops.get(op)
+        if fn is None:
+            raise CtlError("unknown_op", f"no operation {op!r} (one of {', '.join(ops)})")
+        with self.lock:
+            try:
+                return fn(args)
+            except GhcxFailure as exc:
+                raise CtlError("failed", exc.message) from None
+            except TdispRequestError as exc:
+                raise CtlError("failed", f"device: {exc.request}: {exc.code_name}") from None
+            except (*LINK_ERRORS, DeviceError, JournalError) as exc:
+                raise CtlError("failed", one_line(exc)) from None
+
+    def _device(self, args: dict[str, Any]) -> DeviceEntry:
+        name = _name(args, "device", NAME_RE)
+        dev = self.devices.get(name)
+        if dev is None:
+            raise CtlError("failed", f"no device {name!r} (connect it first)")
+        return dev
+
+    def _vm(self, args: dict[str, Any]) -> tuple[VmBinding, DeviceEntry]:
+        vm_id = _name(args, "vm", VM_ID_RE)
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise CtlError("failed", f"no VM {vm_id!r} is bound")
+        return vm, self.devices[vm.device]
+
+    def op_connect(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _name(args, "device", NAME_RE)
+        doe_socket = _arg(args, "doe_socket", str, None)
+        doe_port = _arg(args, "doe_tcp_port", int, None)
+        if (doe_socket is None) == (doe_port is None):
+            raise CtlError("bad_args", "give exactly one of doe_socket and doe_tcp_port")
+        refs = _arg(args, "reference_values", str, None)
+        stream_id = _arg(args, "stream_id", int, ide.DEFAULT_STREAM_ID)
+        if not 0 <= stream_id <= 0xFF:
+            raise CtlError("bad_args", "stream_id must be 0..255")
+        cfg = DeviceConfig(name=name, trust_anchor=_abs(_arg(args, "trust_anchor", str)),
+                           platform_socket=_abs(_arg(args, "platform_socket", str)),
+                           platform_credential=_abs(_arg(args, "platform_credential", str)),
+                           doe_socket=_abs(doe_socket) if doe_socket else None,
+                           doe_tcp_port=doe_port, host=_arg(args, "host", str, "127.0.0.1"),
+                           reference_values=_abs(refs) if refs else None, stream_id=stream_id,
+                           block=_arg(args, "block", int, 0))
+        old = self.devices.get(name)
+        if old is not None and old.link.session_up:
+            raise CtlError("failed", f"device {name} is already connected")
+        if old is not None and old.tdi.vm:
+            raise CtlError("failed", f"device {name} is bound to VM {old.tdi.vm}")
+        dev = DeviceEntry(cfg, self._link(cfg), TdiRecord(name))
+        if old is not None:
+            old.link.close()
+            dev.tdi.lock_epoch = old.tdi.lock_epoch     # epochs never repeat
+        try:
+            dev.link.connect()
+        except DeviceError:
+            dev.link.close()
+            raise
+        self.devices[name] = dev
+        self.journal.append("device", **cfg.as_record())
+        dev.requester_id = dev.link.requester_id
+        self.journal.append("session", device=name,
+                            session_id=f"0x{dev.link.session_id or 0:08x}", reason=None)
+        self._journal_stream(dev, "secure", None)
+        self._refresh_state(dev)
+        self._journal_tdi(dev)
+        return self._device_status(dev)
+
+    def op_disconnect(self, args: dict[str, Any]) -> dict[str, Any]:
+        dev = self._device(args)
+        if dev.tdi.vm:
+            raise CtlError("failed", f"device {dev.config.name} is bound to VM {dev.tdi.vm} "
+                                     "(unbind it first)")
+        dev.link.disconnect()
+        dev.link.close()
+        self.journal.append("session", device=dev.config.name, session_id=None,
+                            reason="disconnected")
+        self._journal_stream(dev, "insecure", "disconnected")
+        del self.devices[dev.config.name]
+        self.journal.append("device_removed", device=dev.config.name)
+        return {"device": dev.config.name, "disconnected": True}
+
+    def op_bind(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm_id = _name(args, "vm", VM_ID_RE)
+        dev = self._device(args)
+        if vm_id in self.vms:
+            raise CtlError("failed", f"VM {vm_id} is already bound to "
+                                     f"{self.vms[vm_id].device}")
+        if dev.tdi.vm:
+            raise CtlError("failed", f"TDI {dev.config.name} is already bound to VM "
+                                     f"{dev.tdi.vm}")
+        sock = _abs(_arg(args, "ghcx_socket", str))
+        secret_file = _arg(args, "secret_file", str, None)
+        secret_path = (Path(_abs(secret_file)) if secret_file
+                       else self.state_dir.absolute() / "vms" / f"{vm_id}.secret")
+        offset = _arg(args, "mmio_reporting_offset", int, 0)
+        if not 0 <= offset < 1 << 64 or offset & 0xFFF:
+            raise CtlError("bad_args", "mmio_reporting_offset must be a 4 KiB multiple, "
+                                       "0..2^64-1")
+        try:
+            write_secret(secret_path)
+        except OSError as exc:
+            raise CtlError("failed", f"secret file {secret_path}: "
+                                     f"{exc.strerror or exc}") from None
+        vm = VmBinding(vm_id, dev.config.name, sock, str(secret_path), offset)
+        try:
+            self._serve_vm(vm)
+        except OSError as exc:
+            secret_path.unlink(missing_ok=True)
+            raise CtlError("failed", f"GHCx socket {sock}: {exc.strerror or exc}") from None
+        self.vms[vm_id] = vm
+        dev.tdi.vm = vm_id
+        self.journal.append("vm", vm=vm_id, device=dev.config.name, ghcx_socket=sock,
+                            secret_file=str(secret_path), mmio_reporting_offset=offset)
+        return {"vm": vm_id, "device": dev.config.name, "ghcx_socket": sock,
+                "secret_file": str(secret_path)}
+
+    def op_unbind(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm, dev = self._vm(args)
+        if dev.tdi.state is not TdiState.CONFIG_UNLOCKED and dev.link.session_up:
+            self.stop_tdi(dev, vm, f"VM {vm.vm} unbound")
+        for wid in sorted(vm.windows):
+            self._revoke(dev, vm, wid, f"VM {vm.vm} unbound")
+        if vm.server is not None:
+            vm.server.close()
+            vm.server = None
+        with contextlib.suppress(FileNotFoundError):
+            Path(vm.secret_file).unlink()
+        del self.vms[vm.vm]
+        dev.tdi.vm = None
+        self.journal.append("vm_removed", vm=vm.vm)
+        return {"vm": vm.vm, "unbound": True}
+
+    def op_lock(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm, dev = self._vm(args)
+        self.lock_tdi(dev, vm)
+        return {"tdi": dev.config.name, "state": dev.tdi.state.name,
+                "lock_epoch": dev.tdi.lock_epoch}
+
+    def op_stop(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm, dev = self._vm(args)
+        self.stop_tdi(dev, vm, "stopped by the host")
+        return {"tdi": dev.config.name, "state": dev.tdi.state.name}
+
+    def _device_status(self, dev: DeviceEntry) -> dict[str, Any]:
+        link, cfg = dev.link, dev.config
+        return {"name": cfg.name, "doe": cfg.where(), "platform_socket": cfg.platform_socket,
+                "connected": link.session_up,
+                "session": ({"id": f"0x{link.session_id:08x}",
+                             "heartbeat_period": link.heartbeat_period,
+                             "heartbeats": link.heartbeats}
+                            if link.session_up and link.session_id is not None else None),
+                "requester_id": (f"0x{dev.requester_id:04x}"
+                                 if dev.requester_id is not None else None),
+                "stream": {"id": cfg.stream_id, "state": dev.stream_state,
+                           "reason": dev.stream_reason},
+                "last_error": dev.last_error}
+
+    def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        tdis = [{"name": d.config.name, "state": d.tdi.state.name,
+                 "lock_epoch": d.tdi.lock_epoch, "vm": d.tdi.vm, "reason": d.tdi.reason,
+                 "mmio_private": d.tdi.mmio_private, "digests": d.tdi.digests()}
+                for d in self.devices.values()]
+        vms = []
+        for vm in self.vms.values():
+            server = vm.server.status() if vm.server is not None else None
+            vms.append({"vm": vm.vm, "device": vm.device, "ghcx_socket": vm.ghcx_socket,
+                        "secret_file": vm.secret_file,
+                        "mmio_reporting_offset": vm.mmio_reporting_offset,
+                        "ghcx": server,
+                        "windows": [{"window_id": k, **v}
+                                    for k, v in sorted(vm.windows.items())]})
+        return {"boot_id": self.boot_id.hex(), "pid": os.getpid(),
+                "state_dir": str(self.state_dir), "journal_records_replayed": self.replayed,
+                "devices": [self._device_status(d) for d in self.devices.values()],
+                "tdis": tdis, "vms": vms, "counters": dict(sorted(self.counters.items()))}
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--state-dir", type=Path, required=True, metavar="DIR",
+                    help="journal, VM secrets and the control socket live here")
+    ap.add_argument("--ctl-socket", type=Path, metavar="PATH",
+                    help="the control socket (default DIR/ctl.sock)")
+    ap.add_argument("--heartbeat", type=float, metavar="SECONDS",
+                    help="send SPDM HEARTBEAT this often (default: half the session's "
+                         "HeartbeatPeriod; 0: never)")
+
+
+def run_command(ns: argparse.Namespace) -> int:
+    state_dir: Path = ns.state_dir
+    ctl_path: Path = ns.ctl_socket or state_dir / "ctl.sock"
+    try:
+        daemon = Daemon(state_dir, ns.heartbeat)
+    except (JournalError, OSError) as exc:
+        print(f"daemon FAILED: {one_line(exc)}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+
+    def _signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    try:
+        daemon.start()
+        server = ctl.CtlServer(str(ctl_path), daemon.ctl_request).start()
+    except (JournalError, OSError) as exc:
+        daemon.close()
+        print(f"daemon FAILED: {one_line(exc)}", file=sys.stderr)
+        return 1
+    log.info("TSM daemon ready: boot id %s, state %s, control %s", daemon.boot_id.hex(),
+             state_dir, ctl_path)
+    try:
+        stop.wait()
+    finally:
+        server.close()
+        daemon.close()
+    return 0
+
+
+__all__ = ["Daemon", "DeviceEntry", "VmBinding", "add_arguments", "read_secret",
+           "run_command", "write_secret"]

@@ -1,0 +1,215 @@
+"""The TSM's GHCx server for one VM: a UNIX socket that QEMU's virtio-serial chardev
+connects to (as a client, with reconnect), relaying the guest's port ``org.teeio.ghcx.0``.
+
+The channel logic is the sans-IO :class:`teeio.ghcx.TsmChannel` (docs/ghcx.md); this is
+only the transport and the dispatch: bytes from the socket go through a
+:class:`~teeio.ghcx.FrameDecoder`, each body through ``TsmChannel.receive``, and
+
+* ``Reply`` (HELLO_ACK, REHELLO) and ``Cached`` (a retried request id) frames go back as
+  they are;
+* a ``Request`` goes to the *handler* (``handler(vm_id, type_name, payload) -> payload``,
+  :meth:`tsm.daemon.Daemon.ghcx_request`), whose :class:`GhcxFailure` becomes an error
+  response with its code;
+* a ``GhcxReject`` is counted by reason (the channel counts and logs it too) and dropped:
+  the server keeps serving (docs/ghcx.md "Receiver rules").
+
+The channel lives as long as the binding in this TSM process, across reconnections of
+QEMU, so the guest's session survives a VMM that reconnects.  One connection is served at
+a time (a virtio-serial port has one backend); a new one replaces the old.  The boot id
+is the daemon's, new at every start: after a restart the guest's encrypted frames meet a
+channel without a session and get REHELLO (docs/ghcx.md "Handshake" 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from teeio.ghcx import Cached, FrameDecoder, GhcxReject, Reply, Request, TsmChannel
+
+log = logging.getLogger(__name__)
+
+#: How long a partial frame may wait for the rest before it is discarded (a forged length
+#: must not stall the stream until MAX_BODY more bytes arrive).
+PARTIAL_FRAME_TIMEOUT = 10.0
+
+
+class GhcxFailure(Exception):
+    """A request the TSM answers with an error response (docs/ghcx.md codes)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+Handler = Callable[[str, str, dict[str, Any]], dict[str, Any]]
+
+
+class GhcxServer:
+    def __init__(self, vm_id: str, path: str, secret: bytes, boot_id: bytes,
+                 handler: Handler) -> None:
+        self.vm_id = vm_id
+        self.path = path
+        self.channel = TsmChannel(secret, vm_id, boot_id)
+        self.handler = handler
+        self.counters: Counter[str] = Counter()
+        self.log = log.getChild(vm_id)
+        self._stop = threading.Event()
+        self._conn: socket.socket | None = None
+        self._conn_lock = threading.Lock()
+        self._serve_lock = threading.Lock()     # one connection served at a time
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)                   # the socket is created 0600
+        try:
+            self.listener.bind(path)
+        finally:
+            os.umask(old)
+        self.listener.listen(2)
+        self._thread = threading.Thread(target=self._accept_loop, name=f"ghcx-{vm_id}",
+                                        daemon=True)
+
+    def __repr__(self) -> str:      # no secret, no keys
+        return f"GhcxServer({self.vm_id!r}, {self.path!r})"
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def status(self) -> dict[str, Any]:
+        return {"connected": self.connected, "established": self.channel.established,
+                "counters": dict(sorted(self.counters.items())),
+                "rejected": {k: v for k, v in sorted(self.channel.counters.items()) if v}}
+
+    def start(self) -> GhcxServer:
+        self._thread.start()
+        self.log.info("GHCx for VM %s listening on %s (boot id %s)", self.vm_id, self.path,
+                      self.channel.boot_id.hex())
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        with self._conn_lock:
+            if self._conn is not None:
+                with contextlib.suppress(OSError):
+                    self._conn.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                self.log.exception("GHCx accept failed")
+                return
+            self.counters["connections"] += 1
+            with self._conn_lock:           # the newest connection wins
+                old, self._conn = self._conn, conn
+            if old is not None:
+                self.log.info("new GHCx connection replaces the previous one")
+                with contextlib.suppress(OSError):
+                    old.shutdown(socket.SHUT_RDWR)
+            threading.Thread(target=self._serve, args=(conn,), name=f"ghcx-{self.vm_id}-conn",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        decoder = FrameDecoder()
+        with self._serve_lock:
+            self.log.info("GHCx connection for VM %s", self.vm_id)
+            conn.settimeout(PARTIAL_FRAME_TIMEOUT)
+            try:
+                while not self._stop.is_set():
+                    try:
+                        data = conn.recv(1 << 16)
+                    except TimeoutError:
+                        if decoder.pending:
+                            n = decoder.discard_partial()
+                            self.counters["partial_frames_discarded"] += 1
+                            self.log.warning("discarded a partial frame of %d bytes", n)
+                        continue
+                    if not data:
+                        break
+                    dropped = decoder.dropped_bytes
+                    bodies = decoder.feed(data)
+                    if decoder.dropped_bytes != dropped:
+                        self.counters["bytes_dropped"] += decoder.dropped_bytes - dropped
+                        self.log.warning("dropped %d bytes of garbage (resynchronised)",
+                                         decoder.dropped_bytes - dropped)
+                    for body in bodies:
+                        out = self.frame(body)
+                        if out:
+                            conn.sendall(out)
+            except OSError as exc:
+                self.log.info("GHCx connection ended: %s", exc)
+            finally:
+                with self._conn_lock:
+                    if self._conn is conn:
+                        self._conn = None
+                conn.close()
+                self.log.info("GHCx connection for VM %s closed", self.vm_id)
+
+    def frame(self, body: bytes) -> bytes:
+        """One frame body in, the frame to send back (b"" for none)."""
+        self.counters["frames_in"] += 1
+        try:
+            incoming = self.channel.receive(body)
+        except GhcxReject as exc:
+            self.counters[f"rejected_{exc.reason}"] += 1
+            return b""
+        if isinstance(incoming, Reply):
+            self.counters["handshake_replies"] += 1
+            return incoming.frame
+        if isinstance(incoming, Cached):
+            self.counters["cached_responses"] += 1
+            return incoming.frame
+        assert isinstance(incoming, Request)
+        return self._request(incoming)
+
+    def _request(self, req: Request) -> bytes:
+        name = req.mtype.name
+        self.counters["requests"] += 1
+        try:
+            result = self.handler(self.vm_id, name, req.payload)
+        except GhcxFailure as exc:
+            self.counters["errors"] += 1
+            self.counters[f"error_{exc.code}"] += 1
+            self.log.warning("%s (request %d) refused: %s: %s", name, req.request_id,
+                             exc.code, exc.message)
+            return self._respond(req, None, exc.code, exc.message)
+        except Exception:
+            self.counters["errors"] += 1
+            self.counters["error_internal"] += 1
+            self.log.exception("%s (request %d) failed", name, req.request_id)
+            return self._respond(req, None, "internal", "the TSM failed to serve the request")
+        self.log.info("%s (request %d): ok", name, req.request_id)
+        return self._respond(req, result)
+
+    def _respond(self, req: Request, payload: dict[str, Any] | None, error: str | None = None,
+                 message: str = "") -> bytes:
+        try:
+            if error is not None:
+                return self.channel.respond(req, error=error, message=message)
+            return self.channel.respond(req, payload)
+        except GhcxReject as exc:
+            self.counters[f"respond_{exc.reason}"] += 1
+            self.log.warning("cannot answer %s: %s", req.mtype.name, exc)
+            if exc.reason == "oversized" and error is None:
+                return self._respond(req, None, "internal", "response too large")
+            return b""
+
+
+__all__ = ["GhcxFailure", "GhcxServer", "Handler"]
