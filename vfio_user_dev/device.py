@@ -21,6 +21,33 @@ Config space layout (4 KiB)::
 
 No region is offered as mmappable: every BAR access traps here (DESIGN decision 7).
 
+TDISP enforcement (PCIe 6.x §11.2; rules in ``enforcement.py``).  The DSM's TDISP
+responder (``tdisp_responder.py``) tells the device about itself (:meth:`tdi_attached`)
+and every transition it takes (:meth:`_tdi_transition`), and the device enforces:
+
+* **TEE MMIO over the link.**  BAR0 (registers, a TEE range in the interface report) is
+  reached through the root port: a CPU access becomes MRd/MWr TLPs down the link, IDE-
+  protected (T=1 once the TSM turned on private MMIO), and the device's completer
+  (:meth:`mmio_request`) serves it only per :func:`~vfio_user_dev.enforcement.mmio_refusal`
+  (else UR: all ones / dropped).  Only in plain CONFIG_UNLOCKED, with the access in the
+  clear and nothing on the link watching, does it take a direct path (same gate).  BAR1
+  (MSI-X table and PBA, IS_NON_TEE_MEM) is served directly as ever.
+* **DMA gating** (:func:`~vfio_user_dev.enforcement.dma_route`): T=0 in CONFIG_UNLOCKED,
+  T=1 on the bound stream in RUN, nothing in CONFIG_LOCKED/ERROR; a job is aborted when
+  the TDI changes state under it (QUIESCE), and the data of a read issued in RUN is
+  dropped if the TDI left that RUN before it arrived.
+* **Security events** (§11.2.6): BAR/ROM/BIST writes, Memory Space or Bus Master Enable
+  cleared, Device Control protected fields (Extended Tag, Phantom Functions, Enable No
+  Snoop, Initiate FLR; 10-bit Tag Requester in Device Control 2), writes to the bound
+  stream's IDE Control / RID / address association registers, the bound stream going
+  Insecure once it had been Secure (MAC failure, IDE Fail Message, Enable cleared, its
+  keys stopped or invalidated), FLR.  The write itself completes normally.
+* **Actions**: QUIESCE aborts DMA jobs, SCRUB_SECRETS clears SCRATCH and the DMA
+  registers and drops job state (``scrubs``), ENABLE/REVOKE_TEE_ACCESS switch T=1 access.
+
+Every refusal is counted by kind (``stats()["tdisp_refusals"]``, with the root port's
+window refusals as ``root_port.<reason>``) and logged without flooding.
+
 DMA (DESIGN decision 10): the engine reaches guest memory only through its link endpoint
 (``self.link_end``, ``link.py``): its reads and writes cross the link as TLPs to the root
 port (``root_port.py``), the only part that maps guest RAM.  ``dma`` (the client's DMA
@@ -38,10 +65,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from teeio import device_regs as regs
 from teeio.device_regs import Irq, Op, R, St
 from teeio.doe import DOE_CAP_SIZE, DOE_CAP_VERSION, DoeDispatcher, DoeMailbox, protocol_name
+from teeio.measurements import MeasurementSource
 from teeio.pcie import ide_cap
 from teeio.pcie.config import (
     STATUS_RW1C,
@@ -53,12 +83,27 @@ from teeio.pcie.config import (
     Status,
     bar_wmask,
 )
-from teeio.tdisp import TdiEvent
+from teeio.tdisp import TdiAction, TdiEvent
+from teeio.tdisp.defs import TdiState
 from vfio_user_dev.dma import DmaFault, DmaMapSet
+from vfio_user_dev.dsm import FirmwareUpdateError
+from vfio_user_dev.enforcement import Refusals, dma_route, mmio_refusal
 from vfio_user_dev.irq import IrqController
-from vfio_user_dev.link import DEFAULT_MPS, DEFAULT_MRRS, CaptureWriter, Link, LinkEndpoint
+from vfio_user_dev.link import (
+    DEFAULT_MPS,
+    DEFAULT_MRRS,
+    ROOT_PORT_ID,
+    CaptureWriter,
+    Link,
+    LinkEndpoint,
+    MmioRequest,
+)
 from vfio_user_dev.protocol import PciRegion, ProtocolError, RegionFlags
 from vfio_user_dev.root_port import RootPort
+
+if TYPE_CHECKING:
+    from vfio_user_dev.dsm import DeviceSecurityManager
+    from vfio_user_dev.tdisp_responder import TdispResponder
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +125,15 @@ DOE_MSIX_VECTOR = 1
 IDE_CAP = DOE_CAP + DOE_CAP_SIZE     # 0x128: the first free DW after DOE
 IDE_SELECTIVE_STREAMS = 2
 IDE_ADDR_BLOCKS = 1
+DEVCTL = PCIE_CAP + 0x08
+DEVCTL2 = PCIE_CAP + 0x28
+# Device Control fields whose change is a TDISP security event (PCIe 6.x §11.2.6; §7.5.3.4):
+# Extended Tag Field Enable (8), Phantom Functions Enable (9), Enable No Snoop (11);
+# Initiate Function Level Reset (15) is a write-1 trigger.  Device Control 2: 10-Bit Tag
+# Requester Enable (12).
+DEVCTL_PROTECTED = (1 << 8) | (1 << 9) | (1 << 11)
+DEVCTL_INITIATE_FLR = 1 << 15
+DEVCTL2_PROTECTED = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -157,6 +211,14 @@ class _Job:
     length: int
     pattern: int
     generation: int
+    epoch: int = 0                  # TDI state epoch when the job was started
+    t_bit: bool = False             # its requests: T=1 on the bound stream (RUN) or T=0
+    stream_id: int | None = None
+    refused: str | None = None      # why TDISP does not let the device issue it
+
+
+class DmaRefused(DmaFault):
+    """The device itself does not issue (or accept the data of) a DMA request (TDISP)."""
 
 
 class TeeIoDevice:
@@ -184,6 +246,15 @@ class TeeIoDevice:
         # TDISP security events seen in config space / resets (the DSM's TDISP responder).
         self.security_listeners: list[Callable[[TdiEvent], None]] = []
         self.total = {"jobs": 0, "bytes": 0, "errors": 0}
+        # TDISP (tdi_attached): the DSM, its TDISP responder, what the device enforces.
+        self.dsm: DeviceSecurityManager | None = None
+        self.tdisp: TdispResponder | None = None
+        self.tdi_epoch = 0              # +1 at every TDI state change (aborts DMA jobs)
+        self.tee_access = False         # START enabled T=1 access; revoked on leaving RUN
+        self._bound_secure = False      # the bound stream has been Secure since LOCK
+        self.scrubs = 0
+        self.refusals = Refusals(log)
+        self.link_end.mmio_completer = self
         # DOE: one dispatcher for the config-space mailbox and the host socket, serialised
         # by the device lock.  Protocols (SPDM 0001:01, secured SPDM 0001:02) register here.
         self.doe = DoeDispatcher(lock=self._lock)
@@ -212,6 +283,85 @@ class TeeIoDevice:
         for v in range(MSIX_VECTORS):  # vector control: masked after reset (§7.7.2)
             self.msix_table[MSIX_TABLE_OFF + 16 * v + 12] = 1
 
+    def tdi_attached(self, dsm: DeviceSecurityManager) -> None:
+        """The DSM serves TDISP for this function: follow its TDI (TdiHost hook)."""
+        assert dsm.tdisp is not None
+        with self._lock:
+            self.dsm = dsm
+            self.tdisp = dsm.tdisp
+            dsm.lock = self._lock            # the DOE dispatcher's lock too
+            dsm.tdisp.on_transition.append(self._tdi_transition)
+            dsm.tdisp.ide_listeners.append(self._check_bound_stream)
+            if dsm.security_event not in self.security_listeners:
+                self.security_listeners.append(dsm.security_event)
+
+    def tdi_state(self) -> TdiState:
+        return self.tdisp.state if self.tdisp is not None else TdiState.CONFIG_UNLOCKED
+
+    def bound_stream(self) -> int | None:
+        return self.tdisp.default_stream_id if self.tdisp is not None else None
+
+    def _tdi_transition(self, event: TdiEvent, before: TdiState, after: TdiState,
+                        actions: TdiAction) -> None:
+        """Perform the actions of a transition the TDISP responder took (§11.2)."""
+        with self._lock:
+            if after is not before or actions & TdiAction.QUIESCE:
+                # QUIESCE: queued and running DMA jobs see the new epoch and stop.
+                self.tdi_epoch += 1
+            if actions & TdiAction.SCRUB_SECRETS:
+                self._scrub()
+            if actions & TdiAction.REVOKE_TEE_ACCESS:
+                self.tee_access = False
+            if actions & TdiAction.ENABLE_TEE_ACCESS:
+                self.tee_access = True
+            if actions & TdiAction.LOCK_CONFIG:
+                self._bound_secure = self._bound_stream_ok()
+            if actions & TdiAction.UNLOCK_CONFIG:
+                self._bound_secure = False
+        if after is not before:
+            log.info("TDI %s -> %s on %s (actions %s)", before.name, after.name, event.name,
+                     actions.name if actions else "none")
+
+    def _scrub(self) -> None:
+        """SCRUB_SECRETS: TVM data in BAR0 and the DMA engine's job state are gone."""
+        self.generation += 1            # a running or queued job's result is dropped
+        for reg in (R.SCRATCH, R.STATUS, R.INT_STATUS, R.DMA_SRC_LO, R.DMA_SRC_HI,
+                    R.DMA_DST_LO, R.DMA_DST_HI, R.DMA_LEN, R.DMA_PATTERN):
+            self.r[reg] = 0
+        self._update_irq(new_bits=0)
+        self.scrubs += 1
+        log.info("TDI secrets scrubbed (BAR0 data and DMA registers, job state)")
+
+    def _bound_stream_ok(self) -> bool:
+        sid = self.bound_stream()
+        st = None if sid is None else self.ide.stream(sid)
+        return st is not None and st.secure and st.keys_ready()
+
+    def _check_bound_stream(self) -> None:
+        """IDE_STREAM_INSECURE once the bound stream, Secure since LOCK, no longer is (or
+        lost its keys: K_SET_STOP, invalidation) -- §11.2.6."""
+        with self._lock:
+            if self.tdi_state() not in (TdiState.CONFIG_LOCKED, TdiState.RUN):
+                return
+            if self._bound_stream_ok():
+                self._bound_secure = True
+            elif self._bound_secure:
+                self._bound_secure = False
+                self._security_event(TdiEvent.IDE_STREAM_INSECURE)
+
+    def firmware_update(self, elf: Path) -> tuple[MeasurementSource, ...]:
+        """A firmware update from the host (DSM: NO_FW_UPDATE, re-measurement); a refusal
+        is counted and logged, and re-raised."""
+        if self.dsm is None:
+            raise FirmwareUpdateError("the device has no DSM: nothing measures firmware")
+        try:
+            return self.dsm.firmware_update(elf)
+        except FirmwareUpdateError as exc:
+            if exc.refused:
+                with self._lock:
+                    self.refusals.add("fw_update", str(exc))
+            raise
+
     def reset(self) -> None:
         """Function-level reset of device state (DMA maps and eventfds belong to the client)."""
         with self._lock:
@@ -227,9 +377,30 @@ class TeeIoDevice:
         self._engine.join(timeout=5)
         self.link.close()
 
+    def tdi_status(self) -> dict[str, object]:
+        with self._lock:
+            t = self.tdisp
+            return {"state": self.tdi_state().name,
+                    "bound_session": None if t is None else t.bound_session,
+                    "lock_flags": 0 if t is None else int(t.tdi.lock_flags),
+                    "default_stream_id": self.bound_stream(),
+                    "private_mmio": self.root_port.mmio_private.get(self.link_end.requester_id),
+                    "tee_access": self.tee_access}
+
+    def tdisp_refusals(self) -> dict[str, int]:
+        """Refusals by kind: the device's, and the root port's window checks."""
+        out = self.refusals.as_dict()
+        for reason, n in self.root_port.refusals.items():
+            if reason.startswith(("t0_", "t1_", "window_", "mmio_")):
+                out[f"root_port.{reason}"] = n
+        return out
+
     def stats(self) -> dict[str, object]:
         with self._lock:
             return {
+                "tdi": self.tdi_status(),
+                "tdisp_refusals": self.tdisp_refusals(),
+                "scrubs": self.scrubs,
                 "dma_jobs": self.total["jobs"],
                 "dma_bytes": self.total["bytes"],
                 "dma_errors": self.total["errors"],
@@ -249,6 +420,7 @@ class TeeIoDevice:
     def _ide_event(self, stream: ide_cap.IdeStream, event: str) -> None:
         log.info("IDE stream %d (%s block %d): %s", stream.stream_id,
                  stream.kind.name.lower(), stream.index, event)
+        self._check_bound_stream()
 
     def ide_status(self) -> list[dict[str, object]]:
         """The IDE stream blocks as their registers and state say."""
@@ -262,28 +434,75 @@ class TeeIoDevice:
         return not self.config.get(Reg.COMMAND, 2) & Command.INTERRUPT_DISABLE
 
     # -- region access ------------------------------------------------------------------------
-    def region_read(self, index: int, offset: int, count: int) -> bytes:
+    def region_read(self, index: int, offset: int, count: int, *,
+                    host: bool = False) -> bytes:
+        """A read of region *index* (QEMU's; *host*: the host's own path, always T=0)."""
         self._bounds(index, offset, count)
         with self._lock:
             if index == PciRegion.CONFIG:
                 return self._config_read(offset, count)
             if index == PciRegion.BAR0:
-                return self._bar0_read(offset, count)
+                got = self._tee_mmio(False, offset, count, b"", host)
+                return b"\xff" * count if got is None else got
             return self._bar1_read(offset, count)
 
-    def region_write(self, index: int, offset: int, data: bytes) -> None:
+    def region_write(self, index: int, offset: int, data: bytes, *,
+                     host: bool = False) -> None:
+        """A write to region *index* (QEMU's; *host*: the host's own path, always T=0)."""
         self._bounds(index, offset, len(data))
         with self._lock:
             if index == PciRegion.CONFIG:
                 old_cmd = self.config.get(Reg.COMMAND, 2)
+                old_devctl = self.config.get(DEVCTL, 2), self.config.get(DEVCTL2, 2)
+                watched = self._bound_ide_registers()
                 self._config_write(offset, data)
                 if offset < Reg.COMMAND + 2 and offset + len(data) > Reg.COMMAND:
                     self.irq.update_intx()
-                self._config_security_events(offset, len(data), old_cmd)
+                self._config_security_events(offset, data, old_cmd, old_devctl, watched)
+                self._check_bound_stream()
             elif index == PciRegion.BAR0:
-                self._bar0_write(offset, data)
+                self._tee_mmio(True, offset, len(data), bytes(data), host)
             else:
                 self._bar1_write(offset, data)
+
+    # -- TEE MMIO (BAR0) over the link, the device as completer (PCIe 6.x §11.2.1) ----------
+    def _bar0_base(self) -> int:
+        return self.config.get(Reg.BAR0, 4) & ~0xF & 0xFFFFFFFF
+
+    def _tee_mmio(self, write: bool, offset: int, count: int, data: bytes,
+                  host: bool) -> bytes | None:
+        """A CPU access to BAR0: through the root port and the link as TLPs, unless the
+        TDI is CONFIG_UNLOCKED, the access would cross in the clear and no tap watches
+        (then directly, through the same gate).  Under the device lock."""
+        rid = self.link_end.requester_id
+        address = self._bar0_base() + offset
+        if (self.tdi_state() is TdiState.CONFIG_UNLOCKED and not self.link.tapped
+                and self.root_port.mmio_in_clear(rid, allow_tee=not host)):
+            return self.mmio_request(MmioRequest(write, ROOT_PORT_ID, address, count, data))
+        if write:
+            self.root_port.mmio_write(rid, address, data, allow_tee=not host)
+            return b""
+        return self.root_port.mmio_read(rid, address, count, allow_tee=not host)
+
+    def mmio_request(self, req: MmioRequest) -> bytes | None:
+        """The completer (link.MmioCompleter): serve a memory request per §11.2.1, or None
+        (Unsupported Request)."""
+        with self._lock:
+            offset = req.address - self._bar0_base()
+            what = f"{'MWr' if req.write else 'MRd'} {req.address:#x}+{req.length}"
+            if not (offset >= 0 and offset + req.length <= regs.BAR0_SIZE):
+                self.refusals.add("mmio_outside_bar", f"{what}: not in BAR0")
+                return None
+            refusal = mmio_refusal(self.tdi_state(), req.t_bit, req.stream_id,
+                                   self.bound_stream(), self.tee_access)
+            if refusal is not None:
+                kind, detail = refusal
+                self.refusals.add(kind, f"{what}: {detail}: Unsupported Request")
+                return None
+            if req.write:
+                self._bar0_write(offset, req.data)
+                return b""
+            return self._bar0_read(offset, req.length)
 
     # -- TDISP: what the TDI's security manager must hear about (PCIe 6.x §11.2.6) ------------
     def mmio_bars(self) -> list[tuple[int, int, int]]:
@@ -293,10 +512,26 @@ class TeeIoDevice:
                     for bar, size in ((0, regs.BAR0_SIZE), (1, BAR1_SIZE))]
 
     def _security_event(self, event: TdiEvent) -> None:
-        for listener in self.security_listeners:
+        for listener in dict.fromkeys(self.security_listeners):   # each one once
             listener(event)
 
-    def _config_security_events(self, offset: int, count: int, old_cmd: int) -> None:
+    def _bound_ide_registers(self) -> list[tuple[int, int]]:
+        """Config ranges of the bound stream's Control, RID and address association
+        registers (§11.2.6), while the TDI is locked."""
+        sid = self.bound_stream()
+        if sid is None or self.tdi_state() not in (TdiState.CONFIG_LOCKED, TdiState.RUN):
+            return []
+        st = self.ide.stream(sid)
+        if st is None:
+            return []
+        if st.kind is ide_cap.StreamKind.LINK:
+            return [(st.ctl_off, st.ctl_off + 4)]
+        return [(st.ctl_off, st.ctl_off + 4), (st.base + 0x0C, st.end)]
+
+    def _config_security_events(self, offset: int, data: bytes, old_cmd: int,
+                                old_devctl: tuple[int, int],
+                                watched: list[tuple[int, int]]) -> None:
+        count = len(data)
         end = offset + count
         if (offset < Reg.BAR0 + 24 and end > Reg.BAR0) or (
                 offset < Reg.ROM_ADDRESS + 4 and end > Reg.ROM_ADDRESS) or (
@@ -307,6 +542,14 @@ class TeeIoDevice:
             self._security_event(TdiEvent.MEMORY_SPACE_DISABLED)
         if old_cmd & ~new_cmd & Command.BUS_MASTER:
             self._security_event(TdiEvent.BUS_MASTER_DISABLED)
+        flr_byte = DEVCTL + 1
+        initiate_flr = (offset <= flr_byte < end
+                        and data[flr_byte - offset] & (DEVCTL_INITIATE_FLR >> 8))
+        if ((old_devctl[0] ^ self.config.get(DEVCTL, 2)) & DEVCTL_PROTECTED or initiate_flr
+                or (old_devctl[1] ^ self.config.get(DEVCTL2, 2)) & DEVCTL2_PROTECTED):
+            self._security_event(TdiEvent.PROTECTED_CONFIG_WRITE)
+        if any(offset < hi and lo < end for lo, hi in watched):
+            self._security_event(TdiEvent.IDE_STREAM_REGISTERS_CHANGED)
 
     def _bounds(self, index: int, offset: int, count: int) -> None:
         spec = self.REGIONS.get(PciRegion(index)) if index in set(PciRegion) else None
@@ -406,9 +649,15 @@ class TeeIoDevice:
             return
         length = self.r[R.DMA_LEN]
         self.r[R.STATUS] = St.BUSY
-        self._jobs.put(_Job(op, self.r[R.DMA_SRC_LO] | self.r[R.DMA_SRC_HI] << 32,
-                            self.r[R.DMA_DST_LO] | self.r[R.DMA_DST_HI] << 32,
-                            length, self.r[R.DMA_PATTERN], self.generation))
+        job = _Job(op, self.r[R.DMA_SRC_LO] | self.r[R.DMA_SRC_HI] << 32,
+                   self.r[R.DMA_DST_LO] | self.r[R.DMA_DST_HI] << 32,
+                   length, self.r[R.DMA_PATTERN], self.generation, self.tdi_epoch)
+        route = dma_route(self.tdi_state(), self.tee_access, self.bound_stream())
+        if isinstance(route, str):
+            job.refused = route
+        else:
+            job.t_bit, job.stream_id = route
+        self._jobs.put(job)
 
     # -- BAR1: MSI-X table and PBA ----------------------------------------------------------
     def _bar1_read(self, offset: int, count: int) -> bytes:
@@ -432,6 +681,8 @@ class TeeIoDevice:
             job = self._jobs.get()
             if job is None:
                 return
+            if job.generation != self.generation:
+                continue        # reset or scrubbed before it ran: dropped
             try:
                 code, moved = self._run(job)
             except Exception:
@@ -457,27 +708,53 @@ class TeeIoDevice:
     def _run(self, job: _Job) -> tuple[regs.DmaError, int]:
         if not self.config.get(Reg.COMMAND, 2) & Command.BUS_MASTER:
             return regs.DmaError.BUS_MASTER_OFF, 0
+        if job.refused is not None:     # §11.2.1: no requests in CONFIG_LOCKED / ERROR
+            with self._lock:
+                self.refusals.add("dma_not_allowed", f"{job.refused}: nothing sent")
+            return regs.DmaError.FAULT, 0
         if not 0 < job.length <= regs.MAX_DMA_LEN:
             return regs.DmaError.BAD_LENGTH, 0
         try:
-            mem = self.link_end
             if job.op == Op.COPY:
-                data = mem.read(job.src, job.length)
-                mem.write(job.dst, data)
+                data = self._dma_read(job, job.src, job.length)
+                self._dma_write(job, job.dst, data)
                 return regs.DmaError.NONE, 2 * job.length
             if job.op == Op.FILL:
                 pat = job.pattern.to_bytes(4, "little")
                 data = (pat * (job.length // 4 + 1))[:job.length]
-                mem.write(job.dst, data)
+                self._dma_write(job, job.dst, data)
                 return regs.DmaError.NONE, job.length
             if job.op == Op.SHA256:
-                digest = hashlib.sha256(mem.read(job.src, job.length)).digest()
-                mem.write(job.dst, digest)
+                digest = hashlib.sha256(self._dma_read(job, job.src, job.length)).digest()
+                self._dma_write(job, job.dst, digest)
                 return regs.DmaError.NONE, job.length + len(digest)
         except DmaFault as exc:
             log.warning("DMA fault: %s", exc)
             return regs.DmaError.FAULT, 0
         return regs.DmaError.BAD_OPCODE, 0
+
+    def _dma_check(self, job: _Job) -> None:
+        """QUIESCE: a job whose TDI changed state since it started issues nothing more."""
+        if job.epoch != self.tdi_epoch:
+            with self._lock:
+                self.refusals.add("dma_aborted", f"job (opcode {job.op}): the TDI changed "
+                                                 "state since it started")
+            raise DmaRefused("DMA job aborted: the TDI changed state (QUIESCE)")
+
+    def _dma_read(self, job: _Job, address: int, length: int) -> bytes:
+        self._dma_check(job)
+        data = self.link_end.read(address, length, t_bit=job.t_bit, stream_id=job.stream_id)
+        if job.t_bit and job.epoch != self.tdi_epoch:
+            # §11.2.1: completions of a read issued in RUN only while still in that RUN.
+            with self._lock:
+                self.refusals.add("dma_late_completion", f"read {address:#x}+{length}: the "
+                                  "TDI left RUN before its completions arrived; dropped")
+            raise DmaRefused("completions arrived after the TDI left RUN: dropped")
+        return data
+
+    def _dma_write(self, job: _Job, address: int, data: bytes) -> None:
+        self._dma_check(job)
+        self.link_end.write(address, data, t_bit=job.t_bit, stream_id=job.stream_id)
 
     def _finish(self, code: regs.DmaError) -> None:
         if code == regs.DmaError.NONE:

@@ -39,15 +39,32 @@ Payloads arrive DW-padded; the responder accepts that padding, and its responses
 are padded again here (PCIe 6.3 §6.30.1).  The dispatcher's lock (the device lock)
 serialises every request, whichever transport it came from.
 
+Heartbeat (DSP0274 §10.17).  The responder advertises HeartbeatPeriod (``--heartbeat-period
+SECONDS``, default :data:`DEFAULT_HEARTBEAT_PERIOD`, 0 = off) in KEY_EXCHANGE_RSP, and a
+watchdog thread (:meth:`DeviceSecurityManager.start_watchdog`) terminates an established
+session that has received no secured message for more than twice that period
+(:meth:`DeviceSecurityManager.check_heartbeats`, with an injectable clock): its IDE keys
+are invalidated (streams Insecure) and the TDI it locked takes HEARTBEAT_TIMEOUT (→ ERROR,
+PCIe 6.x §11.2.6).
+
+Firmware update (:meth:`DeviceSecurityManager.firmware_update`): refused while the TDI is
+CONFIG_LOCKED or RUN with NO_FW_UPDATE (§11.3.6); otherwise the new image is measured
+(:func:`teeio.measurements.measure_elf`), later GET_MEASUREMENTS report it, and the TDI
+takes FIRMWARE_UPDATE (a no-op without NO_FW_UPDATE, by the transition table's guard).
+
 Also here: where the identity and the firmware image come from when the device
 server starts (``--identity DIR``, ``--firmware ELF``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from teeio import pki
 from teeio.doe import PCI_SIG_VENDOR_ID, DataObjectType, DoeDispatcher, pad_dw
@@ -61,6 +78,7 @@ from teeio.ide_km import (
 from teeio.measurements import MeasurementSource, measure_elf
 from teeio.spdm import Responder
 from teeio.spdm.errors import DropRequest
+from teeio.spdm.responder import ResponderConfig
 from teeio.spdm.secured import Phase
 from teeio.tdisp import TdiEvent
 from vfio_user_dev import firmware_build
@@ -73,21 +91,47 @@ DEFAULT_FIRMWARE = PROJECT_DIR / "out" / "firmware" / "teeio-fw.elf"
 PROVISION_ALG = "P-384"
 IDENTITY_FILES = ("chain.pem", "device.key")
 IDE_KM_PORTS = (0, 1)     # 0: the spec's; 1: what DMTF spdm-emu's requester sends
+DEFAULT_HEARTBEAT_PERIOD = 60   # seconds; a session idle for twice this is terminated
+MAX_HEARTBEAT_PERIOD = 255      # KEY_EXCHANGE_RSP Param1 is one byte (DSP0274 §10.15)
 
 
 class DsmSetupError(RuntimeError):
     """The identity or the firmware image cannot be used; the message says why."""
 
 
+class FirmwareUpdateError(Exception):
+    """A firmware update was not done: *refused* by TDISP (NO_FW_UPDATE), or the image
+    could not be measured."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
 class DeviceSecurityManager:
     """SPDM responder for one identity and one firmware image, served over DOE."""
 
     def __init__(self, identity: pki.Identity, measurements: Sequence[MeasurementSource],
-                 name: str = "") -> None:
+                 name: str = "", *, heartbeat_period: int = DEFAULT_HEARTBEAT_PERIOD,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not 0 <= heartbeat_period <= MAX_HEARTBEAT_PERIOD:
+            raise ValueError(f"heartbeat period must be 0..{MAX_HEARTBEAT_PERIOD} seconds")
         self.identity = identity
         self.measurements = tuple(measurements)
         self.name = name
-        self.responder = Responder(identity, self.measurements, name=name)
+        self.heartbeat_period = heartbeat_period
+        self.clock = clock
+        #: serialises the watchdog and firmware updates with DOE requests; the device
+        #: replaces it with its own lock (the DOE dispatcher's) when it attaches
+        self.lock: contextlib.AbstractContextManager[Any] = threading.RLock()
+        self.firmware_path: Path | None = None
+        self.responder = Responder(identity, self.measurements,
+                                   ResponderConfig(heartbeat_period=heartbeat_period),
+                                   name=name)
+        self._ending: dict[int, TdiEvent] = {}      # why a session is being terminated
+        self._watchdog: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.heartbeat_timeouts = 0
         self.pci_sig = PciSigProtocolMux()
         self.responder.register_vendor_handler(PCI_SIG_STANDARD_ID, PCI_SIG_VENDOR_ID,
                                                self.pci_sig)
@@ -134,6 +178,7 @@ class DeviceSecurityManager:
         self.pci_sig.register(PciSigProtocol.TDISP, self._tdisp)
         log.info("TDISP responder for %02x:%02x.%x (segment %d)", requester_id >> 8 & 0xFF,
                  requester_id >> 3 & 0x1F, requester_id & 7, segment)
+        host.tdi_attached(self)
         return self.tdisp
 
     def security_event(self, event: TdiEvent) -> None:
@@ -152,7 +197,11 @@ class DeviceSecurityManager:
     def _ide_km(self, payload: bytes, session_id: int | None) -> bytes:
         assert self.ide_km is not None
         self._established(session_id, "IDE_KM")
-        return self.ide_km.handle(payload, session_id)
+        try:
+            return self.ide_km.handle(payload, session_id)
+        finally:
+            if self.tdisp is not None:
+                self.tdisp.ide_changed()     # K_SET_STOP may have unkeyed the bound stream
 
     def _tdisp(self, payload: bytes, session_id: int | None) -> bytes:
         assert self.tdisp is not None
@@ -160,8 +209,9 @@ class DeviceSecurityManager:
         return self.tdisp.handle(payload, session_id)
 
     def _session_ended(self, session_id: int) -> None:
+        event = self._ending.pop(session_id, TdiEvent.SPDM_SESSION_TERMINATED)
         if self.tdisp is not None:
-            self.tdisp.session_closed(session_id)
+            self.tdisp.session_closed(session_id, event)
         if self.ide_km is not None:
             self.ide_km.session_closed(session_id)
 
@@ -170,12 +220,77 @@ class DeviceSecurityManager:
         return None if rsp is None else pad_dw(rsp)
 
     def handle_secured(self, payload: bytes) -> bytes | None:
-        rsp = self.responder.handle_secured(payload)
+        rsp = self.responder.handle_secured(payload, now=self.clock())
         return None if rsp is None else pad_dw(rsp)
 
+    # -- heartbeat (DSP0274 §10.17) -----------------------------------------------------------
+    def check_heartbeats(self, now: float | None = None) -> list[int]:
+        """Terminate every established session silent for more than 2 × HeartbeatPeriod by
+        *now* (default: the clock); the TDI it locked takes HEARTBEAT_TIMEOUT.  Returns
+        the session IDs terminated."""
+        with self.lock:
+            t = self.clock() if now is None else now
+            expired = self.responder.heartbeat_expired(t)
+            for sid in expired:
+                self.heartbeat_timeouts += 1
+                self._ending[sid] = TdiEvent.HEARTBEAT_TIMEOUT
+                self.responder.terminate_session(
+                    sid, f"heartbeat timeout (no secured message for more than 2 x "
+                         f"{self.heartbeat_period} s)")
+                self._ending.pop(sid, None)
+            return expired
 
-def from_options(identity_dir: Path | None,
-                 firmware: Path | None) -> DeviceSecurityManager | None:
+    def start_watchdog(self, interval: float | None = None) -> None:
+        """A daemon thread that runs :meth:`check_heartbeats` every *interval* seconds
+        (default: a quarter of the period, at most 1 s).  No-op with the heartbeat off."""
+        if not self.heartbeat_period or self._watchdog is not None:
+            return
+        step = interval if interval is not None else min(1.0, self.heartbeat_period / 4)
+
+        def loop() -> None:
+            while not self._stop.wait(step):
+                try:
+                    self.check_heartbeats()
+                except Exception:
+                    log.exception("heartbeat watchdog failed")
+
+        self._watchdog = threading.Thread(target=loop, name="dsm-heartbeat", daemon=True)
+        self._watchdog.start()
+        log.info("heartbeat watchdog: sessions silent for more than %d s are terminated",
+                 2 * self.heartbeat_period)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=5)
+            self._watchdog = None
+
+    # -- firmware update --------------------------------------------------------------------
+    def firmware_update(self, elf: Path) -> tuple[MeasurementSource, ...]:
+        """Load and measure the firmware image *elf*; later GET_MEASUREMENTS report it.
+        :class:`FirmwareUpdateError` (refused=True) while NO_FW_UPDATE protects the TDI."""
+        with self.lock:
+            if self.tdisp is not None and not self.tdisp.firmware_update_allowed():
+                raise FirmwareUpdateError(
+                    f"firmware update refused: the TDI is {self.tdisp.state.name} with "
+                    "NO_FW_UPDATE (PCIe 6.x §11.3.6)", refused=True)
+            try:
+                measurements = tuple(measure_elf(elf))
+            except (OSError, ValueError) as exc:   # FirmwareImageError is a ValueError
+                raise FirmwareUpdateError(f"firmware image {elf}: {exc}") from None
+            self.measurements = measurements
+            self.responder.measurements = {m.index: m for m in measurements}
+            self.firmware_path = elf
+            log.warning("firmware updated from %s: %d measurement blocks", elf,
+                        len(measurements))
+            if self.tdisp is not None:
+                self.tdisp.security_event(TdiEvent.FIRMWARE_UPDATE)
+            return measurements
+
+
+def from_options(identity_dir: Path | None, firmware: Path | None,
+                 heartbeat_period: int = DEFAULT_HEARTBEAT_PERIOD
+                 ) -> DeviceSecurityManager | None:
     """The DSM for ``--identity DIR`` and ``--firmware ELF``; None without an identity (the
     device then has no SPDM responder, but a given firmware image is still checked)."""
     if identity_dir is None:
@@ -185,8 +300,11 @@ def from_options(identity_dir: Path | None,
                         "reports these measurements")
         return None
     identity = load_or_provision_identity(identity_dir)
-    _, measurements = load_firmware(firmware)
-    return DeviceSecurityManager(identity, measurements, name="dsm")
+    path, measurements = load_firmware(firmware)
+    dsm = DeviceSecurityManager(identity, measurements, name="dsm",
+                                heartbeat_period=heartbeat_period)
+    dsm.firmware_path = path
+    return dsm
 
 
 def load_or_provision_identity(directory: Path) -> pki.Identity:
@@ -235,5 +353,6 @@ def load_firmware(elf: Path | None) -> tuple[Path, list[MeasurementSource]]:
     return elf, measurements
 
 
-__all__ = ["DEFAULT_FIRMWARE", "DeviceSecurityManager", "DsmSetupError", "from_options",
-           "load_firmware", "load_or_provision_identity"]
+__all__ = ["DEFAULT_FIRMWARE", "DEFAULT_HEARTBEAT_PERIOD", "DeviceSecurityManager",
+           "DsmSetupError", "FirmwareUpdateError", "from_options", "load_firmware",
+           "load_or_provision_identity"]

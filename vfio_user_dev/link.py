@@ -26,6 +26,15 @@ part that maps guest RAM::
 * **T bit** (§11.2.1).  The device's ``tee_dma`` hook says whether its DMA is
   TEE-originated (TDISP: the TDI in RUN on its bound stream).  T=1 needs a Secure
   stream: without one the request is refused at the device and never sent.
+* **MMIO** (§11.2.1, DESIGN decision 10).  CPU accesses to the device's TEE MMIO (BAR0)
+  cross the link the other way: the root port sends MRd/MWr TLPs downstream
+  (:meth:`Link.send_downstream`), protected on the device's Secure stream if there is
+  one -- with T=1 when the TSM turned on private MMIO for the device -- and the
+  endpoint hands each request to the device's completer (:class:`MmioCompleter`) and
+  sends its completions (T echoed, same stream, CPL sub-stream) back upstream.  The
+  same IDE checks apply at both ends: a failed check on a request makes the device's
+  stream Insecure and sends an IDE Fail Message to the root port.  An Unsupported
+  Request is a Cpl with status UR for a read, nothing for a posted write.
 * **Taps.**  A capture file (:class:`CaptureWriter`, format below) gets every TLP as it
   crossed; fault injection (:class:`Fault`) flips a bit of the payload, address, T bit or
   requester ID, drops, or replays a selected TLP (the Nth of a direction, optionally
@@ -526,7 +535,30 @@ class RootPortPort(Protocol):
 
     def ide_fail_message(self, stream_id: int, reason: str) -> None: ...
 
-    def attach_link(self, mps: int, ide_fail_sink: Callable[[int, str], None]) -> None: ...
+    def attach_link(self, mps: int, ide_fail_sink: Callable[[int, str], None],
+                    downstream: Callable[[Sequence[bytes]], list[bytes]] | None = None,
+                    mrrs: int = DEFAULT_MRRS) -> None: ...
+
+
+@dataclass(frozen=True)
+class MmioRequest:
+    """A memory request to the device as its completer sees it (PCIe 6.x §11.2.1)."""
+
+    write: bool
+    requester_id: int
+    address: int                    # byte address of the first enabled byte
+    length: int
+    data: bytes = field(default=b"", repr=False)    # MWr: the bytes to write
+    t_bit: bool = False
+    stream_id: int | None = None    # the IDE stream it arrived on; None: in the clear
+
+
+class MmioCompleter(Protocol):
+    """The device's side of MMIO: serve one request."""
+
+    def mmio_request(self, req: MmioRequest) -> bytes | None:
+        """The bytes read (MRd) or ``b""`` (MWr done); None: Unsupported Request."""
+        ...
 
 
 @dataclass
@@ -560,7 +592,9 @@ class LinkEndpoint:
         self._pending: dict[int, _Pending] = {}
         self.counters = {"transfers": 0, "faults": 0, "ur_completions": 0,
                          "completion_timeouts": 0, "unexpected_completions": 0,
-                         "refused_posted": 0, "ide_tlps_tx": 0, "ide_tlps_rx": 0}
+                         "refused_posted": 0, "ide_tlps_tx": 0, "ide_tlps_rx": 0,
+                         "mmio_requests": 0, "mmio_ur": 0, "mmio_discarded": 0}
+        self.mmio_completer: MmioCompleter | None = None
         self.log = log.getChild(f"ep.{requester_id >> 8:02x}:{requester_id >> 3 & 0x1F:02x}."
                                 f"{requester_id & 7}")
 
@@ -591,8 +625,13 @@ class LinkEndpoint:
         return None
 
     def _stream(self, stream_id: int) -> StreamPort | None:
+        """The stream with *stream_id*, a Secure one first (unconfigured blocks share ID 0)."""
+        match = [s for s in self._streams() if s.stream_id == stream_id]
+        return next((s for s in match if s.is_secure()), match[0] if match else None)
+
+    def _secure_stream_id(self, stream_id: int) -> StreamPort | None:
         for s in self._streams():
-            if s.stream_id == stream_id:
+            if s.stream_id == stream_id and s.is_secure():
                 return s
         return None
 
@@ -602,14 +641,17 @@ class LinkEndpoint:
         return self.link
 
     # -- DMA ----------------------------------------------------------------------------
-    def write(self, address: int, data: bytes) -> None:
-        """Posted write of *data* at guest *address*; LinkFault if any part did not land."""
+    def write(self, address: int, data: bytes, *, t_bit: bool | None = None,
+              stream_id: int | None = None) -> None:
+        """Posted write of *data* at guest *address*; LinkFault if any part did not land.
+        *t_bit* (default: the ``tee_dma`` hook) and *stream_id* (default: the first
+        Secure stream) choose how it is sent; a named stream must be Secure."""
         if not data:
             return
         _check_range(address, len(data))
         link = self._require_link()
         self.counters["transfers"] += 1
-        stream, t_bit = self._route()
+        stream, t_bit = self._route(t_bit, stream_id)
         if stream is None and not link.tapped:
             link.clear_write(self.requester_id, address, data)
             return
@@ -620,14 +662,16 @@ class LinkEndpoint:
         reply = link.send_upstream(wires)
         self._check_after(stream, reply)
 
-    def read(self, address: int, length: int) -> bytes:
-        """*length* bytes at guest *address*; LinkFault if any part could not be read."""
+    def read(self, address: int, length: int, *, t_bit: bool | None = None,
+             stream_id: int | None = None) -> bytes:
+        """*length* bytes at guest *address*; LinkFault if any part could not be read.
+        *t_bit* and *stream_id* as for :meth:`write`."""
         if length <= 0:
             return b""
         _check_range(address, length)
         link = self._require_link()
         self.counters["transfers"] += 1
-        stream, t_bit = self._route()
+        stream, t_bit = self._route(t_bit, stream_id)
         if stream is None and not link.tapped:
             return link.clear_read(self.requester_id, address, length)
         pieces = split(address, length, link.mrrs)
@@ -648,10 +692,18 @@ class LinkEndpoint:
                 self._pending = {}
         return bytes(out)
 
-    def _route(self) -> tuple[StreamPort | None, bool]:
+    def _route(self, t_bit: bool | None = None,
+               stream_id: int | None = None) -> tuple[StreamPort | None, bool]:
         with self._ide_lock:
-            stream = self._secure_stream()
-        t_bit = self.tee_dma()
+            if stream_id is None:
+                stream = self._secure_stream()
+            else:
+                stream = self._secure_stream_id(stream_id)
+                if stream is None:
+                    self.counters["faults"] += 1
+                    raise LinkFault(f"IDE stream {stream_id} is not Secure: not sent")
+        if t_bit is None:
+            t_bit = self.tee_dma()
         if t_bit and stream is None:
             self.counters["faults"] += 1
             raise LinkFault("T=1 DMA needs a Secure IDE stream (§11.2.1); none: not sent")
@@ -699,6 +751,57 @@ class LinkEndpoint:
             self.counters["faults"] += 1
             raise LinkFault(f"{where}: completion status {p.status.name}")
         return p.data
+
+    # -- MMIO: requests from the root port ------------------------------------------------
+    def receive_requests(self, wires: Sequence[bytes]) -> list[bytes]:
+        """Memory requests from the root port (CPU MMIO): each goes through the IDE checks
+        of :meth:`_ingress`, then to :attr:`mmio_completer`; returns the completions (wire
+        bytes) for the reads, on the request's stream with its T bit (§11.2.1)."""
+        out: list[bytes] = []
+        for wire in wires:
+            with self._ide_lock:
+                tlp = self._ingress(wire, "mmio_discarded")
+            if tlp is None:
+                continue
+            if not tlp.type.is_request:
+                self.counters["mmio_discarded"] += 1
+                self.log.warning("unexpected %s from the root port: discarded", tlp.type.name)
+                continue
+            self.counters["mmio_requests"] += 1
+            write = tlp.type.has_data
+            req = MmioRequest(write, tlp.requester_id, tlp.byte_address, tlp.request_byte_count,
+                              tlp.payload_bytes() if write else b"", tlp.t_bit, tlp.stream_id)
+            result = (self.mmio_completer.mmio_request(req)
+                      if self.mmio_completer is not None else None)
+            if result is None:
+                self.counters["mmio_ur"] += 1
+            if write:
+                continue            # posted: a UR is only logged by the completer (§2.3.1)
+            cpl = (Tlp.completion_for(tlp, self.requester_id, result) if result is not None
+                   else Tlp.completion_for(tlp, self.requester_id, status=CplStatus.UR))
+            with self._ide_lock:
+                wire_out = self._encode_completion(cpl)
+            if wire_out is not None:
+                out.append(wire_out)
+        return out
+
+    def _encode_completion(self, cpl: Tlp) -> bytes | None:
+        if cpl.stream_id is None:
+            return cpl.encode()
+        stream = self._secure_stream_id(cpl.stream_id)
+        if stream is None:
+            self.counters["mmio_discarded"] += 1
+            self.log.warning("completion not sent: IDE stream %d is no longer Secure",
+                             cpl.stream_id)
+            return None
+        try:
+            wire = stream.tx.protect(cpl)
+        except IdeKeyStateError as exc:
+            self.counters["mmio_discarded"] += 1
+            self.log.warning("completion not sent: %s", exc)
+            return None
+        self.counters["ide_tlps_tx"] += 1
+        return wire
 
     # -- from the link --------------------------------------------------------------------
     def receive(self, wires: Sequence[bytes]) -> None:
@@ -750,12 +853,14 @@ class LinkEndpoint:
                                         + bytes(plain)))
         return start + len(plains)
 
-    def _ingress(self, wire: bytes) -> Tlp | None:
+    def _ingress(self, wire: bytes, discard: str = "unexpected_completions") -> Tlp | None:
+        """IDE check and decode of one TLP from the root port; None: discarded (counted
+        under *discard*)."""
         if is_protected(wire):
             sid = prefix_stream_id(wire)
-            stream = None if sid is None else self._stream(sid)
-            if stream is None or not stream.is_secure():
-                self.counters["unexpected_completions"] += 1
+            stream = None if sid is None else self._secure_stream_id(sid)
+            if stream is None:
+                self.counters[discard] += 1
                 self.log.warning("IDE TLP but the device's stream is not Secure: discarded")
                 return None
             try:
@@ -769,7 +874,7 @@ class LinkEndpoint:
         try:
             tlp = Tlp.decode(wire)
         except TlpError as exc:
-            self.counters["unexpected_completions"] += 1
+            self.counters[discard] += 1
             self.log.warning("malformed TLP discarded: %s", exc)
             return None
         for stream in self._streams():
@@ -862,8 +967,10 @@ class Link:
         self.counters.update({f"bytes_{d.name.lower()}": 0 for d in LinkDirection})
         self.counters.update(dropped=0, tampered=0, replayed=0, ide_fail_messages_up=0,
                              ide_fail_messages_down=0, clear_transfers=0)
+        self.counters.update(mmio_bursts=0)
         endpoint.link = self
-        root_port.attach_link(self.mps, self.ide_fail_message_downstream)
+        root_port.attach_link(self.mps, self.ide_fail_message_downstream,
+                              self.send_downstream, self.mrrs)
 
     @property
     def tapped(self) -> bool:
@@ -948,6 +1055,16 @@ class Link:
             self.capture.flush()
         self.endpoint.receive(completions)
         return reply
+
+    def send_downstream(self, wires: Sequence[bytes]) -> list[bytes]:
+        """A burst of memory requests from the root port (MMIO) to the device; returns the
+        device's completions as they arrive back upstream, through the taps both ways."""
+        self.counters["mmio_bursts"] += 1
+        requests = self._tap(LinkDirection.DOWNSTREAM, wires)
+        completions = self._tap(LinkDirection.UPSTREAM, self.endpoint.receive_requests(requests))
+        if self.capture is not None:
+            self.capture.flush()
+        return completions
 
     def clear_write(self, requester_id: int, address: int, data: bytes) -> None:
         self.counters["clear_transfers"] += 1

@@ -45,6 +45,9 @@ Operations and their ``args``:
                        ("rw", "r", "w") → the window, with the backing it recorded
 ``window_reauthorise`` ``window_id`` → the window (current backing, active again)
 ``window_revoke``      ``window_id``
+``mmio_private``       ``requester_id``, ``stream_id``, ``enable`` (bool): the device's TEE
+                       MMIO (BAR0) goes T=1 on that stream from now on (after START), or
+                       back to T=0 (before STOP) → ``{"mmio_private": {RID hex: stream}}``
 =====================  ===================================================================
 
 The protocol helpers (``derive_keys``, ``canonical``, ``request_mac``, ``wrap_key``...)
@@ -224,7 +227,7 @@ class PlatformControlServer:
             "key_set_go": self._key_set_go, "key_set_stop": self._key_set_stop,
             "stream_enable": self._stream_enable, "window_authorise": self._window_authorise,
             "window_reauthorise": self._window_reauthorise,
-            "window_revoke": self._window_revoke,
+            "window_revoke": self._window_revoke, "mmio_private": self._mmio_private,
         }
 
     def __repr__(self) -> str:     # the token stays out of every repr
@@ -414,6 +417,12 @@ class PlatformControlServer:
     def _window_revoke(self, s: _Session, seq: int, args: dict[str, Any]) -> dict[str, Any]:
         self.root_port.revoke_window(_arg(args, "window_id", int))
         return {}
+
+    def _mmio_private(self, s: _Session, seq: int, args: dict[str, Any]) -> dict[str, Any]:
+        self.root_port.set_mmio_private(_arg(args, "requester_id", int),
+                                        _arg(args, "stream_id", int),
+                                        _arg(args, "enable", bool))
+        return {"mmio_private": self.root_port.status()["mmio_private"]}
 
 
 # -- reference client -----------------------------------------------------------------------

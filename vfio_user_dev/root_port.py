@@ -18,6 +18,18 @@ Every TLP the device sends over the link is checked here, in this order:
    range suspends the window and is recorded as a security event; DMA into it is refused
    until the TSM re-authorises it.  Nothing is silently followed.
 
+**MMIO** (PCIe 6.x §11.2.1; DESIGN decision 10).  The root port is also the requester of
+the CPU's accesses to the device's TEE MMIO (BAR0): :meth:`RootPort.mmio_read` /
+:meth:`RootPort.mmio_write` send MRd/MWr TLPs down the link (Requester ID = the root
+port).  With a Secure stream to the device they are IDE-protected on it (PR for writes,
+NPR for reads; the completions come back on CPL, each with its own counters); T=1 only
+after the TSM turned on *private MMIO* for the device on that stream
+(:meth:`RootPort.set_mmio_private`, platform op ``mmio_private``) -- and then never in
+the clear: if that stream is not Secure the access is not sent at all (reads return all
+ones).  The host's own accesses (DESIGN decision 12) are always T=0.  A completion that
+fails its IDE check makes the stream Insecure as DMA does; a completion to a T=1 read
+that is not on the request's stream, or an Unsupported Request, reads as all ones.
+
 Refused reads get an Unsupported Request completion; refused posted writes are dropped
 and reported back to the endpoint (see ``link.py``).  Read completions are split by MPS
 on RCB boundaries and, for a request that came over IDE, protected by the root port's
@@ -219,15 +231,26 @@ class RootPort:
         self.counters = {"tlps_in": 0, "tlps_admitted": 0, "completions_out": 0,
                          "completions_discarded": 0, "security_events": 0,
                          "ide_failures": 0, "clear_transfers": 0}
+        self.counters.update(mmio_requests=0, mmio_t1=0, mmio_not_sent=0, mmio_ur=0,
+                             mmio_completions_discarded=0)
         self.mps = 256
+        self.mrrs = 512
         self._ide_fail_sink: Callable[[int, str], None] | None = None
+        self._downstream: Callable[[Sequence[bytes]], list[bytes]] | None = None
+        #: private MMIO (TSM): device requester ID -> the stream its T=1 MMIO goes on
+        self.mmio_private: dict[int, int] = {}
         dma.listeners.append(self._map_changed)
 
-    def attach_link(self, mps: int, ide_fail_sink: Callable[[int, str], None]) -> None:
-        """Called by the Link: its MPS (completions are split by it) and where IDE Fail
-        Messages to the device go."""
+    def attach_link(self, mps: int, ide_fail_sink: Callable[[int, str], None],
+                    downstream: Callable[[Sequence[bytes]], list[bytes]] | None = None,
+                    mrrs: int = 512) -> None:
+        """Called by the Link: its MPS (completions are split by it) and MRRS, where IDE
+        Fail Messages to the device go, and how MMIO requests reach it (*downstream*:
+        request wires in, completion wires out)."""
         self.mps = mps
+        self.mrrs = mrrs
         self._ide_fail_sink = ide_fail_sink
+        self._downstream = downstream
 
     # -- configuration (the TSM, through platform_ctl) --------------------------------------
     def setup_stream(self, stream_id: int, rid_base: int = 0, rid_limit: int = 0xFFFF) -> None:
@@ -379,6 +402,169 @@ class RootPort:
         if w is None:
             raise RootPortError(f"no window {window_id}")
         return w
+
+    # -- MMIO: the CPU's accesses to the device's TEE MMIO (§11.2.1) --------------------------
+    def set_mmio_private(self, requester_id: int, stream_id: int, enable: bool) -> None:
+        """Private MMIO (the TSM, after START): the device *requester_id*'s MMIO goes T=1
+        on *stream_id*, which must exist here and cover the device's RID; or off again."""
+        if not 0 <= requester_id <= 0xFFFF:
+            raise RootPortError(f"bad requester ID {requester_id:#x}")
+        with self._lock:
+            if enable:
+                s = self._stream(stream_id)
+                if not s.has_rid(requester_id):
+                    raise RootPortError(f"stream {stream_id} does not cover RID "
+                                        f"{requester_id:#06x}")
+                self.mmio_private[requester_id] = stream_id
+            else:
+                current = self.mmio_private.get(requester_id)
+                if current is not None and current != stream_id:
+                    raise RootPortError(f"private MMIO of RID {requester_id:#06x} is on stream "
+                                        f"{current}, not {stream_id}")
+                self.mmio_private.pop(requester_id, None)
+        self.log.info("private MMIO for RID %#06x %s (stream %d)", requester_id,
+                      "on" if enable else "off", stream_id)
+
+    def _mmio_route(self, requester_id: int, allow_tee: bool
+                    ) -> tuple[RootPortStream | None, bool] | str:
+        """(stream or None, T) for MMIO to *requester_id*, or why it cannot be sent."""
+        sid = self.mmio_private.get(requester_id) if allow_tee else None
+        if sid is not None:
+            s = self.streams.get(sid)
+            if s is None or not s.is_secure():
+                return f"private MMIO stream {sid} is not Secure: T=1 request not sent"
+            return s, True
+        owner = self._stream_of_rid(requester_id)
+        if owner is not None and owner.is_secure():
+            return owner, False
+        return None, False
+
+    def mmio_in_clear(self, requester_id: int, allow_tee: bool = True) -> bool:
+        """Whether MMIO to *requester_id* would cross in the clear with T=0 (the device may
+        then take a direct path when nothing watches the link)."""
+        with self._lock:
+            return self._mmio_route(requester_id, allow_tee) == (None, False)
+
+    def mmio_read(self, requester_id: int, address: int, length: int, *,
+                  allow_tee: bool = True) -> bytes | None:
+        """Read *length* bytes of the device's memory space at *address*: MRd TLPs
+        down the link.  None if any part was not read (UR, not sent, discarded): the CPU
+        then reads all ones.  *allow_tee* False: T=0 whatever private MMIO says (the
+        host's own accesses)."""
+        pieces = split(address, length, self.mrrs)
+        tlps = [Tlp.memory_read(self.completer_id, tag, a, n) for tag, (a, n)
+                in enumerate(pieces)]
+        answers = self._mmio(requester_id, tlps, allow_tee)
+        if answers is None:
+            return None
+        out = bytearray()
+        for tag, (_a, n) in enumerate(pieces):
+            got = answers.get(tag)
+            if got is None or len(got) != n:
+                return None
+            out += got
+        return bytes(out)
+
+    def mmio_write(self, requester_id: int, address: int, data: bytes, *,
+                   allow_tee: bool = True) -> bool:
+        """Write *data* to the device's memory space at *address*: posted MWr TLPs.
+        False if it was not sent (there is no completion to say more)."""
+        tlps = [Tlp.memory_write(self.completer_id, 0, a, data[a - address:a - address + n])
+                for a, n in split(address, len(data), self.mps)]
+        return self._mmio(requester_id, tlps, allow_tee) is not None
+
+    def _mmio(self, requester_id: int, tlps: list[Tlp], allow_tee: bool
+              ) -> dict[int, bytes | None] | None:
+        """Send *tlps* (MRd or MWr, T=0, no stream yet) to the device; the read data by
+        tag (None: not completed successfully), or None if nothing was sent."""
+        burst = _Burst()
+        reads = {t.tag: t for t in tlps if not t.type.has_data}
+        try:
+            with self._lock:
+                route = self._mmio_route(requester_id, allow_tee)
+                if isinstance(route, str):
+                    self.counters["mmio_not_sent"] += 1
+                    self._refuse(burst, None, "mmio_not_sent", route)
+                    return None
+                stream, t_bit = route
+                self.counters["mmio_requests"] += len(tlps)
+                if t_bit:
+                    self.counters["mmio_t1"] += len(tlps)
+                wires: list[bytes] = []
+                for tlp in tlps:
+                    if stream is None:
+                        wires.append(tlp.encode())
+                        continue
+                    try:
+                        wires.append(stream.tx.protect(replace(tlp, t_bit=t_bit,
+                                                               stream_id=stream.stream_id)))
+                    except IdeKeyStateError as exc:
+                        self.counters["mmio_not_sent"] += 1
+                        self._refuse(burst, None, "mmio_not_sent", str(exc))
+                        return None
+            if self._downstream is None:
+                raise LinkFault("root port is not connected to a link")
+            completions = self._downstream(wires)
+            answers: dict[int, bytes | None] = {}
+            data: dict[int, bytearray] = {tag: bytearray() for tag in reads}
+            with self._lock:
+                for wire in completions:
+                    cpl = self._mmio_completion(wire, burst)
+                    if cpl is None:
+                        continue
+                    req = reads.get(cpl.tag)
+                    if (req is None or cpl.requester_id != self.completer_id
+                            or cpl.tag in answers and answers[cpl.tag] is None):
+                        self.counters["mmio_completions_discarded"] += 1
+                        continue
+                    if t_bit and (stream is None or cpl.stream_id != stream.stream_id):
+                        # A T=1 read is answered on its stream or not at all (§11.2.1).
+                        self.counters["mmio_completions_discarded"] += 1
+                        answers[cpl.tag] = None
+                        continue
+                    if cpl.status != CplStatus.SC:
+                        self.counters["mmio_ur"] += 1
+                        answers[cpl.tag] = None
+                        continue
+                    data[cpl.tag] += cpl.payload_bytes()
+                    if len(data[cpl.tag]) >= req.request_byte_count:
+                        answers[cpl.tag] = bytes(data[cpl.tag])
+            return answers
+        finally:
+            self._finish_burst(burst)
+
+    def _mmio_completion(self, wire: bytes, burst: _Burst) -> Tlp | None:
+        """IDE check and decode of one completion from the device.  Under the lock."""
+        if is_protected(wire):
+            sid = prefix_stream_id(wire)
+            s = None if sid is None else self.streams.get(sid)
+            if s is None or not s.is_secure():
+                self.counters["mmio_completions_discarded"] += 1
+                return None
+            try:
+                tlp = s.rx.unprotect(wire)
+            except IdeIntegrityError as exc:
+                self._ide_failed(s, exc.reason, burst)
+                self._refuse(burst, None, "ide", exc.reason)
+                return None
+            s.started.add(tlp.substream)
+        else:
+            try:
+                tlp = Tlp.decode(wire)
+            except TlpError as exc:
+                self._refuse(burst, None, "malformed", str(exc))
+                return None
+            owner = self._stream_of_rid(tlp.completer_id)
+            if owner is not None and owner.is_secure() and tlp.substream in owner.started:
+                reason = (f"non-IDE {tlp.type.name} from {tlp.completer_id:#06x} on "
+                          f"{tlp.substream.name} after IDE started")
+                self._ide_failed(owner, reason, burst)
+                self._refuse(burst, None, "ide", reason)
+                return None
+        if not tlp.type.is_completion:
+            self._refuse(burst, None, "malformed", f"{tlp.type.name} where a completion was due")
+            return None
+        return tlp
 
     # -- map changes by the client: security events -----------------------------------------
     def _map_changed(self, ev: MapEvent) -> None:
@@ -832,6 +1018,7 @@ class RootPort:
                 "refusals": dict(self.refusals),
                 "refusals_total": sum(self.refusals.values()),
                 "recent_refusals": list(self.recent_refusals)[-16:],
+                "mmio_private": {f"{rid:#06x}": sid for rid, sid in self.mmio_private.items()},
                 "last_event_seq": self._event_seq,
                 **self.counters,
             }

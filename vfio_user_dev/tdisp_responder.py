@@ -41,9 +41,16 @@ this module adds what only the device knows.  Decisions:
   INTERFACE_INFO: DMA_WITHOUT_PASID, plus NO_UPDATE_AFTER_LOCK if LOCK set NO_FW_UPDATE.
   Sent in portions of at most the requested LENGTH.
 * **Security events.**  :meth:`TdispResponder.security_event` applies a
-  :class:`~teeio.tdisp.TdiEvent` (the device calls it for BAR writes and for Memory Space
-  / Bus Master Enable cleared, and an FLR).  Nothing else is enforced here (no T-bit
-  checks on MMIO or DMA).
+  :class:`~teeio.tdisp.TdiEvent` (the device calls it for the config writes of §11.2.6,
+  an FLR, its bound IDE stream going Insecure; the DSM for a heartbeat timeout and a
+  firmware update).
+* **Actions.**  Every transition taken (a TDISP request, a security event, the owning
+  session's end) is reported to the :attr:`TdispResponder.on_transition` callbacks with
+  its :class:`~teeio.tdisp.TdiAction` set; the device performs them (quiesce DMA, scrub
+  BAR0 and job state, revoke T=1 access) -- the enforcement of §11.2.1 lives in the
+  device (``device.py``), which asks :attr:`TdispResponder.state` and
+  :attr:`TdispResponder.default_stream_id`.  :meth:`TdispResponder.ide_changed` (called
+  by the DSM after each IDE_KM request) lets it re-check its bound stream.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from teeio.ide import Direction, KeySet, SubStream
 from teeio.spdm.errors import DropRequest
@@ -90,7 +97,10 @@ from teeio.tdisp.defs import (
     TdiState,
 )
 from teeio.tdisp.report import DeviceInterfaceReport, MmioRange, page_number, report_portion
-from teeio.tdisp.state import TRANSITIONS, Tdi, TdiEvent
+from teeio.tdisp.state import TRANSITIONS, Outcome, Tdi, TdiAction, TdiEvent
+
+if TYPE_CHECKING:
+    from vfio_user_dev.dsm import DeviceSecurityManager
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +124,20 @@ MSIX_BAR = 1
 
 
 class TdiHost(Protocol):
-    """What the device supplies: its memory BARs as assigned now in config space."""
+    """What the device supplies: its memory BARs as assigned now in config space, and a
+    hook to learn about the DSM that serves its TDI (to follow transitions)."""
 
     def mmio_bars(self) -> Sequence[tuple[int, int, int]]:
         """(BAR index, base address, size in bytes) of each implemented memory BAR."""
         ...
+
+    def tdi_attached(self, dsm: DeviceSecurityManager) -> None:
+        """The DSM now serves TDISP for this function (``dsm.tdisp`` is set)."""
+        ...
+
+
+#: (event, state before, state after, actions) of a transition taken.
+TransitionListener = Callable[[TdiEvent, TdiState, TdiState, TdiAction], None]
 
 
 class IdeKeyRecord(Protocol):
@@ -150,6 +169,10 @@ class TdispResponder:
         self.lock_request: LockInterfaceRequest | None = None
         self.report: bytes | None = None
         self.log = log.getChild(name) if name else log
+        #: called after every transition taken, in order (the device performs the actions)
+        self.on_transition: list[TransitionListener] = []
+        #: called after IDE_KM changed keys (the device re-checks its bound stream)
+        self.ide_listeners: list[Callable[[], None]] = []
 
     # -- identity ---------------------------------------------------------------------------
     def names_this_function(self, fid: int) -> bool:
@@ -173,25 +196,56 @@ class TdispResponder:
     def state(self) -> TdiState:
         return self.tdi.state
 
+    @property
+    def default_stream_id(self) -> int | None:
+        """The IDE stream LOCK bound the TDI to (DEFAULT_STREAM_ID), until STOP."""
+        return None if self.lock_request is None else self.lock_request.default_stream_id
+
+    def firmware_update_allowed(self) -> bool:
+        """False while LOCK's NO_FW_UPDATE protects the TDI (CONFIG_LOCKED or RUN)."""
+        return not (self.tdi.state in (TdiState.CONFIG_LOCKED, TdiState.RUN)
+                    and self.tdi.lock_flags & LockInterfaceFlags.NO_FW_UPDATE)
+
+    def _take(self, event: TdiEvent, nonce: bytes | None = None) -> Outcome:
+        """Apply *event* to the TDI (TdispError if not legal) and tell the listeners."""
+        before = self.tdi.state
+        out = self.tdi.handle_event(event, nonce=nonce)
+        self._notify(event, before, out)
+        return out
+
+    def _notify(self, event: TdiEvent, before: TdiState, out: Outcome) -> None:
+        for fn in list(self.on_transition):
+            try:
+                fn(event, before, out.state, out.actions)
+            except Exception:
+                self.log.exception("TDISP: transition listener failed on %s", event.name)
+
     # -- events from outside TDISP ------------------------------------------------------------
-    def session_closed(self, session_id: int) -> None:
-        """The SPDM session *session_id* ended: if it owns the TDI, SPDM_SESSION_TERMINATED
-        (LOCKED/RUN -> ERROR) and the binding is gone."""
+    def session_closed(self, session_id: int,
+                       event: TdiEvent = TdiEvent.SPDM_SESSION_TERMINATED) -> None:
+        """The SPDM session *session_id* ended: if it owns the TDI, *event*
+        (SPDM_SESSION_TERMINATED, or HEARTBEAT_TIMEOUT; LOCKED/RUN -> ERROR) and the
+        binding is gone."""
         if session_id != self.bound_session:
             return
         self.bound_session = None
         before = self.tdi.state
-        self.tdi.handle_event(TdiEvent.SPDM_SESSION_TERMINATED)
-        self.log.info("TDISP: owning session 0x%08x ended: TDI %s -> %s", session_id,
-                      before.name, self.tdi.state.name)
+        self._take(event)
+        self.log.info("TDISP: owning session 0x%08x ended (%s): TDI %s -> %s", session_id,
+                      event.name, before.name, self.tdi.state.name)
 
     def security_event(self, event: TdiEvent) -> None:
         """A security event of §11.2.6 happened to the function (LOCKED/RUN -> ERROR)."""
         before = self.tdi.state
-        self.tdi.handle_event(event)
+        self._take(event)
         if self.tdi.state is not before:
             self.log.warning("TDISP: %s: TDI %s -> %s", event.name, before.name,
                              self.tdi.state.name)
+
+    def ide_changed(self) -> None:
+        """IDE_KM changed the device's keys (the DSM calls this after each request)."""
+        for fn in list(self.ide_listeners):
+            fn()
 
     # -- requests ---------------------------------------------------------------------------
     def handle(self, payload: bytes, session_id: int | None) -> bytes:
@@ -239,15 +293,16 @@ class TdispResponder:
             assert self.report is not None
             return report_portion(self.report, msg)
         if isinstance(msg, StartInterfaceRequest):
-            self.tdi.handle_event(TdiEvent.START, nonce=msg.nonce)
+            self._take(TdiEvent.START, nonce=msg.nonce)
             self.log.info("TDISP: START: TDI RUN (session 0x%08x)", session_id)
             return StartInterfaceResponse(fid)
         assert isinstance(msg, StopInterfaceRequest)
         before = self.tdi.state
-        self.tdi.handle_event(TdiEvent.STOP)
+        out = self.tdi.handle_event(TdiEvent.STOP)
         self.bound_session = None
         self.lock_request = None
         self.report = None
+        self._notify(TdiEvent.STOP, before, out)
         self.log.info("TDISP: STOP: TDI %s -> CONFIG_UNLOCKED", before.name)
         return StopInterfaceResponse(fid)
 
@@ -269,6 +324,7 @@ class TdispResponder:
         self.bound_session = session_id
         self.lock_request = req
         self.report = report
+        self._notify(TdiEvent.LOCK, TdiState.CONFIG_UNLOCKED, out)
         self.log.info("TDISP: LOCK: TDI CONFIG_LOCKED (session 0x%08x, stream %d, flags "
                       "0x%04x, MMIO reporting offset 0x%x)", session_id, req.default_stream_id,
                       req.flags, req.mmio_reporting_offset)
@@ -303,5 +359,6 @@ class TdispResponder:
                                      device_specific_info=self.device_specific_info)
 
 
-__all__ = ["DEV_ADDR_WIDTH", "LOCK_FLAGS_SUPPORTED", "REQ_MSGS_SUPPORTED",
-           "SPDM_EMU_FUNCTION_ID", "SUPPORTED_REQUESTS", "TdiHost", "TdispResponder"]
+__all__ = ["DEV_ADDR_WIDTH", "LOCK_FLAGS_SUPPORTED", "MSIX_BAR", "REQ_MSGS_SUPPORTED",
+           "SPDM_EMU_FUNCTION_ID", "SUPPORTED_REQUESTS", "TdiHost", "TdispResponder",
+           "TransitionListener"]

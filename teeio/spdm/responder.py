@@ -130,7 +130,7 @@ class ResponderConfig:
     ct_exponent: int = 20          # CT = 2^20 us (CMA requires <= 2^23)
     data_transfer_size: int = 4096  # below QEMU's 0x1200-byte DOE buffer
     max_spdm_msg_size: int = 4096
-    heartbeat_period: int = 60      # seconds; advertised, not enforced (no clock here)
+    heartbeat_period: int = 60      # seconds (0: off); see Responder.heartbeat_expired
     max_sessions: int = 4
     secured_versions: tuple[int, ...] = (SECURED_VERSION_10, SECURED_VERSION_11,
                                          SECURED_VERSION_12)
@@ -223,6 +223,7 @@ class _Session:
     f: bytearray = field(default_factory=bytearray, repr=False)
     m: bytearray = field(default_factory=bytearray, repr=False)
     pending_update: int = 0   # KeyUpdateOp awaiting VerifyNewKey, 0 if none
+    last_rx: float | None = None    # time the last secured message was opened (caller's clock)
 
 
 class Responder:
@@ -285,8 +286,11 @@ class Responder:
         self.log.debug("<-- %s", resp.hex())
         return resp
 
-    def handle_secured(self, msg: bytes) -> bytes | None:
-        """One secured record (DOE 0001:02) -> the sealed response, or None for no response."""
+    def handle_secured(self, msg: bytes, now: float | None = None) -> bytes | None:
+        """One secured record (DOE 0001:02) -> the sealed response, or None for no response.
+
+        *now*: the caller's clock (seconds), recorded as the session's last activity for
+        :meth:`heartbeat_expired` (this module keeps no clock of its own)."""
         try:
             sid = peek_session_id(msg)
         except SecuredMessageError:
@@ -304,6 +308,8 @@ class Responder:
             sealed = sess.channel.seal(self._error(SpdmError(ErrorCode.DecryptError)))
             self._terminate(sid)
             return sealed
+        if now is not None:
+            sess.last_rx = now
         if sess.pending_update and sess.channel.rolled_back:
             # The requester never saw our KEY_UPDATE_ACK: forget the update.
             sess.channel.rollback_tx()
@@ -327,6 +333,22 @@ class Responder:
     @property
     def negotiated(self) -> codec.Negotiated | None:
         return self._neg
+
+    def heartbeat_expired(self, now: float) -> list[int]:
+        """Established sessions with a HeartbeatPeriod that have received no secured message
+        for more than twice that period by *now* (DSP0274 §10.17 HEARTBEAT: the responder
+        may then terminate the session).  Nothing is changed here; see
+        :meth:`terminate_session`."""
+        return [sid for sid, s in self.sessions.items()
+                if s.heartbeat_period and s.last_rx is not None
+                and s.channel.phase is Phase.ESTABLISHED
+                and now - s.last_rx > 2 * s.heartbeat_period]
+
+    def terminate_session(self, session_id: int, reason: str) -> None:
+        """End *session_id* now (its keys are gone; ``on_session_end`` callbacks run)."""
+        if session_id in self.sessions:
+            self.log.warning("session 0x%08x terminated: %s", session_id, reason)
+            self._terminate(session_id)
 
     # --- connection state ---------------------------------------------------------------------
 
