@@ -242,7 +242,7 @@ def read_launch_config(root: Path = FW_CFG_ROOT,
 class GhcxClient:
     """Calls to the TSM over one transport.  ``counters`` holds the channel's rejections by
     reason (docs/ghcx.md "Receiver rules"), the frame decoder's counts and the client's own
-    (timeouts, retries, rehello, handshakes, write_errors)."""
+    (timeouts, retries, rehello, handshakes_ok, write_errors)."""
 
     def __init__(self, transport: int | socket.socket | Transport, secret: bytes, vm_id: str,
                  *, rng: Callable[[int], bytes] = os.urandom,
@@ -258,7 +258,7 @@ class GhcxClient:
         self._decoder = FrameDecoder()
         self._bodies: collections.deque[bytes] = collections.deque()
         self._events: dict[str, int] = dict.fromkeys(
-            ("timeouts", "retries", "rehello", "handshakes", "write_errors"), 0)
+            ("timeouts", "retries", "rehello", "handshakes_ok", "write_errors"), 0)
 
     @classmethod
     def connect(cls, *, port_name: str = PORT_NAME, sys_root: Path = VIRTIO_PORTS,
@@ -337,7 +337,7 @@ class GhcxClient:
                     log.warning("GHCx: the TSM restarted (boot id %s -> %s)",
                                 self.boot_id.hex(), boot_id.hex())
                 self.boot_id = boot_id
-                self._events["handshakes"] += 1
+                self._events["handshakes_ok"] += 1
                 return boot_id
             self._timed_out()
         raise GhcxTimeout(f"no valid HELLO_ACK after {retries + 1} attempts")
