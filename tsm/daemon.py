@@ -294,22 +294,29 @@ class Daemon:
         self.journal.append("mmio_private", device=dev.config.name, enabled=enable)
 
     def _connect(self, dev: DeviceEntry) -> None:
-        """Connect (attest, session, stream), then learn the TDI's state from the device."""
+        """Reconnect (attest, session, stream), then learn the TDI's state from the
+        device, journaled whatever it is."""
         dev.link.connect()
+        self._connected(dev)
+
+    def _connected(self, dev: DeviceEntry) -> None:
         link = dev.link
         dev.last_error = None
         dev.requester_id = link.requester_id
         self.journal.append("session", device=dev.config.name,
                             session_id=f"0x{link.session_id or 0:08x}", reason=None)
         self._journal_stream(dev, "secure", None)
-        self._refresh_state(dev)
+        self._refresh_state(dev, journal=True)
 
-    def _refresh_state(self, dev: DeviceEntry) -> None:
+    def _refresh_state(self, dev: DeviceEntry, journal: bool = False) -> None:
         """GET_DEVICE_INTERFACE_STATE; a state other than the recorded one is adopted and
-        journaled as the device's word (source "device")."""
+        journaled as the device's word (source "device"); with *journal*, also the same
+        state (after a restart: what the device says in the new session)."""
         with dev.link.lock:
             live = dev.link.tdisp_client().get_state()
         if live is dev.tdi.state:
+            if journal:
+                self._journal_tdi(dev, source="device")
             return
         log.warning("device %s: TDI is %s (recorded %s)", dev.config.name, live.name,
                     dev.tdi.state.name)
@@ -503,7 +510,7 @@ class Daemon:
                                        stream_id=dev.config.stream_id, base=base, size=size,
                                        access=access)
         except PlatformCtlError as exc:
-            raise GhcxFailure("refused", f"window {base:#x}+{size:#x}: {exc.message}") from None
+            raise GhcxFailure("refused", exc.message) from None
         wid = w.get("window_id", w.get("id"))
         if isinstance(wid, bool) or not isinstance(wid, int):
             raise GhcxFailure("internal", "the platform returned a window without an id")
@@ -616,12 +623,7 @@ class Daemon:
             raise
         self.devices[name] = dev
         self.journal.append("device", **cfg.as_record())
-        dev.requester_id = dev.link.requester_id
-        self.journal.append("session", device=name,
-                            session_id=f"0x{dev.link.session_id or 0:08x}", reason=None)
-        self._journal_stream(dev, "secure", None)
-        self._refresh_state(dev)
-        self._journal_tdi(dev)
+        self._connected(dev)
         return self._device_status(dev)
 
     def op_disconnect(self, args: dict[str, Any]) -> dict[str, Any]:

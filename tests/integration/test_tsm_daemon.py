@@ -1,0 +1,358 @@
+"""``teeio-tsm daemon`` against the real device server process, the guest played by the test
+with :class:`teeio.ghcx.GuestChannel` over the VM's GHCx UNIX socket (as QEMU's
+virtio-serial chardev would relay it).
+
+* the whole guest flow through a daemon subprocess driven by ``teeio-tsm ctl``: connect,
+  bind, TDI_LOCK, GET_EVIDENCE (signature and nonce re-checked, TDI_INFO digests = SHA-384
+  of the blobs), TDI_ACCEPT (RUN), DMA_ACCEPT/RELEASE, a stale-epoch ACCEPT refused after
+  ``ctl stop`` + ``ctl lock``, TDI_STOP; then RUN again with a window, SIGKILL, restart:
+  the status shows the TDI ERROR with the reason, the device really is in ERROR, the
+  window and private MMIO are revoked, and the guest gets REHELLO then TDI_INFO ERROR;
+* in-process: no launch secret and no IDE key in the journal or the logs (DEBUG).
+
+Device and daemon logs are printed at teardown."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from teeio import pki
+from teeio.ghcx import FrameDecoder, GuestChannel, MsgType, Response
+from teeio.ide import IdeKey
+from teeio.spdm import codec
+from teeio.spdm.requester import parse_vca, verify_measurement_transcript
+from tests.integration.test_tsm_ide import PROJECT, IdeDevice, firmware  # noqa: F401
+from tests.protocol.test_server_dma import GUEST, SIZE, map_memfd
+from tsm import ide as tsm_ide
+from tsm.daemon import Daemon
+from tsm.journal import JOURNAL_NAME
+from tsm.tdi import REASON_RESTART
+from vfio_user_dev.client import Client
+from vfio_user_dev.platform_ctl import PlatformClient, read_credential
+
+pytestmark = pytest.mark.timeout(120)
+
+STARTUP = 30.0
+
+
+@pytest.fixture
+def device(tmp_path: Path, firmware: Path) -> Iterator[IdeDevice]:  # noqa: F811
+    dev = IdeDevice(tmp_path, firmware)
+    yield dev
+    dev.stop()
+    print(f"--- device log ---\n{dev.log_text()}")
+
+
+class DaemonProcess:
+    def __init__(self, state: Path, log: Path) -> None:
+        self.state = state
+        self.ctl_sock = state / "ctl.sock"
+        self.log = log
+        self.ctl_sock.unlink(missing_ok=True)     # a SIGKILLed daemon leaves it behind
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tsm", "daemon", "--state-dir", str(state)],
+                stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT,
+                env=dict(os.environ, PYTHONPATH=str(PROJECT)))
+        deadline = time.monotonic() + STARTUP
+        while not self.ctl_sock.exists():     # it listens once recovery is done
+            assert self.proc.poll() is None, f"daemon exited:\n{self.log_text()}"
+            assert time.monotonic() < deadline, f"no control socket:\n{self.log_text()}"
+            time.sleep(0.02)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def ctl(self, *args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "tsm", "ctl", "--state-dir",
+                               str(self.state), *map(str, args)], cwd=PROJECT,
+                              capture_output=True, text=True, timeout=90, check=False)
+        print(f"$ tsm ctl {' '.join(map(str, args))}\n{proc.stdout}{proc.stderr}")
+        assert "Traceback" not in proc.stderr
+        assert (proc.returncode == 0) == ok, proc.stderr
+        return proc
+
+    def status(self) -> dict[str, Any]:
+        doc = json.loads(self.ctl("status", "--json").stdout)
+        assert isinstance(doc, dict)
+        return doc
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[list[DaemonProcess]]:
+    procs: list[DaemonProcess] = []
+    yield procs
+    for d in procs:
+        d.stop()
+    if procs:
+        print(f"--- daemon log ---\n{procs[0].log_text()}")
+
+
+class Guest:
+    """The guest agent's side of GHCx, over the VM's socket (what QEMU relays)."""
+
+    def __init__(self, path: Path, secret: bytes, vm: str) -> None:
+        self.path = path
+        self.channel = GuestChannel(secret, vm)
+        self.connect()
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(str(self.path))
+        self.decoder = FrameDecoder()
+        self.bodies: list[bytes] = []
+
+    def _body(self) -> bytes:
+        while not self.bodies:
+            data = self.sock.recv(1 << 16)
+            assert data, "the TSM closed the GHCx connection"
+            self.bodies += self.decoder.feed(data)
+        return self.bodies.pop(0)
+
+    def hello(self) -> bytes:
+        self.sock.sendall(self.channel.hello())
+        return self.channel.accept_hello_ack(self._body())
+
+    def raw_call(self, mtype: MsgType, payload: dict[str, Any]) -> Response | MsgType:
+        _rid, frame = self.channel.request(mtype, payload)
+        self.sock.sendall(frame)
+        return self.channel.open(self._body())
+
+    def call(self, mtype: MsgType, payload: dict[str, Any] | None = None,
+             error: str | None = None) -> dict[str, Any]:
+        rsp = self.raw_call(mtype, payload or {})
+        assert isinstance(rsp, Response), rsp
+        assert rsp.error == error, f"{mtype.name}: {rsp.error}: {rsp.message}"
+        return {"error": rsp.error, "message": rsp.message} if error else rsp.payload
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def check_evidence(ev: dict[str, Any], nonce: bytes, anchor: Path) -> dict[str, str]:
+    """What the guest checks: the chain to its anchor, the MEASUREMENTS signature over
+    VCA + L1, its own nonce in the signed request.  Returns the blobs' SHA-384 digests."""
+    chain, vca = bytes.fromhex(ev["cert_chain"]), bytes.fromhex(ev["vca"])
+    pairs = [(bytes.fromhex(q), bytes.fromhex(r)) for q, r in ev["measurements"]]
+    report = bytes.fromhex(ev["report"])
+    neg, _ = parse_vca(vca)
+    _root, certs = pki.parse_spdm_cert_chain(chain, "sha384")
+    leaf_key = pki.verify_chain(certs, pki.load_anchors(anchor))
+    assert verify_measurement_transcript(vca, pairs, leaf_key, neg)
+    assert codec.GetMeasurements.decode(pairs[-1][0]).nonce == nonce
+    return {"cert_chain": hashlib.sha384(chain).hexdigest(),
+            "transcript": hashlib.sha384(vca + b"".join(q + r for q, r in pairs)).hexdigest(),
+            "report": hashlib.sha384(report).hexdigest()}
+
+
+def lock_verify_accept(guest: Guest, anchor: Path) -> dict[str, Any]:
+    """The guest's accept flow: LOCK, evidence with its nonce, TDI_INFO, ACCEPT."""
+    locked = guest.call(MsgType.TDI_LOCK)
+    assert locked["state"] == "CONFIG_LOCKED"
+    nonce = os.urandom(32)
+    digests = check_evidence(guest.call(MsgType.GET_EVIDENCE, {"nonce": nonce.hex()}), nonce,
+                             anchor)
+    info = guest.call(MsgType.TDI_INFO)
+    assert info["state"] == "CONFIG_LOCKED" and info["lock_epoch"] == locked["lock_epoch"]
+    assert info["digests"] == digests and info["digest_alg"] == "sha384"
+    assert info["stream"] == {"id": 3, "state": "secure"} and info["lock_flags"] & 1
+    accepted = guest.call(MsgType.TDI_ACCEPT, {"digests": digests,
+                                               "lock_epoch": info["lock_epoch"]})
+    assert accepted == {"state": "RUN", "dma_stream": 3}
+    return {"digests": digests, "lock_epoch": info["lock_epoch"]}
+
+
+def root_port(dev: IdeDevice) -> dict[str, Any]:
+    with PlatformClient(str(dev.plat), read_credential(dev.cred)) as rp:
+        st = rp.call("status")["root_port"]
+        assert isinstance(st, dict)
+        return st
+
+
+def connect_args(dev: IdeDevice) -> list[str | Path]:
+    return ["connect", "--device", "dev0", "--doe-socket", dev.doe, "--trust-anchor",
+            dev.identity / "trust-anchor.pem", "--platform-socket", dev.plat,
+            "--platform-credential", dev.cred, "--stream-id", "3"]
+
+
+def test_guest_flow_stale_epoch_and_restart(tmp_path: Path, device: IdeDevice,
+                                            daemons: list[DaemonProcess]) -> None:
+    anchor = device.identity / "trust-anchor.pem"
+    vfio = Client.connect(str(device.sock))         # QEMU's part: guest RAM mapped for DMA
+    vfio.version()
+    memfd = map_memfd(vfio, "tsm-daemon")
+    state = tmp_path / "tsm"
+    d = DaemonProcess(state, tmp_path / "daemon.log")
+    daemons.append(d)
+    assert (state / "ctl.sock").stat().st_mode & 0o777 == 0o600
+
+    out = d.ctl(*connect_args(device)).stdout
+    assert out.startswith("connect dev0: session 0x") and "stream 3 secure" in out
+    ghcx = tmp_path / "ghcx.sock"
+    d.ctl("bind", "--vm", "vm0", "--device", "dev0", "--ghcx-socket", ghcx)
+    secret_file = state / "vms" / "vm0.secret"
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    secret = secret_file.read_bytes()
+    assert d.ctl("bind", "--vm", "vm1", "--device", "dev0", "--ghcx-socket", ghcx,
+                 ok=False).stderr == "ctl bind FAILED: TDI dev0 is already bound to VM vm0\n"
+
+    guest = Guest(ghcx, secret, "vm0")
+    boot_id = guest.hello()
+    info = guest.call(MsgType.TDI_INFO)
+    assert (info["state"], info["digests"], info["tsm_boot_id"]) == (
+        "CONFIG_UNLOCKED", None, boot_id.hex())
+    guest.call(MsgType.TDI_ACCEPT, {"digests": {}, "lock_epoch": 0}, error="state")
+    guest.call(MsgType.GET_EVIDENCE, {"nonce": "00"}, error="bad_request")
+    accepted = lock_verify_accept(guest, anchor)
+    assert accepted["lock_epoch"] == 1
+    assert guest.call(MsgType.TDI_INFO)["state"] == "RUN"
+    guest.call(MsgType.TDI_LOCK, error="state")
+
+    # DMA windows only for memory the VMM mapped; released ones are gone
+    win = guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000, "access": "rw"})
+    assert [w["id"] for w in root_port(device)["windows"]] == [win["window_id"]]
+    assert guest.call(MsgType.STATUS)["windows"] == [
+        {"window_id": win["window_id"], "base": GUEST, "size": 0x1000, "access": "rw"}]
+    guest.call(MsgType.DMA_ACCEPT, {"base": GUEST + SIZE, "size": 0x1000}, error="refused")
+    assert guest.call(MsgType.DMA_RELEASE, {"window_id": win["window_id"]}) == {}
+    guest.call(MsgType.DMA_RELEASE, {"window_id": win["window_id"]}, error="refused")
+    assert root_port(device)["windows"] == []
+
+    # behind the guest's back: STOP and LOCK again -> the old epoch is refused, not started
+    assert d.ctl("stop", "--vm", "vm0").stdout == "stop dev0: CONFIG_UNLOCKED\n"
+    assert d.ctl("lock", "--vm", "vm0").stdout == "lock dev0: CONFIG_LOCKED, lock epoch 2\n"
+    refused = guest.call(MsgType.TDI_ACCEPT, accepted, error="mismatch")
+    assert "lock epoch 1" in refused["message"]
+    info = guest.call(MsgType.TDI_INFO)
+    assert (info["state"], info["lock_epoch"], info["digests"]["transcript"]) == (
+        "CONFIG_LOCKED", 2, None)
+    guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000}, error="state")
+    assert guest.call(MsgType.TDI_STOP) == {"state": "CONFIG_UNLOCKED"}
+
+    # RUN again with a window, then the TSM dies
+    assert lock_verify_accept(guest, anchor)["lock_epoch"] == 3
+    win = guest.call(MsgType.DMA_ACCEPT, {"base": GUEST + 0x2000, "size": 0x2000})
+    st = d.status()
+    assert st["tdis"][0] | {"digests": None} == {
+        "name": "dev0", "state": "RUN", "lock_epoch": 3, "vm": "vm0", "reason": None,
+        "mmio_private": st["tdis"][0]["mmio_private"], "digests": None}
+    assert st["vms"][0]["windows"][0]["window_id"] == win["window_id"]
+    assert st["vms"][0]["ghcx"]["counters"]["requests"] >= 20
+    assert st["devices"][0]["session"]["heartbeat_period"] > 0
+    table = d.ctl("status").stdout
+    assert "dev0" in table and "RUN" in table and "vm0" in table
+    d.kill()
+
+    d2 = DaemonProcess(state, tmp_path / "daemon.log")
+    daemons.append(d2)
+    st = d2.status()
+    assert st["boot_id"] != boot_id.hex()
+    tdi = st["tdis"][0]
+    assert (tdi["state"], tdi["reason"], tdi["lock_epoch"]) == ("ERROR", REASON_RESTART, 3)
+    assert st["devices"][0]["connected"] and st["vms"][0]["windows"] == []
+    assert "ERROR" in d2.ctl("status").stdout
+    assert "TDI RUN -> ERROR" in device.log_text()          # the device ended the session
+    assert root_port(device)["windows"] == []
+    records = [json.loads(line) for line in (state / JOURNAL_NAME).read_text().splitlines()]
+    restart = max(i for i, r in enumerate(records) if r["type"] == "daemon_start")
+    after = records[restart:]
+    assert {"type": "stream", "state": "insecure", "reason": REASON_RESTART}.items() <= \
+        next(r for r in after if r["type"] == "stream").items()
+    assert any(r["type"] == "window_revoked" and r["window_id"] == win["window_id"]
+               for r in after)
+    verified = [r for r in after if r["type"] == "tdi" and r["source"] == "device"]
+    assert [r["state"] for r in verified] == ["ERROR"]     # what the new session saw
+
+    # the guest's next call: REHELLO (its session is unknown), a new boot id, ERROR
+    guest.close()
+    guest.connect()
+    assert guest.raw_call(MsgType.TDI_INFO, {}) is MsgType.REHELLO
+    assert guest.hello() != boot_id
+    info = guest.call(MsgType.TDI_INFO)
+    assert (info["state"], info["reason"]) == ("ERROR", REASON_RESTART)
+    # and it can start over: STOP, then LOCK in the new session (the stream was re-keyed)
+    assert guest.call(MsgType.TDI_STOP) == {"state": "CONFIG_UNLOCKED"}
+    assert guest.call(MsgType.TDI_LOCK) == {"state": "CONFIG_LOCKED", "lock_epoch": 4}
+    guest.close()
+    os.close(memfd)
+    vfio.close()
+
+
+def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, device: IdeDevice,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """In-process daemon so the test sees the IDE keys it generates: neither they nor the
+    VM's launch secret appear in the journal or in any log line, even at DEBUG.  (With a
+    short --heartbeat, HEARTBEATs go out meanwhile.)"""
+    keys: list[IdeKey] = []
+    fresh = tsm_ide.fresh_keys
+
+    def spy() -> tsm_ide.KeyTable:
+        table = fresh()
+        keys.extend(table.values())
+        return table
+
+    monkeypatch.setattr(tsm_ide, "fresh_keys", spy)
+    caplog.set_level(logging.DEBUG)
+    state = tmp_path / "tsm"
+    d = Daemon(state, heartbeat=0.05)
+    try:
+        d.start()
+        args = connect_args(device)
+        d.ctl_request("connect", {"device": "dev0", "doe_socket": str(device.doe),
+                                  "trust_anchor": str(args[6]),
+                                  "platform_socket": str(device.plat),
+                                  "platform_credential": str(device.cred), "stream_id": 3})
+        d.ctl_request("bind", {"vm": "vm0", "device": "dev0",
+                               "ghcx_socket": str(tmp_path / "ghcx.sock")})
+        secret = (state / "vms" / "vm0.secret").read_bytes()
+        guest = Guest(tmp_path / "ghcx.sock", secret, "vm0")
+        guest.hello()
+        lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+        guest.call(MsgType.TDI_STOP)
+        guest.close()
+        deadline = time.monotonic() + 10
+        while d.devices["dev0"].link.heartbeats < 2:
+            assert time.monotonic() < deadline, "no HEARTBEAT sent"
+            time.sleep(0.05)
+        assert d.op_status({})["devices"][0]["connected"]
+        assert repr(d.vms["vm0"]).count(secret.hex()) == 0
+    finally:
+        d.close()
+    assert len(keys) == 6
+    journal = (state / JOURNAL_NAME).read_bytes()
+    logs = "\n".join(r.getMessage() for r in caplog.records).encode()
+    assert any(r.levelno == logging.DEBUG and r.name.startswith("teeio.spdm")
+               for r in caplog.records)        # the session's messages were logged
+    for blob in (journal, logs):
+        for material in [secret] + [k.key for k in keys]:
+            assert material not in blob
+            assert material.hex().encode() not in blob
+            assert material.hex().upper().encode() not in blob
