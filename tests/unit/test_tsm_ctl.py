@@ -1,0 +1,177 @@
+"""tsm.ctl: the control socket (0600, JSON lines, every kind of bad input answered with a
+clear error on a connection that stays usable), the CLI's one-line failures, the status
+table; and tsm.ghcx_server: a GHCx server with a fake handler -- handshake, requests,
+error responses, garbage resynchronised and forged frames counted while it keeps
+serving, REHELLO for a session of another boot."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from teeio.ghcx import FrameDecoder, GuestChannel, MsgType, Response
+from tsm.__main__ import main
+from tsm.ctl import CtlClient, CtlError, CtlServer, format_status
+from tsm.ghcx_server import GhcxFailure, GhcxServer
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def dispatch(op: str, args: dict[str, Any]) -> dict[str, Any]:
+    if op == "echo":
+        return {"args": args}
+    if op == "fail":
+        raise CtlError("failed", "the device said no")
+    if op == "bug":
+        raise RuntimeError("oops")
+    raise CtlError("unknown_op", f"no operation {op!r}")
+
+
+@pytest.fixture
+def ctl(tmp_path: Path) -> Iterator[str]:
+    path = str(tmp_path / "ctl.sock")
+    server = CtlServer(path, dispatch).start()
+    yield path
+    server.close()
+
+
+def test_ctl_socket_errors_and_survival(ctl: str) -> None:
+    assert os.stat(ctl).st_mode & 0o777 == 0o600
+    with CtlClient(ctl) as c:
+        for raw, code in ((b"not json\n", "malformed"), (b"[1]\n", "malformed"),
+                          (b'{"op": 3}\n', "malformed"), (b'{"op": "x", "args": []}\n',
+                                                          "malformed"),
+                          (b"x" * 70000 + b"\n", "malformed")):
+            reply = c.send_raw(raw)
+            assert reply["ok"] is False and reply["error"]["code"] == code, reply
+        assert c.call("echo", a=1) == {"args": {"a": 1}}
+        with pytest.raises(CtlError, match="failed: the device said no"):
+            c.call("fail")
+        with pytest.raises(CtlError, match="internal: bug: RuntimeError: oops"):
+            c.call("bug")
+        with pytest.raises(CtlError, match="unknown_op"):
+            c.call("nope")
+        assert c.call("echo") == {"args": {}}             # still the same connection
+
+
+def test_cli_failures_are_one_line(tmp_path: Path, ctl: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ctl", "--ctl-socket", str(tmp_path / "none.sock"), "status"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("ctl status FAILED: control socket ")
+    assert "is the daemon running?" in err[0]
+    assert main(["ctl", "--ctl-socket", ctl, "stop", "--vm", "vm0"]) == 1
+    assert capsys.readouterr().err == "ctl stop FAILED: no operation 'stop'\n"
+    os.environ.pop("TEEIO_TSM_CTL", None)
+    assert main(["status"]) == 1
+    assert "give --ctl-socket or --state-dir" in capsys.readouterr().err
+
+
+def test_status_table() -> None:
+    doc = {"boot_id": "ab" * 16, "pid": 1, "state_dir": "/s", "counters": {"ghcx_state": 1},
+           "devices": [{"name": "dev0", "doe": "unix:/d", "requester_id": "0x0100",
+                        "session": {"id": "0x0001fffe", "heartbeat_period": 60,
+                                    "heartbeats": 2},
+                        "stream": {"id": 3, "state": "secure", "reason": None},
+                        "last_error": None}],
+           "tdis": [{"name": "dev0", "state": "ERROR", "lock_epoch": 3, "vm": "vm0",
+                     "reason": "TSM restarted: SPDM session lost", "mmio_private": False}],
+           "vms": [{"vm": "vm0", "device": "dev0", "ghcx_socket": "/g.sock",
+                    "ghcx": {"connected": True, "established": True,
+                             "counters": {"requests": 5, "errors": 1},
+                             "rejected": {"forged": 2}},
+                    "windows": [{"window_id": 4, "base": 0x1000, "size": 0x2000,
+                                 "access": "rw"}]}]}
+    text = format_status(doc)
+    lines = text.splitlines()
+    assert lines[0] == f"TSM boot id {'ab' * 16} (pid 1), state /s"
+    assert any(line.split()[:3] == ["dev0", "ERROR", "3"] and
+               line.endswith("TSM restarted: SPDM session lost") for line in lines)
+    assert any("forged=2" in line and "4:0x1000+0x2000/rw" in line for line in lines)
+    assert "counters: ghcx_state=1" in text
+
+
+# -- the GHCx server --------------------------------------------------------------------------
+
+SECRET = bytes(range(32))
+
+
+def handler(vm: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+    if op == "STATUS":
+        return {"vm_id": vm, "echo": payload}
+    if op == "TDI_LOCK":
+        raise GhcxFailure("state", "not now")
+    raise ValueError("a bug in the handler")
+
+
+class Peer:
+    def __init__(self, path: str, secret: bytes = SECRET) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(path)
+        self.decoder = FrameDecoder()
+        self.channel = GuestChannel(secret, "vm0")
+
+    def body(self) -> bytes:
+        while True:
+            data = self.sock.recv(1 << 16)
+            assert data
+            bodies = self.decoder.feed(data)
+            if bodies:
+                assert len(bodies) == 1
+                return bodies[0]
+
+    def call(self, mtype: MsgType, payload: dict[str, Any]) -> Response | MsgType:
+        self.sock.sendall(self.channel.request(mtype, payload)[1])
+        return self.channel.open(self.body())
+
+
+def test_ghcx_server(tmp_path: Path) -> None:
+    path = str(tmp_path / "ghcx.sock")
+    boot = os.urandom(16)
+    server = GhcxServer("vm0", path, SECRET, boot, handler).start()
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        assert "000102" not in repr(server)
+        g = Peer(path)
+        g.sock.sendall(b"garbage!" + g.channel.hello())      # resynchronised
+        assert g.channel.accept_hello_ack(g.body()) == boot
+        rsp = g.call(MsgType.STATUS, {"x": 1})
+        assert isinstance(rsp, Response) and rsp.payload == {"vm_id": "vm0", "echo": {"x": 1}}
+        rsp = g.call(MsgType.TDI_LOCK, {})
+        assert isinstance(rsp, Response) and (rsp.error, rsp.message) == ("state", "not now")
+        rsp = g.call(MsgType.TDI_INFO, {})
+        assert isinstance(rsp, Response) and rsp.error == "internal"
+        # a forged frame (a relay without the secret) is dropped, counted; serving goes on
+        _rid, frame = g.channel.request(MsgType.STATUS, {})
+        g.sock.sendall(frame[:-1] + bytes([frame[-1] ^ 1]))
+        rsp = g.call(MsgType.STATUS, {})
+        assert isinstance(rsp, Response) and rsp.error is None
+        st = server.status()
+        assert st["rejected"] == {"forged": 1} and st["counters"]["bytes_dropped"] == 8
+        assert st["counters"]["requests"] == 4 and st["counters"]["error_state"] == 1
+        assert st["connected"] and st["established"]
+    finally:
+        server.close()
+    # another boot of the TSM: the old session is unknown -> REHELLO, then a new handshake
+    boot2 = os.urandom(16)
+    server = GhcxServer("vm0", path, SECRET, boot2, handler).start()
+    try:
+        g.sock.close()
+        old = g.channel
+        g = Peer(path)
+        g.channel = old
+        assert g.call(MsgType.STATUS, {}) is MsgType.REHELLO
+        g.sock.sendall(g.channel.hello())
+        assert g.channel.accept_hello_ack(g.body()) == boot2
+        rsp = g.call(MsgType.STATUS, {})
+        assert isinstance(rsp, Response) and rsp.error is None
+        g.sock.close()
+    finally:
+        server.close()
+    assert not os.path.exists(path)
