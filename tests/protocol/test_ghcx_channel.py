@@ -256,6 +256,7 @@ def test_altered_response_is_retried_from_the_cache(
     assert call(client, MsgType.DMA_ACCEPT, {"base": 0, "size": 4096,
                                              "access": "rw"}) == {"window_id": 1}
     assert client.counters["forged"] == 1 and client.counters["retries"] == 1
+    assert client.counters["timeouts"] == 0      # retried at once, not after a timeout
     assert server.served[MsgType.DMA_ACCEPT] == 1                  # answered from the cache
     relay.once("t2g", lambda b: flip(b, 20))                       # header: seq
     assert call(client, MsgType.TDI_LOCK) == {"state": "CONFIG_LOCKED", "lock_epoch": 1}
