@@ -37,6 +37,7 @@ from teeio.spdm.requester import parse_vca, verify_measurement_transcript
 from tests.integration.test_tsm_ide import PROJECT, IdeDevice, firmware  # noqa: F401
 from tests.protocol.test_server_dma import GUEST, SIZE, map_memfd
 from tsm import ide as tsm_ide
+from tsm.ctl import CtlError
 from tsm.daemon import Daemon
 from tsm.journal import JOURNAL_NAME
 from tsm.tdi import REASON_RESTART
@@ -338,12 +339,18 @@ def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, device: IdeDevi
         lock_verify_accept(guest, device.identity / "trust-anchor.pem")
         guest.call(MsgType.TDI_STOP)
         guest.close()
+        assert secret.hex() not in repr(d.vms["vm0"]) + repr(d.vms["vm0"].server)
         deadline = time.monotonic() + 10
         while d.devices["dev0"].link.heartbeats < 2:
             assert time.monotonic() < deadline, "no HEARTBEAT sent"
             time.sleep(0.05)
         assert d.op_status({})["devices"][0]["connected"]
-        assert repr(d.vms["vm0"]).count(secret.hex()) == 0
+        with pytest.raises(CtlError, match="bound to VM vm0"):
+            d.ctl_request("disconnect", {"device": "dev0"})
+        d.ctl_request("unbind", {"vm": "vm0"})
+        assert not (state / "vms" / "vm0.secret").exists()
+        assert d.ctl_request("disconnect", {"device": "dev0"})["disconnected"]
+        assert d.op_status({})["devices"] == []
     finally:
         d.close()
     assert len(keys) == 6
