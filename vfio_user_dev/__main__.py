@@ -16,6 +16,7 @@ from types import FrameType
 from vfio_user_dev import dsm, ide_host
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.doe_socket import DoeSocketServer
+from vfio_user_dev.host_access import HostAccessServer
 from vfio_user_dev.link import DEFAULT_MPS, DEFAULT_MRRS, CaptureWriter, check_tlp_size
 from vfio_user_dev.platform_ctl import PlatformControlServer, write_credential
 from vfio_user_dev.server import Server
@@ -69,6 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--platform-credential", type=Path, metavar="FILE",
                     help="write the platform control credential (a fresh random token) to "
                          "FILE, mode 0600, for the TSM")
+    ap.add_argument("--heartbeat-period", type=int, default=dsm.DEFAULT_HEARTBEAT_PERIOD,
+                    metavar="SECONDS",
+                    help=f"SPDM HeartbeatPeriod the device advertises (0..255, 0 = off; "
+                         f"default {dsm.DEFAULT_HEARTBEAT_PERIOD}): a secured session silent for "
+                         f"more than twice this is terminated (its IDE keys invalidated, the "
+                         f"TDI it locked to ERROR)")
+    ap.add_argument("--host-socket", metavar="PATH",
+                    help="the untrusted host's own access to the function (config space, "
+                         "BARs as T=0, FLR, firmware update, link faults) on this UNIX "
+                         "socket, no credential (python -m vfio_user_dev.host_access)")
     ap.add_argument("--mps", type=_tlp_size("Max_Payload_Size"), default=DEFAULT_MPS,
                     metavar="BYTES", help=f"link Max_Payload_Size: DMA writes and read "
                                           f"completions are split into TLPs of at most this "
@@ -86,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_args(argv)
     if (ns.platform_socket is None) != (ns.platform_credential is None):
         ap.error("--platform-socket and --platform-credential go together")
+    if not 0 <= ns.heartbeat_period <= dsm.MAX_HEARTBEAT_PERIOD:
+        ap.error(f"--heartbeat-period must be 0..{dsm.MAX_HEARTBEAT_PERIOD} seconds")
 
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        security = dsm.from_options(ns.identity, ns.firmware)
+        security = dsm.from_options(ns.identity, ns.firmware, ns.heartbeat_period)
     except dsm.DsmSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -98,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     device = TeeIoDevice(mps=ns.mps, mrrs=ns.mrrs, capture=capture)
     if security is not None:
         # SPDM on DOE, and IDE_KM over the device's IDE capability (keys, stream state).
-        # TDISP for the function as its one TDI; config writes that break a locked TDI.
+        # TDISP for the function as its one TDI: the device follows its transitions and
+        # reports the security events (config writes, FLR, its bound stream) to it.
         security.attach(device.doe, device.ide, requester_id=device.link_end.requester_id,
                         tdi=device)
-        device.security_listeners.append(security.security_event)
+        security.start_watchdog()
     # The DOE sockets listen before the vfio-user socket appears (which launchers wait for).
     doe_servers = [DoeSocketServer(device.doe, path=path, port=port,
                                    exit_on_shutdown=ns.doe_exit_on_shutdown)
@@ -115,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         ide_host.register(platform, device)   # the host's IDE register writes, for now
         platform.start()
         log.info("platform control credential written to %s", ns.platform_credential)
+    host_access = (HostAccessServer(ns.host_socket, device).start()
+                   if ns.host_socket is not None else None)
     server = Server(ns.socket, device)
     for doe in doe_servers:
         doe.on_shutdown = server.close
@@ -142,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             doe.close()
         if platform is not None:
             platform.close()
+        if host_access is not None:
+            host_access.close()
+        if security is not None:
+            security.close()
         if ns.stats_file:
             write_stats(ns.stats_file, device, server)
         device.close()

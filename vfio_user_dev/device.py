@@ -136,6 +136,16 @@ DEVCTL_INITIATE_FLR = 1 << 15
 DEVCTL2_PROTECTED = 1 << 12
 
 
+def _written(offset: int, data: bytes, reg: int, old: int, size: int = 2) -> int:
+    """Register *reg* (of *size* bytes, now *old*) as a write of *data* at *offset*
+    meant it: the written bytes over the old ones."""
+    value = old
+    for i in range(size):
+        if offset <= reg + i < offset + len(data):
+            value = value & ~(0xFF << 8 * i) | data[reg + i - offset] << 8 * i
+    return value
+
+
 @dataclass(frozen=True)
 class RegionSpec:
     size: int
@@ -542,11 +552,12 @@ class TeeIoDevice:
             self._security_event(TdiEvent.MEMORY_SPACE_DISABLED)
         if old_cmd & ~new_cmd & Command.BUS_MASTER:
             self._security_event(TdiEvent.BUS_MASTER_DISABLED)
-        flr_byte = DEVCTL + 1
-        initiate_flr = (offset <= flr_byte < end
-                        and data[flr_byte - offset] & (DEVCTL_INITIATE_FLR >> 8))
-        if ((old_devctl[0] ^ self.config.get(DEVCTL, 2)) & DEVCTL_PROTECTED or initiate_flr
-                or (old_devctl[1] ^ self.config.get(DEVCTL2, 2)) & DEVCTL2_PROTECTED):
+        # "Changing" a protected field: the value written differs from the register's
+        # (a read-only field here is still an attempt), or Initiate FLR is written 1.
+        devctl = _written(offset, data, DEVCTL, old_devctl[0])
+        devctl2 = _written(offset, data, DEVCTL2, old_devctl[1])
+        if ((old_devctl[0] ^ devctl) & DEVCTL_PROTECTED or devctl & DEVCTL_INITIATE_FLR
+                or (old_devctl[1] ^ devctl2) & DEVCTL2_PROTECTED):
             self._security_event(TdiEvent.PROTECTED_CONFIG_WRITE)
         if any(offset < hi and lo < end for lo, hi in watched):
             self._security_event(TdiEvent.IDE_STREAM_REGISTERS_CHANGED)

@@ -1,0 +1,404 @@
+"""The host's own path to the function (DESIGN decision 12): config and BAR access, FLR,
+firmware update and the (untrusted) link, on a UNIX socket of the device server.
+
+A real host reaches a physical function without the guest or the TSM: root has sysfs
+config space and ``resourceN`` access, can reset the function and flash its firmware,
+and owns the wires.  ``--host-socket PATH`` gives the untrusted host (and the attack
+tests) exactly that, with **no credential**: nothing here is trusted, and every access
+goes through the same paths and the same TDISP enforcement as the VMM's:
+
+* config writes are :meth:`~vfio_user_dev.device.TeeIoDevice.region_write` on the
+  config region -- QEMU's path -- so register masks, the IDE capability's reactions and
+  the security events of PCIe 6.x §11.2.6 (BAR writes, Memory Space/Bus Master Enable
+  cleared, Device Control fields, the bound IDE stream's registers...) are those of any
+  config write: the write completes, a locked TDI goes to ERROR;
+* BAR accesses are always T=0 (the host is not a TEE, §11.2.1): BAR0 (TEE MMIO) crosses
+  the link through the root port and the device's completer gate, so outside
+  CONFIG_UNLOCKED a read returns all ones and a write is dropped; BAR1 (MSI-X table and
+  PBA, non-TEE) is served;
+* ``fw_update`` is refused while the TDI is CONFIG_LOCKED/RUN with NO_FW_UPDATE;
+* ``link_inject`` arms a fault on the link (:class:`~vfio_user_dev.link.Fault`): the
+  link is untrusted too.
+
+Protocol: one JSON object per line (UTF-8, at most :data:`MAX_LINE` bytes) both ways.
+Request ``{"op": OP, "args": {...}}`` (``args`` optional; an ``"id"`` is echoed back).
+Reply ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": {"code": C,
+"message": M}}``.  Codes: ``malformed`` (not a JSON object, bad field, line too long),
+``unknown_op``, ``bad_args``, ``refused`` (the device said no: firmware update under
+NO_FW_UPDATE), ``failed`` (the operation could not be done, e.g. an image that does not
+measure), ``internal``.  The connection keeps serving after any error.
+
+=================  ===========================================  =============================
+op                 args                                         result
+=================  ===========================================  =============================
+``config_read``    ``offset``, ``size`` (1, 2, 4)               ``{"value"}``
+``config_write``   ``offset``, ``size``, ``value``              ``{"value"}`` (read back)
+``bar_read``       ``bar`` (0, 1), ``offset``, ``size`` (1, 2,  ``{"value"}`` (all ones: UR)
+                   4, 8)
+``bar_write``      ``bar``, ``offset``, ``size``, ``value``     ``{}``
+``flr``            --                                           ``{"tdi": state after}``
+``fw_update``      ``path`` (ELF on the device server's host)   ``{"measurements": [{"index",
+                                                                "label", "size"}]}``
+``link_inject``    ``kind`` (a ``link.FaultKind`` name, e.g.    ``{"armed"}``
+                   ``FLIP_PAYLOAD``, or its value
+                   ``flip-payload``), ``count`` (TLPs in a row,
+                   default 1), ``bit``, ``direction``
+                   (``upstream``/``downstream``, default
+                   upstream), ``nth`` (default 1)
+``link_clear``     --                                           ``{}``
+``stats``          --                                           the device's ``stats()``
+=================  ===========================================  =============================
+
+``python -m vfio_user_dev.host_access --socket PATH OP [key=value ...]`` sends one request
+and prints the reply as JSON (exit 0 if ok, 1 if not); values are integers (``0x..``
+allowed), ``true``/``false``, or strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vfio_user_dev.device import TeeIoDevice
+from vfio_user_dev.dsm import FirmwareUpdateError
+from vfio_user_dev.link import Fault, FaultKind, LinkDirection
+from vfio_user_dev.protocol import PciRegion, ProtocolError
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 64 * 1024
+MAX_CONNECTIONS = 8
+MAX_FAULTS = 256
+CONFIG_SIZES = (1, 2, 4)
+BAR_SIZES = (1, 2, 4, 8)
+
+__all__ = ["HostAccessClient", "HostAccessError", "HostAccessServer", "MAX_LINE", "main"]
+
+
+class HostAccessError(Exception):
+    """An error reply (client side) or a request the server refuses (server side)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+def _int(args: dict[str, Any], name: str, lo: int, hi: int, default: int | None = None) -> int:
+    v = args.get(name, default)
+    if v is None:
+        raise HostAccessError("bad_args", f"missing argument {name!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise HostAccessError("bad_args", f"{name!r} must be an integer {lo:#x}..{hi:#x}")
+    return v
+
+
+def _size(args: dict[str, Any], allowed: tuple[int, ...]) -> int:
+    size = _int(args, "size", 1, 8)
+    if size not in allowed:
+        raise HostAccessError("bad_args", f"'size' must be one of {allowed}")
+    return size
+
+
+class HostAccessServer:
+    """Serves the host access protocol for *device* on a UNIX socket, a thread per
+    connection."""
+
+    def __init__(self, path: str, device: TeeIoDevice) -> None:
+        self.path = path
+        self.device = device
+        self.counters = {"connections": 0, "requests": 0, "errors": 0}
+        self._stop = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        if os.path.exists(path):
+            os.unlink(path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        os.chmod(path, 0o600)
+        self.listener.listen(MAX_CONNECTIONS)
+        self._thread = threading.Thread(target=self._accept_loop, name="host-access",
+                                        daemon=True)
+        self.ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "config_read": self._config_read, "config_write": self._config_write,
+            "bar_read": self._bar_read, "bar_write": self._bar_write, "flr": self._flr,
+            "fw_update": self._fw_update, "link_inject": self._link_inject,
+            "link_clear": self._link_clear, "stats": self._stats,
+        }
+
+    def __repr__(self) -> str:
+        return f"HostAccessServer({self.path!r})"
+
+    def start(self) -> HostAccessServer:
+        self._thread.start()
+        log.info("host access socket listening on %s", self.path)
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        with self._conns_lock:
+            for c in self._conns:
+                with contextlib.suppress(OSError):
+                    c.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raise
+            with self._conns_lock:
+                if len(self._conns) >= MAX_CONNECTIONS:
+                    log.warning("host access: too many connections, refusing one")
+                    conn.close()
+                    continue
+                self._conns.add(conn)
+            self.counters["connections"] += 1
+            threading.Thread(target=self._serve, args=(conn,), name="host-access-conn",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn, conn.makefile("rb") as rfile:
+                while True:
+                    line = rfile.readline(MAX_LINE + 1)
+                    if not line:
+                        return
+                    if len(line) > MAX_LINE and not line.endswith(b"\n"):
+                        while line and not line.endswith(b"\n"):   # skip the rest of it
+                            line = rfile.readline(MAX_LINE)
+                        reply = self._error("malformed", f"request longer than {MAX_LINE} "
+                                                         "bytes")
+                    elif not line.strip():
+                        continue
+                    else:
+                        reply = self.handle_line(line)
+                    conn.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+        except OSError as exc:
+            log.info("host access connection ended: %s", exc)
+        finally:
+            with self._conns_lock:
+                self._conns.discard(conn)
+
+    def _error(self, code: str, message: str) -> dict[str, Any]:
+        self.counters["errors"] += 1
+        log.info("host access request refused (%s): %s", code, message)
+        return {"ok": False, "error": {"code": code, "message": message}}
+
+    def handle_line(self, line: bytes) -> dict[str, Any]:
+        """One request line in, one reply object out (never raises)."""
+        try:
+            msg = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return self._error("malformed", f"not JSON: {exc}")
+        if not isinstance(msg, dict):
+            return self._error("malformed", "a request must be a JSON object")
+        op, args = msg.get("op"), msg.get("args", {})
+        if not isinstance(op, str) or not isinstance(args, dict):
+            return self._error("malformed", "'op' must be a string and 'args' an object")
+        reply = self._call(op, args)
+        if "id" in msg:
+            reply["id"] = msg["id"]
+        return reply
+
+    def _call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        fn = self.ops.get(op)
+        if fn is None:
+            return self._error("unknown_op", f"no operation {op[:64]!r}")
+        self.counters["requests"] += 1
+        try:
+            result = fn(args)
+        except HostAccessError as exc:
+            return self._error(exc.code, exc.message)
+        except ProtocolError as exc:
+            return self._error("bad_args", str(exc))
+        except Exception as exc:
+            log.exception("host access %s failed", op)
+            return self._error("internal", type(exc).__name__)
+        log.debug("host access %s %s", op, args)
+        return {"ok": True, "result": result}
+
+    # -- operations --------------------------------------------------------------------------
+    def _config_read(self, args: dict[str, Any]) -> dict[str, Any]:
+        size = _size(args, CONFIG_SIZES)
+        offset = _int(args, "offset", 0, 0x1000 - size)
+        raw = self.device.region_read(PciRegion.CONFIG, offset, size, host=True)
+        return {"value": int.from_bytes(raw, "little")}
+
+    def _config_write(self, args: dict[str, Any]) -> dict[str, Any]:
+        size = _size(args, CONFIG_SIZES)
+        offset = _int(args, "offset", 0, 0x1000 - size)
+        value = _int(args, "value", 0, (1 << 8 * size) - 1)
+        self.device.region_write(PciRegion.CONFIG, offset, value.to_bytes(size, "little"),
+                                 host=True)
+        raw = self.device.region_read(PciRegion.CONFIG, offset, size, host=True)
+        return {"value": int.from_bytes(raw, "little")}
+
+    def _bar(self, args: dict[str, Any]) -> tuple[PciRegion, int, int]:
+        bar = _int(args, "bar", 0, 5)
+        region = PciRegion(bar)
+        spec = self.device.REGIONS.get(region)
+        if spec is None:
+            raise HostAccessError("bad_args", f"BAR{bar} is not implemented")
+        size = _size(args, BAR_SIZES)
+        return region, _int(args, "offset", 0, spec.size - size), size
+
+    def _bar_read(self, args: dict[str, Any]) -> dict[str, Any]:
+        region, offset, size = self._bar(args)
+        raw = self.device.region_read(region, offset, size, host=True)
+        return {"value": int.from_bytes(raw, "little")}
+
+    def _bar_write(self, args: dict[str, Any]) -> dict[str, Any]:
+        region, offset, size = self._bar(args)
+        value = _int(args, "value", 0, (1 << 8 * size) - 1)
+        self.device.region_write(region, offset, value.to_bytes(size, "little"), host=True)
+        return {}
+
+    def _flr(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.device.reset()
+        return {"tdi": self.device.tdi_state().name}
+
+    def _fw_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        path = args.get("path")
+        if not isinstance(path, str) or not path or len(path) > 4096:
+            raise HostAccessError("bad_args", "'path' must be a file name")
+        try:
+            measurements = self.device.firmware_update(Path(path))
+        except FirmwareUpdateError as exc:
+            raise HostAccessError("refused" if exc.refused else "failed", str(exc)) from None
+        return {"measurements": [{"index": m.index, "label": m.label, "size": len(m.data)}
+                                 for m in measurements]}
+
+    def _link_inject(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = args.get("kind")
+        kinds = {k.name: k for k in FaultKind} | {k.value: k for k in FaultKind}
+        if not isinstance(name, str) or name.upper().replace("-", "_") not in kinds:
+            raise HostAccessError("bad_args", "'kind' must be one of "
+                                              f"{', '.join(k.name for k in FaultKind)}")
+        kind = kinds[name.upper().replace("-", "_")]
+        direction = args.get("direction", "upstream")
+        if not isinstance(direction, str) or direction.upper() not in LinkDirection.__members__:
+            raise HostAccessError("bad_args", "'direction' must be upstream or downstream")
+        count = _int(args, "count", 1, MAX_FAULTS, 1)
+        nth = _int(args, "nth", 1, 1 << 20, 1)
+        bit = args.get("bit")
+        if bit is not None:
+            bit = _int(args, "bit", 0, 8 * 4096)
+        if sum(not f.done for f in self.device.link.faults) + count > MAX_FAULTS:
+            raise HostAccessError("bad_args", f"at most {MAX_FAULTS} faults may be armed")
+        for i in range(count):
+            self.device.link.inject(Fault(kind, LinkDirection[direction.upper()], nth + i,
+                                          bit=bit))
+        log.warning("host armed %d link fault(s): %s %s from TLP #%d", count, kind.value,
+                    direction, nth)
+        return {"armed": count}
+
+    def _link_clear(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.device.link.clear_faults()
+        return {}
+
+    def _stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.device.stats()
+
+
+# -- client ---------------------------------------------------------------------------------
+
+class HostAccessClient:
+    """A client of the host access socket."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self._rfile = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        self._rfile.close()
+        self.sock.close()
+
+    def __enter__(self) -> HostAccessClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_raw(self, data: bytes) -> dict[str, Any]:
+        """Send *data* as it is (tests: malformed requests); the reply."""
+        self.sock.sendall(data)
+        line = self._rfile.readline(MAX_LINE + 1)
+        if not line:
+            raise ConnectionError("host access socket closed")
+        reply = json.loads(line)
+        if not isinstance(reply, dict):
+            raise HostAccessError("malformed", "reply is not an object")
+        return reply
+
+    def request(self, op: str, **args: Any) -> dict[str, Any]:
+        """The whole reply to *op*."""
+        return self.send_raw(json.dumps({"op": op, "args": args}).encode() + b"\n")
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """The result of *op*; :class:`HostAccessError` for an error reply."""
+        reply = self.request(op, **args)
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise HostAccessError(str(err.get("code", "malformed")), str(err.get("message")))
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            raise HostAccessError("malformed", "reply without a result object")
+        return result
+
+
+def _value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text, 0)
+    except ValueError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vfio_user_dev.host_access",
+                                 description="One request to a device server's host access "
+                                             "socket (--host-socket); prints the reply.")
+    ap.add_argument("--socket", required=True, help="the device server's --host-socket PATH")
+    ap.add_argument("op", help="config_read, config_write, bar_read, bar_write, flr, "
+                               "fw_update, link_inject, link_clear, stats")
+    ap.add_argument("args", nargs="*", metavar="key=value")
+    ns = ap.parse_args(argv)
+    args: dict[str, Any] = {}
+    for item in ns.args:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            ap.error(f"argument {item!r} is not key=value")
+        args[key] = _value(text)
+    try:
+        with HostAccessClient(ns.socket) as c:
+            reply = c.request(ns.op, **args)
+    except (OSError, ValueError) as exc:
+        print(json.dumps({"ok": False, "error": {"code": "connection",
+                                                 "message": str(exc)}}))
+        return 1
+    print(json.dumps(reply, indent=2, sort_keys=True))
+    return 0 if reply.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
