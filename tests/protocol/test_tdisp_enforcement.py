@@ -656,3 +656,34 @@ def test_doe_traffic_is_allowed_in_every_state(tee_rig: TeeRig, state: TdiState)
     assert rig.tdisp.get_state() is state                # SPDM/TDISP over DOE answered
     assert rig.req.get_measurements(session_id=rig.sid).blocks
     assert rig.device.region_read(PciRegion.CONFIG, IDE_CAP, 2) == b"\x30\x00"
+
+
+# -- the host access socket: the same gates --------------------------------------------------
+
+def test_host_access_socket_goes_through_the_same_gates(tee_rig: TeeRig, tmp_path: Path,
+                                                        fw_images: tuple[Path, Path]) -> None:
+    from vfio_user_dev.host_access import HostAccessClient, HostAccessError, HostAccessServer
+    rig = tee_rig
+    rig.run()
+    server = HostAccessServer(str(tmp_path / "host.sock"), rig.device).start()
+    try:
+        with HostAccessClient(str(tmp_path / "host.sock")) as c:
+            assert c.call("bar_read", bar=0, offset=R.ID, size=4) == {"value": ALL_ONES}
+            with pytest.raises(HostAccessError) as e:
+                c.call("fw_update", path=str(fw_images[1]))
+            assert e.value.code == "refused" and "NO_FW_UPDATE" in e.value.message
+            assert c.call("stats")["tdi"]["state"] == "RUN"
+            # The host rewrites BAR0 behind the guest's back: the write completes, ERROR.
+            assert c.call("config_write", offset=Reg.BAR0, size=4,
+                          value=BAR0_ADDR) == {"value": BAR0_ADDR}
+            stats = c.call("stats")
+            assert stats["tdi"]["state"] == "ERROR"
+            assert stats["tdisp_refusals"] == {"fw_update": 1, "mmio_t0_not_unlocked": 1}
+            # The untrusted link: the next MMIO TLP is tampered with, and IDE catches it.
+            assert c.call("link_inject", kind="FLIP_PAYLOAD", direction="downstream") \
+                == {"armed": 1}
+    finally:
+        server.close()
+    assert rig.device.ide_status()[1]["state"] == "secure"
+    assert rig.bar0_read(R.ID) == ALL_ONES
+    assert rig.device.ide_status()[1]["state"] == "insecure"
