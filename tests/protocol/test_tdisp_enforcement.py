@@ -680,7 +680,7 @@ def test_host_access_socket_goes_through_the_same_gates(tee_rig: TeeRig, tmp_pat
             assert stats["tdi"]["state"] == "ERROR"
             assert stats["tdisp_refusals"] == {"fw_update": 1, "mmio_t0_not_unlocked": 1}
             # The untrusted link: the next MMIO TLP is tampered with, and IDE catches it.
-            assert c.call("link_inject", kind="FLIP_PAYLOAD", direction="downstream") \
+            assert c.call("link_inject", kind="FLIP_ADDRESS", direction="downstream") \
                 == {"armed": 1}
     finally:
         server.close()
