@@ -23,9 +23,9 @@ reactions (Enable → Secure once every key is GO, Stream ID changes...) are tho
 other config write.  Only the IDE capability's window is writable here.
 
 Not faithful: the platform socket needs the TSM's credential, so in this emulator the
-TSM writes these registers on the host's behalf (``tsm/ide.py``); the host's own path
-(and the untrusted host's ability to write them behind the TSM's back, which TDISP must
-catch) arrives with the host access socket.
+TSM writes these registers on the host's behalf (``tsm/ide.py``).  The untrusted host's
+own path, on which it can also write them behind the TSM's back (a locked TDI then goes
+to ERROR, PCIe 6.x §11.2.6), is the host access socket (``host_access.py``).
 """
 
 from __future__ import annotations
