@@ -46,6 +46,9 @@ from vfio_user_dev.link import read_capture
 TSM_START_TIMEOUT = 20.0
 CTL_TIMEOUT = 120.0
 DEVICE = "dev0"
+#: MMIO_REPORTING_OFFSET the TSM asks for at LOCK (§11.3.6): non-zero, so the guest's
+#: report check really applies it.
+MMIO_REPORTING_OFFSET = 0x10_0000_0000
 VENDOR_ID, DEVICE_ID = 0x1234, 0x7E10
 
 
@@ -175,7 +178,8 @@ class TeeStack:
             "--trust-anchor", str(self.tsm_anchor), *refs))
         self.timed("TSM: bind the TDI to the VM, launch secret", lambda: self.ctl(
             "bind", "--vm", self.opts.vm_id, "--device", DEVICE,
-            "--ghcx-socket", str(self.tsm_ghcx_sock), "--secret-file", str(self.secret_file)))
+            "--ghcx-socket", str(self.tsm_ghcx_sock), "--secret-file", str(self.secret_file),
+            "--mmio-reporting-offset", str(MMIO_REPORTING_OFFSET)))
         if self.opts.ghcx_relay is not None:
             self.relay = self.opts.ghcx_relay(self.ghcx_sock, self.tsm_ghcx_sock)
         else:

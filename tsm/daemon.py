@@ -408,6 +408,9 @@ class Daemon:
                                        "CONFIG_UNLOCKED (STOP it first)")
         epoch = dev.tdi.lock_epoch + 1
         flags = lock_flags(link.lock_flags)
+        if link.ensure_stream():
+            self._journal_stream(dev, "secure", "set up again before LOCK: the device's "
+                                                "keys had been invalidated (reset)")
         with link.lock:
             client = link.tdisp_client()
             nonce = client.lock(flags, dev.config.stream_id, vm.mmio_reporting_offset)
@@ -425,6 +428,9 @@ class Daemon:
     def _g_info(self, vm: VmBinding, dev: DeviceEntry, payload: dict[str, Any]) -> dict[str, Any]:
         if dev.link.session_up:
             self._refresh_state(dev)
+            live = dev.link.stream_state()
+            if live != dev.stream_state:
+                self._journal_stream(dev, live, "as both ends report it now")
         return self._info(dev, vm)
 
     def _info(self, dev: DeviceEntry, vm: VmBinding) -> dict[str, Any]:

@@ -232,6 +232,40 @@ class DeviceLink:
             raise DeviceError(f"device {self.config.name} has no SPDM session")
         return self.tdisp
 
+    def stream_state(self) -> str:
+        """The IDE stream as both ends say now: "secure" only if the device (IDE_KM
+        QUERY in the session) and the root port (platform socket) both say Secure."""
+        with self.lock:
+            if not self.session_up or self.stream is None:
+                return "insecure"
+            try:
+                st = self.stream.status(True)
+            except LINK_ERRORS as exc:
+                self.log.warning("IDE stream status: %s", one_line(exc))
+                return "insecure"
+        rp = st.get("root_port") or {}
+        return "secure" if (st["device"]["state"] == "secure"
+                            and rp.get("state") == "secure") else "insecure"
+
+    def ensure_stream(self) -> bool:
+        """Before a LOCK: the stream must be Secure at both ends.  A reset of the device
+        (the VMM resets it when the VM starts) invalidates its IDE keys (PCIe 6.x §6.33.6),
+        so the stream is set up again, with fresh keys, in this same session -- LOCK needs
+        keys programmed through the session that carries it (§11.3.6).  Returns True if it
+        had to."""
+        if self.stream_state() == "secure":
+            return False
+        with self.lock:
+            if self.stream is None:
+                raise DeviceError(f"device {self.config.name} has no IDE stream")
+            self.log.warning("IDE stream %d is not Secure: setting it up again (fresh keys)",
+                             self.config.stream_id)
+            try:
+                self.stream.setup()
+            except LINK_ERRORS as exc:
+                raise DeviceError(f"IDE stream re-establishment: {one_line(exc)}") from None
+        return True
+
     def disconnect(self) -> None:
         """Stream teardown and END_SESSION (best effort, each step logged), then close."""
         with self.lock:
