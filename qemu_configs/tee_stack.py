@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from teeio.ghcx import FW_CFG_SECRET, FW_CFG_VM_ID, PORT_NAME
 from teeio.measurements import reference_values
 from teeio.tdi_verify import POLICY_FORMAT
 from vfio_user_dev.firmware_build import build as build_firmware
+from vfio_user_dev.host_access import HostAccessClient
 from vfio_user_dev.link import read_capture
 
 TSM_START_TIMEOUT = 20.0
@@ -188,17 +188,9 @@ class TeeStack:
 
     # -- the host's own path to the device (DESIGN decision 12) -------------------------------
     def host(self, op: str, **args: Any) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(str(self.host_sock))
-            s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return dict(json.loads(buf))
+        """One request on the device's host access socket; the whole reply."""
+        with HostAccessClient(str(self.host_sock)) as c:
+            return c.request(op, **args)
 
     # -- the VM ---------------------------------------------------------------------------------
     def vm_options(self) -> VmOptions:
