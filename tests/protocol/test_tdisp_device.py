@@ -20,7 +20,7 @@ from teeio.doe import DataObjectType
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
 from teeio.ide_km import PCI_SIG_STANDARD_ID, IdeKmClient
 from teeio.pcie.config import Command, Reg
-from teeio.spdm import Requester, codec
+from teeio.spdm import Requester, RequesterConfig, RequesterError, codec
 from teeio.tdisp.codec import (
     BindP2pStreamRequest,
     DeviceInterfaceReportResponse,
@@ -355,3 +355,32 @@ def test_a_tdisp_error_keeps_the_session_usable(dut: Dut) -> None:
     error(send(lock_req()), ErrorCode.INVALID_REQUEST)
     req.heartbeat(sid)
     assert isinstance(send(GetTdispVersion(FID)), TdispVersion)
+
+
+def test_a_second_requester_downgrading_spdm_cannot_keep_or_take_the_tdi(dut: Dut) -> None:
+    """Another SPDM requester on the same device (e.g. the untrusted host's own) restarts
+    the connection with GET_VERSION and negotiates SPDM 1.2 (a downgrade from 1.3): the
+    device keeps no state of the old connection (DSP0274 §10.3: GET_VERSION resets it), so
+    the owning session is gone -- the TDI goes to ERROR and the IDE keys programmed in that
+    session are invalidated; the downgraded requester may only STOP it and must key afresh
+    before it can LOCK.  Nothing the old session locked survives into the new one."""
+    req, sid, send, nonce = locked(dut)
+    assert isinstance(send(StartInterfaceRequest(FID, nonce)), StartInterfaceResponse)
+    km_rsp = dut.dsm.ide_km
+    assert km_rsp is not None and km_rsp.keys_programmed_by(sid, 0)
+    other = Requester(dut.send, [dut.identity.root], RequesterConfig(versions=(0x12,)),
+                      name="host")
+    assert other.init_connection().version == 0x12
+    tdi = dut.dsm.tdisp
+    assert tdi is not None and tdi.state is TdiState.ERROR
+    assert not km_rsp.keys_programmed_by(sid, 0)                  # keys invalidated
+    other.get_digests()
+    other.get_certificate(0)
+    sid2 = other.start_session(0)
+    send2 = tdisp(other, sid2)
+    error(send2(StartInterfaceRequest(FID, nonce)), ErrorCode.INVALID_INTERFACE_STATE)
+    assert isinstance(send2(StopInterfaceRequest(FID)), StopInterfaceResponse)
+    error(send2(lock_req()), ErrorCode.INVALID_REQUEST)           # no keys from this session
+    # The first requester's session is dead: its records no longer decrypt anywhere.
+    with pytest.raises(RequesterError):
+        send(GetDeviceInterfaceState(FID))
