@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qemu_configs.guest_policy import policy_document
 from qemu_configs.launcher import PROJECT_DIR, LaunchError, RunResult, VmOptions, run_vm
 from teeio import pki
 from teeio.ghcx import FW_CFG_SECRET, FW_CFG_VM_ID, PORT_NAME
 from teeio.measurements import reference_values
-from teeio.tdi_verify import POLICY_FORMAT
 from vfio_user_dev.firmware_build import build as build_firmware
 from vfio_user_dev.host_access import HostAccessClient
 from vfio_user_dev.link import read_capture
@@ -49,7 +49,6 @@ DEVICE = "dev0"
 #: MMIO_REPORTING_OFFSET the TSM asks for at LOCK (§11.3.6): non-zero, so the guest's
 #: report check really applies it.
 MMIO_REPORTING_OFFSET = 0x10_0000_0000
-VENDOR_ID, DEVICE_ID = 0x1234, 0x7E10
 
 
 @dataclass
@@ -114,11 +113,7 @@ class TeeStack:
         if not (genuine_root / "trust-anchor.pem").exists():
             pki.provision(genuine_root)
         leaf = pki.load_identity(genuine_root).leaf.subject.rfc4514_string()
-        policy = {"format": POLICY_FORMAT,
-                  "trust_anchors_pem": (genuine_root / "trust-anchor.pem").read_text(),
-                  "reference_values": refs,
-                  "device": {"vendor_id": hex(VENDOR_ID), "device_id": hex(DEVICE_ID),
-                             "leaf_subject": leaf}}
+        policy = policy_document((genuine_root / "trust-anchor.pem").read_text(), refs, leaf)
         (self.wd / "results" / "policy.json").write_text(json.dumps(policy, indent=2))
         self.tsm_anchor = self.opts.tsm_anchor or ident_dir / "trust-anchor.pem"
 
