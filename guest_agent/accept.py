@@ -199,11 +199,12 @@ def _dma(report: dict[str, Any], checks: Checks, client: GhcxClient, d: Driver,
     private.write(DST, b"\xAA" * 4096)
     res = d.run_job(Op.FILL, 0, private.phys + DST, 4096, pattern)
     checks.add("private_fill", res["done"] and private.read(DST, 4096)
-               == pattern.to_bytes(4, "little") * 1024, **res)
+               == pattern.to_bytes(4, "little") * 1024, length=4096, **res)
     private.write(SRC, data)
     private.write(DST, b"\x55" * len(data))
     res = d.run_job(Op.COPY, private.phys + SRC, private.phys + DST, len(data))
-    checks.add("private_copy", res["done"] and private.read(DST, len(data)) == data, **res)
+    checks.add("private_copy", res["done"] and private.read(DST, len(data)) == data,
+               length=len(data), **res)
     private.write(DIGEST, bytes(32))
     res = d.run_job(Op.SHA256, private.phys + SRC, private.phys + DIGEST, len(data))
     digest = private.read(DIGEST, 32)
@@ -215,12 +216,12 @@ def _dma(report: dict[str, Any], checks: Checks, client: GhcxClient, d: Driver,
     other.write(0, b"\x11" * 4096)
     res = d.run_job(Op.FILL, 0, other.phys, 4096, pattern)
     checks.add("unaccepted_buffer_refused", not res["done"]
-               and other.read(0, 4096) == b"\x11" * 4096, **res)
+               and other.read(0, 4096) == b"\x11" * 4096, length=4096, **res)
     client.call(MsgType.DMA_RELEASE, {"window_id": win["window_id"]})
     private.write(DST, b"\x22" * 4096)
     res = d.run_job(Op.FILL, 0, private.phys + DST, 4096, pattern)
     checks.add("released_buffer_refused", not res["done"]
-               and private.read(DST, 4096) == b"\x22" * 4096, **res)
+               and private.read(DST, 4096) == b"\x22" * 4096, length=4096, **res)
     # Accept it again for whatever follows (in-run observations, STOP).
     report["window"] = client.call(MsgType.DMA_ACCEPT, {"base": private.phys,
                                                         "size": HUGE_PAGE, "access": "rw"})

@@ -49,7 +49,7 @@ def judge(stack: TeeStack, report: dict[str, Any] | None, seed: int) -> list[Che
     for c in rep.get("checks", []):
         checks.append(Check(f"guest:{c['name']}", bool(c["ok"]),
                             ", ".join(f"{k}={v}" for k, v in c.items()
-                                      if k in ("value", "digest", "error"))))
+                                      if k in ("value", "length", "digest", "error"))))
     verdict = rep.get("verdict", {})
     for c in verdict.get("checks", []):
         checks.append(Check(f"verify:{c['name']}", bool(c["ok"]), str(c.get("detail", ""))))
