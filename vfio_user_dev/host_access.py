@@ -58,10 +58,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
 import socket
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -77,6 +79,8 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
 MAX_CONNECTIONS = 8
+#: A connection idle this long is closed, so silent clients cannot hold every slot.
+IDLE_TIMEOUT = 60.0
 MAX_FAULTS = 256
 CONFIG_SIZES = (1, 2, 4)
 BAR_SIZES = (1, 2, 4, 8)
@@ -120,7 +124,9 @@ class HostAccessServer:
         self._stop = threading.Event()
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
-        if os.path.exists(path):
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
             os.unlink(path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
@@ -174,6 +180,7 @@ class HostAccessServer:
                              daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(IDLE_TIMEOUT)
         try:
             with conn, conn.makefile("rb") as rfile:
                 while True:
@@ -205,7 +212,7 @@ class HostAccessServer:
         """One request line in, one reply object out (never raises)."""
         try:
             msg = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             return self._error("malformed", f"not JSON: {exc}")
         if not isinstance(msg, dict):
             return self._error("malformed", "a request must be a JSON object")

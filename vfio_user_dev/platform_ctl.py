@@ -57,6 +57,7 @@ use nothing of the device server; :class:`PlatformClient` is a reference client.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -64,6 +65,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +86,10 @@ TOKEN_LEN = 32
 NONCE_LEN = 32
 MAX_LINE = 64 * 1024
 MAX_CONNECTIONS = 8
+#: A connection must authenticate (one MACed request) within this many seconds, or it is
+#: closed: anyone on the host can connect, so silent connections must not hold the slots
+#: the TSM needs.  Authenticated connections (the TSM's long-lived one) have no deadline.
+AUTH_DEADLINE = 10.0
 KEY_AAD = b"teeio-platform/1 key"
 
 
@@ -212,7 +218,9 @@ class PlatformControlServer:
         self._stop = threading.Event()
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
-        if os.path.exists(path):
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
             os.unlink(path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
@@ -270,6 +278,7 @@ class PlatformControlServer:
 
     def _serve(self, conn: socket.socket) -> None:
         session = _Session(self._token)
+        conn.settimeout(AUTH_DEADLINE)
         try:
             with conn, conn.makefile("rb") as rfile:
                 conn.sendall(canonical({"type": "hello", "protocol": PROTOCOL,
@@ -285,6 +294,8 @@ class PlatformControlServer:
                                             f"request longer than {MAX_LINE} bytes")
                     else:
                         reply = self.handle_line(session, line)
+                        if session.last_seq >= 0:
+                            conn.settimeout(None)      # authenticated: no deadline
                     conn.sendall(canonical(reply) + b"\n")
         except OSError as exc:
             log.info("platform control connection ended: %s", exc)
@@ -308,7 +319,7 @@ class PlatformControlServer:
         """One request line in, one response object out (never raises)."""
         try:
             msg = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             return self._error(None, None, "malformed", f"not JSON: {exc}")
         if not isinstance(msg, dict):
             return self._error(None, None, "malformed", "a request must be a JSON object")

@@ -94,6 +94,7 @@ def test_errors_keep_the_connection_serving(dev: HostDevice) -> None:
         assert err(c.send_raw(b'{"op": 5}\n')) == "malformed"
         assert err(c.send_raw(b'{"op": "stats", "args": []}\n')) == "malformed"
         assert err(c.send_raw(b"\xff\xfe\n")) == "malformed"
+        assert err(c.send_raw(b"[" * 30000 + b"\n")) == "malformed"     # RecursionError
         assert err(c.send_raw(b"{" + b" " * (MAX_LINE + 10) + b"}\n")) == "malformed"
         assert err(c.request("format_disk")) == "unknown_op"
         for op, args in [("config_read", {"offset": 0, "size": 3}),

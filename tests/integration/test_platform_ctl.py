@@ -140,6 +140,7 @@ def test_malformed_requests_get_clear_errors(dev: DeviceProcess) -> None:
     with dev.platform() as c:
         assert code(raw(c, b"this is not json\n")) == "malformed"
         assert code(raw(c, b"[1, 2, 3]\n")) == "malformed"
+        assert code(raw(c, b"[" * 30000 + b"\n")) == "malformed"        # RecursionError
         assert code(raw(c, {"op": "status"})) == "malformed"                  # no seq
         assert code(raw(c, {"seq": True, "op": "status", "mac": "00"})) == "malformed"
         reply = raw(c, b"{" + b" " * (MAX_LINE + 10) + b"}\n")

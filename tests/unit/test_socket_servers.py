@@ -1,0 +1,77 @@
+"""The device server's line servers: a path that is not a socket is never deleted; silent
+clients cannot hold the slots (platform: an authentication deadline; host access: an idle
+timeout)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vfio_user_dev import host_access, platform_ctl
+from vfio_user_dev.device import TeeIoDevice
+from vfio_user_dev.host_access import HostAccessServer
+from vfio_user_dev.platform_ctl import PlatformClient, PlatformControlServer
+
+
+@pytest.fixture
+def device() -> Iterator[TeeIoDevice]:
+    d = TeeIoDevice()
+    yield d
+    d.close()
+
+
+def test_a_regular_file_at_the_socket_path_is_not_deleted(tmp_path: Path,
+                                                          device: TeeIoDevice) -> None:
+    f = tmp_path / "precious.txt"
+    f.write_text("keep me")
+    with pytest.raises(OSError, match="not a socket"):
+        HostAccessServer(str(f), device)
+    with pytest.raises(OSError, match="not a socket"):
+        PlatformControlServer(str(f), b"t" * 32, device.root_port, device.link)
+    assert f.read_text() == "keep me"
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    s.settimeout(seconds)
+    try:
+        while s.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_platform_connection_must_authenticate_in_time(tmp_path: Path, device: TeeIoDevice,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(platform_ctl, "AUTH_DEADLINE", 0.3)
+    token = b"k" * 32
+    srv = PlatformControlServer(str(tmp_path / "p.sock"), token, device.root_port,
+                                device.link).start()
+    try:
+        squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        squatter.connect(str(tmp_path / "p.sock"))
+        assert _closed_within(squatter, 5.0)        # dropped after the deadline
+        squatter.close()
+        with PlatformClient(str(tmp_path / "p.sock"), token) as c:
+            c.call("status")
+            time.sleep(0.6)                          # authenticated: no deadline
+            assert c.call("status")["server"]["connections"] == 2
+    finally:
+        srv.close()
+
+
+def test_host_access_idle_connection_is_closed(tmp_path: Path, device: TeeIoDevice,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_access, "IDLE_TIMEOUT", 0.3)
+    srv = HostAccessServer(str(tmp_path / "h.sock"), device).start()
+    try:
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle.connect(str(tmp_path / "h.sock"))
+        assert _closed_within(idle, 5.0)
+        idle.close()
+    finally:
+        srv.close()
