@@ -318,6 +318,7 @@ class TdispResponder:
                              f"LOCK flags 0x{req.flags:04x} not supported (supported "
                              f"0x{LOCK_FLAGS_SUPPORTED:04x})")
         self._check_ide(req.default_stream_id, session_id)
+        self._check_configuration()
         report = self._build_report(req).encode()
         out = self.tdi.handle_event(TdiEvent.LOCK, lock_flags=req.flags)
         assert out.nonce is not None
@@ -344,6 +345,18 @@ class TdispResponder:
         raise TdispError(ErrorCode.INVALID_REQUEST,
                          f"IDE keys of stream {stream_id} were not programmed through SPDM "
                          f"session 0x{session_id:08x}")
+
+    def _check_configuration(self) -> None:
+        """§11.3.6: LOCK fails with INVALID_DEVICE_CONFIGURATION when the configuration to
+        be locked is not a valid one.  Checked here: assigned memory BARs must not overlap
+        each other (an unassigned BAR, address 0, is left alone: a device driven without a
+        VMM, as by DMTF spdm-emu, locks with its BARs still at 0)."""
+        assigned = sorted((base, base + size, index)
+                          for index, base, size in self.host.mmio_bars() if base)
+        for (a0, a1, ia), (b0, _b1, ib) in zip(assigned, assigned[1:], strict=False):
+            if b0 < a1:
+                raise TdispError(ErrorCode.INVALID_DEVICE_CONFIGURATION,
+                                 f"BAR{ia} [{a0:#x}, {a1:#x}) overlaps BAR{ib} at {b0:#x}")
 
     def _build_report(self, req: LockInterfaceRequest) -> DeviceInterfaceReport:
         ranges = []

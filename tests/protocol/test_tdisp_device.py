@@ -384,3 +384,17 @@ def test_a_second_requester_downgrading_spdm_cannot_keep_or_take_the_tdi(dut: Du
     # The first requester's session is dead: its records no longer decrypt anywhere.
     with pytest.raises(RequesterError):
         send(GetDeviceInterfaceState(FID))
+
+
+def test_lock_with_overlapping_bars_is_an_invalid_device_configuration(dut: Dut) -> None:
+    """§11.3.6: the configuration LOCK would freeze must be valid."""
+    dut.cfg_write(Reg.BAR0, BAR0_ADDR)
+    dut.cfg_write(Reg.BAR0 + 4, BAR0_ADDR)          # BAR1 on top of BAR0
+    req = dut.requester()
+    sid = req.start_session(0)
+    program_pr_keys(km(req, sid, port=1))
+    send = tdisp(req, sid)
+    error(send(lock_req()), ErrorCode.INVALID_DEVICE_CONFIGURATION)
+    assert state(send) is TdiState.CONFIG_UNLOCKED
+    dut.cfg_write(Reg.BAR0 + 4, BAR1_ADDR)          # fixed: now it locks
+    assert isinstance(send(lock_req()), LockInterfaceResponse)
