@@ -30,6 +30,8 @@ def test_demo_locks_attests_accepts_and_validates_dma(
                          "tdi_info", "verify"], steps
     assert "tdi_accept" in steps and steps[-1] == "tdi_stop"
     # the TSM's view at the end: the TDI went back to CONFIG_UNLOCKED after the guest's STOP
-    status = (tmp_path / "tsm-status.json").read_text()
-    assert "CONFIG_UNLOCKED" in status
+    status = json.loads((tmp_path / "tsm-status.json").read_text())
+    (tdi,) = status["tdis"]
+    assert tdi["state"] == "CONFIG_UNLOCKED" and tdi["mmio_private"] is False, tdi
+    assert status["vms"][0]["windows"] == [], status["vms"]
     assert (tmp_path / "identity" / "device.key").stat().st_mode & 0o777 == 0o600
