@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FRESH ?=
 
-.PHONY: all venv demo test test-fast image shell bench lint clean host-deps
+.PHONY: all venv demo test test-fast image shell tee-shell bench lint clean host-deps
 
 all: demo
 
@@ -30,6 +30,9 @@ demo: image
 
 shell: image
 	$(PY) -m qemu_configs.launcher --shell
+
+tee-shell: image
+	$(PY) -m qemu_configs.demo --shell --workdir $(or $(WORKDIR),/tmp/teeio-shell)
 
 test: image
 	TEEIO_REQUIRE_E2E=1 $(PY) -m pytest

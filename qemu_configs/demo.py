@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=lambda s: int(s, 16), default=None, help="hex seed")
     ap.add_argument("--kvm", action="store_true", help="use KVM if a probe boot works")
     ap.add_argument("--workdir", type=Path, help="keep logs and results here")
+    ap.add_argument("--shell", action="store_true",
+                    help="the same stack, but boot the guest to a root shell on this terminal "
+                         "and run the agent by hand (see README)")
     ns = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     t0 = time.monotonic()
@@ -86,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     image_s = time.monotonic() - t0
     wd = ns.workdir or Path(tempfile.mkdtemp(prefix="teeio-demo-"))
     seed = ns.seed if ns.seed is not None else secrets.randbits(64)
-    stack = TeeStack(StackOptions(wd, seed=seed, accel="kvm" if ns.kvm else "tcg"))
+    stack = TeeStack(StackOptions(wd, seed=seed, accel="kvm" if ns.kvm else "tcg",
+                                  shell=ns.shell))
+    if ns.shell:
+        return _shell(stack)
     stack.timings.append(("guest image (cached or built)", image_s))
     print(f"work folder {wd}; guest kernel {img.kernel_release}; "
           f"{'KVM if usable' if ns.kvm else 'TCG'}; seed {seed:#x}")
@@ -122,6 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     elif ns.workdir is None:
         shutil.rmtree(wd, ignore_errors=True)
     return 0 if ok else 1
+
+
+def _shell(stack: TeeStack) -> int:
+    wd = stack.wd
+    print("TSM daemon, device and GHCx are set up; in the guest's shell run:\n"
+          "    python3 -m guest_agent accept --policy /mnt/results/policy.json "
+          "--report /tmp/r.json\n"
+          f"and on the host: teeio-tsm ctl --ctl-socket {stack.ctl_sock} status\n"
+          f"    python -m vfio_user_dev.host_access --socket {stack.host_sock} stats\n"
+          "leave the guest with 'busybox poweroff -f'")
+    try:
+        res = stack.run()
+    except (LaunchError, FirmwareBuildError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"logs and the TSM journal are in {wd}")
+    return 0 if res.ok else 1
 
 
 if __name__ == "__main__":

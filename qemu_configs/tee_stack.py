@@ -67,6 +67,7 @@ class StackOptions:
     on_running: Callable[[TeeStack], None] | None = None    # beside the booting guest
     accel: str = "tcg"
     extra_device_args: list[str] = field(default_factory=list)
+    shell: bool = False                # boot to a root shell on this terminal instead
 
 
 class TeeStack:
@@ -208,7 +209,8 @@ class TeeStack:
                 # The launch secret by file, never on a command line (docs/ghcx.md).
                 "-fw_cfg", f"name={FW_CFG_SECRET},file={self.secret_file}",
                 "-fw_cfg", f"name={FW_CFG_VM_ID},string={o.vm_id}"]
-        return VmOptions(mode="accept", params=params, workdir=self.wd, accel=o.accel,
+        return VmOptions(mode="shell" if o.shell else "accept", params=params,
+                         interactive=o.shell, workdir=self.wd, accel=o.accel,
                          device_args=device_args, extra_qemu_args=qemu,
                          before_qemu=lambda _wd: self.connect_and_bind(),
                          on_running=(None if o.on_running is None
