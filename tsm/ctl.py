@@ -11,6 +11,8 @@ Operations (``tsm/daemon.py``), the CLI's options in brackets:
 
 ``connect``     device, doe_socket | doe_tcp_port [host], trust_anchor, platform_socket,
                 platform_credential, [reference_values], [stream_id], [block]
+``reconnect``   device       (a known device whose session is down, e.g. after a lost
+                heartbeat: its journaled parameters, its VM binding kept)
 ``disconnect``  device
 ``bind``        vm, device, ghcx_socket, [secret_file], [mmio_reporting_offset]
 ``unbind``      vm
@@ -234,7 +236,7 @@ def format_status(st: dict[str, Any]) -> str:
 
 # -- command line ---------------------------------------------------------------------------
 
-OPS = ("connect", "disconnect", "bind", "unbind", "lock", "stop", "status")
+OPS = ("connect", "reconnect", "disconnect", "bind", "unbind", "lock", "stop", "status")
 
 
 def _abs(p: Path | None) -> str | None:
@@ -265,6 +267,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     c.add_argument("--reference-values", type=Path, metavar="JSON")
     c.add_argument("--stream-id", type=int, metavar="N")
     c.add_argument("--block", type=int, metavar="N")
+    r = sub.add_parser("reconnect", help="re-establish a known device whose session is down "
+                                         "(its VM binding and secret are kept)")
+    r.add_argument("--device", required=True, metavar="NAME")
     d = sub.add_parser("disconnect", help="tear the stream down, END_SESSION")
     d.add_argument("--device", required=True, metavar="NAME")
     b = sub.add_parser("bind", help="bind a device's TDI to a VM: secret file, GHCx socket")
@@ -306,7 +311,7 @@ def request_args(ns: argparse.Namespace) -> dict[str, Any]:
                 "trust_anchor": _abs(ns.trust_anchor),
                 "reference_values": _abs(ns.reference_values), "stream_id": ns.stream_id,
                 "block": ns.block}
-    elif op == "disconnect":
+    elif op in ("disconnect", "reconnect"):
         args = {"device": ns.device}
     elif op == "bind":
         args = {"vm": ns.vm, "device": ns.device, "ghcx_socket": _abs(ns.ghcx_socket),
@@ -320,9 +325,9 @@ def request_args(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def summary(op: str, result: dict[str, Any]) -> str:
-    if op == "connect":
+    if op in ("connect", "reconnect"):
         sess = result.get("session") or {}
-        return (f"connect {result['name']}: session {sess.get('id')}, stream "
+        return (f"{op} {result['name']}: session {sess.get('id')}, stream "
                 f"{result['stream']['id']} {result['stream']['state']}, RID "
                 f"{result['requester_id']}")
     if op == "bind":

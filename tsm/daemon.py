@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
 VM_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,16}")     # docs/ghcx.md "Launch secret and VM id"
 ACCESS = ("rw", "r", "w")
 REASON_HEARTBEAT = "SPDM session lost"
+#: After a lost session (heartbeat), the daemon reconnects on its own: one attempt after
+#: each of these delays (seconds), then it gives up (``ctl reconnect`` tries again).
+RECONNECT_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 
 @dataclass
@@ -139,9 +143,12 @@ class Daemon:
     """The TSM's state and operations.  Thread-safe: :attr:`lock` covers the state and is
     always taken before a device's lock."""
 
-    def __init__(self, state_dir: Path, heartbeat: float | None = None) -> None:
+    def __init__(self, state_dir: Path, heartbeat: float | None = None,
+                 reconnect_delays: Sequence[float] = RECONNECT_DELAYS) -> None:
         self.state_dir = state_dir
         self.heartbeat = heartbeat
+        self.reconnect_delays = tuple(reconnect_delays)
+        self._closing = threading.Event()
         self.boot_id = os.urandom(BOOT_ID_SIZE)
         self.lock = threading.RLock()
         self.devices: dict[str, DeviceEntry] = {}
@@ -246,10 +253,16 @@ class Daemon:
         self._fail_safe_platform(dev, REASON_RESTART)
         try:
             self._connect(dev)
-        except DeviceError as exc:
-            dev.last_error = str(exc)
+        except (*LINK_ERRORS, DeviceError) as exc:
+            # Any device failure (GET_DEVICE_INTERFACE_STATE after the connect raises the
+            # TDISP client's errors, not DeviceError) is this device's alone: record it and
+            # go on, so the other devices recover and every VM's GHCx server starts.
+            dev.last_error = one_line(exc)
             self.counters["reconnect_failures"] += 1
-            log.error("device %s: cannot reconnect: %s", name, exc)
+            log.error("device %s: cannot reconnect: %s", name, dev.last_error)
+            if self.reconnect_delays and not dev.link.session_up:
+                threading.Thread(target=self._reconnect_loop, args=(name, dev.link),
+                                 name=f"reconnect-{name}", daemon=True).start()
 
     def _fail_safe_platform(self, dev: DeviceEntry, reason: str) -> None:
         """Revoke every journaled window of the device's VM, and its private MMIO."""
@@ -309,25 +322,42 @@ class Daemon:
         self._refresh_state(dev, journal=True)
 
     def _refresh_state(self, dev: DeviceEntry, journal: bool = False) -> None:
-        """GET_DEVICE_INTERFACE_STATE; a state other than the recorded one is adopted and
-        journaled as the device's word (source "device"); with *journal*, also the same
-        state (after a restart: what the device says in the new session)."""
+        """GET_DEVICE_INTERFACE_STATE; a state other than the recorded one is journaled as
+        the device's word (source "device"); with *journal*, also the same state (after a
+        restart: what the device says in the new session).
+
+        Only a step *down* is adopted as it is: ERROR, or CONFIG_UNLOCKED.  A LOCKED or RUN
+        the TSM did not lead the TDI to (its record says otherwise) is not trusted: the
+        record goes to (or stays in) ERROR, so only a STOP brings it back.  Whenever the
+        TDI is found out of LOCKED/RUN, the VM's trusted-DMA windows and private MMIO are
+        revoked on the platform too (defence in depth: the device refuses already)."""
         with dev.link.lock:
             live = dev.link.tdisp_client().get_state()
-        if live is dev.tdi.state:
+        tdi = dev.tdi
+        if live is tdi.state:
             if journal:
                 self._journal_tdi(dev, source="device")
             return
         log.warning("device %s: TDI is %s (recorded %s)", dev.config.name, live.name,
-                    dev.tdi.state.name)
+                    tdi.state.name)
+        active = (TdiState.CONFIG_LOCKED, TdiState.RUN)
+        if live in active and tdi.state is TdiState.ERROR:
+            self.counters["tdi_state_mismatch"] += 1
+            if journal:
+                self._journal_tdi(dev, source="device")
+            return                               # ERROR until a STOP (fail-safe)
         if live is TdiState.ERROR:
-            dev.tdi.failed(dev.tdi.reason or REASON_DEVICE_ERROR)
+            tdi.failed(tdi.reason or REASON_DEVICE_ERROR)
+        elif live in active:
+            self.counters["tdi_state_mismatch"] += 1
+            tdi.failed(f"device reported {live.name}, the TSM recorded {tdi.state.name}")
         else:
-            dev.tdi.state = live
-            dev.tdi.reason = f"device reported {live.name}"
-            if live is TdiState.CONFIG_UNLOCKED:
-                dev.tdi.clear_lock()
+            tdi.state = live
+            tdi.reason = f"device reported {live.name}"
+            tdi.clear_lock()
         self._journal_tdi(dev, source="device")
+        if tdi.state is not TdiState.RUN:
+            self._fail_safe_platform(dev, tdi.reason or f"device reported {live.name}")
 
     def _session_lost(self, link: DeviceLink, reason: str) -> None:
         """The heartbeat failed: the same fail-safe as a restart (DESIGN)."""
@@ -344,8 +374,64 @@ class Daemon:
                 self._journal_tdi(dev)
             with contextlib.suppress(PlatformCtlError, DeviceError):
                 self._fail_safe_platform(dev, reason)
+            if self.reconnect_delays and not self._closing.is_set():
+                threading.Thread(target=self._reconnect_loop, args=(dev.config.name, link),
+                                 name=f"reconnect-{dev.config.name}", daemon=True).start()
+
+    def _reconnect_loop(self, name: str, link: DeviceLink) -> None:
+        """Reconnect a device whose session was lost: bounded attempts with backoff, each
+        logged.  Stops early if the device was disconnected, replaced or reconnected by
+        hand meanwhile, or the daemon is closing."""
+        attempts = len(self.reconnect_delays)
+        for attempt, delay in enumerate(self.reconnect_delays, 1):
+            if self._closing.wait(delay):
+                return
+            with self.lock:
+                dev = self.devices.get(name)
+                if self._closing.is_set() or dev is None or dev.link is not link \
+                        or link.session_up:
+                    return
+                try:
+                    self._reconnect(dev)
+                except (*LINK_ERRORS, DeviceError, JournalError) as exc:
+                    log.warning("device %s: reconnect attempt %d/%d failed: %s", name,
+                                attempt, attempts, one_line(exc))
+                    continue
+                except Exception:        # a bug must not pass silently in a thread
+                    log.exception("device %s: reconnect attempt %d/%d failed", name,
+                                  attempt, attempts)
+                    continue
+                self.counters["reconnects"] += 1
+                log.warning("device %s: reconnected (attempt %d/%d); TDI %s", name, attempt,
+                            attempts, dev.tdi.state.name)
+                return
+        self.counters["reconnects_given_up"] += 1
+        log.error("device %s: no reconnect after %d attempts; `teeio-tsm ctl reconnect "
+                  "--device %s` tries again", name, attempts, name)
+
+    def _reconnect(self, dev: DeviceEntry) -> None:
+        """Re-establish a known device whose session is down, keeping its VM binding and
+        the VM's secret.  Fail-safe first (a LOCKED/RUN record goes to ERROR, windows and
+        private MMIO revoked); the TDI stays ERROR until the guest STOPs it, and the IDE
+        stream is keyed afresh in the new session."""
+        name = dev.config.name
+        if dev.link.session_up:
+            raise CtlError("failed", f"device {name} is already connected")
+        if dev.tdi.state in (TdiState.CONFIG_LOCKED, TdiState.RUN):
+            dev.tdi.failed(REASON_HEARTBEAT)
+            self._journal_tdi(dev)
+        self._fail_safe_platform(dev, REASON_HEARTBEAT)
+        try:
+            self._connect(dev)
+        except (*LINK_ERRORS, DeviceError) as exc:
+            dev.last_error = one_line(exc)
+            self.counters["reconnect_failures"] += 1
+            raise
+        log.info("device %s: reconnected, session 0x%08x; TDI %s", name,
+                 dev.link.session_id or 0, dev.tdi.state.name)
 
     def close(self) -> None:
+        self._closing.set()
         with self.lock:
             for vm in self.vms.values():
                 if vm.server is not None:
@@ -494,7 +580,10 @@ class Daemon:
             # fail safe: a TDI whose private MMIO could not be opened does not stay in RUN
             log.error("TDI %s: private MMIO not opened (%s): stopping it", dev.config.name,
                       exc)
-            self.stop_tdi(dev, vm, "private MMIO could not be opened")
+            try:
+                self.stop_tdi(dev, vm, "private MMIO could not be opened")
+            except (GhcxFailure, TdispRequestError, *LINK_ERRORS, DeviceError):
+                pass        # logged, and the TDI is ERROR: refused all the same
             raise GhcxFailure("refused", f"private MMIO could not be opened: "
                                          f"{one_line(exc)}") from None
         log.info("TDI %s: RUN (accepted by VM %s, lock epoch %d)", dev.config.name, vm.vm,
@@ -545,15 +634,36 @@ class Daemon:
         return {"state": dev.tdi.state.name}
 
     def stop_tdi(self, dev: DeviceEntry, vm: VmBinding | None, why: str) -> None:
-        """Revoke the VM's windows, close private MMIO, STOP_INTERFACE (§11.3.12)."""
+        """Revoke the VM's windows, close private MMIO, STOP_INTERFACE (§11.3.12).
+
+        The platform steps are best effort (logged and counted): whatever they do,
+        STOP_INTERFACE is sent, since it is what really takes the TDI out of RUN (the
+        device scrubs and refuses DMA).  If the STOP cannot be sent or fails, the record
+        goes to ERROR (fail-safe: nothing can be accepted or started until a STOP works)
+        and the error is raised."""
         if vm is not None:
             for wid in sorted(vm.windows):
                 self._revoke(dev, vm, wid, why)
         if dev.tdi.mmio_private or dev.tdi.state is TdiState.RUN:
-            self._mmio_private(dev, False)
-        link = self._session(dev)
-        with link.lock:
-            link.tdisp_client().stop()
+            try:
+                self._mmio_private(dev, False)
+            except (PlatformCtlError, DeviceError) as exc:
+                self.counters["platform_errors"] += 1
+                log.error("TDI %s: cannot close private MMIO (%s); sending STOP all the same",
+                          dev.config.name, one_line(exc))
+        try:
+            link = self._session(dev)
+            with link.lock:
+                link.tdisp_client().stop()
+        except (GhcxFailure, TdispRequestError, *LINK_ERRORS, DeviceError) as exc:
+            self.counters["stop_failures"] += 1
+            text = exc.message if isinstance(exc, GhcxFailure) else one_line(exc)
+            if dev.tdi.state is not TdiState.CONFIG_UNLOCKED:
+                dev.tdi.failed(f"STOP failed ({why}): {text}")
+                self._journal_tdi(dev)
+            log.error("TDI %s: STOP_INTERFACE failed (%s): %s; the TDI is %s",
+                      dev.config.name, why, text, dev.tdi.state.name)
+            raise
         dev.tdi.unlocked()
         self._journal_tdi(dev)
         log.info("TDI %s: CONFIG_UNLOCKED (%s)", dev.config.name, why)
@@ -568,7 +678,8 @@ class Daemon:
     def ctl_request(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         ops = {"connect": self.op_connect, "disconnect": self.op_disconnect,
                "bind": self.op_bind, "unbind": self.op_unbind, "lock": self.op_lock,
-               "stop": self.op_stop, "status": self.op_status}
+               "stop": self.op_stop, "status": self.op_status,
+               "reconnect": self.op_reconnect}
         fn = ops.get(op)
         if fn is None:
             raise CtlError("unknown_op", f"no operation {op!r} (one of {', '.join(ops)})")
@@ -617,7 +728,14 @@ class Daemon:
         if old is not None and old.link.session_up:
             raise CtlError("failed", f"device {name} is already connected")
         if old is not None and old.tdi.vm:
-            raise CtlError("failed", f"device {name} is bound to VM {old.tdi.vm}")
+            # A bound device whose session is down (lost heartbeat, failed reconnect):
+            # re-established as it is known, keeping the VM's binding and secret.
+            if cfg != old.config:
+                raise CtlError("failed", f"device {name} is bound to VM {old.tdi.vm}: "
+                                         "reconnect it as it was connected (ctl reconnect "
+                                         f"--device {name})")
+            self._reconnect(old)
+            return self._device_status(old)
         dev = DeviceEntry(cfg, self._link(cfg), TdiRecord(name))
         if old is not None:
             old.link.close()
@@ -630,6 +748,13 @@ class Daemon:
         self.devices[name] = dev
         self.journal.append("device", **cfg.as_record())
         self._connected(dev)
+        return self._device_status(dev)
+
+    def op_reconnect(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A known device whose session is down, reconnected with its journaled
+        parameters (bound or not)."""
+        dev = self._device(args)
+        self._reconnect(dev)
         return self._device_status(dev)
 
     def op_disconnect(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -759,7 +884,8 @@ def run_command(ns: argparse.Namespace) -> int:
     ctl_path: Path = ns.ctl_socket or state_dir / "ctl.sock"
     try:
         daemon = Daemon(state_dir, ns.heartbeat)
-    except (JournalError, OSError) as exc:
+    except Exception as exc:      # a bad journal, an unusable state dir, ...: one line
+        log.debug("daemon init failed", exc_info=True)
         print(f"daemon FAILED: {one_line(exc)}", file=sys.stderr)
         return 1
     stop = threading.Event()
@@ -773,8 +899,10 @@ def run_command(ns: argparse.Namespace) -> int:
     try:
         daemon.start()
         server = ctl.CtlServer(str(ctl_path), daemon.ctl_request).start()
-    except (JournalError, OSError) as exc:
-        daemon.close()
+    except Exception as exc:      # any start failure: one line, exit 1
+        log.debug("start failed", exc_info=True)
+        with contextlib.suppress(Exception):
+            daemon.close()
         print(f"daemon FAILED: {one_line(exc)}", file=sys.stderr)
         return 1
     log.info("TSM daemon ready: boot id %s, state %s, control %s", daemon.boot_id.hex(),

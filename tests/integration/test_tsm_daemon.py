@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +32,17 @@ import pytest
 from teeio import pki
 from teeio.ghcx import FrameDecoder, GuestChannel, MsgType, Response
 from teeio.ide import IdeKey
-from teeio.spdm import codec
+from teeio.spdm import RequesterError, codec
 from teeio.spdm.requester import parse_vca, verify_measurement_transcript
 from tests.integration.test_tsm_ide import PROJECT, IdeDevice, firmware  # noqa: F401
 from tests.protocol.test_server_dma import GUEST, SIZE, map_memfd
 from tsm import ide as tsm_ide
 from tsm.ctl import CtlError
 from tsm.daemon import Daemon
+from tsm.device import DeviceError, DeviceLink
 from tsm.journal import JOURNAL_NAME
 from tsm.tdi import REASON_RESTART
+from tsm.tdisp import TdispClient, TdispClientError
 from vfio_user_dev.client import Client
 from vfio_user_dev.platform_ctl import PlatformClient, read_credential
 
@@ -363,3 +365,210 @@ def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, device: IdeDevi
             assert material not in blob
             assert material.hex().encode() not in blob
             assert material.hex().upper().encode() not in blob
+
+
+def connect_request(dev: IdeDevice) -> dict[str, Any]:
+    return {"device": "dev0", "doe_socket": str(dev.doe),
+            "trust_anchor": str(dev.identity / "trust-anchor.pem"),
+            "platform_socket": str(dev.plat), "platform_credential": str(dev.cred),
+            "stream_id": 3}
+
+
+def start_inproc(tmp_path: Path, device: IdeDevice, **options: Any) -> tuple[Daemon, Guest]:
+    """An in-process daemon, dev0 connected and bound to vm0, the guest's handshake done."""
+    state = tmp_path / "tsm"
+    d = Daemon(state, **options)
+    try:
+        d.start()
+        d.ctl_request("connect", connect_request(device))
+        d.ctl_request("bind", {"vm": "vm0", "device": "dev0",
+                               "ghcx_socket": str(tmp_path / "ghcx.sock")})
+        guest = Guest(tmp_path / "ghcx.sock", (state / "vms" / "vm0.secret").read_bytes(),
+                      "vm0")
+        guest.hello()
+    except BaseException:
+        d.close()
+        raise
+    return d, guest
+
+
+@pytest.fixture
+def inproc(tmp_path: Path, device: IdeDevice) -> Iterator[tuple[Daemon, Guest]]:
+    d, guest = start_inproc(tmp_path, device)
+    try:
+        yield d, guest
+        guest.close()
+    finally:
+        d.close()
+
+
+def lose_session(d: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next HEARTBEAT fails (as if the device stopped answering): wait for the
+    daemon's fail-safe."""
+    link = d.devices["dev0"].link
+    lost = d.counters["sessions_lost"]
+
+    def dead(session_id: int) -> None:
+        raise RequesterError("HEARTBEAT: no response (injected)")
+
+    monkeypatch.setattr(link.requester, "heartbeat", dead)
+    wait_for(lambda: d.counters["sessions_lost"] > lost, "the session was not lost")
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def after_reconnect(d: Daemon, device: IdeDevice, guest: Guest, secret: bytes) -> None:
+    """The binding and secret are kept; the TDI is ERROR (at the device too) until the
+    guest STOPs it; the stream is Secure again; the guest can start over."""
+    assert d.vms["vm0"].server is not None
+    assert Path(d.vms["vm0"].secret_file).read_bytes() == secret
+    dev = d.devices["dev0"]
+    assert dev.link.session_up and dev.stream_state == "secure" and dev.last_error is None
+    assert (dev.tdi.state.name, dev.tdi.vm) == ("ERROR", "vm0")
+    assert device_tdi_state(d) == "ERROR"
+    assert root_port(device)["windows"] == [] and d.vms["vm0"].windows == {}
+    info = guest.call(MsgType.TDI_INFO)
+    assert info["state"] == "ERROR" and "SPDM session lost" in info["reason"]
+    guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000}, error="state")
+    guest.call(MsgType.TDI_LOCK, error="state")
+    assert guest.call(MsgType.TDI_STOP) == {"state": "CONFIG_UNLOCKED"}
+    lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+    guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000})
+
+
+def test_lost_session_reconnects_on_its_own(tmp_path: Path, device: IdeDevice,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed HEARTBEAT: fail-safe (ERROR, windows revoked), then the daemon reconnects
+    by itself (backoff), keeping the VM bound with its secret."""
+    vfio = Client.connect(str(device.sock))
+    vfio.version()
+    memfd = map_memfd(vfio, "tsm-reconnect")
+    d, guest = start_inproc(tmp_path, device, heartbeat=0.05,
+                            reconnect_delays=(0.05, 0.1, 0.2))
+    try:
+        secret = Path(d.vms["vm0"].secret_file).read_bytes()
+        lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+        guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000})
+        lose_session(d, monkeypatch)
+        wait_for(lambda: d.counters["reconnects"] == 1, "no reconnect")
+        after_reconnect(d, device, guest, secret)
+    finally:
+        guest.close()
+        d.close()
+        os.close(memfd)
+        vfio.close()
+
+
+def test_bound_device_reconnected_by_hand(tmp_path: Path, device: IdeDevice,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without automatic reconnects (or after they gave up): `ctl connect` with the same
+    parameters, or `ctl reconnect`, re-establishes the bound device."""
+    vfio = Client.connect(str(device.sock))
+    vfio.version()
+    memfd = map_memfd(vfio, "tsm-reconnect")
+    d, guest = start_inproc(tmp_path, device, heartbeat=0.05, reconnect_delays=())
+    try:
+        secret = Path(d.vms["vm0"].secret_file).read_bytes()
+        with pytest.raises(CtlError, match="already connected"):
+            d.ctl_request("reconnect", {"device": "dev0"})
+        lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+        lose_session(d, monkeypatch)
+        assert not d.devices["dev0"].link.session_up
+        with pytest.raises(CtlError, match="reconnect it as it was connected"):
+            d.ctl_request("connect", connect_request(device) | {"stream_id": 4})
+        st = d.ctl_request("connect", connect_request(device))
+        assert st["connected"] and st["stream"]["state"] == "secure"
+        after_reconnect(d, device, guest, secret)
+        lose_session(d, monkeypatch)
+        assert d.ctl_request("reconnect", {"device": "dev0"})["connected"]
+        after_reconnect(d, device, guest, secret)
+    finally:
+        guest.close()
+        d.close()
+        os.close(memfd)
+        vfio.close()
+
+
+def device_tdi_state(d: Daemon) -> str:
+    link = d.devices["dev0"].link
+    with link.lock:
+        return link.tdisp_client().get_state().name
+
+
+def test_accept_with_private_mmio_failure_really_stops(
+        inproc: tuple[Daemon, Guest], device: IdeDevice,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The platform cannot open (nor close) private MMIO at ACCEPT: the TSM still sends
+    STOP_INTERFACE, so the TDI is CONFIG_UNLOCKED at the device too and DMA_ACCEPT is
+    refused -- not left in RUN behind a failed cleanup."""
+    d, guest = inproc
+    real = DeviceLink.platform_call
+
+    def failing(self: DeviceLink, op: str, **args: Any) -> dict[str, Any]:
+        if op == "mmio_private":
+            raise DeviceError("platform socket: injected failure")
+        return real(self, op, **args)
+
+    monkeypatch.setattr(DeviceLink, "platform_call", failing)
+    locked = guest.call(MsgType.TDI_LOCK)
+    nonce = os.urandom(32)
+    digests = check_evidence(guest.call(MsgType.GET_EVIDENCE, {"nonce": nonce.hex()}), nonce,
+                             device.identity / "trust-anchor.pem")
+    refused = guest.call(MsgType.TDI_ACCEPT, {"digests": digests,
+                                              "lock_epoch": locked["lock_epoch"]},
+                         error="refused")
+    assert "private MMIO could not be opened" in refused["message"]
+    assert guest.call(MsgType.TDI_INFO)["state"] == "CONFIG_UNLOCKED"
+    assert device_tdi_state(d) == "CONFIG_UNLOCKED"
+    guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000}, error="state")
+    assert root_port(device)["windows"] == []
+    assert d.counters["platform_errors"] >= 1
+
+
+def test_stop_failure_marks_the_tdi_error(inproc: tuple[Daemon, Guest], device: IdeDevice,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    d, guest = inproc
+    lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+
+    def no_stop(self: Any) -> None:
+        raise TdispClientError("STOP_INTERFACE: injected failure")
+
+    monkeypatch.setattr(TdispClient, "stop", no_stop)
+    rsp = guest.call(MsgType.TDI_STOP, error="device")
+    assert "injected failure" in rsp["message"]
+    info = guest.call(MsgType.TDI_INFO)
+    assert info["state"] == "ERROR" and "STOP failed" in info["reason"]
+    guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000}, error="state")
+    monkeypatch.undo()
+    assert guest.call(MsgType.TDI_STOP) == {"state": "CONFIG_UNLOCKED"}
+
+
+
+def test_device_error_revokes_the_platform_side(tmp_path: Path, device: IdeDevice) -> None:
+    """The device leaves RUN behind the TSM's back (the VMM writes a BAR: ERROR); the TSM
+    learns it at the guest's next TDI_INFO and revokes the VM's windows and private MMIO
+    at the platform too, not only in its record."""
+    vfio = Client.connect(str(device.sock))
+    vfio.version()
+    memfd = map_memfd(vfio, "tsm-device-error")
+    d, guest = start_inproc(tmp_path, device)
+    try:
+        lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+        guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000})
+        assert len(root_port(device)["windows"]) == 1
+        vfio.write32(7, 0x10, 0xFFFFFFFF)             # BAR0 write in RUN: ERROR
+        info = guest.call(MsgType.TDI_INFO)
+        assert (info["state"], info["reason"]) == ("ERROR", "device reported ERROR")
+        assert root_port(device)["windows"] == [] and d.vms["vm0"].windows == {}
+        assert not d.devices["dev0"].tdi.mmio_private
+        assert guest.call(MsgType.STATUS)["windows"] == []
+    finally:
+        guest.close()
+        d.close()
+        os.close(memfd)
+        vfio.close()
