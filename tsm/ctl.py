@@ -5,7 +5,9 @@ line both ways (UTF-8, at most 64 KiB a line).  Request ``{"op": OP, "args": {..
 response ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": {"code": C,
 "message": M}}`` with C one of ``malformed`` (not a JSON object, line too long),
 ``unknown_op``, ``bad_args``, ``failed`` (the operation was tried and did not work; M
-says why), ``internal``.  The connection survives any error.
+says why), ``internal``, ``busy`` (too many connections: sent once, then the connection is
+closed).  The connection survives any other error; a connection idle for
+:data:`IDLE_TIMEOUT` seconds is closed.
 
 Operations (``tsm/daemon.py``), the CLI's options in brackets:
 
@@ -27,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
 import socket
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -43,6 +47,10 @@ MAX_LINE = 64 * 1024
 CTL_SOCKET_NAME = "ctl.sock"
 CLIENT_TIMEOUT = 120.0     # connect attests and keys a stream: seconds, not milliseconds
 ENV_SOCKET = "TEEIO_TSM_CTL"
+#: A control connection with no request for this long is closed (a silent client must not
+#: hold a slot for ever); at most MAX_CONNECTIONS are served at once.
+IDLE_TIMEOUT = 60.0
+MAX_CONNECTIONS = 16
 
 
 class CtlError(Exception):
@@ -59,16 +67,30 @@ Dispatch = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 # -- server ---------------------------------------------------------------------------------
 
+def remove_stale_socket(path: str) -> None:
+    """Before binding *path*: remove a socket left by an earlier run, but never anything
+    else (a mistyped path must not delete a file): OSError EEXIST for a non-socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket (not replaced)")
+    os.unlink(path)
+
+
 class CtlServer:
     """Serves the control API on *path*, a thread per connection."""
 
-    def __init__(self, path: str, dispatch: Dispatch) -> None:
+    def __init__(self, path: str, dispatch: Dispatch, idle_timeout: float = IDLE_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.path = path
         self.dispatch = dispatch
-        self.counters = {"connections": 0, "requests": 0, "errors": 0}
+        self.idle_timeout = idle_timeout
+        self.counters = {"connections": 0, "requests": 0, "errors": 0, "busy": 0}
         self._stop = threading.Event()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        remove_stale_socket(path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -99,11 +121,19 @@ class CtlServer:
             except OSError:
                 return
             self.counters["connections"] += 1
+            if not self._slots.acquire(blocking=False):
+                reply = self._error("busy", "too many control connections; try again")
+                with contextlib.suppress(OSError), conn:
+                    conn.settimeout(1.0)
+                    conn.sendall(json.dumps(reply, sort_keys=True).encode() + b"\n")
+                self.counters["busy"] += 1
+                continue
             threading.Thread(target=self._serve, args=(conn,), name="tsm-ctl-conn",
                              daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
+            conn.settimeout(self.idle_timeout)
             with conn, conn.makefile("rb") as rfile:
                 while True:
                     line = rfile.readline(MAX_LINE + 1)
@@ -116,8 +146,12 @@ class CtlServer:
                     else:
                         reply = self.handle_line(line)
                     conn.sendall(json.dumps(reply, sort_keys=True).encode() + b"\n")
+        except TimeoutError:
+            log.info("control connection idle for %.0f s: closed", self.idle_timeout)
         except OSError as exc:
             log.info("control connection ended: %s", exc)
+        finally:
+            self._slots.release()
 
     def _error(self, code: str, message: str) -> dict[str, Any]:
         self.counters["errors"] += 1
@@ -128,8 +162,10 @@ class CtlServer:
         """One request line → one response object (never raises)."""
         try:
             msg = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return self._error("malformed", f"not JSON: {exc}")
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            # RecursionError: nesting deeper than the parser's stack (not a ValueError)
+            return self._error("malformed", f"not JSON: {type(exc).__name__}: "
+                                            f"{' '.join(str(exc).split())[:200]}")
         if not isinstance(msg, dict):
             return self._error("malformed", "a request must be a JSON object")
         op, args = msg.get("op"), msg.get("args", {})
@@ -365,5 +401,6 @@ def run_command(ns: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["CtlClient", "CtlError", "CtlServer", "OPS", "add_arguments",
+__all__ = ["IDLE_TIMEOUT", "MAX_CONNECTIONS", "CtlClient", "CtlError", "CtlServer", "OPS",
+           "add_arguments", "remove_stale_socket",
            "add_socket_arguments", "add_status_arguments", "format_status", "run_command"]

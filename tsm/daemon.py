@@ -141,7 +141,19 @@ def _abs(path: str) -> str:
 
 class Daemon:
     """The TSM's state and operations.  Thread-safe: :attr:`lock` covers the state and is
-    always taken before a device's lock."""
+    always taken before a device's lock (never the reverse).
+
+    ``status`` does not take :attr:`lock`: it must answer while a ``connect`` attests or a
+    device stalls a request.  It reads a snapshot of the device and VM tables, taken under
+    :attr:`_tables_lock`, a lock innermost of all and never held across any I/O, that
+    every change of those two tables also takes; the fields it then reads are single
+    attribute reads (a status may mix two moments of one TDI, never a broken structure).
+
+    Not done (yet): the other operations and the GHCx requests still hold :attr:`lock`
+    across their device I/O, so one device's slow SPDM exchange delays the other devices'
+    requests.  Splitting that needs a per-device operation lock and a "connecting" marker
+    against two connects of one name; until then the I/O is bounded by the DOE and
+    platform socket timeouts."""
 
     def __init__(self, state_dir: Path, heartbeat: float | None = None,
                  reconnect_delays: Sequence[float] = RECONNECT_DELAYS) -> None:
@@ -151,6 +163,7 @@ class Daemon:
         self._closing = threading.Event()
         self.boot_id = os.urandom(BOOT_ID_SIZE)
         self.lock = threading.RLock()
+        self._tables_lock = threading.Lock()
         self.devices: dict[str, DeviceEntry] = {}
         self.vms: dict[str, VmBinding] = {}
         self.counters: Counter[str] = Counter()
@@ -683,6 +696,8 @@ class Daemon:
         fn = ops.get(op)
         if fn is None:
             raise CtlError("unknown_op", f"no operation {op!r} (one of {', '.join(ops)})")
+        if fn == self.op_status:
+            return self.op_status(args)          # without the daemon lock (class docstring)
         with self.lock:
             try:
                 return fn(args)
@@ -745,7 +760,8 @@ class Daemon:
         except DeviceError:
             dev.link.close()
             raise
-        self.devices[name] = dev
+        with self._tables_lock:
+            self.devices[name] = dev
         self.journal.append("device", **cfg.as_record())
         self._connected(dev)
         return self._device_status(dev)
@@ -767,7 +783,8 @@ class Daemon:
         self.journal.append("session", device=dev.config.name, session_id=None,
                             reason="disconnected")
         self._journal_stream(dev, "insecure", "disconnected")
-        del self.devices[dev.config.name]
+        with self._tables_lock:
+            del self.devices[dev.config.name]
         self.journal.append("device_removed", device=dev.config.name)
         return {"device": dev.config.name, "disconnected": True}
 
@@ -799,7 +816,8 @@ class Daemon:
         except OSError as exc:
             secret_path.unlink(missing_ok=True)
             raise CtlError("failed", f"GHCx socket {sock}: {exc.strerror or exc}") from None
-        self.vms[vm_id] = vm
+        with self._tables_lock:
+            self.vms[vm_id] = vm
         dev.tdi.vm = vm_id
         self.journal.append("vm", vm=vm_id, device=dev.config.name, ghcx_socket=sock,
                             secret_file=str(secret_path), mmio_reporting_offset=offset)
@@ -817,7 +835,8 @@ class Daemon:
             vm.server = None
         with contextlib.suppress(FileNotFoundError):
             Path(vm.secret_file).unlink()
-        del self.vms[vm.vm]
+        with self._tables_lock:
+            del self.vms[vm.vm]
         dev.tdi.vm = None
         self.journal.append("vm_removed", vm=vm.vm)
         return {"vm": vm.vm, "unbound": True}
@@ -835,36 +854,41 @@ class Daemon:
 
     def _device_status(self, dev: DeviceEntry) -> dict[str, Any]:
         link, cfg = dev.link, dev.config
+        up, sid, rid = link.session_up, link.session_id, dev.requester_id   # read once each
         return {"name": cfg.name, "doe": cfg.where(), "platform_socket": cfg.platform_socket,
-                "connected": link.session_up,
-                "session": ({"id": f"0x{link.session_id:08x}",
+                "connected": up,
+                "session": ({"id": f"0x{sid:08x}",
                              "heartbeat_period": link.heartbeat_period,
                              "heartbeats": link.heartbeats}
-                            if link.session_up and link.session_id is not None else None),
-                "requester_id": (f"0x{dev.requester_id:04x}"
-                                 if dev.requester_id is not None else None),
+                            if up and sid is not None else None),
+                "requester_id": f"0x{rid:04x}" if rid is not None else None,
                 "stream": {"id": cfg.stream_id, "state": dev.stream_state,
                            "reason": dev.stream_reason},
                 "last_error": dev.last_error}
 
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The status document; takes no daemon lock and does no device I/O."""
+        with self._tables_lock:
+            devices = list(self.devices.values())
+            bound = list(self.vms.values())
         tdis = [{"name": d.config.name, "state": d.tdi.state.name,
                  "lock_epoch": d.tdi.lock_epoch, "vm": d.tdi.vm, "reason": d.tdi.reason,
                  "mmio_private": d.tdi.mmio_private, "digests": d.tdi.digests()}
-                for d in self.devices.values()]
+                for d in devices]
         vms = []
-        for vm in self.vms.values():
-            server = vm.server.status() if vm.server is not None else None
+        for vm in bound:
+            ghcx = vm.server
+            server = ghcx.status() if ghcx is not None else None
             vms.append({"vm": vm.vm, "device": vm.device, "ghcx_socket": vm.ghcx_socket,
                         "secret_file": vm.secret_file,
                         "mmio_reporting_offset": vm.mmio_reporting_offset,
                         "ghcx": server,
                         "windows": [{"window_id": k, **v}
-                                    for k, v in sorted(vm.windows.items())]})
+                                    for k, v in sorted(dict(vm.windows).items())]})
         return {"boot_id": self.boot_id.hex(), "pid": os.getpid(),
                 "state_dir": str(self.state_dir), "journal_records_replayed": self.replayed,
-                "devices": [self._device_status(d) for d in self.devices.values()],
-                "tdis": tdis, "vms": vms, "counters": dict(sorted(self.counters.items()))}
+                "devices": [self._device_status(d) for d in devices],
+                "tdis": tdis, "vms": vms, "counters": dict(sorted(dict(self.counters).items()))}
 
 
 # -- command line ---------------------------------------------------------------------------

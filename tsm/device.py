@@ -121,8 +121,9 @@ class DeviceLink:
 
     @property
     def session_up(self) -> bool:
-        return (self.requester is not None and self.session_id is not None
-                and self.session_id in self.requester.sessions)
+        # read once each: the status answers without the device lock
+        req, sid = self.requester, self.session_id
+        return req is not None and sid is not None and sid in req.sessions
 
     # -- the platform socket ------------------------------------------------------------
     def open_platform(self) -> PlatformClient:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from teeio.ghcx import Cached, FrameDecoder, GhcxReject, Reply, Request, TsmChannel
+from tsm.ctl import remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ class GhcxServer:
         self._conn: socket.socket | None = None
         self._conn_lock = threading.Lock()
         self._serve_lock = threading.Lock()     # one connection served at a time
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        remove_stale_socket(path)              # a socket left behind, never another file
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)                   # the socket is created 0600
         try:
@@ -209,6 +209,16 @@ class GhcxServer:
             self.log.warning("cannot answer %s: %s", req.mtype.name, exc)
             if exc.reason == "oversized" and error is None:
                 return self._respond(req, None, "internal", "response too large")
+            return b""
+        except Exception:
+            # e.g. a value that is not JSON: answer `internal`, or the request id would stay
+            # "still being served" and every retry of it be refused as a replay
+            self.counters["respond_failed"] += 1
+            self.log.exception("cannot seal the response to %s (request %d)", req.mtype.name,
+                               req.request_id)
+            if error != "internal":
+                return self._respond(req, None, "internal", "the TSM could not encode "
+                                                            "its response")
             return b""
 
 

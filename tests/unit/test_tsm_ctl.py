@@ -6,8 +6,10 @@ serving, REHELLO for a session of another boot."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,65 @@ def test_ctl_socket_errors_and_survival(ctl: str) -> None:
         assert c.call("echo") == {"args": {}}             # still the same connection
 
 
-def test_cli_failures_are_one_line(tmp_path: Path, ctl: str,
+def test_ctl_deep_nesting_idle_timeout_and_connection_bound(tmp_path: Path) -> None:
+    path = str(tmp_path / "ctl.sock")
+    server = CtlServer(path, dispatch, idle_timeout=0.3, max_connections=2).start()
+    try:
+        with CtlClient(path) as c:
+            for raw in (b"[" * 60000 + b"\n", b'{"op": ' + b"[" * 60000 + b"\n"):
+                reply = c.send_raw(raw)                # RecursionError, not a dead socket
+                assert reply["ok"] is False and reply["error"]["code"] == "malformed"
+            assert c.call("echo", a=1) == {"args": {"a": 1}}
+            # a silent client is closed after the idle timeout
+            c.sock.settimeout(5)
+            t0 = time.monotonic()
+            assert c.sock.recv(1) == b""
+            assert time.monotonic() - t0 < 4
+        # at most 2 at once: the third is told "busy" and closed; a slot frees up again
+        a, b = CtlClient(path), CtlClient(path)
+        assert a.call("echo") == b.call("echo") == {"args": {}}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as third:
+            third.settimeout(5)
+            third.connect(path)                        # told at once, then closed
+            reply = json.loads(third.makefile("rb").readline())
+            assert reply["error"]["code"] == "busy" and third.recv(1) == b""
+        a.close()
+        deadline = time.monotonic() + 5
+        while True:                                    # the server sees a's end
+            with CtlClient(path) as again:
+                try:
+                    assert again.call("echo") == {"args": {}}
+                    break
+                except (CtlError, ConnectionError):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+        b.close()
+        assert server.counters["busy"] >= 1
+    finally:
+        server.close()
+
+
+def test_servers_replace_only_a_socket(tmp_path: Path) -> None:
+    """A path that is not a socket is never deleted: one-line OSError."""
+    victim = tmp_path / "important.txt"
+    victim.write_text("keep me")
+    with pytest.raises(OSError, match="exists and is not a socket"):
+        CtlServer(str(victim), dispatch)
+    with pytest.raises(OSError, match="exists and is not a socket"):
+        GhcxServer("vm0", str(victim), SECRET, os.urandom(16), handler)
+    assert victim.read_text() == "keep me"
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()                                          # left behind by a dead process
+    CtlServer(str(stale), dispatch).close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()
+    GhcxServer("vm0", str(stale), SECRET, os.urandom(16), handler).close()
+
+
+def test_cli_failures_are_one_line(tmp_path: Path, ctl: str, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ctl", "--ctl-socket", str(tmp_path / "none.sock"), "status"]) == 1
     err = capsys.readouterr().err.splitlines()
@@ -67,7 +127,7 @@ def test_cli_failures_are_one_line(tmp_path: Path, ctl: str,
     assert "is the daemon running?" in err[0]
     assert main(["ctl", "--ctl-socket", ctl, "stop", "--vm", "vm0"]) == 1
     assert capsys.readouterr().err == "ctl stop FAILED: no operation 'stop'\n"
-    os.environ.pop("TEEIO_TSM_CTL", None)
+    monkeypatch.delenv("TEEIO_TSM_CTL", raising=False)
     assert main(["status"]) == 1
     assert "give --ctl-socket or --state-dir" in capsys.readouterr().err
 
@@ -106,6 +166,8 @@ def handler(vm: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
         return {"vm_id": vm, "echo": payload}
     if op == "TDI_LOCK":
         raise GhcxFailure("state", "not now")
+    if op == "GET_EVIDENCE":
+        return {"blob": b"bytes are not JSON"}
     raise ValueError("a bug in the handler")
 
 
@@ -147,6 +209,10 @@ def test_ghcx_server(tmp_path: Path) -> None:
         assert isinstance(rsp, Response) and (rsp.error, rsp.message) == ("state", "not now")
         rsp = g.call(MsgType.TDI_INFO, {})
         assert isinstance(rsp, Response) and rsp.error == "internal"
+        # a response that cannot be sealed (not JSON) is answered `internal`, and its
+        # request id is not left "being served" (nor the connection dead)
+        rsp = g.call(MsgType.GET_EVIDENCE, {})
+        assert isinstance(rsp, Response) and rsp.error == "internal"
         # a forged frame (a relay without the secret) is dropped, counted; serving goes on
         _rid, frame = g.channel.request(MsgType.STATUS, {})
         g.sock.sendall(frame[:-1] + bytes([frame[-1] ^ 1]))
@@ -154,7 +220,8 @@ def test_ghcx_server(tmp_path: Path) -> None:
         assert isinstance(rsp, Response) and rsp.error is None
         st = server.status()
         assert st["rejected"] == {"forged": 1} and st["counters"]["bytes_dropped"] == 8
-        assert st["counters"]["requests"] == 4 and st["counters"]["error_state"] == 1
+        assert st["counters"]["requests"] == 5 and st["counters"]["error_state"] == 1
+        assert st["counters"]["respond_failed"] == 1
         assert st["connected"] and st["established"]
     finally:
         server.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,32 @@ def test_daemon_start_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
     ns = argparse.Namespace(state_dir=tmp_path / "tsm", ctl_socket=None, heartbeat=None)
     assert daemon_mod.run_command(ns) == 1
     assert capsys.readouterr().err == "daemon FAILED: something unexpected\n"
+
+
+def test_status_answers_while_the_daemon_lock_is_held(tmp_path: Path) -> None:
+    """A connect attesting (or a stalled device) holds the daemon lock: status answers."""
+    state = tmp_path / "tsm"
+    journal_two_devices(state, tmp_path)
+    d = Daemon(state, reconnect_delays=())
+    held, release = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        with d.lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=busy)
+    holder.start()
+    try:
+        assert held.wait(5)
+        result: dict[str, Any] = {}
+        asker = threading.Thread(target=lambda: result.update(d.ctl_request("status", {})),
+                                 daemon=True)
+        asker.start()
+        asker.join(2)
+        assert [dev["name"] for dev in result["devices"]] == ["dev0", "dev1"]
+        assert result["vms"][0]["vm"] == "vm1"
+    finally:
+        release.set()
+        holder.join()
+        d.close()
