@@ -1,25 +1,65 @@
-"""Shared fixtures: a device server on a temporary UNIX socket, served in a thread."""
+"""Shared fixtures: a device server on a temporary UNIX socket, served in a thread.
+
+The server tests run against both vfio-user transports over the same device model:
+``both_backends`` parametrises a module's ``backend`` (default "python"), and the
+libvfio-user leg skips, saying why, unless ``$TEEIO_LIBVFIO_USER`` points to a loadable
+libvfio-user.so.0.  A test marked ``python_only(reason)`` checks behaviour that belongs
+to the pure-Python transport; its libvfio-user leg skips with that reason.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from vfio_user_dev import libvfio_user
 from vfio_user_dev.client import Client
 from vfio_user_dev.device import TeeIoDevice
+from vfio_user_dev.libvfio_user import LibVfioUserServer
 from vfio_user_dev.server import Server
+
+BACKENDS = ("python", "libvfio-user")
+both_backends = pytest.mark.parametrize("backend", BACKENDS)
+
+
+@functools.cache
+def libvfio_user_missing() -> str | None:
+    """Why the libvfio-user leg cannot run here, or None."""
+    path = os.environ.get(libvfio_user.ENV_VAR)
+    if not path:
+        return (f"{libvfio_user.ENV_VAR} is not set (point it to a libvfio-user.so.0 built "
+                "from nutanix/libvfio-user to run it)")
+    try:
+        libvfio_user.load(path)
+    except libvfio_user.LibraryMissing as exc:
+        return str(exc)
+    return None
+
+
+def skip_unless_libvfio_user(backend: str) -> None:
+    if backend == "libvfio-user" and (why := libvfio_user_missing()) is not None:
+        pytest.skip(f"libvfio-user leg: {why}")
 
 
 class RunningServer:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, backend: str = "python") -> None:
         self.path = str(path)
+        self.backend = backend
         self.device = TeeIoDevice()
-        self.server = Server(self.path, self.device)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server: Server | LibVfioUserServer
+        self.thread: threading.Thread | None = None
+        if backend == "libvfio-user":
+            self.server = LibVfioUserServer(self.path, self.device)
+            self.server.start()
+        else:
+            self.server = Server(self.path, self.device)
+            self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+            self.thread.start()
 
     def client(self, negotiate: bool = True) -> Client:
         c = Client.connect(self.path)
@@ -29,12 +69,23 @@ class RunningServer:
 
     def stop(self) -> None:
         self.server.close()
-        self.thread.join(timeout=5)
+        if self.thread is not None:
+            self.thread.join(timeout=5)
         self.device.close()
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RunningServer]:
-    srv = RunningServer(tmp_path / "vfio-user.sock")
+def backend() -> str:
+    """The vfio-user transport of the ``server`` fixture (``both_backends`` varies it)."""
+    return "python"
+
+
+@pytest.fixture
+def server(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Iterator[RunningServer]:
+    skip_unless_libvfio_user(backend)
+    marker = request.node.get_closest_marker("python_only")
+    if backend != "python" and marker is not None:
+        pytest.skip(f"pure-Python transport only: {marker.args[0]}")
+    srv = RunningServer(tmp_path / "vfio-user.sock", backend)
     yield srv
     srv.stop()

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from vfio_user_dev import dsm, ide_host
 from vfio_user_dev.device import TeeIoDevice
@@ -21,10 +22,14 @@ from vfio_user_dev.link import DEFAULT_MPS, DEFAULT_MRRS, CaptureWriter, check_t
 from vfio_user_dev.platform_ctl import PlatformControlServer, write_credential
 from vfio_user_dev.server import Server
 
+if TYPE_CHECKING:
+    from vfio_user_dev.libvfio_user import LibVfioUserServer
+
 log = logging.getLogger("vfio_user_dev")
 
 
-def write_stats(path: Path, device: TeeIoDevice, server: Server) -> None:
+def write_stats(path: Path, device: TeeIoDevice,
+                server: Server | LibVfioUserServer) -> None:
     doc = {**device.stats(), "clients": server.clients}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
@@ -43,6 +48,10 @@ def _tlp_size(name: str) -> Callable[[str], int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="teeio-device", description=__doc__)
     ap.add_argument("--socket", required=True, help="UNIX socket path for the vfio-user client")
+    ap.add_argument("--backend", choices=("python", "libvfio-user"), default="python",
+                    help="vfio-user transport: the pure-Python server (default), or "
+                         "libvfio-user through ctypes (libvfio-user.so.0 from "
+                         "$TEEIO_LIBVFIO_USER or the loader's search path)")
     ap.add_argument("--stats-file", type=Path,
                     help="keep device counters (DMA jobs, bytes, interrupts) in this JSON file")
     ap.add_argument("--max-clients", type=int, default=None,
@@ -102,6 +111,14 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    lib: Any = None
+    if ns.backend == "libvfio-user":
+        from vfio_user_dev import libvfio_user
+        try:
+            lib = libvfio_user.load()
+        except libvfio_user.LibraryMissing as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     try:
         security = dsm.from_options(ns.identity, ns.firmware, ns.heartbeat_period)
     except dsm.DsmSetupError as exc:
@@ -131,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("platform control credential written to %s", ns.platform_credential)
     host_access = (HostAccessServer(ns.host_socket, device).start()
                    if ns.host_socket is not None else None)
-    server = Server(ns.socket, device)
+    server: Server | LibVfioUserServer
+    if lib is not None:
+        from vfio_user_dev.libvfio_user import LibVfioUserServer
+        server = LibVfioUserServer(ns.socket, device, lib)
+    else:
+        server = Server(ns.socket, device)
     for doe in doe_servers:
         doe.on_shutdown = server.close
         doe.start()

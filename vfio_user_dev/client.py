@@ -103,7 +103,8 @@ class Client:
         if is_write:
             mem.writes += 1
             mem.data[off:off + count] = data
-            self.send_raw(p.reply(hdr))
+            # The reply carries the address and count (libvfio-user checks them).
+            self.send_raw(p.reply(hdr, p.encode_dma_rw(addr, count)))
         else:
             mem.reads += 1
             chunk = bytes(mem.data[off:off + count])

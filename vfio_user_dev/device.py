@@ -117,6 +117,7 @@ MSIX_PBA_OFF = 0x800
 PM_CAP = 0x40
 MSIX_CAP = 0x50
 PCIE_CAP = 0x60
+MSIX_ENABLE = 1 << 15         # PCIe 6.x §7.7.2.2 MSI-X Message Control bit 15 "MSI-X Enable"
 PCI_EXP_DEVCAP_TEE = 1 << 30  # PCIe 6.x §7.5.3.3 Device Capabilities bit 30 "TEE-IO Supported"
 DSN_CAP = 0x100
 DOE_CAP = 0x110
@@ -442,6 +443,11 @@ class TeeIoDevice:
 
     def _intx_allowed(self) -> bool:
         return not self.config.get(Reg.COMMAND, 2) & Command.INTERRUPT_DISABLE
+
+    def msix_enabled(self) -> bool:
+        """MSI-X Enable as software set it (one register read; no lock taken, so an IRQ
+        sink may call it under the IRQ controller's lock)."""
+        return bool(self.config.get(MSIX_CAP + 2, 2) & MSIX_ENABLE)
 
     # -- region access ------------------------------------------------------------------------
     def region_read(self, index: int, offset: int, count: int, *,

@@ -13,6 +13,10 @@ port (``root_port.py``) records this :class:`Backing` when the TSM authorises a
 trusted-DMA window, is told of every later map change through ``listeners``, and pins
 its accesses to the maps it recorded (``pinned``), so a remap by the client is never
 silently followed.
+
+A transport whose library maps the client's memory itself (libvfio-user) registers
+those mappings with :meth:`DmaMapSet.map_view`: the same set, checks and identities,
+over memory this module did not map and does not unmap.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class DmaRegion:
     size: int
     flags: int
     fd_offset: int
-    mem: mmap.mmap | None = field(default=None, repr=False)
+    mem: mmap.mmap | memoryview | None = field(default=None, repr=False)
     users: int = 0
     map_id: int = 0
     inode: Inode | None = None
@@ -134,6 +138,24 @@ class DmaMapSet:
                 os.close(fd)
         self._notify([MapEvent("map", _backing(region))])
 
+    def map_view(self, address: int, size: int, flags: int, view: memoryview | None, *,
+                  fd_offset: int = 0, inode: Inode | None = None) -> None:
+        """A map whose memory someone else mapped (*view*, unsigned bytes of *size*), or
+        None: reached through the remote callbacks.  The view is released at unmap; the
+        memory behind it stays its owner's to unmap, after :meth:`unmap` returned."""
+        if view is not None and (view.nbytes != size or view.format != "B"):
+            raise ValueError(f"DMA map view: {view.nbytes} bytes of {view.format!r}, "
+                             f"expected {size} of 'B'")
+        with self._cond:
+            self._check_free(address, size)
+            region = DmaRegion(address, size, flags, fd_offset, view, map_id=self._next_id,
+                               inode=inode)
+            self._next_id += 1
+            keys = [r.address for r in self._regions]
+            self._regions.insert(bisect.bisect(keys, address), region)
+            self.maps_total += 1
+        self._notify([MapEvent("map", _backing(region))])
+
     def _check_free(self, address: int, size: int) -> None:
         for r in self._regions:
             if address < r.end and r.address < address + size:
@@ -149,8 +171,7 @@ class DmaMapSet:
                         self._cond.wait()
                     del self._regions[i]
                     self.unmaps_total += 1
-                    if r.mem is not None:
-                        r.mem.close()
+                    _release(r)
                     break
             else:
                 raise ProtocolError(errno.ENOENT,
@@ -162,8 +183,7 @@ class DmaMapSet:
             while any(r.users for r in self._regions):
                 self._cond.wait()
             for r in self._regions:
-                if r.mem is not None:
-                    r.mem.close()
+                _release(r)
             gone = [MapEvent("unmap", _backing(r)) for r in self._regions]
             self._regions.clear()
         self._notify(gone)
@@ -215,7 +235,7 @@ class DmaMapSet:
 
     def read(self, address: int, length: int, pinned: Collection[int] | None = None) -> bytes:
         """*length* bytes at guest *address*; with *pinned*, only from maps with those ids."""
-        chunks: list[bytes] = []
+        chunks: list[bytes | memoryview] = []
         with self._cond:
             pieces = self._pieces(address, length, DmaFlags.READ, pinned)
             self._acquire(pieces)
@@ -271,6 +291,14 @@ class DmaMapSet:
         if self.remote_write is None:
             raise DmaFault(f"DMA write at {address:#x}: memory not mappable and no client")
         self.remote_write(address, data)
+
+
+def _release(r: DmaRegion) -> None:
+    if isinstance(r.mem, memoryview):
+        r.mem.release()
+    elif r.mem is not None:
+        r.mem.close()
+    r.mem = None
 
 
 def _backing(r: DmaRegion) -> Backing:

@@ -5,6 +5,13 @@ expects): the server writes the trigger eventfd and masks; after the guest's EOI
 QEMU sends UNMASK, and if the line is still asserted and not disabled by Command
 bit 10, it fires again.  MSI-X vectors are edge-triggered; a masked vector sets
 its PBA bit and fires on unmask.
+
+The controller is transport-neutral: by default it holds the client's eventfds itself
+(the pure-Python server hands it DEVICE_SET_IRQS), but a transport whose library keeps
+the eventfds (libvfio-user) installs an :class:`IrqSink` instead.  Masking, automasking,
+the PBA and the counters stay here either way; the sink only says whether a vector can be
+delivered and delivers it, reporting the outcome with :meth:`IrqController.delivered` or
+:meth:`IrqController.undelivered` (possibly later, from another thread).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import select
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 from vfio_user_dev.protocol import (
     ACTION_MASK,
@@ -33,6 +41,18 @@ def _signal(fd: int) -> None:
     os.write(fd, (1).to_bytes(8, "little"))
 
 
+class IrqSink(Protocol):
+    """Where interrupts go when the controller does not hold the client's eventfds."""
+
+    def ready(self, index: int, vector: int) -> bool:
+        """Whether an interrupt of this IRQ index and vector can be delivered now."""
+        ...
+
+    def signal(self, index: int, vector: int) -> None:
+        """Deliver one interrupt; report it with ``delivered`` / ``undelivered``."""
+        ...
+
+
 class IrqController:
     def __init__(self, msix_vectors: int, intx_allowed: Callable[[], bool]) -> None:
         self.counts: dict[int, int] = {PciIrq.INTX: 1, PciIrq.MSI: 0, PciIrq.MSIX: msix_vectors,
@@ -49,6 +69,7 @@ class IrqController:
         self._retired: list[int] = []
         self._watcher: threading.Thread | None = None
         self._wake_r = self._wake_w = -1
+        self.sink: IrqSink | None = None
 
     def info_flags(self, index: int) -> int:
         if index == PciIrq.INTX:
@@ -93,14 +114,12 @@ class IrqController:
             sel = list(range(req.start, req.start + req.count))
             if data == IrqSetFlags.DATA_BOOL:
                 sel = [v for v, b in zip(sel, req.data, strict=True) if b]
-            for v in sel:
-                if action == IrqSetFlags.ACTION_MASK:
-                    self.masked[req.index][v] = True
-                elif action == IrqSetFlags.ACTION_UNMASK:
-                    self.masked[req.index][v] = False
-                    self._replay(req.index, v)
-                else:
+            if action == IrqSetFlags.ACTION_TRIGGER:
+                for v in sel:
                     self._fire(req.index, v)
+            else:
+                for v in sel:
+                    self.mask(req.index, range(v, v + 1), action == IrqSetFlags.ACTION_MASK)
         return fds
 
     # -- INTx unmask eventfd (KVM irqfd resampling): a signal on it means UNMASK ----------
@@ -162,8 +181,19 @@ class IrqController:
     # -- device side --------------------------------------------------------------------
     def msix_ready(self, vector: int = 0) -> bool:
         with self._lock:
-            return self.counts[PciIrq.MSIX] > vector and \
-                self.trigger[PciIrq.MSIX][vector] is not None
+            if self.counts[PciIrq.MSIX] <= vector:
+                return False
+            if self.sink is not None:
+                return self.sink.ready(PciIrq.MSIX, vector)
+            return self.trigger[PciIrq.MSIX][vector] is not None
+
+    def mask(self, index: int, vectors: range, masked: bool) -> None:
+        """ACTION_MASK / ACTION_UNMASK of *vectors* (an unmask replays what is pending)."""
+        with self._lock:
+            for v in vectors:
+                self.masked[index][v] = masked
+                if not masked:
+                    self._replay(index, v)
 
     def raise_msix(self, vector: int) -> None:
         with self._lock:
@@ -193,6 +223,14 @@ class IrqController:
             self._fire(index, v)
 
     def _fire(self, index: int, v: int) -> None:
+        if self.sink is not None:
+            if not self.sink.ready(index, v):
+                self.undelivered(index, v)
+                return
+            if index == PciIrq.INTX:
+                self.masked[index][v] = True  # AUTOMASKED: until UNMASK (or undelivered)
+            self.sink.signal(index, v)
+            return
         fd = self.trigger[index][v]
         if fd is None:
             if index == PciIrq.MSIX:
@@ -205,5 +243,19 @@ class IrqController:
         except OSError as exc:
             log.warning("eventfd write failed for irq %d/%d: %s", index, v, exc)
             return
-        self.signalled += 1
-        self.signalled_by_type["intx" if index == PciIrq.INTX else "msix"] += 1
+        self.delivered(index, v)
+
+    def delivered(self, index: int, v: int) -> None:
+        """One interrupt reached the client."""
+        with self._lock:
+            self.signalled += 1
+            self.signalled_by_type["intx" if index == PciIrq.INTX else "msix"] += 1
+
+    def undelivered(self, index: int, v: int) -> None:
+        """A sink could not deliver (no eventfd from the client): an MSI-X vector keeps it
+        pending in the PBA; INTx is not left automasked, since no UNMASK will follow."""
+        with self._lock:
+            if index == PciIrq.MSIX:
+                self.pending[index][v] = True
+            elif index == PciIrq.INTX:
+                self.masked[index][v] = False

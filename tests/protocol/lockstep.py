@@ -19,6 +19,7 @@ from teeio.pcie.config import Command as PciCommand
 from teeio.pcie.config import Reg
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client
+from vfio_user_dev.device import MSIX_CAP, MSIX_ENABLE, TeeIoDevice
 from vfio_user_dev.protocol import Command, Flags, Header, PciRegion
 
 BAR0 = PciRegion.BAR0
@@ -126,6 +127,13 @@ def enable_device(c: Client, extra: int = 0) -> None:
     c.region_write(CONFIG, Reg.COMMAND, (MEM_BM | extra).to_bytes(2, "little"))
 
 
+def msix_enable(c: Client, on: bool = True) -> None:
+    """MSI-X Enable in Message Control, as the guest sets it before QEMU hands over the
+    vectors' eventfds.  The pure-Python transport signals MSI-X once it has eventfds;
+    with libvfio-user (which keeps them) the device follows this bit."""
+    c.region_write(CONFIG, MSIX_CAP + 2, (MSIX_ENABLE if on else 0).to_bytes(2, "little"))
+
+
 def start_job(c: Client, op: int, *, src: int = 0, dst: int = 0, length: int = 0,
               pattern: int = 0) -> None:
     for reg, value in ((R.DMA_SRC_LO, src & 0xFFFFFFFF), (R.DMA_SRC_HI, src >> 32),
@@ -149,6 +157,20 @@ def wait_idle(c: Client, timeout: float = TIMEOUT) -> int:
 def run_job(c: Client, op: int, **kw: int) -> int:
     start_job(c, op, **kw)
     return wait_idle(c)
+
+
+def run_job_quiet(c: Client, device: TeeIoDevice, op: int, timeout: float = TIMEOUT,
+                  **kw: int) -> int:
+    """Like :func:`run_job`, but while the job runs the client sends nothing: it only
+    answers the server's DMA_READ/DMA_WRITE, until the engine is idle (watched in-process);
+    then STATUS.  libvfio-user waits for a DMA reply on the command socket (no twin socket
+    here), so a client command in flight at that moment would be taken for the reply."""
+    start_job(c, op, **kw)
+    deadline = time.monotonic() + timeout
+    while device.r[R.STATUS] & St.BUSY:
+        assert time.monotonic() < deadline, f"job still busy after {timeout}s"
+        c.serve_pending(0.005)
+    return c.read32(BAR0, R.STATUS)
 
 
 def error_code(status: int) -> int:
