@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from teeio import ghcx as teeio_ghcx
 from teeio import pki
 from teeio.ghcx import FrameDecoder, GuestChannel, MsgType, Response
 from teeio.ide import IdeKey
@@ -311,9 +312,11 @@ def test_guest_flow_stale_epoch_and_restart(tmp_path: Path, device: IdeDevice,
 def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, device: IdeDevice,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    """In-process daemon so the test sees the IDE keys it generates: neither they nor the
-    VM's launch secret appear in the journal or in any log line, even at DEBUG.  (With a
-    short --heartbeat, HEARTBEATs go out meanwhile.)"""
+    """In-process daemon so the test sees the secrets it handles: none of the IDE keys,
+    the VM's launch secret, the START_INTERFACE nonce, the GHCx session keys and IVs (both
+    ends') or the platform token appears in the journal, in any log line (DEBUG), in the
+    status document (``ctl status --json``) or in the device server's log.  (With a short
+    --heartbeat, HEARTBEATs go out meanwhile.)"""
     keys: list[IdeKey] = []
     fresh = tsm_ide.fresh_keys
 
@@ -322,7 +325,26 @@ def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, device: IdeDevi
         keys.extend(table.values())
         return table
 
+    start_nonces: list[bytes] = []
+    real_lock = TdispClient.lock
+
+    def lock_spy(self: TdispClient, *args: Any, **kwargs: Any) -> bytes:
+        nonce = real_lock(self, *args, **kwargs)
+        start_nonces.append(nonce)
+        return nonce
+
+    session_keys: list[bytes] = []
+    real_derive = teeio_ghcx.derive_keys
+
+    def derive_spy(*args: bytes) -> teeio_ghcx.SessionKeys:
+        k = real_derive(*args)
+        session_keys.extend([k.k_g2t, k.k_t2g, k.iv_g2t, k.iv_t2g])
+        return k
+
     monkeypatch.setattr(tsm_ide, "fresh_keys", spy)
+    monkeypatch.setattr(TdispClient, "lock", lock_spy)
+    monkeypatch.setattr(teeio_ghcx, "derive_keys", derive_spy)
+    statuses: list[str] = []
     caplog.set_level(logging.DEBUG)
     state = tmp_path / "tsm"
     d = Daemon(state, heartbeat=0.05)
@@ -339,6 +361,7 @@ def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, device: IdeDevi
         guest = Guest(tmp_path / "ghcx.sock", secret, "vm0")
         guest.hello()
         lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+        statuses.append(json.dumps(d.ctl_request("status", {}), sort_keys=True))
         guest.call(MsgType.TDI_STOP)
         guest.close()
         assert secret.hex() not in repr(d.vms["vm0"]) + repr(d.vms["vm0"].server)
@@ -347,6 +370,7 @@ def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, device: IdeDevi
             assert time.monotonic() < deadline, "no HEARTBEAT sent"
             time.sleep(0.05)
         assert d.op_status({})["devices"][0]["connected"]
+        statuses.append(json.dumps(d.ctl_request("status", {}), sort_keys=True))
         with pytest.raises(CtlError, match="bound to VM vm0"):
             d.ctl_request("disconnect", {"device": "dev0"})
         d.ctl_request("unbind", {"vm": "vm0"})
@@ -356,12 +380,16 @@ def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, device: IdeDevi
     finally:
         d.close()
     assert len(keys) == 6
+    assert len(start_nonces) == 1 and len(start_nonces[0]) == 32
+    assert len(session_keys) == 8                  # the guest's and the TSM's derivation
+    token = read_credential(device.cred)
     journal = (state / JOURNAL_NAME).read_bytes()
     logs = "\n".join(r.getMessage() for r in caplog.records).encode()
     assert any(r.levelno == logging.DEBUG and r.name.startswith("teeio.spdm")
                for r in caplog.records)        # the session's messages were logged
-    for blob in (journal, logs):
-        for material in [secret] + [k.key for k in keys]:
+    device_log = device.log_text().encode()
+    for blob in (journal, logs, *(st.encode() for st in statuses), device_log):
+        for material in [secret, token, *start_nonces, *session_keys, *(k.key for k in keys)]:
             assert material not in blob
             assert material.hex().encode() not in blob
             assert material.hex().upper().encode() not in blob
