@@ -41,6 +41,14 @@ def libvfio_user_missing() -> str | None:
     return None
 
 
+def backend_params() -> list[object]:
+    """``backend`` values for a parametrize whose libvfio-user leg skips at collection
+    (before any fixture runs: an e2e boot needs the guest image)."""
+    why = libvfio_user_missing()
+    return ["python", pytest.param("libvfio-user", marks=pytest.mark.skipif(
+        why is not None, reason=f"libvfio-user leg: {why}"))]
+
+
 def skip_unless_libvfio_user(backend: str) -> None:
     if backend == "libvfio-user" and (why := libvfio_user_missing()) is not None:
         pytest.skip(f"libvfio-user leg: {why}")

@@ -10,6 +10,7 @@ import pytest
 from qemu_configs import image
 from qemu_configs.launcher import RunResult, VmOptions, cleanup, run_vm
 from qemu_configs.verify import check_selftest
+from tests.conftest import backend_params
 
 pytestmark = pytest.mark.e2e
 
@@ -19,11 +20,12 @@ def _explain(res: RunResult) -> str:
     return f"reason={res.reason!r} workdir={res.workdir}\n--- console tail ---\n{tail}"
 
 
-def _run_and_check(tmp_path: Path, share: bool, verbose: bool = False) -> RunResult:
+def _run_and_check(tmp_path: Path, share: bool, verbose: bool = False,
+                   backend: str = "python") -> RunResult:
     seed = secrets.randbits(64)
     res = run_vm(VmOptions(mode="selftest", params={"seed": f"{seed:x}", "rounds": "2"},
                            share_memory=share, workdir=tmp_path / "vm",
-                           device_verbose=verbose))
+                           device_verbose=verbose, device_args=["--backend", backend]))
     checks = check_selftest(res, seed, 2)
     failed = [c for c in checks if not c.ok]
     assert not failed, f"failed checks: {failed}\n{_explain(res)}"
@@ -31,8 +33,12 @@ def _run_and_check(tmp_path: Path, share: bool, verbose: bool = False) -> RunRes
     return res
 
 
-def test_selftest_fd_mapped_memory(guest_image: image.GuestImage, tmp_path: Path) -> None:
-    res = _run_and_check(tmp_path, share=True)
+@pytest.mark.parametrize("backend", backend_params())
+def test_selftest_fd_mapped_memory(backend: str, guest_image: image.GuestImage,
+                                   tmp_path: Path) -> None:
+    """The same device served by either vfio-user transport (libvfio-user: the leg skips
+    unless TEEIO_LIBVFIO_USER points to the library)."""
+    res = _run_and_check(tmp_path, share=True, backend=backend)
     rep = res.report
     assert rep is not None
     # 2 rounds x (FILL, COPY, SHA-256) + the refused job, each with its interrupt.
