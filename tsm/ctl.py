@@ -17,7 +17,7 @@ Operations (``tsm/daemon.py``), the CLI's options in brackets:
                 heartbeat: its journaled parameters, its VM binding kept)
 ``disconnect``  device
 ``bind``        vm, device, ghcx_socket, [secret_file], [mmio_reporting_offset]
-``unbind``      vm
+``unbind``      vm           (best effort: the VM is forgotten whatever failed, listed in "failed")
 ``lock``        vm           (host-requested LOCK: a new lock epoch)
 ``stop``        vm           (host-requested STOP; there is no host-side start)
 ``status``      --           (``--json``: the document; else a table)
@@ -287,6 +287,15 @@ def add_socket_arguments(ap: argparse.ArgumentParser) -> None:
                     help="the daemon's --state-dir (to find its control socket)")
 
 
+def parse_int(text: str) -> int:
+    """An integer option: decimal, or 0x/0o/0b prefixed."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer (0x... allowed)") \
+            from None
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     add_socket_arguments(ap)
     sub = ap.add_subparsers(dest="ctl_op", required=True, metavar="OP")
@@ -313,7 +322,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     b.add_argument("--device", required=True, metavar="NAME")
     b.add_argument("--ghcx-socket", type=Path, required=True, metavar="PATH")
     b.add_argument("--secret-file", type=Path, metavar="FILE")
-    b.add_argument("--mmio-reporting-offset", type=lambda s: int(s, 0), metavar="N")
+    b.add_argument("--mmio-reporting-offset", type=parse_int, metavar="N")
     for op, text in (("unbind", "stop the VM's TDI if needed, forget the VM"),
                      ("lock", "host-requested LOCK of the VM's TDI (a new lock epoch)"),
                      ("stop", "host-requested STOP of the VM's TDI")):
@@ -369,6 +378,8 @@ def summary(op: str, result: dict[str, Any]) -> str:
     if op == "bind":
         return (f"bind {result['vm']}: TDI {result['device']}, GHCx socket "
                 f"{result['ghcx_socket']}, secret file {result['secret_file']}")
+    if op == "unbind" and result.get("failed"):
+        return f"unbind {result['vm']}: done, but: {'; '.join(result['failed'])}"
     if op in ("lock", "stop"):
         epoch = f", lock epoch {result['lock_epoch']}" if "lock_epoch" in result else ""
         return f"{op} {result['tdi']}: {result['state']}{epoch}"

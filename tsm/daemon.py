@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import signal
+import stat
 import sys
 import threading
 from collections import Counter
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
 VM_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,16}")     # docs/ghcx.md "Launch secret and VM id"
 ACCESS = ("rw", "r", "w")
+#: Trusted-DMA windows one VM may hold at once (DMA_ACCEPT beyond it: ``refused``).
+MAX_WINDOWS_PER_VM = 64
 REASON_HEARTBEAT = "SPDM session lost"
 #: After a lost session (heartbeat), the daemon reconnects on its own: one attempt after
 #: each of these delays (seconds), then it gives up (``ctl reconnect`` tries again).
@@ -613,6 +616,10 @@ class Daemon:
         if dev.tdi.state is not TdiState.RUN:
             raise GhcxFailure("state", f"TDI {dev.config.name} is {dev.tdi.state.name}: "
                                        "DMA windows only in RUN")
+        if len(vm.windows) >= MAX_WINDOWS_PER_VM:
+            raise GhcxFailure("refused", f"VM {vm.vm} already has {len(vm.windows)} DMA "
+                                         f"windows (at most {MAX_WINDOWS_PER_VM}): release "
+                                         "one first")
         try:
             w = dev.link.platform_call("window_authorise", requester_id=dev.requester_id,
                                        stream_id=dev.config.stream_id, base=base, size=size,
@@ -801,6 +808,7 @@ class Daemon:
         secret_file = _arg(args, "secret_file", str, None)
         secret_path = (Path(_abs(secret_file)) if secret_file
                        else self.state_dir.absolute() / "vms" / f"{vm_id}.secret")
+        self._check_secret_path(secret_path)
         offset = _arg(args, "mmio_reporting_offset", int, 0)
         if not 0 <= offset < 1 << 64 or offset & 0xFFF:
             raise CtlError("bad_args", "mmio_reporting_offset must be a 4 KiB multiple, "
@@ -824,22 +832,64 @@ class Daemon:
         return {"vm": vm_id, "device": dev.config.name, "ghcx_socket": sock,
                 "secret_file": str(secret_path)}
 
+    def _check_secret_path(self, path: Path) -> None:
+        """``bind --secret-file``: not inside the state directory except its ``vms/`` (the
+        journal, the control socket live there), not another VM's, and an existing file is
+        only replaced if it looks like a secret of ours (regular, 0600, 32 bytes)."""
+        real = Path(os.path.realpath(path))
+        state = Path(os.path.realpath(self.state_dir))
+        if real.is_relative_to(state) and real.parent != state / "vms":
+            raise CtlError("bad_args", f"secret file {path}: inside the state directory "
+                                       f"{state} only directly under {state / 'vms'}")
+        for other in self.vms.values():
+            if os.path.realpath(other.secret_file) == str(real):
+                raise CtlError("failed", f"secret file {path} is VM {other.vm}'s")
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise CtlError("failed", f"secret file {path}: {exc.strerror or exc}") from None
+        if (not stat.S_ISREG(st.st_mode) or st.st_size != SECRET_SIZE
+                or st.st_mode & 0o077):
+            raise CtlError("failed", f"secret file {path} exists and is not a GHCx secret "
+                                     f"(a 0600 file of {SECRET_SIZE} bytes): not overwritten")
+
     def op_unbind(self, args: dict[str, Any]) -> dict[str, Any]:
+        """STOP the TDI if needed and revoke the VM's windows, best effort; the VM is
+        forgotten whatever failed, and the result lists what did (``failed``)."""
         vm, dev = self._vm(args)
-        if dev.tdi.state is not TdiState.CONFIG_UNLOCKED and dev.link.session_up:
-            self.stop_tdi(dev, vm, f"VM {vm.vm} unbound")
+        why = f"VM {vm.vm} unbound"
+        failed: list[str] = []
+        if dev.tdi.state is not TdiState.CONFIG_UNLOCKED:
+            try:
+                self.stop_tdi(dev, vm, why)
+            except GhcxFailure as exc:
+                failed.append(f"STOP: {exc.message}")
+            except TdispRequestError as exc:
+                failed.append(f"STOP: device: {exc.request}: {exc.code_name}")
+            except (*LINK_ERRORS, DeviceError) as exc:
+                failed.append(f"STOP: {one_line(exc)}")
         for wid in sorted(vm.windows):
-            self._revoke(dev, vm, wid, f"VM {vm.vm} unbound")
+            self._revoke(dev, vm, wid, why)
+        if vm.windows:
+            failed.append("windows not revoked at the platform: "
+                          + ", ".join(map(str, sorted(vm.windows))))
         if vm.server is not None:
             vm.server.close()
             vm.server = None
-        with contextlib.suppress(FileNotFoundError):
-            Path(vm.secret_file).unlink()
+        try:
+            Path(vm.secret_file).unlink(missing_ok=True)
+        except OSError as exc:
+            failed.append(f"secret file {vm.secret_file}: {exc.strerror or exc}")
         with self._tables_lock:
             del self.vms[vm.vm]
         dev.tdi.vm = None
-        self.journal.append("vm_removed", vm=vm.vm)
-        return {"vm": vm.vm, "unbound": True}
+        self.journal.append("vm_removed", vm=vm.vm, failed=failed or None)
+        if failed:
+            self.counters["unbind_failures"] += 1
+            log.warning("VM %s unbound, but: %s", vm.vm, "; ".join(failed))
+        return {"vm": vm.vm, "unbound": True, "failed": failed}
 
     def op_lock(self, args: dict[str, Any]) -> dict[str, Any]:
         vm, dev = self._vm(args)

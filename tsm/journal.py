@@ -10,8 +10,10 @@ stream, TDI and VM it had, and it holds **no plaintext keys**.  So:
   tolerated on replay and cut off before the next append; a bad line anywhere else is
   corruption and refuses the replay (:class:`JournalError`), since silently skipping a
   record could forget a TDI or a window;
-* a record may not carry a field whose name says it is secret material
-  (:data:`FORBIDDEN_FIELDS`): VMs are journaled with the *path* of their secret file, and
+* a record may not carry a field whose name says it is secret material: a name that
+  *contains* one of :data:`FORBIDDEN_PARTS` (``secret``, ``key``, ``nonce``, ...; so
+  ``session_key`` or ``start_nonce`` too), except the few fields that hold a *path*
+  (:data:`PATH_FIELDS`).  VMs are journaled with the path of their secret file, and
   sessions by their id only.  This is a guard, not the only line of defence: callers pass
   paths, ids and states, never bytes.
 
@@ -51,9 +53,16 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "journal.jsonl"
-#: Field names a journal record may never carry (anything that could be key material).
-FORBIDDEN_FIELDS = frozenset({"secret", "key", "keys", "token", "nonce", "credential",
-                              "psk", "wrapped_key", "start_nonce"})
+#: A field whose name contains one of these (case-insensitive) could be key material: refused.
+FORBIDDEN_PARTS = ("secret", "key", "nonce", "token", "psk", "credential")
+#: ... except these, which hold a file's path (the material stays in the file).
+PATH_FIELDS = frozenset({"platform_credential", "secret_file", "trust_anchor"})
+
+
+def forbidden_field(name: str) -> bool:
+    """True if a journal record may not carry a field called *name*."""
+    lower = name.lower()
+    return name not in PATH_FIELDS and any(part in lower for part in FORBIDDEN_PARTS)
 
 
 class JournalError(Exception):
@@ -139,9 +148,9 @@ class Journal:
 
     def append(self, rtype: str, **fields: Any) -> dict[str, Any]:
         """Write one record durably (fsynced before this returns) and return it."""
-        bad = FORBIDDEN_FIELDS & set(fields)
+        bad = sorted(name for name in fields if forbidden_field(name))
         if bad:
-            raise ValueError(f"journal record {rtype!r} may not carry {sorted(bad)}")
+            raise ValueError(f"journal record {rtype!r} may not carry {bad}")
         with self._lock:
             rec = {"seq": self._seq, "time": round(time.time(), 3), "type": rtype, **fields}
             line = json.dumps(rec, sort_keys=True, separators=(",", ":")).encode() + b"\n"
@@ -160,4 +169,5 @@ class Journal:
                 self._fd = -1
 
 
-__all__ = ["FORBIDDEN_FIELDS", "JOURNAL_NAME", "Journal", "JournalError", "read_records"]
+__all__ = ["FORBIDDEN_PARTS", "JOURNAL_NAME", "PATH_FIELDS", "Journal", "JournalError",
+           "forbidden_field", "read_records"]

@@ -37,6 +37,7 @@ from teeio.spdm import RequesterError, codec
 from teeio.spdm.requester import parse_vca, verify_measurement_transcript
 from tests.integration.test_tsm_ide import PROJECT, IdeDevice, firmware  # noqa: F401
 from tests.protocol.test_server_dma import GUEST, SIZE, map_memfd
+from tsm import daemon as daemon_mod
 from tsm import ide as tsm_ide
 from tsm.ctl import CtlError
 from tsm.daemon import Daemon
@@ -595,6 +596,30 @@ def test_device_error_revokes_the_platform_side(tmp_path: Path, device: IdeDevic
         assert root_port(device)["windows"] == [] and d.vms["vm0"].windows == {}
         assert not d.devices["dev0"].tdi.mmio_private
         assert guest.call(MsgType.STATUS)["windows"] == []
+    finally:
+        guest.close()
+        d.close()
+        os.close(memfd)
+        vfio.close()
+
+
+def test_dma_windows_per_vm_are_capped(tmp_path: Path, device: IdeDevice,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_mod, "MAX_WINDOWS_PER_VM", 2)
+    vfio = Client.connect(str(device.sock))
+    vfio.version()
+    memfd = map_memfd(vfio, "tsm-window-cap")
+    d, guest = start_inproc(tmp_path, device)
+    try:
+        lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+        first = guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000})
+        guest.call(MsgType.DMA_ACCEPT, {"base": GUEST + 0x1000, "size": 0x1000})
+        refused = guest.call(MsgType.DMA_ACCEPT, {"base": GUEST + 0x2000, "size": 0x1000},
+                             error="refused")
+        assert "at most 2" in refused["message"]
+        assert len(root_port(device)["windows"]) == 2
+        guest.call(MsgType.DMA_RELEASE, {"window_id": first["window_id"]})
+        guest.call(MsgType.DMA_ACCEPT, {"base": GUEST + 0x2000, "size": 0x1000})
     finally:
         guest.close()
         d.close()

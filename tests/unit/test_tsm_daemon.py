@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from tsm import daemon as daemon_mod
+from tsm.__main__ import main
+from tsm.ctl import CtlError
 from tsm.daemon import Daemon, write_secret
 from tsm.device import DeviceConfig, DeviceLink
 from tsm.journal import Journal
@@ -105,3 +107,77 @@ def test_status_answers_while_the_daemon_lock_is_held(tmp_path: Path) -> None:
         release.set()
         holder.join()
         d.close()
+
+
+def test_bind_secret_file_checks(tmp_path: Path) -> None:
+    state = tmp_path / "tsm"
+    journal_two_devices(state, tmp_path)
+    d = Daemon(state, reconnect_delays=())
+    important = tmp_path / "important.txt"
+    important.write_text("keep me")
+    bind = {"vm": "vm0", "device": "dev0", "ghcx_socket": str(tmp_path / "vm0.sock")}
+    try:
+        for path, error in ((state / "journal.jsonl", "inside the state directory"),
+                            (state / "ctl.sock", "inside the state directory"),
+                            (state / "vms" / ".." / "x.secret", "inside the state directory"),
+                            (state / "vms" / "sub" / "x.secret", "inside the state directory"),
+                            (important, "exists and is not a GHCx secret"),
+                            (tmp_path, "exists and is not a GHCx secret"),
+                            (state / "vms" / "vm1.secret", "is VM vm1's")):
+            with pytest.raises(CtlError, match=error):
+                d.ctl_request("bind", bind | {"secret_file": str(path)})
+        assert important.read_text() == "keep me"
+        assert (state / "journal.jsonl").stat().st_size > 0
+        old = tmp_path / "old.secret"              # an earlier secret of ours: replaced
+        write_secret(old)
+        before = old.read_bytes()
+        assert d.ctl_request("bind", bind | {"secret_file": str(old)})["secret_file"] == \
+            str(old)
+        assert old.read_bytes() != before and old.stat().st_mode & 0o777 == 0o600
+        d.ctl_request("unbind", {"vm": "vm0"})
+        custom = state / "vms" / "custom.secret"   # inside the state dir: only under vms/
+        d.ctl_request("bind", bind | {"secret_file": str(custom)})
+        assert len(custom.read_bytes()) == 32
+    finally:
+        d.close()
+
+
+def test_unbind_is_best_effort(tmp_path: Path) -> None:
+    """The device and its platform are unreachable: unbind still forgets the VM (and
+    deletes its secret), and says what it could not do."""
+    state = tmp_path / "tsm"
+    journal_two_devices(state, tmp_path)
+    journal, _ = Journal.open(state)
+    journal.append("tdi", device="dev1", state="RUN", lock_epoch=1, vm="vm1", reason=None,
+                   source="tsm")
+    journal.append("window", window_id=7, vm="vm1", device="dev1", base=0x1000,
+                   size=0x1000, access="rw")
+    journal.close()
+    d = Daemon(state, reconnect_delays=())
+    try:
+        result = d.ctl_request("unbind", {"vm": "vm1"})
+        assert result["unbound"] and "vm1" not in d.vms
+        assert [f.split(":")[0] for f in result["failed"]] == [
+            "STOP", "windows not revoked at the platform"]
+        assert "no SPDM session" in result["failed"][0]
+        assert not (state / "vms" / "vm1.secret").exists()
+        assert d.devices["dev1"].tdi.vm is None
+        assert d.devices["dev1"].tdi.state.name == "ERROR"      # STOP did not happen
+    finally:
+        d.close()
+    d = Daemon(state, reconnect_delays=())                       # the journal agrees
+    try:
+        assert d.vms == {} and d.devices["dev1"].tdi.vm is None
+    finally:
+        d.close()
+
+
+def test_mmio_reporting_offset_parse_error(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["ctl", "--ctl-socket", str(tmp_path / "c.sock"), "bind", "--vm", "vm0",
+              "--device", "dev0", "--ghcx-socket", "g.sock", "--mmio-reporting-offset",
+              "0x1zz"])
+    assert exit_.value.code == 2
+    assert ("argument --mmio-reporting-offset: '0x1zz' must be an integer (0x... allowed)"
+            in capsys.readouterr().err)

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from teeio.tdisp.defs import TdiState
-from tsm import journal as journal_mod
 from tsm.daemon import Daemon, read_secret, write_secret
 from tsm.journal import JOURNAL_NAME, Journal, JournalError, read_records
 from tsm.tdi import REASON_RESTART
@@ -44,7 +43,7 @@ def test_every_record_and_the_directory_are_fsynced(tmp_path: Path,
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real(fd)
 
-    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)                 # the module tsm.journal uses
     j, _ = Journal.open(tmp_path)
     assert str(tmp_path) in synced                          # the directory, on create
     synced.clear()
@@ -83,11 +82,22 @@ def test_corruption_before_the_end_is_refused(tmp_path: Path) -> None:
 
 def test_secret_fields_are_refused(tmp_path: Path) -> None:
     j, _ = Journal.open(tmp_path)
-    for name in ("secret", "key", "nonce", "token", "wrapped_key"):
+    for name in ("secret", "key", "nonce", "token", "wrapped_key", "session_key", "keys",
+                 "start_nonce", "Secret", "launch_secret", "psk_hint", "auth_token",
+                 "credential", "ide_key_table", "SESSION_KEYS"):
         with pytest.raises(ValueError, match="may not carry"):
             j.append("vm", vm="vm0", **{name: "00"})
+    with pytest.raises(ValueError, match=r"may not carry \['my_secret_file'\]"):
+        j.append("vm", vm="vm0", secret_file="/p", my_secret_file="/q")
     j.close()
     assert read_records(tmp_path / JOURNAL_NAME)[0] == []
+    # the path fields are allowed: they name files, they do not hold the material
+    j, _ = Journal.open(tmp_path)
+    j.append("device", device="dev0", platform_credential="/c", trust_anchor="/a",
+             session_id="0x1", stream_id=3, lock_epoch=1)
+    j.append("vm", vm="vm0", secret_file="/s")
+    j.close()
+    assert [r["type"] for r in read_records(tmp_path / JOURNAL_NAME)[0]] == ["device", "vm"]
 
 
 def test_secret_file(tmp_path: Path) -> None:
