@@ -42,6 +42,7 @@ test-fast: $(STAMP)
 
 bench: image
 	$(PY) -m bench.bench --out out/bench.json
+	$(PY) -m bench.bench_backends --out out/bench-backends.json
 	$(PY) -m bench.bench_spdm --out out/bench-spdm.json
 	$(PY) -m bench.bench_link --out out/bench-link.json
 	$(PY) -m bench.bench_tdi --out out/bench-tdi.json
