@@ -171,7 +171,7 @@ class DmaMapSet:
                         self._cond.wait()
                     del self._regions[i]
                     self.unmaps_total += 1
-                    _release(r)
+                    _drop_memory(r)
                     break
             else:
                 raise ProtocolError(errno.ENOENT,
@@ -183,7 +183,7 @@ class DmaMapSet:
             while any(r.users for r in self._regions):
                 self._cond.wait()
             for r in self._regions:
-                _release(r)
+                _drop_memory(r)
             gone = [MapEvent("unmap", _backing(r)) for r in self._regions]
             self._regions.clear()
         self._notify(gone)
@@ -234,27 +234,29 @@ class DmaMapSet:
         return out
 
     def read(self, address: int, length: int, pinned: Collection[int] | None = None) -> bytes:
-        """*length* bytes at guest *address*; with *pinned*, only from maps with those ids."""
-        chunks: list[bytes | memoryview] = []
+        """*length* bytes at guest *address*; with *pinned*, only from maps with those ids.
+        Mapped pieces are copied first, under references; pieces reached over the socket
+        come after those are released (see :meth:`_acquire`)."""
         with self._cond:
             pieces = self._pieces(address, length, DmaFlags.READ, pinned)
-            self._acquire(pieces)
+            held = self._acquire(pieces)
+        chunks: list[bytes | None] = []
         try:
             for r, pos, n in pieces:
-                if r.mem is not None:
-                    off = pos - r.address
-                    chunks.append(r.mem[off:off + n])
-                else:
-                    chunks.append(self._remote_read(pos, n))
+                off = pos - r.address
+                chunks.append(bytes(r.mem[off:off + n]) if r.mem is not None else None)
         finally:
-            self._release(pieces)
-        return b"".join(chunks)
+            self._release(held)
+        return b"".join(c if c is not None else self._remote_read(pos, n)
+                        for c, (_, pos, n) in zip(chunks, pieces, strict=True))
 
     def write(self, address: int, data: bytes, pinned: Collection[int] | None = None) -> None:
-        """*data* to guest *address*; with *pinned*, only into maps with those ids."""
+        """*data* to guest *address*; with *pinned*, only into maps with those ids (mapped
+        pieces first, as for :meth:`read`)."""
         with self._cond:
             pieces = self._pieces(address, len(data), DmaFlags.WRITE, pinned)
-            self._acquire(pieces)
+            held = self._acquire(pieces)
+        remote: list[tuple[int, int, int]] = []
         try:
             done = 0
             for r, pos, n in pieces:
@@ -262,24 +264,28 @@ class DmaMapSet:
                     off = pos - r.address
                     r.mem[off:off + n] = data[done:done + n]
                 else:
-                    self._remote_write(pos, data[done:done + n])
+                    remote.append((pos, done, n))
                 done += n
         finally:
-            self._release(pieces)
+            self._release(held)
+        for pos, done, n in remote:
+            self._remote_write(pos, data[done:done + n])
 
     @staticmethod
-    def _acquire(pieces: list[tuple[DmaRegion, int, int]]) -> None:
-        # Only mmap()ed regions hold references; socket DMA holds none, so an unmap
-        # never waits on a DMA reply that the reader thread (busy unmapping) must route.
-        for r, _, _ in pieces:
-            if r.mem is not None:
-                r.users += 1
+    def _acquire(pieces: list[tuple[DmaRegion, int, int]]) -> list[DmaRegion]:
+        # Only mapped regions hold references, and only while their bytes are copied: no
+        # reference is held across a socket round trip, so an unmap never waits on a DMA
+        # reply that the thread busy unmapping must route -- nor, with libvfio-user, on
+        # an access whose own message exchange made the library reset the context.
+        held = [r for r, _, _ in pieces if r.mem is not None]
+        for r in held:
+            r.users += 1
+        return held
 
-    def _release(self, pieces: list[tuple[DmaRegion, int, int]]) -> None:
+    def _release(self, held: list[DmaRegion]) -> None:
         with self._cond:
-            for r, _, _ in pieces:
-                if r.mem is not None:
-                    r.users -= 1
+            for r in held:
+                r.users -= 1
             self._cond.notify_all()
 
     def _remote_read(self, address: int, n: int) -> bytes:
@@ -293,7 +299,7 @@ class DmaMapSet:
         self.remote_write(address, data)
 
 
-def _release(r: DmaRegion) -> None:
+def _drop_memory(r: DmaRegion) -> None:
     if isinstance(r.mem, memoryview):
         r.mem.release()
     elif r.mem is not None:
