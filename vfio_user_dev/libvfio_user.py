@@ -580,6 +580,7 @@ class LibVfioUserServer:
         if not self._attached:
             return
         self._attached = False
+        self._wake()        # the run thread polls another fd now (a reset may come from DMA)
         self.device.dma.remote_read = None
         self.device.dma.remote_write = None
         self.device.dma.clear()
