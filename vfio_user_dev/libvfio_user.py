@@ -33,9 +33,9 @@ interrupt never waits for the context lock: it is triggered at once when the loc
 (or already ours), else queued for the run thread, which is woken to trigger it.
 
 Quiesce.  The callback reports the device quiesced at once: the library calls it only
-from inside ``vfu_run_ctx``, under the context lock, so no library DMA call of the
-engine can run until that request is done; accesses to mapped memory are tracked by the
-DmaMapSet itself, whose unmap waits for them (the library munmaps only after the
+from inside its own functions, all called under the context lock, so no library DMA call
+of the engine can run until the library is done; accesses to mapped memory are tracked
+by the DmaMapSet itself, whose unmap waits for them (the library munmaps only after the
 unregister callback returned).
 
 Differences from the pure-Python server, all the library's own behaviour: it
