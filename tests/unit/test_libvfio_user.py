@@ -10,6 +10,7 @@ import logging
 import mmap
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -91,6 +92,10 @@ def test_missing_library_is_one_sentence_saying_how_to_point_to_it(tmp_path: Any
 def test_missing_library_names_the_unset_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     if ctypes.util.find_library("vfio-user"):
         pytest.skip("a libvfio-user is on the loader's search path here")
+    if "libvfio-user" in Path("/proc/self/maps").read_text():
+        # dlopen by soname finds a copy an earlier test loaded by path (glibc matches the
+        # SONAME of loaded objects), so "missing" cannot be shown in this process.
+        pytest.skip("an earlier test loaded libvfio-user into this process")
     monkeypatch.delenv(lvu.ENV_VAR, raising=False)
     with pytest.raises(lvu.LibraryMissing, match="TEEIO_LIBVFIO_USER is not set"):
         lvu.load()
