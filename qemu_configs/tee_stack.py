@@ -228,6 +228,11 @@ class TeeStack:
         finally:
             with contextlib.suppress(Exception):
                 (self.wd / "tsm-status.json").write_text(json.dumps(self.status(), indent=2))
+            if self.tsm is not None:
+                # The VM is gone: as a VMM would, unbind it (the TSM STOPs a TDI still
+                # locked or running, revokes its windows and forgets the launch secret).
+                with contextlib.suppress(Exception):
+                    self.ctl("unbind", "--vm", self.opts.vm_id, check=False)
             self.stop_tsm()
             if self.relay is not None and hasattr(self.relay, "close"):
                 self.relay.close()
