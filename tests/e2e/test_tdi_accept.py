@@ -108,7 +108,10 @@ def test_host_bar_write_during_run_means_error_through_a_ghcx_mitm(
         relays.append(GhcxRelay(qemu_side, tsm_side))
         return relays[-1]
 
+    launch_secret: list[bytes] = []
+
     def write_bar(stack: TeeStack) -> None:
+        launch_secret.append(stack.secret_file.read_bytes())   # unbind removes it later
         r = stack.host("config_write", offset=0x10, size=4, value=0xFEB00000)
         assert r["ok"], r
 
@@ -124,7 +127,8 @@ def test_host_bar_write_during_run_means_error_through_a_ghcx_mitm(
     assert rep["ghcx"].get("forged", 0) >= 1, rep["ghcx"]
     tsm_view = json.dumps(json.loads((stack.wd / "tsm-status.json").read_text()))
     assert '"replay"' in tsm_view, tsm_view
-    secret = stack.secret_file.read_bytes()
+    (secret,) = launch_secret
+    assert len(secret) == 32 and not stack.secret_file.exists()     # forgotten at unbind
     journal = (stack.tsm_dir / "journal.jsonl").read_bytes()
     assert secret not in journal and secret.hex().encode() not in journal
     # The host's BAR write during RUN: ERROR, and the device's DMA stopped.
