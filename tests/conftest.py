@@ -4,7 +4,9 @@ The server tests run against both vfio-user transports over the same device mode
 ``both_backends`` parametrises a module's ``backend`` (default "python"), and the
 libvfio-user leg skips, saying why, unless ``$TEEIO_LIBVFIO_USER`` points to a loadable
 libvfio-user.so.0.  A test marked ``python_only(reason)`` checks behaviour that belongs
-to the pure-Python transport; its libvfio-user leg skips with that reason.
+to the pure-Python transport; its libvfio-user leg skips with that reason.  A test marked
+``socket_dma`` reaches memory without an fd: its libvfio-user server opts in to socket DMA
+(refused by default on that backend).
 """
 
 from __future__ import annotations
@@ -55,14 +57,14 @@ def skip_unless_libvfio_user(backend: str) -> None:
 
 
 class RunningServer:
-    def __init__(self, path: Path, backend: str = "python") -> None:
+    def __init__(self, path: Path, backend: str = "python", socket_dma: bool = False) -> None:
         self.path = str(path)
         self.backend = backend
         self.device = TeeIoDevice()
         self.server: Server | LibVfioUserServer
         self.thread: threading.Thread | None = None
         if backend == "libvfio-user":
-            self.server = LibVfioUserServer(self.path, self.device)
+            self.server = LibVfioUserServer(self.path, self.device, socket_dma=socket_dma)
             self.server.start()
         else:
             self.server = Server(self.path, self.device)
@@ -94,6 +96,7 @@ def server(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Iter
     marker = request.node.get_closest_marker("python_only")
     if backend != "python" and marker is not None:
         pytest.skip(f"pure-Python transport only: {marker.args[0]}")
-    srv = RunningServer(tmp_path / "vfio-user.sock", backend)
+    socket_dma = request.node.get_closest_marker("socket_dma") is not None
+    srv = RunningServer(tmp_path / "vfio-user.sock", backend, socket_dma=socket_dma)
     yield srv
     srv.stop()

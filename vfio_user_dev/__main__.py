@@ -52,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="vfio-user transport: the pure-Python server (default), or "
                          "libvfio-user through ctypes (libvfio-user.so.0 from "
                          "$TEEIO_LIBVFIO_USER or the loader's search path)")
+    ap.add_argument("--libvfio-user-socket-dma", action="store_true",
+                    help="libvfio-user backend: reach guest memory without an fd (QEMU "
+                         "without share=on) with DMA_READ/DMA_WRITE messages. Refused by "
+                         "default (the job ends with FAULT): the library takes a client "
+                         "command sent while such a request is outstanding for its reply, "
+                         "which desynchronises the connection (its issue 279); use this "
+                         "only if you accept that risk")
     ap.add_argument("--stats-file", type=Path,
                     help="keep device counters (DMA jobs, bytes, interrupts) in this JSON file")
     ap.add_argument("--max-clients", type=int, default=None,
@@ -106,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_args(argv)
     if (ns.platform_socket is None) != (ns.platform_credential is None):
         ap.error("--platform-socket and --platform-credential go together")
+    if ns.libvfio_user_socket_dma and ns.backend != "libvfio-user":
+        ap.error("--libvfio-user-socket-dma goes with --backend libvfio-user")
     if not 0 <= ns.heartbeat_period <= dsm.MAX_HEARTBEAT_PERIOD:
         ap.error(f"--heartbeat-period must be 0..{dsm.MAX_HEARTBEAT_PERIOD} seconds")
 
@@ -149,11 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     host_access = (HostAccessServer(ns.host_socket, device).start()
                    if ns.host_socket is not None else None)
     server: Server | LibVfioUserServer
-    if lib is not None:
-        from vfio_user_dev.libvfio_user import LibVfioUserServer
-        server = LibVfioUserServer(ns.socket, device, lib)
-    else:
-        server = Server(ns.socket, device)
+    try:
+        if lib is not None:
+            from vfio_user_dev.libvfio_user import LibVfioUserServer
+            server = LibVfioUserServer(ns.socket, device, lib,
+                                       socket_dma=ns.libvfio_user_socket_dma)
+        else:
+            server = Server(ns.socket, device)
+    except OSError as exc:
+        print(f"error: --socket {ns.socket}: {exc.strerror or exc}", file=sys.stderr)
+        for doe in doe_servers:
+            doe.close()
+        if platform is not None:
+            platform.close()
+        if host_access is not None:
+            host_access.close()
+        if security is not None:
+            security.close()
+        device.close()
+        return 1
     for doe in doe_servers:
         doe.on_shutdown = server.close
         doe.start()

@@ -800,4 +800,4 @@ class TeeIoDevice:
         if level:
             status |= Status.INTERRUPT_STATUS
         self.config.poke(Reg.STATUS, 2, status)
-        self.irq.set_intx(bool(level))
+        self.irq.set_intx(bool(level), event=bool(new_bits & self.r[R.INT_ENABLE]))

@@ -42,7 +42,15 @@ def _signal(fd: int) -> None:
 
 
 class IrqSink(Protocol):
-    """Where interrupts go when the controller does not hold the client's eventfds."""
+    """Where interrupts go when the controller does not hold the client's eventfds.
+
+    ``automask``: whether INTx is automasked after each delivery until the client's
+    UNMASK.  False for a sink that cannot promise an UNMASK after every EOI (libvfio-user
+    turns QEMU's INTx unmask eventfd into one UNMASK callback and drops the fd, so under
+    KVM no UNMASK would ever follow): the controller then re-evaluates the line level on
+    each UNMASK it does get and on each new interrupt event instead."""
+
+    automask: bool
 
     def ready(self, index: int, vector: int) -> bool:
         """Whether an interrupt of this IRQ index and vector can be delivered now."""
@@ -202,12 +210,19 @@ class IrqController:
                 return
             self._fire(PciIrq.MSIX, vector)
 
-    def set_intx(self, level: bool) -> None:
+    def set_intx(self, level: bool, event: bool = False) -> None:
+        """The INTx line level; *event*: a new interrupt event made (or kept) it high.
+        Delivered on a rising edge; without automasking (see :class:`IrqSink`) also on a
+        new event while the line stays high, since the client's EOI may have lowered it
+        on its side without an UNMASK to tell us."""
         with self._lock:
             rising = level and not self.intx_asserted
             self.intx_asserted = level
-            if rising:
+            if rising or (level and event and not self._automask()):
                 self.update_intx()
+
+    def _automask(self) -> bool:
+        return self.sink is None or self.sink.automask
 
     def update_intx(self) -> None:
         """Deliver INTx if asserted, enabled (Command bit 10 clear) and not masked."""
@@ -227,7 +242,7 @@ class IrqController:
             if not self.sink.ready(index, v):
                 self.undelivered(index, v)
                 return
-            if index == PciIrq.INTX:
+            if index == PciIrq.INTX and self.sink.automask:
                 self.masked[index][v] = True  # AUTOMASKED: until UNMASK (or undelivered)
             self.sink.signal(index, v)
             return

@@ -18,7 +18,8 @@ How the device is wired to the library::
                                                      no DOE or IDE)
     vfu_setup_device_dma(register, unregister)       maps feed device.dma (DmaMapSet):
                                                      mmap()ed by the library -> a view;
-                                                     no fd -> vfu_sgl_read/vfu_sgl_write
+                                                     not mapped -> refused (DmaFault), or
+                                                     with socket_dma: vfu_sgl_read/_write
     vfu_setup_device_nr_irqs(irq.counts)             INTx 1, MSI-X 4 (as the device says)
     vfu_setup_irq_state_callback(INTx, MSI-X)        MASK/UNMASK -> device.irq
     vfu_setup_device_reset_cb / _quiesce_cb          reset, lost client, quiesce
@@ -32,21 +33,37 @@ for the client.  The device's DMA engine takes it for ``vfu_sgl_read``/``vfu_sgl
 interrupt never waits for the context lock: it is triggered at once when the lock is free
 (or already ours), else queued for the run thread, which is woken to trigger it.
 
-Quiesce.  The callback reports the device quiesced at once: the library calls it only
-from inside its own functions, all called under the context lock, so no library DMA call
-of the engine can run until the library is done; accesses to mapped memory are tracked
-by the DmaMapSet itself, whose unmap waits for them (the library munmaps only after the
-unregister callback returned).
+Quiesce.  The callback reports the device quiesced at once and never answers -1/EBUSY:
+the library calls it only from inside its own functions, all called under the context
+lock, so no library DMA call of the engine can run until the library is done; accesses
+to mapped memory are tracked by the DmaMapSet itself, whose unmap waits for them (the
+library munmaps only after the unregister callback returned).  An EBUSY would oblige us
+to call ``vfu_device_quiesced`` later, which nothing here does.
+
+Socket DMA.  Memory the library did not mmap() (DMA_MAP without an fd) can only be
+reached with DMA_READ/DMA_WRITE messages (``vfu_sgl_read``/``vfu_sgl_write``), which the
+library sends and then waits for the reply on the command socket: a client command sent
+meanwhile (a vCPU's MMIO access) is taken for the reply and the connection is out of
+step from then on (the library's issue 279; its "twin socket" capability avoids it, but
+neither QEMU nor our client offers it).  So this backend refuses socket DMA unless the
+server is created with ``socket_dma=True`` (``--libvfio-user-socket-dma``): the access
+faults (the job ends with FAULT) and one ERROR is logged.  With the opt-in, a failure the
+library reports as EPROTO/EINVAL (a reply out of step) shuts the connection down, so that
+the library resets instead of reading on from a corrupt stream.  ``VFU_SGL_DIRECT_ACCESS``
+is always passed, so a region with an fd the library did not map (the client's FILE_IO
+flag) is read with pread/pwrite rather than over the socket; the library's public API does
+not tell such a region from one without an fd, so without the opt-in it is refused too.
 
 Differences from the pure-Python server, all the library's own behaviour: it
 negotiates VERSION itself (inside ``vfu_attach_ctx``) and replies with its own
-capabilities; it reports the IRQ indices with the EVENTFD flag only (INTx is still
-automasked here, and QEMU still sends UNMASK after the guest's EOI); it keeps the
-eventfds, so MSI-X is used when MSI-X Enable is set in config space; and DMA to memory
-without an fd goes through ``vfu_sgl_read``/``vfu_sgl_write``, which wait for the
-client's reply on the command socket: a client command arriving meanwhile breaks the
-exchange (the library's "twin socket" capability avoids that, if the client offers it).
-Guest RAM shared as an fd (QEMU ``share=on``) never takes that path.
+capabilities; it reports the IRQ indices with the EVENTFD flag only; it turns an INTx
+unmask eventfd (QEMU's, under KVM) into one UNMASK callback and drops the fd, so INTx is
+not automasked here (the sink says ``automask = False``): the line level is re-evaluated
+on each UNMASK and each new interrupt event instead; it applies a MASK/UNMASK with
+DATA_BOOL to every vector in the range, whatever the bools say; it keeps the eventfds, so
+MSI-X is used when MSI-X Enable is set in config space; and DMA to memory without an fd is
+refused unless opted in (see Socket DMA).  Guest RAM shared as an fd (QEMU ``share=on``)
+never takes that path.
 """
 
 from __future__ import annotations
@@ -69,12 +86,14 @@ from teeio.pcie.config import Reg
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dma import DmaFault, Inode
 from vfio_user_dev.protocol import DmaFlags, PciIrq, PciRegion, ProtocolError, RegionFlags
+from vfio_user_dev.server import remove_stale_socket
 
 log = logging.getLogger(__name__)
 liblog = logging.getLogger(__name__ + ".lib")
 
 ENV_VAR = "TEEIO_LIBVFIO_USER"
 SONAME = "libvfio-user.so.0"
+SOCKET_DMA_OPTION = "--libvfio-user-socket-dma"
 
 # -- definitions from include/libvfio-user.h ------------------------------------------------
 
@@ -110,6 +129,7 @@ class VfuResetType(IntEnum):
 
 
 LIBVFIO_USER_FLAG_ATTACH_NB = 1 << 0
+VFU_SGL_DIRECT_ACCESS = 1 << 0     # vfu_sgl_read/write: through the client's fd if it has one
 LIBVFIO_USER_MAX_DMA_REGIONS = 1000 * 1000
 PCI_HEADER_TYPE_NORMAL = 0
 # enum vfu_dev_irq_type (VFU_DEV_INTX_IRQ ... VFU_DEV_REQ_IRQ) is linux/vfio.h's order,
@@ -227,8 +247,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def guarded(default_errno: int = errno.EIO) -> Callable[[F], F]:
     """For a callback returning int: an exception becomes -1 with errno set (the device's
-    own refusals keep their errno; a DMA fault is EFAULT; anything else is logged with its
-    traceback and becomes *default_errno*)."""
+    own refusals keep their errno; a DMA fault is EFAULT; anything else, BaseException
+    included, is logged with its traceback and becomes *default_errno*)."""
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def inner(*args: Any) -> Any:
@@ -240,7 +260,9 @@ def guarded(default_errno: int = errno.EIO) -> Callable[[F], F]:
             except DmaFault as exc:
                 log.warning("%s: %s", fn.__name__, exc)
                 ctypes.set_errno(errno.EFAULT)
-            except Exception:
+            except BaseException:
+                # BaseException too: ctypes would turn a KeyboardInterrupt/SystemExit that
+                # escapes a callback into a silent 0, i.e. success (of a reset, a quiesce).
                 log.exception("%s failed (answered with errno %s)", fn.__name__,
                               errno.errorcode.get(default_errno, default_errno))
                 ctypes.set_errno(default_errno)
@@ -250,12 +272,13 @@ def guarded(default_errno: int = errno.EIO) -> Callable[[F], F]:
 
 
 def logged(fn: F) -> F:
-    """For a void callback: an exception is logged with its traceback (C gets nothing)."""
+    """For a void callback: an exception (BaseException included) is logged with its
+    traceback; C gets nothing, and nothing escapes into it."""
     @functools.wraps(fn)
     def inner(*args: Any) -> None:
         try:
             fn(*args)
-        except Exception:
+        except BaseException:
             log.exception("%s failed", fn.__name__)
     return inner  # type: ignore[return-value]
 
@@ -309,7 +332,10 @@ class DeviceCallbacks:
 
     @guarded()
     def _quiesce(self, _ctx: Any) -> int:
-        return 0   # see the module docstring: nothing of ours can be mid-call into the library
+        # Always 0, never -1/EBUSY: nothing of ours can be mid-call into the library (see
+        # the module docstring), and an EBUSY would oblige us to call vfu_device_quiesced
+        # later, which nothing here does (the library would wait forever).  Keep it so.
+        return 0
 
     @guarded()
     def _reset(self, _ctx: Any, kind: int) -> int:
@@ -370,25 +396,35 @@ def _syslog_level(logger: logging.Logger) -> int:
 class LibVfioUserServer:
     """Serves *device* on the UNIX socket *path* through libvfio-user, one client at a
     time; the same interface as :class:`vfio_user_dev.server.Server` (``serve_forever``,
-    ``close``, ``clients``)."""
+    ``close``, ``clients``).  *socket_dma*: reach memory without an fd with DMA_READ/
+    DMA_WRITE messages despite the risk (module docstring, Socket DMA); refused otherwise."""
 
-    def __init__(self, path: str, device: TeeIoDevice, lib: Any | None = None) -> None:
+    def __init__(self, path: str, device: TeeIoDevice, lib: Any | None = None, *,
+                 socket_dma: bool = False) -> None:
         self.path = path
         self.device = device
         self.lib = lib if lib is not None else load()
+        self.socket_dma = socket_dma
         self.clients = 0
         self.max_clients: int | None = None
         self._lock = threading.RLock()          # the context lock (module docstring)
         self._stop = threading.Event()
         self._attached = False
-        self._pending_irqs: list[tuple[int, int]] = []
+        self._socket_dma_refusal_logged = False
+        # Interrupts waiting for the context lock: (index, vector, device generation).
+        # _queue_lock also guards the wake pipe's fds (written, read, closed under it).
+        self._pending_irqs: list[tuple[int, int, int]] = []
         self._queue_lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
+        # Our own dup of the client connection (made under the context lock when it is
+        # attached): close() shuts it down without asking the library, which it may not
+        # call unlocked; closed when the client is lost and when the context is destroyed.
+        self._conn: socket.socket | None = None
+        self._conn_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._sg_size = int(self.lib.dma_sg_size())
         self.callbacks = DeviceCallbacks(device, self._lost_client)
-        if os.path.exists(path):
-            os.unlink(path)
+        remove_stale_socket(path)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         ctx = self.lib.vfu_create_ctx(VfuTrans.VFU_TRANS_SOCK, path.encode(),
                                       LIBVFIO_USER_FLAG_ATTACH_NB, None,
                                       VfuDevType.VFU_DEV_TYPE_PCI)
@@ -473,27 +509,36 @@ class LibVfioUserServer:
             return
         thread.join(2)
         if thread.is_alive():
-            # Stuck inside the library waiting for a client that sends nothing: shut its
-            # socket down under it (the only library state read without the lock).
-            self._unblock()
+            # Stuck inside the library waiting for a client that sends nothing: shut the
+            # connection down under it, through our own dup (the library is not asked).
+            self._shutdown_conn()
             thread.join(5)
+            if thread.is_alive():
+                log.error("libvfio-user run thread did not stop within 7 s of close(); "
+                          "leaving it (a daemon thread) and the context behind")
 
-    def _unblock(self) -> None:
-        ctx = self._ctx
-        if ctx is None:
-            return
-        fd = int(self.lib.vfu_get_poll_fd(ctx))
-        if fd < 0:
-            return
-        with contextlib.suppress(OSError):
-            dup = socket.socket(fileno=os.dup(fd))
-            with contextlib.suppress(OSError):
-                dup.shutdown(socket.SHUT_RDWR)
-            dup.close()
+    def _shutdown_conn(self) -> None:
+        """Shut the client connection down (both directions) through our dup: the library
+        then sees the client gone and resets."""
+        with self._conn_lock:
+            if self._conn is not None:
+                with contextlib.suppress(OSError):
+                    self._conn.shutdown(socket.SHUT_RDWR)
+
+    def _close_conn(self) -> None:
+        with self._conn_lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def _wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"!")
+        with self._queue_lock:
+            self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):      # full (non-blocking): already woken
+                os.write(self._wake_w, b"!")
 
     def _destroy(self) -> None:
         """Destroy the context (under the lock, or before any thread runs): the library
@@ -501,12 +546,15 @@ class LibVfioUserServer:
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
             self.lib.vfu_destroy_ctx(ctx)
+        self._close_conn()
         if self.device.irq.sink is getattr(self, "_irq_sink", None):
             self.device.irq.sink = None
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+        with self._queue_lock:
+            self._pending_irqs.clear()
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
 
     # -- the run thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -515,12 +563,14 @@ class LibVfioUserServer:
                 with self._lock:
                     assert self._ctx is not None
                     fd = int(self.lib.vfu_get_poll_fd(self._ctx))
+                wake = self._wake_r     # closed only by _destroy, on this thread
                 try:
-                    ready, _, _ = select.select([fd, self._wake_r], [], [])
+                    ready, _, _ = select.select([fd, wake], [], [])
                 except OSError:
                     continue        # the fd went away under us (a reset in a DMA call)
-                if self._wake_r in ready:
-                    os.read(self._wake_r, 4096)
+                if wake in ready:
+                    with self._queue_lock, contextlib.suppress(BlockingIOError):
+                        os.read(wake, 4096)
                 with self._lock:
                     self._flush_irqs()
                 if self._stop.is_set() or fd not in ready:
@@ -536,8 +586,6 @@ class LibVfioUserServer:
             log.exception("libvfio-user run thread failed")
         finally:
             with self._lock:
-                with self._queue_lock:
-                    self._pending_irqs.clear()
                 self._destroy()
 
     def _attach(self) -> None:
@@ -553,6 +601,16 @@ class LibVfioUserServer:
             self._attached = True
             self.device.dma.remote_read = self._remote_read
             self.device.dma.remote_write = self._remote_write
+            fd = int(self.lib.vfu_get_poll_fd(self._ctx))
+            try:
+                conn = socket.socket(fileno=os.dup(fd))
+            except OSError as exc:
+                log.warning("no dup of the client connection (fd %d): %s", fd, exc)
+            else:
+                with self._conn_lock:
+                    old, self._conn = self._conn, conn
+                if old is not None:
+                    old.close()
         log.info("client connected (libvfio-user negotiated VERSION)")
 
     def _serve(self) -> None:
@@ -580,7 +638,14 @@ class LibVfioUserServer:
         if not self._attached:
             return
         self._attached = False
-        self._wake()        # the run thread polls another fd now (a reset may come from DMA)
+        self._close_conn()
+        with self._queue_lock:
+            # An interrupt queued for the lost client must not reach the next one (as a
+            # PBA bit set when it turns out undeliverable); entries also carry the device
+            # generation, which the reset below moves on, for any queued after this.
+            self._pending_irqs.clear()
+            self._wake_locked()     # the run thread polls another fd now (a reset may
+                                    # come from a DMA call on the engine thread)
         self.device.dma.remote_read = None
         self.device.dma.remote_write = None
         self.device.dma.clear()
@@ -598,13 +663,20 @@ class LibVfioUserServer:
                 self._lock.release()
             return
         with self._queue_lock:
-            self._pending_irqs.append((index, vector))
-        self._wake()
+            self._pending_irqs.append((index, vector, self.device.generation))
+            if len(self._pending_irqs) == 1:    # empty -> non-empty: wake the run thread
+                self._wake_locked()
 
     def _flush_irqs(self) -> None:
+        """Trigger the queued interrupts (under the context lock); one queued before a
+        reset of the device (or the loss of its client) is dropped silently."""
         with self._queue_lock:
             pending, self._pending_irqs = self._pending_irqs, []
-        for index, vector in pending:
+        for index, vector, generation in pending:
+            if generation != self.device.generation:
+                log.debug("queued %s %d dropped: the device was reset since",
+                          PciIrq(index).name, vector)
+                continue
             self._trigger_now(index, vector)
 
     def _trigger_now(self, index: int, vector: int) -> None:
@@ -632,32 +704,58 @@ class LibVfioUserServer:
             raise DmaFault(f"DMA {address:#x}+{length:#x} spans {-n - 1} library regions")
         raise DmaFault(f"DMA {address:#x}+{length:#x}: {os.strerror(ctypes.get_errno())}")
 
+    def _refuse_socket_dma(self, what: str, address: int, length: int) -> DmaFault:
+        if not self._socket_dma_refusal_logged:
+            self._socket_dma_refusal_logged = True
+            log.error("DMA to guest memory without an fd (DMA_MAP without one: QEMU without "
+                      "share=on guest RAM) refused: libvfio-user would send DMA_READ/"
+                      "DMA_WRITE and take a client command sent meanwhile for the reply, "
+                      "desynchronising the connection (libvfio-user issue 279); the job "
+                      "ends with FAULT. Share guest RAM as an fd, use the python backend, "
+                      "or accept the risk with %s", SOCKET_DMA_OPTION)
+        return DmaFault(f"DMA {what} {address:#x}+{length:#x}: memory without an fd, socket "
+                        f"DMA refused on the libvfio-user backend ({SOCKET_DMA_OPTION})")
+
+    def _sgl_failed(self, call: str, address: int, length: int) -> DmaFault:
+        """The DmaFault for a failed vfu_sgl_*; a reply out of step (EPROTO, EINVAL)
+        shuts the connection down, so that the library resets rather than reading on."""
+        err = ctypes.get_errno()
+        if err in (errno.EPROTO, errno.EINVAL):
+            log.error("%s %#x+%#x: %s: the connection is out of step; shutting it down",
+                      call, address, length, os.strerror(err))
+            self._shutdown_conn()
+        return DmaFault(f"{call} {address:#x}+{length:#x}: {os.strerror(err) or 'failed'}")
+
     def _remote_read(self, address: int, length: int) -> bytes:
+        if not self.socket_dma:
+            raise self._refuse_socket_dma("read", address, length)
         with self._lock:
             if self._ctx is None or not self._attached:
                 raise DmaFault(f"DMA read at {address:#x}: no client")
             sg = self._sgl(address, length, mmap.PROT_READ)
             buf = ctypes.create_string_buffer(length)
-            if self.lib.vfu_sgl_read(self._ctx, sg, 1, buf, 0) < 0:
-                raise DmaFault(f"vfu_sgl_read {address:#x}+{length:#x}: "
-                               f"{os.strerror(ctypes.get_errno())}")
+            if self.lib.vfu_sgl_read(self._ctx, sg, 1, buf, VFU_SGL_DIRECT_ACCESS) < 0:
+                raise self._sgl_failed("vfu_sgl_read", address, length)
             return buf.raw
 
     def _remote_write(self, address: int, data: bytes) -> None:
+        if not self.socket_dma:
+            raise self._refuse_socket_dma("write", address, len(data))
         with self._lock:
             if self._ctx is None or not self._attached:
                 raise DmaFault(f"DMA write at {address:#x}: no client")
             sg = self._sgl(address, len(data), mmap.PROT_WRITE)
             buf = ctypes.create_string_buffer(data, len(data))
-            if self.lib.vfu_sgl_write(self._ctx, sg, 1, buf, 0) < 0:
-                raise DmaFault(f"vfu_sgl_write {address:#x}+{len(data):#x}: "
-                               f"{os.strerror(ctypes.get_errno())}")
+            if self.lib.vfu_sgl_write(self._ctx, sg, 1, buf, VFU_SGL_DIRECT_ACCESS) < 0:
+                raise self._sgl_failed("vfu_sgl_write", address, len(data))
 
 
 class _LibIrqSink:
     """The IRQ controller's sink when the library holds the client's eventfds.  The
     library keeps one eventfd array for INTx and MSI-X, so the device uses MSI-X when
     MSI-X Enable is set in its config space and INTx otherwise (PCIe 6.x §7.7.2.2)."""
+
+    automask = False    # the library drops QEMU's INTx unmask eventfd (see the module doc)
 
     def __init__(self, server: LibVfioUserServer) -> None:
         self.server = server

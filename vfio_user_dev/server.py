@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import socket
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -326,14 +327,22 @@ class Connection:
     }
 
 
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket left at *path* by an earlier run; anything else there is refused
+    (OSError EEXIST, one line), never deleted."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        os.unlink(path)
+
+
 class Server:
     """Accepts clients one after the other on a listening UNIX socket."""
 
     def __init__(self, path: str, device: TeeIoDevice) -> None:
         self.path = path
         self.device = device
-        if os.path.exists(path):
-            os.unlink(path)
+        remove_stale_socket(path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 
 import pytest
@@ -210,11 +211,70 @@ def test_dma_map_bad_fd_offset_is_einval(server: RunningServer) -> None:
 
 
 # -- DMA_READ / DMA_WRITE fallback (no fd) -------------------------------------------------------
+# On the libvfio-user leg these opt in to socket DMA (``socket_dma``); by default that
+# backend refuses it (the first test below).
 
 LOCAL = 0x20_0000
 
 
+def test_socket_dma_refused_by_default_on_libvfio_user(server: RunningServer,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    c = server.client()
+    mem = c.map_local(LOCAL, 0x2000)
+    enable_device(c)
+    mem.data[0:64] = bytes(range(64))
+    for _ in range(2):
+        st = run_job_quiet(c, server.device, Op.COPY, src=LOCAL, dst=LOCAL + 0x1000,
+                           length=64)
+        if server.backend == "python":
+            assert st == St.DONE
+        else:   # refused: no DMA_READ ever sent, the job faults, one ERROR says why
+            assert st & St.ERROR and error_code(st) == DmaError.FAULT
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    if server.backend == "python":
+        assert (mem.reads, mem.writes) == (2, 2) and errors == []
+    else:
+        assert (mem.reads, mem.writes) == (0, 0)
+        assert len(errors) == 1
+        assert "issue 279" in errors[0] and "--libvfio-user-socket-dma" in errors[0]
+        assert read_id(c)      # the connection is fine
+
+
+@pytest.mark.socket_dma
+def test_out_of_step_dma_reply_shuts_the_connection_down(server: RunningServer) -> None:
+    if server.backend == "python":
+        pytest.skip("the pure-Python transport routes the reply by its id "
+                    "(test_no_deadlock_while_dma_read_outstanding)")
+    # libvfio-user (opted in) takes a client command sent while its DMA_READ is
+    # outstanding for the reply (EPROTO/EINVAL): the connection is shut down, so the
+    # library resets instead of reading on from a stream that is out of step.
+    c = server.client()
+    c.map_local(LOCAL, 0x2000)
+    enable_device(c)
+    held: list[tuple[Header, bytes]] = []
+    c.on_server_request = lambda h, b: held.append((h, b)) is None
+    start_job(c, Op.COPY, src=LOCAL, dst=LOCAL + 0x1000, length=64)
+    if not held:
+        held.append(recv(c))
+    assert held[0][0].command == Command.DMA_READ
+    send(c, Command.REGION_READ, region_read_payload(BAR0, R.ID, 4))
+    c.sock.settimeout(5)
+    while True:     # anything the library still sends, then EOF
+        try:
+            data = c.sock.recv(4096)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+    c.close()
+    wait_until(lambda: not server.server._attached, "the library to drop the client")
+    c2 = server.client()
+    assert read_id(c2)
+    assert server.device.r[R.STATUS] == 0       # reset: the broken job's result dropped
+
+
 @pytest.mark.python_only(OUTSTANDING)
+@pytest.mark.socket_dma
 def test_fallback_copy_and_sha256_served_by_subsequent_calls(server: RunningServer) -> None:
     c = server.client()
     mem = c.map_local(LOCAL, 0x4000)
@@ -235,6 +295,7 @@ def test_fallback_copy_and_sha256_served_by_subsequent_calls(server: RunningServ
     assert (mem.reads, mem.writes) == (2, 2)
 
 
+@pytest.mark.socket_dma
 def test_fallback_served_by_serve_pending(server: RunningServer) -> None:
     c = server.client()
     mem = c.map_local(LOCAL, 0x2000)
@@ -248,6 +309,7 @@ def test_fallback_served_by_serve_pending(server: RunningServer) -> None:
     assert bytes(mem.data[0x1000:0x1040]) == bytes(range(64))
 
 
+@pytest.mark.socket_dma
 def test_fallback_respects_client_max_data_xfer_size(server: RunningServer) -> None:
     c = server.client(negotiate=False)
     c.version({"max_msg_fds": 8, "max_data_xfer_size": 512})
@@ -271,6 +333,7 @@ def test_fallback_respects_client_max_data_xfer_size(server: RunningServer) -> N
     assert (mem.reads, mem.writes) == (4, 4)
 
 
+@pytest.mark.socket_dma
 def test_fallback_mixed_with_fd_map(server: RunningServer) -> None:
     c = server.client()
     mem = c.map_local(LOCAL, 0x1000)
@@ -289,6 +352,7 @@ def test_fallback_mixed_with_fd_map(server: RunningServer) -> None:
         os.close(fd)
 
 
+@pytest.mark.socket_dma
 @pytest.mark.parametrize("command", [Command.DMA_READ, Command.DMA_WRITE])
 def test_fallback_error_reply_faults_the_job(server: RunningServer, command: Command) -> None:
     c = server.client()
@@ -321,6 +385,7 @@ def test_fallback_error_reply_faults_the_job(server: RunningServer, command: Com
 
 
 @pytest.mark.python_only("libvfio-user takes a short DMA_READ reply for a broken connection")
+@pytest.mark.socket_dma
 def test_fallback_short_dma_read_reply_faults_the_job(server: RunningServer) -> None:
     c = server.client()
     c.map_local(LOCAL, 0x2000)
@@ -337,6 +402,7 @@ def test_fallback_short_dma_read_reply_faults_the_job(server: RunningServer) -> 
 
 
 @pytest.mark.python_only(OUTSTANDING)
+@pytest.mark.socket_dma
 def test_no_deadlock_while_dma_read_outstanding(server: RunningServer) -> None:
     c = server.client()
     mem = c.map_local(LOCAL, 0x2000)
@@ -377,6 +443,7 @@ def test_no_deadlock_while_dma_read_outstanding(server: RunningServer) -> None:
 
 
 @pytest.mark.python_only(OUTSTANDING)
+@pytest.mark.socket_dma
 def test_unmap_of_local_map_while_dma_read_outstanding(server: RunningServer) -> None:
     # Socket DMA holds no reference on its map, so an UNMAP does not wait for the
     # outstanding DMA_READ reply (which the connection thread itself must route).

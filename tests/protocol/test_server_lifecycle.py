@@ -69,6 +69,7 @@ def test_device_reset_resets_registers_but_keeps_dma_maps(server: RunningServer)
         os.close(fd)
 
 
+@pytest.mark.socket_dma
 def test_device_reset_keeps_local_maps_and_session(server: RunningServer) -> None:
     c = server.client()
     mem = c.map_local(GUEST, 0x1000)
@@ -130,6 +131,7 @@ def test_new_client_must_negotiate_again(server: RunningServer) -> None:
     read_id(c2)
 
 
+@pytest.mark.socket_dma
 def test_disconnect_while_dma_read_outstanding(server: RunningServer) -> None:
     c1 = server.client()
     c1.map_local(GUEST, 0x2000)

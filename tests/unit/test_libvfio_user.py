@@ -9,6 +9,11 @@ import errno
 import logging
 import mmap
 import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,12 +21,16 @@ from typing import Any
 
 import pytest
 
+from teeio.device_regs import Irq, R
 from vfio_user_dev import libvfio_user as lvu
 from vfio_user_dev.__main__ import main as device_main
 from vfio_user_dev.device import MSIX_CAP, MSIX_ENABLE, TeeIoDevice
 from vfio_user_dev.dma import DmaFault
 from vfio_user_dev.irq import IrqController
 from vfio_user_dev.protocol import DmaFlags, PciIrq, PciRegion, ProtocolError
+from vfio_user_dev.server import Server
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # -- declarations -----------------------------------------------------------------------------
 
@@ -89,16 +98,21 @@ def test_missing_library_is_one_sentence_saying_how_to_point_to_it(tmp_path: Any
     assert "TEEIO_LIBVFIO_USER=/path/libvfio-user.so.0" in text
 
 
-def test_missing_library_names_the_unset_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_library_names_the_unset_variable() -> None:
     if ctypes.util.find_library("vfio-user"):
         pytest.skip("a libvfio-user is on the loader's search path here")
-    if "libvfio-user" in Path("/proc/self/maps").read_text():
-        # dlopen by soname finds a copy an earlier test loaded by path (glibc matches the
-        # SONAME of loaded objects), so "missing" cannot be shown in this process.
-        pytest.skip("an earlier test loaded libvfio-user into this process")
-    monkeypatch.delenv(lvu.ENV_VAR, raising=False)
-    with pytest.raises(lvu.LibraryMissing, match="TEEIO_LIBVFIO_USER is not set"):
-        lvu.load()
+    # In a fresh process with a clean environment: dlopen by soname would find a copy an
+    # earlier test loaded into this one by path (glibc matches loaded objects' SONAME).
+    code = ("from vfio_user_dev import libvfio_user as lvu\n"
+            "try:\n    lvu.load()\nexcept lvu.LibraryMissing as exc:\n    print(exc)\n"
+            "else:\n    print('LOADED')\n")
+    env = {"PATH": os.defpath, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=True)
+    out = res.stdout.strip()
+    assert "\n" not in out
+    assert "TEEIO_LIBVFIO_USER is not set and the loader found none" in out
+    assert "TEEIO_LIBVFIO_USER=/path/libvfio-user.so.0" in out
 
 
 def test_a_library_without_the_functions_is_refused() -> None:
@@ -237,7 +251,7 @@ def test_irq_state_callback_masks_and_replays(callbacks: lvu.DeviceCallbacks,
     assert device.irq.masked[PciIrq.MSIX][:3] == [True, True, False]
     device.irq.pending[PciIrq.MSIX][1] = True
     fired: list[tuple[int, int]] = []
-    device.irq.sink = SimpleNamespace(ready=lambda i, v: True,
+    device.irq.sink = SimpleNamespace(ready=lambda i, v: True, automask=True,
                                       signal=lambda i, v: fired.append((i, v)))  # type: ignore[assignment]
     callbacks.irq_state[PciIrq.MSIX](None, 1, 1, False)
     assert fired == [(PciIrq.MSIX, 1)] and not device.irq.pending[PciIrq.MSIX][1]
@@ -255,8 +269,10 @@ def test_log_callback_never_raises(caplog: pytest.LogCaptureFixture) -> None:
 # -- the IRQ sink: delivery reported back to the controller ---------------------------------------
 
 class RecordingSink:
-    def __init__(self, irq: IrqController, deliver: bool, ready: bool = True) -> None:
+    def __init__(self, irq: IrqController, deliver: bool, ready: bool = True,
+                 automask: bool = True) -> None:
         self.irq, self.deliver, self.is_ready = irq, deliver, ready
+        self.automask = automask
         self.signals: list[tuple[int, int]] = []
 
     def ready(self, index: int, vector: int) -> bool:
@@ -307,3 +323,390 @@ def test_the_library_has_every_declared_function() -> None:
         fn = getattr(lib, name)
         assert fn.restype is restype and fn.argtypes == argtypes, name
     assert int(lib.dma_sg_size()) > 0
+
+
+def test_library_sink_does_not_automask(device: TeeIoDevice) -> None:
+    assert lvu._LibIrqSink.automask is False
+
+
+# -- callbacks: BaseException, quiesce ------------------------------------------------------------
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
+def test_base_exception_in_reset_is_an_error_not_success(
+        callbacks: lvu.DeviceCallbacks, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, raised: type[BaseException]) -> None:
+    def interrupted() -> None:
+        raise raised
+    monkeypatch.setattr(callbacks.device, "reset", interrupted)
+    ctypes.set_errno(0)
+    # through the C function pointer, as the library calls it: ctypes alone would print
+    # the exception and return 0 (a successful reset)
+    assert callbacks.reset(None, lvu.VfuResetType.VFU_RESET_PCI_FLR) == -1
+    assert ctypes.get_errno() == errno.EIO
+    rec = next(r for r in caplog.records if "_reset failed" in r.getMessage())
+    assert rec.exc_info is not None and isinstance(rec.exc_info[1], raised)
+
+
+def test_base_exception_in_void_callback_is_logged(callbacks: lvu.DeviceCallbacks,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    def interrupted(*_a: Any) -> None:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(callbacks.device.dma, "unmap", interrupted)
+    info = dma_info(0x20_0000, 0x1000, None, mmap.PROT_READ)
+    callbacks.dma_unregister(None, ctypes.pointer(info))
+    rec = next(r for r in caplog.records if "_dma_unregister failed" in r.getMessage())
+    assert rec.exc_info is not None and isinstance(rec.exc_info[1], KeyboardInterrupt)
+
+
+def test_quiesce_never_answers_ebusy(callbacks: lvu.DeviceCallbacks,
+                                     device: TeeIoDevice) -> None:
+    # The library would need vfu_device_quiesced after an EBUSY, which nothing here calls:
+    # quiesce answers 0 at once, even while the device is busy (its lock held elsewhere).
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with device._lock:
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(5)
+        for _ in range(3):
+            ctypes.set_errno(0)
+            started = time.monotonic()
+            assert callbacks.quiesce(None) == 0
+            assert time.monotonic() - started < 1
+            assert ctypes.get_errno() != errno.EBUSY
+    finally:
+        release.set()
+        t.join()
+
+
+# -- INTx without automask (the library drops QEMU's unmask eventfd) ------------------------------
+
+class IntxSink(RecordingSink):
+    """A sink for a function without MSI-X Enable: only INTx can be delivered."""
+
+    def ready(self, index: int, vector: int) -> bool:
+        return index == PciIrq.INTX
+
+
+def _event(device: TeeIoDevice) -> None:
+    """A job completion: DMA_DONE raised in INT_STATUS."""
+    with device._lock:
+        device.r[R.INT_STATUS] |= Irq.DMA_DONE
+        device._update_irq(Irq.DMA_DONE)
+
+
+def _ack(device: TeeIoDevice) -> None:
+    with device._lock:
+        device.r[R.INT_STATUS] = 0
+        device._update_irq(0)
+
+
+def test_intx_keeps_coming_without_unmasks(callbacks: lvu.DeviceCallbacks,
+                                           device: TeeIoDevice) -> None:
+    # Under KVM, QEMU registers an INTx unmask eventfd; the library makes that one UNMASK
+    # callback and drops the fd, so no UNMASK follows the guest's EOIs.
+    device.irq.sink = sink = IntxSink(device.irq, deliver=True, automask=False)
+    device.r[R.INT_ENABLE] = Irq.DMA_DONE
+    callbacks.irq_state[PciIrq.INTX](None, 0, 1, False)      # the one UNMASK, at setup
+    assert sink.signals == []
+    for n in range(1, 4):                                     # acknowledged each time
+        _event(device)
+        assert len(sink.signals) == n and not device.irq.masked[PciIrq.INTX][0]
+        _ack(device)
+    _event(device)                    # not acknowledged: the line stays high ...
+    _event(device)                    # ... and a new event re-evaluates it: delivered
+    assert len(sink.signals) == 5
+    assert sink.signals == [(PciIrq.INTX, 0)] * 5
+    assert device.irq.signalled_by_type["intx"] == 5
+    # a late UNMASK (TCG: QEMU sends one after the EOI) with the line high: once more
+    callbacks.irq_state[PciIrq.INTX](None, 0, 1, False)
+    assert len(sink.signals) == 6
+    _ack(device)
+    callbacks.irq_state[PciIrq.INTX](None, 0, 1, False)
+    assert len(sink.signals) == 6
+
+
+def test_intx_automask_kept_for_an_automasking_sink(device: TeeIoDevice) -> None:
+    device.irq.sink = sink = IntxSink(device.irq, deliver=True, automask=True)
+    device.r[R.INT_ENABLE] = Irq.DMA_DONE
+    _event(device)
+    _event(device)
+    assert len(sink.signals) == 1 and device.irq.masked[PciIrq.INTX][0]
+
+
+# -- the server's own state, with a stand-in library -----------------------------------------------
+
+class StubLib:
+    """Every library function the server calls, succeeding; vfu_get_poll_fd returns
+    ``poll_fd``, vfu_sgl_read/write fail with ``sgl_errno`` if set."""
+
+    _name = "stub"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.poll_fd = -1
+        self.sgl_errno = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith(("vfu_", "dma_")):
+            raise AttributeError(name)
+
+        def fn(*args: Any) -> Any:
+            self.calls.append((name, args))
+            if name == "dma_sg_size":
+                return 32
+            if name == "vfu_create_ctx":
+                return 0x1000
+            if name == "vfu_get_poll_fd":
+                return self.poll_fd
+            if name == "vfu_addr_to_sgl":
+                return 1
+            if name in ("vfu_sgl_read", "vfu_sgl_write") and self.sgl_errno:
+                ctypes.set_errno(self.sgl_errno)
+                return -1
+            return 0
+        return fn
+
+    def called(self, name: str) -> list[tuple[Any, ...]]:
+        return [args for n, args in self.calls if n == name]
+
+
+@pytest.fixture
+def conn() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(the library's end of the client connection, the client's end)."""
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def stub_server(tmp_path: Path, device: TeeIoDevice, conn: tuple[socket.socket, socket.socket],
+                **kw: Any) -> tuple[lvu.LibVfioUserServer, StubLib]:
+    lib = StubLib()
+    lib.poll_fd = conn[0].fileno()
+    server = lvu.LibVfioUserServer(str(tmp_path / "s.sock"), device, lib, **kw)
+    server._attach()
+    assert server._attached
+    return server, lib
+
+
+def test_socket_dma_refused_by_default(tmp_path: Path, device: TeeIoDevice,
+                                       conn: tuple[socket.socket, socket.socket],
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    server, lib = stub_server(tmp_path, device, conn)
+    try:
+        device.dma.map_view(0x20_0000, 0x2000, DmaFlags.READ | DmaFlags.WRITE, None)
+        for _ in range(2):
+            with pytest.raises(DmaFault, match="--libvfio-user-socket-dma"):
+                device.dma.read(0x20_0000, 64)
+            with pytest.raises(DmaFault, match="socket DMA refused"):
+                device.dma.write(0x20_0000, b"x" * 64)
+        assert lib.called("vfu_sgl_read") == [] and lib.called("vfu_sgl_write") == []
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1                                  # once per server
+        assert "issue 279" in errors[0] and "--libvfio-user-socket-dma" in errors[0]
+    finally:
+        server.close()
+
+
+def test_socket_dma_opt_in_passes_direct_access(tmp_path: Path, device: TeeIoDevice,
+                                                conn: tuple[socket.socket, socket.socket]
+                                                ) -> None:
+    assert lvu.VFU_SGL_DIRECT_ACCESS == 1      # include/libvfio-user.h
+    server, lib = stub_server(tmp_path, device, conn, socket_dma=True)
+    try:
+        device.dma.map_view(0x20_0000, 0x2000, DmaFlags.READ | DmaFlags.WRITE, None)
+        assert device.dma.read(0x20_0000, 64) == bytes(64)
+        device.dma.write(0x20_0000, b"y" * 8)
+        (read,) = lib.called("vfu_sgl_read")
+        (write,) = lib.called("vfu_sgl_write")
+        assert read[4] == write[4] == lvu.VFU_SGL_DIRECT_ACCESS
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("err,shut", [(errno.EPROTO, True), (errno.EINVAL, True),
+                                      (errno.EIO, False)])
+def test_sgl_out_of_step_shuts_the_connection_down(
+        tmp_path: Path, device: TeeIoDevice, conn: tuple[socket.socket, socket.socket],
+        err: int, shut: bool) -> None:
+    server, lib = stub_server(tmp_path, device, conn, socket_dma=True)
+    try:
+        lib.sgl_errno = err
+        with pytest.raises(DmaFault, match=os.strerror(err)):
+            server._remote_read(0x20_0000, 16)
+        client = conn[1]
+        client.setblocking(False)
+        if shut:
+            assert client.recv(1) == b""       # EOF: the library will see it and reset
+        else:
+            with pytest.raises(BlockingIOError):
+                client.recv(1)
+    finally:
+        server.close()
+
+
+def test_close_shuts_down_our_dup_without_asking_the_library(
+        tmp_path: Path, device: TeeIoDevice, conn: tuple[socket.socket, socket.socket],
+        caplog: pytest.LogCaptureFixture) -> None:
+    server, lib = stub_server(tmp_path, device, conn)
+    assert server._conn is not None and server._conn.fileno() != conn[0].fileno()
+    polls = len(lib.called("vfu_get_poll_fd"))
+    joins: list[float | None] = []
+    # a run thread stuck in the library: it never ends
+    server._thread = SimpleNamespace(join=joins.append, is_alive=lambda: True)  # type: ignore[assignment]
+    server.close()
+    assert joins == [2, 5]
+    assert len(lib.called("vfu_get_poll_fd")) == polls     # the library was not asked
+    conn[1].settimeout(1)
+    assert conn[1].recv(1) == b""                             # shut down under it
+    assert any(r.levelno == logging.ERROR and "did not stop" in r.getMessage()
+               for r in caplog.records)
+    with server._lock:
+        server._destroy()
+    assert server._conn is None
+
+
+def test_lost_client_closes_the_dup(tmp_path: Path, device: TeeIoDevice,
+                                    conn: tuple[socket.socket, socket.socket]) -> None:
+    server, _lib = stub_server(tmp_path, device, conn)
+    try:
+        dup = server._conn
+        assert dup is not None
+        server._lost_client()
+        assert server._conn is None and dup.fileno() == -1
+        conn[0].close()                      # the library's fd: with ours gone, EOF
+        conn[1].settimeout(1)
+        assert conn[1].recv(1) == b""
+    finally:
+        server.close()
+
+
+class _Holder:
+    """Holds the server's context lock on another thread (as the run thread does while
+    the library handles a request)."""
+
+    def __init__(self, server: lvu.LibVfioUserServer) -> None:
+        self.held, self.release = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._hold, args=(server,))
+        self.thread.start()
+        assert self.held.wait(5)
+
+    def _hold(self, server: lvu.LibVfioUserServer) -> None:
+        with server._lock:
+            self.held.set()
+            self.release.wait(5)
+
+    def done(self) -> None:
+        self.release.set()
+        self.thread.join()
+
+
+def _drain(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except BlockingIOError:
+        return b""
+
+
+def test_wake_pipe_written_once_per_queue_fill(tmp_path: Path, device: TeeIoDevice,
+                                               conn: tuple[socket.socket, socket.socket]
+                                               ) -> None:
+    server, lib = stub_server(tmp_path, device, conn)
+    try:
+        assert not os.get_blocking(server._wake_w) and not os.get_blocking(server._wake_r)
+        assert not os.get_inheritable(server._wake_w)
+        _drain(server._wake_r)
+        holder = _Holder(server)
+        try:
+            for vector in range(3):
+                server.trigger(PciIrq.MSIX, vector)
+        finally:
+            holder.done()
+        assert len(server._pending_irqs) == 3
+        assert _drain(server._wake_r) == b"!"                  # empty -> non-empty only
+        with server._lock:
+            server._flush_irqs()
+        assert [args[1] for args in lib.called("vfu_irq_trigger")] == [0, 1, 2]
+    finally:
+        server.close()
+    # closed and forgotten: a wake after close writes to no fd (not a reused number)
+    assert server._wake_r == server._wake_w == -1
+    r, w = os.pipe()
+    try:
+        server._wake()
+        os.set_blocking(r, False)
+        assert _drain(r) == b""
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_queued_msix_after_lost_client_sets_no_stale_pba_bit(
+        tmp_path: Path, device: TeeIoDevice, conn: tuple[socket.socket, socket.socket]) -> None:
+    server, lib = stub_server(tmp_path, device, conn)
+    try:
+        holder = _Holder(server)
+        try:
+            server.trigger(PciIrq.MSIX, 0)       # queued: the run thread has the lock
+        finally:
+            holder.done()
+        server._lost_client()                    # the reset (from the library) ...
+        with server._lock:
+            server._flush_irqs()                 # ... then the run thread's flush
+        assert not device.irq.pending[PciIrq.MSIX][0]
+        assert lib.called("vfu_irq_trigger") == []
+    finally:
+        server.close()
+
+
+def test_queued_interrupt_from_before_a_reset_is_dropped(
+        tmp_path: Path, device: TeeIoDevice, conn: tuple[socket.socket, socket.socket]) -> None:
+    server, lib = stub_server(tmp_path, device, conn)
+    try:
+        holder = _Holder(server)
+        try:
+            server.trigger(PciIrq.MSIX, 1)
+        finally:
+            holder.done()
+        device.reset()                           # an FLR between queueing and flushing
+        server.trigger(PciIrq.MSIX, 2)           # after it: kept
+        with server._lock:
+            server._flush_irqs()
+        assert [args[1] for args in lib.called("vfu_irq_trigger")] == [2]
+        assert not device.irq.pending[PciIrq.MSIX][1]
+    finally:
+        server.close()
+
+
+# -- a non-socket file at the socket path is never deleted -----------------------------------------
+
+def test_a_regular_file_at_the_socket_path_is_refused(tmp_path: Path, device: TeeIoDevice,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    path = tmp_path / "not-a-socket"
+    path.write_text("precious")
+    with pytest.raises(OSError, match="exists and is not a socket") as exc:
+        Server(str(path), device)
+    assert exc.value.errno == errno.EEXIST
+    with pytest.raises(OSError, match="exists and is not a socket"):
+        lvu.LibVfioUserServer(str(path), device, StubLib())
+    assert device_main(["--socket", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --socket {path}: {path} exists and is not a socket"
+    assert path.read_text() == "precious"
+
+
+def test_a_stale_socket_is_replaced(tmp_path: Path, device: TeeIoDevice) -> None:
+    path = tmp_path / "stale.sock"
+    old = socket.socket(socket.AF_UNIX)
+    old.bind(str(path))
+    old.close()
+    server = Server(str(path), device)
+    server.close()
