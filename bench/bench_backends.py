@@ -1,13 +1,17 @@
 """Benchmark: the two vfio-user transports side by side, in one run.
 
-Run as ``python -m bench.bench_backends [--out FILE] [--quick] [--iterations N] [--cpu C]``.
+Run as ``python -m bench.bench_backends [--out FILE] [--quick] [--iterations N] [--cpu C]
+[--rounds N]``.
 
 The same device model is served by the pure-Python server and by libvfio-user (through
-ctypes), one after the other, in this process; the same in-process
-:class:`~vfio_user_dev.client.Client` drives both, and every thread (client, server or
-library run thread, DMA engine) is pinned to one CPU.  For each transport it measures what
-``bench.bench`` measures: REGION_READ / REGION_WRITE round trips on BAR0 and the DMA
-engine's throughput into fd-mapped memory (COPY 4 KiB-1 MiB, FILL and SHA-256 at 1 MiB).
+ctypes) in this process, the legs alternating (ABAB, ``--rounds`` each, a fresh server
+per round); the same in-process :class:`~vfio_user_dev.client.Client` drives both, and
+every thread (client, server or library run thread, DMA engine) is pinned to one CPU.  For
+each transport it measures what ``bench.bench`` measures: REGION_READ / REGION_WRITE round
+trips on BAR0 and the DMA engine's throughput into fd-mapped memory (COPY 4 KiB-1 MiB,
+FILL and SHA-256 at 1 MiB), and reports per leg the median over the rounds and their
+spread.  Both legs' DMA copies into memory mapped in this process; only the STATUS polls
+cross the transport, and the comparison says so.
 
 Without the library (``$TEEIO_LIBVFIO_USER`` or the loader's search path) the
 libvfio-user leg is skipped and the JSON says why.
@@ -19,6 +23,7 @@ import argparse
 import contextlib
 import datetime
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -49,24 +54,50 @@ from vfio_user_dev.server import Server
 BACKENDS = ("python", "libvfio-user")
 
 
+class Round(TypedDict):
+    region_access: RegionAccess
+    dma: list[DmaResult]
+
+
+class Spread(TypedDict):
+    """One measurement over the rounds of a leg: the median of the per-round values, their
+    range, and (max - min) / median in percent."""
+
+    median: float
+    min: float
+    max: float
+    spread_pct: float
+
+
+class Summary(TypedDict):
+    read_median_us: Spread
+    write_median_us: Spread
+    posted_write_per_op_us: Spread
+    dma_engine_MBps: dict[str, Spread]
+
+
 class BackendResult(TypedDict):
     skipped: NotRequired[str]
-    region_access: NotRequired[RegionAccess]
-    dma: NotRequired[list[DmaResult]]
+    rounds: NotRequired[list[Round]]
+    summary: NotRequired[Summary]
 
 
 class Comparison(TypedDict):
-    """libvfio-user / python, per measurement (medians for round trips)."""
+    """libvfio-user / python, of the per-leg medians over the rounds."""
 
     read_latency_ratio: float
     write_latency_ratio: float
-    dma_throughput_ratio: dict[str, float]
+    posted_write_ratio: float
+    dma_mapped_memory_throughput_ratio: dict[str, float]
+    dma_ratio_means: str
 
 
 class Meta(HostMeta):
     date: str
     quick: bool
     iterations: int | None
+    rounds: int
+    order: list[str]
     library: str | None
     elapsed_s: float
 
@@ -78,17 +109,40 @@ class Report(TypedDict):
     notes: str
 
 
-NOTES = (
-    "Both transports serve the same TeeIoDevice, one after the other in this process, "
-    "driven by the same in-process vfio_user_dev.client.Client over a UNIX socket; all "
-    "threads (client, server or libvfio-user run thread, DMA engine) are pinned to "
-    "meta.cpu_pinned. Measurements as in bench.bench: per-operation REGION_READ/"
-    "REGION_WRITE round trips on BAR0 SCRATCH (posted writes as a batch fenced by one read); "
-    "DMA jobs programmed through BAR0 into an 8 MiB memfd passed with DMA_MAP (the "
-    "libvfio-user leg: mmap()ed by the library, reached through the DMA register callback), "
-    "polled until STATUS leaves BUSY. comparison = libvfio-user / python: latency ratios of "
-    "the medians (below 1: libvfio-user is faster), throughput ratios of engine MB/s."
-)
+DMA_RATIO_MEANS = (
+    "Both legs' engines copy into the same kind of memory, an fd-backed memfd mapped into "
+    "this process (libvfio-user leg: mmap()ed by the library); no DMA data crosses either "
+    "transport. Only the STATUS polls (REGION_READs) that wait for each job do, so this "
+    "ratio shows the transport's share of a job through its polls, not vfio-user DMA "
+    "(DMA_READ/DMA_WRITE) throughput.")
+
+
+def build_notes(rounds: int, order: Sequence[str], cpu: int, verified: bool,
+                skipped: str | None) -> str:
+    """The notes, from what actually happened in this run."""
+    notes = [
+        "Both transports serve the same TeeIoDevice in this process, driven by the same "
+        "in-process vfio_user_dev.client.Client over a UNIX socket.",
+        f"The legs alternated ({' '.join(order)}), {rounds} round(s) each, a fresh server "
+        "and client per round; each leg's summary is the median over its rounds with the "
+        "range (min, max) and the spread (max - min) / median in percent.",
+        "Measurements as in bench.bench: per-operation REGION_READ/REGION_WRITE round trips "
+        "on BAR0 SCRATCH (posted writes as a batch fenced by one read); DMA jobs programmed "
+        "through BAR0 into an 8 MiB memfd passed with DMA_MAP, polled until STATUS leaves "
+        "BUSY.",
+    ]
+    if verified:
+        notes.append(f"Every thread (client, server or libvfio-user run thread, DMA engine) "
+                     f"was verified pinned to CPU {cpu}.")
+    else:
+        notes.append(f"Affinity NOT verified: some thread was found outside CPU {cpu}, so "
+                     "the legs may not have shared one core.")
+    if skipped is not None:
+        notes.append(f"The libvfio-user leg was skipped ({skipped}); there is no comparison.")
+    else:
+        notes.append("comparison = libvfio-user / python of the leg medians (latency below "
+                     "1: libvfio-user is faster). " + DMA_RATIO_MEANS)
+    return " ".join(notes)
 
 
 @contextlib.contextmanager
@@ -125,18 +179,42 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 4) if b else 0.0
 
 
+def spread(values: Sequence[float]) -> Spread:
+    mid = statistics.median(values)
+    lo, hi = min(values), max(values)
+    return Spread(median=round(mid, 3), min=round(lo, 3), max=round(hi, 3),
+                  spread_pct=round((hi - lo) / mid * 100, 2) if mid else 0.0)
+
+
+def summarize(rounds: Sequence[Round]) -> Summary:
+    keys = [f"{d['op']} {d['size']}" for d in rounds[0]["dma"]]
+    return Summary(
+        read_median_us=spread([r["region_access"]["read"]["median_us"] for r in rounds]),
+        write_median_us=spread([r["region_access"]["write"]["median_us"] for r in rounds]),
+        posted_write_per_op_us=spread([r["region_access"]["write_posted"]["per_op_us"]
+                                       for r in rounds]),
+        dma_engine_MBps={key: spread([r["dma"][i]["engine_MBps"] for r in rounds])
+                         for i, key in enumerate(keys)})
+
+
 def compare(py: BackendResult, lvu: BackendResult) -> Comparison | None:
-    if "region_access" not in py or "region_access" not in lvu:
+    if "summary" not in py or "summary" not in lvu:
         return None
-    pr, lr = py["region_access"], lvu["region_access"]
+    ps, ls = py["summary"], lvu["summary"]
     return Comparison(
-        read_latency_ratio=_ratio(lr["read"]["median_us"], pr["read"]["median_us"]),
-        write_latency_ratio=_ratio(lr["write"]["median_us"], pr["write"]["median_us"]),
-        dma_throughput_ratio={f"{d['op']} {d['size']}": _ratio(e["engine_MBps"], d["engine_MBps"])
-                              for d, e in zip(py.get("dma", []), lvu.get("dma", []), strict=True)})
+        read_latency_ratio=_ratio(ls["read_median_us"]["median"],
+                                  ps["read_median_us"]["median"]),
+        write_latency_ratio=_ratio(ls["write_median_us"]["median"],
+                                   ps["write_median_us"]["median"]),
+        posted_write_ratio=_ratio(ls["posted_write_per_op_us"]["median"],
+                                  ps["posted_write_per_op_us"]["median"]),
+        dma_mapped_memory_throughput_ratio={
+            key: _ratio(ls["dma_engine_MBps"][key]["median"], d["median"])
+            for key, d in ps["dma_engine_MBps"].items()},
+        dma_ratio_means=DMA_RATIO_MEANS)
 
 
-def run(s: Settings, cpu: int | None) -> Report:
+def run(s: Settings, cpu: int | None, rounds: int = 3) -> Report:
     started = time.perf_counter()
     before = sorted(os.sched_getaffinity(0))
     if cpu is None:
@@ -149,30 +227,36 @@ def run(s: Settings, cpu: int | None) -> Report:
         lib = libvfio_user.load()
     except libvfio_user.LibraryMissing as exc:
         missing = str(exc)
-    results: dict[str, BackendResult] = {}
+    legs = [b for b in BACKENDS if not (b == "libvfio-user" and missing is not None)]
+    measured: dict[str, list[Round]] = {b: [] for b in legs}
+    order: list[str] = []
     saved = pin_process(cpu)  # before any thread is started, so they all inherit it
     verified = True
     try:
-        for backend in BACKENDS:
-            if backend == "libvfio-user" and missing is not None:
-                results[backend] = BackendResult(skipped=missing)
-                continue
-            with serving(backend, lib) as client:
-                verified &= all_threads_on(cpu)
-                region = bench_region_access(client, s)
-                dma = bench_dma(client, s)
-                verified &= all_threads_on(cpu)
-            results[backend] = BackendResult(region_access=region, dma=dma)
+        for _ in range(rounds):         # ABAB...: drift on the host hits both legs alike
+            for backend in legs:
+                with serving(backend, lib) as client:
+                    verified &= all_threads_on(cpu)
+                    region = bench_region_access(client, s)
+                    dma = bench_dma(client, s)
+                    verified &= all_threads_on(cpu)
+                measured[backend].append(Round(region_access=region, dma=dma))
+                order.append(backend)
     finally:
         restore_affinity(saved)
+    results: dict[str, BackendResult] = {
+        b: BackendResult(rounds=measured[b], summary=summarize(measured[b])) for b in legs}
+    if missing is not None:
+        results["libvfio-user"] = BackendResult(skipped=missing)
     meta = Meta(
         **host_meta(cpu, before, len(saved), verified),
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        quick=s.quick, iterations=s.fixed,
+        quick=s.quick, iterations=s.fixed, rounds=rounds, order=order,
         library=None if lib is None else str(lib._name),
         elapsed_s=round(time.perf_counter() - started, 3))
-    return Report(meta=meta, backends=results,
-                  comparison=compare(results["python"], results["libvfio-user"]), notes=NOTES)
+    return Report(meta=meta, backends={b: results[b] for b in BACKENDS},
+                  comparison=compare(results["python"], results["libvfio-user"]),
+                  notes=build_notes(rounds, order, cpu, verified, missing))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -185,16 +269,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--iterations", type=_positive, metavar="N",
                     help="exact count for every measurement, overriding the defaults")
     ap.add_argument("--cpu", type=int, help="CPU to pin to (default: the lowest allowed one)")
+    ap.add_argument("--rounds", type=_positive, default=3, metavar="N",
+                    help="rounds per leg, the legs alternating (default 3)")
     return ap.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(Settings.from_args(args.quick, args.iterations), args.cpu)
+    report = run(Settings.from_args(args.quick, args.iterations), args.cpu, args.rounds)
     emit_report(report, args.out)
     skipped = report["backends"]["libvfio-user"].get("skipped")
     if skipped:
         print(f"note: libvfio-user leg skipped: {skipped}", file=sys.stderr)
+    if not report["meta"]["affinity_verified"]:
+        print("note: thread affinity not verified (see notes)", file=sys.stderr)
     return 0
 
 
