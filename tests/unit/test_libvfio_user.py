@@ -710,3 +710,11 @@ def test_a_stale_socket_is_replaced(tmp_path: Path, device: TeeIoDevice) -> None
     old.close()
     server = Server(str(path), device)
     server.close()
+
+
+def test_socket_dma_option_needs_the_libvfio_user_backend(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        device_main(["--socket", str(tmp_path / "s.sock"), "--libvfio-user-socket-dma"])
+    assert exc.value.code == 2
+    assert "goes with --backend libvfio-user" in capsys.readouterr().err
