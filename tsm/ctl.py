@@ -6,7 +6,8 @@ response ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": {"code": 
 "message": M}}`` with C one of ``malformed`` (not a JSON object, line too long),
 ``unknown_op``, ``bad_args``, ``failed`` (the operation was tried and did not work; M
 says why), ``internal``, ``busy`` (too many connections: sent once, then the connection is
-closed).  The connection survives any other error; a connection idle for
+closed; or the device is being connected, or another operation on it did not finish in
+time: try again).  The connection survives any other error; a connection idle for
 :data:`IDLE_TIMEOUT` seconds is closed.
 
 Operations (``tsm/daemon.py``), the CLI's options in brackets:

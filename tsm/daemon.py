@@ -35,8 +35,9 @@ import signal
 import stat
 import sys
 import threading
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,9 @@ REASON_HEARTBEAT = "SPDM session lost"
 #: After a lost session (heartbeat), the daemon reconnects on its own: one attempt after
 #: each of these delays (seconds), then it gives up (``ctl reconnect`` tries again).
 RECONNECT_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+#: How long a request waits for another operation on the same device to finish before it
+#: is answered ``busy`` (ctl) or ``state`` (GHCx); a device being connected answers at once.
+OP_WAIT = 30.0
 
 
 @dataclass
@@ -75,6 +79,15 @@ class DeviceEntry:
     stream_reason: str | None = None
     requester_id: int | None = None
     last_error: str | None = None
+    #: Serialises every operation on this device (Daemon docstring); ``busy`` says what
+    #: holds it while the device is being (re)connected, only ever set with ``op`` held.
+    op: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    busy: str | None = None
+
+
+class DeviceBusy(Exception):
+    """The device is being (re)connected, or another operation on it did not finish in
+    time: ctl ``busy``, GHCx ``state``."""
 
 
 @dataclass
@@ -143,20 +156,30 @@ def _abs(path: str) -> str:
 
 
 class Daemon:
-    """The TSM's state and operations.  Thread-safe: :attr:`lock` covers the state and is
-    always taken before a device's lock (never the reverse).
+    """The TSM's state and operations.  Thread-safe, and one device's slow or stalled I/O
+    delays only the requests for that device.  The locks, in the only order they are taken:
 
-    ``status`` does not take :attr:`lock`: it must answer while a ``connect`` attests or a
-    device stalls a request.  It reads a snapshot of the device and VM tables, taken under
-    :attr:`_tables_lock`, a lock innermost of all and never held across any I/O, that
-    every change of those two tables also takes; the fields it then reads are single
-    attribute reads (a status may mix two moments of one TDI, never a broken structure).
+    1. ``DeviceEntry.op``, one device's operation lock: every operation that talks to the
+       device (GHCx requests, ctl ops, the heartbeat's fail-safe, reconnects) holds it
+       throughout, and it covers that device's state (``tdi``, stream, ``last_error``) and
+       its VM's windows.  An entry is replaced in or removed from the device table, and a
+       VM bound to or unbound from it, only with its ``op`` held; so a request looks the
+       device up, takes ``op`` (waiting at most :attr:`op_wait`) and looks again.  Never
+       two devices' ``op`` at once.  While a device is (re)connected, ``busy`` says so and
+       requests are answered at once (ctl ``busy``, GHCx ``state``) instead of waiting;
+       a new name being connected is reserved in ``_connecting``.
+    2. ``DeviceLink.lock``: the SPDM requester and the platform client (``tsm/device.py``).
+    3. :attr:`lock`, the daemon lock: held only to look up and to commit the device and VM
+       tables (check-then-insert of a name, ``bind``'s local secret file and socket), never
+       across device I/O, and no device lock is ever taken under it.
+    4. :attr:`_tables_lock`: the snapshot that ``status`` reads, and the counters;
+       innermost, with the journal's own lock (``Journal.append`` serialises itself).
 
-    Not done (yet): the other operations and the GHCx requests still hold :attr:`lock`
-    across their device I/O, so one device's slow SPDM exchange delays the other devices'
-    requests.  Splitting that needs a per-device operation lock and a "connecting" marker
-    against two connects of one name; until then the I/O is bounded by the DOE and
-    platform socket timeouts."""
+    ``status`` (ctl, and GHCx STATUS) takes neither :attr:`lock` nor a device's ``op``: it
+    answers while a ``connect`` attests or a device stalls a request.  It reads a snapshot
+    of the device and VM tables, taken under :attr:`_tables_lock`; the fields it then reads
+    are single attribute reads (a status may mix two moments of one TDI, never a broken
+    structure)."""
 
     def __init__(self, state_dir: Path, heartbeat: float | None = None,
                  reconnect_delays: Sequence[float] = RECONNECT_DELAYS) -> None:
@@ -167,6 +190,8 @@ class Daemon:
         self.boot_id = os.urandom(BOOT_ID_SIZE)
         self.lock = threading.RLock()
         self._tables_lock = threading.Lock()
+        self._connecting: set[str] = set()
+        self.op_wait = OP_WAIT
         self.devices: dict[str, DeviceEntry] = {}
         self.vms: dict[str, VmBinding] = {}
         self.counters: Counter[str] = Counter()
@@ -177,6 +202,63 @@ class Daemon:
 
     def __repr__(self) -> str:
         return f"Daemon({str(self.state_dir)!r}, boot_id={self.boot_id.hex()})"
+
+    def _count(self, key: str) -> None:
+        with self._tables_lock:
+            self.counters[key] += 1
+
+    # -- per-device serialisation (class docstring) ---------------------------------------
+    @contextlib.contextmanager
+    def _held(self, find: Callable[[], tuple[VmBinding | None, DeviceEntry]],
+              busy: str | None = None) -> Iterator[tuple[VmBinding | None, DeviceEntry]]:
+        """Look up with *find* (under :attr:`lock`), take the device's ``op`` (at most
+        :attr:`op_wait`), look up again (the device may have been replaced, the VM unbound
+        meanwhile), and hold it; with *busy*, marked busy for others meanwhile.  Raises
+        :class:`DeviceBusy` (or what *find* raises)."""
+        deadline = time.monotonic() + self.op_wait
+        while True:
+            with self.lock:
+                vm, dev = find()
+            name = dev.config.name
+            if dev.busy is not None:
+                raise DeviceBusy(f"device {name} is busy: {dev.busy}")
+            if not dev.op.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise DeviceBusy(f"device {name} is busy: another operation on it has not "
+                                 f"finished in {self.op_wait:g} s")
+            try:
+                with self.lock:
+                    again = find()
+            except BaseException:
+                dev.op.release()
+                raise
+            if again[0] is vm and again[1] is dev:
+                break
+            dev.op.release()
+            if time.monotonic() > deadline:
+                raise DeviceBusy(f"device {name} is busy: replaced while waiting for it")
+        try:
+            with self._busy(dev, busy):
+                yield vm, dev
+        finally:
+            dev.op.release()
+
+    @contextlib.contextmanager
+    def _busy(self, dev: DeviceEntry, what: str | None) -> Iterator[None]:
+        """Mark *dev* (whose ``op`` the caller holds) busy with *what* meanwhile."""
+        dev.busy = what
+        try:
+            yield
+        finally:
+            dev.busy = None
+
+    def _device_named(self, name: str) -> DeviceEntry:
+        """Under :attr:`lock`."""
+        dev = self.devices.get(name)
+        if dev is None:
+            if name in self._connecting:
+                raise DeviceBusy(f"device {name} is busy: being connected")
+            raise CtlError("failed", f"no device {name!r} (connect it first)")
+        return dev
 
     # -- journal --------------------------------------------------------------------------
     def _replay(self, records: list[dict[str, Any]]) -> None:
@@ -226,7 +308,7 @@ class Daemon:
                 vm.windows.pop(int(rec["window_id"]), None)
         elif t not in ("daemon_start", "session"):
             log.warning("journal record %s of unknown type %r ignored", rec.get("seq"), t)
-            self.counters["journal_unknown_records"] += 1
+            self._count("journal_unknown_records")
 
     def _journal_tdi(self, dev: DeviceEntry, source: str = "tsm") -> None:
         t = dev.tdi
@@ -244,15 +326,18 @@ class Daemon:
 
     def start(self) -> None:
         """Recover what the journal knows (fail-safe), then serve every bound VM."""
+        self.journal.append("daemon_start", boot_id=self.boot_id.hex(), pid=os.getpid())
         with self.lock:
-            self.journal.append("daemon_start", boot_id=self.boot_id.hex(), pid=os.getpid())
-            for dev in list(self.devices.values()):
+            devices = list(self.devices.values())
+        for dev in devices:
+            with dev.op, self._busy(dev, "recovering after a TSM restart"):
                 self._recover(dev)
+        with self.lock:      # local sockets only: GHCx requests wait for it, briefly
             for vm in list(self.vms.values()):
                 try:
                     self._serve_vm(vm)
                 except (OSError, ValueError) as exc:
-                    self.counters["vm_serve_failures"] += 1
+                    self._count("vm_serve_failures")
                     log.error("VM %s: cannot serve GHCx on %s: %s", vm.vm, vm.ghcx_socket,
                               one_line(exc))
 
@@ -274,7 +359,7 @@ class Daemon:
             # TDISP client's errors, not DeviceError) is this device's alone: record it and
             # go on, so the other devices recover and every VM's GHCx server starts.
             dev.last_error = one_line(exc)
-            self.counters["reconnect_failures"] += 1
+            self._count("reconnect_failures")
             log.error("device %s: cannot reconnect: %s", name, dev.last_error)
             if self.reconnect_delays and not dev.link.session_up:
                 threading.Thread(target=self._reconnect_loop, args=(name, dev.link),
@@ -290,7 +375,7 @@ class Daemon:
             try:
                 self._mmio_private(dev, False)
             except (PlatformCtlError, DeviceError) as exc:
-                self.counters["platform_errors"] += 1
+                self._count("platform_errors")
                 log.error("device %s: cannot close private MMIO: %s", dev.config.name, exc)
 
     def _revoke(self, dev: DeviceEntry, vm: VmBinding, wid: int, reason: str) -> None:
@@ -299,7 +384,7 @@ class Daemon:
         except PlatformCtlError as exc:      # refused: the platform no longer has it
             log.warning("window %d: revoke: %s (treated as gone)", wid, exc)
         except DeviceError as exc:
-            self.counters["platform_errors"] += 1
+            self._count("platform_errors")
             log.error("window %d: cannot revoke: %s (kept in the journal)", wid, exc)
             return
         vm.windows.pop(wid, None)
@@ -315,7 +400,7 @@ class Daemon:
         except PlatformCtlError as exc:
             if exc.code != "unknown_op":
                 raise
-            self.counters["mmio_private_unsupported"] += 1
+            self._count("mmio_private_unsupported")
             log.warning("device %s: the platform has no mmio_private operation; private "
                         "MMIO is not enforced there", dev.config.name)
             return
@@ -358,14 +443,14 @@ class Daemon:
                     tdi.state.name)
         active = (TdiState.CONFIG_LOCKED, TdiState.RUN)
         if live in active and tdi.state is TdiState.ERROR:
-            self.counters["tdi_state_mismatch"] += 1
+            self._count("tdi_state_mismatch")
             if journal:
                 self._journal_tdi(dev, source="device")
             return                               # ERROR until a STOP (fail-safe)
         if live is TdiState.ERROR:
             tdi.failed(tdi.reason or REASON_DEVICE_ERROR)
         elif live in active:
-            self.counters["tdi_state_mismatch"] += 1
+            self._count("tdi_state_mismatch")
             tdi.failed(f"device reported {live.name}, the TSM recorded {tdi.state.name}")
         else:
             tdi.state = live
@@ -376,12 +461,19 @@ class Daemon:
             self._fail_safe_platform(dev, tdi.reason or f"device reported {live.name}")
 
     def _session_lost(self, link: DeviceLink, reason: str) -> None:
-        """The heartbeat failed: the same fail-safe as a restart (DESIGN)."""
+        """The heartbeat failed: the same fail-safe as a restart (DESIGN).  Called by the
+        heartbeat thread without any lock; waits for the operation in progress on the
+        device, and does nothing if the link was replaced or reconnected meanwhile."""
         with self.lock:
             dev = self.devices.get(link.config.name)
-            if dev is None or dev.link is not link:
+        if dev is None or dev.link is not link:
+            return
+        with dev.op:
+            with self.lock:
+                current = self.devices.get(link.config.name)
+            if current is not dev or dev.link is not link or link.session_up:
                 return
-            self.counters["sessions_lost"] += 1
+            self._count("sessions_lost")
             self.journal.append("session", device=dev.config.name, session_id=None,
                                 reason=reason)
             self._journal_stream(dev, "insecure", reason)
@@ -404,7 +496,12 @@ class Daemon:
                 return
             with self.lock:
                 dev = self.devices.get(name)
-                if self._closing.is_set() or dev is None or dev.link is not link \
+            if dev is None or dev.link is not link or link.session_up:
+                return
+            with dev.op, self._busy(dev, "being reconnected"):
+                with self.lock:
+                    current = self.devices.get(name)
+                if self._closing.is_set() or current is not dev or dev.link is not link \
                         or link.session_up:
                     return
                 try:
@@ -417,11 +514,11 @@ class Daemon:
                     log.exception("device %s: reconnect attempt %d/%d failed", name,
                                   attempt, attempts)
                     continue
-                self.counters["reconnects"] += 1
+                self._count("reconnects")
                 log.warning("device %s: reconnected (attempt %d/%d); TDI %s", name, attempt,
                             attempts, dev.tdi.state.name)
                 return
-        self.counters["reconnects_given_up"] += 1
+        self._count("reconnects_given_up")
         log.error("device %s: no reconnect after %d attempts; `teeio-tsm ctl reconnect "
                   "--device %s` tries again", name, attempts, name)
 
@@ -441,7 +538,7 @@ class Daemon:
             self._connect(dev)
         except (*LINK_ERRORS, DeviceError) as exc:
             dev.last_error = one_line(exc)
-            self.counters["reconnect_failures"] += 1
+            self._count("reconnect_failures")
             raise
         log.info("device %s: reconnected, session 0x%08x; TDI %s", name,
                  dev.link.session_id or 0, dev.tdi.state.name)
@@ -449,13 +546,14 @@ class Daemon:
     def close(self) -> None:
         self._closing.set()
         with self.lock:
-            for vm in self.vms.values():
-                if vm.server is not None:
-                    vm.server.close()
-                    vm.server = None
-            for dev in self.devices.values():
-                dev.link.close()
-            self.journal.close()
+            vms, devices = list(self.vms.values()), list(self.devices.values())
+        for vm in vms:
+            server, vm.server = vm.server, None
+            if server is not None:
+                server.close()
+        for dev in devices:
+            dev.link.close()
+        self.journal.close()
 
     # -- GHCx ----------------------------------------------------------------------------
     def _serve_vm(self, vm: VmBinding) -> None:
@@ -465,30 +563,46 @@ class Daemon:
 
     def ghcx_request(self, vm_id: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
         """One decrypted guest request (docs/ghcx.md "Messages") → its response payload;
-        raises GhcxFailure for an error response."""
-        with self.lock:
+        raises GhcxFailure for an error response.
+
+        Runs under the device's ``op`` only (class docstring): another VM's device stalled
+        does not delay it.  STATUS takes no lock at all and answers even while its own
+        device is busy."""
+
+        def find() -> tuple[VmBinding | None, DeviceEntry]:
             vm = self.vms.get(vm_id)
             if vm is None or vm.device not in self.devices:
                 raise GhcxFailure("refused", f"VM {vm_id} is not bound to a TDI")
-            dev = self.devices[vm.device]
-            handlers = {"TDI_LOCK": self._g_lock, "TDI_INFO": self._g_info,
-                        "GET_EVIDENCE": self._g_evidence, "TDI_ACCEPT": self._g_accept,
-                        "DMA_ACCEPT": self._g_dma_accept, "DMA_RELEASE": self._g_dma_release,
-                        "TDI_STOP": self._g_stop, "STATUS": self._g_status}
-            fn = handlers.get(op)
-            if fn is None:
-                raise GhcxFailure("unknown_request", f"no request {op}")
-            try:
-                return fn(vm, dev, payload)
-            except GhcxFailure as exc:
-                self.counters[f"ghcx_{exc.code}"] += 1
-                raise
-            except TdispRequestError as exc:
-                self.counters["ghcx_device"] += 1
-                raise GhcxFailure("device", f"{exc.request}: {exc.code_name}") from None
-            except (*LINK_ERRORS, DeviceError) as exc:
-                self.counters["ghcx_device"] += 1
-                raise GhcxFailure("device", one_line(exc)) from None
+            return vm, self.devices[vm.device]
+
+        handlers = {"TDI_LOCK": self._g_lock, "TDI_INFO": self._g_info,
+                    "GET_EVIDENCE": self._g_evidence, "TDI_ACCEPT": self._g_accept,
+                    "DMA_ACCEPT": self._g_dma_accept, "DMA_RELEASE": self._g_dma_release,
+                    "TDI_STOP": self._g_stop}
+        with self.lock:
+            vm, dev = find()
+        if op == "STATUS":
+            assert vm is not None
+            return self._g_status(vm, dev, payload)
+        fn = handlers.get(op)
+        if fn is None:
+            raise GhcxFailure("unknown_request", f"no request {op}")
+        try:
+            with self._held(find) as (held_vm, dev):
+                assert held_vm is not None
+                return fn(held_vm, dev, payload)
+        except DeviceBusy as exc:
+            self._count("ghcx_busy")
+            raise GhcxFailure("state", str(exc)) from None
+        except GhcxFailure as exc:
+            self._count(f"ghcx_{exc.code}")
+            raise
+        except TdispRequestError as exc:
+            self._count("ghcx_device")
+            raise GhcxFailure("device", f"{exc.request}: {exc.code_name}") from None
+        except (*LINK_ERRORS, DeviceError) as exc:
+            self._count("ghcx_device")
+            raise GhcxFailure("device", one_line(exc)) from None
 
     def _session(self, dev: DeviceEntry) -> DeviceLink:
         if not dev.link.session_up:
@@ -668,7 +782,7 @@ class Daemon:
             try:
                 self._mmio_private(dev, False)
             except (PlatformCtlError, DeviceError) as exc:
-                self.counters["platform_errors"] += 1
+                self._count("platform_errors")
                 log.error("TDI %s: cannot close private MMIO (%s); sending STOP all the same",
                           dev.config.name, one_line(exc))
         try:
@@ -676,7 +790,7 @@ class Daemon:
             with link.lock:
                 link.tdisp_client().stop()
         except (GhcxFailure, TdispRequestError, *LINK_ERRORS, DeviceError) as exc:
-            self.counters["stop_failures"] += 1
+            self._count("stop_failures")
             text = exc.message if isinstance(exc, GhcxFailure) else one_line(exc)
             if dev.tdi.state is not TdiState.CONFIG_UNLOCKED:
                 dev.tdi.failed(f"STOP failed ({why}): {text}")
@@ -692,7 +806,8 @@ class Daemon:
                   payload: dict[str, Any]) -> dict[str, Any]:
         return {"boot_id": self.boot_id.hex(), "vm_id": vm.vm, "tdi": dev.config.name,
                 "state": dev.tdi.state.name,
-                "windows": [{"window_id": k, **v} for k, v in sorted(vm.windows.items())]}
+                "windows": [{"window_id": k, **v}
+                            for k, v in sorted(dict(vm.windows).items())]}
 
     # -- control API -----------------------------------------------------------------------
     def ctl_request(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -704,30 +819,37 @@ class Daemon:
         if fn is None:
             raise CtlError("unknown_op", f"no operation {op!r} (one of {', '.join(ops)})")
         if fn == self.op_status:
-            return self.op_status(args)          # without the daemon lock (class docstring)
-        with self.lock:
-            try:
-                return fn(args)
-            except GhcxFailure as exc:
-                raise CtlError("failed", exc.message) from None
-            except TdispRequestError as exc:
-                raise CtlError("failed", f"device: {exc.request}: {exc.code_name}") from None
-            except (*LINK_ERRORS, DeviceError, JournalError) as exc:
-                raise CtlError("failed", one_line(exc)) from None
+            return self.op_status(args)          # without any lock (class docstring)
+        try:
+            return fn(args)                      # each takes the locks it needs
+        except DeviceBusy as exc:
+            raise CtlError("busy", str(exc)) from None
+        except GhcxFailure as exc:
+            raise CtlError("failed", exc.message) from None
+        except TdispRequestError as exc:
+            raise CtlError("failed", f"device: {exc.request}: {exc.code_name}") from None
+        except (*LINK_ERRORS, DeviceError, JournalError) as exc:
+            raise CtlError("failed", one_line(exc)) from None
 
-    def _device(self, args: dict[str, Any]) -> DeviceEntry:
+    def _device(self, args: dict[str, Any],
+                busy: str | None = None) -> contextlib.AbstractContextManager[
+                    tuple[VmBinding | None, DeviceEntry]]:
+        """The ``device`` argument's entry, held (:meth:`_held`)."""
         name = _name(args, "device", NAME_RE)
-        dev = self.devices.get(name)
-        if dev is None:
-            raise CtlError("failed", f"no device {name!r} (connect it first)")
-        return dev
+        return self._held(lambda: (None, self._device_named(name)), busy)
 
-    def _vm(self, args: dict[str, Any]) -> tuple[VmBinding, DeviceEntry]:
+    def _vm(self, args: dict[str, Any]) -> contextlib.AbstractContextManager[
+            tuple[VmBinding | None, DeviceEntry]]:
+        """The ``vm`` argument's binding and its device, held (:meth:`_held`)."""
         vm_id = _name(args, "vm", VM_ID_RE)
-        vm = self.vms.get(vm_id)
-        if vm is None:
-            raise CtlError("failed", f"no VM {vm_id!r} is bound")
-        return vm, self.devices[vm.device]
+
+        def find() -> tuple[VmBinding | None, DeviceEntry]:
+            vm = self.vms.get(vm_id)
+            if vm is None:
+                raise CtlError("failed", f"no VM {vm_id!r} is bound")
+            return vm, self.devices[vm.device]
+
+        return self._held(find)
 
     def op_connect(self, args: dict[str, Any]) -> dict[str, Any]:
         name = _name(args, "device", NAME_RE)
@@ -746,10 +868,29 @@ class Daemon:
                            doe_tcp_port=doe_port, host=_arg(args, "host", str, "127.0.0.1"),
                            reference_values=_abs(refs) if refs else None, stream_id=stream_id,
                            block=_arg(args, "block", int, 0))
-        old = self.devices.get(name)
-        if old is not None and old.link.session_up:
+        with self.lock:
+            known = name in self.devices
+            if not known:
+                if name in self._connecting:
+                    raise DeviceBusy(f"device {name} is busy: being connected")
+                self._connecting.add(name)        # against a second connect of the name
+        if not known:
+            try:
+                dev = self._connect_new(cfg, None)
+            finally:
+                with self.lock:
+                    self._connecting.discard(name)
+        else:
+            with self._device(args, "being connected") as (_, old):
+                dev = self._connect_known(cfg, old)
+        return self._device_status(dev)
+
+    def _connect_known(self, cfg: DeviceConfig, old: DeviceEntry) -> DeviceEntry:
+        """``connect`` of a known device (its ``op`` held)."""
+        name = cfg.name
+        if old.link.session_up:
             raise CtlError("failed", f"device {name} is already connected")
-        if old is not None and old.tdi.vm:
+        if old.tdi.vm:
             # A bound device whose session is down (lost heartbeat, failed reconnect):
             # re-established as it is known, keeping the VM's binding and secret.
             if cfg != old.config:
@@ -757,7 +898,14 @@ class Daemon:
                                          "reconnect it as it was connected (ctl reconnect "
                                          f"--device {name})")
             self._reconnect(old)
-            return self._device_status(old)
+            return old
+        return self._connect_new(cfg, old)
+
+    def _connect_new(self, cfg: DeviceConfig, old: DeviceEntry | None) -> DeviceEntry:
+        """A new entry for *cfg*, replacing *old* (whose ``op`` the caller holds) or a name
+        the caller reserved in ``_connecting``.  The new entry goes into the table held and
+        busy, until its TDI state is known."""
+        name = cfg.name
         dev = DeviceEntry(cfg, self._link(cfg), TdiRecord(name))
         if old is not None:
             old.link.close()
@@ -767,37 +915,47 @@ class Daemon:
         except DeviceError:
             dev.link.close()
             raise
-        with self._tables_lock:
-            self.devices[name] = dev
-        self.journal.append("device", **cfg.as_record())
-        self._connected(dev)
-        return self._device_status(dev)
+        dev.op.acquire()          # a new lock no one else can see yet: never waits
+        try:
+            with self._busy(dev, "being connected"):
+                with self.lock, self._tables_lock:
+                    self.devices[name] = dev
+                self.journal.append("device", **cfg.as_record())
+                self._connected(dev)
+        finally:
+            dev.op.release()
+        return dev
 
     def op_reconnect(self, args: dict[str, Any]) -> dict[str, Any]:
         """A known device whose session is down, reconnected with its journaled
         parameters (bound or not)."""
-        dev = self._device(args)
-        self._reconnect(dev)
+        with self._device(args, "being reconnected") as (_, dev):
+            self._reconnect(dev)
         return self._device_status(dev)
 
     def op_disconnect(self, args: dict[str, Any]) -> dict[str, Any]:
-        dev = self._device(args)
-        if dev.tdi.vm:
-            raise CtlError("failed", f"device {dev.config.name} is bound to VM {dev.tdi.vm} "
-                                     "(unbind it first)")
-        dev.link.disconnect()
-        dev.link.close()
-        self.journal.append("session", device=dev.config.name, session_id=None,
-                            reason="disconnected")
-        self._journal_stream(dev, "insecure", "disconnected")
-        with self._tables_lock:
-            del self.devices[dev.config.name]
-        self.journal.append("device_removed", device=dev.config.name)
-        return {"device": dev.config.name, "disconnected": True}
+        with self._device(args, "being disconnected") as (_, dev):
+            if dev.tdi.vm:
+                raise CtlError("failed", f"device {dev.config.name} is bound to VM "
+                                         f"{dev.tdi.vm} (unbind it first)")
+            dev.link.disconnect()
+            dev.link.close()
+            self.journal.append("session", device=dev.config.name, session_id=None,
+                                reason="disconnected")
+            self._journal_stream(dev, "insecure", "disconnected")
+            with self.lock, self._tables_lock:
+                del self.devices[dev.config.name]
+            self.journal.append("device_removed", device=dev.config.name)
+            return {"device": dev.config.name, "disconnected": True}
 
     def op_bind(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Under the device's ``op`` and the daemon lock throughout: no device I/O, only
+        the secret file and the GHCx socket (local, quick)."""
         vm_id = _name(args, "vm", VM_ID_RE)
-        dev = self._device(args)
+        with self._device(args) as (_, dev), self.lock:
+            return self._bind(vm_id, dev, args)
+
+    def _bind(self, vm_id: str, dev: DeviceEntry, args: dict[str, Any]) -> dict[str, Any]:
         if vm_id in self.vms:
             raise CtlError("failed", f"VM {vm_id} is already bound to "
                                      f"{self.vms[vm_id].device}")
@@ -858,7 +1016,11 @@ class Daemon:
     def op_unbind(self, args: dict[str, Any]) -> dict[str, Any]:
         """STOP the TDI if needed and revoke the VM's windows, best effort; the VM is
         forgotten whatever failed, and the result lists what did (``failed``)."""
-        vm, dev = self._vm(args)
+        with self._vm(args) as (held, dev):
+            assert held is not None
+            return self._unbind(held, dev)
+
+    def _unbind(self, vm: VmBinding, dev: DeviceEntry) -> dict[str, Any]:
         why = f"VM {vm.vm} unbound"
         failed: list[str] = []
         if dev.tdi.state is not TdiState.CONFIG_UNLOCKED:
@@ -882,25 +1044,27 @@ class Daemon:
             Path(vm.secret_file).unlink(missing_ok=True)
         except OSError as exc:
             failed.append(f"secret file {vm.secret_file}: {exc.strerror or exc}")
-        with self._tables_lock:
+        with self.lock, self._tables_lock:
             del self.vms[vm.vm]
-        dev.tdi.vm = None
+            dev.tdi.vm = None
         self.journal.append("vm_removed", vm=vm.vm, failed=failed or None)
         if failed:
-            self.counters["unbind_failures"] += 1
+            self._count("unbind_failures")
             log.warning("VM %s unbound, but: %s", vm.vm, "; ".join(failed))
         return {"vm": vm.vm, "unbound": True, "failed": failed}
 
     def op_lock(self, args: dict[str, Any]) -> dict[str, Any]:
-        vm, dev = self._vm(args)
-        self.lock_tdi(dev, vm)
-        return {"tdi": dev.config.name, "state": dev.tdi.state.name,
-                "lock_epoch": dev.tdi.lock_epoch}
+        with self._vm(args) as (vm, dev):
+            assert vm is not None
+            self.lock_tdi(dev, vm)
+            return {"tdi": dev.config.name, "state": dev.tdi.state.name,
+                    "lock_epoch": dev.tdi.lock_epoch}
 
     def op_stop(self, args: dict[str, Any]) -> dict[str, Any]:
-        vm, dev = self._vm(args)
-        self.stop_tdi(dev, vm, "stopped by the host")
-        return {"tdi": dev.config.name, "state": dev.tdi.state.name}
+        with self._vm(args) as (vm, dev):
+            assert vm is not None
+            self.stop_tdi(dev, vm, "stopped by the host")
+            return {"tdi": dev.config.name, "state": dev.tdi.state.name}
 
     def _device_status(self, dev: DeviceEntry) -> dict[str, Any]:
         link, cfg = dev.link, dev.config
@@ -914,13 +1078,14 @@ class Daemon:
                 "requester_id": f"0x{rid:04x}" if rid is not None else None,
                 "stream": {"id": cfg.stream_id, "state": dev.stream_state,
                            "reason": dev.stream_reason},
-                "last_error": dev.last_error}
+                "last_error": dev.last_error, "busy": dev.busy}
 
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
         """The status document; takes no daemon lock and does no device I/O."""
         with self._tables_lock:
             devices = list(self.devices.values())
             bound = list(self.vms.values())
+            counters = dict(sorted(self.counters.items()))
         tdis = [{"name": d.config.name, "state": d.tdi.state.name,
                  "lock_epoch": d.tdi.lock_epoch, "vm": d.tdi.vm, "reason": d.tdi.reason,
                  "mmio_private": d.tdi.mmio_private, "digests": d.tdi.digests()}
@@ -938,7 +1103,7 @@ class Daemon:
         return {"boot_id": self.boot_id.hex(), "pid": os.getpid(),
                 "state_dir": str(self.state_dir), "journal_records_replayed": self.replayed,
                 "devices": [self._device_status(d) for d in devices],
-                "tdis": tdis, "vms": vms, "counters": dict(sorted(dict(self.counters).items()))}
+                "tdis": tdis, "vms": vms, "counters": counters}
 
 
 # -- command line ---------------------------------------------------------------------------

@@ -7,16 +7,19 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from teeio.tdisp.defs import TdiState
 from tsm import daemon as daemon_mod
 from tsm.__main__ import main
 from tsm.ctl import CtlError
 from tsm.daemon import Daemon, write_secret
-from tsm.device import DeviceConfig, DeviceLink
+from tsm.device import DeviceConfig, DeviceError, DeviceLink
+from tsm.ghcx_server import GhcxFailure
 from tsm.journal import Journal
 from tsm.tdisp import TdispClientError
 
@@ -181,3 +184,202 @@ def test_mmio_reporting_offset_parse_error(tmp_path: Path,
     assert exit_.value.code == 2
     assert ("argument --mmio-reporting-offset: '0x1zz' must be an integer (0x... allowed)"
             in capsys.readouterr().err)
+
+
+# -- one device stalled, the others served (per-device locking) ---------------------------
+
+class StallingTdisp:
+    def __init__(self, link: StallingLink) -> None:
+        self.link = link
+
+    def get_state(self) -> TdiState:
+        self.link.entered.set()
+        assert self.link.gate.wait(20), "the test never released the stalled device"
+        return TdiState.CONFIG_UNLOCKED
+
+
+class StallingLink(DeviceLink):
+    """A connected device whose TDISP requests (and connect) wait for *gate*."""
+
+    def __init__(self, config: DeviceConfig, gate: threading.Event, up: bool = True) -> None:
+        super().__init__(config)
+        self.gate, self.entered, self.up = gate, threading.Event(), up
+
+    @property
+    def session_up(self) -> bool:
+        return self.up
+
+    def connect(self) -> None:
+        self.entered.set()
+        assert self.gate.wait(20), "the test never released the stalled device"
+        self.up = True
+
+    def tdisp_client(self) -> Any:
+        return StallingTdisp(self)
+
+    def stream_state(self) -> str:
+        return "secure"
+
+
+def two_vms(tmp: Path) -> Daemon:
+    """dev0 ← vm0 and dev1 ← vm1, both devices "connected" with :class:`StallingLink`:
+    dev0's gate closed, dev1's open."""
+    state = tmp / "tsm"
+    journal_two_devices(state, tmp)
+    journal, _ = Journal.open(state)
+    secret = state / "vms" / "vm0.secret"
+    write_secret(secret)
+    journal.append("vm", vm="vm0", device="dev0", ghcx_socket=str(tmp / "vm0.sock"),
+                   secret_file=str(secret), mmio_reporting_offset=0)
+    journal.close()
+    d = Daemon(state, reconnect_delays=())
+    d.devices["dev0"].link = StallingLink(d.devices["dev0"].config, threading.Event())
+    opened = threading.Event()
+    opened.set()
+    d.devices["dev1"].link = StallingLink(d.devices["dev1"].config, opened)
+    return d
+
+
+def in_thread(fn: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn(*args)
+        except Exception as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    t0 = time.monotonic()
+    result = fn(*args)
+    return result, time.monotonic() - t0
+
+
+def test_a_stalled_device_does_not_delay_another_vm(tmp_path: Path) -> None:
+    """vm0's TDI_INFO stalls in dev0's I/O (its device lock held): vm1's TDI_INFO and
+    STATUS on dev1, both VMs' STATUS and ``ctl status`` answer at once; a second request
+    for dev0 waits at most op_wait and is answered busy; then the stalled one completes."""
+    d = two_vms(tmp_path)
+    stalled = d.devices["dev0"].link
+    assert isinstance(stalled, StallingLink)
+    try:
+        t, out = in_thread(d.ghcx_request, "vm0", "TDI_INFO", {})
+        assert stalled.entered.wait(5)
+        info, took = timed(d.ghcx_request, "vm1", "TDI_INFO", {})
+        assert info["state"] == "CONFIG_UNLOCKED" and took < 1.0
+        status, took = timed(d.ghcx_request, "vm1", "STATUS", {})
+        assert status["tdi"] == "dev1" and took < 1.0
+        assert d.ghcx_request("vm0", "STATUS", {})["tdi"] == "dev0"   # its own: no I/O
+        doc, took = timed(d.ctl_request, "status", {})
+        assert [v["vm"] for v in doc["vms"]] == ["vm1", "vm0"] and took < 1.0
+        d.op_wait = 0.2
+        with pytest.raises(CtlError, match="another operation on it") as err:
+            d.ctl_request("stop", {"vm": "vm0"})
+        assert err.value.code == "busy"
+        with pytest.raises(GhcxFailure, match="dev0 is busy") as gerr:
+            d.ghcx_request("vm0", "TDI_INFO", {})
+        assert gerr.value.code == "state"
+        assert t.is_alive()
+        stalled.gate.set()
+        t.join(5)
+        assert out["result"]["state"] == "CONFIG_UNLOCKED"
+    finally:
+        stalled.gate.set()
+        d.close()
+
+
+def test_a_device_being_reconnected_is_busy(tmp_path: Path) -> None:
+    """``ctl reconnect`` of dev0 stalls: vm0's requests are answered ``state`` (busy) at
+    once, status says what dev0 is doing, dev1 is served; then the reconnect completes."""
+    d = two_vms(tmp_path)
+    link = d.devices["dev0"].link
+    assert isinstance(link, StallingLink)
+    link.up = False
+    try:
+        t, out = in_thread(d.ctl_request, "reconnect", {"device": "dev0"})
+        assert link.entered.wait(5)
+        with pytest.raises(GhcxFailure, match="being reconnected") as gerr:
+            timed(d.ghcx_request, "vm0", "TDI_INFO", {})
+        assert gerr.value.code == "state"
+        with pytest.raises(CtlError, match="being reconnected") as err:
+            d.ctl_request("lock", {"vm": "vm0"})
+        assert err.value.code == "busy"
+        doc = d.ctl_request("status", {})
+        assert [dev["busy"] for dev in doc["devices"]] == ["being reconnected", None]
+        assert d.ghcx_request("vm1", "TDI_INFO", {})["state"] == "CONFIG_UNLOCKED"
+        link.gate.set()
+        t.join(5)
+        assert out["result"]["name"] == "dev0" and out["result"]["busy"] is None
+        assert out["result"]["connected"]
+        assert d.ghcx_request("vm0", "TDI_INFO", {})["state"] == "CONFIG_UNLOCKED"
+    finally:
+        link.gate.set()
+        d.close()
+
+
+def test_connect_of_a_name_being_connected_is_busy(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    state = tmp_path / "tsm"
+    journal_two_devices(state, tmp_path)
+    d = Daemon(state, reconnect_delays=())
+    gate, entered = threading.Event(), threading.Event()
+
+    def connect(self: DeviceLink) -> None:
+        entered.set()
+        gate.wait(20)
+        raise DeviceError(f"connect {self.config.name}: unreachable")
+
+    monkeypatch.setattr(DeviceLink, "connect", connect)
+    args = {"device": "dev9", "doe_socket": str(tmp_path / "d.sock"),
+            "trust_anchor": str(tmp_path / "a.pem"), "platform_credential": "c",
+            "platform_socket": str(tmp_path / "p.sock")}
+    try:
+        t, out = in_thread(d.ctl_request, "connect", args)
+        assert entered.wait(5)
+        with pytest.raises(CtlError, match="dev9 is busy: being connected") as err:
+            d.ctl_request("connect", args)
+        assert err.value.code == "busy"
+        with pytest.raises(CtlError, match="being connected"):
+            d.ctl_request("disconnect", {"device": "dev9"})
+        gate.set()
+        t.join(5)
+        assert isinstance(out["error"], CtlError) and "unreachable" in str(out["error"])
+        with pytest.raises(CtlError, match="unreachable"):   # the name is free again
+            d.ctl_request("connect", args)
+        assert "dev9" not in d.devices
+    finally:
+        gate.set()
+        d.close()
+
+
+def test_session_lost_waits_for_the_operation_in_progress(tmp_path: Path) -> None:
+    """The heartbeat thread reports a lost session while a request holds the device: it
+    waits for it (no deadlock), then fails safe; a stale report after a reconnect is
+    ignored."""
+    d = two_vms(tmp_path)
+    link = d.devices["dev0"].link
+    assert isinstance(link, StallingLink)
+    try:
+        t, out = in_thread(d.ghcx_request, "vm0", "TDI_INFO", {})
+        assert link.entered.wait(5)
+        link.up = False
+        lost, _ = in_thread(d._session_lost, link, "SPDM heartbeat failed: test")
+        lost.join(0.3)
+        assert lost.is_alive() and d.counters["sessions_lost"] == 0
+        link.gate.set()
+        t.join(5)
+        lost.join(5)
+        assert not lost.is_alive() and d.counters["sessions_lost"] == 1
+        assert d.devices["dev0"].stream_state == "insecure"
+        link.up = True                      # reconnected meanwhile: a late report ignored
+        d._session_lost(link, "late")
+        assert d.counters["sessions_lost"] == 1
+        assert "result" in out or "error" in out
+    finally:
+        link.gate.set()
+        d.close()
