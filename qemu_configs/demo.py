@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'PASSED' if ok else 'FAILED'}: {sum(c.ok for c in checks)}/{len(checks)} "
           f"checks in {time.monotonic() - t0:.1f}s")
     status = wd / "tsm-status.json"
-    if status.exists():
+    if status.exists() and (ns.workdir is not None or not ok):
         print(f"TSM status at the end: {status}  (journal: {wd / 'tsm' / 'journal.jsonl'})")
     (wd / "demo-summary.json").write_text(json.dumps(
         {"ok": ok, "timings": stack.timings, "guest_steps": rep.get("steps", []),
