@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import logging
 import os
 import socket
-import stat
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from vfio_user_dev.server import remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +67,6 @@ Dispatch = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
 # -- server ---------------------------------------------------------------------------------
-
-def remove_stale_socket(path: str) -> None:
-    """Before binding *path*: remove a socket left by an earlier run, but never anything
-    else (a mistyped path must not delete a file): OSError EEXIST for a non-socket."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket (not replaced)")
-    os.unlink(path)
-
 
 class CtlServer:
     """Serves the control API on *path*, a thread per connection."""
@@ -414,5 +402,5 @@ def run_command(ns: argparse.Namespace) -> int:
 
 
 __all__ = ["IDLE_TIMEOUT", "MAX_CONNECTIONS", "CtlClient", "CtlError", "CtlServer", "OPS",
-           "add_arguments", "remove_stale_socket",
-           "add_socket_arguments", "add_status_arguments", "format_status", "run_command"]
+           "add_arguments", "add_socket_arguments", "add_status_arguments", "format_status",
+           "run_command"]

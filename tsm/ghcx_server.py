@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from teeio.ghcx import Cached, FrameDecoder, GhcxReject, Reply, Request, TsmChannel
-from tsm.ctl import remove_stale_socket
+from vfio_user_dev.server import remove_stale_socket
 
 log = logging.getLogger(__name__)
 

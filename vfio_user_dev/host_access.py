@@ -58,12 +58,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import logging
 import os
 import socket
-import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -74,6 +72,7 @@ from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dsm import FirmwareUpdateError
 from vfio_user_dev.link import Fault, FaultKind, LinkDirection
 from vfio_user_dev.protocol import PciRegion, ProtocolError
+from vfio_user_dev.server import remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +123,7 @@ class HostAccessServer:
         self._stop = threading.Event()
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-            os.unlink(path)
+        remove_stale_socket(path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         os.chmod(path, 0o600)

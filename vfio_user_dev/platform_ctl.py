@@ -57,7 +57,6 @@ use nothing of the device server; :class:`PlatformClient` is a reference client.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import hmac
 import json
@@ -65,7 +64,6 @@ import logging
 import os
 import secrets
 import socket
-import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +76,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
 from vfio_user_dev.link import Link
 from vfio_user_dev.root_port import RootPort, RootPortError
+from vfio_user_dev.server import remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +217,7 @@ class PlatformControlServer:
         self._stop = threading.Event()
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-            os.unlink(path)
+        remove_stale_socket(path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         os.chmod(path, 0o600)
