@@ -57,22 +57,19 @@ allowed), ``true``/``false``, or strings.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import socket
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dsm import FirmwareUpdateError
+from vfio_user_dev.line_server import LineServer
 from vfio_user_dev.link import Fault, FaultKind, LinkDirection
 from vfio_user_dev.protocol import PciRegion, ProtocolError
-from vfio_user_dev.server import remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -112,24 +109,18 @@ def _size(args: dict[str, Any], allowed: tuple[int, ...]) -> int:
     return size
 
 
-class HostAccessServer:
+class HostAccessServer(LineServer[None]):
     """Serves the host access protocol for *device* on a UNIX socket, a thread per
-    connection."""
+    connection (:class:`~vfio_user_dev.line_server.LineServer`)."""
+
+    name = "host access"
+    thread_name = "host-access"
+    skip_blank_lines = True
 
     def __init__(self, path: str, device: TeeIoDevice) -> None:
-        self.path = path
         self.device = device
         self.counters = {"connections": 0, "requests": 0, "errors": 0}
-        self._stop = threading.Event()
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        remove_stale_socket(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        os.chmod(path, 0o600)
-        self.listener.listen(MAX_CONNECTIONS)
-        self._thread = threading.Thread(target=self._accept_loop, name="host-access",
-                                        daemon=True)
+        super().__init__(path, MAX_LINE, MAX_CONNECTIONS)
         self.ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "config_read": self._config_read, "config_write": self._config_write,
             "bar_read": self._bar_read, "bar_write": self._bar_write, "flr": self._flr,
@@ -140,64 +131,17 @@ class HostAccessServer:
     def __repr__(self) -> str:
         return f"HostAccessServer({self.path!r})"
 
-    def start(self) -> HostAccessServer:
-        self._thread.start()
-        log.info("host access socket listening on %s", self.path)
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        with self._conns_lock:
-            for c in self._conns:
-                with contextlib.suppress(OSError):
-                    c.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                if self._stop.is_set():
-                    return
-                raise
-            with self._conns_lock:
-                if len(self._conns) >= MAX_CONNECTIONS:
-                    log.warning("host access: too many connections, refusing one")
-                    conn.close()
-                    continue
-                self._conns.add(conn)
-            self.counters["connections"] += 1
-            threading.Thread(target=self._serve, args=(conn,), name="host-access-conn",
-                             daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def opened(self, conn: socket.socket) -> None:
         conn.settimeout(IDLE_TIMEOUT)
-        try:
-            with conn, conn.makefile("rb") as rfile:
-                while True:
-                    line = rfile.readline(MAX_LINE + 1)
-                    if not line:
-                        return
-                    if len(line) > MAX_LINE and not line.endswith(b"\n"):
-                        while line and not line.endswith(b"\n"):   # skip the rest of it
-                            line = rfile.readline(MAX_LINE)
-                        reply = self._error("malformed", f"request longer than {MAX_LINE} "
-                                                         "bytes")
-                    elif not line.strip():
-                        continue
-                    else:
-                        reply = self.handle_line(line)
-                    conn.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
-        except OSError as exc:
-            log.info("host access connection ended: %s", exc)
-        finally:
-            with self._conns_lock:
-                self._conns.discard(conn)
+
+    def answer(self, state: None, conn: socket.socket, line: bytes) -> dict[str, Any]:
+        return self.handle_line(line)
+
+    def too_long(self, state: None) -> dict[str, Any]:
+        return self._error("malformed", f"request longer than {MAX_LINE} bytes")
+
+    def encode(self, reply: dict[str, Any]) -> bytes:
+        return json.dumps(reply, separators=(",", ":")).encode()
 
     def _error(self, code: str, message: str) -> dict[str, Any]:
         self.counters["errors"] += 1

@@ -64,7 +64,6 @@ import logging
 import os
 import secrets
 import socket
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,9 +73,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
+from vfio_user_dev.line_server import LineServer
 from vfio_user_dev.link import Link
 from vfio_user_dev.root_port import RootPort, RootPortError
-from vfio_user_dev.server import remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -203,27 +202,21 @@ class _Session:
         self.last_seq = -1
 
 
-class PlatformControlServer:
-    """Serves the platform control protocol on a UNIX socket, a thread per connection."""
+class PlatformControlServer(LineServer[_Session]):
+    """Serves the platform control protocol on a UNIX socket, a thread per connection
+    (:class:`~vfio_user_dev.line_server.LineServer`)."""
+
+    name = "platform control"
+    thread_name = "platform-ctl"
 
     def __init__(self, path: str, token: bytes, root_port: RootPort, link: Link,
                  endpoint_status: Callable[[], dict[str, object]] | None = None) -> None:
-        self.path = path
         self._token = token
         self.root_port = root_port
         self.link = link
         self.endpoint_status = endpoint_status or link.endpoint.status
         self.counters = {"connections": 0, "requests": 0, "auth_failures": 0, "errors": 0}
-        self._stop = threading.Event()
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        remove_stale_socket(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        os.chmod(path, 0o600)
-        self.listener.listen(MAX_CONNECTIONS)
-        self._thread = threading.Thread(target=self._accept_loop, name="platform-ctl",
-                                        daemon=True)
+        super().__init__(path, MAX_LINE, MAX_CONNECTIONS)
         self.ops: dict[str, Callable[[_Session, int, dict[str, Any]], dict[str, Any]]] = {
             "status": self._status, "events": self._events,
             "stream_setup": self._stream_setup, "stream_remove": self._stream_remove,
@@ -237,67 +230,24 @@ class PlatformControlServer:
     def __repr__(self) -> str:     # the token stays out of every repr
         return f"PlatformControlServer({self.path!r})"
 
-    def start(self) -> PlatformControlServer:
-        self._thread.start()
-        log.info("platform control socket listening on %s", self.path)
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        with self._conns_lock:
-            for c in self._conns:
-                with contextlib.suppress(OSError):
-                    c.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                if self._stop.is_set():
-                    return
-                raise
-            with self._conns_lock:
-                if len(self._conns) >= MAX_CONNECTIONS:
-                    log.warning("platform control: too many connections, refusing one")
-                    conn.close()
-                    continue
-                self._conns.add(conn)
-            self.counters["connections"] += 1
-            threading.Thread(target=self._serve, args=(conn,), name="platform-ctl-conn",
-                             daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def opened(self, conn: socket.socket) -> _Session:
         session = _Session(self._token)
         conn.settimeout(AUTH_DEADLINE)
-        try:
-            with conn, conn.makefile("rb") as rfile:
-                conn.sendall(canonical({"type": "hello", "protocol": PROTOCOL,
-                                        "nonce": session.nonce.hex()}) + b"\n")
-                while True:
-                    line = rfile.readline(MAX_LINE + 1)
-                    if not line:
-                        return
-                    if len(line) > MAX_LINE and not line.endswith(b"\n"):
-                        while line and not line.endswith(b"\n"):   # skip the rest of it
-                            line = rfile.readline(MAX_LINE)
-                        reply = self._error(None, None, "malformed",
-                                            f"request longer than {MAX_LINE} bytes")
-                    else:
-                        reply = self.handle_line(session, line)
-                        if session.last_seq >= 0:
-                            conn.settimeout(None)      # authenticated: no deadline
-                    conn.sendall(canonical(reply) + b"\n")
-        except OSError as exc:
-            log.info("platform control connection ended: %s", exc)
-        finally:
-            with self._conns_lock:
-                self._conns.discard(conn)
+        conn.sendall(canonical({"type": "hello", "protocol": PROTOCOL,
+                                "nonce": session.nonce.hex()}) + b"\n")
+        return session
+
+    def answer(self, state: _Session, conn: socket.socket, line: bytes) -> dict[str, Any]:
+        reply = self.handle_line(state, line)
+        if state.last_seq >= 0:
+            conn.settimeout(None)      # authenticated: no deadline
+        return reply
+
+    def too_long(self, state: _Session) -> dict[str, Any]:
+        return self._error(None, None, "malformed", f"request longer than {MAX_LINE} bytes")
+
+    def encode(self, reply: dict[str, Any]) -> bytes:
+        return canonical(reply)
 
     def _error(self, session: _Session | None, seq: int | None, code: str,
                message: str) -> dict[str, Any]:
