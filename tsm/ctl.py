@@ -35,12 +35,11 @@ import logging
 import os
 import socket
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vfio_user_dev.server import remove_stale_socket
+from vfio_user_dev.line_server import LineServer
 
 log = logging.getLogger(__name__)
 
@@ -68,79 +67,39 @@ Dispatch = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 # -- server ---------------------------------------------------------------------------------
 
-class CtlServer:
-    """Serves the control API on *path*, a thread per connection."""
+class CtlServer(LineServer[None]):
+    """Serves the control API on *path*, a thread per connection
+    (:class:`~vfio_user_dev.line_server.LineServer`)."""
+
+    name = "control"
+    thread_name = "tsm-ctl"
 
     def __init__(self, path: str, dispatch: Dispatch, idle_timeout: float = IDLE_TIMEOUT,
                  max_connections: int = MAX_CONNECTIONS) -> None:
-        self.path = path
         self.dispatch = dispatch
         self.idle_timeout = idle_timeout
         self.counters = {"connections": 0, "requests": 0, "errors": 0, "busy": 0}
-        self._stop = threading.Event()
-        self._slots = threading.BoundedSemaphore(max_connections)
-        remove_stale_socket(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            self.listener.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        self.listener.listen(8)
-        self._thread = threading.Thread(target=self._accept_loop, name="tsm-ctl", daemon=True)
+        super().__init__(path, MAX_LINE, max_connections)
 
-    def start(self) -> CtlServer:
-        self._thread.start()
-        log.info("control socket listening on %s", self.path)
-        return self
+    def refuse(self, conn: socket.socket) -> None:
+        self.counters["connections"] += 1
+        reply = self._error("busy", "too many control connections; try again")
+        with contextlib.suppress(OSError), conn:
+            conn.settimeout(1.0)
+            conn.sendall(self.encode(reply) + b"\n")
+        self.counters["busy"] += 1
 
-    def close(self) -> None:
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+    def opened(self, conn: socket.socket) -> None:
+        conn.settimeout(self.idle_timeout)
 
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.counters["connections"] += 1
-            if not self._slots.acquire(blocking=False):
-                reply = self._error("busy", "too many control connections; try again")
-                with contextlib.suppress(OSError), conn:
-                    conn.settimeout(1.0)
-                    conn.sendall(json.dumps(reply, sort_keys=True).encode() + b"\n")
-                self.counters["busy"] += 1
-                continue
-            threading.Thread(target=self._serve, args=(conn,), name="tsm-ctl-conn",
-                             daemon=True).start()
+    def answer(self, state: None, conn: socket.socket, line: bytes) -> dict[str, Any]:
+        return self.handle_line(line)
 
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            conn.settimeout(self.idle_timeout)
-            with conn, conn.makefile("rb") as rfile:
-                while True:
-                    line = rfile.readline(MAX_LINE + 1)
-                    if not line:
-                        return
-                    if len(line) > MAX_LINE and not line.endswith(b"\n"):
-                        while line and not line.endswith(b"\n"):
-                            line = rfile.readline(MAX_LINE)
-                        reply = self._error("malformed", f"line longer than {MAX_LINE} bytes")
-                    else:
-                        reply = self.handle_line(line)
-                    conn.sendall(json.dumps(reply, sort_keys=True).encode() + b"\n")
-        except TimeoutError:
-            log.info("control connection idle for %.0f s: closed", self.idle_timeout)
-        except OSError as exc:
-            log.info("control connection ended: %s", exc)
-        finally:
-            self._slots.release()
+    def too_long(self, state: None) -> dict[str, Any]:
+        return self._error("malformed", f"line longer than {MAX_LINE} bytes")
+
+    def encode(self, reply: dict[str, Any]) -> bytes:
+        return json.dumps(reply, sort_keys=True).encode()
 
     def _error(self, code: str, message: str) -> dict[str, Any]:
         self.counters["errors"] += 1

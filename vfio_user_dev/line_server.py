@@ -1,10 +1,12 @@
 """The device server's JSON-lines sockets: one listener, a thread per connection.
 
-Shared by the platform control socket (:mod:`vfio_user_dev.platform_ctl`) and the host
-access socket (:mod:`vfio_user_dev.host_access`): a 0600 UNIX socket (a stale socket at
+Shared by the platform control socket (:mod:`vfio_user_dev.platform_ctl`), the host
+access socket (:mod:`vfio_user_dev.host_access`) and the TSM's control socket
+(:mod:`tsm.ctl`): a 0600 UNIX socket (a stale socket at
 the path is replaced, anything else refused), at most *max_connections* served at once
 (more are closed at once), one request line in and one reply line out, a line longer than
-*max_line* skipped to its end and answered by the protocol's own error, and the
+*max_line* skipped to its end and answered by the protocol's own error
+(:meth:`LineServer.refuse` may answer a refused one first), and the
 connection kept serving after any error.  What a connection starts with (a hello, a
 timeout), how a line is answered and how a reply is encoded are the protocol's
 (:meth:`LineServer.opened`, :meth:`LineServer.answer`, :meth:`LineServer.too_long`,
@@ -47,7 +49,11 @@ class LineServer(Generic[S]):
         self._conns_lock = threading.Lock()
         remove_stale_socket(path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
+        old = os.umask(0o177)          # 0600 from the start, not only after the chmod
+        try:
+            self.listener.bind(path)
+        finally:
+            os.umask(old)
         os.chmod(path, 0o600)
         self.listener.listen(max_connections)
         self._thread = threading.Thread(target=self._accept_loop, name=self.thread_name,
@@ -68,6 +74,11 @@ class LineServer(Generic[S]):
 
     def encode(self, reply: dict[str, Any]) -> bytes:
         raise NotImplementedError
+
+    def refuse(self, conn: socket.socket) -> None:
+        """Every slot is taken: by default the connection is closed at once."""
+        log.warning("%s: too many connections, refusing one", self.name)
+        conn.close()
 
     # -- the socket ---------------------------------------------------------------------------
     def start(self) -> LineServer[S]:
@@ -97,8 +108,7 @@ class LineServer(Generic[S]):
                 raise
             with self._conns_lock:
                 if len(self._conns) >= self.max_connections:
-                    log.warning("%s: too many connections, refusing one", self.name)
-                    conn.close()
+                    self.refuse(conn)
                     continue
                 self._conns.add(conn)
             self.counters["connections"] += 1
@@ -123,6 +133,8 @@ class LineServer(Generic[S]):
                         else:
                             reply = self.answer(state, conn, line)
                         conn.sendall(self.encode(reply) + b"\n")
+        except TimeoutError:
+            log.info("%s connection timed out: closed", self.name)
         except OSError as exc:
             log.info("%s connection ended: %s", self.name, exc)
         finally:
