@@ -69,9 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: the guest image is not built: run 'make image'", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory(prefix="teeio-bench-tdi-") as tmp:
-        stack = TeeStack(StackOptions(Path(tmp), seed=1, stop=False))
-        vm = stack.vm_options
-        stack.vm_options = lambda: _with_cycles(vm(), ns.cycles)  # type: ignore[method-assign]
+        stack = TeeStack(StackOptions(Path(tmp), seed=1, stop=False, cycles=ns.cycles))
         try:
             res = stack.run()
         except LaunchError as exc:
@@ -93,11 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     emit_report(report, ns.out)
     return 0
-
-
-def _with_cycles(opts: Any, cycles: int) -> Any:
-    opts.params["cycles"] = str(cycles)
-    return opts
 
 
 if __name__ == "__main__":

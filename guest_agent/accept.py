@@ -131,14 +131,8 @@ def _flow(report: dict[str, Any], steps: Steps, checks: Checks, client: GhcxClie
     # In CONFIG_LOCKED the TEE range answers nobody: reads are all ones (§11.2.1).
     checks.add("mmio_blocked_when_locked", d.mmio.read32(R.ID) == 0xFFFFFFFF,
                value=hex(d.mmio.read32(R.ID)))
-    nonce = os.urandom(32)
-    ev_payload = steps.run("get_evidence",
-                           lambda: client.call(MsgType.GET_EVIDENCE, {"nonce": nonce.hex()}))
-    info = steps.run("tdi_info", lambda: client.call(MsgType.TDI_INFO, {}))
+    evidence, info, verdict = _attest(steps, client, policy, bars)
     report["info"] = info
-    evidence = tdi_verify.Evidence.from_payload(ev_payload)
-    verdict = steps.run("verify", lambda: tdi_verify.verify(policy, evidence, info, nonce,
-                                                            bars))
     report["verdict"] = verdict.as_dict()
     if not verdict.ok:
         report["refusal"] = verdict.first_failure()
@@ -146,10 +140,9 @@ def _flow(report: dict[str, Any], steps: Steps, checks: Checks, client: GhcxClie
         return
     if pause_at == "before-accept":
         report["paused_seconds"] = pause(sync_dir, "before-accept")
-    accept = {"digests": tdi_verify.digests(evidence), "lock_epoch": info["lock_epoch"]}
     try:
-        report["accept"] = steps.run("tdi_accept",
-                                     lambda: client.call(MsgType.TDI_ACCEPT, accept))
+        report["accept"] = steps.run("tdi_accept", lambda: client.call(
+            MsgType.TDI_ACCEPT, accept_request(evidence, info)))
     except GhcxCallError as exc:
         report["refusal"] = f"TDI_ACCEPT refused: {exc.code}: {exc.message}"
         return
@@ -174,17 +167,31 @@ def _cycle(client: GhcxClient, policy: tdi_verify.GuestPolicy,
     steps = Steps()
     steps.run("tdi_stop", lambda: client.call(MsgType.TDI_STOP, {}))
     steps.run("tdi_lock", lambda: client.call(MsgType.TDI_LOCK, {}))
-    nonce = os.urandom(32)
-    ev = tdi_verify.Evidence.from_payload(steps.run(
-        "get_evidence", lambda: client.call(MsgType.GET_EVIDENCE, {"nonce": nonce.hex()})))
-    info = steps.run("tdi_info", lambda: client.call(MsgType.TDI_INFO, {}))
-    verdict = steps.run("verify", lambda: tdi_verify.verify(policy, ev, info, nonce, bars))
+    ev, info, verdict = _attest(steps, client, policy, bars)
     if not verdict.ok:
         raise RuntimeError(f"cycle: verification failed: {verdict.first_failure()}")
-    steps.run("tdi_accept", lambda: client.call(
-        MsgType.TDI_ACCEPT, {"digests": tdi_verify.digests(ev),
-                             "lock_epoch": info["lock_epoch"]}))
+    steps.run("tdi_accept", lambda: client.call(MsgType.TDI_ACCEPT,
+                                                accept_request(ev, info)))
     return steps.items
+
+
+def _attest(steps: Steps, client: GhcxClient, policy: tdi_verify.GuestPolicy,
+            bars: list[tuple[int, int, int]],
+            ) -> tuple[tdi_verify.Evidence, dict[str, Any], tdi_verify.Verdict]:
+    """GET_EVIDENCE with a fresh nonce of the guest's, TDI_INFO, and the guest's own
+    verification of both (:func:`teeio.tdi_verify.verify`)."""
+    nonce = os.urandom(32)
+    payload = steps.run("get_evidence",
+                        lambda: client.call(MsgType.GET_EVIDENCE, {"nonce": nonce.hex()}))
+    info = steps.run("tdi_info", lambda: client.call(MsgType.TDI_INFO, {}))
+    ev = tdi_verify.Evidence.from_payload(payload)
+    verdict = steps.run("verify", lambda: tdi_verify.verify(policy, ev, info, nonce, bars))
+    return ev, info, verdict
+
+
+def accept_request(ev: tdi_verify.Evidence, info: dict[str, Any]) -> dict[str, Any]:
+    """TDI_ACCEPT's payload: the digests and lock epoch the guest verified (docs/ghcx.md)."""
+    return {"digests": tdi_verify.digests(ev), "lock_epoch": info["lock_epoch"]}
 
 
 def _dma(report: dict[str, Any], checks: Checks, client: GhcxClient, d: Driver,

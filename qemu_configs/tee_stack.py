@@ -68,6 +68,7 @@ class StackOptions:
     accel: str = "tcg"
     extra_device_args: list[str] = field(default_factory=list)
     shell: bool = False                # boot to a root shell on this terminal instead
+    cycles: int = 0                    # guest_agent accept --cycles (bench_tdi)
 
 
 class TeeStack:
@@ -195,6 +196,8 @@ class TeeStack:
                   "expect": o.expect}
         if o.pause_at:
             params["pause-at"] = o.pause_at
+        if o.cycles:
+            params["cycles"] = str(o.cycles)
         if o.stop:
             params["stop"] = "1"
         device_args = ["--identity", str(self.identity_dir), "--firmware", str(self.firmware),
