@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vfio_user_dev.line_server import LineServer
+from vfio_user_dev.line_server import LineClient, LineServer
 
 log = logging.getLogger(__name__)
 
@@ -133,46 +133,17 @@ class CtlServer(LineServer[None]):
 
 # -- client ---------------------------------------------------------------------------------
 
-class CtlClient:
+class CtlClient(LineClient):
+    """A client of the TSM daemon's control socket."""
+
+    peer = "the TSM daemon"
+    max_reply = MAX_LINE * 64          # a status document can be long
+
     def __init__(self, path: str, timeout: float = CLIENT_TIMEOUT) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError:
-            self.sock.close()
-            raise
-        self._rfile = self.sock.makefile("rb")
+        super().__init__(path, timeout)
 
-    def close(self) -> None:
-        self._rfile.close()
-        self.sock.close()
-
-    def __enter__(self) -> CtlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send_raw(self, data: bytes) -> dict[str, Any]:
-        self.sock.sendall(data)
-        line = self._rfile.readline(MAX_LINE * 64)
-        if not line:
-            raise ConnectionError("the TSM daemon closed the control connection")
-        reply = json.loads(line)
-        if not isinstance(reply, dict):
-            raise CtlError("malformed", "the daemon's reply is not an object")
-        return reply
-
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        reply = self.send_raw(json.dumps({"op": op, "args": args}).encode() + b"\n")
-        if not reply.get("ok"):
-            err = reply.get("error") or {}
-            raise CtlError(str(err.get("code", "malformed")), str(err.get("message", "")))
-        result = reply.get("result")
-        if not isinstance(result, dict):
-            raise CtlError("malformed", "the daemon's result is not an object")
-        return result
+    def error(self, code: str, message: str) -> CtlError:
+        return CtlError(code, message)
 
 
 # -- the status table -----------------------------------------------------------------------

@@ -67,7 +67,7 @@ from typing import Any
 
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dsm import FirmwareUpdateError
-from vfio_user_dev.line_server import LineServer
+from vfio_user_dev.line_server import LineClient, LineServer
 from vfio_user_dev.link import Fault, FaultKind, LinkDirection
 from vfio_user_dev.protocol import PciRegion, ProtocolError
 
@@ -266,50 +266,14 @@ class HostAccessServer(LineServer[None]):
 
 # -- client ---------------------------------------------------------------------------------
 
-class HostAccessClient:
+class HostAccessClient(LineClient):
     """A client of the host access socket."""
 
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self._rfile = self.sock.makefile("rb")
+    peer = "the host access socket"
+    max_reply = MAX_LINE
 
-    def close(self) -> None:
-        self._rfile.close()
-        self.sock.close()
-
-    def __enter__(self) -> HostAccessClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send_raw(self, data: bytes) -> dict[str, Any]:
-        """Send *data* as it is (tests: malformed requests); the reply."""
-        self.sock.sendall(data)
-        line = self._rfile.readline(MAX_LINE + 1)
-        if not line:
-            raise ConnectionError("host access socket closed")
-        reply = json.loads(line)
-        if not isinstance(reply, dict):
-            raise HostAccessError("malformed", "reply is not an object")
-        return reply
-
-    def request(self, op: str, **args: Any) -> dict[str, Any]:
-        """The whole reply to *op*."""
-        return self.send_raw(json.dumps({"op": op, "args": args}).encode() + b"\n")
-
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """The result of *op*; :class:`HostAccessError` for an error reply."""
-        reply = self.request(op, **args)
-        if not reply.get("ok"):
-            err = reply.get("error") or {}
-            raise HostAccessError(str(err.get("code", "malformed")), str(err.get("message")))
-        result = reply.get("result")
-        if not isinstance(result, dict):
-            raise HostAccessError("malformed", "reply without a result object")
-        return result
+    def error(self, code: str, message: str) -> HostAccessError:
+        return HostAccessError(code, message)
 
 
 def _value(text: str) -> Any:

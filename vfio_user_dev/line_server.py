@@ -16,11 +16,12 @@ timeout), how a line is answered and how a reply is encoded are the protocol's
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
 import threading
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from vfio_user_dev.server import remove_stale_socket
 
@@ -142,4 +143,65 @@ class LineServer(Generic[S]):
                 self._conns.discard(conn)
 
 
-__all__ = ["LineServer"]
+
+
+class LineClient:
+    """The client side of the ``{"op", "args"}`` → ``{"ok", "result" | "error"}``
+    protocols served here (host access, the TSM's control socket).  Subclasses name the
+    peer for messages and give their protocol's error type (:meth:`error`)."""
+
+    peer = "the server"
+    max_reply = 64 * 1024
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+        self._rfile = self.sock.makefile("rb")
+
+    def error(self, code: str, message: str) -> Exception:
+        """The protocol's exception for an error reply (or a malformed one)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._rfile.close()
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_raw(self, data: bytes) -> dict[str, Any]:
+        """Send *data* as it is (tests: malformed requests); the reply object."""
+        self.sock.sendall(data)
+        line = self._rfile.readline(self.max_reply + 1)
+        if not line:
+            raise ConnectionError(f"{self.peer} closed the connection")
+        reply = json.loads(line)
+        if not isinstance(reply, dict):
+            raise self.error("malformed", f"{self.peer}'s reply is not an object")
+        return reply
+
+    def request(self, op: str, **args: Any) -> dict[str, Any]:
+        """The whole reply to *op*."""
+        return self.send_raw(json.dumps({"op": op, "args": args}).encode() + b"\n")
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """The result of *op*; the protocol's error for an error reply."""
+        reply = self.request(op, **args)
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise self.error(str(err.get("code", "malformed")), str(err.get("message", "")))
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            raise self.error("malformed", f"{self.peer}'s reply has no result object")
+        return result
+
+
+__all__ = ["LineClient", "LineServer"]
