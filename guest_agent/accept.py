@@ -3,9 +3,9 @@
 The TVM's side of trusted device assignment (PCIe 6.x §11.2.7; DESIGN, trust model), over
 the GHCx channel to the TSM (docs/ghcx.md):
 
-1. enumerate and configure the device (sysfs, uio_pci_generic, Memory Space + Bus Master),
-   then ask for TDI_LOCK -- after enumeration, as Linux's ``tsm/lock`` does, so BAR sizing
-   cannot trip ERROR;
+1. enumerate and configure the device (sysfs: Memory Space + Bus Master Enable by one
+   config write, no driver bound, no uio), then ask for TDI_LOCK -- after enumeration, as
+   Linux's ``tsm/lock`` does, so BAR sizing cannot trip ERROR;
 2. GET_EVIDENCE with a nonce the guest draws, TDI_INFO;
 3. verify everything itself (:mod:`teeio.tdi_verify`: digests, chain to the *policy's*
    anchors, signed transcript, nonce, reference measurements, TDI info, report vs BARs);
@@ -15,6 +15,22 @@ the GHCx channel to the TSM (docs/ghcx.md):
    SHA-256 jobs into and out of it, checked here; a buffer never accepted and the
    released one must be refused (T=1 DMA outside a window), then DMA_RELEASE (and TDI_STOP
    with ``--stop``).
+
+**The TDI stays in RUN after the agent exits.**  Jobs complete by polling STATUS
+(guest_agent/dmajob.py), not by INTx through ``uio_pci_generic``: that driver's
+``release()`` clears Bus Master Enable whenever ``/dev/uioN`` is closed -- at the latest
+when the process exits -- and Bus Master Enable cleared in CONFIG_LOCKED or RUN is a
+TDISP security event (§11.2.6): the TDI would go to ERROR behind the guest's back.  This
+flow binds no driver and keeps no fd open, so nothing touches the Command register when
+it exits; Memory Space and Bus Master stay set, private MMIO stays open, and ``dma`` /
+``tdi-info`` / ``stop`` can use the TDI afterwards.  Without ``--stop`` the flow releases
+its DMA window at the end: the buffer it covers is freed with this process.
+
+**A TDI that is not CONFIG_UNLOCKED** (LOCK needs CONFIG_UNLOCKED, §11.3.6): TDI_INFO is
+asked first.  RUN: it is this VM's (the TSM binds one TDI to one VM and starts it only on
+that VM's TDI_ACCEPT), so ``accept`` says it is already RUN, with the lock epoch, and
+succeeds without redoing anything.  CONFIG_LOCKED or ERROR: it fails in one line saying to
+run ``stop``.  ``--restart`` STOPs it first and then runs the whole flow.
 
 ``--pause-at before-accept|in-run`` stops at that point and waits for the host (a test)
 to act behind the guest's back: the agent writes ``paused-<point>`` into ``--sync-dir`` and
@@ -33,8 +49,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from guest_agent.commands import decide_accept
 from guest_agent.dmabuf import HugeBuffer
 from guest_agent.ghcx_client import GhcxCallError, GhcxClient
+from guest_agent.pci import bars_of
 from guest_agent.selftest import DEVICE, VENDOR, Checks, Driver
 from teeio import tdi_verify
 from teeio.device_regs import DEVICE_ID_REG_VALUE, Op, R
@@ -69,16 +87,6 @@ def _since(t: float) -> float:
     return round(time.monotonic() - t, 4)
 
 
-def bars_of(dev: Path) -> list[tuple[int, int, int]]:
-    """(index, base, size) of the memory BARs, from sysfs ``resource``."""
-    out = []
-    for index, line in enumerate((dev / "resource").read_text().splitlines()[:6]):
-        start, end, flags = (int(x, 16) for x in line.split())
-        if end > start and flags & 0x200:          # IORESOURCE_MEM
-            out.append((index, start, end - start + 1))
-    return out
-
-
 def pause(sync_dir: Path, point: str) -> float:
     t = time.monotonic()
     (sync_dir / f"paused-{point}").write_text(str(os.getpid()))
@@ -92,7 +100,7 @@ def pause(sync_dir: Path, point: str) -> float:
 
 def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/results"),
         expect: str = "accept", stop: bool = False, seed: int = 0,
-        cycles: int = 0) -> dict[str, Any]:
+        cycles: int = 0, restart: bool = False) -> dict[str, Any]:
     policy = tdi_verify.load_policy(policy_path)
     steps, checks = Steps(), Checks()
     report: dict[str, Any] = {"mode": "accept", "expect": expect, "steps": steps.items,
@@ -101,12 +109,27 @@ def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/re
         raise tdi_verify.PolicyError(f"the policy expects {policy.vendor_id:04x}:"
                                      f"{policy.device_id:04x}, this agent drives "
                                      f"{VENDOR:04x}:{DEVICE:04x}")
-    d = steps.run("enumerate", Driver)
+    # Polled, no uio: nothing clears Bus Master Enable when this process exits (docstring).
+    d = steps.run("enumerate", lambda: Driver(irq=False))
+    report["command_register"] = [hex(v) for v in d.command]
     bars = bars_of(d.dev)
     report["bdf"], report["bars"] = d.dev.name, [[i, hex(b), s] for i, b, s in bars]
     client = steps.run("ghcx_handshake", GhcxClient.connect)
     report["ghcx"] = client.counters
     try:
+        info = client.call(MsgType.TDI_INFO, {})
+        decision = decide_accept(info, client.vm_id, restart)
+        report["precheck"] = {"state": info.get("state"), "lock_epoch": info.get("lock_epoch"),
+                              "action": decision.action, "message": decision.message}
+        if decision.action in ("already", "refuse"):
+            report["info"] = info
+            report["ok"] = decision.action == "already"
+            if decision.action == "refuse":
+                report["error"] = decision.message
+            return report
+        if decision.action == "restart":
+            report["restart_stop"] = steps.run(
+                "restart_stop", lambda: client.call(MsgType.TDI_STOP, {}))
         _flow(report, steps, checks, client, d, policy, bars, pause_at, sync_dir, stop, seed)
         if cycles and report["accepted"]:
             report["cycles"] = [_cycle(client, policy, bars) for _ in range(cycles)]
@@ -150,7 +173,6 @@ def _flow(report: dict[str, Any], steps: Steps, checks: Checks, client: GhcxClie
     # RUN: the register BAR now answers through the TEE path (T=1 over the IDE stream).
     checks.add("mmio_in_run", d.mmio.read32(R.ID) == DEVICE_ID_REG_VALUE,
                value=hex(d.mmio.read32(R.ID)))
-    d.mmio.write32(R.INT_ENABLE, 0x3)
     steps.run("dma_validation", lambda: _dma(report, checks, client, d, seed))
     if pause_at == "in-run":
         report["paused_seconds"] = pause(sync_dir, "in-run")
@@ -158,6 +180,14 @@ def _flow(report: dict[str, Any], steps: Steps, checks: Checks, client: GhcxClie
         return
     if stop:
         report["stop"] = steps.run("tdi_stop", lambda: client.call(MsgType.TDI_STOP, {}))
+        return
+    # The TDI stays RUN; the buffer the window covers goes with this process.
+    wid = report["window"]["window_id"]
+    try:
+        client.call(MsgType.DMA_RELEASE, {"window_id": wid})
+        report["window_released"] = wid
+    except GhcxCallError as exc:
+        report["window_release_error"] = f"{exc.code}: {exc.message}"
 
 
 def _cycle(client: GhcxClient, policy: tdi_verify.GuestPolicy,

@@ -3,6 +3,17 @@
 Stdlib only (the guest has Debian 13's python3).  MMIO goes through a ctypes view
 of the ``resource0`` mapping so that every register access is one 32-bit load or
 store, as a driver would do.
+
+Two ways to drive the device:
+
+* **with uio** (:class:`UioIrq`, the plain self-test): ``uio_pci_generic`` delivers INTx
+  to user space.  Its ``release()`` clears Bus Master Enable whenever ``/dev/uioN`` is
+  closed (including at process exit), which a TDI in CONFIG_LOCKED or RUN treats as a
+  security event (PCIe 6.x §11.2.6): it goes to ERROR.  So uio is for CONFIG_UNLOCKED only.
+* **without a driver** (:func:`enable_device`): Memory Space and Bus Master Enable are set
+  by a config write through sysfs, nothing is bound and no fd stays open, so nothing
+  clears them when the process exits; jobs complete by polling STATUS
+  (:mod:`guest_agent.dmajob`).  This is what every TEE command uses.
 """
 
 from __future__ import annotations
@@ -18,7 +29,11 @@ from pathlib import Path
 
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 UIO_DRIVER = Path("/sys/bus/pci/drivers/uio_pci_generic")
+COMMAND = 0x04
+COMMAND_MEMORY_SPACE = 1 << 1
+COMMAND_BUS_MASTER = 1 << 2
 COMMAND_INTX_DISABLE = 1 << 10
+IORESOURCE_MEM = 0x200
 
 
 class AgentError(RuntimeError):
@@ -56,6 +71,34 @@ class Config:
             os.pwrite(fd, value.to_bytes(size, "little"), off)
         finally:
             os.close(fd)
+
+
+def enable_device(cfg: Config) -> tuple[int, int]:
+    """Set Memory Space and Bus Master Enable (Command register, PCI 3.0 §6.2.2) by one
+    config write, keeping every other bit; nothing is written when both are already set.
+    Setting them is never a TDISP security event (clearing them is, §11.2.6).  Returns the
+    Command register (before, after)."""
+    before = cfg.read(COMMAND, 2)
+    want = before | COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER
+    if want != before:
+        cfg.write(COMMAND, 2, want)
+    return before, cfg.read(COMMAND, 2)
+
+
+def bars_of(dev: Path) -> list[tuple[int, int, int]]:
+    """(index, base, size) of the memory BARs, from sysfs ``resource``."""
+    out = []
+    for index, line in enumerate((dev / "resource").read_text().splitlines()[:6]):
+        start, end, flags = (int(x, 16) for x in line.split())
+        if end > start and flags & IORESOURCE_MEM:
+            out.append((index, start, end - start + 1))
+    return out
+
+
+def driver_of(dev: Path) -> str | None:
+    """The name of the kernel driver bound to *dev*, or None."""
+    link = dev / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
 
 
 class Mmio:

@@ -2,6 +2,14 @@
 
 Every check records what was expected and what was seen; the report's ``ok`` is
 the conjunction of all checks.
+
+This is the plain (CONFIG_UNLOCKED, non-TEE) device test: it counts INTx delivered
+through ``uio_pci_generic`` and DMAs with T=0 into a buffer no window covers.  It is not
+for a TDI in CONFIG_LOCKED / RUN / ERROR: there BAR0 answers all ones (no job starts, so no
+interrupt comes and every job waited out ``IRQ_TIMEOUT``), T=1 DMA needs a window, and
+closing ``/dev/uioN`` at exit clears Bus Master Enable, which moves a locked TDI to ERROR
+(guest_agent/pci.py).  In a TEE flow, ``python3 -m guest_agent dma`` runs a job polled,
+with a window and without uio.
 """
 
 from __future__ import annotations
@@ -10,9 +18,9 @@ import hashlib
 import time
 from typing import Any
 
-from guest_agent import testdata
+from guest_agent import dmajob, testdata
 from guest_agent.dmabuf import HugeBuffer
-from guest_agent.pci import Config, Mmio, UioIrq, find_device
+from guest_agent.pci import Config, Mmio, UioIrq, enable_device, find_device
 from teeio.device_regs import CMD_GO, DEVICE_ID_REG_VALUE, Irq, Op, R, St
 
 VENDOR, DEVICE = 0x1234, 0x7E10
@@ -35,18 +43,34 @@ class Checks:
 
 
 class Driver:
-    def __init__(self) -> None:
+    """BAR0 mapped, a 2 MiB DMA buffer, and completion either by INTx through uio
+    (``irq=True``: this self-test) or by polling STATUS (``irq=False``: no driver bound,
+    no fd whose release could clear Bus Master Enable -- the TEE flows)."""
+
+    def __init__(self, irq: bool = True, job_timeout: float = dmajob.JOB_TIMEOUT) -> None:
         self.dev = find_device(VENDOR, DEVICE)
-        self.irq = UioIrq(self.dev, VENDOR, DEVICE)   # binds uio_pci_generic, enables the device
         self.cfg = Config(self.dev)
-        cmd = self.cfg.read(0x04, 2)
-        self.cfg.write(0x04, 2, cmd | COMMAND_BUS_MASTER | 0x2)
+        self.job_timeout = job_timeout
+        self.irq: UioIrq | None = None
+        if irq:
+            self.irq = UioIrq(self.dev, VENDOR, DEVICE)   # binds uio_pci_generic
+            cmd = self.cfg.read(0x04, 2)
+            self.cfg.write(0x04, 2, cmd | COMMAND_BUS_MASTER | 0x2)
+        else:
+            self.command = enable_device(self.cfg)       # Memory Space + Bus Master, no driver
         self.mmio = Mmio(self.dev, 0)
         self.buf = HugeBuffer()
-        self.mmio.write32(R.INT_STATUS, 0xFFFFFFFF)
-        self.mmio.write32(R.INT_ENABLE, Irq.DMA_DONE | Irq.DMA_ERROR)
+        if irq:
+            self.mmio.write32(R.INT_STATUS, 0xFFFFFFFF)
+            self.mmio.write32(R.INT_ENABLE, Irq.DMA_DONE | Irq.DMA_ERROR)
 
     def run_job(self, op: int, src: int, dst: int, length: int, pattern: int = 0) -> dict[str, Any]:
+        if self.irq is None:
+            done = dmajob.run(self.mmio, dmajob.Job(Op(op), src, dst, length, pattern),
+                              self.job_timeout)
+            return {"irq": None, "polled": True, "outcome": done.outcome,
+                    "status": done.status, "int_status": done.int_status, "done": done.done,
+                    "seconds": round(done.seconds, 4)}
         m = self.mmio
         m.write32(R.DMA_SRC_LO, src & 0xFFFFFFFF)
         m.write32(R.DMA_SRC_HI, src >> 32)
@@ -68,7 +92,9 @@ class Driver:
 
 def run(seed: int, rounds: int) -> dict[str, Any]:
     checks = Checks()
-    d = Driver()
+    d = Driver(irq=True)
+    assert d.irq is not None
+    irq = d.irq
     m, buf = d.mmio, d.buf
     checks.add("id_register", m.read32(R.ID) == DEVICE_ID_REG_VALUE,
                value=hex(m.read32(R.ID)))
@@ -115,7 +141,7 @@ def run(seed: int, rounds: int) -> dict[str, Any]:
     dev_jobs = m.read32(R.DMA_JOBS)
     dev_bytes = m.read32(R.DMA_BYTES_LO) | m.read32(R.DMA_BYTES_HI) << 32
     checks.add("device_job_counter", dev_jobs == jobs - 1, device=dev_jobs, issued_ok=jobs - 1)
-    checks.add("interrupts_match", d.irq.received == jobs, received=d.irq.received, jobs=jobs)
+    checks.add("interrupts_match", irq.received == jobs, received=irq.received, jobs=jobs)
     return {
         "mode": "selftest",
         "bdf": d.dev.name,
@@ -126,7 +152,7 @@ def run(seed: int, rounds: int) -> dict[str, Any]:
         "device_jobs": dev_jobs,
         "device_bytes": dev_bytes,
         "device_irq_count": m.read32(R.IRQ_COUNT),
-        "interrupts_received": d.irq.received,
+        "interrupts_received": irq.received,
         "sha256": digests,
         "checks": checks.items,
         "ok": checks.ok,

@@ -24,6 +24,9 @@ DOE Extended Capability (PCIe 6.3 §7.9.24), 0x18 bytes::
     +0x08  DOE Control           b0 Abort (W, reads 0)  b1 Interrupt Enable  b31 Go (W, reads 0)
     +0x0C  DOE Status            b0 Busy  b1 Interrupt Status (RW1C)  b2 Error
                                  b31 Data Object Ready
+                                 Interrupt Status is set only with Interrupt Enable set,
+                                 when an interrupt is generated: Data Object Ready or
+                                 Error set, or Busy cleared (§6.30.3, §7.9.24.4)
     +0x10  DOE Write Data Mailbox   a write appends one DW; reads 0
     +0x14  DOE Read Data Mailbox    read = current DW (0 unless Ready); a write of any
                                     value advances to the next DW (ignored unless Ready)
@@ -429,6 +432,24 @@ MAILBOX_TRANSITIONS: dict[tuple[MailboxState, MailboxEvent], MailboxState] = {
 }
 
 
+# The Status bits each state shows (§7.9.24.4); Interrupt Status is kept apart.
+STATE_STATUS: dict[MailboxState, DoeStatus] = {
+    _S.IDLE: DoeStatus(0),
+    _S.RECEIVING: DoeStatus(0),
+    _S.BUSY: DoeStatus.BUSY,
+    _S.READY: DoeStatus.DATA_OBJECT_READY,
+    _S.ERROR: DoeStatus.ERROR,
+}
+
+
+def interrupt_condition(old: MailboxState, new: MailboxState) -> bool:
+    """Whether moving from *old* to *new* is a DOE interrupt condition (§6.30.3,
+    §7.9.24.4): Data Object Ready or DOE Error set, or DOE Busy cleared."""
+    before, after = STATE_STATUS[old], STATE_STATUS[new]
+    rose = after & ~before & (DoeStatus.DATA_OBJECT_READY | DoeStatus.ERROR)
+    return bool(rose or before & ~after & DoeStatus.BUSY)
+
+
 class DoeMailbox:
     """The DOE capability's registers (offsets :class:`DoeReg`) driven DW by DW.
 
@@ -473,15 +494,9 @@ class DoeMailbox:
 
     @property
     def status(self) -> int:
-        value = 0
-        if self.state is MailboxState.BUSY:
-            value |= DoeStatus.BUSY
+        value = int(STATE_STATUS[self.state])
         if self.interrupt_status:
             value |= DoeStatus.INTERRUPT_STATUS
-        if self.state is MailboxState.ERROR:
-            value |= DoeStatus.ERROR
-        if self.state is MailboxState.READY:
-            value |= DoeStatus.DATA_OBJECT_READY
         return value
 
     def read(self, reg: int, now: float) -> int:
@@ -603,14 +618,18 @@ class DoeMailbox:
             if new is MailboxState.IDLE or new is MailboxState.ERROR:
                 self._write.clear()
                 self._read, self._read_pos = b"", 0
-            if new is MailboxState.READY or new is MailboxState.ERROR:
-                self._set_interrupt_status()
+            if interrupt_condition(old, new):
+                self._interrupt()
         return new
 
-    def _set_interrupt_status(self) -> None:
-        if self.interrupt_message_number is None:
+    def _interrupt(self) -> None:
+        """An interrupt condition (§6.30.3): with DOE Interrupt Enable set, an interrupt is
+        generated and DOE Interrupt Status set (§7.9.24.4: it is Set "when an interrupt is
+        generated"); with it clear, nothing happens.  While Interrupt Status is still set
+        (software has not cleared it, RW1C) no further message is sent."""
+        if self.interrupt_message_number is None or not self.interrupt_enable:
             return
-        if not self.interrupt_status and self.interrupt_enable:
+        if not self.interrupt_status:
             self._irq = True
         self.interrupt_status = True
 

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vfio_user_dev.line_server import LineClient, LineServer
+from teeio.transport import LineClient, LineServer
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ Dispatch = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 class CtlServer(LineServer[None]):
     """Serves the control API on *path*, a thread per connection
-    (:class:`~vfio_user_dev.line_server.LineServer`)."""
+    (:class:`~teeio.transport.LineServer`)."""
 
     name = "control"
     thread_name = "tsm-ctl"

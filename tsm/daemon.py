@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from teeio.ghcx import BOOT_ID_SIZE, SECRET_SIZE
+from teeio.platform_channel import PlatformCtlError
 from teeio.spdm.defs import MEAS_OP_ALL, NONCE_SIZE
 from teeio.tdisp.defs import TdiState
 from tsm import ctl, ide
@@ -50,9 +51,11 @@ from tsm.ctl import CtlError
 from tsm.device import LINK_ERRORS, DeviceConfig, DeviceError, DeviceLink, one_line
 from tsm.ghcx_server import GhcxFailure, GhcxServer
 from tsm.journal import Journal, JournalError
+from tsm.lifecycle import DEVICE_SAYS, Act, Input, Refused, Step
+from tsm.lifecycle import step as lifecycle_step
+from tsm.platform_watch import PlatformWatch
 from tsm.tdi import REASON_DEVICE_ERROR, REASON_RESTART, TdiRecord, lock_flags, read_report
 from tsm.tdisp import TdispRequestError
-from vfio_user_dev.platform_ctl import PlatformCtlError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,12 @@ class DeviceEntry:
     #: holds it while the device is being (re)connected, only ever set with ``op`` held.
     op: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     busy: str | None = None
+    #: where each fact came from and when (``tdi``, ``stream``, ``vmm``): ``source`` is
+    #: ``tsm`` (its own operation), ``device`` (asked in the session), ``platform`` (an
+    #: event), ``journal`` (replayed; not confirmed since); ``at`` is UNIX time
+    facts: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    #: the VMM's vfio-user connection to the device, as the platform reported it
+    vmm: dict[str, Any] | None = None
 
 
 class DeviceBusy(Exception):
@@ -195,6 +204,7 @@ class Daemon:
         self.devices: dict[str, DeviceEntry] = {}
         self.vms: dict[str, VmBinding] = {}
         self.counters: Counter[str] = Counter()
+        self.watches: dict[str, PlatformWatch] = {}
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.journal, records = Journal.open(state_dir)
         self._replay(records)
@@ -306,19 +316,70 @@ class Daemon:
         elif t == "window_revoked":
             for vm in self.vms.values():
                 vm.windows.pop(int(rec["window_id"]), None)
-        elif t not in ("daemon_start", "session"):
+        elif t not in ("daemon_start", "session", "platform"):
             log.warning("journal record %s of unknown type %r ignored", rec.get("seq"), t)
             self._count("journal_unknown_records")
 
     def _journal_tdi(self, dev: DeviceEntry, source: str = "tsm") -> None:
         t = dev.tdi
+        dev.facts["tdi"] = {"source": source, "at": time.time()}
         self.journal.append("tdi", device=dev.config.name, state=t.state.name,
                             lock_epoch=t.lock_epoch, vm=t.vm, reason=t.reason, source=source)
 
-    def _journal_stream(self, dev: DeviceEntry, state: str, reason: str | None) -> None:
+    def _journal_stream(self, dev: DeviceEntry, state: str, reason: str | None,
+                        source: str = "tsm") -> None:
         dev.stream_state, dev.stream_reason = state, reason
+        dev.facts["stream"] = {"source": source, "at": time.time()}
         self.journal.append("stream", device=dev.config.name, stream_id=dev.config.stream_id,
-                            state=state, requester_id=dev.requester_id, reason=reason)
+                            state=state, requester_id=dev.requester_id, reason=reason,
+                            source=source)
+
+    # -- the lifecycle table (tsm/lifecycle.py) -------------------------------------------
+    def _allow(self, dev: DeviceEntry, what: Input) -> Step:
+        """The row for an operation on *dev*'s TDI, or GhcxFailure ``state``."""
+        try:
+            row = lifecycle_step(dev.tdi.state, what, f"TDI {dev.config.name}")
+        except Refused as exc:
+            raise GhcxFailure("state", str(exc)) from None
+        assert row is not None
+        return row
+
+    def _learn(self, dev: DeviceEntry, what: Input, reason: str, source: str) -> bool:
+        """What the TSM learnt about *dev*'s TDI, through the table; True if the record
+        changed.  Its actions run best effort (logged, counted)."""
+        row = lifecycle_step(dev.tdi.state, what, f"TDI {dev.config.name}")
+        if row is None:
+            return False
+        before = dev.tdi.state
+        self._take(dev, row, reason, source)
+        if dev.tdi.state is not before:
+            log.warning("device %s: TDI %s -> %s (%s: %s)", dev.config.name, before.name,
+                        dev.tdi.state.name, what.name, reason)
+        return True
+
+    def _take(self, dev: DeviceEntry, row: Step, reason: str | None, source: str) -> None:
+        """Record *row*'s next state and do its actions."""
+        tdi = dev.tdi
+        vm = self.vms.get(tdi.vm) if tdi.vm else None
+        if row.acts & Act.REVOKE_WINDOWS and vm is not None:
+            for wid in sorted(vm.windows):
+                self._revoke(dev, vm, wid, reason or row.next.name)
+        if row.acts & Act.CLOSE_MMIO and tdi.mmio_private:
+            try:
+                self._mmio_private(dev, False)
+            except (PlatformCtlError, DeviceError) as exc:
+                self._count("platform_errors")
+                log.error("device %s: cannot close private MMIO: %s", dev.config.name, exc)
+        if row.next is TdiState.ERROR:
+            if tdi.state is not TdiState.ERROR:        # the first reason stays
+                tdi.failed(reason or REASON_DEVICE_ERROR)
+        elif row.next is not tdi.state:
+            tdi.state = row.next
+            tdi.reason = None if source == "tsm" else reason
+        if row.acts & Act.CLEAR_LOCK:
+            tdi.clear_lock()
+        if row.acts & Act.JOURNAL:
+            self._journal_tdi(dev, source)
 
     # -- start, stop ---------------------------------------------------------------------
     def _link(self, cfg: DeviceConfig) -> DeviceLink:
@@ -348,10 +409,7 @@ class Daemon:
         self.journal.append("session", device=name, session_id=None, reason=REASON_RESTART)
         if dev.stream_state != "insecure":
             self._journal_stream(dev, "insecure", REASON_RESTART)
-        if dev.tdi.state in (TdiState.CONFIG_LOCKED, TdiState.RUN):
-            dev.tdi.failed(REASON_RESTART)
-            self._journal_tdi(dev)
-        self._fail_safe_platform(dev, REASON_RESTART)
+        self._learn(dev, Input.TSM_RESTART, REASON_RESTART, "tsm")
         try:
             self._connect(dev)
         except (*LINK_ERRORS, DeviceError) as exc:
@@ -415,6 +473,7 @@ class Daemon:
 
     def _connected(self, dev: DeviceEntry) -> None:
         link = dev.link
+        self._watch(dev)
         dev.last_error = None
         dev.requester_id = link.requester_id
         self.journal.append("session", device=dev.config.name,
@@ -423,42 +482,127 @@ class Daemon:
         self._refresh_state(dev, journal=True)
 
     def _refresh_state(self, dev: DeviceEntry, journal: bool = False) -> None:
-        """GET_DEVICE_INTERFACE_STATE; a state other than the recorded one is journaled as
-        the device's word (source "device"); with *journal*, also the same state (after a
-        restart: what the device says in the new session).
-
-        Only a step *down* is adopted as it is: ERROR, or CONFIG_UNLOCKED.  A LOCKED or RUN
-        the TSM did not lead the TDI to (its record says otherwise) is not trusted: the
-        record goes to (or stays in) ERROR, so only a STOP brings it back.  Whenever the
-        TDI is found out of LOCKED/RUN, the VM's trusted-DMA windows and private MMIO are
-        revoked on the platform too (defence in depth: the device refuses already)."""
+        """GET_DEVICE_INTERFACE_STATE, and what it says through the table
+        (``DEVICE_*`` rows: only a step down is believed; a LOCKED or RUN the TSM did not
+        lead the TDI to is ERROR).  With *journal*, the state is journaled as the
+        device's word even if nothing changed (after a restart: the new session's)."""
         with dev.link.lock:
             live = dev.link.tdisp_client().get_state()
         tdi = dev.tdi
-        if live is tdi.state:
-            if journal:
-                self._journal_tdi(dev, source="device")
-            return
-        log.warning("device %s: TDI is %s (recorded %s)", dev.config.name, live.name,
-                    tdi.state.name)
-        active = (TdiState.CONFIG_LOCKED, TdiState.RUN)
-        if live in active and tdi.state is TdiState.ERROR:
+        if live is not tdi.state and live in (TdiState.CONFIG_LOCKED, TdiState.RUN):
             self._count("tdi_state_mismatch")
-            if journal:
-                self._journal_tdi(dev, source="device")
-            return                               # ERROR until a STOP (fail-safe)
+        why = (f"device reported {live.name}, the TSM recorded {tdi.state.name}"
+               if live is not tdi.state else f"device reported {live.name}")
         if live is TdiState.ERROR:
-            tdi.failed(tdi.reason or REASON_DEVICE_ERROR)
-        elif live in active:
-            self._count("tdi_state_mismatch")
-            tdi.failed(f"device reported {live.name}, the TSM recorded {tdi.state.name}")
+            why = tdi.reason or REASON_DEVICE_ERROR
+        changed = self._learn(dev, DEVICE_SAYS[live], why, "device")
+        if not changed:
+            dev.facts["tdi"] = {"source": "device", "at": time.time()}
+            if journal:
+                self._journal_tdi(dev, source="device")
+
+    def _refresh_stream(self, dev: DeviceEntry, source: str = "device") -> None:
+        """The stream as both ends report it now (IDE_KM QUERY, platform status)."""
+        live = dev.link.stream_state()
+        if live != dev.stream_state:
+            self._journal_stream(dev, live, "as both ends report it now", source)
         else:
-            tdi.state = live
-            tdi.reason = f"device reported {live.name}"
-            tdi.clear_lock()
-        self._journal_tdi(dev, source="device")
-        if tdi.state is not TdiState.RUN:
-            self._fail_safe_platform(dev, tdi.reason or f"device reported {live.name}")
+            dev.facts["stream"] = {"source": source, "at": time.time()}
+
+    # -- platform events (tsm/platform_watch.py) --------------------------------------------
+    #: Event kinds after which the TSM asks the device and the platform for the truth.
+    REFRESH_ON = frozenset({"tdi", "device_reset", "client_disconnected", "command",
+                            "ide_stream", "rp_stream", "ide_fail", "remap"})
+
+    def _watch(self, dev: DeviceEntry) -> None:
+        """Listen to *dev*'s platform events (one watch per device name and socket)."""
+        cfg = dev.config
+        with self.lock:
+            old = self.watches.get(cfg.name)
+            if old is not None and (old.socket_path, old.credential) == (
+                    cfg.platform_socket, cfg.platform_credential):
+                return
+            w = PlatformWatch(cfg.name, cfg.platform_socket, cfg.platform_credential,
+                              lambda ev, lost, boot: self.platform_events(cfg.name, ev, lost,
+                                                                          boot))
+            self.watches[cfg.name] = w
+        if old is not None:
+            old.stop()
+        w.start()
+
+    def _unwatch(self, name: str) -> None:
+        with self.lock:
+            w = self.watches.pop(name, None)
+        if w is not None:
+            w.stop()
+
+    def platform_events(self, name: str, events: list[dict[str, Any]], lost: bool,
+                        boot_changed: bool) -> None:
+        """Platform events of device *name*, in order (the watch thread).  Windows and
+        private MMIO the platform revoked by itself are forgotten; VMM connects and
+        disconnects are recorded; after anything that may change TDI or stream truth (or
+        a gap, or a restarted device server) the TSM asks the device and the platform
+        now, and takes what they say through the lifecycle table.  Every event is
+        journaled (``platform`` records: the timeline of ``status --history``)."""
+        with self.lock:
+            dev = self.devices.get(name)
+        if dev is None:
+            return
+        while not dev.op.acquire(timeout=1.0):
+            if self._closing.is_set():
+                return
+        try:
+            with self.lock:
+                if self.devices.get(name) is not dev:
+                    return
+            refresh = lost or boot_changed
+            if lost or boot_changed:
+                self._count("platform_event_gaps")
+                self.journal.append("platform", device=name, kind="gap",
+                                    reason="device server restarted" if boot_changed
+                                    else "events were dropped")
+            for ev in events:
+                self._count("platform_events")
+                self._platform_event(dev, ev)
+                refresh = refresh or ev.get("kind") in self.REFRESH_ON
+            if refresh and dev.link.session_up and dev.busy is None:
+                try:
+                    self._refresh_state(dev)
+                    self._refresh_stream(dev)
+                except (*LINK_ERRORS, DeviceError, TdispRequestError) as exc:
+                    self._count("refresh_failures")
+                    log.warning("device %s: cannot read the TDI state after a platform "
+                                "event: %s", name, one_line(exc))
+        except Exception:           # a bug must not end the watch silently
+            log.exception("device %s: platform events not handled", name)
+            self._count("platform_event_failures")
+        finally:
+            dev.op.release()
+
+    def _platform_event(self, dev: DeviceEntry, ev: dict[str, Any]) -> None:
+        kind = str(ev.get("kind"))
+        keep = {k: v for k, v in ev.items() if k not in ("backing",)}
+        self.journal.append("platform", device=dev.config.name, **{
+            k if k not in ("type", "seq", "time") else f"event_{k}": v
+            for k, v in keep.items()})
+        rid = ev.get("requester_id")
+        ours = rid is None or rid == dev.requester_id
+        if kind == "window_revoked" and ours:
+            wid = ev.get("window")
+            for vm in self.vms.values():
+                if vm.device == dev.config.name and wid in vm.windows:
+                    del vm.windows[wid]     # type: ignore[arg-type]
+                    self.journal.append("window_revoked", window_id=wid,
+                                        reason=f"by the platform: {ev.get('reason')}")
+        elif kind == "mmio_private" and ours and not ev.get("enabled"):
+            if dev.tdi.mmio_private:
+                dev.tdi.mmio_private = False
+                self.journal.append("mmio_private", device=dev.config.name, enabled=False,
+                                    source="platform")
+        elif kind in ("client_connected", "client_disconnected"):
+            dev.vmm = {"connected": kind == "client_connected", "at": ev.get("time"),
+                       "reason": ev.get("reason")}
+            dev.facts["vmm"] = {"source": "platform", "at": ev.get("time")}
 
     def _session_lost(self, link: DeviceLink, reason: str) -> None:
         """The heartbeat failed: the same fail-safe as a restart (DESIGN).  Called by the
@@ -477,11 +621,7 @@ class Daemon:
             self.journal.append("session", device=dev.config.name, session_id=None,
                                 reason=reason)
             self._journal_stream(dev, "insecure", reason)
-            if dev.tdi.state in (TdiState.CONFIG_LOCKED, TdiState.RUN):
-                dev.tdi.failed(f"{REASON_HEARTBEAT}: {reason}")
-                self._journal_tdi(dev)
-            with contextlib.suppress(PlatformCtlError, DeviceError):
-                self._fail_safe_platform(dev, reason)
+            self._learn(dev, Input.SESSION_LOST, f"{REASON_HEARTBEAT}: {reason}", "tsm")
             if self.reconnect_delays and not self._closing.is_set():
                 threading.Thread(target=self._reconnect_loop, args=(dev.config.name, link),
                                  name=f"reconnect-{dev.config.name}", daemon=True).start()
@@ -530,10 +670,7 @@ class Daemon:
         name = dev.config.name
         if dev.link.session_up:
             raise CtlError("failed", f"device {name} is already connected")
-        if dev.tdi.state in (TdiState.CONFIG_LOCKED, TdiState.RUN):
-            dev.tdi.failed(REASON_HEARTBEAT)
-            self._journal_tdi(dev)
-        self._fail_safe_platform(dev, REASON_HEARTBEAT)
+        self._learn(dev, Input.SESSION_LOST, REASON_HEARTBEAT, "tsm")
         try:
             self._connect(dev)
         except (*LINK_ERRORS, DeviceError) as exc:
@@ -551,6 +688,8 @@ class Daemon:
             server, vm.server = vm.server, None
             if server is not None:
                 server.close()
+        for name in list(self.watches):
+            self._unwatch(name)
         for dev in devices:
             dev.link.close()
         self.journal.close()
@@ -619,9 +758,7 @@ class Daemon:
         stream, the VM's MMIO reporting offset), then the whole report (§11.3.8), then
         lock_epoch + 1, journaled."""
         link = self._session(dev)
-        if dev.tdi.state is not TdiState.CONFIG_UNLOCKED:
-            raise GhcxFailure("state", f"TDI {dev.config.name} is {dev.tdi.state.name}, not "
-                                       "CONFIG_UNLOCKED (STOP it first)")
+        self._allow(dev, Input.LOCK)
         epoch = dev.tdi.lock_epoch + 1
         flags = lock_flags(link.lock_flags)
         if link.ensure_stream():
@@ -685,9 +822,7 @@ class Daemon:
                                              "\"lock_epoch\": n}")
         link = self._session(dev)
         tdi = dev.tdi
-        if tdi.state is not TdiState.CONFIG_LOCKED:
-            raise GhcxFailure("state", f"TDI {dev.config.name} is {tdi.state.name}, not "
-                                       "CONFIG_LOCKED")
+        row = self._allow(dev, Input.ACCEPT)
         if epoch != tdi.lock_epoch:
             raise GhcxFailure("mismatch", f"lock epoch {epoch} is not the current one "
                                           f"({tdi.lock_epoch}): the TDI was locked again")
@@ -701,9 +836,8 @@ class Daemon:
         assert tdi.start_nonce is not None
         with link.lock:
             link.tdisp_client().start(tdi.start_nonce)     # §11.3.10, LOCK's nonce
-        tdi.state = TdiState.RUN
         tdi.start_nonce = None
-        self._journal_tdi(dev)
+        self._take(dev, row, None, "tsm")
         try:
             self._mmio_private(dev, True)
         except (PlatformCtlError, DeviceError) as exc:
@@ -727,9 +861,7 @@ class Daemon:
                 or not isinstance(size, int) or base < 0 or size <= 0 or access not in ACCESS):
             raise GhcxFailure("bad_request", "DMA_ACCEPT needs integer base >= 0, size > 0 "
                                              "and access rw, r or w")
-        if dev.tdi.state is not TdiState.RUN:
-            raise GhcxFailure("state", f"TDI {dev.config.name} is {dev.tdi.state.name}: "
-                                       "DMA windows only in RUN")
+        self._allow(dev, Input.DMA_ACCEPT)
         if len(vm.windows) >= MAX_WINDOWS_PER_VM:
             raise GhcxFailure("refused", f"VM {vm.vm} already has {len(vm.windows)} DMA "
                                          f"windows (at most {MAX_WINDOWS_PER_VM}): release "
@@ -775,6 +907,7 @@ class Daemon:
         device scrubs and refuses DMA).  If the STOP cannot be sent or fails, the record
         goes to ERROR (fail-safe: nothing can be accepted or started until a STOP works)
         and the error is raised."""
+        row = self._allow(dev, Input.STOP)
         if vm is not None:
             for wid in sorted(vm.windows):
                 self._revoke(dev, vm, wid, why)
@@ -798,8 +931,7 @@ class Daemon:
             log.error("TDI %s: STOP_INTERFACE failed (%s): %s; the TDI is %s",
                       dev.config.name, why, text, dev.tdi.state.name)
             raise
-        dev.tdi.unlocked()
-        self._journal_tdi(dev)
+        self._take(dev, row, None, "tsm")
         log.info("TDI %s: CONFIG_UNLOCKED (%s)", dev.config.name, why)
 
     def _g_status(self, vm: VmBinding, dev: DeviceEntry,
@@ -945,6 +1077,7 @@ class Daemon:
             self._journal_stream(dev, "insecure", "disconnected")
             with self.lock, self._tables_lock:
                 del self.devices[dev.config.name]
+            self._unwatch(dev.config.name)
             self.journal.append("device_removed", device=dev.config.name)
             return {"device": dev.config.name, "disconnected": True}
 

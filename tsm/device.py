@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from teeio.ide_km import IdeKmError
+from teeio.platform_channel import PlatformClient, PlatformCtlError, StreamState, read_credential
 from teeio.spdm import Requester, RequesterError
 from teeio.tdisp.codec import function_id
 from teeio.tdisp.defs import LockInterfaceFlags
@@ -34,7 +35,6 @@ from tsm import attest, ide
 from tsm.attest import Attestation, AttestError, AttestOptions
 from tsm.doe_client import DoeClient, DoeTransportError
 from tsm.tdisp import TdispClient, TdispClientError
-from vfio_user_dev.platform_ctl import PlatformClient, PlatformCtlError, read_credential
 
 log = logging.getLogger(__name__)
 
@@ -233,20 +233,21 @@ class DeviceLink:
             raise DeviceError(f"device {self.config.name} has no SPDM session")
         return self.tdisp
 
-    def stream_state(self) -> str:
-        """The IDE stream as both ends say now: "secure" only if the device (IDE_KM
-        QUERY in the session) and the root port (platform socket) both say Secure."""
+    def stream_state(self) -> StreamState:
+        """The IDE stream as both ends say now: Secure only if the device (IDE_KM QUERY
+        in the session) and the root port (platform socket) both say Secure."""
         with self.lock:
             if not self.session_up or self.stream is None:
-                return "insecure"
+                return StreamState.INSECURE
             try:
                 st = self.stream.status(True)
             except LINK_ERRORS as exc:
                 self.log.warning("IDE stream status: %s", one_line(exc))
-                return "insecure"
+                return StreamState.INSECURE
         rp = st.get("root_port") or {}
-        return "secure" if (st["device"]["state"] == "secure"
-                            and rp.get("state") == "secure") else "insecure"
+        secure = (st["device"]["state"] == StreamState.SECURE
+                  and rp.get("state") == StreamState.SECURE)
+        return StreamState.SECURE if secure else StreamState.INSECURE
 
     def ensure_stream(self) -> bool:
         """Before a LOCK: the stream must be Secure at both ends.  A reset of the device
@@ -254,7 +255,7 @@ class DeviceLink:
         so the stream is set up again, with fresh keys, in this same session -- LOCK needs
         keys programmed through the session that carries it (§11.3.6).  Returns True if it
         had to."""
-        if self.stream_state() == "secure":
+        if self.stream_state() == StreamState.SECURE:
             return False
         with self.lock:
             if self.stream is None:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from teeio.ghcx import Cached, FrameDecoder, GhcxReject, Reply, Request, TsmChannel
-from vfio_user_dev.server import remove_stale_socket
+from teeio.transport import listen_private
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,8 @@ class GhcxServer:
         self._conn: socket.socket | None = None
         self._conn_lock = threading.Lock()
         self._serve_lock = threading.Lock()     # one connection served at a time
-        remove_stale_socket(path)              # a socket left behind, never another file
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)                   # the socket is created 0600
-        try:
-            self.listener.bind(path)
-        finally:
-            os.umask(old)
-        self.listener.listen(2)
+        # 0600 from the start; a socket left behind is replaced, never another file.
+        self.listener = listen_private(path, 2)
         self._thread = threading.Thread(target=self._accept_loop, name=f"ghcx-{vm_id}",
                                         daemon=True)
 

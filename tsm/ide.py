@@ -24,7 +24,7 @@ Setting up Selective stream *block* of the device's IDE capability as Stream ID 
    (read from the root port's status), one Address Association block covering all
    memory.  There is no host access path to the device yet (DESIGN decision 12), so the
    TSM writes them through the ``ide_config_write`` operation the device server adds to
-   the platform socket (``vfio_user_dev/ide_host.py``) -- the same config-write path
+   the platform socket (its host-side IDE register access) -- the same config-write path
    QEMU's writes take;
 3. the root port: ``stream_setup`` for the device's RID;
 4. fresh random keys for key set K0, six of them (Rx/Tx × PR/NPR/CPL): KEY_PROG × 6 at
@@ -93,17 +93,18 @@ from teeio.ide_km import (
     IdeKmError,
     QueryResp,
 )
+from teeio.platform_channel import PlatformClient, PlatformCtlError, StreamState, read_credential
 from teeio.spdm import Requester, RequesterError
 from tsm import attest
 from tsm.attest import Attestation, AttestError, AttestOptions
 from tsm.doe_client import DoeTransportError
-from vfio_user_dev.platform_ctl import PlatformClient, PlatformCtlError, read_credential
 
 log = logging.getLogger(__name__)
 
 COMMANDS = ("setup", "refresh", "teardown", "status", "demo")
 DEFAULT_STREAM_ID = 1
-STATE_NAMES = {0: "insecure", 2: "secure"}
+#: Stream Status [3:0] (PCIe 6.x §7.9.26.4.2) as the platform channel names a state.
+STATE_NAMES = {0: StreamState.INSECURE, 2: StreamState.SECURE}
 KeyTable = dict[tuple[Direction, SubStream], IdeKey]
 _RP_DIR = {Direction.RX: "rx", Direction.TX: "tx"}
 
@@ -141,6 +142,7 @@ class StreamBlock:
 
     @property
     def state(self) -> str:
+        """A :class:`StreamState`, or ``"state N"`` for a reserved encoding."""
         return STATE_NAMES.get(self.status & 0xF, f"state {self.status & 0xF}")
 
     @property
@@ -417,10 +419,10 @@ class SelectiveStream:
 
     def _expect_secure(self, when: str) -> dict[str, Any]:
         st = self.status()
-        if st["device"]["state"] != "secure":
+        if st["device"]["state"] != StreamState.SECURE:
             raise IdeError(f"{when}: the device's stream is {st['device']['state']}, not "
                            "Secure")
-        if st["root_port"] is None or st["root_port"].get("state") != "secure":
+        if st["root_port"] is None or st["root_port"].get("state") != StreamState.SECURE:
             raise IdeError(f"{when}: the root port's stream is not Secure")
         return st
 
@@ -522,7 +524,7 @@ def run_ide(command: str, opts: IdeOptions, run: Attestation) -> dict[str, Any]:
             last = s.status()
         # After END_SESSION (the device invalidates every key the session programmed).
         after = SelectiveStream(rp, None, opts.stream_id, opts.block, out).status(False)
-        if after["device"]["state"] != "insecure":
+        if after["device"]["state"] != StreamState.INSECURE:
             raise IdeError("the device's stream is not Insecure after END_SESSION")
         return {**last, "after_end_session": after}
 

@@ -9,7 +9,7 @@
 TDISP runs inside an SPDM secured session as VENDOR_DEFINED messages (PCI-SIG, VendorID
 0x0001, Protocol ID 0x01), the same way IDE_KM does (``tsm/ide.py``).  The device only
 LOCKs its TDI when the IDE stream named by DEFAULT_STREAM_ID was keyed through IDE_KM in
-the same session (``vfio_user_dev/tdisp_responder.py``), so ``demo`` does, in one
+the same session (the device server's TDISP responder), so ``demo`` does, in one
 session: attest, KEY_EXCHANGE/FINISH, IDE stream setup (``tsm.ide.SelectiveStream``),
 then GET_TDISP_VERSION, GET_TDISP_CAPABILITIES, LOCK_INTERFACE (NO_FW_UPDATE, the stream
 as DEFAULT_STREAM_ID), GET_DEVICE_INTERFACE_REPORT in portions (the MMIO ranges printed),
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from teeio.ide_km import PCI_SIG_STANDARD_ID, PCI_SIG_VENDOR_ID, IdeKmError
+from teeio.platform_channel import PlatformCtlError
 from teeio.spdm import Requester, RequesterError
 from teeio.tdisp.codec import (
     DeviceInterfaceReportResponse,
@@ -59,7 +60,6 @@ from teeio.tdisp.report import DeviceInterfaceReport, ReportReader
 from tsm import attest, ide
 from tsm.attest import Attestation, AttestError, AttestOptions
 from tsm.doe_client import DoeTransportError
-from vfio_user_dev.platform_ctl import PlatformCtlError
 
 COMMANDS = ("demo",)
 #: The portion size asked for in GET_DEVICE_INTERFACE_REPORT (small, so the demo shows

@@ -14,12 +14,13 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from teeio.platform_channel import write_credential
 from vfio_user_dev import dsm, ide_host
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.doe_socket import DoeSocketServer
 from vfio_user_dev.host_access import HostAccessServer
 from vfio_user_dev.link import DEFAULT_MPS, DEFAULT_MRRS, CaptureWriter, check_tlp_size
-from vfio_user_dev.platform_ctl import PlatformControlServer, write_credential
+from vfio_user_dev.platform_ctl import PlatformControlServer
 from vfio_user_dev.server import Server
 
 if TYPE_CHECKING:

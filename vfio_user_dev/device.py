@@ -7,7 +7,10 @@ Config space layout (4 KiB)::
           BAR1 0x14  32-bit memory, 4 KiB   MSI-X table @0x000, PBA @0x800
     0x040 Power Management (ID 01)   PMC v3, PMCSR power state RW
     0x050 MSI-X (ID 11)              4 vectors, table BIR 1/0x000, PBA BIR 1/0x800
-    0x060 PCI Express (ID 10)        v2, Endpoint; DevCap bit 30 TEE-IO Supported
+    0x060 PCI Express (ID 10)        v2, Endpoint; DevCap: TEE-IO Supported (bit 30), FLR
+                                     (28), Extended Tag (5), Max_Payload_Size Supported =
+                                     ``--mps``; DevCtl MPS/MRRS/Extended Tag drive the link
+                                     (link.py), Initiate FLR resets the function
     0x100 Device Serial Number (ext 0003)
     0x110 Data Object Exchange (ext 002E) v2, 0x18 bytes; registers +0x04..+0x17 are served
           by the DOE mailbox (teeio/doe.py); DOE interrupts use MSI-X vector 1
@@ -18,6 +21,9 @@ Config space layout (4 KiB)::
           Stream ID...); its Status registers report the stream state.  ``self.ide`` is
           also the key store of the DSM's IDE_KM responder (dsm.py) and the source of
           the link endpoint's IDE streams (link.py).
+    0x17C Advanced Error Reporting (ext 0001) v2, 0x2C bytes (teeio/pcie/aer.py), last in
+          the list: IDE check failures the device detects log Uncorrectable Internal
+          Error, requests it completes with UR log Unsupported Request.
 
 No region is offered as mmappable: every BAR access traps here (DESIGN decision 7).
 
@@ -72,16 +78,23 @@ from teeio import device_regs as regs
 from teeio.device_regs import Irq, Op, R, St
 from teeio.doe import DOE_CAP_SIZE, DOE_CAP_VERSION, DoeDispatcher, DoeMailbox, protocol_name
 from teeio.measurements import MeasurementSource
-from teeio.pcie import ide_cap
+from teeio.pcie import aer, ide_cap
 from teeio.pcie.config import (
+    DEVCTL_MPS_SHIFT,
+    DEVCTL_MRRS_SHIFT,
+    PAYLOAD_SIZES,
     STATUS_RW1C,
     CapId,
     Command,
     ConfigSpace,
+    DevCap,
+    DevCtl,
     ExtCapId,
     Reg,
     Status,
     bar_wmask,
+    payload_size,
+    payload_size_code,
 )
 from teeio.tdisp import TdiAction, TdiEvent
 from teeio.tdisp.defs import TdiState
@@ -89,6 +102,7 @@ from vfio_user_dev.dma import DmaFault, DmaMapSet
 from vfio_user_dev.dsm import FirmwareUpdateError
 from vfio_user_dev.enforcement import Refusals, dma_route, mmio_refusal
 from vfio_user_dev.irq import IrqController
+from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.link import (
     DEFAULT_MPS,
     DEFAULT_MRRS,
@@ -96,7 +110,9 @@ from vfio_user_dev.link import (
     CaptureWriter,
     Link,
     LinkEndpoint,
+    LinkError,
     MmioRequest,
+    check_tlp_size,
 )
 from vfio_user_dev.protocol import PciRegion, ProtocolError, RegionFlags
 from vfio_user_dev.root_port import RootPort
@@ -126,8 +142,19 @@ DOE_MSIX_VECTOR = 1
 IDE_CAP = DOE_CAP + DOE_CAP_SIZE     # 0x128: the first free DW after DOE
 IDE_SELECTIVE_STREAMS = 2
 IDE_ADDR_BLOCKS = 1
+DEVCAP = PCIE_CAP + 0x04
 DEVCTL = PCIE_CAP + 0x08
+DEVSTA = PCIE_CAP + 0x0A
 DEVCTL2 = PCIE_CAP + 0x28
+IDE_CAP_SIZE = 0x54
+AER_CAP = IDE_CAP + IDE_CAP_SIZE     # 0x17C: the first free DW after IDE
+# Device Control after reset (PCIe 6.x §7.5.3.4): Enable Relaxed Ordering, Extended Tag
+# Field Enable (8-bit tags), Enable No Snoop, MPS 128 B (000b); MRRS from the device's
+# options (default 512 B, 010b).  Writable: error reporting enables, Relaxed Ordering,
+# MPS, Extended Tag, Aux Power PM, No Snoop, MRRS; Phantom Functions is not supported
+# (RO 0); Initiate FLR (bit 15) always reads 0 (its write is acted on, see _config_write).
+DEVCTL_RESET = DevCtl.RELAXED_ORDERING | DevCtl.EXTENDED_TAG_FIELD | DevCtl.NO_SNOOP
+DEVCTL_WMASK = 0x7DFF
 # Device Control fields whose change is a TDISP security event (PCIe 6.x §11.2.6; §7.5.3.4):
 # Extended Tag Field Enable (8), Phantom Functions Enable (9), Enable No Snoop (11);
 # Initiate Function Level Reset (15) is a write-1 trigger.  Device Control 2: 10-Bit Tag
@@ -153,12 +180,22 @@ class RegionSpec:
     flags: int
 
 
-def build_config(serial: int) -> ConfigSpace:
-    return build_config_and_ide(serial)[0]
+def build_config(serial: int, *, mps_supported: int = DEFAULT_MPS,
+                 mrrs: int = DEFAULT_MRRS) -> ConfigSpace:
+    return build_config_and_ide(serial, mps_supported=mps_supported, mrrs=mrrs)[0]
 
 
-def build_config_and_ide(serial: int) -> tuple[ConfigSpace, ide_cap.IdeCapability]:
-    """The function's config space and the model of its IDE capability in it."""
+def build_config_and_ide(serial: int, *, mps_supported: int = DEFAULT_MPS,
+                         mrrs: int = DEFAULT_MRRS
+                         ) -> tuple[ConfigSpace, ide_cap.IdeCapability]:
+    """The function's config space and the model of its IDE capability in it.
+    *mps_supported*: Device Capabilities Max_Payload_Size Supported; *mrrs*: the Device
+    Control Max_Read_Request_Size after reset (ValueError unless 128..4096, a power of
+    two: what the 3-bit fields encode)."""
+    devcap = (DevCap.TEE_IO_SUPPORTED | DevCap.FUNCTION_LEVEL_RESET
+              | DevCap.ROLE_BASED_ERROR_REPORTING | DevCap.EXTENDED_TAG_FIELD_SUPPORTED
+              | payload_size_code(mps_supported))
+    devctl = DEVCTL_RESET | payload_size_code(mrrs) << DEVCTL_MRRS_SHIFT
     cs = ConfigSpace()
     cs.set(Reg.VENDOR_ID, 2, VENDOR_ID)
     cs.set(Reg.DEVICE_ID, 2, DEVICE_ID)
@@ -191,8 +228,8 @@ def build_config_and_ide(serial: int) -> tuple[ConfigSpace, ide_cap.IdeCapabilit
     # PCI Express capability v2, Endpoint (PCIe 6.x §7.5.3).
     cs.add_capability(PCIE_CAP, CapId.PCI_EXPRESS, bytes(0x3A))
     cs.set(PCIE_CAP + 0x02, 2, 0x0002)                        # version 2, type 0 Endpoint
-    cs.set(PCIE_CAP + 0x04, 4, PCI_EXP_DEVCAP_TEE | (1 << 15) | 0x1)  # RBER, MPS 256 B
-    cs.set(PCIE_CAP + 0x08, 2, 0x2810, wmask=0x7CFF)          # DevCtl (no FLR: bit 15 RO)
+    cs.set(DEVCAP, 4, devcap)                                 # §7.5.3.3
+    cs.set(DEVCTL, 2, devctl, wmask=DEVCTL_WMASK)             # §7.5.3.4
     cs.set(PCIE_CAP + 0x0A, 2, 0, w1c=0x000F)                 # DevSta error bits RW1C
     cs.set(PCIE_CAP + 0x0C, 4, 0x00000011)                    # LinkCap 2.5 GT/s x1
     cs.set(PCIE_CAP + 0x10, 2, 0, wmask=0x01C3)               # LinkCtl
@@ -210,7 +247,32 @@ def build_config_and_ide(serial: int) -> tuple[ConfigSpace, ide_cap.IdeCapabilit
     # Integrity and Data Encryption (PCIe 6.x §7.9.26).
     ide = ide_cap.build(cs, IDE_CAP, link=True, n_selective=IDE_SELECTIVE_STREAMS,
                         n_addr=IDE_ADDR_BLOCKS, tee_limited=True, name="device")
+    assert ide.end == IDE_CAP + IDE_CAP_SIZE
+
+    # Advanced Error Reporting (PCIe 6.x §7.8.4), after the last capability.
+    aer.build(cs, AER_CAP)
     return cs, ide
+
+
+def device_control_link(cs: ConfigSpace) -> tuple[int, int, bool]:
+    """(MPS, MRRS, Extended Tag Field Enable) the function works with, as software
+    programmed Device Control (PCIe 6.x §7.5.3.4): MPS never above Device Capabilities
+    Max_Payload_Size Supported (§7.5.3.3; a larger value or a reserved encoding gives the
+    supported size); a reserved MRRS encoding counts as the largest, 4096 B."""
+    devctl = cs.get(DEVCTL, 2)
+    supported = payload_size(cs.get(DEVCAP, 4) & DevCap.MAX_PAYLOAD_SIZE_SUPPORTED)
+    assert supported is not None
+    mps = min(payload_size(devctl >> DEVCTL_MPS_SHIFT & 7) or supported, supported)
+    mrrs = payload_size(devctl >> DEVCTL_MRRS_SHIFT & 7) or PAYLOAD_SIZES[-1]
+    return mps, mrrs, bool(devctl & DevCtl.EXTENDED_TAG_FIELD)
+
+
+def apply_device_control(cs: ConfigSpace, link: Link) -> None:
+    """Make *link* split TLPs by the sizes Device Control now says, and the device's
+    DMA reads use the tags Extended Tag Field Enable allows (§2.2.6.2)."""
+    mps, mrrs, extended_tags = device_control_link(cs)
+    link.set_payload_sizes(mps, mrrs)
+    link.endpoint.set_extended_tags(extended_tags)
 
 
 
@@ -245,8 +307,14 @@ class TeeIoDevice:
     def __init__(self, serial: int = 0x7E10_0000_0000_0001, *, mps: int = DEFAULT_MPS,
                  mrrs: int = DEFAULT_MRRS, capture: CaptureWriter | None = None) -> None:
         self.serial = serial
+        # --mps: Device Capabilities Max_Payload_Size Supported; --mrrs: Device Control
+        # Max_Read_Request_Size after reset.  The link follows Device Control.
+        self._config_options = {"mps_supported": check_tlp_size("Max_Payload_Size", mps),
+                                "mrrs": check_tlp_size("Max_Read_Request_Size", mrrs)}
         self.dma = DmaMapSet()
-        self.root_port = RootPort(self.dma)
+        #: what changed TDI, stream or window truth, for the TSM (``platform_events.py``)
+        self.events = PlatformEvents()
+        self.root_port = RootPort(self.dma, events=self.events)
         self.link_end = LinkEndpoint()
         self.link = Link(self.link_end, self.root_port, mps=mps, mrrs=mrrs, capture=capture)
         self.irq = IrqController(MSIX_VECTORS, self._intx_allowed)
@@ -264,6 +332,7 @@ class TeeIoDevice:
         self.tee_access = False         # START enabled T=1 access; revoked on leaving RUN
         self._bound_secure = False      # the bound stream has been Secure since LOCK
         self.scrubs = 0
+        self._writer = "vmm"            # who wrote config space last (platform events)
         self.refusals = Refusals(log)
         self.link_end.mmio_completer = self
         # DOE: one dispatcher for the config-space mailbox and the host socket, serialised
@@ -273,8 +342,9 @@ class TeeIoDevice:
                                       interrupt_message_number=DOE_MSIX_VECTOR)
         # The IDE capability model lives as long as the device (the DSM's IDE_KM responder
         # holds it); a reset moves it onto the fresh registers (_reset_state).
-        self.config, self.ide = build_config_and_ide(self.serial)
+        self.config, self.ide = build_config_and_ide(self.serial, **self._config_options)
         self.ide.listeners.append(self._ide_event)
+        self.link_end.on_error.append(self._link_error)
         self.link_end.attach_ide_capability(self.ide, lock=self._lock)
         self._reset_state()
         self._engine = threading.Thread(target=self._engine_loop, name="dma-engine", daemon=True)
@@ -282,7 +352,9 @@ class TeeIoDevice:
 
     # -- state ------------------------------------------------------------------------------
     def _reset_state(self) -> None:
-        self.config = build_config(self.serial)
+        old, self.config = self.config, build_config(self.serial, **self._config_options)
+        aer.carry_sticky(old, self.config, AER_CAP)     # sticky: FLR keeps them (§7.4)
+        apply_device_control(self.config, self.link)    # MPS, MRRS, tags back to defaults
         # Conventional reset / FLR: IDE registers to defaults, keys invalidated, streams
         # Insecure (PCIe 6.x §6.33.6).
         self.ide.cs = self.config
@@ -329,6 +401,15 @@ class TeeIoDevice:
                 self._bound_secure = self._bound_stream_ok()
             if actions & TdiAction.UNLOCK_CONFIG:
                 self._bound_secure = False
+            if after is not before:
+                self.events.emit("tdi", requester_id=self.link_end.requester_id,
+                                 before=before.name, after=after.name, event=event.name)
+            if after is not TdiState.RUN:
+                # The root port revokes the TDI's trusted windows and private MMIO itself,
+                # the moment the TDI is not RUN: it never waits for the TSM.
+                self.root_port.revoke_requester(
+                    self.link_end.requester_id, f"TDI {before.name} -> {after.name} on "
+                                                f"{event.name}")
         if after is not before:
             log.info("TDI %s -> %s on %s (actions %s)", before.name, after.name, event.name,
                      actions.name if actions else "none")
@@ -373,12 +454,18 @@ class TeeIoDevice:
                     self.refusals.add("fw_update", str(exc))
             raise
 
-    def reset(self) -> None:
-        """Function-level reset of device state (DMA maps and eventfds belong to the client)."""
+    def reset(self, reason: str = "client_reset") -> None:
+        """Function-level reset of device state (DMA maps and eventfds belong to the client).
+        *reason* names who reset it in the platform event (``platform_events.py``)."""
         with self._lock:
             self.generation += 1
             self._security_event(TdiEvent.FLR)
             self._reset_state()
+            self.events.emit("device_reset", requester_id=self.link_end.requester_id,
+                             reason=reason)
+            # The device's IDE keys are gone (§6.33.6): the root port's end of its stream
+            # leaves Secure too, and its windows and private MMIO go.
+            self.root_port.device_reset(self.link_end.requester_id, f"device reset ({reason})")
             self.doe_mailbox.reset()   # §6.30.2: a reset aborts any DOE transfer in progress
             self.irq.set_intx(False)
         log.info("device reset")
@@ -431,6 +518,9 @@ class TeeIoDevice:
     def _ide_event(self, stream: ide_cap.IdeStream, event: str) -> None:
         log.info("IDE stream %d (%s block %d): %s", stream.stream_id,
                  stream.kind.name.lower(), stream.index, event)
+        self.events.emit("ide_stream", end="device", stream=stream.stream_id,
+                         block=f"{stream.kind.name.lower()}{stream.index}",
+                         state=stream.state.name.lower(), enabled=stream.enabled, event=event)
         self._check_bound_stream()
 
     def ide_status(self) -> list[dict[str, object]]:
@@ -467,6 +557,7 @@ class TeeIoDevice:
         """A write to region *index* (QEMU's; *host*: the host's own path, always T=0)."""
         self._bounds(index, offset, len(data))
         with self._lock:
+            self._writer = "host" if host else "vmm"
             if index == PciRegion.CONFIG:
                 old_cmd = self.config.get(Reg.COMMAND, 2)
                 old_devctl = self.config.get(DEVCTL, 2), self.config.get(DEVCTL2, 2)
@@ -554,6 +645,11 @@ class TeeIoDevice:
                 offset <= BIST_OFFSET < end):
             self._security_event(TdiEvent.BAR_WRITE)
         new_cmd = self.config.get(Reg.COMMAND, 2)
+        if (old_cmd ^ new_cmd) & (Command.MEMORY_SPACE | Command.BUS_MASTER):
+            self.events.emit("command", requester_id=self.link_end.requester_id,
+                             memory=bool(new_cmd & Command.MEMORY_SPACE),
+                             bus_master=bool(new_cmd & Command.BUS_MASTER),
+                             by=self._writer)
         if old_cmd & ~new_cmd & Command.MEMORY_SPACE:
             self._security_event(TdiEvent.MEMORY_SPACE_DISABLED)
         if old_cmd & ~new_cmd & Command.BUS_MASTER:
@@ -567,6 +663,19 @@ class TeeIoDevice:
             self._security_event(TdiEvent.PROTECTED_CONFIG_WRITE)
         if any(offset < hi and lo < end for lo, hi in watched):
             self._security_event(TdiEvent.IDE_STREAM_REGISTERS_CHANGED)
+        if devctl & DEVCTL_INITIATE_FLR:
+            # Initiate Function Level Reset (§7.5.3.4 bit 15, §6.6.2), advertised in Device
+            # Capabilities: the write completes, then the function resets.
+            self.reset("initiate_flr")
+
+    def _link_error(self, kind: LinkError, header: bytes) -> None:
+        """An error the link endpoint detected, logged in AER (PCIe 6.x §6.2.4, §7.8.4):
+        a failed IDE check as Uncorrectable Internal Error, a request it completed with UR
+        as Unsupported Request; *header* goes to the Header Log."""
+        error = (aer.Uncorrectable.INTERNAL if kind is LinkError.IDE_CHECK_FAILED
+                 else aer.Uncorrectable.UNSUPPORTED_REQUEST)
+        with self._lock:
+            aer.report_uncorrectable(self.config, AER_CAP, error, header, devsta=DEVSTA)
 
     def _bounds(self, index: int, offset: int, count: int) -> None:
         spec = self.REGIONS.get(PciRegion(index)) if index in set(PciRegion) else None
@@ -593,6 +702,14 @@ class TeeIoDevice:
 
     def _config_write(self, offset: int, data: bytes) -> None:
         end = offset + len(data)
+        if offset < DEVCTL + 2 and end > DEVCTL:
+            # Device Control (§7.5.3.4): the link follows its MPS, MRRS and Extended Tag.
+            # (Initiate FLR is acted on after the write's security events.)
+            self.config.write(offset, data[:DEVCTL + 2 - offset])
+            apply_device_control(self.config, self.link)
+            if end <= DEVCTL + 2:
+                return
+            data, offset = data[DEVCTL + 2 - offset:], DEVCTL + 2
         if end <= DOE_REGS.start or offset >= DOE_REGS.stop:
             self.config.write(offset, data)
             self.ide.after_write(offset, len(data))     # a no-op outside its window

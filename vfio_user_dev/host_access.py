@@ -65,9 +65,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from teeio.transport import LineClient, LineServer
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dsm import FirmwareUpdateError
-from vfio_user_dev.line_server import LineClient, LineServer
 from vfio_user_dev.link import Fault, FaultKind, LinkDirection
 from vfio_user_dev.protocol import PciRegion, ProtocolError
 
@@ -111,7 +111,7 @@ def _size(args: dict[str, Any], allowed: tuple[int, ...]) -> int:
 
 class HostAccessServer(LineServer[None]):
     """Serves the host access protocol for *device* on a UNIX socket, a thread per
-    connection (:class:`~vfio_user_dev.line_server.LineServer`)."""
+    connection (:class:`~teeio.transport.LineServer`)."""
 
     name = "host access"
     thread_name = "host-access"
@@ -218,7 +218,7 @@ class HostAccessServer(LineServer[None]):
         return {}
 
     def _flr(self, args: dict[str, Any]) -> dict[str, Any]:
-        self.device.reset()
+        self.device.reset("host_flr")
         return {"tdi": self.device.tdi_state().name}
 
     def _fw_update(self, args: dict[str, Any]) -> dict[str, Any]:

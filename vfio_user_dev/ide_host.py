@@ -32,8 +32,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from teeio.platform_channel import PlatformCtlError
 from vfio_user_dev.device import TeeIoDevice
-from vfio_user_dev.platform_ctl import PlatformControlServer, PlatformCtlError
+from vfio_user_dev.platform_ctl import PlatformControlServer
 from vfio_user_dev.protocol import PciRegion
 
 __all__ = ["OPS", "register"]

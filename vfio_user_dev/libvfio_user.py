@@ -83,10 +83,10 @@ from enum import IntEnum, IntFlag
 from typing import Any, TypeVar
 
 from teeio.pcie.config import Reg
+from teeio.transport import remove_stale_socket
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dma import DmaFault, Inode
 from vfio_user_dev.protocol import DmaFlags, PciIrq, PciRegion, ProtocolError, RegionFlags
-from vfio_user_dev.server import remove_stale_socket
 
 log = logging.getLogger(__name__)
 liblog = logging.getLogger(__name__ + ".lib")
@@ -342,7 +342,8 @@ class DeviceCallbacks:
         if kind == VfuResetType.VFU_RESET_LOST_CONN:
             self.on_lost_client()
         elif kind in (VfuResetType.VFU_RESET_DEVICE, VfuResetType.VFU_RESET_PCI_FLR):
-            self.device.reset()
+            self.device.reset("flr" if kind == VfuResetType.VFU_RESET_PCI_FLR
+                              else "client_reset")
         else:
             raise ProtocolError(errno.EINVAL, f"unknown reset type {kind}")
         return 0
@@ -599,6 +600,8 @@ class LibVfioUserServer:
                     log.warning("client not attached: %s", os.strerror(err))
                 return
             self._attached = True
+            self.device.events.emit("client_connected", client=self.clients,
+                                    transport="libvfio-user")
             self.device.dma.remote_read = self._remote_read
             self.device.dma.remote_write = self._remote_write
             fd = int(self.lib.vfu_get_poll_fd(self._ctx))
@@ -648,9 +651,11 @@ class LibVfioUserServer:
                                     # come from a DMA call on the engine thread)
         self.device.dma.remote_read = None
         self.device.dma.remote_write = None
+        self.device.events.emit("client_disconnected", client=self.clients,
+                                reason="connection lost")
+        self.device.reset("client_gone")
         self.device.dma.clear()
         self.device.irq.close_all()
-        self.device.reset()
 
     # -- interrupts ---------------------------------------------------------------------------
     def trigger(self, index: int, vector: int) -> None:

@@ -13,8 +13,19 @@ part that maps guest RAM::
   most Max_Payload_Size (MPS), a read MRd TLPs of at most Max_Read_Request_Size (MRRS);
   the root port answers each MRd with CplDs of at most MPS, every one but the last
   ending on a Read Completion Boundary (64 B).  Requests end on MPS/MRRS-aligned
-  addresses, so none crosses a 4 KiB boundary (both sizes divide 4096).  At most 256
-  MRds are outstanding (8-bit tags).
+  addresses, so none crosses a 4 KiB boundary (both sizes divide 4096).  MPS and MRRS
+  are what the guest programs in the device's Device Control register (§7.5.3.4; MPS
+  capped by Device Capabilities Max_Payload_Size Supported, §7.5.3.3): the device
+  passes them in with :meth:`Link.set_payload_sizes` after every Device Control write
+  and reset; a Link built on its own keeps the sizes it was given.
+* **Tags** (§2.2.6.2).  Every MRd carries a tag the requester (the device's
+  :class:`LinkEndpoint` for DMA, the root port for MMIO) allocates from the tags none of
+  its outstanding requests uses (:class:`TagAllocator`), round-robin, so successive
+  requests carry different tags: 8-bit tags (256 outstanding) with Extended Tag Field
+  Enable set, else 5-bit tags (32 outstanding).  A completion is matched by Requester ID
+  and tag; one that matches no outstanding request is an unexpected completion (§2.3.2):
+  discarded and counted (``unexpected_completions`` in the endpoint's status).  Posted
+  writes need no tag and carry 0.
 * **IDE** (§6.33).  When the device's IDE stream is Secure every TLP is protected by the
   device's :class:`~teeio.ide.IdeTx` and checked by the root port's IdeRx; completions
   go the other way.  Otherwise TLPs cross in the clear with T=0.  A failed check makes
@@ -116,7 +127,8 @@ DEFAULT_MPS = 256
 DEFAULT_MRRS = 512
 RCB = 64                        # Read Completion Boundary of the root port (§2.3.1.1)
 TLP_SIZES = (128, 256, 512, 1024, 2048, 4096)   # legal MPS / MRRS values (§7.5.3.4)
-MAX_OUTSTANDING = 256           # 8-bit tags
+MAX_OUTSTANDING = 256           # 8-bit tags (Extended Tag Field Enable set, §7.5.3.4)
+TAGS_5BIT = 32                  # Extended Tag Field Enable clear: tags 0..31 (§2.2.6.2)
 DEFAULT_REQUESTER_ID = 0x0100   # 01:00.0, the function behind the root port
 ROOT_PORT_ID = 0x0008           # 00:01.0, the completer of every DMA read
 
@@ -182,6 +194,68 @@ def check_tlp_size(name: str, value: int) -> int:
     if value not in TLP_SIZES:
         raise ValueError(f"{name} must be one of {', '.join(map(str, TLP_SIZES))}; got {value}")
     return value
+
+
+# -- tags -------------------------------------------------------------------------------------
+
+class TagAllocator:
+    """The tags of one requester's outstanding non-posted requests (PCIe 6.x §2.2.6.2):
+    each request gets a tag no other outstanding request of the requester carries, handed
+    out round-robin so that successive requests carry different tags.  *space* is 256
+    (8-bit tags) or 32 (5-bit tags: Extended Tag Field Enable clear)."""
+
+    def __init__(self, space: int = MAX_OUTSTANDING) -> None:
+        self._lock = threading.Lock()
+        self._busy: set[int] = set()
+        self._next = 0
+        self.space = MAX_OUTSTANDING
+        self.set_space(space)
+
+    def set_space(self, space: int) -> None:
+        if space not in (TAGS_5BIT, MAX_OUTSTANDING):
+            raise ValueError(f"tag space must be {TAGS_5BIT} or {MAX_OUTSTANDING}; got {space}")
+        with self._lock:
+            self.space = space
+            self._next %= space
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._busy)
+
+    def allocate(self, n: int) -> list[int]:
+        """*n* free tags (ValueError if fewer are free), now outstanding."""
+        with self._lock:
+            if n > self.space - len(self._busy):
+                raise ValueError(f"{n} tags wanted, {self.space - len(self._busy)} free")
+            out: list[int] = []
+            tag = self._next
+            while len(out) < n:
+                if tag not in self._busy and tag < self.space:
+                    out.append(tag)
+                tag = (tag + 1) % self.space
+            self._busy.update(out)
+            self._next = tag
+            return out
+
+    def free(self, tags: Sequence[int]) -> None:
+        """*tags* are no longer outstanding (completed, or given up: completion timeout)."""
+        with self._lock:
+            self._busy.difference_update(tags)
+
+
+def read_headers(requester_id: int, pieces: Sequence[tuple[int, int]],
+                 tags: Sequence[int]) -> list[bytes]:
+    """MRd headers for *pieces*, the i-th tagged ``tags[i]``
+    (:func:`~teeio.tlp.memory_read_headers` for each run of consecutive tags)."""
+    out: list[bytes] = []
+    i = 0
+    while i < len(pieces):
+        j = i + 1
+        while j < len(pieces) and tags[j] == tags[j - 1] + 1:
+            j += 1
+        out += memory_read_headers(requester_id, pieces[i:j], first_tag=tags[i])
+        i = j
+    return out
 
 
 # -- directions, capture --------------------------------------------------------------------
@@ -503,6 +577,13 @@ class LinkFault(DmaFault):
     timeout, IDE failure); the data did not (all) land."""
 
 
+class LinkError(enum.Enum):
+    """An error the device's end of the link detected (reported to ``on_error``)."""
+
+    IDE_CHECK_FAILED = "ide_check_failed"        # §6.33.6: the TLP was discarded
+    UNSUPPORTED_REQUEST = "unsupported_request"  # §2.3.1: the request was refused (UR)
+
+
 @dataclass(frozen=True)
 class IdeFailEvent:
     """An IDE failure as one side saw it: ``detected`` by its own check, or ``message``:
@@ -587,9 +668,13 @@ class LinkEndpoint:
         self._ide_lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         self.tee_dma: Callable[[], bool] = lambda: False
         self.on_ide_fail: list[Callable[[IdeFailEvent], None]] = []
+        #: errors the device logs (AER, PCIe 6.x §6.2): an IDE check failed on a TLP it
+        #: received, or it completed a request with UR; with the TLP's header
+        self.on_error: list[Callable[[LinkError, bytes], None]] = []
         self.ide_failures: list[IdeFailEvent] = []
         self._started: set[tuple[int, SubStream]] = set()
         self._pending: dict[int, _Pending] = {}
+        self.tags = TagAllocator()      # the tags of its outstanding DMA reads
         self.counters = {"transfers": 0, "faults": 0, "ur_completions": 0,
                          "completion_timeouts": 0, "unexpected_completions": 0,
                          "refused_posted": 0, "ide_tlps_tx": 0, "ide_tlps_rx": 0,
@@ -616,6 +701,11 @@ class LinkEndpoint:
         self._streams = lambda: capability_streams(cap)
         self._ide_lock = lock if lock is not None else contextlib.nullcontext()
         self._started.clear()
+
+    def set_extended_tags(self, enabled: bool) -> None:
+        """Extended Tag Field Enable as the guest programmed it (PCIe 6.x §7.5.3.4 bit 8):
+        8-bit tags when set, else 5-bit tags (at most 32 reads outstanding, §2.2.6.2)."""
+        self.tags.set_space(MAX_OUTSTANDING if enabled else TAGS_5BIT)
 
     def _secure_stream(self) -> StreamPort | None:
         for s in self._streams():
@@ -676,20 +766,25 @@ class LinkEndpoint:
             return link.clear_read(self.requester_id, address, length)
         pieces = split(address, length, link.mrrs)
         out = bytearray()
-        for first in range(0, len(pieces), MAX_OUTSTANDING):
-            batch = pieces[first:first + MAX_OUTSTANDING]
-            self._pending = {tag: _Pending(a, n) for tag, (a, n) in enumerate(batch)}
-            headers = memory_read_headers(self.requester_id, batch)
-            with self._ide_lock:
-                wires = self._encode_many(SubStream.NPR, headers, [b""] * len(headers),
-                                          stream, t_bit)
+        step = self.tags.space
+        for first in range(0, len(pieces), step):
+            batch = pieces[first:first + step]
+            tags = self.tags.allocate(len(batch))
             try:
+                self._pending = {tag: _Pending(a, n) for tag, (a, n) in zip(tags, batch,
+                                                                            strict=True)}
+                headers = read_headers(self.requester_id, batch, tags)
+                with self._ide_lock:
+                    wires = self._encode_many(SubStream.NPR, headers, [b""] * len(headers),
+                                              stream, t_bit)
                 reply = link.send_upstream(wires)
                 self._check_after(stream, reply)
-                for tag in range(len(batch)):
+                for tag in tags:
                     out += self._take(tag)
             finally:
+                # Completed, or given up (completion timeout): the tags are free again.
                 self._pending = {}
+                self.tags.free(tags)
         return bytes(out)
 
     def _route(self, t_bit: bool | None = None,
@@ -775,6 +870,7 @@ class LinkEndpoint:
                       if self.mmio_completer is not None else None)
             if result is None:
                 self.counters["mmio_ur"] += 1
+                self._error(LinkError.UNSUPPORTED_REQUEST, _bare_header(tlp))
             if write:
                 continue            # posted: a UR is only logged by the completer (§2.3.1)
             cpl = (Tlp.completion_for(tlp, self.requester_id, result) if result is not None
@@ -866,7 +962,7 @@ class LinkEndpoint:
             try:
                 tlp = stream.rx.unprotect(wire)
             except IdeIntegrityError as exc:
-                self._ide_failed(stream, exc.reason)
+                self._ide_failed(stream, exc.reason, wire[PREFIX_LEN:PREFIX_LEN + 16])
                 return None
             self._started.add((stream.stream_id, tlp.substream))
             self.counters["ide_tlps_rx"] += 1
@@ -880,11 +976,12 @@ class LinkEndpoint:
         for stream in self._streams():
             if (stream.stream_id, tlp.substream) in self._started and stream.is_secure():
                 self._ide_failed(stream, f"non-IDE {tlp.type.name} on {tlp.substream.name} "
-                                         "after IDE started")
+                                         "after IDE started", _bare_header(tlp))
                 return None
         return tlp
 
-    def _ide_failed(self, stream: StreamPort, reason: str) -> None:
+    def _ide_failed(self, stream: StreamPort, reason: str, header: bytes = b"") -> None:
+        self._error(LinkError.IDE_CHECK_FAILED, header)
         stream.mark_insecure(reason)
         self._record(IdeFailEvent("device", stream.stream_id, reason, "detected", time.time()))
         if self.link is not None:
@@ -897,6 +994,13 @@ class LinkEndpoint:
             if stream is not None:
                 stream.fail_message(f"IDE Fail Message from the root port: {reason}")
         self._record(IdeFailEvent("device", stream_id, reason, "message", time.time()))
+
+    def _error(self, kind: LinkError, header: bytes) -> None:
+        for fn in list(self.on_error):
+            try:
+                fn(kind, header)
+            except Exception:
+                self.log.exception("link error hook failed")
 
     def _record(self, ev: IdeFailEvent) -> None:
         self.ide_failures.append(ev)
@@ -938,10 +1042,17 @@ class LinkEndpoint:
         return {
             "requester_id": self.requester_id,
             "streams": streams,
+            "tag_space": self.tags.space,
             **self.counters,
             "ide_failures": len(self.ide_failures),
             "last_ide_failure": (self.ide_failures[-1].reason if self.ide_failures else None),
         }
+
+
+def _bare_header(tlp: Tlp) -> bytes:
+    """*tlp*'s header without its IDE prefix (what an error Header Log records)."""
+    head = tlp.header()
+    return head[PREFIX_LEN:] if tlp.stream_id is not None else head
 
 
 def _check_range(address: int, length: int) -> None:
@@ -950,7 +1061,10 @@ def _check_range(address: int, length: int) -> None:
 
 
 class Link:
-    """Joins a :class:`LinkEndpoint` (downstream) and a root port (upstream)."""
+    """Joins a :class:`LinkEndpoint` (downstream) and a root port (upstream).
+
+    *mps* and *mrrs* are the sizes TLPs are split by until :meth:`set_payload_sizes`
+    changes them (the device does after every Device Control write and reset)."""
 
     def __init__(self, endpoint: LinkEndpoint, root_port: RootPortPort, *,
                  mps: int = DEFAULT_MPS, mrrs: int = DEFAULT_MRRS,
@@ -968,9 +1082,26 @@ class Link:
         self.counters.update(dropped=0, tampered=0, replayed=0, ide_fail_messages_up=0,
                              ide_fail_messages_down=0, clear_transfers=0)
         self.counters.update(mmio_bursts=0)
+        self.counters.update(payload_size_changes=0)
         endpoint.link = self
         root_port.attach_link(self.mps, self.ide_fail_message_downstream,
                               self.send_downstream, self.mrrs)
+
+    def set_payload_sizes(self, mps: int, mrrs: int) -> None:
+        """The effective Max_Payload_Size and Max_Read_Request_Size from now on (PCIe 6.x
+        §7.5.3.4): DMA writes and the root port's completions are split by *mps*, DMA
+        reads (and the root port's MMIO reads) by *mrrs*.  A transfer already under way
+        keeps the sizes it started with."""
+        mps = check_tlp_size("Max_Payload_Size", mps)
+        mrrs = check_tlp_size("Max_Read_Request_Size", mrrs)
+        if (mps, mrrs) == (self.mps, self.mrrs):
+            return
+        log.info("link payload sizes: MPS %d -> %d, MRRS %d -> %d", self.mps, mps,
+                 self.mrrs, mrrs)
+        self.mps, self.mrrs = mps, mrrs
+        self.counters["payload_size_changes"] += 1
+        self.root_port.attach_link(mps, self.ide_fail_message_downstream,
+                                   self.send_downstream, mrrs)
 
     @property
     def tapped(self) -> bool:

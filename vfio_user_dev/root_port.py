@@ -70,6 +70,7 @@ from teeio.tlp import (
     parse_ide_requests,
 )
 from vfio_user_dev.dma import Backing, DmaFault, DmaMapSet, MapEvent
+from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.link import (
     ROOT_PORT_ID,
     IdeStream,
@@ -85,7 +86,6 @@ from vfio_user_dev.link import (
 log = logging.getLogger(__name__)
 
 RECENT = 128
-MAX_EVENTS = 1024
 
 
 class RootPortError(Exception):
@@ -214,7 +214,7 @@ class _Burst:
 
 class RootPort:
     def __init__(self, dma: DmaMapSet, *, completer_id: int = ROOT_PORT_ID,
-                 name: str = "rp0") -> None:
+                 name: str = "rp0", events: PlatformEvents | None = None) -> None:
         self.dma = dma
         self.completer_id = completer_id
         self.log = log.getChild(name)
@@ -225,9 +225,9 @@ class RootPort:
         self.refusals: collections.Counter[str] = collections.Counter()
         self.recent_refusals: collections.deque[dict[str, object]] = collections.deque(
             maxlen=RECENT)
-        self.events: collections.deque[tuple[int, dict[str, object]]] = collections.deque(
-            maxlen=MAX_EVENTS)
-        self._event_seq = 0
+        #: the platform's event log (``platform_events.py``): IDE failures, remaps, this
+        #: end's stream changes, and what the root port revoked by itself
+        self.platform_events = events if events is not None else PlatformEvents()
         self.counters = {"tlps_in": 0, "tlps_admitted": 0, "completions_out": 0,
                          "completions_discarded": 0, "security_events": 0,
                          "ide_failures": 0, "clear_transfers": 0}
@@ -265,13 +265,19 @@ class RootPort:
                         and rid_base <= other.rid_limit:
                     raise RootPortError(f"RID range {rid_base:#06x}..{rid_limit:#06x} overlaps "
                                         f"stream {other.stream_id}'s")
+            old = self.streams.get(stream_id)
             self.streams[stream_id] = RootPortStream(stream_id, rid_base, rid_limit)
+            if old is not None:
+                self._revoke_stream(stream_id, f"stream {stream_id} set up again")
         self.log.info("stream %d set up for RIDs %#06x..%#06x", stream_id, rid_base, rid_limit)
 
     def remove_stream(self, stream_id: int) -> None:
         with self._lock:
             self._stream(stream_id)
             del self.streams[stream_id]
+            self._revoke_stream(stream_id, f"stream {stream_id} removed")
+            self._event("rp_stream", end="root_port", stream=stream_id, state="removed",
+                        reason="removed by the TSM")
         self.log.info("stream %d removed", stream_id)
 
     def _stream(self, stream_id: int) -> RootPortStream:
@@ -320,7 +326,10 @@ class RootPort:
                      substream: SubStream | None = None) -> None:
         with self._lock:
             s = self._stream(stream_id)
+            before = s.state()
             (s.rx if direction == Direction.RX else s.tx).stop(key_set, substream)
+            if s.state() != before:
+                self._stream_event(s, f"K_SET_STOP {KeySet(key_set).name}")
         self.log.info("stream %d %s K_SET_STOP %s", stream_id, Direction(direction).name,
                       KeySet(key_set).name)
 
@@ -336,20 +345,26 @@ class RootPort:
                 raise RootPortError(f"stream {stream_id} is Insecure "
                                     f"({s.insecure_reason or s.rx.insecure_reason}); reset "
                                     "and key it again")
+            before = s.state()
             s.enabled = enable
             state = s.state()
+            if state != before:
+                self._stream_event(s, "Enable " + ("set" if enable else "cleared"))
         self.log.info("stream %d %s: %s", stream_id, "enabled" if enable else "disabled", state)
         return state
 
     def reset_stream(self, stream_id: int) -> None:
         with self._lock:
-            self._stream(stream_id).reset()
+            s = self._stream(stream_id)
+            s.reset()
+            self._stream_event(s, "reset by the TSM")
         self.log.info("stream %d reset: keys invalidated, Insecure", stream_id)
 
     def invalidate_all(self, reason: str) -> None:
         with self._lock:
             for s in self.streams.values():
                 s.reset()
+                self._stream_event(s, reason)
         self.log.warning("every root-port IDE key invalidated: %s", reason)
 
     def authorise_window(self, requester_id: int, stream_id: int, base: int, size: int,
@@ -478,7 +493,6 @@ class RootPort:
         """Send *tlps* (MRd or MWr, T=0, no stream yet) to the device; the read data by
         tag (None: not completed successfully), or None if nothing was sent."""
         burst = _Burst()
-        reads = {t.tag: t for t in tlps if not t.type.has_data}
         try:
             with self._lock:
                 route = self._mmio_route(requester_id, allow_tee)
@@ -487,6 +501,23 @@ class RootPort:
                     self._refuse(burst, None, "mmio_not_sent", route)
                     return None
                 stream, t_bit = route
+                # Tags (PCIe 6.x §2.2.6.2): each MRd gets its own 8-bit tag, round-robin
+                # over the root port's requests (the running request count), so successive
+                # reads carry different tags; the answers go back under the caller's tags.
+                # Posted writes need no tag: 0.
+                first = self.counters["mmio_requests"]
+                caller: dict[int, int] = {}         # tag on the wire -> the caller's
+                retagged: list[Tlp] = []
+                for i, t in enumerate(tlps):
+                    if not t.type.has_data:
+                        tag = (first + i) & 0xFF
+                        if tag in caller:
+                            raise LinkFault("more MMIO reads in one burst than 8-bit tags")
+                        caller[tag] = t.tag
+                        t = replace(t, tag=tag)
+                    retagged.append(t)
+                tlps = retagged
+                reads = {t.tag: t for t in tlps if not t.type.has_data}
                 self.counters["mmio_requests"] += len(tlps)
                 if t_bit:
                     self.counters["mmio_t1"] += len(tlps)
@@ -514,8 +545,13 @@ class RootPort:
                         continue
                     req = reads.get(cpl.tag)
                     if (req is None or cpl.requester_id != self.completer_id
-                            or cpl.tag in answers and answers[cpl.tag] is None):
+                            or cpl.tag in answers):
+                        # No outstanding read with this Requester ID and tag: an Unexpected
+                        # Completion (§2.3.2), discarded and counted.
                         self.counters["mmio_completions_discarded"] += 1
+                        self._refuse(burst, None, "unexpected_completion",
+                                     f"{cpl.type.name} tag {cpl.tag} for "
+                                     f"{cpl.requester_id:#06x}: no such read outstanding")
                         continue
                     if t_bit and (stream is None or cpl.stream_id != stream.stream_id):
                         # A T=1 read is answered on its stream or not at all (§11.2.1).
@@ -529,7 +565,7 @@ class RootPort:
                     data[cpl.tag] += cpl.payload_bytes()
                     if len(data[cpl.tag]) >= req.request_byte_count:
                         answers[cpl.tag] = bytes(data[cpl.tag])
-            return answers
+            return {caller[tag]: got for tag, got in answers.items()}
         finally:
             self._finish_burst(burst)
 
@@ -587,20 +623,73 @@ class RootPort:
                                  "re-authorised", w.window_id, w.base, w.size, why)
 
     def _event(self, kind: str, **data: object) -> None:
-        self._event_seq += 1
-        self.events.append((self._event_seq, {"seq": self._event_seq, "time": time.time(),
-                                              "kind": kind, **data}))
+        self.platform_events.emit(kind, **data)
 
-    def events_since(self, seq: int = 0) -> list[dict[str, object]]:
-        """Security and IDE events numbered after *seq* (the TSM polls with the last it saw)."""
+    def events_since(self, seq: int = 0, kinds: Sequence[str] | None = None
+                     ) -> list[dict[str, object]]:
+        """Platform events numbered after *seq* (of *kinds*, if given)."""
+        return self.platform_events.since(
+            seq, kinds=None if kinds is None else frozenset(kinds))[0]
+
+    # -- enforcement that never waits for the TSM (DESIGN "state has one owner") ------------
+    def revoke_requester(self, requester_id: int, reason: str) -> int:
+        """The TDI of *requester_id* left RUN (or its device was reset): revoke its trusted
+        windows and switch its private MMIO off, here and now.  Returns how many windows."""
         with self._lock:
-            return [e for n, e in self.events if n > seq]
+            gone = [w for w in self.windows.values() if w.requester_id == requester_id]
+            for w in gone:
+                del self.windows[w.window_id]
+                self._event("window_revoked", window=w.window_id, requester_id=requester_id,
+                            reason=reason)
+            stream = self.mmio_private.pop(requester_id, None)
+            if stream is not None:
+                self._event("mmio_private", requester_id=requester_id, stream=stream,
+                            enabled=False, reason=reason)
+        if gone or stream is not None:
+            self.log.warning("RID %#06x: %d window(s) revoked%s: %s", requester_id, len(gone),
+                             ", private MMIO off" if stream is not None else "", reason)
+        return len(gone)
+
+    def _revoke_stream(self, stream_id: int, reason: str) -> None:
+        """Under the lock: the stream went Insecure; nothing trusted rides on it any more."""
+        gone = [w for w in self.windows.values() if w.stream_id == stream_id]
+        for w in gone:
+            del self.windows[w.window_id]
+            self._event("window_revoked", window=w.window_id, requester_id=w.requester_id,
+                        reason=reason)
+        for rid, sid in list(self.mmio_private.items()):
+            if sid == stream_id:
+                del self.mmio_private[rid]
+                self._event("mmio_private", requester_id=rid, stream=sid, enabled=False,
+                            reason=reason)
+
+    def _stream_event(self, s: RootPortStream, reason: str) -> None:
+        """Under the lock: this end of *s* changed; if it is no longer Secure, revoke."""
+        state = s.state()
+        self._event("rp_stream", end="root_port", stream=s.stream_id, state=state,
+                    reason=reason)
+        if state != "secure":
+            self._revoke_stream(s.stream_id, f"stream {s.stream_id} {state}: {reason}")
+
+    def device_reset(self, requester_id: int, reason: str) -> None:
+        """The device *requester_id* was reset: its IDE keys are gone (PCIe 6.x §6.33.6), so
+        this end of every stream that carries it leaves Secure too (keys invalidated), and
+        its windows and private MMIO are revoked.  T=0 MMIO and DMA then work in the clear;
+        the TSM keys the stream again before the next LOCK."""
+        self.revoke_requester(requester_id, reason)
+        with self._lock:
+            for s in self.streams.values():
+                if s.has_rid(requester_id) and (s.enabled or s.keys_ready()
+                                                or s.state() == "secure"):
+                    s.reset()
+                    self._stream_event(s, reason)
 
     # -- IDE failures -------------------------------------------------------------------------
     def _ide_failed(self, stream: RootPortStream, reason: str, burst: _Burst) -> None:
         stream.mark_insecure(reason)
         self.counters["ide_failures"] += 1
         self._event("ide_fail", stream=stream.stream_id, how="detected", reason=reason)
+        self._stream_event(stream, f"IDE check failed: {reason}")
         self.log.warning("IDE stream %d Insecure: %s; IDE Fail Message sent", stream.stream_id,
                          reason)
         burst.fail_messages.append((stream.stream_id, reason))
@@ -618,10 +707,11 @@ class RootPort:
         """The device's IDE Fail Message: the stream is Insecure here too (§6.33.6)."""
         with self._lock:
             s = self.streams.get(stream_id)
-            if s is not None:
-                s.mark_insecure(f"IDE Fail Message from the device: {reason}")
             self.counters["ide_failures"] += 1
             self._event("ide_fail", stream=stream_id, how="message", reason=reason)
+            if s is not None:
+                s.mark_insecure(f"IDE Fail Message from the device: {reason}")
+                self._stream_event(s, f"IDE Fail Message from the device: {reason}")
         self.log.warning("IDE Fail Message from the device for stream %d: %s", stream_id,
                          reason)
 
@@ -1019,7 +1109,7 @@ class RootPort:
                 "refusals_total": sum(self.refusals.values()),
                 "recent_refusals": list(self.recent_refusals)[-16:],
                 "mmio_private": {f"{rid:#06x}": sid for rid, sid in self.mmio_private.items()},
-                "last_event_seq": self._event_seq,
+                "last_event_seq": self.platform_events.last_seq,
                 **self.counters,
             }
 

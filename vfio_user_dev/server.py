@@ -21,11 +21,11 @@ import itertools
 import logging
 import os
 import socket
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from teeio.transport import remove_stale_socket
 from vfio_user_dev import protocol as p
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dma import DmaFault
@@ -88,6 +88,7 @@ class Connection:
         self.client_max_xfer = p.MAX_DATA_XFER
         self.closed = threading.Event()
         self.counters = {"rx": 0, "tx": 0, "errors": 0}
+        self.close_reason = "closed"
 
     # -- sending ------------------------------------------------------------------------
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
@@ -173,6 +174,7 @@ class Connection:
                         if fd >= 0:
                             os.close(fd)
         except (Disconnected, ConnectionError, OSError) as exc:
+            self.close_reason = str(exc) or type(exc).__name__
             log.info("client disconnected: %s", exc)
         finally:
             self.closed.set()
@@ -309,7 +311,7 @@ class Connection:
     def _reset(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
         if payload:
             raise ProtocolError(errno.EINVAL, "DEVICE_RESET takes no payload")
-        self.device.reset()
+        self.device.reset("client_reset")
         return b""
 
     HANDLERS: dict[int, Callable[[Connection, Header, bytes, list[int]],
@@ -325,15 +327,6 @@ class Connection:
         Command.REGION_WRITE: _region_write,
         Command.DEVICE_RESET: _reset,
     }
-
-
-def remove_stale_socket(path: str) -> None:
-    """Remove a socket left at *path* by an earlier run; anything else there is refused
-    (OSError EEXIST, one line), never deleted."""
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        os.unlink(path)
 
 
 class Server:
@@ -354,14 +347,19 @@ class Server:
         self.clients += 1
         conn = Connection(sock, self.device)
         self.connection = conn
+        self.device.events.emit("client_connected", client=self.clients, transport="vfio-user")
         try:
             conn.serve()
         finally:
             sock.close()
-            # Client gone: drop its memory and eventfds, reset the device (issue #2).
+            # Client gone (the VMM exited or was killed): what a host does when a VM's
+            # device is released -- reset it (a TDI in LOCKED/RUN goes to ERROR, the root
+            # port revokes its windows), then drop the client's memory and eventfds.
+            self.device.events.emit("client_disconnected", client=self.clients,
+                                    reason=conn.close_reason)
+            self.device.reset("client_gone")
             self.device.dma.clear()
             self.device.irq.close_all()
-            self.device.reset()
             self.connection = None
 
     def serve_forever(self, max_clients: int | None = None) -> None:

@@ -74,9 +74,59 @@ class CapId(IntEnum):
 
 
 class ExtCapId(IntEnum):
+    ADVANCED_ERROR_REPORTING = 0x0001
     DEVICE_SERIAL_NUMBER = 0x0003
     DOE = 0x002E
     IDE = 0x0030
+
+
+class DevCap(IntFlag):
+    """PCI Express capability: Device Capabilities register, +0x04 (PCIe 6.x §7.5.3.3).
+    Bits 2:0 are Max_Payload_Size Supported (:func:`payload_size_code`)."""
+
+    MAX_PAYLOAD_SIZE_SUPPORTED = 0x7
+    EXTENDED_TAG_FIELD_SUPPORTED = 1 << 5
+    ROLE_BASED_ERROR_REPORTING = 1 << 15
+    FUNCTION_LEVEL_RESET = 1 << 28
+    TEE_IO_SUPPORTED = 1 << 30
+
+
+class DevCtl(IntFlag):
+    """PCI Express capability: Device Control register, +0x08 (PCIe 6.x §7.5.3.4).
+    Bits 7:5 are Max_Payload_Size, bits 14:12 Max_Read_Request_Size (encoded as
+    :func:`payload_size_code`)."""
+
+    CORRECTABLE_ERROR_REPORTING = 1 << 0
+    NON_FATAL_ERROR_REPORTING = 1 << 1
+    FATAL_ERROR_REPORTING = 1 << 2
+    UNSUPPORTED_REQUEST_REPORTING = 1 << 3
+    RELAXED_ORDERING = 1 << 4
+    MAX_PAYLOAD_SIZE = 0x7 << 5
+    EXTENDED_TAG_FIELD = 1 << 8
+    PHANTOM_FUNCTIONS = 1 << 9
+    AUX_POWER_PM = 1 << 10
+    NO_SNOOP = 1 << 11
+    MAX_READ_REQUEST_SIZE = 0x7 << 12
+    INITIATE_FLR = 1 << 15
+
+
+DEVCTL_MPS_SHIFT = 5
+DEVCTL_MRRS_SHIFT = 12
+PAYLOAD_SIZES = (128, 256, 512, 1024, 2048, 4096)   # encodings 000b..101b (§7.5.3.3-4)
+
+
+def payload_size_code(size: int) -> int:
+    """The 3-bit encoding of a Max_Payload_Size (Supported) or Max_Read_Request_Size
+    value: 000b = 128 B ... 101b = 4096 B (§7.5.3.3, §7.5.3.4)."""
+    if size not in PAYLOAD_SIZES:
+        raise ValueError(f"{size} B is not a payload size the 3-bit field encodes "
+                         f"({', '.join(map(str, PAYLOAD_SIZES))})")
+    return PAYLOAD_SIZES.index(size)
+
+
+def payload_size(code: int) -> int | None:
+    """The size a 3-bit field encodes; None for the reserved encodings 110b and 111b."""
+    return PAYLOAD_SIZES[code] if 0 <= code < len(PAYLOAD_SIZES) else None
 
 
 class ConfigSpace:

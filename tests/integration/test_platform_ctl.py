@@ -19,18 +19,18 @@ import pytest
 
 from teeio.device_regs import DmaError, Op, St
 from teeio.ide import IdeKey, SubStream
-from tests.integration.device_process import PROJECT, ServerProcess, started
-from tests.protocol.lockstep import enable_device, error_code, memfd, ok, run_job
-from vfio_user_dev import protocol as p
-from vfio_user_dev.client import Client
-from vfio_user_dev.link import is_protected, iter_tlps, read_capture
-from vfio_user_dev.platform_ctl import (
+from teeio.platform_channel import (
     MAX_LINE,
     PlatformClient,
     PlatformCtlError,
     canonical,
     read_credential,
 )
+from tests.integration.device_process import PROJECT, ServerProcess, started
+from tests.protocol.lockstep import enable_device, error_code, memfd, ok, run_job
+from vfio_user_dev import protocol as p
+from vfio_user_dev.client import Client
+from vfio_user_dev.link import is_protected, iter_tlps, read_capture
 from vfio_user_dev.protocol import Command, DmaFlags
 
 pytestmark = pytest.mark.timeout(60)

@@ -33,6 +33,7 @@ from teeio import ghcx as teeio_ghcx
 from teeio import pki
 from teeio.ghcx import FrameDecoder, GuestChannel, MsgType, Response
 from teeio.ide import IdeKey
+from teeio.platform_channel import PlatformClient, read_credential
 from teeio.spdm import RequesterError, codec
 from teeio.spdm.requester import parse_vca, verify_measurement_transcript
 from tests.integration.test_tsm_ide import PROJECT, IdeDevice, firmware  # noqa: F401
@@ -46,7 +47,6 @@ from tsm.journal import JOURNAL_NAME
 from tsm.tdi import REASON_RESTART
 from tsm.tdisp import TdispClient, TdispClientError
 from vfio_user_dev.client import Client
-from vfio_user_dev.platform_ctl import PlatformClient, read_credential
 
 pytestmark = pytest.mark.timeout(120)
 

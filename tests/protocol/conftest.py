@@ -20,6 +20,7 @@ from teeio.doe import PCI_SIG_VENDOR_ID, DoeObject, pad_dw
 from teeio.ide_km import PCI_SIG_STANDARD_ID, IdeKmClient
 from teeio.measurements import DmtfValueType, MeasurementSource
 from teeio.pcie.config import Command, Reg
+from teeio.platform_channel import PlatformClient
 from teeio.spdm import Requester
 from teeio.tdisp.codec import function_id
 from teeio.tdisp.defs import LockInterfaceFlags, TdiState
@@ -29,7 +30,7 @@ from vfio_user_dev import ide_host
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dsm import DeviceSecurityManager
 from vfio_user_dev.link import CaptureWriter, read_capture
-from vfio_user_dev.platform_ctl import PlatformClient, PlatformControlServer
+from vfio_user_dev.platform_ctl import PlatformControlServer
 from vfio_user_dev.protocol import DmaFlags, PciRegion
 
 GUEST = 0x1_0000_0000

@@ -137,7 +137,7 @@ def test_t1_on_a_stream_other_than_the_bound_one_is_ur(tee_rig: TeeRig) -> None:
 
 def test_private_mmio_needs_the_platform_credential_path_and_a_stream(tee_rig: TeeRig
                                                                       ) -> None:
-    from vfio_user_dev.platform_ctl import PlatformCtlError
+    from teeio.platform_channel import PlatformCtlError
     rig = tee_rig
     with pytest.raises(PlatformCtlError) as e:          # no such stream at the root port
         rig.rp.call("mmio_private", requester_id=rig.rid, stream_id=7, enable=True)

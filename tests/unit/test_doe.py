@@ -38,6 +38,7 @@ from teeio.doe import (
     SocketHeader,
     SocketTransport,
     discover,
+    interrupt_condition,
     pad_dw,
     protocol_name,
 )
@@ -574,9 +575,10 @@ def test_mailbox_writes_without_all_bytes_enabled_set_error(reg: DoeReg, be: int
 def test_sub_dword_control_and_status_writes() -> None:
     b = Box(interrupt_message_number=3)
     b.send(disc_obj(0), go=False)
-    b.wr(DoeReg.CONTROL, 0x80 << 24, be=0x8)      # byte 3 = 0x80: Go
-    assert b.status() & READY
     b.wr(DoeReg.CONTROL, 0x02, be=0x1)            # byte 0: Interrupt Enable
+    assert b.rd(DoeReg.CONTROL) == DoeControl.INTERRUPT_ENABLE
+    b.wr(DoeReg.CONTROL, 0x80 << 24, be=0x8)      # byte 3 = 0x80: Go (Enable kept)
+    assert b.status() & READY
     assert b.rd(DoeReg.CONTROL) == DoeControl.INTERRUPT_ENABLE
     b.wr(DoeReg.CONTROL, 0xFFFFFFFF, be=0x2)      # only byte 1 enabled: no Abort, no Go
     assert b.status() & READY
@@ -660,15 +662,16 @@ def test_mailbox_constructor_bounds(kw: dict[str, int]) -> None:
 def test_interrupts() -> None:
     b = Box(interrupt_message_number=5)
     assert b.rd(DoeReg.CAPABILITIES) == DoeCapabilities.INTERRUPT_SUPPORT | 5 << 1
-    # Interrupt Enable clear: the status bit is set, but no interrupt is generated.
+    # Interrupt Enable clear: no interrupt is generated, so Interrupt Status stays clear
+    # (§7.9.24.4: it is Set when an interrupt is generated).
     b.send(disc_obj(0))
-    assert b.status() == READY | DoeStatus.INTERRUPT_STATUS
+    assert b.status() == READY
     assert not b.mb.take_interrupt()
     b.receive()
-    b.wr(DoeReg.STATUS, DoeStatus.INTERRUPT_STATUS)   # RW1C
     assert b.status() == 0
     b.wr(DoeReg.CONTROL, DoeControl.INTERRUPT_ENABLE)
     b.send(disc_obj(0))
+    assert b.status() == READY | DoeStatus.INTERRUPT_STATUS
     assert b.mb.take_interrupt() and not b.mb.take_interrupt()   # once per 0 -> 1
     b.receive()
     b.send(disc_obj(0))                                # status still set: no new interrupt
@@ -678,6 +681,48 @@ def test_interrupts() -> None:
     b.send(DoeObject(*SPDM).encode())                  # Error raises it too
     assert b.status() == ERROR | DoeStatus.INTERRUPT_STATUS
     assert b.mb.take_interrupt()
+
+
+def test_interrupt_status_is_rw1c_and_needs_interrupt_enable() -> None:
+    b = Box(interrupt_message_number=1)
+    b.send(DoeObject(*SPDM).encode())                  # Error, interrupts disabled
+    assert b.status() == ERROR
+    b.wr(DoeReg.CONTROL, DoeControl.INTERRUPT_ENABLE)  # enabling later raises nothing
+    assert b.status() == ERROR and not b.mb.take_interrupt()
+    b.wr(DoeReg.CONTROL, DoeControl.ABORT | DoeControl.INTERRUPT_ENABLE)
+    b.send(disc_obj(0))
+    assert b.status() == READY | DoeStatus.INTERRUPT_STATUS and b.mb.take_interrupt()
+    b.wr(DoeReg.STATUS, 0)                             # writing 0: no effect
+    assert b.status() & DoeStatus.INTERRUPT_STATUS
+    b.wr(DoeReg.CONTROL, 0)                            # disabling does not clear it
+    assert b.status() & DoeStatus.INTERRUPT_STATUS
+    b.wr(DoeReg.STATUS, DoeStatus.INTERRUPT_STATUS | DoeStatus.DATA_OBJECT_READY)  # RW1C
+    assert b.status() == READY                         # Ready is RO: still set
+
+
+def test_busy_cleared_is_an_interrupt_condition() -> None:
+    # A request with no response (silently discarded): Busy set, then cleared (§6.30.3).
+    b = Box(interrupt_message_number=2, response_latency=0.5)
+    b.d.register(*SPDM, lambda _p: None)
+    b.wr(DoeReg.CONTROL, DoeControl.INTERRUPT_ENABLE)
+    b.send(DoeObject(*SPDM, b"abcd").encode())
+    assert b.status() == BUSY and not b.mb.take_interrupt()
+    b.now += 0.5
+    assert b.status() == DoeStatus.INTERRUPT_STATUS and b.mb.take_interrupt()
+
+
+@pytest.mark.parametrize(("old", "new", "irq"), [
+    (MailboxState.RECEIVING, MailboxState.BUSY, False),
+    (MailboxState.BUSY, MailboxState.READY, True),
+    (MailboxState.BUSY, MailboxState.IDLE, True),       # Busy cleared
+    (MailboxState.BUSY, MailboxState.ERROR, True),
+    (MailboxState.READY, MailboxState.IDLE, False),     # Ready cleared by the last ack
+    (MailboxState.RECEIVING, MailboxState.ERROR, True),
+    (MailboxState.ERROR, MailboxState.IDLE, False),     # Abort
+    (MailboxState.IDLE, MailboxState.RECEIVING, False),
+])
+def test_interrupt_conditions(old: MailboxState, new: MailboxState, irq: bool) -> None:
+    assert interrupt_condition(old, new) is irq
 
 
 def test_no_interrupt_support_never_sets_interrupt_status() -> None:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from teeio.platform_channel import PlatformClient
 from vfio_user_dev import host_access, platform_ctl
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.host_access import HostAccessServer
-from vfio_user_dev.platform_ctl import PlatformClient, PlatformControlServer
+from vfio_user_dev.platform_ctl import PlatformControlServer
 
 
 @pytest.fixture

@@ -1,29 +1,28 @@
-"""The device server's JSON-lines sockets: one listener, a thread per connection.
+"""The JSON-lines server: one listener, a thread per connection.
 
-Shared by the platform control socket (:mod:`vfio_user_dev.platform_ctl`), the host
-access socket (:mod:`vfio_user_dev.host_access`) and the TSM's control socket
-(:mod:`tsm.ctl`): a 0600 UNIX socket (a stale socket at
-the path is replaced, anything else refused), at most *max_connections* served at once
-(more are closed at once), one request line in and one reply line out, a line longer than
-*max_line* skipped to its end and answered by the protocol's own error
-(:meth:`LineServer.refuse` may answer a refused one first), and the
-connection kept serving after any error.  What a connection starts with (a hello, a
-timeout), how a line is answered and how a reply is encoded are the protocol's
-(:meth:`LineServer.opened`, :meth:`LineServer.answer`, :meth:`LineServer.too_long`,
-:meth:`LineServer.encode`).
+Used by the device server's platform control and host access sockets and by the TSM's
+control socket: a 0600 UNIX socket (a stale socket at the path is replaced, anything else
+refused), at most *max_connections* served at once (more are closed at once), one request
+line in and one reply line out, a line longer than *max_line* skipped to its end and
+answered by the protocol's own error (:meth:`LineServer.refuse` may answer a refused one
+first), and the connection kept serving after any error.  What a connection starts with
+(a hello, a timeout), how a line is answered and how a reply is encoded are the
+protocol's (:meth:`LineServer.opened`, :meth:`LineServer.answer`,
+:meth:`LineServer.too_long`, :meth:`LineServer.encode`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
 import threading
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, TypeVar
 
-from vfio_user_dev.server import remove_stale_socket
+from teeio.transport.unix import listen_private
+
+__all__ = ["LineServer"]
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +47,7 @@ class LineServer(Generic[S]):
         self._stop = threading.Event()
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
-        remove_stale_socket(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)          # 0600 from the start, not only after the chmod
-        try:
-            self.listener.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        self.listener.listen(max_connections)
+        self.listener = listen_private(path, max_connections)
         self._thread = threading.Thread(target=self._accept_loop, name=self.thread_name,
                                         daemon=True)
 
@@ -141,67 +132,3 @@ class LineServer(Generic[S]):
         finally:
             with self._conns_lock:
                 self._conns.discard(conn)
-
-
-
-
-class LineClient:
-    """The client side of the ``{"op", "args"}`` → ``{"ok", "result" | "error"}``
-    protocols served here (host access, the TSM's control socket).  Subclasses name the
-    peer for messages and give their protocol's error type (:meth:`error`)."""
-
-    peer = "the server"
-    max_reply = 64 * 1024
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError:
-            self.sock.close()
-            raise
-        self._rfile = self.sock.makefile("rb")
-
-    def error(self, code: str, message: str) -> Exception:
-        """The protocol's exception for an error reply (or a malformed one)."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self._rfile.close()
-        self.sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send_raw(self, data: bytes) -> dict[str, Any]:
-        """Send *data* as it is (tests: malformed requests); the reply object."""
-        self.sock.sendall(data)
-        line = self._rfile.readline(self.max_reply + 1)
-        if not line:
-            raise ConnectionError(f"{self.peer} closed the connection")
-        reply = json.loads(line)
-        if not isinstance(reply, dict):
-            raise self.error("malformed", f"{self.peer}'s reply is not an object")
-        return reply
-
-    def request(self, op: str, **args: Any) -> dict[str, Any]:
-        """The whole reply to *op*."""
-        return self.send_raw(json.dumps({"op": op, "args": args}).encode() + b"\n")
-
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """The result of *op*; the protocol's error for an error reply."""
-        reply = self.request(op, **args)
-        if not reply.get("ok"):
-            err = reply.get("error") or {}
-            raise self.error(str(err.get("code", "malformed")), str(err.get("message", "")))
-        result = reply.get("result")
-        if not isinstance(result, dict):
-            raise self.error("malformed", f"{self.peer}'s reply has no result object")
-        return result
-
-
-__all__ = ["LineClient", "LineServer"]

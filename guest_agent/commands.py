@@ -1,0 +1,441 @@
+"""The agent's commands for a person at the VM's shell: ``tdi-info``, ``stop``, ``dma``.
+
+Each returns a JSON-able dict (``--json`` prints it) and has a human formatter.  The TSM
+is reached over GHCx (docs/ghcx.md) through anything with ``call(MsgType, payload)``
+(:class:`Tsm`: :class:`guest_agent.ghcx_client.GhcxClient`, or a fake in tests); the
+device through BAR0 registers (:class:`guest_agent.dmajob.Regs`) and a DMA buffer
+(:class:`Buffer`).  Nothing here binds a driver or opens ``/dev/uioN`` (guest_agent/pci.py:
+uio's release clears Bus Master Enable, which would ERROR a locked TDI).
+
+* ``tdi-info``: TDI_INFO and STATUS from the TSM, beside what the guest itself sees of
+  the device in sysfs (Command register, BARs, driver, whether BAR0 answers).
+* ``stop``: TDI_STOP (PCIe 6.x §11.3.12 STOP_INTERFACE, via the TSM) from RUN,
+  CONFIG_LOCKED or ERROR; the TSM revokes the VM's DMA windows and private MMIO first.
+* ``dma``: one job on the BAR0 DMA engine, polled (guest_agent/dmajob.py).  In RUN the
+  device's DMA is T=1 on the bound IDE stream and the root port lets it through only
+  inside a window the TSM authorised (DMA_ACCEPT), so the command asks for one over its
+  buffer unless one already covers it, and releases it afterwards unless
+  ``--keep-window``.  In CONFIG_LOCKED / ERROR the device issues no DMA and its TEE MMIO
+  answers all ones (§11.2.1): the command says so at once instead of waiting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from guest_agent import dmajob, testdata
+from guest_agent.pci import (
+    COMMAND,
+    COMMAND_BUS_MASTER,
+    COMMAND_INTX_DISABLE,
+    COMMAND_MEMORY_SPACE,
+    AgentError,
+    Config,
+    Mmio,
+    bars_of,
+    driver_of,
+)
+from teeio.device_regs import DEVICE_ID_REG_VALUE, MAX_DMA_LEN, Op, R
+from teeio.ghcx import MsgType
+from teeio.tdisp.defs import LockInterfaceFlags
+
+HUGE_PAGE = 2 * 1024 * 1024
+SRC_OFF, DST_OFF = 0x000000, 0x100000       # inside the 2 MiB buffer; jobs are <= 1 MiB
+OPS = {"fill": Op.FILL, "copy": Op.COPY, "sha256": Op.SHA256}
+STOP_HINT = "run 'python3 -m guest_agent stop' first, or 'python3 -m guest_agent accept --restart'"
+
+
+class CommandFailed(AgentError):
+    """A command did not do what was asked; ``result`` holds what it did see."""
+
+    def __init__(self, message: str, result: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class Tsm(Protocol):
+    """What the commands need of a GHCx client."""
+
+    vm_id: str
+
+    def call(self, mtype: MsgType, payload: dict[str, Any] | None = None) -> dict[str, Any]: ...
+
+
+class Buffer(Protocol):
+    """A DMA buffer: physically contiguous, ``phys`` its bus address (dmabuf.HugeBuffer)."""
+
+    phys: int
+
+    def write(self, off: int, data: bytes) -> None: ...
+
+    def read(self, off: int, n: int) -> bytes: ...
+
+
+# -- what the guest sees of the device (sysfs, lspci-level) ------------------------------------
+
+def guest_view(dev: Path, *, read_mmio: bool = True) -> dict[str, Any]:
+    """The device as the guest sees it: Command register (Memory Space, Bus Master, INTx
+    Disable), BARs (sysfs ``resource``, and the raw BAR registers), the bound driver, and
+    -- if Memory Space is on -- whether BAR0 answers (ID register; all ones means an
+    Unsupported Request: TEE MMIO closed)."""
+    cfg = Config(dev)
+    cmd = cfg.read(COMMAND, 2)
+    view: dict[str, Any] = {
+        "bdf": dev.name,
+        "vendor_device": f"{cfg.read(0x00, 2):04x}:{cfg.read(0x02, 2):04x}",
+        "driver": driver_of(dev),
+        "command": f"{cmd:#06x}",
+        "memory_space": bool(cmd & COMMAND_MEMORY_SPACE),
+        "bus_master": bool(cmd & COMMAND_BUS_MASTER),
+        "intx_disabled": bool(cmd & COMMAND_INTX_DISABLE),
+        "bars": [{"index": i, "address": f"{base:#x}", "size": size}
+                 for i, base, size in bars_of(dev)],
+        "bar_registers": [f"{cfg.read(0x10 + 4 * i, 4):#010x}" for i in range(2)],
+    }
+    if read_mmio and view["memory_space"]:
+        mmio = Mmio(dev, 0)
+        ident = mmio.read32(R.ID)
+        view["bar0"] = {"id": f"{ident:#010x}", "status": f"{mmio.read32(R.STATUS):#010x}",
+                        "answers": ident == DEVICE_ID_REG_VALUE}
+    return view
+
+
+# -- tdi-info ----------------------------------------------------------------------------------
+
+def tdi_info(tsm: Tsm | None, view: dict[str, Any] | None) -> dict[str, Any]:
+    """TDI_INFO and STATUS (docs/ghcx.md "Messages") plus the guest's own view."""
+    out: dict[str, Any] = {"guest": view}
+    if tsm is not None:
+        out["vm_id"] = tsm.vm_id
+        out["info"] = tsm.call(MsgType.TDI_INFO, {})
+        out["status"] = tsm.call(MsgType.STATUS, {})
+    return out
+
+
+def format_tdi_info(res: dict[str, Any]) -> str:
+    lines: list[str] = []
+    info = res.get("info")
+    if info is not None:
+        lines.append(f"TDI {info.get('tdi')} (VM {res.get('vm_id')}): {info.get('state')}")
+        lines.append(f"  lock epoch       {info.get('lock_epoch')}  (lock flags "
+                     f"{_lock_flags(info.get('lock_flags'))})")
+        stream = info.get("stream") or {}
+        lines.append(f"  IDE stream       {stream.get('id')} {stream.get('state')}")
+        offset = info.get("mmio_reporting_offset")
+        if isinstance(offset, int):
+            lines.append(f"  MMIO rep. offset {offset:#x}")
+        digests = info.get("digests")
+        if digests:
+            lines.append(f"  digests ({info.get('digest_alg')})")
+            for k in ("cert_chain", "transcript", "report"):
+                lines.append(f"    {k:<12}   {digests.get(k) or '-'}")
+        else:
+            lines.append("  digests          none (not locked)")
+        lines.append(f"  TSM boot id      {info.get('tsm_boot_id')}")
+        if info.get("reason"):
+            lines.append(f"  reason           {info['reason']}")
+        windows = (res.get("status") or {}).get("windows") or []
+        lines.append(f"  DMA windows      {len(windows) or 'none'}")
+        for w in windows:
+            lines.append(f"    window {w.get('window_id')}: {_hex(w.get('base'))}"
+                         f"+{_hex(w.get('size'))} {w.get('access')}")
+    view = res.get("guest")
+    if view is not None:
+        lines.append(f"guest view ({view['bdf']} {view['vendor_device']}, driver "
+                     f"{view['driver'] or 'none'})")
+        lines.append(f"  Command          {view['command']}: memory space "
+                     f"{_on(view['memory_space'])}, bus master {_on(view['bus_master'])}, "
+                     f"INTx {'disabled' if view['intx_disabled'] else 'enabled'}")
+        for bar in view["bars"]:
+            lines.append(f"  BAR{bar['index']}             {bar['address']} "
+                         f"({bar['size'] // 1024} KiB)")
+        bar0 = view.get("bar0")
+        if bar0 is not None:
+            lines.append(f"  BAR0 registers   ID {bar0['id']}, STATUS {bar0['status']}: " + (
+                "answering" if bar0["answers"] else
+                "not answering (all ones: TEE MMIO closed unless the TDI is RUN)"))
+        elif not view["memory_space"]:
+            lines.append("  BAR0 registers   not read (Memory Space is off)")
+    return "\n".join(lines)
+
+
+# -- stop --------------------------------------------------------------------------------------
+
+def stop(tsm: Tsm, *, force: bool = False) -> dict[str, Any]:
+    """TDI_STOP.  A TDI that TDI_INFO already reports CONFIG_UNLOCKED is left alone unless
+    *force* (the device would refuse a STOP there)."""
+    info = tsm.call(MsgType.TDI_INFO, {})
+    out: dict[str, Any] = {"tdi": info.get("tdi"), "vm_id": tsm.vm_id,
+                           "before": info.get("state"), "lock_epoch": info.get("lock_epoch"),
+                           "stopped": False, "state": info.get("state")}
+    if info.get("state") == "CONFIG_UNLOCKED" and not force:
+        return out
+    rsp = tsm.call(MsgType.TDI_STOP, {})
+    out.update(stopped=True, state=rsp.get("state"))
+    return out
+
+
+def format_stop(res: dict[str, Any]) -> str:
+    if not res["stopped"]:
+        return (f"TDI {res['tdi']} is already {res['state']}: nothing to stop "
+                "(--force sends TDI_STOP anyway)")
+    return (f"TDI {res['tdi']}: {res['before']} -> {res['state']} (TDI_STOP; lock epoch "
+            f"{res['lock_epoch']}; the TSM revoked this VM's DMA windows and private MMIO)")
+
+
+# -- accept: what to do when the TDI is not CONFIG_UNLOCKED -------------------------------------
+
+@dataclass(frozen=True)
+class AcceptDecision:
+    """``run``: the whole flow; ``restart``: TDI_STOP, then the whole flow; ``already``:
+    RUN already, nothing to do (exit 0); ``refuse``: fail with ``message``."""
+
+    action: str
+    message: str
+
+
+def decide_accept(info: dict[str, Any], vm_id: str, restart: bool) -> AcceptDecision:
+    """What ``accept`` does given TDI_INFO.  LOCK needs CONFIG_UNLOCKED (§11.3.6); a TDI
+    bound to this VM in RUN was accepted already (the TSM binds one VM to one TDI and
+    starts it only on that VM's TDI_ACCEPT)."""
+    state, tdi, epoch = info.get("state"), info.get("tdi"), info.get("lock_epoch")
+    if state == "CONFIG_UNLOCKED":
+        return AcceptDecision("run", f"TDI {tdi} is CONFIG_UNLOCKED")
+    if restart:
+        return AcceptDecision("restart", f"TDI {tdi} is {state} (lock epoch {epoch}): "
+                                         "stopping it first (--restart)")
+    if state == "RUN":
+        return AcceptDecision("already", f"TDI {tdi} is already RUN for VM {vm_id} (lock "
+                                         f"epoch {epoch}): nothing to do (--restart to "
+                                         "redo the whole flow)")
+    reason = f", {info['reason']}" if info.get("reason") else ""
+    return AcceptDecision("refuse", f"TDI {tdi} is {state} (lock epoch {epoch}{reason}): "
+                                    f"{STOP_HINT}")
+
+
+def format_accept(report: dict[str, Any]) -> str:
+    """accept's report for a person (the whole report is the JSON file / ``--json``)."""
+    lines: list[str] = []
+    pre = report.get("precheck") or {}
+    if pre.get("action") in ("already", "refuse"):
+        return pre["message"]
+    if pre.get("action") == "restart":
+        lines.append(pre["message"])
+    info = report.get("info") or {}
+    for st in report.get("steps", []):
+        mark = "ok " if st["ok"] else "ERR"
+        lines.append(f"  [{mark}] {st['step']:<18} {st['seconds']:8.3f} s"
+                     + (f"  {st['error']}" if st.get("error") else ""))
+    checks = report.get("checks", [])
+    if checks:
+        bad = [c["name"] for c in checks if not c["ok"]]
+        lines.append(f"  checks: {len(checks) - len(bad)}/{len(checks)} passed"
+                     + (f" (failed: {', '.join(bad)})" if bad else ""))
+    if report.get("accepted"):
+        end = "CONFIG_UNLOCKED (--stop 1)" if report.get("stop") else "RUN"
+        lines.append(f"accepted: TDI {info.get('tdi')} (lock epoch {info.get('lock_epoch')}) "
+                     f"is {end}")
+        if "window_released" in report:
+            lines.append(f"  DMA window {report['window_released']} released (its buffer "
+                         "goes with this process); 'dma' asks for its own")
+    elif report.get("refusal"):
+        lines.append(f"refused: {report['refusal']}")
+    return "\n".join(lines)
+
+
+# -- dma ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DmaOptions:
+    op: str = "fill"
+    length: int = 4096
+    pattern: int | None = None          # FILL: default derived from the seed
+    seed: int = 0                       # COPY / SHA-256 source data (testdata.stream)
+    timeout: float = dmajob.JOB_TIMEOUT
+    window: bool = True                 # in RUN: DMA_ACCEPT a window over the buffer
+    keep_window: bool = False
+
+
+def job_data(opts: DmaOptions) -> tuple[bytes, int, bytes]:
+    """(source bytes, fill pattern, expected destination bytes) for *opts*."""
+    n = opts.length
+    if opts.op == "fill":
+        pattern = (int.from_bytes(testdata.stream(opts.seed, "dma-pattern", 4), "little")
+                   if opts.pattern is None else opts.pattern) & 0xFFFF_FFFF
+        return b"", pattern, testdata.fill_bytes(pattern, n)
+    src = testdata.stream(opts.seed, "dma-src", n)
+    if opts.op == "copy":
+        return src, 0, src
+    return src, 0, hashlib.sha256(src).digest()
+
+
+def dma(opts: DmaOptions, *, regs: dmajob.Regs, buf: Buffer, tsm: Tsm | None,
+        bdf: str = "", command: tuple[int, int] | None = None, note: str | None = None,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """One DMA job (module docstring).  *command*: the Command register before/after
+    :func:`guest_agent.pci.enable_device`; *note*: why no TSM was asked.  Raises
+    :class:`CommandFailed` (with the result) when the job did not complete with the right
+    data; GHCx errors propagate."""
+    if opts.op not in OPS:
+        raise CommandFailed(f"unknown op {opts.op!r} (one of {', '.join(OPS)})")
+    if not 0 < opts.length <= MAX_DMA_LEN:
+        raise CommandFailed(f"length {opts.length} not in 1..{MAX_DMA_LEN}")
+    info = tsm.call(MsgType.TDI_INFO, {}) if tsm is not None else None
+    state = info.get("state") if info is not None else None
+    stream = (info or {}).get("stream") or {}
+    res: dict[str, Any] = {
+        "bdf": bdf, "op": opts.op, "length": opts.length, "buffer": f"{buf.phys:#x}",
+        "tdi": (info or {}).get("tdi"), "tdi_state": state,
+        "lock_epoch": (info or {}).get("lock_epoch"),
+        "t_bit": state == "RUN", "stream": stream.get("id") if state == "RUN" else None,
+        "window": None,
+    }
+    if command is not None:
+        res["command"] = {"before": f"{command[0]:#06x}", "after": f"{command[1]:#06x}"}
+    if note:
+        res["note"] = note
+    src, pattern, expected = job_data(opts)
+    job = dmajob.Job(OPS[opts.op], buf.phys + SRC_OFF if src else 0, buf.phys + DST_OFF,
+                     opts.length, pattern)
+    res.update(src=f"{job.src:#x}" if src else None, dst=f"{job.dst:#x}",
+               pattern=f"{pattern:#010x}" if opts.op == "fill" else None)
+    ours: int | None = None
+    if state == "RUN" and opts.window and tsm is not None:
+        res["window"], ours = _window_for(tsm, buf.phys, HUGE_PAGE)
+    try:
+        if src:
+            buf.write(SRC_OFF, src)
+        sentinel = bytes(b ^ 0xFF for b in expected)       # differs from it in every byte
+        buf.write(DST_OFF, sentinel)
+        jobs_before = regs.read32(R.DMA_JOBS)
+        kw: dict[str, Any] = {}
+        if clock is not None:
+            kw["clock"] = clock
+        if sleep is not None:
+            kw["sleep"] = sleep
+        done = dmajob.run(regs, job, opts.timeout, **kw)
+        got = buf.read(DST_OFF, len(expected))
+        res["result"] = {**done.as_dict(), "device_jobs_before": jobs_before,
+                         "device_jobs_after": regs.read32(R.DMA_JOBS),
+                         "landed": got != sentinel, "data_ok": got == expected}
+        if opts.op == "sha256":
+            res["result"]["digest"] = got.hex()
+            res["result"]["expected_digest"] = expected.hex()
+    finally:
+        if ours is not None and not opts.keep_window and tsm is not None:
+            try:
+                tsm.call(MsgType.DMA_RELEASE, {"window_id": ours})
+                res["window"]["released"] = True
+            except AgentError as exc:
+                res["window"]["released"] = False
+                res["window"]["release_error"] = str(exc)
+    r = res["result"]
+    res["ok"] = bool(done.done and r["data_ok"])
+    if not res["ok"]:
+        res["error"] = _dma_failure(res, done)
+        raise CommandFailed(res["error"], res)
+    return res
+
+
+def _window_for(tsm: Tsm, base: int, size: int) -> tuple[dict[str, Any], int | None]:
+    """A window covering [base, base + size): one the VM holds already (STATUS), else a new
+    one (DMA_ACCEPT; returned as ours to release)."""
+    for w in tsm.call(MsgType.STATUS, {}).get("windows") or []:
+        wb, ws = w.get("base"), w.get("size")
+        if isinstance(wb, int) and isinstance(ws, int) and wb <= base and base + size <= wb + ws:
+            return {"window_id": w.get("window_id"), "base": f"{wb:#x}", "size": ws,
+                    "ours": False}, None
+    rsp = tsm.call(MsgType.DMA_ACCEPT, {"base": base, "size": size, "access": "rw"})
+    wid = rsp["window_id"]
+    return {"window_id": wid, "base": f"{base:#x}", "size": size, "ours": True}, int(wid)
+
+
+def _dma_failure(res: dict[str, Any], done: dmajob.Completion) -> str:
+    state = res["tdi_state"]
+    if done.outcome == "no_response":
+        return (f"the device does not answer BAR0 (all ones, Unsupported Request): the TDI "
+                f"is {state or 'not RUN'}, its TEE MMIO is closed; nothing was started")
+    if done.outcome == "timeout":
+        return done.describe()
+    if done.outcome == "error":
+        if done.error_name == "FAULT" and state == "RUN" and res["window"] is None:
+            return ("ERROR FAULT: refused: no DMA window covers the buffer (T=1 DMA in RUN "
+                    "needs one; it was not asked for: --no-window)")
+        if done.error_name == "FAULT" and state in ("CONFIG_LOCKED", "ERROR"):
+            return f"ERROR FAULT: refused by the device: the TDI is {state}, it issues no DMA"
+        return done.describe()
+    r = res["result"]
+    return ("the job completed but the destination does not hold the expected data"
+            + ("" if r["landed"] else " (nothing landed)"))
+
+
+def format_dma(res: dict[str, Any]) -> str:
+    state = res.get("tdi_state")
+    if state == "RUN":
+        path = f"T=1 on IDE stream {res.get('stream')} (encrypted on the link)"
+    elif state == "CONFIG_UNLOCKED":
+        path = "T=0 (TDI CONFIG_UNLOCKED: not trusted DMA)"
+    elif state is None:
+        path = "T=0 (no TSM asked: not a TEE VM)"
+    else:
+        path = f"none: the TDI is {state}, the device issues no DMA"
+    lines = [f"dma {res['op']} {res['length']} bytes on {res.get('bdf') or 'the device'}"
+             + (f", TDI {res.get('tdi')} {state} (lock epoch {res.get('lock_epoch')})"
+                if state else ""),
+             f"  buffer      {res['buffer']} (2 MiB huge page)",
+             f"  source      {res.get('src') or '-'}",
+             f"  destination {res['dst']}"]
+    if res.get("pattern"):
+        lines.append(f"  pattern     {res['pattern']}")
+    lines.append(f"  DMA path    {path}")
+    if res.get("note"):
+        lines.append(f"  note        {res['note']}")
+    cmd = res.get("command")
+    if cmd is not None:
+        lines.append(f"  Command     {cmd['before']} -> {cmd['after']} (Memory Space + Bus "
+                     "Master by config write; no driver, no uio)")
+    w = res.get("window")
+    if w is None:
+        lines.append("  window      none")
+    else:
+        how = "accepted for this job" if w["ours"] else "already held by the VM"
+        rel = ""
+        if w["ours"]:
+            rel = ("; released" if w.get("released") else
+                   "; kept (--keep-window)" if "released" not in w else
+                   f"; release failed: {w.get('release_error')}")
+        lines.append(f"  window      {w['window_id']}: {w['base']}+{w['size']:#x} ({how}{rel})")
+    r = res.get("result")
+    if r is not None:
+        lines.append(f"  STATUS      {r['status']} ({r['status_decoded']}), INT_STATUS "
+                     f"{r['int_status']}, after {r['seconds']:.3f} s / {r['polls']} polls")
+        lines.append(f"  jobs        device counter {r['device_jobs_before']:#x} -> "
+                     f"{r['device_jobs_after']:#x}")
+        check = ("ok" if r["data_ok"] else "MISMATCH" if r["landed"]
+                 else "nothing landed")
+        lines.append(f"  data check  {check}")
+        if r.get("digest"):
+            lines.append(f"  digest      {r['digest']}")
+    lines.append("result: " + ("DONE" if res.get("ok") else f"FAILED: {res.get('error')}"))
+    return "\n".join(lines)
+
+
+def _lock_flags(flags: Any) -> str:
+    """LOCK_INTERFACE_REQUEST FLAGS (PCIe 6.x §11.3.7) by name."""
+    if not isinstance(flags, int):
+        return "-"
+    names = [f.name for f in LockInterfaceFlags if flags & f and f.name]
+    return f"{flags:#x} {'|'.join(names)}" if names else f"{flags:#x}"
+
+
+def _on(b: bool) -> str:
+    return "on" if b else "OFF"
+
+
+def _hex(v: Any) -> str:
+    return f"{v:#x}" if isinstance(v, int) else str(v)

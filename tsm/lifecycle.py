@@ -1,0 +1,148 @@
+"""The TSM's view of one TDI: one table of (state, input) -> next state and actions.
+
+The device's DSM owns the TDI state (PCIe 6.x §11.2, ``teeio/tdisp/state.py``); the
+platform (root port, link) owns its end of the stream and the trusted windows; the TSM
+owns the VM binding and this record.  The TSM changes its record only through this
+table, on one of two kinds of input:
+
+* an **operation** it performs (the guest's GHCx request or the host's ``ctl``): LOCK,
+  ACCEPT (START), STOP, DMA_ACCEPT, DMA_RELEASE -- guarded here: a pair absent from the
+  table is refused with the state named, before any device I/O;
+* what it **learns** from the device or the platform: the device's word on the TDI state
+  (GET_DEVICE_INTERFACE_STATE, read after every platform event that may change it:
+  ``tdi``, ``device_reset``, ``client_disconnected``, ``command``, stream events), a lost
+  SPDM session, a restart of the TSM itself.
+
+::
+
+    CONFIG_UNLOCKED --LOCK--> CONFIG_LOCKED --ACCEPT--> RUN --DMA_ACCEPT/RELEASE--> RUN
+          ^                        |                     |
+          |       device ERROR, session lost, restart    |
+          |                        v                     v
+          +---------- STOP ------ ERROR <----------------+
+          +------ device CONFIG_UNLOCKED (its own STOP: the VM's device reset) ------+
+
+Only a step *down* is believed from the device: ERROR, or CONFIG_UNLOCKED (the TSM then
+forgets its lock).  A LOCKED or RUN that the TSM did not lead the TDI to (the device
+says RUN, the record says CONFIG_LOCKED or ERROR) is not trusted: the record goes to
+ERROR and only a STOP brings it back (``DEVICE_UNEXPECTED``).
+
+Actions (:class:`Act`) say what the daemon must do besides recording the state:
+``REVOKE_WINDOWS`` (the VM's windows at the platform), ``CLOSE_MMIO`` (private MMIO off),
+``CLEAR_LOCK`` (report, digests, nonce forgotten), ``JOURNAL``.  When the platform has
+revoked windows itself (it does the moment a TDI leaves RUN), revoking them again is
+refused there and treated as done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum, IntFlag, auto
+from types import MappingProxyType
+
+from teeio.tdisp.defs import TdiState
+
+U, L, R, E = (TdiState.CONFIG_UNLOCKED, TdiState.CONFIG_LOCKED, TdiState.RUN, TdiState.ERROR)
+
+
+class Input(Enum):
+    # operations (guest GHCx or host ctl)
+    LOCK = auto()
+    ACCEPT = auto()
+    STOP = auto()
+    DMA_ACCEPT = auto()
+    DMA_RELEASE = auto()
+    # what the TSM learns
+    DEVICE_UNLOCKED = auto()     # the device says CONFIG_UNLOCKED
+    DEVICE_LOCKED = auto()       # the device says CONFIG_LOCKED
+    DEVICE_RUN = auto()          # the device says RUN
+    DEVICE_ERROR = auto()        # the device says ERROR
+    SESSION_LOST = auto()        # heartbeat failed, device server gone: fail safe
+    TSM_RESTART = auto()         # the journal says LOCKED/RUN, the session is gone
+
+
+class Act(IntFlag):
+    NONE = 0
+    REVOKE_WINDOWS = auto()
+    CLOSE_MMIO = auto()
+    CLEAR_LOCK = auto()
+    JOURNAL = auto()
+
+
+@dataclass(frozen=True)
+class Step:
+    next: TdiState
+    acts: Act = Act.NONE
+
+
+_DOWN = Act.REVOKE_WINDOWS | Act.CLOSE_MMIO | Act.JOURNAL
+_FAIL = Step(E, _DOWN)
+_UNLOCKED = Step(U, _DOWN | Act.CLEAR_LOCK)
+
+#: (state, input) -> Step.  A pair absent is refused (operations) or ignored (learning
+#: something already known).
+TABLE: Mapping[tuple[TdiState, Input], Step] = MappingProxyType({
+    # operations
+    (U, Input.LOCK): Step(L, Act.JOURNAL),
+    (L, Input.ACCEPT): Step(R, Act.JOURNAL),
+    (R, Input.DMA_ACCEPT): Step(R),
+    (R, Input.DMA_RELEASE): Step(R),
+    (L, Input.DMA_RELEASE): Step(L),      # a window left from an earlier RUN: forget it
+    (E, Input.DMA_RELEASE): Step(E),
+    (U, Input.DMA_RELEASE): Step(U),
+    (U, Input.STOP): Step(U, Act.REVOKE_WINDOWS | Act.CLOSE_MMIO),
+    (L, Input.STOP): _UNLOCKED,
+    (R, Input.STOP): _UNLOCKED,
+    (E, Input.STOP): _UNLOCKED,
+    # the device's word: only a step down is believed
+    (L, Input.DEVICE_UNLOCKED): _UNLOCKED,
+    (R, Input.DEVICE_UNLOCKED): _UNLOCKED,
+    (E, Input.DEVICE_UNLOCKED): _UNLOCKED,
+    (L, Input.DEVICE_ERROR): _FAIL,
+    (R, Input.DEVICE_ERROR): _FAIL,
+    (R, Input.DEVICE_LOCKED): _FAIL,        # RUN -> LOCKED is no TDISP transition
+    (U, Input.DEVICE_LOCKED): _FAIL,        # locked behind the TSM's back
+    (U, Input.DEVICE_RUN): _FAIL,
+    (L, Input.DEVICE_RUN): _FAIL,           # started behind the TSM's back
+    (E, Input.DEVICE_LOCKED): Step(E, Act.REVOKE_WINDOWS | Act.CLOSE_MMIO),
+    (E, Input.DEVICE_RUN): Step(E, Act.REVOKE_WINDOWS | Act.CLOSE_MMIO),
+    (U, Input.DEVICE_ERROR): _FAIL,
+    # fail-safe
+    (L, Input.SESSION_LOST): _FAIL,
+    (R, Input.SESSION_LOST): _FAIL,
+    (E, Input.SESSION_LOST): Step(E, Act.REVOKE_WINDOWS | Act.CLOSE_MMIO),
+    (L, Input.TSM_RESTART): _FAIL,
+    (R, Input.TSM_RESTART): _FAIL,
+    (E, Input.TSM_RESTART): Step(E, Act.REVOKE_WINDOWS | Act.CLOSE_MMIO),
+})
+
+OPERATIONS = frozenset({Input.LOCK, Input.ACCEPT, Input.STOP, Input.DMA_ACCEPT,
+                        Input.DMA_RELEASE})
+
+_WHY = {
+    Input.LOCK: "not CONFIG_UNLOCKED (STOP it first)",
+    Input.ACCEPT: "not CONFIG_LOCKED",
+    Input.DMA_ACCEPT: "DMA windows only in RUN",
+    Input.DMA_RELEASE: "",
+    Input.STOP: "",
+}
+
+#: What the device says -> the input it is to the table.
+DEVICE_SAYS = {U: Input.DEVICE_UNLOCKED, L: Input.DEVICE_LOCKED, R: Input.DEVICE_RUN,
+               E: Input.DEVICE_ERROR}
+
+
+class Refused(Exception):
+    """An operation the table does not allow in the current state."""
+
+
+def step(state: TdiState, what: Input, name: str = "TDI") -> Step | None:
+    """The row for (*state*, *what*): for an operation, raises :class:`Refused` if there
+    is none; for something learnt, None means nothing to do (already known)."""
+    row = TABLE.get((state, what))
+    if row is None and what in OPERATIONS:
+        raise Refused(f"{name} is {state.name}: {_WHY[what] or 'refused'}")
+    if row is None and DEVICE_SAYS.get(state) is what:
+        return None
+    return row
