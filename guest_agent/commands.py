@@ -221,8 +221,10 @@ def format_accept(report: dict[str, Any]) -> str:
     """accept's report for a person (the whole report is the JSON file / ``--json``)."""
     lines: list[str] = []
     pre = report.get("precheck") or {}
-    if pre.get("action") in ("already", "refuse"):
-        return pre["message"]
+    if pre.get("action") == "already":
+        return str(pre["message"])
+    if pre.get("action") == "refuse":
+        return ""           # the one-line error says it all
     if pre.get("action") == "restart":
         lines.append(pre["message"])
     info = report.get("info") or {}

@@ -35,6 +35,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -154,21 +155,32 @@ def _table(rows: list[list[str]]) -> list[str]:
             for r in rows]
 
 
+def _known(fact: dict[str, Any]) -> str:
+    """Where a fact came from and how old it is: ``device 0.4s``."""
+    age = fact.get("age_s")
+    return f"{fact.get('source', '?')} {age:.1f}s" if age is not None else \
+        str(fact.get("source", "?"))
+
+
 def format_status(st: dict[str, Any]) -> str:
     out = [f"TSM boot id {st['boot_id']} (pid {st['pid']}), state {st['state_dir']}"]
-    devs = [["DEVICE", "DOE", "SESSION", "HEARTBEAT", "RID", "STREAM", "NOTE"]]
+    devs = [["DEVICE", "DOE", "SESSION", "HEARTBEAT", "RID", "STREAM", "KNOWN FROM", "VMM",
+             "NOTE"]]
     for d in st["devices"]:
         s, sess = d["stream"], d["session"]
+        vmm = d.get("vmm")
         devs.append([d["name"], d["doe"], sess["id"] if sess else "-",
                      f"{sess['heartbeat_period']}s/{sess['heartbeats']}" if sess else "-",
-                     d["requester_id"] or "-", f"{s['id']} {s['state']}",
-                     d["last_error"] or s["reason"] or ""])
+                     d["requester_id"] or "-", f"{s['id']} {s['state']}", _known(s),
+                     "-" if vmm is None else "connected" if vmm["connected"]
+                     else "gone", d["last_error"] or s["reason"] or ""])
     out += ["", *_table(devs)] if st["devices"] else ["", "no devices"]
     if st["tdis"]:
-        tdis = [["TDI", "STATE", "EPOCH", "VM", "PRIVATE MMIO", "REASON"]]
+        tdis = [["TDI", "STATE", "KNOWN FROM", "EPOCH", "VM", "PRIVATE MMIO", "REASON"]]
         for t in st["tdis"]:
-            tdis.append([t["name"], t["state"], str(t["lock_epoch"]), t["vm"] or "-",
-                         "open" if t["mmio_private"] else "closed", t["reason"] or ""])
+            tdis.append([t["name"], t["state"], _known(t), str(t["lock_epoch"]),
+                         t["vm"] or "-", "open" if t["mmio_private"] else "closed",
+                         t["reason"] or ""])
         out += ["", *_table(tdis)]
     if st["vms"]:
         vms = [["VM", "TDI", "GHCX SOCKET", "GUEST", "REQUESTS", "ERRORS", "REJECTED",
@@ -177,7 +189,8 @@ def format_status(st: dict[str, Any]) -> str:
             g = v["ghcx"] or {}
             c = g.get("counters", {})
             guest = ("session" if g.get("established") else
-                     "connected" if g.get("connected") else "-")
+                     "connected" if g.get("connected") else
+                     "session closed" if g.get("session") == "closed" else "-")
             rejected = ",".join(f"{k}={n}" for k, n in g.get("rejected", {}).items()) or "0"
             wins = " ".join(f"{w['window_id']}:{w['base']:#x}+{w['size']:#x}/{w['access']}"
                             for w in v["windows"]) or "-"
@@ -187,6 +200,36 @@ def format_status(st: dict[str, Any]) -> str:
     if st["counters"]:
         out += ["", "counters: " + " ".join(f"{k}={v}" for k, v in st["counters"].items())]
     return "\n".join(out)
+
+
+def format_history(h: dict[str, Any]) -> str:
+    """The journal's timeline, one line a record: time, device, what, details."""
+    out = []
+    skip = {"seq", "time", "type", "device"}
+    for r in h["records"]:
+        when = time.strftime("%H:%M:%S", time.localtime(float(r.get("time", 0))))
+        when += f".{int(float(r.get('time', 0)) * 1000) % 1000:03d}"
+        what = r["type"] if r["type"] != "platform" else f"platform {r.get('kind')}"
+        rest = " ".join(f"{k}={v}" for k, v in sorted(r.items())
+                        if k not in skip and k != "kind" and v is not None)
+        out.append(f"{when}  {r.get('device') or '-':8}  {what:24}  {rest}")
+    if h["total"] > len(h["records"]):
+        out.insert(0, f"(the last {len(h['records'])} of {h['total']} records)")
+    return "\n".join(out) if out else "no records"
+
+
+def connect_waiting(path: str, wait: float) -> CtlClient:
+    """A client of the daemon at *path*, trying for up to *wait* seconds."""
+    deadline = time.monotonic() + max(0.0, wait)
+    while True:
+        try:
+            return CtlClient(path)
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise CtlError("failed", f"control socket {path}: cannot connect: "
+                                         f"{exc.strerror or exc} (is the daemon running?)"
+                               ) from None
+            time.sleep(0.05)
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -204,6 +247,9 @@ def add_socket_arguments(ap: argparse.ArgumentParser) -> None:
                          f"DIR/{CTL_SOCKET_NAME} with --state-dir)")
     ap.add_argument("--state-dir", type=Path, metavar="DIR",
                     help="the daemon's --state-dir (to find its control socket)")
+    ap.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait up to SECONDS for the daemon's control socket to accept "
+                         "(a daemon just started in the background)")
 
 
 def parse_int(text: str) -> int:
@@ -252,6 +298,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def add_status_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", action="store_true", help="the status document as JSON")
+    ap.add_argument("--refresh", action="store_true",
+                    help="ask each device (GET_DEVICE_INTERFACE_STATE, IDE_KM QUERY) and "
+                         "its platform now, before answering")
+    ap.add_argument("--history", action="store_true",
+                    help="the timeline of TDI, stream, window, VM and platform events from "
+                         "the journal instead")
+    ap.add_argument("--device", metavar="NAME", help="with --history: only this device's")
+    ap.add_argument("--limit", type=int, default=200, metavar="N",
+                    help="with --history: the last N records (default 200)")
 
 
 def socket_path(ns: argparse.Namespace) -> str:
@@ -283,6 +338,10 @@ def request_args(ns: argparse.Namespace) -> dict[str, Any]:
                 "mmio_reporting_offset": ns.mmio_reporting_offset}
     elif op in ("unbind", "lock", "stop"):
         args = {"vm": ns.vm}
+    elif op == "status" and getattr(ns, "history", False):
+        args = {"device": ns.device, "limit": ns.limit}
+    elif op == "status":
+        args = {"refresh": True} if getattr(ns, "refresh", False) else {}
     else:
         args = {}
     return {k: v for k, v in args.items() if v is not None}
@@ -309,14 +368,11 @@ def run_command(ns: argparse.Namespace) -> int:
     op: str = ns.ctl_op
     try:
         path = socket_path(ns)
-        try:
-            client = CtlClient(path)
-        except OSError as exc:
-            raise CtlError("failed", f"control socket {path}: cannot connect: "
-                                     f"{exc.strerror or exc} (is the daemon running?)") from None
+        client = connect_waiting(path, getattr(ns, "wait", 0.0))
+        wire_op = "history" if op == "status" and getattr(ns, "history", False) else op
         with client:
             try:
-                result = client.call(op, **request_args(ns))
+                result = client.call(wire_op, **request_args(ns))
             except (OSError, ValueError) as exc:
                 raise CtlError("failed", f"control socket {path}: {exc}") from None
     except CtlError as exc:
@@ -325,6 +381,7 @@ def run_command(ns: argparse.Namespace) -> int:
         return 1
     if op == "status":
         print(json.dumps(result, indent=2, sort_keys=True) if ns.json
+              else format_history(result) if getattr(ns, "history", False)
               else format_status(result))
     else:
         print(summary(op, result))

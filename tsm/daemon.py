@@ -50,7 +50,7 @@ from tsm import ctl, ide
 from tsm.ctl import CtlError
 from tsm.device import LINK_ERRORS, DeviceConfig, DeviceError, DeviceLink, one_line
 from tsm.ghcx_server import GhcxFailure, GhcxServer
-from tsm.journal import Journal, JournalError
+from tsm.journal import Journal, JournalError, read_records
 from tsm.lifecycle import DEVICE_SAYS, Act, Input, Refused, Step
 from tsm.lifecycle import step as lifecycle_step
 from tsm.platform_watch import PlatformWatch
@@ -946,12 +946,14 @@ class Daemon:
         ops = {"connect": self.op_connect, "disconnect": self.op_disconnect,
                "bind": self.op_bind, "unbind": self.op_unbind, "lock": self.op_lock,
                "stop": self.op_stop, "status": self.op_status,
-               "reconnect": self.op_reconnect}
+               "reconnect": self.op_reconnect, "history": self.op_history}
         fn = ops.get(op)
         if fn is None:
             raise CtlError("unknown_op", f"no operation {op!r} (one of {', '.join(ops)})")
-        if fn == self.op_status:
+        if fn == self.op_status and not args.get("refresh"):
             return self.op_status(args)          # without any lock (class docstring)
+        if fn == self.op_history:
+            return self.op_history(args)
         try:
             return fn(args)                      # each takes the locks it needs
         except DeviceBusy as exc:
@@ -1210,18 +1212,63 @@ class Daemon:
                             if up and sid is not None else None),
                 "requester_id": f"0x{rid:04x}" if rid is not None else None,
                 "stream": {"id": cfg.stream_id, "state": dev.stream_state,
-                           "reason": dev.stream_reason},
+                           "reason": dev.stream_reason,
+                           **self._fact(dev, "stream", time.time())},
+                "vmm": dev.vmm,
+                "platform_events": (w.status() if (w := self.watches.get(cfg.name))
+                                    else None),
                 "last_error": dev.last_error, "busy": dev.busy}
 
+    def _refresh(self, name: str) -> None:
+        """``status --refresh``: ask the device (GET_DEVICE_INTERFACE_STATE, IDE_KM
+        QUERY) and the platform (status) now, and take what they say."""
+        with self._device({"device": name}) as (_, dev):
+            if not dev.link.session_up:
+                dev.last_error = dev.last_error or "not connected: nothing refreshed"
+                return
+            self._refresh_state(dev)
+            self._refresh_stream(dev)
+
+    @staticmethod
+    def _fact(dev: DeviceEntry, what: str, now: float) -> dict[str, Any]:
+        f = dev.facts.get(what)
+        if f is None:
+            return {"source": "journal", "age_s": None}
+        at = f.get("at")
+        return {"source": f["source"],
+                "age_s": None if at is None else round(max(0.0, now - float(at)), 3)}
+
+    def op_history(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The journal's timeline of TDI, stream, window, VM and platform records (of
+        ``device``, if given; the last ``limit``, default 200)."""
+        name = _arg(args, "device", str, None)
+        limit = _arg(args, "limit", int, 200)
+        if limit <= 0:
+            raise CtlError("bad_args", "limit must be > 0")
+        records, _ = read_records(self.journal.path)
+        kinds = ("tdi", "stream", "session", "window", "window_revoked", "mmio_private",
+                 "vm", "vm_removed", "platform", "device", "device_removed", "daemon_start")
+        out = [r for r in records if r.get("type") in kinds
+               and (name is None or r.get("device") in (name, None))]
+        return {"records": out[-limit:], "total": len(out)}
+
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
-        """The status document; takes no daemon lock and does no device I/O."""
+        """The status document; takes no daemon lock and does no device I/O (except with
+        ``refresh``: each device asked first, under its own lock)."""
+        if args.get("refresh"):
+            with self.lock:
+                names = list(self.devices)
+            for name in names:
+                self._refresh(name)
+        now = time.time()
         with self._tables_lock:
             devices = list(self.devices.values())
             bound = list(self.vms.values())
             counters = dict(sorted(self.counters.items()))
         tdis = [{"name": d.config.name, "state": d.tdi.state.name,
                  "lock_epoch": d.tdi.lock_epoch, "vm": d.tdi.vm, "reason": d.tdi.reason,
-                 "mmio_private": d.tdi.mmio_private, "digests": d.tdi.digests()}
+                 "mmio_private": d.tdi.mmio_private, "digests": d.tdi.digests(),
+                 **self._fact(d, "tdi", now)}
                 for d in devices]
         vms = []
         for vm in bound:

@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +72,9 @@ class GhcxServer:
         self._thread = threading.Thread(target=self._accept_loop, name=f"ghcx-{vm_id}",
                                         daemon=True)
 
+    #: when the last connection closed (UNIX time), None while one is open or before any
+    closed_at: float | None = None
+
     def __repr__(self) -> str:      # no secret, no keys
         return f"GhcxServer({self.vm_id!r}, {self.path!r})"
 
@@ -79,7 +83,13 @@ class GhcxServer:
         return self._conn is not None
 
     def status(self) -> dict[str, Any]:
-        return {"connected": self.connected, "established": self.channel.established,
+        """``session``: ``open`` (handshake done, its connection up), ``closed`` (its
+        connection closed: the relay or the VM went away), or ``none`` (no handshake)."""
+        connected, established = self.connected, self.channel.established
+        session = ("open" if connected and established else
+                   "closed" if established or self.closed_at is not None else "none")
+        return {"connected": connected, "established": connected and established,
+                "session": session, "closed_at": self.closed_at,
                 "counters": dict(sorted(self.counters.items())),
                 "rejected": {k: v for k, v in sorted(self.channel.counters.items()) if v}}
 
@@ -113,6 +123,7 @@ class GhcxServer:
             self.counters["connections"] += 1
             with self._conn_lock:           # the newest connection wins
                 old, self._conn = self._conn, conn
+                self.closed_at = None
             if old is not None:
                 self.log.info("new GHCx connection replaces the previous one")
                 with contextlib.suppress(OSError):
@@ -153,6 +164,7 @@ class GhcxServer:
                 with self._conn_lock:
                     if self._conn is conn:
                         self._conn = None
+                        self.closed_at = time.time()
                 conn.close()
                 self.log.info("GHCx connection for VM %s closed", self.vm_id)
 

@@ -253,7 +253,8 @@ def test_raw_lockstep_messages(c: Client) -> None:
         assert p.RegionAccess.decode(body, with_data=False) == p.RegionAccess(WMB, CONFIG, 4)
     ok(c, Command.REGION_WRITE, region_write_payload(CONFIG, CTRL, struct.pack("<I", 1 << 31)))
     body = ok(c, Command.REGION_READ, region_read_payload(CONFIG, STATUS, 4))
-    assert p.RegionAccess.decode(body, with_data=True).data == struct.pack("<I", 0x80000002)
+    # Data Object Ready; no Interrupt Status: interrupts are disabled (§7.9.24.4)
+    assert p.RegionAccess.decode(body, with_data=True).data == struct.pack("<I", 0x80000000)
     words = []
     for _ in range(3):
         body = ok(c, Command.REGION_READ, region_read_payload(CONFIG, RMB, 4))

@@ -20,12 +20,14 @@ from teeio.pcie.config import (
 )
 from vfio_user_dev.device import (
     DEVICE_ID,
+    AER_CAP,
     IDE_CAP,
     MSIX_CAP,
     PCIE_CAP,
     PM_CAP,
     VENDOR_ID,
     build_config,
+    device_control_link,
 )
 
 SERIAL = 0x0123_4567_89AB_CDEF
@@ -276,15 +278,19 @@ def test_pcie_capability(cs: ConfigSpace) -> None:
     assert (caps >> 4) & 0xF == 0                # PCI Express Endpoint
     devcap = r32(cs, 0x64)
     assert devcap & (1 << 30)                    # TEE-IO Supported
-    assert not devcap & (1 << 28)                # no FLR advertised
+    assert devcap & (1 << 28)                    # Function Level Reset Capability
+    assert devcap & (1 << 5)                     # Extended Tag Field Supported
+    assert devcap & 0x7 == 1                     # Max_Payload_Size Supported: 256 B
     cs.write(0x64, u32(0))
     assert r32(cs, 0x64) == devcap               # Device Capabilities is RO
     assert r16(cs, 0x72) == 0x0011               # Link Status 2.5 GT/s x1
 
 
 def test_pcie_device_control_and_status(cs: ConfigSpace) -> None:
+    # After reset: Relaxed Ordering, Extended Tag, No Snoop; MPS 128 B, MRRS 512 B.
+    assert r16(cs, 0x68) == 0x2910
     cs.write(0x68, u16(0xFFFF))
-    assert r16(cs, 0x68) == (0x2810 & ~0x7CFF) | 0x7CFF   # bit 15 (FLR) RO
+    assert r16(cs, 0x68) == 0x7DFF               # Phantom Functions RO 0, FLR reads 0
     assert not r16(cs, 0x68) & 0x8000
     cs.poke(0x6A, 2, 0x002F)                     # error bits + Transactions Pending
     cs.write(0x6A, u16(0x0005))
@@ -312,7 +318,7 @@ def test_ide_extended_capability_follows_doe(cs: ConfigSpace) -> None:
     Selective blocks with one Address Association block each (0x54 bytes)."""
     assert r32(cs, 0x110) >> 20 == IDE_CAP == 0x128
     hdr = r32(cs, IDE_CAP)
-    assert hdr & 0xFFFF == 0x30 and (hdr >> 16) & 0xF == 1 and hdr >> 20 == 0
+    assert hdr & 0xFFFF == 0x30 and (hdr >> 16) & 0xF == 1 and hdr >> 20 == AER_CAP
     assert cs.find_ext_capability(ExtCapId.IDE) == IDE_CAP
     cap = r32(cs, IDE_CAP + 4)
     assert cap & 0b1000011 == 0b1000011                  # Link, Selective, IDE_KM
@@ -418,3 +424,59 @@ def test_find_capability_survives_a_loop() -> None:
     c.add_ext_capability(0x100, 0x0003, 1, bytes(8))
     c.poke(0x100, 4, 0x0003 | 1 << 16 | 0x100 << 20)
     assert c.find_ext_capability(0x002E) is None
+
+
+# --- Device Capabilities / Control: payload sizes (PCIe 6.x §7.5.3.3-4) -------------------
+
+@pytest.mark.parametrize("mps", [128, 256, 512, 1024, 2048, 4096])
+def test_mps_supported_is_the_option(mps: int) -> None:
+    cs = build_config(SERIAL, mps_supported=mps)
+    assert 128 << (r32(cs, PCIE_CAP + 4) & 0x7) == mps
+    assert device_control_link(cs) == (128, 512, True)      # Device Control says 128
+
+
+@pytest.mark.parametrize("mps", [0, 64, 100, 384, 8192])
+def test_mps_the_field_cannot_encode_is_refused(mps: int) -> None:
+    with pytest.raises(ValueError, match="3-bit"):
+        build_config(SERIAL, mps_supported=mps)
+
+
+@pytest.mark.parametrize(("supported", "code", "want"), [
+    (256, 0, 128), (256, 1, 256), (256, 2, 256), (256, 5, 256), (256, 6, 256),
+    (4096, 5, 4096), (4096, 3, 1024), (128, 1, 128),
+])
+def test_effective_mps_is_capped_by_the_capability(supported: int, code: int,
+                                                   want: int) -> None:
+    cs = build_config(SERIAL, mps_supported=supported)
+    devctl = PCIE_CAP + 8
+    cs.write(devctl, u16(r16(cs, devctl) & ~0xE0 | code << 5))
+    assert device_control_link(cs)[0] == want
+
+
+@pytest.mark.parametrize(("code", "want"), [(0, 128), (2, 512), (5, 4096), (7, 4096)])
+def test_effective_mrrs_is_device_control(code: int, want: int) -> None:
+    cs = build_config(SERIAL, mrrs=1024)
+    devctl = PCIE_CAP + 8
+    assert (r16(cs, devctl) >> 12) & 7 == 3              # the option: reset value 1024
+    cs.write(devctl, u16(r16(cs, devctl) & ~0x7000 | code << 12))
+    assert device_control_link(cs)[1] == want
+
+
+def test_extended_tag_field_enable_is_rw(cs: ConfigSpace) -> None:
+    devctl = PCIE_CAP + 8
+    cs.write(devctl, u16(r16(cs, devctl) & ~0x100))
+    assert device_control_link(cs)[2] is False
+    cs.write(devctl, u16(r16(cs, devctl) | 0x100))
+    assert device_control_link(cs)[2] is True
+
+
+# --- Advanced Error Reporting (PCIe 6.x §7.8.4) ----------------------------------------------
+
+def test_aer_capability_follows_ide_and_ends_the_list(cs: ConfigSpace) -> None:
+    assert AER_CAP == IDE_CAP + 0x54 == 0x17C
+    assert cs.find_ext_capability(ExtCapId.ADVANCED_ERROR_REPORTING) == AER_CAP
+    hdr = r32(cs, AER_CAP)
+    assert hdr & 0xFFFF == 0x0001 and (hdr >> 16) & 0xF == 2 and hdr >> 20 == 0
+    # every earlier capability kept its place
+    assert [cs.find_ext_capability(c) for c in (ExtCapId.DEVICE_SERIAL_NUMBER, ExtCapId.DOE,
+                                                ExtCapId.IDE)] == [0x100, 0x110, 0x128]

@@ -137,10 +137,13 @@ def test_status_table() -> None:
            "devices": [{"name": "dev0", "doe": "unix:/d", "requester_id": "0x0100",
                         "session": {"id": "0x0001fffe", "heartbeat_period": 60,
                                     "heartbeats": 2},
-                        "stream": {"id": 3, "state": "secure", "reason": None},
+                        "stream": {"id": 3, "state": "secure", "reason": None,
+                                   "source": "device", "age_s": 0.25},
+                        "vmm": {"connected": False, "at": 1.0, "reason": "closed"},
                         "last_error": None}],
            "tdis": [{"name": "dev0", "state": "ERROR", "lock_epoch": 3, "vm": "vm0",
-                     "reason": "TSM restarted: SPDM session lost", "mmio_private": False}],
+                     "reason": "TSM restarted: SPDM session lost", "mmio_private": False,
+                     "source": "platform", "age_s": 1.5}],
            "vms": [{"vm": "vm0", "device": "dev0", "ghcx_socket": "/g.sock",
                     "ghcx": {"connected": True, "established": True,
                              "counters": {"requests": 5, "errors": 1},
@@ -150,8 +153,10 @@ def test_status_table() -> None:
     text = format_status(doc)
     lines = text.splitlines()
     assert lines[0] == f"TSM boot id {'ab' * 16} (pid 1), state /s"
-    assert any(line.split()[:3] == ["dev0", "ERROR", "3"] and
+    assert any(line.split()[:5] == ["dev0", "ERROR", "platform", "1.5s", "3"] and
                line.endswith("TSM restarted: SPDM session lost") for line in lines)
+    assert any(line.startswith("dev0") and "3 secure  device 0.2s  gone" in line
+               for line in lines), text
     assert any("forged=2" in line and "4:0x1000+0x2000/rw" in line for line in lines)
     assert "counters: ghcx_state=1" in text
 
