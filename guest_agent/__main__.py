@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import subprocess
 import sys
@@ -366,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     ns, unknown = ap.parse_known_args(argv)
     cmd: str = ns.command
+    # The init script's modes log warnings into agent.log as ever; a person's commands
+    # keep to their output and one line of error unless --debug.
+    logging.basicConfig(level=logging.DEBUG if ns.debug else logging.WARNING
+                        if cmd in TOLERANT else logging.ERROR,
+                        format="guest_agent: %(name)s: %(message)s", stream=sys.stderr)
     if unknown:
         if cmd not in TOLERANT:
             ap.error(f"{cmd}: unrecognized arguments: {' '.join(unknown)}")

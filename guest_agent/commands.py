@@ -225,6 +225,8 @@ def format_accept(report: dict[str, Any]) -> str:
         return str(pre["message"])
     if pre.get("action") == "refuse":
         return ""           # the one-line error says it all
+    lines.append(f"accept on {report.get('bdf', 'the device')} (Command register "
+                 f"{' -> '.join(report.get('command_register', [])) or '?'})")
     if pre.get("action") == "restart":
         lines.append(pre["message"])
     info = report.get("info") or {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -59,8 +60,8 @@ class PlatformWatch:
         with self._lock:
             client = self._client
         if client is not None:
-            with contextlib.suppress(OSError):
-                client.close()
+            with contextlib.suppress(OSError):     # wakes the long poll at once
+                client.conn.sock.shutdown(socket.SHUT_RDWR)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
 

@@ -98,13 +98,15 @@ def main(argv: list[str] | None = None) -> int:
                          "BARs as T=0, FLR, firmware update, link faults) on this UNIX "
                          "socket, no credential (python -m vfio_user_dev.host_access)")
     ap.add_argument("--mps", type=_tlp_size("Max_Payload_Size"), default=DEFAULT_MPS,
-                    metavar="BYTES", help=f"link Max_Payload_Size: DMA writes and read "
-                                          f"completions are split into TLPs of at most this "
-                                          f"(128..4096, default {DEFAULT_MPS})")
+                    metavar="BYTES", help=f"Max_Payload_Size Supported in Device "
+                                          f"Capabilities (128..4096, a power of two; default "
+                                          f"{DEFAULT_MPS}): the link splits DMA writes and "
+                                          f"read completions by the Max_Payload_Size the guest "
+                                          f"programs in Device Control, never above this")
     ap.add_argument("--mrrs", type=_tlp_size("Max_Read_Request_Size"), default=DEFAULT_MRRS,
-                    metavar="BYTES", help=f"link Max_Read_Request_Size: DMA reads are split "
-                                          f"into requests of at most this (default "
-                                          f"{DEFAULT_MRRS})")
+                    metavar="BYTES", help=f"Max_Read_Request_Size in Device Control after "
+                                          f"reset (default {DEFAULT_MRRS}): DMA reads are "
+                                          f"split by the value the guest programs there")
     ap.add_argument("--link-capture", type=Path, metavar="FILE",
                     help="write every TLP that crosses the link to FILE (pcap, link type "
                          "USER0; list it with python -m vfio_user_dev.link FILE)")

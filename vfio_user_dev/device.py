@@ -134,7 +134,6 @@ PM_CAP = 0x40
 MSIX_CAP = 0x50
 PCIE_CAP = 0x60
 MSIX_ENABLE = 1 << 15         # PCIe 6.x §7.7.2.2 MSI-X Message Control bit 15 "MSI-X Enable"
-PCI_EXP_DEVCAP_TEE = 1 << 30  # PCIe 6.x §7.5.3.3 Device Capabilities bit 30 "TEE-IO Supported"
 DSN_CAP = 0x100
 DOE_CAP = 0x110
 DOE_REGS = range(DOE_CAP + 4, DOE_CAP + DOE_CAP_SIZE)   # served by the mailbox, not ConfigSpace

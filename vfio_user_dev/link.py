@@ -766,10 +766,17 @@ class LinkEndpoint:
             return link.clear_read(self.requester_id, address, length)
         pieces = split(address, length, link.mrrs)
         out = bytearray()
-        step = self.tags.space
-        for first in range(0, len(pieces), step):
-            batch = pieces[first:first + step]
-            tags = self.tags.allocate(len(batch))
+        pos = 0
+        while pos < len(pieces):
+            # At most as many MRds outstanding as there are tags (Extended Tag Field Enable
+            # may change between batches).
+            batch = pieces[pos:pos + self.tags.space]
+            pos += len(batch)
+            try:
+                tags = self.tags.allocate(len(batch))
+            except ValueError as exc:
+                self.counters["faults"] += 1
+                raise LinkFault(f"MRd not sent: {exc}") from None
             try:
                 self._pending = {tag: _Pending(a, n) for tag, (a, n) in zip(tags, batch,
                                                                             strict=True)}

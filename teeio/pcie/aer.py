@@ -17,7 +17,7 @@ are a Root Port's and the TLP Prefix Log (+0x38) belongs to functions that suppo
 End-End TLP Prefixes: neither is here.
 
 Only the errors this function can detect or report have status, mask and severity bits
-(Unimplemented ones read 0): the ones every function implements (§6.2.7: Data Link
+(unimplemented ones read 0): the ones every function implements (§6.2.7: Data Link
 Protocol, Poisoned TLP Received, Flow Control Protocol, Completion Timeout, Unexpected
 Completion, Malformed TLP, Unsupported Request), Completer Abort, Receiver Overflow and
 Uncorrectable Internal Error; on the correctable side the Physical/Data Link Layer

@@ -19,8 +19,8 @@ from teeio.pcie.config import (
     u32,
 )
 from vfio_user_dev.device import (
-    DEVICE_ID,
     AER_CAP,
+    DEVICE_ID,
     IDE_CAP,
     MSIX_CAP,
     PCIE_CAP,
