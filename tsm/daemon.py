@@ -591,7 +591,7 @@ class Daemon:
             wid = ev.get("window")
             for vm in self.vms.values():
                 if vm.device == dev.config.name and wid in vm.windows:
-                    del vm.windows[wid]     # type: ignore[arg-type]
+                    del vm.windows[wid]
                     self.journal.append("window_revoked", window_id=wid,
                                         reason=f"by the platform: {ev.get('reason')}")
         elif kind == "mmio_private" and ours and not ev.get("enabled"):

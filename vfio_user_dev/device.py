@@ -102,7 +102,6 @@ from vfio_user_dev.dma import DmaFault, DmaMapSet
 from vfio_user_dev.dsm import FirmwareUpdateError
 from vfio_user_dev.enforcement import Refusals, dma_route, mmio_refusal
 from vfio_user_dev.irq import IrqController
-from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.link import (
     DEFAULT_MPS,
     DEFAULT_MRRS,
@@ -114,6 +113,7 @@ from vfio_user_dev.link import (
     MmioRequest,
     check_tlp_size,
 )
+from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.protocol import PciRegion, ProtocolError, RegionFlags
 from vfio_user_dev.root_port import RootPort
 

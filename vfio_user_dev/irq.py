@@ -63,8 +63,10 @@ class IrqSink(Protocol):
 
 class IrqController:
     def __init__(self, msix_vectors: int, intx_allowed: Callable[[], bool]) -> None:
+        # One error IRQ: the VMM registers its AER error notifier on it (the device has an
+        # AER capability); with none, QEMU warns "Could not enable error recovery".
         self.counts: dict[int, int] = {PciIrq.INTX: 1, PciIrq.MSI: 0, PciIrq.MSIX: msix_vectors,
-                       PciIrq.ERR: 0, PciIrq.REQ: 0}
+                       PciIrq.ERR: 1, PciIrq.REQ: 0}
         self._intx_allowed = intx_allowed
         self._lock = threading.RLock()
         self.trigger: dict[int, list[int | None]] = {i: [None] * c for i, c in self.counts.items()}

@@ -70,7 +70,6 @@ from teeio.tlp import (
     parse_ide_requests,
 )
 from vfio_user_dev.dma import Backing, DmaFault, DmaMapSet, MapEvent
-from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.link import (
     ROOT_PORT_ID,
     IdeStream,
@@ -82,6 +81,7 @@ from vfio_user_dev.link import (
     prefix_stream_id,
     split,
 )
+from vfio_user_dev.platform_events import PlatformEvents
 
 log = logging.getLogger(__name__)
 

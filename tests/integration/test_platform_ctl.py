@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -216,12 +217,18 @@ def test_windows_enforced_on_dma_jobs_and_remap_is_a_security_event(
             assert rp["recent_refusals"][-1]["address"] == GUEST + 0x8000
 
             # The VMM remaps under the window: reported, never followed.
+            last = c.call("events", since=0)["last"]
             ok(v, Command.DMA_UNMAP, p.DmaUnmap(24, 0, GUEST, SIZE).encode())
-            (ev,) = c.call("events", since=0)["events"]
+            got = c.call("events", since=last, wait=5)
+            (ev,) = got["events"]
             assert ev["kind"] == "remap" and ev["window"] == 1 and ev["op"] == "unmap"
+            assert got["lost"] is False and got["last"] == ev["seq"]
             (win,) = c.call("status")["root_port"]["windows"]
             assert win["state"] == "suspended"
-            assert c.call("events", since=ev["seq"]) == {"events": []}
+            t0 = time.monotonic()
+            nothing = c.call("events", since=ev["seq"], wait=0.3)    # a long poll: waits
+            assert nothing["events"] == [] and time.monotonic() - t0 >= 0.25
+            assert nothing["boot"] == got["boot"]
             with pytest.raises(PlatformCtlError, match="not wholly mapped"):
                 c.call("window_reauthorise", window_id=1)
             c.call("window_revoke", window_id=1)

@@ -20,8 +20,8 @@ import pytest
 
 from teeio import device_regs as regs
 from teeio.ghcx import MsgType
-from teeio.platform_channel import PlatformClient, read_credential
 from teeio.pcie.config import Command, Reg
+from teeio.platform_channel import PlatformClient, read_credential
 from tests.integration.test_doe_socket import DeviceProcess
 from tests.integration.test_tsm_daemon import (
     Guest,
@@ -44,12 +44,12 @@ PROMPT = 1.0
 class EventDevice(DeviceProcess):
     """The device server with identity, firmware, platform and host sockets."""
 
-    def __init__(self, tmp: Path, firmware: Path) -> None:
+    def __init__(self, tmp: Path, firmware_elf: Path) -> None:
         self.identity = tmp / "identity"
         self.plat = tmp / "platform.sock"
         self.cred = tmp / "platform.cred"
         self.host = tmp / "host.sock"
-        super().__init__(tmp, "--identity", str(self.identity), "--firmware", str(firmware),
+        super().__init__(tmp, "--identity", str(self.identity), "--firmware", str(firmware_elf),
                          "--platform-socket", str(self.plat), "--platform-credential",
                          str(self.cred), "--host-socket", str(self.host))
         deadline = time.monotonic() + 15

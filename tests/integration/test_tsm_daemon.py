@@ -265,9 +265,11 @@ def test_guest_flow_stale_epoch_and_restart(tmp_path: Path, device: IdeDevice,
     assert lock_verify_accept(guest, anchor)["lock_epoch"] == 3
     win = guest.call(MsgType.DMA_ACCEPT, {"base": GUEST + 0x2000, "size": 0x2000})
     st = d.status()
-    assert st["tdis"][0] | {"digests": None} == {
+    assert st["tdis"][0] | {"digests": None, "age_s": None} == {
         "name": "dev0", "state": "RUN", "lock_epoch": 3, "vm": "vm0", "reason": None,
-        "mmio_private": st["tdis"][0]["mmio_private"], "digests": None}
+        "mmio_private": st["tdis"][0]["mmio_private"], "digests": None, "age_s": None,
+        "source": st["tdis"][0]["source"]}
+    assert st["tdis"][0]["source"] in ("tsm", "device")     # its own START, or asked since
     assert st["vms"][0]["windows"][0]["window_id"] == win["window_id"]
     assert st["vms"][0]["ghcx"]["counters"]["requests"] >= 20
     assert st["devices"][0]["session"]["heartbeat_period"] > 0

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from teeio.device_regs import DmaError, Op, R
+from teeio.device_regs import DEVICE_ID_REG_VALUE, DmaError, Op, R
 from teeio.ide import KeySet
 from teeio.measurements import measure_elf
 from teeio.pcie.config import Command, Reg
@@ -150,11 +150,15 @@ def test_private_mmio_needs_the_platform_credential_path_and_a_stream(tee_rig: T
     assert rig.device.stats()["tdi"] == {"state": "CONFIG_UNLOCKED", "bound_session": None,
                                          "lock_flags": 0, "default_stream_id": None,
                                          "private_mmio": SID, "tee_access": False}
-    # Private MMIO on a stream that is no longer Secure: not sent at all, reads all ones.
+    # The stream leaves Secure: the root port switches private MMIO off itself (an
+    # event for the TSM), so MMIO goes T=0 in the clear -- served in CONFIG_UNLOCKED.
+    seq = rig.device.events.last_seq
     rig.rp.call("stream_enable", stream_id=SID, enable=False)
-    assert rig.bar0_read(R.ID) == ALL_ONES
-    assert rig.device.root_port.counters["mmio_not_sent"] == 1
-    rig.private_mmio(False)
+    assert rig.device.root_port.mmio_private == {}
+    (ev,) = rig.device.root_port.events_since(seq, ("mmio_private",))
+    assert ev["enabled"] is False and ev["requester_id"] == rig.rid
+    assert rig.bar0_read(R.ID) == DEVICE_ID_REG_VALUE
+    assert rig.device.root_port.counters["mmio_not_sent"] == 0
 
 
 # -- the requester table (§11.2.1) ------------------------------------------------------------
@@ -209,16 +213,20 @@ def test_root_port_window_rules_behind_the_device(tee_rig: TeeRig) -> None:
     assert status_error(rig.dma_direct(Op.FILL, 0, WIN, 64, 3)) == DmaError.FAULT
     rig.rp.call("window_reauthorise", window_id=wid)
     assert status_error(rig.dma_direct(Op.FILL, 0, WIN, 64, 4)) is None
-    # STOP with the window still there: the device's DMA is T=0 again, refused into it.
-    rig.tdisp.stop()
-    assert rig.state() is TdiState.CONFIG_UNLOCKED
-    assert status_error(rig.dma_direct(Op.FILL, 0, WIN, 64, 5)) == DmaError.FAULT
-    assert rig.mem(WIN - GUEST, 4) == (4).to_bytes(4, "little")
     refusals = rig.device.stats()["tdisp_refusals"]
     assert isinstance(refusals, dict)
     assert refusals["root_port.t1_outside_window"] == 2
     assert refusals["root_port.window_suspended"] >= 1
-    assert refusals["root_port.t0_into_window"] >= 1
+    # STOP: the root port revokes the window itself the moment the TDI leaves RUN, and
+    # says so in its events, without waiting for the TSM.
+    seq = rig.device.events.last_seq
+    rig.tdisp.stop()
+    assert rig.state() is TdiState.CONFIG_UNLOCKED
+    assert rig.device.root_port.windows == {}
+    assert rig.device.root_port.mmio_private == {}
+    revoked = rig.device.root_port.events_since(seq, ("window_revoked",))
+    assert [e["window"] for e in revoked] == [wid]
+    assert "RUN -> CONFIG_UNLOCKED on STOP" in str(revoked[0]["reason"])
 
 
 def test_dma_go_written_while_locked_is_ur_and_starts_nothing(tee_rig: TeeRig) -> None:

@@ -335,7 +335,7 @@ def test_library_sink_does_not_automask(device: TeeIoDevice) -> None:
 def test_base_exception_in_reset_is_an_error_not_success(
         callbacks: lvu.DeviceCallbacks, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture, raised: type[BaseException]) -> None:
-    def interrupted() -> None:
+    def interrupted(*_a: Any) -> None:
         raise raised
     monkeypatch.setattr(callbacks.device, "reset", interrupted)
     ctypes.set_errno(0)

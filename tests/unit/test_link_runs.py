@@ -99,7 +99,8 @@ def run(per_tlp: bool, mps: int, mrrs: int, window: str, script: list[tuple[str,
                 outcome.append(f"{type(exc).__name__}: {exc}")
         return {
             "outcome": outcome, "memory": rig.mem(0, SIZE),
-            "rp": scrub(rig.rp.status()), "events": scrub(rig.rp.events_since(0, ("ide_fail", "remap"))),
+            "rp": scrub(rig.rp.status()),
+            "events": scrub(rig.rp.events_since(0, ("ide_fail", "remap"))),
             "ep": rig.ep.status(), "link": rig.link.status(), "secure": dev.is_secure(),
             "failures": [(e.side, e.stream_id, e.reason, e.how) for e in rig.ep.ide_failures],
             "fault": None if armed is None else (armed.seen, len(armed.fired)),
