@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "tdisp":
         return tdisp.run_command(ns)
     if ns.command == "daemon":
-        return daemon.run_command(ns)
+        return daemon.run_command(ns, argv)
     if ns.command == "ctl":
         return ctl.run_command(ns)
     if ns.command == "status":

@@ -205,7 +205,7 @@ def format_status(st: dict[str, Any]) -> str:
 def format_history(h: dict[str, Any]) -> str:
     """The journal's timeline, one line a record: time, device, what, details."""
     out = []
-    skip = {"seq", "time", "type", "device"}
+    skip = {"seq", "time", "type", "device", "event_time"}
     for r in h["records"]:
         when = time.strftime("%H:%M:%S", time.localtime(float(r.get("time", 0))))
         when += f".{int(float(r.get('time', 0)) * 1000) % 1000:03d}"
@@ -216,6 +216,12 @@ def format_history(h: dict[str, Any]) -> str:
     if h["total"] > len(h["records"]):
         out.insert(0, f"(the last {len(h['records'])} of {h['total']} records)")
     return "\n".join(out) if out else "no records"
+
+
+def wait_for_paths(paths: list[Path], deadline: float) -> None:
+    """Until every path exists, or *deadline* (then the request says what is missing)."""
+    while not all(p.exists() for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def connect_waiting(path: str, wait: float) -> CtlClient:
@@ -249,7 +255,8 @@ def add_socket_arguments(ap: argparse.ArgumentParser) -> None:
                     help="the daemon's --state-dir (to find its control socket)")
     ap.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                     help="wait up to SECONDS for the daemon's control socket to accept "
-                         "(a daemon just started in the background)")
+                         "(and, for connect, for the device server's sockets): daemons "
+                         "just started in the background")
 
 
 def parse_int(text: str) -> int:
@@ -368,7 +375,12 @@ def run_command(ns: argparse.Namespace) -> int:
     op: str = ns.ctl_op
     try:
         path = socket_path(ns)
-        client = connect_waiting(path, getattr(ns, "wait", 0.0))
+        wait = getattr(ns, "wait", 0.0)
+        deadline = time.monotonic() + wait
+        client = connect_waiting(path, wait)
+        if op == "connect":      # the device server's sockets, just started maybe
+            wait_for_paths([p for p in (ns.doe_socket, ns.platform_socket,
+                                        ns.platform_credential) if p is not None], deadline)
         wire_op = "history" if op == "status" and getattr(ns, "history", False) else op
         with client:
             try:

@@ -46,6 +46,7 @@ from teeio.ghcx import BOOT_ID_SIZE, SECRET_SIZE
 from teeio.platform_channel import PlatformCtlError
 from teeio.spdm.defs import MEAS_OP_ALL, NONCE_SIZE
 from teeio.tdisp.defs import TdiState
+from teeio.transport import background
 from tsm import ctl, ide
 from tsm.ctl import CtlError
 from tsm.device import LINK_ERRORS, DeviceConfig, DeviceError, DeviceLink, one_line
@@ -92,6 +93,8 @@ class DeviceEntry:
     facts: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
     #: the VMM's vfio-user connection to the device, as the platform reported it
     vmm: dict[str, Any] | None = None
+    #: the last TDI transition the platform reported (the DSM's event name)
+    tdi_event: str | None = None
 
 
 class DeviceBusy(Exception):
@@ -494,7 +497,7 @@ class Daemon:
         why = (f"device reported {live.name}, the TSM recorded {tdi.state.name}"
                if live is not tdi.state else f"device reported {live.name}")
         if live is TdiState.ERROR:
-            why = tdi.reason or REASON_DEVICE_ERROR
+            why = tdi.reason or dev.tdi_event or REASON_DEVICE_ERROR
         changed = self._learn(dev, DEVICE_SAYS[live], why, "device")
         if not changed:
             dev.facts["tdi"] = {"source": "device", "at": time.time()}
@@ -599,6 +602,10 @@ class Daemon:
                 dev.tdi.mmio_private = False
                 self.journal.append("mmio_private", device=dev.config.name, enabled=False,
                                     source="platform")
+        elif kind == "tdi" and ours:
+            # The DSM's own words for the transition: the reason an ERROR is recorded with.
+            dev.tdi_event = (f"device: {ev.get('before')} -> {ev.get('after')} on "
+                             f"{ev.get('event')}")
         elif kind in ("client_connected", "client_disconnected"):
             dev.vmm = {"connected": kind == "client_connected", "at": ev.get("time"),
                        "reason": ev.get("reason")}
@@ -1296,11 +1303,21 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--heartbeat", type=float, metavar="SECONDS",
                     help="send SPDM HEARTBEAT this often (default: half the session's "
                          "HeartbeatPeriod; 0: never)")
+    ap.add_argument(background.FLAG, action="store_true",
+                    help="run in the background: return once the control socket listens "
+                         "(prints the pid), the log going to --log")
+    ap.add_argument("--log", type=Path, metavar="FILE",
+                    help="with --background: where the log goes (default DIR/daemon.log)")
 
 
-def run_command(ns: argparse.Namespace) -> int:
+def run_command(ns: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     state_dir: Path = ns.state_dir
     ctl_path: Path = ns.ctl_socket or state_dir / "ctl.sock"
+    if getattr(ns, "background", False):
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return background.start("teeio-tsm daemon",
+                                ["-m", "tsm", *(sys.argv[1:] if argv is None else argv)],
+                                ns.log or state_dir / "daemon.log")
     try:
         daemon = Daemon(state_dir, ns.heartbeat)
     except Exception as exc:      # a bad journal, an unusable state dir, ...: one line
@@ -1326,6 +1343,7 @@ def run_command(ns: argparse.Namespace) -> int:
         return 1
     log.info("TSM daemon ready: boot id %s, state %s, control %s", daemon.boot_id.hex(),
              state_dir, ctl_path)
+    background.notify_ready()
     try:
         stop.wait()
     finally:

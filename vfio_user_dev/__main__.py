@@ -15,6 +15,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from teeio.platform_channel import write_credential
+from teeio.transport import background
 from vfio_user_dev import dsm, ide_host
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.doe_socket import DoeSocketServer
@@ -113,7 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="count", default=0,
                     help="-v logs every vfio-user message (direction, command, id, size) "
                          "and DOE object")
+    ap.add_argument(background.FLAG, action="store_true",
+                    help="run in the background: return once every socket listens "
+                         "(prints the pid), the log going to --log")
+    ap.add_argument("--log", type=Path, metavar="FILE",
+                    help="with --background: where the log goes (default: the --socket "
+                         "path with .log added)")
     ns = ap.parse_args(argv)
+    if ns.background:
+        return background.start("teeio-device",
+                                ["-m", "vfio_user_dev", *(sys.argv[1:] if argv is None
+                                                          else argv)],
+                                ns.log or Path(ns.socket + ".log"))
     if (ns.platform_socket is None) != (ns.platform_credential is None):
         ap.error("--platform-socket and --platform-credential go together")
     if ns.libvfio_user_socket_dma and ns.backend != "libvfio-user":
@@ -199,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    background.notify_ready()              # every socket listens (--background)
     try:
         server.serve_forever(max_clients=ns.max_clients)
     finally:

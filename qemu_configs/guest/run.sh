@@ -1,6 +1,7 @@
 #!/bin/sh
 # Guest-run protocol (DESIGN decision 6).  Runs as PID 1 after switch_root.
-#   kernel parameters:  teeio.mode=selftest|shell|...   teeio.seed=<hex>
+#   kernel parameters:  teeio.mode=selftest|shell|sh|...   teeio.seed=<hex>
+#                       teeio.file=<path>: the script of mode sh (or of the agent's script)
 #   results share:      /mnt/results/{report.json,lspci.txt,agent.log}, then status last
 # The host judges the run by the status file and the results, never by QEMU's exit code.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -11,9 +12,11 @@ R=/mnt/results
 
 mode=selftest
 args=""
+file=""
 for p in $(cat /proc/cmdline); do
     case "$p" in
         teeio.mode=*) mode="${p#teeio.mode=}" ;;
+        teeio.file=*) file="${p#teeio.file=}"; args="$args --file=$file" ;;
         teeio.*=*) k="${p%%=*}"; k="${k#teeio.}"; args="$args --$k=${p#*=}" ;;
     esac
 done
@@ -40,6 +43,14 @@ case "$mode" in
         echo "teeio-guest: root shell; the agent is 'python3 -m guest_agent --help'; 'busybox poweroff -f' to leave"
         setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'
         finish shell-exited
+        ;;
+    sh)
+        # A shell script from the results share, as a person would type it (a journey,
+        # the README's guest commands): -e stops at the first failing command.
+        sh -e -x "$file" > $R/agent.log 2>&1
+        rc=$?
+        cat $R/agent.log
+        if [ $rc -eq 0 ]; then finish ok; else finish "failed rc=$rc"; fi
         ;;
     *)
         python3 -m guest_agent "$mode" $args --report $R/report.json > $R/agent.log 2>&1
