@@ -39,7 +39,7 @@ from typing import ClassVar, Protocol, Self, TypedDict
 
 from teeio.device_regs import CMD_GO, Op, R, St
 from vfio_user_dev.client import Client
-from vfio_user_dev.device import TeeIoDevice
+from vfio_user_dev.platform import Platform
 from vfio_user_dev.protocol import PciRegion
 from vfio_user_dev.server import Server
 
@@ -202,7 +202,7 @@ class BenchServer:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.device = TeeIoDevice()
+        self.device = Platform()
         self.server = Server(path, self.device)
         self.thread = threading.Thread(target=self.server.serve_forever, name="vfio-user-server",
                                        daemon=True)

@@ -48,7 +48,7 @@ from bench.bench import (
 )
 from vfio_user_dev import libvfio_user
 from vfio_user_dev.client import Client
-from vfio_user_dev.device import TeeIoDevice
+from vfio_user_dev.platform import Platform
 from vfio_user_dev.server import Server
 
 BACKENDS = ("python", "libvfio-user")
@@ -150,7 +150,7 @@ def serving(backend: str, lib: Any) -> Iterator[Client]:
     """A device served by *backend* on a temporary socket, and a negotiated client."""
     with tempfile.TemporaryDirectory(prefix="teeio-bench-backends-") as tmp:
         path = os.path.join(tmp, "vfio-user.sock")
-        device = TeeIoDevice()
+        device = Platform()
         server: Server | libvfio_user.LibVfioUserServer
         thread: threading.Thread | None = None
         if backend == "python":

@@ -21,8 +21,8 @@ import pytest
 
 from vfio_user_dev import libvfio_user
 from vfio_user_dev.client import Client
-from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.libvfio_user import LibVfioUserServer
+from vfio_user_dev.platform import Platform
 from vfio_user_dev.server import Server
 
 BACKENDS = ("python", "libvfio-user")
@@ -60,14 +60,15 @@ class RunningServer:
     def __init__(self, path: Path, backend: str = "python", socket_dma: bool = False) -> None:
         self.path = str(path)
         self.backend = backend
-        self.device = TeeIoDevice()
+        self.machine = Platform()
+        self.device = self.machine.device
         self.server: Server | LibVfioUserServer
         self.thread: threading.Thread | None = None
         if backend == "libvfio-user":
-            self.server = LibVfioUserServer(self.path, self.device, socket_dma=socket_dma)
+            self.server = LibVfioUserServer(self.path, self.machine, socket_dma=socket_dma)
             self.server.start()
         else:
-            self.server = Server(self.path, self.device)
+            self.server = Server(self.path, self.machine)
             self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
             self.thread.start()
 
@@ -81,7 +82,7 @@ class RunningServer:
         self.server.close()
         if self.thread is not None:
             self.thread.join(timeout=5)
-        self.device.close()
+        self.machine.close()
 
 
 @pytest.fixture

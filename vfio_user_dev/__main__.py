@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 from teeio.platform_channel import write_credential
 from teeio.transport import background
 from vfio_user_dev import dsm, ide_host
-from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.doe_socket import DoeSocketServer
 from vfio_user_dev.host_access import HostAccessServer
 from vfio_user_dev.link import DEFAULT_MPS, DEFAULT_MRRS, CaptureWriter, check_tlp_size
+from vfio_user_dev.platform import Platform
 from vfio_user_dev.platform_ctl import PlatformControlServer
 from vfio_user_dev.server import Server
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vfio_user_dev")
 
 
-def write_stats(path: Path, device: TeeIoDevice,
+def write_stats(path: Path, device: Platform,
                 server: Server | LibVfioUserServer) -> None:
     doc = {**device.stats(), "clients": server.clients}
     tmp = path.with_name(path.name + ".tmp")
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     capture = CaptureWriter(ns.link_capture) if ns.link_capture else None
-    device = TeeIoDevice(mps=ns.mps, mrrs=ns.mrrs, capture=capture)
+    machine = Platform(mps=ns.mps, mrrs=ns.mrrs, capture=capture)
+    device = machine.device
     if security is not None:
         # SPDM on DOE, and IDE_KM over the device's IDE capability (keys, stream state).
         # TDISP for the function as its one TDI: the device follows its transitions and
@@ -165,21 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     platform: PlatformControlServer | None = None
     if ns.platform_socket is not None:
         token = write_credential(ns.platform_credential)
-        platform = PlatformControlServer(ns.platform_socket, token, device.root_port,
-                                         device.link)
+        platform = PlatformControlServer(ns.platform_socket, token, machine.root_port,
+                                         machine.link)
         ide_host.register(platform, device)   # the host's IDE register writes, for now
         platform.start()
         log.info("platform control credential written to %s", ns.platform_credential)
-    host_access = (HostAccessServer(ns.host_socket, device).start()
+    host_access = (HostAccessServer(ns.host_socket, machine).start()
                    if ns.host_socket is not None else None)
     server: Server | LibVfioUserServer
     try:
         if lib is not None:
             from vfio_user_dev.libvfio_user import LibVfioUserServer
-            server = LibVfioUserServer(ns.socket, device, lib,
+            server = LibVfioUserServer(ns.socket, machine, lib,
                                        socket_dma=ns.libvfio_user_socket_dma)
         else:
-            server = Server(ns.socket, device)
+            server = Server(ns.socket, machine)
     except OSError as exc:
         print(f"error: --socket {ns.socket}: {exc.strerror or exc}", file=sys.stderr)
         for doe in doe_servers:
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             host_access.close()
         if security is not None:
             security.close()
-        device.close()
+        machine.close()
         return 1
     for doe in doe_servers:
         doe.on_shutdown = server.close
@@ -198,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     if ns.stats_file:
         lock = threading.Lock()
 
-        def on_change(_dev: TeeIoDevice) -> None:
+        def on_change(_dev: object) -> None:
             with lock:
-                write_stats(ns.stats_file, device, server)
+                write_stats(ns.stats_file, machine, server)
 
         device.listeners.append(on_change)
-        write_stats(ns.stats_file, device, server)
+        write_stats(ns.stats_file, machine, server)
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: shutting down", signum)
@@ -224,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         if security is not None:
             security.close()
         if ns.stats_file:
-            write_stats(ns.stats_file, device, server)
-        device.close()
+            write_stats(ns.stats_file, machine, server)
+        machine.close()
     return 0
 
 

@@ -98,16 +98,13 @@ from teeio.pcie.config import (
 )
 from teeio.tdisp import TdiAction, TdiEvent
 from teeio.tdisp.defs import TdiState
-from vfio_user_dev.dma import DmaFault, DmaMapSet
+from vfio_user_dev.dma import DmaFault
 from vfio_user_dev.dsm import FirmwareUpdateError
 from vfio_user_dev.enforcement import Refusals, dma_route, mmio_refusal
 from vfio_user_dev.irq import IrqController
 from vfio_user_dev.link import (
     DEFAULT_MPS,
     DEFAULT_MRRS,
-    ROOT_PORT_ID,
-    CaptureWriter,
-    Link,
     LinkEndpoint,
     LinkError,
     MmioRequest,
@@ -115,7 +112,6 @@ from vfio_user_dev.link import (
 )
 from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.protocol import PciRegion, ProtocolError, RegionFlags
-from vfio_user_dev.root_port import RootPort
 
 if TYPE_CHECKING:
     from vfio_user_dev.dsm import DeviceSecurityManager
@@ -266,12 +262,14 @@ def device_control_link(cs: ConfigSpace) -> tuple[int, int, bool]:
     return mps, mrrs, bool(devctl & DevCtl.EXTENDED_TAG_FIELD)
 
 
-def apply_device_control(cs: ConfigSpace, link: Link) -> None:
-    """Make *link* split TLPs by the sizes Device Control now says, and the device's
-    DMA reads use the tags Extended Tag Field Enable allows (§2.2.6.2)."""
+def apply_device_control(cs: ConfigSpace, endpoint: LinkEndpoint) -> None:
+    """Make the endpoint's link (once it has one) split TLPs by the sizes Device Control
+    now says, and the device's DMA reads use the tags Extended Tag Field Enable allows
+    (§2.2.6.2)."""
     mps, mrrs, extended_tags = device_control_link(cs)
-    link.set_payload_sizes(mps, mrrs)
-    link.endpoint.set_extended_tags(extended_tags)
+    if endpoint.link is not None:
+        endpoint.link.set_payload_sizes(mps, mrrs)
+    endpoint.set_extended_tags(extended_tags)
 
 
 
@@ -304,18 +302,17 @@ class TeeIoDevice:
     NUM_REGIONS = 9  # VFIO_PCI_NUM_REGIONS
 
     def __init__(self, serial: int = 0x7E10_0000_0000_0001, *, mps: int = DEFAULT_MPS,
-                 mrrs: int = DEFAULT_MRRS, capture: CaptureWriter | None = None) -> None:
+                 mrrs: int = DEFAULT_MRRS, events: PlatformEvents | None = None) -> None:
         self.serial = serial
         # --mps: Device Capabilities Max_Payload_Size Supported; --mrrs: Device Control
         # Max_Read_Request_Size after reset.  The link follows Device Control.
         self._config_options = {"mps_supported": check_tlp_size("Max_Payload_Size", mps),
                                 "mrrs": check_tlp_size("Max_Read_Request_Size", mrrs)}
-        self.dma = DmaMapSet()
-        #: what changed TDI, stream or window truth, for the TSM (``platform_events.py``)
-        self.events = PlatformEvents()
-        self.root_port = RootPort(self.dma, events=self.events)
+        #: where the device reports what changed TDI or stream truth (the platform's log,
+        #: ``platform_events.py``); the platform (``platform.py``) listens
+        self.events = events if events is not None else PlatformEvents()
+        #: the device's only way out: its end of the link (``link.py``)
         self.link_end = LinkEndpoint()
-        self.link = Link(self.link_end, self.root_port, mps=mps, mrrs=mrrs, capture=capture)
         self.irq = IrqController(MSIX_VECTORS, self._intx_allowed)
         self._lock = threading.RLock()
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
@@ -353,7 +350,7 @@ class TeeIoDevice:
     def _reset_state(self) -> None:
         old, self.config = self.config, build_config(self.serial, **self._config_options)
         aer.carry_sticky(old, self.config, AER_CAP)     # sticky: FLR keeps them (§7.4)
-        apply_device_control(self.config, self.link)    # MPS, MRRS, tags back to defaults
+        apply_device_control(self.config, self.link_end)    # MPS, MRRS, tags back to defaults
         # Conventional reset / FLR: IDE registers to defaults, keys invalidated, streams
         # Insecure (PCIe 6.x §6.33.6).
         self.ide.cs = self.config
@@ -401,14 +398,10 @@ class TeeIoDevice:
             if actions & TdiAction.UNLOCK_CONFIG:
                 self._bound_secure = False
             if after is not before:
+                # the platform hears it (its root port revokes windows and private MMIO
+                # the moment the TDI is not RUN), and the TSM from the platform
                 self.events.emit("tdi", requester_id=self.link_end.requester_id,
                                  before=before.name, after=after.name, event=event.name)
-            if after is not TdiState.RUN:
-                # The root port revokes the TDI's trusted windows and private MMIO itself,
-                # the moment the TDI is not RUN: it never waits for the TSM.
-                self.root_port.revoke_requester(
-                    self.link_end.requester_id, f"TDI {before.name} -> {after.name} on "
-                                                f"{event.name}")
         if after is not before:
             log.info("TDI %s -> %s on %s (actions %s)", before.name, after.name, event.name,
                      actions.name if actions else "none")
@@ -460,11 +453,10 @@ class TeeIoDevice:
             self.generation += 1
             self._security_event(TdiEvent.FLR)
             self._reset_state()
+            # The device's IDE keys are gone (§6.33.6): the platform takes the root port's
+            # end of its stream out of Secure too, and its windows and private MMIO.
             self.events.emit("device_reset", requester_id=self.link_end.requester_id,
                              reason=reason)
-            # The device's IDE keys are gone (§6.33.6): the root port's end of its stream
-            # leaves Secure too, and its windows and private MMIO go.
-            self.root_port.device_reset(self.link_end.requester_id, f"device reset ({reason})")
             self.doe_mailbox.reset()   # §6.30.2: a reset aborts any DOE transfer in progress
             self.irq.set_intx(False)
         log.info("device reset")
@@ -472,7 +464,17 @@ class TeeIoDevice:
     def close(self) -> None:
         self._jobs.put(None)
         self._engine.join(timeout=5)
-        self.link.close()
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The device's lock (config space, registers, TDI): the platform takes it around
+        a CPU access so that an access and a TDI transition never interleave."""
+        return self._lock
+
+    def link_attached(self) -> None:
+        """The platform connected the endpoint to a link: it follows Device Control."""
+        with self._lock:
+            apply_device_control(self.config, self.link_end)
 
     def tdi_status(self) -> dict[str, object]:
         with self._lock:
@@ -481,16 +483,11 @@ class TeeIoDevice:
                     "bound_session": None if t is None else t.bound_session,
                     "lock_flags": 0 if t is None else int(t.tdi.lock_flags),
                     "default_stream_id": self.bound_stream(),
-                    "private_mmio": self.root_port.mmio_private.get(self.link_end.requester_id),
                     "tee_access": self.tee_access}
 
     def tdisp_refusals(self) -> dict[str, int]:
-        """Refusals by kind: the device's, and the root port's window checks."""
-        out = self.refusals.as_dict()
-        for reason, n in self.root_port.refusals.items():
-            if reason.startswith(("t0_", "t1_", "window_", "mmio_")):
-                out[f"root_port.{reason}"] = n
-        return out
+        """The device's refusals by kind (the platform adds the root port's)."""
+        return self.refusals.as_dict()
 
     def stats(self) -> dict[str, object]:
         with self._lock:
@@ -504,12 +501,9 @@ class TeeIoDevice:
                 "irq_signalled": self.irq.signalled,
                 "irq_signalled_intx": self.irq.signalled_by_type["intx"],
                 "irq_signalled_msix": self.irq.signalled_by_type["msix"],
-                "dma_maps_live": len(self.dma.snapshot()),
-                "dma_maps_total": self.dma.maps_total,
                 "doe_objects": self.doe.objects,
                 "doe_responses": self.doe.responses,
                 "doe_protocols": [protocol_name(*p) for p in self.doe.protocols()],
-                "link": self.link.status(),
                 "link_endpoint": self.link_end.status(),
                 "ide": self.ide_status(),
             }
@@ -542,19 +536,22 @@ class TeeIoDevice:
     def region_read(self, index: int, offset: int, count: int, *,
                     host: bool = False) -> bytes:
         """A read of region *index* (QEMU's; *host*: the host's own path, always T=0)."""
-        self._bounds(index, offset, count)
+        self.check_bounds(index, offset, count)
         with self._lock:
             if index == PciRegion.CONFIG:
                 return self._config_read(offset, count)
             if index == PciRegion.BAR0:
-                got = self._tee_mmio(False, offset, count, b"", host)
-                return b"\xff" * count if got is None else got
+                raise ProtocolError(errno.EINVAL, "BAR0 is TEE MMIO: it is reached through "
+                                                  "the platform's root port")
             return self._bar1_read(offset, count)
 
     def region_write(self, index: int, offset: int, data: bytes, *,
                      host: bool = False) -> None:
         """A write to region *index* (QEMU's; *host*: the host's own path, always T=0)."""
-        self._bounds(index, offset, len(data))
+        self.check_bounds(index, offset, len(data))
+        if index == PciRegion.BAR0:
+            raise ProtocolError(errno.EINVAL, "BAR0 is TEE MMIO: it is reached through the "
+                                              "platform's root port")
         with self._lock:
             self._writer = "host" if host else "vmm"
             if index == PciRegion.CONFIG:
@@ -566,29 +563,12 @@ class TeeIoDevice:
                     self.irq.update_intx()
                 self._config_security_events(offset, data, old_cmd, old_devctl, watched)
                 self._check_bound_stream()
-            elif index == PciRegion.BAR0:
-                self._tee_mmio(True, offset, len(data), bytes(data), host)
             else:
                 self._bar1_write(offset, data)
 
     # -- TEE MMIO (BAR0) over the link, the device as completer (PCIe 6.x §11.2.1) ----------
     def _bar0_base(self) -> int:
         return self.config.get(Reg.BAR0, 4) & ~0xF & 0xFFFFFFFF
-
-    def _tee_mmio(self, write: bool, offset: int, count: int, data: bytes,
-                  host: bool) -> bytes | None:
-        """A CPU access to BAR0: through the root port and the link as TLPs, unless the
-        TDI is CONFIG_UNLOCKED, the access would cross in the clear and no tap watches
-        (then directly, through the same gate).  Under the device lock."""
-        rid = self.link_end.requester_id
-        address = self._bar0_base() + offset
-        if (self.tdi_state() is TdiState.CONFIG_UNLOCKED and not self.link.tapped
-                and self.root_port.mmio_in_clear(rid, allow_tee=not host)):
-            return self.mmio_request(MmioRequest(write, ROOT_PORT_ID, address, count, data))
-        if write:
-            self.root_port.mmio_write(rid, address, data, allow_tee=not host)
-            return b""
-        return self.root_port.mmio_read(rid, address, count, allow_tee=not host)
 
     def mmio_request(self, req: MmioRequest) -> bytes | None:
         """The completer (link.MmioCompleter): serve a memory request per §11.2.1, or None
@@ -676,7 +656,8 @@ class TeeIoDevice:
         with self._lock:
             aer.report_uncorrectable(self.config, AER_CAP, error, header, devsta=DEVSTA)
 
-    def _bounds(self, index: int, offset: int, count: int) -> None:
+    def check_bounds(self, index: int, offset: int, count: int) -> None:
+        """EINVAL unless *index* is a region of the device and the access lies in it."""
         spec = self.REGIONS.get(PciRegion(index)) if index in set(PciRegion) else None
         if spec is None:
             raise ProtocolError(errno.EINVAL, f"region {index} is not implemented")
@@ -705,7 +686,7 @@ class TeeIoDevice:
             # Device Control (§7.5.3.4): the link follows its MPS, MRRS and Extended Tag.
             # (Initiate FLR is acted on after the write's security events.)
             self.config.write(offset, data[:DEVCTL + 2 - offset])
-            apply_device_control(self.config, self.link)
+            apply_device_control(self.config, self.link_end)
             if end <= DEVCTL + 2:
                 return
             data, offset = data[DEVCTL + 2 - offset:], DEVCTL + 2

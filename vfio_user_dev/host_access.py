@@ -7,7 +7,7 @@ and owns the wires.  ``--host-socket PATH`` gives the untrusted host (and the at
 tests) exactly that, with **no credential**: nothing here is trusted, and every access
 goes through the same paths and the same TDISP enforcement as the VMM's:
 
-* config writes are :meth:`~vfio_user_dev.device.TeeIoDevice.region_write` on the
+* config writes are :meth:`~vfio_user_dev.platform.Platform.region_write` on the
   config region -- QEMU's path -- so register masks, the IDE capability's reactions and
   the security events of PCIe 6.x §11.2.6 (BAR writes, Memory Space/Bus Master Enable
   cleared, Device Control fields, the bound IDE stream's registers...) are those of any
@@ -66,9 +66,9 @@ from pathlib import Path
 from typing import Any
 
 from teeio.transport import LineClient, LineServer
-from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dsm import FirmwareUpdateError
 from vfio_user_dev.link import Fault, FaultKind, LinkDirection
+from vfio_user_dev.platform import Platform
 from vfio_user_dev.protocol import PciRegion, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,9 @@ class HostAccessServer(LineServer[None]):
     thread_name = "host-access"
     skip_blank_lines = True
 
-    def __init__(self, path: str, device: TeeIoDevice) -> None:
-        self.device = device
+    def __init__(self, path: str, platform: Platform) -> None:
+        self.platform = platform
+        self.device = platform.device
         self.counters = {"connections": 0, "requests": 0, "errors": 0}
         super().__init__(path, MAX_LINE, MAX_CONNECTIONS)
         self.ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -185,16 +186,16 @@ class HostAccessServer(LineServer[None]):
     def _config_read(self, args: dict[str, Any]) -> dict[str, Any]:
         size = _size(args, CONFIG_SIZES)
         offset = _int(args, "offset", 0, 0x1000 - size)
-        raw = self.device.region_read(PciRegion.CONFIG, offset, size, host=True)
+        raw = self.platform.region_read(PciRegion.CONFIG, offset, size, host=True)
         return {"value": int.from_bytes(raw, "little")}
 
     def _config_write(self, args: dict[str, Any]) -> dict[str, Any]:
         size = _size(args, CONFIG_SIZES)
         offset = _int(args, "offset", 0, 0x1000 - size)
         value = _int(args, "value", 0, (1 << 8 * size) - 1)
-        self.device.region_write(PciRegion.CONFIG, offset, value.to_bytes(size, "little"),
+        self.platform.region_write(PciRegion.CONFIG, offset, value.to_bytes(size, "little"),
                                  host=True)
-        raw = self.device.region_read(PciRegion.CONFIG, offset, size, host=True)
+        raw = self.platform.region_read(PciRegion.CONFIG, offset, size, host=True)
         return {"value": int.from_bytes(raw, "little")}
 
     def _bar(self, args: dict[str, Any]) -> tuple[PciRegion, int, int]:
@@ -208,17 +209,17 @@ class HostAccessServer(LineServer[None]):
 
     def _bar_read(self, args: dict[str, Any]) -> dict[str, Any]:
         region, offset, size = self._bar(args)
-        raw = self.device.region_read(region, offset, size, host=True)
+        raw = self.platform.region_read(region, offset, size, host=True)
         return {"value": int.from_bytes(raw, "little")}
 
     def _bar_write(self, args: dict[str, Any]) -> dict[str, Any]:
         region, offset, size = self._bar(args)
         value = _int(args, "value", 0, (1 << 8 * size) - 1)
-        self.device.region_write(region, offset, value.to_bytes(size, "little"), host=True)
+        self.platform.region_write(region, offset, value.to_bytes(size, "little"), host=True)
         return {}
 
     def _flr(self, args: dict[str, Any]) -> dict[str, Any]:
-        self.device.reset("host_flr")
+        self.platform.reset("host_flr")
         return {"tdi": self.device.tdi_state().name}
 
     def _fw_update(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -247,21 +248,21 @@ class HostAccessServer(LineServer[None]):
         bit = args.get("bit")
         if bit is not None:
             bit = _int(args, "bit", 0, 8 * 4096)
-        if sum(not f.done for f in self.device.link.faults) + count > MAX_FAULTS:
+        if sum(not f.done for f in self.platform.link.faults) + count > MAX_FAULTS:
             raise HostAccessError("bad_args", f"at most {MAX_FAULTS} faults may be armed")
         for i in range(count):
-            self.device.link.inject(Fault(kind, LinkDirection[direction.upper()], nth + i,
+            self.platform.link.inject(Fault(kind, LinkDirection[direction.upper()], nth + i,
                                           bit=bit))
         log.warning("host armed %d link fault(s): %s %s from TLP #%d", count, kind.value,
                     direction, nth)
         return {"armed": count}
 
     def _link_clear(self, args: dict[str, Any]) -> dict[str, Any]:
-        self.device.link.clear_faults()
+        self.platform.link.clear_faults()
         return {}
 
     def _stats(self, args: dict[str, Any]) -> dict[str, Any]:
-        return self.device.stats()
+        return self.platform.stats()
 
 
 # -- client ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Optional vfio-user transport through libvfio-user (nutanix/libvfio-user), via ctypes.
 
-The same :class:`~vfio_user_dev.device.TeeIoDevice` as the pure-Python server
+The same :class:`~vfio_user_dev.platform.Platform` as the pure-Python server
 (``server.py``), served by the field's C library instead (DESIGN decision 1).  The
 library is not a dependency: it is loaded at run time from ``$TEEIO_LIBVFIO_USER`` or
 the loader's search path (``libvfio-user.so.0``), and without it this backend refuses to
@@ -84,8 +84,8 @@ from typing import Any, TypeVar
 
 from teeio.pcie.config import Reg
 from teeio.transport import remove_stale_socket
-from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dma import DmaFault, Inode
+from vfio_user_dev.platform import Platform
 from vfio_user_dev.protocol import DmaFlags, PciIrq, PciRegion, ProtocolError, RegionFlags
 
 log = logging.getLogger(__name__)
@@ -303,11 +303,12 @@ class DeviceCallbacks:
     objects live as long as this instance, which the server keeps until the context is
     destroyed."""
 
-    def __init__(self, device: TeeIoDevice, on_lost_client: Callable[[], None]) -> None:
-        self.device = device
+    def __init__(self, platform: Platform, on_lost_client: Callable[[], None]) -> None:
+        self.platform = platform
+        self.device = platform.device
         self.on_lost_client = on_lost_client
         self.region = {int(index): RegionAccessCb(self._region_cb(int(index)))
-                       for index in device.REGIONS}
+                       for index in self.device.REGIONS}
         self.quiesce = QuiesceCb(self._quiesce)
         self.reset = ResetCb(self._reset)
         self.dma_register = DmaCb(self._dma_register)
@@ -320,9 +321,9 @@ class DeviceCallbacks:
         @guarded()
         def region_access(_ctx: Any, buf: int, count: int, offset: int, is_write: bool) -> int:
             if is_write:
-                self.device.region_write(index, offset, ctypes.string_at(buf, count))
+                self.platform.region_write(index, offset, ctypes.string_at(buf, count))
             else:
-                data = self.device.region_read(index, offset, count)
+                data = self.platform.region_read(index, offset, count)
                 if len(data) != count:
                     raise RuntimeError(f"region {index} read returned {len(data)} of "
                                        f"{count} bytes")
@@ -342,7 +343,7 @@ class DeviceCallbacks:
         if kind == VfuResetType.VFU_RESET_LOST_CONN:
             self.on_lost_client()
         elif kind in (VfuResetType.VFU_RESET_DEVICE, VfuResetType.VFU_RESET_PCI_FLR):
-            self.device.reset("flr" if kind == VfuResetType.VFU_RESET_PCI_FLR
+            self.platform.reset("flr" if kind == VfuResetType.VFU_RESET_PCI_FLR
                               else "client_reset")
         else:
             raise ProtocolError(errno.EINVAL, f"unknown reset type {kind}")
@@ -354,7 +355,7 @@ class DeviceCallbacks:
         address, size = info.iova.iov_base or 0, int(info.iova.iov_len)
         flags = ((DmaFlags.READ if info.prot & mmap.PROT_READ else 0)
                  | (DmaFlags.WRITE if info.prot & mmap.PROT_WRITE else 0))
-        if self.device.dma.snapshot().count((address, size, flags, bool(info.vaddr))):
+        if self.platform.dma.snapshot().count((address, size, flags, bool(info.vaddr))):
             log.debug("DMA map %#x+%#x announced again: already there", address, size)
             return      # the library repeats the callback for an identical DMA_MAP
         view: memoryview | None = None
@@ -363,14 +364,14 @@ class DeviceCallbacks:
         if info.vaddr:
             view = memoryview((ctypes.c_ubyte * size).from_address(info.vaddr)).cast("B")
             inode, fd_offset = _file_behind(info.vaddr)
-        self.device.dma.map_view(address, size, flags, view, fd_offset=fd_offset, inode=inode)
+        self.platform.dma.map_view(address, size, flags, view, fd_offset=fd_offset, inode=inode)
         log.debug("DMA_MAP %#x+%#x flags=%d %s", address, size, flags,
                   "mapped" if view is not None else "no-fd")
 
     @logged
     def _dma_unregister(self, _ctx: Any, info_p: Any) -> None:
         info = info_p.contents
-        self.device.dma.unmap(info.iova.iov_base or 0, int(info.iova.iov_len))
+        self.platform.dma.unmap(info.iova.iov_base or 0, int(info.iova.iov_len))
 
     def _irq_state_cb(self, index: int) -> Callable[[Any, int, int, bool], None]:
         @logged
@@ -400,10 +401,11 @@ class LibVfioUserServer:
     ``close``, ``clients``).  *socket_dma*: reach memory without an fd with DMA_READ/
     DMA_WRITE messages despite the risk (module docstring, Socket DMA); refused otherwise."""
 
-    def __init__(self, path: str, device: TeeIoDevice, lib: Any | None = None, *,
+    def __init__(self, path: str, platform: Platform, lib: Any | None = None, *,
                  socket_dma: bool = False) -> None:
         self.path = path
-        self.device = device
+        self.platform = platform
+        self.device = platform.device
         self.lib = lib if lib is not None else load()
         self.socket_dma = socket_dma
         self.clients = 0
@@ -423,7 +425,7 @@ class LibVfioUserServer:
         self._conn_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._sg_size = int(self.lib.dma_sg_size())
-        self.callbacks = DeviceCallbacks(device, self._lost_client)
+        self.callbacks = DeviceCallbacks(platform, self._lost_client)
         remove_stale_socket(path)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         ctx = self.lib.vfu_create_ctx(VfuTrans.VFU_TRANS_SOCK, path.encode(),
@@ -441,7 +443,7 @@ class LibVfioUserServer:
             self._destroy()
             raise
         self._irq_sink = _LibIrqSink(self)
-        device.irq.sink = self._irq_sink
+        self.device.irq.sink = self._irq_sink
 
     def _check(self, rc: int, what: str) -> None:
         if rc < 0:
@@ -600,10 +602,10 @@ class LibVfioUserServer:
                     log.warning("client not attached: %s", os.strerror(err))
                 return
             self._attached = True
-            self.device.events.emit("client_connected", client=self.clients,
+            self.platform.events.emit("client_connected", client=self.clients,
                                     transport="libvfio-user")
-            self.device.dma.remote_read = self._remote_read
-            self.device.dma.remote_write = self._remote_write
+            self.platform.dma.remote_read = self._remote_read
+            self.platform.dma.remote_write = self._remote_write
             fd = int(self.lib.vfu_get_poll_fd(self._ctx))
             try:
                 conn = socket.socket(fileno=os.dup(fd))
@@ -649,13 +651,9 @@ class LibVfioUserServer:
             self._pending_irqs.clear()
             self._wake_locked()     # the run thread polls another fd now (a reset may
                                     # come from a DMA call on the engine thread)
-        self.device.dma.remote_read = None
-        self.device.dma.remote_write = None
-        self.device.events.emit("client_disconnected", client=self.clients,
-                                reason="connection lost")
-        self.device.reset("client_gone")
-        self.device.dma.clear()
-        self.device.irq.close_all()
+        self.platform.dma.remote_read = None
+        self.platform.dma.remote_write = None
+        self.platform.client_gone("connection lost", self.clients)
 
     # -- interrupts ---------------------------------------------------------------------------
     def trigger(self, index: int, vector: int) -> None:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 from teeio.transport import remove_stale_socket
 from vfio_user_dev import protocol as p
-from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dma import DmaFault
+from vfio_user_dev.platform import Platform
 from vfio_user_dev.protocol import Command, Header, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,10 @@ class _Pending:
 class Connection:
     """One vfio-user client session."""
 
-    def __init__(self, sock: socket.socket, device: TeeIoDevice) -> None:
+    def __init__(self, sock: socket.socket, platform: Platform) -> None:
         self.sock = sock
-        self.device = device
+        self.platform = platform
+        self.device = platform.device
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._pending_lock = threading.Lock()
@@ -152,8 +153,8 @@ class Connection:
 
     # -- receive loop -------------------------------------------------------------------------
     def serve(self) -> None:
-        self.device.dma.remote_read = self.dma_read
-        self.device.dma.remote_write = self.dma_write
+        self.platform.dma.remote_read = self.dma_read
+        self.platform.dma.remote_write = self.dma_write
         try:
             while True:
                 fds: list[int] = []
@@ -181,8 +182,8 @@ class Connection:
             with self._pending_lock:
                 for pend in self._pending.values():
                     pend.event.set()
-            self.device.dma.remote_read = None
-            self.device.dma.remote_write = None
+            self.platform.dma.remote_read = None
+            self.platform.dma.remote_write = None
 
     def _drain(self, n: int, fds: list[int]) -> None:
         while n:
@@ -259,14 +260,14 @@ class Connection:
         if len(fds) > 1:
             raise ProtocolError(errno.EINVAL, f"DMA_MAP with {len(fds)} fds")
         fd = fds.pop() if fds else None
-        self.device.dma.map(m.address, m.size, m.flags, m.offset, fd)
+        self.platform.dma.map(m.address, m.size, m.flags, m.offset, fd)
         log.debug("DMA_MAP %#x+%#x flags=%d %s", m.address, m.size, m.flags,
                   "fd" if fd is not None else "no-fd")
         return b""
 
     def _dma_unmap(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
         u = p.DmaUnmap.decode(payload)
-        self.device.dma.unmap(u.address, u.size)
+        self.platform.dma.unmap(u.address, u.size)
         return payload  # the reply echoes the original entry
 
     def _get_info(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
@@ -300,18 +301,18 @@ class Connection:
 
     def _region_read(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
         a = p.RegionAccess.decode(payload, with_data=False)
-        data = self.device.region_read(a.region, a.offset, a.count)
+        data = self.platform.region_read(a.region, a.offset, a.count)
         return p.RegionAccess(a.offset, a.region, a.count, data).encode()
 
     def _region_write(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
         a = p.RegionAccess.decode(payload, with_data=True)
-        self.device.region_write(a.region, a.offset, a.data)
+        self.platform.region_write(a.region, a.offset, a.data)
         return p.RegionAccess(a.offset, a.region, a.count).encode()
 
     def _reset(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
         if payload:
             raise ProtocolError(errno.EINVAL, "DEVICE_RESET takes no payload")
-        self.device.reset("client_reset")
+        self.platform.reset("client_reset")
         return b""
 
     HANDLERS: dict[int, Callable[[Connection, Header, bytes, list[int]],
@@ -332,9 +333,9 @@ class Connection:
 class Server:
     """Accepts clients one after the other on a listening UNIX socket."""
 
-    def __init__(self, path: str, device: TeeIoDevice) -> None:
+    def __init__(self, path: str, platform: Platform) -> None:
         self.path = path
-        self.device = device
+        self.platform = platform
         remove_stale_socket(path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
@@ -345,21 +346,16 @@ class Server:
 
     def serve_one(self, sock: socket.socket) -> None:
         self.clients += 1
-        conn = Connection(sock, self.device)
+        conn = Connection(sock, self.platform)
         self.connection = conn
-        self.device.events.emit("client_connected", client=self.clients, transport="vfio-user")
+        self.platform.events.emit("client_connected", client=self.clients,
+                                  transport="vfio-user")
         try:
             conn.serve()
         finally:
             sock.close()
-            # Client gone (the VMM exited or was killed): what a host does when a VM's
-            # device is released -- reset it (a TDI in LOCKED/RUN goes to ERROR, the root
-            # port revokes its windows), then drop the client's memory and eventfds.
-            self.device.events.emit("client_disconnected", client=self.clients,
-                                    reason=conn.close_reason)
-            self.device.reset("client_gone")
-            self.device.dma.clear()
-            self.device.irq.close_all()
+            # Client gone (the VMM exited or was killed): Platform.client_gone.
+            self.platform.client_gone(conn.close_reason, self.clients)
             self.connection = None
 
     def serve_forever(self, max_clients: int | None = None) -> None:

@@ -163,7 +163,7 @@ def test_the_story_by_hand(terminals: list[Terminal], tmp_path: Path) -> None:
         assert '"tdi": "ERROR"' in h[1], h[1]
         assert re.search(r"^dev0\s+ERROR\s+(device|platform)", h[2], re.M), h[2]
         assert "device: RUN -> ERROR on FLR" in h[2], h[2]
-        assert "platform device_reset" in h[3] and "platform window_revoked" in h[3], h[3]
+        assert "platform device_reset" in h[3] and "platform mmio_private" in h[3], h[3]
         # 5. the guest sees ERROR, stops, accepts again, leaves
         guest = commands(blocks[4][1])
         assert guest[-1] == "busybox poweroff -f"

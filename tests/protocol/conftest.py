@@ -27,9 +27,9 @@ from teeio.tdisp.defs import LockInterfaceFlags, TdiState
 from tsm.ide import SelectiveStream
 from tsm.tdisp import TdispClient
 from vfio_user_dev import ide_host
-from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dsm import DeviceSecurityManager
 from vfio_user_dev.link import CaptureWriter, read_capture
+from vfio_user_dev.platform import Platform
 from vfio_user_dev.platform_ctl import PlatformControlServer
 from vfio_user_dev.protocol import DmaFlags, PciRegion
 
@@ -63,12 +63,13 @@ class TeeRig:
                  heartbeat_period: int = 60) -> None:
         self.clock = FakeClock()
         self.capture_path = tmp / "link.pcap" if capture else None
-        self.device = TeeIoDevice(capture=CaptureWriter(self.capture_path)
-                                  if self.capture_path else None)
+        self.machine = Platform(capture=CaptureWriter(self.capture_path)
+                                if self.capture_path else None)
+        self.device = self.machine.device
         self.rid = self.device.link_end.requester_id
         self.fd = os.memfd_create("tee-guest")
         os.ftruncate(self.fd, GUEST_SIZE)
-        self.device.dma.map(GUEST, GUEST_SIZE, DmaFlags.READ | DmaFlags.WRITE, 0,
+        self.machine.dma.map(GUEST, GUEST_SIZE, DmaFlags.READ | DmaFlags.WRITE, 0,
                             os.dup(self.fd))
         self.identity = identity
         self.dsm = DeviceSecurityManager(identity, MEASUREMENTS, name="dsm",
@@ -77,7 +78,7 @@ class TeeRig:
                         tdi=self.device)
         token = secrets.token_bytes(32)
         self.platform = PlatformControlServer(str(tmp / "platform.sock"), token,
-                                              self.device.root_port, self.device.link)
+                                              self.machine.root_port, self.machine.link)
         ide_host.register(self.platform, self.device)
         self.platform.start()
         self.rp = PlatformClient(str(tmp / "platform.sock"), token)
@@ -112,10 +113,10 @@ class TeeRig:
                                                              PCI_SIG_VENDOR_ID, p, s), 0)
 
     def cfg_write(self, off: int, value: int, size: int = 4) -> None:
-        self.device.region_write(PciRegion.CONFIG, off, value.to_bytes(size, "little"))
+        self.machine.region_write(PciRegion.CONFIG, off, value.to_bytes(size, "little"))
 
     def cfg_read(self, off: int, size: int = 4) -> int:
-        return int.from_bytes(self.device.region_read(PciRegion.CONFIG, off, size), "little")
+        return int.from_bytes(self.machine.region_read(PciRegion.CONFIG, off, size), "little")
 
     def mem(self, offset: int, n: int) -> bytes:
         return os.pread(self.fd, n, offset)
@@ -124,17 +125,17 @@ class TeeRig:
         os.pwrite(self.fd, data, offset)
 
     def records(self) -> list[bytes]:
-        assert self.capture_path is not None and self.device.link.capture is not None
-        self.device.link.capture.flush()
+        assert self.capture_path is not None and self.machine.link.capture is not None
+        self.machine.link.capture.flush()
         return [r.data for r in read_capture(self.capture_path)]
 
     # -- MMIO: the VMM's (QEMU's region access) and the host's (always T=0) -------------------
     def bar0_read(self, off: int, host: bool = False) -> int:
-        return int.from_bytes(self.device.region_read(PciRegion.BAR0, off, 4, host=host),
+        return int.from_bytes(self.machine.region_read(PciRegion.BAR0, off, 4, host=host),
                               "little")
 
     def bar0_write(self, off: int, value: int, host: bool = False) -> None:
-        self.device.region_write(PciRegion.BAR0, off, value.to_bytes(4, "little"), host=host)
+        self.machine.region_write(PciRegion.BAR0, off, value.to_bytes(4, "little"), host=host)
 
     # -- the TSM's steps ----------------------------------------------------------------------
     def setup_stream(self) -> SelectiveStream:
@@ -197,8 +198,8 @@ class TeeRig:
         self.rp.close()
         self.platform.close()
         self.dsm.close()
-        self.device.close()
-        self.device.dma.clear()
+        self.machine.close()
+        self.machine.dma.clear()
         os.close(self.fd)
 
 

@@ -168,7 +168,7 @@ def test_linux_style_discovery_lists_only_registered_protocols(server: RunningSe
     # index past the table: vendor FFFFh
     rsp = DiscoveryResponse.decode(linux.doe(1, 0, DiscoveryRequest(7).encode(), 4))
     assert rsp.vendor_id == 0xFFFF
-    assert server.device.stats()["doe_objects"] == 5
+    assert server.machine.stats()["doe_objects"] == 5
 
 
 def test_linux_reads_a_short_buffer_and_flushes_the_rest(server: RunningServer,

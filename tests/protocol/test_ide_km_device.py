@@ -343,7 +343,7 @@ def test_dma_crosses_the_link_under_ide_km_keys_and_survives_a_refresh(
     IDE (MACs check at both ends, so key and IFV byte order agree), and keeps going
     across a K0 -> K1 -> K0 refresh without a fault."""
     dut = attach(server.device, identity)
-    dev, rp = server.device, server.device.root_port
+    dev, rp = server.device, server.machine.root_port
     rid = dev.link_end.requester_id
     dut.cfg_write(SEL0 + 0x0C, ROOT_PORT_ID << 8)
     dut.cfg_write(SEL0 + 0x10, ROOT_PORT_ID << 8 | 1)

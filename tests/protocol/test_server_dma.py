@@ -61,7 +61,7 @@ def test_dma_map_fd_copy_fill_sha256(server: RunningServer) -> None:
     c = server.client()
     fd = map_memfd(c, "lockstep-jobs")
     try:
-        assert server.device.dma.snapshot() == [(GUEST, SIZE, RW, True)]
+        assert server.machine.dma.snapshot() == [(GUEST, SIZE, RW, True)]
         enable_device(c)
         src = os.urandom(5000)
         os.pwrite(fd, src, 0x100)
@@ -135,11 +135,11 @@ def test_dma_map_overlap_is_eexist(server: RunningServer) -> None:
         os.close(fd)
     wait_until(lambda: fds_named(name) == 0, "the refused fds to be closed")
     assert not mapped(name)
-    assert server.device.dma.snapshot() == [(GUEST, SIZE, RW, True)]
+    assert server.machine.dma.snapshot() == [(GUEST, SIZE, RW, True)]
     # Adjacent (not overlapping) maps are fine.
     fd3 = map_memfd(c, "lockstep-adjacent", address=GUEST + SIZE)
     os.close(fd3)
-    assert len(server.device.dma.snapshot()) == 2
+    assert len(server.machine.dma.snapshot()) == 2
 
 
 def test_dma_unmap_echoes_payload_and_releases_the_mapping(server: RunningServer) -> None:
@@ -152,7 +152,7 @@ def test_dma_unmap_echoes_payload_and_releases_the_mapping(server: RunningServer
     req = p.DmaUnmap(p.DMA_UNMAP.size, 0, GUEST, SIZE).encode()
     body = ok(c, Command.DMA_UNMAP, req)
     assert body == req
-    assert server.device.dma.snapshot() == []
+    assert server.machine.dma.snapshot() == []
     assert not mapped(name)
     assert fds_named(name) == 0
     enable_device(c)
@@ -167,7 +167,7 @@ def test_dma_unmap_unknown_is_enoent(server: RunningServer) -> None:
     for addr, size in ((0x5000, 0x1000), (GUEST, SIZE // 2), (GUEST + 0x1000, SIZE)):
         expect_error(c, Command.DMA_UNMAP, p.DmaUnmap(24, 0, addr, size).encode(),
                      errno.ENOENT)
-    assert server.device.dma.snapshot() == [(GUEST, SIZE, RW, True)]
+    assert server.machine.dma.snapshot() == [(GUEST, SIZE, RW, True)]
     read_id(c)
 
 
@@ -176,7 +176,7 @@ def test_dma_unmap_with_flags_is_einval(server: RunningServer) -> None:
     fd = map_memfd(c, "lockstep-unmap-flags")
     os.close(fd)
     expect_error(c, Command.DMA_UNMAP, p.DmaUnmap(24, 1, GUEST, SIZE).encode(), errno.EINVAL)
-    assert len(server.device.dma.snapshot()) == 1
+    assert len(server.machine.dma.snapshot()) == 1
 
 
 @pytest.mark.python_only("libvfio-user maps the first of several fds and closes the others")
@@ -192,7 +192,7 @@ def test_dma_map_with_two_fds_is_einval_without_fd_leak(server: RunningServer) -
             os.close(fd)
     wait_until(lambda: fds_named(name) == 0, "the server to close both fds")
     assert not mapped(name)
-    assert server.device.dma.snapshot() == []
+    assert server.machine.dma.snapshot() == []
     read_id(c)
 
 
@@ -207,7 +207,7 @@ def test_dma_map_bad_fd_offset_is_einval(server: RunningServer) -> None:
     finally:
         os.close(fd)
     wait_until(lambda: fds_named(name) == 0, "the server to close the fd")
-    assert server.device.dma.snapshot() == []
+    assert server.machine.dma.snapshot() == []
 
 
 # -- DMA_READ / DMA_WRITE fallback (no fd) -------------------------------------------------------
@@ -278,7 +278,7 @@ def test_out_of_step_dma_reply_shuts_the_connection_down(server: RunningServer) 
 def test_fallback_copy_and_sha256_served_by_subsequent_calls(server: RunningServer) -> None:
     c = server.client()
     mem = c.map_local(LOCAL, 0x4000)
-    assert server.device.dma.snapshot() == [(LOCAL, 0x4000, RW, False)]
+    assert server.machine.dma.snapshot() == [(LOCAL, 0x4000, RW, False)]
     enable_device(c)
     src = os.urandom(3000)
     mem.data[0:len(src)] = src
@@ -456,7 +456,7 @@ def test_unmap_of_local_map_while_dma_read_outstanding(server: RunningServer) ->
     if not held:
         held.append(recv(c))
     ok(c, Command.DMA_UNMAP, p.DmaUnmap(24, 0, LOCAL, 0x2000).encode())
-    assert server.device.dma.snapshot() == []
+    assert server.machine.dma.snapshot() == []
     c.on_server_request = None
     c._serve(*held[0])  # late answer: the read succeeds, the digest write then faults
     st = wait_idle(c)

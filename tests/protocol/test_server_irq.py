@@ -90,9 +90,9 @@ def test_msix_vector0_fires_on_job_completion(server: RunningServer, dev: Client
     # The delivery is counted once the trigger returned, which may be just after the
     # client saw the eventfd (the libvfio-user backend triggers from its run thread).
     deadline = time.monotonic() + 2.0
-    while server.device.stats()["irq_signalled_msix"] != 2 and time.monotonic() < deadline:
+    while server.machine.stats()["irq_signalled_msix"] != 2 and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert server.device.stats()["irq_signalled_msix"] == 2
+    assert server.machine.stats()["irq_signalled_msix"] == 2
 
 
 def test_msix_not_fired_when_int_enable_clear(dev: Client, eventfds: list[int]) -> None:
@@ -190,7 +190,7 @@ def test_intx_fires_and_interrupt_status_follows_int_status(server: RunningServe
     dev.write32(BAR0, R.INT_STATUS, Irq.DMA_DONE)  # RW1C acknowledge
     assert dev.read32(BAR0, R.INT_STATUS) == 0
     assert not config_status(dev) & Status.INTERRUPT_STATUS
-    assert server.device.stats()["irq_signalled_intx"] == 1
+    assert server.machine.stats()["irq_signalled_intx"] == 1
 
 
 def test_intx_status_is_read_only_to_software(dev: Client, eventfds: list[int]) -> None:
@@ -243,7 +243,7 @@ def test_intx_keeps_coming_with_an_unmask_eventfd(server: RunningServer, dev: Cl
         dev.write32(BAR0, R.INT_STATUS, Irq.DMA_DONE)     # the guest's handler
         os.write(resample, (1).to_bytes(8, "little"))      # KVM, at the guest's EOI
         wait_until(lambda: not intx_masked[0], "INTx to be unmasked")
-    assert server.device.stats()["irq_signalled_intx"] == 3
+    assert server.machine.stats()["irq_signalled_intx"] == 3
 
 
 def test_intx_disable_holds_event_until_cleared(dev: Client, eventfds: list[int]) -> None:

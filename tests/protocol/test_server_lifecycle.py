@@ -61,7 +61,7 @@ def test_device_reset_resets_registers_but_keeps_dma_maps(server: RunningServer)
         assert c.read32(BAR0, R.ID) == 0x7E101234  # RO identity survives
         assert c.read32(CONFIG, Reg.COMMAND) & 0xFFFF == 0  # config space reset too
         # DMA maps belong to the client: still there, still usable.
-        assert server.device.dma.snapshot() == [(GUEST, 0x2000, RW, True)]
+        assert server.machine.dma.snapshot() == [(GUEST, 0x2000, RW, True)]
         enable_device(c)
         assert run_job(c, Op.FILL, dst=GUEST + 0x1000, length=4, pattern=0x04030201) == St.DONE
         assert os.pread(fd, 4, 0x1000) == b"\1\2\3\4"
@@ -74,7 +74,7 @@ def test_device_reset_keeps_local_maps_and_session(server: RunningServer) -> Non
     c = server.client()
     mem = c.map_local(GUEST, 0x1000)
     c.reset()
-    assert server.device.dma.snapshot() == [(GUEST, 0x1000, RW, False)]
+    assert server.machine.dma.snapshot() == [(GUEST, 0x1000, RW, False)]
     enable_device(c)
     st = run_job_quiet(c, server.device, Op.FILL, dst=GUEST, length=4, pattern=0xAABBCCDD)
     assert st == St.DONE
@@ -92,7 +92,7 @@ def test_disconnect_resets_device_and_next_client_starts_clean(server: RunningSe
     c1.write32(BAR0, R.INT_ENABLE, Irq.DMA_DONE)
     enable_device(c1)
     assert run_job(c1, Op.FILL, dst=GUEST, length=4, pattern=7) == St.DONE
-    assert len(server.device.dma.snapshot()) == 2
+    assert len(server.machine.dma.snapshot()) == 2
     assert server.server.clients == 1
     generation = server.device.generation
     c1.close()
@@ -106,10 +106,10 @@ def test_disconnect_resets_device_and_next_client_starts_clean(server: RunningSe
     assert c2.read32(BAR0, R.INT_ENABLE) == 0
     assert c2.read32(BAR0, R.DMA_JOBS) == 0
     assert c2.read32(CONFIG, Reg.COMMAND) & 0xFFFF == 0
-    assert server.device.dma.snapshot() == []
+    assert server.machine.dma.snapshot() == []
     assert not mapped(name)
     assert server.device.generation > generation
-    stats = server.device.stats()
+    stats = server.machine.stats()
     assert stats["dma_maps_live"] == 0
     assert stats["dma_maps_total"] == 2
     assert stats["dma_jobs"] == 1  # lifetime counters survive the reset

@@ -349,7 +349,7 @@ def test_dma_map_truncated_with_fd_closes_it(server: RunningServer) -> None:
     finally:
         os.close(fd)
     wait_until(lambda: fds_named(name) == 0, "the server to close the refused fd")
-    assert server.device.dma.snapshot() == []
+    assert server.machine.dma.snapshot() == []
     read_id(c)
 
 

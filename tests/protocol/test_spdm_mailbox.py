@@ -59,7 +59,7 @@ def test_discovery_lists_both_spdm_protocols(server: RunningServer, c: Client) -
     linux = LinuxDoe(c, DOE_CAP)
     linux.abort()
     assert linux.cache_features() == [(1, 0), SPDM, SECURED]
-    assert server.device.stats()["doe_protocols"] == ["0001:00", "0001:01", "0001:02"]
+    assert server.machine.stats()["doe_protocols"] == ["0001:00", "0001:01", "0001:02"]
 
 
 def test_linux_style_get_version_and_get_capabilities(c: Client) -> None:

@@ -89,7 +89,7 @@ def test_mmio_completer_table(tee_rig: TeeRig, state: TdiState, t_bit: int,
     rig.private_mmio(bool(t_bit))            # the root port sends BAR0 accesses T=1 or T=0
     served = COMPLETER[(state, t_bit)]
     rig.device.r[R.SCRATCH] = 0x5A5A_0001
-    before = rig.device.root_port.counters["mmio_t1"]
+    before = rig.machine.root_port.counters["mmio_t1"]
     if access == "read":
         got = rig.bar0_read(R.SCRATCH)
         assert got == (0x5A5A_0001 if served else ALL_ONES)
@@ -97,8 +97,8 @@ def test_mmio_completer_table(tee_rig: TeeRig, state: TdiState, t_bit: int,
         rig.bar0_write(R.SCRATCH, 0x0BAD_F00D)
         assert rig.device.r[R.SCRATCH] == (0x0BAD_F00D if served else 0x5A5A_0001)
     # It crossed the link as a TLP with that T bit (not the direct path).
-    assert rig.device.root_port.counters["mmio_t1"] - before == t_bit
-    refusals = rig.device.stats()["tdisp_refusals"]
+    assert rig.machine.root_port.counters["mmio_t1"] - before == t_bit
+    refusals = rig.machine.stats()["tdisp_refusals"]
     assert isinstance(refusals, dict)
     ur = {k: v for k, v in refusals.items() if k.startswith("mmio_")}
     if served:
@@ -117,9 +117,9 @@ def test_host_bar_accesses_are_always_t0(tee_rig: TeeRig) -> None:
     rig.bar0_write(R.SCRATCH, 0x1234, host=True)
     assert rig.device.r[R.SCRATCH] == 0
     # BAR1 (MSI-X table, IS_NON_TEE_MEM) is not gated.
-    rig.device.region_write(PciRegion.BAR1, 0, b"\x11\x22\x33\x44", host=True)
-    assert rig.device.region_read(PciRegion.BAR1, 0, 4, host=True) == b"\x11\x22\x33\x44"
-    assert rig.device.stats()["tdisp_refusals"] == {"mmio_t0_not_unlocked": 2}
+    rig.machine.region_write(PciRegion.BAR1, 0, b"\x11\x22\x33\x44", host=True)
+    assert rig.machine.region_read(PciRegion.BAR1, 0, 4, host=True) == b"\x11\x22\x33\x44"
+    assert rig.machine.stats()["tdisp_refusals"] == {"mmio_t0_not_unlocked": 2}
 
 
 def test_t1_on_a_stream_other_than_the_bound_one_is_ur(tee_rig: TeeRig) -> None:
@@ -132,7 +132,7 @@ def test_t1_on_a_stream_other_than_the_bound_one_is_ur(tee_rig: TeeRig) -> None:
         SID + 1, rig.device.tdisp.lock_request.mmio_reporting_offset,
         rig.device.tdisp.lock_request.bind_p2p_address_mask)
     assert rig.bar0_read(R.ID) == ALL_ONES
-    assert rig.device.stats()["tdisp_refusals"] == {"mmio_t1_wrong_stream": 1}
+    assert rig.machine.stats()["tdisp_refusals"] == {"mmio_t1_wrong_stream": 1}
 
 
 def test_private_mmio_needs_the_platform_credential_path_and_a_stream(tee_rig: TeeRig
@@ -147,18 +147,18 @@ def test_private_mmio_needs_the_platform_credential_path_and_a_stream(tee_rig: T
     assert e.value.code == "bad_args"
     rig.setup_stream()
     rig.private_mmio(True)
-    assert rig.device.stats()["tdi"] == {"state": "CONFIG_UNLOCKED", "bound_session": None,
+    assert rig.machine.stats()["tdi"] == {"state": "CONFIG_UNLOCKED", "bound_session": None,
                                          "lock_flags": 0, "default_stream_id": None,
                                          "private_mmio": SID, "tee_access": False}
     # The stream leaves Secure: the root port switches private MMIO off itself (an
     # event for the TSM), so MMIO goes T=0 in the clear -- served in CONFIG_UNLOCKED.
     seq = rig.device.events.last_seq
     rig.rp.call("stream_enable", stream_id=SID, enable=False)
-    assert rig.device.root_port.mmio_private == {}
-    (ev,) = rig.device.root_port.events_since(seq, ("mmio_private",))
+    assert rig.machine.root_port.mmio_private == {}
+    (ev,) = rig.machine.root_port.events_since(seq, ("mmio_private",))
     assert ev["enabled"] is False and ev["requester_id"] == rig.rid
     assert rig.bar0_read(R.ID) == DEVICE_ID_REG_VALUE
-    assert rig.device.root_port.counters["mmio_not_sent"] == 0
+    assert rig.machine.root_port.counters["mmio_not_sent"] == 0
 
 
 # -- the requester table (§11.2.1) ------------------------------------------------------------
@@ -167,7 +167,7 @@ def test_private_mmio_needs_the_platform_credential_path_and_a_stream(tee_rig: T
 def test_dma_requester_table(tee_rig: TeeRig, state: TdiState) -> None:
     rig = tee_rig
     to_state(rig, state)
-    link = rig.device.link.counters
+    link = rig.machine.link.counters
     before = link["tlps_upstream"]
     target = WIN if state is TdiState.RUN else GUEST + 0x100   # private buffer vs shared
     status = rig.dma_direct(Op.FILL, 0, target, 256, 0xC0FFEE11)
@@ -180,7 +180,7 @@ def test_dma_requester_table(tee_rig: TeeRig, state: TdiState) -> None:
         assert status_error(status) == DmaError.FAULT
         assert data == bytes(4)
         assert link["tlps_upstream"] == before                 # nothing crossed
-        assert rig.device.stats()["tdisp_refusals"] == {"dma_not_allowed": 1}
+        assert rig.machine.stats()["tdisp_refusals"] == {"dma_not_allowed": 1}
 
 
 def test_dma_in_run_is_t1_on_the_bound_stream(tee_rig_captured: TeeRig) -> None:
@@ -208,12 +208,12 @@ def test_root_port_window_rules_behind_the_device(tee_rig: TeeRig) -> None:
     import os
 
     from vfio_user_dev.protocol import DmaFlags
-    rig.device.dma.unmap(GUEST, 0x20000)
-    rig.device.dma.map(GUEST, 0x20000, DmaFlags.READ | DmaFlags.WRITE, 0, os.dup(rig.fd))
+    rig.machine.dma.unmap(GUEST, 0x20000)
+    rig.machine.dma.map(GUEST, 0x20000, DmaFlags.READ | DmaFlags.WRITE, 0, os.dup(rig.fd))
     assert status_error(rig.dma_direct(Op.FILL, 0, WIN, 64, 3)) == DmaError.FAULT
     rig.rp.call("window_reauthorise", window_id=wid)
     assert status_error(rig.dma_direct(Op.FILL, 0, WIN, 64, 4)) is None
-    refusals = rig.device.stats()["tdisp_refusals"]
+    refusals = rig.machine.stats()["tdisp_refusals"]
     assert isinstance(refusals, dict)
     assert refusals["root_port.t1_outside_window"] == 2
     assert refusals["root_port.window_suspended"] >= 1
@@ -222,9 +222,9 @@ def test_root_port_window_rules_behind_the_device(tee_rig: TeeRig) -> None:
     seq = rig.device.events.last_seq
     rig.tdisp.stop()
     assert rig.state() is TdiState.CONFIG_UNLOCKED
-    assert rig.device.root_port.windows == {}
-    assert rig.device.root_port.mmio_private == {}
-    revoked = rig.device.root_port.events_since(seq, ("window_revoked",))
+    assert rig.machine.root_port.windows == {}
+    assert rig.machine.root_port.mmio_private == {}
+    revoked = rig.machine.root_port.events_since(seq, ("window_revoked",))
     assert [e["window"] for e in revoked] == [wid]
     assert "RUN -> CONFIG_UNLOCKED on STOP" in str(revoked[0]["reason"])
 
@@ -232,9 +232,9 @@ def test_root_port_window_rules_behind_the_device(tee_rig: TeeRig) -> None:
 def test_dma_go_written_while_locked_is_ur_and_starts_nothing(tee_rig: TeeRig) -> None:
     rig = tee_rig
     rig.lock()
-    before = dict(rig.device.stats()["tdisp_refusals"])  # type: ignore[call-overload]
+    before = dict(rig.machine.stats()["tdisp_refusals"])  # type: ignore[call-overload]
     rig.dma_mmio(Op.FILL, 0, GUEST, 64, 0x77)
-    after = rig.device.stats()["tdisp_refusals"]
+    after = rig.machine.stats()["tdisp_refusals"]
     assert isinstance(after, dict)
     # Every register write was refused at the completer (T=0 in CONFIG_LOCKED is UR), so
     # the GO never reached the engine: synchronously, no waiting needed.
@@ -280,7 +280,7 @@ def _ide_disable(rig: TeeRig) -> None:
 
 
 def _flr(rig: TeeRig) -> None:
-    rig.device.reset()
+    rig.machine.reset()
 
 
 def _session_end(rig: TeeRig) -> None:
@@ -292,12 +292,12 @@ def _k_set_stop(rig: TeeRig) -> None:
 
 
 def _mmio_mac_failure(rig: TeeRig) -> None:
-    rig.device.link.inject(Fault(FaultKind.FLIP_ADDRESS, LinkDirection.DOWNSTREAM))
+    rig.machine.link.inject(Fault(FaultKind.FLIP_ADDRESS, LinkDirection.DOWNSTREAM))
     rig.bar0_read(R.ID, host=True)
 
 
 def _dma_mac_failure(rig: TeeRig) -> None:
-    rig.device.link.inject(Fault(FaultKind.FLIP_PAYLOAD, LinkDirection.UPSTREAM))
+    rig.machine.link.inject(Fault(FaultKind.FLIP_PAYLOAD, LinkDirection.UPSTREAM))
     rig.dma_direct(Op.FILL, 0, WIN, 64, 0x99)
 
 
@@ -384,7 +384,7 @@ def test_events_in_config_unlocked_change_nothing(tee_rig: TeeRig) -> None:
     for name in ("bar0", "no_snoop", "ide_control", "flr"):
         EVENTS[name][0](rig)
     assert rig.state() is TdiState.CONFIG_UNLOCKED
-    assert rig.device.stats()["scrubs"] == 0
+    assert rig.machine.stats()["scrubs"] == 0
 
 
 # -- heartbeat (DSP0274 §10.17) -------------------------------------------------------------
@@ -466,7 +466,7 @@ def test_stop_scrubs_bar0_and_job_state(tee_rig: TeeRig) -> None:
     assert rig.window_id is not None
     rig.rp.call("window_revoke", window_id=rig.window_id)
     rig.tdisp.stop()
-    st = rig.device.stats()
+    st = rig.machine.stats()
     assert st["scrubs"] == 1
     assert st["tdi"] == {"state": "CONFIG_UNLOCKED", "bound_session": None, "lock_flags": 0,
                          "default_stream_id": None, "private_mmio": None,
@@ -507,7 +507,7 @@ def test_lock_quiesces_a_queued_job(tee_rig: TeeRig) -> None:
     assert rig.mem(0, 4) == (0x1111).to_bytes(4, "little")
     assert rig.mem(0x100, 4) == bytes(4)                 # never issued
     assert status_error(rig.device.r[R.STATUS]) == DmaError.FAULT
-    assert rig.device.stats()["tdisp_refusals"] == {"dma_aborted": 1}
+    assert rig.machine.stats()["tdisp_refusals"] == {"dma_aborted": 1}
 
 
 def test_completions_after_run_are_dropped(tee_rig: TeeRig) -> None:
@@ -525,7 +525,7 @@ def test_completions_after_run_are_dropped(tee_rig: TeeRig) -> None:
     status = rig.dma_direct(Op.COPY, WIN, WIN + 0x100, 64)
     assert status_error(status) == DmaError.FAULT
     assert rig.mem(WIN - GUEST + 0x100, 8) == bytes(8)    # the data went nowhere
-    assert rig.device.stats()["tdisp_refusals"]["dma_late_completion"] == 1  # type: ignore[index]
+    assert rig.machine.stats()["tdisp_refusals"]["dma_late_completion"] == 1  # type: ignore[index]
 
 
 # -- firmware update ------------------------------------------------------------------------
@@ -560,7 +560,7 @@ def test_fw_update_refused_with_no_fw_update(tee_rig: TeeRig, fw_images: tuple[P
     assert e.value.refused
     assert _reported(rig) == before
     assert rig.state() is state                      # refused, so nothing happened
-    assert rig.device.stats()["tdisp_refusals"] == {"fw_update": 1}
+    assert rig.machine.stats()["tdisp_refusals"] == {"fw_update": 1}
     assert any("fw_update" in r.message and "NO_FW_UPDATE" in r.message
                for r in caplog.records)
 
@@ -588,7 +588,7 @@ def test_fw_update_of_a_bad_image_is_an_error(tee_rig: TeeRig, tmp_path: Path) -
     with pytest.raises(FirmwareUpdateError) as e:
         tee_rig.device.firmware_update(bad)
     assert not e.value.refused
-    assert tee_rig.device.stats()["tdisp_refusals"] == {}
+    assert tee_rig.machine.stats()["tdisp_refusals"] == {}
 
 
 # -- the link: confidentiality and integrity of TEE MMIO ------------------------------------------
@@ -610,7 +610,7 @@ def test_t1_mmio_never_crosses_in_plaintext(tee_rig_captured: TeeRig) -> None:
     assert len(mmio) >= 3          # MWr, MRd, CplD
     assert all(is_protected(r) and IdePrefix.decode(r[:4]).t_bit
                and IdePrefix.decode(r[:4]).stream_id == SID for r in mmio[-3:])
-    assert rig.device.root_port.counters["mmio_t1"] >= 2
+    assert rig.machine.root_port.counters["mmio_t1"] >= 2
 
 
 def test_tampered_mmio_tlp_makes_the_stream_insecure_and_the_tdi_error(tee_rig: TeeRig
@@ -618,12 +618,12 @@ def test_tampered_mmio_tlp_makes_the_stream_insecure_and_the_tdi_error(tee_rig: 
     rig = tee_rig
     rig.run()
     seen = _events(rig)
-    rig.device.link.inject(Fault(FaultKind.FLIP_PAYLOAD, LinkDirection.DOWNSTREAM))
+    rig.machine.link.inject(Fault(FaultKind.FLIP_PAYLOAD, LinkDirection.DOWNSTREAM))
     rig.bar0_write(R.SCRATCH, 0x1234_5678)
     assert rig.device.r[R.SCRATCH] == 0                 # the tampered write was discarded
     assert rig.state() is TdiState.ERROR and seen == ["IDE_STREAM_INSECURE"]
     assert rig.device.ide_status()[1]["state"] == "insecure"
-    rp = rig.device.root_port.status()["streams"]
+    rp = rig.machine.root_port.status()["streams"]
     assert isinstance(rp, list) and rp[0]["state"] == "insecure"   # IDE Fail Message
     assert rig.bar0_read(R.ID) == ALL_ONES
 
@@ -631,15 +631,15 @@ def test_tampered_mmio_tlp_makes_the_stream_insecure_and_the_tdi_error(tee_rig: 
 def test_tampered_mmio_completion_is_caught_by_the_root_port(tee_rig: TeeRig) -> None:
     rig = tee_rig
     rig.run()
-    rig.device.link.inject(Fault(FaultKind.FLIP_PAYLOAD, LinkDirection.UPSTREAM))
+    rig.machine.link.inject(Fault(FaultKind.FLIP_PAYLOAD, LinkDirection.UPSTREAM))
     assert rig.bar0_read(R.ID) == ALL_ONES
     assert rig.state() is TdiState.ERROR                 # the device got the Fail Message
-    assert rig.device.root_port.counters["ide_failures"] >= 1
+    assert rig.machine.root_port.counters["ide_failures"] >= 1
 
 
 def test_unlocked_mmio_takes_the_link_when_tapped_or_keyed(tee_rig: TeeRig) -> None:
     rig = tee_rig
-    link = rig.device.link.counters
+    link = rig.machine.link.counters
     rig.bar0_read(R.ID)
     assert link["mmio_bursts"] == 0                      # plain: the direct path
     rig.setup_stream()
@@ -668,7 +668,7 @@ def test_doe_traffic_is_allowed_in_every_state(tee_rig: TeeRig, state: TdiState)
     rig.req.heartbeat(rig.sid)
     assert rig.tdisp.get_state() is state                # SPDM/TDISP over DOE answered
     assert rig.req.get_measurements(session_id=rig.sid).blocks
-    assert rig.device.region_read(PciRegion.CONFIG, IDE_CAP, 2) == b"\x30\x00"
+    assert rig.machine.region_read(PciRegion.CONFIG, IDE_CAP, 2) == b"\x30\x00"
 
 
 # -- the host access socket: the same gates --------------------------------------------------
@@ -678,7 +678,7 @@ def test_host_access_socket_goes_through_the_same_gates(tee_rig: TeeRig, tmp_pat
     from vfio_user_dev.host_access import HostAccessClient, HostAccessError, HostAccessServer
     rig = tee_rig
     rig.run()
-    server = HostAccessServer(str(tmp_path / "host.sock"), rig.device).start()
+    server = HostAccessServer(str(tmp_path / "host.sock"), rig.machine).start()
     try:
         with HostAccessClient(str(tmp_path / "host.sock")) as c:
             assert c.call("bar_read", bar=0, offset=R.ID, size=4) == {"value": ALL_ONES}

@@ -27,6 +27,7 @@ from vfio_user_dev.__main__ import main as device_main
 from vfio_user_dev.device import MSIX_CAP, MSIX_ENABLE, TeeIoDevice
 from vfio_user_dev.dma import DmaFault
 from vfio_user_dev.irq import IrqController
+from vfio_user_dev.platform import Platform
 from vfio_user_dev.protocol import DmaFlags, PciIrq, PciRegion, ProtocolError
 from vfio_user_dev.server import Server
 
@@ -136,15 +137,20 @@ def test_device_cli_without_the_library(monkeypatch: pytest.MonkeyPatch, tmp_pat
 # -- callbacks: exceptions become errno, never escape into C -------------------------------------
 
 @pytest.fixture
-def device() -> Iterator[TeeIoDevice]:
-    dev = TeeIoDevice()
-    yield dev
-    dev.close()
+def machine() -> Iterator[Platform]:
+    m = Platform()
+    yield m
+    m.close()
 
 
 @pytest.fixture
-def callbacks(device: TeeIoDevice) -> lvu.DeviceCallbacks:
-    return lvu.DeviceCallbacks(device, on_lost_client=lambda: None)
+def device(machine: Platform) -> TeeIoDevice:
+    return machine.device
+
+
+@pytest.fixture
+def callbacks(machine: Platform) -> lvu.DeviceCallbacks:
+    return lvu.DeviceCallbacks(machine, on_lost_client=lambda: None)
 
 
 def region_call(cb: lvu.DeviceCallbacks, index: int, buf: ctypes.Array[ctypes.c_char],
@@ -172,7 +178,7 @@ def test_exception_in_region_callback_becomes_errno(
         caplog: pytest.LogCaptureFixture, raised: Exception, err: int) -> None:
     def broken(*_args: Any, **_kw: Any) -> bytes:
         raise raised
-    monkeypatch.setattr(callbacks.device, "region_read", broken)
+    monkeypatch.setattr(callbacks.platform, "region_read", broken)
     caplog.set_level(logging.DEBUG, logger=lvu.log.name)
     ctypes.set_errno(0)
     buf = ctypes.create_string_buffer(4)
@@ -185,7 +191,7 @@ def test_exception_in_region_callback_becomes_errno(
 
 def test_short_region_read_is_eio_not_garbage(callbacks: lvu.DeviceCallbacks,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(callbacks.device, "region_read", lambda *_a, **_k: b"\1\2")
+    monkeypatch.setattr(callbacks.platform, "region_read", lambda *_a, **_k: b"\1\2")
     buf = ctypes.create_string_buffer(4)
     assert region_call(callbacks, PciRegion.BAR1, buf, 0, False) == -1
     assert ctypes.get_errno() == errno.EIO
@@ -214,7 +220,7 @@ def dma_info(iova: int, size: int, vaddr: int | None, prot: int) -> lvu.VfuDmaIn
 
 
 def test_dma_register_maps_the_library_mapping(callbacks: lvu.DeviceCallbacks,
-                                               device: TeeIoDevice) -> None:
+                                               machine: Platform) -> None:
     fd = os.memfd_create("lvu-unit")
     os.ftruncate(fd, 0x2000)
     mem = mmap.mmap(fd, 0x2000)
@@ -223,15 +229,15 @@ def test_dma_register_maps_the_library_mapping(callbacks: lvu.DeviceCallbacks,
         info = dma_info(0x10_0000, 0x1000, vaddr, mmap.PROT_READ | mmap.PROT_WRITE)
         callbacks.dma_register(None, ctypes.pointer(info))
         callbacks.dma_register(None, ctypes.pointer(info))   # announced again: no error
-        assert device.dma.snapshot() == [(0x10_0000, 0x1000, DmaFlags.READ | DmaFlags.WRITE,
+        assert machine.dma.snapshot() == [(0x10_0000, 0x1000, DmaFlags.READ | DmaFlags.WRITE,
                                           True)]
-        device.dma.write(0x10_0010, b"hello")
+        machine.dma.write(0x10_0010, b"hello")
         assert mem[0x1010:0x1015] == b"hello"                # the same memory
         st = os.fstat(fd)
-        (backing,) = device.dma.backing(0x10_0000, 0x1000)
+        (backing,) = machine.dma.backing(0x10_0000, 0x1000)
         assert backing.inode == (st.st_dev, st.st_ino) and backing.fd_offset == 0x1000
         callbacks.dma_unregister(None, ctypes.pointer(info))
-        assert device.dma.snapshot() == []
+        assert machine.dma.snapshot() == []
     finally:
         mem.close()
         os.close(fd)
@@ -352,7 +358,7 @@ def test_base_exception_in_void_callback_is_logged(callbacks: lvu.DeviceCallback
                                                    caplog: pytest.LogCaptureFixture) -> None:
     def interrupted(*_a: Any) -> None:
         raise KeyboardInterrupt
-    monkeypatch.setattr(callbacks.device.dma, "unmap", interrupted)
+    monkeypatch.setattr(callbacks.platform.dma, "unmap", interrupted)
     info = dma_info(0x20_0000, 0x1000, None, mmap.PROT_READ)
     callbacks.dma_unregister(None, ctypes.pointer(info))
     rec = next(r for r in caplog.records if "_dma_unregister failed" in r.getMessage())
@@ -486,27 +492,27 @@ def conn() -> Iterator[tuple[socket.socket, socket.socket]]:
     b.close()
 
 
-def stub_server(tmp_path: Path, device: TeeIoDevice, conn: tuple[socket.socket, socket.socket],
+def stub_server(tmp_path: Path, machine: Platform, conn: tuple[socket.socket, socket.socket],
                 **kw: Any) -> tuple[lvu.LibVfioUserServer, StubLib]:
     lib = StubLib()
     lib.poll_fd = conn[0].fileno()
-    server = lvu.LibVfioUserServer(str(tmp_path / "s.sock"), device, lib, **kw)
+    server = lvu.LibVfioUserServer(str(tmp_path / "s.sock"), machine, lib, **kw)
     server._attach()
     assert server._attached
     return server, lib
 
 
-def test_socket_dma_refused_by_default(tmp_path: Path, device: TeeIoDevice,
+def test_socket_dma_refused_by_default(tmp_path: Path, machine: Platform,
                                        conn: tuple[socket.socket, socket.socket],
                                        caplog: pytest.LogCaptureFixture) -> None:
-    server, lib = stub_server(tmp_path, device, conn)
+    server, lib = stub_server(tmp_path, machine, conn)
     try:
-        device.dma.map_view(0x20_0000, 0x2000, DmaFlags.READ | DmaFlags.WRITE, None)
+        machine.dma.map_view(0x20_0000, 0x2000, DmaFlags.READ | DmaFlags.WRITE, None)
         for _ in range(2):
             with pytest.raises(DmaFault, match="--libvfio-user-socket-dma"):
-                device.dma.read(0x20_0000, 64)
+                machine.dma.read(0x20_0000, 64)
             with pytest.raises(DmaFault, match="socket DMA refused"):
-                device.dma.write(0x20_0000, b"x" * 64)
+                machine.dma.write(0x20_0000, b"x" * 64)
         assert lib.called("vfu_sgl_read") == [] and lib.called("vfu_sgl_write") == []
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
         assert len(errors) == 1                                  # once per server
@@ -515,15 +521,15 @@ def test_socket_dma_refused_by_default(tmp_path: Path, device: TeeIoDevice,
         server.close()
 
 
-def test_socket_dma_opt_in_passes_direct_access(tmp_path: Path, device: TeeIoDevice,
+def test_socket_dma_opt_in_passes_direct_access(tmp_path: Path, machine: Platform,
                                                 conn: tuple[socket.socket, socket.socket]
                                                 ) -> None:
     assert lvu.VFU_SGL_DIRECT_ACCESS == 1      # include/libvfio-user.h
-    server, lib = stub_server(tmp_path, device, conn, socket_dma=True)
+    server, lib = stub_server(tmp_path, machine, conn, socket_dma=True)
     try:
-        device.dma.map_view(0x20_0000, 0x2000, DmaFlags.READ | DmaFlags.WRITE, None)
-        assert device.dma.read(0x20_0000, 64) == bytes(64)
-        device.dma.write(0x20_0000, b"y" * 8)
+        machine.dma.map_view(0x20_0000, 0x2000, DmaFlags.READ | DmaFlags.WRITE, None)
+        assert machine.dma.read(0x20_0000, 64) == bytes(64)
+        machine.dma.write(0x20_0000, b"y" * 8)
         (read,) = lib.called("vfu_sgl_read")
         (write,) = lib.called("vfu_sgl_write")
         assert read[4] == write[4] == lvu.VFU_SGL_DIRECT_ACCESS
@@ -534,9 +540,9 @@ def test_socket_dma_opt_in_passes_direct_access(tmp_path: Path, device: TeeIoDev
 @pytest.mark.parametrize("err,shut", [(errno.EPROTO, True), (errno.EINVAL, True),
                                       (errno.EIO, False)])
 def test_sgl_out_of_step_shuts_the_connection_down(
-        tmp_path: Path, device: TeeIoDevice, conn: tuple[socket.socket, socket.socket],
+        tmp_path: Path, machine: Platform, conn: tuple[socket.socket, socket.socket],
         err: int, shut: bool) -> None:
-    server, lib = stub_server(tmp_path, device, conn, socket_dma=True)
+    server, lib = stub_server(tmp_path, machine, conn, socket_dma=True)
     try:
         lib.sgl_errno = err
         with pytest.raises(DmaFault, match=os.strerror(err)):
@@ -553,9 +559,9 @@ def test_sgl_out_of_step_shuts_the_connection_down(
 
 
 def test_close_shuts_down_our_dup_without_asking_the_library(
-        tmp_path: Path, device: TeeIoDevice, conn: tuple[socket.socket, socket.socket],
+        tmp_path: Path, machine: Platform, conn: tuple[socket.socket, socket.socket],
         caplog: pytest.LogCaptureFixture) -> None:
-    server, lib = stub_server(tmp_path, device, conn)
+    server, lib = stub_server(tmp_path, machine, conn)
     assert server._conn is not None and server._conn.fileno() != conn[0].fileno()
     polls = len(lib.called("vfu_get_poll_fd"))
     joins: list[float | None] = []
@@ -573,9 +579,9 @@ def test_close_shuts_down_our_dup_without_asking_the_library(
     assert server._conn is None
 
 
-def test_lost_client_closes_the_dup(tmp_path: Path, device: TeeIoDevice,
+def test_lost_client_closes_the_dup(tmp_path: Path, machine: Platform,
                                     conn: tuple[socket.socket, socket.socket]) -> None:
-    server, _lib = stub_server(tmp_path, device, conn)
+    server, _lib = stub_server(tmp_path, machine, conn)
     try:
         dup = server._conn
         assert dup is not None
@@ -615,10 +621,10 @@ def _drain(fd: int) -> bytes:
         return b""
 
 
-def test_wake_pipe_written_once_per_queue_fill(tmp_path: Path, device: TeeIoDevice,
+def test_wake_pipe_written_once_per_queue_fill(tmp_path: Path, machine: Platform,
                                                conn: tuple[socket.socket, socket.socket]
                                                ) -> None:
-    server, lib = stub_server(tmp_path, device, conn)
+    server, lib = stub_server(tmp_path, machine, conn)
     try:
         assert not os.get_blocking(server._wake_w) and not os.get_blocking(server._wake_r)
         assert not os.get_inheritable(server._wake_w)
@@ -649,8 +655,8 @@ def test_wake_pipe_written_once_per_queue_fill(tmp_path: Path, device: TeeIoDevi
 
 
 def test_queued_msix_after_lost_client_sets_no_stale_pba_bit(
-        tmp_path: Path, device: TeeIoDevice, conn: tuple[socket.socket, socket.socket]) -> None:
-    server, lib = stub_server(tmp_path, device, conn)
+        tmp_path: Path, machine: Platform, conn: tuple[socket.socket, socket.socket]) -> None:
+    server, lib = stub_server(tmp_path, machine, conn)
     try:
         holder = _Holder(server)
         try:
@@ -660,55 +666,55 @@ def test_queued_msix_after_lost_client_sets_no_stale_pba_bit(
         server._lost_client()                    # the reset (from the library) ...
         with server._lock:
             server._flush_irqs()                 # ... then the run thread's flush
-        assert not device.irq.pending[PciIrq.MSIX][0]
+        assert not machine.device.irq.pending[PciIrq.MSIX][0]
         assert lib.called("vfu_irq_trigger") == []
     finally:
         server.close()
 
 
 def test_queued_interrupt_from_before_a_reset_is_dropped(
-        tmp_path: Path, device: TeeIoDevice, conn: tuple[socket.socket, socket.socket]) -> None:
-    server, lib = stub_server(tmp_path, device, conn)
+        tmp_path: Path, machine: Platform, conn: tuple[socket.socket, socket.socket]) -> None:
+    server, lib = stub_server(tmp_path, machine, conn)
     try:
         holder = _Holder(server)
         try:
             server.trigger(PciIrq.MSIX, 1)
         finally:
             holder.done()
-        device.reset()                           # an FLR between queueing and flushing
+        machine.device.reset()                           # an FLR between queueing and flushing
         server.trigger(PciIrq.MSIX, 2)           # after it: kept
         with server._lock:
             server._flush_irqs()
         assert [args[1] for args in lib.called("vfu_irq_trigger")] == [2]
-        assert not device.irq.pending[PciIrq.MSIX][1]
+        assert not machine.device.irq.pending[PciIrq.MSIX][1]
     finally:
         server.close()
 
 
 # -- a non-socket file at the socket path is never deleted -----------------------------------------
 
-def test_a_regular_file_at_the_socket_path_is_refused(tmp_path: Path, device: TeeIoDevice,
+def test_a_regular_file_at_the_socket_path_is_refused(tmp_path: Path, machine: Platform,
                                                       capsys: pytest.CaptureFixture[str]
                                                       ) -> None:
     path = tmp_path / "not-a-socket"
     path.write_text("precious")
     with pytest.raises(OSError, match="exists and is not a socket") as exc:
-        Server(str(path), device)
+        Server(str(path), machine)
     assert exc.value.errno == errno.EEXIST
     with pytest.raises(OSError, match="exists and is not a socket"):
-        lvu.LibVfioUserServer(str(path), device, StubLib())
+        lvu.LibVfioUserServer(str(path), machine, StubLib())
     assert device_main(["--socket", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"error: --socket {path}: {path} exists and is not a socket"
     assert path.read_text() == "precious"
 
 
-def test_a_stale_socket_is_replaced(tmp_path: Path, device: TeeIoDevice) -> None:
+def test_a_stale_socket_is_replaced(tmp_path: Path, machine: Platform) -> None:
     path = tmp_path / "stale.sock"
     old = socket.socket(socket.AF_UNIX)
     old.bind(str(path))
     old.close()
-    server = Server(str(path), device)
+    server = Server(str(path), machine)
     server.close()
 
 

@@ -35,6 +35,7 @@ from vfio_user_dev.link import (
     read_capture,
     read_headers,
 )
+from vfio_user_dev.platform import Platform
 from vfio_user_dev.protocol import DmaFlags, PciRegion
 
 pytestmark = pytest.mark.timeout(30)
@@ -193,10 +194,15 @@ def test_set_payload_sizes_changes_the_split(cap: Rig) -> None:
 # -- the device: Device Control drives the link, FLR, AER ---------------------------------------
 
 @pytest.fixture
-def device() -> Iterator[TeeIoDevice]:
-    d = TeeIoDevice(mps=512)
-    yield d
-    d.close()
+def machine() -> Iterator[Platform]:
+    m = Platform(mps=512)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def device(machine: Platform) -> TeeIoDevice:
+    return machine.device
 
 
 def cfg16(d: TeeIoDevice, off: int) -> int:
@@ -207,32 +213,33 @@ def wr16(d: TeeIoDevice, off: int, value: int) -> None:
     d.region_write(PciRegion.CONFIG, off, value.to_bytes(2, "little"))
 
 
-def test_device_control_drives_the_link(device: TeeIoDevice) -> None:
+def test_device_control_drives_the_link(machine: Platform, device: TeeIoDevice) -> None:
     assert device.config.get(DEVCAP, 4) & 7 == 2             # --mps 512: MPS Supported
-    st = device.link.status()
+    st = machine.link.status()
     assert (st["mps"], st["mrrs"]) == (128, 512)              # Device Control after reset
     devctl = cfg16(device, DEVCTL)
     wr16(device, DEVCTL, devctl & ~0x70E0 | 2 << 5 | 5 << 12)  # MPS 512, MRRS 4096
-    assert (device.link.mps, device.link.mrrs) == (512, 4096)
+    assert (machine.link.mps, machine.link.mrrs) == (512, 4096)
     wr16(device, DEVCTL, devctl & ~0x70E0 | 5 << 5 | 1 << 12)  # MPS 4096 > supported
-    assert (device.link.mps, device.link.mrrs) == (512, 256)
+    assert (machine.link.mps, machine.link.mrrs) == (512, 256)
     # a byte write of the high half (MRRS) alone
     device.region_write(PciRegion.CONFIG, DEVCTL + 1, bytes([(cfg16(device, DEVCTL) >> 8)
                                                               & ~0x70 | 0x30]))
-    assert device.link.mrrs == 1024
+    assert machine.link.mrrs == 1024
     wr16(device, DEVCTL, cfg16(device, DEVCTL) & ~0x100)      # Extended Tag cleared
     assert device.link_end.tags.space == TAGS_5BIT
 
 
-def test_initiate_flr_resets_the_function_and_the_link_sizes(device: TeeIoDevice) -> None:
+def test_initiate_flr_resets_the_function_and_the_link_sizes(machine: Platform,
+                                                            device: TeeIoDevice) -> None:
     wr16(device, DEVCTL, cfg16(device, DEVCTL) & ~0x100 | 1 << 5)     # MPS 256, 5-bit tags
     device.region_write(PciRegion.CONFIG, 0x04, b"\x06\x00")           # Memory, Bus Master
-    assert device.link.mps == 256 and device.link_end.tags.space == TAGS_5BIT
+    assert machine.link.mps == 256 and device.link_end.tags.space == TAGS_5BIT
     generation = device.generation
     wr16(device, DEVCTL, cfg16(device, DEVCTL) | 1 << 15)             # Initiate FLR
     assert device.generation == generation + 1
     assert cfg16(device, DEVCTL) == 0x2910 and cfg16(device, 0x04) == 0
-    assert (device.link.mps, device.link.mrrs) == (128, 512)
+    assert (machine.link.mps, machine.link.mrrs) == (128, 512)
     assert device.link_end.tags.space == MAX_OUTSTANDING
 
 
@@ -344,12 +351,12 @@ def test_capture_file_of_the_device_follows_device_control(tmp_path: Path) -> No
     """Device Control says 128 B after reset: so do the TLPs (DMA writes split by MPS)."""
     fd = os.memfd_create("fidelity")
     os.ftruncate(fd, SIZE)
-    d = TeeIoDevice(capture=CaptureWriter(tmp_path / "c.pcap"))
+    d = Platform(capture=CaptureWriter(tmp_path / "c.pcap"))
     try:
         d.dma.map(GUEST, SIZE, DmaFlags.READ | DmaFlags.WRITE, 0, os.dup(fd))
-        d.link_end.write(GUEST, b"z" * 1024)
-        wr16(d, DEVCTL, cfg16(d, DEVCTL) | 1 << 5)              # MPS 256
-        d.link_end.write(GUEST, b"z" * 1024)
+        d.device.link_end.write(GUEST, b"z" * 1024)
+        wr16(d.device, DEVCTL, cfg16(d.device, DEVCTL) | 1 << 5)    # MPS 256
+        d.device.link_end.write(GUEST, b"z" * 1024)
         d.link.close()
         sizes = [len(t.payload_bytes()) for t in iter_tlps(read_capture(tmp_path / "c.pcap"))
                  if t.type.is_request]

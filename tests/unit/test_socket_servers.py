@@ -13,20 +13,20 @@ import pytest
 
 from teeio.platform_channel import PlatformClient
 from vfio_user_dev import host_access, platform_ctl
-from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.host_access import HostAccessServer
+from vfio_user_dev.platform import Platform
 from vfio_user_dev.platform_ctl import PlatformControlServer
 
 
 @pytest.fixture
-def device() -> Iterator[TeeIoDevice]:
-    d = TeeIoDevice()
+def device() -> Iterator[Platform]:
+    d = Platform()
     yield d
     d.close()
 
 
 def test_a_regular_file_at_the_socket_path_is_not_deleted(tmp_path: Path,
-                                                          device: TeeIoDevice) -> None:
+                                                          device: Platform) -> None:
     f = tmp_path / "precious.txt"
     f.write_text("keep me")
     with pytest.raises(OSError, match="not a socket"):
@@ -46,7 +46,7 @@ def _closed_within(s: socket.socket, seconds: float) -> bool:
     return True
 
 
-def test_platform_connection_must_authenticate_in_time(tmp_path: Path, device: TeeIoDevice,
+def test_platform_connection_must_authenticate_in_time(tmp_path: Path, device: Platform,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(platform_ctl, "AUTH_DEADLINE", 0.3)
     token = b"k" * 32
@@ -65,7 +65,7 @@ def test_platform_connection_must_authenticate_in_time(tmp_path: Path, device: T
         srv.close()
 
 
-def test_host_access_idle_connection_is_closed(tmp_path: Path, device: TeeIoDevice,
+def test_host_access_idle_connection_is_closed(tmp_path: Path, device: Platform,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(host_access, "IDLE_TIMEOUT", 0.3)
     srv = HostAccessServer(str(tmp_path / "h.sock"), device).start()

@@ -66,7 +66,7 @@ def test_recover_goes_on_past_a_tdisp_failure(tmp_path: Path,
         assert d.counters["reconnect_failures"] == 2
         server = d.vms["vm1"].server
         assert server is not None and (tmp_path / "vm1.sock").exists()
-        assert d.op_status({})["devices"][1]["last_error"].startswith("GET_DEVICE_INTERFACE")
+        assert d.ctl_status({})["devices"][1]["last_error"].startswith("GET_DEVICE_INTERFACE")
     finally:
         d.close()
 

@@ -158,7 +158,7 @@ def test_replay_then_fail_safe_without_the_device(tmp_path: Path) -> None:
         assert d.counters["reconnect_failures"] == 1
         assert d.counters["platform_errors"] == 2     # the window and private MMIO
         assert 7 in d.vms["vm0"].windows              # not revoked: kept, not forgotten
-        st = d.op_status({})
+        st = d.ctl_status({})
         assert st["tdis"][0]["state"] == "ERROR" and st["tdis"][0]["reason"] == REASON_RESTART
         assert st["vms"][0]["ghcx"]["connected"] is False
         assert (tmp_path / "ghcx.sock").exists()      # serving the VM again

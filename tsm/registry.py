@@ -1,0 +1,249 @@
+"""The TSM daemon's tables and how they are shared.
+
+This module owns what every job of the daemon (:mod:`tsm.daemon`) works on: the device
+table (:class:`DeviceEntry`), the VM bindings (:class:`VmBinding`), the platform-event
+watches and the counters, held by :class:`Registry` with the locks that guard them, and
+the per-device serialisation every operation goes through (:meth:`Registry._held`).  It
+also holds the checks of names and arguments the control API takes (:func:`_arg`,
+:func:`_name`, :func:`_abs`) and the per-VM launch secret's file (:func:`write_secret`,
+:func:`read_secret`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from teeio.ghcx import BOOT_ID_SIZE, SECRET_SIZE
+from teeio.platform_channel import StreamState
+from tsm.ctl import CtlError
+from tsm.device import DeviceConfig, DeviceLink
+from tsm.ghcx_server import GhcxServer
+from tsm.journal import Journal
+from tsm.platform_watch import PlatformWatch
+from tsm.tdi import TdiRecord
+
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
+VM_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,16}")     # docs/ghcx.md "Launch secret and VM id"
+#: How long a request waits for another operation on the same device to finish before it
+#: is answered ``busy`` (ctl) or ``state`` (GHCx); a device being connected answers at once.
+OP_WAIT = 30.0
+
+
+@dataclass
+class DeviceEntry:
+    """One connected (or known, journaled) device: its link, its TDI's record, its
+    stream's state and what the platform said of it."""
+
+    config: DeviceConfig
+    link: DeviceLink
+    tdi: TdiRecord
+    stream_state: StreamState = StreamState.INSECURE
+    stream_reason: str | None = None
+    requester_id: int | None = None
+    last_error: str | None = None
+    #: Serialises every operation on this device (:class:`Registry`); ``busy`` says what
+    #: holds it while the device is being (re)connected, only ever set with ``op`` held.
+    op: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    busy: str | None = None
+    #: where each fact came from and when (``tdi``, ``stream``, ``vmm``): ``source`` is
+    #: ``tsm`` (its own operation), ``device`` (asked in the session), ``platform`` (an
+    #: event), ``journal`` (replayed; not confirmed since); ``at`` is UNIX time
+    facts: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    #: the VMM's vfio-user connection to the device, as the platform reported it
+    vmm: dict[str, Any] | None = None
+    #: the last TDI transition the platform reported (the DSM's event name)
+    tdi_event: str | None = None
+
+
+class DeviceBusy(Exception):
+    """The device is being (re)connected, or another operation on it did not finish in
+    time: ctl ``busy``, GHCx ``state``."""
+
+
+@dataclass
+class VmBinding:
+    """A VM bound to a device's TDI: its GHCx socket and server, its secret's file, and
+    the trusted-DMA windows it holds (by window id)."""
+
+    vm: str
+    device: str
+    ghcx_socket: str
+    secret_file: str
+    mmio_reporting_offset: int = 0
+    windows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    server: GhcxServer | None = field(default=None, repr=False)
+
+
+def write_secret(path: Path) -> None:
+    """A fresh per-VM secret, raw bytes, in a 0600 file (replaced atomically).  QEMU hands
+    it to the guest with ``-fw_cfg name=opt/org.teeio/ghcx-secret,file=PATH``."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, secrets.token_bytes(SECRET_SIZE))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_secret(path: Path) -> bytes:
+    """A VM's secret from its file, which must be 0600 and hold exactly one secret."""
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        raise PermissionError(f"{path}: a GHCx secret file must be mode 0600, is "
+                              f"{st.st_mode & 0o777:o}")
+    data = path.read_bytes()
+    if len(data) != SECRET_SIZE:
+        raise ValueError(f"{path}: a GHCx secret is {SECRET_SIZE} bytes, not {len(data)}")
+    return data
+
+
+# -- argument checks (control API) --------------------------------------------------------------
+
+def _arg(args: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
+    """Argument *name* of *kind* (``bool`` is no ``int``), or *default* if absent or null;
+    without a default, a missing argument is ``bad_args``."""
+    if args.get(name) is None:
+        if default is ...:
+            raise CtlError("bad_args", f"missing argument {name!r}")
+        return default
+    v = args[name]
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise CtlError("bad_args", f"{name!r} must be an integer")
+    if not isinstance(v, kind):
+        raise CtlError("bad_args", f"{name!r} must be a {kind.__name__}")
+    return v
+
+
+def _name(args: dict[str, Any], key: str, pattern: re.Pattern[str]) -> str:
+    """Argument *key*, a device name or VM id that must match *pattern*."""
+    v = _arg(args, key, str)
+    if not pattern.fullmatch(v):
+        raise CtlError("bad_args", f"{key} {v!r}: use 1-{16 if pattern is VM_ID_RE else 32} "
+                                   "characters of [A-Za-z0-9._-]")
+    return str(v)
+
+
+def _abs(path: str) -> str:
+    """*path* made absolute (against the daemon's working directory), not resolved."""
+    return str(Path(path).absolute())
+
+
+class Registry:
+    """The TSM's tables (devices, VMs, platform watches, counters) and their locks: the
+    base every job of the daemon (:class:`tsm.daemon.Daemon`) is built on.  Thread-safe,
+    and one device's slow or stalled I/O delays only the requests for that device.  The
+    locks, in the only order they are taken:
+
+    1. ``DeviceEntry.op``, one device's operation lock: every operation that talks to the
+       device (GHCx requests, ctl ops, the heartbeat's fail-safe, reconnects) holds it
+       throughout, and it covers that device's state (``tdi``, stream, ``last_error``) and
+       its VM's windows.  An entry is replaced in or removed from the device table, and a
+       VM bound to or unbound from it, only with its ``op`` held; so a request looks the
+       device up, takes ``op`` (waiting at most :attr:`op_wait`) and looks again.  Never
+       two devices' ``op`` at once.  While a device is (re)connected, ``busy`` says so and
+       requests are answered at once (ctl ``busy``, GHCx ``state``) instead of waiting;
+       a new name being connected is reserved in ``_connecting``.
+    2. ``DeviceLink.lock``: the SPDM requester and the platform client (``tsm/device.py``).
+    3. :attr:`lock`, the daemon lock: held only to look up and to commit the device and VM
+       tables (check-then-insert of a name, ``bind``'s local secret file and socket), never
+       across device I/O, and no device lock is ever taken under it.
+    4. :attr:`_tables_lock`: the snapshot that ``status`` reads, and the counters;
+       innermost, with the journal's own lock (``Journal.append`` serialises itself).
+
+    ``status`` (ctl, and GHCx STATUS) takes neither :attr:`lock` nor a device's ``op``: it
+    answers while a ``connect`` attests or a device stalls a request.  It reads a snapshot
+    of the device and VM tables, taken under :attr:`_tables_lock`; the fields it then reads
+    are single attribute reads (a status may mix two moments of one TDI, never a broken
+    structure)."""
+
+    #: the journal (``tsm/journal.py``), opened by the daemon before anything is replayed
+    journal: Journal
+
+    def __init__(self, state_dir: Path) -> None:
+        """Empty tables, a fresh boot id; nothing is read or written yet."""
+        self.state_dir = state_dir
+        self._closing = threading.Event()
+        self.boot_id = os.urandom(BOOT_ID_SIZE)
+        self.lock = threading.RLock()
+        self._tables_lock = threading.Lock()
+        self._connecting: set[str] = set()
+        self.op_wait = OP_WAIT
+        self.devices: dict[str, DeviceEntry] = {}
+        self.vms: dict[str, VmBinding] = {}
+        self.counters: Counter[str] = Counter()
+        self.watches: dict[str, PlatformWatch] = {}
+
+    def _count(self, key: str) -> None:
+        """One more of counter *key* (``status``'s ``counters``)."""
+        with self._tables_lock:
+            self.counters[key] += 1
+
+    # -- per-device serialisation (class docstring) ---------------------------------------
+    @contextlib.contextmanager
+    def _held(self, find: Callable[[], tuple[VmBinding | None, DeviceEntry]],
+              busy: str | None = None) -> Iterator[tuple[VmBinding | None, DeviceEntry]]:
+        """Look up with *find* (under :attr:`lock`), take the device's ``op`` (at most
+        :attr:`op_wait`), look up again (the device may have been replaced, the VM unbound
+        meanwhile), and hold it; with *busy*, marked busy for others meanwhile.  Raises
+        :class:`DeviceBusy` (or what *find* raises)."""
+        deadline = time.monotonic() + self.op_wait
+        while True:
+            with self.lock:
+                vm, dev = find()
+            name = dev.config.name
+            if dev.busy is not None:
+                raise DeviceBusy(f"device {name} is busy: {dev.busy}")
+            if not dev.op.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise DeviceBusy(f"device {name} is busy: another operation on it has not "
+                                 f"finished in {self.op_wait:g} s")
+            try:
+                with self.lock:
+                    again = find()
+            except BaseException:
+                dev.op.release()
+                raise
+            if again[0] is vm and again[1] is dev:
+                break
+            dev.op.release()
+            if time.monotonic() > deadline:
+                raise DeviceBusy(f"device {name} is busy: replaced while waiting for it")
+        try:
+            with self._busy(dev, busy):
+                yield vm, dev
+        finally:
+            dev.op.release()
+
+    @contextlib.contextmanager
+    def _busy(self, dev: DeviceEntry, what: str | None) -> Iterator[None]:
+        """Mark *dev* (whose ``op`` the caller holds) busy with *what* meanwhile."""
+        dev.busy = what
+        try:
+            yield
+        finally:
+            dev.busy = None
+
+    def _device_named(self, name: str) -> DeviceEntry:
+        """The entry of device *name*, or ``busy`` (being connected) or ``failed``.  Under
+        :attr:`lock`."""
+        dev = self.devices.get(name)
+        if dev is None:
+            if name in self._connecting:
+                raise DeviceBusy(f"device {name} is busy: being connected")
+            raise CtlError("failed", f"no device {name!r} (connect it first)")
+        return dev
+

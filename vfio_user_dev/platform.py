@@ -1,0 +1,136 @@
+"""The emulated platform around one device function (DESIGN decision 10 made literal).
+
+:class:`Platform` composes what a host has between a VMM and a PCIe function:
+
+* the **DMA map set** (``dma.py``): the VMM's memory, as DMA_MAP gave it;
+* the **root port** (``root_port.py``): the only part that maps guest RAM; IDE at its end
+  of each stream, the trusted-DMA windows, private MMIO;
+* the **link** (``link.py``): TLPs between the root port and the device's endpoint, with
+  its capture and fault taps;
+* the **event log** (``platform_events.py``): what changed TDI, stream or window truth;
+* the **device** (``device.py``), which holds only its link endpoint.
+
+The transports (the vfio-user server, the libvfio-user backend, the host access socket)
+talk to the platform, never to the device's insides: a CPU access to the device's TEE
+MMIO (BAR0) goes from here through the root port and the link to the device's completer,
+as TLPs (PCIe 6.x §11.2.1).  Only with the TDI CONFIG_UNLOCKED, the access in the clear
+and no tap on the link does it take the direct path to the same completer (same gate,
+no TLP objects: the fast path of an untrusted device).
+
+Enforcement that never waits for the TSM (DESIGN "state has one owner"): the platform
+listens to the device's events; when the TDI leaves RUN the root port revokes its windows
+and private MMIO, and when the device is reset (its IDE keys gone) the root port's end of
+its stream leaves Secure too.
+"""
+
+from __future__ import annotations
+
+from teeio.pcie.config import Reg
+from teeio.tdisp.defs import TdiState
+from vfio_user_dev.device import TeeIoDevice
+from vfio_user_dev.dma import DmaMapSet
+from vfio_user_dev.link import (
+    DEFAULT_MPS,
+    DEFAULT_MRRS,
+    ROOT_PORT_ID,
+    CaptureWriter,
+    Link,
+    MmioRequest,
+)
+from vfio_user_dev.platform_events import Event, PlatformEvents
+from vfio_user_dev.protocol import PciRegion
+from vfio_user_dev.root_port import RootPort
+
+DEFAULT_SERIAL = 0x7E10_0000_0000_0001
+
+
+class Platform:
+    def __init__(self, serial: int = DEFAULT_SERIAL, *, mps: int = DEFAULT_MPS,
+                 mrrs: int = DEFAULT_MRRS, capture: CaptureWriter | None = None) -> None:
+        self.events = PlatformEvents()
+        self.dma = DmaMapSet()
+        self.root_port = RootPort(self.dma, events=self.events)
+        self.device = TeeIoDevice(serial, mps=mps, mrrs=mrrs, events=self.events)
+        self.link = Link(self.device.link_end, self.root_port, mps=mps, mrrs=mrrs,
+                         capture=capture)
+        self.device.link_attached()         # the link follows Device Control from now on
+        self.events.listeners.append(self._enforce)
+
+    # -- enforcement (module docstring) ------------------------------------------------------
+    def _enforce(self, ev: Event) -> None:
+        rid = ev.get("requester_id")
+        if not isinstance(rid, int):
+            return
+        if ev["kind"] == "tdi" and ev.get("after") != TdiState.RUN.name:
+            self.root_port.revoke_requester(
+                rid, f"TDI {ev.get('before')} -> {ev.get('after')} on {ev.get('event')}")
+        elif ev["kind"] == "device_reset":
+            self.root_port.device_reset(rid, f"device reset ({ev.get('reason')})")
+
+    # -- the transports' view ---------------------------------------------------------------
+    def region_read(self, index: int, offset: int, count: int, *,
+                    host: bool = False) -> bytes:
+        """A read of region *index* (the VMM's; *host*: the host's own path, always T=0)."""
+        if index == PciRegion.BAR0:
+            self.device.check_bounds(index, offset, count)
+            got = self._bar0(False, offset, count, b"", host)
+            return b"\xff" * count if got is None else got
+        return self.device.region_read(index, offset, count, host=host)
+
+    def region_write(self, index: int, offset: int, data: bytes, *,
+                     host: bool = False) -> None:
+        if index == PciRegion.BAR0:
+            self.device.check_bounds(index, offset, len(data))
+            self._bar0(True, offset, len(data), bytes(data), host)
+            return
+        self.device.region_write(index, offset, data, host=host)
+
+    def _bar0(self, write: bool, offset: int, count: int, data: bytes,
+              host: bool) -> bytes | None:
+        """The CPU's access to BAR0: MRd/MWr TLPs from the root port down the link (T=1
+        once the TSM opened private MMIO), or the direct path (module docstring).  Under
+        the device's lock, so an access and a TDI transition never interleave."""
+        dev = self.device
+        with dev.lock:
+            rid = dev.link_end.requester_id
+            address = (dev.config.get(Reg.BAR0, 4) & ~0xF & 0xFFFFFFFF) + offset
+            if (dev.tdi_state() is TdiState.CONFIG_UNLOCKED and not self.link.tapped
+                    and self.root_port.mmio_in_clear(rid, allow_tee=not host)):
+                return dev.mmio_request(MmioRequest(write, ROOT_PORT_ID, address, count, data))
+            if write:
+                self.root_port.mmio_write(rid, address, data, allow_tee=not host)
+                return b""
+            return self.root_port.mmio_read(rid, address, count, allow_tee=not host)
+
+    def reset(self, reason: str = "client_reset") -> None:
+        """The device is reset (*reason* in its event); the platform follows its events."""
+        self.device.reset(reason)
+
+    def client_gone(self, reason: str, client: int = 0) -> None:
+        """The VMM went away: what a host does when a VM's device is released -- reset the
+        device (a TDI in LOCKED/RUN goes to ERROR, the root port revokes its windows), then
+        drop the VMM's memory and eventfds."""
+        self.events.emit("client_disconnected", client=client, reason=reason)
+        self.device.reset("client_gone")
+        self.dma.clear()
+        self.device.irq.close_all()
+
+    def tdi_status(self) -> dict[str, object]:
+        return {**self.device.tdi_status(),
+                "private_mmio": self.root_port.mmio_private.get(
+                    self.device.link_end.requester_id)}
+
+    def stats(self) -> dict[str, object]:
+        refusals = self.device.tdisp_refusals()
+        for reason, n in self.root_port.refusals.items():
+            if reason.startswith(("t0_", "t1_", "window_", "mmio_")):
+                refusals[f"root_port.{reason}"] = n
+        return {**self.device.stats(), "tdi": self.tdi_status(), "tdisp_refusals": refusals,
+                "dma_maps_live": len(self.dma.snapshot()),
+                "dma_maps_total": self.dma.maps_total, "link": self.link.status(),
+                "platform_events": self.events.last_seq}
+
+    def close(self) -> None:
+        self.device.close()
+        self.link.close()
+        self.events.wake()
