@@ -1,6 +1,6 @@
 """``python3 -m guest_agent accept --policy FILE``: lock, attest, accept, validate encrypted DMA.
 
-The TVM's side of trusted device assignment (PCIe 6.x §11.2.7; DESIGN, trust model), over
+The TVM's side of trusted device assignment (PCIe 6.x §11.2.7; docs/design.md, "Trust model"), over
 the GHCx channel to the TSM (docs/ghcx.md):
 
 1. enumerate and configure the device (sysfs: Memory Space + Bus Master Enable by one

@@ -120,7 +120,7 @@ class Mmio:
 
 
 class UioIrq:
-    """INTx delivered to user space by uio_pci_generic (DESIGN decision 8)."""
+    """INTx delivered to user space by uio_pci_generic (docs/design.md decision 8)."""
 
     def __init__(self, dev: Path, vendor: int, device: int) -> None:
         if not (dev / "driver").exists():

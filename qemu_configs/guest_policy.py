@@ -3,9 +3,9 @@
     teeio-guest-policy --trust-anchor PEM --firmware ELF [--leaf-subject RFC4514]
                        [--identity DIR] --out FILE
 
-The policy is the guest owner's, not the TSM's (DESIGN, trust model): the trust anchors
+The policy is the guest owner's, not the TSM's (docs/design.md, "Trust model"): the trust anchors
 it accepts device certificates under, the reference values computed from the golden
-firmware ELF (DESIGN decision 11), and the device it expects (vendor/device ID and,
+firmware ELF (docs/design.md decision 11), and the device it expects (vendor/device ID and,
 optionally, the leaf certificate's subject; ``--identity DIR`` takes it from a
 provisioned identity).  Format: :func:`teeio.tdi_verify.load_policy`.
 """

@@ -1,6 +1,6 @@
 """Guest image: a Debian 13 sysroot (QEMU, guest kernel, python3) plus a 9p initramfs.
 
-DESIGN decisions 2-4.  One cache, one resolver: ``$TEEIO_CACHE`` or
+docs/design.md decisions 2-4.  One cache, one resolver: ``$TEEIO_CACHE`` or
 ``$XDG_CACHE_HOME/teeio`` (default ``~/.cache/teeio``).  Each artefact lives in a
 folder named by the hash of its recipe; it is built in a temporary folder under a
 lock and renamed into place, so a half-built image is never used and two builders

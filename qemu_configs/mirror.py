@@ -1,4 +1,4 @@
-"""Find the Debian archive mirror the host's apt already uses (DESIGN decision 3).
+"""Find the Debian archive mirror the host's apt already uses (docs/design.md decision 3).
 
 No mirror host name is ever written into this repository.  The host's own apt
 configuration says where the Debian archive lives; we read it from both source

@@ -5,7 +5,7 @@ everything of a run::
 
     identity/            device identity (teeio-provision layout)
     teeio-fw.elf         the firmware the device loads (the golden build unless replaced)
-    reference-values.json   computed from the golden ELF (DESIGN decision 11)
+    reference-values.json   computed from the golden ELF (docs/design.md decision 11)
     tsm/                 the TSM daemon's state (journal, ctl.sock, vms/<vm>.secret)
     doe.sock platform.sock platform.cred host.sock   the device server's sockets
     ghcx.sock            the TSM's GHCx socket for the VM (QEMU's chardev connects to it)
@@ -183,7 +183,7 @@ class TeeStack:
             self.ghcx_sock.unlink(missing_ok=True)
             self.ghcx_sock.symlink_to(self.tsm_ghcx_sock)
 
-    # -- the host's own path to the device (DESIGN decision 12) -------------------------------
+    # -- the host's own path to the device (docs/design.md decision 12) -------------------------------
     def host(self, op: str, **args: Any) -> dict[str, Any]:
         """One request on the device's host access socket; the whole reply."""
         with HostAccessClient(str(self.host_sock)) as c:

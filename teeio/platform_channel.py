@@ -1,6 +1,6 @@
 """The platform control channel's wire format, shared by its two ends.
 
-DESIGN decision 10: root-port IDE keys and trusted-DMA windows are programmed over a
+docs/design.md decision 10: root-port IDE keys and trusted-DMA windows are programmed over a
 UNIX socket of the device server (``--platform-socket PATH``) that requires a credential
 only the TSM holds.  At start the device server draws a random 32-byte token and writes
 it, hex, to a 0600 file (``--platform-credential FILE``); the TSM reads it from there.

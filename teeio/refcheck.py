@@ -1,9 +1,9 @@
 """Reported measurements against reference values (``teeio-refvalues`` JSON); pure.
 
 Used by the TSM (``tsm/attest.py``) and by the guest agent, which checks the device's
-measurements against its own policy's reference values (DESIGN, trust model: the guest
+measurements against its own policy's reference values (docs/design.md, "Trust model": the guest
 verifies the evidence itself).  Reference values are computed from the golden firmware
-ELF (:func:`teeio.measurements.reference_values`, DESIGN decision 11).
+ELF (:func:`teeio.measurements.reference_values`, docs/design.md decision 11).
 """
 
 from __future__ import annotations

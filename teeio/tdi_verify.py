@@ -2,7 +2,7 @@
 
 Pure (bytes and dicts in, checks out): the guest agent runs it on what the TSM returned
 over GHCx (docs/ghcx.md), and tests run it on the host.  What is checked, in order, and
-what each check protects against (DESIGN, trust model):
+what each check protects against (docs/design.md, "Trust model"):
 
 1. ``digests``: SHA-384 of the certificate chain, of the VCA + measurement transcript and of
    the interface report equal TDI_INFO's digests -- the blobs the guest verifies are the
@@ -15,7 +15,7 @@ what each check protects against (DESIGN, trust model):
    DSP0274 1.2 §10.11) is signed by the leaf's key.
 4. ``nonce``: the signed request carries the guest's own fresh nonce (freshness).
 5. ``measurements``: every block equals the guest's reference values, computed from the
-   golden firmware ELF (DESIGN decision 11).
+   golden firmware ELF (docs/design.md decision 11).
 6. ``tdi_state`` / ``lock_flags`` / ``stream``: CONFIG_LOCKED, NO_FW_UPDATE locked,
    the IDE stream Secure.
 7. ``report``: INTERFACE_INFO (no firmware update after LOCK, DMA without PASID) and the

@@ -7,13 +7,13 @@ SPDM session, the Selective IDE stream and the TDI (``tsm/device.py``, ``tsm/tdi
 per VM, a GHCx server (``tsm/ghcx_server.py``) and the launch secret's file; and it
 answers the control API (``tsm/ctl.py``) on ``DIR/ctl.sock`` (0600).
 
-DESIGN "Who does what": the guest asks for LOCK; the TSM locks, fetches the report, and
+docs/design.md "Who does what": the guest asks for LOCK; the TSM locks, fetches the report, and
 takes measurements with the guest's nonce; the guest's TDI_ACCEPT carries the digests and
 lock epoch it verified, and START_INTERFACE is sent only if they are still current.  There
 is no host-side start: the host can only LOCK and STOP (``ctl lock``/``ctl stop``).
 
 Everything the TSM must not forget goes to the journal (``tsm/journal.py``) before it
-answers.  At start the journal is replayed, and the daemon **fails safe** (DESIGN
+answers.  At start the journal is replayed, and the daemon **fails safe** (docs/design.md
 "Restart"): the SPDM sessions died with the old process, so every stream is marked
 Insecure and every CONFIG_LOCKED/RUN TDI ERROR ("TSM restarted: SPDM session lost"), the
 journaled trusted-DMA windows and private MMIO are revoked on the platform socket, each

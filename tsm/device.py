@@ -12,7 +12,7 @@ anchor, CHALLENGE, signed measurements, reference values), KEY_EXCHANGE + FINISH
 :meth:`tsm.ide.SelectiveStream.setup` end to end, then GET_TDISP_VERSION and
 GET_TDISP_CAPABILITIES.  With a HeartbeatPeriod > 0 (DSP0274 §10.17: the responder may end
 the session after 2 × period without traffic) a thread sends HEARTBEAT every period / 2;
-a failed heartbeat reports the session lost (DESIGN: "a heartbeat timeout does the same"
+a failed heartbeat reports the session lost (docs/design.md: "A heartbeat timeout does the same"
 as a restart: streams Insecure, TDIs ERROR).
 """
 

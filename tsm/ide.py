@@ -22,7 +22,7 @@ Setting up Selective stream *block* of the device's IDE capability as Stream ID 
 2. the host's register writes (Linux ``drivers/pci/ide.c`` does these): the block's
    Control with the Stream ID and Enable clear, RID Association = the root port's RID
    (read from the root port's status), one Address Association block covering all
-   memory.  There is no host access path to the device yet (DESIGN decision 12), so the
+   memory.  There is no host access path to the device yet (docs/design.md decision 12), so the
    TSM writes them through the ``ide_config_write`` operation the device server adds to
    the platform socket (its host-side IDE register access) -- the same config-write path
    QEMU's writes take;
@@ -54,7 +54,7 @@ programmed the keys: keys live as long as it does, IDE_KM from any other session
 ignored while it is open, and when it ends (END_SESSION, a decrypt error, or the next
 requester's GET_VERSION) every key is invalidated and the stream goes Insecure.  A real
 TSM keeps that session between setup and the later operations; that is the persistent
-TSM daemon's job (issue 5).  This CLI is one process per command, so:
+TSM daemon's job (``teeio-tsm daemon``).  This CLI is one process per command, so:
 
 * ``demo`` does it all in one run and one session: setup, status, (traffic: ``--pause``
   waits for a line on stdin, ``--hold S`` sleeps, so DMA can run), refresh, status,
@@ -504,7 +504,7 @@ def run_ide(command: str, opts: IdeOptions, run: Attestation) -> dict[str, Any]:
             raise IdeError("refresh needs the SPDM session that programmed the current keys; "
                            "a one-shot CLI cannot keep it (a new connection ends it, and "
                            "with it the keys). Use `teeio-tsm ide demo`, or the TSM daemon "
-                           "(issue 5)")
+                           "(teeio-tsm daemon)")
         end = command != "setup"
         with spdm_session(opts, run, end) as (req, sid):
             s = SelectiveStream(rp, ide_client(req, sid), opts.stream_id, opts.block, out)

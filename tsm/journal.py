@@ -1,6 +1,6 @@
 """The TSM daemon's journal: ``STATE_DIR/journal.jsonl``, append-only JSON lines.
 
-DESIGN "Trust model / Restart": the journal lets a restarted TSM know every device,
+docs/design.md "Trust model / Restart": the journal lets a restarted TSM know every device,
 stream, TDI and VM it had, and it holds **no plaintext keys**.  So:
 
 * one JSON object per line, ``{"seq": n, "time": unix_seconds, "type": T, ...}``;

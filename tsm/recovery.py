@@ -2,7 +2,7 @@
 
 This module owns the journal's replay into the tables (:meth:`RecoveryMixin._replay`),
 the daemon's start (:meth:`RecoveryMixin.start`), which fails safe and recovers every
-journaled device (DESIGN "Restart"), the heartbeat's fail-safe when a session is lost
+journaled device (docs/design.md "Restart"), the heartbeat's fail-safe when a session is lost
 (:meth:`RecoveryMixin._session_lost`), the bounded reconnect attempts that follow it, and
 the reconnect of a known device (:meth:`RecoveryMixin._reconnect`).
 """
@@ -126,7 +126,7 @@ class RecoveryMixin(Registry):
                               one_line(exc))
 
     def _recover(self, dev: DeviceEntry) -> None:
-        """DESIGN "Restart": the old session is gone; fail safe, then reconnect."""
+        """docs/design.md "Restart": the old session is gone; fail safe, then reconnect."""
         name = dev.config.name
         log.warning("device %s: recovering after a TSM restart", name)
         self.journal.append("session", device=name, session_id=None, reason=REASON_RESTART)
@@ -161,7 +161,7 @@ class RecoveryMixin(Registry):
 
     # -- a lost session -------------------------------------------------------------------
     def _session_lost(self, link: DeviceLink, reason: str) -> None:
-        """The heartbeat failed: the same fail-safe as a restart (DESIGN).  Called by the
+        """The heartbeat failed: the same fail-safe as a restart (docs/design.md).  Called by the
         heartbeat thread without any lock; waits for the operation in progress on the
         device, and does nothing if the link was replaced or reconnected meanwhile."""
         with self.lock:

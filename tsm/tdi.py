@@ -2,7 +2,7 @@
 
 One device function is one TDI (``vfio_user_dev/tdisp_responder.py``), named after its
 device.  :class:`TdiRecord` is the TSM's view: the state it last saw or caused, the lock
-epoch (DESIGN "Who does what": it grows at every LOCK, and an ACCEPT must carry the
+epoch (docs/design.md "Who does what": it grows at every LOCK, and an ACCEPT must carry the
 current one), the digests the guest verified against (docs/ghcx.md "TDI info": SHA-384 of
 the certificate chain, of VCA || L1 pairs, of the whole interface report), why the state is
 what it is when that was not the guest's doing, and the VM it is bound to.

@@ -25,7 +25,7 @@ Config space layout (4 KiB)::
           the list: IDE check failures the device detects log Uncorrectable Internal
           Error, requests it completes with UR log Unsupported Request.
 
-No region is offered as mmappable: every BAR access traps here (DESIGN decision 7).
+No region is offered as mmappable: every BAR access traps here (docs/design.md decision 7).
 
 TDISP enforcement (PCIe 6.x §11.2; rules in ``enforcement.py``).  The DSM's TDISP
 responder (``tdisp_responder.py``) tells the device about itself (:meth:`tdi_attached`)
@@ -54,7 +54,7 @@ and every transition it takes (:meth:`_tdi_transition`), and the device enforces
 Every refusal is counted by kind (``stats()["tdisp_refusals"]``, with the root port's
 window refusals as ``root_port.<reason>``) and logged without flooding.
 
-DMA (DESIGN decision 10): the engine reaches guest memory only through its link endpoint
+DMA (docs/design.md decision 10): the engine reaches guest memory only through its link endpoint
 (``self.link_end``, ``link.py``): its reads and writes cross the link as TLPs to the root
 port (``root_port.py``), the only part that maps guest RAM.  ``dma`` (the client's DMA
 maps), ``root_port`` and ``link`` are the platform side; the device object holds them

@@ -1,4 +1,4 @@
-"""The host's own path to the function (DESIGN decision 12): config and BAR access, FLR,
+"""The host's own path to the function (docs/design.md decision 12): config and BAR access, FLR,
 firmware update and the (untrusted) link, on a UNIX socket of the device server.
 
 A real host reaches a physical function without the guest or the TSM: root has sysfs

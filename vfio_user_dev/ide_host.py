@@ -4,7 +4,7 @@ Setting up an IDE stream takes config writes to the device's IDE extended capabi
 (PCIe 6.x §7.9.26) as well as IDE_KM: Linux's ``drivers/pci/ide.c`` writes a Selective
 stream block's RID Association and Control (Stream ID, Enable 0) before the keys are
 programmed, and sets Enable afterwards.  On a real platform the host does that through
-its own path to the physical function (sysfs config access).  DESIGN decision 12 plans
+its own path to the physical function (sysfs config access).  docs/design.md decision 12 plans
 such a host access socket for the device server; until it exists, these registers are
 reachable as two extra operations of the platform control socket (``platform_ctl.py``),
 registered here by :func:`register`:

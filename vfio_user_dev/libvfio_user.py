@@ -1,7 +1,7 @@
 """Optional vfio-user transport through libvfio-user (nutanix/libvfio-user), via ctypes.
 
 The same :class:`~vfio_user_dev.platform.Platform` as the pure-Python server
-(``server.py``), served by the field's C library instead (DESIGN decision 1).  The
+(``server.py``), served by the field's C library instead (docs/design.md decision 1).  The
 library is not a dependency: it is loaded at run time from ``$TEEIO_LIBVFIO_USER`` or
 the loader's search path (``libvfio-user.so.0``), and without it this backend refuses to
 start with one sentence saying so.  Bindings follow the library's
@@ -466,7 +466,7 @@ class LibVfioUserServer:
             if spec.flags & RegionFlags.WRITE:
                 flags |= VfuRegionFlag.VFU_REGION_FLAG_WRITE
             # Config space: every access to the device's callback.  BARs: memory, no fd,
-            # so never mappable: every access traps (DESIGN decision 7).
+            # so never mappable: every access traps (docs/design.md decision 7).
             flags |= (VfuRegionFlag.VFU_REGION_FLAG_ALWAYS_CB if index == PciRegion.CONFIG
                       else VfuRegionFlag.VFU_REGION_FLAG_MEM)
             self._check(lib.vfu_setup_region(ctx, int(index), spec.size, cb.region[int(index)],

@@ -1,4 +1,4 @@
-"""The PCIe link between the device and its root port, with taps (DESIGN decision 10).
+"""The PCIe link between the device and its root port, with taps (docs/design.md decision 10).
 
 The device holds only a :class:`LinkEndpoint`.  Its DMA requests cross the
 :class:`Link` as TLPs (:mod:`teeio.tlp`) to the root port (``root_port.py``), the only
@@ -37,7 +37,7 @@ part that maps guest RAM::
 * **T bit** (§11.2.1).  The device's ``tee_dma`` hook says whether its DMA is
   TEE-originated (TDISP: the TDI in RUN on its bound stream).  T=1 needs a Secure
   stream: without one the request is refused at the device and never sent.
-* **MMIO** (§11.2.1, DESIGN decision 10).  CPU accesses to the device's TEE MMIO (BAR0)
+* **MMIO** (§11.2.1, docs/design.md decision 10).  CPU accesses to the device's TEE MMIO (BAR0)
   cross the link the other way: the root port sends MRd/MWr TLPs downstream
   (:meth:`Link.send_downstream`), protected on the device's Secure stream if there is
   one -- with T=1 when the TSM turned on private MMIO for the device -- and the

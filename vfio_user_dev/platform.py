@@ -1,4 +1,4 @@
-"""The emulated platform around one device function (DESIGN decision 10 made literal).
+"""The emulated platform around one device function (docs/design.md decision 10 made literal).
 
 :class:`Platform` composes what a host has between a VMM and a PCIe function:
 
@@ -17,7 +17,7 @@ as TLPs (PCIe 6.x §11.2.1).  Only with the TDI CONFIG_UNLOCKED, the access in t
 and no tap on the link does it take the direct path to the same completer (same gate,
 no TLP objects: the fast path of an untrusted device).
 
-Enforcement that never waits for the TSM (DESIGN "state has one owner"): the platform
+Enforcement that never waits for the TSM (docs/design.md "state has one owner"): the platform
 listens to the device's events; when the TDI leaves RUN the root port revokes its windows
 and private MMIO, and when the device is reset (its IDE keys gone) the root port's end of
 its stream leaves Secure too.

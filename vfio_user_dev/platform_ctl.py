@@ -1,7 +1,7 @@
 """Platform control socket, server side: how the TSM, and only the TSM, configures the
 root port.
 
-DESIGN decision 10: root-port IDE keys and trusted-DMA windows are programmed over a
+docs/design.md decision 10: root-port IDE keys and trusted-DMA windows are programmed over a
 UNIX socket of the device server (``--platform-socket PATH``) that requires a credential
 only the TSM holds; the device server writes it at start
 (:func:`teeio.platform_channel.write_credential`).  The protocol -- hello, per-connection

@@ -1,6 +1,6 @@
 """The platform's event log: what changed TDI, stream or window truth, in order.
 
-DESIGN "state has one owner": the DSM owns the TDI state, the platform (root port, link)
+docs/design.md "state has one owner": the DSM owns the TDI state, the platform (root port, link)
 owns its end of each stream and the trusted windows, the TSM owns the VM bindings.  The
 owners report every change here, and the TSM reads them over the authenticated platform
 channel (platform op ``events``), as a real host TSM learns from IDE Fail Messages

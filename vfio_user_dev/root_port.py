@@ -1,4 +1,4 @@
-"""The root port: the only part of the device server that maps guest RAM (DESIGN decision 10).
+"""The root port: the only part of the device server that maps guest RAM (docs/design.md decision 10).
 
 Every TLP the device sends over the link is checked here, in this order:
 
@@ -7,7 +7,7 @@ Every TLP the device sends over the link is checked here, in this order:
    Insecure, discards the TLP and sends an IDE Fail Message to the device.  A TLP
    without the prefix from a requester whose Secure stream has started IDE on that
    sub-stream is a failure too.  The requester must lie in the stream's RID range.
-2. **Trusted-DMA windows** (IOMMU-style; DESIGN "Trust model: DMA").  The TSM authorises
+2. **Trusted-DMA windows** (IOMMU-style; docs/design.md "Trust model: DMA").  The TSM authorises
    windows, each for one requester ID and stream.  T=1 DMA must lie wholly inside an
    active window of its requester and stream, with the access (read/write) it allows;
    T=0 DMA must not touch any window.  Every refusal is counted by reason, kept in a
@@ -18,7 +18,7 @@ Every TLP the device sends over the link is checked here, in this order:
    range suspends the window and is recorded as a security event; DMA into it is refused
    until the TSM re-authorises it.  Nothing is silently followed.
 
-**MMIO** (PCIe 6.x §11.2.1; DESIGN decision 10).  The root port is also the requester of
+**MMIO** (PCIe 6.x §11.2.1; docs/design.md decision 10).  The root port is also the requester of
 the CPU's accesses to the device's TEE MMIO (BAR0): :meth:`RootPort.mmio_read` /
 :meth:`RootPort.mmio_write` send MRd/MWr TLPs down the link (Requester ID = the root
 port).  With a Secure stream to the device they are IDE-protected on it (PR for writes,
@@ -26,7 +26,7 @@ NPR for reads; the completions come back on CPL, each with its own counters); T=
 after the TSM turned on *private MMIO* for the device on that stream
 (:meth:`RootPort.set_mmio_private`, platform op ``mmio_private``) -- and then never in
 the clear: if that stream is not Secure the access is not sent at all (reads return all
-ones).  The host's own accesses (DESIGN decision 12) are always T=0.  A completion that
+ones).  The host's own accesses (docs/design.md decision 12) are always T=0.  A completion that
 fails its IDE check makes the stream Insecure as DMA does; a completion to a T=1 read
 that is not on the request's stream, or an Unsupported Request, reads as all ones.
 
@@ -631,7 +631,7 @@ class RootPort:
         return self.platform_events.since(
             seq, kinds=None if kinds is None else frozenset(kinds))[0]
 
-    # -- enforcement that never waits for the TSM (DESIGN "state has one owner") ------------
+    # -- enforcement that never waits for the TSM (docs/design.md "state has one owner") ------------
     def revoke_requester(self, requester_id: int, reason: str) -> int:
         """The TDI of *requester_id* left RUN (or its device was reset): revoke its trusted
         windows and switch its private MMIO off, here and now.  Returns how many windows."""

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Guest-run protocol (DESIGN decision 6).  Runs as PID 1 after switch_root.
+# Guest-run protocol (docs/design.md decision 6).  Runs as PID 1 after switch_root.
 #   kernel parameters:  teeio.mode=selftest|shell|sh|...   teeio.seed=<hex>
 #                       teeio.file=<path>: the script of mode sh (or of the agent's script)
 #   results share:      /mnt/results/{report.json,lspci.txt,agent.log}, then status last
