@@ -1,4 +1,5 @@
-"""Boot the guest with our vfio-user device attached, and judge the run (docs/design.md decisions 5-6).
+"""Boot the guest with our vfio-user device attached, and judge the run
+(docs/design.md decisions 5-6).
 
 A run: start the device server on a private socket, start QEMU (through the
 sysroot's loader) with q35, memfd RAM, pcie-root-port + vfio-user-pci, three 9p

@@ -183,7 +183,7 @@ class TeeStack:
             self.ghcx_sock.unlink(missing_ok=True)
             self.ghcx_sock.symlink_to(self.tsm_ghcx_sock)
 
-    # -- the host's own path to the device (docs/design.md decision 12) -------------------------------
+    # -- the host's own path to the device (docs/design.md decision 12) ----------------------
     def host(self, op: str, **args: Any) -> dict[str, Any]:
         """One request on the device's host access socket; the whole reply."""
         with HostAccessClient(str(self.host_sock)) as c:

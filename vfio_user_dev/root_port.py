@@ -1,4 +1,5 @@
-"""The root port: the only part of the device server that maps guest RAM (docs/design.md decision 10).
+"""The root port: the only part of the device server that maps guest RAM (docs/design.md
+decision 10).
 
 Every TLP the device sends over the link is checked here, in this order:
 
@@ -631,7 +632,7 @@ class RootPort:
         return self.platform_events.since(
             seq, kinds=None if kinds is None else frozenset(kinds))[0]
 
-    # -- enforcement that never waits for the TSM (docs/design.md "state has one owner") ------------
+    # -- enforcement that never waits for the TSM (docs/design.md "state has one owner") ---
     def revoke_requester(self, requester_id: int, reason: str) -> int:
         """The TDI of *requester_id* left RUN (or its device was reset): revoke its trusted
         windows and switch its private MMIO off, here and now.  Returns how many windows."""
