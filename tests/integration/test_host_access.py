@@ -1,6 +1,5 @@
 """The host access socket (``--host-socket``, docs/design.md decision 12) against a real
-device-server
-process: config and BAR access (BAR0 always T=0), FLR, firmware update, link faults,
+device-server process: config and BAR access (BAR0 always T=0), FLR, firmware update, link faults,
 stats; malformed lines, unknown ops and bad arguments get errors and the connection keeps
 serving; the CLI prints JSON.  The device log is printed at teardown."""
 
