@@ -106,6 +106,7 @@ from typing import BinaryIO, Protocol
 from teeio.ide import MAC_LEN, IdeIntegrityError, IdeKeyStateError, IdeRx, IdeTx
 from teeio.pcie.ide_cap import IdeCapability, StreamKind
 from teeio.pcie.ide_cap import IdeStream as CapIdeStream
+from teeio.platform_channel import StreamState
 from teeio.tlp import (
     IDE_PREFIX_BYTE0,
     PREFIX_LEN,
@@ -566,8 +567,8 @@ class IdeStream:
         self.enabled = False
         self.insecure_reason = None
 
-    def state(self) -> str:
-        return "secure" if self.is_secure() else "insecure"
+    def state(self) -> StreamState:
+        return StreamState.SECURE if self.is_secure() else StreamState.INSECURE
 
 
 # -- the two ends -----------------------------------------------------------------------------
@@ -1044,7 +1045,8 @@ class LinkEndpoint:
 
     def status(self) -> dict[str, object]:
         with self._ide_lock:
-            streams = [{"id": s.stream_id, "state": "secure" if s.is_secure() else "insecure"}
+            streams = [{"id": s.stream_id, "state": StreamState.SECURE if s.is_secure()
+                        else StreamState.INSECURE}
                        for s in self._streams()]
         return {
             "requester_id": self.requester_id,

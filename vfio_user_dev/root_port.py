@@ -59,6 +59,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from teeio.ide import Direction, IdeIntegrityError, IdeKey, IdeKeyStateError, KeySet
+from teeio.platform_channel import StreamState
 from teeio.tlp import (
     IDE_PREFIX_BYTE0,
     PREFIX_LEN,
@@ -669,7 +670,7 @@ class RootPort:
         state = s.state()
         self._event("rp_stream", end="root_port", stream=s.stream_id, state=state,
                     reason=reason)
-        if state != "secure":
+        if state is not StreamState.SECURE:
             self._revoke_stream(s.stream_id, f"stream {s.stream_id} {state}: {reason}")
 
     def device_reset(self, requester_id: int, reason: str) -> None:
@@ -681,7 +682,7 @@ class RootPort:
         with self._lock:
             for s in self.streams.values():
                 if s.has_rid(requester_id) and (s.enabled or s.keys_ready()
-                                                or s.state() == "secure"):
+                                                or s.state() is StreamState.SECURE):
                     s.reset()
                     self._stream_event(s, reason)
 
