@@ -52,7 +52,7 @@ from typing import Any
 from guest_agent.commands import decide_accept
 from guest_agent.dmabuf import HugeBuffer
 from guest_agent.ghcx_client import GhcxCallError, GhcxClient
-from guest_agent.pci import bars_of
+from guest_agent.pci import bars_of, rewrite_bars
 from guest_agent.selftest import DEVICE, VENDOR, Checks, Driver
 from teeio import tdi_verify
 from teeio.device_regs import DEVICE_ID_REG_VALUE, Op, R
@@ -130,6 +130,8 @@ def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/re
         if decision.action == "restart":
             report["restart_stop"] = steps.run(
                 "restart_stop", lambda: client.call(MsgType.TDI_STOP, {}))
+        # CONFIG_UNLOCKED now: configure the function as the OS sees it before LOCK
+        report["bars_written"] = rewrite_bars(d.cfg, bars)
         _flow(report, steps, checks, client, d, policy, bars, pause_at, sync_dir, stop, seed)
         if cycles and report["accepted"]:
             report["cycles"] = [_cycle(client, policy, bars) for _ in range(cycles)]

@@ -52,6 +52,9 @@ def find_device(vendor: int, device: int) -> Path:
     raise AgentError(f"no PCI device {vendor:04x}:{device:04x} in {SYSFS_PCI}")
 
 
+BAR0 = 0x10          # Base Address Register 0 (PCI 3.0 §6.2.5)
+
+
 class Config:
     """Config space through sysfs ``config`` (root may write the whole 4 KiB)."""
 
@@ -83,6 +86,22 @@ def enable_device(cfg: Config) -> tuple[int, int]:
     if want != before:
         cfg.write(COMMAND, 2, want)
     return before, cfg.read(COMMAND, 2)
+
+
+def rewrite_bars(cfg: Config, bars: list[tuple[int, int, int]]) -> list[str]:
+    """Write each memory BAR back as the OS assigned it (what config space shows the
+    OS), so the function decodes -- and its interface report names -- the addresses the
+    OS uses.  An FLR behind the OS's back (the host's) leaves the function's BARs at
+    their reset value (PCIe 6.x §6.6.2) while the OS still shows its own.  Only before
+    LOCK: a BAR write in CONFIG_LOCKED or RUN is a TDISP security event (§11.2.6).
+    Returns the values written, hex."""
+    out = []
+    for index, _base, _size in bars:
+        off = BAR0 + 4 * index
+        value = cfg.read(off, 4)
+        cfg.write(off, 4, value)
+        out.append(f"BAR{index}={value:#010x}")
+    return out
 
 
 def bars_of(dev: Path) -> list[tuple[int, int, int]]:

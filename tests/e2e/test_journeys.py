@@ -68,21 +68,25 @@ def test_qemu_killed_in_run_then_a_new_vm(journey: Journey) -> None:
     j.agree("CONFIG_UNLOCKED")
     (j.results / "paused-run").unlink()
     j.boot(RUN + "accept 2\ninfo 2\n$A dma --json --op sha256 --length 64k --seed 1f "
-                 "> $R/dma-2.json\n")
-    j.finished()
+                 "> $R/dma-2.json\npause end\n")
+    j.paused("end")
     j.agree("RUN")
     assert j.guest_json("info-2.json")["info"]["state"] == "RUN"
     dma = j.guest_json("dma-2.json")
     assert dma["ok"] and dma["t_bit"] and dma["window"]["released"]
     assert dma["result"]["digest"] == hashlib.sha256(
         stream(0x1F, "dma-src", 65536)).hexdigest()
-    assert j.tsm()["devices"][0]["vmm"]["connected"] is False    # powered off: gone again
+    j.resume("end")
+    j.finished()
+    # powered off: the VMM is gone, and with it the device's RUN (reset on release)
+    j.wait_tsm_state("ERROR", PROMPT)
+    assert j.tsm()["devices"][0]["vmm"]["connected"] is False
 
 
 def test_flr_in_run(journey: Journey) -> None:
     j = journey
     j.boot(RUN + "accept 1\npause run\ninfo 2\nmust_fail $A dma --op fill\n"
-                 "$A stop --json > $R/stop.json\naccept 3\ninfo 3\n")
+                 "$A stop --json > $R/stop.json\naccept 3\ninfo 3\npause end\n")
     j.paused("run")
     j.agree("RUN")
     reply = j.stack.host("flr")
@@ -92,12 +96,16 @@ def test_flr_in_run(journey: Journey) -> None:
     assert tdi["reason"] == "device: RUN -> ERROR on FLR"
     assert j.tsm()["devices"][0]["stream"]["state"] == "insecure"   # the FLR took the keys
     j.resume("run")
-    j.finished()
+    j.paused("end")
     assert j.guest_json("info-2.json")["info"]["state"] == "ERROR"
     assert j.guest_json("stop.json")["before"] == "ERROR"
     assert j.guest_json("info-3.json")["info"]["state"] == "RUN"
     assert j.guest_json("info-3.json")["info"]["lock_epoch"] > tdi["lock_epoch"]
+    # the FLR had reset the BARs: accept wrote them back before LOCK
+    assert j.guest_json("accept-3.json")["bars_written"]
     j.agree("RUN")
+    j.resume("end")
+    j.finished()
     hist = j.tsm_cli("status", "--history").stdout
     assert "platform device_reset" in hist and "platform window_revoked" in hist
 
@@ -126,7 +134,7 @@ def test_agent_exits_then_accept_again(journey: Journey) -> None:
 def test_host_bar_write_in_run(journey: Journey) -> None:
     j = journey
     j.boot(RUN + "accept 1\npause run\ninfo 2\n$A stop --json > $R/stop.json\n"
-                 "accept 3\ninfo 3\n")
+                 "accept 3\ninfo 3\npause end\n")
     j.paused("run")
     j.agree("RUN")
     bar0 = j.stack.host("config_read", offset=0x10, size=4)["result"]["value"]
@@ -135,10 +143,12 @@ def test_host_bar_write_in_run(journey: Journey) -> None:
     tdi = j.agree("ERROR")
     assert tdi["reason"] == "device: RUN -> ERROR on BAR_WRITE"
     j.resume("run")
-    j.finished()
+    j.paused("end")
     assert j.guest_json("info-2.json")["info"]["state"] == "ERROR"
     assert j.guest_json("info-3.json")["info"]["state"] == "RUN"
     j.agree("RUN")
+    j.resume("end")
+    j.finished()
 
 
 def test_guest_driver_unbound_in_run(journey: Journey) -> None:

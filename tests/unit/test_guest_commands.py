@@ -24,7 +24,7 @@ import pytest
 import guest_agent.__main__ as cli
 from guest_agent import accept, commands, dmajob, selftest, testdata
 from guest_agent.ghcx_client import GhcxCallError, GhcxClient, GhcxSetupError
-from guest_agent.pci import Config, enable_device
+from guest_agent.pci import Config, enable_device, rewrite_bars
 from teeio import tdi_verify
 from teeio.device_regs import (
     CMD_GO,
@@ -689,11 +689,23 @@ def test_accept_decision(state: str, restart: bool, action: str) -> None:
 def _patch_accept(monkeypatch: pytest.MonkeyPatch, tsm: FakeTsm) -> list[bool]:
     drivers: list[bool] = []
 
+    class FakeConfig:
+        def __init__(self) -> None:
+            self.regs = {0x10: 0xFE80_0000}
+            self.writes: list[tuple[int, int, int]] = []
+
+        def read(self, off: int, size: int) -> int:
+            return self.regs[off]
+
+        def write(self, off: int, size: int, value: int) -> None:
+            self.writes.append((off, size, value))
+
     class FakeDriver:
         def __init__(self, irq: bool = True) -> None:
             drivers.append(irq)
             self.dev = Path("/sys/bus/pci/devices/0000:01:00.0")
             self.command = (0x0406, 0x0406)
+            self.cfg = FakeConfig()
 
     tsm.counters = {}  # type: ignore[attr-defined]
     tsm.tsm_restarted = False  # type: ignore[attr-defined]
@@ -766,6 +778,20 @@ class RecordingConfig(Config):
     def write(self, off: int, size: int, value: int) -> None:
         self.writes.append((off, size, value))
         super().write(off, size, value)
+
+
+def test_rewrite_bars_writes_back_what_the_os_assigned(tmp_path: Path) -> None:
+    """After an FLR behind its back the function's BARs are 0: accept writes back what the
+    OS shows (the VMM forwards the write), before LOCK."""
+    path = tmp_path / "config"
+    cfg_bytes = bytearray(256)
+    cfg_bytes[0x10:0x14] = (0xFE80_0000).to_bytes(4, "little")
+    cfg_bytes[0x14:0x18] = (0xFE80_1000).to_bytes(4, "little")
+    path.write_bytes(bytes(cfg_bytes))
+    cfg = RecordingConfig(path)
+    assert rewrite_bars(cfg, [(0, 0xFE80_0000, 4096), (1, 0xFE80_1000, 4096)]) == [
+        "BAR0=0xfe800000", "BAR1=0xfe801000"]
+    assert cfg.writes == [(0x10, 4, 0xFE80_0000), (0x14, 4, 0xFE80_1000)]
 
 
 @pytest.mark.parametrize(("before", "after", "writes"), [
