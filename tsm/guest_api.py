@@ -44,6 +44,8 @@ class GuestApiMixin(Registry):
         def _journal_stream(self, dev: DeviceEntry, state: StreamState, reason: str | None,
                             source: str = "tsm") -> None: ...
         def _allow(self, dev: DeviceEntry, what: Input) -> Step: ...
+
+        def _learn(self, dev: DeviceEntry, what: Input, reason: str, source: str) -> bool: ...
         def _take(self, dev: DeviceEntry, row: Step, reason: str | None,
                   source: str) -> None: ...
         def _refresh_state(self, dev: DeviceEntry, journal: bool = False) -> None: ...
@@ -165,7 +167,8 @@ class GuestApiMixin(Registry):
         if len(nonce) != NONCE_SIZE:
             raise GhcxFailure("bad_request", f"nonce must be {NONCE_SIZE} bytes of hex")
         link = self._session(dev)
-        if dev.tdi.state not in (TdiState.CONFIG_LOCKED, TdiState.RUN) or not dev.tdi.report:
+        self._allow(dev, Input.EVIDENCE)
+        if not dev.tdi.report:
             raise GhcxFailure("state", f"TDI {dev.config.name} is {dev.tdi.state.name}: "
                                        "evidence is given under a LOCK")
         with link.lock:
@@ -296,9 +299,7 @@ class GuestApiMixin(Registry):
         except (GhcxFailure, TdispRequestError, *LINK_ERRORS, DeviceError) as exc:
             self._count("stop_failures")
             text = exc.message if isinstance(exc, GhcxFailure) else one_line(exc)
-            if dev.tdi.state is not TdiState.CONFIG_UNLOCKED:
-                dev.tdi.failed(f"STOP failed ({why}): {text}")
-                self._journal_tdi(dev)
+            self._learn(dev, Input.STOP_FAILED, f"STOP failed ({why}): {text}", "tsm")
             log.error("TDI %s: STOP_INTERFACE failed (%s): %s; the TDI is %s",
                       dev.config.name, why, text, dev.tdi.state.name)
             raise

@@ -6,12 +6,12 @@ owns the VM binding and this record.  The TSM changes its record only through th
 table, on one of two kinds of input:
 
 * an **operation** it performs (the guest's GHCx request or the host's ``ctl``): LOCK,
-  ACCEPT (START), STOP, DMA_ACCEPT, DMA_RELEASE -- guarded here: a pair absent from the
-  table is refused with the state named, before any device I/O;
+  GET_EVIDENCE, ACCEPT (START), STOP, DMA_ACCEPT, DMA_RELEASE -- guarded here: a pair
+  absent from the table is refused with the state named, before any device I/O;
 * what it **learns** from the device or the platform: the device's word on the TDI state
   (GET_DEVICE_INTERFACE_STATE, read after every platform event that may change it:
   ``tdi``, ``device_reset``, ``client_disconnected``, ``command``, stream events), a lost
-  SPDM session, a restart of the TSM itself.
+  SPDM session, a restart of the TSM itself, a STOP that failed.
 
 ::
 
@@ -53,6 +53,7 @@ class Input(Enum):
     STOP = auto()
     DMA_ACCEPT = auto()
     DMA_RELEASE = auto()
+    EVIDENCE = auto()            # GET_EVIDENCE: signed measurements under a LOCK
     # what the TSM learns
     DEVICE_UNLOCKED = auto()     # the device says CONFIG_UNLOCKED
     DEVICE_LOCKED = auto()       # the device says CONFIG_LOCKED
@@ -60,6 +61,7 @@ class Input(Enum):
     DEVICE_ERROR = auto()        # the device says ERROR
     SESSION_LOST = auto()        # heartbeat failed, device server gone: fail safe
     TSM_RESTART = auto()         # the journal says LOCKED/RUN, the session is gone
+    STOP_FAILED = auto()         # STOP_INTERFACE could not be sent or failed: fail safe
 
 
 class Act(IntFlag):
@@ -91,6 +93,8 @@ TABLE: Mapping[tuple[TdiState, Input], Step] = MappingProxyType({
     (L, Input.DMA_RELEASE): Step(L),      # a window left from an earlier RUN: forget it
     (E, Input.DMA_RELEASE): Step(E),
     (U, Input.DMA_RELEASE): Step(U),
+    (L, Input.EVIDENCE): Step(L),
+    (R, Input.EVIDENCE): Step(R),
     (U, Input.STOP): Step(U, Act.REVOKE_WINDOWS | Act.CLOSE_MMIO),
     (L, Input.STOP): _UNLOCKED,
     (R, Input.STOP): _UNLOCKED,
@@ -115,16 +119,19 @@ TABLE: Mapping[tuple[TdiState, Input], Step] = MappingProxyType({
     (L, Input.TSM_RESTART): _FAIL,
     (R, Input.TSM_RESTART): _FAIL,
     (E, Input.TSM_RESTART): Step(E, Act.REVOKE_WINDOWS | Act.CLOSE_MMIO),
+    (L, Input.STOP_FAILED): _FAIL,
+    (R, Input.STOP_FAILED): _FAIL,
 })
 
 OPERATIONS = frozenset({Input.LOCK, Input.ACCEPT, Input.STOP, Input.DMA_ACCEPT,
-                        Input.DMA_RELEASE})
+                        Input.DMA_RELEASE, Input.EVIDENCE})
 
 _WHY = {
     Input.LOCK: "not CONFIG_UNLOCKED (STOP it first)",
     Input.ACCEPT: "not CONFIG_LOCKED",
     Input.DMA_ACCEPT: "DMA windows only in RUN",
     Input.DMA_RELEASE: "",
+    Input.EVIDENCE: "evidence is given under a LOCK",
     Input.STOP: "",
 }
 
