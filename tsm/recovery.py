@@ -14,7 +14,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from teeio.platform_channel import PlatformCtlError, StreamState
+from teeio.platform_channel import StreamState
 from teeio.tdisp.defs import TdiState
 from tsm.ctl import CtlError
 from tsm.device import LINK_ERRORS, DeviceConfig, DeviceError, DeviceLink, one_line
@@ -145,19 +145,6 @@ class RecoveryMixin(Registry):
             if self.reconnect_delays and not dev.link.session_up:
                 threading.Thread(target=self._reconnect_loop, args=(name, dev.link),
                                  name=f"reconnect-{name}", daemon=True).start()
-
-    def _fail_safe_platform(self, dev: DeviceEntry, reason: str) -> None:
-        """Revoke every journaled window of the device's VM, and its private MMIO."""
-        vm = self.vms.get(dev.tdi.vm) if dev.tdi.vm else None
-        if vm is not None:
-            for wid in sorted(vm.windows):
-                self._revoke(dev, vm, wid, reason)
-        if dev.tdi.mmio_private or dev.tdi.state is TdiState.ERROR:
-            try:
-                self._mmio_private(dev, False)
-            except (PlatformCtlError, DeviceError) as exc:
-                self._count("platform_errors")
-                log.error("device %s: cannot close private MMIO: %s", dev.config.name, exc)
 
     # -- a lost session -------------------------------------------------------------------
     def _session_lost(self, link: DeviceLink, reason: str) -> None:
