@@ -107,7 +107,7 @@ def test_flr_in_run(journey: Journey) -> None:
     j.resume("end")
     j.finished()
     hist = j.tsm_cli("status", "--history").stdout
-    assert "platform device_reset" in hist and "platform window_revoked" in hist
+    assert "platform device_reset" in hist and "platform mmio_private" in hist
 
 
 def test_agent_exits_then_accept_again(journey: Journey) -> None:
