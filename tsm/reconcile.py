@@ -118,7 +118,7 @@ class ReconcileMixin(Registry):
     # -- platform events (tsm/platform_watch.py) --------------------------------------------
     #: Event kinds after which the TSM asks the device and the platform for the truth.
     REFRESH_ON = frozenset({"tdi", "device_reset", "client_disconnected", "command",
-                            "ide_stream", "rp_stream", "ide_fail", "remap"})
+                            "ide_stream", "ide_registers", "rp_stream", "ide_fail", "remap"})
 
     def _watch(self, dev: DeviceEntry) -> None:
         """Listen to *dev*'s platform events (one watch per device name and socket)."""

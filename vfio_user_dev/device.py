@@ -640,6 +640,9 @@ class TeeIoDevice:
         if ((old_devctl[0] ^ devctl) & DEVCTL_PROTECTED or devctl & DEVCTL_INITIATE_FLR
                 or (old_devctl[1] ^ devctl2) & DEVCTL2_PROTECTED):
             self._security_event(TdiEvent.PROTECTED_CONFIG_WRITE)
+        if offset < self.ide.end and self.ide.offset < end:
+            self.events.emit("ide_registers", requester_id=self.link_end.requester_id,
+                             offset=offset, size=count, by=self._writer)
         if any(offset < hi and lo < end for lo, hi in watched):
             self._security_event(TdiEvent.IDE_STREAM_REGISTERS_CHANGED)
         if devctl & DEVCTL_INITIATE_FLR:

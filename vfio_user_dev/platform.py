@@ -55,6 +55,15 @@ class Platform:
                          capture=capture)
         self.device.link_attached()         # the link follows Device Control from now on
         self.events.listeners.append(self._enforce)
+        self.root_port.window_gate = self._window_gate
+
+    def _window_gate(self, requester_id: int) -> str | None:
+        """Trusted-DMA windows only for a TDI in RUN (a function without TDISP: any)."""
+        dev = self.device
+        if requester_id != dev.link_end.requester_id or dev.tdisp is None:
+            return None
+        state = dev.tdi_state()
+        return None if state is TdiState.RUN else f"its TDI is {state.name}, not RUN"
 
     # -- enforcement (module docstring) ------------------------------------------------------
     def _enforce(self, ev: Event) -> None:

@@ -19,6 +19,8 @@ seconds), ``kind`` and the kind's own fields.  The kinds:
 ``tdi``                  the DSM moved the TDI: ``before``, ``after``, ``event``
 ``ide_stream``           the device's end of a stream changed: ``end`` = ``device``,
                          ``stream``, ``state``, ``event``
+``ide_registers``        config space written in the IDE capability (``offset``, ``size``,
+                         ``by``: ``vmm`` or ``host``)
 ``rp_stream``            the root port's end of a stream changed: ``end`` = ``root_port``,
                          ``stream``, ``state``, ``reason``
 ``ide_fail``             an IDE check failed (``how``: detected / message)

@@ -241,6 +241,9 @@ class RootPort:
         self._downstream: Callable[[Sequence[bytes]], list[bytes]] | None = None
         #: private MMIO (TSM): device requester ID -> the stream its T=1 MMIO goes on
         self.mmio_private: dict[int, int] = {}
+        #: why a trusted window may not be granted to a requester now (None: it may); the
+        #: platform sets it: only a TDI in RUN gets windows
+        self.window_gate: Callable[[int], str | None] | None = None
         dma.listeners.append(self._map_changed)
 
     def attach_link(self, mps: int, ide_fail_sink: Callable[[int, str], None],
@@ -377,6 +380,9 @@ class RootPort:
             raise RootPortError(f"bad window {base:#x}+{size:#x} for RID {requester_id:#x}")
         if not (read or write):
             raise RootPortError("a window must allow reads, writes or both")
+        refusal = self.window_gate(requester_id) if self.window_gate is not None else None
+        if refusal is not None:
+            raise RootPortError(f"no window for RID {requester_id:#06x}: {refusal}")
         with self._lock:
             self._stream(stream_id)
             for w in self.windows.values():

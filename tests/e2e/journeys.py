@@ -176,9 +176,17 @@ class Journey:
         assert isinstance(doc, dict)
         return doc
 
-    def device_fds(self) -> int:
+    def device_fds(self, settle_to: int | None = None) -> int:
+        """The device server's open fds; with *settle_to*, once at most that many (it
+        closes a finished host or platform connection a moment after the client did),
+        waiting up to 2 s."""
         assert self.device is not None
-        return len(os.listdir(f"/proc/{self.device.pid}/fd"))
+        deadline = time.monotonic() + 2
+        while True:
+            n = len(os.listdir(f"/proc/{self.device.pid}/fd"))
+            if settle_to is None or n <= settle_to or time.monotonic() > deadline:
+                return n
+            time.sleep(0.02)
 
     def agree(self, state: str) -> dict[str, Any]:
         """``status --refresh`` says *state*, and so do the device and the root port (no

@@ -227,6 +227,11 @@ def test_root_port_window_rules_behind_the_device(tee_rig: TeeRig) -> None:
     revoked = rig.machine.root_port.events_since(seq, ("window_revoked",))
     assert [e["window"] for e in revoked] == [wid]
     assert "RUN -> CONFIG_UNLOCKED on STOP" in str(revoked[0]["reason"])
+    # and grants no new one until the TDI is RUN again (the TSM's table says so too)
+    from teeio.platform_channel import PlatformCtlError
+    with pytest.raises(PlatformCtlError, match="its TDI is CONFIG_UNLOCKED, not RUN"):
+        rig.rp.call("window_authorise", requester_id=rig.rid, stream_id=SID, base=WIN,
+                    size=WIN_SIZE, access="rw")
 
 
 def test_dma_go_written_while_locked_is_ur_and_starts_nothing(tee_rig: TeeRig) -> None:

@@ -6,6 +6,7 @@ import threading
 import time
 
 from teeio.pcie.config import Command, Reg
+from teeio.tdisp.defs import TdiState
 from vfio_user_dev.platform import Platform
 from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.protocol import PciRegion
@@ -80,4 +81,31 @@ def test_a_reset_takes_the_root_ports_end_out_of_secure() -> None:
         assert "device reset (client_reset)" in str(ev["reason"])
         assert not rp.streams[3].enabled
     finally:
+        m.close()
+
+
+def test_ide_capability_writes_are_events() -> None:
+    m = Platform()
+    try:
+        ide = m.device.ide
+        seq = m.events.last_seq
+        m.region_write(PciRegion.CONFIG, ide.offset + 4, bytes(4), host=True)
+        (ev,) = m.events.since(seq, kinds=frozenset({"ide_registers"}))[0]
+        assert ev["offset"] == ide.offset + 4 and ev["size"] == 4 and ev["by"] == "host"
+    finally:
+        m.close()
+
+
+def test_windows_only_for_a_tdi_in_run_once_the_function_has_tdisp() -> None:
+    m = Platform()
+    try:
+        rid = m.device.link_end.requester_id
+        assert m.root_port.window_gate is not None
+        assert m.root_port.window_gate(rid) is None            # no TDISP: any window
+        m.device.tdisp = object()   # type: ignore[assignment]  # a TDI, CONFIG_UNLOCKED
+        m.device.tdi_state = lambda: TdiState.CONFIG_UNLOCKED   # type: ignore[method-assign]
+        assert m.root_port.window_gate(rid) == "its TDI is CONFIG_UNLOCKED, not RUN"
+        assert m.root_port.window_gate(rid + 1) is None        # another function's
+    finally:
+        m.device.tdisp = None
         m.close()
