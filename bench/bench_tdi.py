@@ -62,8 +62,9 @@ def summarise(cycles: list[list[dict[str, Any]]]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_tdi", description=__doc__)
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--cycles", type=int, default=8)
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--cycles", type=int, default=8,
+                    help="accept/DMA cycles per guest run (default 8)")
     ns = ap.parse_args(argv)
     if not image.is_built():
         print("error: the guest image is not built: run 'make image'", file=sys.stderr)

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--leaf-subject", help="expected leaf certificate subject (RFC 4514)")
     ap.add_argument("--identity", type=Path,
                     help="take the expected leaf subject from this provisioned identity")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True,
+                    help="where to write the policy document (JSON)")
     ns = ap.parse_args(argv)
     try:
         subject = ns.leaf_subject

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemu_configs.mirror import MirrorNotFound, host_apt_proxy_options, host_debian_mirror
+from teeio import paths as paths_mod
 
 GUEST_DIR = Path(__file__).parent / "guest"
 BUILDER_VERSION = 1
@@ -61,11 +62,7 @@ class ImageError(RuntimeError):
 
 
 def cache_root() -> Path:
-    env = os.environ.get("TEEIO_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "teeio"
+    return paths_mod.cache_root()
 
 
 def _hash(obj: object) -> str:
@@ -305,7 +302,8 @@ def ensure_image(fresh: bool = False) -> GuestImage:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Build (or locate) the cached guest image.")
+    ap = argparse.ArgumentParser(prog="teeio-image",
+                                 description="Build (or locate) the cached guest image.")
     ap.add_argument("--fresh", action="store_true", help="rebuild even when cached")
     ap.add_argument("--print", action="store_true", help="print the cached paths and exit")
     ns = ap.parse_args(argv)

@@ -3,8 +3,8 @@
 
 A run: start the device server on a private socket, start QEMU (through the
 sysroot's loader) with q35, memfd RAM, pcie-root-port + vfio-user-pci, three 9p
-shares (sysroot ro, project ro, results rw), serial console to a file and a QMP
-socket; wait for the guest's status file (written last, on the results share)
+shares (sysroot ro, the guest's part of the project ro, results rw), serial console to a
+file and a QMP socket; wait for the guest's status file (written last, on the results share)
 or for QEMU to end, bounded by one timeout table; then stop and clean up
 everything that was started, whatever happened.  The verdict comes from the
 status file and the results, never from QEMU's exit code.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -30,11 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from qemu_configs import image as image_mod
+from teeio import paths
 
 log = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+# The folder holding the project's packages (the checkout, or site-packages when installed):
+# the host-side processes run with it on PYTHONPATH.
+PROJECT_DIR = paths.PACKAGES_DIR
 CONFIG_FILE = Path(__file__).resolve().parent / "teeio-q35.cfg"
+# What the guest needs from the project, shared read-only as /mnt/project (relative to
+# PROJECT_DIR): the agent, the shared library, and the guest-run script.
+GUEST_SHARE_ITEMS = ("guest_agent", "teeio", "qemu_configs/guest")
+GUEST_SHARE_MAX_AGE = 24 * 3600   # seconds a share unused by any boot is kept in the cache
 
 # One table bounds every wait (seconds).  TCG on 2 shared cores is the baseline.
 TIMEOUTS: dict[str, float] = {
@@ -100,8 +108,69 @@ def kvm_usable() -> bool:
     return res.ok
 
 
+def _guest_files(src: Path) -> list[tuple[str, Path]]:
+    files = []
+    for item in GUEST_SHARE_ITEMS:
+        top = src / item
+        if not top.is_dir():
+            raise LaunchError(f"{top} is missing: the guest needs it")
+        for path in top.rglob("*"):
+            if "__pycache__" in path.parts or path.suffix == ".pyc" or not path.is_file():
+                continue
+            files.append((path.relative_to(src).as_posix(), path))
+    return sorted(files)
+
+
+def guest_share(src: Path = PROJECT_DIR) -> Path:
+    """A folder holding only what the guest needs from the project (GUEST_SHARE_ITEMS),
+    shared into it as /mnt/project: never the whole checkout or site-packages.
+
+    It is a copy in the cache (``guest-share/<hash of the files>``; 9p does not follow
+    host symlinks), made once per content and renamed into place whole, so concurrent
+    boots share it; shares no boot used for a day are removed."""
+    try:
+        return _make_guest_share(src)
+    except OSError as exc:
+        raise LaunchError(f"the guest share in {paths.cache_root()}: "
+                          f"{exc.strerror or exc}") from None
+
+
+def _make_guest_share(src: Path) -> Path:
+    files = _guest_files(src)
+    h = hashlib.sha256()
+    for rel, path in files:
+        data = path.read_bytes()
+        h.update(f"{rel}\0{len(data)}\0".encode() + data)
+    base = paths.cache_root() / "guest-share"
+    final = base / h.hexdigest()[:16]
+    if not final.is_dir():
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
+        try:
+            for rel, path in files:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, tmp / rel)
+            os.chmod(tmp, 0o755)
+            try:
+                os.rename(tmp, final)
+            except OSError:            # another boot made the same share meanwhile
+                if not final.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    os.utime(final)
+    now = time.time()
+    for old in base.iterdir():
+        with contextlib.suppress(OSError):
+            if old != final and now - old.stat().st_mtime > GUEST_SHARE_MAX_AGE:
+                shutil.rmtree(old)
+    return final
+
+
 def qemu_argv(img: image_mod.GuestImage, opts: VmOptions, wd: Path, sock: Path,
-              qmp: Path, accel: str) -> list[str]:
+              qmp: Path, accel: str, project: Path | None = None) -> list[str]:
+    """QEMU's command line; *project* is the folder shared as /mnt/project (default:
+    guest_share())."""
     kparams = ["console=ttyS0", "panic=-1", "rdinit=/init", "loglevel=4",
                f"teeio.mode={opts.mode}"]
     kparams += [f"teeio.{k}={v}" for k, v in opts.params.items()]
@@ -126,7 +195,9 @@ def qemu_argv(img: image_mod.GuestImage, opts: VmOptions, wd: Path, sock: Path,
         "-qmp", f"unix:{qmp},server=on,wait=off",
         "-no-reboot",
     ]
-    for tag, path, ro in (("sysroot", img.sysroot, True), ("project", PROJECT_DIR, True),
+    if project is None:
+        project = guest_share()
+    for tag, path, ro in (("sysroot", img.sysroot, True), ("project", project, True),
                           ("results", wd / "results", False)):
         argv += ["-fsdev", f"local,id={tag},path={path},security_model=none"
                            f"{',readonly=on' if ro else ''}",
@@ -330,13 +401,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="keep logs and results here")
     ap.add_argument("-v", "--device-verbose", action="store_true",
                     help="log every vfio-user message in device.log")
+    ap.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
+                    help="one more QEMU argument, appended to its command line (repeatable, "
+                         "in order; write a leading dash with '=': --qemu-arg=-device "
+                         "--qemu-arg=virtio-rng-pci)")
+    ap.add_argument("--guest-share", action="store_true",
+                    help="make (if needed) and print the folder shared into the guest as "
+                         "/mnt/project, then exit (e.g. for qemu_configs/libvirt/)")
     ns = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if ns.guest_share:
+        try:
+            print(guest_share())
+        except LaunchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    bad = [kv for kv in ns.param if "=" not in kv]
+    if bad:
+        ap.error(f"--param {bad[0]!r}: expected K=V")
     params = dict(kv.split("=", 1) for kv in ns.param)
     opts = VmOptions(mode="shell" if ns.shell else ns.mode, params=params,
                      share_memory=not ns.no_share, accel="kvm" if ns.kvm else "tcg",
                      interactive=ns.shell, device_verbose=ns.device_verbose,
-                     workdir=ns.workdir, keep_workdir=True)
+                     workdir=ns.workdir, keep_workdir=True, extra_qemu_args=ns.qemu_arg)
     try:
         res = run_vm(opts)
     except LaunchError as exc:

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum, IntFlag, auto
 from typing import Any
 
+from teeio.doe_pcap import DoeDirection
+
 log = logging.getLogger(__name__)
 
 # -- definitions (PCIe 6.3 §6.30, §7.9.24) ------------------------------------------------------
@@ -306,6 +308,10 @@ class DoeDispatcher:
     One lock serialises every object, whichever transport it came from (mailbox or
     host socket).  A device passes its own re-entrant lock so that handlers may touch
     device state without any lock-order question.
+
+    :attr:`tap`, when set, sees every whole object under that lock, in order: the
+    request as it arrived, then the response if there is one --
+    whichever transport carried them (a DOE capture, :mod:`teeio.doe_pcap`).
     """
 
     def __init__(self, lock: contextlib.AbstractContextManager[Any] | None = None,
@@ -315,6 +321,7 @@ class DoeDispatcher:
         self.log = log.getChild(name)
         self.objects = 0      # objects handed to handle_object
         self.responses = 0    # response objects produced
+        self.tap: Callable[[DoeDirection, bytes], None] | None = None
 
     def register(self, vendor_id: int, data_object_type: int, handler: Handler) -> None:
         key = (vendor_id, data_object_type)
@@ -341,6 +348,8 @@ class DoeDispatcher:
         """
         with self._lock:
             self.objects += 1
+            if self.tap is not None:
+                self.tap(DoeDirection.REQUEST, bytes(obj))
             if self.log.isEnabledFor(logging.DEBUG):
                 self.log.debug("--> %d bytes: %s", len(obj), bytes(obj).hex())
             req = DoeObject.decode(obj)
@@ -358,6 +367,8 @@ class DoeDispatcher:
             rsp = DoeObject(req.vendor_id, req.data_object_type, pad_dw(payload),
                             req.connection_id).encode()
             self.responses += 1
+            if self.tap is not None:
+                self.tap(DoeDirection.RESPONSE, rsp)
             if self.log.isEnabledFor(logging.DEBUG):
                 self.log.debug("<-- %d bytes: %s", len(rsp), rsp.hex())
             return rsp

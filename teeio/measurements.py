@@ -178,7 +178,8 @@ def _hash(name: str) -> Callable[[bytes], hashlib._Hash]:
 
 # --- Firmware image measurements --------------------------------------------------------
 #
-# measure_elf() turns the device firmware ELF (firmware/fw.c) into these measurements.
+# measure_elf() turns the device firmware ELF (vfio_user_dev/firmware_src/fw.c) into these
+# measurements.
 # "Section bytes" are a section's file contents (sh_size bytes at sh_offset), exactly as
 # stored: the image is a static executable, nothing is relocated at load time.
 #
@@ -205,7 +206,8 @@ class FirmwareImageError(ValueError):
 
 @dataclass(frozen=True)
 class FirmwareManifest:
-    """The ``.teeio_manifest`` section (``struct teeio_fw_manifest`` in firmware/fw.c).
+    """The ``.teeio_manifest`` section (``struct teeio_fw_manifest`` in
+    vfio_user_dev/firmware_src/fw.c).
 
     ``magic u32 "TIOM" | format u16 = 1 | reserved u16 = 0 | fw_version u32
     (major << 16 | minor << 8 | patch) | build_id u8[16] (ASCII, NUL padded)``, LE.

@@ -3,6 +3,7 @@
     teeio-tsm attest (--doe-socket PATH | --doe-tcp-port N [--host 127.0.0.1])
                      --trust-anchor PEM [--reference-values JSON] [--nonce HEX]
                      [--session] [--json OUT]
+                     [--doe-capture FILE] [--export-session-secrets FILE]
 
 Steps, each one verified before the next:
 
@@ -26,6 +27,13 @@ re-checks with :func:`teeio.spdm.requester.verify_measurement_transcript`.
 Steps 1-5 are shared with ``teeio-tsm ide`` (``tsm/ide.py``), which programs IDE keys
 only into a device attested this way: :func:`attested` connects, attests and yields
 the SPDM requester; :func:`add_device_arguments` is their common command line.
+
+Debugging (:class:`DoeDebug`, also ``teeio-tsm daemon``): ``--doe-capture FILE`` records
+every DOE object of the TSM's DOE connections as a pcap that DMTF ``spdm_dump -r FILE``
+decodes (:mod:`teeio.doe_pcap`); ``--export-session-secrets FILE`` writes each SPDM
+session's DHE secret for ``spdm_dump --dhe_secret``, so it can decrypt the secured
+messages -- and so can anyone with the file: off by default, a WARNING when it is on and
+for every session.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from teeio.doe import (
     pad_dw,
     protocol_name,
 )
+from teeio.doe_pcap import DoePcapWriter, SessionSecretLog
 from teeio.measurements import (
     MeasurementBlock,
 )
@@ -153,6 +162,46 @@ class AttestOptions:
     nonce: bytes | None = None
     session: bool = False
     json_out: Path | None = None
+    debug: DoeDebug | None = None
+
+
+@dataclass
+class DoeDebug:
+    """Debugging taps on the TSM's DOE connections and SPDM sessions (module doc)."""
+
+    capture: DoePcapWriter | None = None
+    secrets: SessionSecretLog | None = None
+
+    @classmethod
+    def open(cls, capture: Path | None, secrets: Path | None, who: str) -> DoeDebug | None:
+        """None when neither is asked for; AttestError (one line) if a file cannot be made."""
+        if capture is None and secrets is None:
+            return None
+        out = cls()
+        try:
+            if capture is not None:
+                out.capture = DoePcapWriter(capture)
+            if secrets is not None:
+                out.secrets = SessionSecretLog(secrets, who)
+        except OSError as exc:
+            out.close()
+            raise AttestError(f"cannot create {exc.filename}: {exc.strerror or exc}") from None
+        return out
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace, who: str) -> DoeDebug | None:
+        return cls.open(getattr(ns, "doe_capture", None),
+                        getattr(ns, "export_session_secrets", None), who)
+
+    def attach(self, requester: Requester) -> None:
+        if self.secrets is not None:
+            requester.on_session_secret = self.secrets.record
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.close()
+        if self.secrets is not None:
+            self.secrets.close()
 
 
 @dataclass
@@ -193,6 +242,8 @@ def connect(opts: AttestOptions) -> tuple[DoeClient, str]:
     except OSError as exc:
         raise AttestError(f"DOE transport: cannot connect to {where}: "
                           f"{exc.strerror or exc}") from None
+    if opts.debug is not None:
+        client.capture = opts.debug.capture
     return client, where
 
 
@@ -242,6 +293,8 @@ def authenticate(opts: AttestOptions, run: Attestation, client: DoeClient, where
                           "which --session needs")
 
     req = Requester(doe_transport(client), anchors, name="attest")
+    if opts.debug is not None:
+        opts.debug.attach(req)
     neg = req.init_connection()
     hash_name = spdm_crypto.hash_name(neg.base_hash)
     algorithms = {"base_asym": _alg(BaseAsymAlgo, neg.base_asym),
@@ -356,6 +409,18 @@ def add_device_arguments(ap: argparse.ArgumentParser) -> None:
                     help="teeio-refvalues output: every measurement must match it")
     ap.add_argument("--nonce", type=parse_nonce, metavar="HEX",
                     help=f"GET_MEASUREMENTS nonce, {NONCE_SIZE} bytes (default: random)")
+    add_debug_arguments(ap)
+
+
+def add_debug_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--doe-capture`` and ``--export-session-secrets`` (:class:`DoeDebug`)."""
+    ap.add_argument("--doe-capture", type=Path, metavar="FILE",
+                    help="record every DOE object sent to and received from the device as "
+                         "a pcap of link type 292 PCI_DOE (decode: spdm_dump -r FILE)")
+    ap.add_argument("--export-session-secrets", type=Path, metavar="FILE",
+                    help="DEBUGGING ONLY, insecure: write each SPDM session's DHE secret "
+                         "to FILE (0600) as spdm_dump --dhe_secret options, so the secured "
+                         "messages in a --doe-capture can be decrypted")
 
 
 def run_command(ns: argparse.Namespace) -> int:
@@ -366,9 +431,13 @@ def run_command(ns: argparse.Namespace) -> int:
     run = Attestation(out=print)
     reason = ""
     try:
+        opts.debug = DoeDebug.from_args(ns, "teeio-tsm attest")
         attest(opts, run)
     except (AttestError, RequesterError, DoeTransportError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
+    finally:
+        if opts.debug is not None:
+            opts.debug.close()
     if opts.json_out is not None and "measurement_transcript" in run.evidence:
         run.evidence.update({"verified": not reason, "reason": reason or None})
         try:
@@ -386,7 +455,7 @@ def run_command(ns: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["AttestError", "AttestOptions", "Attestation", "Comparison", "add_arguments",
-           "add_device_arguments", "attest", "attested", "authenticate",
-           "compare_measurements", "connect", "doe_transport", "load_reference_values",
-           "run_command"]
+__all__ = ["AttestError", "AttestOptions", "Attestation", "Comparison", "DoeDebug",
+           "add_arguments", "add_debug_arguments", "add_device_arguments", "attest",
+           "attested", "authenticate", "compare_measurements", "connect", "doe_transport",
+           "load_reference_values", "run_command"]

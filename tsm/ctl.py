@@ -273,32 +273,50 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     sub = ap.add_subparsers(dest="ctl_op", required=True, metavar="OP")
     c = sub.add_parser("connect", help="attest a device, open the session, set the IDE "
                                        "stream up")
-    c.add_argument("--device", required=True, metavar="NAME")
+    c.add_argument("--device", required=True, metavar="NAME",
+                   help="the name the TSM keeps the device under")
     where = c.add_mutually_exclusive_group(required=True)
-    where.add_argument("--doe-socket", type=Path, metavar="PATH")
-    where.add_argument("--doe-tcp-port", type=int, metavar="N")
-    c.add_argument("--host", default="127.0.0.1")
-    c.add_argument("--platform-socket", type=Path, required=True, metavar="PATH")
-    c.add_argument("--platform-credential", type=Path, required=True, metavar="FILE")
-    c.add_argument("--trust-anchor", type=Path, required=True, metavar="PEM")
-    c.add_argument("--reference-values", type=Path, metavar="JSON")
-    c.add_argument("--stream-id", type=int, metavar="N")
-    c.add_argument("--block", type=int, metavar="N")
+    where.add_argument("--doe-socket", type=Path, metavar="PATH",
+                       help="the device's DOE socket (teeio-device --doe-socket)")
+    where.add_argument("--doe-tcp-port", type=int, metavar="N",
+                       help="the device's DOE TCP port (teeio-device --doe-tcp-port)")
+    c.add_argument("--host", default="127.0.0.1",
+                   help="host of --doe-tcp-port (default 127.0.0.1)")
+    c.add_argument("--platform-socket", type=Path, required=True, metavar="PATH",
+                   help="the platform (root port) socket (teeio-device --platform-socket)")
+    c.add_argument("--platform-credential", type=Path, required=True, metavar="FILE",
+                   help="the credential the platform socket requires")
+    c.add_argument("--trust-anchor", type=Path, required=True, metavar="PEM",
+                   help="the root certificate the device's chain must lead to")
+    c.add_argument("--reference-values", type=Path, metavar="JSON",
+                   help="reference values (teeio-refvalues) the measurements must match")
+    c.add_argument("--stream-id", type=int, metavar="N",
+                   help="IDE Stream ID (default 1)")
+    c.add_argument("--block", type=int, metavar="N",
+                   help="the device's Selective IDE stream block to use (default 0)")
     r = sub.add_parser("reconnect", help="re-establish a known device whose session is down "
                                          "(its VM binding and secret are kept)")
-    r.add_argument("--device", required=True, metavar="NAME")
+    r.add_argument("--device", required=True, metavar="NAME", help="the device's name")
     d = sub.add_parser("disconnect", help="tear the stream down, END_SESSION")
-    d.add_argument("--device", required=True, metavar="NAME")
+    d.add_argument("--device", required=True, metavar="NAME", help="the device's name")
     b = sub.add_parser("bind", help="bind a device's TDI to a VM: secret file, GHCx socket")
-    b.add_argument("--vm", required=True, metavar="VMID")
-    b.add_argument("--device", required=True, metavar="NAME")
-    b.add_argument("--ghcx-socket", type=Path, required=True, metavar="PATH")
-    b.add_argument("--secret-file", type=Path, metavar="FILE")
-    b.add_argument("--mmio-reporting-offset", type=parse_int, metavar="N")
+    b.add_argument("--vm", required=True, metavar="VMID",
+                   help="the VM's id (the guest reads it from fw_cfg)")
+    b.add_argument("--device", required=True, metavar="NAME",
+                   help="the connected device whose TDI the VM gets")
+    b.add_argument("--ghcx-socket", type=Path, required=True, metavar="PATH",
+                   help="where the TSM serves the VM's GHCx channel")
+    b.add_argument("--secret-file", type=Path, metavar="FILE",
+                   help="where to write the launch secret (default: under the state "
+                        "directory's vms/)")
+    b.add_argument("--mmio-reporting-offset", type=parse_int, metavar="N",
+                   help="MMIO_REPORTING_OFFSET asked for at LOCK, a 4 KiB multiple "
+                        "(default 0)")
     for op, text in (("unbind", "stop the VM's TDI if needed, forget the VM"),
                      ("lock", "host-requested LOCK of the VM's TDI (a new lock epoch)"),
                      ("stop", "host-requested STOP of the VM's TDI")):
-        sub.add_parser(op, help=text).add_argument("--vm", required=True, metavar="VMID")
+        sub.add_parser(op, help=text).add_argument("--vm", required=True, metavar="VMID",
+                                                   help="the VM's id")
     s = sub.add_parser("status", help="devices, sessions, streams, TDIs, VMs")
     add_status_arguments(s)
 

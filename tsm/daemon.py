@@ -1,6 +1,7 @@
 """``teeio-tsm daemon``: the persistent TSM.
 
     teeio-tsm daemon --state-dir DIR [--ctl-socket PATH] [--heartbeat SECONDS] [-v]
+                     [--doe-capture FILE] [--export-session-secrets FILE]
 
 Runs in the foreground and logs to stderr.  It owns, per device, the DOE connection, the
 SPDM session, the Selective IDE stream and the TDI (``tsm/device.py``, ``tsm/tdi.py``);
@@ -50,6 +51,7 @@ from pathlib import Path
 from teeio.platform_channel import PlatformCtlError, StreamState
 from teeio.transport import background
 from tsm import ctl
+from tsm.attest import DoeDebug, add_debug_arguments
 from tsm.control_api import ControlApiMixin
 from tsm.device import DeviceError, one_line
 from tsm.guest_api import GuestApiMixin
@@ -67,12 +69,14 @@ class Daemon(RecoveryMixin, ReconcileMixin, GuestApiMixin, ControlApiMixin):
     class is built from (module docstring)."""
 
     def __init__(self, state_dir: Path, heartbeat: float | None = None,
-                 reconnect_delays: Sequence[float] = RECONNECT_DELAYS) -> None:
+                 reconnect_delays: Sequence[float] = RECONNECT_DELAYS,
+                 debug: DoeDebug | None = None) -> None:
         """Open (or create) *state_dir*'s journal and replay it into the tables; nothing
         is connected or served until :meth:`start`."""
         super().__init__(state_dir)
         self.heartbeat = heartbeat
         self.reconnect_delays = tuple(reconnect_delays)
+        self.debug = debug
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.journal, records = Journal.open(state_dir)
         self._replay(records)
@@ -177,6 +181,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--heartbeat", type=float, metavar="SECONDS",
                     help="send SPDM HEARTBEAT this often (default: half the session's "
                          "HeartbeatPeriod; 0: never)")
+    add_debug_arguments(ap)
     ap.add_argument(background.FLAG, action="store_true",
                     help="run in the background: return once the control socket listens "
                          "(prints the pid), the log going to --log")
@@ -194,10 +199,14 @@ def run_command(ns: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         return background.start("teeio-tsm daemon",
                                 ["-m", "tsm", *(sys.argv[1:] if argv is None else argv)],
                                 ns.log or state_dir / "daemon.log")
+    debug: DoeDebug | None = None
     try:
-        daemon = Daemon(state_dir, ns.heartbeat)
+        debug = DoeDebug.from_args(ns, "teeio-tsm daemon")
+        daemon = Daemon(state_dir, ns.heartbeat, debug=debug)
     except Exception as exc:      # a bad journal, an unusable state dir, ...: one line
         log.debug("daemon init failed", exc_info=True)
+        if debug is not None:
+            debug.close()
         print(f"daemon FAILED: {one_line(exc)}", file=sys.stderr)
         return 1
     stop = threading.Event()
@@ -215,6 +224,8 @@ def run_command(ns: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         log.debug("start failed", exc_info=True)
         with contextlib.suppress(Exception):
             daemon.close()
+        if debug is not None:
+            debug.close()
         print(f"daemon FAILED: {one_line(exc)}", file=sys.stderr)
         return 1
     log.info("TSM daemon ready: boot id %s, state %s, control %s", daemon.boot_id.hex(),
@@ -225,6 +236,8 @@ def run_command(ns: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     finally:
         server.close()
         daemon.close()
+        if debug is not None:
+            debug.close()
     return 0
 
 

@@ -95,9 +95,11 @@ class DeviceLink:
 
     def __init__(self, config: DeviceConfig,
                  on_session_lost: Callable[[DeviceLink, str], None] | None = None,
-                 heartbeat_interval: float | None = None) -> None:
+                 heartbeat_interval: float | None = None,
+                 debug: attest.DoeDebug | None = None) -> None:
         self.config = config
         self.heartbeat_interval = heartbeat_interval
+        self.debug = debug
         self.lock = threading.RLock()
         self.log = log.getChild(config.name)
         self.on_session_lost = on_session_lost
@@ -163,7 +165,7 @@ class DeviceLink:
                 raise DeviceError(f"device {cfg.name} is already connected")
             opts = AttestOptions(trust_anchor=Path(cfg.trust_anchor),
                                  doe_socket=cfg.doe_socket, doe_tcp_port=cfg.doe_tcp_port,
-                                 host=cfg.host, session=True,
+                                 host=cfg.host, session=True, debug=self.debug,
                                  reference_values=(Path(cfg.reference_values)
                                                    if cfg.reference_values else None))
             run = Attestation(out=lambda line: self.log.info("%s", line))

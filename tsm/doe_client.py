@@ -4,6 +4,9 @@ Talks to the device server's ``--doe-socket`` / ``--doe-tcp-port`` (or to any
 spdm_responder_emu started with ``--trans PCI_DOE``).  Each message is three
 big-endian u32 (command, transport type 2, payload size) and a payload; NORMAL
 payloads are whole DOE objects.  Every receive is bounded by *timeout*.
+
+With :attr:`DoeClient.capture` set, every DOE object sent and every response received
+is appended to that pcap file (:mod:`teeio.doe_pcap`, the form spdm_dump reads).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from teeio.doe import (
     SocketTransport,
 )
 from teeio.doe import discover as discovery_walk
+from teeio.doe_pcap import DoeDirection, DoePcapWriter
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +39,11 @@ class DoeTransportError(RuntimeError):
 
 
 class DoeClient:
-    def __init__(self, sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, sock: socket.socket, timeout: float = DEFAULT_TIMEOUT,
+                 capture: DoePcapWriter | None = None) -> None:
         self.sock = sock
         self.sock.settimeout(timeout)
+        self.capture = capture
 
     @classmethod
     def connect_unix(cls, path: str, timeout: float = DEFAULT_TIMEOUT) -> DoeClient:
@@ -116,7 +122,12 @@ class DoeClient:
 
     def exchange(self, obj: bytes) -> bytes | None:
         """One whole DOE object out, the whole response object back (None: no response)."""
-        return self.call(SocketCommand.NORMAL, obj) or None
+        if self.capture is not None:
+            self.capture.write(DoeDirection.REQUEST, obj)
+        rsp = self.call(SocketCommand.NORMAL, obj) or None
+        if rsp is not None and self.capture is not None:
+            self.capture.write(DoeDirection.RESPONSE, rsp)
+        return rsp
 
     def exchange_object(self, obj: DoeObject) -> DoeObject | None:
         rsp = self.exchange(obj.encode())

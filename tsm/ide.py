@@ -568,11 +568,16 @@ def u8_arg(text: str) -> int:
 
 
 def run_command(ns: argparse.Namespace) -> int:
+    try:
+        debug = attest.DoeDebug.from_args(ns, "teeio-tsm ide")
+    except AttestError as exc:
+        print(f"ide {ns.ide_command} FAILED: {exc}", file=sys.stderr)
+        return 1
     opts = IdeOptions(
         attest=AttestOptions(trust_anchor=ns.trust_anchor, doe_socket=ns.doe_socket,
                              doe_tcp_port=ns.doe_tcp_port, host=ns.host,
                              reference_values=ns.reference_values, nonce=ns.nonce,
-                             session=True),
+                             session=True, debug=debug),
         platform_socket=ns.platform_socket, platform_credential=ns.platform_credential,
         stream_id=ns.stream_id, block=ns.block, query=ns.query, pause=ns.pause,
         hold=ns.hold, json_out=ns.json_out)
@@ -589,6 +594,9 @@ def run_command(ns: argparse.Namespace) -> int:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         print(f"ide {command} FAILED: {reason}", file=sys.stderr)
         return 1
+    finally:
+        if debug is not None:
+            debug.close()
     print(f"ide {command}: done")
     return 0
 

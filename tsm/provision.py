@@ -25,7 +25,7 @@ def fingerprint(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tsm.provision",
+    ap = argparse.ArgumentParser(prog="teeio-provision",
                                  description="Generate a device certificate chain and key.")
     ap.add_argument("--out", type=Path, required=True, help="directory to write into")
     ap.add_argument("--alg", choices=pki.ALGORITHMS, default="P-384",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from teeio.platform_channel import StreamState
 from teeio.tdisp.defs import TdiState
+from tsm.attest import DoeDebug
 from tsm.ctl import CtlError
 from tsm.device import LINK_ERRORS, DeviceConfig, DeviceError, DeviceLink, one_line
 from tsm.journal import JournalError
@@ -38,6 +39,8 @@ class RecoveryMixin(Registry):
     heartbeat: float | None
     #: the delays before each automatic reconnect attempt (empty: none)
     reconnect_delays: tuple[float, ...]
+    #: debugging taps for every device link (--doe-capture, --export-session-secrets)
+    debug: DoeDebug | None
 
     if TYPE_CHECKING:      # the daemon's own (tsm/daemon.py) and its other parts'
         def _revoke(self, dev: DeviceEntry, vm: VmBinding, wid: int, reason: str) -> None: ...
@@ -106,7 +109,8 @@ class RecoveryMixin(Registry):
     def _link(self, cfg: DeviceConfig) -> DeviceLink:
         """A (not yet connected) link to the device of *cfg*, whose heartbeat's failure
         comes to :meth:`_session_lost`."""
-        return DeviceLink(cfg, self._session_lost, heartbeat_interval=self.heartbeat)
+        return DeviceLink(cfg, self._session_lost, heartbeat_interval=self.heartbeat,
+                          debug=self.debug)
 
     def start(self) -> None:
         """Recover what the journal knows (fail-safe), then serve every bound VM."""

@@ -16,7 +16,7 @@ from teeio.measurements import FirmwareImageError, reference_values
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tsm.refvalues",
+    ap = argparse.ArgumentParser(prog="teeio-refvalues",
                                  description="Reference measurement values of a firmware ELF.")
     ap.add_argument("--elf", type=Path, required=True, help="firmware image (ELF)")
     ap.add_argument("--out", type=Path, help="JSON file to write (default: stdout)")

@@ -231,11 +231,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run_command(ns: argparse.Namespace) -> int:
+    try:
+        debug = attest.DoeDebug.from_args(ns, "teeio-tsm tdisp")
+    except AttestError as exc:
+        print(f"tdisp {ns.tdisp_command} FAILED: {exc}", file=sys.stderr)
+        return 1
     opts = ide.IdeOptions(
         attest=AttestOptions(trust_anchor=ns.trust_anchor, doe_socket=ns.doe_socket,
                              doe_tcp_port=ns.doe_tcp_port, host=ns.host,
                              reference_values=ns.reference_values, nonce=ns.nonce,
-                             session=True),
+                             session=True, debug=debug),
         platform_socket=ns.platform_socket, platform_credential=ns.platform_credential,
         stream_id=ns.stream_id, block=ns.block)
     run = Attestation(out=print)
@@ -248,6 +253,9 @@ def run_command(ns: argparse.Namespace) -> int:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         print(f"tdisp {command} FAILED: {reason}", file=sys.stderr)
         return 1
+    finally:
+        if debug is not None:
+            debug.close()
     print(f"tdisp {command}: done")
     return 0
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from teeio.doe_pcap import DoePcapWriter
 from teeio.platform_channel import write_credential
 from teeio.transport import background
 from vfio_user_dev import dsm, ide_host
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                          "on DOE 0001:01 and 0001:02")
     ap.add_argument("--firmware", type=Path, metavar="ELF",
                     help="firmware image the device loads and measures (default: "
-                         "out/firmware/teeio-fw.elf, built if missing)")
+                         "out/firmware/teeio-fw.elf in a checkout, else the user's cache "
+                         "(teeio-firmware prints it); built if missing)")
     ap.add_argument("--platform-socket", metavar="PATH",
                     help="platform control socket: the TSM programs root-port IDE keys and "
                          "trusted-DMA windows and reads link status here (needs "
@@ -111,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--link-capture", type=Path, metavar="FILE",
                     help="write every TLP that crosses the link to FILE (pcap, link type "
                          "USER0; list it with python -m vfio_user_dev.link FILE)")
+    ap.add_argument("--doe-capture", type=Path, metavar="FILE",
+                    help="write every DOE object the device receives and sends (config-space "
+                         "mailbox and DOE sockets) to FILE as a pcap of link type 292 "
+                         "PCI_DOE, the form DMTF spdm_dump -r FILE decodes")
     ap.add_argument("-v", "--verbose", action="count", default=0,
                     help="-v logs every vfio-user message (direction, command, id, size) "
                          "and DOE object")
@@ -148,9 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     except dsm.DsmSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    capture = CaptureWriter(ns.link_capture) if ns.link_capture else None
+    try:
+        capture = CaptureWriter(ns.link_capture) if ns.link_capture else None
+        doe_capture = DoePcapWriter(ns.doe_capture) if ns.doe_capture else None
+    except OSError as exc:
+        print(f"error: capture file {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     machine = Platform(mps=ns.mps, mrrs=ns.mrrs, capture=capture)
     device = machine.device
+    if doe_capture is not None:
+        device.doe.tap = doe_capture.write   # both paths: the mailbox and the DOE sockets
+        log.info("DOE capture (pcap, PCI_DOE) to %s", doe_capture.path)
     if security is not None:
         # SPDM on DOE, and IDE_KM over the device's IDE capability (keys, stream state).
         # TDISP for the function as its one TDI: the device follows its transitions and
@@ -192,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         if security is not None:
             security.close()
         machine.close()
+        if doe_capture is not None:
+            doe_capture.close()
         return 1
     for doe in doe_servers:
         doe.on_shutdown = server.close
@@ -227,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.stats_file:
             write_stats(ns.stats_file, machine, server)
         machine.close()
+        if doe_capture is not None:
+            doe_capture.close()
     return 0
 
 

@@ -86,8 +86,6 @@ from vfio_user_dev.tdisp_responder import TdiHost, TdispResponder
 
 log = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_FIRMWARE = PROJECT_DIR / "out" / "firmware" / "teeio-fw.elf"
 PROVISION_ALG = "P-384"
 IDENTITY_FILES = ("chain.pem", "device.key")
 IDE_KM_PORTS = (0, 1)     # 0: the spec's; 1: what DMTF spdm-emu's requester sends
@@ -330,19 +328,15 @@ def load_or_provision_identity(directory: Path) -> pki.Identity:
 
 
 def load_firmware(elf: Path | None) -> tuple[Path, list[MeasurementSource]]:
-    """Measure the firmware image *elf*; without one, the project's default image, which is
-    built first if it is missing."""
+    """Measure the firmware image *elf*; without one, the project's default image
+    (firmware_build.default_image: out/firmware/ in a checkout, the user's cache when
+    installed), which is built first if it is missing."""
     if elf is None:
-        elf = DEFAULT_FIRMWARE
-        if elf.exists():
-            log.info("no --firmware given: using the default image %s", elf)
-        else:
-            log.warning("no --firmware given and %s is missing: building it", elf)
-            try:
-                firmware_build.build(elf)
-            except firmware_build.FirmwareBuildError as exc:
-                raise DsmSetupError(str(exc)) from None
-            log.info("built the default firmware image %s", elf)
+        try:
+            elf = firmware_build.ensure_default_image()
+        except firmware_build.FirmwareBuildError as exc:
+            raise DsmSetupError(str(exc)) from None
+        log.info("no --firmware given: using the default image %s", elf)
     try:
         measurements = measure_elf(elf)
     except (OSError, ValueError) as exc:   # FirmwareImageError is a ValueError
@@ -353,6 +347,6 @@ def load_firmware(elf: Path | None) -> tuple[Path, list[MeasurementSource]]:
     return elf, measurements
 
 
-__all__ = ["DEFAULT_FIRMWARE", "DEFAULT_HEARTBEAT_PERIOD", "DeviceSecurityManager",
+__all__ = ["DEFAULT_HEARTBEAT_PERIOD", "DeviceSecurityManager",
            "DsmSetupError", "FirmwareUpdateError", "from_options", "load_firmware",
            "load_or_provision_identity"]

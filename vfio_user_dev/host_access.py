@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", required=True, help="the device server's --host-socket PATH")
     ap.add_argument("op", help="config_read, config_write, bar_read, bar_write, flr, "
                                "fw_update, link_inject, link_clear, stats")
-    ap.add_argument("args", nargs="*", metavar="key=value")
+    ap.add_argument("args", nargs="*", metavar="key=value",
+                    help="the request's arguments, e.g. offset=0x10 size=4")
     ns = ap.parse_args(argv)
     args: dict[str, Any] = {}
     for item in ns.args:

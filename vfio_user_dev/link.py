@@ -72,20 +72,28 @@ part that maps guest RAM::
   clear TLPs).  IDE locks are taken once per run, not per TLP.  The taps build a
   :class:`TlpView` per TLP only when a fault is armed or a capture is open.
 
-Capture file format: a nanosecond pcap file (magic ``0xA1B23C4D``, little-endian,
-version 2.4, snaplen 65535, link type 147 ``LINKTYPE_USER0``), so standard tools list
-it.  Each packet is a 4-byte pseudo-header then the TLP exactly as it crossed (for IDE
-TLPs: prefix + header in clear, ciphertext, 12-byte MAC)::
+Capture file format: pcapng (IETF draft-ietf-opsawg-pcapng, "PCAP Next Generation
+Dump File Format"), little-endian, so tcpdump, tshark and Wireshark open it:
 
-    +0  u8  direction   0 = upstream (device -> root port), 1 = downstream
-    +1  u8  flags       bit 0 TAMPERED (a fault changed it), bit 1 DROPPED (seen by
-                        the tap, not delivered), bit 2 REPLAYED (a duplicate the tap
-                        injected)
-    +2  u16 reserved    0
-    +4  ... TLP bytes
+* a Section Header Block (§4.1; shb_userappl "teeio-emu");
+* one Interface Description Block (§4.2): link type 147 ``LINKTYPE_USER0``, snaplen
+  65535, ``if_name`` "pcie-link", ``if_description``, ``if_tsresol`` 9 (nanoseconds).
+  The tcpdump link-layer registry has no link type for PCIe TLPs, so one of the
+  user-reserved DLTs (147..162) is the honest choice; ``tools/teeio_tlp.lua`` is a
+  Wireshark dissector registered on it;
+* one Enhanced Packet Block (§4.3) per TLP: the wall-clock time it crossed, and the TLP
+  exactly as it crossed as the packet data (for IDE TLPs: prefix + header in clear,
+  ciphertext, 12-byte MAC), no pseudo-header.  The direction is in ``epb_flags``
+  (§4.3.1, bits 1:0), seen from the root port, where a protocol analyser would sit:
+  01 inbound = upstream (device -> root port), 10 outbound = downstream.  What the
+  fault taps did to it, if anything, is in an ``opt_comment`` (§3.5)
+  ``teeio: tampered,dropped,replayed`` (a subset): TAMPERED a fault changed it,
+  DROPPED seen by the tap but not delivered, REPLAYED a duplicate the tap injected.
 
-The pcap timestamp is the wall-clock time the TLP crossed.  :func:`read_capture` reads
-it back; ``python -m vfio_user_dev.link FILE`` lists it.
+:func:`read_capture` reads it back, and also the older captures: a nanosecond pcap
+(magic ``0xA1B23C4D``, link type 147) whose packets start with a 4-byte pseudo-header
+(u8 direction 0 = upstream 1 = downstream, u8 flags bit 0 TAMPERED bit 1 DROPPED bit 2
+REPLAYED, u16 0).  ``python -m vfio_user_dev.link FILE`` lists either.
 """
 
 from __future__ import annotations
@@ -272,12 +280,27 @@ class CaptureFlags(enum.IntFlag):
     REPLAYED = 4
 
 
-PCAP_MAGIC_NS = 0xA1B23C4D
+PCAP_MAGIC_NS = 0xA1B23C4D      # the older captures: nanosecond pcap
 LINKTYPE_USER0 = 147
+SNAPLEN = 65535
 _PCAP_HEADER = struct.Struct("<IHHiIII")
 _PCAP_RECORD = struct.Struct("<IIII")
 _PSEUDO = struct.Struct("<BBH")
-SNAPLEN = 65535
+
+# pcapng (draft-ietf-opsawg-pcapng): block types, options, EPB flags
+PCAPNG_SHB = 0x0A0D0D0A         # §4.1, also the file's first four bytes
+PCAPNG_IDB = 0x00000001         # §4.2
+PCAPNG_EPB = 0x00000006         # §4.3
+PCAPNG_BYTE_ORDER_MAGIC = 0x1A2B3C4D
+OPT_ENDOFOPT, OPT_COMMENT = 0, 1                 # §3.5
+SHB_USERAPPL = 4                                 # §4.1
+IF_NAME, IF_DESCRIPTION, IF_TSRESOL = 2, 3, 9    # §4.2
+EPB_FLAGS = 2                                    # §4.3.1
+EPB_INBOUND, EPB_OUTBOUND = 0b01, 0b10           # epb_flags bits 1:0
+FLAGS_COMMENT = "teeio: "
+IF_NAME_VALUE = "pcie-link"
+IF_DESCRIPTION_VALUE = ("emulated PCIe link between the root port and the TEE-IO device, "
+                        "non-flit TLPs (with the IDE prefix when protected)")
 
 
 @dataclass(frozen=True)
@@ -288,26 +311,61 @@ class CaptureRecord:
     data: bytes = field(repr=False)
 
 
+def _option(code: int, value: bytes) -> bytes:
+    return struct.pack("<HH", code, len(value)) + value + bytes(-len(value) % 4)
+
+
+def _block(block_type: int, body: bytes) -> bytes:
+    total = 12 + len(body)
+    return struct.pack("<II", block_type, total) + body + struct.pack("<I", total)
+
+
+def pcapng_header(snaplen: int = SNAPLEN) -> bytes:
+    """The Section Header Block and the one Interface Description Block."""
+    shb = _block(PCAPNG_SHB, struct.pack("<IHHq", PCAPNG_BYTE_ORDER_MAGIC, 1, 0, -1)
+                 + _option(SHB_USERAPPL, b"teeio-emu") + _option(OPT_ENDOFOPT, b""))
+    idb = _block(PCAPNG_IDB, struct.pack("<HHI", LINKTYPE_USER0, 0, snaplen)
+                 + _option(IF_NAME, IF_NAME_VALUE.encode())
+                 + _option(IF_DESCRIPTION, IF_DESCRIPTION_VALUE.encode())
+                 + _option(IF_TSRESOL, bytes((9,))) + _option(OPT_ENDOFOPT, b""))
+    return shb + idb
+
+
+def _flag_names(flags: int) -> list[str]:
+    return [(f.name or "?").lower() for f in CaptureFlags if flags & f]
+
+
+def pcapng_packet(timestamp_ns: int, direction: LinkDirection, data: bytes,
+                  flags: int = 0) -> bytes:
+    """One Enhanced Packet Block (interface 0, nanosecond timestamp)."""
+    opts = _option(EPB_FLAGS, struct.pack(
+        "<I", EPB_INBOUND if direction == LinkDirection.UPSTREAM else EPB_OUTBOUND))
+    if flags:
+        opts += _option(OPT_COMMENT, (FLAGS_COMMENT + ",".join(_flag_names(flags))).encode())
+    body = (struct.pack("<IIIII", 0, timestamp_ns >> 32, timestamp_ns & 0xFFFFFFFF,
+                        len(data), len(data))
+            + data + bytes(-len(data) % 4) + opts + _option(OPT_ENDOFOPT, b""))
+    return _block(PCAPNG_EPB, body)
+
+
 class CaptureWriter:
-    """Appends every TLP that crosses the link to a pcap file (format in the module doc)."""
+    """Appends every TLP that crosses the link to a pcapng file (format in the module doc)."""
 
     def __init__(self, path: Path | str, clock: Callable[[], int] = time.time_ns) -> None:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
         self._file: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 (kept open)
-        self._file.write(_PCAP_HEADER.pack(PCAP_MAGIC_NS, 2, 4, 0, 0, SNAPLEN, LINKTYPE_USER0))
+        self._file.write(pcapng_header())
         self._file.flush()
         self.records = 0
 
     def write(self, direction: LinkDirection, data: bytes, flags: int = 0) -> None:
-        ts = self._clock()
-        body = _PSEUDO.pack(int(direction), int(flags), 0) + data
+        block = pcapng_packet(self._clock(), direction, bytes(data), flags)
         with self._lock:
             if self._file is None:
                 return
-            self._file.write(_PCAP_RECORD.pack(ts // 1_000_000_000, ts % 1_000_000_000,
-                                               len(body), len(body)) + body)
+            self._file.write(block)
             self.records += 1
 
     def flush(self) -> None:
@@ -323,8 +381,18 @@ class CaptureWriter:
 
 
 def read_capture(path: Path | str) -> list[CaptureRecord]:
-    """Every record of a capture file written by :class:`CaptureWriter`."""
+    """Every record of a TLP capture: pcapng (:class:`CaptureWriter`) or the older
+    nanosecond pcap with the pseudo-header; ValueError for anything else."""
     raw = Path(path).read_bytes()
+    if len(raw) < 4:
+        raise ValueError(f"{path}: too short for a capture file")
+    magic = int.from_bytes(raw[:4], "little")
+    if magic == PCAPNG_SHB:
+        return _read_pcapng(path, raw)
+    return _read_pcap(path, raw)
+
+
+def _read_pcap(path: Path | str, raw: bytes) -> list[CaptureRecord]:
     if len(raw) < _PCAP_HEADER.size:
         raise ValueError(f"{path}: too short for a pcap header")
     magic, _major, _minor, _zone, _sig, _snap, linktype = _PCAP_HEADER.unpack_from(raw)
@@ -343,6 +411,82 @@ def read_capture(path: Path | str) -> list[CaptureRecord]:
         out.append(CaptureRecord(sec * 1_000_000_000 + nsec, LinkDirection(direction),
                                  CaptureFlags(flags), raw[pos + _PSEUDO.size:pos + incl]))
         pos += incl
+    return out
+
+
+def _options(raw: bytes, bo: str) -> Iterator[tuple[int, bytes]]:
+    pos = 0
+    while pos + 4 <= len(raw):
+        code, length = struct.unpack_from(bo + "HH", raw, pos)
+        if code == OPT_ENDOFOPT:
+            return
+        yield code, raw[pos + 4:pos + 4 + length]
+        pos += 4 + length + (-length % 4)
+
+
+def _tsresol(value: bytes) -> int:
+    """if_tsresol (§4.2.1) as timestamp units per second: MSB 0 a power of 10, 1 of 2."""
+    v = value[0] if value else 6
+    return int(2 ** (v & 0x7F) if v & 0x80 else 10 ** v)
+
+
+def _read_pcapng(path: Path | str, raw: bytes) -> list[CaptureRecord]:
+    out: list[CaptureRecord] = []
+    bo = "<"
+    interfaces: list[tuple[int, int]] = []        # (link type, units per second)
+    pos = 0
+    while pos < len(raw):
+        if pos + 12 > len(raw):
+            raise ValueError(f"{path}: truncated block at {pos}")
+        if int.from_bytes(raw[pos:pos + 4], "little") == PCAPNG_SHB:
+            order = raw[pos + 8:pos + 12]
+            if order == PCAPNG_BYTE_ORDER_MAGIC.to_bytes(4, "little"):
+                bo = "<"
+            elif order == PCAPNG_BYTE_ORDER_MAGIC.to_bytes(4, "big"):
+                bo = ">"
+            else:
+                raise ValueError(f"{path}: bad pcapng byte-order magic at {pos}")
+            interfaces = []                        # §4.1: interfaces are per section
+        btype, total = struct.unpack_from(bo + "II", raw, pos)
+        if total < 12 or total % 4 or pos + total > len(raw):
+            raise ValueError(f"{path}: truncated or bad block at {pos}")
+        body = raw[pos + 8:pos + total - 4]
+        if btype == PCAPNG_IDB:
+            linktype, _res, _snap = struct.unpack_from(bo + "HHI", body)
+            per_second = 10 ** 6
+            for code, value in _options(body[8:], bo):
+                if code == IF_TSRESOL:
+                    per_second = _tsresol(value)
+            interfaces.append((linktype, per_second))
+        elif btype == PCAPNG_EPB:
+            ifid, hi, lo, caplen, _orig = struct.unpack_from(bo + "IIIII", body)
+            if ifid >= len(interfaces) or interfaces[ifid][0] != LINKTYPE_USER0:
+                raise ValueError(f"{path}: not a TLP capture (packet on interface {ifid} "
+                                 f"of another link type)")
+            data = body[20:20 + caplen]
+            direction = LinkDirection.DOWNSTREAM
+            flags = CaptureFlags(0)
+            for code, value in _options(body[20 + caplen + (-caplen % 4):], bo):
+                if code == EPB_FLAGS and len(value) == 4:
+                    inout = struct.unpack(bo + "I", value)[0] & 3
+                    direction = (LinkDirection.UPSTREAM if inout == EPB_INBOUND
+                                 else LinkDirection.DOWNSTREAM)
+                elif code == OPT_COMMENT:
+                    text = value.decode("utf-8", "replace")
+                    if text.startswith(FLAGS_COMMENT):
+                        for name in text[len(FLAGS_COMMENT):].split(","):
+                            flags |= CaptureFlags.__members__.get(name.strip().upper(),
+                                                                  CaptureFlags(0))
+            units = (hi << 32) | lo
+            per_second = interfaces[ifid][1]
+            out.append(CaptureRecord(units * 1_000_000_000 // per_second, direction, flags,
+                                     data))
+        pos += total                               # other blocks: skipped
+    if not interfaces:
+        raise ValueError(f"{path}: not a TLP capture (no interface)")
+    if any(lt != LINKTYPE_USER0 for lt, _ in interfaces):
+        raise ValueError(f"{path}: not a TLP capture (link type "
+                         f"{next(lt for lt, _ in interfaces if lt != LINKTYPE_USER0)})")
     return out
 
 
@@ -1260,11 +1404,20 @@ def _describe(rec: CaptureRecord) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vfio_user_dev.link",
-                                 description="List a TLP capture file (--link-capture).")
+                                 description="List a TLP capture file (--link-capture): "
+                                             "pcapng, or the older pcap form.")
     ap.add_argument("capture", type=Path)
     ap.add_argument("--hex", action="store_true", help="also print the TLP bytes")
     ns = ap.parse_args(argv)
-    for rec in read_capture(ns.capture):
+    try:
+        records = read_capture(ns.capture)
+    except OSError as exc:
+        print(f"error: {ns.capture}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for rec in records:
         print(_describe(rec))
         if ns.hex:
             print("    " + rec.data.hex())

@@ -158,6 +158,9 @@ class Requester:
         self.log = log.getChild(name) if name else log
         self.sessions: dict[int, _Session] = {}
         self._next_req_sid = 0xFFFE
+        #: Debugging only: called with (session ID, DHE shared secret) for each session
+        #: KEY_EXCHANGE establishes (:class:`teeio.doe_pcap.SessionSecretLog`).
+        self.on_session_secret: Callable[[int, bytes], None] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -537,6 +540,8 @@ class Requester:
         self.sessions[sid] = _Session(sid, channel, slot, ct_hash, sec_version,
                                       rsp.heartbeat_period, req + full)
         self.log.info("session 0x%08x handshaking", sid)
+        if self.on_session_secret is not None:
+            self.on_session_secret(sid, shared)
         return sid
 
     def _alloc_req_session_id(self) -> int:

@@ -62,14 +62,15 @@ def device(tmp_path: Path, firmware: Path) -> Iterator[IdeDevice]:  # noqa: F811
 
 
 class DaemonProcess:
-    def __init__(self, state: Path, log: Path) -> None:
+    def __init__(self, state: Path, log: Path, *extra: str | Path) -> None:
         self.state = state
         self.ctl_sock = state / "ctl.sock"
         self.log = log
         self.ctl_sock.unlink(missing_ok=True)     # a SIGKILLed daemon leaves it behind
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tsm", "daemon", "--state-dir", str(state)],
+                [sys.executable, "-m", "tsm", "daemon", "--state-dir", str(state),
+                 *map(str, extra)],
                 stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT,
                 env=dict(os.environ, PYTHONPATH=str(PROJECT)))
         deadline = time.monotonic() + STARTUP
@@ -629,3 +630,37 @@ def test_dma_windows_per_vm_are_capped(tmp_path: Path, device: IdeDevice,
         d.close()
         os.close(memfd)
         vfio.close()
+
+
+def test_daemon_doe_capture_and_session_secrets(tmp_path: Path, device: IdeDevice,
+                                                daemons: list[DaemonProcess]) -> None:
+    """``--doe-capture`` and ``--export-session-secrets`` on the daemon: its DOE connection
+    (attestation, the session, IDE_KM, TDISP) in spdm_dump's pcap, the secret 0600, loud;
+    spdm_dump decodes it when ``TEEIO_SPDM_DUMP`` names the binary."""
+    from teeio import doe_pcap
+    from teeio.doe import DoeObject
+    cap, secrets = tmp_path / "tsm-doe.pcap", tmp_path / "secrets.txt"
+    d = DaemonProcess(tmp_path / "tsm", tmp_path / "daemon.log", "--doe-capture", cap,
+                      "--export-session-secrets", secrets)
+    daemons.append(d)
+    assert "WARNING" in d.log_text() and str(secrets) in d.log_text()
+    out = d.ctl(*connect_args(device)).stdout
+    sid = int(out.split("session 0x", 1)[1].split()[0].rstrip(":,"), 16)
+    objs = [DoeObject.decode(r.data) for r in doe_pcap.read(cap).records]
+    assert doe_pcap.read(cap).linktype == 292
+    assert [o.payload[1] for o in objs if o.data_object_type == 1][-2:] == [0xE4, 0x64]
+    secured = [o.payload for o in objs if o.data_object_type == 2]
+    assert len(secured) >= 8 and all(int.from_bytes(p[:4], "little") == sid for p in secured)
+    assert (secrets.stat().st_mode & 0o777) == 0o600
+    hexes = doe_pcap.read_secrets(secrets)
+    assert len(hexes) == 1
+    assert f"session 0x{sid:08x} was written" in d.log_text()
+    spdm_dump = os.environ.get("TEEIO_SPDM_DUMP")
+    if spdm_dump is None:
+        pytest.skip("spdm_dump decoding not checked: set TEEIO_SPDM_DUMP to a DMTF "
+                    "spdm_dump binary to run it")
+    dump = subprocess.run([spdm_dump, "-r", str(cap), "-d", "--dhe_secret", hexes[0]],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    print(dump)
+    assert "SPDM_KEY_EXCHANGE_RSP" in dump and "SPDM_FINISH_RSP" in dump
+    assert "IDE_KM" in dump and "(?)->(?)" not in dump
