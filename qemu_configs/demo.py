@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=lambda s: int(s, 16), default=None, help="hex seed")
     ap.add_argument("--kvm", action="store_true", help="use KVM if a probe boot works")
     ap.add_argument("--workdir", type=Path, help="keep logs and results here")
+    ap.add_argument("--doe-capture", type=Path, metavar="FILE",
+                    help="the device server writes every DOE object (the TSM's SPDM, IDE_KM "
+                         "and TDISP, the guest's DOE discovery) to FILE as the pcap DMTF "
+                         "spdm_dump reads (spdm_dump -r FILE)")
     ap.add_argument("--shell", action="store_true",
                     help="the same stack, but boot the guest to a root shell on this terminal "
                          "and run the agent by hand (see README)")
@@ -89,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     image_s = time.monotonic() - t0
     wd = ns.workdir or Path(tempfile.mkdtemp(prefix="teeio-demo-"))
     seed = ns.seed if ns.seed is not None else secrets.randbits(64)
+    extra = ["--doe-capture", str(ns.doe_capture.absolute())] if ns.doe_capture else []
     stack = TeeStack(StackOptions(wd, seed=seed, accel="kvm" if ns.kvm else "tcg",
-                                  shell=ns.shell))
+                                  shell=ns.shell, extra_device_args=extra))
     if ns.shell:
         return _shell(stack)
     stack.timings.append(("guest image (cached or built)", image_s))
