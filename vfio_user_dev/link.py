@@ -1406,7 +1406,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vfio_user_dev.link",
                                  description="List a TLP capture file (--link-capture): "
                                              "pcapng, or the older pcap form.")
-    ap.add_argument("capture", type=Path)
+    ap.add_argument("capture", type=Path,
+                    help="a --link-capture file (pcapng, or the older nanosecond pcap)")
     ap.add_argument("--hex", action="store_true", help="also print the TLP bytes")
     ns = ap.parse_args(argv)
     try:
