@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FRESH ?=
 
-.PHONY: all venv demo test test-fast image shell tee-shell bench lint clean host-deps wheel-check
+.PHONY: all venv demo test test-fast image shell tee-shell bench lint clean host-deps wheel-check fuzz
 
 all: demo
 
@@ -46,6 +46,17 @@ bench: image
 	$(PY) -m bench.bench_spdm --out out/bench-spdm.json
 	$(PY) -m bench.bench_link --out out/bench-link.json
 	$(PY) -m bench.bench_tdi --out out/bench-tdi.json
+
+# Coverage-guided fuzzing of every decoder and server (fuzz/): atheris (the optional `fuzz`
+# extra), niced; budget per harness: FUZZ_RUNS inputs within FUZZ_SECONDS, stateful ones
+# FUZZ_STATEFUL_SECONDS.  Figures in out/fuzz.json, crashing inputs in out/fuzz-crashes/.
+FUZZ_RUNS ?= 1000000
+FUZZ_SECONDS ?= 600
+FUZZ_STATEFUL_SECONDS ?= 300
+fuzz: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[fuzz]'
+	FUZZ_RUNS=$(FUZZ_RUNS) FUZZ_SECONDS=$(FUZZ_SECONDS) \
+	FUZZ_STATEFUL_SECONDS=$(FUZZ_STATEFUL_SECONDS) $(PY) -m fuzz.campaign --out out
 
 # Tracked files only (an untracked scratch file is nobody's lint failure); mypy checks the
 # packages pyproject.toml lists.

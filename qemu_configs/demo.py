@@ -28,6 +28,7 @@ import json
 import logging
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -35,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from qemu_configs import image
-from qemu_configs.launcher import LaunchError
+from qemu_configs.launcher import LaunchError, interrupt_on_signals
 from qemu_configs.tee_stack import StackOptions, TeeStack, capture_summary, guest_dma_data
 from qemu_configs.verify import Check
+from teeio import options
 from vfio_user_dev.firmware_build import FirmwareBuildError
 
 
@@ -81,7 +83,31 @@ def main(argv: list[str] | None = None) -> int:
                     help="the same stack, but boot the guest to a root shell on this terminal "
                          "and run the agent by hand (see README)")
     ns = ap.parse_args(argv)
+    try:                   # before anything is built or started
+        if ns.workdir is not None:
+            options.usable_dir("--workdir", ns.workdir)
+        if ns.doe_capture is not None:
+            options.writable_file("--doe-capture", ns.doe_capture)
+    except options.OptionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    interrupt_on_signals()       # kill and SIGHUP clean up as Ctrl-C does
+    made: list[Path] = []
+    try:
+        return _main(ns, made)
+    except KeyboardInterrupt:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        if made and ns.workdir is None:
+            shutil.rmtree(made[0], ignore_errors=True)
+        print("interrupted: QEMU, the device server and the TSM daemon were stopped",
+              file=sys.stderr)
+        return 130
+
+
+def _main(ns: argparse.Namespace, made: list[Path]) -> int:
+    """:func:`main` after its options were checked; *made* gets the work folder."""
     t0 = time.monotonic()
     try:
         if not image.is_built():
@@ -92,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     image_s = time.monotonic() - t0
     wd = ns.workdir or Path(tempfile.mkdtemp(prefix="teeio-demo-"))
+    made.append(wd)
     seed = ns.seed if ns.seed is not None else secrets.randbits(64)
     extra = ["--doe-capture", str(ns.doe_capture.absolute())] if ns.doe_capture else []
     stack = TeeStack(StackOptions(wd, seed=seed, accel="kvm" if ns.kvm else "tcg",

@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from teeio import pki
+from cryptography import x509
+
+from teeio import options, pki
 from teeio.measurements import reference_values
 from teeio.tdi_verify import POLICY_FORMAT, PolicyError, policy_from_doc
 
@@ -36,6 +38,28 @@ def policy_document(trust_anchor_pem: str, references: dict[str, Any],
     return doc
 
 
+def check_subject(subject: str) -> None:
+    """``--leaf-subject`` must be an RFC 4514 name (ValueError naming it otherwise)."""
+    try:
+        name = x509.Name.from_rfc4514_string(subject)
+    except ValueError as exc:
+        why = " ".join(str(exc).split())
+        raise ValueError(f"--leaf-subject {subject!r}: not an RFC 4514 name"
+                         + (f" ({why})" if why else "")) from None
+    if not len(name):
+        raise ValueError(f"--leaf-subject {subject!r}: an empty name")
+
+
+def read_anchor(path: Path) -> str:
+    """The trust anchor's PEM text; ValueError naming *path* if it holds no certificate."""
+    text = path.read_text()
+    try:
+        x509.load_pem_x509_certificates(text.encode())
+    except ValueError:
+        raise ValueError(f"--trust-anchor {path}: not a PEM certificate file") from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="teeio-guest-policy", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,15 +74,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="where to write the policy document (JSON)")
     ns = ap.parse_args(argv)
     try:
+        options.writable_file("--out", ns.out)
         subject = ns.leaf_subject
+        if subject is not None:
+            check_subject(subject)
         if ns.identity is not None:
             subject = pki.load_identity(ns.identity).leaf.subject.rfc4514_string()
-        doc = policy_document(ns.trust_anchor.read_text(), reference_values(ns.firmware),
+        doc = policy_document(read_anchor(ns.trust_anchor), reference_values(ns.firmware),
                               subject)
-    except (OSError, ValueError, PolicyError, pki.ChainError) as exc:
+        ns.out.write_text(json.dumps(doc, indent=2) + "\n")
+    except options.OptionError as exc:
         print(f"teeio-guest-policy: {exc}", file=sys.stderr)
         return 1
-    ns.out.write_text(json.dumps(doc, indent=2) + "\n")
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        print(f"teeio-guest-policy: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except (ValueError, PolicyError, pki.ChainError) as exc:
+        print(f"teeio-guest-policy: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     print(f"wrote {ns.out}")
     return 0
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from qemu_configs import image as image_mod
-from teeio import paths
+from teeio import options, paths
 
 log = logging.getLogger(__name__)
 
@@ -389,6 +389,28 @@ def cleanup(result: RunResult) -> None:
     shutil.rmtree(result.workdir, ignore_errors=True)
 
 
+def guest_modes() -> list[str]:
+    """The guest's modes (``teeio.mode=``): its init script's own (``shell``, ``sh``) and
+    every ``guest_agent`` command."""
+    from guest_agent.__main__ import build_parser
+    commands: list[str] = []
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            commands += list(action.choices)
+    return ["shell", "sh", *sorted(commands)]
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGHUP end the run like Ctrl-C: KeyboardInterrupt, so the same cleanup
+    runs (QEMU, the device server, the TSM daemon, their sockets); once, quietly."""
+    def _interrupt(signum: int, _frame: object) -> None:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)       # the cleanup is not cut short
+        raise KeyboardInterrupt
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="teeio-vm", description=__doc__)
     ap.add_argument("--mode", default="selftest", help="guest mode: selftest | shell | probe")
@@ -419,7 +441,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     bad = [kv for kv in ns.param if "=" not in kv]
     if bad:
-        ap.error(f"--param {bad[0]!r}: expected K=V")
+        print(f"error: --param {bad[0]!r}: expected K=V", file=sys.stderr)
+        return 2
+    modes = guest_modes()
+    if not ns.shell and ns.mode not in modes:
+        print(f"error: --mode {ns.mode!r}: not a guest mode (one of {', '.join(modes)})",
+              file=sys.stderr)
+        return 2
+    if ns.workdir is not None:
+        try:
+            options.usable_dir("--workdir", ns.workdir)
+        except options.OptionError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    interrupt_on_signals()
     params = dict(kv.split("=", 1) for kv in ns.param)
     opts = VmOptions(mode="shell" if ns.shell else ns.mode, params=params,
                      share_memory=not ns.no_share, accel="kvm" if ns.kvm else "tcg",

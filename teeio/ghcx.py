@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn
@@ -46,7 +47,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
     "BOOT_ID_SIZE", "ERROR_CODES", "FLAG_ERROR", "FW_CFG_SECRET", "FW_CFG_VM_ID",
-    "HEADER_SIZE", "MAGIC", "MAX_BODY", "MAX_PLAINTEXT", "NONCE_SIZE", "PORT_NAME",
+    "HEADER_SIZE", "MAGIC", "MAX_BODY", "MAX_PENDING", "MAX_PLAINTEXT", "NONCE_SIZE",
+    "PENDING_TTL", "PORT_NAME",
     "REASONS", "REQUESTS", "RESPONSES", "SECRET_SIZE", "TAG_SIZE", "VERSION", "VM_ID_SIZE",
     "Cached", "FrameDecoder", "GhcxReject", "GuestChannel", "Header", "Incoming", "MsgType",
     "Reply", "Request", "Response", "SessionKeys", "TsmChannel", "derive_keys",
@@ -85,7 +87,12 @@ ERROR_CODES = frozenset({"bad_request", "unknown_request", "refused", "state", "
 # Rejection reasons (docs/ghcx.md "Receiver rules"; "handshake": a HELLO_ACK that does not
 # confirm, or a frame that is not the HELLO_ACK the guest waits for).
 REASONS = ("malformed", "version", "unknown_type", "cross_vm", "forged", "replay", "unbound",
-           "no_session", "oversized", "handshake")
+           "no_session", "oversized", "handshake", "hello_limit")
+#: The TSM keeps at most this many pending handshakes per VM (docs/ghcx.md "Handshake" 6) ...
+MAX_PENDING = 4
+#: ... each for at most this long (seconds) unless the guest's first request confirms it;
+#: a HELLO while all are taken is not answered (rejected ``hello_limit``).
+PENDING_TTL = 10.0
 
 
 class MsgType(enum.IntEnum):
@@ -381,7 +388,10 @@ class _Endpoint:
 
     def _count(self, e: GhcxReject) -> None:
         self.counters[e.reason] += 1
-        self._log.warning("rejected frame: %s", e)
+        if e.reason == "hello_limit" and self.counters[e.reason] > 1:
+            self._log.debug("rejected frame: %s", e)     # a flood: warned of once
+        else:
+            self._log.warning("rejected frame: %s", e)
 
     def _header(self, body: bytes, accepted: frozenset[MsgType]) -> Header:
         """Receiver rules up to the VM id (docs/ghcx.md "Receiver rules"): size, version,
@@ -608,22 +618,30 @@ class TsmChannel(_Endpoint):
     """The TSM's end for one VM.
 
     A HELLO sets up a *pending* session; the guest's first request that authenticates under
-    it (docs/ghcx.md "Handshake" 4) makes it the VM's session and drops the previous one.
-    So a HELLO injected by a relay cannot kill a live session.  The last response is kept
-    (with its request id, type and payload) across re-handshakes within this TSM process.
+    it (docs/ghcx.md "Handshake" 4) makes it the VM's session and drops the previous one
+    and every other pending one.  So a HELLO injected by a relay cannot kill a live
+    session.  A pending session stays until it is confirmed or :data:`PENDING_TTL` has
+    passed, never replaced by a later HELLO; at most :data:`MAX_PENDING` are kept and a
+    HELLO beyond them is not answered (``hello_limit``), so a flood of forged HELLOs cannot
+    push out the guest's own (docs/ghcx.md "Handshake" 6).  A repeated HELLO (same nonce)
+    gets the same HELLO_ACK again.  The last response is kept (with its request id, type
+    and payload) across re-handshakes within this TSM process.
     """
 
     side = "tsm"
     _ACCEPTED = REQUESTS | {MsgType.HELLO}
 
     def __init__(self, secret: bytes, vm_id: str, boot_id: bytes,
-                 rng: Callable[[int], bytes] = os.urandom) -> None:
+                 rng: Callable[[int], bytes] = os.urandom,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(secret, vm_id, rng)
         if len(boot_id) != BOOT_ID_SIZE:
             raise ValueError(f"boot id must be {BOOT_ID_SIZE} bytes")
         self.boot_id = bytes(boot_id)
+        self._clock = clock
         self._session: _Session | None = None
-        self._pending: _Session | None = None
+        #: pending handshakes by guest nonce: (session, HELLO_ACK frame, expiry), oldest first
+        self._pending: dict[bytes, tuple[_Session, bytes, float]] = {}
         self._last: _CacheEntry | None = None
 
     @property
@@ -653,7 +671,9 @@ class TsmChannel(_Endpoint):
             _reject("malformed", "encrypted payload shorter than the tag")
         session: _Session | None = None
         plaintext: bytes | None = None
-        for candidate in (self._session, self._pending):
+        self._expire()
+        pending = [p[0] for p in self._pending.values()]
+        for candidate in (self._session, *pending):
             if candidate is not None:
                 plaintext = candidate.open(h, body)
                 if plaintext is not None:
@@ -691,8 +711,9 @@ class TsmChannel(_Endpoint):
         # all checks passed: now the state changes
         session.recv_seq = h.seq
         session.last_request_id = rid
-        if session is self._pending:
-            self._session, self._pending = session, None
+        if session is not self._session:
+            self._session = session
+            self._pending.clear()
             self._log.info("session confirmed by the guest")
         if cached is not None:
             assert cached.response is not None
@@ -702,15 +723,29 @@ class TsmChannel(_Endpoint):
         self._last = _CacheEntry(rid, h.mtype, plaintext)
         return Request(h.mtype, rid, payload)
 
+    def _expire(self) -> None:
+        """Drop the pending handshakes whose time is up."""
+        now = self._clock()
+        for nonce in [n for n, p in self._pending.items() if p[2] <= now]:
+            del self._pending[nonce]
+
     def _hello(self, h: Header, body: bytes) -> Reply:
         guest_nonce = self._clear_fields(h, body, NONCE_SIZE)
+        self._expire()
+        known = self._pending.get(guest_nonce)
+        if known is not None:       # the same HELLO again (a retransmission, or a replay)
+            return Reply(known[1])
+        if len(self._pending) >= MAX_PENDING:
+            _reject("hello_limit", f"{MAX_PENDING} handshakes pending: HELLO not answered")
         tsm_nonce = self._rng(NONCE_SIZE)
         keys = derive_keys(self._secret, self.vm_id, guest_nonce, tsm_nonce, self.boot_id)
         header = Header(VERSION, MsgType.HELLO_ACK, 0, self.vm_id, 0, 0).encode()
         confirm = _confirm(keys, header, guest_nonce, tsm_nonce, self.boot_id)
-        self._pending = _Session(keys, guest=False)
-        self._log.info("HELLO: pending session")
-        return Reply(encode_frame(header + tsm_nonce + self.boot_id + confirm))
+        ack = encode_frame(header + tsm_nonce + self.boot_id + confirm)
+        self._pending[guest_nonce] = (_Session(keys, guest=False), ack,
+                                      self._clock() + PENDING_TTL)
+        self._log.info("HELLO: pending session (%d pending)", len(self._pending))
+        return Reply(ack)
 
     def respond(self, request: Request, payload: dict[str, Any] | None = None, *,
                 error: str | None = None, message: str = "") -> bytes:

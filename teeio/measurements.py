@@ -6,6 +6,11 @@ hash (``as_digest``), or the raw bit stream (DMTF value type bit 7 set) —
 :func:`measurement_block`; a requester decodes a record with
 :func:`parse_measurement_blocks`.  :func:`measure_elf` derives the sources from the
 device firmware image and :func:`reference_values` what a verifier expects of them.
+
+The firmware measurements (the table before :func:`measure_elf` has the exact bytes):
+index 1 code (the executable sections), 2 read-only configuration (``.rodata``), 3 version
+string (raw), 4 manifest, 5 the load image (ELF header, program header table and every
+PT_LOAD segment's bytes: entry point, segment layout, sizes and permissions).
 """
 
 from __future__ import annotations
@@ -192,9 +197,25 @@ def _hash(name: str) -> Callable[[bytes], hashlib._Hash]:
 #                                          NUL: printable ASCII, e.g. b"teeio-fw 1.0.0"
 #   index 4  MEASUREMENT_MANIFEST, digest  all bytes of ".teeio_manifest" (28 bytes; see
 #                                          FirmwareManifest), after checking its layout
+#   index 5  MUTABLE_FIRMWARE, digest      the loadable image, as a loader sees it: the ELF
+#                                          header (e_ehsize bytes at 0), then the whole
+#                                          program header table (e_phnum * e_phentsize
+#                                          bytes at e_phoff), then the file bytes of every
+#                                          PT_LOAD segment (p_filesz bytes at p_offset) in
+#                                          program header table order, concatenated
 #
-# Section headers are required: they name what is measured.  Nothing else (symbols,
-# .comment, ELF/program headers, .data/.bss) is measured.
+# Indices 1..4 name parts of the image by section; index 5 covers what is loaded and how:
+# the entry point and every other ELF header field, each segment's addresses, p_memsz
+# (the zero-filled .bss) and p_flags (a writable or executable segment), and segment bytes
+# no section names (.data among them).  Each field of index 5 is sized by what precedes
+# it, so the concatenation is unambiguous.  The ELF header's section header fields
+# (e_shoff, e_shnum, e_shstrndx) are part of it, so relinking or stripping changes index 5
+# even where the loaded bytes stay the same.  Section headers are required: they name what
+# indices 1..4 measure.  Nothing else (symbols, .comment, the section header table) is
+# measured.
+
+#: The measurement indices measure_elf() produces, in order.
+FIRMWARE_INDICES = (1, 2, 3, 4, 5)
 
 VERSION_SECTION = ".teeio_version"
 MANIFEST_SECTION = ".teeio_manifest"
@@ -278,9 +299,42 @@ def _elf_sections(data: bytes) -> list[_ElfSection]:
     return out
 
 
+def _load_image(data: bytes) -> bytes:
+    """Index 5: ELF header || program header table || every PT_LOAD segment's file bytes."""
+    def span(what: str, off: int, size: int) -> bytes:
+        if off < 0 or size < 0 or off + size > len(data):
+            raise FirmwareImageError(f"{what} ({size} bytes at {off:#x}) extends past the "
+                                     f"{len(data)}-byte image")
+        return data[off:off + size]
+
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        hdr = elf.header
+        ehsize, phoff = int(hdr["e_ehsize"]), int(hdr["e_phoff"])
+        phnum, phentsize = int(hdr["e_phnum"]), int(hdr["e_phentsize"])
+        if not phnum:
+            raise FirmwareImageError("the ELF image has no program headers")
+        parts = [span("the ELF header", 0, ehsize),
+                 span("the program header table", phoff, phnum * phentsize)]
+        for i in range(phnum):
+            seg = elf.get_segment(i)
+            if seg["p_type"] == "PT_LOAD":
+                parts.append(span(f"PT_LOAD segment {i}", int(seg["p_offset"]),
+                                  int(seg["p_filesz"])))
+    except FirmwareImageError:
+        raise
+    except (ELFError, ConstructError, ValueError, OverflowError) as exc:
+        raise FirmwareImageError(f"not a readable ELF image: {exc}") from None
+    if len(parts) == 2:
+        raise FirmwareImageError("the ELF image has no PT_LOAD segment")
+    return b"".join(parts)
+
+
 def measure_elf(image: bytes | str | os.PathLike[str]) -> list[MeasurementSource]:
-    """Measurements 1..4 of a firmware ELF (bytes, or a path to read); see the table above."""
-    sections = _elf_sections(image if isinstance(image, bytes) else Path(image).read_bytes())
+    """Measurements 1..5 (:data:`FIRMWARE_INDICES`) of a firmware ELF (bytes, or a path to
+    read); see the table above."""
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    sections = _elf_sections(data)
     by_addr = sorted(sections, key=lambda s: s.addr)
     code = [s for s in by_addr if s.type == "SHT_PROGBITS"
             and s.flags & SH_FLAGS.SHF_ALLOC and s.flags & SH_FLAGS.SHF_EXECINSTR]
@@ -305,6 +359,9 @@ def measure_elf(image: bytes | str | os.PathLike[str]) -> list[MeasurementSource
                           label="firmware version"),
         MeasurementSource(4, DmtfValueType.MEASUREMENT_MANIFEST, manifest,
                           label="firmware manifest"),
+        MeasurementSource(5, DmtfValueType.MUTABLE_FIRMWARE, _load_image(data),
+                          label="firmware load image (ELF header, program headers, "
+                                "PT_LOAD segments)"),
     ]
 
 

@@ -25,23 +25,36 @@ from tsm import ide
 from tsm.ctl import CtlError
 from tsm.device import LINK_ERRORS, DeviceConfig, DeviceError, DeviceLink, one_line
 from tsm.ghcx_server import GhcxFailure
-from tsm.journal import JournalError, read_records
+from tsm.journal import JournalError
 from tsm.registry import (
     NAME_RE,
     VM_ID_RE,
     DeviceBusy,
     DeviceEntry,
     Registry,
+    SecretFile,
     VmBinding,
     _abs,
     _arg,
     _name,
-    write_secret,
 )
 from tsm.tdi import TdiRecord
 from tsm.tdisp import TdispRequestError
 
 log = logging.getLogger("tsm.daemon")      # the daemon's log, whichever part writes it
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    """*a* and *b* name the same file: the same resolved path, or the same inode."""
+    if a is None or b is None:
+        return False
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
 
 #: A control operation: its arguments → its result.
 Operation = Callable[[dict[str, Any]], dict[str, Any]]
@@ -134,6 +147,12 @@ class ControlApiMixin(Registry):
                            reference_values=_abs(refs) if refs else None, stream_id=stream_id,
                            block=_arg(args, "block", int, 0))
         with self.lock:
+            for what, path in (("doe_socket", cfg.doe_socket),
+                               ("platform_socket", cfg.platform_socket)):
+                owner = self._ghcx_owner(path)
+                if owner is not None:
+                    raise CtlError("bad_args", f"{what} {path} is the GHCx socket this TSM "
+                                               f"serves for VM {owner}: refused")
             known = name in self.devices
             if not known:
                 if name in self._connecting:
@@ -233,25 +252,37 @@ class ControlApiMixin(Registry):
             raise CtlError("failed", f"TDI {dev.config.name} is already bound to VM "
                                      f"{dev.tdi.vm}")
         sock = _abs(_arg(args, "ghcx_socket", str))
+        for other in self.devices.values():
+            if _same_path(sock, other.config.doe_socket) or \
+                    _same_path(sock, other.config.platform_socket):
+                raise CtlError("bad_args", f"GHCx socket {sock} is device "
+                                           f"{other.config.name}'s socket: refused")
         secret_file = _arg(args, "secret_file", str, None)
         secret_path = (Path(_abs(secret_file)) if secret_file
                        else self.state_dir.absolute() / "vms" / f"{vm_id}.secret")
-        self._check_secret_path(secret_path)
         offset = _arg(args, "mmio_reporting_offset", int, 0)
         if not 0 <= offset < 1 << 64 or offset & 0xFFF:
             raise CtlError("bad_args", "mmio_reporting_offset must be a 4 KiB multiple, "
                                        "0..2^64-1")
+        self._check_secret_name(secret_path)
+        secret = self._open_secret(secret_path)
+        vm = VmBinding(vm_id, dev.config.name, sock, str(secret_path), offset, secret=secret)
         try:
-            write_secret(secret_path)
-        except OSError as exc:
-            raise CtlError("failed", f"secret file {secret_path}: "
-                                     f"{exc.strerror or exc}") from None
-        vm = VmBinding(vm_id, dev.config.name, sock, str(secret_path), offset)
-        try:
-            self._serve_vm(vm)
-        except OSError as exc:
-            secret_path.unlink(missing_ok=True)
-            raise CtlError("failed", f"GHCx socket {sock}: {exc.strerror or exc}") from None
+            self._check_secret_path(secret)
+            try:
+                secret.write()
+            except OSError as exc:
+                raise CtlError("failed", f"secret file {secret_path}: "
+                                         f"{exc.strerror or exc}") from None
+            try:
+                self._serve_vm(vm)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    secret.unlink()        # in the directory opened above, wherever it is
+                raise CtlError("failed", f"GHCx socket {sock}: {exc.strerror or exc}") from None
+        except BaseException:
+            vm.close_secret()
+            raise
         with self._tables_lock:
             self.vms[vm_id] = vm
         dev.tdi.vm = vm_id
@@ -260,26 +291,66 @@ class ControlApiMixin(Registry):
         return {"vm": vm_id, "device": dev.config.name, "ghcx_socket": sock,
                 "secret_file": str(secret_path)}
 
-    def _check_secret_path(self, path: Path) -> None:
-        """``bind --secret-file``: not inside the state directory except its ``vms/`` (the
-        journal, the control socket live there), not another VM's, and an existing file is
-        only replaced if it looks like a secret of ours (regular, 0600, 32 bytes)."""
-        real = Path(os.path.realpath(path))
+    def _check_secret_name(self, path: Path) -> None:
+        """Before anything is made: a path that resolves inside the state directory, not
+        directly under its ``vms/``, is refused (re-checked on the opened directory)."""
+        real = Path(os.path.realpath(path.parent)) / path.name
         state = Path(os.path.realpath(self.state_dir))
         if real.is_relative_to(state) and real.parent != state / "vms":
             raise CtlError("bad_args", f"secret file {path}: inside the state directory "
                                        f"{state} only directly under {state / 'vms'}")
-        for other in self.vms.values():
-            if os.path.realpath(other.secret_file) == str(real):
-                raise CtlError("failed", f"secret file {path} is VM {other.vm}'s")
+
+    def _ghcx_owner(self, path: str | None) -> str | None:
+        """The VM whose GHCx socket (served by this daemon) *path* is, if any: connecting
+        to it would replace that VM's connection.  Under the daemon lock."""
+        for vm in self.vms.values():
+            if _same_path(path, vm.ghcx_socket):
+                return vm.vm
+        return None
+
+    def _open_secret(self, path: Path) -> SecretFile:
+        """``bind``'s secret file, its directory opened once (:class:`SecretFile`, missing
+        directories made 0700, never through a symlink)."""
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
+            return SecretFile(path, create=True)
         except OSError as exc:
             raise CtlError("failed", f"secret file {path}: {exc.strerror or exc}") from None
-        if (not stat.S_ISREG(st.st_mode) or st.st_size != SECRET_SIZE
-                or st.st_mode & 0o077):
+
+    def _check_secret_path(self, secret: SecretFile) -> None:
+        """``bind --secret-file``: not inside the state directory except its ``vms/`` (the
+        journal, the control socket live there), not another VM's, and an existing file is
+        only replaced if it looks like a secret of ours (regular, 0600, 32 bytes).  Checked
+        on the directory already opened, which every later access goes through."""
+        path = secret.path
+        try:
+            here = os.fstat(secret.dir_fd)
+            state = os.stat(self.state_dir)
+            vms = os.stat(self.state_dir / "vms") if (self.state_dir / "vms").is_dir() else None
+        except OSError as exc:
+            raise CtlError("failed", f"secret file {path}: {exc.strerror or exc}") from None
+        real_dir = Path(os.path.realpath(Path(path).parent))
+        if ((real_dir.is_relative_to(os.path.realpath(self.state_dir))
+             or (here.st_dev, here.st_ino) == (state.st_dev, state.st_ino))
+                and (vms is None or (here.st_dev, here.st_ino) != (vms.st_dev, vms.st_ino))):
+            st = Path(os.path.realpath(self.state_dir))
+            raise CtlError("bad_args", f"secret file {path}: inside the state directory "
+                                       f"{st} only directly under {st / 'vms'}")
+        mine = secret.identity()
+        for other in self.vms.values():
+            try:
+                theirs = other.secret_handle().identity()
+            except OSError:
+                continue
+            if theirs == mine:
+                raise CtlError("failed", f"secret file {path} is VM {other.vm}'s")
+        try:
+            st_ = secret.lstat()
+        except OSError as exc:
+            raise CtlError("failed", f"secret file {path}: {exc.strerror or exc}") from None
+        if st_ is None:
+            return
+        if (not stat.S_ISREG(st_.st_mode) or st_.st_size != SECRET_SIZE
+                or st_.st_mode & 0o077):
             raise CtlError("failed", f"secret file {path} exists and is not a GHCx secret "
                                      f"(a 0600 file of {SECRET_SIZE} bytes): not overwritten")
 
@@ -311,10 +382,11 @@ class ControlApiMixin(Registry):
         if vm.server is not None:
             vm.server.close()
             vm.server = None
-        try:
-            Path(vm.secret_file).unlink(missing_ok=True)
+        try:       # through the directory opened at bind (or replay): never re-resolved
+            vm.secret_handle().unlink()
         except OSError as exc:
             failed.append(f"secret file {vm.secret_file}: {exc.strerror or exc}")
+        vm.close_secret()
         with self.lock, self._tables_lock:
             del self.vms[vm.vm]
             dev.tdi.vm = None
@@ -386,7 +458,7 @@ class ControlApiMixin(Registry):
         limit = _arg(args, "limit", int, 200)
         if limit <= 0:
             raise CtlError("bad_args", "limit must be > 0")
-        records, _ = read_records(self.journal.path)
+        records = self.journal.read()
         kinds = ("tdi", "stream", "session", "window", "window_revoked", "mmio_private",
                  "vm", "vm_removed", "platform", "device", "device_removed", "daemon_start")
         out = [r for r in records if r.get("type") in kinds

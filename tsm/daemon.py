@@ -48,6 +48,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from teeio import options
 from teeio.platform_channel import PlatformCtlError, StreamState
 from teeio.transport import background
 from tsm import ctl
@@ -163,6 +164,7 @@ class Daemon(RecoveryMixin, ReconcileMixin, GuestApiMixin, ControlApiMixin):
             server, vm.server = vm.server, None
             if server is not None:
                 server.close()
+            vm.close_secret()
         for name in list(self.watches):
             self._unwatch(name)
         for dev in devices:
@@ -200,6 +202,12 @@ def run_command(ns: argparse.Namespace, argv: Sequence[str] | None = None) -> in
                                 ["-m", "tsm", *(sys.argv[1:] if argv is None else argv)],
                                 ns.log or state_dir / "daemon.log")
     debug: DoeDebug | None = None
+    if ns.ctl_socket is not None:      # checked before anything is started
+        try:
+            options.writable_file("--ctl-socket", ns.ctl_socket)
+        except options.OptionError as exc:
+            print(f"daemon FAILED: {exc}", file=sys.stderr)
+            return 1
     try:
         debug = DoeDebug.from_args(ns, "teeio-tsm daemon")
         daemon = Daemon(state_dir, ns.heartbeat, debug=debug)
@@ -219,7 +227,12 @@ def run_command(ns: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     signal.signal(signal.SIGINT, _signal)
     try:
         daemon.start()
-        server = ctl.CtlServer(str(ctl_path), daemon.ctl_request).start()
+        try:
+            server = ctl.CtlServer(str(ctl_path), daemon.ctl_request).start()
+        except OSError as exc:
+            if exc.filename is None:       # bind() names no path: say which socket
+                exc.filename = str(ctl_path)
+            raise
     except Exception as exc:      # any start failure: one line, exit 1
         log.debug("start failed", exc_info=True)
         with contextlib.suppress(Exception):

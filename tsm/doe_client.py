@@ -32,6 +32,7 @@ from teeio.doe_pcap import DoeDirection, DoePcapWriter
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0   # the device answers within DOE's 1 s; the rest is transport slack
+HELLO_TIMEOUT = 2.0     # the TEST hello is answered at once by any spdm-emu DOE peer
 
 
 class DoeTransportError(RuntimeError):
@@ -114,11 +115,22 @@ class DoeClient:
         return bytes(buf)
 
     # -- the session ----------------------------------------------------------------------------
-    def hello(self) -> None:
-        """The TEST handshake that starts an spdm-emu session."""
-        body = self.call(SocketCommand.TEST, CLIENT_HELLO)
+    def hello(self, timeout: float = HELLO_TIMEOUT) -> None:
+        """The TEST handshake that starts an spdm-emu session, answered within *timeout*:
+        it checks that the peer speaks the spdm-emu DOE framing before anything else is
+        sent (a socket of another protocol fails here, with a message that says so)."""
+        previous = self.sock.gettimeout()
+        self.sock.settimeout(min(timeout, previous) if previous is not None else timeout)
+        try:
+            body = self.call(SocketCommand.TEST, CLIENT_HELLO)
+        except (DoeTransportError, ValueError) as exc:
+            raise DoeTransportError(f"the peer does not speak the spdm-emu DOE framing "
+                                    f"(TEST hello: {exc})") from None
+        finally:
+            self.sock.settimeout(previous)
         if body != SERVER_HELLO:
-            raise DoeTransportError(f"TEST answered with {body!r}")
+            raise DoeTransportError("the peer does not speak the spdm-emu DOE framing "
+                                    f"(TEST answered with {body[:32]!r})")
 
     def exchange(self, obj: bytes) -> bytes | None:
         """One whole DOE object out, the whole response object back (None: no response)."""

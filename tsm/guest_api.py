@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from teeio.platform_channel import PlatformCtlError, StreamState
@@ -20,7 +19,7 @@ from teeio.tdisp.defs import TdiState
 from tsm.device import LINK_ERRORS, DeviceError, DeviceLink, one_line
 from tsm.ghcx_server import GhcxFailure, GhcxServer
 from tsm.lifecycle import Input, Step
-from tsm.registry import DeviceBusy, DeviceEntry, Registry, VmBinding, read_secret
+from tsm.registry import DeviceBusy, DeviceEntry, Registry, VmBinding
 from tsm.tdi import lock_flags, read_report
 from tsm.tdisp import TdispRequestError
 
@@ -52,7 +51,7 @@ class GuestApiMixin(Registry):
 
     def _serve_vm(self, vm: VmBinding) -> None:
         """Start *vm*'s GHCx server on its socket, with its secret and this boot's id."""
-        secret = read_secret(Path(vm.secret_file))
+        secret = vm.secret_handle().read()
         vm.server = GhcxServer(vm.vm, vm.ghcx_socket, secret, self.boot_id,
                                self.ghcx_request).start()
 

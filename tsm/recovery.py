@@ -53,14 +53,19 @@ class RecoveryMixin(Registry):
 
     # -- journal --------------------------------------------------------------------------
     def _replay(self, records: list[dict[str, Any]]) -> None:
-        """The journal's *records*, in order, into the tables; a record that cannot be
-        applied is a :class:`JournalError`."""
-        for rec in records:
+        """The journal's *records*, in order, into the tables (record *i* is line *i*,
+        from 1); a record that cannot be applied is a :class:`JournalError` naming its line
+        and seq."""
+        for lineno, rec in enumerate(records, 1):
             try:
                 self._apply(rec)
-            except (KeyError, ValueError, TypeError) as exc:
-                raise JournalError(f"journal record {rec.get('seq')} ({rec.get('type')}) "
-                                   f"cannot be applied: {exc!r}") from None
+            except JournalError as exc:
+                raise JournalError(f"journal {self.journal.path}: line {lineno} (record "
+                                   f"{rec.get('seq')!r}, {rec.get('type')}): {exc}") from None
+            except (KeyError, ValueError, TypeError, OverflowError, AttributeError) as exc:
+                raise JournalError(f"journal {self.journal.path}: line {lineno} (record "
+                                   f"{rec.get('seq')!r}, {rec.get('type')}) cannot be applied: "
+                                   f"{str(exc)[:200] or type(exc).__name__}") from None
 
     def _apply(self, rec: dict[str, Any]) -> None:
         """One journal record into the tables (unknown types: logged, counted)."""
@@ -71,6 +76,14 @@ class RecoveryMixin(Registry):
             self.devices[cfg.name] = DeviceEntry(
                 cfg, self._link(cfg), old.tdi if old else TdiRecord(cfg.name))
         elif t == "device_removed":
+            # The daemon only removes an unbound device (``disconnect`` refuses a bound one),
+            # so a removal while a VM is still bound cannot be its own: refused, since
+            # applying it would forget the VM's windows and private MMIO without revoking
+            # them (the fail-safe runs per known device at start).
+            dev = self.devices[rec["device"]]
+            if dev.tdi.vm is not None:
+                raise JournalError(f"device {dev.config.name} removed while VM {dev.tdi.vm} "
+                                   "is bound to it (unbind first): refused")
             self.devices.pop(rec["device"])
         elif t == "stream":
             dev = self.devices[rec["device"]]

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from teeio import options
 from teeio.measurements import FirmwareImageError, reference_values
 
 
@@ -21,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--elf", type=Path, required=True, help="firmware image (ELF)")
     ap.add_argument("--out", type=Path, help="JSON file to write (default: stdout)")
     opts = ap.parse_args(argv)
+    if opts.out is not None:
+        try:
+            options.writable_file("--out", opts.out)
+        except options.OptionError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     try:
         values = reference_values(opts.elf)
     except (OSError, FirmwareImageError) as exc:
@@ -30,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     if opts.out is None:
         sys.stdout.write(text)
     else:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text(text)
+        try:
+            opts.out.write_text(text)
+        except OSError as exc:
+            print(f"error: --out {opts.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         print(opts.out)
     return 0
 

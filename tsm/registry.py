@@ -5,8 +5,9 @@ table (:class:`DeviceEntry`), the VM bindings (:class:`VmBinding`), the platform
 watches and the counters, held by :class:`Registry` with the locks that guard them, and
 the per-device serialisation every operation goes through (:meth:`Registry._held`).  It
 also holds the checks of names and arguments the control API takes (:func:`_arg`,
-:func:`_name`, :func:`_abs`) and the per-VM launch secret's file (:func:`write_secret`,
-:func:`read_secret`).
+:func:`_name`, :func:`_abs`) and the per-VM launch secret's file (:class:`SecretFile`,
+:func:`write_secret`, :func:`read_secret`), which is only ever reached through its directory's
+fd, opened once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 from collections import Counter
@@ -82,34 +84,139 @@ class VmBinding:
     mmio_reporting_offset: int = 0
     windows: dict[int, dict[str, Any]] = field(default_factory=dict)
     server: GhcxServer | None = field(default=None, repr=False)
+    #: the secret's file, its directory held open (:class:`SecretFile`); None until opened
+    secret: SecretFile | None = field(default=None, repr=False, compare=False)
+
+    def secret_handle(self) -> SecretFile:
+        """The secret's file, its directory opened now if it is not yet (after a replay)."""
+        if self.secret is None:
+            self.secret = SecretFile(Path(self.secret_file))
+        return self.secret
+
+    def close_secret(self) -> None:
+        if self.secret is not None:
+            self.secret.close()
+            self.secret = None
+
+
+#: open a directory: never through a symlink, not inherited by children
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_dir(path: Path, create: bool = False) -> int:
+    """A file descriptor of directory *path*, which is resolved once (``realpath``) and then
+    opened component by component from ``/`` with ``O_NOFOLLOW``: a component swapped for a
+    symlink meanwhile fails (``ELOOP``/``ENOTDIR``) instead of being followed.  With
+    *create*, missing components are made (mode 0700)."""
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        for part in Path(os.path.realpath(path)).parts[1:]:
+            try:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class SecretFile:
+    """A VM's launch-secret file, held as its directory's fd and its name: opened once
+    (:func:`open_dir`), then every write, read and unlink goes through ``dir_fd=`` with
+    ``O_NOFOLLOW``, so swapping the directory (or a component above it) for a symlink later
+    cannot redirect the daemon to a file of the same name elsewhere."""
+
+    def __init__(self, path: Path, create: bool = False) -> None:
+        if path.name in ("", ".", ".."):
+            raise IsADirectoryError(21, "not a file name", str(path))
+        self.path = str(path)
+        self.name = path.name
+        self.dir_fd = open_dir(path.parent, create)
+
+    def __repr__(self) -> str:
+        return f"SecretFile({self.path!r})"
+
+    def identity(self) -> tuple[int, int, str]:
+        """(device, inode) of the directory and the name: the same file for two of them."""
+        st = os.fstat(self.dir_fd)
+        return st.st_dev, st.st_ino, self.name
+
+    def lstat(self) -> os.stat_result | None:
+        """The file's own status (a symlink is not followed), None if it is missing."""
+        try:
+            return os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def write(self) -> None:
+        """A fresh per-VM secret, raw bytes, in a 0600 file (replaced atomically, a symlink
+        in its place replaced, not followed).  QEMU hands it to the guest with ``-fw_cfg
+        name=opt/org.teeio/ghcx-secret,file=PATH``."""
+        tmp = f".{self.name}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=self.dir_fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self.dir_fd)
+        try:
+            os.write(fd, secrets.token_bytes(SECRET_SIZE))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+
+    def read(self) -> bytes:
+        """The secret, from a regular 0600 file that holds exactly one."""
+        fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{self.path}: a GHCx secret file must be a regular file")
+            if st.st_mode & 0o077:
+                raise PermissionError(f"{self.path}: a GHCx secret file must be mode 0600, "
+                                      f"is {st.st_mode & 0o777:o}")
+            data = os.read(fd, SECRET_SIZE + 1)
+        finally:
+            os.close(fd)
+        if len(data) != SECRET_SIZE:
+            raise ValueError(f"{self.path}: a GHCx secret is {SECRET_SIZE} bytes, "
+                             f"not {len(data)}")
+        return data
+
+    def unlink(self) -> None:
+        """Delete the file in the directory opened at first (a missing one is no error)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.name, dir_fd=self.dir_fd)
+
+    def close(self) -> None:
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
 
 
 def write_secret(path: Path) -> None:
-    """A fresh per-VM secret, raw bytes, in a 0600 file (replaced atomically).  QEMU hands
-    it to the guest with ``-fw_cfg name=opt/org.teeio/ghcx-secret,file=PATH``."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    """A fresh secret in the file at *path* (:meth:`SecretFile.write`; missing directories
+    are made, 0700)."""
+    sf = SecretFile(path, create=True)
     try:
-        os.write(fd, secrets.token_bytes(SECRET_SIZE))
-        os.fsync(fd)
+        sf.write()
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        sf.close()
 
 
 def read_secret(path: Path) -> bytes:
     """A VM's secret from its file, which must be 0600 and hold exactly one secret."""
-    st = os.stat(path)
-    if st.st_mode & 0o077:
-        raise PermissionError(f"{path}: a GHCx secret file must be mode 0600, is "
-                              f"{st.st_mode & 0o777:o}")
-    data = path.read_bytes()
-    if len(data) != SECRET_SIZE:
-        raise ValueError(f"{path}: a GHCx secret is {SECRET_SIZE} bytes, not {len(data)}")
-    return data
+    sf = SecretFile(path)
+    try:
+        return sf.read()
+    finally:
+        sf.close()
 
 
 # -- argument checks (control API) --------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from teeio import options
 from teeio.doe_pcap import DoePcapWriter
 from teeio.platform_channel import write_credential
 from teeio.transport import background
@@ -46,6 +47,29 @@ def _tlp_size(name: str) -> Callable[[str], int]:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return parse
+
+
+def check_options(ns: argparse.Namespace) -> None:
+    """Every option that names a port, a file or a folder, checked before anything starts:
+    :class:`~teeio.options.OptionError` names the first unusable one."""
+    if ns.doe_tcp_port is not None:
+        options.tcp_port("--doe-tcp-port", ns.doe_tcp_port)
+    if ns.identity is not None:
+        ident: Path = ns.identity
+        # a provisioned identity is only read; a fresh one is written into the folder
+        has_one = (ident / "chain.pem").is_file() and (ident / "device.key").is_file()
+        options.usable_dir("--identity", ident, write=not has_one)
+    for option, path in (("--platform-credential", ns.platform_credential),
+                         ("--stats-file", ns.stats_file),
+                         ("--link-capture", ns.link_capture),
+                         ("--doe-capture", ns.doe_capture)):
+        if path is not None:
+            options.writable_file(option, path)
+    for option, sock in (("--socket", ns.socket), ("--doe-socket", ns.doe_socket),
+                         ("--platform-socket", ns.platform_socket),
+                         ("--host-socket", ns.host_socket)):
+        if sock is not None:
+            options.writable_file(option, Path(sock))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--libvfio-user-socket-dma goes with --backend libvfio-user")
     if not 0 <= ns.heartbeat_period <= dsm.MAX_HEARTBEAT_PERIOD:
         ap.error(f"--heartbeat-period must be 0..{dsm.MAX_HEARTBEAT_PERIOD} seconds")
+    try:
+        check_options(ns)        # before anything is started
+    except options.OptionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -173,13 +202,39 @@ def main(argv: list[str] | None = None) -> int:
                         tdi=device)
         security.start_watchdog()
     # The DOE sockets listen before the vfio-user socket appears (which launchers wait for).
-    doe_servers = [DoeSocketServer(device.doe, path=path, port=port,
-                                   exit_on_shutdown=ns.doe_exit_on_shutdown)
-                   for path, port in ((ns.doe_socket, None), (None, ns.doe_tcp_port))
-                   if path is not None or port is not None]
+    doe_servers: list[DoeSocketServer] = []
+    for path, port in ((ns.doe_socket, None), (None, ns.doe_tcp_port)):
+        if path is None and port is None:
+            continue
+        try:
+            doe_servers.append(DoeSocketServer(device.doe, path=path, port=port,
+                                               exit_on_shutdown=ns.doe_exit_on_shutdown))
+        except OSError as exc:   # e.g. a file that is not a socket at the path: kept
+            flag = "--doe-socket" if path is not None else "--doe-tcp-port"
+            print(f"error: {flag} {path or port}: {exc.strerror or exc}", file=sys.stderr)
+            for doe in doe_servers:
+                doe.close()
+            if security is not None:
+                security.close()
+            machine.close()
+            if doe_capture is not None:
+                doe_capture.close()
+            return 1
     platform: PlatformControlServer | None = None
     if ns.platform_socket is not None:
-        token = write_credential(ns.platform_credential)
+        try:
+            token = write_credential(ns.platform_credential)
+        except OSError as exc:
+            print(f"error: --platform-credential {ns.platform_credential}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            for doe in doe_servers:
+                doe.close()
+            if security is not None:
+                security.close()
+            machine.close()
+            if doe_capture is not None:
+                doe_capture.close()
+            return 1
         platform = PlatformControlServer(ns.platform_socket, token, machine.root_port,
                                          machine.link)
         ide_host.register(platform, device)   # the host's IDE register writes, for now
@@ -219,8 +274,25 @@ def main(argv: list[str] | None = None) -> int:
             with lock:
                 write_stats(ns.stats_file, machine, server)
 
+        try:
+            write_stats(ns.stats_file, machine, server)
+        except OSError as exc:
+            print(f"error: --stats-file {ns.stats_file}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            server.close()       # removes its socket
+            for doe in doe_servers:
+                doe.close()
+            if platform is not None:
+                platform.close()
+            if host_access is not None:
+                host_access.close()
+            if security is not None:
+                security.close()
+            machine.close()
+            if doe_capture is not None:
+                doe_capture.close()
+            return 1
         device.listeners.append(on_change)
-        write_stats(ns.stats_file, machine, server)
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: shutting down", signum)

@@ -5,7 +5,10 @@ without (QEMU sends some, e.g. ROM areas, or all of RAM when it is not
 ``share=on``) is reached through DMA_READ / DMA_WRITE messages on the socket,
 via the ``remote`` callbacks the transport installs.  Maps arrive before
 DEVICE_GET_INFO and are replaced repeatedly while the BIOS runs, so the set is
-kept exact: overlapping maps are refused (EEXIST), unmaps must match a map.
+kept exact: overlapping maps are refused (EEXIST), unmaps must match a map.  The set
+holds at most ``max_maps`` maps (the "max_dma_maps" the server announces in VERSION; a
+DMA_MAP beyond it is ENOSPC), sorted by start address: a lookup, the overlap check and
+an unmap are binary searches, not walks over every map.
 
 Every map gets a ``map_id`` that is never reused, and remembers the identity of the
 file it came from (device and inode: the fd itself is closed once mapped).  The root
@@ -26,11 +29,12 @@ import errno
 import logging
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from vfio_user_dev.protocol import DmaFlags, ProtocolError
+from vfio_user_dev.protocol import MAX_DMA_MAPS, DmaFlags, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,9 @@ class MapEvent:
 
 class DmaMapSet:
     def __init__(self) -> None:
-        self._regions: list[DmaRegion] = []   # sorted by address
+        self._regions: list[DmaRegion] = []   # sorted by address, never overlapping
+        self._starts: list[int] = []          # their addresses, for bisect
+        self.max_maps = MAX_DMA_MAPS
         self._cond = threading.Condition()
         self.remote_read: RemoteRead | None = None
         self.remote_write: RemoteWrite | None = None
@@ -106,6 +112,7 @@ class DmaMapSet:
                 self._check_free(address, size)
             if fd is not None:
                 st = os.fstat(fd)
+                _check_mappable(st, address, size, fd_offset)
                 inode = (st.st_dev, st.st_ino)
                 prot = 0
                 if flags & DmaFlags.READ:
@@ -115,7 +122,7 @@ class DmaMapSet:
                 try:
                     mem = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot or mmap.PROT_READ,
                                     offset=fd_offset)
-                except (OSError, ValueError) as exc:
+                except (OSError, ValueError, OverflowError) as exc:
                     raise ProtocolError(errno.EINVAL,
                                         f"DMA_MAP: cannot mmap fd at {fd_offset:#x}: {exc}") \
                         from None
@@ -129,10 +136,7 @@ class DmaMapSet:
                     raise
                 region = DmaRegion(address, size, flags, fd_offset, mem, map_id=self._next_id,
                                    inode=inode)
-                self._next_id += 1
-                keys = [r.address for r in self._regions]
-                self._regions.insert(bisect.bisect(keys, address), region)
-                self.maps_total += 1
+                self._insert(region)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -150,32 +154,59 @@ class DmaMapSet:
             self._check_free(address, size)
             region = DmaRegion(address, size, flags, fd_offset, view, map_id=self._next_id,
                                inode=inode)
-            self._next_id += 1
-            keys = [r.address for r in self._regions]
-            self._regions.insert(bisect.bisect(keys, address), region)
-            self.maps_total += 1
+            self._insert(region)
         self._notify([MapEvent("map", _backing(region))])
 
     def _check_free(self, address: int, size: int) -> None:
-        for r in self._regions:
+        """Room for one more map, and *address*+*size* overlaps none (called with the lock
+        held).  The maps never overlap, so only the last one starting at or before
+        *address* and the first one after it can."""
+        if len(self._regions) >= self.max_maps:
+            raise ProtocolError(errno.ENOSPC, f"DMA_MAP {address:#x}+{size:#x}: already "
+                                              f"{len(self._regions)} maps (max_dma_maps)")
+        i = bisect.bisect_right(self._starts, address)
+        for r in self._regions[max(i - 1, 0):i + 1]:
             if address < r.end and r.address < address + size:
                 raise ProtocolError(errno.EEXIST, f"DMA_MAP {address:#x}+{size:#x} overlaps "
                                                   f"{r.address:#x}+{r.size:#x}")
 
+    def _insert(self, region: DmaRegion) -> None:
+        i = bisect.bisect_right(self._starts, region.address)
+        self._regions.insert(i, region)
+        self._starts.insert(i, region.address)
+        self._next_id += 1
+        self.maps_total += 1
+
+    def has(self, address: int, size: int, flags: int, mapped: bool) -> bool:
+        """Whether exactly this map (range, flags, with or without memory) is live."""
+        with self._cond:
+            i = bisect.bisect_left(self._starts, address)
+            if i == len(self._regions):
+                return False
+            r = self._regions[i]
+            return (r.address, r.size, r.flags, r.mem is not None) == (address, size, flags,
+                                                                       mapped)
+
     def unmap(self, address: int, size: int) -> None:
         with self._cond:
-            for i, r in enumerate(self._regions):
-                if r.address == address and r.size == size:
-                    # Release every reference before replying (spec: in-flight DMA too).
-                    while r.users:
-                        self._cond.wait()
-                    del self._regions[i]
-                    self.unmaps_total += 1
-                    _drop_memory(r)
-                    break
-            else:
+            i = bisect.bisect_left(self._starts, address)
+            r = self._regions[i] if i < len(self._regions) else None
+            if r is None or r.address != address or r.size != size:
                 raise ProtocolError(errno.ENOENT,
                                     f"DMA_UNMAP {address:#x}+{size:#x}: no such map")
+            # Release every reference before replying (spec: in-flight DMA too).
+            while r.users:
+                self._cond.wait()
+            # Waiting let other threads in: look the map up again (it may have moved in
+            # the list, or been removed by a concurrent unmap or clear).
+            i = bisect.bisect_left(self._starts, address)
+            if i == len(self._regions) or self._regions[i] is not r:
+                raise ProtocolError(errno.ENOENT,
+                                    f"DMA_UNMAP {address:#x}+{size:#x}: unmapped meanwhile")
+            del self._regions[i]
+            del self._starts[i]
+            self.unmaps_total += 1
+            _drop_memory(r)
         self._notify([MapEvent("unmap", _backing(r))])
 
     def clear(self) -> None:
@@ -186,6 +217,7 @@ class DmaMapSet:
                 _drop_memory(r)
             gone = [MapEvent("unmap", _backing(r)) for r in self._regions]
             self._regions.clear()
+            self._starts.clear()
         self._notify(gone)
 
     def _notify(self, events: list[MapEvent]) -> None:
@@ -208,12 +240,13 @@ class DmaMapSet:
 
     # -- device side: DMA accesses ----------------------------------------------------------
     def _find(self, address: int, need: int) -> DmaRegion:
-        for r in self._regions:
-            if r.address <= address < r.end:
-                if need and not r.flags & need:
-                    kind = "read" if need == DmaFlags.READ else "write"
-                    raise DmaFault(f"DMA {kind} at {address:#x}: map is not {kind}able")
-                return r
+        i = bisect.bisect_right(self._starts, address) - 1
+        if i >= 0 and address < self._regions[i].end:
+            r = self._regions[i]
+            if need and not r.flags & need:
+                kind = "read" if need == DmaFlags.READ else "write"
+                raise DmaFault(f"DMA {kind} at {address:#x}: map is not {kind}able")
+            return r
         raise DmaFault(f"DMA to unmapped address {address:#x}")
 
     def _pieces(self, address: int, length: int, need: int,
@@ -297,6 +330,24 @@ class DmaMapSet:
         if self.remote_write is None:
             raise DmaFault(f"DMA write at {address:#x}: memory not mappable and no client")
         self.remote_write(address, data)
+
+
+def _check_mappable(st: os.stat_result, address: int, size: int, fd_offset: int) -> None:
+    """Spec "DMA_MAP": *size* bytes of the file from *offset* are mapped.  mmap() takes
+    both as an off_t: each of them, and their sum, must be below 2**63 (larger values
+    would not even reach the kernel).  The range of a regular file (a memfd, a file on
+    hugetlbfs or tmpfs) must lie within the file: a page of a shared mapping beyond the
+    end of its file raises SIGBUS at the first device access, killing the server."""
+    if fd_offset < 0 or size > _OFF_MAX or fd_offset > _OFF_MAX - size:
+        raise ProtocolError(errno.EINVAL, f"DMA_MAP {address:#x}+{size:#x}: file range "
+                                          f"{fd_offset:#x}+{size:#x} is not mappable")
+    if stat.S_ISREG(st.st_mode) and fd_offset + size > st.st_size:
+        raise ProtocolError(errno.EINVAL, f"DMA_MAP {address:#x}+{size:#x}: file range "
+                                          f"{fd_offset:#x}+{size:#x} beyond the end of the "
+                                          f"file ({st.st_size:#x} bytes)")
+
+
+_OFF_MAX = (1 << 63) - 1
 
 
 def _drop_memory(r: DmaRegion) -> None:

@@ -14,18 +14,29 @@ What the server answers (one reply per message, so the stream never loses step):
   over the limit) the reply is NORMAL with an *empty* payload.  spdm_responder_emu
   instead sends nothing and drops the connection; an explicit empty reply lets a
   requester tell "no response" from a dead peer without waiting for a timeout.
-* CONTINUE: CONTINUE, then the connection is closed; the next client is accepted and
-  the device keeps its state (as spdm_responder_emu does).
+* CONTINUE: CONTINUE, then the connection is closed; the device keeps its state (as
+  spdm_responder_emu does) and the listener goes on.
 * SHUTDOWN: SHUTDOWN, then the connection is closed.  The listener stays unless the
   server was made with ``exit_on_shutdown`` (``--doe-exit-on-shutdown``), which ends it
-  (and calls ``on_shutdown``) like spdm_responder_emu's exit.
+  and every other connection (and calls ``on_shutdown``) like spdm_responder_emu's exit.
 * any other command (also the OOB_ENCAP ones, which need SPDM): UNKNOWN, empty payload.
 * a transport type other than PCI_DOE: UNKNOWN, then the connection is closed.
-* a handler that raises (a device bug): logged with its traceback, connection closed.
+* a handler that raises something unforeseen (a device bug): NORMAL with an empty
+  payload, as for "no response"; the traceback is logged the first time, later ones in
+  one line each.  The connection and the server go on.
 
 Payloads up to :data:`teeio.doe.SOCKET_MAX_PAYLOAD` (a whole 2^18-DW object, 1 MiB) are
-accepted; a larger one is read off the stream and thrown away, then answered as above.
-One client at a time is served, in a thread; UNIX socket, or TCP on 127.0.0.1.
+accepted; a larger one up to :data:`MAX_DISCARD` is read off the stream and thrown away,
+then answered as above; one larger still closes the connection at once (it cannot be kept
+in step without reading it).
+
+Connections: UNIX socket (mode 0600; a stale socket at the path is replaced, any other
+file refused, :func:`teeio.transport.unix.listen_private`), or TCP on 127.0.0.1.  Up to
+:data:`MAX_CONNECTIONS` clients are served at once, a thread each (the dispatcher's lock
+serialises their objects); one more is closed at once.  A connection that sends no
+message for :data:`IDLE_TIMEOUT` seconds is closed, and so is one that takes longer than
+:data:`MESSAGE_TIMEOUT` seconds to send one message it has begun, so a silent or
+trickling client cannot keep the others (the TSM) waiting.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from teeio.doe import (
@@ -47,58 +59,101 @@ from teeio.doe import (
     SocketHeader,
     SocketTransport,
 )
+from teeio.transport.unix import listen_private
 
 log = logging.getLogger(__name__)
+
+#: Clients served at once; one more is closed as soon as it is accepted.
+MAX_CONNECTIONS = 8
+#: Seconds a connection may wait between messages before it is closed.
+IDLE_TIMEOUT = 30.0
+#: Seconds a client has to send the rest of a message once its first byte arrived.
+MESSAGE_TIMEOUT = 10.0
+#: The largest payload read off the stream and discarded (above SOCKET_MAX_PAYLOAD); a
+#: larger one closes the connection.
+MAX_DISCARD = 4 * SOCKET_MAX_PAYLOAD
+
+__all__ = ["IDLE_TIMEOUT", "MAX_CONNECTIONS", "MAX_DISCARD", "MESSAGE_TIMEOUT",
+           "DoeSocketServer"]
 
 
 class _Closed(Exception):
     pass
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 16))
-        if not chunk:
-            raise _Closed("peer closed the connection")
-        buf += chunk
-    return bytes(buf)
+class _Deadline:
+    """Receives from one connection: the first byte of a message within *idle* seconds,
+    the rest of it within *message* seconds of that first byte."""
 
+    def __init__(self, sock: socket.socket, idle: float, message: float) -> None:
+        self.sock = sock
+        self.idle = idle
+        self.message = message
+        self.until: float | None = None    # the current message's deadline, once begun
 
-def _drain(sock: socket.socket, n: int) -> None:
-    while n:
-        n -= len(_recv_exact(sock, min(n, 1 << 16)))
+    def next_message(self) -> None:
+        self.until = None
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            if self.until is None:
+                self.sock.settimeout(self.idle)
+            else:
+                left = self.until - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(left)
+            chunk = self.sock.recv(min(n - len(buf), 1 << 16))
+            if not chunk:
+                raise _Closed("peer closed the connection")
+            if self.until is None:
+                self.until = time.monotonic() + self.message
+            buf += chunk
+        return bytes(buf)
+
+    def drain(self, n: int) -> None:
+        while n:
+            n -= len(self.recv_exact(min(n, 1 << 16)))
 
 
 class DoeSocketServer:
-    """Serves one DOE socket (UNIX *path*, or TCP *port* on *host*) in a thread."""
+    """Serves one DOE socket (UNIX *path*, or TCP *port* on *host*): an accepting thread
+    and a thread per connection, at most *max_connections* at once."""
 
     def __init__(self, dispatcher: DoeDispatcher, *, path: str | None = None,
                  port: int | None = None, host: str = "127.0.0.1",
                  exit_on_shutdown: bool = False,
-                 on_shutdown: Callable[[], None] | None = None) -> None:
+                 on_shutdown: Callable[[], None] | None = None,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         if (path is None) == (port is None):
             raise ValueError("give exactly one of a UNIX socket path and a TCP port")
         self.dispatcher = dispatcher
         self.exit_on_shutdown = exit_on_shutdown
         self.on_shutdown = on_shutdown
+        self.max_connections = max_connections
         self.path = path
-        self.clients = 0
+        self.clients = 0          # connections accepted and served
+        self.refused = 0          # connections closed because every slot was taken
+        self.internal_errors = 0  # messages a handler failed on unexpectedly
         self._stop = threading.Event()
-        self._conn: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
         if path is not None:
-            if os.path.exists(path):
-                os.unlink(path)
-            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.listener.bind(path)
+            # Never deletes anything but a stale socket (OSError EEXIST otherwise).
+            self.listener = listen_private(path, max_connections)
             self.address = path
         else:
             self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.listener.bind((host, port))
+            try:
+                self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                self.listener.bind((host, port))
+                self.listener.listen(max_connections)
+            except OSError:
+                self.listener.close()
+                raise
             bound_host, bound_port = self.listener.getsockname()[:2]
             self.address = f"{bound_host}:{bound_port}"
-        self.listener.listen(1)
         self.port: int | None = self.listener.getsockname()[1] if port is not None else None
         self._thread = threading.Thread(target=self.serve_forever, name="doe-socket",
                                         daemon=True)
@@ -117,34 +172,29 @@ class DoeSocketServer:
                     if self._stop.is_set():
                         break
                     raise
-                if self.port is not None:
-                    # Small request/response messages: no reply may wait in Nagle's
-                    # buffer for the peer's (delayed) ACK of an earlier segment.
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self.clients += 1
-                self._conn = conn
-                try:
-                    keep = self._serve(conn)
-                finally:
-                    self._conn = None
-                    conn.close()
-                if not keep:
-                    log.info("DOE socket: SHUTDOWN with exit-on-shutdown, stopping")
-                    if self.on_shutdown is not None:
-                        self.on_shutdown()
-                    break
+                with self._lock:
+                    if len(self._conns) >= self.max_connections:
+                        self.refused += 1
+                        log.warning("DOE socket: %d clients already, refusing one",
+                                    len(self._conns))
+                        conn.close()
+                        continue
+                    self._conns.add(conn)
+                    self.clients += 1
+                threading.Thread(target=self._connection, args=(conn,),
+                                 name="doe-socket-conn", daemon=True).start()
         finally:
             self.close()
 
     def close(self) -> None:
         self._stop.set()
-        conn = self._conn
-        if conn is not None:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
@@ -153,21 +203,46 @@ class DoeSocketServer:
         self._thread.join(timeout)
 
     # -- one connection -------------------------------------------------------------------------
+    def _connection(self, conn: socket.socket) -> None:
+        try:
+            if self.port is not None:
+                # Small request/response messages: no reply may wait in Nagle's
+                # buffer for the peer's (delayed) ACK of an earlier segment.
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keep = self._serve(conn)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+        if not keep and not self._stop.is_set():
+            log.info("DOE socket: SHUTDOWN with exit-on-shutdown, stopping")
+            self.close()
+            if self.on_shutdown is not None:
+                self.on_shutdown()
+
     def _serve(self, conn: socket.socket) -> bool:
         """Serve *conn* until it ends; False if the whole server must stop."""
         log.info("DOE socket: client connected")
+        rx = _Deadline(conn, IDLE_TIMEOUT, MESSAGE_TIMEOUT)
         try:
             while True:
-                hdr = SocketHeader.decode(_recv_exact(conn, SOCKET_HEADER.size))
+                rx.next_message()
+                hdr = SocketHeader.decode(rx.recv_exact(SOCKET_HEADER.size))
                 log.debug("<-- %s transport=%d size=%d", hdr.command_name(), hdr.transport,
                           hdr.size)
+                if hdr.size > MAX_DISCARD:
+                    log.warning("DOE socket: %s payload of %d bytes exceeds %d: closing",
+                                hdr.command_name(), hdr.size, MAX_DISCARD)
+                    return True
                 if hdr.size > SOCKET_MAX_PAYLOAD:
                     log.warning("DOE socket: %s payload of %d bytes exceeds %d: discarded",
                                 hdr.command_name(), hdr.size, SOCKET_MAX_PAYLOAD)
-                    _drain(conn, hdr.size)
+                    rx.drain(hdr.size)
                     payload = None
                 else:
-                    payload = _recv_exact(conn, hdr.size)
+                    payload = rx.recv_exact(hdr.size)
+                conn.settimeout(IDLE_TIMEOUT)    # for the reply
                 if hdr.transport != SocketTransport.PCI_DOE:
                     log.warning("DOE socket: transport type %d is not PCI_DOE (2): closing",
                                 hdr.transport)
@@ -188,9 +263,13 @@ class DoeSocketServer:
                     self._send(conn, SocketCommand.UNKNOWN)
         except _Closed:
             log.info("DOE socket: client disconnected")
+        except TimeoutError:
+            why = (f"a message not completed within {MESSAGE_TIMEOUT:g} s"
+                   if rx.until is not None else f"idle for more than {IDLE_TIMEOUT:g} s")
+            log.info("DOE socket: connection timed out (%s): closed", why)
         except OSError as exc:
             log.info("DOE socket: connection ended: %s", exc)
-        except Exception:   # a handler's bug: say so loudly, drop this client, keep listening
+        except Exception:   # a bug of this server's own: say so loudly, drop this client
             log.exception("DOE socket: internal error, closing the connection")
         return True
 
@@ -201,6 +280,17 @@ class DoeSocketServer:
             rsp = self.dispatcher.handle_object(payload)
         except DoeError as exc:
             log.info("DOE socket: no response: %s", exc)
+            return b""
+        except Exception as exc:   # last resort: a device bug must not end the server
+            with self._lock:
+                self.internal_errors += 1
+                first = self.internal_errors == 1
+            if first:
+                log.exception("DOE socket: the device failed on an object (answered as no "
+                              "response; later failures are logged in one line)")
+            else:
+                log.error("DOE socket: the device failed on an object (%d so far): %s: %s",
+                          self.internal_errors, type(exc).__name__, exc)
             return b""
         return b"" if rsp is None else rsp
 

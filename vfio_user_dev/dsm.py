@@ -47,10 +47,14 @@ session that has received no secured message for more than twice that period
 are invalidated (streams Insecure) and the TDI it locked takes HEARTBEAT_TIMEOUT (→ ERROR,
 PCIe 6.x §11.2.6).
 
-Firmware update (:meth:`DeviceSecurityManager.firmware_update`): refused while the TDI is
-CONFIG_LOCKED or RUN with NO_FW_UPDATE (§11.3.6); otherwise the new image is measured
-(:func:`teeio.measurements.measure_elf`), later GET_MEASUREMENTS report it, and the TDI
-takes FIRMWARE_UPDATE (a no-op without NO_FW_UPDATE, by the transition table's guard).
+Firmware update (:meth:`DeviceSecurityManager.firmware_update`): the image is read
+(:func:`read_firmware_image`: a regular file, not a symbolic link, at most
+:data:`MAX_FIRMWARE_IMAGE` bytes, opened without blocking, so a FIFO or a device node is
+refused at once) and measured (:func:`teeio.measurements.measure_elf`) *before* the device
+lock is taken: whatever the host names, DOE traffic never waits for its file.  Then, under
+the lock, the update is refused while the TDI is CONFIG_LOCKED or RUN with NO_FW_UPDATE
+(§11.3.6); otherwise later GET_MEASUREMENTS report the new image, and the TDI takes
+FIRMWARE_UPDATE (a no-op without NO_FW_UPDATE, by the transition table's guard).
 
 Also here: where the identity and the firmware image come from when the device
 server starts (``--identity DIR``, ``--firmware ELF``).
@@ -59,7 +63,10 @@ server starts (``--identity DIR``, ``--firmware ELF``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -91,6 +98,8 @@ IDENTITY_FILES = ("chain.pem", "device.key")
 IDE_KM_PORTS = (0, 1)     # 0: the spec's; 1: what DMTF spdm-emu's requester sends
 DEFAULT_HEARTBEAT_PERIOD = 60   # seconds; a session idle for twice this is terminated
 MAX_HEARTBEAT_PERIOD = 255      # KEY_EXCHANGE_RSP Param1 is one byte (DSP0274 §10.15)
+#: The largest firmware image a firmware update reads (the project's image is a few KiB).
+MAX_FIRMWARE_IMAGE = 16 << 20
 
 
 class DsmSetupError(RuntimeError):
@@ -266,16 +275,19 @@ class DeviceSecurityManager:
     # -- firmware update --------------------------------------------------------------------
     def firmware_update(self, elf: Path) -> tuple[MeasurementSource, ...]:
         """Load and measure the firmware image *elf*; later GET_MEASUREMENTS report it.
-        :class:`FirmwareUpdateError` (refused=True) while NO_FW_UPDATE protects the TDI."""
+        :class:`FirmwareUpdateError` (refused=True) while NO_FW_UPDATE protects the TDI;
+        (refused=False) when the file cannot be used.  The file is read and measured
+        before the device lock is taken (:func:`read_firmware_image`)."""
+        image = read_firmware_image(elf)
+        try:
+            measurements = tuple(measure_elf(image))
+        except ValueError as exc:   # FirmwareImageError is a ValueError
+            raise FirmwareUpdateError(f"firmware image {elf}: {exc}") from None
         with self.lock:
             if self.tdisp is not None and not self.tdisp.firmware_update_allowed():
                 raise FirmwareUpdateError(
                     f"firmware update refused: the TDI is {self.tdisp.state.name} with "
                     "NO_FW_UPDATE (PCIe 6.x §11.3.6)", refused=True)
-            try:
-                measurements = tuple(measure_elf(elf))
-            except (OSError, ValueError) as exc:   # FirmwareImageError is a ValueError
-                raise FirmwareUpdateError(f"firmware image {elf}: {exc}") from None
             self.measurements = measurements
             self.responder.measurements = {m.index: m for m in measurements}
             self.firmware_path = elf
@@ -284,6 +296,45 @@ class DeviceSecurityManager:
             if self.tdisp is not None:
                 self.tdisp.security_event(TdiEvent.FIRMWARE_UPDATE)
             return measurements
+
+
+def read_firmware_image(path: Path, limit: int = MAX_FIRMWARE_IMAGE) -> bytes:
+    """The whole of the firmware image at *path*, for a firmware update the (untrusted)
+    host asked for: opened with O_NOFOLLOW (a symbolic link as the last component is
+    refused) and O_NONBLOCK (opening a FIFO never waits for a writer); only a regular file
+    of at most *limit* bytes is read.  :class:`FirmwareUpdateError` (one line) otherwise."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FirmwareUpdateError(f"firmware image {path}: a symbolic link, "
+                                      "refused") from None
+        raise FirmwareUpdateError(f"firmware image {path}: "
+                                  f"{exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FirmwareUpdateError(f"firmware image {path}: not a regular file")
+        if st.st_size > limit:
+            raise FirmwareUpdateError(f"firmware image {path}: {st.st_size} bytes, more "
+                                      f"than the {limit}-byte limit")
+        chunks: list[bytes] = []
+        size = 0
+        while True:   # a file that grows while it is read is still bounded by the limit
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise FirmwareUpdateError(f"firmware image {path}: more than the "
+                                          f"{limit}-byte limit")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise FirmwareUpdateError(f"firmware image {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 def from_options(identity_dir: Path | None, firmware: Path | None,
@@ -347,6 +398,6 @@ def load_firmware(elf: Path | None) -> tuple[Path, list[MeasurementSource]]:
     return elf, measurements
 
 
-__all__ = ["DEFAULT_HEARTBEAT_PERIOD", "DeviceSecurityManager",
+__all__ = ["DEFAULT_HEARTBEAT_PERIOD", "MAX_FIRMWARE_IMAGE", "DeviceSecurityManager",
            "DsmSetupError", "FirmwareUpdateError", "from_options", "load_firmware",
-           "load_or_provision_identity"]
+           "load_or_provision_identity", "read_firmware_image"]

@@ -16,7 +16,10 @@ goes through the same paths and the same TDISP enforcement as the VMM's:
   the link through the root port and the device's completer gate, so outside
   CONFIG_UNLOCKED a read returns all ones and a write is dropped; BAR1 (MSI-X table and
   PBA, non-TEE) is served;
-* ``fw_update`` is refused while the TDI is CONFIG_LOCKED/RUN with NO_FW_UPDATE;
+* ``fw_update`` is refused while the TDI is CONFIG_LOCKED/RUN with NO_FW_UPDATE; the
+  image must be a regular file (not a symbolic link, a FIFO or a device node) of at most
+  16 MiB (:func:`vfio_user_dev.dsm.read_firmware_image`), read whole before the device
+  lock is taken, so no path the host names can stall the device;
 * ``link_inject`` arms a fault on the link (:class:`~vfio_user_dev.link.Fault`): the
   link is untrusted too.
 
@@ -37,8 +40,8 @@ op                 args                                         result
                    4, 8)
 ``bar_write``      ``bar``, ``offset``, ``size``, ``value``     ``{}``
 ``flr``            --                                           ``{"tdi": state after}``
-``fw_update``      ``path`` (ELF on the device server's host)   ``{"measurements": [{"index",
-                                                                "label", "size"}]}``
+``fw_update``      ``path`` (ELF on the device server's host,   ``{"measurements": [{"index",
+                   a regular file of at most 16 MiB)            "label", "size"}]}``
 ``link_inject``    ``kind`` (a ``link.FaultKind`` name, e.g.    ``{"armed"}``
                    ``FLIP_PAYLOAD``, or its value
                    ``flip-payload``), ``count`` (TLPs in a row,

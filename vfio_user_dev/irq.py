@@ -12,6 +12,13 @@ the eventfds (libvfio-user) installs an :class:`IrqSink` instead.  Masking, auto
 the PBA and the counters stay here either way; the sink only says whether a vector can be
 delivered and delivers it, reporting the outcome with :meth:`IrqController.delivered` or
 :meth:`IrqController.undelivered` (possibly later, from another thread).
+
+The fds a client hands over (spec "VFIO_USER_DEVICE_SET_IRQS": eventfds for TRIGGER, and
+the INTx unmask eventfd) must be eventfds: any other fd is refused with EINVAL.  A pipe
+nobody reads would fill, and a write to it would block with the device lock held; a pipe
+at end-of-file would make the unmask watcher spin.  The controller's copies are made
+non-blocking: an eventfd write blocks only when its counter is at 2**64-2, and such an
+interrupt is dropped (the client has a signal pending on that eventfd anyway).
 """
 
 from __future__ import annotations
@@ -37,8 +44,26 @@ from vfio_user_dev.protocol import (
 log = logging.getLogger(__name__)
 
 
+EVENTFD_LINK = "anon_inode:[eventfd]"
+
+
 def _signal(fd: int) -> None:
     os.write(fd, (1).to_bytes(8, "little"))
+
+
+def is_eventfd(fd: int) -> bool:
+    """Whether *fd* is an eventfd (what /proc says the fd is)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == EVENTFD_LINK
+    except (OSError, ValueError):
+        return False
+
+
+def take_eventfd(fd: int, what: str) -> None:
+    """Check that a client's *fd* is an eventfd (EINVAL if not) and make it non-blocking."""
+    if not is_eventfd(fd):
+        raise ProtocolError(errno.EINVAL, f"SET_IRQS: {what} fd is not an eventfd")
+    os.set_blocking(fd, False)
 
 
 class IrqSink(Protocol):
@@ -75,6 +100,7 @@ class IrqController:
         self.intx_asserted = False
         self.signalled = 0
         self.signalled_by_type = {"intx": 0, "msix": 0}
+        self.dropped = 0    # interrupts not written: the eventfd counter was full
         self.unmask_fd: int | None = None
         self._retired: list[int] = []
         self._watcher: threading.Thread | None = None
@@ -109,7 +135,10 @@ class IrqController:
                 if action == IrqSetFlags.ACTION_UNMASK and req.index == PciIrq.INTX:
                     if len(fds) > 1:
                         raise ProtocolError(errno.EINVAL, "SET_IRQS: one INTx unmask eventfd")
-                    self._set_unmask_fd(fds[0] if fds and fds[0] >= 0 else None)
+                    fd = fds[0] if fds and fds[0] >= 0 else None
+                    if fd is not None:
+                        take_eventfd(fd, "INTx unmask")
+                    self._set_unmask_fd(fd)
                     return []
                 if action != IrqSetFlags.ACTION_TRIGGER:
                     raise ProtocolError(errno.ENOTSUP,
@@ -117,6 +146,9 @@ class IrqController:
                 if fds and len(fds) != req.count:
                     raise ProtocolError(errno.EINVAL,
                                         f"SET_IRQS: {len(fds)} fds for {req.count} vectors")
+                for fd in fds:              # all checked before any vector changes
+                    if fd >= 0:
+                        take_eventfd(fd, "trigger")
                 self._release(req.index, req.start, req.count)
                 for i, fd in enumerate(fds):
                     self.trigger[req.index][req.start + i] = None if fd < 0 else fd
@@ -162,15 +194,36 @@ class IrqController:
                     os.close(self._wake_w)
                     self._watcher = None
                     return
-            ready, _, _ = select.select([fd, self._wake_r], [], [])
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+            ready = dict(poller.poll())
             if self._wake_r in ready:
                 os.read(self._wake_r, 64)
             if fd in ready:
                 with self._lock:
                     if self.unmask_fd == fd:
-                        os.read(fd, 8)
-                        self.masked[PciIrq.INTX][0] = False
-                        self.update_intx()
+                        self._unmask_event(fd, ready[fd])
+
+    def _unmask_event(self, fd: int, events: int) -> None:
+        """The unmask fd polled ready: one UNMASK if it was signalled.  An fd at end of
+        file, hung up or in error would poll ready forever: it is dropped, not watched
+        again (INTx goes on without it, as if the client had never set one)."""
+        data = b""
+        if events & select.POLLIN:
+            try:
+                data = os.read(fd, 8)
+            except BlockingIOError:
+                return          # someone else read the counter: nothing to do
+            except OSError:
+                data = b""
+        if not data:
+            log.warning("INTx unmask fd %d: %s; no longer watched", fd,
+                        "end of file" if events & select.POLLIN else f"poll events {events:#x}")
+            self._set_unmask_fd(None)
+            return
+        self.masked[PciIrq.INTX][0] = False
+        self.update_intx()
 
     def _release(self, index: int, start: int, count: int) -> None:
         for v in range(start, start + count):
@@ -257,6 +310,13 @@ class IrqController:
             self.masked[index][v] = True  # AUTOMASKED: until the client's UNMASK
         try:
             _signal(fd)
+        except BlockingIOError:
+            # The counter is at its maximum: the client has not read this eventfd for
+            # 2**64-2 signals; it has one pending, this one adds nothing.
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("eventfd of irq %d/%d is full: interrupt dropped", index, v)
+            return
         except OSError as exc:
             log.warning("eventfd write failed for irq %d/%d: %s", index, v, exc)
             return

@@ -86,7 +86,14 @@ from teeio.pcie.config import Reg
 from teeio.transport import remove_stale_socket
 from vfio_user_dev.dma import DmaFault, Inode
 from vfio_user_dev.platform import Platform
-from vfio_user_dev.protocol import DmaFlags, PciIrq, PciRegion, ProtocolError, RegionFlags
+from vfio_user_dev.protocol import (
+    MAX_DMA_MAPS,
+    DmaFlags,
+    PciIrq,
+    PciRegion,
+    ProtocolError,
+    RegionFlags,
+)
 
 log = logging.getLogger(__name__)
 liblog = logging.getLogger(__name__ + ".lib")
@@ -130,7 +137,9 @@ class VfuResetType(IntEnum):
 
 LIBVFIO_USER_FLAG_ATTACH_NB = 1 << 0
 VFU_SGL_DIRECT_ACCESS = 1 << 0     # vfu_sgl_read/write: through the client's fd if it has one
-LIBVFIO_USER_MAX_DMA_REGIONS = 1000 * 1000
+# The library refuses a DMA_MAP beyond this many live maps itself; the same cap as the
+# map set's (spec "Version": max_dma_maps), which a register callback never meets then.
+LIBVFIO_USER_MAX_DMA_REGIONS = MAX_DMA_MAPS
 PCI_HEADER_TYPE_NORMAL = 0
 # enum vfu_dev_irq_type (VFU_DEV_INTX_IRQ ... VFU_DEV_REQ_IRQ) is linux/vfio.h's order,
 # which PciIrq already is; the region indices are PciRegion's.
@@ -355,7 +364,7 @@ class DeviceCallbacks:
         address, size = info.iova.iov_base or 0, int(info.iova.iov_len)
         flags = ((DmaFlags.READ if info.prot & mmap.PROT_READ else 0)
                  | (DmaFlags.WRITE if info.prot & mmap.PROT_WRITE else 0))
-        if self.platform.dma.snapshot().count((address, size, flags, bool(info.vaddr))):
+        if self.platform.dma.has(address, size, flags, bool(info.vaddr)):
             log.debug("DMA map %#x+%#x announced again: already there", address, size)
             return      # the library repeats the callback for an identical DMA_MAP
         view: memoryview | None = None

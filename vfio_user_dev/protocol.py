@@ -31,6 +31,12 @@ HEADER_SIZE = HEADER.size  # 16
 MAX_DATA_XFER = 1 << 20       # our max_data_xfer_size (spec default)
 MAX_MSG_FDS = 8
 MAX_MESSAGE = MAX_DATA_XFER + 4096  # any larger message is refused (E2BIG)
+# Live DMA maps a client may hold at once: the VERSION capability "max_dma_maps" (the
+# spec's default is 65535; a server may announce fewer).  Beyond it DMA_MAP is ENOSPC.
+MAX_DMA_MAPS = 4096
+# VERSION capabilities are a shallow JSON object ("capabilities" -> "migration" -> its
+# fields: depth 3); anything nested deeper is refused before the parser recurses into it.
+MAX_JSON_DEPTH = 8
 
 
 class Command(IntEnum):
@@ -187,6 +193,33 @@ def _need(payload: bytes, size: int, what: str, exact: bool = False) -> None:
 
 # --- VERSION -------------------------------------------------------------------------
 
+def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON *text* nests arrays and objects more than *limit* deep, found without
+    recursion (brackets inside strings do not count), so that a hostile document cannot
+    exhaust the parser's stack."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
 @dataclass(frozen=True)
 class Version:
     major: int
@@ -207,9 +240,19 @@ class Version:
         caps: dict[str, object] = {}
         rest = payload[4:].rstrip(b"\0")
         if rest:
+            # Spec "Version": the capabilities are a NUL-terminated JSON string.  Bounded
+            # before parsing: nesting depth (a deep document would raise RecursionError)
+            # and, through ValueError, integers longer than the interpreter converts.
             try:
-                doc = json.loads(rest.decode())
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                text = rest.decode()
+            except UnicodeDecodeError as exc:
+                raise ProtocolError(errno.EINVAL, f"VERSION: bad JSON: {exc}") from None
+            if json_too_deep(text):
+                raise ProtocolError(errno.EINVAL, f"VERSION: JSON nested deeper than "
+                                                  f"{MAX_JSON_DEPTH} levels")
+            try:
+                doc = json.loads(text)
+            except (ValueError, RecursionError) as exc:    # JSONDecodeError is a ValueError
                 raise ProtocolError(errno.EINVAL, f"VERSION: bad JSON: {exc}") from None
             if not isinstance(doc, dict) or not isinstance(doc.get("capabilities", {}), dict):
                 raise ProtocolError(errno.EINVAL, "VERSION: capabilities must be an object")

@@ -10,11 +10,21 @@ Errors: a malformed message gets an error reply with its errno and the
 connection goes on; an unknown command gets ENOSYS; posted writes (No_reply)
 are never answered, not even with an error.  A client that disconnects has its
 DMA maps and eventfds dropped and the device reset; the next client is accepted.
+
+Hostile input: every length, count and nesting depth is bounded before use (a message
+over MAX_MESSAGE is drained in bounded chunks without being buffered, a message with
+more fds than our max_msg_fds is refused, fds that come with a message that takes none
+are closed).  Anything a handler raises that no check foresaw is a last resort: the
+message gets EIO (spec "Error Handling": an error reply with an errno), the traceback is
+logged, and the server serves on; an unforeseen failure of the connection itself closes
+that connection and the next client is accepted.  Refusals are logged through
+:class:`LogLimiter`, so a stream of garbage cannot flood the log.
 """
 
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
 import errno
 import itertools
@@ -22,12 +32,14 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from teeio.transport import remove_stale_socket
 from vfio_user_dev import protocol as p
 from vfio_user_dev.dma import DmaFault
+from vfio_user_dev.enforcement import LOG_FIRST
 from vfio_user_dev.platform import Platform
 from vfio_user_dev.protocol import Command, Header, ProtocolError
 
@@ -35,23 +47,76 @@ log = logging.getLogger(__name__)
 msglog = logging.getLogger("vfio_user_dev.msg")
 
 DMA_REPLY_TIMEOUT = 10.0
+LOG_INTERVAL = 10.0     # seconds: after LOG_FIRST lines of a kind, at most one per interval
+CHUNK = 1 << 20         # largest single read from the socket
 
 
 class Disconnected(Exception):
     pass
 
 
-def recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytes:
-    """Read exactly *n* bytes, collecting SCM_RIGHTS fds that arrive with them."""
+class LogLimiter:
+    """Log lines by kind that a client can provoke at will, without letting it flood the
+    log: the first *first* of each kind (LOG_FIRST, as TDISP refusals are logged), then at
+    most one per *interval* seconds, saying how many of that kind were suppressed since
+    the previous line.  ``counts`` keeps every occurrence by kind."""
+
+    def __init__(self, logger: logging.Logger, first: int = LOG_FIRST,
+                 interval: float = LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.log = logger
+        self.first = first
+        self.interval = interval
+        self.clock = clock
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.suppressed: collections.Counter[str] = collections.Counter()
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, level: int, msg: str, *args: object,
+                 exc_info: BaseException | bool = False) -> bool:
+        """Count one *kind* and log *msg* unless rate-limited; whether it was logged."""
+        with self._lock:
+            self.counts[kind] += 1
+            now = self.clock()
+            last = self._last.get(kind)
+            if self.counts[kind] > self.first and last is not None \
+                    and now - last < self.interval:
+                self.suppressed[kind] += 1
+                return False
+            self._last[kind] = now
+            dropped = self.suppressed.pop(kind, 0)
+        if dropped:
+            msg += " (%d more suppressed since the previous line)"
+            args += (dropped,)
+        self.log.log(level, msg, *args, exc_info=exc_info)
+        return True
+
+
+def recv_exact(sock: socket.socket, n: int, fds: list[int],
+               max_fds: int | None = None) -> bytes:
+    """Read exactly *n* bytes, collecting SCM_RIGHTS fds that arrive with them.
+
+    With *max_fds*, at most one fd beyond it is kept (the others are closed at once), and
+    fds the kernel had to discard (MSG_CTRUNC) count as one more (a -1): the caller sees
+    ``len(fds) > max_fds`` and refuses the message, while a sender cannot pile up fds in
+    this process by spreading a message over many small writes."""
     buf = bytearray()
     anc = socket.CMSG_SPACE(p.MAX_MSG_FDS * 4)
     while len(buf) < n:
-        data, ancdata, _flags, _addr = sock.recvmsg(min(n - len(buf), 1 << 20), anc)
+        data, ancdata, flags, _addr = sock.recvmsg(min(n - len(buf), CHUNK), anc)
         for level, typ, cdata in ancdata:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
                 arr = array.array("i")
                 arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
                 fds.extend(arr)
+        if max_fds is not None:
+            if flags & socket.MSG_CTRUNC and len(fds) <= max_fds:
+                fds.append(-1)
+            while len(fds) > max_fds + 1:
+                fd = fds.pop()
+                if fd >= 0:
+                    os.close(fd)
         if not data:
             raise Disconnected("peer closed the connection")
         buf += data
@@ -77,7 +142,9 @@ class _Pending:
 class Connection:
     """One vfio-user client session."""
 
-    def __init__(self, sock: socket.socket, platform: Platform) -> None:
+    def __init__(self, sock: socket.socket, platform: Platform,
+                 refusals: LogLimiter | None = None,
+                 internal: LogLimiter | None = None) -> None:
         self.sock = sock
         self.platform = platform
         self.device = platform.device
@@ -88,8 +155,11 @@ class Connection:
         self.negotiated = False
         self.client_max_xfer = p.MAX_DATA_XFER
         self.closed = threading.Event()
-        self.counters = {"rx": 0, "tx": 0, "errors": 0}
+        self.counters = {"rx": 0, "tx": 0, "errors": 0, "internal_errors": 0}
         self.close_reason = "closed"
+        # Shared by the server's connections, so that reconnecting does not reset them.
+        self.refusals = refusals if refusals is not None else LogLimiter(log)
+        self.internal = internal if internal is not None else LogLimiter(log, first=1)
 
     # -- sending ------------------------------------------------------------------------
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
@@ -159,24 +229,38 @@ class Connection:
             while True:
                 fds: list[int] = []
                 try:
-                    raw = recv_exact(self.sock, p.HEADER_SIZE, fds)
+                    raw = recv_exact(self.sock, p.HEADER_SIZE, fds, p.MAX_MSG_FDS)
                     hdr = Header.decode(raw)
                     payload = b""
                     if hdr.size > p.MAX_MESSAGE:
+                        # Skipped in bounded chunks, never buffered whole.
                         self._drain(hdr.size - p.HEADER_SIZE, fds)
                         self._reject(hdr, errno.E2BIG, f"message of {hdr.size} bytes is too big")
                         continue
                     if hdr.size > p.HEADER_SIZE:
-                        payload = recv_exact(self.sock, hdr.size - p.HEADER_SIZE, fds)
+                        payload = recv_exact(self.sock, hdr.size - p.HEADER_SIZE, fds,
+                                             p.MAX_MSG_FDS)
                     self.counters["rx"] += 1
+                    if len(fds) > p.MAX_MSG_FDS:
+                        # Spec "Version": max_msg_fds is what we receive in one message.
+                        self._reject(hdr, errno.EINVAL, f"more than {p.MAX_MSG_FDS} fds")
+                        continue
                     self._dispatch(hdr, payload, fds)
                 finally:
+                    # Whatever no handler took: the fds of messages that take none too.
                     for fd in fds:
                         if fd >= 0:
                             os.close(fd)
         except (Disconnected, ConnectionError, OSError) as exc:
             self.close_reason = str(exc) or type(exc).__name__
             log.info("client disconnected: %s", exc)
+        except Exception as exc:
+            # Last resort: an unforeseen failure outside any one message's handling.  The
+            # connection is closed (by the caller); the server serves the next client.
+            self.close_reason = f"internal error: {exc!r}"
+            self.internal(f"connection:{type(exc).__name__}", logging.ERROR,
+                          "connection dropped after an internal error: %r", exc,
+                          exc_info=exc)
         finally:
             self.closed.set()
             with self._pending_lock:
@@ -187,14 +271,28 @@ class Connection:
 
     def _drain(self, n: int, fds: list[int]) -> None:
         while n:
-            n -= len(recv_exact(self.sock, min(n, 1 << 20), fds))
+            n -= len(recv_exact(self.sock, min(n, CHUNK), fds, p.MAX_MSG_FDS))
 
     def _reject(self, hdr: Header, err: int, why: str) -> None:
         self.counters["errors"] += 1
-        log.warning("%s id=%d rejected (%s): %s", hdr.command_name(), hdr.msg_id,
-                    errno.errorcode.get(err, err), why)
+        name = hdr.command_name().partition("(")[0]     # one kind for all unknown commands
+        self.refusals(f"{name}:{errno.errorcode.get(err, err)}", logging.WARNING,
+                      "%s id=%d rejected (%s): %s", hdr.command_name(), hdr.msg_id,
+                      errno.errorcode.get(err, err), why)
         if not hdr.no_reply and not hdr.is_reply:
             self.send(p.error_reply(hdr, err))
+
+    def _internal_error(self, hdr: Header, exc: Exception) -> None:
+        """Last resort for one message: what its handler raised that no check foresaw.
+        A message that expects a reply gets EIO (spec "Error Handling"); the server
+        serves on.  Logged with its traceback, rate-limited by kind."""
+        self.counters["errors"] += 1
+        self.counters["internal_errors"] += 1
+        self.internal(f"{hdr.command_name()}:{type(exc).__name__}", logging.ERROR,
+                      "%s id=%d: internal error, answered EIO: %r", hdr.command_name(),
+                      hdr.msg_id, exc, exc_info=exc)
+        if not hdr.no_reply:
+            self.send(p.error_reply(hdr, errno.EIO))
 
     def _dispatch(self, hdr: Header, payload: bytes, fds: list[int]) -> None:
         if msglog.isEnabledFor(logging.DEBUG):
@@ -205,7 +303,9 @@ class Connection:
             with self._pending_lock:
                 pend = self._pending.get(hdr.msg_id)
             if pend is None:
-                log.warning("unexpected reply id=%d to %s", hdr.msg_id, hdr.command_name())
+                self.counters["errors"] += 1
+                self.refusals("reply:unexpected", logging.WARNING, "unexpected reply id=%d to %s",
+                              hdr.msg_id, hdr.command_name())
                 return
             pend.header, pend.payload = hdr, payload
             pend.event.set()
@@ -231,6 +331,9 @@ class Connection:
         except DmaFault as exc:
             self._reject(hdr, errno.EFAULT, str(exc))
             return
+        except Exception as exc:
+            self._internal_error(hdr, exc)
+            return
         if hdr.no_reply:
             return
         body, reply_fds = out if isinstance(out, tuple) else (out, None)
@@ -242,17 +345,22 @@ class Connection:
         if v.major != 0:
             raise ProtocolError(errno.ENOTSUP, f"unsupported major version {v.major}")
         xfer = v.capabilities.get("max_data_xfer_size", p.MAX_DATA_XFER)
-        if not isinstance(xfer, int) or xfer <= 0:
+        if not isinstance(xfer, int) or isinstance(xfer, bool) or xfer <= 0:
             raise ProtocolError(errno.EINVAL, f"bad max_data_xfer_size {xfer!r}")
         self.client_max_xfer = min(xfer, p.MAX_DATA_XFER)
-        # QEMU receives the reply into a buffer the size of its own request: stay shorter.
+        # QEMU receives the reply into a buffer the size of its own request: stay shorter,
+        # dropping capabilities from the end (spec "Version": each one has a default).
         caps: dict[str, object] = {"max_msg_fds": p.MAX_MSG_FDS,
-                                   "max_data_xfer_size": p.MAX_DATA_XFER}
+                                   "max_data_xfer_size": p.MAX_DATA_XFER,
+                                   "max_dma_maps": self.platform.dma.max_maps}
         body = p.Version(0, 0, caps).encode()
-        if len(body) > len(payload):
-            body = p.Version(0, 0).encode()
+        while len(body) > len(payload):
+            caps.popitem()
+            body = p.Version(0, 0, caps).encode()
         self.negotiated = True
-        log.info("client version %d.%d caps=%s", v.major, v.minor, sorted(v.capabilities))
+        names = sorted(v.capabilities)     # the client's: at most a few shown
+        log.info("client version %d.%d caps=%.200s%s", v.major, v.minor, names[:16],
+                 f" and {len(names) - 16} more" if len(names) > 16 else "")
         return body
 
     def _dma_map(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
@@ -343,10 +451,12 @@ class Server:
         self._stop = threading.Event()
         self.clients = 0
         self.connection: Connection | None = None
+        self.refusals = LogLimiter(log)
+        self.internal = LogLimiter(log, first=1)
 
     def serve_one(self, sock: socket.socket) -> None:
         self.clients += 1
-        conn = Connection(sock, self.platform)
+        conn = Connection(sock, self.platform, self.refusals, self.internal)
         self.connection = conn
         self.platform.events.emit("client_connected", client=self.clients,
                                   transport="vfio-user")
@@ -369,7 +479,12 @@ class Server:
                         break
                     raise
                 log.info("client connected")
-                self.serve_one(sock)
+                try:
+                    self.serve_one(sock)
+                except Exception as exc:
+                    # Last resort: whatever failed with this client, serve the next one.
+                    self.internal(f"client:{type(exc).__name__}", logging.ERROR,
+                                  "client session failed: %r", exc, exc_info=exc)
                 if max_clients is not None and self.clients >= max_clients:
                     break
         finally:

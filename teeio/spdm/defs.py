@@ -315,6 +315,10 @@ class MeasRequestAttr(IntFlag):
     NEW_MEASUREMENT_REQUESTED = 0x04   # 1.3
 
 
+#: GET_CERTIFICATE Param2 (Request Attributes, SPDM 1.3) bit 0: SlotSizeRequested
+#: (DSP0274 1.3 §10.7); reserved in 1.2.
+GET_CERT_SLOT_SIZE_REQUESTED = 0x01
+
 MEAS_OP_COUNT = 0x00
 MEAS_OP_ALL = 0xFF
 MEAS_SLOT_ID_MASK = 0x0F

@@ -53,6 +53,7 @@ from . import key_schedule as ks
 from .defs import (
     CHALLENGE_AUTH_SIGN_CONTEXT,
     FINISH_SIGNATURE_INCLUDED,
+    GET_CERT_SLOT_SIZE_REQUESTED,
     KEY_EXCHANGE_RSP_SIGN_CONTEXT,
     MAX_CT_EXPONENT,
     MAX_OPAQUE_DATA_SIZE,
@@ -385,8 +386,18 @@ class Responder:
         assert self._neg is not None
         return self._neg
 
-    def _error(self, err: SpdmError) -> bytes:
-        version = self.version or SPDM_VERSION_10
+    def _error(self, err: SpdmError, request_version: int = 0) -> bytes:
+        """ERROR in the negotiated version.  Before one is negotiated (no successful
+        GET_CAPABILITIES yet) but after a successful GET_VERSION, the ERROR carries the
+        request's SPDMVersion when it is one VERSION offered: the Requester sends
+        GET_CAPABILITIES in the version it selected from VERSION (DSP0274 §10.3, §10.4),
+        and a rejected one (InvalidRequest, ...) is answered in that version, as libspdm's
+        ``libspdm_generate_error_response`` does once the request's version has passed its
+        check.  A version VERSION did not offer still gets ERROR(VersionMismatch) in 1.0."""
+        version = self.version
+        if not version:
+            version = (request_version if self.state >= ConnectionState.AFTER_VERSION
+                       and request_version in self.config.versions else SPDM_VERSION_10)
         return codec.Error(version, err.code, err.data, err.ext).encode()
 
     # --- dispatch ------------------------------------------------------------------------------
@@ -398,7 +409,7 @@ class Responder:
             self.log.info("%s -> ERROR %s: %s", message_name(msg), err.code.name, err)
             if len(msg) > 1 and msg[1] == RequestCode.GET_VERSION:
                 return codec.Error(SPDM_VERSION_10, err.code, err.data, err.ext).encode()
-            return self._error(err)
+            return self._error(err, msg[0] if msg else 0)
 
     def _process(self, msg: bytes, sess: _Session | None) -> bytes:
         version, code, _, _ = codec.peek_header(msg)
@@ -594,19 +605,23 @@ class Responder:
         slot = req.slot_id & 0x0F
         if slot != 0:
             raise SpdmError(ErrorCode.InvalidRequest, f"certificate slot {slot} is empty")
-        if self.version >= SPDM_VERSION_13 and req.attributes & 0x01:
-            raise SpdmError(ErrorCode.InvalidRequest, "SlotSizeRequested is not supported")
         chain = self._cert_chain()
-        if req.offset >= len(chain):
+        offset, requested = req.offset, req.length
+        if self.version >= SPDM_VERSION_13 and req.attributes & GET_CERT_SLOT_SIZE_REQUESTED:
+            # DSP0274 1.3 §10.7 GET_CERTIFICATE, Param2 bit 0 SlotSizeRequested: Offset and
+            # Length are ignored; the CERTIFICATE has PortionLength 0 and RemainderLength
+            # the size of the slot's certificate chain.  (In 1.2 the bit is reserved.)
+            offset, requested = 0, 0
+        if offset >= len(chain):
             raise SpdmError(ErrorCode.InvalidRequest,
-                            f"Offset {req.offset} beyond the {len(chain)}-byte chain")
+                            f"Offset {offset} beyond the {len(chain)}-byte chain")
         header = 8
         room = min(self.config.data_transfer_size, self.req_dts or 0xFFFF) - header
-        length = min(req.length, room, len(chain) - req.offset)
+        length = min(requested, room, len(chain) - offset)
         self._on_request(RequestCode.GET_CERTIFICATE, sess)
-        portion = chain[req.offset:req.offset + length]
+        portion = chain[offset:offset + length]
         out = codec.Certificate(self.version, slot, portion,
-                                len(chain) - req.offset - length).encode()
+                                len(chain) - offset - length).encode()
         if sess is None:
             self.logs.b += req.raw + out
         self.state = max(self.state, ConnectionState.AFTER_CERTIFICATE)

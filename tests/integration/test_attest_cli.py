@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 
 from teeio import pki
+from teeio.measurements import FIRMWARE_INDICES
 from teeio.spdm.errors import SignatureError
 from teeio.spdm.requester import verify_measurement_transcript
 from tests.integration.device_process import started
@@ -99,14 +100,15 @@ def test_attest_verifies_with_reference_values(spdm_device: DeviceProcess, tmp_p
     assert f"leaf SHA-384 fingerprint: {leaf.fingerprint(hashes.SHA384()).hex(':').upper()}" in out
     assert "CHALLENGE: CHALLENGE_AUTH signature verified" in out
     lines = measurement_lines(out)
-    assert sorted(lines) == [1, 2, 3, 4]
+    assert sorted(lines) == list(FIRMWARE_INDICES) == [1, 2, 3, 4, 5]
     assert all(line.endswith("match") for line in lines.values()), lines
     assert "MUTABLE_FIRMWARE" in lines[1] and "VERSION" in lines[3]
+    assert "MUTABLE_FIRMWARE" in lines[5]
     assert "'teeio-fw 1.0.0'" in lines[3]
-    assert "reference values: all 4 measurements match" in out
+    assert "reference values: all 5 measurements match" in out
     session_lines = ("KEY_EXCHANGE + FINISH: session 0x", "HEARTBEAT: acknowledged",
                      "KEY_UPDATE (UpdateAllKeys, VerifyNewKey)",
-                     "GET_MEASUREMENTS in the session: 4 blocks, the same as signed",
+                     "GET_MEASUREMENTS in the session: 5 blocks, the same as signed",
                      "END_SESSION: acknowledged")
     assert all((s in out) == session for s in session_lines)
     assert out.rstrip().endswith("attestation verified")
@@ -156,7 +158,7 @@ def test_json_evidence_is_reverified_by_a_third_party(spdm_device: DeviceProcess
     forged[4] ^= 1
     with pytest.raises(SignatureError):
         verify_measurement_transcript(vca, [(bytes(forged), pairs[0][1])], leaf_key)
-    assert [m["index"] for m in ev["measurements"]] == [1, 2, 3, 4]
+    assert [m["index"] for m in ev["measurements"]] == list(FIRMWARE_INDICES)
 
 
 # -- failures: one precise reason line, non-zero exit -------------------------------------------

@@ -6,7 +6,10 @@ The device log is printed at teardown, so a failing test shows it."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,19 +19,23 @@ import pytest
 
 from guest_agent.doe import DoeMailboxClient
 from teeio.doe import (
+    CLIENT_HELLO,
     SERVER_HELLO,
     SOCKET_MAX_PAYLOAD,
     DataObjectType,
+    DoeDispatcher,
     DoeObject,
     SocketCommand,
     SocketHeader,
     SocketTransport,
     pad_dw,
 )
-from tests.integration.device_process import STARTUP, ServerProcess, started
+from tests.integration.device_process import PROJECT, STARTUP, ServerProcess, started
 from tsm.doe_client import DoeClient, DoeTransportError
+from vfio_user_dev import doe_socket
 from vfio_user_dev.client import Client
 from vfio_user_dev.device import DOE_CAP, TeeIoDevice
+from vfio_user_dev.doe_socket import DoeSocketServer
 from vfio_user_dev.protocol import PciRegion
 
 pytestmark = pytest.mark.timeout(60)
@@ -275,3 +282,168 @@ def test_socket_and_mailbox_at_the_same_time(start: Callable[..., DeviceProcess]
     stats = json.loads(dev.stats.read_text())
     total = rounds["socket"] + rounds["mailbox"] + 3   # + the mailbox's discovery walk
     assert stats["doe_objects"] == stats["doe_responses"] == total
+
+
+# -- several clients, timeouts, limits --------------------------------------------------------
+
+def test_a_silent_client_does_not_block_the_tsm(start: Callable[..., DeviceProcess]) -> None:
+    """A local process that connects and says nothing must not hold the socket: the
+    requester behind it is served at once."""
+    dev = start(spdm=True)
+    squatters = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        for s in squatters:
+            s.connect(str(dev.doe))
+        half = squatters[0]
+        half.sendall(SocketHeader(SocketCommand.NORMAL, 2, 64).encode()[:5])   # half a header
+        t0 = time.monotonic()
+        with DoeClient.connect_unix(str(dev.doe), timeout=3) as c:
+            c.hello()
+            assert c.exchange_object(DoeObject(*SPDM, GET_VERSION)) == DoeObject(
+                *SPDM, pad_dw(VERSION))
+        assert time.monotonic() - t0 < 2
+    finally:
+        for s in squatters:
+            s.close()
+
+
+def test_non_socket_at_the_path_is_refused_and_kept(tmp_path: Path) -> None:
+    precious = tmp_path / "doe.sock"
+    precious.write_text("keep me")
+    proc = subprocess.run([sys.executable, "-m", "vfio_user_dev", "--socket",
+                           str(tmp_path / "vfio-user.sock"), "--doe-socket", str(precious)],
+                          cwd=PROJECT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--doe-socket" in errors[0], proc.stderr
+    assert "not a socket" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert precious.read_text() == "keep me"
+    assert not (tmp_path / "vfio-user.sock").exists()
+
+
+class _Rig:
+    """An in-process DOE socket server over a bare dispatcher, with a failing protocol."""
+
+    BOOM = (1, 0x7E)
+
+    def __init__(self, path: Path, max_connections: int | None = None) -> None:
+        self.dispatcher = DoeDispatcher()
+        self.dispatcher.register(*self.BOOM, self._boom)
+        self.server = DoeSocketServer(
+            self.dispatcher, path=str(path),
+            max_connections=max_connections or doe_socket.MAX_CONNECTIONS).start()
+        self.path = path
+
+    @staticmethod
+    def _boom(payload: bytes) -> bytes | None:
+        raise RuntimeError("device bug")
+
+    def client(self, timeout: float = 5.0) -> DoeClient:
+        return DoeClient.connect_unix(str(self.path), timeout=timeout)
+
+    def raw(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(self.path))
+        return s
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[_Rig]:
+    r = _Rig(tmp_path / "doe.sock")
+    yield r
+    r.server.close()
+    r.server.join(5)
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    s.settimeout(seconds)
+    try:
+        while s.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_idle_and_trickling_connections_are_closed(rig: _Rig,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(doe_socket, "IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(doe_socket, "MESSAGE_TIMEOUT", 0.6)
+    idle = rig.raw()
+    t0 = time.monotonic()
+    assert _closed_within(idle, 5)
+    assert time.monotonic() - t0 < 3
+    idle.close()
+    # a message begun must be finished in MESSAGE_TIMEOUT, however it trickles in
+    trickle = rig.raw()
+    msg = SocketHeader(SocketCommand.TEST, 2, len(CLIENT_HELLO)).encode() + CLIENT_HELLO
+    t0 = time.monotonic()
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        for b in msg:
+            trickle.sendall(bytes((b,)))
+            time.sleep(0.1)
+    assert time.monotonic() - t0 < 3
+    trickle.close()
+    # one that talks between pauses shorter than the idle timeout stays
+    with rig.client() as c:
+        for _ in range(3):
+            c.hello()
+            time.sleep(0.15)
+        c.hello()
+
+
+def test_connections_are_capped(tmp_path: Path) -> None:
+    r = _Rig(tmp_path / "doe.sock", max_connections=2)
+    try:
+        a, b = r.client(), r.client()
+        a.hello()
+        b.hello()
+        extra = r.raw()
+        assert _closed_within(extra, 5)          # the third is closed at once
+        extra.close()
+        a.close()
+        deadline = time.monotonic() + 5
+        while True:                               # a freed slot serves the next one
+            with r.client() as c:
+                try:
+                    c.hello()
+                    break
+                except (DoeTransportError, OSError):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+        b.hello()
+        b.close()
+        assert r.server.refused >= 1
+    finally:
+        r.server.close()
+
+
+def test_payload_beyond_the_discard_limit_closes_the_connection(rig: _Rig) -> None:
+    with rig.client() as c:
+        c.hello()
+        c.send(SocketCommand.NORMAL, b"")   # header only would be a valid empty NORMAL
+        assert c.receive() == (SocketHeader(SocketCommand.NORMAL, 2, 0), b"")
+        c.sock.sendall(SocketHeader(SocketCommand.NORMAL, 2,
+                                    doe_socket.MAX_DISCARD + 1).encode())
+        assert closed_by_peer(c)
+    with rig.client() as c:
+        c.hello()
+
+
+def test_a_failing_handler_is_answered_and_the_server_serves_on(
+        rig: _Rig, caplog: pytest.LogCaptureFixture) -> None:
+    boom = DoeObject(*_Rig.BOOM, b"\0\0\0\0").encode()
+    with caplog.at_level(logging.INFO, logger="vfio_user_dev.doe_socket"):
+        with rig.client() as c:
+            c.hello()
+            assert c.exchange(boom) is None          # answered: "no response"
+            assert c.exchange(boom) is None
+            c.hello()                                # the connection goes on
+        with rig.client() as c:                      # and so does the server
+            assert c.discover() == [(1, 0), _Rig.BOOM]
+    failures = [r for r in caplog.records if "the device failed" in r.getMessage()]
+    assert len(failures) == 2 and rig.server.internal_errors == 2
+    assert failures[0].exc_info is not None and failures[1].exc_info is None

@@ -6,8 +6,10 @@ serving; the CLI prints JSON.  The device log is printed at teardown."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -149,6 +151,36 @@ def test_firmware_update(dev: HostDevice, tmp_path: Path) -> None:
         assert e.value.code == "failed"
         assert c.call("stats")["tdisp_refusals"] == {}
     assert "firmware updated from" in dev.log_text()
+
+
+def test_fw_update_refuses_what_is_not_a_bounded_regular_file(dev: HostDevice,
+                                                                tmp_path: Path) -> None:
+    """A FIFO, a device node, a symbolic link or an oversized file: one-line errors at once,
+    and the device (its lock) is never held up by the file the host named."""
+    fifo = tmp_path / "fw.fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.elf"
+    with open(big, "wb") as f:                  # sparse: 17 MiB of nothing on disk
+        f.truncate(17 << 20)
+    real = tmp_path / "fw.elf"
+    real.write_bytes(b"\x7fELF" + bytes(60))
+    link = tmp_path / "link.elf"
+    link.symlink_to(real)
+    expected = [(fifo, "not a regular file"), (Path("/dev/zero"), "not a regular file"),
+                (big, f"{17 << 20} bytes, more than the {16 << 20}-byte limit"),
+                (link, "a symbolic link, refused"), (tmp_path, "not a regular file")]
+    with dev.client() as c, dev.client() as other:
+        c.conn.sock.settimeout(5)
+        for path, message in expected:
+            t0 = time.monotonic()
+            with pytest.raises(HostAccessError) as e:
+                c.call("fw_update", path=str(path))
+            assert time.monotonic() - t0 < 3, path
+            assert e.value.code == "failed" and message in e.value.message, e.value.message
+            assert "\n" not in e.value.message
+            # the device is not held: another connection's config access is served
+            assert other.call("config_read", offset=0, size=4) == {"value": 0x7E10_1234}
+        assert c.call("stats")["tdisp_refusals"] == {}
 
 
 def test_cli_prints_json(dev: HostDevice) -> None:

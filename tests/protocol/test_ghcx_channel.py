@@ -33,6 +33,7 @@ from teeio.ghcx import (
     FW_CFG_SECRET,
     FW_CFG_VM_ID,
     MAX_BODY,
+    MAX_PENDING,
     PORT_NAME,
     REQUESTS,
     RESPONSES,
@@ -444,3 +445,20 @@ def test_fw_cfg(tmp_path: Path) -> None:
         read_fw_cfg("opt/org.teeio/nope", root, modprobe)
     with pytest.raises(GhcxSetupError, match="modprobe qemu_fw_cfg"):
         read_fw_cfg(FW_CFG_SECRET, tmp_path / "none", lambda m: None)
+
+
+def test_hello_flood_does_not_block_the_guests_handshake(
+        world: tuple[GhcxClient, TsmServer, Relay]) -> None:
+    """Finding: every forged HELLO got a HELLO_ACK and replaced the pending handshake, so
+    a relay flooding HELLOs behind the guest's own kept it from ever completing."""
+    client, _server, relay = world
+    flood = b"".join(GuestChannel(os.urandom(32), "vm0").hello() for _ in range(1000))
+    for _ in range(6):           # every HELLO of the guest, however often it retries
+        relay.once("g2t", lambda b: encode_frame(b) + flood,
+                   when=lambda h: h.mtype == MsgType.HELLO)
+    assert call(client, MsgType.STATUS, retries=4)["vm_id"] == "vm0"
+    assert client.counters["handshakes_ok"] == 1 and client.counters["timeouts"] == 0
+    with relay.lock:
+        acks = [b for b in relay.seen["t2g"] if Header.decode(b).mtype == MsgType.HELLO_ACK]
+    assert len(acks) <= MAX_PENDING            # not one per forged HELLO
+    assert call(client, MsgType.TDI_LOCK)["lock_epoch"] == 1

@@ -382,3 +382,75 @@ def test_clear_closes_everything(ms: DmaMapSet) -> None:
     # The address space is free again.
     ms.map(0x1000, 2 * PAGE, RW, 0, None)
     assert len(ms.snapshot()) == 1
+
+
+# --- many maps: a cap, and binary searches ----------------------------------------------
+
+
+def test_map_count_is_capped_with_enospc(ms: DmaMapSet) -> None:
+    ms.max_maps = 8
+    for i in range(8):
+        ms.map(i * 2 * PAGE, PAGE, RW, 0, None)
+    fd = memfd(PAGE)
+    with pytest.raises(ProtocolError) as exc:
+        ms.map(100 * PAGE, PAGE, RW, 0, fd)        # the fd is closed all the same
+    assert exc.value.errno == errno.ENOSPC
+    with pytest.raises(ProtocolError) as exc:
+        ms.map_view(100 * PAGE, PAGE, RW, None)
+    assert exc.value.errno == errno.ENOSPC
+    ms.unmap(2 * PAGE, PAGE)
+    ms.map(2 * PAGE, PAGE, RW, 0, None)
+    assert len(ms.snapshot()) == 8
+
+
+def test_lookups_and_overlaps_among_many_maps(ms: DmaMapSet) -> None:
+    # Maps at every other page, in shuffled order: every lookup and overlap check must
+    # find the right neighbour, at both ends of each map and of each gap.
+    n = 512
+    order = list(range(n))
+    order = order[::2] + order[1::2][::-1]
+    for i in order:
+        ms.map(i * 2 * PAGE, PAGE, RW if i % 3 else DmaFlags.READ, 0, None)
+    assert [a for a, *_ in ms.snapshot()] == [i * 2 * PAGE for i in range(n)]
+    for i in (0, 1, n // 2, n - 1):
+        start = i * 2 * PAGE
+        for addr, size in ((start, 1), (start + PAGE - 1, 1), (start - 1, 2),
+                           (start + PAGE - 1, PAGE + 2), (start - PAGE, 3 * PAGE)):
+            if addr < 0:
+                continue
+            with pytest.raises(ProtocolError) as exc:
+                ms.map(addr, size, RW, 0, None)
+            assert exc.value.errno == errno.EEXIST
+        ms.map(start + PAGE, PAGE, RW, 0, None)      # the gap after it is free
+        ms.unmap(start + PAGE, PAGE)
+        assert ms.backing(start, PAGE)[0].address == start
+        with pytest.raises(DmaFault, match="unmapped"):
+            ms.backing(start + PAGE, 1)
+        with pytest.raises(DmaFault, match="unmapped"):
+            ms.backing(start + PAGE - 1, 2)             # crosses into the gap
+        if i % 3 == 0:
+            with pytest.raises(DmaFault, match="not writeable"):
+                ms.write(start, b"x")
+        assert ms.has(start, PAGE, RW if i % 3 else DmaFlags.READ, False)
+        assert not ms.has(start, PAGE, RW if i % 3 else DmaFlags.READ, True)
+        assert not ms.has(start + 1, PAGE, RW, False)
+    with pytest.raises(ProtocolError) as exc:
+        ms.unmap(2 * PAGE, 2 * PAGE)                  # right start, wrong size
+    assert exc.value.errno == errno.ENOENT
+    with pytest.raises(ProtocolError) as exc:
+        ms.unmap(2 * PAGE + 1, PAGE)
+    assert exc.value.errno == errno.ENOENT
+    with pytest.raises(DmaFault, match="unmapped"):
+        ms.backing(n * 2 * PAGE, 1)                   # past the last map
+
+
+@pytest.mark.parametrize("offset,size", [(0, 1 << 63), (1 << 63, PAGE),
+                                         ((1 << 63) - PAGE, 2 * PAGE), (0, 4 * PAGE),
+                                         (PAGE, 2 * PAGE)])
+def test_unmappable_file_range_is_einval(ms: DmaMapSet, offset: int, size: int) -> None:
+    fd = memfd(2 * PAGE)
+    with pytest.raises(ProtocolError) as exc:
+        ms.map(0x1000_0000, size, RW, offset, fd)
+    assert exc.value.errno == errno.EINVAL
+    assert ms.snapshot() == []
+    assert_closed(fd)

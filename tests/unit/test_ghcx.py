@@ -24,8 +24,10 @@ from teeio.ghcx import (
     HEADER_SIZE,
     MAGIC,
     MAX_BODY,
+    MAX_PENDING,
     MAX_PLAINTEXT,
     NONCE_SIZE,
+    PENDING_TTL,
     REASONS,
     REQUESTS,
     RESPONSES,
@@ -695,7 +697,8 @@ def test_no_session_on_the_guest() -> None:
 
 def test_reasons_are_the_documented_ones() -> None:
     assert set(REASONS) == {"malformed", "version", "unknown_type", "cross_vm", "forged",
-                            "replay", "unbound", "no_session", "oversized", "handshake"}
+                            "replay", "unbound", "no_session", "oversized", "handshake",
+                            "hello_limit"}
     with pytest.raises(ValueError):
         GhcxReject("other")
 
@@ -764,3 +767,38 @@ def test_vm_id_and_secret_checked_at_construction() -> None:
         TsmChannel(SECRET, "vm 0", BOOT)
     with pytest.raises(ValueError):
         TsmChannel(SECRET, "vm0", bytes(15))
+
+
+def test_pending_handshakes_are_bounded_and_kept() -> None:
+    """Finding: each HELLO got an ACK and replaced the pending handshake.  Now a pending one
+    stays until confirmed or expired, at most MAX_PENDING are answered, the rest counted."""
+    now = [0.0]
+    g = GuestChannel(SECRET, "vm0", det_rng("g"))
+    t = TsmChannel(SECRET, "vm0", BOOT, det_rng("t"), clock=lambda: now[0])
+    genuine = t.receive(body_of(g.hello()))
+    assert isinstance(genuine, Reply)
+    acks = 0
+    for i in range(1000):
+        forged = GuestChannel(SECRET[::-1], "vm0", det_rng(f"f{i}")).hello()
+        try:
+            t.receive(body_of(forged))
+            acks += 1
+        except GhcxReject as e:
+            assert e.reason == "hello_limit"
+    assert acks == MAX_PENDING - 1 and t.counters["hello_limit"] == 1000 - acks
+    g.accept_hello_ack(body_of(genuine.frame))
+    exchange(g, t)                       # the guest's own handshake completes
+    assert t.established
+
+    # a flood that came first: the guest is refused until the forged ones expire
+    g2, t2 = GuestChannel(SECRET, "vm0", det_rng("g2")), TsmChannel(
+        SECRET, "vm0", BOOT, det_rng("t2"), clock=lambda: now[0])
+    for i in range(MAX_PENDING):
+        t2.receive(body_of(GuestChannel(SECRET, "vm0", det_rng(f"x{i}")).hello()))
+    reject("hello_limit", t2.receive, body_of(g2.hello()), t2.counters)
+    now[0] += PENDING_TTL
+    hello = body_of(g2.hello())
+    first = t2.receive(hello)
+    assert isinstance(first, Reply) and t2.receive(hello) == first    # same HELLO, same ACK
+    g2.accept_hello_ack(body_of(first.frame))
+    exchange(g2, t2)

@@ -20,7 +20,7 @@ def test_policy_round_trip(tmp_path: Path) -> None:
                  "--identity", str(tmp_path / "id"), "--out", str(out)]) == 0
     pol = load_policy(out)
     assert [a.subject for a in pol.anchors] == [pki.load_identity(tmp_path / "id").root.subject]
-    assert sorted(pol.references) == [1, 2, 3, 4]
+    assert sorted(pol.references) == [1, 2, 3, 4, 5]
     assert pol.leaf_subject and "teeio" in pol.leaf_subject
     assert (pol.vendor_id, pol.device_id) == (0x1234, 0x7E10)
 

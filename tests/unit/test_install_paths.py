@@ -49,7 +49,7 @@ def test_installed_default_firmware_goes_to_the_cache(monkeypatch: pytest.Monkey
     elf = tmp_path / "cache" / "firmware" / key / "teeio-fw.elf"
     assert firmware_build.default_image() == elf
     path, measurements = dsm.load_firmware(None)
-    assert path == elf and len(measurements) == 4
+    assert path == elf and len(measurements) == 5
     assert os.listdir(elf.parent) == ["teeio-fw.elf"]         # no temporary left behind
     mtime = elf.stat().st_mtime_ns
     assert firmware_build.ensure_default_image() == elf and elf.stat().st_mtime_ns == mtime

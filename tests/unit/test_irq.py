@@ -213,17 +213,37 @@ def test_raise_without_eventfd_sets_pending(irq: IrqController, efds: list[int])
     assert not irq.pending[PciIrq.MSIX][3]
 
 
-def test_failed_eventfd_write_is_not_counted(irq: IrqController) -> None:
+def test_pipe_is_not_a_trigger_eventfd(irq: IrqController, efds: list[int]) -> None:
     r, w = os.pipe()
+    other = os.dup(efds[1])
     try:
-        # A pipe's read end cannot be written: the signal fails with EBADF.
-        irq.set_irqs(req(EVENTFD | TRIGGER, PciIrq.MSIX, 0, 1), [r])
-        irq.raise_msix(0)
+        dup = attach(irq, PciIrq.MSIX, 0, efds[:1])[0]
+        with pytest.raises(ProtocolError) as exc:
+            irq.set_irqs(req(EVENTFD | TRIGGER, PciIrq.MSIX, 0, 2), [other, w])
+        assert exc.value.errno == errno.EINVAL
+        assert irq.trigger[PciIrq.MSIX][:2] == [dup, None]   # nothing changed
+    finally:
+        # A refused request's fds stay the caller's to close, as after any refusal.
+        for fd in (r, w, other):
+            os.close(fd)
+
+
+def test_full_eventfd_drops_the_interrupt_without_blocking(irq: IrqController,
+                                                           efds: list[int]) -> None:
+    blocking = os.eventfd(0)                   # the client's own fd may well block
+    dup = os.dup(blocking)
+    try:
+        irq.set_irqs(req(EVENTFD | TRIGGER, PciIrq.MSIX, 0, 1), [dup])
+        os.write(blocking, (0xFFFF_FFFF_FFFF_FFFE).to_bytes(8, "little"))  # counter at max
+        irq.raise_msix(0)                      # would block forever on a blocking fd
         assert irq.signalled == 0
+        assert irq.dropped == 1
+        assert int.from_bytes(os.read(blocking, 8), "little") == 0xFFFF_FFFF_FFFF_FFFE
+        irq.raise_msix(0)
+        assert irq.signalled == 1
     finally:
         irq.close_all()
-        os.close(w)
-    assert_closed(r)
+        os.close(blocking)
 
 
 # --- INTx -------------------------------------------------------------------------------

@@ -59,3 +59,36 @@ def test_mask_eventfd_is_refused() -> None:
         assert exc.value.errno == errno.ENOTSUP
     finally:
         os.close(fd)
+
+
+def test_pipe_is_not_an_unmask_eventfd() -> None:
+    irq = IrqController(4, lambda: True)
+    r, w = os.pipe()
+    try:
+        with pytest.raises(ProtocolError) as exc:
+            irq.set_irqs(IrqSet(EVENTFD | IrqSetFlags.ACTION_UNMASK, PciIrq.INTX, 0, 1), [r])
+        assert exc.value.errno == errno.EINVAL
+        assert irq.unmask_fd is None and irq._watcher is None
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_watcher_drops_an_unmask_fd_at_end_of_file_instead_of_spinning() -> None:
+    # Past the eventfd check (an fd that goes bad later, or a transport that installs one
+    # directly): a pipe at end of file polls readable forever, and the watcher must not
+    # spin on it.
+    irq = IrqController(4, lambda: True)
+    r, w = os.pipe()
+    os.close(w)
+    with irq._lock:
+        irq._set_unmask_fd(r)
+    deadline = time.monotonic() + 2
+    while (irq.unmask_fd is not None or irq._watcher is not None) \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert irq.unmask_fd is None, "the watcher still watches an fd at end of file"
+    assert irq._watcher is None, "the watcher thread did not stop"
+    with pytest.raises(OSError):
+        os.fstat(r)     # retired and closed by the controller
+    irq.close_all()

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from teeio.measurements import (
+    FIRMWARE_INDICES,
     RAW_BIT_STREAM,
     DmtfValueType,
     FirmwareImageError,
@@ -189,7 +190,9 @@ def test_measure_elf_documented_content(fw_elf: Path, tmp_path: Path) -> None:
         (2, DmtfValueType.FIRMWARE_CONFIG, True),
         (3, DmtfValueType.VERSION, False),
         (4, DmtfValueType.MEASUREMENT_MANIFEST, True),
+        (5, DmtfValueType.MUTABLE_FIRMWARE, True),
     ]
+    assert [m.index for m in ms] == list(FIRMWARE_INDICES)
     # Cross-checked with binutils rather than with pyelftools again.
     assert ms[0].data == _objcopy_section(fw_elf, ".text", tmp_path)
     assert ms[1].data == _objcopy_section(fw_elf, ".rodata", tmp_path)
@@ -224,12 +227,15 @@ def test_patched_code_measures_differently(fw_elf: Path, fw_patched: Path) -> No
         for i in (1, 2, 3):
             assert measurement_block(base[i], hash_name) == measurement_block(patched[i],
                                                                               hash_name)
+        # the load image holds .text too
+        assert measurement_block(base[4], hash_name) != measurement_block(patched[4], hash_name)
 
 
 def test_build_id_changes_only_the_manifest(fw_elf: Path, tmp_path: Path) -> None:
     other = measure_elf(build(tmp_path / "id.elf", {"TEEIO_FW_BUILD_ID": '"ci-build-42"'}))
     base = measure_elf(fw_elf)
     assert [m.data for m in base[:3]] == [m.data for m in other[:3]]
+    assert base[4].data != other[4].data      # the load image holds the manifest too
     assert FirmwareManifest.decode(other[3].data).build_id == b"ci-build-42".ljust(16, b"\0")
 
 
@@ -293,7 +299,7 @@ def test_measure_elf_corrupted_image(fw_elf: Path, region: str,
         ms = measure_elf(bytes(data))
     except FirmwareImageError:
         return
-    assert [m.index for m in ms] == [1, 2, 3, 4]
+    assert [m.index for m in ms] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize(("section", "message"), [
@@ -349,3 +355,84 @@ def test_build_failure_reports_compiler_output(tmp_path: Path) -> None:
 def test_build_rejects_bad_define_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a C macro name"):
         build(tmp_path / "fw.elf", {"-O0 X": "1"})
+
+
+# --- the load image (index 5): ELF header, program header table, PT_LOAD segments -------
+
+def _elf64(data: bytes) -> tuple[int, int, int, int]:
+    """(e_entry, e_phoff, e_phentsize, e_phnum) of a little-endian ELF64 image."""
+    e_entry, e_phoff = struct.unpack_from("<QQ", data, 0x18)
+    e_phentsize, e_phnum = struct.unpack_from("<HH", data, 0x36)
+    return e_entry, e_phoff, e_phentsize, e_phnum
+
+
+def _text_phdr(data: bytes) -> int:
+    """File offset of the program header of the executable PT_LOAD segment."""
+    _, phoff, phentsize, phnum = _elf64(data)
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        p_type, p_flags = struct.unpack_from("<II", data, off)
+        if p_type == 1 and p_flags & 1:     # PT_LOAD, PF_X
+            return off
+    raise AssertionError("no executable PT_LOAD segment")
+
+
+def _changed(base: list[MeasurementSource], other: list[MeasurementSource]) -> list[int]:
+    return [a.index for a, b in zip(base, other, strict=True)
+            if measurement_block(a, "sha384") != measurement_block(b, "sha384")]
+
+
+def test_load_image_is_header_program_headers_and_segments(fw_elf: Path,
+                                                           tmp_path: Path) -> None:
+    data = fw_elf.read_bytes()
+    _, phoff, phentsize, phnum = _elf64(data)
+    expected = data[:64] + data[phoff:phoff + phnum * phentsize]
+    for i in range(phnum):
+        p_type, _, p_offset = struct.unpack_from("<IIQ", data, phoff + i * phentsize)
+        p_filesz = struct.unpack_from("<Q", data, phoff + i * phentsize + 0x20)[0]
+        if p_type == 1:
+            expected += data[p_offset:p_offset + p_filesz]
+    assert measure_elf(data)[4].data == expected
+    # the text segment as loaded holds the code (index 1) that binutils extracts
+    assert _objcopy_section(fw_elf, ".text", tmp_path) in expected
+
+
+def test_changed_entry_point_measures_differently(fw_elf: Path) -> None:
+    data = bytearray(fw_elf.read_bytes())
+    entry = _elf64(bytes(data))[0]
+    struct.pack_into("<Q", data, 0x18, entry + 4)
+    base, moved = measure_elf(fw_elf), measure_elf(bytes(data))
+    assert _changed(base, moved) == [5]
+    assert reference_values(bytes(data)) != reference_values(fw_elf)
+
+
+def test_writable_text_segment_measures_differently(fw_elf: Path) -> None:
+    data = bytearray(fw_elf.read_bytes())
+    off = _text_phdr(bytes(data))
+    p_flags = struct.unpack_from("<I", data, off + 4)[0]
+    struct.pack_into("<I", data, off + 4, p_flags | 2)     # PF_W: text made writable
+    base, writable = measure_elf(fw_elf), measure_elf(bytes(data))
+    assert _changed(base, writable) == [5]
+    assert reference_values(bytes(data)) != reference_values(fw_elf)
+
+
+def test_bss_size_measures_differently(fw_elf: Path) -> None:
+    data = bytearray(fw_elf.read_bytes())
+    _, phoff, phentsize, phnum = _elf64(bytes(data))
+    bss = next(phoff + i * phentsize for i in range(phnum)
+               if struct.unpack_from("<I", data, phoff + i * phentsize)[0] == 1
+               and struct.unpack_from("<Q", data, phoff + i * phentsize + 0x20)[0] == 0)
+    memsz = struct.unpack_from("<Q", data, bss + 0x28)[0]
+    struct.pack_into("<Q", data, bss + 0x28, memsz + 0x1000)   # p_memsz
+    assert _changed(measure_elf(fw_elf), measure_elf(bytes(data))) == [5]
+
+
+def test_load_image_requires_program_headers(fw_elf: Path) -> None:
+    data = bytearray(fw_elf.read_bytes())
+    struct.pack_into("<H", data, 0x38, 0)          # e_phnum = 0
+    with pytest.raises(FirmwareImageError, match="no program headers"):
+        measure_elf(bytes(data))
+    data = bytearray(fw_elf.read_bytes())
+    struct.pack_into("<Q", data, 0x20, len(data))  # e_phoff past the end
+    with pytest.raises(FirmwareImageError):
+        measure_elf(bytes(data))

@@ -383,3 +383,146 @@ def test_session_lost_waits_for_the_operation_in_progress(tmp_path: Path) -> Non
     finally:
         link.gate.set()
         d.close()
+
+
+def _swap_for_symlink(folder: Path, target: Path) -> None:
+    """The attacker's move: *folder* renamed away and replaced by a symlink to *target*."""
+    folder.rename(folder.with_name(folder.name + ".moved"))
+    folder.symlink_to(target, target_is_directory=True)
+
+
+def test_unbind_does_not_follow_a_swapped_secret_folder(tmp_path: Path) -> None:
+    """Finding: unbind deleted the secret by path again; with its folder swapped for a
+    symlink, the daemon deleted a file of the same name elsewhere."""
+    state = tmp_path / "tsm"
+    journal_two_devices(state, tmp_path)
+    owned, victims = tmp_path / "owned", tmp_path / "victims"
+    owned.mkdir()
+    victims.mkdir()
+    victim = victims / "vm0.secret"
+    victim.write_bytes(b"precious")
+    d = Daemon(state, reconnect_delays=())
+    try:
+        d.ctl_request("bind", {"vm": "vm0", "device": "dev0",
+                               "ghcx_socket": str(tmp_path / "vm0.sock"),
+                               "secret_file": str(owned / "vm0.secret")})
+        _swap_for_symlink(owned, victims)
+        assert d.ctl_request("unbind", {"vm": "vm0"})["unbound"]
+        assert victim.read_bytes() == b"precious"
+        assert not (tmp_path / "owned.moved" / "vm0.secret").exists()   # its own is gone
+    finally:
+        d.close()
+
+
+def test_failing_bind_does_not_follow_a_swapped_secret_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding: a bind whose GHCx socket fails unlinked the secret by path; the folder
+    swapped in between made it delete (or a rewrite overwrite) another file."""
+    state = tmp_path / "tsm"
+    journal_two_devices(state, tmp_path)
+    owned, victims = tmp_path / "owned", tmp_path / "victims"
+    owned.mkdir()
+    victims.mkdir()
+    victim = victims / "vm0.secret"
+    victim.write_bytes(b"precious")
+    d = Daemon(state, reconnect_delays=())
+
+    def serve_after_the_swap(vm: Any) -> None:
+        _swap_for_symlink(owned, victims)
+        raise OSError(98, "Address already in use")
+
+    monkeypatch.setattr(d, "_serve_vm", serve_after_the_swap)
+    try:
+        with pytest.raises(CtlError, match="GHCx socket"):
+            d.ctl_request("bind", {"vm": "vm0", "device": "dev0",
+                                   "ghcx_socket": str(tmp_path / "vm0.sock"),
+                                   "secret_file": str(owned / "vm0.secret")})
+        assert victim.read_bytes() == b"precious"
+        assert not (tmp_path / "owned.moved" / "vm0.secret").exists()
+        assert "vm0" not in d.vms
+    finally:
+        d.close()
+
+
+def test_bind_refuses_a_secret_folder_swapped_before_it_is_opened(tmp_path: Path) -> None:
+    """A symlink in the folder's place when bind opens it is resolved once: the secret goes
+    where it points, and unbind deletes that very file, not a later swap's."""
+    state = tmp_path / "tsm"
+    journal_two_devices(state, tmp_path)
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real, target_is_directory=True)
+    d = Daemon(state, reconnect_delays=())
+    try:
+        d.ctl_request("bind", {"vm": "vm0", "device": "dev0",
+                               "ghcx_socket": str(tmp_path / "vm0.sock"),
+                               "secret_file": str(link / "vm0.secret")})
+        assert len((real / "vm0.secret").read_bytes()) == 32
+        d.ctl_request("unbind", {"vm": "vm0"})
+        assert not (real / "vm0.secret").exists()
+    finally:
+        d.close()
+
+
+def test_connect_refuses_a_ghcx_socket_the_daemon_serves(tmp_path: Path) -> None:
+    """Finding: ``ctl connect --doe-socket`` at a VM's GHCx socket connected to it, which
+    replaced that VM's connection.  Refused, by path, through a symlink too."""
+    state = tmp_path / "tsm"
+    journal_two_devices(state, tmp_path)
+    d = Daemon(state, reconnect_delays=())
+    sock = tmp_path / "vm0.sock"
+    alias = tmp_path / "alias.sock"
+    alias.symlink_to(sock)
+    try:
+        d.ctl_request("bind", {"vm": "vm0", "device": "dev0", "ghcx_socket": str(sock)})
+        server = d.vms["vm0"].server
+        assert server is not None
+        for path in (sock, alias):
+            with pytest.raises(CtlError, match="GHCx socket this TSM serves for VM vm0"):
+                d.ctl_request("connect", {
+                    "device": "dev9", "doe_socket": str(path),
+                    "trust_anchor": str(tmp_path / "a.pem"),
+                    "platform_socket": str(tmp_path / "p.sock"),
+                    "platform_credential": str(tmp_path / "cred")})
+        assert server.counters["connections"] == 0
+        d.ctl_request("unbind", {"vm": "vm1"})
+        with pytest.raises(CtlError, match="is device dev0's socket"):
+            d.ctl_request("bind", {"vm": "vmx", "device": "dev1",
+                                   "ghcx_socket": str(tmp_path / "dev0-doe.sock")})
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("answer", [b"", b"GHCX" + bytes(40)], ids=["silent", "other"])
+def test_doe_hello_checks_the_peer_speaks_doe(tmp_path: Path, answer: bytes) -> None:
+    """A peer that does not answer the spdm-emu TEST hello (e.g. a GHCx socket) is refused
+    before anything else is sent, with a message that says why."""
+    import socket as socket_mod
+
+    from tsm.doe_client import DoeClient, DoeTransportError
+
+    path = str(tmp_path / "peer.sock")
+    listener = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    got: list[bytes] = []
+
+    def peer() -> None:
+        conn, _ = listener.accept()
+        got.append(conn.recv(4096))
+        if answer:
+            conn.sendall(answer)
+        time.sleep(1.0)
+        conn.close()
+
+    t = threading.Thread(target=peer, daemon=True)
+    t.start()
+    client = DoeClient.connect_unix(path)
+    try:
+        with pytest.raises(DoeTransportError, match="does not speak the spdm-emu DOE"):
+            client.hello(timeout=0.3)
+    finally:
+        client.close()
+        t.join(3)
+        listener.close()
+    assert len(got) == 1 and len(got[0]) == 12 + 14      # the TEST hello, nothing more

@@ -178,3 +178,59 @@ def test_replay_then_fail_safe_without_the_device(tmp_path: Path) -> None:
         d2.close()
     raw = (tmp_path / JOURNAL_NAME).read_bytes()
     assert secret.read_bytes() not in raw and secret.read_bytes().hex().encode() not in raw
+
+
+# -- every decode error names its line; contradicting records are refused -----------------------
+
+@pytest.mark.parametrize("bad", [
+    b'{"seq":2,"type":"x","v":' + b"[" * 100000 + b"]" * 100000 + b"}",
+    b'{"seq":2,"type":"x","v":[[[[[[[[[[1]]]]]]]]]]}',
+    b'{"seq":2,"type":"x","v":Infinity}',
+    b'{"seq":2,"type":"x","v":-Infinity}',
+    b'{"seq":2,"type":"x","v":NaN}',
+    b'{"seq":2,"type":"tdi","lock_epoch":1e400}',
+], ids=["very-deep", "deep", "inf", "-inf", "nan", "1e400"])
+def test_every_decode_error_names_the_line(tmp_path: Path, bad: bytes) -> None:
+    """Finding: deep nesting escaped as RecursionError, and Infinity / 1e400 were accepted
+    (then failed to apply with a message naming no line)."""
+    state = tmp_path / "tsm"
+    state.mkdir()
+    (state / JOURNAL_NAME).write_bytes(b'{"seq":1,"type":"daemon_start"}\n' + bad + b"\n"
+                                       + b'{"seq":3,"type":"daemon_start"}\n')
+    with pytest.raises(JournalError, match=r"line 2 is corrupt"):
+        read_records(state / JOURNAL_NAME)
+    with pytest.raises(JournalError, match=r"line 2 is corrupt"):
+        Daemon(state, reconnect_delays=())
+
+
+def test_device_removed_while_bound_is_refused(tmp_path: Path) -> None:
+    """Finding: replay dropped a device whose VM was still bound, so the start's fail-safe
+    never revoked that VM's windows and private MMIO.  Such a record (the daemon never
+    writes one) refuses the replay, naming its line and seq."""
+    state = tmp_path / "tsm"
+    state.mkdir(mode=0o700)
+    j, _ = Journal.open(state)
+    j.append("device", device="dev0", doe_socket=str(tmp_path / "d.sock"),
+             trust_anchor=str(tmp_path / "a.pem"), platform_socket=str(tmp_path / "p.sock"),
+             platform_credential=str(tmp_path / "cred"))
+    secret = state / "vms" / "vm0.secret"
+    write_secret(secret)
+    j.append("vm", vm="vm0", device="dev0", ghcx_socket=str(tmp_path / "vm0.sock"),
+             secret_file=str(secret), mmio_reporting_offset=0)
+    j.append("window", window_id=1, vm="vm0", device="dev0", base=0, size=4096, access="rw")
+    j.append("device_removed", device="dev0")
+    j.close()
+    with pytest.raises(JournalError, match=r"line 4 \(record 4, device_removed\).*VM vm0 "
+                                           r"is bound"):
+        Daemon(state, reconnect_delays=())
+
+
+def test_journal_is_not_followed_through_a_symlink(tmp_path: Path) -> None:
+    state = tmp_path / "tsm"
+    state.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    (state / JOURNAL_NAME).symlink_to(victim)
+    with pytest.raises(JournalError, match="journal"):
+        Daemon(state, reconnect_delays=())
+    assert victim.read_bytes() == b"keep me"

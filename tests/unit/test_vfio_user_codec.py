@@ -523,3 +523,32 @@ def test_dma_rw_old_u32_count_layout_is_refused() -> None:
     # reads count as u64, so such a message never decodes to a plausible write.
     old = struct.pack("<QI", 0x1000, 4) + b"ABCD"
     assert _errno_of(decode_dma_rw, old, True) == errno.EINVAL
+
+
+@pytest.mark.parametrize("text,deep", [
+    ('{"capabilities":{"migration":{"pgsize":4096}}}', False),
+    ('{"a":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}', False),
+    ('{"a":"\\\\\\"[[[[[[[[[[[[[[[[[[[["}', False),
+    ("[" * (p.MAX_JSON_DEPTH + 1) + "]" * (p.MAX_JSON_DEPTH + 1), True),
+    ("[" + "[" * (p.MAX_JSON_DEPTH - 1) + "]" * (p.MAX_JSON_DEPTH - 1) + ",[[]]" * 20 + "]",
+     False),
+    ('{"a":"\\""' + ',"b":' + "{\"c\":" * 20 + "1" + "}" * 20 + "}", True),
+], ids=["shallow", "brackets-in-string", "escaped-quote-in-string", "too-deep",
+        "many-shallow", "deep-after-escaped-quote"])
+def test_json_depth_bound(text: str, deep: bool) -> None:
+    json.loads(text)  # every case is valid JSON
+    assert p.json_too_deep(text) is deep
+
+
+def test_version_deeply_nested_json_is_einval_not_recursion_error() -> None:
+    text = '{"capabilities":{"x":' + "[" * 200_000 + "]" * 200_000 + "}}"
+    with pytest.raises(ProtocolError) as exc:
+        Version.decode(struct.pack("<HH", 0, 0) + text.encode() + b"\0")
+    assert exc.value.errno == errno.EINVAL
+
+
+def test_version_integer_too_long_to_convert_is_einval() -> None:
+    text = '{"capabilities":{"max_data_xfer_size":' + "9" * 5000 + "}}"
+    with pytest.raises(ProtocolError) as exc:
+        Version.decode(struct.pack("<HH", 0, 0) + text.encode() + b"\0")
+    assert exc.value.errno == errno.EINVAL

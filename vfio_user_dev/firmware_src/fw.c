@@ -4,12 +4,13 @@
  * It is never executed by the emulator; it exists so that the device's SPDM
  * measurements (DSP0274 1.2 §10.11) are digests of a genuine firmware ELF whose
  * parts can be changed one at a time.  teeio/measurements.py:measure_elf()
- * measures these sections of the linked image:
+ * measures these parts of the linked image:
  *
  *   index 1  code            every SHF_EXECINSTR section (.text)         MUTABLE_FIRMWARE
  *   index 2  configuration   .rodata (fw_config and friends)             FIRMWARE_CONFIG
  *   index 3  version string  .teeio_version, up to its NUL (raw stream)  VERSION
  *   index 4  manifest        .teeio_manifest (struct teeio_fw_manifest)  MEASUREMENT_MANIFEST
+ *   index 5  load image      ELF header, program headers, PT_LOAD bytes  MUTABLE_FIRMWARE
  *
  * Build variants (vfio_user_dev/firmware_build.py passes -D flags):
  *   TEEIO_FW_PATCH=1        a "tampered" build whose descriptor CRC check skips the

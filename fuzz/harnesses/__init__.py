@@ -1,0 +1,1 @@
+"""One harness per decoder or server (:mod:`fuzz.runner` describes the interface)."""
