@@ -33,10 +33,18 @@ in step without reading it).
 Connections: UNIX socket (mode 0600; a stale socket at the path is replaced, any other
 file refused, :func:`teeio.transport.unix.listen_private`), or TCP on 127.0.0.1.  Up to
 :data:`MAX_CONNECTIONS` clients are served at once, a thread each (the dispatcher's lock
-serialises their objects); one more is closed at once.  A connection that sends no
-message for :data:`IDLE_TIMEOUT` seconds is closed, and so is one that takes longer than
-:data:`MESSAGE_TIMEOUT` seconds to send one message it has begun, so a silent or
-trickling client cannot keep the others (the TSM) waiting.
+serialises their objects), so a silent client never keeps another (the TSM) waiting.
+Timeouts, so that silent or trickling clients cannot hold the slots either:
+
+* a connection that sends no complete message within :data:`IDLE_TIMEOUT` seconds of
+  connecting is closed;
+* a message begun must be complete within :data:`MESSAGE_TIMEOUT` seconds of its first
+  byte, else the connection is closed;
+* a connection that has exchanged a message may then stay idle (the TSM keeps one for a
+  whole SPDM session, and its heartbeats may be off or as far apart as the heartbeat
+  period allows, DSP0274 §10.17), but when every slot is taken, the one idle longest, if
+  idle for more than :data:`IDLE_TIMEOUT` seconds, is closed to make room for a new
+  client; otherwise the new client is closed at once.
 """
 
 from __future__ import annotations
@@ -65,7 +73,8 @@ log = logging.getLogger(__name__)
 
 #: Clients served at once; one more is closed as soon as it is accepted.
 MAX_CONNECTIONS = 8
-#: Seconds a connection may wait between messages before it is closed.
+#: Seconds a new connection has to complete its first message; also how long an
+#: established connection must have been idle before a new client may take its slot.
 IDLE_TIMEOUT = 30.0
 #: Seconds a client has to send the rest of a message once its first byte arrived.
 MESSAGE_TIMEOUT = 10.0
@@ -82,23 +91,38 @@ class _Closed(Exception):
 
 
 class _Deadline:
-    """Receives from one connection: the first byte of a message within *idle* seconds,
-    the rest of it within *message* seconds of that first byte."""
+    """Receives from one connection: its first message's first byte within *idle*
+    seconds of connecting (later ones whenever they come), the rest of any message
+    within *message* seconds of its first byte.  Also what the accepting thread needs to
+    pick an idle connection to close."""
 
     def __init__(self, sock: socket.socket, idle: float, message: float) -> None:
         self.sock = sock
         self.idle = idle
         self.message = message
         self.until: float | None = None    # the current message's deadline, once begun
+        self.answered = False              # a whole message has been received
+        self.last = time.monotonic()       # when the last message ended (or it connected)
 
     def next_message(self) -> None:
+        """The previous message was handled; wait for the next one."""
+        if self.until is not None:
+            self.answered = True
         self.until = None
+        self.last = time.monotonic()
+
+    def idle_for(self, now: float) -> float | None:
+        """Seconds this established connection has been waiting for a message, or None
+        if it is new or in the middle of one."""
+        if not self.answered or self.until is not None:
+            return None
+        return now - self.last
 
     def recv_exact(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
             if self.until is None:
-                self.sock.settimeout(self.idle)
+                self.sock.settimeout(None if self.answered else self.idle)
             else:
                 left = self.until - time.monotonic()
                 if left <= 0:
@@ -137,7 +161,7 @@ class DoeSocketServer:
         self.refused = 0          # connections closed because every slot was taken
         self.internal_errors = 0  # messages a handler failed on unexpectedly
         self._stop = threading.Event()
-        self._conns: set[socket.socket] = set()
+        self._conns: dict[socket.socket, _Deadline] = {}
         self._lock = threading.Lock()
         if path is not None:
             # Never deletes anything but a stale socket (OSError EEXIST otherwise).
@@ -168,23 +192,42 @@ class DoeSocketServer:
             while not self._stop.is_set():
                 try:
                     conn, _ = self.listener.accept()
-                except OSError:
+                except OSError as exc:
                     if self._stop.is_set():
                         break
-                    raise
+                    # e.g. EMFILE: the listener stays; the client may retry
+                    log.warning("DOE socket: accept failed: %s", exc)
+                    self._stop.wait(0.1)
+                    continue
+                rx = _Deadline(conn, IDLE_TIMEOUT, MESSAGE_TIMEOUT)
                 with self._lock:
-                    if len(self._conns) >= self.max_connections:
+                    if len(self._conns) >= self.max_connections and not self._evict_idle():
                         self.refused += 1
                         log.warning("DOE socket: %d clients already, refusing one",
                                     len(self._conns))
                         conn.close()
                         continue
-                    self._conns.add(conn)
+                    self._conns[conn] = rx
                     self.clients += 1
-                threading.Thread(target=self._connection, args=(conn,),
+                threading.Thread(target=self._connection, args=(conn, rx),
                                  name="doe-socket-conn", daemon=True).start()
         finally:
             self.close()
+
+    def _evict_idle(self) -> bool:
+        """Every slot is taken (lock held): close the connection idle longest, if it has
+        been idle for more than IDLE_TIMEOUT; whether a slot was freed."""
+        now = time.monotonic()
+        idle = [(t, c) for c, rx in self._conns.items()
+                if (t := rx.idle_for(now)) is not None and t > IDLE_TIMEOUT]
+        if not idle:
+            return False
+        t, conn = max(idle, key=lambda e: e[0])
+        del self._conns[conn]
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+        log.info("DOE socket: every slot taken: closing a connection idle for %.0f s", t)
+        return True
 
     def close(self) -> None:
         self._stop.set()
@@ -203,17 +246,17 @@ class DoeSocketServer:
         self._thread.join(timeout)
 
     # -- one connection -------------------------------------------------------------------------
-    def _connection(self, conn: socket.socket) -> None:
+    def _connection(self, conn: socket.socket, rx: _Deadline) -> None:
         try:
             if self.port is not None:
                 # Small request/response messages: no reply may wait in Nagle's
                 # buffer for the peer's (delayed) ACK of an earlier segment.
                 with contextlib.suppress(OSError):
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            keep = self._serve(conn)
+            keep = self._serve(conn, rx)
         finally:
             with self._lock:
-                self._conns.discard(conn)
+                self._conns.pop(conn, None)
             conn.close()
         if not keep and not self._stop.is_set():
             log.info("DOE socket: SHUTDOWN with exit-on-shutdown, stopping")
@@ -221,10 +264,9 @@ class DoeSocketServer:
             if self.on_shutdown is not None:
                 self.on_shutdown()
 
-    def _serve(self, conn: socket.socket) -> bool:
+    def _serve(self, conn: socket.socket, rx: _Deadline) -> bool:
         """Serve *conn* until it ends; False if the whole server must stop."""
         log.info("DOE socket: client connected")
-        rx = _Deadline(conn, IDLE_TIMEOUT, MESSAGE_TIMEOUT)
         try:
             while True:
                 rx.next_message()
@@ -265,7 +307,8 @@ class DoeSocketServer:
             log.info("DOE socket: client disconnected")
         except TimeoutError:
             why = (f"a message not completed within {MESSAGE_TIMEOUT:g} s"
-                   if rx.until is not None else f"idle for more than {IDLE_TIMEOUT:g} s")
+                   if rx.until is not None
+                   else f"no message within {IDLE_TIMEOUT:g} s of connecting")
             log.info("DOE socket: connection timed out (%s): closed", why)
         except OSError as exc:
             log.info("DOE socket: connection ended: %s", exc)

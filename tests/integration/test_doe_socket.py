@@ -387,12 +387,38 @@ def test_idle_and_trickling_connections_are_closed(rig: _Rig,
             time.sleep(0.1)
     assert time.monotonic() - t0 < 3
     trickle.close()
-    # one that talks between pauses shorter than the idle timeout stays
+    # once it has exchanged a message, a client may stay idle (the TSM between heartbeats)
     with rig.client() as c:
-        for _ in range(3):
-            c.hello()
-            time.sleep(0.15)
         c.hello()
+        time.sleep(1.0)
+        c.hello()
+
+
+def test_an_idle_client_gives_its_slot_only_when_every_slot_is_taken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(doe_socket, "IDLE_TIMEOUT", 0.3)
+    r = _Rig(tmp_path / "doe.sock", max_connections=2)
+    try:
+        tsm, busy = r.client(), r.client()
+        tsm.hello()
+        busy.hello()
+        time.sleep(0.6)                  # both idle past the timeout: neither is closed
+        busy.hello()                     # busy has just spoken
+        tsm.hello()
+        time.sleep(0.5)
+        busy.hello()
+        newcomer = r.client()            # every slot taken: the one idle longest goes
+        newcomer.hello()
+        assert closed_by_peer(tsm)
+        busy.hello()
+        third = r.raw()                  # nobody idle long enough now: refused at once
+        assert _closed_within(third, 5)
+        third.close()
+        assert r.server.refused == 1
+        for c in (tsm, busy, newcomer):
+            c.close()
+    finally:
+        r.server.close()
 
 
 def test_connections_are_capped(tmp_path: Path) -> None:
