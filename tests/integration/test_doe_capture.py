@@ -111,4 +111,5 @@ def test_capture_file_that_cannot_be_made_fails_in_one_line(tmp_path: Path) -> N
                           str(tmp_path / "v.sock"), "--doe-capture", str(bad)],
                          cwd=PROJECT, capture_output=True, text=True, timeout=60, check=False)
     assert dev.returncode == 1
-    assert dev.stderr.splitlines() == [f"error: capture file {bad}: No such file or directory"]
+    assert dev.stderr.splitlines() == [f"error: --doe-capture {bad}: folder {bad.parent} "
+                                       "does not exist"]

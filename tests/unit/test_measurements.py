@@ -260,6 +260,9 @@ def test_reference_values_match_measurements(fw_elf: Path) -> None:
 
 def test_refvalues_cli(fw_elf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sub" / "ref.json"
+    assert refvalues.main(["--elf", str(fw_elf), "--out", str(out)]) == 1   # no such folder
+    assert capsys.readouterr().err == f"error: --out {out}: folder {out.parent} does not exist\n"
+    out.parent.mkdir()
     assert refvalues.main(["--elf", str(fw_elf), "--out", str(out)]) == 0
     assert json.loads(out.read_text()) == reference_values(fw_elf)
     assert capsys.readouterr().out.strip() == str(out)
