@@ -155,7 +155,15 @@ class GhcxServer:
                         self.log.warning("dropped %d bytes of garbage (resynchronised)",
                                          decoder.dropped_bytes - dropped)
                     for body in bodies:
-                        out = self.frame(body)
+                        try:
+                            out = self.frame(body)
+                        except Exception:
+                            # a bug, not the relay's fault: logged with its traceback the
+                            # first time, counted, and the frame dropped; serving goes on
+                            self.counters["unforeseen_errors"] += 1
+                            if self.counters["unforeseen_errors"] == 1:
+                                self.log.exception("unforeseen error on a GHCx frame: dropped")
+                            continue
                         if out:
                             conn.sendall(out)
             except OSError as exc:

@@ -27,6 +27,8 @@ __all__ = ["LineServer"]
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")     # what the protocol keeps per connection
+#: how many unforeseen errors are logged with their traceback (the rest only counted)
+UNFORESEEN_LOGGED = 3
 
 
 class LineServer(Generic[S]):
@@ -39,6 +41,9 @@ class LineServer(Generic[S]):
     #: Whether a blank line is ignored (else it is answered like any other line).
     skip_blank_lines = False
     counters: dict[str, int]
+
+    #: unforeseen exceptions while answering (each closed its connection)
+    unforeseen = 0
 
     def __init__(self, path: str, max_line: int, max_connections: int) -> None:
         self.path = path
@@ -123,7 +128,16 @@ class LineServer(Generic[S]):
                         elif self.skip_blank_lines and not line.strip():
                             continue
                         else:
-                            reply = self.answer(state, conn, line)
+                            try:
+                                reply = self.answer(state, conn, line)
+                            except Exception:
+                                # a bug, not the peer's fault: logged (a few times, with
+                                # the traceback), this connection closed, the server on
+                                self.unforeseen += 1
+                                if self.unforeseen <= UNFORESEEN_LOGGED:
+                                    log.exception("%s: unforeseen error answering a line; "
+                                                  "connection closed", self.name)
+                                return
                         conn.sendall(self.encode(reply) + b"\n")
         except TimeoutError:
             log.info("%s connection timed out: closed", self.name)

@@ -8,12 +8,13 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from teeio.platform_channel import PlatformClient
 from vfio_user_dev import host_access, platform_ctl
-from vfio_user_dev.host_access import HostAccessServer
+from vfio_user_dev.host_access import HostAccessClient, HostAccessServer
 from vfio_user_dev.platform import Platform
 from vfio_user_dev.platform_ctl import PlatformControlServer
 
@@ -74,5 +75,36 @@ def test_host_access_idle_connection_is_closed(tmp_path: Path, device: Platform,
         idle.connect(str(tmp_path / "h.sock"))
         assert _closed_within(idle, 5.0)
         idle.close()
+    finally:
+        srv.close()
+
+
+def test_an_unforeseen_error_closes_only_that_connection(tmp_path: Path, device: Platform,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """A bug answering one line (not the peer's fault) closes that connection, is
+    counted, and the server serves the next client."""
+    srv = HostAccessServer(str(tmp_path / "h.sock"), device).start()
+    try:
+        real = HostAccessServer.answer
+        calls = {"n": 0}
+
+        def flaky(self: HostAccessServer, state: Any, conn: socket.socket,
+                  line: bytes) -> dict[str, Any]:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("a bug")
+            return real(self, state, conn, line)
+
+        monkeypatch.setattr(HostAccessServer, "answer", flaky)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(tmp_path / "h.sock"))
+        s.sendall(b'{"op": "stats"}\n')
+        s.settimeout(5)
+        assert s.recv(100) == b""                      # closed, no answer
+        s.close()
+        with HostAccessClient(str(tmp_path / "h.sock")) as c:
+            assert c.request("stats")["ok"]
+        assert srv.unforeseen == 1
     finally:
         srv.close()
