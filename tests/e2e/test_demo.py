@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -18,12 +20,20 @@ SPDM_DUMP = os.environ.get("TEEIO_SPDM_DUMP")
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
-def test_demo_locks_attests_accepts_and_validates_dma(
-        guest_image: image.GuestImage, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    doe_pcap_path = tmp_path / "doe.pcap"
-    rc = demo.main(["--workdir", str(tmp_path), "--doe-capture", str(doe_pcap_path)])
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def demo_run(guest_image: image.GuestImage, tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[int, str, Path]:
+    """One `teeio-demo --doe-capture` run: (exit code, its output, its work folder)."""
+    wd = tmp_path_factory.mktemp("demo")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = demo.main(["--workdir", str(wd), "--doe-capture", str(wd / "doe.pcap")])
+    return rc, buf.getvalue(), wd
+
+
+def test_demo_locks_attests_accepts_and_validates_dma(demo_run: tuple[int, str, Path]
+                                                      ) -> None:
+    rc, out, tmp_path = demo_run
     assert rc == 0, out
     assert "FAIL" not in out
     for name in ("verify:chain", "verify:signature", "verify:nonce", "verify:measurements",
@@ -42,25 +52,30 @@ def test_demo_locks_attests_accepts_and_validates_dma(
     assert tdi["state"] == "CONFIG_UNLOCKED" and tdi["mmio_private"] is False, tdi
     assert status["vms"][0]["windows"] == [], status["vms"]
     assert (tmp_path / "identity" / "device.key").stat().st_mode & 0o777 == 0o600
-    check_doe_capture(doe_pcap_path)
 
 
-def check_doe_capture(path: Path) -> None:
-    """The demo's DOE capture: the pcap DMTF spdm_dump reads (PCI_DOE), holding the TSM's
-    SPDM exchange (clear part) and its secured messages; decoded by spdm_dump itself when
-    TEEIO_SPDM_DUMP names a binary."""
-    cap = doe_pcap.read(path)
+def test_demo_doe_capture_is_the_pcap_spdm_dump_reads(demo_run: tuple[int, str, Path]
+                                                      ) -> None:
+    """The demo's DOE capture: PCI_DOE pcap, holding the TSM's SPDM exchange (clear part)
+    and its secured messages."""
+    rc, out, wd = demo_run
+    assert rc == 0, out
+    cap = doe_pcap.read(wd / "doe.pcap")
     assert cap.linktype == doe_pcap.LINKTYPE_PCI_DOE
     objs = [DoeObject.decode(r.data) for r in cap.records]
     spdm = [o.payload[1] for o in objs if o.data_object_type == 1]   # SPDM request codes...
     for code in (0x84, 0xE1, 0xE3, 0xE4):            # GET_VERSION, _CAPABILITIES, ...
         assert code in spdm, hex(code)
     assert any(o.data_object_type == 2 for o in objs)   # secured: IDE_KM, TDISP
-    if SPDM_DUMP is None:
-        pytest.skip("the demo's DOE capture was checked against the pcap layout; to decode "
-                    "it with DMTF spdm_dump set TEEIO_SPDM_DUMP to its binary")
-    out = subprocess.run([SPDM_DUMP, "-r", str(path)], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+
+
+@pytest.mark.skipif(SPDM_DUMP is None, reason="decoding with DMTF spdm_dump not checked: set "
+                    "TEEIO_SPDM_DUMP to its binary (github.com/DMTF/spdm-dump)")
+def test_demo_doe_capture_decodes_in_spdm_dump(demo_run: tuple[int, str, Path]) -> None:
+    rc, _, wd = demo_run
+    assert rc == 0 and SPDM_DUMP is not None
+    out = subprocess.run([SPDM_DUMP, "-r", str(wd / "doe.pcap")], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
     assert "DataLink - 292 (PCI_DOE)" in out
     for name in ("SPDM_VERSION", "SPDM_ALGORITHMS", "SPDM_CERTIFICATE", "SPDM_MEASUREMENTS",
                  "SPDM_KEY_EXCHANGE_RSP"):
