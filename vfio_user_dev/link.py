@@ -452,6 +452,8 @@ def _read_pcapng(path: Path | str, raw: bytes) -> list[CaptureRecord]:
             raise ValueError(f"{path}: truncated or bad block at {pos}")
         body = raw[pos + 8:pos + total - 4]
         if btype == PCAPNG_IDB:
+            if len(body) < 8:                      # §4.2: LinkType, Reserved, SnapLen
+                raise ValueError(f"{path}: interface description block too short at {pos}")
             linktype, _res, _snap = struct.unpack_from(bo + "HHI", body)
             per_second = 10 ** 6
             for code, value in _options(body[8:], bo):
@@ -459,7 +461,11 @@ def _read_pcapng(path: Path | str, raw: bytes) -> list[CaptureRecord]:
                     per_second = _tsresol(value)
             interfaces.append((linktype, per_second))
         elif btype == PCAPNG_EPB:
+            if len(body) < 20:                     # §4.3: the five fixed fields
+                raise ValueError(f"{path}: enhanced packet block too short at {pos}")
             ifid, hi, lo, caplen, _orig = struct.unpack_from(bo + "IIIII", body)
+            if 20 + caplen > len(body):
+                raise ValueError(f"{path}: packet data past its block at {pos}")
             if ifid >= len(interfaces) or interfaces[ifid][0] != LINKTYPE_USER0:
                 raise ValueError(f"{path}: not a TLP capture (packet on interface {ifid} "
                                  f"of another link type)")

@@ -266,6 +266,9 @@ class Capabilities:
             if r.left < 4:
                 raise r.fail("truncated supported algorithms block")
             length = int.from_bytes(r.data[r.pos + 2:r.pos + 4], "little")
+            if length < 4:      # DSP0274 1.3 §10.4: Length counts the block's own header
+                raise r.fail(f"supported algorithms block Length {length} is shorter than "
+                             "its 4-byte header")
             block = r.take(length, "supported algorithms block")
         return cls(version, ct, flags, dts, mx, block, raw=r.finish(pad))
 

@@ -3,7 +3,9 @@ set of deterministic mutations, without atheris (``make fuzz`` runs the long bud
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -14,8 +16,12 @@ BUDGET = {"decoder": 2000, "responder": 300, "stateful": 60}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _quiet() -> None:
+def _quiet() -> Iterator[None]:
+    """Logging off for these tests only (the refusals they provoke); back on after, so
+    later tests' log captures see their records."""
     quiet()
+    yield
+    logging.disable(logging.NOTSET)
 
 
 def test_every_harness_module_is_listed() -> None:
