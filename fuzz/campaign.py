@@ -88,15 +88,23 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     env = os.environ
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=int(env.get("FUZZ_RUNS", 1_000_000)))
-    ap.add_argument("--seconds", type=int, default=int(env.get("FUZZ_SECONDS", 600)))
+    ap.add_argument("--runs", type=int, default=int(env.get("FUZZ_RUNS", 1_000_000)),
+                    help="inputs per decoder/responder harness (default $FUZZ_RUNS or 1000000)")
+    ap.add_argument("--seconds", type=int, default=int(env.get("FUZZ_SECONDS", 600)),
+                    help="time cap per decoder/responder harness (default $FUZZ_SECONDS or 600)")
     ap.add_argument("--stateful-seconds", type=int,
-                    default=int(env.get("FUZZ_STATEFUL_SECONDS", 300)))
+                    default=int(env.get("FUZZ_STATEFUL_SECONDS", 300)),
+                    help="time for each stateful (socket) harness (default "
+                         "$FUZZ_STATEFUL_SECONDS or 300)")
     ap.add_argument("--timeout", type=int, default=25, help="seconds per input (a hang)")
-    ap.add_argument("--rss-limit-mb", type=int, default=2048)
-    ap.add_argument("--out", type=Path, default=Path("out"))
-    ap.add_argument("--only", nargs="*", choices=HARNESSES, default=None)
-    ap.add_argument("--no-nice", dest="nice", action="store_false")
+    ap.add_argument("--rss-limit-mb", type=int, default=2048,
+                    help="memory per harness process; above it counts as unbounded growth")
+    ap.add_argument("--out", type=Path, default=Path("out"),
+                    help="where fuzz.json, the corpora, logs and crash inputs go")
+    ap.add_argument("--only", nargs="*", choices=HARNESSES, default=None,
+                    help="run only these harnesses")
+    ap.add_argument("--no-nice", dest="nice", action="store_false",
+                    help="do not run the harnesses under nice -n 19")
     args = ap.parse_args(argv)
     rows = []
     for name in args.only or HARNESSES:
