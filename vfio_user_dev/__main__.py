@@ -242,16 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("platform control credential written to %s", ns.platform_credential)
     host_access = (HostAccessServer(ns.host_socket, machine).start()
                    if ns.host_socket is not None else None)
-    server: Server | LibVfioUserServer
-    try:
-        if lib is not None:
-            from vfio_user_dev.libvfio_user import LibVfioUserServer
-            server = LibVfioUserServer(ns.socket, machine, lib,
-                                       socket_dma=ns.libvfio_user_socket_dma)
-        else:
-            server = Server(ns.socket, machine)
-    except OSError as exc:
-        print(f"error: --socket {ns.socket}: {exc.strerror or exc}", file=sys.stderr)
+    def shut_down() -> None:
+        """Close every server, the DSM, the platform and the capture (in that order)."""
         for doe in doe_servers:
             doe.close()
         if platform is not None:
@@ -263,6 +255,18 @@ def main(argv: list[str] | None = None) -> int:
         machine.close()
         if doe_capture is not None:
             doe_capture.close()
+
+    server: Server | LibVfioUserServer
+    try:
+        if lib is not None:
+            from vfio_user_dev.libvfio_user import LibVfioUserServer
+            server = LibVfioUserServer(ns.socket, machine, lib,
+                                       socket_dma=ns.libvfio_user_socket_dma)
+        else:
+            server = Server(ns.socket, machine)
+    except OSError as exc:
+        print(f"error: --socket {ns.socket}: {exc.strerror or exc}", file=sys.stderr)
+        shut_down()
         return 1
     for doe in doe_servers:
         doe.on_shutdown = server.close
@@ -280,17 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --stats-file {ns.stats_file}: {exc.strerror or exc}",
                   file=sys.stderr)
             server.close()       # removes its socket
-            for doe in doe_servers:
-                doe.close()
-            if platform is not None:
-                platform.close()
-            if host_access is not None:
-                host_access.close()
-            if security is not None:
-                security.close()
-            machine.close()
-            if doe_capture is not None:
-                doe_capture.close()
+            shut_down()
             return 1
         device.listeners.append(on_change)
 
@@ -304,19 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.serve_forever(max_clients=ns.max_clients)
     finally:
-        for doe in doe_servers:
-            doe.close()
-        if platform is not None:
-            platform.close()
-        if host_access is not None:
-            host_access.close()
-        if security is not None:
-            security.close()
         if ns.stats_file:
             write_stats(ns.stats_file, machine, server)
-        machine.close()
-        if doe_capture is not None:
-            doe_capture.close()
+        shut_down()
     return 0
 
 
