@@ -203,45 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         security.start_watchdog()
     # The DOE sockets listen before the vfio-user socket appears (which launchers wait for).
     doe_servers: list[DoeSocketServer] = []
-    for path, port in ((ns.doe_socket, None), (None, ns.doe_tcp_port)):
-        if path is None and port is None:
-            continue
-        try:
-            doe_servers.append(DoeSocketServer(device.doe, path=path, port=port,
-                                               exit_on_shutdown=ns.doe_exit_on_shutdown))
-        except OSError as exc:   # e.g. a file that is not a socket at the path: kept
-            flag = "--doe-socket" if path is not None else "--doe-tcp-port"
-            print(f"error: {flag} {path or port}: {exc.strerror or exc}", file=sys.stderr)
-            for doe in doe_servers:
-                doe.close()
-            if security is not None:
-                security.close()
-            machine.close()
-            if doe_capture is not None:
-                doe_capture.close()
-            return 1
     platform: PlatformControlServer | None = None
-    if ns.platform_socket is not None:
-        try:
-            token = write_credential(ns.platform_credential)
-        except OSError as exc:
-            print(f"error: --platform-credential {ns.platform_credential}: "
-                  f"{exc.strerror or exc}", file=sys.stderr)
-            for doe in doe_servers:
-                doe.close()
-            if security is not None:
-                security.close()
-            machine.close()
-            if doe_capture is not None:
-                doe_capture.close()
-            return 1
-        platform = PlatformControlServer(ns.platform_socket, token, machine.root_port,
-                                         machine.link)
-        ide_host.register(platform, device)   # the host's IDE register writes, for now
-        platform.start()
-        log.info("platform control credential written to %s", ns.platform_credential)
-    host_access = (HostAccessServer(ns.host_socket, machine).start()
-                   if ns.host_socket is not None else None)
+    host_access: HostAccessServer | None = None
+
     def shut_down() -> None:
         """Close every server, the DSM, the platform and the capture (in that order)."""
         for doe in doe_servers:
@@ -256,6 +220,33 @@ def main(argv: list[str] | None = None) -> int:
         if doe_capture is not None:
             doe_capture.close()
 
+    for path, port in ((ns.doe_socket, None), (None, ns.doe_tcp_port)):
+        if path is None and port is None:
+            continue
+        try:
+            doe_servers.append(DoeSocketServer(device.doe, path=path, port=port,
+                                               exit_on_shutdown=ns.doe_exit_on_shutdown))
+        except OSError as exc:   # e.g. a file that is not a socket at the path: kept
+            flag = "--doe-socket" if path is not None else "--doe-tcp-port"
+            print(f"error: {flag} {path or port}: {exc.strerror or exc}", file=sys.stderr)
+            shut_down()
+            return 1
+    if ns.platform_socket is not None:
+        try:
+            token = write_credential(ns.platform_credential)
+        except OSError as exc:
+            print(f"error: --platform-credential {ns.platform_credential}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            shut_down()
+            return 1
+        platform = PlatformControlServer(ns.platform_socket, token, machine.root_port,
+                                         machine.link)
+        ide_host.register(platform, device)   # the host's IDE register writes, for now
+        platform.start()
+        log.info("platform control credential written to %s", ns.platform_credential)
+    if ns.host_socket is not None:
+        host_access = HostAccessServer(ns.host_socket, machine)
+        host_access.start()
     server: Server | LibVfioUserServer
     try:
         if lib is not None:
