@@ -644,32 +644,30 @@ class RootPort:
         """The TDI of *requester_id* left RUN (or its device was reset): revoke its trusted
         windows and switch its private MMIO off, here and now.  Returns how many windows."""
         with self._lock:
-            gone = [w for w in self.windows.values() if w.requester_id == requester_id]
-            for w in gone:
-                del self.windows[w.window_id]
-                self._event("window_revoked", window=w.window_id, requester_id=requester_id,
-                            reason=reason)
-            stream = self.mmio_private.pop(requester_id, None)
-            if stream is not None:
-                self._event("mmio_private", requester_id=requester_id, stream=stream,
-                            enabled=False, reason=reason)
-        if gone or stream is not None:
-            self.log.warning("RID %#06x: %d window(s) revoked%s: %s", requester_id, len(gone),
-                             ", private MMIO off" if stream is not None else "", reason)
-        return len(gone)
+            windows, mmio = self._revoke(lambda rid, _sid: rid == requester_id, reason)
+        if windows or mmio:
+            self.log.warning("RID %#06x: %d window(s) revoked%s: %s", requester_id, windows,
+                             ", private MMIO off" if mmio else "", reason)
+        return windows
 
     def _revoke_stream(self, stream_id: int, reason: str) -> None:
         """Under the lock: the stream went Insecure; nothing trusted rides on it any more."""
-        gone = [w for w in self.windows.values() if w.stream_id == stream_id]
+        self._revoke(lambda _rid, sid: sid == stream_id, reason)
+
+    def _revoke(self, which: Callable[[int, int], bool], reason: str) -> tuple[int, int]:
+        """Under the lock: revoke the windows and the private MMIO whose (requester ID,
+        stream) *which* selects, each with its event; how many of each."""
+        gone = [w for w in self.windows.values() if which(w.requester_id, w.stream_id)]
         for w in gone:
             del self.windows[w.window_id]
             self._event("window_revoked", window=w.window_id, requester_id=w.requester_id,
                         reason=reason)
-        for rid, sid in list(self.mmio_private.items()):
-            if sid == stream_id:
-                del self.mmio_private[rid]
-                self._event("mmio_private", requester_id=rid, stream=sid, enabled=False,
-                            reason=reason)
+        closed = [(rid, sid) for rid, sid in self.mmio_private.items() if which(rid, sid)]
+        for rid, sid in closed:
+            del self.mmio_private[rid]
+            self._event("mmio_private", requester_id=rid, stream=sid, enabled=False,
+                        reason=reason)
+        return len(gone), len(closed)
 
     def _stream_event(self, s: RootPortStream, reason: str) -> None:
         """Under the lock: this end of *s* changed; if it is no longer Secure, revoke."""
