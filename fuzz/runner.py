@@ -95,6 +95,15 @@ class Bytes:
     def rest(self) -> bytes:
         return self.take(self.left)
 
+    def patch(self, payload: bytes) -> bytes:
+        """*payload* with up to 7 bytes overwritten at positions and values read here."""
+        body = bytearray(payload)
+        for _ in range(self.u8() % 8):
+            pos, val = self.u8(), self.u8()
+            if body:
+                body[pos % len(body)] = val
+        return bytes(body)
+
 
 def frames(parts: list[bytes]) -> bytes:
     """Inverse of repeated :meth:`Bytes.chunk`: seeds for multi-message harnesses."""

@@ -108,12 +108,7 @@ def one_input(data: bytes) -> None:
             if mut & 2:
                 command = b.u32()
             if mut & 4:
-                body = bytearray(payload)
-                for _ in range(b.u8() % 8):
-                    pos, val = b.u8(), b.u8()
-                    if body:
-                        body[pos % len(body)] = val
-                payload = bytes(body)
+                payload = b.patch(payload)
             if mut & 8:
                 payload = b.chunk()
             size = len(payload)

@@ -151,13 +151,8 @@ def build(b: Bytes, msg_id: int) -> tuple[bytes, int]:
         command = b.u16()
     if mut & 4:
         nfds = b.u8() % 3
-    if mut & 8:                                   # patch payload bytes
-        body = bytearray(payload)
-        for _ in range(b.u8() % 8):
-            pos, val = b.u8(), b.u8()
-            if body:
-                body[pos % len(body)] = val
-        payload = bytes(body)
+    if mut & 8:
+        payload = b.patch(payload)
     if mut & 16:
         payload = b.chunk()
     size = p.HEADER_SIZE + len(payload)
