@@ -69,20 +69,16 @@ from teeio.tlp import (
     TlpError,
     TlpType,
     completion_parts,
-    parse_ide_requests,
-)
-from vfio_user_dev.dma import Backing, DmaFault, DmaMapSet, MapEvent
-from vfio_user_dev.link import (
-    ROOT_PORT_ID,
-    IdeStream,
-    LinkFault,
-    RootPortReply,
     completion_spans,
     is_protected,
+    parse_ide_requests,
     peek,
     prefix_stream_id,
     split,
 )
+from vfio_user_dev.dma import Backing, DmaFault, DmaMapSet, MapEvent
+from vfio_user_dev.link.interfaces import ROOT_PORT_ID, LinkFault, RootPortReply
+from vfio_user_dev.link.streams import IdeStreamEnd
 from vfio_user_dev.platform_events import PlatformEvents
 
 log = logging.getLogger(__name__)
@@ -131,7 +127,7 @@ class Window:
                 "backing": [b.as_dict() for b in self.backing]}
 
 
-class RootPortStream(IdeStream):
+class RootPortStream(IdeStreamEnd):
     """The root port's end of one Selective IDE stream, plus the sub-streams on which IDE
     TLPs have arrived (after which a non-IDE TLP from its requesters is a failure)."""
 
