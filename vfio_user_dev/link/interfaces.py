@@ -51,7 +51,8 @@ class IdeFailEvent:
 @dataclass
 class RootPortReply:
     """What the root port sends back for a burst: completions (wire bytes) and the
-    posted requests it refused (reported to the endpoint, see the module doc)."""
+    posted requests it refused: real hardware only logs those in the root port; here they
+    are reported back so the device's DMA engine can flag the job."""
 
     completions: list[bytes] = field(default_factory=list)
     refused_posted: list[str] = field(default_factory=list)

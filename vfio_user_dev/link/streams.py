@@ -77,10 +77,10 @@ def capability_streams(cap: IdeCapability) -> list[StreamPort]:
 
 
 class IdeStreamEnd:
-    """One side of a Selective IDE stream: Tx and Rx key state, Enable, and the Secure /
-    Insecure state (§6.33.4, §7.9.26: Secure once enabled with a GO key set in every
-    sub-stream and direction; any failure makes it Insecure until it is reset and keyed
-    again)."""
+    """One Partner Port's end of a Selective IDE Stream (§6.33; the root port's streams
+    extend it): Tx and Rx key state, Enable, and the Secure / Insecure state (§6.33.4,
+    §7.9.26: Secure once enabled with a GO key set in every sub-stream and direction; any
+    failure makes it Insecure until it is reset and keyed again)."""
 
     def __init__(self, stream_id: int, rid_base: int = 0, rid_limit: int = 0xFFFF) -> None:
         self.stream_id = stream_id
