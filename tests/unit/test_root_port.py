@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
-from tests.unit.test_link import GUEST, RID, SID, SIZE, Rig, program_pair
+from tests.unit.link_rig import GUEST, RID, SID, SIZE, Rig, program_pair
 from vfio_user_dev.dma import DmaFault
-from vfio_user_dev.link import IdeStream, LinkFault
+from vfio_user_dev.link.interfaces import LinkFault
+from vfio_user_dev.link.streams import IdeStreamEnd
 from vfio_user_dev.protocol import DmaFlags
 from vfio_user_dev.root_port import RootPortError
 
@@ -154,7 +155,7 @@ def test_requester_outside_the_streams_rid_range(tmp_path: Path) -> None:
     r = Rig(tmp_path)
     try:
         r.rp.setup_stream(SID, 0x0300, 0x0300)       # the stream is for another function
-        dev = IdeStream(SID)
+        dev = IdeStreamEnd(SID)
         program_pair(r.rp, dev, SID, KeySet.K0)
         dev.enabled = True
         r.rp.enable_stream(SID)

@@ -9,15 +9,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from teeio.ide import IdeIntegrityError
-from teeio.tlp import IDE_PREFIX_BYTE0, PREFIX_LEN, SubStream, Tlp, TlpError, parse_ide_requests
-from vfio_user_dev.link import (
-    LinkFault,
-    RootPortReply,
+from teeio.tlp import (
+    IDE_PREFIX_BYTE0,
+    PREFIX_LEN,
+    SubStream,
+    Tlp,
+    TlpError,
     is_protected,
+    parse_ide_requests,
     peek,
     prefix_stream_id,
     split,
 )
+from vfio_user_dev.link.interfaces import LinkFault, RootPortReply
 from vfio_user_dev.root_port.context import Burst, PortContext
 from vfio_user_dev.root_port.requests import Admitted, Request
 from vfio_user_dev.root_port.streams import RootPortStream, StreamTable

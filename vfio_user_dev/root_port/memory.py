@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from teeio.ide import IdeKeyStateError
-from teeio.tlp import CplStatus, SubStream, Tlp, TlpType, completion_parts
+from teeio.tlp import CplStatus, SubStream, Tlp, TlpType, completion_parts, completion_spans
 from vfio_user_dev.dma import DmaFault, DmaMapSet
-from vfio_user_dev.link import LinkFault, RootPortReply, completion_spans
+from vfio_user_dev.link.interfaces import LinkFault, RootPortReply
 from vfio_user_dev.root_port.context import Burst, PortContext
 from vfio_user_dev.root_port.ingress import Ingress
 from vfio_user_dev.root_port.requests import Admitted, Request

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from teeio.ide import IdeIntegrityError, IdeKeyStateError
-from teeio.tlp import CplStatus, Tlp, TlpError
-from vfio_user_dev.link import LinkFault, is_protected, prefix_stream_id, split
+from teeio.tlp import CplStatus, Tlp, TlpError, is_protected, prefix_stream_id, split
+from vfio_user_dev.link.interfaces import LinkFault
 from vfio_user_dev.root_port.context import Burst, PortContext, RootPortError
 from vfio_user_dev.root_port.streams import RootPortStream, StreamTable
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from teeio.ide import Direction, IdeKey, KeySet
 from teeio.tlp import SubStream
 from vfio_user_dev.dma import DmaMapSet
-from vfio_user_dev.link import ROOT_PORT_ID, RootPortReply
+from vfio_user_dev.link.interfaces import ROOT_PORT_ID, RootPortReply
 from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.root_port.context import Burst, PortContext
 from vfio_user_dev.root_port.ingress import Ingress

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from teeio.ide import Direction, IdeKey, IdeKeyStateError, KeySet
 from teeio.platform_channel import StreamState
 from teeio.tlp import SubStream
-from vfio_user_dev.link import IdeStream
+from vfio_user_dev.link.streams import IdeStreamEnd
 from vfio_user_dev.root_port.context import Burst, PortContext, RootPortError
 
 
-class RootPortStream(IdeStream):
+class RootPortStream(IdeStreamEnd):
     """The root port's end of one Selective IDE stream, plus the sub-streams on which IDE
     TLPs have arrived (after which a non-IDE TLP from its requesters is a failure)."""
 
