@@ -24,7 +24,8 @@ import pytest
 from teeio.device_regs import Irq, R
 from vfio_user_dev import libvfio_user as lvu
 from vfio_user_dev.__main__ import main as device_main
-from vfio_user_dev.device import MSIX_CAP, MSIX_ENABLE, TeeIoDevice
+from vfio_user_dev.config_space import MSIX_CAP, MSIX_ENABLE
+from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dma import DmaFault
 from vfio_user_dev.irq import IrqController
 from vfio_user_dev.platform import Platform
@@ -404,13 +405,13 @@ def _event(device: TeeIoDevice) -> None:
     """A job completion: DMA_DONE raised in INT_STATUS."""
     with device._lock:
         device.r[R.INT_STATUS] |= Irq.DMA_DONE
-        device._update_irq(Irq.DMA_DONE)
+        device.engine.update_irq(Irq.DMA_DONE)
 
 
 def _ack(device: TeeIoDevice) -> None:
     with device._lock:
         device.r[R.INT_STATUS] = 0
-        device._update_irq(0)
+        device.engine.update_irq(0)
 
 
 def test_intx_keeps_coming_without_unmasks(callbacks: lvu.DeviceCallbacks,
