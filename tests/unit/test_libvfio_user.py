@@ -314,7 +314,7 @@ def test_sink_undelivered_leaves_intx_unmasked_and_msix_pending() -> None:
 
 
 def test_library_sink_follows_msix_enable(device: TeeIoDevice) -> None:
-    sink = lvu._LibIrqSink(SimpleNamespace(device=device))  # type: ignore[arg-type]
+    sink = lvu.LibIrqSink(SimpleNamespace(device=device))  # type: ignore[arg-type]
     assert sink.ready(PciIrq.INTX, 0) and not sink.ready(PciIrq.MSIX, 0)
     device.region_write(PciRegion.CONFIG, MSIX_CAP + 2, MSIX_ENABLE.to_bytes(2, "little"))
     assert sink.ready(PciIrq.MSIX, 0) and not sink.ready(PciIrq.INTX, 0)
@@ -333,7 +333,7 @@ def test_the_library_has_every_declared_function() -> None:
 
 
 def test_library_sink_does_not_automask(device: TeeIoDevice) -> None:
-    assert lvu._LibIrqSink.automask is False
+    assert lvu.LibIrqSink.automask is False
 
 
 # -- callbacks: BaseException, quiesce ------------------------------------------------------------
