@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                          "spdm_dump reads (spdm_dump -r FILE)")
     ap.add_argument("--shell", action="store_true",
                     help="the same stack, but boot the guest to a root shell on this terminal "
-                         "and run the agent by hand (see README)")
+                         "and run the agent by hand (see docs/by-hand.md)")
     ns = ap.parse_args(argv)
     try:                   # before anything is built or started
         if ns.workdir is not None:
