@@ -215,7 +215,8 @@ def test_error(m: codec.Error) -> None:
 # --- golden layouts ------------------------------------------------------------------------------
 
 def test_pci_sig_vendor_defined_layout() -> None:
-    # shared/reference §2.5: ver FE 00 00 | 03 00 | 02 | 01 00 | LL LL | ProtocolID | ...
+    # DSP0274 VENDOR_DEFINED_REQUEST, PCI-SIG StandardID:
+    # ver FE 00 00 | 03 00 | 02 | 01 00 | LL LL | ProtocolID | ...
     m = codec.VendorDefinedRequest(0x12, 3, b"\x01\x00", b"\x01\xaa")
     assert m.encode().hex() == "12fe0000" "0300" "02" "0100" "0200" "01aa"
 
