@@ -3,7 +3,7 @@ of accesses (the DOE registers to the mailbox, Device Control to the link).
 
 Capabilities: Power Management (PCI PM 1.2 §3.2), MSI-X (§7.7.2), PCI Express (§7.5.3),
 Device Serial Number (§7.9.3), DOE (§7.9.24), IDE (§7.9.26), AER (§7.8.4).  The layout
-table is in docs/device-notes.md.
+table is in docs/device-internals.md.
 """
 
 from __future__ import annotations

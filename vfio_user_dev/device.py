@@ -4,7 +4,7 @@ BAR0 registers (``bar0.py``), the MSI-X BAR (``msix.py``, §7.7.2), the DMA engi
 
 The device reaches the outside only through its link endpoint (``link.py``); BAR0 is TEE
 MMIO served by its completer (:meth:`TeeIoDevice.mmio_request`).  Layout and design
-notes: docs/device-notes.md.
+notes: docs/device-internals.md.
 """
 
 from __future__ import annotations

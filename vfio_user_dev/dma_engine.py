@@ -3,7 +3,7 @@ the function's interrupt (INT_STATUS & INT_ENABLE as MSI-X vector 0 or INTx).
 
 Jobs reach memory only through the device's link endpoint, gated per PCIe 6.x §11.2.1
 (``enforcement.dma_route``; QUIESCE aborts a job, late completions of a read issued in
-RUN are dropped).  Design notes: docs/device-notes.md.
+RUN are dropped).  Design notes: docs/device-internals.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The T-bit rules of PCIe 6.x §11.2.1 for the function's one TDI: :func:`mmio_refusal` (the
 device as completer of TEE MMIO) and :func:`dma_route` (the device as requester).
 :class:`Refusals` counts refusals by kind and logs them without flooding.  How the device
-applies them: docs/device-notes.md.
+applies them: docs/device-internals.md.
 """
 
 from __future__ import annotations

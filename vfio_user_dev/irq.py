@@ -1,7 +1,7 @@
 """Interrupt signalling to the client: INTx (level, automasked) and MSI-X (edge, PBA)
 through the client's eventfds (vfio-user spec "VFIO_USER_DEVICE_SET_IRQS"; linux/vfio.h
 semantics; PCIe 6.x §7.7.2 for MSI-X masking and the PBA), or through an :class:`IrqSink`
-when a library keeps the eventfds.  Notes: docs/device-notes.md.
+when a library keeps the eventfds.  Notes: docs/device-internals.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ protocol spec, QEMU docs/interop/vfio-user.rst, "Socket" and "Message Format").
 The socket side only: accepting clients, reading messages with their SCM_RIGHTS fds
 (bounded: spec "Version" max_msg_fds, our MAX_MESSAGE), sending, and the replies to the
 server's own DMA_READ/DMA_WRITE.  Handling a client command is :class:`~vfio_user_dev.
-session.Session`'s, without I/O.  Threads and hostile input: docs/device-notes.md.
+session.Session`'s, without I/O.  Threads and hostile input: docs/device-internals.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The TDISP responder reports each transition it takes; the device performs the ac
 (§11.2: QUIESCE, SCRUB_SECRETS, ENABLE/REVOKE_TEE_ACCESS), gates TEE MMIO by the T-bit
 rules of §11.2.1 (``enforcement.py``) and reports the security events of §11.2.6 (config
 writes, the bound IDE stream going Insecure, FLR).  Every refusal is counted by kind.
-Design notes: docs/device-notes.md.
+Design notes: docs/device-internals.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Optional vfio-user transport through libvfio-user (nutanix/libvfio-user), via ctypes:
 the bindings (``bindings.py``), the device's callbacks (``callbacks.py``) and the backend
-with its run loop (``backend.py``).  Notes: docs/device-notes.md.
+with its run loop (``backend.py``).  Notes: docs/device-internals.md.
 """
 
 from vfio_user_dev.libvfio_user.backend import SOCKET_DMA_OPTION, LibIrqSink, LibVfioUserServer

@@ -3,7 +3,7 @@ pure-Python server (``server.py``), served by the field's C library (docs/design
 decision 1) on a UNIX socket, one client at a time (vfio-user protocol spec, QEMU
 docs/interop/vfio-user.rst).  The context set-up, the run thread, interrupts and DMA to
 memory the library did not map.  Threads, quiesce, socket DMA and the differences from the
-Python server: docs/device-notes.md.
+Python server: docs/device-internals.md.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class LibVfioUserServer:
     """Serves *device* on the UNIX socket *path* through libvfio-user, one client at a
     time; the same interface as :class:`vfio_user_dev.server.Server` (``serve_forever``,
     ``close``, ``clients``).  *socket_dma*: reach memory without an fd with DMA_READ/
-    DMA_WRITE messages despite the risk (docs/device-notes.md, Socket DMA); refused otherwise."""
+    DMA_WRITE messages despite the risk (docs/device-internals.md, Socket DMA); refused otherwise."""
 
     def __init__(self, path: str, platform: Platform, lib: Any | None = None, *,
                  socket_dma: bool = False) -> None:
@@ -59,7 +59,7 @@ class LibVfioUserServer:
         self.socket_dma = socket_dma
         self.clients = 0
         self.max_clients: int | None = None
-        self._lock = threading.RLock()          # the context lock (docs/device-notes.md)
+        self._lock = threading.RLock()          # the context lock (docs/device-internals.md)
         self._stop = threading.Event()
         self._attached = False
         self._socket_dma_refusal_logged = False
@@ -407,7 +407,7 @@ class LibIrqSink:
     library keeps one eventfd array for INTx and MSI-X, so the device uses MSI-X when
     MSI-X Enable is set in its config space and INTx otherwise (PCIe 6.x §7.7.2.2)."""
 
-    automask = False    # the library drops QEMU's INTx unmask eventfd (docs/device-notes.md)
+    automask = False    # the library drops QEMU's INTx unmask eventfd (docs/device-internals.md)
 
     def __init__(self, server: LibVfioUserServer) -> None:
         self.server = server
