@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import mmap
 import os
 import threading
@@ -221,8 +222,10 @@ class Rig:
         span = -(-sealed_length(max_size, min(TLP_SIZES)) // MiB) * MiB
         self.src_off, self.dst_off, self.bounce_off = 0, span, 2 * span
         self.guest_size = 3 * span
-        self.fd = os.memfd_create("teeio-bench-link", 0)
+        self.fd = os.memfd_create("teeio-bench-link", os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, self.guest_size)
+        # sealed against resizing, as QEMU's memory-backend-memfd passes guest RAM
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
         self.mm = mmap.mmap(self.fd, self.guest_size, flags=mmap.MAP_SHARED,
                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.mm)
