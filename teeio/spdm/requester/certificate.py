@@ -24,7 +24,7 @@ class CertificateRequests(RequesterContext):
         neg = self.negotiated
         req = codec.GetDigests(self.version).encode()
         raw = self._exchange("GET_DIGESTS", req, ResponseCode.DIGESTS)
-        rsp = self._decode("DIGESTS", lambda: codec.Digests.decode(raw, neg.hash_size, pad=True))
+        rsp = self._decode("DIGESTS", lambda: codec.Digests.decode(raw, neg, pad=True))
         if not rsp.slot_mask:
             raise MalformedResponse("DIGESTS: no certificate slot provisioned")
         self._on_success(RequestCode.GET_DIGESTS, None)
@@ -39,7 +39,7 @@ class CertificateRequests(RequesterContext):
         chain = b""
         total: int | None = None
         while True:
-            req = codec.GetCertificate(self.version, slot, len(chain),
+            req = codec.GetCertificate(self.version, slot, 0, len(chain),
                                        self.config.cert_portion).encode()
             raw = self._exchange("GET_CERTIFICATE", req, ResponseCode.CERTIFICATE)
             rsp = self._decode("CERTIFICATE", _bind(codec.Certificate.decode, raw))

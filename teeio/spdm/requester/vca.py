@@ -45,8 +45,9 @@ class VcaRequests(RequesterContext):
 
     def get_capabilities(self) -> int:
         cfg = self.config
-        req = codec.GetCapabilities(self.version, cfg.ct_exponent, cfg.flags,
-                                    cfg.data_transfer_size, cfg.max_spdm_msg_size).encode()
+        req = codec.GetCapabilities(self.version, ct_exponent=cfg.ct_exponent, flags=cfg.flags,
+                                    data_transfer_size=cfg.data_transfer_size,
+                                    max_spdm_msg_size=cfg.max_spdm_msg_size).encode()
         raw = self._exchange("GET_CAPABILITIES", req, ResponseCode.CAPABILITIES)
         rsp = self._decode("CAPABILITIES", lambda: codec.Capabilities.decode(raw, pad=True))
         if rsp.data_transfer_size < 42 or rsp.data_transfer_size > rsp.max_spdm_msg_size:

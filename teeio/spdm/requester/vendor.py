@@ -18,7 +18,7 @@ class VendorRequests(RequesterContext):
         sess = self._session(session_id) if session_id is not None else None
         vlen = VENDOR_ID_LEN.get(standard_id)
         vid = vendor_id.to_bytes(vlen, "little") if vlen else b""
-        req = codec.VendorDefinedRequest(self.version, standard_id, vid, payload).encode()
+        req = codec.VendorDefinedRequest(self.version, standard_id, vid, bytes(payload)).encode()
         raw = self._exchange("VENDOR_DEFINED_REQUEST", req,
                              ResponseCode.VENDOR_DEFINED_RESPONSE, sess)
         rsp = self._decode("VENDOR_DEFINED_RESPONSE", lambda: codec.VendorDefinedResponse.decode(

@@ -29,7 +29,7 @@ class AttestationHandlers(Evidence):
     # --- §10.8 CHALLENGE ----------------------------------------------------------------------
 
     def _challenge(self, msg: bytes, sess: Session | None, pad: bool) -> bytes:
-        req = codec.Challenge.decode(msg, pad)
+        req = codec.Challenge.decode(msg, pad=pad)
         self._check_summary_type(req.summary_type)
         if req.slot_id != 0:
             raise SpdmError(ErrorCode.InvalidRequest, f"certificate slot {req.slot_id} is empty")
@@ -53,7 +53,7 @@ class AttestationHandlers(Evidence):
         try:
             if not self.neg.meas_hash:
                 raise SpdmError(ErrorCode.UnexpectedRequest, "measurements not negotiated")
-            req = codec.GetMeasurements.decode(msg, pad)
+            req = codec.GetMeasurements.decode(msg, pad=pad)
             if req.signed and not self.config.flags & CapFlags.MEAS_CAP_SIG:
                 raise SpdmError(ErrorCode.InvalidRequest, "signature requested, MEAS_CAP=1")
             blocks = self._blocks(bool(req.attributes & MeasRequestAttr.RAW_BIT_STREAM_REQUESTED))

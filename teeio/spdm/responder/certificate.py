@@ -15,19 +15,18 @@ class CertificateHandlers(Evidence):
     """GET_DIGESTS and GET_CERTIFICATE."""
 
     def _get_digests(self, msg: bytes, sess: Session | None, pad: bool) -> bytes:
-        req = codec.GetDigests.decode(msg, pad)
+        req = codec.GetDigests.decode(msg, pad=pad)
         self._on_request(RequestCode.GET_DIGESTS, sess)
         supported = 0x01 if self.version >= SPDM_VERSION_13 else 0
-        out = codec.Digests(self.version, 0x01, (crypto.digest(self.neg.base_hash,
-                                                               self._cert_chain()),),
-                            supported).encode()
+        out = codec.Digests(self.version, supported, 0x01,
+                            (crypto.digest(self.neg.base_hash, self._cert_chain()),)).encode()
         if sess is None:
             self.logs.b += req.raw + out
         self.state = max(self.state, ConnectionState.AFTER_DIGESTS)
         return out
 
     def _get_certificate(self, msg: bytes, sess: Session | None, pad: bool) -> bytes:
-        req = codec.GetCertificate.decode(msg, pad)
+        req = codec.GetCertificate.decode(msg, pad=pad)
         slot = req.slot_id & 0x0F
         if slot != 0:
             raise SpdmError(ErrorCode.InvalidRequest, f"certificate slot {slot} is empty")
@@ -46,8 +45,8 @@ class CertificateHandlers(Evidence):
         length = min(requested, room, len(chain) - offset)
         self._on_request(RequestCode.GET_CERTIFICATE, sess)
         portion = chain[offset:offset + length]
-        out = codec.Certificate(self.version, slot, portion,
-                                len(chain) - offset - length).encode()
+        out = codec.Certificate(self.version, slot, 0, len(chain) - offset - length,
+                                portion).encode()
         if sess is None:
             self.logs.b += req.raw + out
         self.state = max(self.state, ConnectionState.AFTER_CERTIFICATE)

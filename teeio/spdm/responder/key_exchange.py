@@ -41,7 +41,7 @@ class KeyExchangeHandlers(Evidence):
             raise SpdmError(ErrorCode.InvalidRequest, "MAC-only sessions are not supported")
         if self.other_params & 0x0F != OtherParams.OPAQUE_DATA_FMT1:
             raise SpdmError(ErrorCode.InvalidRequest, "OpaqueDataFmt1 not negotiated")
-        req = codec.KeyExchange.decode(msg, neg.dhe_size, pad)
+        req = codec.KeyExchange.decode(msg, neg, pad=pad)
         self._check_summary_type(req.summary_type)
         if req.slot_id != 0:
             raise SpdmError(ErrorCode.InvalidRequest, f"certificate slot {req.slot_id} is empty")
@@ -104,7 +104,7 @@ class KeyExchangeHandlers(Evidence):
         if msg[2] & FINISH_SIGNATURE_INCLUDED:
             raise SpdmError(ErrorCode.InvalidRequest,
                             "FINISH carries a signature but mutual auth was not requested")
-        req = codec.Finish.decode(msg, neg, pad)
+        req = codec.Finish.decode(msg, neg, pad=pad)
         self._on_request(RequestCode.FINISH, sess)
         header = req.raw[:len(req.raw) - len(req.verify_data)]
         expected = crypto.hmac(neg.base_hash, sess.channel.hs.request_finished_key,

@@ -16,7 +16,7 @@ class SessionHandlers(ResponderContext):
 
     def _heartbeat(self, msg: bytes, sess: Session | None, pad: bool) -> bytes:
         assert sess is not None
-        req = codec.Heartbeat.decode(msg, pad)
+        req = codec.Heartbeat.decode(msg, pad=pad)
         if sess.heartbeat_period == 0:
             raise SpdmError(ErrorCode.UnexpectedRequest, "HeartbeatPeriod is 0")
         self._on_request(RequestCode.HEARTBEAT, sess)
@@ -24,7 +24,7 @@ class SessionHandlers(ResponderContext):
 
     def _key_update(self, msg: bytes, sess: Session | None, pad: bool) -> bytes:
         assert sess is not None
-        req = codec.KeyUpdate.decode(msg, pad)
+        req = codec.KeyUpdate.decode(msg, pad=pad)
         op, ch = req.param1, sess.channel
         if op in (KeyUpdateOp.UpdateKey, KeyUpdateOp.UpdateAllKeys):
             if sess.pending_update:
@@ -48,7 +48,7 @@ class SessionHandlers(ResponderContext):
 
     def _end_session(self, msg: bytes, sess: Session | None, pad: bool) -> bytes:
         assert sess is not None
-        req = codec.EndSession.decode(msg, pad)
+        req = codec.EndSession.decode(msg, pad=pad)
         # Param1 PreserveNegotiatedStateClear only matters with CACHE_CAP, which we never set.
         self._on_request(RequestCode.END_SESSION, sess)
         sid = sess.session_id

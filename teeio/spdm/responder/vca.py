@@ -45,12 +45,13 @@ class VcaHandlers(ResponderContext):
     def _get_version(self, msg: bytes, sess: Session | None, pad: bool) -> bytes:
         if sess is not None:
             raise SpdmError(ErrorCode.UnexpectedRequest, "GET_VERSION inside a session")
-        req = codec.GetVersion.decode(msg, pad)
+        req = codec.GetVersion.decode(msg, pad=pad)
         if req.version != SPDM_VERSION_10:
             # §10.3: GET_VERSION is always 1.0; the ERROR is 1.0 too (see _dispatch).
             raise SpdmError(ErrorCode.VersionMismatch, f"GET_VERSION version 0x{req.version:02x}")
         self._reset()
-        rsp = codec.Version(tuple(version_number_entry(v) for v in self.config.versions))
+        rsp = codec.Version(entries=tuple(version_number_entry(v)
+                                           for v in self.config.versions))
         out = rsp.encode()
         self.logs.a += req.raw + out
         self.state = ConnectionState.AFTER_VERSION
@@ -62,7 +63,7 @@ class VcaHandlers(ResponderContext):
         version = msg[0]
         if version not in self.config.versions:
             raise SpdmError(ErrorCode.VersionMismatch, f"version 0x{version:02x} not offered")
-        req = codec.GetCapabilities.decode(msg, pad)
+        req = codec.GetCapabilities.decode(msg, pad=pad)
         _check_requester_flags(req.flags, version)
         if (req.data_transfer_size < MIN_DATA_TRANSFER_SIZE_12
                 or req.data_transfer_size > req.max_spdm_msg_size):
@@ -79,9 +80,10 @@ class VcaHandlers(ResponderContext):
                             "supported algorithms requested without CHUNK_CAP")
         self._on_request(RequestCode.GET_CAPABILITIES, sess)
         # We do not set CHUNK_CAP, so the 1.3 supported-algorithms block is never sent.
-        out = codec.Capabilities(version, self.config.ct_exponent, self.config.flags,
-                                 self.config.data_transfer_size,
-                                 self.config.max_spdm_msg_size).encode()
+        out = codec.Capabilities(version, ct_exponent=self.config.ct_exponent,
+                                 flags=self.config.flags,
+                                 data_transfer_size=self.config.data_transfer_size,
+                                 max_spdm_msg_size=self.config.max_spdm_msg_size).encode()
         self.logs.a += req.raw + out
         self.version = version
         self.req_flags = req.flags
@@ -95,7 +97,7 @@ class VcaHandlers(ResponderContext):
         if msg[0] != self.version:
             raise SpdmError(ErrorCode.VersionMismatch,
                             f"request version 0x{msg[0]:02x}, negotiated 0x{self.version:02x}")
-        req = codec.NegotiateAlgorithms.decode(msg, pad)
+        req = codec.NegotiateAlgorithms.decode(msg, pad=pad)
         if len(req.raw) > 0x80:
             raise SpdmError(ErrorCode.InvalidRequest, f"Length {len(req.raw)} exceeds 128")
         ext_total = len(req.ext_asym) + len(req.ext_hash) + sum(len(s.ext)

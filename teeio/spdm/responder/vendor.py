@@ -14,7 +14,7 @@ class VendorHandlers(ResponderContext):
     """VENDOR_DEFINED_REQUEST."""
 
     def _vendor_defined(self, msg: bytes, sess: Session | None, pad: bool) -> bytes:
-        req = codec.VendorDefinedRequest.decode(msg, pad)
+        req = codec.VendorDefinedRequest.decode(msg, pad=pad)
         want = VENDOR_ID_LEN.get(req.standard_id, -1)
         if want == -1 or (want is not None and len(req.vendor_id) != want):
             raise SpdmError(ErrorCode.InvalidRequest,
@@ -31,4 +31,4 @@ class VendorHandlers(ResponderContext):
         if len(payload) > 0xFFFF:
             raise SpdmError(ErrorCode.Unspecified, "vendor response payload too large")
         return codec.VendorDefinedResponse(self.version, req.standard_id, req.vendor_id,
-                                           payload).encode()
+                                           bytes(payload)).encode()
