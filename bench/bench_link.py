@@ -69,16 +69,12 @@ from bench.bench import (
     timed,
 )
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
+from teeio.tlp import TLP_SIZES, count_pieces, count_read_tlps
 from vfio_user_dev.dma import DmaMapSet
-from vfio_user_dev.link import (
-    DEFAULT_REQUESTER_ID,
-    TLP_SIZES,
-    IdeStream,
-    Link,
-    LinkEndpoint,
-    count_pieces,
-    count_read_tlps,
-)
+from vfio_user_dev.link.endpoint import LinkEndpoint
+from vfio_user_dev.link.interfaces import DEFAULT_REQUESTER_ID
+from vfio_user_dev.link.streams import IdeStreamEnd
+from vfio_user_dev.link.wire import Link
 from vfio_user_dev.protocol import DmaFlags
 from vfio_user_dev.root_port import RootPort
 
@@ -241,10 +237,10 @@ class Rig:
         self.stream = self._secure()
         self.mm[self.src_off:self.src_off + max_size] = os.urandom(max_size)
 
-    def _secure(self) -> IdeStream:
+    def _secure(self) -> IdeStreamEnd:
         """Key stream STREAM_ID at both ends (Rx GO first, then Tx, then Enable), as the
         link tests and the TSM do."""
-        dev = IdeStream(STREAM_ID)
+        dev = IdeStreamEnd(STREAM_ID)
         rp = self.rp_ide
         rp.setup_stream(STREAM_ID, RID, RID)
         for s in SubStream:
