@@ -17,10 +17,10 @@ import dataclasses
 import enum
 import struct
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 __all__ = [
-    "REST", "DecodeError", "Field", "ProtocolError", "Reader", "Struct", "Writer",
+    "REST", "DecodeError", "Field", "declare", "ProtocolError", "Reader", "Struct", "Writer",
     "data", "fixed", "items", "iter_fields", "nested", "raw", "reserved", "strategy", "u8",
     "u16", "u24", "u32", "u64", "uint",
 ]
@@ -386,7 +386,9 @@ class Raw(Field):
 
 # --- declaring fields ------------------------------------------------------------------------
 
-def _declare(spec: Field, default: Any = dataclasses.MISSING) -> Any:
+def declare(spec: Field, default: Any = dataclasses.MISSING) -> Any:
+    """The dataclass field for *spec*: how a protocol declares a field kind of its own
+    (a subclass of :class:`Field`)."""
     meta = {"codec": spec}
     if not spec.init:
         return dataclasses.field(default=default if default is not dataclasses.MISSING
@@ -402,7 +404,7 @@ def uint(size: int, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     """An unsigned integer of ``size`` bytes; ``kind`` (an enum) decodes to it and rejects
     unknown values; ``reserved_mask`` bits must be zero; ``length_of``/``count_of`` derive
     it from a later bytes/items field at encode time."""
-    return _declare(UInt(size, **kw), default)
+    return declare(UInt(size, **kw), default)
 
 
 def u8(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -425,29 +427,30 @@ def u64(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     return uint(8, default, **kw)
 
 
-def fixed(size: int, value: int, *, big: bool = False) -> Any:
-    return _declare(Fixed(size, value, big=big), value)
+def fixed(size: int, value: int, *, big: bool = False,
+          init: Literal[False] = False) -> Any:
+    return declare(Fixed(size, value, big=big), value)
 
 
-def reserved(size: int) -> Any:
-    return _declare(Reserved(size))
+def reserved(size: int, *, init: Literal[False] = False) -> Any:
+    return declare(Reserved(size))
 
 
 def data(size: SizeSpec, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    return _declare(Data(size, **kw), default)
+    return declare(Data(size, **kw), default)
 
 
 def nested(kind: type[Struct], default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    return _declare(Nested(kind, **kw), default)
+    return declare(Nested(kind, **kw), default)
 
 
 def items(kind: type[Struct], count: SizeSpec, default: Any = dataclasses.MISSING,
           **kw: Any) -> Any:
-    return _declare(Items(kind, count, **kw), default)
+    return declare(Items(kind, count, **kw), default)
 
 
-def raw() -> Any:
-    return _declare(Raw())
+def raw(*, init: Literal[False] = False) -> Any:
+    return declare(Raw())
 
 
 # --- messages --------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from teeio.codec import (
     Struct,
     UInt,
     Writer,
-    _declare,
+    declare,
     fixed,
     raw,
     strategy,
@@ -312,45 +312,45 @@ def length_of(size: int, data_field: str, *, init: Literal[False] = False) -> An
 
 def ignored(size: int, *, when: Condition | None = None,
             init: Literal[False] = False) -> Any:
-    return _declare(Ignored(size, when=when))
+    return declare(Ignored(size, when=when))
 
 
 def derived(size: int, fn: Callable[[Known], int], *,
             valid: Callable[[int], bool] | None = None,
             reason: Callable[[int], str] | None = None,
             init: Literal[False] = False) -> Any:
-    return _declare(Derived(size, fn, valid=valid, reason=reason))
+    return declare(Derived(size, fn, valid=valid, reason=reason))
 
 
 def message_length(size: int, at: int, fn: Callable[[Known], int], *,
                    init: Literal[False] = False) -> Any:
-    return _declare(MessageLength(size, at, fn))
+    return declare(MessageLength(size, at, fn))
 
 
 def sized(size: SizeFn, default: Any = dataclasses.MISSING, *,
           when: Condition | None = None) -> Any:
-    return _declare(Sized(size, when=when), default)
+    return declare(Sized(size, when=when), default)
 
 
 def uint_list(size: int, count: str | SizeFn, default: Any = dataclasses.MISSING,
               **kw: Any) -> Any:
-    return _declare(UIntList(size, count, **kw), default)
+    return declare(UIntList(size, count, **kw), default)
 
 
 def data_list(size: int | SizeFn, count: SizeFn) -> Any:
-    return _declare(DataList(size, count))
+    return declare(DataList(size, count))
 
 
 def self_sized(what: str, default: Any = dataclasses.MISSING, *,
                when: Condition | None = None) -> Any:
-    return _declare(SelfSized(what, when=when), default)
+    return declare(SelfSized(what, when=when), default)
 
 
 def extended_error_data(fixed_sizes: Mapping[int, int], code_field: str,
                         default: Any = dataclasses.MISSING) -> Any:
-    return _declare(ExtendedErrorData(fixed_sizes, code_field), default)
+    return declare(ExtendedErrorData(fixed_sizes, code_field), default)
 
 
 def ascending(kind: type[Struct], count: str, key: str, default: Any = dataclasses.MISSING, *,
               when: Condition | None = None) -> Any:
-    return _declare(Ascending(kind, count, key, when=when), default)
+    return declare(Ascending(kind, count, key, when=when), default)
