@@ -61,6 +61,11 @@ class Digests(Body):
     transcript: str = wire(HexText(DIGEST_SIZE))
     report: str = wire(HexText(DIGEST_SIZE))
 
+    def differ(self, current: InfoDigests) -> list[str]:
+        """The names of the digests that are not *current*'s, sorted."""
+        return sorted(name for name, _, _ in self.fields_spec()
+                      if getattr(self, name) != getattr(current, name))
+
 
 @dataclass(frozen=True)
 class InfoDigests(Body):

@@ -234,7 +234,9 @@ def test_guest_flow_stale_epoch_and_restart(tmp_path: Path, device: IdeDevice,
     info = guest.call(MsgType.TDI_INFO)
     assert (info["state"], info["digests"], info["tsm_boot_id"]) == (
         "CONFIG_UNLOCKED", None, boot_id.hex())
-    guest.call(MsgType.TDI_ACCEPT, {"digests": {}, "lock_epoch": 0}, error="state")
+    unverified = dict.fromkeys(("cert_chain", "transcript", "report"), "00" * 48)
+    guest.call(MsgType.TDI_ACCEPT, {"digests": unverified, "lock_epoch": 0}, error="state")
+    guest.call(MsgType.TDI_ACCEPT, {"digests": {}, "lock_epoch": 0}, error="bad_request")
     guest.call(MsgType.GET_EVIDENCE, {"nonce": "00"}, error="bad_request")
     accepted = lock_verify_accept(guest, anchor)
     assert accepted["lock_epoch"] == 1
