@@ -36,7 +36,7 @@ from teeio.device_regs import (
     R,
     St,
 )
-from teeio.ghcx import MsgType
+from teeio.ghcx import MsgType, TdiInfoResponse
 
 PHYS = 0x1_2340_0000          # the fake huge page's bus address (above 4 GiB: HI words used)
 HUGE = 2 * 1024 * 1024
@@ -674,7 +674,7 @@ def test_stop_refused_by_the_tsm_is_one_line(monkeypatch: pytest.MonkeyPatch,
     ("CONFIG_LOCKED", False, "refuse"), ("CONFIG_LOCKED", True, "restart"),
     ("ERROR", False, "refuse"), ("ERROR", True, "restart")])
 def test_accept_decision(state: str, restart: bool, action: str) -> None:
-    d = commands.decide_accept(FakeTsm(state).info(), "vm0", restart)
+    d = commands.decide_accept(TdiInfoResponse.decode(FakeTsm(state).info()), "vm0", restart)
     assert d.action == action
     if action == "already":
         assert d.message == ("TDI dev0 is already RUN for VM vm0 (lock epoch 3): nothing "
