@@ -7,6 +7,8 @@ GhcxBadResponse."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -226,3 +228,28 @@ def test_tdi_info_from_the_tsm_record_is_the_documented_object() -> None:
     info = rec.info(1, StreamState.SECURE, bytes(16), 0)
     assert info.digests is not None and info.digests.transcript is None
     assert info.encode()["digests"] == rec.digests()
+
+
+def test_docs_table_every_field_of_every_body() -> None:
+    """docs/ghcx.md "Typed bodies" lists each body's fields exactly: a table row whose
+    first column names the body (or is empty: the body above) and whose second names the
+    field; bodies without fields are named in the text."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "ghcx.md").read_text()
+    section = doc.split("## Typed bodies", 1)[1].split("\n## ", 1)[0]
+    rows: set[tuple[str, str]] = set()
+    current = ""
+    for line in section.splitlines():
+        cols = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cols) < 3:
+            continue
+        named = re.search(r"`([A-Z][A-Za-z]+)`", cols[0])
+        current = named.group(1) if named else current if not cols[0] else ""
+        field = re.fullmatch(r"`([a-z_]+)`", cols[1])
+        if field and current:
+            rows.add((current, field.group(1)))
+    bodies = {*REQUEST_BODIES.values(), *(b.response for b in REQUEST_BODIES.values()),
+              Digests, InfoDigests, StreamInfo, Window, ErrorReply}
+    declared = {(b.__name__, name) for b in bodies for name, _, _ in b.fields_spec()}
+    assert rows == declared
+    for b in bodies:
+        assert f"`{b.__name__}`" in section, b.__name__
