@@ -28,7 +28,7 @@ from tsm.ide import SelectiveStream
 from tsm.tdisp import TdispClient
 from vfio_user_dev import ide_host
 from vfio_user_dev.dsm import DeviceSecurityManager
-from vfio_user_dev.link import CaptureWriter, read_capture
+from vfio_user_dev.link.capture import CaptureWriter, read_capture
 from vfio_user_dev.platform import Platform
 from vfio_user_dev.platform_ctl import PlatformControlServer
 from vfio_user_dev.protocol import DmaFlags, PciRegion
@@ -176,7 +176,7 @@ class TeeRig:
                            (R.DMA_DST_LO, dst & 0xFFFFFFFF), (R.DMA_DST_HI, dst >> 32),
                            (R.DMA_LEN, length), (R.DMA_PATTERN, pattern)):
                 dev.r[reg] = v
-            dev._start_job(op)
+            dev.engine.start_job(op)
         assert self._done.wait(10), "DMA job did not finish"
         return dev.r[R.STATUS]
 

@@ -7,6 +7,7 @@ is a poll with a deadline: nothing sleeps and hopes.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import struct
@@ -19,7 +20,8 @@ from teeio.pcie.config import Command as PciCommand
 from teeio.pcie.config import Reg
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client
-from vfio_user_dev.device import MSIX_CAP, MSIX_ENABLE, TeeIoDevice
+from vfio_user_dev.config_space import MSIX_CAP, MSIX_ENABLE
+from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.protocol import Command, Flags, Header, PciRegion
 
 BAR0 = PciRegion.BAR0
@@ -180,8 +182,10 @@ def error_code(status: int) -> int:
 # -- host resources -----------------------------------------------------------------------------
 
 def memfd(name: str, size: int) -> int:
-    fd = os.memfd_create(name)
+    """Guest RAM as QEMU's memory-backend-memfd passes it: sealed against resizing."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
     return fd
 
 
