@@ -2,8 +2,8 @@
 
 No sockets, threads or clocks in here: ``guest_agent/ghcx_client.py`` and the TSM's per-VM
 server feed bytes in and write the frames that come out.  One concern per module:
-:mod:`~teeio.ghcx.defs` (sizes, types, codes), :mod:`~teeio.ghcx.framing` (header, frames,
-resync), :mod:`~teeio.ghcx.keys` (key schedule, sealing), :mod:`~teeio.ghcx.guest_channel`
+:mod:`~teeio.ghcx.defs` (sizes, types, codes), :mod:`~teeio.ghcx.framing` (header and frame
+prefix on :mod:`teeio.codec`, resync), :mod:`~teeio.ghcx.keys` (key schedule, sealing), :mod:`~teeio.ghcx.guest_channel`
 and :mod:`~teeio.ghcx.tsm_channel` (the two ends: sequence numbers, request ids, the retry
 cache), :mod:`~teeio.ghcx.body` and :mod:`~teeio.ghcx.messages` (the typed payloads).
 Every rejected frame raises :class:`GhcxReject` and changes no channel state.
@@ -39,7 +39,7 @@ from teeio.ghcx.defs import (
     MsgType,
     response_type,
 )
-from teeio.ghcx.framing import FrameDecoder, Header, encode_frame, vm_id_bytes
+from teeio.ghcx.framing import FrameDecoder, FramePrefix, Header, encode_frame, vm_id_bytes
 from teeio.ghcx.guest_channel import GuestChannel, Response
 from teeio.ghcx.keys import KEY_INFO, KEY_MATERIAL, SessionKeys, derive_keys
 from teeio.ghcx.messages import (
@@ -71,7 +71,7 @@ __all__ = [
     "MAX_BODY", "MAX_PENDING", "MAX_PLAINTEXT", "NONCE_SIZE", "PENDING_TTL", "PORT_NAME",
     "REASONS", "REQUESTS", "RESPONSES", "SECRET_SIZE", "TAG_SIZE", "VERSION", "VM_ID_SIZE",
     "Cached", "DmaAccept", "DmaAcceptResponse", "DmaRelease", "DmaReleaseResponse",
-    "ErrorReply", "FrameDecoder", "GetEvidence", "GetEvidenceResponse", "GhcxReject",
+    "ErrorReply", "FrameDecoder", "FramePrefix", "GetEvidence", "GetEvidenceResponse", "GhcxReject",
     "GuestChannel", "Header", "Incoming", "MessageError", "MsgType", "Reply", "Request",
     "RequestBody", "Response", "SessionKeys", "Status", "StatusResponse", "TdiAccept",
     "TdiAcceptResponse", "TdiInfo", "TdiInfoResponse", "TdiLock", "TdiLockResponse",

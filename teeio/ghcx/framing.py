@@ -11,14 +11,17 @@ Header (little endian)::
     +0  u8   version (1)          +4  16 B  VM id, NUL-padded
     +1  u8   type (MsgType)       +20 u64   sequence number (per direction)
     +2  u16  flags (bit 0 ERROR)  +28 u64   request id
+
+Both are declared once on :mod:`teeio.codec`; their decode errors are its
+:class:`~teeio.codec.DecodeError`.
 """
 
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass
 
+from teeio.codec import DecodeError, Reader, Struct, data, fixed, u8, u16, u32, u64
 from teeio.ghcx.defs import (
     FRAME_PREFIX,
     HEADER_SIZE,
@@ -26,56 +29,57 @@ from teeio.ghcx.defs import (
     MAX_BODY,
     VERSION,
     VM_ID_SIZE,
+    GhcxReject,
     MsgType,
     reject,
 )
 
-_U64_MAX = (1 << 64) - 1
 _VM_NAME = re.compile(r"[A-Za-z0-9._-]{1,16}")
-_HEADER = struct.Struct("<BBH16sQQ")
 
 
 @dataclass(frozen=True)
-class Header:
+class FramePrefix(Struct):
+    """What precedes a frame body on the stream: magic and body length (docs/ghcx.md
+    "Framing")."""
+
+    magic: int = fixed(len(MAGIC), int.from_bytes(MAGIC, "big"), big=True)
+    length: int = u32(valid=lambda n: HEADER_SIZE <= n <= MAX_BODY)
+
+
+@dataclass(frozen=True)
+class Header(Struct):
     """The 36-byte header (docs/ghcx.md "Framing"); all of it is the AEAD associated data."""
 
-    version: int
-    mtype: MsgType
-    flags: int
-    vm_id: bytes
-    seq: int
-    request_id: int
-
-    def encode(self) -> bytes:
-        if len(self.vm_id) != VM_ID_SIZE:
-            raise ValueError(f"VM id must be {VM_ID_SIZE} bytes")
-        if not (0 <= self.seq <= _U64_MAX and 0 <= self.request_id <= _U64_MAX):
-            raise ValueError("sequence number and request id are u64")
-        return _HEADER.pack(self.version, self.mtype, self.flags, self.vm_id, self.seq,
-                            self.request_id)
+    version: int = u8(valid=lambda v: v == VERSION)
+    mtype: MsgType = u8(kind=MsgType)
+    flags: int = u16()
+    vm_id: bytes = data(VM_ID_SIZE)
+    seq: int = u64()
+    request_id: int = u64()
 
     @classmethod
-    def decode(cls, body: bytes) -> Header:
+    def decode(cls, body: bytes | bytearray | memoryview, ctx: object = None) -> Header:
         """The header at the start of *body* (header || payload).  Raises
-        :class:`~teeio.ghcx.GhcxReject`: ``malformed`` (short), ``version``,
-        ``unknown_type``."""
+        :class:`~teeio.ghcx.GhcxReject` ``malformed`` (short), ``version`` or
+        ``unknown_type``, caused by the codec's :class:`~teeio.codec.DecodeError`."""
         if len(body) < HEADER_SIZE:
             reject("malformed", f"body of {len(body)} bytes is shorter than the header")
-        version, mtype, flags, vm_id, seq, rid = _HEADER.unpack_from(body)
-        if version != VERSION:
-            reject("version", f"version {version}")
         try:
-            t = MsgType(mtype)
-        except ValueError:
-            reject("unknown_type", f"type 0x{mtype:02x}")
-        return cls(version, t, flags, vm_id, seq, rid)
+            return cls.pull(Reader(body), ctx)
+        except DecodeError as exc:
+            reason = _REJECT_AT.get(exc.offset, "malformed")
+            raise GhcxReject(reason, exc.reason) from exc
+
+
+#: The rejection reason of a header field that does not decode, by its offset.
+_REJECT_AT = {0: "version", 1: "unknown_type"}
 
 
 def encode_frame(body: bytes) -> bytes:
     """magic || u32 LE length || body (docs/ghcx.md "Framing")."""
     if not HEADER_SIZE <= len(body) <= MAX_BODY:
         raise ValueError(f"body of {len(body)} bytes is outside {HEADER_SIZE}..{MAX_BODY}")
-    return MAGIC + len(body).to_bytes(4, "little") + body
+    return FramePrefix(length=len(body)).encode() + body
 
 
 def clear_body(mtype: MsgType, vm_id: bytes, payload: bytes = b"") -> bytes:
@@ -122,8 +126,9 @@ class FrameDecoder:
                 continue
             if len(self._buf) < FRAME_PREFIX:
                 break
-            length = int.from_bytes(self._buf[4:8], "little")
-            if not HEADER_SIZE <= length <= MAX_BODY:
+            try:
+                length = FramePrefix.decode(bytes(self._buf[:FRAME_PREFIX])).length
+            except DecodeError:
                 self.counters["bad_length"] += 1
                 self._resync()
                 continue

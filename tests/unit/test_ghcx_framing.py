@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from teeio.codec import DecodeError
 from teeio.ghcx import (
     HEADER_SIZE,
     MAGIC,
@@ -18,6 +19,7 @@ from teeio.ghcx import (
     RESPONSES,
     VERSION,
     FrameDecoder,
+    FramePrefix,
     GhcxReject,
     Header,
     MsgType,
@@ -118,3 +120,30 @@ def test_decoder_never_raises(chunks: list[bytes]) -> None:
             assert HEADER_SIZE <= len(body) <= MAX_BODY
             total += len(body) + 8
     assert total + dec.dropped_bytes + dec.pending == sum(map(len, chunks))
+
+
+def test_header_and_prefix_are_declared_on_the_codec() -> None:
+    """Decode errors are the codec core's DecodeError (the GhcxReject's cause, at the
+    field's offset); only valid headers and prefixes can be built."""
+    good = Header(VERSION, MsgType.HELLO, 0, vm_id_bytes("vm0"), 0, 0).encode()
+    for body, reason, offset in ((b"\x02" + good[1:], "version", 0),
+                                 (good[:1] + b"\x42" + good[2:], "unknown_type", 1)):
+        with pytest.raises(GhcxReject) as e:
+            Header.decode(body)
+        cause = e.value.__cause__
+        assert e.value.reason == reason and isinstance(cause, DecodeError)
+        assert (cause.offset, cause.raw) == (offset, body)
+    assert FramePrefix(length=40).encode() == MAGIC + (40).to_bytes(4, "little")
+    assert FramePrefix.decode(MAGIC + (40).to_bytes(4, "little")).length == 40
+    with pytest.raises(DecodeError) as d:
+        FramePrefix.decode(b"GHCY" + (40).to_bytes(4, "little"))
+    assert d.value.offset == 0
+    with pytest.raises(DecodeError) as d:
+        FramePrefix.decode(MAGIC + (MAX_BODY + 1).to_bytes(4, "little"))
+    assert d.value.offset == 4
+    for bad in (lambda: FramePrefix(length=HEADER_SIZE - 1),
+                lambda: Header(VERSION, MsgType.HELLO, 0, b"vm0", 0, 0),
+                lambda: Header(VERSION, MsgType.HELLO, 0, bytes(16), 2**64, 0),
+                lambda: Header(2, MsgType.HELLO, 0, bytes(16), 0, 0)):
+        with pytest.raises(ValueError):
+            bad()
