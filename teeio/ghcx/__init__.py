@@ -3,9 +3,10 @@
 No sockets, threads or clocks in here: ``guest_agent/ghcx_client.py`` and the TSM's per-VM
 server feed bytes in and write the frames that come out.  One concern per module:
 :mod:`~teeio.ghcx.defs` (sizes, types, codes), :mod:`~teeio.ghcx.framing` (header and frame
-prefix on :mod:`teeio.codec`, resync), :mod:`~teeio.ghcx.keys` (key schedule, sealing), :mod:`~teeio.ghcx.guest_channel`
-and :mod:`~teeio.ghcx.tsm_channel` (the two ends: sequence numbers, request ids, the retry
-cache), :mod:`~teeio.ghcx.body` and :mod:`~teeio.ghcx.messages` (the typed payloads).
+prefix on :mod:`teeio.codec`, resync), :mod:`~teeio.ghcx.keys` (key schedule, sealing),
+:mod:`~teeio.ghcx.guest_channel` and :mod:`~teeio.ghcx.tsm_channel` (the two ends: sequence
+numbers, request ids, the retry cache), :mod:`~teeio.ghcx.body` and
+:mod:`~teeio.ghcx.messages` (the typed payloads).
 Every rejected frame raises :class:`GhcxReject` and changes no channel state.
 """
 
