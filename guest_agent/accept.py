@@ -47,21 +47,35 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from guest_agent.commands import decide_accept
 from guest_agent.dmabuf import HugeBuffer
-from guest_agent.ghcx_client import GhcxCallError, GhcxClient
+from guest_agent.ghcx_client import GhcxCallError, GhcxClient, ask
 from guest_agent.pci import bars_of, rewrite_bars
 from guest_agent.selftest import DEVICE, VENDOR, Checks, Driver
 from teeio import tdi_verify
 from teeio.device_regs import DEVICE_ID_REG_VALUE, Op, R
-from teeio.ghcx import MsgType
+from teeio.ghcx.messages import (
+    Digests,
+    DmaAccept,
+    DmaAcceptResponse,
+    DmaRelease,
+    GetEvidence,
+    TdiAccept,
+    TdiInfo,
+    TdiInfoResponse,
+    TdiLock,
+    TdiStop,
+)
 
 PAUSE_POINTS = ("before-accept", "in-run")
 PAUSE_TIMEOUT = 90.0
 HUGE_PAGE = 2 * 1024 * 1024
 SRC, DST, DIGEST = 0x0000, 0x40000, 0x80000
+
+
+T = TypeVar("T")
 
 
 class Steps:
@@ -71,7 +85,7 @@ class Steps:
         self.items: list[dict[str, Any]] = []
         self.t0 = time.monotonic()
 
-    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+    def run(self, name: str, fn: Callable[[], T]) -> T:
         t = time.monotonic()
         try:
             out = fn()
@@ -117,19 +131,19 @@ def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/re
     client = steps.run("ghcx_handshake", GhcxClient.connect)
     report["ghcx"] = client.counters
     try:
-        info = client.call(MsgType.TDI_INFO, {})
+        info = ask(client, TdiInfo())
         decision = decide_accept(info, client.vm_id, restart)
-        report["precheck"] = {"state": info.get("state"), "lock_epoch": info.get("lock_epoch"),
+        report["precheck"] = {"state": info.state.name, "lock_epoch": info.lock_epoch,
                               "action": decision.action, "message": decision.message}
         if decision.action in ("already", "refuse"):
-            report["info"] = info
+            report["info"] = info.encode()
             report["ok"] = decision.action == "already"
             if decision.action == "refuse":
                 report["error"] = decision.message
             return report
         if decision.action == "restart":
             report["restart_stop"] = steps.run(
-                "restart_stop", lambda: client.call(MsgType.TDI_STOP, {}))
+                "restart_stop", lambda: ask(client, TdiStop()).encode())
         # CONFIG_UNLOCKED now: configure the function as the OS sees it before LOCK
         report["bars_written"] = rewrite_bars(d.cfg, bars)
         _flow(report, steps, checks, client, d, policy, bars, pause_at, sync_dir, stop, seed)
@@ -151,23 +165,22 @@ def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/re
 def _flow(report: dict[str, Any], steps: Steps, checks: Checks, client: GhcxClient,
           d: Driver, policy: tdi_verify.GuestPolicy, bars: list[tuple[int, int, int]],
           pause_at: str, sync_dir: Path, stop: bool, seed: int) -> None:
-    lock = steps.run("tdi_lock", lambda: client.call(MsgType.TDI_LOCK, {}))
-    report["lock"] = lock
+    report["lock"] = steps.run("tdi_lock", lambda: ask(client, TdiLock()).encode())
     # In CONFIG_LOCKED the TEE range answers nobody: reads are all ones (§11.2.1).
     checks.add("mmio_blocked_when_locked", d.mmio.read32(R.ID) == 0xFFFFFFFF,
                value=hex(d.mmio.read32(R.ID)))
     evidence, info, verdict = _attest(steps, client, policy, bars)
-    report["info"] = info
+    report["info"] = info.encode()
     report["verdict"] = verdict.as_dict()
     if not verdict.ok:
         report["refusal"] = verdict.first_failure()
-        steps.run("tdi_stop", lambda: client.call(MsgType.TDI_STOP, {}))
+        steps.run("tdi_stop", lambda: ask(client, TdiStop()))
         return
     if pause_at == "before-accept":
         report["paused_seconds"] = pause(sync_dir, "before-accept")
     try:
-        report["accept"] = steps.run("tdi_accept", lambda: client.call(
-            MsgType.TDI_ACCEPT, accept_request(evidence, info)))
+        report["accept"] = steps.run("tdi_accept", lambda: ask(
+            client, accept_request(evidence, info)).encode())
     except GhcxCallError as exc:
         report["refusal"] = f"TDI_ACCEPT refused: {exc.code}: {exc.message}"
         return
@@ -175,18 +188,18 @@ def _flow(report: dict[str, Any], steps: Steps, checks: Checks, client: GhcxClie
     # RUN: the register BAR now answers through the TEE path (T=1 over the IDE stream).
     checks.add("mmio_in_run", d.mmio.read32(R.ID) == DEVICE_ID_REG_VALUE,
                value=hex(d.mmio.read32(R.ID)))
-    steps.run("dma_validation", lambda: _dma(report, checks, client, d, seed))
+    win = steps.run("dma_validation", lambda: _dma(report, checks, client, d, seed))
     if pause_at == "in-run":
         report["paused_seconds"] = pause(sync_dir, "in-run")
         report["after_pause"] = _observe(client, d)
         return
     if stop:
-        report["stop"] = steps.run("tdi_stop", lambda: client.call(MsgType.TDI_STOP, {}))
+        report["stop"] = steps.run("tdi_stop", lambda: ask(client, TdiStop()).encode())
         return
     # The TDI stays RUN; the buffer the window covers goes with this process.
-    wid = report["window"]["window_id"]
+    wid = win.window_id
     try:
-        client.call(MsgType.DMA_RELEASE, {"window_id": wid})
+        ask(client, DmaRelease(window_id=wid))
         report["window_released"] = wid
     except GhcxCallError as exc:
         report["window_release_error"] = f"{exc.code}: {exc.message}"
@@ -197,42 +210,41 @@ def _cycle(client: GhcxClient, policy: tdi_verify.GuestPolicy,
     """One more STOP -> LOCK -> evidence -> verify -> ACCEPT round (for the benchmark of
     the LOCK -> RUN latency, split by step)."""
     steps = Steps()
-    steps.run("tdi_stop", lambda: client.call(MsgType.TDI_STOP, {}))
-    steps.run("tdi_lock", lambda: client.call(MsgType.TDI_LOCK, {}))
+    steps.run("tdi_stop", lambda: ask(client, TdiStop()))
+    steps.run("tdi_lock", lambda: ask(client, TdiLock()))
     ev, info, verdict = _attest(steps, client, policy, bars)
     if not verdict.ok:
         raise RuntimeError(f"cycle: verification failed: {verdict.first_failure()}")
-    steps.run("tdi_accept", lambda: client.call(MsgType.TDI_ACCEPT,
-                                                accept_request(ev, info)))
+    steps.run("tdi_accept", lambda: ask(client, accept_request(ev, info)))
     return steps.items
 
 
 def _attest(steps: Steps, client: GhcxClient, policy: tdi_verify.GuestPolicy,
             bars: list[tuple[int, int, int]],
-            ) -> tuple[tdi_verify.Evidence, dict[str, Any], tdi_verify.Verdict]:
+            ) -> tuple[tdi_verify.Evidence, TdiInfoResponse, tdi_verify.Verdict]:
     """GET_EVIDENCE with a fresh nonce of the guest's, TDI_INFO, and the guest's own
     verification of both (:func:`teeio.tdi_verify.verify`)."""
     nonce = os.urandom(32)
-    payload = steps.run("get_evidence",
-                        lambda: client.call(MsgType.GET_EVIDENCE, {"nonce": nonce.hex()}))
-    info = steps.run("tdi_info", lambda: client.call(MsgType.TDI_INFO, {}))
-    ev = tdi_verify.Evidence.from_payload(payload)
-    verdict = steps.run("verify", lambda: tdi_verify.verify(policy, ev, info, nonce, bars))
+    got = steps.run("get_evidence", lambda: ask(client, GetEvidence(nonce=nonce)))
+    info = steps.run("tdi_info", lambda: ask(client, TdiInfo()))
+    ev = tdi_verify.Evidence(got.cert_chain, got.vca, got.measurements, got.report)
+    verdict = steps.run("verify", lambda: tdi_verify.verify(policy, ev, info.encode(), nonce,
+                                                            bars))
     return ev, info, verdict
 
 
-def accept_request(ev: tdi_verify.Evidence, info: dict[str, Any]) -> dict[str, Any]:
-    """TDI_ACCEPT's payload: the digests and lock epoch the guest verified (docs/ghcx.md)."""
-    return {"digests": tdi_verify.digests(ev), "lock_epoch": info["lock_epoch"]}
+def accept_request(ev: tdi_verify.Evidence, info: TdiInfoResponse) -> TdiAccept:
+    """TDI_ACCEPT: the digests and lock epoch the guest verified (docs/ghcx.md)."""
+    return TdiAccept(digests=Digests(**tdi_verify.digests(ev)), lock_epoch=info.lock_epoch)
 
 
 def _dma(report: dict[str, Any], checks: Checks, client: GhcxClient, d: Driver,
-         seed: int) -> None:
+         seed: int) -> DmaAcceptResponse:
+    """The private-DMA checks; returns the window held at the end (accepted again)."""
     private = d.buf                       # 2 MiB hugetlbfs page, accepted below
     other = HugeBuffer(name="teeio-dma-unaccepted")
-    win = client.call(MsgType.DMA_ACCEPT, {"base": private.phys, "size": HUGE_PAGE,
-                                           "access": "rw"})
-    report["window"] = win
+    win = ask(client, DmaAccept(base=private.phys, size=HUGE_PAGE, access="rw"))
+    report["window"] = win.encode()
     data = hashlib.sha256(seed.to_bytes(8, "little")).digest() * 2048     # 64 KiB
     pattern = 0xC0DE0000 | seed & 0xFFFF
     private.write(DST, b"\xAA" * 4096)
@@ -256,14 +268,15 @@ def _dma(report: dict[str, Any], checks: Checks, client: GhcxClient, d: Driver,
     res = d.run_job(Op.FILL, 0, other.phys, 4096, pattern)
     checks.add("unaccepted_buffer_refused", not res["done"]
                and other.read(0, 4096) == b"\x11" * 4096, length=4096, **res)
-    client.call(MsgType.DMA_RELEASE, {"window_id": win["window_id"]})
+    ask(client, DmaRelease(window_id=win.window_id))
     private.write(DST, b"\x22" * 4096)
     res = d.run_job(Op.FILL, 0, private.phys + DST, 4096, pattern)
     checks.add("released_buffer_refused", not res["done"]
                and private.read(DST, 4096) == b"\x22" * 4096, length=4096, **res)
     # Accept it again for whatever follows (in-run observations, STOP).
-    report["window"] = client.call(MsgType.DMA_ACCEPT, {"base": private.phys,
-                                                        "size": HUGE_PAGE, "access": "rw"})
+    win = ask(client, DmaAccept(base=private.phys, size=HUGE_PAGE, access="rw"))
+    report["window"] = win.encode()
+    return win
 
 
 def _observe(client: GhcxClient, d: Driver) -> dict[str, Any]:
@@ -274,7 +287,7 @@ def _observe(client: GhcxClient, d: Driver) -> dict[str, Any]:
     out["dma_job"] = {**res, "landed": d.buf.read(DST, 4096) != b"\x33" * 4096}
     out["mmio_id"] = hex(d.mmio.read32(R.ID))
     try:
-        out["info"] = client.call(MsgType.TDI_INFO, {})
+        out["info"] = ask(client, TdiInfo()).encode()
     except GhcxCallError as exc:
         out["info_error"] = f"{exc.code}: {exc.message}"
     out["tsm_restarted"] = client.tsm_restarted

@@ -2,7 +2,8 @@
 
 Each returns a JSON-able dict (``--json`` prints it) and has a human formatter.  The TSM
 is reached over GHCx (docs/ghcx.md) through anything with ``call(MsgType, payload)``
-(:class:`Tsm`: :class:`guest_agent.ghcx_client.GhcxClient`, or a fake in tests); the
+(:class:`Tsm`: :class:`guest_agent.ghcx_client.GhcxClient`, or a fake in tests), with the
+typed bodies of :mod:`teeio.ghcx.messages` (:func:`guest_agent.ghcx_client.ask`); the
 device through BAR0 registers (:class:`guest_agent.dmajob.Regs`) and a DMA buffer
 (:class:`Buffer`).  Nothing here binds a driver or opens ``/dev/uioN`` (guest_agent/pci.py:
 uio's release clears Bus Master Enable, which would ERROR a locked TDI).
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from guest_agent import dmajob, testdata
+from guest_agent.ghcx_client import ask
 from guest_agent.pci import (
     COMMAND,
     COMMAND_BUS_MASTER,
@@ -41,7 +43,16 @@ from guest_agent.pci import (
 )
 from teeio.device_regs import DEVICE_ID_REG_VALUE, MAX_DMA_LEN, Op, R
 from teeio.ghcx import MsgType
-from teeio.tdisp.defs import LockInterfaceFlags
+from teeio.ghcx.messages import (
+    DmaAccept,
+    DmaRelease,
+    Status,
+    StatusResponse,
+    TdiInfo,
+    TdiInfoResponse,
+    TdiStop,
+)
+from teeio.tdisp.defs import LockInterfaceFlags, TdiState
 
 HUGE_PAGE = 2 * 1024 * 1024
 SRC_OFF, DST_OFF = 0x000000, 0x100000       # inside the 2 MiB buffer; jobs are <= 1 MiB
@@ -111,38 +122,34 @@ def tdi_info(tsm: Tsm | None, view: dict[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {"guest": view}
     if tsm is not None:
         out["vm_id"] = tsm.vm_id
-        out["info"] = tsm.call(MsgType.TDI_INFO, {})
-        out["status"] = tsm.call(MsgType.STATUS, {})
+        out["info"] = ask(tsm, TdiInfo()).encode()
+        out["status"] = ask(tsm, Status()).encode()
     return out
 
 
 def format_tdi_info(res: dict[str, Any]) -> str:
     lines: list[str] = []
-    info = res.get("info")
-    if info is not None:
-        lines.append(f"TDI {info.get('tdi')} (VM {res.get('vm_id')}): {info.get('state')}")
-        lines.append(f"  lock epoch       {info.get('lock_epoch')}  (lock flags "
-                     f"{_lock_flags(info.get('lock_flags'))})")
-        stream = info.get("stream") or {}
-        lines.append(f"  IDE stream       {stream.get('id')} {stream.get('state')}")
-        offset = info.get("mmio_reporting_offset")
-        if isinstance(offset, int):
-            lines.append(f"  MMIO rep. offset {offset:#x}")
-        digests = info.get("digests")
-        if digests:
-            lines.append(f"  digests ({info.get('digest_alg')})")
-            for k in ("cert_chain", "transcript", "report"):
-                lines.append(f"    {k:<12}   {digests.get(k) or '-'}")
+    if res.get("info") is not None:
+        info = TdiInfoResponse.decode(res["info"], "info")
+        lines.append(f"TDI {info.tdi} (VM {res.get('vm_id')}): {info.state.name}")
+        lines.append(f"  lock epoch       {info.lock_epoch}  (lock flags "
+                     f"{_lock_flags(info.lock_flags)})")
+        lines.append(f"  IDE stream       {info.stream.id} {info.stream.state}")
+        lines.append(f"  MMIO rep. offset {info.mmio_reporting_offset:#x}")
+        if info.digests is not None:
+            lines.append(f"  digests ({info.digest_alg})")
+            for k, v in info.digests.encode().items():
+                lines.append(f"    {k:<12}   {v or '-'}")
         else:
             lines.append("  digests          none (not locked)")
-        lines.append(f"  TSM boot id      {info.get('tsm_boot_id')}")
-        if info.get("reason"):
-            lines.append(f"  reason           {info['reason']}")
-        windows = (res.get("status") or {}).get("windows") or []
+        lines.append(f"  TSM boot id      {info.tsm_boot_id.hex()}")
+        if info.reason:
+            lines.append(f"  reason           {info.reason}")
+        status = res.get("status")
+        windows = StatusResponse.decode(status, "status").windows if status else ()
         lines.append(f"  DMA windows      {len(windows) or 'none'}")
         for w in windows:
-            lines.append(f"    window {w.get('window_id')}: {_hex(w.get('base'))}"
-                         f"+{_hex(w.get('size'))} {w.get('access')}")
+            lines.append(f"    window {w.window_id}: {w.base:#x}+{w.size:#x} {w.access}")
     view = res.get("guest")
     if view is not None:
         lines.append(f"guest view ({view['bdf']} {view['vendor_device']}, driver "
@@ -168,14 +175,14 @@ def format_tdi_info(res: dict[str, Any]) -> str:
 def stop(tsm: Tsm, *, force: bool = False) -> dict[str, Any]:
     """TDI_STOP.  A TDI that TDI_INFO already reports CONFIG_UNLOCKED is left alone unless
     *force* (the device would refuse a STOP there)."""
-    info = tsm.call(MsgType.TDI_INFO, {})
-    out: dict[str, Any] = {"tdi": info.get("tdi"), "vm_id": tsm.vm_id,
-                           "before": info.get("state"), "lock_epoch": info.get("lock_epoch"),
-                           "stopped": False, "state": info.get("state")}
-    if info.get("state") == "CONFIG_UNLOCKED" and not force:
+    info = ask(tsm, TdiInfo())
+    out: dict[str, Any] = {"tdi": info.tdi, "vm_id": tsm.vm_id, "before": info.state.name,
+                           "lock_epoch": info.lock_epoch, "stopped": False,
+                           "state": info.state.name}
+    if info.state is TdiState.CONFIG_UNLOCKED and not force:
         return out
-    rsp = tsm.call(MsgType.TDI_STOP, {})
-    out.update(stopped=True, state=rsp.get("state"))
+    rsp = ask(tsm, TdiStop())
+    out.update(stopped=True, state=rsp.state.name)
     return out
 
 
@@ -198,21 +205,21 @@ class AcceptDecision:
     message: str
 
 
-def decide_accept(info: dict[str, Any], vm_id: str, restart: bool) -> AcceptDecision:
+def decide_accept(info: TdiInfoResponse, vm_id: str, restart: bool) -> AcceptDecision:
     """What ``accept`` does given TDI_INFO.  LOCK needs CONFIG_UNLOCKED (§11.3.6); a TDI
     bound to this VM in RUN was accepted already (the TSM binds one VM to one TDI and
     starts it only on that VM's TDI_ACCEPT)."""
-    state, tdi, epoch = info.get("state"), info.get("tdi"), info.get("lock_epoch")
-    if state == "CONFIG_UNLOCKED":
+    state, tdi, epoch = info.state.name, info.tdi, info.lock_epoch
+    if info.state is TdiState.CONFIG_UNLOCKED:
         return AcceptDecision("run", f"TDI {tdi} is CONFIG_UNLOCKED")
     if restart:
         return AcceptDecision("restart", f"TDI {tdi} is {state} (lock epoch {epoch}): "
                                          "stopping it first (--restart)")
-    if state == "RUN":
+    if info.state is TdiState.RUN:
         return AcceptDecision("already", f"TDI {tdi} is already RUN for VM {vm_id} (lock "
                                          f"epoch {epoch}): nothing to do (--restart to "
                                          "redo the whole flow)")
-    reason = f", {info['reason']}" if info.get("reason") else ""
+    reason = f", {info.reason}" if info.reason else ""
     return AcceptDecision("refuse", f"TDI {tdi} is {state} (lock epoch {epoch}{reason}): "
                                     f"{STOP_HINT}")
 
@@ -289,15 +296,13 @@ def dma(opts: DmaOptions, *, regs: dmajob.Regs, buf: Buffer, tsm: Tsm | None,
         raise CommandFailed(f"unknown op {opts.op!r} (one of {', '.join(OPS)})")
     if not 0 < opts.length <= MAX_DMA_LEN:
         raise CommandFailed(f"length {opts.length} not in 1..{MAX_DMA_LEN}")
-    info = tsm.call(MsgType.TDI_INFO, {}) if tsm is not None else None
-    state = info.get("state") if info is not None else None
-    stream = (info or {}).get("stream") or {}
+    info = ask(tsm, TdiInfo()) if tsm is not None else None
+    run = info is not None and info.state is TdiState.RUN
     res: dict[str, Any] = {
         "bdf": bdf, "op": opts.op, "length": opts.length, "buffer": f"{buf.phys:#x}",
-        "tdi": (info or {}).get("tdi"), "tdi_state": state,
-        "lock_epoch": (info or {}).get("lock_epoch"),
-        "t_bit": state == "RUN", "stream": stream.get("id") if state == "RUN" else None,
-        "window": None,
+        "tdi": info.tdi if info else None, "tdi_state": info.state.name if info else None,
+        "lock_epoch": info.lock_epoch if info else None,
+        "t_bit": run, "stream": info.stream.id if info and run else None, "window": None,
     }
     if command is not None:
         res["command"] = {"before": f"{command[0]:#06x}", "after": f"{command[1]:#06x}"}
@@ -309,7 +314,7 @@ def dma(opts: DmaOptions, *, regs: dmajob.Regs, buf: Buffer, tsm: Tsm | None,
     res.update(src=f"{job.src:#x}" if src else None, dst=f"{job.dst:#x}",
                pattern=f"{pattern:#010x}" if opts.op == "fill" else None)
     ours: int | None = None
-    if state == "RUN" and opts.window and tsm is not None:
+    if run and opts.window and tsm is not None:
         res["window"], ours = _window_for(tsm, buf.phys, HUGE_PAGE)
     try:
         if src:
@@ -333,7 +338,7 @@ def dma(opts: DmaOptions, *, regs: dmajob.Regs, buf: Buffer, tsm: Tsm | None,
     finally:
         if ours is not None and not opts.keep_window and tsm is not None:
             try:
-                tsm.call(MsgType.DMA_RELEASE, {"window_id": ours})
+                ask(tsm, DmaRelease(window_id=ours))
                 res["window"]["released"] = True
             except AgentError as exc:
                 res["window"]["released"] = False
@@ -349,14 +354,12 @@ def dma(opts: DmaOptions, *, regs: dmajob.Regs, buf: Buffer, tsm: Tsm | None,
 def _window_for(tsm: Tsm, base: int, size: int) -> tuple[dict[str, Any], int | None]:
     """A window covering [base, base + size): one the VM holds already (STATUS), else a new
     one (DMA_ACCEPT; returned as ours to release)."""
-    for w in tsm.call(MsgType.STATUS, {}).get("windows") or []:
-        wb, ws = w.get("base"), w.get("size")
-        if isinstance(wb, int) and isinstance(ws, int) and wb <= base and base + size <= wb + ws:
-            return {"window_id": w.get("window_id"), "base": f"{wb:#x}", "size": ws,
+    for w in ask(tsm, Status()).windows:
+        if w.base <= base and base + size <= w.base + w.size:
+            return {"window_id": w.window_id, "base": f"{w.base:#x}", "size": w.size,
                     "ours": False}, None
-    rsp = tsm.call(MsgType.DMA_ACCEPT, {"base": base, "size": size, "access": "rw"})
-    wid = rsp["window_id"]
-    return {"window_id": wid, "base": f"{base:#x}", "size": size, "ours": True}, int(wid)
+    wid = ask(tsm, DmaAccept(base=base, size=size, access="rw")).window_id
+    return {"window_id": wid, "base": f"{base:#x}", "size": size, "ours": True}, wid
 
 
 def _dma_failure(res: dict[str, Any], done: dmajob.Completion) -> str:
@@ -429,17 +432,11 @@ def format_dma(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _lock_flags(flags: Any) -> str:
+def _lock_flags(flags: int) -> str:
     """LOCK_INTERFACE_REQUEST FLAGS (PCIe 6.x §11.3.7) by name."""
-    if not isinstance(flags, int):
-        return "-"
     names = [f.name for f in LockInterfaceFlags if flags & f and f.name]
     return f"{flags:#x} {'|'.join(names)}" if names else f"{flags:#x}"
 
 
 def _on(b: bool) -> str:
     return "on" if b else "OFF"
-
-
-def _hex(v: Any) -> str:
-    return f"{v:#x}" if isinstance(v, int) else str(v)

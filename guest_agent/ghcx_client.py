@@ -10,7 +10,9 @@ Protocol: ``docs/ghcx.md``; the channel state (handshake, sealing, receiver rule
 * a call that sees no valid response within its timeout is retried with the same request id
   (docs/ghcx.md "Receiver rules", last paragraphs); from the second timeout on, a new
   handshake runs first, since a relay may have dropped a REHELLO (docs/ghcx.md
-  "Handshake" 5).  Rejected frames are counted and dropped, never fatal.
+  "Handshake" 5).  Rejected frames are counted and dropped, never fatal;
+* :func:`ask` sends a typed request (:mod:`teeio.ghcx.messages`) and decodes its response
+  strictly: a payload that is not the response's body is a :class:`GhcxBadResponse`.
 
 Stdlib + cryptography only (it runs from the read-only project share in the guest).
 """
@@ -27,7 +29,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from guest_agent.pci import AgentError
 from teeio.ghcx import (
@@ -39,9 +41,12 @@ from teeio.ghcx import (
     FrameDecoder,
     GhcxReject,
     GuestChannel,
+    MessageError,
     MsgType,
+    RequestBody,
     vm_id_bytes,
 )
+from teeio.ghcx.body import Body
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,34 @@ class GhcxTimeout(GhcxCallError):
 
     def __init__(self, message: str) -> None:
         super().__init__("timeout", message)
+
+
+class GhcxBadResponse(GhcxCallError):
+    """A response whose payload is not its request's response body (docs/ghcx.md
+    "Messages")."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("bad_response", message)
+
+
+class Caller(Protocol):
+    """Anything that sends a request payload and returns the response payload."""
+
+    def call(self, mtype: MsgType, payload: dict[str, Any] | None = None) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=Body)
+
+
+def ask(tsm: Caller, request: RequestBody[R]) -> R:
+    """Send typed *request* through *tsm* and return its typed response.  Raises
+    :class:`GhcxCallError` (an error response), :class:`GhcxTimeout` or
+    :class:`GhcxBadResponse`."""
+    payload = tsm.call(request.mtype, request.encode())
+    try:
+        return request.decode_response(payload)
+    except MessageError as exc:
+        raise GhcxBadResponse(str(exc)) from None
 
 
 # -- transports --------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ only the transport and the dispatch: bytes from the socket go through a
 * ``Reply`` (HELLO_ACK, REHELLO) and ``Cached`` (a retried request id) frames go back as
   they are;
 * a ``Request`` goes to the *handler* (``handler(vm_id, type_name, payload) -> payload``,
-  :meth:`tsm.daemon.Daemon.ghcx_request`), whose :class:`GhcxFailure` becomes an error
-  response with its code;
+  :meth:`tsm.daemon.Daemon.ghcx_request`, which decodes and encodes the typed bodies of
+  :mod:`teeio.ghcx.messages`), whose :class:`GhcxFailure` becomes an error response with
+  its code (``bad_request`` for a payload that is not the request's body);
 * a ``GhcxReject`` is counted by reason (the channel counts and logs it too) and dropped:
   the server keeps serving (docs/ghcx.md "Receiver rules").
 

@@ -3,8 +3,9 @@
 This module owns each bound VM's GHCx server (:meth:`GuestApiMixin._serve_vm`) and the
 requests it brings (:meth:`GuestApiMixin.ghcx_request`): TDI_LOCK, TDI_INFO,
 GET_EVIDENCE, TDI_ACCEPT, DMA_ACCEPT, DMA_RELEASE, TDI_STOP and STATUS, one handler
-each (``ghcx_*``); and the LOCK and STOP of a TDI (:meth:`GuestApiMixin.lock_tdi`,
-:meth:`GuestApiMixin.stop_tdi`) that the host's control API uses too.
+each (``ghcx_*``, typed bodies of :mod:`teeio.ghcx.messages` in and out); and the LOCK
+and STOP of a TDI (:meth:`GuestApiMixin.lock_tdi`, :meth:`GuestApiMixin.stop_tdi`) that the
+host's control API uses too.
 """
 
 from __future__ import annotations
@@ -13,8 +14,31 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from teeio.ghcx import MessageError, MsgType
+from teeio.ghcx.body import Body
+from teeio.ghcx.messages import (
+    DmaAccept,
+    DmaAcceptResponse,
+    DmaRelease,
+    DmaReleaseResponse,
+    GetEvidence,
+    GetEvidenceResponse,
+    RequestBody,
+    Status,
+    StatusResponse,
+    TdiAccept,
+    TdiAcceptResponse,
+    TdiInfo,
+    TdiInfoResponse,
+    TdiLock,
+    TdiLockResponse,
+    TdiStop,
+    TdiStopResponse,
+    Window,
+    decode_request,
+)
 from teeio.platform_channel import PlatformCtlError, StreamState
-from teeio.spdm.defs import MEAS_OP_ALL, NONCE_SIZE
+from teeio.spdm.defs import MEAS_OP_ALL
 from teeio.tdisp.defs import TdiState
 from tsm.device import LINK_ERRORS, DeviceError, DeviceLink, one_line
 from tsm.ghcx_server import GhcxFailure, GhcxServer
@@ -25,12 +49,20 @@ from tsm.tdisp import TdispRequestError
 
 log = logging.getLogger("tsm.daemon")      # the daemon's log, whichever part writes it
 
-ACCESS = ("rw", "r", "w")
 #: Trusted-DMA windows one VM may hold at once (DMA_ACCEPT beyond it: ``refused``).
 MAX_WINDOWS_PER_VM = 64
 
-#: A GHCx request's handler: the VM, its device (``op`` held), the request's payload.
-Handler = Callable[[VmBinding, DeviceEntry, dict[str, Any]], dict[str, Any]]
+#: A GHCx request's handler: the VM, its device (``op`` held), the typed request → the
+#: typed response.
+Handler = Callable[[VmBinding, DeviceEntry, Any], Body]
+
+
+def _decode(mtype: MsgType, payload: dict[str, Any]) -> RequestBody[Any]:
+    """The typed request; a payload that is not one is answered ``bad_request``."""
+    try:
+        return decode_request(mtype, payload)
+    except MessageError as exc:
+        raise GhcxFailure(exc.code, str(exc)) from None
 
 
 class GuestApiMixin(Registry):
@@ -69,29 +101,34 @@ class GuestApiMixin(Registry):
                 raise GhcxFailure("refused", f"VM {vm_id} is not bound to a TDI")
             return vm, self.devices[vm.device]
 
-        handlers: dict[str, Handler] = {
-            "TDI_LOCK": self.ghcx_lock, "TDI_INFO": self.ghcx_info,
-            "GET_EVIDENCE": self.ghcx_evidence, "TDI_ACCEPT": self.ghcx_accept,
-            "DMA_ACCEPT": self.ghcx_dma_accept, "DMA_RELEASE": self.ghcx_dma_release,
-            "TDI_STOP": self.ghcx_stop}
+        handlers: dict[MsgType, Handler] = {
+            MsgType.TDI_LOCK: self.ghcx_lock, MsgType.TDI_INFO: self.ghcx_info,
+            MsgType.GET_EVIDENCE: self.ghcx_evidence, MsgType.TDI_ACCEPT: self.ghcx_accept,
+            MsgType.DMA_ACCEPT: self.ghcx_dma_accept,
+            MsgType.DMA_RELEASE: self.ghcx_dma_release, MsgType.TDI_STOP: self.ghcx_stop}
         with self.lock:
             vm, dev = find()
-        if op == "STATUS":
-            assert vm is not None
-            return self.ghcx_status(vm, dev, payload)
-        fn = handlers.get(op)
-        if fn is None:
+        mtype = MsgType.__members__.get(op)
+        if mtype is MsgType.STATUS:
+            status = _decode(mtype, payload)
+            assert vm is not None and isinstance(status, Status)
+            return self.ghcx_status(vm, dev, status).encode()
+        fn = handlers.get(mtype) if mtype is not None else None
+        if fn is None or mtype is None:
             raise GhcxFailure("unknown_request", f"no request {op}")
         try:
             with self._held(find) as (held_vm, dev):
                 assert held_vm is not None
-                return fn(held_vm, dev, payload)
+                return fn(held_vm, dev, _decode(mtype, payload)).encode()
         except DeviceBusy as exc:
             self._count("ghcx_busy")
             raise GhcxFailure("state", str(exc)) from None
         except GhcxFailure as exc:
             self._count(f"ghcx_{exc.code}")
             raise
+        except MessageError:
+            self._count("ghcx_internal")
+            raise       # a response the TSM could not build: answered `internal`
         except TdispRequestError as exc:
             self._count("ghcx_device")
             raise GhcxFailure("device", f"{exc.request}: {exc.code_name}") from None
@@ -107,11 +144,10 @@ class GuestApiMixin(Registry):
         return dev.link
 
     # -- the requests ------------------------------------------------------------------------
-    def ghcx_lock(self, vm: VmBinding, dev: DeviceEntry,
-                  payload: dict[str, Any]) -> dict[str, Any]:
+    def ghcx_lock(self, vm: VmBinding, dev: DeviceEntry, req: TdiLock) -> TdiLockResponse:
         """TDI_LOCK: :meth:`lock_tdi`; the new state and lock epoch."""
         self.lock_tdi(dev, vm)
-        return {"state": dev.tdi.state.name, "lock_epoch": dev.tdi.lock_epoch}
+        return TdiLockResponse(state=dev.tdi.state, lock_epoch=dev.tdi.lock_epoch)
 
     def lock_tdi(self, dev: DeviceEntry, vm: VmBinding) -> None:
         """LOCK_INTERFACE_REQUEST (PCIe 6.x §11.3.6: NO_FW_UPDATE, DEFAULT_STREAM_ID = the
@@ -138,8 +174,7 @@ class GuestApiMixin(Registry):
         log.info("TDI %s: CONFIG_LOCKED for VM %s, lock epoch %d", dev.config.name, vm.vm,
                  dev.tdi.lock_epoch)
 
-    def ghcx_info(self, vm: VmBinding, dev: DeviceEntry,
-                  payload: dict[str, Any]) -> dict[str, Any]:
+    def ghcx_info(self, vm: VmBinding, dev: DeviceEntry, req: TdiInfo) -> TdiInfoResponse:
         """TDI_INFO: the TDI and stream as the device says now (if connected), then the
         TDI info object."""
         if dev.link.session_up:
@@ -149,22 +184,15 @@ class GuestApiMixin(Registry):
                 self._journal_stream(dev, live, "as both ends report it now")
         return self._info(dev, vm)
 
-    def _info(self, dev: DeviceEntry, vm: VmBinding) -> dict[str, Any]:
+    def _info(self, dev: DeviceEntry, vm: VmBinding) -> TdiInfoResponse:
         """The TDI info object of docs/ghcx.md for *vm*."""
         return dev.tdi.info(dev.config.stream_id, dev.stream_state, self.boot_id,
                             vm.mmio_reporting_offset)
 
     def ghcx_evidence(self, vm: VmBinding, dev: DeviceEntry,
-                      payload: dict[str, Any]) -> dict[str, Any]:
+                      req: GetEvidence) -> GetEvidenceResponse:
         """GET_EVIDENCE: signed measurements with the guest's nonce, under a LOCK, with
         the certificate chain and the TDI report."""
-        nonce_hex = payload.get("nonce")
-        try:
-            nonce = bytes.fromhex(nonce_hex) if isinstance(nonce_hex, str) else b""
-        except ValueError:
-            nonce = b""
-        if len(nonce) != NONCE_SIZE:
-            raise GhcxFailure("bad_request", f"nonce must be {NONCE_SIZE} bytes of hex")
         link = self._session(dev)
         self._allow(dev, Input.EVIDENCE)
         if not dev.tdi.report:
@@ -175,20 +203,17 @@ class GuestApiMixin(Registry):
             # DSP0274 §10.11: all blocks, signed, with exactly the guest's nonce; outside
             # the session, so L1 = VCA || GET_MEASUREMENTS || MEASUREMENTS of this
             # connection, which the guest re-checks.
-            result = link.requester.get_measurements(MEAS_OP_ALL, nonce=nonce, signed=True)
+            result = link.requester.get_measurements(MEAS_OP_ALL, nonce=req.nonce,
+                                                     signed=True)
         dev.tdi.evidence(result)
-        return {"cert_chain": link.cert_chain.hex(), "vca": result.vca.hex(),
-                "measurements": [[q.hex(), r.hex()] for q, r in result.transcript],
-                "report": dev.tdi.report.hex()}
+        return GetEvidenceResponse(cert_chain=link.cert_chain, vca=result.vca,
+                                   measurements=result.transcript, report=dev.tdi.report)
 
     def ghcx_accept(self, vm: VmBinding, dev: DeviceEntry,
-                    payload: dict[str, Any]) -> dict[str, Any]:
+                    req: TdiAccept) -> TdiAcceptResponse:
         """TDI_ACCEPT: START_INTERFACE if the digests and lock epoch the guest verified
         are still current, then private MMIO opened (or the TDI stopped again)."""
-        digests, epoch = payload.get("digests"), payload.get("lock_epoch")
-        if not isinstance(digests, dict) or isinstance(epoch, bool) or not isinstance(epoch, int):
-            raise GhcxFailure("bad_request", "TDI_ACCEPT needs {\"digests\": {...}, "
-                                             "\"lock_epoch\": n}")
+        epoch = req.lock_epoch
         link = self._session(dev)
         tdi = dev.tdi
         row = self._allow(dev, Input.ACCEPT)
@@ -197,8 +222,7 @@ class GuestApiMixin(Registry):
                                           f"({tdi.lock_epoch}): the TDI was locked again")
         if tdi.digest_transcript is None:
             raise GhcxFailure("mismatch", "no evidence was fetched under this lock")
-        current = tdi.digests()
-        differ = sorted(k for k in current if digests.get(k) != current[k])
+        differ = req.digests.differ(tdi.info_digests())
         if differ:
             raise GhcxFailure("mismatch", f"digests differ from the current ones: "
                                           f"{', '.join(differ)}")
@@ -221,16 +245,12 @@ class GuestApiMixin(Registry):
                                          f"{one_line(exc)}") from None
         log.info("TDI %s: RUN (accepted by VM %s, lock epoch %d)", dev.config.name, vm.vm,
                  tdi.lock_epoch)
-        return {"state": tdi.state.name, "dma_stream": dev.config.stream_id}
+        return TdiAcceptResponse(state=tdi.state, dma_stream=dev.config.stream_id)
 
     def ghcx_dma_accept(self, vm: VmBinding, dev: DeviceEntry,
-                        payload: dict[str, Any]) -> dict[str, Any]:
+                        req: DmaAccept) -> DmaAcceptResponse:
         """DMA_ACCEPT: a trusted-DMA window authorised at the platform, journaled."""
-        base, size, access = payload.get("base"), payload.get("size"), payload.get("access", "rw")
-        if (isinstance(base, bool) or not isinstance(base, int) or isinstance(size, bool)
-                or not isinstance(size, int) or base < 0 or size <= 0 or access not in ACCESS):
-            raise GhcxFailure("bad_request", "DMA_ACCEPT needs integer base >= 0, size > 0 "
-                                             "and access rw, r or w")
+        base, size, access = req.base, req.size, req.access
         self._allow(dev, Input.DMA_ACCEPT)
         if len(vm.windows) >= MAX_WINDOWS_PER_VM:
             raise GhcxFailure("refused", f"VM {vm.vm} already has {len(vm.windows)} DMA "
@@ -248,14 +268,12 @@ class GuestApiMixin(Registry):
         vm.windows[wid] = {"base": base, "size": size, "access": access}
         self.journal.append("window", window_id=wid, vm=vm.vm, device=dev.config.name,
                             base=base, size=size, access=access)
-        return {"window_id": wid}
+        return DmaAcceptResponse(window_id=wid)
 
     def ghcx_dma_release(self, vm: VmBinding, dev: DeviceEntry,
-                         payload: dict[str, Any]) -> dict[str, Any]:
+                         req: DmaRelease) -> DmaReleaseResponse:
         """DMA_RELEASE: one of the VM's windows revoked at the platform, journaled."""
-        wid = payload.get("window_id")
-        if isinstance(wid, bool) or not isinstance(wid, int):
-            raise GhcxFailure("bad_request", "DMA_RELEASE needs an integer window_id")
+        wid = req.window_id
         if wid not in vm.windows:
             raise GhcxFailure("refused", f"window {wid} is not one of this VM's")
         try:
@@ -264,13 +282,12 @@ class GuestApiMixin(Registry):
             raise GhcxFailure("refused", f"window {wid}: {exc.message}") from None
         del vm.windows[wid]
         self.journal.append("window_revoked", window_id=wid, reason="released by the guest")
-        return {}
+        return DmaReleaseResponse()
 
-    def ghcx_stop(self, vm: VmBinding, dev: DeviceEntry,
-                  payload: dict[str, Any]) -> dict[str, Any]:
+    def ghcx_stop(self, vm: VmBinding, dev: DeviceEntry, req: TdiStop) -> TdiStopResponse:
         """TDI_STOP: :meth:`stop_tdi`; the new state."""
         self.stop_tdi(dev, vm, "stopped by the guest")
-        return {"state": dev.tdi.state.name}
+        return TdiStopResponse(state=dev.tdi.state)
 
     def stop_tdi(self, dev: DeviceEntry, vm: VmBinding | None, why: str) -> None:
         """Revoke the VM's windows, close private MMIO, STOP_INTERFACE (§11.3.12).
@@ -305,11 +322,10 @@ class GuestApiMixin(Registry):
         self._take(dev, row, None, "tsm")
         log.info("TDI %s: CONFIG_UNLOCKED (%s)", dev.config.name, why)
 
-    def ghcx_status(self, vm: VmBinding, dev: DeviceEntry,
-                    payload: dict[str, Any]) -> dict[str, Any]:
+    def ghcx_status(self, vm: VmBinding, dev: DeviceEntry, req: Status) -> StatusResponse:
         """STATUS: the boot id, the TDI's state and the VM's windows (no lock taken)."""
-        return {"boot_id": self.boot_id.hex(), "vm_id": vm.vm, "tdi": dev.config.name,
-                "state": dev.tdi.state.name,
-                "windows": [{"window_id": k, **v}
-                            for k, v in sorted(dict(vm.windows).items())]}
+        windows = tuple(Window(window_id=k, base=v["base"], size=v["size"], access=v["access"])
+                        for k, v in sorted(dict(vm.windows).items()))
+        return StatusResponse(boot_id=self.boot_id, vm_id=vm.vm, tdi=dev.config.name,
+                              state=dev.tdi.state, windows=windows)
 

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
 
+from teeio.ghcx.messages import DIGEST_ALG, InfoDigests, StreamInfo, TdiInfoResponse
+from teeio.platform_channel import StreamState
 from teeio.spdm.requester import MeasurementResult
 from teeio.tdisp.codec import DeviceInterfaceReportResponse, TdispDecodeError
 from teeio.tdisp.defs import LockInterfaceFlags, TdiState
 from teeio.tdisp.report import ReportReader
 from tsm.tdisp import TdispClient, TdispClientError
 
-DIGEST_ALG = "sha384"
 #: docs/ghcx.md: the reason a TDI is in ERROR after the TSM restarted.
 REASON_RESTART = "TSM restarted: SPDM session lost"
 REASON_DEVICE_ERROR = "device reported ERROR"
@@ -54,8 +54,13 @@ class TdiRecord:
     report: bytes | None = field(default=None, repr=False)
 
     def digests(self) -> dict[str, str | None]:
-        return {"cert_chain": self.digest_cert_chain, "transcript": self.digest_transcript,
-                "report": self.digest_report}
+        """The digests as the control API's status shows them."""
+        return self.info_digests().encode()
+
+    def info_digests(self) -> InfoDigests:
+        """The digests the guest verifies against (docs/ghcx.md "TDI info")."""
+        return InfoDigests(cert_chain=self.digest_cert_chain,
+                           transcript=self.digest_transcript, report=self.digest_report)
 
     def locked(self, epoch: int, flags: int, nonce: bytes, report: bytes | None,
                cert_chain: bytes) -> None:
@@ -91,17 +96,17 @@ class TdiRecord:
         self.reason = reason
         self.start_nonce = None
 
-    def info(self, stream_id: int, stream_state: str, boot_id: bytes,
-             mmio_reporting_offset: int) -> dict[str, Any]:
+    def info(self, stream_id: int, stream_state: StreamState, boot_id: bytes,
+             mmio_reporting_offset: int) -> TdiInfoResponse:
         """The TDI info object of docs/ghcx.md (digests null before LOCK)."""
         lock = self.report is not None
-        return {"tdi": self.device, "state": self.state.name, "lock_epoch": self.lock_epoch,
-                "lock_flags": self.lock_flags,
-                "mmio_reporting_offset": mmio_reporting_offset,
-                "stream": {"id": stream_id, "state": stream_state},
-                "digest_alg": DIGEST_ALG,
-                "digests": self.digests() if lock else None,
-                "tsm_boot_id": boot_id.hex(), "reason": self.reason}
+        return TdiInfoResponse(
+            tdi=self.device, state=self.state, lock_epoch=self.lock_epoch,
+            lock_flags=self.lock_flags, mmio_reporting_offset=mmio_reporting_offset,
+            stream=StreamInfo(id=stream_id, state=StreamState(stream_state)),
+            digest_alg=DIGEST_ALG,
+            digests=self.info_digests() if lock else None, tsm_boot_id=boot_id,
+            reason=self.reason)
 
 
 def lock_flags(supported: LockInterfaceFlags) -> LockInterfaceFlags:

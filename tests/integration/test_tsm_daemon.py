@@ -29,9 +29,9 @@ from typing import Any
 
 import pytest
 
-from teeio import ghcx as teeio_ghcx
 from teeio import pki
 from teeio.ghcx import FrameDecoder, GuestChannel, MsgType, Response
+from teeio.ghcx import keys as ghcx_keys
 from teeio.ide import IdeKey
 from teeio.platform_channel import PlatformClient, read_credential
 from teeio.spdm import RequesterError, codec
@@ -234,7 +234,9 @@ def test_guest_flow_stale_epoch_and_restart(tmp_path: Path, device: IdeDevice,
     info = guest.call(MsgType.TDI_INFO)
     assert (info["state"], info["digests"], info["tsm_boot_id"]) == (
         "CONFIG_UNLOCKED", None, boot_id.hex())
-    guest.call(MsgType.TDI_ACCEPT, {"digests": {}, "lock_epoch": 0}, error="state")
+    unverified = dict.fromkeys(("cert_chain", "transcript", "report"), "00" * 48)
+    guest.call(MsgType.TDI_ACCEPT, {"digests": unverified, "lock_epoch": 0}, error="state")
+    guest.call(MsgType.TDI_ACCEPT, {"digests": {}, "lock_epoch": 0}, error="bad_request")
     guest.call(MsgType.GET_EVIDENCE, {"nonce": "00"}, error="bad_request")
     accepted = lock_verify_accept(guest, anchor)
     assert accepted["lock_epoch"] == 1
@@ -338,16 +340,16 @@ def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, device: IdeDevi
         return nonce
 
     session_keys: list[bytes] = []
-    real_derive = teeio_ghcx.derive_keys
+    real_derive = ghcx_keys.derive_keys
 
-    def derive_spy(*args: bytes) -> teeio_ghcx.SessionKeys:
+    def derive_spy(*args: bytes) -> ghcx_keys.SessionKeys:
         k = real_derive(*args)
         session_keys.extend([k.k_g2t, k.k_t2g, k.iv_g2t, k.iv_t2g])
         return k
 
     monkeypatch.setattr(tsm_ide, "fresh_keys", spy)
     monkeypatch.setattr(TdispClient, "lock", lock_spy)
-    monkeypatch.setattr(teeio_ghcx, "derive_keys", derive_spy)
+    monkeypatch.setattr(ghcx_keys, "derive_keys", derive_spy)
     statuses: list[str] = []
     caplog.set_level(logging.DEBUG)
     state = tmp_path / "tsm"

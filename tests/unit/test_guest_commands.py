@@ -1,13 +1,7 @@
-"""The guest agent's commands for a person (guest_agent/__main__.py, commands.py, dmajob.py):
-argument parsing, human and JSON output, accept's decision when the TDI is not
-CONFIG_UNLOCKED, and the dma command's job programming and result decoding.
-
-The device is a fake BAR0 that follows teeio/device_regs.py (a job starts on the DMA_CMD
-write with GO, runs over a fake 2 MiB buffer, STATUS is BUSY for a few reads, then DONE or
-ERROR with a code); in CONFIG_LOCKED / ERROR it answers all ones and drops writes, as the
-device's TEE MMIO does (PCIe 6.x §11.2.1).  In RUN it refuses DMA outside the fake TSM's
-windows with FAULT, as the root port does.  The TSM is a fake GHCx client keeping the TDI
-state and windows as tsm/daemon.py does.  Every register write is recorded and asserted.
+"""The guest agent's commands for a person (guest_agent/__main__.py, commands.py, accept.py):
+argument parsing and help, tdi-info and stop with their human and JSON output, accept's
+decision when the TDI is not CONFIG_UNLOCKED and its whole flow over typed GHCx messages,
+the device enabled by config writes, and script (fakes: tests/unit/guest_fakes.py).
 """
 
 from __future__ import annotations
@@ -22,398 +16,13 @@ from typing import Any
 import pytest
 
 import guest_agent.__main__ as cli
-from guest_agent import accept, commands, dmajob, selftest, testdata
-from guest_agent.ghcx_client import GhcxCallError, GhcxClient, GhcxSetupError
+from guest_agent import accept, commands, dmajob, selftest
+from guest_agent.ghcx_client import GhcxCallError, GhcxClient
 from guest_agent.pci import Config, enable_device, rewrite_bars
 from teeio import tdi_verify
-from teeio.device_regs import (
-    CMD_GO,
-    DEVICE_ID_REG_VALUE,
-    MAX_DMA_LEN,
-    DmaError,
-    Irq,
-    Op,
-    R,
-    St,
-)
-from teeio.ghcx import MsgType
-
-PHYS = 0x1_2340_0000          # the fake huge page's bus address (above 4 GiB: HI words used)
-HUGE = 2 * 1024 * 1024
-
-
-# -- fakes ---------------------------------------------------------------------------------------
-
-class FakeMemory:
-    """The 2 MiB DMA buffer (commands.Buffer) that the fake device reaches by bus address."""
-
-    def __init__(self, phys: int = PHYS) -> None:
-        self.phys = phys
-        self.data = bytearray(HUGE)
-
-    def write(self, off: int, data: bytes) -> None:
-        self.data[off:off + len(data)] = data
-
-    def read(self, off: int, n: int) -> bytes:
-        return bytes(self.data[off:off + n])
-
-    def dma_read(self, addr: int, n: int) -> bytes:
-        return self.read(addr - self.phys, n)
-
-    def dma_write(self, addr: int, data: bytes) -> None:
-        self.write(addr - self.phys, data)
-
-
-class FakeTsm:
-    """A GHCx client whose TSM keeps one TDI and this VM's windows (tsm/daemon.py rules)."""
-
-    def __init__(self, state: str = "RUN", windows: dict[int, dict[str, Any]] | None = None,
-                 *, lock_error: GhcxCallError | None = None) -> None:
-        self.vm_id = "vm0"
-        self.state = state
-        self.epoch = 3
-        self.windows = dict(windows or {})
-        self.next_window = 7
-        self.calls: list[tuple[MsgType, dict[str, Any]]] = []
-        self.lock_error = lock_error
-        self.closed = False
-
-    def info(self) -> dict[str, Any]:
-        locked = self.state != "CONFIG_UNLOCKED"
-        return {"tdi": "dev0", "state": self.state, "lock_epoch": self.epoch, "lock_flags": 1,
-                "mmio_reporting_offset": 0x10_0000_0000,
-                "stream": {"id": 1, "state": "secure"}, "digest_alg": "sha384",
-                "digests": ({"cert_chain": "aa" * 48, "transcript": "bb" * 48,
-                             "report": "cc" * 48} if locked else None),
-                "tsm_boot_id": "0f" * 16,
-                "reason": "device reported ERROR" if self.state == "ERROR" else None}
-
-    def call(self, mtype: MsgType, payload: dict[str, Any] | None = None) -> dict[str, Any]:
-        payload = {} if payload is None else payload
-        self.calls.append((mtype, payload))
-        if mtype is MsgType.TDI_INFO:
-            return self.info()
-        if mtype is MsgType.STATUS:
-            return {"boot_id": "0f" * 16, "vm_id": self.vm_id, "tdi": "dev0",
-                    "state": self.state, "windows": [{"window_id": k, **v}
-                                                     for k, v in sorted(self.windows.items())]}
-        if mtype is MsgType.DMA_ACCEPT:
-            if self.state != "RUN":
-                raise GhcxCallError("state", f"TDI dev0 is {self.state}: DMA windows only in RUN")
-            wid = self.next_window
-            self.next_window += 1
-            self.windows[wid] = {"base": payload["base"], "size": payload["size"],
-                                 "access": payload["access"]}
-            return {"window_id": wid}
-        if mtype is MsgType.DMA_RELEASE:
-            if payload["window_id"] not in self.windows:
-                raise GhcxCallError("refused", "not one of this VM's")
-            del self.windows[payload["window_id"]]
-            return {}
-        if mtype is MsgType.TDI_STOP:
-            self.state, self.windows = "CONFIG_UNLOCKED", {}
-            return {"state": "CONFIG_UNLOCKED"}
-        if mtype is MsgType.TDI_LOCK:
-            if self.lock_error is not None:
-                raise self.lock_error
-            if self.state != "CONFIG_UNLOCKED":
-                raise GhcxCallError("state", f"TDI dev0 is {self.state}, not CONFIG_UNLOCKED")
-            self.state, self.epoch = "CONFIG_LOCKED", self.epoch + 1
-            return {"state": self.state, "lock_epoch": self.epoch}
-        raise GhcxCallError("unknown_request", mtype.name)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def names(self) -> list[str]:
-        return [m.name for m, _ in self.calls]
-
-
-class FakeBar:
-    """BAR0 (teeio/device_regs.py) with a DMA engine over a FakeMemory."""
-
-    def __init__(self, mem: FakeMemory, tsm: FakeTsm | None = None, *,
-                 busy_reads: int = 2, never_finish: bool = False) -> None:
-        self.mem, self.tsm = mem, tsm
-        self.r: dict[int, int] = dict.fromkeys(R, 0)
-        self.r[R.ID] = DEVICE_ID_REG_VALUE
-        self.r[R.DMA_JOBS] = 5
-        self.busy_reads = busy_reads
-        self.never_finish = never_finish
-        self.pending = -1
-        self.writes: list[tuple[int, int]] = []
-        self.reads: list[int] = []
-
-    @property
-    def state(self) -> str:
-        return "CONFIG_UNLOCKED" if self.tsm is None else self.tsm.state
-
-    def answers(self) -> bool:
-        return self.state in ("CONFIG_UNLOCKED", "RUN")
-
-    def read32(self, off: int) -> int:
-        self.reads.append(off)
-        if not self.answers():
-            return 0xFFFF_FFFF                 # Unsupported Request
-        if off == R.STATUS and self.pending >= 0 and not self.never_finish:
-            if self.pending == 0:
-                self._complete()
-            else:
-                self.pending -= 1
-        return self.r[R(off)]
-
-    def write32(self, off: int, value: int) -> None:
-        self.writes.append((off, value))
-        if not self.answers():
-            return                             # dropped
-        if off == R.INT_STATUS:
-            self.r[R.INT_STATUS] &= ~value
-        elif off == R.DMA_CMD:
-            if value & CMD_GO:
-                self.r[R.STATUS] = St.BUSY
-                self.pending = self.busy_reads
-        elif off in (R.ID, R.STATUS, R.DMA_JOBS):
-            pass
-        else:
-            self.r[R(off)] = value
-
-    def _in_window(self, addr: int, n: int) -> bool:
-        if self.state != "RUN":
-            return True                        # T=0: no window needed
-        assert self.tsm is not None
-        return any(w["base"] <= addr and addr + n <= w["base"] + w["size"]
-                   for w in self.tsm.windows.values())
-
-    def _complete(self) -> None:
-        self.pending = -1
-        r = self.r
-        src = r[R.DMA_SRC_LO] | r[R.DMA_SRC_HI] << 32
-        dst = r[R.DMA_DST_LO] | r[R.DMA_DST_HI] << 32
-        n, op = r[R.DMA_LEN], self.last_op()
-        code = DmaError.NONE
-        if not 0 < n <= MAX_DMA_LEN:
-            code = DmaError.BAD_LENGTH
-        elif op == Op.FILL:
-            if self._in_window(dst, n):
-                self.mem.dma_write(dst, testdata.fill_bytes(r[R.DMA_PATTERN], n))
-            else:
-                code = DmaError.FAULT
-        elif op == Op.COPY:
-            if self._in_window(src, n) and self._in_window(dst, n):
-                self.mem.dma_write(dst, self.mem.dma_read(src, n))
-            else:
-                code = DmaError.FAULT
-        elif op == Op.SHA256:
-            if self._in_window(src, n) and self._in_window(dst, 32):
-                self.mem.dma_write(dst, hashlib.sha256(self.mem.dma_read(src, n)).digest())
-            else:
-                code = DmaError.FAULT
-        else:
-            code = DmaError.BAD_OPCODE
-        if code == DmaError.NONE:
-            r[R.STATUS] = St.DONE
-            r[R.DMA_JOBS] += 1
-            r[R.INT_STATUS] |= Irq.DMA_DONE
-        else:
-            r[R.STATUS] = St.ERROR | code << 8
-            r[R.INT_STATUS] |= Irq.DMA_ERROR
-
-    def last_op(self) -> int:
-        return next(v for o, v in reversed(self.writes) if o == R.DMA_CMD) & 0xF
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 100.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, s: float) -> None:
-        self.slept.append(s)
-        self.t += s
-
-
-def run_dma(tsm: FakeTsm | None, *, bar_kw: dict[str, Any] | None = None,
-            **opts: Any) -> tuple[dict[str, Any], FakeBar, FakeMemory]:
-    mem = FakeMemory()
-    bar = FakeBar(mem, tsm, **(bar_kw or {}))
-    clock = FakeClock()
-    res = commands.dma(commands.DmaOptions(**opts), regs=bar, buf=mem, tsm=tsm,
-                       bdf="0000:01:00.0", command=(0x0, 0x6), clock=clock,
-                       sleep=clock.sleep)
-    return res, bar, mem
-
-
-def job_writes(bar: FakeBar) -> list[tuple[int, int]]:
-    """The writes from INT_ENABLE (the start of a job) on."""
-    i = next(i for i, (o, _) in enumerate(bar.writes) if o == R.INT_ENABLE)
-    return bar.writes[i:]
-
-
-# -- dmajob: programming and decoding ------------------------------------------------------------
-
-def test_program_writes_every_register_in_order_with_go_last() -> None:
-    bar = FakeBar(FakeMemory())
-    dmajob.program(bar, dmajob.Job(Op.COPY, 0x1_2345_6789, 0xFFFF_0000_1000, 100, 0xDEADBEEF))
-    assert bar.writes == [(R.DMA_SRC_LO, 0x2345_6789), (R.DMA_SRC_HI, 0x1),
-                          (R.DMA_DST_LO, 0x1000), (R.DMA_DST_HI, 0xFFFF),
-                          (R.DMA_LEN, 100), (R.DMA_PATTERN, 0xDEADBEEF),
-                          (R.DMA_CMD, CMD_GO | Op.COPY)]
-
-
-def test_poll_reads_status_until_done_and_backs_off() -> None:
-    mem = FakeMemory()
-    bar = FakeBar(mem, busy_reads=3)
-    clock = FakeClock()
-    done = dmajob.run(bar, dmajob.Job(Op.FILL, 0, PHYS, 64, 0x01020304), 5.0,
-                      clock=clock, sleep=clock.sleep)
-    assert done.outcome == "done" and done.done and done.error_code is None
-    assert done.polls == 4 and done.status == St.DONE
-    assert clock.slept == [0.0005, 0.001, 0.002]         # doubling from POLL_FIRST
-    assert mem.read(0, 8) == bytes([4, 3, 2, 1] * 2)
-    # idle check, then interrupts off, stale bits acknowledged, the job, and its ack
-    assert bar.writes[:2] == [(R.INT_ENABLE, 0), (R.INT_STATUS, Irq.DMA_DONE | Irq.DMA_ERROR)]
-    assert bar.writes[-1] == (R.INT_STATUS, Irq.DMA_DONE)
-    assert bar.r[R.INT_STATUS] == 0
-
-
-def test_error_status_is_decoded() -> None:
-    bar = FakeBar(FakeMemory())
-    done = dmajob.run(bar, dmajob.Job(Op.FILL, 0, PHYS, MAX_DMA_LEN + 1), 5.0,
-                      clock=FakeClock(), sleep=lambda s: None)
-    assert done.outcome == "error" and done.error_code == DmaError.BAD_LENGTH
-    assert done.error_name == "BAD_LENGTH"
-    assert done.describe().startswith("ERROR BAD_LENGTH: length not in 1..")
-    assert dmajob.decode_status(St.ERROR | 3 << 8) == "ERROR code 3 (FAULT)"
-    assert dmajob.decode_status(St.BUSY) == "BUSY"
-    assert dmajob.decode_status(0) == "idle"
-    assert dmajob.decode_status(0xFFFF_FFFF).startswith("all ones")
-
-
-def test_a_job_that_never_completes_times_out_bounded() -> None:
-    bar = FakeBar(FakeMemory(), never_finish=True)
-    clock = FakeClock()
-    done = dmajob.run(bar, dmajob.Job(Op.FILL, 0, PHYS, 64), 2.0, clock=clock,
-                      sleep=clock.sleep)
-    assert done.outcome == "timeout" and not done.done
-    assert 2.0 <= done.seconds <= 2.0 + dmajob.POLL_MAX
-    assert max(clock.slept) <= dmajob.POLL_MAX
-    assert "no completion within 2.0 s (STATUS BUSY)" in done.describe()
-
-
-def test_all_ones_means_no_response_and_nothing_is_written() -> None:
-    tsm = FakeTsm("ERROR")
-    bar = FakeBar(FakeMemory(), tsm)
-    done = dmajob.run(bar, dmajob.Job(Op.FILL, 0, PHYS, 64), 5.0, clock=FakeClock(),
-                      sleep=lambda s: None)
-    assert done.outcome == "no_response" and bar.writes == [] and bar.reads == [R.STATUS]
-
-
-# -- the dma command -----------------------------------------------------------------------------
-
-def test_dma_in_run_accepts_a_window_runs_t1_and_releases_it() -> None:
-    tsm = FakeTsm("RUN")
-    res, bar, mem = run_dma(tsm, op="fill", length=4096, pattern=0xC0DE1234)
-    assert tsm.names() == ["TDI_INFO", "STATUS", "DMA_ACCEPT", "DMA_RELEASE"]
-    assert tsm.calls[2][1] == {"base": PHYS, "size": HUGE, "access": "rw"}
-    assert tsm.calls[3][1] == {"window_id": 7} and tsm.windows == {}
-    dst = PHYS + commands.DST_OFF
-    assert job_writes(bar) == [
-        (R.INT_ENABLE, 0), (R.INT_STATUS, 3),
-        (R.DMA_SRC_LO, 0), (R.DMA_SRC_HI, 0),
-        (R.DMA_DST_LO, dst & 0xFFFF_FFFF), (R.DMA_DST_HI, dst >> 32),
-        (R.DMA_LEN, 4096), (R.DMA_PATTERN, 0xC0DE1234), (R.DMA_CMD, CMD_GO | Op.FILL),
-        (R.INT_STATUS, Irq.DMA_DONE)]
-    assert mem.read(commands.DST_OFF, 4096) == testdata.fill_bytes(0xC0DE1234, 4096)
-    assert res["ok"] and res["t_bit"] and res["stream"] == 1 and res["tdi_state"] == "RUN"
-    assert res["window"] == {"window_id": 7, "base": hex(PHYS), "size": HUGE, "ours": True,
-                             "released": True}
-    r = res["result"]
-    assert r["outcome"] == "done" and r["status"] == "0x2" and r["data_ok"] and r["landed"]
-    assert (r["device_jobs_before"], r["device_jobs_after"]) == (5, 6)
-
-
-def test_dma_keep_window_leaves_it_with_the_tsm() -> None:
-    tsm = FakeTsm("RUN")
-    res, _, _ = run_dma(tsm, keep_window=True)
-    assert "DMA_RELEASE" not in tsm.names() and list(tsm.windows) == [7]
-    assert "released" not in res["window"]
-    assert "(accepted for this job; kept (--keep-window))" in commands.format_dma(res)
-
-
-def test_dma_uses_a_window_the_vm_already_holds_and_does_not_release_it() -> None:
-    tsm = FakeTsm("RUN", {3: {"base": PHYS - HUGE, "size": 4 * HUGE, "access": "rw"}})
-    res, _, _ = run_dma(tsm, op="copy", length=65536, seed=0xABC)
-    assert tsm.names() == ["TDI_INFO", "STATUS"] and list(tsm.windows) == [3]
-    assert res["window"]["window_id"] == 3 and not res["window"]["ours"]
-    assert res["ok"] and res["result"]["data_ok"]
-
-
-def test_dma_sha256_writes_the_digest_of_the_seeded_source() -> None:
-    tsm = FakeTsm("RUN")
-    res, bar, mem = run_dma(tsm, op="sha256", length=1000, seed=0x42)
-    src = testdata.stream(0x42, "dma-src", 1000)
-    assert mem.read(commands.SRC_OFF, 1000) == src
-    assert res["result"]["digest"] == hashlib.sha256(src).hexdigest()
-    assert (R.DMA_SRC_LO, PHYS & 0xFFFF_FFFF) in bar.writes
-    assert (R.DMA_CMD, CMD_GO | Op.SHA256) in bar.writes
-
-
-def test_dma_without_window_in_run_is_refused_and_says_why() -> None:
-    tsm = FakeTsm("RUN")
-    with pytest.raises(commands.CommandFailed, match="no DMA window covers the buffer") as ei:
-        run_dma(tsm, window=False)
-    res = ei.value.result
-    assert res is not None and tsm.names() == ["TDI_INFO"]
-    r = res["result"]
-    assert r["error_name"] == "FAULT" and r["status"] == hex(St.ERROR | 3 << 8)
-    assert not r["landed"] and not r["data_ok"]
-    assert r["device_jobs_after"] == r["device_jobs_before"]
-
-
-def test_dma_releases_its_window_even_when_the_job_fails() -> None:
-    tsm = FakeTsm("RUN")
-    with pytest.raises(commands.CommandFailed, match="no completion within 3.0 s"):
-        run_dma(tsm, timeout=3.0, bar_kw={"never_finish": True})
-    assert tsm.names()[-1] == "DMA_RELEASE" and tsm.windows == {}
-
-
-@pytest.mark.parametrize("state", ["ERROR", "CONFIG_LOCKED"])
-def test_dma_when_the_tdi_is_not_run_fails_at_once_without_writing(state: str) -> None:
-    tsm = FakeTsm(state)
-    with pytest.raises(commands.CommandFailed, match=f"does not answer BAR0.*TDI is {state}"):
-        run_dma(tsm)
-    assert tsm.names() == ["TDI_INFO"]            # no DMA_ACCEPT outside RUN
-
-
-def test_dma_unlocked_is_t0_without_a_window() -> None:
-    tsm = FakeTsm("CONFIG_UNLOCKED")
-    res, _, _ = run_dma(tsm, op="copy", length=300)
-    assert tsm.names() == ["TDI_INFO"] and res["window"] is None and not res["t_bit"]
-    assert "T=0 (TDI CONFIG_UNLOCKED" in commands.format_dma(res)
-
-
-def test_dma_without_tsm() -> None:
-    res, _, _ = run_dma(None, length=8)
-    assert res["tdi_state"] is None and res["ok"]
-
-
-def test_dma_human_output() -> None:
-    res, _, _ = run_dma(FakeTsm("RUN"), op="fill", length=4096, pattern=0x11223344)
-    text = commands.format_dma(res)
-    dst = PHYS + commands.DST_OFF
-    assert text.splitlines()[0] == ("dma fill 4096 bytes on 0000:01:00.0, TDI dev0 RUN "
-                                    "(lock epoch 3)")
-    for needle in (f"destination {dst:#x}", "pattern     0x11223344",
-                   "DMA path    T=1 on IDE stream 1 (encrypted on the link)",
-                   f"window      7: {PHYS:#x}+0x200000 (accepted for this job; released)",
-                   "STATUS      0x2 (DONE)", "jobs        device counter 0x5 -> 0x6",
-                   "data check  ok", "Command     0x0000 -> 0x0006"):
-        assert needle in text, (needle, text)
-    assert text.splitlines()[-1] == "result: DONE"
-
+from teeio.device_regs import DEVICE_ID_REG_VALUE, Op, R, St
+from teeio.ghcx import MsgType, TdiInfoResponse
+from tests.unit.guest_fakes import HUGE, PHYS, FakeBar, FakeClock, FakeMemory, FakeTsm, patch_cli
 
 # -- the CLI: parsing, --help, output, one-line failures -----------------------------------------
 
@@ -496,55 +105,6 @@ def test_accept_and_legacy_arguments_as_the_init_script_passes_them(
     assert json.loads(report.read_text())["checks"] == [{"name": "x", "ok": True}]
 
 
-def _patch_cli(monkeypatch: pytest.MonkeyPatch, tsm: FakeTsm | None,
-               bar_kw: dict[str, Any] | None = None) -> FakeMemory:
-    mem = FakeMemory()
-    bar = FakeBar(mem, tsm, **(bar_kw or {}))
-
-    class FakeDriver:
-        def __init__(self, irq: bool = True, job_timeout: float = 20.0) -> None:
-            assert irq is False                 # the TEE commands never open uio
-            self.dev = Path("/sys/bus/pci/devices/0000:01:00.0")
-            self.mmio, self.buf, self.command = bar, mem, (0x0406, 0x0406)
-
-    def connect() -> FakeTsm:
-        if tsm is None:
-            raise GhcxSetupError("no virtio-serial port named org.teeio.ghcx.0")
-        return tsm
-
-    monkeypatch.setattr(selftest, "Driver", FakeDriver)
-    monkeypatch.setattr(GhcxClient, "connect", staticmethod(connect))
-    return mem
-
-
-def test_cli_dma_json(monkeypatch: pytest.MonkeyPatch,
-                      capsys: pytest.CaptureFixture[str]) -> None:
-    tsm = FakeTsm("RUN")
-    _patch_cli(monkeypatch, tsm)
-    assert cli.main(["dma", "--json", "--op", "copy", "--length", "1k"]) == 0
-    res = json.loads(capsys.readouterr().out)
-    assert res["ok"] and res["op"] == "copy" and res["length"] == 1024
-    assert res["window"]["released"] and res["bdf"] == "0000:01:00.0"
-    assert res["command"] == {"before": "0x0406", "after": "0x0406"}
-    assert tsm.closed
-
-
-def test_cli_dma_failure_prints_the_result_and_one_error_line(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    _patch_cli(monkeypatch, FakeTsm("ERROR"))
-    assert cli.main(["dma"]) == 1
-    out, err = capsys.readouterr()
-    assert out.splitlines()[-1].startswith("result: FAILED: the device does not answer BAR0")
-    assert err.count("\n") == 1 and err.startswith("guest_agent dma: the device does not")
-
-
-def test_cli_dma_without_ghcx_port_runs_t0(monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    _patch_cli(monkeypatch, None)
-    assert cli.main(["dma", "--length", "16"]) == 0
-    out = capsys.readouterr().out
-    assert "T=0 (no TSM asked" in out and "note        no GHCx (no virtio-serial port" in out
-
 
 # -- tdi-info ------------------------------------------------------------------------------------
 
@@ -615,7 +175,7 @@ def test_tdi_info_without_ghcx_fails_in_one_line(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     dev = fake_sysfs_device(tmp_path)
     monkeypatch.setattr(cli, "find_device", lambda v, d: dev)
-    _patch_cli(monkeypatch, None)
+    patch_cli(monkeypatch, None)
     assert cli.main(["tdi-info"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "--local" in err
@@ -674,7 +234,7 @@ def test_stop_refused_by_the_tsm_is_one_line(monkeypatch: pytest.MonkeyPatch,
     ("CONFIG_LOCKED", False, "refuse"), ("CONFIG_LOCKED", True, "restart"),
     ("ERROR", False, "refuse"), ("ERROR", True, "restart")])
 def test_accept_decision(state: str, restart: bool, action: str) -> None:
-    d = commands.decide_accept(FakeTsm(state).info(), "vm0", restart)
+    d = commands.decide_accept(TdiInfoResponse.decode(FakeTsm(state).info()), "vm0", restart)
     assert d.action == action
     if action == "already":
         assert d.message == ("TDI dev0 is already RUN for VM vm0 (lock epoch 3): nothing "
@@ -686,7 +246,9 @@ def test_accept_decision(state: str, restart: bool, action: str) -> None:
         assert "device reported ERROR" in d.message
 
 
-def _patch_accept(monkeypatch: pytest.MonkeyPatch, tsm: FakeTsm) -> list[bool]:
+def _patch_accept(monkeypatch: pytest.MonkeyPatch, tsm: FakeTsm,
+                  mem: FakeMemory | None = None) -> list[bool]:
+    """accept's device and TSM faked; with *mem* the device has BAR0 and a DMA buffer."""
     drivers: list[bool] = []
 
     class FakeConfig:
@@ -706,6 +268,15 @@ def _patch_accept(monkeypatch: pytest.MonkeyPatch, tsm: FakeTsm) -> list[bool]:
             self.dev = Path("/sys/bus/pci/devices/0000:01:00.0")
             self.command = (0x0406, 0x0406)
             self.cfg = FakeConfig()
+            self.buf = mem
+            self.mmio = FakeBar(mem, tsm) if mem is not None else None
+
+        def run_job(self, op: int, src: int, dst: int, n: int,
+                    pattern: int = 0) -> dict[str, Any]:
+            clock = FakeClock()
+            done = dmajob.run(self.mmio, dmajob.Job(Op(op), src, dst, n, pattern), 5.0,
+                              clock=clock, sleep=clock.sleep)
+            return {"done": done.done, "outcome": done.outcome}
 
     tsm.counters = {}  # type: ignore[attr-defined]
     tsm.tsm_restarted = False  # type: ignore[attr-defined]
@@ -830,3 +401,75 @@ def test_script_runs_each_command_as_its_own_process(tmp_path: Path) -> None:
     assert first["argv"] == ["probe", "--report", str(probe)] and first["rc"] == 0
     assert first["json"] == {"mode": "probe", "ok": True}
     assert second["must_fail"] and second["rc"] == 2 and second["ok"]
+
+
+class AttestingTsm(FakeTsm):
+    """A TSM that also serves GET_EVIDENCE (fixed blobs) and TDI_ACCEPT (RUN only if the
+    digests and lock epoch are the current ones), as tsm/guest_api.py does."""
+
+    BLOBS = {"cert_chain": b"chain", "vca": b"vca", "report": b"report"}
+    PAIRS = ((b"q1", b"r1"), (b"q2", b"r2"))
+
+    def __init__(self) -> None:
+        super().__init__("CONFIG_UNLOCKED")
+        self.evidence = False
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        if out["digests"] is not None:
+            sha = {k: hashlib.sha384(v).hexdigest() for k, v in self.BLOBS.items()}
+            transcript = b"vca" + b"".join(q + r for q, r in self.PAIRS)
+            out["digests"] = {"cert_chain": sha["cert_chain"], "transcript": hashlib.sha384(
+                transcript).hexdigest() if self.evidence else None, "report": sha["report"]}
+        return out
+
+    def call(self, mtype: MsgType, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        payload = {} if payload is None else payload
+        if mtype is MsgType.GET_EVIDENCE:
+            self.calls.append((mtype, payload))
+            self.evidence = True
+            return {**{k: v.hex() for k, v in self.BLOBS.items()},
+                    "measurements": [[q.hex(), r.hex()] for q, r in self.PAIRS]}
+        if mtype is MsgType.TDI_ACCEPT:
+            self.calls.append((mtype, payload))
+            if payload != {"digests": self.info()["digests"], "lock_epoch": self.epoch}:
+                raise GhcxCallError("mismatch", "digests or lock epoch")
+            self.state = "RUN"
+            return {"state": "RUN", "dma_stream": 1}
+        return super().call(mtype, payload)
+
+
+def test_accept_whole_flow_over_typed_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOCK, evidence with the guest's nonce, TDI_INFO, verification on the typed fields,
+    ACCEPT with the digests and lock epoch verified, DMA in RUN inside an accepted window
+    and refused outside it, the window released at the end."""
+    tsm, mem = AttestingTsm(), FakeMemory()
+    _patch_accept(monkeypatch, tsm, mem)
+    monkeypatch.setattr(accept, "HugeBuffer", lambda name: FakeMemory(phys=PHYS + 8 * HUGE))
+    seen: dict[str, Any] = {}
+
+    def verify(policy: Any, ev: tdi_verify.Evidence, info: dict[str, Any], nonce: bytes,
+               bars: Any) -> tdi_verify.Verdict:
+        seen.update(ev=ev, info=info, nonce=nonce)
+        v = tdi_verify.Verdict()
+        v.add("all", True)
+        return v
+
+    monkeypatch.setattr(tdi_verify, "verify", verify)
+    rep = accept.run(Path("/p.json"))
+    assert rep["ok"] and rep["accepted"], rep
+    assert tsm.names() == ["TDI_INFO", "TDI_LOCK", "GET_EVIDENCE", "TDI_INFO", "TDI_ACCEPT",
+                           "DMA_ACCEPT", "DMA_RELEASE", "DMA_ACCEPT", "DMA_RELEASE"]
+    assert tsm.calls[2][1] == {"nonce": seen["nonce"].hex()} and len(seen["nonce"]) == 32
+    assert seen["ev"] == tdi_verify.Evidence(b"chain", b"vca", AttestingTsm.PAIRS, b"report")
+    assert seen["info"] == rep["info"] == tsm.info() | {"state": "CONFIG_LOCKED"}
+    assert tsm.calls[4][1] == {"digests": seen["info"]["digests"], "lock_epoch": 4}
+    assert tsm.calls[5][1] == {"base": PHYS, "size": HUGE, "access": "rw"}
+    assert rep["lock"] == {"state": "CONFIG_LOCKED", "lock_epoch": 4}
+    assert rep["accept"] == {"state": "RUN", "dma_stream": 1}
+    assert rep["window"] == {"window_id": 8} and rep["window_released"] == 8
+    assert all(c["ok"] for c in rep["checks"]), rep["checks"]
+    assert {c["name"] for c in rep["checks"]} >= {"mmio_blocked_when_locked", "mmio_in_run",
+                                                  "unaccepted_buffer_refused",
+                                                  "released_buffer_refused"}
+    assert tsm.state == "RUN" and tsm.windows == {}

@@ -293,6 +293,41 @@ def test_a_stalled_device_does_not_delay_another_vm(tmp_path: Path) -> None:
         d.close()
 
 
+def test_a_payload_that_is_not_the_typed_body_is_bad_request_before_any_io(
+        tmp_path: Path) -> None:
+    """docs/ghcx.md "Messages": types, ranges, unknown and missing fields are checked by
+    the typed body's decode; the answer is ``bad_request`` (counted), with dev0 stalled:
+    no request got as far as the device."""
+    d = two_vms(tmp_path)
+    stalled = d.devices["dev0"].link
+    assert isinstance(stalled, StallingLink)
+    cases = [("GET_EVIDENCE", {"nonce": "00"}, "nonce: 1 bytes"),
+             ("GET_EVIDENCE", {"nonce": "AB" * 32}, "nonce: must be a string of lowercase"),
+             ("TDI_ACCEPT", {"digests": {}, "lock_epoch": 1}, "digests.cert_chain: missing"),
+             ("TDI_ACCEPT", {"digests": dict.fromkeys(("cert_chain", "transcript", "report"),
+                                                      "00" * 48), "lock_epoch": -1},
+              "lock_epoch: -1 is outside"),
+             ("DMA_ACCEPT", {"base": -1, "size": 4096}, "base: -1 is outside"),
+             ("DMA_ACCEPT", {"base": 0, "size": 4096, "access": "x"}, "access: 'x' is not"),
+             ("DMA_ACCEPT", {"base": 2**64 - 4096, "size": 8192}, "beyond the 64-bit"),
+             ("DMA_RELEASE", {"window_id": True}, "window_id: must be an integer, not bool"),
+             ("TDI_LOCK", {"extra": 1}, "unknown field.s. extra"),
+             ("STATUS", {"x": 1}, "unknown field.s. x")]
+    try:
+        for op, payload, why in cases:
+            with pytest.raises(GhcxFailure, match=why) as err:
+                timed(d.ghcx_request, "vm0", op, payload)
+            assert err.value.code == "bad_request", (op, payload)
+        with pytest.raises(GhcxFailure) as err:
+            d.ghcx_request("vm0", "NO_SUCH_REQUEST", {})
+        assert err.value.code == "unknown_request"
+        assert not stalled.entered.is_set()
+        assert d.ctl_request("status", {})["counters"]["ghcx_bad_request"] == len(cases) - 1
+    finally:
+        stalled.gate.set()
+        d.close()
+
+
 def test_a_device_being_reconnected_is_busy(tmp_path: Path) -> None:
     """``ctl reconnect`` of dev0 stalls: vm0's requests are answered ``state`` (busy) at
     once, status says what dev0 is doing, dev1 is served; then the reconnect completes."""
