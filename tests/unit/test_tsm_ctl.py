@@ -63,7 +63,7 @@ def test_ctl_socket_errors_and_survival(ctl: str) -> None:
 
 def test_ctl_deep_nesting_idle_timeout_and_connection_bound(tmp_path: Path) -> None:
     path = str(tmp_path / "ctl.sock")
-    server = CtlServer(path, dispatch, idle_timeout=0.3, max_connections=2).start()
+    server = CtlServer(path, dispatch, idle_timeout=1.0, max_connections=2).start()
     try:
         with CtlClient(path) as c:
             for raw in (b"[" * 60000 + b"\n", b'{"op": ' + b"[" * 60000 + b"\n"):
