@@ -114,8 +114,8 @@ from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.protocol import PciRegion, ProtocolError, RegionFlags
 
 if TYPE_CHECKING:
+    from teeio.tdisp.responder import TdispResponder
     from vfio_user_dev.dsm import DeviceSecurityManager
-    from vfio_user_dev.tdisp_responder import TdispResponder
 
 log = logging.getLogger(__name__)
 
