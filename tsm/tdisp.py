@@ -35,7 +35,7 @@ from teeio.tdisp.requester import (
     TdispRequester,
     TdispRequestError,
 )
-from tsm import attest, ide
+from tsm import attest, ide, ide_cli
 from tsm.attest import Attestation, AttestError, AttestOptions
 from tsm.doe_client import DoeTransportError
 
@@ -95,9 +95,9 @@ def tdisp_demo(client: TdispRequester, stream_id: int, out: Callable[[str], None
     _expect_state(client, TdiState.CONFIG_UNLOCKED, out)
 
 
-def run_demo(opts: ide.IdeOptions, run: Attestation) -> None:
+def run_demo(opts: ide_cli.IdeOptions, run: Attestation) -> None:
     out = run.out
-    with ide.platform_client(opts) as rp, ide.spdm_session(opts, run, True) as (req, sid):
+    with ide_cli.platform_client(opts) as rp, ide_cli.spdm_session(opts, run, True) as (req, sid):
         s = ide.SelectiveStream(rp, ide.ide_client(req, sid), opts.stream_id, opts.block,
                                 out)
         s.setup()
@@ -118,7 +118,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="the device server's platform control socket (root port)")
     ap.add_argument("--platform-credential", type=Path, required=True, metavar="FILE",
                     help="the platform control credential the device server wrote (0600)")
-    ap.add_argument("--stream-id", type=ide.u8_arg, default=ide.DEFAULT_STREAM_ID, metavar="N",
+    ap.add_argument("--stream-id", type=ide_cli.u8_arg, default=ide.DEFAULT_STREAM_ID, metavar="N",
                     help=f"IDE Stream ID (default {ide.DEFAULT_STREAM_ID})")
     ap.add_argument("--block", type=int, default=0, metavar="N",
                     help="the device's Selective IDE stream block to use (default 0)")
@@ -130,7 +130,7 @@ def run_command(ns: argparse.Namespace) -> int:
     except AttestError as exc:
         print(f"tdisp {ns.tdisp_command} FAILED: {exc}", file=sys.stderr)
         return 1
-    opts = ide.IdeOptions(
+    opts = ide_cli.IdeOptions(
         attest=AttestOptions(trust_anchor=ns.trust_anchor, doe_socket=ns.doe_socket,
                              doe_tcp_port=ns.doe_tcp_port, host=ns.host,
                              reference_values=ns.reference_values, nonce=ns.nonce,
