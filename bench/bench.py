@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fcntl
 import gc
 import hashlib
 import json
@@ -423,9 +424,11 @@ def _result(op: Op, size: int, engine: tuple[int, int, float], memcpy_MBps: floa
 
 
 def bench_dma(c: Client, s: Settings) -> list[DmaResult]:
-    fd = os.memfd_create("teeio-bench-guest", 0)
+    fd = os.memfd_create("teeio-bench-guest", os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, GUEST_SIZE)
+        # sealed against resizing, as QEMU's memory-backend-memfd passes guest RAM
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
         with mmap.mmap(fd, GUEST_SIZE, flags=mmap.MAP_SHARED,
                        prot=mmap.PROT_READ | mmap.PROT_WRITE) as mm:
             # The server closes the fd it receives; ours stays open for the local mmap.

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import mmap
 import os
 import threading
@@ -68,16 +69,12 @@ from bench.bench import (
     timed,
 )
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
+from teeio.tlp import TLP_SIZES, count_pieces, count_read_tlps
 from vfio_user_dev.dma import DmaMapSet
-from vfio_user_dev.link import (
-    DEFAULT_REQUESTER_ID,
-    TLP_SIZES,
-    IdeStream,
-    Link,
-    LinkEndpoint,
-    count_pieces,
-    count_read_tlps,
-)
+from vfio_user_dev.link.endpoint import LinkEndpoint
+from vfio_user_dev.link.interfaces import DEFAULT_REQUESTER_ID
+from vfio_user_dev.link.streams import IdeStreamEnd
+from vfio_user_dev.link.wire import Link
 from vfio_user_dev.protocol import DmaFlags
 from vfio_user_dev.root_port import RootPort
 
@@ -221,8 +218,10 @@ class Rig:
         span = -(-sealed_length(max_size, min(TLP_SIZES)) // MiB) * MiB
         self.src_off, self.dst_off, self.bounce_off = 0, span, 2 * span
         self.guest_size = 3 * span
-        self.fd = os.memfd_create("teeio-bench-link", 0)
+        self.fd = os.memfd_create("teeio-bench-link", os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, self.guest_size)
+        # sealed against resizing, as QEMU's memory-backend-memfd passes guest RAM
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
         self.mm = mmap.mmap(self.fd, self.guest_size, flags=mmap.MAP_SHARED,
                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.mm)
@@ -238,10 +237,10 @@ class Rig:
         self.stream = self._secure()
         self.mm[self.src_off:self.src_off + max_size] = os.urandom(max_size)
 
-    def _secure(self) -> IdeStream:
+    def _secure(self) -> IdeStreamEnd:
         """Key stream STREAM_ID at both ends (Rx GO first, then Tx, then Enable), as the
         link tests and the TSM do."""
-        dev = IdeStream(STREAM_ID)
+        dev = IdeStreamEnd(STREAM_ID)
         rp = self.rp_ide
         rp.setup_stream(STREAM_ID, RID, RID)
         for s in SubStream:

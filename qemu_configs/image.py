@@ -51,6 +51,10 @@ SYSROOT_RECIPE: dict[str, object] = {
         "pciutils",
         "busybox-static",
         "kmod",
+        # a stock NVMe driver's user space: nvme list / id-ctrl, filesystems, fio
+        "nvme-cli",
+        "e2fsprogs",
+        "fio",
     ],
 }
 # Modules the initramfs needs to mount a 9p root (9p.ko pulls netfs and 9pnet).

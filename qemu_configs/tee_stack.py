@@ -41,7 +41,7 @@ from teeio.ghcx import FW_CFG_SECRET, FW_CFG_VM_ID, PORT_NAME
 from teeio.measurements import reference_values
 from vfio_user_dev.firmware_build import build as build_firmware
 from vfio_user_dev.host_access import HostAccessClient
-from vfio_user_dev.link import read_capture
+from vfio_user_dev.link.capture import read_capture
 
 TSM_START_TIMEOUT = 20.0
 CTL_TIMEOUT = 120.0
@@ -257,7 +257,7 @@ class TeeStack:
 def capture_summary(path: Path, needles: dict[str, bytes]) -> dict[str, Any]:
     """What the link capture holds: TLP counts, IDE-protected or not, and whether any of
     *needles* (known plaintext) appears anywhere in it."""
-    from vfio_user_dev.link import is_protected
+    from teeio.tlp import is_protected
     recs = read_capture(path) if path.exists() else []
     raw = path.read_bytes() if path.exists() else b""
     return {"tlps": len(recs), "ide_protected": sum(is_protected(r.data) for r in recs),

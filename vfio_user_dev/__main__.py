@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 from teeio import options
 from teeio.doe_pcap import DoePcapWriter
 from teeio.platform_channel import write_credential
+from teeio.tlp import check_tlp_size
 from teeio.transport import background
 from vfio_user_dev import dsm, ide_host
 from vfio_user_dev.doe_socket import DoeSocketServer
 from vfio_user_dev.host_access import HostAccessServer
-from vfio_user_dev.link import DEFAULT_MPS, DEFAULT_MRRS, CaptureWriter, check_tlp_size
+from vfio_user_dev.link.capture import CaptureWriter
+from vfio_user_dev.link.interfaces import DEFAULT_MPS, DEFAULT_MRRS
 from vfio_user_dev.platform import Platform
 from vfio_user_dev.platform_ctl import PlatformControlServer
 from vfio_user_dev.server import Server

@@ -98,18 +98,13 @@ from teeio.pcie.config import (
 )
 from teeio.tdisp import TdiAction, TdiEvent
 from teeio.tdisp.defs import TdiState
+from teeio.tlp import check_tlp_size
 from vfio_user_dev.dma import DmaFault
 from vfio_user_dev.dsm import FirmwareUpdateError
 from vfio_user_dev.enforcement import Refusals, dma_route, mmio_refusal
 from vfio_user_dev.irq import IrqController
-from vfio_user_dev.link import (
-    DEFAULT_MPS,
-    DEFAULT_MRRS,
-    LinkEndpoint,
-    LinkError,
-    MmioRequest,
-    check_tlp_size,
-)
+from vfio_user_dev.link.endpoint import LinkEndpoint
+from vfio_user_dev.link.interfaces import DEFAULT_MPS, DEFAULT_MRRS, LinkError, MmioRequest
 from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.protocol import PciRegion, ProtocolError, RegionFlags
 

@@ -1,6 +1,8 @@
 """The live set of client DMA regions (vfio-user DMA_MAP / DMA_UNMAP).
 
-A region backed by a file descriptor is mmap()ed and accessed directly; one
+A region backed by a file descriptor is mmap()ed and accessed directly when the file
+cannot shrink under the mapping (a sealed memfd, as QEMU passes), and through the fd
+otherwise (``dma_file``: a shrunken file is then a DMA fault, not SIGBUS); one
 without (QEMU sends some, e.g. ROM areas, or all of RAM when it is not
 ``share=on``) is reached through DMA_READ / DMA_WRITE messages on the socket,
 via the ``remote`` callbacks the transport installs.  Maps arrive before
@@ -34,6 +36,7 @@ import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
+from vfio_user_dev.dma_file import FileMemory, MemoryGone, cannot_shrink
 from vfio_user_dev.protocol import MAX_DMA_MAPS, DmaFlags, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,7 @@ class DmaRegion:
     size: int
     flags: int
     fd_offset: int
-    mem: mmap.mmap | memoryview | None = field(default=None, repr=False)
+    mem: mmap.mmap | memoryview | FileMemory | None = field(default=None, repr=False)
     users: int = 0
     map_id: int = 0
     inode: Inode | None = None
@@ -105,7 +108,7 @@ class DmaMapSet:
 
     # -- client side: DMA_MAP / DMA_UNMAP -------------------------------------------------
     def map(self, address: int, size: int, flags: int, fd_offset: int, fd: int | None) -> None:
-        mem: mmap.mmap | None = None
+        mem: mmap.mmap | FileMemory | None = None
         inode: Inode | None = None
         try:
             with self._cond:
@@ -114,6 +117,9 @@ class DmaMapSet:
                 st = os.fstat(fd)
                 _check_mappable(st, address, size, fd_offset)
                 inode = (st.st_dev, st.st_ino)
+            if fd is not None and not cannot_shrink(fd, st):
+                mem = FileMemory(fd, fd_offset, size)      # SIGBUS-proof: see dma_file
+            elif fd is not None:
                 prot = 0
                 if flags & DmaFlags.READ:
                     prot |= mmap.PROT_READ
@@ -278,6 +284,8 @@ class DmaMapSet:
             for r, pos, n in pieces:
                 off = pos - r.address
                 chunks.append(bytes(r.mem[off:off + n]) if r.mem is not None else None)
+        except MemoryGone as exc:
+            raise DmaFault(f"DMA read at {address:#x}: {exc}") from None
         finally:
             self._release(held)
         return b"".join(c if c is not None else self._remote_read(pos, n)
@@ -299,6 +307,8 @@ class DmaMapSet:
                 else:
                     remote.append((pos, done, n))
                 done += n
+        except MemoryGone as exc:
+            raise DmaFault(f"DMA write at {address:#x}: {exc}") from None
         finally:
             self._release(held)
         for pos, done, n in remote:
@@ -341,6 +351,9 @@ def _check_mappable(st: os.stat_result, address: int, size: int, fd_offset: int)
     if fd_offset < 0 or size > _OFF_MAX or fd_offset > _OFF_MAX - size:
         raise ProtocolError(errno.EINVAL, f"DMA_MAP {address:#x}+{size:#x}: file range "
                                           f"{fd_offset:#x}+{size:#x} is not mappable")
+    if fd_offset % mmap.ALLOCATIONGRANULARITY:
+        raise ProtocolError(errno.EINVAL, f"DMA_MAP {address:#x}+{size:#x}: file offset "
+                                          f"{fd_offset:#x} is not page aligned")
     if stat.S_ISREG(st.st_mode) and fd_offset + size > st.st_size:
         raise ProtocolError(errno.EINVAL, f"DMA_MAP {address:#x}+{size:#x}: file range "
                                           f"{fd_offset:#x}+{size:#x} beyond the end of the "

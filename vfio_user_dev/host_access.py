@@ -70,7 +70,8 @@ from typing import Any
 
 from teeio.transport import LineClient, LineServer
 from vfio_user_dev.dsm import FirmwareUpdateError
-from vfio_user_dev.link import Fault, FaultKind, LinkDirection
+from vfio_user_dev.link.faults import Fault, FaultKind
+from vfio_user_dev.link.interfaces import LinkDirection
 from vfio_user_dev.platform import Platform
 from vfio_user_dev.protocol import PciRegion, ProtocolError
 

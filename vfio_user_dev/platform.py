@@ -29,14 +29,9 @@ from teeio.pcie.config import Reg
 from teeio.tdisp.defs import TdiState
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dma import DmaMapSet
-from vfio_user_dev.link import (
-    DEFAULT_MPS,
-    DEFAULT_MRRS,
-    ROOT_PORT_ID,
-    CaptureWriter,
-    Link,
-    MmioRequest,
-)
+from vfio_user_dev.link.capture import CaptureWriter
+from vfio_user_dev.link.interfaces import DEFAULT_MPS, DEFAULT_MRRS, ROOT_PORT_ID, MmioRequest
+from vfio_user_dev.link.wire import Link
 from vfio_user_dev.platform_events import Event, PlatformEvents
 from vfio_user_dev.protocol import PciRegion
 from vfio_user_dev.root_port import RootPort

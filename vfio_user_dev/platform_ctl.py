@@ -34,7 +34,7 @@ from teeio.platform_channel import (
     unwrap_key,
 )
 from teeio.transport import LineServer
-from vfio_user_dev.link import Link
+from vfio_user_dev.link.wire import Link
 from vfio_user_dev.root_port import RootPort, RootPortError
 
 __all__ = ["AUTH_DEADLINE", "MAX_CONNECTIONS", "PlatformControlServer"]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from fuzz.runner import check
 from teeio.tlp import Tlp
-from vfio_user_dev.link import CaptureWriter, LinkDirection, read_capture
+from vfio_user_dev.link.capture import CaptureWriter, read_capture
+from vfio_user_dev.link.interfaces import LinkDirection
 
 KIND = "decoder"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vfio_user_dev.link import read_capture
+from vfio_user_dev.link.capture import read_capture
 
 SHB = struct.pack("<IIIHHqI", 0x0A0D0D0A, 28, 0x1A2B3C4D, 1, 0, -1, 28)
 IDB, EPB = 1, 6

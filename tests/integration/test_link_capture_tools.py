@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_link import GUEST, Rig, payload
-from vfio_user_dev.link import Fault, FaultKind, LinkFault, read_capture
+from tests.unit.link_rig import GUEST, Rig, payload
+from vfio_user_dev.link.capture import read_capture
+from vfio_user_dev.link.faults import Fault, FaultKind
+from vfio_user_dev.link.interfaces import LinkFault
 
 PROJECT = Path(__file__).resolve().parents[2]
 LUA = PROJECT / "tools" / "teeio_tlp.lua"

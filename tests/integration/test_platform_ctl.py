@@ -27,11 +27,12 @@ from teeio.platform_channel import (
     canonical,
     read_credential,
 )
+from teeio.tlp import is_protected
 from tests.integration.device_process import PROJECT, ServerProcess, started
 from tests.protocol.lockstep import enable_device, error_code, memfd, ok, run_job
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client
-from vfio_user_dev.link import is_protected, iter_tlps, read_capture
+from vfio_user_dev.link.capture import iter_tlps, read_capture
 from vfio_user_dev.protocol import Command, DmaFlags
 
 pytestmark = pytest.mark.timeout(60)

@@ -28,7 +28,7 @@ from tsm.ide import SelectiveStream
 from tsm.tdisp import TdispClient
 from vfio_user_dev import ide_host
 from vfio_user_dev.dsm import DeviceSecurityManager
-from vfio_user_dev.link import CaptureWriter, read_capture
+from vfio_user_dev.link.capture import CaptureWriter, read_capture
 from vfio_user_dev.platform import Platform
 from vfio_user_dev.platform_ctl import PlatformControlServer
 from vfio_user_dev.protocol import DmaFlags, PciRegion

@@ -7,6 +7,7 @@ is a poll with a deadline: nothing sleeps and hopes.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import struct
@@ -180,8 +181,10 @@ def error_code(status: int) -> int:
 # -- host resources -----------------------------------------------------------------------------
 
 def memfd(name: str, size: int) -> int:
-    fd = os.memfd_create(name)
+    """Guest RAM as QEMU's memory-backend-memfd passes it: sealed against resizing."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
     return fd
 
 

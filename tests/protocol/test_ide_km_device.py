@@ -41,7 +41,7 @@ from tests.protocol.lockstep import enable_device, run_job
 from tests.protocol.test_server_dma import GUEST, SIZE, map_memfd
 from vfio_user_dev.device import IDE_CAP, TeeIoDevice
 from vfio_user_dev.dsm import DeviceSecurityManager
-from vfio_user_dev.link import ROOT_PORT_ID
+from vfio_user_dev.link.interfaces import ROOT_PORT_ID
 from vfio_user_dev.protocol import PciRegion
 
 pytestmark = pytest.mark.timeout(60)

@@ -31,7 +31,7 @@ from teeio.ide import KeySet
 from teeio.measurements import measure_elf
 from teeio.pcie.config import Command, Reg
 from teeio.tdisp.defs import LockInterfaceFlags, TdiState
-from teeio.tlp import IdePrefix
+from teeio.tlp import IdePrefix, is_protected, peek
 from tests.protocol.conftest import (
     BAR0_ADDR,
     GUEST,
@@ -45,7 +45,8 @@ from vfio_user_dev import firmware_build
 from vfio_user_dev.device import DEVCTL, IDE_CAP, PCIE_CAP
 from vfio_user_dev.dsm import FirmwareUpdateError
 from vfio_user_dev.enforcement import LOG_EVERY, LOG_FIRST, Refusals
-from vfio_user_dev.link import Fault, FaultKind, LinkDirection, is_protected, peek
+from vfio_user_dev.link.faults import Fault, FaultKind
+from vfio_user_dev.link.interfaces import LinkDirection
 from vfio_user_dev.protocol import PciRegion
 
 pytestmark = pytest.mark.timeout(60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import threading
 from collections.abc import Iterator
@@ -17,8 +18,10 @@ RW = DmaFlags.READ | DmaFlags.WRITE
 
 
 def memfd(size: int, name: str = "dma-test") -> int:
-    fd = os.memfd_create(name)
+    """Sealed against resizing, as QEMU passes guest RAM (so the set maps it)."""
+    fd = os.memfd_create(name, os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
     return fd
 
 

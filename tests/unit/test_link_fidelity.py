@@ -12,7 +12,7 @@ import pytest
 from teeio.pcie import aer
 from teeio.pcie.config import ConfigSpace
 from teeio.tlp import Tlp, TlpType
-from tests.unit.test_link import GUEST, RID, SIZE, Rig
+from tests.unit.link_rig import GUEST, RID, SIZE, Rig
 from vfio_user_dev.device import (
     AER_CAP,
     DEVCAP,
@@ -20,21 +20,10 @@ from vfio_user_dev.device import (
     DEVSTA,
     TeeIoDevice,
 )
-from vfio_user_dev.link import (
-    MAX_OUTSTANDING,
-    TAGS_5BIT,
-    CaptureWriter,
-    Fault,
-    FaultKind,
-    LinkDirection,
-    LinkError,
-    LinkFault,
-    MmioRequest,
-    TagAllocator,
-    iter_tlps,
-    read_capture,
-    read_headers,
-)
+from vfio_user_dev.link.capture import CaptureWriter, iter_tlps, read_capture
+from vfio_user_dev.link.faults import Fault, FaultKind
+from vfio_user_dev.link.interfaces import LinkDirection, LinkError, LinkFault, MmioRequest
+from vfio_user_dev.link.tags import MAX_OUTSTANDING, TAGS_5BIT, TagAllocator, read_headers
 from vfio_user_dev.platform import Platform
 from vfio_user_dev.protocol import DmaFlags, PciRegion
 

@@ -11,9 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
-from tests.unit.test_link import GUEST, RID, SID, SIZE, Rig
+from tests.unit.link_rig import GUEST, RID, SID, SIZE, Rig
 from vfio_user_dev.dma import DmaFault
-from vfio_user_dev.link import Fault, FaultKind, IdeStream, LinkDirection, LinkFault
+from vfio_user_dev.link.faults import Fault, FaultKind
+from vfio_user_dev.link.interfaces import LinkDirection, LinkFault
+from vfio_user_dev.link.streams import IdeStreamEnd
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,7 +28,7 @@ def keys(gen: int) -> dict[tuple[SubStream, Direction], IdeKey]:
             for s in SubStream for d in Direction}
 
 
-def key_pair(rig: Rig, dev: IdeStream, key_set: KeySet, gen: int) -> None:
+def key_pair(rig: Rig, dev: IdeStreamEnd, key_set: KeySet, gen: int) -> None:
     """Program and GO *key_set* at both ends with fixed keys (Rx before Tx)."""
     k = keys(gen)
     for s in SubStream:
@@ -40,10 +42,10 @@ def key_pair(rig: Rig, dev: IdeStream, key_set: KeySet, gen: int) -> None:
     rig.rp.key_set_go(SID, key_set, Direction.TX)
 
 
-def build(per_tlp: bool, mps: int, mrrs: int, window: str) -> tuple[Rig, IdeStream]:
+def build(per_tlp: bool, mps: int, mrrs: int, window: str) -> tuple[Rig, IdeStreamEnd]:
     rig = Rig(None, mps=mps, mrrs=mrrs)
     rig.rp.setup_stream(SID, RID, RID)
-    dev = IdeStream(SID)
+    dev = IdeStreamEnd(SID)
     key_pair(rig, dev, KeySet.K0, 1)
     dev.enabled = True
     assert rig.rp.enable_stream(SID) == "secure"

@@ -1,5 +1,6 @@
-"""The root port (vfio_user_dev/root_port.py): trusted-DMA windows checked after IDE,
-refusal accounting, remaps by the client as security events, stream configuration."""
+"""The root port (vfio_user_dev/root_port/): trusted-DMA windows checked after IDE,
+refusal accounting, remaps by the client as security events, stream configuration,
+revocation of windows and private MMIO by requester or stream."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
-from tests.unit.test_link import GUEST, RID, SID, SIZE, Rig, program_pair
+from tests.unit.link_rig import GUEST, RID, SID, SIZE, Rig, program_pair
 from vfio_user_dev.dma import DmaFault
-from vfio_user_dev.link import IdeStream, LinkFault
+from vfio_user_dev.link.interfaces import LinkFault
+from vfio_user_dev.link.streams import IdeStreamEnd
 from vfio_user_dev.protocol import DmaFlags
 from vfio_user_dev.root_port import RootPortError
 
@@ -153,7 +155,7 @@ def test_requester_outside_the_streams_rid_range(tmp_path: Path) -> None:
     r = Rig(tmp_path)
     try:
         r.rp.setup_stream(SID, 0x0300, 0x0300)       # the stream is for another function
-        dev = IdeStream(SID)
+        dev = IdeStreamEnd(SID)
         program_pair(r.rp, dev, SID, KeySet.K0)
         dev.enabled = True
         r.rp.enable_stream(SID)
@@ -265,6 +267,88 @@ def test_window_over_socket_dma_memory(tmp_path: Path) -> None:
         r.ep.tee_dma = lambda: True
         r.ep.write(0x8100, b"over the socket")
         assert bytes(local[0x100:0x10F]) == b"over the socket"
+    finally:
+        r.close()
+
+
+# -- revocation: by requester or by stream, without the TSM ---------------------------------
+
+OTHER_RID, OTHER_SID = 0x0200, SID + 1
+
+
+def two_streams(r: Rig) -> None:
+    """Our stream (keyed) with a window and private MMIO; another function's stream with a
+    window of its own."""
+    r.secure()
+    r.rp.setup_stream(OTHER_SID, OTHER_RID, OTHER_RID)
+    assert r.rp.authorise_window(RID, SID, WIN, 0x1000).window_id == 1
+    assert r.rp.authorise_window(OTHER_RID, OTHER_SID, WIN + 0x1000, 0x1000).window_id == 2
+    r.rp.set_mmio_private(RID, SID, True)
+
+
+def test_stream_leaving_secure_revokes_what_rides_on_it(tmp_path: Path) -> None:
+    r = Rig(tmp_path)
+    try:
+        two_streams(r)
+        seq = r.rp.platform_events.last_seq
+        r.rp.ide_fail_message(SID, "test")
+        assert sorted(r.rp.windows) == [2] and r.rp.mmio_private == {}
+        kinds = [e["kind"] for e in r.rp.events_since(seq)]
+        assert kinds == ["ide_fail", "rp_stream", "window_revoked", "mmio_private"]
+        (win,) = r.rp.events_since(seq, ("window_revoked",))
+        assert win["window"] == 1 and win["requester_id"] == RID
+        assert f"stream {SID} insecure" in str(win["reason"])
+        (mmio,) = r.rp.events_since(seq, ("mmio_private",))
+        assert mmio["enabled"] is False and mmio["stream"] == SID
+        r.rp.remove_stream(OTHER_SID)                       # removal revokes too
+        assert r.rp.windows == {}
+    finally:
+        r.close()
+
+
+def test_revoke_requester_leaves_other_requesters_alone(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    r = Rig(tmp_path)
+    try:
+        two_streams(r)
+        with caplog.at_level(logging.WARNING, "vfio_user_dev.root_port"):
+            assert r.rp.revoke_requester(RID, "TDI left RUN") == 1
+        assert sorted(r.rp.windows) == [2] and r.rp.mmio_private == {}
+        assert r.rp.status()["streams"][0]["state"] == "secure"     # type: ignore[index]
+        assert any("1 window(s) revoked, private MMIO off" in m for m in caplog.messages)
+        assert r.rp.revoke_requester(RID, "again") == 0             # nothing left
+    finally:
+        r.close()
+
+
+def test_device_reset_resets_the_streams_carrying_it(tmp_path: Path) -> None:
+    r = Rig(tmp_path)
+    try:
+        two_streams(r)
+        r.rp.device_reset(RID, "device reset (flr)")
+        assert sorted(r.rp.windows) == [2] and r.rp.mmio_private == {}
+        ours, other = r.rp.status()["streams"]                      # type: ignore[misc]
+        assert ours["state"] == "insecure" and not ours["enabled"]
+        assert not r.rp.key_programmed(SID, KeySet.K0, Direction.RX, SubStream.PR)
+        assert other["id"] == OTHER_SID
+        (ev,) = [e for e in r.rp.events_since(0, ("rp_stream",))
+                 if e["reason"] == "device reset (flr)"]
+        assert ev["stream"] == SID
+    finally:
+        r.close()
+
+
+def test_window_gate_refuses_a_window(tmp_path: Path) -> None:
+    r = Rig(tmp_path)
+    try:
+        r.rp.setup_stream(SID, RID, RID)
+        r.rp.window_gate = lambda rid: "its TDI is LOCKED, not RUN" if rid == RID else None
+        with pytest.raises(RootPortError, match="LOCKED, not RUN"):
+            r.rp.authorise_window(RID, SID, WIN, WSIZE)
+        assert r.rp.windows == {}
+        r.rp.window_gate = None
+        assert r.rp.authorise_window(RID, SID, WIN, WSIZE).window_id == 1
     finally:
         r.close()
 

@@ -21,18 +21,20 @@ from teeio.ide import (
 )
 from teeio.tlp import (
     MAC_BYTES,
+    TLP_SIZES,
     CplStatus,
     Tlp,
     TlpError,
     TlpType,
-    _span,
+    byte_span,
     completion_parts,
+    completion_spans,
     memory_read_headers,
     memory_write_parts,
     parse_ide_completions,
     parse_ide_requests,
+    split,
 )
-from vfio_user_dev.link import TLP_SIZES, completion_spans, split
 
 SID = 9
 KEYS = {s: IdeKey(bytes([0x40 + s]) * 32, ifv=1 + s) for s in SubStream}
@@ -127,7 +129,7 @@ def test_protect_many_and_open_many_match_the_per_tlp_engines(
         write, rid, tag, tc, attr, t, byte_address, count, lo = f
         assert (write, rid, tag, tc, attr, t, byte_address, count, lo) == (
             True, ref.requester_id, ref.tag, ref.tc, ref.attr, ref.t_bit, ref.byte_address,
-            ref.request_byte_count, _span(ref.first_be)[0])
+            ref.request_byte_count, byte_span(ref.first_be)[0])
         got += plain[lo:lo + count]
     assert got == payload
     assert rx_many.counter(SubStream.PR) == rx_one.counter(SubStream.PR)
@@ -245,7 +247,7 @@ def test_parsers_accept_only_what_decode_accepts(wire: bytes) -> None:
         assert ref is not None and ref.stream_id == SID and ref.type.is_request
         assert reqs[0] == (ref.type.has_data, ref.requester_id, ref.tag, ref.tc, ref.attr,
                            ref.t_bit, ref.byte_address, ref.request_byte_count,
-                           _span(ref.first_be)[0])
+                           byte_span(ref.first_be)[0])
     if cpls:
         assert ref is not None and ref.stream_id == SID and ref.type is TlpType.CPLD
         assert ref.status == CplStatus.SC

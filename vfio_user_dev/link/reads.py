@@ -1,0 +1,117 @@
+"""The outstanding DMA reads of the device's end of the link and the completions that
+answer them (PCIe 6.x §2.2.6.2 Requester ID and tag matching, §2.3.1.1 Byte Count and
+Lower Address of split completions, §2.3.2 unexpected completions, completion timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from teeio.ide import MAC_LEN
+from teeio.tlp import CompletionFields, CplStatus, Tlp
+from vfio_user_dev.link.interfaces import LinkFault
+
+
+@dataclass
+class PendingRead:
+    """One MRd waiting for its completions."""
+
+    address: int
+    length: int
+    data: bytearray = field(default_factory=bytearray)
+    status: CplStatus | None = None
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.error is not None or self.status is not None and (
+            self.status != CplStatus.SC or len(self.data) == self.length)
+
+
+class OutstandingReads:
+    """The MRds of one batch, by tag, and what their completions brought.  Counts
+    ``unexpected_completions``, ``completion_timeouts``, ``ur_completions`` and ``faults``
+    in the endpoint's *counters*."""
+
+    def __init__(self, counters: dict[str, int], log: logging.Logger) -> None:
+        self.pending: dict[int, PendingRead] = {}
+        self._counters = counters
+        self._log = log
+
+    def start(self, tags: Sequence[int], pieces: Sequence[tuple[int, int]]) -> None:
+        """MRds for *pieces* are about to go out, the i-th tagged ``tags[i]``."""
+        self.pending = {tag: PendingRead(a, n) for tag, (a, n) in zip(tags, pieces,
+                                                                     strict=True)}
+
+    def clear(self) -> None:
+        """Completed, or given up (completion timeout)."""
+        self.pending = {}
+
+    def take(self, tag: int) -> bytearray:
+        """The data read by the MRd tagged *tag*; LinkFault if it did not all arrive."""
+        p = self.pending[tag]
+        if p.status == CplStatus.SC and len(p.data) == p.length and p.error is None:
+            return p.data
+        where = f"MRd tag {tag} {p.address:#x}+{p.length}"
+        counters = self._counters
+        if p.error is not None:
+            counters["faults"] += 1
+            raise LinkFault(f"{where}: {p.error}")
+        if p.status is None or (p.status == CplStatus.SC and len(p.data) != p.length):
+            counters["completion_timeouts"] += 1
+            counters["faults"] += 1
+            raise LinkFault(f"{where}: completion timeout ({len(p.data)} of {p.length} bytes)")
+        if p.status != CplStatus.SC:
+            counters["ur_completions"] += 1
+            counters["faults"] += 1
+            raise LinkFault(f"{where}: completion status {p.status.name}")
+        return p.data
+
+    def complete(self, tlp: Tlp, requester_id: int) -> None:
+        """A completion (already through the IDE checks) for *requester_id*."""
+        p = self.pending.get(tlp.tag) if tlp.type.is_completion else None
+        if p is None or tlp.requester_id != requester_id or p.complete:
+            self._counters["unexpected_completions"] += 1
+            self._log.warning("unexpected %s tag %d for %#06x: discarded", tlp.type.name,
+                              tlp.tag, tlp.requester_id)
+            return
+        if tlp.status != CplStatus.SC:
+            p.status = tlp.status
+            return
+        remaining = p.length - len(p.data)
+        expect_lower = (p.address + len(p.data)) & 0x7F
+        if tlp.byte_count != remaining or tlp.lower_address != expect_lower:
+            p.error = (f"malformed completion (byte count {tlp.byte_count}, lower address "
+                       f"{tlp.lower_address:#x}; expected {remaining}, {expect_lower:#x})")
+            return
+        chunk = tlp.payload_bytes()
+        if not chunk or len(chunk) > remaining:
+            p.error = f"completion carries {len(chunk)} bytes, {remaining} remain"
+            return
+        p.data += chunk
+        p.status = CplStatus.SC if len(p.data) == p.length else None
+
+    def complete_run(self, fields: Sequence[CompletionFields], plains: Sequence[bytes],
+                     wires: Sequence[bytes], start: int, requester_id: int) -> None:
+        """Ordinary successful CplDs ``wires[start:start + len(plains)]`` (their parsed
+        *fields*, their decrypted payloads *plains*) without building TLP objects: what
+        :meth:`complete` does for each, in the same order."""
+        pending = self.pending
+        for i, ((requester, tag, count, lower), plain) in enumerate(zip(fields, plains,
+                                                                        strict=True)):
+            p = pending.get(tag)
+            if (p is not None and requester == requester_id and p.error is None
+                    and p.status is None):
+                have = len(p.data)
+                lead = lower & 3
+                if (count == p.length - have and lower == (p.address + have) & 0x7F
+                        and lead < len(plain)):
+                    p.data += plain[lead:lead + count]
+                    p.status = CplStatus.SC if len(p.data) == p.length else None
+                    continue
+            # Anything unusual: the per-TLP code decides (and records) exactly as ever.
+            wire = wires[start + i]
+            self.complete(Tlp.decode(bytes(wire[:len(wire) - len(plain) - MAC_LEN])
+                                     + bytes(plain)), requester_id)

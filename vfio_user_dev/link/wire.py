@@ -1,0 +1,183 @@
+"""The link itself (PCIe 6.x §2: the Transaction Layer's TLPs between two ports): joins
+the device's :class:`~vfio_user_dev.link.endpoint.LinkEndpoint` (downstream) and the root
+port (upstream), carries bursts of TLPs both ways through the taps (capture, fault
+injection), counts them, and holds the MPS / MRRS TLPs are split by (§7.5.3.4).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from teeio.tlp import check_tlp_size, count_pieces, count_read_tlps, peek
+from vfio_user_dev.link.capture import CaptureFlags, CaptureWriter
+from vfio_user_dev.link.faults import Fault, TlpView, apply_faults
+from vfio_user_dev.link.interfaces import (
+    DEFAULT_MPS,
+    DEFAULT_MRRS,
+    LinkDirection,
+    RootPortPort,
+    RootPortReply,
+)
+
+if TYPE_CHECKING:
+    from vfio_user_dev.link.endpoint import LinkEndpoint
+
+log = logging.getLogger(__package__)
+
+
+class Link:
+    """Joins a :class:`LinkEndpoint` (downstream) and a root port (upstream).
+
+    *mps* and *mrrs* are the sizes TLPs are split by until :meth:`set_payload_sizes`
+    changes them (the device does after every Device Control write and reset)."""
+
+    def __init__(self, endpoint: LinkEndpoint, root_port: RootPortPort, *,
+                 mps: int = DEFAULT_MPS, mrrs: int = DEFAULT_MRRS,
+                 capture: CaptureWriter | None = None) -> None:
+        self.mps = check_tlp_size("Max_Payload_Size", mps)
+        self.mrrs = check_tlp_size("Max_Read_Request_Size", mrrs)
+        self.endpoint = endpoint
+        self.root_port = root_port
+        self.capture = capture
+        self.faults: list[Fault] = []
+        self._lock = threading.Lock()
+        self.index = {d: 0 for d in LinkDirection}
+        self.counters = {f"tlps_{d.name.lower()}": 0 for d in LinkDirection}
+        self.counters.update({f"bytes_{d.name.lower()}": 0 for d in LinkDirection})
+        self.counters.update(dropped=0, tampered=0, replayed=0, ide_fail_messages_up=0,
+                             ide_fail_messages_down=0, clear_transfers=0)
+        self.counters.update(mmio_bursts=0)
+        self.counters.update(payload_size_changes=0)
+        endpoint.link = self
+        root_port.attach_link(self.mps, self.ide_fail_message_downstream,
+                              self.send_downstream, self.mrrs)
+
+    def set_payload_sizes(self, mps: int, mrrs: int) -> None:
+        """The effective Max_Payload_Size and Max_Read_Request_Size from now on (PCIe 6.x
+        §7.5.3.4): DMA writes and the root port's completions are split by *mps*, DMA
+        reads (and the root port's MMIO reads) by *mrrs*.  A transfer already under way
+        keeps the sizes it started with."""
+        mps = check_tlp_size("Max_Payload_Size", mps)
+        mrrs = check_tlp_size("Max_Read_Request_Size", mrrs)
+        if (mps, mrrs) == (self.mps, self.mrrs):
+            return
+        log.info("link payload sizes: MPS %d -> %d, MRRS %d -> %d", self.mps, mps,
+                 self.mrrs, mrrs)
+        self.mps, self.mrrs = mps, mrrs
+        self.counters["payload_size_changes"] += 1
+        self.root_port.attach_link(mps, self.ide_fail_message_downstream,
+                                   self.send_downstream, mrrs)
+
+    @property
+    def tapped(self) -> bool:
+        """Whether something looks at TLP bytes (a capture or an armed fault)."""
+        return self.capture is not None or any(not f.done for f in self.faults)
+
+    # -- taps ---------------------------------------------------------------------------
+    def inject(self, fault: Fault) -> Fault:
+        if fault.nth < 1:
+            raise ValueError("Fault.nth counts from 1")
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def _tap(self, direction: LinkDirection, wires: Sequence[bytes]) -> list[bytes]:
+        name = direction.name.lower()
+        with self._lock:
+            if self.capture is None and not any(not f.done and f.direction == direction
+                                                for f in self.faults):
+                # Nothing looks at these TLPs: count them, as the loop below would.
+                self.index[direction] += len(wires)
+                self.counters[f"tlps_{name}"] += len(wires)
+                self.counters[f"bytes_{name}"] += sum(map(len, wires))
+                return list(wires)
+        out: list[bytes] = []
+        for wire in wires:
+            with self._lock:
+                self.index[direction] += 1
+                view = TlpView(direction, self.index[direction], wire,
+                               peek(wire) if self.faults else None)
+                armed = [f for f in self.faults if not f.done and f.direction == direction]
+            copies, tampered = apply_faults(armed, view)
+            flags = CaptureFlags.TAMPERED if tampered else CaptureFlags(0)
+            if not copies:
+                self.counters["dropped"] += 1
+                self._capture(direction, wire, flags | CaptureFlags.DROPPED)
+            for i, c in enumerate(copies):
+                extra = CaptureFlags.REPLAYED if i else CaptureFlags(0)
+                if i:
+                    self.counters["replayed"] += 1
+                self._capture(direction, c, flags | extra)
+                self.counters[f"tlps_{name}"] += 1
+                self.counters[f"bytes_{name}"] += len(c)
+                out.append(c)
+            if flags & CaptureFlags.TAMPERED:
+                self.counters["tampered"] += 1
+        return out
+
+    def _capture(self, direction: LinkDirection, wire: bytes, flags: int) -> None:
+        if self.capture is not None:
+            self.capture.write(direction, wire, flags)
+
+    # -- crossing -------------------------------------------------------------------------
+    def send_upstream(self, wires: Sequence[bytes]) -> RootPortReply:
+        """A burst of TLPs from the device; the root port's completions are delivered to
+        the endpoint before this returns."""
+        reply = self.root_port.receive(self._tap(LinkDirection.UPSTREAM, wires))
+        completions = self._tap(LinkDirection.DOWNSTREAM, reply.completions)
+        if self.capture is not None:
+            self.capture.flush()
+        self.endpoint.receive(completions)
+        return reply
+
+    def send_downstream(self, wires: Sequence[bytes]) -> list[bytes]:
+        """A burst of memory requests from the root port (MMIO) to the device; returns the
+        device's completions as they arrive back upstream, through the taps both ways."""
+        self.counters["mmio_bursts"] += 1
+        requests = self._tap(LinkDirection.DOWNSTREAM, wires)
+        completions = self._tap(LinkDirection.UPSTREAM, self.endpoint.receive_requests(requests))
+        if self.capture is not None:
+            self.capture.flush()
+        return completions
+
+    def clear_write(self, requester_id: int, address: int, data: bytes) -> None:
+        self.counters["clear_transfers"] += 1
+        self.counters["tlps_upstream"] += count_pieces(address, len(data), self.mps)
+        self.counters["bytes_upstream"] += len(data)
+        self.root_port.clear_write(requester_id, address, data, self.mps)
+
+    def clear_read(self, requester_id: int, address: int, length: int) -> bytes:
+        self.counters["clear_transfers"] += 1
+        mrd, cpl = count_read_tlps(address, length, self.mrrs, self.mps)
+        self.counters["tlps_upstream"] += mrd
+        data = self.root_port.clear_read(requester_id, address, length, self.mrrs)
+        self.counters["tlps_downstream"] += cpl
+        self.counters["bytes_downstream"] += len(data)
+        return data
+
+    def ide_fail_message_upstream(self, stream_id: int, reason: str) -> None:
+        self.counters["ide_fail_messages_up"] += 1
+        self.root_port.ide_fail_message(stream_id, reason)
+
+    def ide_fail_message_downstream(self, stream_id: int, reason: str) -> None:
+        self.counters["ide_fail_messages_down"] += 1
+        self.endpoint.ide_fail_message(stream_id, reason)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "mps": self.mps, "mrrs": self.mrrs,
+            "capture": None if self.capture is None else str(self.capture.path),
+            "faults_armed": sum(1 for f in self.faults if not f.done),
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.close()

@@ -1,0 +1,225 @@
+"""Checks on the TLPs arriving from the device (PCIe 6.x §6.33.4-§6.33.6, §11.2.1; TDISP
+§11), in order: IDE (the stream the prefix names, its Rx, the requester inside its RID
+range; no clear TLP once IDE started), then the trusted-DMA windows (T=1 wholly inside an
+active window of its requester and stream with the access it allows; T=0 touching none).
+Every refusal is counted by reason.  Design notes: docs/root-port-notes.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from teeio.ide import IdeIntegrityError
+from teeio.tlp import (
+    IDE_PREFIX_BYTE0,
+    PREFIX_LEN,
+    SubStream,
+    Tlp,
+    TlpError,
+    is_protected,
+    parse_ide_requests,
+    peek,
+    prefix_stream_id,
+    split,
+)
+from vfio_user_dev.link.interfaces import LinkFault, RootPortReply
+from vfio_user_dev.root_port.context import Burst, PortContext
+from vfio_user_dev.root_port.requests import Admitted, Request
+from vfio_user_dev.root_port.streams import RootPortStream, StreamTable
+from vfio_user_dev.root_port.windows import WindowTable
+
+#: a clear-path plan: runs of (start, length, refusal reason or None, pinned map ids)
+Plan = list[tuple[int, int, str | None, frozenset[int] | None]]
+
+
+class Ingress:
+    """Admission of the device's requests: the wire path's methods run under the lock (the
+    caller's), the clear path's plan takes it."""
+
+    def __init__(self, ctx: PortContext, streams: StreamTable, windows: WindowTable) -> None:
+        self._ctx = ctx
+        self._streams = streams
+        self._windows = windows
+
+    def receive_one(self, wire: bytes, burst: Burst, reply: RootPortReply,
+                    admitted: list[Admitted]) -> None:
+        """Check one TLP (through a :class:`~teeio.tlp.Tlp`); admitted requests go to
+        *admitted*, refused posted writes to *reply*."""
+        self._ctx.counters["tlps_in"] += 1
+        req = self._decode(wire, burst)
+        if isinstance(req, str):
+            head = peek(wire)
+            if head is not None and head.type.is_request and head.type.has_data:
+                reply.refused_posted.append(req)    # a posted write that never lands
+            return
+        self._admit(req, burst, reply, admitted, *self.check(req))
+
+    def _admit(self, req: Request, burst: Burst, reply: RootPortReply,
+               admitted: list[Admitted], pin: frozenset[int] | None, reason: str | None,
+               detail: str) -> None:
+        if reason is not None:
+            self._ctx.refuse(burst, req, reason, detail)
+            if req.write:
+                reply.refused_posted.append(detail)
+            else:
+                admitted.append(Admitted(req, None, refused=True))
+            return
+        self._ctx.counters["tlps_admitted"] += 1
+        admitted.append(Admitted(req, pin))
+
+    def receive_run(self, wires: Sequence[bytes], start: int, burst: Burst,
+                    reply: RootPortReply, admitted: list[Admitted]) -> int:
+        """Take the run of ordinary IDE requests at *start* (well-formed, on one Secure
+        stream, passing the IDE check) without TLP objects, doing for each what
+        :meth:`receive_one` would; contiguous admitted requests of one kind become one
+        gathered request.  Returns where the run stopped: the TLP there (if any) is
+        :meth:`receive_one`'s."""
+        first = wires[start]
+        if len(first) <= PREFIX_LEN or first[0] != IDE_PREFIX_BYTE0:
+            return start
+        stream = self._streams.streams.get(first[2])
+        if stream is None or not stream.is_secure():
+            return start
+        fields = parse_ide_requests(wires, start, stream.rx.stream_id)
+        plains = stream.rx.open_many(wires, start, start + len(fields)) if fields else []
+        if not plains:
+            return start
+        self._ctx.counters["tlps_in"] += len(plains)
+        quick = not self._windows.windows   # no window to check against, nor to pin to
+        in_range = stream.has_rid
+        run: Request | None = None          # contiguous admitted requests being gathered
+        parts: list[bytes] = []             # its payloads (writes)
+        pieces: list[tuple[int, int, int]] = []
+        gathered = 0
+        kinds = set()
+        del fields[len(plains):]
+        for (write, rid, tag, tc, attr, t_bit, a, count, lo), plain in zip(fields, plains,
+                                                                           strict=True):
+            kinds.add(write)
+            if quick and not t_bit and in_range(rid):   # admitted, not pinned (check)
+                if (run is None or run.address + run.length != a or run.write != write
+                        or run.requester_id != rid or run.tc != tc or run.attr != attr):
+                    if run is not None:
+                        self._close_run(run, parts, pieces, admitted)
+                    run = Request(write, rid, a, 0, False, stream, tc=tc, attr=attr)
+                    parts, pieces = [], []
+                run.length += count
+                if write:
+                    parts.append(plain[lo:lo + count])
+                pieces.append((a, count, tag))
+                gathered += 1
+                continue
+            if run is not None:
+                self._close_run(run, parts, pieces, admitted)
+                run = None
+            req = Request(write, rid, a, count, t_bit, stream, tag=tag, tc=tc, attr=attr,
+                          data=bytes(plain[lo:lo + count]) if write else b"")
+            self._admit(req, burst, reply, admitted, *self.check(req))
+        if run is not None:
+            self._close_run(run, parts, pieces, admitted)
+        stream.started.update(SubStream.PR if k else SubStream.NPR for k in kinds)
+        self._ctx.counters["tlps_admitted"] += gathered
+        return start + len(plains)
+
+    @staticmethod
+    def _close_run(run: Request, parts: list[bytes], pieces: list[tuple[int, int, int]],
+                   admitted: list[Admitted]) -> None:
+        if run.write:
+            run.data = b"".join(parts)
+        run.pieces = pieces
+        admitted.append(Admitted(run, None))
+
+    def _decode(self, wire: bytes, burst: Burst) -> Request | str:
+        """IDE check and decode of one TLP: the request, or why it was discarded."""
+        refuse = self._ctx.refuse
+        stream: RootPortStream | None = None
+        if is_protected(wire):
+            sid = prefix_stream_id(wire)
+            if sid is None:
+                return refuse(burst, None, "malformed", "bad IDE prefix")
+            stream = self._streams.streams.get(sid)
+            if stream is None:
+                return refuse(burst, None, "misrouted", f"IDE TLP for unknown stream {sid}")
+            if not stream.is_secure():      # already failed (or not enabled): discard only
+                return refuse(burst, None, "ide", f"IDE TLP on stream {sid}, which is "
+                              f"not Secure ({stream.insecure_reason or 'not enabled'})")
+            try:
+                tlp = stream.rx.unprotect(wire)
+            except IdeIntegrityError as exc:
+                self._streams.ide_failed(stream, exc.reason, burst)
+                return refuse(burst, None, "ide", exc.reason)
+            stream.started.add(tlp.substream)
+        else:
+            try:
+                tlp = Tlp.decode(wire)
+            except TlpError as exc:
+                return refuse(burst, None, "malformed", str(exc))
+            owner = self._streams.of_rid(tlp.requester_id)
+            if owner is not None and owner.is_secure() and tlp.substream in owner.started:
+                reason = (f"non-IDE {tlp.type.name} from RID {tlp.requester_id:#06x} on "
+                          f"{tlp.substream.name} after IDE started")
+                self._streams.ide_failed(owner, reason, burst)
+                return refuse(burst, None, "ide", reason)
+        if not tlp.type.is_request:
+            return refuse(burst, None, "malformed",
+                          f"unexpected {tlp.type.name} from the device")
+        write = tlp.type.has_data
+        return Request(write, tlp.requester_id, tlp.byte_address, tlp.request_byte_count,
+                       tlp.t_bit, stream, tag=tlp.tag, tc=tlp.tc, attr=tlp.attr,
+                       data=tlp.payload_bytes() if write else b"")
+
+    def check(self, req: Request) -> tuple[frozenset[int] | None, str | None, str]:
+        """(pinned map ids, refusal reason key or None, detail) for one request."""
+        a, n = req.address, req.length
+        if req.stream is not None and not req.stream.has_rid(req.requester_id):
+            return None, "rid_outside_stream", (f"RID {req.requester_id:#06x} is outside "
+                                                f"stream {req.stream.stream_id}'s RID range")
+        if req.t_bit:
+            sid = req.stream.stream_id if req.stream is not None else None
+            w = self._windows.lookup(req.requester_id, sid, a, n)
+            if w is None:
+                return None, "t1_outside_window", (f"T=1 {a:#x}+{n} is in no window of RID "
+                                                   f"{req.requester_id:#06x} stream {sid}")
+            if w.suspended:
+                return None, "window_suspended", (f"window {w.window_id} suspended: "
+                                                  f"{w.suspended}")
+            if not (w.write if req.write else w.read):
+                return None, "window_access", (f"window {w.window_id} does not allow "
+                                               f"{'writes' if req.write else 'reads'}")
+            return w.map_ids, None, ""
+        w = self._windows.touching(a, n)
+        if w is not None:
+            return None, "t0_into_window", f"T=0 {a:#x}+{n} touches window {w.window_id}"
+        return None, None, ""
+
+    # -- clear fast path (no IDE, nobody watching the wire; see link.py) ---------------------
+    def clear_plan(self, write: bool, rid: int, address: int, length: int, size: int,
+                   burst: Burst) -> Plan:
+        """Runs (start, length, refusal reason or None, pin) for a T=0 transfer split into
+        *size*-byte TLPs, each checked as the wire path would.  Takes the lock."""
+        with self._ctx.lock:
+            self._ctx.counters["clear_transfers"] += 1
+            owner = self._streams.of_rid(rid)
+            sub = SubStream.PR if write else SubStream.NPR
+            if owner is not None and owner.is_secure() and sub in owner.started:
+                why = (f"non-IDE {'MWr' if write else 'MRd'} from RID {rid:#06x} on "
+                       f"{sub.name} after IDE started")
+                self._ctx.refuse(burst, None, "ide", why)
+                self._streams.ide_failed(owner, why, burst)
+                raise LinkFault(f"IDE stream {owner.stream_id}: {why}")
+            if self._windows.touching(address, length) is None:
+                self._ctx.counters["tlps_admitted"] += 1
+                return [(address, length, None, None)]
+            runs: Plan = []
+            for a, n in split(address, length, size):
+                req = Request(write, rid, a, n)
+                pin, reason, detail = self.check(req)
+                if reason is not None:
+                    self._ctx.refuse(burst, req, reason, detail)
+                else:
+                    self._ctx.counters["tlps_admitted"] += 1
+                if runs and runs[-1][2] == reason and runs[-1][3] == pin \
+                        and runs[-1][0] + runs[-1][1] == a:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + n, reason, pin)
+                else:
+                    runs.append((a, n, reason, pin))
+            return runs
