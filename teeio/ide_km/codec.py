@@ -1,4 +1,4 @@
-"""IDE_KM objects (PCIe 6.x §6.33.3): frozen dataclasses with encode/decode.
+"""IDE_KM objects (PCIe 6.x §6.33.3), declared on the codec core (:mod:`teeio.codec`).
 
 Offsets from the Protocol ID byte; multi-byte fields little-endian::
 
@@ -17,83 +17,33 @@ LE u32 (``k[3] k[2] k[1] k[0] k[7] ...``); the IFV is two LE u32s, bits 63:32 th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import ClassVar, Self
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
+from ..codec import DecodeError, Struct, fixed, reserved, u8
 from ..ide import Direction, IdeKey, KeySet, SubStream
 from .defs import IDE_KM_PROTOCOL_ID, IdeKmError, KpStatus, ObjectId
+from .fields import DwordReversed, Dwords, Ifv, KeySubStream, KssPart, declare, reverse_dwords
 
 __all__ = ["IdeKmDecodeError", "IdeKmObject", "KGoStopAck", "KSetGo", "KSetStop", "KeyProg",
            "KpAck", "Query", "QueryResp", "decode_object", "expected_reg_count",
            "key_from_wire", "key_to_wire"]
 
 
-class IdeKmDecodeError(IdeKmError, ValueError):
-    """A malformed IDE_KM object; keeps the raw bytes and the failing offset."""
+class IdeKmDecodeError(IdeKmError, DecodeError):
+    """A malformed IDE_KM object (raw bytes, offset, reason).  The responder answers it
+    with no response at all, except a KEY_PROG, which gets KP_ACK (§6.33.3)."""
 
-    def __init__(self, message: str, raw: bytes = b"", offset: int = 0) -> None:
-        self.raw = bytes(raw)
-        self.offset = offset
-        super().__init__(f"IDE_KM: {message} (at offset {offset} of {len(raw)} bytes)")
+    def __str__(self) -> str:
+        return f"IDE_KM: {super().__str__()}"
 
-
-# --- field helpers --------------------------------------------------------------------------------
 
 def key_to_wire(key: bytes) -> bytes:
     """AES key (crypto-library order) -> KEY_PROG byte stream: each DW's bytes reversed."""
-    if len(key) % 4:
-        raise ValueError("key length must be a multiple of 4")
-    return b"".join(key[i:i + 4][::-1] for i in range(0, len(key), 4))
+    return reverse_dwords(key)
 
 
 key_from_wire = key_to_wire     # the transformation is its own inverse
-
-
-def _ifv_to_wire(ifv: int) -> bytes:
-    return (ifv >> 32).to_bytes(4, "little") + (ifv & 0xFFFFFFFF).to_bytes(4, "little")
-
-
-def _ifv_from_wire(b: bytes) -> int:
-    return int.from_bytes(b[0:4], "little") << 32 | int.from_bytes(b[4:8], "little")
-
-
-def _kss(key_set: KeySet, direction: Direction, substream: SubStream) -> int:
-    return int(key_set) | int(direction) << 1 | int(substream) << 4
-
-
-def _parse_kss(kss: int, raw: bytes, off: int) -> tuple[KeySet, Direction, SubStream]:
-    if kss & 0x0C:
-        raise IdeKmDecodeError(f"KeySubStream 0x{kss:02x}: reserved bits 3:2 set", raw, off)
-    try:
-        sub = SubStream(kss >> 4)
-    except ValueError:
-        raise IdeKmDecodeError(f"KeySubStream 0x{kss:02x}: unknown sub-stream {kss >> 4}",
-                               raw, off) from None
-    return KeySet(kss & 1), Direction(kss >> 1 & 1), sub
-
-
-def _check_u8(name: str, v: int) -> None:
-    if not 0 <= v <= 0xFF:
-        raise ValueError(f"{name} = {v} out of range 0..255")
-
-
-def _head(data: bytes, oid: ObjectId, size: int | None) -> None:
-    """Protocol ID, Object ID and (if fixed) exact size of an object."""
-    if len(data) < 2:
-        raise IdeKmDecodeError("truncated: no IDE_KM header", data, len(data))
-    if data[0] != IDE_KM_PROTOCOL_ID:
-        raise IdeKmDecodeError(f"Protocol ID 0x{data[0]:02x} is not IDE_KM", data, 0)
-    if data[1] != oid:
-        raise IdeKmDecodeError(f"Object ID 0x{data[1]:02x}, expected {oid.name}", data, 1)
-    if size is not None and len(data) != size:
-        raise IdeKmDecodeError(f"{oid.name} must be {size} bytes, got {len(data)}", data,
-                               min(len(data), size))
-
-
-def _zero(data: bytes, start: int, end: int, what: str) -> None:
-    for i in range(start, end):
-        if data[i]:
-            raise IdeKmDecodeError(f"reserved byte {what} is 0x{data[i]:02x}", data, i)
 
 
 def expected_reg_count(regs: tuple[int, ...] | list[int]) -> int:
@@ -115,49 +65,87 @@ def expected_reg_count(regs: tuple[int, ...] | list[int]) -> int:
     return n
 
 
-# --- objects --------------------------------------------------------------------------------------
+def _check_regs(regs: tuple[int, ...]) -> None:
+    want = expected_reg_count(regs)
+    if want != len(regs):
+        raise ValueError(f"IDE registers: the capability describes {want} DWs, "
+                         f"got {len(regs)}")
 
-@dataclass(frozen=True)
-class Query:
-    OBJECT_ID: ClassVar[ObjectId] = ObjectId.QUERY
-    port_index: int = 0
+
+def _head(data: bytes, oid: ObjectId, size: int | None) -> None:
+    """Protocol ID, Object ID and (if fixed) exact size of an object."""
+    if len(data) < 2:
+        raise IdeKmDecodeError(data, len(data), "truncated: no IDE_KM header")
+    if data[0] != IDE_KM_PROTOCOL_ID:
+        raise IdeKmDecodeError(data, 0, f"Protocol ID 0x{data[0]:02x} is not IDE_KM")
+    if data[1] != oid:
+        raise IdeKmDecodeError(data, 1, f"Object ID 0x{data[1]:02x}, expected {oid.name}")
+    if size is not None and len(data) != size:
+        raise IdeKmDecodeError(data, min(len(data), size),
+                               f"{oid.name} must be {size} bytes, got {len(data)}")
+
+
+def _init(obj: Struct, **values: Any) -> None:
+    """An object's constructor: each is written out (the constructor arguments are the
+    API; the declarations, in wire order, also hold the constant and reserved fields)."""
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+    obj.__post_init__()
+
+
+class _Object(Struct):
+    """An IDE_KM object: the header checked with the spec's words before the fields."""
+
+    OBJECT_ID: ClassVar[ObjectId]
+    SIZE: ClassVar[int | None] = None
+    DECODE_ERROR: ClassVar[type[DecodeError]] = IdeKmDecodeError
 
     def __post_init__(self) -> None:
-        _check_u8("port_index", self.port_index)
-
-    def encode(self) -> bytes:
-        return bytes((IDE_KM_PROTOCOL_ID, self.OBJECT_ID, 0, self.port_index))
+        for spec in self.fields_spec():
+            coerce = getattr(spec, "coerce", None)
+            if spec.init and coerce is not None:
+                object.__setattr__(self, spec.name, coerce(getattr(self, spec.name)))
+        super().__post_init__()
 
     @classmethod
-    def decode(cls, data: bytes) -> Query:
-        data = bytes(data)
-        _head(data, cls.OBJECT_ID, 4)
-        _zero(data, 2, 3, "2")
-        return cls(data[3])
+    def decode(cls, buf: bytes | bytearray | memoryview, ctx: Any = None) -> Self:
+        data = bytes(buf)
+        _head(data, cls.OBJECT_ID, cls.SIZE)
+        return super().decode(data, ctx)
 
 
-@dataclass(frozen=True)
-class QueryResp:
+@dataclass(frozen=True, init=False)
+class Query(_Object):
+    OBJECT_ID: ClassVar[ObjectId] = ObjectId.QUERY
+    SIZE: ClassVar[int | None] = 4
+    protocol_id: int = fixed(1, IDE_KM_PROTOCOL_ID)
+    object_id: int = fixed(1, ObjectId.QUERY)
+    _rsvd: None = reserved(1)
+    port_index: int = u8(0)
+
+    def __init__(self, port_index: int = 0) -> None:
+        _init(self, port_index=port_index)
+
+
+@dataclass(frozen=True, init=False)
+class QueryResp(_Object):
     """QUERY_RESP: routing identity and the IDE capability contents (minus its header)."""
 
     OBJECT_ID: ClassVar[ObjectId] = ObjectId.QUERY_RESP
-    port_index: int
-    dev_func: int
-    bus: int
-    segment: int
-    max_port_index: int
-    regs: tuple[int, ...]
+    protocol_id: int = fixed(1, IDE_KM_PROTOCOL_ID)
+    object_id: int = fixed(1, ObjectId.QUERY_RESP)
+    _rsvd: None = reserved(1)
+    port_index: int = u8()
+    dev_func: int = u8()
+    bus: int = u8()
+    segment: int = u8()
+    max_port_index: int = u8()
+    regs: tuple[int, ...] = declare(Dwords("IDE registers", 2, _check_regs))
 
-    def __post_init__(self) -> None:
-        for name in ("port_index", "dev_func", "bus", "segment", "max_port_index"):
-            _check_u8(name, getattr(self, name))
-        object.__setattr__(self, "regs", tuple(self.regs))
-        if any(not 0 <= r <= 0xFFFFFFFF for r in self.regs):
-            raise ValueError("IDE register values must be u32")
-        want = expected_reg_count(self.regs)
-        if want != len(self.regs):
-            raise ValueError(f"IDE registers: the capability describes {want} DWs, "
-                             f"got {len(self.regs)}")
+    def __init__(self, port_index: int, dev_func: int, bus: int, segment: int,
+                 max_port_index: int, regs: tuple[int, ...]) -> None:
+        _init(self, port_index=port_index, dev_func=dev_func, bus=bus, segment=segment,
+              max_port_index=max_port_index, regs=regs)
 
     @property
     def capability(self) -> int:
@@ -167,51 +155,46 @@ class QueryResp:
     def control(self) -> int:
         return self.regs[1]
 
-    def encode(self) -> bytes:
-        return (bytes((IDE_KM_PROTOCOL_ID, self.OBJECT_ID, 0, self.port_index, self.dev_func,
-                       self.bus, self.segment, self.max_port_index))
-                + b"".join(r.to_bytes(4, "little") for r in self.regs))
 
-    @classmethod
-    def decode(cls, data: bytes) -> QueryResp:
-        data = bytes(data)
-        _head(data, cls.OBJECT_ID, None)
-        if len(data) < 16 or len(data) % 4:
-            raise IdeKmDecodeError("QUERY_RESP must be 8 bytes plus at least 2 whole DWs, "
-                                   f"got {len(data)} bytes", data, len(data))
-        _zero(data, 2, 3, "2")
-        regs = tuple(int.from_bytes(data[i:i + 4], "little") for i in range(8, len(data), 4))
-        try:
-            return cls(data[3], data[4], data[5], data[6], data[7], regs)
-        except ValueError as e:
-            raise IdeKmDecodeError(str(e), data, 8) from None
+class _StreamFields(_Object):
+    """What every object but QUERY/QUERY_RESP has (each declares them in its wire order):
+    the Stream ID, the KSS byte's three parts, the PortIndex."""
 
-
-@dataclass(frozen=True)
-class KeyProg:
-    """KEY_PROG: one key (and IFV) for one stream / key set / direction / sub-stream."""
-
-    OBJECT_ID: ClassVar[ObjectId] = ObjectId.KEY_PROG
-    SIZE: ClassVar[int] = 48
     stream_id: int
     key_set: KeySet
     direction: Direction
     substream: SubStream
-    key: bytes = field(repr=False)
-    ifv: int = field(default=1, repr=False)
-    port_index: int = 0
+    port_index: int
 
-    def __post_init__(self) -> None:
-        _check_u8("stream_id", self.stream_id)
-        _check_u8("port_index", self.port_index)
-        object.__setattr__(self, "key_set", KeySet(self.key_set))
-        object.__setattr__(self, "direction", Direction(self.direction))
-        object.__setattr__(self, "substream", SubStream(self.substream))
-        object.__setattr__(self, "key", bytes(self.key))
-        if len(self.key) != 32:
-            raise ValueError(f"KEY_PROG key must be 32 bytes, got {len(self.key)}")
-        if not 0 <= self.ifv < 1 << 64:
-            raise ValueError("IFV must fit in 64 bits")
+    def same_target(self, other: _StreamFields) -> bool:
+        return ((self.stream_id, self.key_set, self.direction, self.substream, self.port_index)
+                == (other.stream_id, other.key_set, other.direction, other.substream,
+                    other.port_index))
+
+
+@dataclass(frozen=True, init=False)
+class KeyProg(_StreamFields):
+    """KEY_PROG: one key (and IFV) for one stream / key set / direction / sub-stream."""
+
+    OBJECT_ID: ClassVar[ObjectId] = ObjectId.KEY_PROG
+    SIZE: ClassVar[int | None] = 48
+    protocol_id: int = fixed(1, IDE_KM_PROTOCOL_ID)
+    object_id: int = fixed(1, ObjectId.KEY_PROG)
+    _rsvd0: None = reserved(2)
+    stream_id: int = u8()
+    _rsvd1: None = reserved(1)
+    kss: int = declare(KeySubStream())
+    key_set: KeySet = declare(KssPart(KeySet, 0, 1))
+    direction: Direction = declare(KssPart(Direction, 1, 1))
+    substream: SubStream = declare(KssPart(SubStream, 4, 0xF))
+    port_index: int = u8(0)
+    key: bytes = declare(DwordReversed(32, "KEY_PROG key"), repr=False)
+    ifv: int = declare(Ifv(), 1, repr=False)
+
+    def __init__(self, stream_id: int, key_set: KeySet, direction: Direction,
+                 substream: SubStream, key: bytes, ifv: int = 1, port_index: int = 0) -> None:
+        _init(self, stream_id=stream_id, key_set=key_set, direction=direction,
+              substream=substream, key=key, ifv=ifv, port_index=port_index)
 
     @classmethod
     def for_key(cls, stream_id: int, key_set: KeySet, direction: Direction,
@@ -222,94 +205,69 @@ class KeyProg:
     def ide_key(self) -> IdeKey:
         return IdeKey(self.key, self.ifv)
 
-    def encode(self) -> bytes:
-        return (bytes((IDE_KM_PROTOCOL_ID, self.OBJECT_ID, 0, 0, self.stream_id, 0,
-                       _kss(self.key_set, self.direction, self.substream), self.port_index))
-                + key_to_wire(self.key) + _ifv_to_wire(self.ifv))
 
-    @classmethod
-    def decode(cls, data: bytes) -> KeyProg:
-        data = bytes(data)
-        _head(data, cls.OBJECT_ID, cls.SIZE)
-        _zero(data, 2, 4, "2..3")
-        _zero(data, 5, 6, "5")
-        ks, d, s = _parse_kss(data[6], data, 6)
-        return cls(data[4], ks, d, s, key_from_wire(data[8:40]), _ifv_from_wire(data[40:48]),
-                   data[7])
+@dataclass(frozen=True, init=False)
+class _StreamObject(_StreamFields):
+    """K_SET_GO, K_SET_STOP, K_GOSTOP_ACK: 8 bytes, byte 5 reserved."""
 
+    SIZE: ClassVar[int | None] = 8
+    protocol_id: int = fixed(1, IDE_KM_PROTOCOL_ID)
+    object_id: int = fixed(1, 0xFF)                 # each object's own, below
+    _rsvd0: None = reserved(2)
+    stream_id: int = u8()
+    _rsvd1: None = reserved(1)
+    kss: int = declare(KeySubStream())
+    key_set: KeySet = declare(KssPart(KeySet, 0, 1))
+    direction: Direction = declare(KssPart(Direction, 1, 1))
+    substream: SubStream = declare(KssPart(SubStream, 4, 0xF))
+    port_index: int = u8(0)
 
-@dataclass(frozen=True)
-class _StreamObject:
-    """The 8-byte objects: Stream ID at 4, byte 5 (status or reserved), KSS at 6, Port at 7."""
-
-    OBJECT_ID: ClassVar[ObjectId]
-    stream_id: int
-    key_set: KeySet
-    direction: Direction
-    substream: SubStream
-    port_index: int = 0
-
-    def __post_init__(self) -> None:
-        _check_u8("stream_id", self.stream_id)
-        _check_u8("port_index", self.port_index)
-        object.__setattr__(self, "key_set", KeySet(self.key_set))
-        object.__setattr__(self, "direction", Direction(self.direction))
-        object.__setattr__(self, "substream", SubStream(self.substream))
-
-    def _byte5(self) -> int:
-        return 0
-
-    def encode(self) -> bytes:
-        return bytes((IDE_KM_PROTOCOL_ID, self.OBJECT_ID, 0, 0, self.stream_id, self._byte5(),
-                      _kss(self.key_set, self.direction, self.substream), self.port_index))
-
-    @classmethod
-    def _fields(cls, data: bytes, byte5_reserved: bool) -> tuple[
-            int, KeySet, Direction, SubStream, int]:
-        _head(data, cls.OBJECT_ID, 8)
-        _zero(data, 2, 4, "2..3")
-        if byte5_reserved:
-            _zero(data, 5, 6, "5")
-        ks, d, s = _parse_kss(data[6], data, 6)
-        return data[4], ks, d, s, data[7]
-
-    @classmethod
-    def decode(cls, data: bytes) -> Self:
-        """The plain stream objects (K_SET_GO, K_SET_STOP, K_GOSTOP_ACK): byte 5 reserved."""
-        return cls(*cls._fields(bytes(data), True))
-
-    def same_target(self, other: _StreamObject) -> bool:
-        return ((self.stream_id, self.key_set, self.direction, self.substream, self.port_index)
-                == (other.stream_id, other.key_set, other.direction, other.substream,
-                    other.port_index))
+    def __init__(self, stream_id: int, key_set: KeySet, direction: Direction,
+                 substream: SubStream, port_index: int = 0) -> None:
+        _init(self, stream_id=stream_id, key_set=key_set, direction=direction,
+              substream=substream, port_index=port_index)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class KSetGo(_StreamObject):
     OBJECT_ID: ClassVar[ObjectId] = ObjectId.K_SET_GO
+    object_id: int = fixed(1, ObjectId.K_SET_GO)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class KSetStop(_StreamObject):
     OBJECT_ID: ClassVar[ObjectId] = ObjectId.K_SET_STOP
+    object_id: int = fixed(1, ObjectId.K_SET_STOP)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class KGoStopAck(_StreamObject):
     OBJECT_ID: ClassVar[ObjectId] = ObjectId.K_GOSTOP_ACK
+    object_id: int = fixed(1, ObjectId.K_GOSTOP_ACK)
 
 
-@dataclass(frozen=True)
-class KpAck(_StreamObject):
+@dataclass(frozen=True, init=False)
+class KpAck(_StreamFields):
+    """KP_ACK: byte 5 is the Status; reserved values (5..FF) are kept as received."""
+
     OBJECT_ID: ClassVar[ObjectId] = ObjectId.KP_ACK
-    status: int = KpStatus.SUCCESS
+    SIZE: ClassVar[int | None] = 8
+    protocol_id: int = fixed(1, IDE_KM_PROTOCOL_ID)
+    object_id: int = fixed(1, ObjectId.KP_ACK)
+    _rsvd0: None = reserved(2)
+    stream_id: int = u8()
+    status: int = u8(KpStatus.SUCCESS)
+    kss: int = declare(KeySubStream())
+    key_set: KeySet = declare(KssPart(KeySet, 0, 1))
+    direction: Direction = declare(KssPart(Direction, 1, 1))
+    substream: SubStream = declare(KssPart(SubStream, 4, 0xF))
+    port_index: int = u8(0)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_u8("status", self.status)
-
-    def _byte5(self) -> int:
-        return self.status
+    def __init__(self, stream_id: int, key_set: KeySet, direction: Direction,
+                 substream: SubStream, port_index: int = 0,
+                 status: int = KpStatus.SUCCESS) -> None:
+        _init(self, stream_id=stream_id, key_set=key_set, direction=direction,
+              substream=substream, port_index=port_index, status=status)
 
     @property
     def status_code(self) -> KpStatus:
@@ -319,20 +277,12 @@ class KpAck(_StreamObject):
         except ValueError:
             return KpStatus.UNSPECIFIED_FAILURE
 
-    @classmethod
-    def decode(cls, data: bytes) -> KpAck:
-        data = bytes(data)
-        sid, ks, d, s, port = cls._fields(data, False)
-        return cls(sid, ks, d, s, port, data[5])
-
 
 IdeKmObject = Query | QueryResp | KeyProg | KpAck | KSetGo | KSetStop | KGoStopAck
 
 _CODECS: dict[int, Callable[[bytes], IdeKmObject]] = {
-    ObjectId.QUERY: Query.decode, ObjectId.QUERY_RESP: QueryResp.decode,
-    ObjectId.KEY_PROG: KeyProg.decode, ObjectId.KP_ACK: KpAck.decode,
-    ObjectId.K_SET_GO: KSetGo.decode, ObjectId.K_SET_STOP: KSetStop.decode,
-    ObjectId.K_GOSTOP_ACK: KGoStopAck.decode,
+    cls.OBJECT_ID: cls.decode
+    for cls in (Query, QueryResp, KeyProg, KpAck, KSetGo, KSetStop, KGoStopAck)
 }
 
 
@@ -340,11 +290,10 @@ def decode_object(data: bytes) -> IdeKmObject:
     """Decode any IDE_KM object by its Object ID."""
     data = bytes(data)
     if len(data) < 2:
-        raise IdeKmDecodeError("truncated: no IDE_KM header", data, len(data))
+        raise IdeKmDecodeError(data, len(data), "truncated: no IDE_KM header")
     if data[0] != IDE_KM_PROTOCOL_ID:
-        raise IdeKmDecodeError(f"Protocol ID 0x{data[0]:02x} is not IDE_KM", data, 0)
+        raise IdeKmDecodeError(data, 0, f"Protocol ID 0x{data[0]:02x} is not IDE_KM")
     codec = _CODECS.get(data[1])
     if codec is None:
-        raise IdeKmDecodeError(f"unknown Object ID 0x{data[1]:02x}", data, 1)
+        raise IdeKmDecodeError(data, 1, f"unknown Object ID 0x{data[1]:02x}")
     return codec(data)
-

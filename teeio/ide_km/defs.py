@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from ..codec import ProtocolError
 from ..spdm.defs import PCI_SIG_VENDOR_ID, RegistryId
 
 __all__ = ["IDE_KM_PROTOCOL_ID", "PCI_SIG_STANDARD_ID", "PCI_SIG_VENDOR_ID", "IdeKmError",
-           "KpStatus", "ObjectId", "PciSigProtocol"]
+           "KeyProgError", "KpStatus", "ObjectId", "PciSigProtocol"]
 
 PCI_SIG_STANDARD_ID = RegistryId.PCISIG
 IDE_KM_PROTOCOL_ID = 0x00
@@ -50,3 +51,22 @@ class KpStatus(IntEnum):
 class IdeKmError(Exception):
     """Base of IDE_KM errors."""
 
+
+class KeyProgError(IdeKmError, ProtocolError):
+    """KEY_PROG not done, answered with KP_ACK *status* (``code``, §6.33.3); reserved
+    values (5..FF) are kept as received."""
+
+    def __init__(self, status: int, message: str = "") -> None:
+        ProtocolError.__init__(self, status, message)
+
+    @property
+    def status(self) -> int:
+        return self.code
+
+    @property
+    def status_code(self) -> KpStatus:
+        """The status, reserved values read as UNSPECIFIED_FAILURE."""
+        try:
+            return KpStatus(self.code)
+        except ValueError:
+            return KpStatus.UNSPECIFIED_FAILURE

@@ -11,20 +11,32 @@ from typing import TypeVar
 
 from ..ide import Direction, IdeKey, KeySet, SubStream
 from .codec import IdeKmDecodeError, KeyProg, KGoStopAck, KpAck, KSetGo, KSetStop, Query, QueryResp
-from .defs import IdeKmError, KpStatus
+from .defs import IdeKmError, KeyProgError, KpStatus
 
-__all__ = ["IdeKmClient", "IdeKmResponseError"]
+__all__ = ["IdeKmClient", "IdeKmResponseError", "KpAckError"]
 
 _T = TypeVar("_T")
 
 
 class IdeKmResponseError(IdeKmError):
     """Requester side: the response is not the one the request calls for, or KP_ACK
-    reports a failure (``status`` set)."""
+    reports a failure (:class:`KpAckError`, ``status`` set)."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
-        self.status = status
         super().__init__(message)
+        self._status = status
+
+    @property
+    def status(self) -> int | None:
+        return self._status
+
+
+class KpAckError(KeyProgError, IdeKmResponseError):
+    """KP_ACK answered KEY_PROG with a failure Status (``status``, the wire ``code``)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        KeyProgError.__init__(self, status, message)
+        self._status = status
 
 
 def _expect(data: bytes, decoder: Callable[[bytes], _T], what: str) -> _T:
@@ -61,8 +73,8 @@ class IdeKmClient:
                 req.stream_id, req.key_set, req.direction, req.substream, req.port_index):
             raise IdeKmResponseError(f"KP_ACK {rsp} does not answer KEY_PROG {req}")
         if rsp.status != KpStatus.SUCCESS:
-            raise IdeKmResponseError(f"KEY_PROG {req}: KP_ACK status {rsp.status_code.name}",
-                                     status=rsp.status)
+            raise KpAckError(f"KEY_PROG {req}: KP_ACK status {rsp.status_code.name}",
+                             rsp.status)
 
     def _go_stop(self, req: KSetGo | KSetStop) -> None:
         rsp = _expect(self.exchange(req.encode()), KGoStopAck.decode, req.OBJECT_ID.name)

@@ -13,7 +13,7 @@ from typing import Protocol
 from ..ide import Direction, IdeKey, IdeKeyStateError, KeySet, SubStream
 from ..spdm.errors import DropRequest
 from .codec import IdeKmDecodeError, KeyProg, KGoStopAck, KSetGo, KSetStop, Query, QueryResp
-from .defs import IDE_KM_PROTOCOL_ID, KpStatus, ObjectId
+from .defs import IDE_KM_PROTOCOL_ID, KeyProgError, KpStatus, ObjectId
 
 __all__ = ["IdeKeyStore", "IdeKmResponder"]
 
@@ -138,33 +138,37 @@ class IdeKmResponder:
         if len(payload) < 8:
             raise self._drop(f"KEY_PROG of {len(payload)} bytes")
         sid, kss, port = payload[4], payload[6], payload[7]
+        try:
+            self._program(payload, port, session_id)
+            status = int(KpStatus.SUCCESS)
+        except KeyProgError as e:
+            self.log.info("KEY_PROG refused: %s", e)
+            status = e.status
+        self.log.info("KEY_PROG stream %d KSS 0x%02x port %d -> %s", sid, kss, port,
+                      KpStatus(status).name)
+        # KSS is echoed as received, even if it is the field refused (so not a KpAck,
+        # which holds only valid KSS values).
+        return bytes((IDE_KM_PROTOCOL_ID, ObjectId.KP_ACK, 0, 0, sid, status, kss, port))
 
-        def ack(status: KpStatus) -> bytes:
-            # KSS is echoed as received, even if it is the field we refuse.
-            self.log.info("KEY_PROG stream %d KSS 0x%02x port %d -> %s", sid, kss, port,
-                          status.name)
-            return bytes((IDE_KM_PROTOCOL_ID, ObjectId.KP_ACK, 0, 0, sid, status, kss, port))
-
+    def _program(self, payload: bytes, port: int, session_id: int) -> None:
+        """Program the key KEY_PROG carries, or :class:`KeyProgError` with the status."""
         if len(payload) != KeyProg.SIZE:
-            return ack(KpStatus.INCORRECT_LENGTH)
+            raise KeyProgError(KpStatus.INCORRECT_LENGTH, f"{len(payload)} bytes")
         if port not in self.ports:
-            return ack(KpStatus.UNSUPPORTED_PORT_INDEX)
+            raise KeyProgError(KpStatus.UNSUPPORTED_PORT_INDEX, f"PortIndex {port}")
         try:
             req = KeyProg.decode(payload)
         except IdeKmDecodeError as e:
-            self.log.info("KEY_PROG refused: %s", e)
-            return ack(KpStatus.UNSUPPORTED_VALUE)
+            raise KeyProgError(KpStatus.UNSUPPORTED_VALUE, str(e)) from None
         if not self.store.has_stream(req.stream_id):
-            return ack(KpStatus.UNSUPPORTED_VALUE)
+            raise KeyProgError(KpStatus.UNSUPPORTED_VALUE, f"no stream {req.stream_id}")
         self.bound_session = session_id
         try:
             self.store.program_key(req.stream_id, req.key_set, req.direction, req.substream,
                                    req.ide_key)
         except IdeKeyStateError as e:
-            self.log.info("KEY_PROG refused: %s", e)
-            return ack(KpStatus.UNSPECIFIED_FAILURE)
+            raise KeyProgError(KpStatus.UNSPECIFIED_FAILURE, str(e)) from None
         self.programmed.add((req.stream_id, req.key_set, req.direction, req.substream))
-        return ack(KpStatus.SUCCESS)
 
     def _go_stop(self, payload: bytes) -> bytes:
         """A malformed K_SET_GO / K_SET_STOP (bad port, unknown stream, bad KSS) gets no

@@ -16,16 +16,22 @@ from pathlib import Path
 
 import pytest
 
+from teeio.codec import DecodeError, ProtocolError
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
 from teeio.ide_km import (
     IdeKmClient,
+    IdeKmDecodeError,
+    IdeKmError,
     IdeKmResponder,
     IdeKmResponseError,
     KeyProg,
+    KeyProgError,
     KpAck,
+    KpAckError,
     KpStatus,
     PciSigProtocol,
     PciSigProtocolMux,
+    decode_object,
 )
 from teeio.pcie.config import ConfigSpace
 from teeio.pcie.ide_cap import IdeCapability, StreamState, build
@@ -124,6 +130,29 @@ def test_key_prog_refusals_reach_the_requester() -> None:
     short = KeyProg(SID, KeySet.K1, Direction.RX, SubStream.PR, bytes(32)).encode()[:40]
     ack = KpAck.decode(s.mux(short, SESSION))
     assert ack.status_code is KpStatus.INCORRECT_LENGTH
+
+
+def test_errors_carry_the_codec_cores_semantics() -> None:
+    """A malformed object is a DecodeError (bytes, offset, reason); a KP_ACK failure is a
+    ProtocolError whose code is the Status, as the requester and the responder see it."""
+    raw = KeyProg(SID, KeySet.K0, Direction.RX, SubStream.PR, bytes(32)).encode()
+    bad = raw[:6] + b"\x3c" + raw[7:]                      # KSS: reserved bits, sub-stream 3
+    with pytest.raises(IdeKmDecodeError) as d:
+        decode_object(bad)
+    assert isinstance(d.value, DecodeError) and isinstance(d.value, IdeKmError)
+    assert (d.value.raw, d.value.offset) == (bad, 6) and "reserved bits" in d.value.reason
+    assert str(d.value).startswith("IDE_KM: ")
+    s = Stack()
+    ack = s.mux(bad, SESSION)                # KSS echoed as received, Status Unsupported Value
+    assert ack == bytes((0, 3, 0, 0, SID, KpStatus.UNSUPPORTED_VALUE, 0x3C, 0))
+    with pytest.raises(KpAckError) as e:
+        s.ide().key_prog(SID + 9, KeySet.K0, Direction.RX, SubStream.PR, IdeKey.generate())
+    err = e.value
+    assert isinstance(err, ProtocolError) and isinstance(err, KeyProgError)
+    assert isinstance(err, IdeKmResponseError)
+    assert err.code == err.status == KpStatus.UNSUPPORTED_VALUE
+    assert err.status_code is KpStatus.UNSUPPORTED_VALUE
+    assert KeyProgError(0x77).status_code is KpStatus.UNSPECIFIED_FAILURE   # reserved
 
 
 def test_silently_discarded_requests() -> None:
