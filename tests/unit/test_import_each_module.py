@@ -32,6 +32,19 @@ PACKAGES = ("teeio", "vfio_user_dev", "tsm", "guest_agent")
 #: Every top-level package of the repository (never preloaded by the fork server).
 PROJECT = frozenset(PACKAGES) | {"qemu_configs", "bench", "fuzz", "tests"}
 
+#: Found in other owners' modules when this check was added, each to be fixed there; an
+#: entry that no longer applies fails the test (remove it then), a new finding fails too.
+KNOWN_CYCLES = frozenset({
+    frozenset({"vfio_user_dev.link.endpoint", "vfio_user_dev.link.wire"}),
+    frozenset({"vfio_user_dev.root_port.context", "vfio_user_dev.root_port.requests",
+               "vfio_user_dev.root_port.streams"}),
+    frozenset({"vfio_user_dev.nvme.admin", "vfio_user_dev.nvme.controller"}),
+})
+#: module -> why it does not import alone (same rule as above).
+KNOWN_IMPORT_FAILURES = {
+    "vfio_user_dev.link.__main__": "runs its command line when imported (no __name__ guard)",
+}
+
 
 # -- modules and their module-level imports ---------------------------------------------------
 
@@ -269,14 +282,18 @@ def test_every_module_imports_alone() -> None:
     names = sorted(modules(ROOT))
     assert len(names) > 50 and "teeio.tdisp.responder" in names
     failed = import_alone(ROOT, names)
-    assert not failed, "\n\n".join(f"import {m} alone:\n{tb}" for m, tb in failed.items())
+    new = {m: tb for m, tb in failed.items() if m not in KNOWN_IMPORT_FAILURES}
+    assert not new, "\n\n".join(f"import {m} alone:\n{tb}" for m, tb in new.items())
+    assert set(failed) == set(KNOWN_IMPORT_FAILURES), "fixed: remove from KNOWN_IMPORT_FAILURES"
 
 
 def test_no_import_cycle() -> None:
     graph = import_graph(modules(ROOT))
     assert graph["vfio_user_dev.dsm"].keys() >= {"teeio.tdisp.responder", "teeio.ide_km"}
-    found = cycles(graph)
-    assert not found, "import cycles:\n" + "\n".join(describe(graph, c) for c in found)
+    found = {frozenset(c): describe(graph, c) for c in cycles(graph)}
+    new = [text for members, text in found.items() if members not in KNOWN_CYCLES]
+    assert not new, "import cycles:\n" + "\n".join(new)
+    assert found.keys() == KNOWN_CYCLES, "fixed: remove from KNOWN_CYCLES"
 
 
 def _package(tmp: Path, files: dict[str, str]) -> Path:
