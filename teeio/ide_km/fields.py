@@ -15,7 +15,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
-from ..codec import Data, Field, Known, Reader, Writer
+from ..codec import Data, Field, Known, Reader, UInt, Writer
 from ..ide import SubStream
 
 __all__ = ["DwordReversed", "Dwords", "Ifv", "KeySubStream", "KssPart", "declare",
@@ -87,8 +87,7 @@ class KssPart(Field):
             raise ValueError(f"{self.name} must be a {self.kind.__name__}")
 
     def strategy(self, known: Known, ctx: Any) -> Any:
-        from hypothesis import strategies as st
-        return st.sampled_from(list(self.kind))
+        return UInt(1, kind=self.kind).strategy(known, ctx)
 
 
 class DwordReversed(Data):
@@ -128,8 +127,7 @@ class Ifv(Field):
             raise ValueError("IFV must fit in 64 bits")
 
     def strategy(self, known: Known, ctx: Any) -> Any:
-        from hypothesis import strategies as st
-        return st.integers(0, (1 << 64) - 1)
+        return UInt(8).strategy(known, ctx)
 
 
 class Dwords(Field):
