@@ -2,41 +2,9 @@
 buffers TEE-IO replaces and against raw AES-GCM, in one process.
 
 Run as ``python -m bench.bench_link [--out FILE] [--quick] [--iterations N] [--cpu C]
-[--mps 256,1024,4096] [--sizes 4096,65536,1048576] [--mrrs 4096]``.
-
-A guest is a memfd mapped into a :class:`~vfio_user_dev.dma.DmaMapSet` (fd-backed, as
-QEMU's ``share=on`` RAM is) behind a :class:`~vfio_user_dev.root_port.RootPort`;
-a device :class:`~vfio_user_dev.link.LinkEndpoint` reaches it over a
-:class:`~vfio_user_dev.link.Link`, no taps installed.  For every Max_Payload_Size (MPS;
-default 256, 1024 and 4096 bytes) and transfer size (default 4 KiB, 64 KiB and 1 MiB)
-a DMA *write* (device -> guest memory) and a DMA *read* (guest memory -> device) are
-timed in five ways:
-
-* ``ide_off``: no IDE stream: the link's clear fast path (one descriptor, checked per
-  MPS/MRRS piece arithmetically);
-* ``ide_on``: a Secure Selective IDE stream keyed at both ends (as the TSM does through
-  IDE_KM and the root port's platform control): every TLP is AES-GCM-256 protected by
-  the sender and checked by the receiver, MRd requests included;
-* ``bounce``: the swiotlb model -- the device DMAs in the clear into a shared bounce
-  buffer and the guest CPU copies it to its private destination (a read: the guest
-  copies into the bounce buffer, the device DMAs from it);
-* ``bounce_aes_gcm``: the same with software AES-GCM-256 on top -- the sender encrypts
-  in MPS-sized chunks (12-byte counter nonce, 16-byte tag) into the bounce buffer and
-  the receiver decrypts out of it, so the plaintext never sits in shared memory;
-* ``raw_aes_gcm`` (per MPS, not per transfer): one core doing AES-GCM-256 encrypt then
-  decrypt of MPS-byte payloads (``cryptography`` AESGCM, no AAD), MB/s of payload.
-
-``ratio`` = ide_on / raw_aes_gcm at the same payload size; the target is >= 0.5, judged
-for each MPS at the largest transfer size, both directions.  Reads use MRRS = 4096 by
-default (``--mrrs``), so every completion carries MPS bytes as every write TLP does.
-
-The ratio has a ceiling below 1 that no Python overhead causes: the receiver of an IDE
-TLP checks a 96-bit MAC, a truncated GCM tag, and ``AESGCM`` checks only whole 16-byte
-tags, so it takes two AES-GCM calls (see :mod:`teeio.ide`); a write TLP costs three calls
-where raw_aes_gcm makes two (an MRd adds two tag-only calls to each read).
-
-Every thread of the process is pinned to one CPU, as in :mod:`bench.bench`.  The result
-is printed as JSON and, with ``--out``, written to a file.
+[--mps 256,1024,4096] [--sizes 4096,65536,1048576] [--mrrs 4096]``.  What each of the five
+ways measures, the ratio and its ceiling: docs/benchmarks.md.  The result is printed as
+JSON and, with ``--out``, written to a file.
 """
 
 from __future__ import annotations

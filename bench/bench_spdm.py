@@ -1,36 +1,10 @@
 """Benchmark: full SPDM connects per second, against the bare cryptography they contain.
 
 Run as ``python -m bench.bench_spdm [--out FILE] [--quick] [--iterations N] [--cpu C]``.
-
-One *connect* is what a TSM does to attest a device and open a session with it, from a
-fresh :class:`~teeio.spdm.Requester`: GET_VERSION, GET_CAPABILITIES,
-NEGOTIATE_ALGORITHMS, GET_DIGESTS, GET_CERTIFICATE (every portion, chain verified up to
-the trust anchor), GET_MEASUREMENTS of all blocks with a signature (verified), then
-KEY_EXCHANGE, FINISH and END_SESSION (so the device's session table stays empty).
-The device is one :class:`~teeio.spdm.Responder` behind a :class:`~teeio.doe.DoeDispatcher`
-(DOE 0001:01 CMA/SPDM and 0001:02 Secured CMA/SPDM), per identity:
-
-* P-384 keys (ECDSA P-384, SHA-384, secp384r1 ECDHE), and
-* P-256 keys (ECDSA P-256, SHA-256, secp256r1 ECDHE), AES-256-GCM for both;
-
-and reached over two paths:
-
-* ``in-process``: the requester's transport frames each message as a whole DOE object
-  (:class:`~teeio.doe.DoeObject`, DW-padded) and hands it to the dispatcher directly;
-* ``socket``: the same objects travel to a :class:`~vfio_user_dev.doe_socket.DoeSocketServer`
-  thread of this process over a UNIX socket (spdm-emu platform framing), through
-  :class:`tsm.doe_client.DoeClient`, one client connection for the whole run.
-
-Beside them, in the same run and with the same keys and algorithms, the cryptographic
-operations of one connect are timed alone ("crypto-only"): the responder's two signatures
-(MEASUREMENTS, KEY_EXCHANGE_RSP), the requester's checks (the two certificate signatures
-pki.verify_chain checks, the two SPDM signatures), the ECDHE (two key pairs, two shared
-secrets), the key schedule and HMACs of both sides, the transcript and certificate-chain
-hashes, and the four AEAD records of FINISH and END_SESSION.  protocol overhead ratio =
-connect time / crypto-only time (medians).
-
-Every thread (requester, socket server) is pinned to one CPU, as in :mod:`bench.bench`.
-The result is printed as JSON and, with ``--out``, written to a file.
+One connect is VCA, certificate, signed measurements, KEY_EXCHANGE, FINISH and END_SESSION
+(DSP0274), in-process and over the DOE socket, P-384 and P-256; what is timed as
+crypto-only: docs/benchmarks.md.  The result is printed as JSON and, with ``--out``,
+written to a file.
 """
 
 from __future__ import annotations

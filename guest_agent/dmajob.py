@@ -1,23 +1,9 @@
-"""One DMA job on the device's BAR0 engine, completed by polling STATUS (no interrupts).
+"""One DMA job on the device's BAR0 engine (:mod:`teeio.device_regs`), completed by polling.
 
-The register map is :mod:`teeio.device_regs`.  A job is: wait until the engine is idle,
-acknowledge stale INT_STATUS bits (RW1C), program SRC / DST / LEN / PATTERN, write
-DMA_CMD with GO, then read STATUS until BUSY clears and DONE or ERROR is set -- bounded
-by a timeout, so nothing here can hang.
-
-Why polling and not INTx: interrupts stay with the untrusted VMM in TEE-IO (they are
-T=0, through QEMU), and the only way to receive INTx in user space is ``uio_pci_generic``,
-whose ``release()`` clears Bus Master Enable when its fd is closed.  With the TDI in
-CONFIG_LOCKED or RUN that is a TDISP security event (PCIe 6.x §11.2.6) and the TDI goes
-to ERROR.  A polled job needs no driver and no fd: INT_ENABLE is left 0, so the device
-never asserts INTx at all.
-
-A STATUS that reads all ones is not a status (bits 7:3 and 31:16 are reserved, zero): it
-is an Unsupported Request, i.e. the TEE MMIO range does not answer this access (the TDI is
-CONFIG_LOCKED or ERROR, or RUN without private MMIO, §11.2.1).  The job then never
-started, and the poll stops at once instead of waiting out the timeout.
-
-Only :class:`Regs` (``read32`` / ``write32``) is touched, so tests drive a fake BAR.
+Polling, not INTx (docs/design.md decision 8): closing uio would clear Bus Master Enable, a
+TDISP security event (PCIe 6.x §11.2.6).  A STATUS of all ones is an Unsupported Request
+(§11.2.1): the job never started.  Every wait is bounded.  Only :class:`Regs`
+(``read32`` / ``write32``) is touched, so tests drive a fake BAR.
 """
 
 from __future__ import annotations

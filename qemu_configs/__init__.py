@@ -1,1 +1,3 @@
-"""QEMU machine configuration, guest image builder and VM launcher."""
+"""QEMU machine configuration, the guest image, the VM launcher ``teeio-vm``, the whole TEE
+stack and the demo ``teeio-demo``, and the guest owner's policy.
+"""

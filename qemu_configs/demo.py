@@ -1,23 +1,9 @@
 """``make demo``: the whole Secure IO story, end to end, with a summary of every step.
 
-1. Build what is missing (guest image, device firmware ELF); provision a device identity;
-   compute reference values from the golden ELF; write the guest's policy (its own trust
-   anchor, the reference values, the expected device).
-2. Start the TSM daemon; start the device server; the TSM attests the device over its DOE
-   socket (certificate chain, CHALLENGE, signed measurements), opens an SPDM session, sets
-   up a Selective IDE stream (IDE_KM to the device, platform socket to the root port) and
-   binds the device's TDI to the VM, creating the VM's launch secret.
-3. Boot the guest (QEMU: vfio-user device, virtio-serial GHCx port, launch secret by
-   fw_cfg).  The guest agent enumerates the device, asks the TSM to LOCK it, fetches the
-   evidence with its own nonce, verifies it against its own policy, and ACCEPTs it: the TSM
-   STARTs the TDI (RUN) and opens private MMIO.
-4. The guest validates encrypted DMA: FILL / COPY / SHA-256 into and out of a private buffer
-   it accepted for DMA, over the IDE-protected link (T=1); a buffer it did not accept and
-   one it released are refused.  Then it STOPs the TDI.
-5. The host judges from its own view: the link capture holds IDE ciphertext only (none of
-   the guest's data in the clear), the TSM's status and the device's counters agree.
-
-Exits 0 only if every check passed.
+Provision and build; the TSM daemon attests the device, keys a Selective IDE stream and binds
+the TDI to the VM; the guest locks, verifies and accepts the device, then validates
+encrypted DMA; the host judges from its own view.  Exits 0 only if every check passed.
+Step by step: docs/by-hand.md.
 """
 
 from __future__ import annotations
@@ -81,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                          "spdm_dump reads (spdm_dump -r FILE)")
     ap.add_argument("--shell", action="store_true",
                     help="the same stack, but boot the guest to a root shell on this terminal "
-                         "and run the agent by hand (see README)")
+                         "and run the agent by hand (see docs/by-hand.md)")
     ns = ap.parse_args(argv)
     try:                   # before anything is built or started
         if ns.workdir is not None:

@@ -1,22 +1,7 @@
 """The whole TEE-IO stack for one guest: device server, TSM daemon, QEMU, guest agent.
 
 Used by ``make demo`` (``qemu_configs/demo.py``) and the e2e tests.  One work folder holds
-everything of a run::
-
-    identity/            device identity (teeio-provision layout)
-    teeio-fw.elf         the firmware the device loads (the golden build unless replaced)
-    reference-values.json   computed from the golden ELF (docs/design.md decision 11)
-    tsm/                 the TSM daemon's state (journal, ctl.sock, vms/<vm>.secret)
-    doe.sock platform.sock platform.cred host.sock   the device server's sockets
-    ghcx.sock            the TSM's GHCx socket for the VM (QEMU's chardev connects to it)
-    link.pcap            every TLP that crossed the link
-    results/policy.json  the guest's policy (its own trust anchors, reference values)
-
-Order: provision, build, start the TSM daemon; the launcher starts the device server;
-before QEMU starts, the TSM connects to the device (attest, session, IDE stream) and binds
-the VM (which writes the VM's launch secret, handed to QEMU by fw_cfg ``file=``); QEMU
-boots the guest, whose agent runs ``accept`` over GHCx (virtio-serial port
-``org.teeio.ghcx.0``).
+everything of a run; its layout and the start-up order are in docs/by-hand.md.
 """
 
 from __future__ import annotations

@@ -1,49 +1,8 @@
 """DOE objects as a pcap file that DMTF ``spdm_dump -r FILE`` decodes; SPDM session secrets.
 
-The file is exactly what spdm-emu writes with ``--pcap`` over PCI_DOE
-(``spdm_emu/spdm_emu_common/pcap.c``, structures from libspdm
-``industry_standard/pcap.h`` and ``link_type_ex.h``) and what spdm-dump's reader
-(``spdm_dump/spdm_dump_pcap.c``) expects: classic pcap (the tcpdump savefile format),
-little-endian, microsecond timestamps::
-
-    global header, 24 bytes
-    +0   u32 magic_number   0xA1B2C3D4 (microsecond timestamps)
-    +4   u16 version_major  2
-    +6   u16 version_minor  4
-    +8   i32 this_zone      0
-    +12  u32 sig_figs       0
-    +16  u32 snap_len       0x10000 (spdm-emu's PCAP_PACKET_MAX_SIZE; spdm_dump refuses
-                            a larger snap_len or incl_len)
-    +20  u32 network        292 LINKTYPE_PCI_DOE (spdm-dump's extension of the link-type
-                            list, next to 291 LINKTYPE_MCTP; not a registered link type)
-
-    per record, 16 bytes, then incl_len bytes of packet data
-    +0   u32 ts_sec
-    +4   u32 ts_usec        spdm-emu writes 0; here the real microseconds
-    +8   u32 incl_len       min(orig_len, snap_len)
-    +12  u32 orig_len       the whole DOE object's length
-
-The packet data is one whole DOE object (PCIe 6.3 §6.30.1: the two header DWs, then the
-DW-padded payload), as it crossed the DOE mailbox or the DOE socket.  The format has no
-direction field: spdm-emu records each object in the order it was sent or received, and
-spdm_dump works the direction out itself (request or response codes for SPDM, DSP0274
-§10; trial decryption with the requester's or the responder's keys for secured
-messages, DSP0277 §6).  So a capture records the request, then its response (none when
-the responder stays silent), in that order.
-
-Session secrets (a debugging aid, never on by default): spdm_dump decrypts the secured
-messages of a DHE session when given that session's DHE shared secret
-(``--dhe_secret HEX``, once per session, in the order of the sessions' KEY_EXCHANGE in
-the capture; its build holds at most LIBSPDM_MAX_SESSION_COUNT, 4, of them).  With that
-secret and the transcript anyone holding the capture reads every secured message and
-could forge them: :class:`SessionSecretLog` says so in a WARNING when it opens and for
-every session it records.  Its file is ready for the shell::
-
-    # teeio DHE secrets for spdm_dump (DSP0274 §10.15 KEY_EXCHANGE); DEBUG ONLY
-    # session 0xfffeffff
-    --dhe_secret 1f0c...
-
-    spdm_dump -r doe.pcap $(grep -v '^#' secrets.txt)
+The classic pcap spdm-emu writes with ``--pcap`` over PCI_DOE (link type 292), one whole DOE
+object per record (PCIe 6.x §6.30.1); the DHE secrets file is a debugging aid, never on by
+default.  The byte layout: docs/attestation.md, "The capture format".
 """
 
 from __future__ import annotations

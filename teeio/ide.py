@@ -1,47 +1,9 @@
 """IDE TLP protection (PCIe 6.x §6.33.4-§6.33.6): AES-GCM-256, 96-bit MAC, two key sets.
 
-One :class:`IdeTx` / :class:`IdeRx` per IDE stream and direction; each holds, per
-sub-stream (PR / NPR / CPL), the two key slots K0/K1 as programmed by IDE_KM KEY_PROG,
-which set went GO, and the implicit 64-bit invocation counter.  Nothing of this is
-ever sent on the wire except the K bit of the IDE prefix that names the key set.
-
-Wire form of a protected TLP (non-flit mode, no aggregation, no PCRC)::
-
-    prefix+header (A: authenticated, sent in clear) || C = AES-GCM(P = payload) || MAC (12 B)
-
-IV construction (§6.33.5, reference notes §3.4): the 96-bit GCM IV is
-``00 00 00 00 || counter`` (counter as 8 big-endian bytes).  The counter of a sub-stream
-and direction starts at the key's IFV (initial value 1 per IDE_KM, §6.33.3) when its key
-set goes into use (stream establishment or refresh) and increments by one per TLP.  The
-MAC is the GCM tag truncated to its 12 most significant bytes (GCM §5.2.1.2), so
-``AESGCM(key).encrypt(iv, P, A)[-16:-4]`` is the MAC — the self-consistency vectors in
-``tests/unit/test_ide.py`` check exactly that.  ``AESGCM`` only checks whole 16-byte tags,
-so a receiver recovers P as ``encrypt(iv, C, A)`` (GCM encryption is CTR, its own inverse),
-encrypts P again to get the tag over C, and compares its first 12 bytes with the MAC in
-constant time; nothing is delivered before that comparison.
-
-Batches (:meth:`IdeTx.protect_many`, :meth:`IdeRx.open_many`) do the same work for a run
-of TLPs without building :class:`~teeio.tlp.Tlp` objects: the link's fast path.  They
-produce and accept exactly the bytes :meth:`IdeTx.protect` / :meth:`IdeRx.unprotect` do;
-:meth:`IdeRx.open_many` stops at the first TLP that needs anything but the common case
-(a key-set switch, a failed check), leaving it to :meth:`IdeRx.unprotect`.
-
-Key-set switching (§6.33.3/§6.33.4): K_SET_GO makes a Tx use the new set from its next
-TLP, which carries the new K bit; an Rx keeps the set it is receiving with until the
-first TLP tagged with the other (GO'd) set arrives, then switches to it and discards the
-old one.  In-order delivery therefore loses nothing across a refresh.
-
-Any receive-side failure (MAC mismatch, wrong stream, missing prefix, key set not GO or
-stopped, malformed header) raises :class:`IdeIntegrityError` and leaves the receiver
-Insecure: it refuses every later TLP until :meth:`IdeRx.reset` (§6.33.6: the stream
-goes Insecure and is re-established with new keys).  A lost or replayed TLP shows up as
-a MAC failure because the implicit counters no longer agree.
-
-Simplified vs the spec: no aggregation (M is always 1, one MAC per TLP), no PCRC, no
-partial header encryption, PR_Sent_Counter is carried but not computed or checked (no
-ordering checks, no IDE Sync messages), Link IDE and Selective IDE are protected the
-same way (no local prefixes exist here), and the IDE prefix bit layout is this project's
-own (see :mod:`teeio.tlp`).
+One :class:`IdeTx` / :class:`IdeRx` per IDE stream and direction, with per-sub-stream key
+slots and implicit counters (IV per §6.33.5); any receive failure leaves the receiver
+Insecure until reset (§6.33.6).  Wire form, MAC check, key-set switching and what is
+simplified: docs/ide-and-link.md, "How a TLP is protected".
 """
 
 from __future__ import annotations

@@ -1,27 +1,8 @@
 """The TVM's own verification of a locked TDI before it accepts it (PCIe 6.x §11.2.7).
 
-Pure (bytes and dicts in, checks out): the guest agent runs it on what the TSM returned
-over GHCx (docs/ghcx.md), and tests run it on the host.  What is checked, in order, and
-what each check protects against (docs/design.md, "Trust model"):
-
-1. ``digests``: SHA-384 of the certificate chain, of the VCA + measurement transcript and of
-   the interface report equal TDI_INFO's digests -- the blobs the guest verifies are the
-   ones the TSM bound to this TDI.  The interface report is not signed: for it the guest
-   trusts the TSM (and the digest ties it to TDI_INFO).
-2. ``chain``: the SPDM certificate chain (DSP0274 §10.6.1) leads to one of the *guest's*
-   trust anchors (a rogue anchor configured in the TSM changes nothing here), RootHash
-   is the hash of the root certificate, and the leaf subject is the expected one.
-3. ``signature``: the GET_MEASUREMENTS/MEASUREMENTS transcript (L1 = VCA || pairs,
-   DSP0274 1.2 §10.11) is signed by the leaf's key.
-4. ``nonce``: the signed request carries the guest's own fresh nonce (freshness).
-5. ``measurements``: every block equals the guest's reference values, computed from the
-   golden firmware ELF (docs/design.md decision 11).
-6. ``tdi_state`` / ``lock_flags`` / ``stream``: CONFIG_LOCKED, NO_FW_UPDATE locked,
-   the IDE stream Secure.
-7. ``report``: INTERFACE_INFO (no firmware update after LOCK, DMA without PASID) and the
-   MMIO ranges against the BARs the guest sees, with MMIO_REPORTING_OFFSET applied
-   (§11.3.11): one range per BAR in BAR order, the register BAR a TEE range, the MSI-X BAR
-   (not locked) non-TEE.
+Pure (bytes and dicts in, checks out): the guest agent runs it on what the TSM returned over
+GHCx (docs/ghcx.md).  The checks, in order, and what each protects against are in
+docs/tdisp-and-tsm.md, "What the guest verifies".
 """
 
 from __future__ import annotations

@@ -1,39 +1,11 @@
 """``teeio-tsm attest``: attest a device over its DOE transport with the TSM's SPDM requester.
 
-    teeio-tsm attest (--doe-socket PATH | --doe-tcp-port N [--host 127.0.0.1])
-                     --trust-anchor PEM [--reference-values JSON] [--nonce HEX]
-                     [--session] [--json OUT]
-                     [--doe-capture FILE] [--export-session-secrets FILE]
-
-Steps, each one verified before the next:
-
-1. the spdm-emu platform socket (TEST hello) and DOE Discovery, which must list
-   CMA/SPDM 0001:01 (and Secured CMA/SPDM 0001:02 with ``--session``);
-2. GET_VERSION, GET_CAPABILITIES, NEGOTIATE_ALGORITHMS (the VCA);
-3. GET_DIGESTS and GET_CERTIFICATE (slot 0): the chain must verify up to
-   ``--trust-anchor``, with the right RootHash and digest;
-4. CHALLENGE: CHALLENGE_AUTH signed over the transcript by the leaf key;
-5. GET_MEASUREMENTS (all blocks, signed, with ``--nonce`` or a random one): the
-   signature over L1 (VCA + request + response) is checked, and with
-   ``--reference-values`` (``teeio-refvalues`` JSON) every block is compared;
-6. with ``--session``: KEY_EXCHANGE + FINISH, HEARTBEAT, KEY_UPDATE (all keys),
-   GET_MEASUREMENTS inside the session (must equal the signed ones), END_SESSION.
-
-Exit 0 only if everything verifies; otherwise 1 and one line on stderr naming the
-first thing that did not hold.  ``--json OUT`` writes the evidence (exact VCA and
-GET_MEASUREMENTS/MEASUREMENTS bytes, nonce, certificate chain) that a third party
-re-checks with :func:`teeio.spdm.requester.verify_measurement_transcript`.
-
-Steps 1-5 are shared with ``teeio-tsm ide`` (``tsm/ide.py``), which programs IDE keys
-only into a device attested this way: :func:`attested` connects, attests and yields
-the SPDM requester; :func:`add_device_arguments` is their common command line.
-
-Debugging (:class:`DoeDebug`, also ``teeio-tsm daemon``): ``--doe-capture FILE`` records
-every DOE object of the TSM's DOE connections as a pcap that DMTF ``spdm_dump -r FILE``
-decodes (:mod:`teeio.doe_pcap`); ``--export-session-secrets FILE`` writes each SPDM
-session's DHE secret for ``spdm_dump --dhe_secret``, so it can decrypt the secured
-messages -- and so can anyone with the file: off by default, a WARNING when it is on and
-for every session.
+DOE Discovery, the VCA, the certificate chain to ``--trust-anchor``, CHALLENGE, signed
+GET_MEASUREMENTS with a fresh nonce against ``--reference-values``, and with ``--session``
+a secured session (DSP0274 §10); each step is verified before the next, and the first
+failure is one line on stderr (docs/attestation.md).  :func:`attested` and
+:func:`add_device_arguments` are shared with ``teeio-tsm ide``; :class:`DoeDebug` (DOE
+capture, session secrets for spdm_dump) with the daemon.
 """
 
 from __future__ import annotations

@@ -1,39 +1,11 @@
 """``teeio-tsm daemon``: the persistent TSM.
 
-    teeio-tsm daemon --state-dir DIR [--ctl-socket PATH] [--heartbeat SECONDS] [-v]
-                     [--doe-capture FILE] [--export-session-secrets FILE]
-
-Runs in the foreground and logs to stderr.  It owns, per device, the DOE connection, the
-SPDM session, the Selective IDE stream and the TDI (``tsm/device.py``, ``tsm/tdi.py``);
-per VM, a GHCx server (``tsm/ghcx_server.py``) and the launch secret's file; and it
-answers the control API (``tsm/ctl.py``) on ``DIR/ctl.sock`` (0600).
-
-docs/design.md "Who does what": the guest asks for LOCK; the TSM locks, fetches the report, and
-takes measurements with the guest's nonce; the guest's TDI_ACCEPT carries the digests and
-lock epoch it verified, and START_INTERFACE is sent only if they are still current.  There
-is no host-side start: the host can only LOCK and STOP (``ctl lock``/``ctl stop``).
-
-Everything the TSM must not forget goes to the journal (``tsm/journal.py``) before it
-answers.  At start the journal is replayed, and the daemon **fails safe** (docs/design.md
-"Restart"): the SPDM sessions died with the old process, so every stream is marked
-Insecure and every CONFIG_LOCKED/RUN TDI ERROR ("TSM restarted: SPDM session lost"), the
-journaled trusted-DMA windows and private MMIO are revoked on the platform socket, each
-device is reconnected (its new GET_VERSION makes the device end the old session, so the
-device's TDI really is in ERROR: checked with GET_DEVICE_INTERFACE_STATE and journaled),
-the stream is keyed afresh in the new session, and every bound VM's GHCx socket listens
-again with a new boot id, so the guest's next call gets REHELLO and then sees ERROR.
-
-:class:`Daemon` is built from one part per job, each in its own module, on the tables
-and locks of :class:`tsm.registry.Registry`:
-
-- ``tsm/recovery.py``: the journal's replay, start, and the fail-safe and reconnects
-  after a lost session;
-- ``tsm/reconcile.py``: the lifecycle table applied to the records, and platform events;
-- ``tsm/guest_api.py``: the GHCx requests of the bound VMs;
-- ``tsm/control_api.py``: the control socket's operations.
-
-This module holds what they all use: journaling a TDI or stream fact, revoking a window,
-private MMIO, connecting a device; and the command line.
+It owns, per device, the DOE connection, the SPDM session, the Selective IDE stream and the
+TDI; per VM, a GHCx server and the launch secret's file; and it answers the control API on
+``DIR/ctl.sock`` (0600).  It journals before it answers and fails safe after a restart
+(docs/design.md "Who does what" and "Trust model / Restart"; docs/tdisp-and-tsm.md).  Its
+jobs live in ``tsm/recovery.py``, ``tsm/reconcile.py``, ``tsm/guest_api.py`` and
+``tsm/control_api.py``; this module holds what they share, and the command line.
 """
 
 from __future__ import annotations

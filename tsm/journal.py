@@ -1,51 +1,8 @@
-"""The TSM daemon's journal: ``STATE_DIR/journal.jsonl``, append-only JSON lines.
+"""The TSM daemon's journal: ``STATE_DIR/journal.jsonl``, append-only, fsynced JSON lines.
 
-docs/design.md "Trust model / Restart": the journal lets a restarted TSM know every device,
-stream, TDI and VM it had, and it holds **no plaintext keys**.  So:
-
-* one JSON object per line, ``{"seq": n, "time": unix_seconds, "type": T, ...}``;
-* every append is written with one ``write`` and ``fsync``ed before it returns; creating
-  the file also fsyncs its directory, so the file itself survives a crash;
-* a torn last line (a crash in the middle of a write: no newline, or not JSON) is
-  tolerated on replay and cut off before the next append; a bad line anywhere else is
-  corruption and refuses the replay (:class:`JournalError`), since silently skipping a
-  record could forget a TDI or a window; every such error names the line (record *i* is
-  line *i*), and a line with a non-finite number (``NaN``, ``Infinity``, ``1e400``) or
-  nested deeper than :data:`MAX_DEPTH` is corrupt too;
-* a record that contradicts the tables is refused as well, naming its line and seq: a
-  ``device_removed`` while a VM is still bound to the device (the daemon itself never
-  writes one: ``disconnect`` refuses a bound device) would forget the VM's windows and
-  private MMIO without their fail-safe revocation, so the replay stops instead;
-* the file is opened through its directory's fd with ``O_NOFOLLOW``, and read from the
-  descriptor it is appended to: it is never resolved by path again;
-* a record may not carry a field whose name says it is secret material: a name that
-  *contains* one of :data:`FORBIDDEN_PARTS` (``secret``, ``key``, ``nonce``, ...; so
-  ``session_key`` or ``start_nonce`` too), except the few fields that hold a *path*
-  (:data:`PATH_FIELDS`).  VMs are journaled with the path of their secret file, and
-  sessions by their id only.  This is a guard, not the only line of defence: callers pass
-  paths, ids and states, never bytes.
-
-Record types (``type``) and their fields, written by :mod:`tsm.daemon`:
-
-=================  ==========================================================================
-``daemon_start``   ``boot_id``, ``pid``
-``device``         ``device``, ``doe_socket`` | ``doe_tcp_port`` + ``host``, ``trust_anchor``,
-                   ``reference_values``, ``platform_socket``, ``platform_credential`` (path),
-                   ``stream_id``, ``block``
-``device_removed`` ``device``
-``session``        ``device``, ``session_id`` (``"0x…"``, or null when the session ended),
-                   ``reason``
-``stream``         ``device``, ``stream_id``, ``state`` (``secure``/``insecure``),
-                   ``requester_id``, ``reason``
-``vm``             ``vm``, ``device``, ``ghcx_socket``, ``secret_file`` (path),
-                   ``mmio_reporting_offset``
-``vm_removed``     ``vm``
-``tdi``            ``device``, ``state``, ``lock_epoch``, ``vm``, ``reason``, ``source``
-                   (``tsm`` or ``device``: what the device itself reported)
-``mmio_private``   ``device``, ``enabled``
-``window``         ``window_id``, ``vm``, ``device``, ``base``, ``size``, ``access``
-``window_revoked`` ``window_id``, ``reason``
-=================  ==========================================================================
+It lets a restarted TSM know every device, stream, TDI and VM it had, and holds no
+plaintext keys (docs/design.md, "Trust model / Restart").  The replay rules and the record
+types are in docs/tdisp-and-tsm.md, "The journal, record by record".
 """
 
 from __future__ import annotations

@@ -1,37 +1,9 @@
 """The TSM's view of one TDI: one table of (state, input) -> next state and actions.
 
-The device's DSM owns the TDI state (PCIe 6.x §11.2, ``teeio/tdisp/state.py``); the
-platform (root port, link) owns its end of the stream and the trusted windows; the TSM
-owns the VM binding and this record.  The TSM changes its record only through this
-table, on one of two kinds of input:
-
-* an **operation** it performs (the guest's GHCx request or the host's ``ctl``): LOCK,
-  GET_EVIDENCE, ACCEPT (START), STOP, DMA_ACCEPT, DMA_RELEASE -- guarded here: a pair
-  absent from the table is refused with the state named, before any device I/O;
-* what it **learns** from the device or the platform: the device's word on the TDI state
-  (GET_DEVICE_INTERFACE_STATE, read after every platform event that may change it:
-  ``tdi``, ``device_reset``, ``client_disconnected``, ``command``, stream events), a lost
-  SPDM session, a restart of the TSM itself, a STOP that failed.
-
-::
-
-    CONFIG_UNLOCKED --LOCK--> CONFIG_LOCKED --ACCEPT--> RUN --DMA_ACCEPT/RELEASE--> RUN
-          ^                        |                     |
-          |       device ERROR, session lost, restart    |
-          |                        v                     v
-          +---------- STOP ------ ERROR <----------------+
-          +------ device CONFIG_UNLOCKED (its own STOP: the VM's device reset) ------+
-
-Only a step *down* is believed from the device: ERROR, or CONFIG_UNLOCKED (the TSM then
-forgets its lock).  A LOCKED or RUN that the TSM did not lead the TDI to (the device
-says RUN, the record says CONFIG_LOCKED or ERROR) is not trusted: the record goes to
-ERROR and only a STOP brings it back (``DEVICE_UNEXPECTED``).
-
-Actions (:class:`Act`) say what the daemon must do besides recording the state:
-``REVOKE_WINDOWS`` (the VM's windows at the platform), ``CLOSE_MMIO`` (private MMIO off),
-``CLEAR_LOCK`` (report, digests, nonce forgotten), ``JOURNAL``.  When the platform has
-revoked windows itself (it does the moment a TDI leaves RUN), revoking them again is
-refused there and treated as done.
+The DSM owns the TDI state (PCIe 6.x §11.2); the TSM changes its own record only through
+this table, on an operation it performs or a fact it learns from the device or the
+platform; only a step down is believed.  The diagram and the actions are in
+docs/tdisp-and-tsm.md, "The TSM's record of a TDI".
 """
 
 from __future__ import annotations

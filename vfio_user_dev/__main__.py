@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                          "without share=on) with DMA_READ/DMA_WRITE messages. Refused by "
                          "default (the job ends with FAULT): the library takes a client "
                          "command sent while such a request is outstanding for its reply, "
-                         "which desynchronises the connection (its issue 279); use this "
-                         "only if you accept that risk")
+                         "which desynchronises the connection (libvfio-user's issue 279); "
+                         "use this only if you accept that risk")
     ap.add_argument("--stats-file", type=Path,
                     help="keep device counters (DMA jobs, bytes, interrupts) in this JSON file")
     ap.add_argument("--max-clients", type=int, default=None,

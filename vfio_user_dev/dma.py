@@ -1,27 +1,11 @@
 """The live set of client DMA regions (vfio-user DMA_MAP / DMA_UNMAP).
 
-A region backed by a file descriptor is mmap()ed and accessed directly when the file
-cannot shrink under the mapping (a sealed memfd, as QEMU passes), and through the fd
-otherwise (``dma_file``: a shrunken file is then a DMA fault, not SIGBUS); one
-without (QEMU sends some, e.g. ROM areas, or all of RAM when it is not
-``share=on``) is reached through DMA_READ / DMA_WRITE messages on the socket,
-via the ``remote`` callbacks the transport installs.  Maps arrive before
-DEVICE_GET_INFO and are replaced repeatedly while the BIOS runs, so the set is
-kept exact: overlapping maps are refused (EEXIST), unmaps must match a map.  The set
-holds at most ``max_maps`` maps (the "max_dma_maps" the server announces in VERSION; a
-DMA_MAP beyond it is ENOSPC), sorted by start address: a lookup, the overlap check and
-an unmap are binary searches, not walks over every map.
-
-Every map gets a ``map_id`` that is never reused, and remembers the identity of the
-file it came from (device and inode: the fd itself is closed once mapped).  The root
-port (``root_port.py``) records this :class:`Backing` when the TSM authorises a
-trusted-DMA window, is told of every later map change through ``listeners``, and pins
-its accesses to the maps it recorded (``pinned``), so a remap by the client is never
-silently followed.
-
-A transport whose library maps the client's memory itself (libvfio-user) registers
-those mappings with :meth:`DmaMapSet.map_view`: the same set, checks and identities,
-over memory this module did not map and does not unmap.
+fd-backed regions are mmap()ed when the file cannot shrink (a sealed memfd, as QEMU passes)
+and reached through the fd otherwise (``dma_file``: a shrunken file is a DMA fault, not
+SIGBUS); others are reached by DMA_READ / DMA_WRITE; overlapping maps
+are refused, the count is bounded, lookups bisect, and every map keeps a never-reused id and
+its file's identity so the root port can pin trusted windows to it (docs/design.md,
+"Architecture overview").
 """
 
 from __future__ import annotations

@@ -1,50 +1,9 @@
 """Host-side DOE transport: the device's DOE dispatcher behind the spdm-emu platform socket.
 
-Framing ([spdm-emu] ``spdm_emu_common/command.h``): three big-endian u32 (command,
-transport type, payload size), then the payload; for transport PCI_DOE (2) the payload
-of a NORMAL message is one whole DOE object, header included.  So the TSM, and tools
-such as spdm-emu's requester, reach the same dispatcher the guest reaches through the
-config-space mailbox; the dispatcher's lock serialises the two.
-
-What the server answers (one reply per message, so the stream never loses step):
-
-* TEST: TEST ``"Server Hello!\\0"`` (the client sends ``"Client Hello!\\0"``).
-* NORMAL: NORMAL with the response object.  When the device produces no response
-  (malformed object, unsupported protocol, a handler that stays silent, or a payload
-  over the limit) the reply is NORMAL with an *empty* payload.  spdm_responder_emu
-  instead sends nothing and drops the connection; an explicit empty reply lets a
-  requester tell "no response" from a dead peer without waiting for a timeout.
-* CONTINUE: CONTINUE, then the connection is closed; the device keeps its state (as
-  spdm_responder_emu does) and the listener goes on.
-* SHUTDOWN: SHUTDOWN, then the connection is closed.  The listener stays unless the
-  server was made with ``exit_on_shutdown`` (``--doe-exit-on-shutdown``), which ends it
-  and every other connection (and calls ``on_shutdown``) like spdm_responder_emu's exit.
-* any other command (also the OOB_ENCAP ones, which need SPDM): UNKNOWN, empty payload.
-* a transport type other than PCI_DOE: UNKNOWN, then the connection is closed.
-* a handler that raises something unforeseen (a device bug): NORMAL with an empty
-  payload, as for "no response"; the traceback is logged the first time, later ones in
-  one line each.  The connection and the server go on.
-
-Payloads up to :data:`teeio.doe.SOCKET_MAX_PAYLOAD` (a whole 2^18-DW object, 1 MiB) are
-accepted; a larger one up to :data:`MAX_DISCARD` is read off the stream and thrown away,
-then answered as above; one larger still closes the connection at once (it cannot be kept
-in step without reading it).
-
-Connections: UNIX socket (mode 0600; a stale socket at the path is replaced, any other
-file refused, :func:`teeio.transport.unix.listen_private`), or TCP on 127.0.0.1.  Up to
-:data:`MAX_CONNECTIONS` clients are served at once, a thread each (the dispatcher's lock
-serialises their objects), so a silent client never keeps another (the TSM) waiting.
-Timeouts, so that silent or trickling clients cannot hold the slots either:
-
-* a connection that sends no complete message within :data:`IDLE_TIMEOUT` seconds of
-  connecting is closed;
-* a message begun must be complete within :data:`MESSAGE_TIMEOUT` seconds of its first
-  byte, else the connection is closed;
-* a connection that has exchanged a message may then stay idle (the TSM keeps one for a
-  whole SPDM session, and its heartbeats may be off or as far apart as the heartbeat
-  period allows, DSP0274 §10.17), but when every slot is taken, the one idle longest, if
-  idle for more than :data:`IDLE_TIMEOUT` seconds, is closed to make room for a new
-  client; otherwise the new client is closed at once.
+Framing of DMTF spdm-emu (``spdm_emu_common/command.h``); a NORMAL payload is one whole DOE
+object (PCIe 6.x §6.30.1).  One reply per message, bounded payloads, a thread per client
+(at most :data:`MAX_CONNECTIONS`) and idle/message timeouts: docs/attestation.md, "The DOE
+socket, message by message".
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
 """TDISP enforcement rules of the device, as pure functions, and refusal accounting.
 
-The T-bit rules of PCIe 6.x §11.2.1 (reference notes §4.7) for the function's one TDI:
-
-* **Completer** (:func:`mmio_refusal`): a request to TEE memory (BAR0; BAR1 holds only the
-  MSI-X table and PBA, reported IS_NON_TEE_MEM, and is not gated) is served only if the TDI
-  is CONFIG_UNLOCKED and T=0 (legacy, non-TVM use), or the TDI is RUN, T=1, TEE access
-  was enabled by START and the request arrived on the stream LOCK bound the TDI to
-  (DEFAULT_STREAM_ID).  Anything else is an Unsupported Request: reads return all ones,
-  writes are dropped.
-* **Requester** (:func:`dma_route`): in CONFIG_UNLOCKED the device's DMA is T=0, as
-  before TDISP; in RUN it is T=1 on the bound stream; in CONFIG_LOCKED and ERROR the
-  device issues no memory request at all.  Completions of reads issued in RUN are
-  accepted only while the TDI is still in that RUN (the device checks it).
-
-:class:`Refusals` counts every refusal by kind and logs it at INFO without flooding: the
-first :data:`LOG_FIRST` of each kind, then every :data:`LOG_EVERY`-th.
+The T-bit rules of PCIe 6.x §11.2.1 for the function's one TDI: :func:`mmio_refusal` (the
+device as completer of TEE MMIO) and :func:`dma_route` (the device as requester).
+:class:`Refusals` counts refusals by kind and logs them without flooding.  How the device
+applies them: docs/device-internals.md.
 """
 
 from __future__ import annotations

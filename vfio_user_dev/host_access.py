@@ -1,60 +1,9 @@
 """The host's own path to the function (docs/design.md decision 12): config and BAR access, FLR,
 firmware update and the (untrusted) link, on a UNIX socket of the device server.
 
-A real host reaches a physical function without the guest or the TSM: root has sysfs
-config space and ``resourceN`` access, can reset the function and flash its firmware,
-and owns the wires.  ``--host-socket PATH`` gives the untrusted host (and the attack
-tests) exactly that, with **no credential**: nothing here is trusted, and every access
-goes through the same paths and the same TDISP enforcement as the VMM's:
-
-* config writes are :meth:`~vfio_user_dev.platform.Platform.region_write` on the
-  config region -- QEMU's path -- so register masks, the IDE capability's reactions and
-  the security events of PCIe 6.x §11.2.6 (BAR writes, Memory Space/Bus Master Enable
-  cleared, Device Control fields, the bound IDE stream's registers...) are those of any
-  config write: the write completes, a locked TDI goes to ERROR;
-* BAR accesses are always T=0 (the host is not a TEE, §11.2.1): BAR0 (TEE MMIO) crosses
-  the link through the root port and the device's completer gate, so outside
-  CONFIG_UNLOCKED a read returns all ones and a write is dropped; BAR1 (MSI-X table and
-  PBA, non-TEE) is served;
-* ``fw_update`` is refused while the TDI is CONFIG_LOCKED/RUN with NO_FW_UPDATE; the
-  image must be a regular file (not a symbolic link, a FIFO or a device node) of at most
-  16 MiB (:func:`vfio_user_dev.dsm.read_firmware_image`), read whole before the device
-  lock is taken, so no path the host names can stall the device;
-* ``link_inject`` arms a fault on the link (:class:`~vfio_user_dev.link.Fault`): the
-  link is untrusted too.
-
-Protocol: one JSON object per line (UTF-8, at most :data:`MAX_LINE` bytes) both ways.
-Request ``{"op": OP, "args": {...}}`` (``args`` optional; an ``"id"`` is echoed back).
-Reply ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": {"code": C,
-"message": M}}``.  Codes: ``malformed`` (not a JSON object, bad field, line too long),
-``unknown_op``, ``bad_args``, ``refused`` (the device said no: firmware update under
-NO_FW_UPDATE), ``failed`` (the operation could not be done, e.g. an image that does not
-measure), ``internal``.  The connection keeps serving after any error.
-
-=================  ===========================================  =============================
-op                 args                                         result
-=================  ===========================================  =============================
-``config_read``    ``offset``, ``size`` (1, 2, 4)               ``{"value"}``
-``config_write``   ``offset``, ``size``, ``value``              ``{"value"}`` (read back)
-``bar_read``       ``bar`` (0, 1), ``offset``, ``size`` (1, 2,  ``{"value"}`` (all ones: UR)
-                   4, 8)
-``bar_write``      ``bar``, ``offset``, ``size``, ``value``     ``{}``
-``flr``            --                                           ``{"tdi": state after}``
-``fw_update``      ``path`` (ELF on the device server's host,   ``{"measurements": [{"index",
-                   a regular file of at most 16 MiB)            "label", "size"}]}``
-``link_inject``    ``kind`` (a ``link.FaultKind`` name, e.g.    ``{"armed"}``
-                   ``FLIP_PAYLOAD``, or its value
-                   ``flip-payload``), ``count`` (TLPs in a row,
-                   default 1), ``bit``, ``direction``
-                   (``upstream``/``downstream``, default
-                   upstream), ``nth`` (default 1)
-``link_clear``     --                                           ``{}``
-``stats``          --                                           the device's ``stats()``
-=================  ===========================================  =============================
-
-``python -m vfio_user_dev.host_access --socket PATH OP [key=value ...]`` sends one request
-and prints the reply as JSON (exit 0 if ok, 1 if not); values are integers (``0x..``
-allowed), ``true``/``false``, or strings.
+No credential: every access takes the VMM's path and the same TDISP enforcement (PCIe 6.x
+§11.2.1, §11.2.6).  One JSON object per line both ways; the operations, their arguments
+and error codes are in docs/tdisp-and-tsm.md, "The host's own path".
 """
 
 from __future__ import annotations

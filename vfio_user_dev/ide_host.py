@@ -1,31 +1,10 @@
 """The host's access to the device's IDE capability registers, served on the platform socket.
 
-Setting up an IDE stream takes config writes to the device's IDE extended capability
-(PCIe 6.x §7.9.26) as well as IDE_KM: Linux's ``drivers/pci/ide.c`` writes a Selective
-stream block's RID Association and Control (Stream ID, Enable 0) before the keys are
-programmed, and sets Enable afterwards.  On a real platform the host does that through
-its own path to the physical function (sysfs config access).  docs/design.md decision 12 plans
-such a host access socket for the device server; until it exists, these registers are
-reachable as two extra operations of the platform control socket (``platform_ctl.py``),
-registered here by :func:`register`:
-
-=====================  ===================================================================
-``ide_config_read``    -- → ``{"offset": the capability's config offset, "header": u32,
-                       "registers": [u32, ...] (the capability minus its header, as in
-                       IDE_KM QUERY_RESP), "streams": [...] (``TeeIoDevice.ide_status``)}``
-``ide_config_write``   ``offset`` (absolute config offset, DW-aligned, inside the IDE
-                       capability), ``value`` (u32) → ``{"value": the register after it}``
-=====================  ===================================================================
-
-A write goes through :meth:`TeeIoDevice.region_write` on the config region -- the very
-path QEMU's config writes take -- so the register masks, RW1C bits and the capability's
-reactions (Enable → Secure once every key is GO, Stream ID changes...) are those of any
-other config write.  Only the IDE capability's window is writable here.
-
-Not faithful: the platform socket needs the TSM's credential, so in this emulator the
-TSM writes these registers on the host's behalf (``tsm/ide.py``).  The untrusted host's
-own path, on which it can also write them behind the TSM's back (a locked TDI then goes
-to ERROR, PCIe 6.x §11.2.6), is the host access socket (``host_access.py``).
+Two operations, ``ide_config_read`` and ``ide_config_write`` (registered by
+:func:`register`), through which the TSM writes on the host's behalf the config registers a
+stream needs besides IDE_KM (PCIe 6.x §7.9.26), on QEMU's config-write path.  The untrusted
+host's own path is the host access socket (``host_access.py``).  Their arguments:
+docs/ide-and-link.md, "The host's IDE registers on the platform socket".
 """
 
 from __future__ import annotations

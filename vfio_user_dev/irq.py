@@ -1,24 +1,7 @@
-"""Interrupt signalling through client eventfds (vfio-user DEVICE_SET_IRQS).
-
-INTx is level-triggered and auto-masked (linux/vfio.h semantics, as QEMU's vfio
-expects): the server writes the trigger eventfd and masks; after the guest's EOI
-QEMU sends UNMASK, and if the line is still asserted and not disabled by Command
-bit 10, it fires again.  MSI-X vectors are edge-triggered; a masked vector sets
-its PBA bit and fires on unmask.
-
-The controller is transport-neutral: by default it holds the client's eventfds itself
-(the pure-Python server hands it DEVICE_SET_IRQS), but a transport whose library keeps
-the eventfds (libvfio-user) installs an :class:`IrqSink` instead.  Masking, automasking,
-the PBA and the counters stay here either way; the sink only says whether a vector can be
-delivered and delivers it, reporting the outcome with :meth:`IrqController.delivered` or
-:meth:`IrqController.undelivered` (possibly later, from another thread).
-
-The fds a client hands over (spec "VFIO_USER_DEVICE_SET_IRQS": eventfds for TRIGGER, and
-the INTx unmask eventfd) must be eventfds: any other fd is refused with EINVAL.  A pipe
-nobody reads would fill, and a write to it would block with the device lock held; a pipe
-at end-of-file would make the unmask watcher spin.  The controller's copies are made
-non-blocking: an eventfd write blocks only when its counter is at 2**64-2, and such an
-interrupt is dropped (the client has a signal pending on that eventfd anyway).
+"""Interrupt signalling to the client: INTx (level, automasked) and MSI-X (edge, PBA)
+through the client's eventfds (vfio-user spec "VFIO_USER_DEVICE_SET_IRQS"; linux/vfio.h
+semantics; PCIe 6.x §7.7.2 for MSI-X masking and the PBA), or through an :class:`IrqSink`
+when a library keeps the eventfds.  Notes: docs/device-internals.md.
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
 """The emulated platform around one device function (docs/design.md decision 10 made literal).
 
-:class:`Platform` composes what a host has between a VMM and a PCIe function:
-
-* the **DMA map set** (``dma.py``): the VMM's memory, as DMA_MAP gave it;
-* the **root port** (``root_port.py``): the only part that maps guest RAM; IDE at its end
-  of each stream, the trusted-DMA windows, private MMIO;
-* the **link** (``link.py``): TLPs between the root port and the device's endpoint, with
-  its capture and fault taps;
-* the **event log** (``platform_events.py``): what changed TDI, stream or window truth;
-* the **device** (``device.py``), which holds only its link endpoint.
-
-The transports (the vfio-user server, the libvfio-user backend, the host access socket)
-talk to the platform, never to the device's insides: a CPU access to the device's TEE
-MMIO (BAR0) goes from here through the root port and the link to the device's completer,
-as TLPs (PCIe 6.x §11.2.1).  Only with the TDI CONFIG_UNLOCKED, the access in the clear
-and no tap on the link does it take the direct path to the same completer (same gate,
-no TLP objects: the fast path of an untrusted device).
-
-Enforcement that never waits for the TSM (docs/design.md "state has one owner"): the platform
-listens to the device's events; when the TDI leaves RUN the root port revokes its windows
-and private MMIO, and when the device is reset (its IDE keys gone) the root port's end of
-its stream leaves Secure too.
+:class:`Platform` composes the DMA map set, the root port, the link, the event log and the
+device; the transports talk to it, and TEE MMIO reaches the device as TLPs (PCIe 6.x
+§11.2.1).  It revokes windows and private MMIO itself when the TDI leaves RUN
+(docs/design.md "state has one owner"; the whole picture: "Architecture overview").
 """
 
 from __future__ import annotations

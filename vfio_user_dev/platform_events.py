@@ -1,40 +1,9 @@
 """The platform's event log: what changed TDI, stream or window truth, in order.
 
-docs/design.md "state has one owner": the DSM owns the TDI state, the platform (root port, link)
-owns its end of each stream and the trusted windows, the TSM owns the VM bindings.  The
-owners report every change here, and the TSM reads them over the authenticated platform
-channel (platform op ``events``), as a real host TSM learns from IDE Fail Messages
-(PCIe 6.x §6.33.7), AER/DPC (§6.2, §6.2.11), hot-plug and reset notifications.
-
-Each event is a JSON-able dict: ``seq`` (1, 2, ... per device-server run), ``time`` (UNIX
-seconds), ``kind`` and the kind's own fields.  The kinds:
-
-=======================  =================================================================
-``client_connected``     a vfio-user client (the VMM) connected
-``client_disconnected``  it went away (``reason``); its DMA maps and eventfds are dropped
-``device_reset``         ``reason``: ``client_reset`` (DEVICE_RESET), ``client_gone``,
-                         ``flr`` (Initiate FLR, §6.6.2), ``host_flr``
-``command``              the Command register's Memory Space / Bus Master Enable changed
-                         (``memory``, ``bus_master``, ``by``: ``vmm`` or ``host``)
-``tdi``                  the DSM moved the TDI: ``before``, ``after``, ``event``
-``ide_stream``           the device's end of a stream changed: ``end`` = ``device``,
-                         ``stream``, ``state``, ``event``
-``ide_registers``        config space written in the IDE capability (``offset``, ``size``,
-                         ``by``: ``vmm`` or ``host``)
-``rp_stream``            the root port's end of a stream changed: ``end`` = ``root_port``,
-                         ``stream``, ``state``, ``reason``
-``ide_fail``             an IDE check failed (``how``: detected / message)
-``remap``                the client remapped memory under a window (the window suspended)
-``window_revoked``       the platform revoked a window by itself (``window``, ``reason``)
-``mmio_private``         private MMIO of a requester switched (``enabled``, ``reason``)
-=======================  =================================================================
-
-The log keeps the last :data:`MAX_EVENTS`.  A reader asks for the events after the last
-``seq`` it saw; if some of them were dropped meanwhile the answer says ``lost`` and the
-reader must re-read the state (``status``) instead of trusting the gap.  ``boot`` is a
-random id of this log: a different one means the device server restarted and every
-``seq`` before is void.  :meth:`since` may wait for the next event (a long poll), which
-is how the TSM hears of an event within milliseconds without polling.
+docs/design.md "state has one owner": the owners report every change here and the TSM reads
+them over the platform channel with a long poll (decision 18), as a host TSM learns from
+IDE Fail Messages (PCIe 6.x §6.33.7), AER/DPC and resets.  The event kinds and the
+``lost``/``boot`` rules are in docs/tdisp-and-tsm.md, "The event log".
 """
 
 from __future__ import annotations

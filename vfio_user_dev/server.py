@@ -1,30 +1,15 @@
-"""vfio-user server transport: one client at a time on a UNIX socket.
+"""vfio-user server transport: one client at a time on a UNIX socket (the vfio-user
+protocol spec, QEMU docs/interop/vfio-user.rst, "Socket" and "Message Format").
 
-Threads: the *connection* thread reads every message; client commands are handled
-right there (none of them blocks on the client), replies to our own DMA_READ /
-DMA_WRITE are handed to the waiting engine thread.  So the server keeps serving
-the client while a DMA reply is outstanding, and a DMA reply can always be
-routed, which is what keeps QEMU and us out of a deadlock.
-
-Errors: a malformed message gets an error reply with its errno and the
-connection goes on; an unknown command gets ENOSYS; posted writes (No_reply)
-are never answered, not even with an error.  A client that disconnects has its
-DMA maps and eventfds dropped and the device reset; the next client is accepted.
-
-Hostile input: every length, count and nesting depth is bounded before use (a message
-over MAX_MESSAGE is drained in bounded chunks without being buffered, a message with
-more fds than our max_msg_fds is refused, fds that come with a message that takes none
-are closed).  Anything a handler raises that no check foresaw is a last resort: the
-message gets EIO (spec "Error Handling": an error reply with an errno), the traceback is
-logged, and the server serves on; an unforeseen failure of the connection itself closes
-that connection and the next client is accepted.  Refusals are logged through
-:class:`LogLimiter`, so a stream of garbage cannot flood the log.
+The socket side only: accepting clients, reading messages with their SCM_RIGHTS fds
+(bounded: spec "Version" max_msg_fds, our MAX_MESSAGE), sending, and the replies to the
+server's own DMA_READ/DMA_WRITE.  Handling a client command is :class:`~vfio_user_dev.
+session.Session`'s, without I/O.  Threads and hostile input: docs/device-internals.md.
 """
 
 from __future__ import annotations
 
 import array
-import collections
 import contextlib
 import errno
 import itertools
@@ -32,65 +17,25 @@ import logging
 import os
 import socket
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from teeio.transport import remove_stale_socket
 from vfio_user_dev import protocol as p
 from vfio_user_dev.dma import DmaFault
-from vfio_user_dev.enforcement import LOG_FIRST
+from vfio_user_dev.loglimit import LogLimiter
 from vfio_user_dev.platform import Platform
-from vfio_user_dev.protocol import Command, Header, ProtocolError
+from vfio_user_dev.protocol import Command, Header
+from vfio_user_dev.session import Reply, Session
 
 log = logging.getLogger(__name__)
 msglog = logging.getLogger("vfio_user_dev.msg")
 
 DMA_REPLY_TIMEOUT = 10.0
-LOG_INTERVAL = 10.0     # seconds: after LOG_FIRST lines of a kind, at most one per interval
 CHUNK = 1 << 20         # largest single read from the socket
 
 
 class Disconnected(Exception):
     pass
-
-
-class LogLimiter:
-    """Log lines by kind that a client can provoke at will, without letting it flood the
-    log: the first *first* of each kind (LOG_FIRST, as TDISP refusals are logged), then at
-    most one per *interval* seconds, saying how many of that kind were suppressed since
-    the previous line.  ``counts`` keeps every occurrence by kind."""
-
-    def __init__(self, logger: logging.Logger, first: int = LOG_FIRST,
-                 interval: float = LOG_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.log = logger
-        self.first = first
-        self.interval = interval
-        self.clock = clock
-        self.counts: collections.Counter[str] = collections.Counter()
-        self.suppressed: collections.Counter[str] = collections.Counter()
-        self._last: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, kind: str, level: int, msg: str, *args: object,
-                 exc_info: BaseException | bool = False) -> bool:
-        """Count one *kind* and log *msg* unless rate-limited; whether it was logged."""
-        with self._lock:
-            self.counts[kind] += 1
-            now = self.clock()
-            last = self._last.get(kind)
-            if self.counts[kind] > self.first and last is not None \
-                    and now - last < self.interval:
-                self.suppressed[kind] += 1
-                return False
-            self._last[kind] = now
-            dropped = self.suppressed.pop(kind, 0)
-        if dropped:
-            msg += " (%d more suppressed since the previous line)"
-            args += (dropped,)
-        self.log.log(level, msg, *args, exc_info=exc_info)
-        return True
 
 
 def recv_exact(sock: socket.socket, n: int, fds: list[int],
@@ -140,7 +85,9 @@ class _Pending:
 
 
 class Connection:
-    """One vfio-user client session."""
+    """One vfio-user client on its socket: the receive loop, sending, and the server's
+    own requests waiting for their replies.  What a client command means is the
+    :class:`Session`'s."""
 
     def __init__(self, sock: socket.socket, platform: Platform,
                  refusals: LogLimiter | None = None,
@@ -148,18 +95,16 @@ class Connection:
         self.sock = sock
         self.platform = platform
         self.device = platform.device
+        # Shared by the server's connections, so that reconnecting does not reset them.
+        self.session = Session(platform, refusals if refusals is not None else LogLimiter(log),
+                               internal if internal is not None else LogLimiter(log, first=1))
+        self.counters = self.session.counters
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
-        self.negotiated = False
-        self.client_max_xfer = p.MAX_DATA_XFER
         self.closed = threading.Event()
-        self.counters = {"rx": 0, "tx": 0, "errors": 0, "internal_errors": 0}
         self.close_reason = "closed"
-        # Shared by the server's connections, so that reconnecting does not reset them.
-        self.refusals = refusals if refusals is not None else LogLimiter(log)
-        self.internal = internal if internal is not None else LogLimiter(log, first=1)
 
     # -- sending ------------------------------------------------------------------------
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
@@ -172,6 +117,10 @@ class Connection:
         with self._send_lock:
             send_all(self.sock, data, fds)
         self.counters["tx"] += 1
+
+    def _send_reply(self, reply: Reply | None) -> None:
+        if reply is not None:
+            self.send(reply.data, reply.fds)
 
     # -- server -> client requests (DMA fallback) -------------------------------------------
     def request(self, command: Command, payload: bytes) -> tuple[Header, bytes]:
@@ -199,27 +148,10 @@ class Connection:
         return pend.header, pend.payload
 
     def dma_read(self, address: int, count: int) -> bytes:
-        out = bytearray()
-        while count:
-            n = min(count, self.client_max_xfer)
-            _, payload = self.request(Command.DMA_READ, p.encode_dma_rw(address, n))
-            try:
-                _, got, data = p.decode_dma_rw(payload, with_data=True)
-            except ProtocolError as exc:
-                raise DmaFault(f"DMA_READ reply: {exc}") from None
-            if got != n:
-                raise DmaFault(f"DMA_READ reply count {got} != {n}")
-            out += data
-            address += n
-            count -= n
-        return bytes(out)
+        return self.session.dma_read(self.request, address, count)
 
     def dma_write(self, address: int, data: bytes) -> None:
-        pos = 0
-        while pos < len(data):
-            chunk = data[pos:pos + self.client_max_xfer]
-            self.request(Command.DMA_WRITE, p.encode_dma_rw(address + pos, len(chunk), chunk))
-            pos += len(chunk)
+        self.session.dma_write(self.request, address, data)
 
     # -- receive loop -------------------------------------------------------------------------
     def serve(self) -> None:
@@ -235,7 +167,8 @@ class Connection:
                     if hdr.size > p.MAX_MESSAGE:
                         # Skipped in bounded chunks, never buffered whole.
                         self._drain(hdr.size - p.HEADER_SIZE, fds)
-                        self._reject(hdr, errno.E2BIG, f"message of {hdr.size} bytes is too big")
+                        self._send_reply(self.session.reject(
+                            hdr, errno.E2BIG, f"message of {hdr.size} bytes is too big"))
                         continue
                     if hdr.size > p.HEADER_SIZE:
                         payload = recv_exact(self.sock, hdr.size - p.HEADER_SIZE, fds,
@@ -243,7 +176,8 @@ class Connection:
                     self.counters["rx"] += 1
                     if len(fds) > p.MAX_MSG_FDS:
                         # Spec "Version": max_msg_fds is what we receive in one message.
-                        self._reject(hdr, errno.EINVAL, f"more than {p.MAX_MSG_FDS} fds")
+                        self._send_reply(self.session.reject(
+                            hdr, errno.EINVAL, f"more than {p.MAX_MSG_FDS} fds"))
                         continue
                     self._dispatch(hdr, payload, fds)
                 finally:
@@ -258,9 +192,9 @@ class Connection:
             # Last resort: an unforeseen failure outside any one message's handling.  The
             # connection is closed (by the caller); the server serves the next client.
             self.close_reason = f"internal error: {exc!r}"
-            self.internal(f"connection:{type(exc).__name__}", logging.ERROR,
-                          "connection dropped after an internal error: %r", exc,
-                          exc_info=exc)
+            self.session.internal(f"connection:{type(exc).__name__}", logging.ERROR,
+                                  "connection dropped after an internal error: %r", exc,
+                                  exc_info=exc)
         finally:
             self.closed.set()
             with self._pending_lock:
@@ -273,28 +207,9 @@ class Connection:
         while n:
             n -= len(recv_exact(self.sock, min(n, CHUNK), fds, p.MAX_MSG_FDS))
 
-    def _reject(self, hdr: Header, err: int, why: str) -> None:
-        self.counters["errors"] += 1
-        name = hdr.command_name().partition("(")[0]     # one kind for all unknown commands
-        self.refusals(f"{name}:{errno.errorcode.get(err, err)}", logging.WARNING,
-                      "%s id=%d rejected (%s): %s", hdr.command_name(), hdr.msg_id,
-                      errno.errorcode.get(err, err), why)
-        if not hdr.no_reply and not hdr.is_reply:
-            self.send(p.error_reply(hdr, err))
-
-    def _internal_error(self, hdr: Header, exc: Exception) -> None:
-        """Last resort for one message: what its handler raised that no check foresaw.
-        A message that expects a reply gets EIO (spec "Error Handling"); the server
-        serves on.  Logged with its traceback, rate-limited by kind."""
-        self.counters["errors"] += 1
-        self.counters["internal_errors"] += 1
-        self.internal(f"{hdr.command_name()}:{type(exc).__name__}", logging.ERROR,
-                      "%s id=%d: internal error, answered EIO: %r", hdr.command_name(),
-                      hdr.msg_id, exc, exc_info=exc)
-        if not hdr.no_reply:
-            self.send(p.error_reply(hdr, errno.EIO))
-
     def _dispatch(self, hdr: Header, payload: bytes, fds: list[int]) -> None:
+        """A reply goes to the request waiting for it; a command to the session, whose
+        reply (if any) is sent."""
         if msglog.isEnabledFor(logging.DEBUG):
             kind = "reply" if hdr.is_reply else "cmd"
             msglog.debug("<-- %s %s id=%d size=%d fds=%d%s", kind, hdr.command_name(),
@@ -303,139 +218,12 @@ class Connection:
             with self._pending_lock:
                 pend = self._pending.get(hdr.msg_id)
             if pend is None:
-                self.counters["errors"] += 1
-                self.refusals("reply:unexpected", logging.WARNING, "unexpected reply id=%d to %s",
-                              hdr.msg_id, hdr.command_name())
+                self.session.stray_reply(hdr)
                 return
             pend.header, pend.payload = hdr, payload
             pend.event.set()
             return
-        if hdr.flags & p.TYPE_MASK != 0:
-            self._reject(hdr, errno.EINVAL, f"unknown message type {hdr.flags & p.TYPE_MASK}")
-            return
-        if hdr.size < p.HEADER_SIZE:
-            self._reject(hdr, errno.EINVAL, f"message size {hdr.size} < 16")
-            return
-        handler = self.HANDLERS.get(hdr.command)
-        if handler is None:
-            self._reject(hdr, errno.ENOSYS, "command not supported")
-            return
-        if not self.negotiated and hdr.command != Command.VERSION:
-            self._reject(hdr, errno.EINVAL, "VERSION must come first")
-            return
-        try:
-            out = handler(self, hdr, payload, fds)
-        except ProtocolError as exc:
-            self._reject(hdr, exc.errno, str(exc))
-            return
-        except DmaFault as exc:
-            self._reject(hdr, errno.EFAULT, str(exc))
-            return
-        except Exception as exc:
-            self._internal_error(hdr, exc)
-            return
-        if hdr.no_reply:
-            return
-        body, reply_fds = out if isinstance(out, tuple) else (out, None)
-        self.send(p.reply(hdr, body), reply_fds)
-
-    # -- command handlers -----------------------------------------------------------------
-    def _version(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
-        v = p.Version.decode(payload)
-        if v.major != 0:
-            raise ProtocolError(errno.ENOTSUP, f"unsupported major version {v.major}")
-        xfer = v.capabilities.get("max_data_xfer_size", p.MAX_DATA_XFER)
-        if not isinstance(xfer, int) or isinstance(xfer, bool) or xfer <= 0:
-            raise ProtocolError(errno.EINVAL, f"bad max_data_xfer_size {xfer!r}")
-        self.client_max_xfer = min(xfer, p.MAX_DATA_XFER)
-        # QEMU receives the reply into a buffer the size of its own request: stay shorter,
-        # dropping capabilities from the end (spec "Version": each one has a default).
-        caps: dict[str, object] = {"max_msg_fds": p.MAX_MSG_FDS,
-                                   "max_data_xfer_size": p.MAX_DATA_XFER,
-                                   "max_dma_maps": self.platform.dma.max_maps}
-        body = p.Version(0, 0, caps).encode()
-        while len(body) > len(payload):
-            caps.popitem()
-            body = p.Version(0, 0, caps).encode()
-        self.negotiated = True
-        names = sorted(v.capabilities)     # the client's: at most a few shown
-        log.info("client version %d.%d caps=%.200s%s", v.major, v.minor, names[:16],
-                 f" and {len(names) - 16} more" if len(names) > 16 else "")
-        return body
-
-    def _dma_map(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
-        m = p.DmaMap.decode(payload)
-        if len(fds) > 1:
-            raise ProtocolError(errno.EINVAL, f"DMA_MAP with {len(fds)} fds")
-        fd = fds.pop() if fds else None
-        self.platform.dma.map(m.address, m.size, m.flags, m.offset, fd)
-        log.debug("DMA_MAP %#x+%#x flags=%d %s", m.address, m.size, m.flags,
-                  "fd" if fd is not None else "no-fd")
-        return b""
-
-    def _dma_unmap(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
-        u = p.DmaUnmap.decode(payload)
-        self.platform.dma.unmap(u.address, u.size)
-        return payload  # the reply echoes the original entry
-
-    def _get_info(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
-        p.decode_argsz(payload, p.DEVICE_INFO.size, "DEVICE_GET_INFO")
-        return p.DEVICE_INFO.pack(p.DEVICE_INFO.size, p.DeviceFlags.RESET | p.DeviceFlags.PCI,
-                                  self.device.NUM_REGIONS, len(self.device.irq.counts))
-
-    def _region_info(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
-        req = p.RegionInfoRequest.decode(payload)
-        if req.index >= self.device.NUM_REGIONS:
-            raise ProtocolError(errno.EINVAL, f"no region {req.index}")
-        spec = self.device.REGIONS.get(p.PciRegion(req.index))
-        size, flags = (spec.size, spec.flags) if spec else (0, 0)
-        return p.REGION_INFO.pack(p.REGION_INFO.size, flags, req.index, 0, size, 0)
-
-    def _irq_info(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
-        req = p.IrqInfoRequest.decode(payload)
-        if req.index not in self.device.irq.counts:
-            raise ProtocolError(errno.EINVAL, f"no IRQ index {req.index}")
-        return p.IRQ_INFO.pack(p.IRQ_INFO.size, self.device.irq.info_flags(req.index),
-                               req.index, self.device.irq.counts[req.index])
-
-    def _set_irqs(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
-        req = p.IrqSet.decode(payload)
-        with self.device._lock:
-            leftover = self.device.irq.set_irqs(req, list(fds))
-            kept = [fd for fd in fds if fd not in leftover]
-            for fd in kept:
-                fds.remove(fd)  # now owned by the IRQ controller
-        return b""
-
-    def _region_read(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
-        a = p.RegionAccess.decode(payload, with_data=False)
-        data = self.platform.region_read(a.region, a.offset, a.count)
-        return p.RegionAccess(a.offset, a.region, a.count, data).encode()
-
-    def _region_write(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
-        a = p.RegionAccess.decode(payload, with_data=True)
-        self.platform.region_write(a.region, a.offset, a.data)
-        return p.RegionAccess(a.offset, a.region, a.count).encode()
-
-    def _reset(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes:
-        if payload:
-            raise ProtocolError(errno.EINVAL, "DEVICE_RESET takes no payload")
-        self.platform.reset("client_reset")
-        return b""
-
-    HANDLERS: dict[int, Callable[[Connection, Header, bytes, list[int]],
-                                 bytes | tuple[bytes, list[int]]]] = {
-        Command.VERSION: _version,
-        Command.DMA_MAP: _dma_map,
-        Command.DMA_UNMAP: _dma_unmap,
-        Command.DEVICE_GET_INFO: _get_info,
-        Command.DEVICE_GET_REGION_INFO: _region_info,
-        Command.DEVICE_GET_IRQ_INFO: _irq_info,
-        Command.DEVICE_SET_IRQS: _set_irqs,
-        Command.REGION_READ: _region_read,
-        Command.REGION_WRITE: _region_write,
-        Command.DEVICE_RESET: _reset,
-    }
+        self._send_reply(self.session.handle(hdr, payload, fds))
 
 
 class Server:

@@ -28,31 +28,13 @@ def negotiated() -> codec.Negotiated:
         r.close()
 
 
-def _plain(cls: Any) -> Decoder:
-    return lambda b, _ctx, f: cls.decode(b, pad=bool(f & 1))
+def _decoder(cls: type[codec.SpdmMessage]) -> Decoder:
+    # flags bit 0: DOE pad allowed; bit 1: a summary hash / signature was asked for
+    return lambda b, neg, f: cls.decode_in(b, codec.Context(
+        neg, summary=bool(f & 2), signed=bool(f & 2), pad=bool(f & 1)))
 
 
-DECODERS: dict[int, Decoder] = {
-    cls.CODE: _plain(cls) for cls in (
-        codec.GetVersion, codec.Version, codec.GetCapabilities, codec.Capabilities,
-        codec.NegotiateAlgorithms, codec.Algorithms, codec.GetDigests, codec.GetCertificate,
-        codec.Certificate, codec.Challenge, codec.GetMeasurements, codec.Heartbeat,
-        codec.HeartbeatAck, codec.KeyUpdate, codec.KeyUpdateAck, codec.EndSession,
-        codec.EndSessionAck, codec.VendorDefinedRequest, codec.VendorDefinedResponse,
-        codec.Error)}
-DECODERS.update({
-    codec.Digests.CODE: lambda b, c, f: codec.Digests.decode(b, c.hash_size, pad=bool(f & 1)),
-    codec.ChallengeAuth.CODE: lambda b, c, f: codec.ChallengeAuth.decode(
-        b, c, bool(f & 2), pad=bool(f & 1)),
-    codec.Measurements.CODE: lambda b, c, f: codec.Measurements.decode(
-        b, c, bool(f & 2), pad=bool(f & 1)),
-    codec.KeyExchange.CODE: lambda b, c, f: codec.KeyExchange.decode(
-        b, c.dhe_size, pad=bool(f & 1)),
-    codec.KeyExchangeRsp.CODE: lambda b, c, f: codec.KeyExchangeRsp.decode(
-        b, c, bool(f & 2), pad=bool(f & 1)),
-    codec.Finish.CODE: lambda b, c, f: codec.Finish.decode(b, c, pad=bool(f & 1)),
-    codec.FinishRsp.CODE: lambda b, c, f: codec.FinishRsp.decode(b, c, pad=bool(f & 1)),
-})
+DECODERS: dict[int, Decoder] = {cls.CODE: _decoder(cls) for cls in codec.MESSAGES}
 CODES = sorted(DECODERS)
 
 

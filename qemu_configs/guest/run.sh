@@ -46,7 +46,7 @@ case "$mode" in
         ;;
     sh)
         # A shell script from the results share, as a person would type it (a journey,
-        # the README's guest commands): -e stops at the first failing command.
+        # the guest commands of docs/by-hand.md): -e stops at the first failing command.
         sh -e -x "$file" > $R/agent.log 2>&1
         rc=$?
         cat $R/agent.log

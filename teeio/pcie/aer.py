@@ -1,36 +1,9 @@
 """Advanced Error Reporting extended capability of an Endpoint (PCIe 6.x §7.8.4).
 
-The registers a non-Root-Port function has, 0x2C bytes::
-
-    +0x00  Extended Capability Header       ID 0x0001, version 2, next
-    +0x04  Uncorrectable Error Status       RW1CS, for the errors implemented
-    +0x08  Uncorrectable Error Mask         RWS   (Uncorrectable Internal Error masked)
-    +0x0C  Uncorrectable Error Severity     RWS   (1 = Fatal; spec defaults)
-    +0x10  Correctable Error Status         RW1CS
-    +0x14  Correctable Error Mask           RWS   (Advisory Non-Fatal Error masked)
-    +0x18  Advanced Error Capabilities and Control: First Error Pointer (ROS, bits 4:0);
-           no ECRC, no multiple header recording, no TLP Prefix Log: the rest reads 0
-    +0x1C  Header Log                       4 DW, ROS: the header of the first error's TLP
-
-The Root Error Command/Status and Error Source Identification registers (+0x2C..+0x37)
-are a Root Port's and the TLP Prefix Log (+0x38) belongs to functions that support
-End-End TLP Prefixes: neither is here.
-
-Only the errors this function can detect or report have status, mask and severity bits
-(unimplemented ones read 0): the ones every function implements (§6.2.7: Data Link
-Protocol, Poisoned TLP Received, Flow Control Protocol, Completion Timeout, Unexpected
-Completion, Malformed TLP, Unsupported Request), Completer Abort, Receiver Overflow and
-Uncorrectable Internal Error; on the correctable side the Physical/Data Link Layer
-errors and Advisory Non-Fatal Error.
-
-Sticky bits (the "S" in RW1CS, RWS, ROS) keep their value across an FLR or hot reset
-(§7.4): :func:`carry_sticky` copies them into a freshly built config space.
-
-:func:`report_uncorrectable` / :func:`report_correctable` log an error the way §6.2.4
-and §6.2.5 describe: the status bit is set whether masked or not, the Device Status
-"Detected" bit too (§7.5.3.5); an unmasked uncorrectable error with no earlier one still
-pending also records the First Error Pointer and the Header Log.  No error Message is
-sent (the emulated root port has no error collection).
+The 0x2C bytes a non-Root-Port function has, with status bits for the errors it can detect
+(§6.2.7); :func:`report_uncorrectable` / :func:`report_correctable` log per §6.2.4-§6.2.5,
+and :func:`carry_sticky` keeps the sticky bits across a reset (§7.4).  The register layout:
+docs/ide-and-link.md, "Errors: the AER capability".
 """
 
 from __future__ import annotations

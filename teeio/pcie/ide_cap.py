@@ -1,63 +1,9 @@
 """IDE Extended Capability (PCIe 6.x §7.9.26, Ext Cap ID 0x0030) and the stream state it reports.
 
-Layout built by :func:`build` (offsets from the capability; defaults: one Link IDE stream
-block, two Selective IDE stream blocks with one Address Association block each)::
-
-    +0x00  Extended capability header (ID 0x0030, version 1)
-    +0x04  IDE Capability            RO
-    +0x08  IDE Control               RsvdP (Flow-Through Enable is for switches/RPs)
-    +0x0C  Link IDE Stream Control   \\ one Link block (8 B) per TC; we have one TC
-    +0x10  Link IDE Stream Status    /
-    +0x14  Selective IDE stream 0: Capability, Control, Status, RID Assoc 1, RID Assoc 2,
-           Address Assoc 1/2/3  (20 + 12·nAddr bytes)
-    +0x34  Selective IDE stream 1: same
-    +0x54  end
-
-IDE Capability (+0x04)::
-
-     31    25 24 23        16 15 13 12     8 7 6 5 4 3 2 1 0
-    +--------+--+------------+-----+--------+-+-+-+-+-+-+-+-+
-    |  rsvd  |TL| #Sel - 1   |#TC-1| Algos  |C|K|R|A|H|F|S|L|
-    +--------+--+------------+-----+--------+-+-+-+-+-+-+-+-+
-    L Link IDE, S Selective IDE, F Flow-Through, H Partial Header Encryption, A Aggregation,
-    R PCRC, K IDE_KM, C Selective IDE for Config Requests, Algos 00000b = AES-GCM-256/96-bit
-    MAC, TL TEE-Limited Stream.  We set L (if a Link block), S, K and TL.
-
-Stream Control (Link: +0; Selective: +4)::
-
-     31        24 23 22 21 19 18    14 13 10 9 8 7 6 5 4 3 2 1 0
-    +------------+--+--+-----+--------+-----+-+-+---+---+---+-+-+
-    | Stream ID  |TL|DS| TC  |Algorithm| PHE |C|P|CPL|PR |NPR|r|E|
-    +------------+--+--+-----+--------+-----+-+-+---+---+---+-+-+
-    E Enable; aggregation (NPR/PR/CPL), P PCRC, C config requests, PHE: not supported here,
-    hard-wired 0; TL TEE-Limited and DS Default Stream exist only in Selective blocks.
-
-Stream Status (Link: +4; Selective: +8): [3:0] state (0 Insecure, 2 Secure), b31 Received
-IDE Fail Message (RW1C).  RID Association 1: [23:8] RID Limit.  RID Association 2: b0
-Valid, [23:8] RID Base, [31:24] Segment Base.  Address Association 1: b0 Valid, [19:8]
-Memory Base addr[31:20], [31:20] Memory Limit addr[31:20]; 2: Limit addr[63:32];
-3: Base addr[63:32].
-
-Status tells the truth (reference §3.3, §7 item 14): a stream is Secure only while its
-Enable bit is set, the selected algorithm is AES-GCM-256, nothing has gone wrong since
-Enable was last set, and for all six (Rx/Tx × PR/NPR/CPL) a programmed key set has gone
-GO — checked again after every key operation, so Linux, which reads Secure right after
-setting Enable, sees it.  K_SET_STOP alone does not make a Secure stream Insecure (§6.33.3);
-using the stopped set does.  Insecure, latched until Enable is written 0 then 1: integrity
-failure, use of a stopped or unprogrammed key set, Stream ID/TC/algorithm changed while
-enabled, link down, session loss (keys invalidated too), reset (registers back to
-defaults).  The device reports those through :class:`IdeCapability`'s event methods.
-
-:class:`IdeCapability` also implements :class:`teeio.ide_km.IdeKeyStore`, so an
-:class:`~teeio.ide_km.IdeKmResponder` programs the keys of the same streams whose
-registers it reports in QUERY_RESP.  Each stream block owns an :class:`~teeio.ide.IdeTx`
-and :class:`~teeio.ide.IdeRx`; the link model protects/unprotects through
-:meth:`IdeStream.protect` / :meth:`IdeStream.unprotect`, which report failures here.
-
-Simplified: one TC for the Link block; aggregation, PCRC, partial header encryption and
-Selective IDE for configuration requests are not supported (their fields are hard-wired
-0); IDE Control is all RsvdP; the Stream ID is what KEY_PROG names, and if two blocks carry
-the same Stream ID the enabled one, then the first, is meant.
+:func:`build` lays out (by default) one Link and two Selective IDE stream blocks;
+:class:`IdeCapability` keeps Status truthful (Secure only while enabled with every key GO,
+§6.33.3) and is the IDE_KM key store.  The register layout and what is simplified:
+docs/ide-and-link.md, "The IDE capability, register by register".
 """
 
 from __future__ import annotations

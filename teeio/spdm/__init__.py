@@ -1,8 +1,10 @@
 """SPDM 1.2/1.3 (DMTF DSP0274) and DSP0277 secured messages over PCI DOE, sans-IO.
 
-``defs`` (spec tables) -> ``codec`` (messages) -> ``crypto`` / ``key_schedule`` /
+``defs`` (spec tables) -> ``negotiated`` / ``fields`` (sizes and field kinds on
+:mod:`teeio.codec`) -> ``codec`` (messages) -> ``crypto`` / ``key_schedule`` /
 ``transcript`` / ``secured`` (record layer) -> ``responder`` (device) and
-``requester`` (TSM).  Nothing here does I/O or keeps time.
+``requester`` (TSM), packages of one module per request group.  Nothing here does I/O
+or keeps time.
 """
 
 from .errors import (

@@ -1,25 +1,23 @@
-"""SPDM message codec (DSP0274 1.2/1.3 §10; layouts as libspdm ``spdm.h``).
+"""SPDM messages (DSP0274 1.2/1.3 §10; layouts as libspdm ``spdm.h``) declared on the
+:mod:`teeio.codec` core.
 
-Every message is a frozen dataclass with ``encode()`` and a mirror-image
-``decode()`` classmethod.  Decoders validate lengths and counts and must consume
-the input exactly; with ``pad=True`` they also accept up to 3 trailing zero bytes
-(the DW padding of a PCI DOE data object, PCIe 6.x §6.30.1) and trim them.  The
-exact message bytes are kept in ``raw`` so that transcripts hash what was on the
-wire, never a re-encoding.  Reserved fields are written as zero and ignored on
-receive (DSP0274 §9 "Reserved fields").
-
-Decoders whose layout depends on the negotiated algorithms take a
-:class:`Negotiated` context (hash size H, signature size S, DHE size D) or the
-request-dependent flag that decides an optional field.
+Each message is a frozen dataclass whose fields are its wire layout, in order, after the
+4-byte header (§9): ``encode`` and ``decode`` are both generated from that declaration.
+Decoders must consume the input exactly; with ``pad=True`` they also accept up to 3
+trailing zero bytes (the DW padding of a PCI DOE data object, PCIe 6.x §6.30.1).  The
+exact message bytes are kept in ``raw`` so that transcripts hash what was on the wire,
+never a re-encoding.  Sizes set by the negotiated algorithms come from a
+:class:`~teeio.spdm.fields.Context` (or a :class:`Negotiated`).
 """
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass, field
-from typing import ClassVar, Self
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
-from . import crypto
+from teeio import codec as core
+from teeio.codec import Reader, Struct, data, u8, u16, u32
+
 from .defs import (
     ALG_STRUCT_FIXED_COUNT,
     FINISH_SIGNATURE_INCLUDED,
@@ -37,368 +35,241 @@ from .defs import (
     ResponseCode,
 )
 from .errors import DecodeError
+from .fields import (
+    MAX_DOE_PAD,
+    Condition,
+    MessageLength,
+    ascending,
+    count_of,
+    data_list,
+    derived,
+    extended_error_data,
+    header_code,
+    ignored,
+    length_of,
+    message_length,
+    raw_bytes,
+    self_sized,
+    sized,
+    uint_list,
+)
+from .negotiated import (
+    Context,
+    Known,
+    Negotiated,
+    dhe_size,
+    finish_rsp_verify_size,
+    hash_size,
+    measurements_sig_size,
+    req_sig_size,
+    responder_verify_size,
+    sig_size,
+    summary_size,
+)
 
 HEADER_SIZE = 4
-MAX_DOE_PAD = 3
-
-
-# --- negotiated context ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Negotiated:
-    """What NEGOTIATE_ALGORITHMS settled; decoders of variable-size fields need it."""
-
-    version: int
-    base_hash: int
-    base_asym: int
-    meas_hash: int = 0
-    dhe: int = 0
-    aead: int = 0
-    handshake_in_the_clear: bool = False
-    req_asym: int = 0
-
-    @property
-    def hash_size(self) -> int:
-        return crypto.hash_size(self.base_hash)
-
-    @property
-    def sig_size(self) -> int:
-        return crypto.signature_size(self.base_asym)
-
-    @property
-    def dhe_size(self) -> int:
-        return crypto.dhe_public_size(self.dhe)
-
-    @property
-    def req_sig_size(self) -> int:
-        return crypto.signature_size(self.req_asym) if self.req_asym else 0
-
-
-# --- byte reader / writer -------------------------------------------------------------------------
-
-class Reader:
-    def __init__(self, data: bytes, what: str) -> None:
-        self.data = bytes(data)
-        self.pos = 0
-        self.what = what
-
-    def fail(self, message: str) -> DecodeError:
-        return DecodeError(f"{self.what}: {message}", self.data, self.pos)
-
-    def take(self, n: int, name: str) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise self.fail(f"truncated {name} (needs {n} bytes, "
-                            f"{len(self.data) - self.pos} left)")
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def u8(self, name: str) -> int:
-        return self.take(1, name)[0]
-
-    def u16(self, name: str) -> int:
-        return int.from_bytes(self.take(2, name), "little")
-
-    def u24(self, name: str) -> int:
-        return int.from_bytes(self.take(3, name), "little")
-
-    def u32(self, name: str) -> int:
-        return int.from_bytes(self.take(4, name), "little")
-
-    @property
-    def left(self) -> int:
-        return len(self.data) - self.pos
-
-    def finish(self, pad: bool) -> bytes:
-        """Check the input is consumed (bar DOE pad when allowed); return the exact bytes."""
-        rest = self.data[self.pos:]
-        if rest and not (pad and len(rest) <= MAX_DOE_PAD and not any(rest)):
-            raise self.fail(f"{len(rest)} unexpected trailing bytes")
-        return self.data[:self.pos]
-
-
-def _header(r: Reader, code: int) -> tuple[int, int, int]:
-    version = r.u8("SPDMVersion")
-    got = r.u8("RequestResponseCode")
-    if got != code:
-        raise DecodeError(f"{r.what}: code 0x{got:02x} is not 0x{code:02x}", r.data, 1)
-    return version, r.u8("Param1"), r.u8("Param2")
-
-
-def _hdr(version: int, code: int, p1: int = 0, p2: int = 0) -> bytes:
-    return bytes((version & 0xFF, code, p1 & 0xFF, p2 & 0xFF))
-
-
-def _u16(v: int) -> bytes:
-    return struct.pack("<H", v)
-
-
-def _u32(v: int) -> bytes:
-    return struct.pack("<I", v)
 
 
 def peek_header(data: bytes) -> tuple[int, int, int, int]:
     """(version, code, param1, param2) of any SPDM message; DecodeError if shorter than 4."""
     if len(data) < HEADER_SIZE:
-        raise DecodeError("SPDM message shorter than its 4-byte header", data, len(data))
+        raise DecodeError(data, len(data), "SPDM message shorter than its 4-byte header")
     return data[0], data[1], data[2], data[3]
 
 
-def _raw() -> bytes:
-    return field(default=b"", compare=False, repr=False)
+def _since(version: int) -> Condition:
+    return lambda known, ctx: bool(known["version"] >= version)
 
 
-def _ctx_len(version: int) -> int:
-    return REQ_CONTEXT_SIZE if version >= SPDM_VERSION_13 else 0
+def _requester_context_size(known: Known, ctx: Any) -> int:
+    """1.3 RequesterContext (§10.8, §10.11): 8 bytes from SPDM 1.3 on."""
+    return REQ_CONTEXT_SIZE if known["version"] >= SPDM_VERSION_13 else 0
+
+
+def _code_name(code: int) -> str:
+    return (RequestCode(code).name if code in set(RequestCode) else ResponseCode(code).name)
+
+
+# --- §9 the header --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SpdmMessage(Struct):
+    """SPDMVersion and RequestResponseCode (§9); a message class names its code once,
+    ``class X(SpdmMessage, code=...)``, and declares Param1, Param2 and its body."""
+
+    CODE: ClassVar[int] = 0
+    NAME: ClassVar[str] = ""
+    DECODE_ERROR: ClassVar[type[core.DecodeError]] = DecodeError
+
+    version: int = u8()
+    request_response_code: int = header_code(0)
+    raw: bytes = raw_bytes()
+
+    def __init_subclass__(cls, code: int | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is None:
+            return
+        cls.CODE, cls.NAME = code, _code_name(code)
+        annotations = cls.__dict__.get("__annotations__")
+        if annotations is None:
+            annotations = {}
+            cls.__annotations__ = annotations
+        annotations["request_response_code"] = "int"   # re-declared in place: same wire slot
+        cls.request_response_code = header_code(code)
+
+    @classmethod
+    def pull(cls, r: Reader, ctx: Any = None) -> Self:
+        start = r.pos
+        obj = super().pull(r, ctx)
+        for spec in cls.fields_spec():
+            if isinstance(spec, MessageLength):
+                spec.verify(r, start)
+        return obj
+
+    @classmethod
+    def decode(cls, buf: bytes | bytearray | memoryview, ctx: Any = None, *,
+               pad: bool = False) -> Self:
+        """Exactly one message (*pad*: bar up to 3 zero bytes of DOE padding)."""
+        return cls.decode_in(buf, Context.of(ctx, pad=pad))
+
+    @classmethod
+    def decode_in(cls, buf: bytes | bytearray | memoryview, ctx: Context) -> Self:
+        r = Reader(buf)
+        try:
+            obj = cls.pull(r, ctx)
+            rest = r.buf[r.pos:]
+            if rest and not (ctx.pad and len(rest) <= MAX_DOE_PAD and not any(rest)):
+                raise r.fail(f"{len(rest)} unexpected trailing bytes")
+        except core.DecodeError as exc:
+            raise DecodeError(exc.raw, exc.offset, f"{cls.NAME}: {exc.reason}") from None
+        return obj
+
+
+@dataclass(frozen=True)
+class _NoParams(SpdmMessage):
+    """Param1 and Param2 reserved."""
+
+    _param1: None = ignored(1)
+    _param2: None = ignored(1)
 
 
 # --- §10.3 GET_VERSION / VERSION ------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class GetVersion:
-    CODE: ClassVar[int] = RequestCode.GET_VERSION
-    version: int = SPDM_VERSION_10
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        return _hdr(self.version, self.CODE)
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> GetVersion:
-        r = Reader(data, "GET_VERSION")
-        version, _, _ = _header(r, cls.CODE)
-        return cls(version, raw=r.finish(pad))
+class GetVersion(_NoParams, code=RequestCode.GET_VERSION):
+    version: int = u8(SPDM_VERSION_10)
 
 
 @dataclass(frozen=True)
-class Version:
-    CODE: ClassVar[int] = ResponseCode.VERSION
-    entries: tuple[int, ...]
-    version: int = SPDM_VERSION_10
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        return (_hdr(self.version, self.CODE) + bytes((0, len(self.entries)))
-                + b"".join(_u16(e) for e in self.entries))
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> Version:
-        r = Reader(data, "VERSION")
-        version, _, _ = _header(r, cls.CODE)
-        r.u8("Reserved")
-        count = r.u8("VersionNumberEntryCount")
-        entries = tuple(r.u16(f"VersionNumberEntry[{i}]") for i in range(count))
-        return cls(entries, version, raw=r.finish(pad))
+class Version(_NoParams, code=ResponseCode.VERSION):
+    version: int = u8(SPDM_VERSION_10)
+    _reserved: None = ignored(1)
+    entry_count: int = count_of(1, "entries")
+    entries: tuple[int, ...] = uint_list(2, "entry_count", ())
 
 
 # --- §10.4 GET_CAPABILITIES / CAPABILITIES --------------------------------------------------------
 
-def _caps_body(version: int, ct_exponent: int, flags: int, dts: int, max_msg: int) -> bytes:
-    if version < SPDM_VERSION_11:
-        return b""
-    body = bytes((0, ct_exponent)) + _u16(0) + _u32(flags)
-    if version >= SPDM_VERSION_12:
-        body += _u32(dts) + _u32(max_msg)
-    return body
+@dataclass(frozen=True)
+class _CapabilitiesBody(SpdmMessage):
+    """CTExponent and Flags from 1.1, DataTransferSize and MaxSPDMmsgSize from 1.2."""
 
-
-def _read_caps(r: Reader, version: int) -> tuple[int, int, int, int]:
-    if version < SPDM_VERSION_11:
-        return 0, 0, 0, 0
-    r.u8("Reserved")
-    ct = r.u8("CTExponent")
-    r.u16("Reserved")
-    flags = r.u32("Flags")
-    if version < SPDM_VERSION_12:
-        return ct, flags, 0, 0
-    return ct, flags, r.u32("DataTransferSize"), r.u32("MaxSPDMmsgSize")
+    param1: int = u8(0)   # GET_CAPABILITIES 1.3: bit 0 asks for the algorithms block
+    _param2: None = ignored(1)
+    _reserved0: None = ignored(1, when=_since(SPDM_VERSION_11))
+    ct_exponent: int = u8(0, when=_since(SPDM_VERSION_11))
+    _reserved1: None = ignored(2, when=_since(SPDM_VERSION_11))
+    flags: int = u32(0, when=_since(SPDM_VERSION_11))
+    data_transfer_size: int = u32(0, when=_since(SPDM_VERSION_12))
+    max_spdm_msg_size: int = u32(0, when=_since(SPDM_VERSION_12))
 
 
 @dataclass(frozen=True)
-class GetCapabilities:
-    CODE: ClassVar[int] = RequestCode.GET_CAPABILITIES
-    version: int
-    ct_exponent: int = 0
-    flags: int = 0
-    data_transfer_size: int = 0
-    max_spdm_msg_size: int = 0
-    param1: int = 0   # 1.3: bit 0 asks for the supported-algorithms block
-    raw: bytes = _raw()
+class GetCapabilities(_CapabilitiesBody, code=RequestCode.GET_CAPABILITIES):
+    pass
 
-    def encode(self) -> bytes:
-        return _hdr(self.version, self.CODE, self.param1) + _caps_body(
-            self.version, self.ct_exponent, self.flags, self.data_transfer_size,
-            self.max_spdm_msg_size)
 
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> GetCapabilities:
-        r = Reader(data, "GET_CAPABILITIES")
-        version, p1, _ = _header(r, cls.CODE)
-        ct, flags, dts, mx = _read_caps(r, version)
-        return cls(version, ct, flags, dts, mx, p1, raw=r.finish(pad))
+def _has_algorithms_block(known: Known, ctx: Any) -> bool:
+    # param1 is derived from the block: not known yet while building or drawing one.
+    p1 = known.get("param1")
+    if p1 is None:
+        p1 = GET_CAPABILITIES_PARAM1_SUPPORTED_ALGORITHMS
+    return bool(known["version"] >= SPDM_VERSION_13
+                and p1 & GET_CAPABILITIES_PARAM1_SUPPORTED_ALGORITHMS)
 
 
 @dataclass(frozen=True)
-class Capabilities:
-    CODE: ClassVar[int] = ResponseCode.CAPABILITIES
-    version: int
-    ct_exponent: int = 0
-    flags: int = 0
-    data_transfer_size: int = 0
-    max_spdm_msg_size: int = 0
-    supported_algorithms: bytes = b""   # 1.3 block, kept raw; present iff Param1 bit 0
-    raw: bytes = _raw()
+class Capabilities(_CapabilitiesBody, code=ResponseCode.CAPABILITIES):
+    """1.3: the supported-algorithms block, kept raw, is present iff Param1 bit 0."""
 
-    def encode(self) -> bytes:
-        p1 = GET_CAPABILITIES_PARAM1_SUPPORTED_ALGORITHMS if self.supported_algorithms else 0
-        return (_hdr(self.version, self.CODE, p1)
-                + _caps_body(self.version, self.ct_exponent, self.flags,
-                             self.data_transfer_size, self.max_spdm_msg_size)
-                + self.supported_algorithms)
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> Capabilities:
-        r = Reader(data, "CAPABILITIES")
-        version, p1, _ = _header(r, cls.CODE)
-        ct, flags, dts, mx = _read_caps(r, version)
-        block = b""
-        if version >= SPDM_VERSION_13 and p1 & GET_CAPABILITIES_PARAM1_SUPPORTED_ALGORITHMS:
-            if r.left < 4:
-                raise r.fail("truncated supported algorithms block")
-            length = int.from_bytes(r.data[r.pos + 2:r.pos + 4], "little")
-            if length < 4:      # DSP0274 1.3 §10.4: Length counts the block's own header
-                raise r.fail(f"supported algorithms block Length {length} is shorter than "
-                             "its 4-byte header")
-            block = r.take(length, "supported algorithms block")
-        return cls(version, ct, flags, dts, mx, block, raw=r.finish(pad))
+    param1: int = derived(1, lambda v: GET_CAPABILITIES_PARAM1_SUPPORTED_ALGORITHMS
+                          if v["supported_algorithms"] else 0)
+    supported_algorithms: bytes = self_sized("supported algorithms block", b"",
+                                             when=_has_algorithms_block)
 
 
 # --- §10.5 NEGOTIATE_ALGORITHMS / ALGORITHMS ------------------------------------------------------
 
 @dataclass(frozen=True)
-class AlgStruct:
-    """AlgStructure: AlgType, AlgCount (fixed 2 << 4 | ext count), AlgSupported, AlgExternal."""
+class AlgStruct(Struct):
+    """AlgStructure: AlgType, AlgCount (FixedAlgCount 2 << 4 | ExtAlgCount), AlgSupported,
+    AlgExternal."""
 
-    alg_type: int
-    supported: int
-    ext: tuple[int, ...] = ()
-
-    def encode(self) -> bytes:
-        return (bytes((self.alg_type, ALG_STRUCT_FIXED_COUNT | len(self.ext)))
-                + _u16(self.supported) + b"".join(_u32(e) for e in self.ext))
-
-    @classmethod
-    def read(cls, r: Reader, index: int) -> AlgStruct:
-        alg_type = r.u8(f"AlgStruct[{index}].AlgType")
-        count = r.u8(f"AlgStruct[{index}].AlgCount")
-        if count >> 4 != 2:
-            raise r.fail(f"AlgStruct[{index}] FixedAlgCount {count >> 4} != 2")
-        supported = r.u16(f"AlgStruct[{index}].AlgSupported")
-        ext = tuple(r.u32(f"AlgStruct[{index}].AlgExternal") for _ in range(count & 0xF))
-        return cls(alg_type, supported, ext)
+    alg_type: int = u8()
+    alg_count: int = derived(1, lambda v: ALG_STRUCT_FIXED_COUNT | len(v["ext"]),
+                             valid=lambda c: c >> 4 == 2,
+                             reason=lambda c: f"AlgStruct FixedAlgCount {c >> 4} != 2")
+    supported: int = u16()
+    ext: tuple[int, ...] = uint_list(4, lambda k, c: k["alg_count"] & 0xF, (), max_count=15)
 
 
-def _read_alg_structs(r: Reader, count: int, version: int) -> tuple[AlgStruct, ...]:
-    structs: list[AlgStruct] = []
-    if version < SPDM_VERSION_11:
-        return ()
-    for i in range(count):
-        s = AlgStruct.read(r, i)
-        if structs and s.alg_type <= structs[-1].alg_type:
-            raise r.fail(f"AlgStruct[{i}] type {s.alg_type} out of ascending order")
-        structs.append(s)
-    return tuple(structs)
+def _algorithms_length(fixed_size: int, asym: str, hsh: str) -> Any:
+    def length(v: Known) -> int:
+        structs = v["alg_structs"] if v["version"] >= SPDM_VERSION_11 else ()
+        return (fixed_size + 4 * (len(v[asym]) + len(v[hsh]))
+                + sum(4 + 4 * len(s.ext) for s in structs))
+    return message_length(2, 4, length)
 
 
 @dataclass(frozen=True)
-class NegotiateAlgorithms:
-    CODE: ClassVar[int] = RequestCode.NEGOTIATE_ALGORITHMS
-    FIXED: ClassVar[int] = 32
-    version: int
-    measurement_spec: int = 0
-    other_params: int = 0
-    base_asym: int = 0
-    base_hash: int = 0
-    mel_spec: int = 0
-    ext_asym: tuple[int, ...] = ()
-    ext_hash: tuple[int, ...] = ()
-    alg_structs: tuple[AlgStruct, ...] = ()
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        tail = (b"".join(_u32(e) for e in self.ext_asym + self.ext_hash)
-                + b"".join(s.encode() for s in self.alg_structs))
-        length = self.FIXED + len(tail)
-        return (_hdr(self.version, self.CODE, len(self.alg_structs))
-                + _u16(length) + bytes((self.measurement_spec, self.other_params))
-                + _u32(self.base_asym) + _u32(self.base_hash) + bytes(12)
-                + bytes((len(self.ext_asym), len(self.ext_hash), 0, self.mel_spec)) + tail)
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> NegotiateAlgorithms:
-        r = Reader(data, "NEGOTIATE_ALGORITHMS")
-        version, p1, _ = _header(r, cls.CODE)
-        length = r.u16("Length")
-        mspec, other = r.u8("MeasurementSpecification"), r.u8("OtherParamsSupport")
-        asym, hsh = r.u32("BaseAsymAlgo"), r.u32("BaseHashAlgo")
-        r.take(12, "Reserved")
-        n_asym, n_hash = r.u8("ExtAsymCount"), r.u8("ExtHashCount")
-        r.u8("Reserved")
-        mel = r.u8("MELSpecification")
-        ext_asym = tuple(r.u32("ExtAsym") for _ in range(n_asym))
-        ext_hash = tuple(r.u32("ExtHash") for _ in range(n_hash))
-        structs = _read_alg_structs(r, p1, version)
-        if length != r.pos:
-            raise r.fail(f"Length field {length} != message length {r.pos}")
-        return cls(version, mspec, other, asym, hsh, mel, ext_asym, ext_hash, structs,
-                   raw=r.finish(pad))
+class NegotiateAlgorithms(SpdmMessage, code=RequestCode.NEGOTIATE_ALGORITHMS):
+    struct_count: int = count_of(1, "alg_structs")   # Param1
+    _param2: None = ignored(1)
+    length: int = _algorithms_length(32, "ext_asym", "ext_hash")
+    measurement_spec: int = u8(0)
+    other_params: int = u8(0)
+    base_asym: int = u32(0)
+    base_hash: int = u32(0)
+    _reserved0: None = ignored(12)
+    ext_asym_count: int = count_of(1, "ext_asym")
+    ext_hash_count: int = count_of(1, "ext_hash")
+    _reserved1: None = ignored(1)
+    mel_spec: int = u8(0)
+    ext_asym: tuple[int, ...] = uint_list(4, "ext_asym_count", ())
+    ext_hash: tuple[int, ...] = uint_list(4, "ext_hash_count", ())
+    alg_structs: tuple[AlgStruct, ...] = ascending(AlgStruct, "struct_count", "alg_type", (),
+                                                   when=_since(SPDM_VERSION_11))
 
 
 @dataclass(frozen=True)
-class Algorithms:
-    CODE: ClassVar[int] = ResponseCode.ALGORITHMS
-    FIXED: ClassVar[int] = 36
-    version: int
-    measurement_spec_sel: int = 0
-    other_params_sel: int = 0
-    meas_hash_algo: int = 0
-    base_asym_sel: int = 0
-    base_hash_sel: int = 0
-    mel_spec_sel: int = 0
-    ext_asym_sel: tuple[int, ...] = ()
-    ext_hash_sel: tuple[int, ...] = ()
-    alg_structs: tuple[AlgStruct, ...] = ()
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        tail = (b"".join(_u32(e) for e in self.ext_asym_sel + self.ext_hash_sel)
-                + b"".join(s.encode() for s in self.alg_structs))
-        return (_hdr(self.version, self.CODE, len(self.alg_structs))
-                + _u16(self.FIXED + len(tail))
-                + bytes((self.measurement_spec_sel, self.other_params_sel))
-                + _u32(self.meas_hash_algo) + _u32(self.base_asym_sel)
-                + _u32(self.base_hash_sel) + bytes(11) + bytes((self.mel_spec_sel,))
-                + bytes((len(self.ext_asym_sel), len(self.ext_hash_sel))) + bytes(2) + tail)
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> Algorithms:
-        r = Reader(data, "ALGORITHMS")
-        version, p1, _ = _header(r, cls.CODE)
-        length = r.u16("Length")
-        mspec, other = r.u8("MeasurementSpecificationSel"), r.u8("OtherParamsSelection")
-        mhash, asym, hsh = r.u32("MeasurementHashAlgo"), r.u32("BaseAsymSel"), r.u32(
-            "BaseHashSel")
-        r.take(11, "Reserved")
-        mel = r.u8("MELSpecificationSel")
-        n_asym, n_hash = r.u8("ExtAsymSelCount"), r.u8("ExtHashSelCount")
-        r.u16("Reserved")
-        ext_asym = tuple(r.u32("ExtAsymSel") for _ in range(n_asym))
-        ext_hash = tuple(r.u32("ExtHashSel") for _ in range(n_hash))
-        structs = _read_alg_structs(r, p1, version)
-        if length != r.pos:
-            raise r.fail(f"Length field {length} != message length {r.pos}")
-        return cls(version, mspec, other, mhash, asym, hsh, mel, ext_asym, ext_hash, structs,
-                   raw=r.finish(pad))
+class Algorithms(SpdmMessage, code=ResponseCode.ALGORITHMS):
+    struct_count: int = count_of(1, "alg_structs")   # Param1
+    _param2: None = ignored(1)
+    length: int = _algorithms_length(36, "ext_asym_sel", "ext_hash_sel")
+    measurement_spec_sel: int = u8(0)
+    other_params_sel: int = u8(0)
+    meas_hash_algo: int = u32(0)
+    base_asym_sel: int = u32(0)
+    base_hash_sel: int = u32(0)
+    _reserved0: None = ignored(11)
+    mel_spec_sel: int = u8(0)
+    ext_asym_sel_count: int = count_of(1, "ext_asym_sel")
+    ext_hash_sel_count: int = count_of(1, "ext_hash_sel")
+    _reserved1: None = ignored(2)
+    ext_asym_sel: tuple[int, ...] = uint_list(4, "ext_asym_sel_count", ())
+    ext_hash_sel: tuple[int, ...] = uint_list(4, "ext_hash_sel_count", ())
+    alg_structs: tuple[AlgStruct, ...] = ascending(AlgStruct, "struct_count", "alg_type", (),
+                                                   when=_since(SPDM_VERSION_11))
 
     def selected(self, alg_type: int) -> int:
         return next((s.supported for s in self.alg_structs if s.alg_type == alg_type), 0)
@@ -407,493 +278,254 @@ class Algorithms:
 # --- §10.6/10.7 GET_DIGESTS / DIGESTS, GET_CERTIFICATE / CERTIFICATE ------------------------------
 
 @dataclass(frozen=True)
-class GetDigests:
-    CODE: ClassVar[int] = RequestCode.GET_DIGESTS
-    version: int
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        return _hdr(self.version, self.CODE)
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> GetDigests:
-        r = Reader(data, "GET_DIGESTS")
-        version, _, _ = _header(r, cls.CODE)
-        return cls(version, raw=r.finish(pad))
+class GetDigests(_NoParams, code=RequestCode.GET_DIGESTS):
+    pass
 
 
 @dataclass(frozen=True)
-class Digests:
-    """Param1 = SupportedSlotMask (1.3, reserved in 1.2), Param2 = ProvisionedSlotMask."""
+class Digests(SpdmMessage, code=ResponseCode.DIGESTS):
+    """One H-byte digest per slot set in ProvisionedSlotMask."""
 
-    CODE: ClassVar[int] = ResponseCode.DIGESTS
-    version: int
-    slot_mask: int
-    digests: tuple[bytes, ...]
-    supported_slot_mask: int = 0
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        return (_hdr(self.version, self.CODE, self.supported_slot_mask, self.slot_mask)
-                + b"".join(self.digests))
-
-    @classmethod
-    def decode(cls, data: bytes, hash_size: int, pad: bool = False) -> Digests:
-        r = Reader(data, "DIGESTS")
-        version, p1, p2 = _header(r, cls.CODE)
-        digests = tuple(r.take(hash_size, f"Digest[{i}]") for i in range(bin(p2).count("1")))
-        return cls(version, p2, digests, p1, raw=r.finish(pad))
+    supported_slot_mask: int = u8()        # Param1 (1.3; reserved in 1.2)
+    slot_mask: int = u8()                  # Param2: ProvisionedSlotMask
+    digests: tuple[bytes, ...] = data_list(hash_size,
+                                           lambda k, c: bin(k["slot_mask"]).count("1"))
 
 
 @dataclass(frozen=True)
-class GetCertificate:
-    CODE: ClassVar[int] = RequestCode.GET_CERTIFICATE
-    version: int
-    slot_id: int
-    offset: int
-    length: int
-    attributes: int = 0   # Param2 (1.3)
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        return (_hdr(self.version, self.CODE, self.slot_id, self.attributes)
-                + _u16(self.offset) + _u16(self.length))
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> GetCertificate:
-        r = Reader(data, "GET_CERTIFICATE")
-        version, p1, p2 = _header(r, cls.CODE)
-        offset, length = r.u16("Offset"), r.u16("Length")
-        return cls(version, p1, offset, length, p2, raw=r.finish(pad))
+class GetCertificate(SpdmMessage, code=RequestCode.GET_CERTIFICATE):
+    slot_id: int = u8()                 # Param1
+    attributes: int = u8()              # Param2 (1.3: bit 0 SlotSizeRequested)
+    offset: int = u16()
+    length: int = u16()
 
 
 @dataclass(frozen=True)
-class Certificate:
-    CODE: ClassVar[int] = ResponseCode.CERTIFICATE
-    version: int
-    slot_id: int
-    portion: bytes
-    remainder_length: int
-    attributes: int = 0
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        return (_hdr(self.version, self.CODE, self.slot_id, self.attributes)
-                + _u16(len(self.portion)) + _u16(self.remainder_length) + self.portion)
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> Certificate:
-        r = Reader(data, "CERTIFICATE")
-        version, p1, p2 = _header(r, cls.CODE)
-        portion_len, remainder = r.u16("PortionLength"), r.u16("RemainderLength")
-        portion = r.take(portion_len, "CertChain portion")
-        return cls(version, p1, portion, remainder, p2, raw=r.finish(pad))
+class Certificate(SpdmMessage, code=ResponseCode.CERTIFICATE):
+    slot_id: int = u8()                 # Param1
+    attributes: int = u8()              # Param2
+    portion_length: int = length_of(2, "portion")
+    remainder_length: int = u16()
+    portion: bytes = data("portion_length")
 
 
 # --- §10.8 CHALLENGE / CHALLENGE_AUTH -------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Challenge:
-    CODE: ClassVar[int] = RequestCode.CHALLENGE
-    version: int
-    slot_id: int
-    summary_type: int
-    nonce: bytes
-    requester_context: bytes = b""   # 1.3
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        return (_hdr(self.version, self.CODE, self.slot_id, self.summary_type) + self.nonce
-                + self.requester_context)
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> Challenge:
-        r = Reader(data, "CHALLENGE")
-        version, p1, p2 = _header(r, cls.CODE)
-        nonce = r.take(NONCE_SIZE, "Nonce")
-        ctx = r.take(_ctx_len(version), "RequesterContext")
-        return cls(version, p1, p2, nonce, ctx, raw=r.finish(pad))
+class Challenge(SpdmMessage, code=RequestCode.CHALLENGE):
+    slot_id: int = u8()                 # Param1
+    summary_type: int = u8()            # Param2: MeasurementSummaryHashType
+    nonce: bytes = data(NONCE_SIZE)
+    requester_context: bytes = sized(_requester_context_size, b"")
 
 
 @dataclass(frozen=True)
-class ChallengeAuth:
-    CODE: ClassVar[int] = ResponseCode.CHALLENGE_AUTH
-    version: int
-    attributes: int      # Param1: slot ID in bits 3:0
-    slot_mask: int       # Param2
-    cert_chain_hash: bytes
-    nonce: bytes
-    meas_summary_hash: bytes
-    opaque: bytes
-    requester_context: bytes
-    signature: bytes
-    raw: bytes = _raw()
+class ChallengeAuth(SpdmMessage, code=ResponseCode.CHALLENGE_AUTH):
+    """MeasurementSummaryHash present iff CHALLENGE asked for one (*summary*)."""
 
-    def encode(self) -> bytes:
-        return (_hdr(self.version, self.CODE, self.attributes, self.slot_mask)
-                + self.cert_chain_hash + self.nonce + self.meas_summary_hash
-                + _u16(len(self.opaque)) + self.opaque + self.requester_context
-                + self.signature)
+    attributes: int = u8()              # Param1: slot ID in bits 3:0
+    slot_mask: int = u8()               # Param2
+    cert_chain_hash: bytes = sized(hash_size)
+    nonce: bytes = data(NONCE_SIZE)
+    meas_summary_hash: bytes = sized(summary_size)
+    opaque_length: int = length_of(2, "opaque")
+    opaque: bytes = data("opaque_length")
+    requester_context: bytes = sized(_requester_context_size)
+    signature: bytes = sized(sig_size)
 
     @classmethod
-    def decode(cls, data: bytes, ctx: Negotiated, summary: bool,
-               pad: bool = False) -> ChallengeAuth:
-        r = Reader(data, "CHALLENGE_AUTH")
-        version, p1, p2 = _header(r, cls.CODE)
-        h = ctx.hash_size
-        cert_hash, nonce = r.take(h, "CertChainHash"), r.take(NONCE_SIZE, "Nonce")
-        summary_hash = r.take(h if summary else 0, "MeasurementSummaryHash")
-        opaque = r.take(r.u16("OpaqueDataLength"), "OpaqueData")
-        req_ctx = r.take(_ctx_len(version), "RequesterContext")
-        sig = r.take(ctx.sig_size, "Signature")
-        return cls(version, p1, p2, cert_hash, nonce, summary_hash, opaque, req_ctx, sig,
-                   raw=r.finish(pad))
+    def decode(cls, buf: bytes | bytearray | memoryview, ctx: Any = None,
+               summary: bool = False, *, pad: bool = False) -> Self:
+        return cls.decode_in(buf, Context.of(ctx, pad=pad, summary=summary))
 
 
 # --- §10.11 GET_MEASUREMENTS / MEASUREMENTS -------------------------------------------------------
 
+def _signature_requested(known: Known, ctx: Any) -> bool:
+    return bool(known["attributes"] & MeasRequestAttr.SIGNATURE_REQUESTED)
+
+
 @dataclass(frozen=True)
-class GetMeasurements:
-    CODE: ClassVar[int] = RequestCode.GET_MEASUREMENTS
-    version: int
-    attributes: int      # Param1 (MeasRequestAttr)
-    operation: int       # Param2: 0 count, 1..0xFE index, 0xFF all
-    nonce: bytes = b""   # present iff SignatureRequested
-    slot_id_param: int = 0
-    requester_context: bytes = b""   # 1.3
-    raw: bytes = _raw()
+class GetMeasurements(SpdmMessage, code=RequestCode.GET_MEASUREMENTS):
+    """Nonce and SlotIDParam (1.1+) present iff SignatureRequested."""
+
+    attributes: int = u8()              # Param1 (MeasRequestAttr)
+    operation: int = u8()               # Param2: 0 count, 1..0xFE index, 0xFF all
+    nonce: bytes = data(NONCE_SIZE, b"", when=_signature_requested)
+    slot_id_param: int = u8(0, when=lambda k, c: _signature_requested(k, c)
+                            and k["version"] >= SPDM_VERSION_11)
+    requester_context: bytes = sized(_requester_context_size, b"")
 
     @property
     def signed(self) -> bool:
         return bool(self.attributes & MeasRequestAttr.SIGNATURE_REQUESTED)
 
-    def encode(self) -> bytes:
-        out = _hdr(self.version, self.CODE, self.attributes, self.operation)
-        if self.signed:
-            out += self.nonce
-            if self.version >= SPDM_VERSION_11:
-                out += bytes((self.slot_id_param,))
-        return out + self.requester_context
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> GetMeasurements:
-        r = Reader(data, "GET_MEASUREMENTS")
-        version, p1, p2 = _header(r, cls.CODE)
-        nonce, slot = b"", 0
-        if p1 & MeasRequestAttr.SIGNATURE_REQUESTED:
-            nonce = r.take(NONCE_SIZE, "Nonce")
-            if version >= SPDM_VERSION_11:
-                slot = r.u8("SlotIDParam")
-        ctx = r.take(_ctx_len(version), "RequesterContext")
-        return cls(version, p1, p2, nonce, slot, ctx, raw=r.finish(pad))
-
 
 @dataclass(frozen=True)
-class Measurements:
-    CODE: ClassVar[int] = ResponseCode.MEASUREMENTS
-    version: int
-    param1: int          # TotalNumberOfMeasurements when the operation was 0
-    param2: int          # slot ID [3:0], content changed [5:4]
-    number_of_blocks: int
-    record: bytes
-    nonce: bytes
-    opaque: bytes
-    requester_context: bytes
-    signature: bytes
-    raw: bytes = _raw()
+class Measurements(SpdmMessage, code=ResponseCode.MEASUREMENTS):
+    """Signature present iff GET_MEASUREMENTS asked for one (*signed*)."""
 
-    def encode(self) -> bytes:
-        return (_hdr(self.version, self.CODE, self.param1, self.param2)
-                + bytes((self.number_of_blocks,)) + len(self.record).to_bytes(3, "little")
-                + self.record + self.nonce + _u16(len(self.opaque)) + self.opaque
-                + self.requester_context + self.signature)
+    param1: int = u8()                  # TotalNumberOfMeasurements when the operation was 0
+    param2: int = u8()                  # slot ID [3:0], content changed [5:4]
+    number_of_blocks: int = u8()
+    record_length: int = length_of(3, "record")
+    record: bytes = data("record_length")
+    nonce: bytes = data(NONCE_SIZE)
+    opaque_length: int = length_of(2, "opaque")
+    opaque: bytes = data("opaque_length")
+    requester_context: bytes = sized(_requester_context_size)
+    signature: bytes = sized(measurements_sig_size)
 
     @classmethod
-    def decode(cls, data: bytes, ctx: Negotiated, signed: bool,
-               pad: bool = False) -> Measurements:
-        r = Reader(data, "MEASUREMENTS")
-        version, p1, p2 = _header(r, cls.CODE)
-        blocks = r.u8("NumberOfBlocks")
-        record = r.take(r.u24("MeasurementRecordLength"), "MeasurementRecord")
-        nonce = r.take(NONCE_SIZE, "Nonce")
-        opaque = r.take(r.u16("OpaqueDataLength"), "OpaqueData")
-        req_ctx = r.take(_ctx_len(version), "RequesterContext")
-        sig = r.take(ctx.sig_size if signed else 0, "Signature")
-        return cls(version, p1, p2, blocks, record, nonce, opaque, req_ctx, sig,
-                   raw=r.finish(pad))
+    def decode(cls, buf: bytes | bytearray | memoryview, ctx: Any = None,
+               signed: bool = False, *, pad: bool = False) -> Self:
+        return cls.decode_in(buf, Context.of(ctx, pad=pad, signed=signed))
 
 
 # --- §10.15/10.16 KEY_EXCHANGE / KEY_EXCHANGE_RSP, FINISH / FINISH_RSP ----------------------------
 
 @dataclass(frozen=True)
-class KeyExchange:
-    CODE: ClassVar[int] = RequestCode.KEY_EXCHANGE
-    version: int
-    summary_type: int    # Param1
-    slot_id: int         # Param2
-    req_session_id: int
-    session_policy: int
-    random: bytes
-    exchange_data: bytes
-    opaque: bytes
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        return (_hdr(self.version, self.CODE, self.summary_type, self.slot_id)
-                + _u16(self.req_session_id) + bytes((self.session_policy, 0)) + self.random
-                + self.exchange_data + _u16(len(self.opaque)) + self.opaque)
-
-    @classmethod
-    def decode(cls, data: bytes, dhe_size: int, pad: bool = False) -> KeyExchange:
-        r = Reader(data, "KEY_EXCHANGE")
-        version, p1, p2 = _header(r, cls.CODE)
-        sid, policy = r.u16("ReqSessionID"), r.u8("SessionPolicy")
-        r.u8("Reserved")
-        rnd = r.take(RANDOM_DATA_SIZE, "RandomData")
-        exch = r.take(dhe_size, "ExchangeData")
-        opaque = r.take(r.u16("OpaqueDataLength"), "OpaqueData")
-        return cls(version, p1, p2, sid, policy, rnd, exch, opaque, raw=r.finish(pad))
+class KeyExchange(SpdmMessage, code=RequestCode.KEY_EXCHANGE):
+    summary_type: int = u8()            # Param1
+    slot_id: int = u8()                 # Param2
+    req_session_id: int = u16()
+    session_policy: int = u8()
+    _reserved: None = ignored(1)
+    random: bytes = data(RANDOM_DATA_SIZE)
+    exchange_data: bytes = sized(dhe_size)
+    opaque_length: int = length_of(2, "opaque")
+    opaque: bytes = data("opaque_length")
 
 
 @dataclass(frozen=True)
-class KeyExchangeRsp:
-    CODE: ClassVar[int] = ResponseCode.KEY_EXCHANGE_RSP
-    version: int
-    heartbeat_period: int
-    rsp_session_id: int
-    mut_auth_requested: int
-    req_slot_id_param: int
-    random: bytes
-    exchange_data: bytes
-    meas_summary_hash: bytes
-    opaque: bytes
-    signature: bytes
-    verify_data: bytes   # absent with HANDSHAKE_IN_THE_CLEAR
-    raw: bytes = _raw()
+class KeyExchangeRsp(SpdmMessage, code=ResponseCode.KEY_EXCHANGE_RSP):
+    """MeasurementSummaryHash iff KEY_EXCHANGE asked for one (*summary*); no
+    ResponderVerifyData with HANDSHAKE_IN_THE_CLEAR."""
 
-    def encode(self) -> bytes:
-        return (_hdr(self.version, self.CODE, self.heartbeat_period)
-                + _u16(self.rsp_session_id)
-                + bytes((self.mut_auth_requested, self.req_slot_id_param)) + self.random
-                + self.exchange_data + self.meas_summary_hash + _u16(len(self.opaque))
-                + self.opaque + self.signature + self.verify_data)
+    heartbeat_period: int = u8()        # Param1
+    _param2: None = ignored(1)
+    rsp_session_id: int = u16()
+    mut_auth_requested: int = u8()
+    req_slot_id_param: int = u8()
+    random: bytes = data(RANDOM_DATA_SIZE)
+    exchange_data: bytes = sized(dhe_size)
+    meas_summary_hash: bytes = sized(summary_size)
+    opaque_length: int = length_of(2, "opaque")
+    opaque: bytes = data("opaque_length")
+    signature: bytes = sized(sig_size)
+    verify_data: bytes = sized(responder_verify_size)
 
     @classmethod
-    def decode(cls, data: bytes, ctx: Negotiated, summary: bool,
-               pad: bool = False) -> KeyExchangeRsp:
-        r = Reader(data, "KEY_EXCHANGE_RSP")
-        version, p1, _ = _header(r, cls.CODE)
-        sid = r.u16("RspSessionID")
-        mut, slot = r.u8("MutAuthRequested"), r.u8("ReqSlotIDParam")
-        rnd = r.take(RANDOM_DATA_SIZE, "RandomData")
-        exch = r.take(ctx.dhe_size, "ExchangeData")
-        summary_hash = r.take(ctx.hash_size if summary else 0, "MeasurementSummaryHash")
-        opaque = r.take(r.u16("OpaqueDataLength"), "OpaqueData")
-        sig = r.take(ctx.sig_size, "Signature")
-        vd = r.take(0 if ctx.handshake_in_the_clear else ctx.hash_size, "ResponderVerifyData")
-        return cls(version, p1, sid, mut, slot, rnd, exch, summary_hash, opaque, sig, vd,
-                   raw=r.finish(pad))
+    def decode(cls, buf: bytes | bytearray | memoryview, ctx: Any = None,
+               summary: bool = False, *, pad: bool = False) -> Self:
+        return cls.decode_in(buf, Context.of(ctx, pad=pad, summary=summary))
 
 
 @dataclass(frozen=True)
-class Finish:
-    CODE: ClassVar[int] = RequestCode.FINISH
-    version: int
-    attributes: int      # Param1 bit 0: signature included
-    req_slot_id: int     # Param2
-    signature: bytes
-    verify_data: bytes
-    raw: bytes = _raw()
+class Finish(SpdmMessage, code=RequestCode.FINISH):
+    """Signature (mutual authentication) present iff Param1 bit 0."""
 
-    def encode(self) -> bytes:
-        return (_hdr(self.version, self.CODE, self.attributes, self.req_slot_id)
-                + self.signature + self.verify_data)
-
-    @classmethod
-    def decode(cls, data: bytes, ctx: Negotiated, pad: bool = False) -> Finish:
-        r = Reader(data, "FINISH")
-        version, p1, p2 = _header(r, cls.CODE)
-        sig = b""
-        if p1 & FINISH_SIGNATURE_INCLUDED:
-            if not ctx.req_sig_size:
-                raise r.fail("signature included but no requester algorithm negotiated")
-            sig = r.take(ctx.req_sig_size, "Signature")
-        vd = r.take(ctx.hash_size, "RequesterVerifyData")
-        return cls(version, p1, p2, sig, vd, raw=r.finish(pad))
+    attributes: int = u8()              # Param1 bit 0: signature included
+    req_slot_id: int = u8()             # Param2
+    signature: bytes = sized(req_sig_size, b"", when=lambda k, c: bool(
+        k["attributes"] & FINISH_SIGNATURE_INCLUDED))
+    verify_data: bytes = sized(hash_size, b"")
 
 
 @dataclass(frozen=True)
-class FinishRsp:
-    CODE: ClassVar[int] = ResponseCode.FINISH_RSP
-    version: int
-    verify_data: bytes = b""   # only with HANDSHAKE_IN_THE_CLEAR
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        return _hdr(self.version, self.CODE) + self.verify_data
-
-    @classmethod
-    def decode(cls, data: bytes, ctx: Negotiated, pad: bool = False) -> FinishRsp:
-        r = Reader(data, "FINISH_RSP")
-        version, _, _ = _header(r, cls.CODE)
-        vd = r.take(ctx.hash_size if ctx.handshake_in_the_clear else 0, "ResponderVerifyData")
-        return cls(version, vd, raw=r.finish(pad))
+class FinishRsp(_NoParams, code=ResponseCode.FINISH_RSP):
+    verify_data: bytes = sized(finish_rsp_verify_size, b"")   # HANDSHAKE_IN_THE_CLEAR only
 
 
 # --- §10.17-10.19 HEARTBEAT, KEY_UPDATE, END_SESSION (4-byte messages) ----------------------------
 
 @dataclass(frozen=True)
-class _Bare:
+class _Bare(SpdmMessage):
     """A message that is only the header; Param1/Param2 carry its fields."""
 
-    CODE: ClassVar[int] = 0
-    NAME: ClassVar[str] = ""
-    version: int
-    param1: int = 0
-    param2: int = 0
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        return _hdr(self.version, self.CODE, self.param1, self.param2)
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> Self:
-        r = Reader(data, cls.NAME)
-        version, p1, p2 = _header(r, cls.CODE)
-        return cls(version, p1, p2, raw=r.finish(pad))
+    param1: int = u8(0)
+    param2: int = u8(0)
 
 
 @dataclass(frozen=True)
-class Heartbeat(_Bare):
-    CODE: ClassVar[int] = RequestCode.HEARTBEAT
-    NAME: ClassVar[str] = "HEARTBEAT"
+class Heartbeat(_Bare, code=RequestCode.HEARTBEAT):
+    pass
 
 
 @dataclass(frozen=True)
-class HeartbeatAck(_Bare):
-    CODE: ClassVar[int] = ResponseCode.HEARTBEAT_ACK
-    NAME: ClassVar[str] = "HEARTBEAT_ACK"
+class HeartbeatAck(_Bare, code=ResponseCode.HEARTBEAT_ACK):
+    pass
 
 
 @dataclass(frozen=True)
-class KeyUpdate(_Bare):
+class KeyUpdate(_Bare, code=RequestCode.KEY_UPDATE):
     """Param1 = KeyOperation, Param2 = Tag."""
 
-    CODE: ClassVar[int] = RequestCode.KEY_UPDATE
-    NAME: ClassVar[str] = "KEY_UPDATE"
+
+@dataclass(frozen=True)
+class KeyUpdateAck(_Bare, code=ResponseCode.KEY_UPDATE_ACK):
+    pass
 
 
 @dataclass(frozen=True)
-class KeyUpdateAck(_Bare):
-    CODE: ClassVar[int] = ResponseCode.KEY_UPDATE_ACK
-    NAME: ClassVar[str] = "KEY_UPDATE_ACK"
-
-
-@dataclass(frozen=True)
-class EndSession(_Bare):
+class EndSession(_Bare, code=RequestCode.END_SESSION):
     """Param1 bit 0: PreserveNegotiatedStateClear."""
 
-    CODE: ClassVar[int] = RequestCode.END_SESSION
-    NAME: ClassVar[str] = "END_SESSION"
-
 
 @dataclass(frozen=True)
-class EndSessionAck(_Bare):
-    CODE: ClassVar[int] = ResponseCode.END_SESSION_ACK
-    NAME: ClassVar[str] = "END_SESSION_ACK"
+class EndSessionAck(_Bare, code=ResponseCode.END_SESSION_ACK):
+    pass
 
 
 # --- §10.20 VENDOR_DEFINED_REQUEST / VENDOR_DEFINED_RESPONSE --------------------------------------
 
-def _vendor_encode(version: int, code: int, standard_id: int, vendor_id: bytes,
-                   payload: bytes) -> bytes:
-    return (_hdr(version, code) + _u16(standard_id) + bytes((len(vendor_id),)) + vendor_id
-            + _u16(len(payload)) + payload)
-
-
-def _vendor_read(r: Reader, code: int) -> tuple[int, int, bytes, bytes]:
-    version, _, _ = _header(r, code)
-    standard_id = r.u16("StandardID")
-    vendor_id = r.take(r.u8("Len"), "VendorID")
-    payload = r.take(r.u16("ReqLength/RespLength"), "VendorDefinedPayload")
-    return version, standard_id, vendor_id, payload
+@dataclass(frozen=True)
+class _VendorDefined(_NoParams):
+    standard_id: int = u16()
+    vendor_id_length: int = length_of(1, "vendor_id")
+    vendor_id: bytes = data("vendor_id_length")
+    payload_length: int = length_of(2, "payload")   # ReqLength / RespLength
+    payload: bytes = data("payload_length")
 
 
 @dataclass(frozen=True)
-class VendorDefinedRequest:
-    CODE: ClassVar[int] = RequestCode.VENDOR_DEFINED_REQUEST
-    version: int
-    standard_id: int
-    vendor_id: bytes
-    payload: bytes
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        return _vendor_encode(self.version, self.CODE, self.standard_id, self.vendor_id,
-                              self.payload)
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> VendorDefinedRequest:
-        r = Reader(data, "VENDOR_DEFINED_REQUEST")
-        v, sid, vid, payload = _vendor_read(r, cls.CODE)
-        return cls(v, sid, vid, payload, raw=r.finish(pad))
+class VendorDefinedRequest(_VendorDefined, code=RequestCode.VENDOR_DEFINED_REQUEST):
+    pass
 
 
 @dataclass(frozen=True)
-class VendorDefinedResponse:
-    CODE: ClassVar[int] = ResponseCode.VENDOR_DEFINED_RESPONSE
-    version: int
-    standard_id: int
-    vendor_id: bytes
-    payload: bytes
-    raw: bytes = _raw()
-
-    def encode(self) -> bytes:
-        return _vendor_encode(self.version, self.CODE, self.standard_id, self.vendor_id,
-                              self.payload)
-
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> VendorDefinedResponse:
-        r = Reader(data, "VENDOR_DEFINED_RESPONSE")
-        v, sid, vid, payload = _vendor_read(r, cls.CODE)
-        return cls(v, sid, vid, payload, raw=r.finish(pad))
+class VendorDefinedResponse(_VendorDefined, code=ResponseCode.VENDOR_DEFINED_RESPONSE):
+    pass
 
 
 # --- §10.13 ERROR ---------------------------------------------------------------------------------
 
 # Extended error data sizes that are fixed by the error code (the rest is DOE pad).
 _ERROR_EXT_SIZE: dict[int, int] = {ErrorCode.ResponseNotReady: 4, ErrorCode.LargeResponse: 1,
-                   ErrorCode.ResponseTooLarge: 4}
+                                   ErrorCode.ResponseTooLarge: 4}
 
 
 @dataclass(frozen=True)
-class Error:
-    CODE: ClassVar[int] = ResponseCode.ERROR
-    version: int
-    code: int
-    data: int = 0
-    ext: bytes = b""
-    raw: bytes = _raw()
+class Error(SpdmMessage, code=ResponseCode.ERROR):
+    code: int = u8()                    # Param1: ErrorCode
+    data: int = u8(0)                   # Param2: ErrorData
+    ext: bytes = extended_error_data(_ERROR_EXT_SIZE, "code", b"")
 
-    def encode(self) -> bytes:
-        return _hdr(self.version, self.CODE, self.code, self.data) + self.ext
 
-    @classmethod
-    def decode(cls, data: bytes, pad: bool = False) -> Error:
-        r = Reader(data, "ERROR")
-        version, p1, p2 = _header(r, cls.CODE)
-        size = _ERROR_EXT_SIZE.get(p1) if pad else None
-        ext = r.take(min(size, r.left) if size is not None else r.left, "ExtendedErrorData")
-        if len(ext) > 32:
-            raise r.fail(f"extended error data of {len(ext)} bytes exceeds 32")
-        return cls(version, p1, p2, ext, raw=r.finish(pad))
-
+MESSAGES: tuple[type[SpdmMessage], ...] = (
+    GetVersion, Version, GetCapabilities, Capabilities, NegotiateAlgorithms, Algorithms,
+    GetDigests, Digests, GetCertificate, Certificate, Challenge, ChallengeAuth,
+    GetMeasurements, Measurements, KeyExchange, KeyExchangeRsp, Finish, FinishRsp, Heartbeat,
+    HeartbeatAck, KeyUpdate, KeyUpdateAck, EndSession, EndSessionAck, VendorDefinedRequest,
+    VendorDefinedResponse, Error)
+"""Every message class, for dispatch tables, fuzzing and property tests."""
 
 __all__ = [
-    "AlgStruct", "Algorithms", "Capabilities", "Certificate", "Challenge", "ChallengeAuth",
-    "Digests", "EndSession", "EndSessionAck", "Error", "Finish", "FinishRsp", "GetCapabilities",
-    "GetCertificate", "GetDigests", "GetMeasurements", "GetVersion", "Heartbeat",
-    "HeartbeatAck", "KeyExchange", "KeyExchangeRsp", "KeyUpdate", "KeyUpdateAck",
-    "Measurements", "Negotiated", "NegotiateAlgorithms", "Reader", "VendorDefinedRequest",
-    "VendorDefinedResponse", "Version", "peek_header",
+    "HEADER_SIZE", "MAX_DOE_PAD", "MESSAGES", "AlgStruct", "Algorithms", "Capabilities",
+    "Certificate", "Challenge", "ChallengeAuth", "Context", "Digests", "EndSession",
+    "EndSessionAck", "Error", "Finish", "FinishRsp", "GetCapabilities", "GetCertificate",
+    "GetDigests", "GetMeasurements", "GetVersion", "Heartbeat", "HeartbeatAck", "KeyExchange",
+    "KeyExchangeRsp", "KeyUpdate", "KeyUpdateAck", "Measurements", "Negotiated",
+    "NegotiateAlgorithms", "SpdmMessage", "VendorDefinedRequest", "VendorDefinedResponse",
+    "Version", "peek_header",
 ]

@@ -1,7 +1,8 @@
 """SPDM errors.
 
-Responder side: :class:`SpdmError` knows the DSP0274 ERROR code (§10.13) it becomes
-on the wire; :class:`DecodeError` is the InvalidRequest raised by decoders and keeps
+Responder side: :class:`SpdmError` (a :class:`teeio.codec.ProtocolError`) knows the
+DSP0274 ERROR code (§10.13) it becomes on the wire; :class:`DecodeError` (a
+:class:`teeio.codec.DecodeError` too) is the InvalidRequest raised by decoders and keeps
 the raw bytes and the offset where parsing failed.  Anything else raised while
 handling a request is a bug and propagates.
 
@@ -11,28 +12,32 @@ says precisely what did not hold (which field, what was expected).
 
 from __future__ import annotations
 
+from teeio import codec as core
+
 from .defs import ErrorCode
 
 
-class SpdmError(Exception):
+class SpdmError(core.ProtocolError):
     """A protocol error that becomes an SPDM ERROR response (code, data, extended data)."""
+
+    code: ErrorCode
 
     def __init__(self, code: ErrorCode, message: str = "", data: int = 0,
                  ext: bytes = b"") -> None:
+        super().__init__(ErrorCode(code), message or ErrorCode(code).name)
         self.code = ErrorCode(code)
         self.data = data & 0xFF
         self.ext = ext
-        super().__init__(message or code.name)
 
 
-class DecodeError(SpdmError):
-    """A malformed message (InvalidRequest); keeps the raw bytes and failing offset."""
+class DecodeError(core.DecodeError, SpdmError):
+    """A malformed message (ERROR InvalidRequest); keeps the raw bytes and failing offset."""
 
-    def __init__(self, message: str, raw: bytes = b"", offset: int = 0) -> None:
-        self.raw = bytes(raw)
-        self.offset = offset
-        super().__init__(ErrorCode.InvalidRequest, f"{message} (at offset {offset} of "
-                         f"{len(raw)} bytes)")
+    def __init__(self, raw: bytes | bytearray | memoryview, offset: int, reason: str) -> None:
+        core.DecodeError.__init__(self, raw, offset, reason)
+        self.code = ErrorCode.InvalidRequest
+        self.data = 0
+        self.ext = b""
 
 
 class DropRequest(Exception):  # noqa: N818 - a control-flow signal, not a failure

@@ -45,35 +45,35 @@ def encode_opaque(elements: Sequence[OpaqueElement]) -> bytes:
 def decode_opaque(data: bytes) -> list[OpaqueElement]:
     """Parse OpaqueDataFmt1; alignment, element bounds and zero padding are checked."""
     if len(data) % 4:
-        raise DecodeError("opaque data length is not a multiple of 4", data, len(data))
+        raise DecodeError(data, len(data), "opaque data length is not a multiple of 4")
     if len(data) < 4:
-        raise DecodeError("opaque data shorter than its 4-byte header", data, 0)
+        raise DecodeError(data, 0, "opaque data shorter than its 4-byte header")
     total = data[0]
     if total < 1:
-        raise DecodeError("opaque data has no element", data, 0)
+        raise DecodeError(data, 0, "opaque data has no element")
     pos = 4
     elements: list[OpaqueElement] = []
     for i in range(total):
         if pos + 2 > len(data):
-            raise DecodeError(f"opaque element {i} truncated", data, pos)
+            raise DecodeError(data, pos, f"opaque element {i} truncated")
         reg, vlen = data[pos], data[pos + 1]
         if reg > RegistryId.DMTF_DSP:
-            raise DecodeError(f"opaque element {i} registry ID {reg} unknown", data, pos)
+            raise DecodeError(data, pos, f"opaque element {i} registry ID {reg} unknown")
         if pos + 2 + vlen + 2 > len(data):
-            raise DecodeError(f"opaque element {i} header truncated", data, pos)
+            raise DecodeError(data, pos, f"opaque element {i} header truncated")
         vendor = data[pos + 2:pos + 2 + vlen]
         (dlen,) = struct.unpack_from("<H", data, pos + 2 + vlen)
         start = pos + 4 + vlen
         end = start + dlen
         padded = end + _pad4(end - pos)
         if padded > len(data):
-            raise DecodeError(f"opaque element {i} data truncated", data, start)
+            raise DecodeError(data, start, f"opaque element {i} data truncated")
         if any(data[end:padded]):
-            raise DecodeError(f"opaque element {i} padding is not zero", data, end)
+            raise DecodeError(data, end, f"opaque element {i} padding is not zero")
         elements.append(OpaqueElement(reg, vendor, data[start:end]))
         pos = padded
     if pos != len(data):
-        raise DecodeError(f"{len(data) - pos} bytes after {total} opaque elements", data, pos)
+        raise DecodeError(data, pos, f"{len(data) - pos} bytes after {total} opaque elements")
     return elements
 
 
@@ -86,8 +86,8 @@ def _find_sm(data: bytes, sm_id: int) -> bytes:
         if (e.registry_id == RegistryId.DMTF and not e.vendor_id and len(e.data) >= 2
                 and e.data[0] == SM_DATA_VERSION and e.data[1] == sm_id):
             return e.data[2:]
-    raise DecodeError(f"opaque data has no secured-message element {SmDataId(sm_id).name}",
-                      data, 0)
+    raise DecodeError(data, 0,
+                      f"opaque data has no secured-message element {SmDataId(sm_id).name}")
 
 
 def supported_versions(versions: Sequence[int]) -> bytes:
@@ -106,12 +106,12 @@ def parse_supported_versions(data: bytes) -> list[int]:
     """Versions (0x10, 0x11, ...) a KEY_EXCHANGE offers; DecodeError if malformed/absent."""
     body = _find_sm(data, SmDataId.SUPPORTED_VERSION)
     if not body or len(body) != 1 + 2 * body[0] or body[0] == 0:
-        raise DecodeError("malformed SupportedVersion element", data, 0)
+        raise DecodeError(data, 0, "malformed SupportedVersion element")
     return [struct.unpack_from("<H", body, 1 + 2 * i)[0] >> 8 for i in range(body[0])]
 
 
 def parse_version_selection(data: bytes) -> int:
     body = _find_sm(data, SmDataId.VERSION_SELECTION)
     if len(body) != 2:
-        raise DecodeError("malformed VersionSelection element", data, 0)
+        raise DecodeError(data, 0, "malformed VersionSelection element")
     return int(struct.unpack("<H", body)[0]) >> 8

@@ -1,6 +1,6 @@
 """``--background``: start a server, return once it listens.
 
-A person's shell script (the README's story by hand) starts the TSM daemon and the device
+A person's shell script (the story of docs/by-hand.md) starts the TSM daemon and the device
 server and goes straight on to use their sockets.  With ``&`` that races; with
 ``--background`` the command starts the same program again as a new session, waits until
 that child says it is ready (every socket listening) on an inherited pipe, prints one line

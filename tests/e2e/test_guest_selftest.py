@@ -51,7 +51,7 @@ def test_selftest_fd_mapped_memory(backend: str, guest_image: image.GuestImage,
 def test_selftest_without_shared_memory_uses_dma_messages(guest_image: image.GuestImage,
                                                           tmp_path: Path) -> None:
     """Python server only: libvfio-user refuses DMA to memory without an fd unless
-    --libvfio-user-socket-dma is given (its issue 279; see README)."""
+    --libvfio-user-socket-dma is given (libvfio-user's issue 279; see docs/libvfio-user.md)."""
     res = _run_and_check(tmp_path, share=False, verbose=True)
     log = (res.workdir / "device.log").read_text()
     # No fd backs guest RAM: the engine's accesses must have crossed the socket.

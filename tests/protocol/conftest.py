@@ -176,7 +176,7 @@ class TeeRig:
                            (R.DMA_DST_LO, dst & 0xFFFFFFFF), (R.DMA_DST_HI, dst >> 32),
                            (R.DMA_LEN, length), (R.DMA_PATTERN, pattern)):
                 dev.r[reg] = v
-            dev._start_job(op)
+            dev.engine.start_job(op)
         assert self._done.wait(10), "DMA job did not finish"
         return dev.r[R.STATUS]
 

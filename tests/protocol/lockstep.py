@@ -20,7 +20,8 @@ from teeio.pcie.config import Command as PciCommand
 from teeio.pcie.config import Reg
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client
-from vfio_user_dev.device import MSIX_CAP, MSIX_ENABLE, TeeIoDevice
+from vfio_user_dev.config_space import MSIX_CAP, MSIX_ENABLE
+from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.protocol import Command, Flags, Header, PciRegion
 
 BAR0 = PciRegion.BAR0

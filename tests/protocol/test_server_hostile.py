@@ -38,6 +38,7 @@ from vfio_user_dev import protocol as p
 from vfio_user_dev import server as server_mod
 from vfio_user_dev.client import Client
 from vfio_user_dev.enforcement import LOG_FIRST
+from vfio_user_dev.loglimit import LOG_INTERVAL
 from vfio_user_dev.protocol import Command, Flags, IrqSetFlags, PciIrq
 
 pytestmark = [pytest.mark.timeout(30)]
@@ -340,7 +341,7 @@ def test_rejections_are_rate_limited_and_counted(server: RunningServer,
         lines = [r for r in caplog.records if "rejected" in r.getMessage()]
         assert len(lines) == LOG_FIRST
         assert server.server.refusals.counts["UNKNOWN:ENOSYS"] == 500
-        clock.now += server_mod.LOG_INTERVAL + 1
+        clock.now += LOG_INTERVAL + 1
         expect_error(c, 0x4242, b"junk", errno.ENOSYS)
         lines = [r for r in caplog.records if "rejected" in r.getMessage()]
         assert len(lines) == LOG_FIRST + 1

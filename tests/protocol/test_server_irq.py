@@ -132,7 +132,7 @@ def test_msix_mask_with_bool_data(server: RunningServer, dev: Client,
                  data=b"\1\0\1\0")
     if server.backend == "python":
         assert masked == [True, False, True, False]
-    else:   # the library ignores the bools: it masks the whole range (README)
+    else:   # the library ignores the bools: it masks the whole range (docs/libvfio-user.md)
         assert masked == [True, True, True, True]
     assert fill(dev) == St.DONE
     assert event_fired(eventfds[0], NO_EVENT) == 0

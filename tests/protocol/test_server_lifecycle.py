@@ -174,9 +174,9 @@ def test_engine_survives_client_vanishing_mid_dma(server: RunningServer) -> None
          region_write_payload(BAR0, R.DMA_CMD, (CMD_GO | Op.COPY).to_bytes(4, "little")),
          flags=Flags.NO_REPLY)
     dev = server.device
-    wait_until(lambda: dev.r[R.STATUS] & (St.DONE | St.ERROR) or not dev._engine.is_alive(),
+    wait_until(lambda: dev.r[R.STATUS] & (St.DONE | St.ERROR) or not dev.engine.thread.is_alive(),
                "the job to end (or the engine to die)")
-    assert dev._engine.is_alive(), "the DMA engine thread died"
+    assert dev.engine.thread.is_alive(), "the DMA engine thread died"
     st = dev.r[R.STATUS]
     assert st & St.ERROR and error_code(st) == DmaError.FAULT
     c1.close()

@@ -70,8 +70,8 @@ def test_linux_style_get_version_and_get_capabilities(c: Client) -> None:
     version = codec.Version.decode(raw, pad=True)
     assert [e >> 8 for e in version.entries] == [SPDM_VERSION_12, SPDM_VERSION_13]
     assert raw == pad_dw(bytes.fromhex("10040000" "00" "02" "0012" "0013"))   # 10 + 2 pad
-    req = codec.GetCapabilities(SPDM_VERSION_13, 0, spdm_probe.REQUESTER_FLAGS, 4096,
-                                4096).encode()
+    req = codec.GetCapabilities(SPDM_VERSION_13, ct_exponent=0, flags=spdm_probe.REQUESTER_FLAGS,
+                                data_transfer_size=4096, max_spdm_msg_size=4096).encode()
     caps = codec.Capabilities.decode(linux.doe(*SPDM, req, 20), pad=True)
     cfg = ResponderConfig()
     assert (caps.version, caps.flags, caps.ct_exponent) == (SPDM_VERSION_13, DEFAULT_FLAGS,

@@ -66,13 +66,14 @@ def test_request_in_other_version_is_version_mismatch() -> None:
 def test_capabilities_version_not_offered() -> None:
     _, rsp, _ = make_pair()
     rsp.handle_spdm(H("10840000"))
-    caps = codec.GetCapabilities(0x11, 0, 0x2).encode()
+    caps = codec.GetCapabilities(0x11, ct_exponent=0, flags=0x2).encode()
     assert error_of(rsp.handle_spdm(caps))[1] == ErrorCode.VersionMismatch
 
 
 @pytest.mark.parametrize(("steps", "msg"), [
     ([], H("12810000")),                                       # GET_DIGESTS before anything
-    ([], codec.GetCapabilities(0x12, 0, 0x6206, 4096, 4096).encode()),
+    ([], codec.GetCapabilities(0x12, ct_exponent=0, flags=0x6206,
+                               data_transfer_size=4096, max_spdm_msg_size=4096).encode()),
     (["10840000"], codec.NegotiateAlgorithms(0x12).encode()),  # ALGORITHMS before CAPABILITIES
     (["10840000"], H("12810000")),                             # GET_DIGESTS before negotiation
 ])
@@ -85,7 +86,8 @@ def test_out_of_order_is_unexpected_request(steps: list[str], msg: bytes) -> Non
 
 def test_repeated_capabilities_is_unexpected() -> None:
     _, rsp, _ = vca_only()
-    caps = codec.GetCapabilities(0x13, 0, 0x6206, 4096, 4096).encode()
+    caps = codec.GetCapabilities(0x13, ct_exponent=0, flags=0x6206,
+                                 data_transfer_size=4096, max_spdm_msg_size=4096).encode()
     assert error_of(rsp.handle_spdm(caps)) == (0x13, ErrorCode.UnexpectedRequest, 0)
 
 
@@ -148,7 +150,8 @@ def test_request_larger_than_data_transfer_size() -> None:
 def test_incoherent_requester_capabilities(flags: int) -> None:
     _, rsp, _ = make_pair()
     rsp.handle_spdm(H("10840000"))
-    caps = codec.GetCapabilities(0x12, 0, flags, 4096, 4096).encode()
+    caps = codec.GetCapabilities(0x12, ct_exponent=0, flags=flags,
+                                 data_transfer_size=4096, max_spdm_msg_size=4096).encode()
     assert error_of(rsp.handle_spdm(caps))[1] == ErrorCode.InvalidRequest
 
 
@@ -156,7 +159,8 @@ def test_incoherent_requester_capabilities(flags: int) -> None:
 def test_bad_capabilities_sizes(ct: int, dts: int, mx: int) -> None:
     _, rsp, _ = make_pair()
     rsp.handle_spdm(H("10840000"))
-    caps = codec.GetCapabilities(0x12, ct, 0x6206, dts, mx).encode()
+    caps = codec.GetCapabilities(0x12, ct_exponent=ct, flags=0x6206,
+                                 data_transfer_size=dts, max_spdm_msg_size=mx).encode()
     assert error_of(rsp.handle_spdm(caps))[1] == ErrorCode.InvalidRequest
 
 
@@ -182,9 +186,9 @@ def test_measurement_rules() -> None:
 
 def test_certificate_offset_beyond_chain_and_bad_slot() -> None:
     _, rsp, _ = vca_only()
-    beyond = codec.GetCertificate(0x13, 0, 0xF000, 100).encode()
+    beyond = codec.GetCertificate(0x13, 0, 0, 0xF000, 100).encode()
     assert error_of(rsp.handle_spdm(beyond))[1] == ErrorCode.InvalidRequest
-    slot1 = codec.GetCertificate(0x13, 1, 0, 100).encode()
+    slot1 = codec.GetCertificate(0x13, 1, 0, 0, 100).encode()
     assert error_of(rsp.handle_spdm(slot1))[1] == ErrorCode.InvalidRequest
 
 

@@ -1,4 +1,4 @@
-"""TDISP enforcement in the device (PCIe 6.x §11.2.1, §11.2.6; reference notes §4.5-4.7),
+"""TDISP enforcement in the device (PCIe 6.x §11.2.1, §11.2.6),
 driven the way the TSM drives it (tests/protocol/conftest.py: SPDM session, Selective IDE
 stream through IDE_KM and the platform socket, LOCK/START with TdispClient, windows and
 private MMIO on the platform socket).

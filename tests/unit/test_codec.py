@@ -205,3 +205,12 @@ def test_protocol_decode_error_class() -> None:
         Mine.decode(b"\x08")
     assert err.value.offset == 0 and "expected 0x7" in err.value.reason
     assert Mine.decode(b"\x07") == Mine()
+
+
+def test_importing_the_codec_does_not_import_hypothesis() -> None:
+    import subprocess
+    import sys
+    code = "import sys, teeio.codec; print('hypothesis' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

@@ -1,5 +1,5 @@
 """PCI configuration space semantics (teeio/pcie/config.py) and the device layout
-built by vfio_user_dev.device.build_config()."""
+built by vfio_user_dev.config_space.build_config()."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from teeio.pcie.config import (
     u16,
     u32,
 )
-from vfio_user_dev.device import (
+from vfio_user_dev.config_space import (
     AER_CAP,
     DEVICE_ID,
     IDE_CAP,

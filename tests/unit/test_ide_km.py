@@ -97,7 +97,7 @@ def test_key_byte_order_is_an_involution(k: bytes) -> None:
 
 
 def test_golden_key_prog_byte_order() -> None:
-    """Reference notes §3.2 / tee-io-validator key_byte_order.md: each key DW reversed,
+    """Intel tee-io-validator's key_byte_order.md: each key DW reversed,
     IFV = 1 as ``00 00 00 00 01 00 00 00``."""
     kp = KeyProg(3, KeySet.K1, Direction.TX, SubStream.CPL, bytes(range(32)), 1, 0)
     assert kp.encode().hex() == (

@@ -24,7 +24,8 @@ import pytest
 from teeio.device_regs import Irq, R
 from vfio_user_dev import libvfio_user as lvu
 from vfio_user_dev.__main__ import main as device_main
-from vfio_user_dev.device import MSIX_CAP, MSIX_ENABLE, TeeIoDevice
+from vfio_user_dev.config_space import MSIX_CAP, MSIX_ENABLE
+from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dma import DmaFault
 from vfio_user_dev.irq import IrqController
 from vfio_user_dev.platform import Platform
@@ -313,7 +314,7 @@ def test_sink_undelivered_leaves_intx_unmasked_and_msix_pending() -> None:
 
 
 def test_library_sink_follows_msix_enable(device: TeeIoDevice) -> None:
-    sink = lvu._LibIrqSink(SimpleNamespace(device=device))  # type: ignore[arg-type]
+    sink = lvu.LibIrqSink(SimpleNamespace(device=device))  # type: ignore[arg-type]
     assert sink.ready(PciIrq.INTX, 0) and not sink.ready(PciIrq.MSIX, 0)
     device.region_write(PciRegion.CONFIG, MSIX_CAP + 2, MSIX_ENABLE.to_bytes(2, "little"))
     assert sink.ready(PciIrq.MSIX, 0) and not sink.ready(PciIrq.INTX, 0)
@@ -332,7 +333,7 @@ def test_the_library_has_every_declared_function() -> None:
 
 
 def test_library_sink_does_not_automask(device: TeeIoDevice) -> None:
-    assert lvu._LibIrqSink.automask is False
+    assert lvu.LibIrqSink.automask is False
 
 
 # -- callbacks: BaseException, quiesce ------------------------------------------------------------
@@ -404,13 +405,13 @@ def _event(device: TeeIoDevice) -> None:
     """A job completion: DMA_DONE raised in INT_STATUS."""
     with device._lock:
         device.r[R.INT_STATUS] |= Irq.DMA_DONE
-        device._update_irq(Irq.DMA_DONE)
+        device.engine.update_irq(Irq.DMA_DONE)
 
 
 def _ack(device: TeeIoDevice) -> None:
     with device._lock:
         device.r[R.INT_STATUS] = 0
-        device._update_irq(0)
+        device.engine.update_irq(0)
 
 
 def test_intx_keeps_coming_without_unmasks(callbacks: lvu.DeviceCallbacks,

@@ -8,14 +8,14 @@ Provenance of every vector:
   application data 00..0F, an explicit 8-byte little-endian sequence number in the
   AAD (MCTP style) -- our ``seq_num_size=8``.
 * PCI DOE variant (no sequence number on the wire): derived from the same inputs with
-  Python ``cryptography`` (shared/reference/teeio-standards.md §6.2) -- regression
+  Python ``cryptography`` (DSP0277 §6 record layout) -- regression
   data, not a standard.  Its ciphertext equals libspdm's (same key/IV/plaintext);
   only the tag differs, because the AAD is shorter.
 * HKDF: RFC 5869 Appendix A.1 (test case 1, SHA-256).
 * ECDSA P-256 / SHA-256 signature of "sample": RFC 6979 Appendix A.2.5.
 * ECDH secp256r1: RFC 5903 §8.1.
-* BinConcat bytes: shared/reference/teeio-standards.md §6.2 (hand-built from the
-  libspdm ``libspdm_bin_concat`` layout); signing prefixes hand-built from libspdm
+* BinConcat bytes (DSP0277 key schedule): hand-built from the libspdm
+  ``libspdm_bin_concat`` layout; signing prefixes hand-built from libspdm
   ``libspdm_create_signing_context`` and the ``SPDM_*_SIGN_CONTEXT`` strings.
 """
 

@@ -2,7 +2,7 @@
 server that maps guest RAM.  :class:`RootPort` is the façade over its parts: ``streams``
 (IDE stream ends), ``windows`` (trusted-DMA windows), ``mmio`` (private MMIO), ``ingress``
 (checks on the device's TLPs) and ``memory`` (DMA and completions).  Design notes:
-docs/root-port-notes.md."""
+docs/root-port-internals.md."""
 
 from vfio_user_dev.root_port.context import RECENT, RootPortError
 from vfio_user_dev.root_port.port import RootPort

@@ -1,6 +1,6 @@
 """What every part of the root port shares: one lock over configuration and IDE state,
 the counters, the refusal accounting, the platform event log and what the link attached
-(PCIe 6.x §6.33 IDE, TDISP §11).  Design notes: docs/root-port-notes.md."""
+(PCIe 6.x §6.33 IDE, TDISP §11).  Design notes: docs/root-port-internals.md."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 §11), in order: IDE (the stream the prefix names, its Rx, the requester inside its RID
 range; no clear TLP once IDE started), then the trusted-DMA windows (T=1 wholly inside an
 active window of its requester and stream with the access it allows; T=0 touching none).
-Every refusal is counted by reason.  Design notes: docs/root-port-notes.md."""
+Every refusal is counted by reason.  Design notes: docs/root-port-internals.md."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Admitted DMA against guest memory, and the completions back (PCIe 6.x §2.2.9: split by
 MPS on RCB boundaries; §11.2.1: on the request's stream with T echoed, IDE-protected by the
 root port's Tx).  Guest memory is only touched here, never under the lock.  Design notes:
-docs/root-port-notes.md."""
+docs/root-port-internals.md."""
 
 from __future__ import annotations
 

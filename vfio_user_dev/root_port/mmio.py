@@ -2,7 +2,7 @@
 TDISP §11): MRd/MWr TLPs down the link with the root port as requester, IDE-protected on
 the device's Secure stream, T=1 only once the TSM turned private MMIO on, and never T=1 in
 the clear.  Private MMIO is revoked with the stream or the TDI.  Design notes:
-docs/root-port-notes.md."""
+docs/root-port-internals.md."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 server that maps guest RAM.  :class:`RootPort` composes its stream ends, trusted-DMA
 windows, private MMIO, ingress checks and DMA execution, and revokes what is trusted when
 a TDI leaves RUN, its device is reset or its stream leaves Secure.  Design notes:
-docs/root-port-notes.md."""
+docs/root-port-internals.md."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The root port's ends of its Selective IDE streams (PCIe 6.x §6.33): keys per key set,
 direction and sub-stream, Enable, Secure/Insecure; an IDE check failure or the device's
 IDE Fail Message makes a stream Insecure (§6.33.6), and whatever trusted rode on it is
-revoked (TDISP §11).  Design notes: docs/root-port-notes.md."""
+revoked (TDISP §11).  Design notes: docs/root-port-internals.md."""
 
 from __future__ import annotations
 

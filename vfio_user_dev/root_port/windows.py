@@ -1,7 +1,7 @@
 """Trusted-DMA windows (TDISP §11; PCIe 6.x §6.33): guest ranges the TSM grants to a TDI
 in RUN, each for one requester ID and IDE stream, pinned to the DMA maps that backed them
 when granted.  A client remap under a window suspends it (a security event) until the TSM
-re-authorises it.  Design notes: docs/root-port-notes.md."""
+re-authorises it.  Design notes: docs/root-port-internals.md."""
 
 from __future__ import annotations
 

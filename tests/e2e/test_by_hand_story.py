@@ -1,7 +1,7 @@
-"""The README's "The story by hand", run as written.
+"""docs/by-hand.md's "The TEE story by hand", run as written.
 
 The shell blocks marked ``<!-- story:host -->``, ``<!-- story:vm -->`` and
-``<!-- story:guest -->`` are taken from README.md in order; the only substitution is
+``<!-- story:guest -->`` are taken from docs/by-hand.md in order; the only substitution is
 the work folder (``/tmp/tdi`` becomes a fresh one).  The host blocks are typed into one
 bash (as into a person's terminal, the venv's ``bin`` on PATH as ``activate`` leaves it),
 the VM block runs QEMU with its serial console on a pipe, and the guest blocks are typed
@@ -29,14 +29,14 @@ from qemu_configs.launcher import PROJECT_DIR
 
 pytestmark = pytest.mark.timeout(600)
 
-README = PROJECT_DIR / "README.md"
+STORY = PROJECT_DIR / "docs" / "by-hand.md"
 BLOCK = re.compile(r"<!-- story:(host|vm|guest) -->\s*```sh\n(.*?)```", re.S)
 MARK = re.compile(r"@@(\d+)@@")
 WORKDIR = "/tmp/tdi"
 
 
 def story_blocks() -> list[tuple[str, str]]:
-    blocks = [(m.group(1), m.group(2)) for m in BLOCK.finditer(README.read_text())]
+    blocks = [(m.group(1), m.group(2)) for m in BLOCK.finditer(STORY.read_text())]
     assert [k for k, _ in blocks] == ["host", "vm", "guest", "host", "guest"], blocks
     return blocks
 

@@ -1,0 +1,94 @@
+"""BAR0 of the function: its register file (the map in ``teeio/device_regs.py``).
+
+BAR0 is TEE MMIO (PCIe 6.x §11.2.1): its accesses reach this file only through the
+device's completer, after the TDISP gate (``tee.py``).  32-bit registers, little-endian;
+a partial access is applied with byte enables.  Reserved offsets read as zero and ignore
+writes, as do the read-only registers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from teeio import device_regs as regs
+from teeio.device_regs import R
+
+#: offset -> register, for every implemented offset (anything else is reserved)
+REGISTERS: dict[int, R] = {int(reg): reg for reg in R}
+#: the registers a write stores as it is
+READ_WRITE = frozenset({R.SCRATCH, R.INT_ENABLE, R.DMA_SRC_LO, R.DMA_SRC_HI, R.DMA_DST_LO,
+                        R.DMA_DST_HI, R.DMA_LEN, R.DMA_PATTERN})
+#: the registers SCRUB_SECRETS clears (TVM data and the DMA engine's job state, §11.2)
+SCRUBBED = (R.SCRATCH, R.STATUS, R.INT_STATUS, R.DMA_SRC_LO, R.DMA_SRC_HI,
+            R.DMA_DST_LO, R.DMA_DST_HI, R.DMA_LEN, R.DMA_PATTERN)
+
+
+class Bar0Registers:
+    """The register file.  *irq_count*: IRQ_COUNT's value; *interrupts_changed*: called
+    after INT_ENABLE or INT_STATUS changed; *go*: called with the opcode of a DMA_CMD
+    write with GO set."""
+
+    def __init__(self, *, irq_count: Callable[[], int], interrupts_changed: Callable[[], None],
+                 go: Callable[[int], None]) -> None:
+        self.irq_count = irq_count
+        self.interrupts_changed = interrupts_changed
+        self.go = go
+        self.r: dict[R, int] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.r.update(dict.fromkeys(R, 0))
+        self.r[R.ID] = regs.DEVICE_ID_REG_VALUE
+        self.r[R.VERSION] = regs.REGMAP_VERSION
+
+    def scrub(self) -> None:
+        for reg in SCRUBBED:
+            self.r[reg] = 0
+
+    def add_bytes(self, n: int) -> None:
+        """DMA_BYTES_HI:LO += *n*."""
+        total = (self.r[R.DMA_BYTES_HI] << 32 | self.r[R.DMA_BYTES_LO]) + n
+        self.r[R.DMA_BYTES_LO] = total & 0xFFFFFFFF
+        self.r[R.DMA_BYTES_HI] = (total >> 32) & 0xFFFFFFFF
+
+    def read(self, offset: int, count: int) -> bytes:
+        out = bytearray()
+        for pos in range(offset & ~3, offset + count, 4):
+            out += self.reg_read(pos).to_bytes(4, "little")
+        start = offset & 3
+        return bytes(out[start:start + count])
+
+    def reg_read(self, off: int) -> int:
+        if off == R.IRQ_COUNT:
+            return self.irq_count() & 0xFFFFFFFF
+        reg = REGISTERS.get(off)
+        return 0 if reg is None else self.r[reg]       # reserved: reads as zero
+
+    def write(self, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        pos = offset
+        while pos < end:
+            base = pos & ~3
+            cur = bytearray(self.reg_read(base).to_bytes(4, "little"))
+            mask = bytearray(4)
+            for i in range(4):
+                if offset <= base + i < end:
+                    cur[i] = data[base + i - offset]
+                    mask[i] = 0xFF
+            self.reg_write(base, int.from_bytes(cur, "little"), int.from_bytes(mask, "little"))
+            pos = base + 4
+
+    def reg_write(self, off: int, value: int, bytemask: int) -> None:
+        reg = REGISTERS.get(off)
+        if reg is None:
+            return                      # reserved: ignores writes
+        if reg in READ_WRITE:
+            self.r[reg] = value
+            if reg == R.INT_ENABLE:
+                self.interrupts_changed()
+        elif reg == R.INT_STATUS:
+            self.r[R.INT_STATUS] &= ~(value & bytemask)
+            self.interrupts_changed()
+        elif reg == R.DMA_CMD and value & regs.CMD_GO:
+            self.go(value & 0xF)
+        # the read-only registers ignore writes

@@ -1,0 +1,207 @@
+"""The device's DMA engine: the job hand-off from BAR0, the engine thread, completion and
+the function's interrupt (INT_STATUS & INT_ENABLE as MSI-X vector 0 or INTx).
+
+Jobs reach memory only through the device's link endpoint, gated per PCIe 6.x §11.2.1
+(``enforcement.dma_route``; QUIESCE aborts a job, late completions of a read issued in
+RUN are dropped).  Design notes: docs/device-internals.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from teeio import device_regs as regs
+from teeio.device_regs import Irq, Op, R, St
+from teeio.pcie.config import Command, Reg, Status
+from vfio_user_dev.dma import DmaFault
+from vfio_user_dev.enforcement import dma_route
+
+if TYPE_CHECKING:
+    from vfio_user_dev.device import TeeIoDevice
+
+log = logging.getLogger("vfio_user_dev.device")     # the device model's one log
+
+
+@dataclass
+class DmaJob:
+    op: int
+    src: int
+    dst: int
+    length: int
+    pattern: int
+    generation: int
+    epoch: int = 0                  # TDI state epoch when the job was started
+    t_bit: bool = False             # its requests: T=1 on the bound stream (RUN) or T=0
+    stream_id: int | None = None
+    refused: str | None = None      # why TDISP does not let the device issue it
+
+
+class DmaRefused(DmaFault):
+    """The device itself does not issue (or accept the data of) a DMA request (TDISP)."""
+
+
+class DmaEngine:
+    """One job at a time on its own thread.  ``generation`` moves on at every reset and
+    scrub: a job of an older generation is dropped, before or after it ran.  The caller
+    holds the device lock around :meth:`start_job`, :meth:`finish` and
+    :meth:`update_irq`."""
+
+    def __init__(self, device: TeeIoDevice) -> None:
+        self.device = device
+        self.generation = 0
+        self.total = {"jobs": 0, "bytes": 0, "errors": 0}
+        #: called (with the device) after each job's result was applied
+        self.listeners: list[Callable[[TeeIoDevice], None]] = []
+        self._jobs: queue.Queue[DmaJob | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="dma-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self.thread.join(timeout=5)
+
+    def drop_jobs(self) -> None:
+        """A queued or running job's result is dropped (reset, SCRUB_SECRETS)."""
+        self.generation += 1
+
+    # -- hand-off from BAR0 (DMA_CMD with GO) -------------------------------------------------
+    def start_job(self, op: int) -> None:
+        dev = self.device
+        r = dev.bar0.r
+        if r[R.STATUS] & St.BUSY:
+            self.finish(regs.DmaError.BUSY)
+            return
+        r[R.STATUS] = St.BUSY
+        job = DmaJob(op, r[R.DMA_SRC_LO] | r[R.DMA_SRC_HI] << 32,
+                     r[R.DMA_DST_LO] | r[R.DMA_DST_HI] << 32,
+                     r[R.DMA_LEN], r[R.DMA_PATTERN], self.generation, dev.tee.epoch)
+        route = dma_route(dev.tdi_state(), dev.tee.tee_access, dev.bound_stream())
+        if isinstance(route, str):
+            job.refused = route
+        else:
+            job.t_bit, job.stream_id = route
+        self._jobs.put(job)
+
+    # -- the engine thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        dev = self.device
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if job.generation != self.generation:
+                continue        # reset or scrubbed before it ran: dropped
+            try:
+                code, moved = self._run(job)
+            except Exception:
+                log.exception("DMA engine bug while running %s", job)
+                code, moved = regs.DmaError.INTERNAL, 0
+            with dev.lock:
+                if job.generation != self.generation:
+                    continue  # reset while running: the result is dropped
+                self.total["bytes"] += moved
+                dev.bar0.add_bytes(moved)
+                self.finish(code)
+            for fn in list(self.listeners):
+                try:
+                    fn(dev)
+                except Exception:
+                    log.exception("device listener failed")
+
+    def _run(self, job: DmaJob) -> tuple[regs.DmaError, int]:
+        dev = self.device
+        if not dev.config.get(Reg.COMMAND, 2) & Command.BUS_MASTER:
+            return regs.DmaError.BUS_MASTER_OFF, 0
+        if job.refused is not None:     # §11.2.1: no requests in CONFIG_LOCKED / ERROR
+            with dev.lock:
+                dev.tee.refusals.add("dma_not_allowed", f"{job.refused}: nothing sent")
+            return regs.DmaError.FAULT, 0
+        if not 0 < job.length <= regs.MAX_DMA_LEN:
+            return regs.DmaError.BAD_LENGTH, 0
+        try:
+            if job.op == Op.COPY:
+                data = self._read(job, job.src, job.length)
+                self._write(job, job.dst, data)
+                return regs.DmaError.NONE, 2 * job.length
+            if job.op == Op.FILL:
+                pat = job.pattern.to_bytes(4, "little")
+                data = (pat * (job.length // 4 + 1))[:job.length]
+                self._write(job, job.dst, data)
+                return regs.DmaError.NONE, job.length
+            if job.op == Op.SHA256:
+                digest = hashlib.sha256(self._read(job, job.src, job.length)).digest()
+                self._write(job, job.dst, digest)
+                return regs.DmaError.NONE, job.length + len(digest)
+        except DmaFault as exc:
+            log.warning("DMA fault: %s", exc)
+            return regs.DmaError.FAULT, 0
+        return regs.DmaError.BAD_OPCODE, 0
+
+    def _check(self, job: DmaJob) -> None:
+        """QUIESCE: a job whose TDI changed state since it started issues nothing more."""
+        tee = self.device.tee
+        if job.epoch != tee.epoch:
+            with self.device.lock:
+                tee.refusals.add("dma_aborted", f"job (opcode {job.op}): the TDI changed "
+                                                "state since it started")
+            raise DmaRefused("DMA job aborted: the TDI changed state (QUIESCE)")
+
+    def _read(self, job: DmaJob, address: int, length: int) -> bytes:
+        self._check(job)
+        tee = self.device.tee
+        data = self.device.link_end.read(address, length, t_bit=job.t_bit,
+                                         stream_id=job.stream_id)
+        if job.t_bit and job.epoch != tee.epoch:
+            # §11.2.1: completions of a read issued in RUN only while still in that RUN.
+            with self.device.lock:
+                tee.refusals.add("dma_late_completion", f"read {address:#x}+{length}: the "
+                                 "TDI left RUN before its completions arrived; dropped")
+            raise DmaRefused("completions arrived after the TDI left RUN: dropped")
+        return data
+
+    def _write(self, job: DmaJob, address: int, data: bytes) -> None:
+        self._check(job)
+        self.device.link_end.write(address, data, t_bit=job.t_bit, stream_id=job.stream_id)
+
+    # -- completion and the function's interrupt ------------------------------------------------
+    def finish(self, code: regs.DmaError) -> None:
+        r = self.device.bar0.r
+        if code == regs.DmaError.NONE:
+            r[R.STATUS] = St.DONE
+            bit = Irq.DMA_DONE
+            r[R.DMA_JOBS] = (r[R.DMA_JOBS] + 1) & 0xFFFFFFFF
+            self.total["jobs"] += 1
+        else:
+            busy = r[R.STATUS] & St.BUSY if code == regs.DmaError.BUSY else 0
+            r[R.STATUS] = busy | St.ERROR | (int(code) << 8)
+            bit = Irq.DMA_ERROR
+            self.total["errors"] += 1
+        r[R.INT_STATUS] |= bit
+        self.update_irq(new_bits=bit)
+
+    def update_irq(self, new_bits: int) -> None:
+        """Signal INT_STATUS & INT_ENABLE: MSI-X vector 0 on a new event when it is ready
+        (INTx then never asserted, §7.7.2.2), else the INTx level and Status Interrupt
+        Status (§7.5.1.2)."""
+        dev = self.device
+        r, config, irq = dev.bar0.r, dev.config, dev.irq
+        level = r[R.INT_STATUS] & r[R.INT_ENABLE]
+        if irq.msix_ready(0):
+            config.poke(Reg.STATUS, 2, config.get(Reg.STATUS, 2) & ~Status.INTERRUPT_STATUS)
+            irq.set_intx(False)  # a function using MSI-X never asserts INTx
+            if new_bits & r[R.INT_ENABLE]:
+                irq.raise_msix(0)
+            return
+        status = config.get(Reg.STATUS, 2) & ~Status.INTERRUPT_STATUS
+        if level:
+            status |= Status.INTERRUPT_STATUS
+        config.poke(Reg.STATUS, 2, status)
+        irq.set_intx(bool(level), event=bool(new_bits & r[R.INT_ENABLE]))
