@@ -39,6 +39,7 @@ KNOWN_CYCLES = frozenset({
     frozenset({"vfio_user_dev.root_port.context", "vfio_user_dev.root_port.requests",
                "vfio_user_dev.root_port.streams"}),
     frozenset({"vfio_user_dev.nvme.admin", "vfio_user_dev.nvme.controller"}),
+    frozenset({"vfio_user_dev.device", "vfio_user_dev.dma_engine"}),
 })
 #: module -> why it does not import alone (same rule as above).
 KNOWN_IMPORT_FAILURES = {
