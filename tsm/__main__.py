@@ -14,7 +14,8 @@ import argparse
 import logging
 import sys
 
-from tsm import attest, ctl, daemon, ide, tdisp
+from tsm import attest, ctl, daemon, tdisp
+from tsm import ide_cli as ide
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,8 +63,8 @@ from vfio_user_dev.protocol import PciIrq, PciRegion, ProtocolError, RegionFlags
 from vfio_user_dev.tee import TeeEnforcement
 
 if TYPE_CHECKING:
+    from teeio.tdisp.responder import TdispResponder
     from vfio_user_dev.dsm import DeviceSecurityManager
-    from vfio_user_dev.tdisp_responder import TdispResponder
 
 # The names other modules import from here (their homes are config_space and dma_engine).
 __all__ = ["AER_CAP", "BAR1_SIZE", "DEVCAP", "DEVCTL", "DEVICE_ID", "DEVSTA", "DOE_CAP",

@@ -1,63 +1,10 @@
-"""Device security manager (DSM): the device's trusted side behind its DOE mailbox.
+"""Device security manager (DSM, PCIe 6.x §6.31): the device's trusted side behind DOE.
 
-The DSM owns the device identity (certificate chain and key, slot 0), the firmware
-measurements and the SPDM responder, and on it the PCI-SIG vendor-defined protocols:
-IDE_KM and TDISP.  It serves two DOE protocols on the device's
-dispatcher, so both the config-space mailbox (the guest, Linux) and the host DOE
-socket (the TSM, spdm-emu) reach it:
-
-* 0001:01 CMA/SPDM -- one SPDM message in, one out, or no response at all
-  (``Responder.handle_spdm_or_drop``; the DOE object is then dropped);
-* 0001:02 Secured CMA/SPDM -- one DSP0277 record in, one out, or no response at
-  all (``Responder.handle_secured``).
-
-IDE_KM (PCIe 6.x §6.33.3) is VENDOR_DEFINED (StandardID PCI-SIG, VendorID 0x0001),
-Protocol ID 0, dispatched by a :class:`~teeio.ide_km.PciSigProtocolMux` to an
-:class:`~teeio.ide_km.IdeKmResponder` over the device's IDE capability as key store
-(:meth:`DeviceSecurityManager.attach`).  It is answered only inside an *established*
-secured session: the same request in the clear, or in a session still in its handshake
-phase, gets no response at all (the spec's "silently discard").  The first session that
-sends QUERY or KEY_PROG owns IDE_KM until it ends; when any SPDM session ends
-(END_SESSION, a record that fails to decrypt, a new GET_VERSION) the responder's
-``on_session_end`` hook tells the IDE_KM responder, which invalidates every key of the
-owning session at once (streams Insecure).
-
-PortIndex: an endpoint has one port, PortIndex 0.  DMTF spdm-emu's requester sends
-IDE_KM with PortIndex 1, so the DSM answers PortIndex 0 and 1 (both name this function)
-and says so with MaxPortIndex 1 in QUERY_RESP; any other PortIndex gets what the spec
-prescribes (QUERY, K_SET_GO, K_SET_STOP: no response; KEY_PROG: KP_ACK Unsupported
-PortIndex).
-
-TDISP (PCIe 6.x ch. 11) is Protocol ID 0x01 on the same mux, served by a
-:class:`~vfio_user_dev.tdisp_responder.TdispResponder` for the function's one TDI
-(:meth:`DeviceSecurityManager.attach_tdisp`), with the same rule: established secured
-sessions only, no response otherwise.  LOCK checks the IDE keys against what the IDE_KM
-responder recorded for the requesting session; when the session that locked the TDI
-ends, the TDI goes to ERROR (see that module for the details).
-
-Payloads arrive DW-padded; the responder accepts that padding, and its responses
-are padded again here (PCIe 6.3 §6.30.1).  The dispatcher's lock (the device lock)
-serialises every request, whichever transport it came from.
-
-Heartbeat (DSP0274 §10.17).  The responder advertises HeartbeatPeriod (``--heartbeat-period
-SECONDS``, default :data:`DEFAULT_HEARTBEAT_PERIOD`, 0 = off) in KEY_EXCHANGE_RSP, and a
-watchdog thread (:meth:`DeviceSecurityManager.start_watchdog`) terminates an established
-session that has received no secured message for more than twice that period
-(:meth:`DeviceSecurityManager.check_heartbeats`, with an injectable clock): its IDE keys
-are invalidated (streams Insecure) and the TDI it locked takes HEARTBEAT_TIMEOUT (→ ERROR,
-PCIe 6.x §11.2.6).
-
-Firmware update (:meth:`DeviceSecurityManager.firmware_update`): the image is read
-(:func:`read_firmware_image`: a regular file, not a symbolic link, at most
-:data:`MAX_FIRMWARE_IMAGE` bytes, opened without blocking, so a FIFO or a device node is
-refused at once) and measured (:func:`teeio.measurements.measure_elf`) *before* the device
-lock is taken: whatever the host names, DOE traffic never waits for its file.  Then, under
-the lock, the update is refused while the TDI is CONFIG_LOCKED or RUN with NO_FW_UPDATE
-(§11.3.6); otherwise later GET_MEASUREMENTS report the new image, and the TDI takes
-FIRMWARE_UPDATE (a no-op without NO_FW_UPDATE, by the transition table's guard).
-
-Also here: where the identity and the firmware image come from when the device
-server starts (``--identity DIR``, ``--firmware ELF``).
+It owns the device identity, the firmware measurements and the SPDM responder, served as
+CMA/SPDM and Secured CMA/SPDM on the device's DOE dispatcher, and on it the PCI-SIG
+vendor-defined protocols IDE_KM (§6.33.3) and TDISP (§11), in established secured
+sessions only.  It implements TDISP's hardware hooks (:class:`TdiHooks`), the heartbeat
+watchdog (DSP0274 §10.17) and firmware updates (refused under NO_FW_UPDATE, §11.3.6).
 """
 
 from __future__ import annotations
@@ -71,10 +18,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from teeio import pki
 from teeio.doe import PCI_SIG_VENDOR_ID, DataObjectType, DoeDispatcher, pad_dw
+from teeio.ide import Direction, KeySet, SubStream
 from teeio.ide_km import (
     PCI_SIG_STANDARD_ID,
     IdeKeyStore,
@@ -88,8 +36,8 @@ from teeio.spdm.errors import DropRequest
 from teeio.spdm.responder import ResponderConfig
 from teeio.spdm.secured import Phase
 from teeio.tdisp import TdiEvent
+from teeio.tdisp.responder import TdispResponder
 from vfio_user_dev import firmware_build
-from vfio_user_dev.tdisp_responder import TdiHost, TdispResponder
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +48,43 @@ DEFAULT_HEARTBEAT_PERIOD = 60   # seconds; a session idle for twice this is term
 MAX_HEARTBEAT_PERIOD = 255      # KEY_EXCHANGE_RSP Param1 is one byte (DSP0274 §10.15)
 #: The largest firmware image a firmware update reads (the project's image is a few KiB).
 MAX_FIRMWARE_IMAGE = 16 << 20
+
+
+class TdiHost(Protocol):
+    """What the device supplies for its TDI: its memory BARs as assigned now in config
+    space, and a hook to learn about the DSM that serves its TDI (to follow transitions)."""
+
+    def mmio_bars(self) -> Sequence[tuple[int, int, int]]:
+        """(BAR index, base address, size in bytes) of each implemented memory BAR."""
+        ...
+
+    def tdi_attached(self, dsm: DeviceSecurityManager) -> None:
+        """The DSM now serves TDISP for this function (``dsm.tdisp`` is set)."""
+        ...
+
+
+class TdiHooks:
+    """TDISP's hardware hooks (:class:`teeio.tdisp.responder.TdispDeviceHooks`) for the
+    device: its BARs from *host*, its IDE streams and keys from the IDE_KM responder
+    (None: no IDE_KM, so LOCK cannot succeed)."""
+
+    def __init__(self, host: TdiHost, ide_km: IdeKmResponder | None) -> None:
+        self.host = host
+        self.ide_km = ide_km
+
+    def mmio_bars(self) -> Sequence[tuple[int, int, int]]:
+        return self.host.mmio_bars()
+
+    def stream_configured(self, stream_id: int) -> bool:
+        return self.ide_km is None or self.ide_km.store.has_stream(stream_id)
+
+    def ide_keys_programmed(self, session_id: int, stream_id: int
+                            ) -> set[tuple[KeySet, Direction, SubStream]] | None:
+        """What the IDE_KM responder recorded for *session_id* (its keys live and die with
+        the session that programmed them)."""
+        if self.ide_km is None:
+            return None
+        return self.ide_km.keys_programmed_by(session_id, stream_id)
 
 
 class DsmSetupError(RuntimeError):
@@ -162,7 +147,11 @@ class DeviceSecurityManager:
 
     def attach_ide(self, store: IdeKeyStore, *, requester_id: int = 0,
                    segment: int = 0) -> IdeKmResponder:
-        """IDE_KM over *store* (the IDE capability), inside secured sessions only."""
+        """IDE_KM (Protocol ID 0) over *store* (the IDE capability), inside established
+        secured sessions only; the first session that sends QUERY or KEY_PROG owns it
+        until it ends, which invalidates its keys (streams Insecure).  An endpoint has
+        one port, PortIndex 0; spdm-emu's requester sends PortIndex 1, so both are
+        answered and QUERY_RESP says MaxPortIndex 1."""
         self.ide_km = IdeKmResponder(store, dev_func=requester_id & 0xFF,
                                      bus=requester_id >> 8 & 0xFF, segment=segment,
                                      ports=IDE_KM_PORTS, max_port_index=max(IDE_KM_PORTS),
@@ -175,12 +164,12 @@ class DeviceSecurityManager:
 
     def attach_tdisp(self, host: TdiHost, *, requester_id: int = 0,
                      segment: int = 0) -> TdispResponder:
-        """TDISP for the function (*host* gives its BARs), inside secured sessions only.
-        LOCK needs IDE keys programmed by IDE_KM (:meth:`attach_ide` first)."""
-        store = self.ide_km.store if self.ide_km is not None else None
-        self.tdisp = TdispResponder(host, self.ide_km, requester_id=requester_id,
+        """TDISP (Protocol ID 0x01) for the function as its one TDI (*host* gives its
+        BARs), inside established secured sessions only.  LOCK needs IDE keys programmed
+        by IDE_KM in the same session (:meth:`attach_ide` first); when the session that
+        locked the TDI ends, the TDI goes to ERROR."""
+        self.tdisp = TdispResponder(TdiHooks(host, self.ide_km), requester_id=requester_id,
                                     segment=segment,
-                                    has_stream=None if store is None else store.has_stream,
                                     name=f"{self.name}.tdisp" if self.name else "tdisp")
         self.pci_sig.register(PciSigProtocol.TDISP, self._tdisp)
         log.info("TDISP responder for %02x:%02x.%x (segment %d)", requester_id >> 8 & 0xFF,
@@ -194,6 +183,8 @@ class DeviceSecurityManager:
             self.tdisp.security_event(event)
 
     def _established(self, session_id: int | None, what: str) -> None:
+        """A request in a session still in its handshake phase gets no response at all
+        (the spec's "silently discard"), as one in the clear does."""
         if session_id is not None:
             sess = self.responder.sessions.get(session_id)
             if sess is None or sess.channel.phase is not Phase.ESTABLISHED:
@@ -223,10 +214,13 @@ class DeviceSecurityManager:
             self.ide_km.session_closed(session_id)
 
     def handle_spdm(self, payload: bytes) -> bytes | None:
+        """DOE 0001:01: one SPDM message in, one out (DW-padded again, PCIe 6.x
+        §6.30.1), or None for no response (the DOE object is then dropped)."""
         rsp = self.responder.handle_spdm_or_drop(payload)
         return None if rsp is None else pad_dw(rsp)
 
     def handle_secured(self, payload: bytes) -> bytes | None:
+        """DOE 0001:02: one DSP0277 record in, one out (DW-padded), or None."""
         rsp = self.responder.handle_secured(payload, now=self.clock())
         return None if rsp is None else pad_dw(rsp)
 

@@ -1,4 +1,4 @@
-"""TDISP through the device's DSM (vfio_user_dev/tdisp_responder.py): a real SPDM secured
+"""TDISP through the device's DSM (teeio/tdisp/responder.py): a real SPDM secured
 session from teeio.spdm.Requester over the device's DOE dispatcher, IDE keys programmed by
 IDE_KM in that session, then the TDISP flow DMTF spdm-emu's requester runs (FUNCTION_ID
 0xBEEF, LOCK with default stream 0 and MMIO reporting offset 0xD0000000).
@@ -52,11 +52,11 @@ from teeio.tdisp.defs import (
     TdiState,
 )
 from teeio.tdisp.report import ReportReader
+from teeio.tdisp.responder import LOCK_FLAGS_SUPPORTED
 from tests.protocol.test_ide_km_device import MEASUREMENTS, Dut, km, vendor
 from vfio_user_dev.device import BAR1_SIZE, TeeIoDevice
 from vfio_user_dev.dsm import DeviceSecurityManager
 from vfio_user_dev.protocol import PciRegion
-from vfio_user_dev.tdisp_responder import LOCK_FLAGS_SUPPORTED
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -121,9 +121,9 @@ def test_golden_small_objects() -> None:
     ("01000000", "Protocol ID 0x01"),
     ("00070000", "unknown Object ID"),
     ("0000000000", "QUERY must be 4 bytes"),
-    ("00000100", "reserved byte 2"),
-    ("0004000107001000", "reserved byte 2..3"),
-    ("0004000007011000", "reserved byte 5"),
+    ("00000100", r"reserved byte is 0x01 \(at offset 2 "),
+    ("0004000107001000", r"reserved byte is 0x01 \(at offset 3 "),
+    ("0004000007011000", r"reserved byte is 0x01 \(at offset 5 "),
     ("0004000007001400", "reserved bits 3:2"),
     ("0004000007003000", "unknown sub-stream 3"),
     ("0001000000000000" "42000000" "00000000" "00000000", "describes"),   # 1 selective stream

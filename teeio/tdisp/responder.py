@@ -1,56 +1,9 @@
-"""The device side of TDISP (PCIe 6.x ch. 11): one TDI, the whole function.
+"""TDISP device side (PCIe 6.x §11): one TDI, the whole function, TDISP 1.0.
 
-Registered by the DSM (:mod:`vfio_user_dev.dsm`) as PCI-SIG Protocol ID 0x01 on the same
-:class:`~teeio.ide_km.PciSigProtocolMux` as IDE_KM, so it is reached through SPDM
-VENDOR_DEFINED_REQUEST (StandardID PCI-SIG, VendorID 0x0001).  The wire formats, the
-report structure and the TDI state machine are the sans-IO pieces in :mod:`teeio.tdisp`;
-this module adds what only the device knows.  Decisions:
-
-* **Secured sessions only.**  A TDISP request in the clear (or in a session that is not
-  yet established -- the DSM checks that) gets no response at all (§11.2.2), as IDE_KM.
-* **INTERFACE_ID.**  The TDI is the function itself; a FUNCTION_ID names it when its
-  Requester ID is the function's (segment either not valid, or valid and equal).  DMTF
-  spdm-emu's requester hard-codes FUNCTION_ID 0xBEEF whatever the device, so that value is
-  accepted as an alias (:data:`SPDM_EMU_FUNCTION_ID`).  Anything else: INVALID_INTERFACE.
-  Responses echo the request's FUNCTION_ID.
-* **Versions and capabilities.**  TDISP 1.0 only.  REQ_MSGS_SUPPORTED = 0x81..0x87 (the
-  required set); BIND_P2P/UNBIND_P2P/SET_MMIO_ATTRIBUTE/VDM get TDISP_ERROR
-  UNSUPPORTED_REQUEST with ERROR_DATA = the request code.  LOCK_INTERFACE_FLAGS_SUPPORTED =
-  NO_FW_UPDATE, SYSTEM_CACHE_LINE_SIZE, ALL_REQUEST_REDIRECT: no LOCK_MSIX (the MSI-X table
-  stays with the VMM) and no BIND_P2P (no P2P streams).  A LOCK asking for a flag not
-  supported is INVALID_REQUEST.
-* **LOCK and IDE.**  LOCK needs DEFAULT_STREAM_ID to name a configured stream of the
-  device's IDE capability and, for one key set, the PR keys of *both* directions of that
-  stream to have been programmed by IDE_KM (KP_ACK Success) **in the same SPDM session**
-  that carries the LOCK, and to be programmed still.  The spec asks for the keys of all
-  sub-streams; spdm-emu's requester programs only K0 Rx PR and K0 Tx PR before it locks,
-  so the rule is "at least the stream's PR keys".  Failing that: TDISP_ERROR
-  INVALID_REQUEST (the code §11.3.7 gives for the key/session checks; reference §4.4).
-* **Binding.**  The session whose LOCK succeeded owns the TDI until STOP brings it back to
-  CONFIG_UNLOCKED or the session ends.  LOCK, GET_DEVICE_INTERFACE_REPORT, START and STOP
-  from any other session are refused with INVALID_REQUEST; GET_VERSION, GET_CAPABILITIES
-  and GET_DEVICE_INTERFACE_STATE are answered in any secured session.
-* **Session end.**  When the owning session ends, the TDI takes the
-  SPDM_SESSION_TERMINATED security event (LOCKED/RUN -> ERROR) and the binding is dropped,
-  so a new session can STOP it back to CONFIG_UNLOCKED.
-* **Report.**  Built at LOCK from the BARs as then assigned in config space (they cannot
-  change afterwards without the TDI going to ERROR): one MMIO range per BAR in ascending BAR
-  order, first page = (BAR address + MMIO_REPORTING_OFFSET) >> 12, Range ID = BAR index.
-  BAR1 holds only the MSI-X table and PBA; since the table is not locked it is reported as
-  IS_NON_TEE_MEM (and without the MSIX_TABLE/PBA attributes, which are for locked tables).
-  INTERFACE_INFO: DMA_WITHOUT_PASID, plus NO_UPDATE_AFTER_LOCK if LOCK set NO_FW_UPDATE.
-  Sent in portions of at most the requested LENGTH.
-* **Security events.**  :meth:`TdispResponder.security_event` applies a
-  :class:`~teeio.tdisp.TdiEvent` (the device calls it for the config writes of §11.2.6,
-  an FLR, its bound IDE stream going Insecure; the DSM for a heartbeat timeout and a
-  firmware update).
-* **Actions.**  Every transition taken (a TDISP request, a security event, the owning
-  session's end) is reported to the :attr:`TdispResponder.on_transition` callbacks with
-  its :class:`~teeio.tdisp.TdiAction` set; the device performs them (quiesce DMA, scrub
-  BAR0 and job state, revoke T=1 access) -- the enforcement of §11.2.1 lives in the
-  device (``device.py``), which asks :attr:`TdispResponder.state` and
-  :attr:`TdispResponder.default_stream_id`.  :meth:`TdispResponder.ide_changed` (called
-  by the DSM after each IDE_KM request) lets it re-check its bound stream.
+:class:`TdispResponder` answers the TDISP requests of §11.3 (PCI-SIG Protocol ID 0x01 over
+SPDM VENDOR_DEFINED, secured sessions only, §11.2.2) and applies the security events of
+§11.2.6 to the TDI state machine (:mod:`.state`).  What only the device knows it asks
+through :class:`TdispDeviceHooks`, the hardware hooks the device side implements.
 """
 
 from __future__ import annotations
@@ -58,11 +11,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from teeio.ide import Direction, KeySet, SubStream
-from teeio.spdm.errors import DropRequest
-from teeio.tdisp.codec import (
+from ..ide import Direction, KeySet, SubStream
+from ..spdm.errors import DropRequest
+from .codec import (
     DeviceInterfaceState,
     GetDeviceInterfaceReport,
     GetDeviceInterfaceState,
@@ -82,7 +35,7 @@ from teeio.tdisp.codec import (
     function_id,
     to_vendor_payload,
 )
-from teeio.tdisp.defs import (
+from .defs import (
     FUNCTION_ID_REQUESTER_ID_MASK,
     FUNCTION_ID_REQUESTER_SEGMENT_MASK,
     FUNCTION_ID_REQUESTER_SEGMENT_SHIFT,
@@ -96,18 +49,15 @@ from teeio.tdisp.defs import (
     MmioRangeAttributes,
     TdiState,
 )
-from teeio.tdisp.report import DeviceInterfaceReport, MmioRange, page_number, report_portion
-from teeio.tdisp.state import TRANSITIONS, Outcome, Tdi, TdiAction, TdiEvent
-
-if TYPE_CHECKING:
-    from vfio_user_dev.dsm import DeviceSecurityManager
+from .report import DeviceInterfaceReport, MmioRange, page_number, report_portion
+from .state import TRANSITIONS, Outcome, Tdi, TdiAction, TdiEvent
 
 log = logging.getLogger(__name__)
 
 #: The FUNCTION_ID DMTF spdm-emu's requester sends whatever the device (accepted as ours).
 SPDM_EMU_FUNCTION_ID = 0xBEEF
 
-#: Request codes served here: 0x81..0x87 (the ones TDISP 1.0 requires).
+#: Request codes served here: 0x81..0x87 (the ones TDISP 1.0 requires, §11.3.4).
 SUPPORTED_REQUESTS: tuple[MessageType, ...] = (
     MessageType.GET_TDISP_VERSION, MessageType.GET_TDISP_CAPABILITIES,
     MessageType.LOCK_INTERFACE_REQUEST, MessageType.GET_DEVICE_INTERFACE_REPORT,
@@ -115,6 +65,7 @@ SUPPORTED_REQUESTS: tuple[MessageType, ...] = (
     MessageType.STOP_INTERFACE_REQUEST,
 )
 REQ_MSGS_SUPPORTED = sum(1 << (code - 0x80) for code in SUPPORTED_REQUESTS)
+#: No LOCK_MSIX (the MSI-X table stays with the VMM), no BIND_P2P (no P2P streams).
 LOCK_FLAGS_SUPPORTED = (LockInterfaceFlags.NO_FW_UPDATE
                         | LockInterfaceFlags.SYSTEM_CACHE_LINE_SIZE
                         | LockInterfaceFlags.ALL_REQUEST_REDIRECT)
@@ -122,47 +73,49 @@ DEV_ADDR_WIDTH = 64
 #: The BAR that holds only the MSI-X table and PBA (reported IS_NON_TEE_MEM, not locked).
 MSIX_BAR = 1
 
-
-class TdiHost(Protocol):
-    """What the device supplies: its memory BARs as assigned now in config space, and a
-    hook to learn about the DSM that serves its TDI (to follow transitions)."""
-
-    def mmio_bars(self) -> Sequence[tuple[int, int, int]]:
-        """(BAR index, base address, size in bytes) of each implemented memory BAR."""
-        ...
-
-    def tdi_attached(self, dsm: DeviceSecurityManager) -> None:
-        """The DSM now serves TDISP for this function (``dsm.tdisp`` is set)."""
-        ...
-
-
 #: (event, state before, state after, actions) of a transition taken.
 TransitionListener = Callable[[TdiEvent, TdiState, TdiState, TdiAction], None]
+#: (key set, direction, sub-stream) of one IDE key.
+KeyName = tuple[KeySet, Direction, SubStream]
 
 
-class IdeKeyRecord(Protocol):
-    """What LOCK asks the IDE_KM responder (``teeio.ide_km.IdeKmResponder`` is one)."""
+class TdispDeviceHooks(Protocol):
+    """The hardware hooks: what the responder asks of the device (as libspdm's TDISP
+    device HAL does).  The device side implements them (``vfio_user_dev.dsm``)."""
 
-    def keys_programmed_by(self, session_id: int, stream_id: int
-                           ) -> set[tuple[KeySet, Direction, SubStream]]: ...
+    def mmio_bars(self) -> Sequence[tuple[int, int, int]]:
+        """(BAR index, base address, size in bytes) of each implemented memory BAR, as
+        assigned now in config space."""
+        ...
+
+    def stream_configured(self, stream_id: int) -> bool:
+        """Whether *stream_id* is a configured stream of the device's IDE capability."""
+        ...
+
+    def ide_keys_programmed(self, session_id: int, stream_id: int) -> set[KeyName] | None:
+        """The keys of *stream_id* IDE_KM programmed (KP_ACK Success) in SPDM session
+        *session_id* and still programmed; None if the device has no IDE_KM."""
+        ...
 
 
 class TdispResponder:
     """TDISP for one TDI (the function): ``handle(payload, session_id) -> payload``, the
-    shape :class:`~teeio.ide_km.PciSigProtocolMux` expects.  Raises :class:`DropRequest`
-    for a request outside a secured session."""
+    shape ``teeio.ide_km.PciSigProtocolMux`` expects.  Raises :class:`DropRequest`
+    for a request outside a secured session (no response, §11.2.2).
 
-    def __init__(self, host: TdiHost, ide_km: IdeKeyRecord | None, *, requester_id: int,
-                 segment: int = 0, aliases: Sequence[int] = (SPDM_EMU_FUNCTION_ID,),
-                 has_stream: Callable[[int], bool] | None = None,
+    The session whose LOCK succeeded owns the TDI until STOP or its end: LOCK,
+    GET_DEVICE_INTERFACE_REPORT, START and STOP from any other session are
+    INVALID_REQUEST.  Every transition taken is reported to :attr:`on_transition` (the
+    device performs its actions, §11.2.1); :meth:`ide_changed` to :attr:`ide_listeners`."""
+
+    def __init__(self, hooks: TdispDeviceHooks, *, requester_id: int, segment: int = 0,
+                 aliases: Sequence[int] = (SPDM_EMU_FUNCTION_ID,),
                  nonce_source: Callable[[], bytes] = lambda: os.urandom(32),
                  device_specific_info: bytes = b"teeio", name: str = "") -> None:
-        self.host = host
-        self.ide_km = ide_km
+        self.hooks = hooks
         self.requester_id = requester_id
         self.segment = segment
         self.aliases = frozenset(aliases)
-        self.has_stream = has_stream
         self.device_specific_info = device_specific_info
         self.tdi = Tdi(nonce_source)
         self.bound_session: int | None = None
@@ -174,8 +127,11 @@ class TdispResponder:
         #: called after IDE_KM changed keys (the device re-checks its bound stream)
         self.ide_listeners: list[Callable[[], None]] = []
 
-    # -- identity ---------------------------------------------------------------------------
+    # -- identity (INTERFACE_ID, §11.3.2) ---------------------------------------------------
     def names_this_function(self, fid: int) -> bool:
+        """The TDI is the function: a FUNCTION_ID names it when its Requester ID is the
+        function's (segment not valid, or valid and equal), or it is an alias (spdm-emu's
+        requester hard-codes 0xBEEF whatever the device)."""
         if fid in self.aliases:
             return True
         if fid & ~(FUNCTION_ID_REQUESTER_ID_MASK | FUNCTION_ID_REQUESTER_SEGMENT_MASK
@@ -220,12 +176,12 @@ class TdispResponder:
             except Exception:
                 self.log.exception("TDISP: transition listener failed on %s", event.name)
 
-    # -- events from outside TDISP ------------------------------------------------------------
+    # -- events from outside TDISP (§11.2.6) --------------------------------------------------
     def session_closed(self, session_id: int,
                        event: TdiEvent = TdiEvent.SPDM_SESSION_TERMINATED) -> None:
         """The SPDM session *session_id* ended: if it owns the TDI, *event*
         (SPDM_SESSION_TERMINATED, or HEARTBEAT_TIMEOUT; LOCKED/RUN -> ERROR) and the
-        binding is gone."""
+        binding is gone, so a new session can STOP it back to CONFIG_UNLOCKED."""
         if session_id != self.bound_session:
             return
         self.bound_session = None
@@ -247,7 +203,7 @@ class TdispResponder:
         for fn in list(self.ide_listeners):
             fn()
 
-    # -- requests ---------------------------------------------------------------------------
+    # -- requests (§11.3) ---------------------------------------------------------------------
     def handle(self, payload: bytes, session_id: int | None) -> bytes:
         raw = bytes(payload)
         if session_id is None:
@@ -268,14 +224,14 @@ class TdispResponder:
     def _dispatch(self, msg: TdispMessage, session_id: int) -> TdispMessage:
         code = msg.MESSAGE_TYPE
         if code not in SUPPORTED_REQUESTS:
-            if code.is_request:
+            if code.is_request:     # BIND_P2P, UNBIND_P2P, SET_MMIO_ATTRIBUTE, VDM
                 raise TdispError(ErrorCode.UNSUPPORTED_REQUEST, f"{code.name} not supported",
                                  data=code)
             raise TdispError(ErrorCode.INVALID_REQUEST, f"{code.name} is not a request")
         if not self.names_this_function(msg.function_id):
             raise TdispError(ErrorCode.INVALID_INTERFACE,
                              f"FUNCTION_ID 0x{msg.function_id:08x} is not this function")
-        fid = msg.function_id
+        fid = msg.function_id       # responses echo the request's FUNCTION_ID
         if isinstance(msg, GetTdispVersion):
             return TdispVersion(fid, SUPPORTED_VERSIONS)
         if isinstance(msg, GetTdispCapabilities):
@@ -312,6 +268,9 @@ class TdispResponder:
                              f"{event.name} not allowed in {self.tdi.state.name}")
 
     def _lock(self, req: LockInterfaceRequest, session_id: int) -> LockInterfaceResponse:
+        """LOCK_INTERFACE (§11.3.7): a flag not supported is INVALID_REQUEST; the report
+        is built now, from the BARs as assigned (they cannot change afterwards without
+        the TDI going to ERROR)."""
         self._require(TdiEvent.LOCK)
         if req.flags & ~LOCK_FLAGS_SUPPORTED:
             raise TdispError(ErrorCode.INVALID_REQUEST,
@@ -332,13 +291,18 @@ class TdispResponder:
         return LockInterfaceResponse(req.function_id, out.nonce)
 
     def _check_ide(self, stream_id: int, session_id: int) -> None:
-        if self.ide_km is None:
+        """§11.3.7: DEFAULT_STREAM_ID must name a configured stream whose keys were
+        programmed by IDE_KM in the session that carries the LOCK and are programmed
+        still; else INVALID_REQUEST.  The spec asks for every sub-stream's keys;
+        spdm-emu's requester programs only K0 Rx PR and K0 Tx PR before it locks, so the
+        rule is "both PR keys of one key set"."""
+        keys = self.hooks.ide_keys_programmed(session_id, stream_id)
+        if keys is None:
             raise TdispError(ErrorCode.INVALID_REQUEST, "no IDE_KM: IDE keys cannot have "
                              "been programmed")
-        if self.has_stream is not None and not self.has_stream(stream_id):
+        if not self.hooks.stream_configured(stream_id):
             raise TdispError(ErrorCode.INVALID_REQUEST,
                              f"DEFAULT_STREAM_ID {stream_id} is not a configured IDE stream")
-        keys = self.ide_km.keys_programmed_by(session_id, stream_id)
         for ks in KeySet:
             if {(ks, d, SubStream.PR) for d in Direction} <= keys:
                 return
@@ -352,15 +316,18 @@ class TdispResponder:
         each other (an unassigned BAR, address 0, is left alone: a device driven without a
         VMM, as by DMTF spdm-emu, locks with its BARs still at 0)."""
         assigned = sorted((base, base + size, index)
-                          for index, base, size in self.host.mmio_bars() if base)
+                          for index, base, size in self.hooks.mmio_bars() if base)
         for (a0, a1, ia), (b0, _b1, ib) in zip(assigned, assigned[1:], strict=False):
             if b0 < a1:
                 raise TdispError(ErrorCode.INVALID_DEVICE_CONFIGURATION,
                                  f"BAR{ia} [{a0:#x}, {a1:#x}) overlaps BAR{ib} at {b0:#x}")
 
     def _build_report(self, req: LockInterfaceRequest) -> DeviceInterfaceReport:
+        """§11.3.11: one MMIO range per BAR in ascending order, first page = (BAR address
+        + MMIO_REPORTING_OFFSET) >> 12, Range ID = BAR index.  The MSI-X BAR is not locked,
+        so it is IS_NON_TEE_MEM (without the MSIX_TABLE/PBA attributes of locked tables)."""
         ranges = []
-        for index, base, size in sorted(self.host.mmio_bars()):
+        for index, base, size in sorted(self.hooks.mmio_bars()):
             attrs = (MmioRangeAttributes.IS_NON_TEE_MEM if index == MSIX_BAR
                      else MmioRangeAttributes(0))
             ranges.append(MmioRange(page_number(base, req.mmio_reporting_offset),
@@ -373,5 +340,5 @@ class TdispResponder:
 
 
 __all__ = ["DEV_ADDR_WIDTH", "LOCK_FLAGS_SUPPORTED", "MSIX_BAR", "REQ_MSGS_SUPPORTED",
-           "SPDM_EMU_FUNCTION_ID", "SUPPORTED_REQUESTS", "TdiHost", "TdispResponder",
-           "TransitionListener"]
+           "SPDM_EMU_FUNCTION_ID", "SUPPORTED_REQUESTS", "KeyName", "TdispDeviceHooks",
+           "TdispResponder", "TransitionListener"]
