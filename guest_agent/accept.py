@@ -88,7 +88,8 @@ def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/re
         raise tdi_verify.PolicyError(f"the policy expects {policy.vendor_id:04x}:"
                                      f"{policy.device_id:04x}, this agent drives "
                                      f"{VENDOR:04x}:{DEVICE:04x}")
-    # Polled, no uio: nothing clears Bus Master Enable when this process exits (docstring).
+    # Polled, no uio: nothing clears Bus Master Enable when this process exits
+    # (PCIe 6.x §11.2.6; docs/tdisp-and-tsm.md, "The guest's accept flow").
     d = steps.run("enumerate", lambda: Driver(irq=False))
     report["command_register"] = [hex(v) for v in d.command]
     bars = bars_of(d.dev)
