@@ -1,20 +1,9 @@
 """Benchmark: the two vfio-user transports side by side, in one run.
 
 Run as ``python -m bench.bench_backends [--out FILE] [--quick] [--iterations N] [--cpu C]
-[--rounds N]``.
-
-The same device model is served by the pure-Python server and by libvfio-user (through
-ctypes) in this process, the legs alternating (ABAB, ``--rounds`` each, a fresh server
-per round); the same in-process :class:`~vfio_user_dev.client.Client` drives both, and
-every thread (client, server or library run thread, DMA engine) is pinned to one CPU.  For
-each transport it measures what ``bench.bench`` measures: REGION_READ / REGION_WRITE round
-trips on BAR0 and the DMA engine's throughput into fd-mapped memory (COPY 4 KiB-1 MiB,
-FILL and SHA-256 at 1 MiB), and reports per leg the median over the rounds and their
-spread.  Both legs' DMA copies into memory mapped in this process; only the STATUS polls
-cross the transport, and the comparison says so.
-
-Without the library (``$TEEIO_LIBVFIO_USER`` or the loader's search path) the
-libvfio-user leg is skipped and the JSON says why.
+[--rounds N]``.  The pure-Python server and libvfio-user serve the same device model, legs
+alternating; what is measured and how: docs/benchmarks.md, "The two vfio-user transports".
+Without the library the libvfio-user leg is skipped and the JSON says why.
 """
 
 from __future__ import annotations

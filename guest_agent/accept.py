@@ -1,43 +1,8 @@
 """``python3 -m guest_agent accept --policy FILE``: lock, attest, accept, validate encrypted DMA.
 
-The TVM's side of trusted device assignment (PCIe 6.x §11.2.7; docs/design.md, "Trust model"), over
-the GHCx channel to the TSM (docs/ghcx.md):
-
-1. enumerate and configure the device (sysfs: Memory Space + Bus Master Enable by one
-   config write, no driver bound, no uio), then ask for TDI_LOCK -- after enumeration, as
-   Linux's ``tsm/lock`` does, so BAR sizing cannot trip ERROR;
-2. GET_EVIDENCE with a nonce the guest draws, TDI_INFO;
-3. verify everything itself (:mod:`teeio.tdi_verify`: digests, chain to the *policy's*
-   anchors, signed transcript, nonce, reference measurements, TDI info, report vs BARs);
-4. only if all pass: TDI_ACCEPT carrying the digests and lock epoch it verified -- the TSM
-   starts the TDI only if they still match;
-5. in RUN: MMIO through the TEE path (T=1), DMA_ACCEPT of a private buffer, FILL / COPY /
-   SHA-256 jobs into and out of it, checked here; a buffer never accepted and the
-   released one must be refused (T=1 DMA outside a window), then DMA_RELEASE (and TDI_STOP
-   with ``--stop``).
-
-**The TDI stays in RUN after the agent exits.**  Jobs complete by polling STATUS
-(guest_agent/dmajob.py), not by INTx through ``uio_pci_generic``: that driver's
-``release()`` clears Bus Master Enable whenever ``/dev/uioN`` is closed -- at the latest
-when the process exits -- and Bus Master Enable cleared in CONFIG_LOCKED or RUN is a
-TDISP security event (§11.2.6): the TDI would go to ERROR behind the guest's back.  This
-flow binds no driver and keeps no fd open, so nothing touches the Command register when
-it exits; Memory Space and Bus Master stay set, private MMIO stays open, and ``dma`` /
-``tdi-info`` / ``stop`` can use the TDI afterwards.  Without ``--stop`` the flow releases
-its DMA window at the end: the buffer it covers is freed with this process.
-
-**A TDI that is not CONFIG_UNLOCKED** (LOCK needs CONFIG_UNLOCKED, §11.3.6): TDI_INFO is
-asked first.  RUN: it is this VM's (the TSM binds one TDI to one VM and starts it only on
-that VM's TDI_ACCEPT), so ``accept`` says it is already RUN, with the lock epoch, and
-succeeds without redoing anything.  CONFIG_LOCKED or ERROR: it fails in one line saying to
-run ``stop``.  ``--restart`` STOPs it first and then runs the whole flow.
-
-``--pause-at before-accept|in-run`` stops at that point and waits for the host (a test)
-to act behind the guest's back: the agent writes ``paused-<point>`` into ``--sync-dir`` and
-waits for ``resume-<point>``; after an in-run pause it records what it then observes (a
-DMA job, TDI_INFO) rather than asserting it.  ``--expect refuse`` inverts the verdict for
-runs where the host has broken something on purpose: success then means the guest
-refused to accept.  Results: one JSON report with every step and its time.
+The TVM's side of trusted device assignment (PCIe 6.x §11.2.7) over GHCx (docs/ghcx.md).
+The steps, why the TDI stays in RUN after the agent exits, and the test options
+(``--pause-at``, ``--expect``): docs/tdisp-and-tsm.md, "The guest's accept flow".
 """
 
 from __future__ import annotations
@@ -123,7 +88,8 @@ def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/re
         raise tdi_verify.PolicyError(f"the policy expects {policy.vendor_id:04x}:"
                                      f"{policy.device_id:04x}, this agent drives "
                                      f"{VENDOR:04x}:{DEVICE:04x}")
-    # Polled, no uio: nothing clears Bus Master Enable when this process exits (docstring).
+    # Polled, no uio: nothing clears Bus Master Enable when this process exits
+    # (PCIe 6.x §11.2.6; docs/tdisp-and-tsm.md, "The guest's accept flow").
     d = steps.run("enumerate", lambda: Driver(irq=False))
     report["command_register"] = [hex(v) for v in d.command]
     bars = bars_of(d.dev)

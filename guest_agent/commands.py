@@ -1,23 +1,8 @@
 """The agent's commands for a person at the VM's shell: ``tdi-info``, ``stop``, ``dma``.
 
-Each returns a JSON-able dict (``--json`` prints it) and has a human formatter.  The TSM
-is reached over GHCx (docs/ghcx.md) through anything with ``call(MsgType, payload)``
-(:class:`Tsm`: :class:`guest_agent.ghcx_client.GhcxClient`, or a fake in tests), with the
-typed bodies of :mod:`teeio.ghcx.messages` (:func:`guest_agent.ghcx_client.ask`); the
-device through BAR0 registers (:class:`guest_agent.dmajob.Regs`) and a DMA buffer
-(:class:`Buffer`).  Nothing here binds a driver or opens ``/dev/uioN`` (guest_agent/pci.py:
-uio's release clears Bus Master Enable, which would ERROR a locked TDI).
-
-* ``tdi-info``: TDI_INFO and STATUS from the TSM, beside what the guest itself sees of
-  the device in sysfs (Command register, BARs, driver, whether BAR0 answers).
-* ``stop``: TDI_STOP (PCIe 6.x §11.3.12 STOP_INTERFACE, via the TSM) from RUN,
-  CONFIG_LOCKED or ERROR; the TSM revokes the VM's DMA windows and private MMIO first.
-* ``dma``: one job on the BAR0 DMA engine, polled (guest_agent/dmajob.py).  In RUN the
-  device's DMA is T=1 on the bound IDE stream and the root port lets it through only
-  inside a window the TSM authorised (DMA_ACCEPT), so the command asks for one over its
-  buffer unless one already covers it, and releases it afterwards unless
-  ``--keep-window``.  In CONFIG_LOCKED / ERROR the device issues no DMA and its TEE MMIO
-  answers all ones (§11.2.1): the command says so at once instead of waiting.
+Each returns a JSON-able dict and has a human formatter; the TSM is reached over GHCx
+(docs/ghcx.md), the device through BAR0 and a DMA buffer, with no driver bound.  What each
+does in which TDI state (PCIe 6.x §11): docs/tdisp-and-tsm.md, "The guest's commands".
 """
 
 from __future__ import annotations
@@ -288,10 +273,10 @@ def dma(opts: DmaOptions, *, regs: dmajob.Regs, buf: Buffer, tsm: Tsm | None,
         bdf: str = "", command: tuple[int, int] | None = None, note: str | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], None] | None = None) -> dict[str, Any]:
-    """One DMA job (module docstring).  *command*: the Command register before/after
-    :func:`guest_agent.pci.enable_device`; *note*: why no TSM was asked.  Raises
-    :class:`CommandFailed` (with the result) when the job did not complete with the right
-    data; GHCx errors propagate."""
+    """One DMA job (docs/tdisp-and-tsm.md, "The guest's commands").  *command*: the
+    Command register before/after :func:`guest_agent.pci.enable_device`; *note*: why no
+    TSM was asked.  Raises :class:`CommandFailed` (with the result) when the job did not
+    complete with the right data; GHCx errors propagate."""
     if opts.op not in OPS:
         raise CommandFailed(f"unknown op {opts.op!r} (one of {', '.join(OPS)})")
     if not 0 < opts.length <= MAX_DMA_LEN:

@@ -1,20 +1,9 @@
-"""The guest's GHCx transport: the virtio-serial port, the fw_cfg launch secret, calls.
+"""The guest's GHCx transport (docs/ghcx.md): the virtio-serial port, the fw_cfg launch
+secret, calls with retries.
 
-Protocol: ``docs/ghcx.md``; the channel state (handshake, sealing, receiver rules) is
-``teeio.ghcx.GuestChannel``.  This module only moves bytes and decides when to retry:
-
-* the port is found by name in ``/sys/class/virtio-ports/*/name`` (there is no udev in the
-  guest, so no ``/dev/virtio-ports/`` symlink) and opened as ``/dev/vportNpM``;
-* the secret and VM id come from ``/sys/firmware/qemu_fw_cfg/by_name/<name>/raw``
-  (docs/ghcx.md "Launch secret and VM id"), loading ``qemu_fw_cfg`` first if needed;
-* a call that sees no valid response within its timeout is retried with the same request id
-  (docs/ghcx.md "Receiver rules", last paragraphs); from the second timeout on, a new
-  handshake runs first, since a relay may have dropped a REHELLO (docs/ghcx.md
-  "Handshake" 5).  Rejected frames are counted and dropped, never fatal;
-* :func:`ask` sends a typed request (:mod:`teeio.ghcx.messages`) and decodes its response
-  strictly: a payload that is not the response's body is a :class:`GhcxBadResponse`.
-
-Stdlib + cryptography only (it runs from the read-only project share in the guest).
+The channel state is :class:`teeio.ghcx.GuestChannel`; how the port and the secret are found
+and when a call is retried: docs/tdisp-and-tsm.md, "The guest's end".  Stdlib and
+cryptography only (it runs from the read-only project share in the guest).
 """
 
 from __future__ import annotations

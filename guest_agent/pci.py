@@ -1,19 +1,8 @@
 """Guest-side access to the device: sysfs lookup, BAR0 MMIO, config space, uio INTx.
 
-Stdlib only (the guest has Debian 13's python3).  MMIO goes through a ctypes view
-of the ``resource0`` mapping so that every register access is one 32-bit load or
-store, as a driver would do.
-
-Two ways to drive the device:
-
-* **with uio** (:class:`UioIrq`, the plain self-test): ``uio_pci_generic`` delivers INTx
-  to user space.  Its ``release()`` clears Bus Master Enable whenever ``/dev/uioN`` is
-  closed (including at process exit), which a TDI in CONFIG_LOCKED or RUN treats as a
-  security event (PCIe 6.x §11.2.6): it goes to ERROR.  So uio is for CONFIG_UNLOCKED only.
-* **without a driver** (:func:`enable_device`): Memory Space and Bus Master Enable are set
-  by a config write through sysfs, nothing is bound and no fd stays open, so nothing
-  clears them when the process exits; jobs complete by polling STATUS
-  (:mod:`guest_agent.dmajob`).  This is what every TEE command uses.
+Stdlib only.  Every register access is one 32-bit load or store through ``resource0``.
+uio is for CONFIG_UNLOCKED only: closing it clears Bus Master Enable, a TDISP security event
+(PCIe 6.x §11.2.6); docs/tdisp-and-tsm.md, "How the guest drives the device".
 """
 
 from __future__ import annotations

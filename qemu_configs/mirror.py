@@ -1,25 +1,7 @@
 """Find the Debian archive mirror the host's apt already uses (docs/design.md decision 3).
 
-No mirror host name is ever written into this repository.  The host's own apt
-configuration says where the Debian archive lives; we read it from both source
-formats apt accepts:
-
-* one-line style (``/etc/apt/sources.list``, ``*.list``)::
-
-      deb [signed-by=...] URI SUITE COMPONENT...
-
-* deb822 style (``*.sources``)::
-
-      Types: deb
-      URIs: URI
-      Suites: SUITE ...
-      Components: main
-
-Of all ``deb`` entries we keep the one that serves the Debian archive itself: the
-Release file apt downloaded for it says ``Origin: Debian`` and ``Label: Debian``
-(not ``Debian-Security``, not a third party).  When apt has no lists yet, an entry
-whose suite is a plain Debian suite (no ``-security``/``-updates`` suffix) and whose
-Release information is unknown is taken as a fallback.
+Reads one-line and deb822 sources and keeps the entry whose Release file says Origin and
+Label Debian; the rules and the fallback: docs/design.md, "Mirrors from the host's apt".
 """
 
 from __future__ import annotations

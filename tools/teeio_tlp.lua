@@ -1,10 +1,10 @@
 -- Wireshark / tshark dissector for teeio-emu TLP captures (teeio-device --link-capture).
 --
 -- The capture is pcapng with link type 147 (LINKTYPE_USER0); each packet is one
--- non-flit TLP exactly as it crossed the emulated link (vfio_user_dev/link.py module
--- doc), the direction in the packet's epb_flags (inbound = upstream, device -> root
--- port; outbound = downstream).  Layout as teeio/tlp.py encodes it (PCIe 6.x §2.2,
--- IDE prefix §6.33.4; big-endian on the wire):
+-- non-flit TLP exactly as it crossed the emulated link (vfio_user_dev/link/capture.py,
+-- docs/link-internals.md), the direction in the packet's epb_flags (inbound = upstream,
+-- device -> root port; outbound = downstream).  Layout as teeio/tlp/ encodes it
+-- (PCIe 6.x §2.2, IDE prefix §6.33.4; big-endian on the wire):
 --
 --   [IDE prefix, 4 bytes, byte 0 = 0x92]  byte 1: b6:4 sub-stream, b3 P, b2 T, b1 K, b0 M
 --                                         byte 2: Stream ID, byte 3: PR_Sent_Counter

@@ -1,29 +1,8 @@
 """The TSM daemon's control API and ``teeio-tsm ctl`` / ``teeio-tsm status``.
 
-Protocol: a UNIX socket (mode 0600: only the TSM's user may drive it), one JSON object per
-line both ways (UTF-8, at most 64 KiB a line).  Request ``{"op": OP, "args": {...}}``;
-response ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": {"code": C,
-"message": M}}`` with C one of ``malformed`` (not a JSON object, line too long),
-``unknown_op``, ``bad_args``, ``failed`` (the operation was tried and did not work; M
-says why), ``internal``, ``busy`` (too many connections: sent once, then the connection is
-closed; or the device is being connected, or another operation on it did not finish in
-time: try again).  The connection survives any other error; a connection idle for
-:data:`IDLE_TIMEOUT` seconds is closed.
-
-Operations (``tsm/daemon.py``), the CLI's options in brackets:
-
-``connect``     device, doe_socket | doe_tcp_port [host], trust_anchor, platform_socket,
-                platform_credential, [reference_values], [stream_id], [block]
-``reconnect``   device       (a known device whose session is down, e.g. after a lost
-                heartbeat: its journaled parameters, its VM binding kept)
-``disconnect``  device
-``bind``        vm, device, ghcx_socket, [secret_file], [mmio_reporting_offset]
-``unbind``      vm           (best effort: the VM is forgotten whatever failed, listed in "failed")
-``lock``        vm           (host-requested LOCK: a new lock epoch)
-``stop``        vm           (host-requested STOP; there is no host-side start)
-``status``      --           (``--json``: the document; else a table)
-
-Paths are made absolute by the CLI: the daemon's working directory is not the caller's.
+A 0600 UNIX socket, one JSON object per line both ways; the error codes and the operations
+are in docs/tdisp-and-tsm.md, "The control socket, request by request".  The CLI makes
+paths absolute: the daemon's working directory is not the caller's.
 """
 
 from __future__ import annotations
@@ -55,7 +34,8 @@ MAX_CONNECTIONS = 16
 
 
 class CtlError(Exception):
-    """An error response: ``code`` (see the module docstring) and a one-line message."""
+    """An error response: ``code`` (docs/tdisp-and-tsm.md, "The control socket") and a
+    one-line message."""
 
     def __init__(self, code: str, message: str) -> None:
         self.code = code

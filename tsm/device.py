@@ -1,19 +1,7 @@
 """The daemon's live link to one device: DOE connection, SPDM session, IDE stream, platform.
 
-The persistent TSM owns what the one-shot CLIs could not keep (``tsm/ide.py``'s "Sessions
-and the one-shot CLI"): the DOE connection and the SPDM session that programmed the IDE
-keys and LOCKed the TDI stay open for the daemon's life.  One lock
-(:attr:`DeviceLink.lock`) serialises all SPDM use -- GHCx requests, host requests and the
-heartbeat -- and every platform-socket call, since neither the requester nor the
-platform client is re-entrant.
-
-Connecting (``teeio-tsm ctl connect``): :func:`tsm.attest.authenticate` (chain to the
-anchor, CHALLENGE, signed measurements, reference values), KEY_EXCHANGE + FINISH, then
-:meth:`tsm.ide.SelectiveStream.setup` end to end, then GET_TDISP_VERSION and
-GET_TDISP_CAPABILITIES.  With a HeartbeatPeriod > 0 (DSP0274 §10.17: the responder may end
-the session after 2 × period without traffic) a thread sends HEARTBEAT every period / 2;
-a failed heartbeat reports the session lost (docs/design.md: "A heartbeat timeout does the same"
-as a restart: streams Insecure, TDIs ERROR).
+One lock serialises every SPDM and platform-socket use; HEARTBEAT every HeartbeatPeriod / 2
+(DSP0274 §10.17).  How connect runs and why: docs/tdisp-and-tsm.md, "A device's live link".
 """
 
 from __future__ import annotations

@@ -1,24 +1,8 @@
-"""The TSM's GHCx server for one VM: a UNIX socket that QEMU's virtio-serial chardev
-connects to (as a client, with reconnect), relaying the guest's port ``org.teeio.ghcx.0``.
+"""The TSM's GHCx server for one VM (docs/ghcx.md): the UNIX socket QEMU's virtio-serial
+chardev connects to, relaying the guest's port ``org.teeio.ghcx.0``.
 
-The channel logic is the sans-IO :class:`teeio.ghcx.TsmChannel` (docs/ghcx.md); this is
-only the transport and the dispatch: bytes from the socket go through a
-:class:`~teeio.ghcx.FrameDecoder`, each body through ``TsmChannel.receive``, and
-
-* ``Reply`` (HELLO_ACK, REHELLO) and ``Cached`` (a retried request id) frames go back as
-  they are;
-* a ``Request`` goes to the *handler* (``handler(vm_id, type_name, payload) -> payload``,
-  :meth:`tsm.daemon.Daemon.ghcx_request`, which decodes and encodes the typed bodies of
-  :mod:`teeio.ghcx.messages`), whose :class:`GhcxFailure` becomes an error response with
-  its code (``bad_request`` for a payload that is not the request's body);
-* a ``GhcxReject`` is counted by reason (the channel counts and logs it too) and dropped:
-  the server keeps serving (docs/ghcx.md "Receiver rules").
-
-The channel lives as long as the binding in this TSM process, across reconnections of
-QEMU, so the guest's session survives a VMM that reconnects.  One connection is served at
-a time (a virtio-serial port has one backend); a new one replaces the old.  The boot id
-is the daemon's, new at every start: after a restart the guest's encrypted frames meet a
-channel without a session and get REHELLO (docs/ghcx.md "Handshake" 5).
+Transport and dispatch around the sans-IO :class:`teeio.ghcx.TsmChannel`; what goes where,
+and why the channel outlives QEMU's connections: docs/tdisp-and-tsm.md, "The TSM's end".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""GHCx framing and header (``teeio/ghcx.py``): the frame decoder never raises and only
-returns bodies within bounds, whatever the byte stream and however it is split; the header
-decoder raises GhcxReject or re-encodes to its bytes."""
+"""GHCx framing and header (``teeio/ghcx/framing.py``): the frame decoder never raises and
+only returns bodies within bounds, whatever the byte stream and however it is split; the
+header decoder raises GhcxReject or re-encodes to its bytes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TLPs and the IDE prefix (``teeio/tlp.py``): TlpDecodeError (a TlpError) or a TLP that
+"""TLPs and the IDE prefix (``teeio/tlp/``): TlpDecodeError (a TlpError) or a TLP that
 re-encodes to its bytes."""
 
 from __future__ import annotations

@@ -1,16 +1,5 @@
-"""GHCx framing: the 36-byte header, the stream frame and a resynchronising frame decoder.
-
-Specification: ``docs/ghcx.md`` "Framing"::
-
-    0   4  magic "GHCX"
-    4   4  u32 LE body length L, HEADER_SIZE <= L <= MAX_BODY
-    8   L  body = header (36 B, all of it the AES-GCM associated data) || payload
-
-Header (little endian)::
-
-    +0  u8   version (1)          +4  16 B  VM id, NUL-padded
-    +1  u8   type (MsgType)       +20 u64   sequence number (per direction)
-    +2  u16  flags (bit 0 ERROR)  +28 u64   request id
+"""GHCx framing (docs/ghcx.md "Framing"): the 36-byte header, the stream frame and a
+resynchronising frame decoder.
 
 Both are declared once on :mod:`teeio.codec`; their decode errors are its
 :class:`~teeio.codec.DecodeError`.

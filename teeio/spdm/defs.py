@@ -1,20 +1,7 @@
 """SPDM (DMTF DSP0274 1.2/1.3) and Secured Messages (DSP0277) definitions.
 
-Pure spec tables: codes, bitfields and constants, named as in the specification
-(cross-checked with DMTF libspdm ``include/industry_standard/spdm.h`` and
-``spdm_secured_message.h``).  No behaviour lives here.
-
-Every SPDM message starts with the same 4-byte header (DSP0274 §9 "Generic SPDM
-message format")::
-
-     0          1                     2        3
-    +----------+---------------------+--------+--------+
-    | Version  | RequestResponseCode | Param1 | Param2 |
-    +----------+---------------------+--------+--------+
-    Version: major in bits 7:4, minor in bits 3:0 (0x12 = SPDM 1.2)
-
-All multi-byte fields are little-endian, except ECDHE public keys and ECDSA
-signatures, which are big-endian integers (DSP0274 §10.15 Table "DHE structure").
+Pure spec tables: codes, bitfields and constants, named as in the specification (header
+layout, DSP0274 §9; byte order: docs/attestation.md "Inside the SPDM cores").
 """
 
 from __future__ import annotations

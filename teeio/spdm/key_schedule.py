@@ -1,21 +1,7 @@
-"""SPDM key schedule (DSP0274 1.2/1.3 §12 "Key schedule"; libspdm
-``libspdm_crypt_key_schedule.c`` and ``libspdm_secmes_session.c``).
+"""SPDM key schedule (DSP0274 1.2/1.3 §12 "Key schedule"), as libspdm computes it.
 
-::
-
-    BinConcat(L, Label, Context) = u16le(L) || "spdm1.X " || Label || Context
-    HandshakeSecret = HKDF-Extract(salt = 0^H, IKM = DHE shared secret)
-    {req,rsp}_hs    = HKDF-Expand(HandshakeSecret, BinConcat(H, "{req,rsp} hs data", Hash(TH1)), H)
-    Salt_1          = HKDF-Expand(HandshakeSecret, BinConcat(H, "derived"), H)
-    MasterSecret    = HKDF-Extract(salt = Salt_1, IKM = 0^H)
-    {req,rsp}_app   = HKDF-Expand(MasterSecret, BinConcat(H, "{req,rsp} app data", Hash(TH2)), H)
-    ExportMaster    = HKDF-Expand(MasterSecret, BinConcat(H, "exp master", Hash(TH2)), H)
-    finished_key    = HKDF-Expand(hs secret, BinConcat(H, "finished"), H)
-    key / iv        = HKDF-Expand(secret, BinConcat(keylen, "key"), keylen) / (..(12, "iv"), 12)
-    KEY_UPDATE:  secret' = HKDF-Expand(secret, BinConcat(H, "traffic upd"), H)
-
-"X" in the label is the negotiated SPDM minor version (libspdm passes the connection
-version to ``libspdm_bin_concat``).  No secret reaches ``repr``.
+The derivations are written out in docs/attestation.md, "The key schedule".  No secret
+reaches ``repr``.
 """
 
 from __future__ import annotations

@@ -1,23 +1,7 @@
-"""DSP0277 secured messages, as bound to PCI DOE (PCIe 6.x §6.31.4; libspdm
-``libspdm_secmes_encode_decode.c``, ``spdm_transport_pcidoe_lib``).
+"""DSP0277 secured messages bound to PCI DOE (PCIe 6.x §6.31.4): AES-GCM records.
 
-An ENC+MAC record (AES-GCM)::
-
-    +------------+-------------+------------+-----------------------------------+---------+
-    | Session ID | SeqNum (0B) | Length     | ApplicationDataLength | SPDM msg | | MAC(16) |
-    |   u32 LE   |  PCI DOE:   | u16 LE     |        u16 LE         |  ...     | |         |
-    |            |  absent     |            | <-------- AES-GCM ciphertext ----> |         |
-    +------------+-------------+------------+-----------------------------------+---------+
-     AAD = Session ID || SeqNum || Length;   Length = len(ciphertext) + 16
-     IV  = salt XOR u64le(sequence number) in bytes 0..7 (DSP0277 >= 1.2; libspdm default)
-
-The session ID's wire bytes are ReqSessionID(LE) then RspSessionID(LE), i.e. the
-u32 ``req | rsp << 16``.  For PCI DOE there is no sequence number and no random
-padding on the wire: each side keeps an implicit per-direction counter, starting at
-0 for the handshake keys and again for the data keys and after every key update.
-A replayed or reordered record therefore decrypts under the wrong nonce and fails
-its tag.  ``seq_num_size`` = 8 gives the MCTP-style explicit sequence number (only
-used by the libspdm known-answer test).
+Implicit per-direction sequence numbers, no padding on the wire; the record layout and
+nonce rules are in docs/attestation.md, "Secured messages over DOE".
 """
 
 from __future__ import annotations

@@ -1,29 +1,8 @@
-"""SPDM transcripts (DSP0274 1.2/1.3 §15 "Transcript and transcript hash calculation";
-libspdm ``libspdm_com_crypto_service{,_session}.c`` and
-``libspdm_reset_message_buffer_via_request_code``).
+"""SPDM message logs and transcripts (DSP0274 1.2/1.3 §15 "Transcript and transcript hash
+calculation").
 
-Message logs hold the exact message bytes (no DOE header, no DOE padding):
-
-* ``A`` (VCA): GET_VERSION .. ALGORITHMS; reset by every successful GET_VERSION.
-* ``B``: GET_DIGESTS / DIGESTS and GET_CERTIFICATE / CERTIFICATE outside a session;
-  GET_DIGESTS starts it afresh; CHALLENGE_AUTH consumes it.
-* ``C``: CHALLENGE and CHALLENGE_AUTH without its Signature.
-* ``M``: GET_MEASUREMENTS / MEASUREMENTS pairs since the last signed MEASUREMENTS,
-  the last one without its Signature; any other request resets it (one log per
-  session, one outside).
-* ``K``/``F`` (per session): KEY_EXCHANGE, KEY_EXCHANGE_RSP, FINISH, FINISH_RSP.
-
-Signed transcripts (1.2+, where VCA is included):
-
-    M1/M2 = A || B || C
-    L1/L2 = A || M
-    TH for KEY_EXCHANGE_RSP signature = A || Hash(CT) || KEY_EXCHANGE || KEY_EXCHANGE_RSP[..Sig)
-    TH1 = A || Hash(CT) || KEY_EXCHANGE || KEY_EXCHANGE_RSP[..VerifyData)
-    TH for FINISH RequesterVerifyData = A || Hash(CT) || K || FINISH[..VerifyData)
-    TH2 = A || Hash(CT) || K || FINISH || FINISH_RSP
-
-CT is the responder's SPDM certificate chain of the slot used (Hash(CT) equals its
-DIGESTS entry).
+Which messages each log (A, B, C, M, K/F) holds and how the signed transcripts are built:
+docs/attestation.md, "Transcripts".
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ class Ingress:
             return None, "t0_into_window", f"T=0 {a:#x}+{n} touches window {w.window_id}"
         return None, None, ""
 
-    # -- clear fast path (no IDE, nobody watching the wire; see link.py) ---------------------
+    # -- clear fast path (no IDE, nobody watching the wire; see link/endpoint.py) ------------
     def clear_plan(self, write: bool, rid: int, address: int, length: int, size: int,
                    burst: Burst) -> Plan:
         """Runs (start, length, refusal reason or None, pin) for a T=0 transfer split into

@@ -151,7 +151,7 @@ class DmaExecutor:
                     continue
             self._ctx.counters["completions_out"] += 1
 
-    # -- clear fast path (no IDE, nobody watching the wire; see link.py) ---------------------
+    # -- clear fast path (no IDE, nobody watching the wire; see link/endpoint.py) ------------
     def clear_write(self, requester_id: int, address: int, data: bytes, mps: int) -> None:
         burst = Burst()
         try:
