@@ -48,7 +48,8 @@ class LibVfioUserServer:
     """Serves *device* on the UNIX socket *path* through libvfio-user, one client at a
     time; the same interface as :class:`vfio_user_dev.server.Server` (``serve_forever``,
     ``close``, ``clients``).  *socket_dma*: reach memory without an fd with DMA_READ/
-    DMA_WRITE messages despite the risk (docs/device-internals.md, Socket DMA); refused otherwise."""
+    DMA_WRITE messages despite the risk (docs/device-internals.md, Socket DMA); refused
+    otherwise."""
 
     def __init__(self, path: str, platform: Platform, lib: Any | None = None, *,
                  socket_dma: bool = False) -> None:

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from teeio.ide import IdeIntegrityError, IdeKeyStateError
 from teeio.pcie.ide_cap import IdeCapability
@@ -36,13 +35,11 @@ from vfio_user_dev.link.interfaces import (
     MmioCompleter,
     MmioRequest,
     RootPortReply,
+    UpstreamPort,
 )
 from vfio_user_dev.link.reads import OutstandingReads
 from vfio_user_dev.link.streams import StreamPort, capability_streams
 from vfio_user_dev.link.tags import MAX_OUTSTANDING, TAGS_5BIT, TagAllocator, read_headers
-
-if TYPE_CHECKING:
-    from vfio_user_dev.link.wire import Link
 
 log = logging.getLogger(__package__)
 
@@ -52,7 +49,7 @@ class LinkEndpoint:
 
     def __init__(self, requester_id: int = DEFAULT_REQUESTER_ID) -> None:
         self.requester_id = requester_id
-        self.link: Link | None = None
+        self.link: UpstreamPort | None = None
         self._streams: Callable[[], Sequence[StreamPort]] = list
         # Held around the per-TLP IDE work (protect, check, failure reporting), never
         # around memory access: the lock under which the device's IDE_KM changes keys.
@@ -116,7 +113,7 @@ class LinkEndpoint:
                 return s
         return None
 
-    def _require_link(self) -> Link:
+    def _require_link(self) -> UpstreamPort:
         if self.link is None:
             raise LinkFault("device is not connected to a link")
         return self.link

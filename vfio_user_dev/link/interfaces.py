@@ -74,6 +74,26 @@ class RootPortPort(Protocol):
                     mrrs: int = DEFAULT_MRRS) -> None: ...
 
 
+
+class UpstreamPort(Protocol):
+    """What a device's link endpoint sends upstream through (the :class:`Link`)."""
+
+    mps: int
+    mrrs: int
+
+    @property
+    def tapped(self) -> bool: ...
+
+    def set_payload_sizes(self, mps: int, mrrs: int) -> None: ...
+
+    def send_upstream(self, wires: Sequence[bytes]) -> RootPortReply: ...
+
+    def clear_write(self, requester_id: int, address: int, data: bytes) -> None: ...
+
+    def clear_read(self, requester_id: int, address: int, length: int) -> bytes: ...
+
+    def ide_fail_message_upstream(self, stream_id: int, reason: str) -> None: ...
+
 @dataclass(frozen=True)
 class MmioRequest:
     """A memory request to the device as its completer sees it (PCIe 6.x §11.2.1)."""

@@ -10,14 +10,39 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from vfio_user_dev.platform_events import PlatformEvents
 
-if TYPE_CHECKING:
-    from vfio_user_dev.root_port.requests import Request
 
 #: the root port's logger (each root port logs on a child of it, named after the port)
+class _Stream(Protocol):
+    @property
+    def stream_id(self) -> int: ...
+
+
+class RefusedRequest(Protocol):
+    """What a refusal records of the request it refused (a ``requests.Request``)."""
+
+    @property
+    def write(self) -> bool: ...
+
+    @property
+    def requester_id(self) -> int: ...
+
+    @property
+    def address(self) -> int: ...
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def t_bit(self) -> bool: ...
+
+    @property
+    def stream(self) -> _Stream | None: ...
+
+
 log = logging.getLogger("vfio_user_dev.root_port")
 
 #: how many refusals the short log keeps
@@ -66,7 +91,8 @@ class PortContext:
     def event(self, kind: str, **data: object) -> None:
         self.events.emit(kind, **data)
 
-    def refuse(self, burst: Burst, req: Request | None, reason: str, detail: str) -> str:
+    def refuse(self, burst: Burst, req: RefusedRequest | None, reason: str,
+               detail: str) -> str:
         """Count a refusal by reason, keep it in the short log; *detail* back."""
         self.refusals[reason] += 1
         burst.refused[reason] += 1
