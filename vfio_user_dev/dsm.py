@@ -145,6 +145,13 @@ class DeviceSecurityManager:
         self.responder.on_session_end.append(self._session_ended)
         self.ide_km: IdeKmResponder | None = None
         self.tdisp: TdispResponder | None = None
+        #: the device's measurements of itself (its configuration), kept across updates
+        self.device_measurements: tuple[MeasurementSource, ...] = ()
+
+    def set_device_measurements(self, extra: Sequence[MeasurementSource]) -> None:
+        """Report *extra* (the device's configuration) beside the firmware's measurements."""
+        self.device_measurements = tuple(extra)
+        self.responder.measurements = {m.index: m for m in (*self.measurements, *extra)}
 
     def attach(self, doe: DoeDispatcher, ide: IdeKeyStore | None = None, *,
                requester_id: int = 0, segment: int = 0, tdi: TdiHost | None = None) -> None:
@@ -289,7 +296,8 @@ class DeviceSecurityManager:
                     f"firmware update refused: the TDI is {self.tdisp.state.name} with "
                     "NO_FW_UPDATE (PCIe 6.x §11.3.6)", refused=True)
             self.measurements = measurements
-            self.responder.measurements = {m.index: m for m in measurements}
+            self.responder.measurements = {m.index: m for m in (*measurements,
+                                                                *self.device_measurements)}
             self.firmware_path = elf
             log.warning("firmware updated from %s: %d measurement blocks", elf,
                         len(measurements))

@@ -360,8 +360,9 @@ class TdispResponder:
 
     def _build_report(self, req: LockInterfaceRequest) -> DeviceInterfaceReport:
         ranges = []
+        msix_bar = getattr(self.host, "msix_bar", MSIX_BAR)    # BAR2 behind a 64-bit BAR0
         for index, base, size in sorted(self.host.mmio_bars()):
-            attrs = (MmioRangeAttributes.IS_NON_TEE_MEM if index == MSIX_BAR
+            attrs = (MmioRangeAttributes.IS_NON_TEE_MEM if index == msix_bar
                      else MmioRangeAttributes(0))
             ranges.append(MmioRange(page_number(base, req.mmio_reporting_offset),
                                     max(1, (size + 0xFFF) >> 12), attrs, index))

@@ -23,7 +23,11 @@ class FakeBus:
         self.intx = False
         self.refuse = False
         self.reads = 0
+        self.commands = 0
         self.event = threading.Event()
+
+    def begin_command(self) -> None:
+        self.commands += 1
 
     def dma_read(self, address: int, length: int) -> bytes:
         if self.refuse or address + length > len(self.mem):

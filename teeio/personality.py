@@ -1,0 +1,73 @@
+"""The device personalities: what the emulated TDISP function presents itself as.
+
+Shared by the device server (its config-space identity), the verifier's tools (the
+reference values and the guest's policy, ``teeio-refvalues``/``teeio-guest-policy``) and
+docs/nvme.md.  A personality other than the original accelerator reports one more
+measurement beside the firmware's: the device's configuration, naming the personality
+(DSP0274 §10.11 DMTF measurement, HARDWARE_CONFIG as a raw bit stream), so reference
+values made for one personality do not verify the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from teeio.measurements import DmtfValueType, MeasurementSource
+
+VENDOR_ID = 0x1234
+#: The measurement index of the device's configuration (after the firmware's 1..5).
+CONFIG_MEASUREMENT_INDEX = 6
+
+
+@dataclass(frozen=True)
+class PersonalityInfo:
+    """A personality's identity in config space (PCIe 6.x §7.5.1) and its description."""
+
+    name: str
+    device_id: int
+    class_code: int          # base class << 16 | sub-class << 8 | programming interface
+    subsystem_id: int
+    description: str
+    #: whether the device reports a configuration measurement (the accelerator, the
+    #: original personality, reports only its firmware's, as it always did)
+    measured: bool
+
+
+ACCELERATOR = PersonalityInfo("accelerator", 0x7E10, 0x120000, 0x0001,
+                              "processing accelerator: BAR0 register file and DMA engine",
+                              measured=False)
+NVME = PersonalityInfo("nvme", 0x7E11, 0x010802, 0x0002,
+                       "NVMe 1.4 I/O controller (mass storage, NVM, NVMe)", measured=True)
+PERSONALITIES: dict[str, PersonalityInfo] = {p.name: p for p in (ACCELERATOR, NVME)}
+DEFAULT = ACCELERATOR.name
+
+
+def personality(name: str) -> PersonalityInfo:
+    """The personality called *name*; ValueError naming the choices otherwise."""
+    try:
+        return PERSONALITIES[name]
+    except KeyError:
+        raise ValueError(f"unknown personality {name!r} (choose from "
+                         f"{', '.join(PERSONALITIES)})") from None
+
+
+def configuration_text(info: PersonalityInfo) -> bytes:
+    """The device's description of its configuration (the measured bytes)."""
+    return (f"teeio-device personality={info.name} id={VENDOR_ID:04x}:{info.device_id:04x} "
+            f"class={info.class_code:06x}").encode()
+
+
+def configuration_measurements(name: str) -> tuple[MeasurementSource, ...]:
+    """The measurements the device reports beside its firmware's, as personality *name*:
+    none for the accelerator, the configuration (raw, index 6) for the others."""
+    info = personality(name)
+    if not info.measured:
+        return ()
+    return (MeasurementSource(CONFIG_MEASUREMENT_INDEX, DmtfValueType.HARDWARE_CONFIG,
+                              configuration_text(info), as_digest=False,
+                              label=f"device configuration ({info.name} personality)"),)
+
+
+__all__ = ["ACCELERATOR", "CONFIG_MEASUREMENT_INDEX", "DEFAULT", "NVME", "PERSONALITIES",
+           "VENDOR_ID", "PersonalityInfo", "configuration_measurements",
+           "configuration_text", "personality"]
