@@ -51,6 +51,26 @@ def personality(name: str) -> PersonalityInfo:
                          f"{', '.join(PERSONALITIES)})") from None
 
 
+NAMESPACE_BLOCK = 512
+DEFAULT_NAMESPACE_SIZE = "64M"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def namespace_size(text: str) -> int:
+    """Bytes of an NVMe namespace from ``N`` or ``N`` with K, M, G or T (powers of 1024,
+    an optional trailing B or iB); ValueError with one line saying what is wrong."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in "KMGT" else ""
+    number = t[:-1] if unit else t
+    if not (number.isascii() and number.isdigit()):
+        raise ValueError(f"{text!r} is not a size (e.g. 64M, 1G, 1048576)")
+    size = int(number) * _UNITS[unit]
+    if size <= 0 or size % NAMESPACE_BLOCK:
+        raise ValueError(f"{text!r}: {size} bytes is not a positive multiple of "
+                         f"{NAMESPACE_BLOCK}-byte blocks")
+    return size
+
+
 def configuration_text(info: PersonalityInfo) -> bytes:
     """The device's description of its configuration (the measured bytes)."""
     return (f"teeio-device personality={info.name} id={VENDOR_ID:04x}:{info.device_id:04x} "
@@ -68,6 +88,7 @@ def configuration_measurements(name: str) -> tuple[MeasurementSource, ...]:
                               label=f"device configuration ({info.name} personality)"),)
 
 
-__all__ = ["ACCELERATOR", "CONFIG_MEASUREMENT_INDEX", "DEFAULT", "NVME", "PERSONALITIES",
-           "VENDOR_ID", "PersonalityInfo", "configuration_measurements",
-           "configuration_text", "personality"]
+__all__ = ["ACCELERATOR", "CONFIG_MEASUREMENT_INDEX", "DEFAULT", "DEFAULT_NAMESPACE_SIZE",
+           "NAMESPACE_BLOCK", "NVME", "PERSONALITIES", "VENDOR_ID", "PersonalityInfo",
+           "configuration_measurements", "configuration_text", "namespace_size",
+           "personality"]
