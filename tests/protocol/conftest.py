@@ -87,7 +87,8 @@ class TeeRig:
         self.rp = PlatformClient(str(tmp / "platform.sock"), token)
         # The VMM assigned the BARs and enabled the function.
         self.cfg_write(Reg.BAR0, BAR0_ADDR)            # (a 64-bit BAR0's upper half: 0)
-        self.cfg_write(Reg.BAR0 + 4 * self.device.msix_bar, BAR1_ADDR)
+        self.msix_addr = max(BAR1_ADDR, BAR0_ADDR + self.device.layout.bar0_size)
+        self.cfg_write(Reg.BAR0 + 4 * self.device.msix_bar, self.msix_addr)
         self.cfg_write(Reg.COMMAND, Command.MEMORY_SPACE | Command.BUS_MASTER)
         self.req = self.requester()
         self.sid = self.req.start_session(0)
