@@ -28,8 +28,9 @@ class PersonalityInfo:
     class_code: int          # base class << 16 | sub-class << 8 | programming interface
     subsystem_id: int
     description: str
-    #: whether the device reports a configuration measurement (the accelerator, the
-    #: original personality, reports only its firmware's, as it always did)
+    #: whether the device reports a configuration measurement and names itself in the
+    #: interface report's device-specific information (the accelerator, the original
+    #: personality, reports only its firmware's measurements and b"teeio", as it did)
     measured: bool
 
 

@@ -23,7 +23,7 @@ from teeio.doe import DoeDispatcher, DoeMailbox, protocol_name
 from teeio.measurements import MeasurementSource
 from teeio.pcie import aer, ide_cap
 from teeio.pcie.config import Command, Reg
-from teeio.personality import configuration_measurements
+from teeio.personality import configuration_measurements, configuration_text
 from teeio.tdisp import TdiEvent
 from teeio.tdisp.defs import TdiState
 from teeio.tlp import check_tlp_size
@@ -248,6 +248,8 @@ class TeeIoDevice:
             self.tdisp = dsm.tdisp
             dsm.lock = self._lock            # the DOE dispatcher's lock too
             dsm.set_device_measurements(self.measurements())
+            if self.layout.info.measured:    # the report names the personality too
+                dsm.tdisp.device_specific_info = configuration_text(self.layout.info)
             dsm.tdisp.on_transition.append(self.tee.transition)
             dsm.tdisp.ide_listeners.append(self.tee.check_bound_stream)
             if dsm.security_event not in self.security_listeners:

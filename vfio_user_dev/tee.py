@@ -108,10 +108,9 @@ class TeeEnforcement:
     def _scrub(self) -> None:
         """SCRUB_SECRETS: TVM data in the personality's state (BAR0, work in flight) is
         gone."""
-        self.device.personality.scrub()
+        what = self.device.personality.scrub()
         self.scrubs += 1
-        log.info("TDI secrets scrubbed (%s: BAR0 state and work in flight)",
-                 self.device.layout.info.name)
+        log.info("TDI secrets scrubbed (%s)", what)
 
     # -- the bound IDE stream (§11.2.6) ---------------------------------------------------------
     def _bound_stream_ok(self) -> bool:

@@ -116,6 +116,7 @@ def test_report_and_measurements_describe_the_controller(rig: TeeRig) -> None:
               for r in rep.mmio_ranges]
     assert ranges == [(BAR0_ADDR >> 12, 4, MmioRangeAttributes(0), 0),       # registers
                       (rig.msix_addr >> 12, 1, MmioRangeAttributes.IS_NON_TEE_MEM, 2)]
+    assert rep.device_specific_info == configuration_text(NVME)
     blocks = {b.index: b for b in rig.req.get_measurements(session_id=rig.sid).blocks}
     assert sorted(blocks) == [1, 6]
     assert blocks[6].raw and blocks[6].value == configuration_text(NVME)

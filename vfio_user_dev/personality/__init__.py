@@ -47,8 +47,10 @@ class Personality(Protocol):
         """The TDI changed state (QUIESCE, §11.2): work started before issues no more
         DMA."""
 
-    def scrub(self) -> None:
-        """SCRUB_SECRETS (§11.2): TVM data in the function's state is gone."""
+    def scrub(self) -> str:
+        """SCRUB_SECRETS (§11.2): TVM data in the function's state is gone; what was (for
+        the log)."""
+        ...
 
     def stats(self) -> dict[str, object]:
         """Counters for ``teeio-device`` stats."""

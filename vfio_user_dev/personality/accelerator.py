@@ -46,10 +46,11 @@ class AcceleratorPersonality:
     def quiesce(self) -> None:
         """Queued and running jobs compare the device's epoch themselves."""
 
-    def scrub(self) -> None:
+    def scrub(self) -> str:
         self.engine.drop_jobs()          # a running or queued job's result is dropped
         self.bar0.scrub()
         self.engine.update_irq(new_bits=0)
+        return "BAR0 data and DMA registers, job state"
 
     def stats(self) -> dict[str, object]:
         total = self.engine.total

@@ -6,7 +6,6 @@ file.  DMA and interrupts go through :class:`~vfio_user_dev.personality.nvme_bus
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,8 +19,6 @@ from vfio_user_dev.personality.nvme_bus import DeviceBus
 
 if TYPE_CHECKING:
     from vfio_user_dev.device import TeeIoDevice
-
-log = logging.getLogger("vfio_user_dev.device")     # the device model's one log
 
 #: vectors 0..IO_QUEUES for the admin and I/O completion queues, then DOE's
 CQ_VECTORS = IO_QUEUES + 1
@@ -62,10 +59,10 @@ class NvmePersonality:
     def quiesce(self) -> None:
         self.bus.quiesce()
 
-    def scrub(self) -> None:
+    def scrub(self) -> str:
         """The queues' addresses and state are the TVM's: the controller resets."""
         self.reset()
-        log.info("TDI secrets scrubbed (NVMe controller registers and queues)")
+        return "NVMe controller registers and queues, commands in flight"
 
     def stats(self) -> dict[str, object]:
         return {"nvme": {**self.controller.status(), **self.bus.counters,
