@@ -1,11 +1,12 @@
 """``teeio-guest-policy``: write the guest's policy for ``guest_agent accept``.
 
     teeio-guest-policy --trust-anchor PEM --firmware ELF [--leaf-subject RFC4514]
-                       [--identity DIR] --out FILE
+                       [--identity DIR] [--personality nvme] --out FILE
 
 The policy is the guest owner's, not the TSM's (docs/design.md, "Trust model"): the trust anchors
 it accepts device certificates under, the reference values computed from the golden
-firmware ELF (docs/design.md decision 11), and the device it expects (vendor/device ID and,
+firmware ELF (docs/design.md decision 11) with the personality's configuration
+measurement, and the device it expects (vendor/device ID of the personality and,
 optionally, the leaf certificate's subject; ``--identity DIR`` takes it from a
 provisioned identity).  Format: :func:`teeio.tdi_verify.load_policy`.
 """
@@ -21,21 +22,32 @@ from typing import Any
 from cryptography import x509
 
 from teeio import options, pki
+from teeio import personality as personalities
 from teeio.measurements import reference_values
 from teeio.tdi_verify import POLICY_FORMAT, PolicyError, policy_from_doc
 
-VENDOR_ID, DEVICE_ID = 0x1234, 0x7E10
+VENDOR_ID, DEVICE_ID = personalities.VENDOR_ID, personalities.ACCELERATOR.device_id
 
 
 def policy_document(trust_anchor_pem: str, references: dict[str, Any],
-                    leaf_subject: str | None = None) -> dict[str, Any]:
-    device: dict[str, Any] = {"vendor_id": hex(VENDOR_ID), "device_id": hex(DEVICE_ID)}
+                    leaf_subject: str | None = None,
+                    personality: str = personalities.DEFAULT) -> dict[str, Any]:
+    """The policy for a device of *personality* (its device ID); *references* must be
+    that personality's (:func:`reference_values_for`)."""
+    device_id = personalities.personality(personality).device_id
+    device: dict[str, Any] = {"vendor_id": hex(VENDOR_ID), "device_id": hex(device_id)}
     if leaf_subject is not None:
         device["leaf_subject"] = leaf_subject
     doc = {"format": POLICY_FORMAT, "trust_anchors_pem": trust_anchor_pem,
            "reference_values": references, "device": device}
     policy_from_doc(doc)           # it must load
     return doc
+
+
+def reference_values_for(firmware: Path, personality: str = personalities.DEFAULT
+                         ) -> dict[str, Any]:
+    """The reference values a device of *personality* running *firmware* reports."""
+    return reference_values(firmware, personalities.configuration_measurements(personality))
 
 
 def check_subject(subject: str) -> None:
@@ -70,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--leaf-subject", help="expected leaf certificate subject (RFC 4514)")
     ap.add_argument("--identity", type=Path,
                     help="take the expected leaf subject from this provisioned identity")
+    ap.add_argument("--personality", choices=tuple(personalities.PERSONALITIES),
+                    default=personalities.DEFAULT,
+                    help="the device's personality (teeio-device --personality; default "
+                         f"{personalities.DEFAULT}): its device ID and configuration "
+                         "measurement")
     ap.add_argument("--out", type=Path, required=True,
                     help="where to write the policy document (JSON)")
     ns = ap.parse_args(argv)
@@ -80,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             check_subject(subject)
         if ns.identity is not None:
             subject = pki.load_identity(ns.identity).leaf.subject.rfc4514_string()
-        doc = policy_document(read_anchor(ns.trust_anchor), reference_values(ns.firmware),
-                              subject)
+        doc = policy_document(read_anchor(ns.trust_anchor),
+                              reference_values_for(ns.firmware, ns.personality), subject,
+                              ns.personality)
         ns.out.write_text(json.dumps(doc, indent=2) + "\n")
     except options.OptionError as exc:
         print(f"teeio-guest-policy: {exc}", file=sys.stderr)

@@ -32,6 +32,7 @@ from typing import Any
 
 from qemu_configs import image as image_mod
 from teeio import options, paths
+from teeio import personality as personalities
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class VmOptions:
     keep_workdir: bool = False
     run_timeout: float | None = None
     device_args: list[str] = field(default_factory=list)   # extra teeio-device options
+    # teeio-device --personality; nvme: its namespace file is in the work folder
+    personality: str = "accelerator"
+    nvme_size: str | None = None        # teeio-device --nvme-size (default its own)
     extra_qemu_args: list[str] = field(default_factory=list)   # appended to QEMU's argv
     # Called with the work folder once QEMU runs with the device realized (the guest is
     # booting): host-side work that runs beside the guest, e.g. the TSM attesting the device.
@@ -289,6 +293,18 @@ def _qmp_query_pci(qmp_path: Path, qdev_id: str, timeout: float) -> list[dict[st
         mon.close()
 
 
+def personality_args(opts: VmOptions, wd: Path) -> list[str]:
+    """teeio-device's options for *opts*' personality (none for the default)."""
+    if opts.personality == personalities.DEFAULT:
+        return []
+    args = ["--personality", opts.personality]
+    if opts.personality == personalities.NVME.name:
+        args += ["--nvme-namespace", str(wd / "nvme-namespace.img")]
+        if opts.nvme_size is not None:
+            args += ["--nvme-size", opts.nvme_size]
+    return args
+
+
 def run_vm(opts: VmOptions) -> RunResult:
     img = image_mod.paths()
     if not image_mod.is_built():
@@ -315,7 +331,7 @@ def run_vm(opts: VmOptions) -> RunResult:
                    "--stats-file", str(stats), "--max-clients", "1"]
         if opts.device_verbose:
             dev_cmd.append("-v")
-        dev_cmd += opts.device_args
+        dev_cmd += personality_args(opts, wd) + opts.device_args
         env = dict(os.environ, PYTHONPATH=str(PROJECT_DIR))
         with open(wd / "device.log", "wb") as devlog:
             dev_proc = subprocess.Popen(dev_cmd, stdout=devlog, stderr=subprocess.STDOUT, env=env,
@@ -427,6 +443,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="one more QEMU argument, appended to its command line (repeatable, "
                          "in order; write a leading dash with '=': --qemu-arg=-device "
                          "--qemu-arg=virtio-rng-pci)")
+    ap.add_argument("--personality", choices=tuple(personalities.PERSONALITIES),
+                    default=personalities.DEFAULT,
+                    help="the device's personality (teeio-device --personality; default "
+                         f"{personalities.DEFAULT}); nvme: the namespace file is "
+                         "nvme-namespace.img in the work folder (docs/nvme.md)")
+    ap.add_argument("--nvme-size", metavar="SIZE",
+                    help="with --personality nvme: the namespace's size (e.g. 64M, 1G)")
     ap.add_argument("--guest-share", action="store_true",
                     help="make (if needed) and print the folder shared into the guest as "
                          "/mnt/project, then exit (e.g. for qemu_configs/libvirt/)")
@@ -439,6 +462,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
+    if ns.nvme_size is not None:
+        if ns.personality != personalities.NVME.name:
+            print("error: --nvme-size goes with --personality nvme", file=sys.stderr)
+            return 2
+        try:
+            personalities.namespace_size(ns.nvme_size)
+        except ValueError as exc:
+            print(f"error: --nvme-size {exc}", file=sys.stderr)
+            return 2
     bad = [kv for kv in ns.param if "=" not in kv]
     if bad:
         print(f"error: --param {bad[0]!r}: expected K=V", file=sys.stderr)
@@ -459,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = VmOptions(mode="shell" if ns.shell else ns.mode, params=params,
                      share_memory=not ns.no_share, accel="kvm" if ns.kvm else "tcg",
                      interactive=ns.shell, device_verbose=ns.device_verbose,
-                     workdir=ns.workdir, keep_workdir=True, extra_qemu_args=ns.qemu_arg)
+                     workdir=ns.workdir, keep_workdir=True, extra_qemu_args=ns.qemu_arg,
+                     personality=ns.personality, nvme_size=ns.nvme_size)
     try:
         res = run_vm(opts)
     except LaunchError as exc:

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu_configs.guest_policy import policy_document
+from qemu_configs.guest_policy import policy_document, reference_values_for
 from qemu_configs.launcher import PROJECT_DIR, LaunchError, RunResult, VmOptions, run_vm
 from teeio import pki
 from teeio.ghcx import FW_CFG_SECRET, FW_CFG_VM_ID, PORT_NAME
-from teeio.measurements import reference_values
 from vfio_user_dev.firmware_build import build as build_firmware
 from vfio_user_dev.host_access import HostAccessClient
 from vfio_user_dev.link.capture import read_capture
@@ -54,6 +53,7 @@ class StackOptions:
     extra_device_args: list[str] = field(default_factory=list)
     shell: bool = False                # boot to a root shell on this terminal instead
     cycles: int = 0                    # guest_agent accept --cycles (bench_tdi)
+    personality: str = "accelerator"   # teeio-device --personality (docs/nvme.md)
 
 
 class TeeStack:
@@ -91,7 +91,7 @@ class TeeStack:
         self.identity_dir = ident_dir
         self.firmware = self.opts.firmware or self.golden
         self.refvalues = self.wd / "reference-values.json"
-        refs = reference_values(self.golden)
+        refs = reference_values_for(self.golden, self.opts.personality)
         self.refvalues.write_text(json.dumps(refs, indent=2, sort_keys=True))
         # The guest's policy: the *genuine* device vendor's root (the identity provisioned
         # here), whatever the TSM is told to trust.
@@ -100,7 +100,8 @@ class TeeStack:
         if not (genuine_root / "trust-anchor.pem").exists():
             pki.provision(genuine_root)
         leaf = pki.load_identity(genuine_root).leaf.subject.rfc4514_string()
-        policy = policy_document((genuine_root / "trust-anchor.pem").read_text(), refs, leaf)
+        policy = policy_document((genuine_root / "trust-anchor.pem").read_text(), refs, leaf,
+                                 self.opts.personality)
         (self.wd / "results" / "policy.json").write_text(json.dumps(policy, indent=2))
         self.tsm_anchor = self.opts.tsm_anchor or ident_dir / "trust-anchor.pem"
 
@@ -200,6 +201,7 @@ class TeeStack:
         return VmOptions(mode="shell" if o.shell else "accept", params=params,
                          interactive=o.shell, workdir=self.wd, accel=o.accel,
                          device_args=device_args, extra_qemu_args=qemu,
+                         personality=o.personality,
                          before_qemu=lambda _wd: self.connect_and_bind(),
                          on_running=(None if o.on_running is None
                                      else lambda _wd: o.on_running(self)))  # type: ignore[misc]

@@ -19,7 +19,7 @@ import hashlib
 import io
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -378,8 +378,11 @@ REFERENCE_HASHES = ("sha256", "sha384")
 REFERENCE_FORMAT = "teeio-reference-values/1"
 
 
-def reference_values(image: bytes | str | os.PathLike[str]) -> dict[str, Any]:
-    """JSON-ready reference values of a firmware image, what a verifier compares against.
+def reference_values(image: bytes | str | os.PathLike[str],
+                     extra: Sequence[MeasurementSource] = ()) -> dict[str, Any]:
+    """JSON-ready reference values of a firmware image, what a verifier compares against;
+    *extra*: the device's other measurements (its configuration,
+    :func:`teeio.personality.configuration_measurements`).
 
     ``{"format": ..., "measurement_specification": "DMTF", "measurements": {"<index>":
     {"value_type": int, "value_type_name": str, "label": str, "raw": hex}}}`` for raw
@@ -387,7 +390,7 @@ def reference_values(image: bytes | str | os.PathLike[str]) -> dict[str, Any]:
     for the others.
     """
     out: dict[str, dict[str, Any]] = {}
-    for src in measure_elf(image):
+    for src in (*measure_elf(image), *extra):
         entry: dict[str, Any] = {"value_type": int(src.value_type),
                                  "value_type_name": DmtfValueType(src.value_type).name,
                                  "label": src.label}

@@ -22,6 +22,8 @@ import pytest
 from vfio_user_dev import libvfio_user
 from vfio_user_dev.client import Client
 from vfio_user_dev.libvfio_user import LibVfioUserServer
+from vfio_user_dev.personality import PersonalityFactory
+from vfio_user_dev.personality.accelerator import AcceleratorPersonality
 from vfio_user_dev.platform import Platform
 from vfio_user_dev.server import Server
 
@@ -57,10 +59,11 @@ def skip_unless_libvfio_user(backend: str) -> None:
 
 
 class RunningServer:
-    def __init__(self, path: Path, backend: str = "python", socket_dma: bool = False) -> None:
+    def __init__(self, path: Path, backend: str = "python", socket_dma: bool = False,
+                 personality: PersonalityFactory = AcceleratorPersonality) -> None:
         self.path = str(path)
         self.backend = backend
-        self.machine = Platform()
+        self.machine = Platform(personality=personality)
         self.device = self.machine.device
         self.server: Server | LibVfioUserServer
         self.thread: threading.Thread | None = None

@@ -15,6 +15,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from teeio import options
+from teeio import personality as personalities
 from teeio.doe_pcap import DoePcapWriter
 from teeio.platform_channel import write_credential
 from teeio.tlp import check_tlp_size
@@ -24,6 +25,10 @@ from vfio_user_dev.doe_socket import DoeSocketServer
 from vfio_user_dev.host_access import HostAccessServer
 from vfio_user_dev.link.capture import CaptureWriter
 from vfio_user_dev.link.interfaces import DEFAULT_MPS, DEFAULT_MRRS
+from vfio_user_dev.nvme.namespace import Namespace
+from vfio_user_dev.personality import PersonalityFactory
+from vfio_user_dev.personality.accelerator import AcceleratorPersonality
+from vfio_user_dev.personality.nvme import nvme_personality
 from vfio_user_dev.platform import Platform
 from vfio_user_dev.platform_ctl import PlatformControlServer
 from vfio_user_dev.server import Server
@@ -72,11 +77,63 @@ def check_options(ns: argparse.Namespace) -> None:
                          ("--host-socket", ns.host_socket)):
         if sock is not None:
             options.writable_file(option, Path(sock))
+    check_personality(ns)
+
+
+def check_personality(ns: argparse.Namespace) -> None:
+    """``--nvme-*`` only with ``--personality nvme``; the size a multiple of 512; the
+    namespace file one that can be read and written (or made).  Sets ``ns.nvme_bytes``
+    and ``ns.nvme_namespace``."""
+    if ns.personality != personalities.NVME.name:
+        for option, value in (("--nvme-namespace", ns.nvme_namespace),
+                              ("--nvme-size", ns.nvme_size)):
+            if value is not None:
+                raise options.OptionError(f"{option} goes with --personality nvme")
+        return
+    size = ns.nvme_size or personalities.DEFAULT_NAMESPACE_SIZE
+    try:
+        ns.nvme_bytes = personalities.namespace_size(size)
+    except ValueError as exc:
+        raise options.OptionError(f"--nvme-size {exc}") from None
+    if ns.nvme_namespace is None:
+        ns.nvme_namespace = Path(ns.socket + ".nvme")
+    path: Path = ns.nvme_namespace
+    if path.exists():
+        if not path.is_file():
+            raise options.OptionError(f"--nvme-namespace {path}: not a regular file")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise options.OptionError(f"--nvme-namespace {path}: cannot be read and written")
+    else:
+        options.writable_file("--nvme-namespace", path)
+
+
+def make_personality(ns: argparse.Namespace) -> PersonalityFactory:
+    """The personality's factory, its namespace opened (created sparse if missing);
+    OSError if the file cannot be."""
+    if ns.personality != personalities.NVME.name:
+        return AcceleratorPersonality
+    namespace = Namespace(ns.nvme_namespace, ns.nvme_bytes)
+    log.info("NVMe namespace %s: %d bytes (%d blocks of %d)", namespace.path, namespace.size,
+             namespace.blocks, namespace.block)
+    return nvme_personality(namespace)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="teeio-device", description=__doc__)
     ap.add_argument("--socket", required=True, help="UNIX socket path for the vfio-user client")
+    ap.add_argument("--personality", choices=tuple(personalities.PERSONALITIES),
+                    default=personalities.DEFAULT,
+                    help="what the function is behind its TDISP, IDE and DOE machinery: "
+                         "the accelerator (default: BAR0 registers and a DMA engine) or an "
+                         "NVMe 1.4 controller (class 01:08:02; see docs/nvme.md)")
+    ap.add_argument("--nvme-namespace", type=Path, metavar="PATH",
+                    help="--personality nvme: the namespace's backing file, created sparse "
+                         "if missing (default: the --socket path with .nvme added)")
+    ap.add_argument("--nvme-size", metavar="SIZE",
+                    help=f"--personality nvme: the namespace's size, e.g. 64M, 1G (a "
+                         f"multiple of 512 bytes; default "
+                         f"{personalities.DEFAULT_NAMESPACE_SIZE}); a larger file is used "
+                         f"up to this size")
     ap.add_argument("--backend", choices=("python", "libvfio-user"), default="python",
                     help="vfio-user transport: the pure-Python server (default), or "
                          "libvfio-user through ctypes (libvfio-user.so.0 from "
@@ -186,12 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
+        personality = make_personality(ns)
+    except OSError as exc:
+        print(f"error: --nvme-namespace {ns.nvme_namespace}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    try:
         capture = CaptureWriter(ns.link_capture) if ns.link_capture else None
         doe_capture = DoePcapWriter(ns.doe_capture) if ns.doe_capture else None
     except OSError as exc:
         print(f"error: capture file {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    machine = Platform(mps=ns.mps, mrrs=ns.mrrs, capture=capture)
+    machine = Platform(mps=ns.mps, mrrs=ns.mrrs, capture=capture, personality=personality)
     device = machine.device
     if doe_capture is not None:
         device.doe.tap = doe_capture.write   # both paths: the mailbox and the DOE sockets

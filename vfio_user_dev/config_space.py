@@ -3,14 +3,17 @@ of accesses (the DOE registers to the mailbox, Device Control to the link).
 
 Capabilities: Power Management (PCI PM 1.2 §3.2), MSI-X (§7.7.2), PCI Express (§7.5.3),
 Device Serial Number (§7.9.3), DOE (§7.9.24), IDE (§7.9.26), AER (§7.8.4).  The layout
-table is in docs/device-internals.md.
+table is in docs/device-internals.md.  The identity and the BAR/MSI-X layout depend on
+the personality (:class:`FunctionLayout`; docs/nvme.md).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from teeio import device_regs as regs
+from teeio import personality as personalities
 from teeio.doe import DOE_CAP_SIZE, DOE_CAP_VERSION, DoeMailbox
 from teeio.pcie import aer, ide_cap
 from teeio.pcie.config import (
@@ -32,8 +35,8 @@ from teeio.pcie.config import (
 from vfio_user_dev.link.endpoint import LinkEndpoint
 from vfio_user_dev.link.interfaces import DEFAULT_MPS, DEFAULT_MRRS
 
-VENDOR_ID = 0x1234
-DEVICE_ID = 0x7E10
+VENDOR_ID = personalities.VENDOR_ID
+DEVICE_ID = personalities.ACCELERATOR.device_id
 CONFIG_SIZE = 4096
 MSIX_VECTORS = 4
 BAR1_SIZE = 4096
@@ -65,37 +68,62 @@ DEVCTL_RESET = DevCtl.RELAXED_ORDERING | DevCtl.EXTENDED_TAG_FIELD | DevCtl.NO_S
 DEVCTL_WMASK = 0x7DFF
 
 
-def build_config(serial: int, *, mps_supported: int = DEFAULT_MPS,
-                 mrrs: int = DEFAULT_MRRS) -> ConfigSpace:
-    return build_config_and_ide(serial, mps_supported=mps_supported, mrrs=mrrs)[0]
+@dataclass(frozen=True)
+class FunctionLayout:
+    """What a personality changes in config space: its identity (§7.5.1), BAR0 (size,
+    64-bit or not), the BAR of the MSI-X table and PBA (the BAR after BAR0's registers)
+    and the MSI-X vectors, the DOE interrupt's among them (§6.30.3)."""
+
+    info: personalities.PersonalityInfo
+    bar0_size: int
+    bar0_64bit: bool
+    msix_vectors: int
+    doe_vector: int
+
+    @property
+    def msix_bar(self) -> int:
+        return 2 if self.bar0_64bit else 1
+
+
+ACCELERATOR_LAYOUT = FunctionLayout(personalities.ACCELERATOR, regs.BAR0_SIZE, False,
+                                    MSIX_VECTORS, DOE_MSIX_VECTOR)
+
+
+def build_config(serial: int, *, mps_supported: int = DEFAULT_MPS, mrrs: int = DEFAULT_MRRS,
+                 layout: FunctionLayout = ACCELERATOR_LAYOUT) -> ConfigSpace:
+    return build_config_and_ide(serial, mps_supported=mps_supported, mrrs=mrrs,
+                                layout=layout)[0]
 
 
 def build_config_and_ide(serial: int, *, mps_supported: int = DEFAULT_MPS,
-                         mrrs: int = DEFAULT_MRRS
+                         mrrs: int = DEFAULT_MRRS, layout: FunctionLayout = ACCELERATOR_LAYOUT
                          ) -> tuple[ConfigSpace, ide_cap.IdeCapability]:
     """The function's config space and the model of its IDE capability in it.
     *mps_supported*: Device Capabilities Max_Payload_Size Supported; *mrrs*: the Device
     Control Max_Read_Request_Size after reset (ValueError unless 128..4096, a power of
-    two: what the 3-bit fields encode)."""
+    two: what the 3-bit fields encode); *layout*: the personality's."""
     devcap = (DevCap.TEE_IO_SUPPORTED | DevCap.FUNCTION_LEVEL_RESET
               | DevCap.ROLE_BASED_ERROR_REPORTING | DevCap.EXTENDED_TAG_FIELD_SUPPORTED
               | payload_size_code(mps_supported))
     devctl = DEVCTL_RESET | payload_size_code(mrrs) << DEVCTL_MRRS_SHIFT
     cs = ConfigSpace()
     cs.set(Reg.VENDOR_ID, 2, VENDOR_ID)
-    cs.set(Reg.DEVICE_ID, 2, DEVICE_ID)
+    cs.set(Reg.DEVICE_ID, 2, layout.info.device_id)
     cs.set(Reg.COMMAND, 2, 0, wmask=Command.MEMORY_SPACE | Command.BUS_MASTER
            | Command.PARITY_ERROR_RESPONSE | Command.SERR_ENABLE | Command.INTERRUPT_DISABLE)
     cs.set(Reg.STATUS, 2, 0, w1c=STATUS_RW1C)
     cs.set(Reg.REVISION_ID, 1, 0x01)
-    cs.set(Reg.CLASS_CODE, 3, 0x120000)
+    cs.set(Reg.CLASS_CODE, 3, layout.info.class_code)
     cs.set(Reg.CACHE_LINE_SIZE, 1, 0, wmask=0xFF)
     cs.set(Reg.HEADER_TYPE, 1, 0x00)
-    for bar, size in ((0, regs.BAR0_SIZE), (1, BAR1_SIZE)):
-        value, mask = bar_wmask(size)
+    for bar, size, is_64 in ((0, layout.bar0_size, layout.bar0_64bit),
+                             (layout.msix_bar, BAR1_SIZE, False)):
+        value, mask = bar_wmask(size, is_64)
         cs.set(Reg.BAR0 + 4 * bar, 4, value, wmask=mask)
+        if is_64:                        # the upper half of the address (§7.5.1.2.1)
+            cs.set(Reg.BAR0 + 4 * bar + 4, 4, 0, wmask=0xFFFFFFFF)
     cs.set(Reg.SUBSYSTEM_VENDOR_ID, 2, VENDOR_ID)
-    cs.set(Reg.SUBSYSTEM_ID, 2, 0x0001)
+    cs.set(Reg.SUBSYSTEM_ID, 2, layout.info.subsystem_id)
     cs.set(Reg.INTERRUPT_LINE, 1, 0, wmask=0xFF)
     cs.set(Reg.INTERRUPT_PIN, 1, 1)  # INTA#
 
@@ -106,9 +134,9 @@ def build_config_and_ide(serial: int, *, mps_supported: int = DEFAULT_MPS,
 
     # MSI-X (PCIe 6.x §7.7.2): Message Control, Table Offset/BIR, PBA Offset/BIR.
     cs.add_capability(MSIX_CAP, CapId.MSIX, bytes(10))
-    cs.set(MSIX_CAP + 2, 2, MSIX_VECTORS - 1, wmask=0xC000)
-    cs.set(MSIX_CAP + 4, 4, MSIX_TABLE_OFF | 1)
-    cs.set(MSIX_CAP + 8, 4, MSIX_PBA_OFF | 1)
+    cs.set(MSIX_CAP + 2, 2, layout.msix_vectors - 1, wmask=0xC000)
+    cs.set(MSIX_CAP + 4, 4, MSIX_TABLE_OFF | layout.msix_bar)
+    cs.set(MSIX_CAP + 8, 4, MSIX_PBA_OFF | layout.msix_bar)
 
     # PCI Express capability v2, Endpoint (PCIe 6.x §7.5.3).
     cs.add_capability(PCIE_CAP, CapId.PCI_EXPRESS, bytes(0x3A))
@@ -137,6 +165,15 @@ def build_config_and_ide(serial: int, *, mps_supported: int = DEFAULT_MPS,
     # Advanced Error Reporting (PCIe 6.x §7.8.4), after the last capability.
     aer.build(cs, AER_CAP)
     return cs, ide
+
+
+def bar_address(cs: ConfigSpace, bar: int) -> int:
+    """The memory address BAR *bar* holds now, both halves of a 64-bit BAR (§7.5.1.2.1)."""
+    low = cs.get(Reg.BAR0 + 4 * bar, 4)
+    address = low & ~0xF & 0xFFFFFFFF
+    if low & 0b110 == 0b100:
+        address |= cs.get(Reg.BAR0 + 4 * bar + 4, 4) << 32
+    return address
 
 
 def device_control_link(cs: ConfigSpace) -> tuple[int, int, bool]:

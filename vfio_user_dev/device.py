@@ -1,6 +1,7 @@
 """The emulated PCIe function, composed: config space (``config_space.py``, PCIe 6.x §7),
-BAR0 registers (``bar0.py``), the MSI-X BAR (``msix.py``, §7.7.2), the DMA engine
-(``dma_engine.py``) and the TDISP enforcement (``tee.py``, §11.2).
+its personality behind BAR0 (``personality/``: the accelerator's registers and DMA engine,
+or an NVMe controller), the MSI-X BAR (``msix.py``, §7.7.2) and the TDISP enforcement
+(``tee.py``, §11.2).
 
 The device reaches the outside only through its link endpoint (``link.py``); BAR0 is TEE
 MMIO served by its completer (:meth:`TeeIoDevice.mmio_request`).  Layout and design
@@ -17,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from teeio import device_regs as regs
 from teeio.device_regs import R
 from teeio.doe import DoeDispatcher, DoeMailbox, protocol_name
 from teeio.measurements import MeasurementSource
 from teeio.pcie import aer, ide_cap
 from teeio.pcie.config import Command, Reg
+from teeio.personality import configuration_measurements, configuration_text
 from teeio.tdisp import TdiEvent
 from teeio.tdisp.defs import TdiState
 from teeio.tlp import check_tlp_size
@@ -41,11 +42,12 @@ from vfio_user_dev.config_space import (
     IDE_CAP,
     MSIX_CAP,
     MSIX_ENABLE,
-    MSIX_VECTORS,
     PCIE_CAP,
     PM_CAP,
     VENDOR_ID,
+    FunctionLayout,
     apply_device_control,
+    bar_address,
     build_config,
     build_config_and_ide,
     config_read,
@@ -58,6 +60,8 @@ from vfio_user_dev.irq import IrqController
 from vfio_user_dev.link.endpoint import LinkEndpoint
 from vfio_user_dev.link.interfaces import DEFAULT_MPS, DEFAULT_MRRS, LinkError, MmioRequest
 from vfio_user_dev.msix import MsixTable
+from vfio_user_dev.personality import Personality, PersonalityFactory
+from vfio_user_dev.personality.accelerator import AcceleratorPersonality
 from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.protocol import PciIrq, PciRegion, ProtocolError, RegionFlags
 from vfio_user_dev.tee import TeeEnforcement
@@ -85,18 +89,23 @@ BAR0_IS_TEE_MMIO = "BAR0 is TEE MMIO: it is reached through the platform's root 
 
 
 class TeeIoDevice:
-    """Device model behind any transport: region accesses, reset, IRQs, DMA engine."""
+    """Device model behind any transport: region accesses, reset, IRQs, its personality
+    (*personality*: its factory; default the accelerator)."""
 
-    REGIONS = {
-        PciRegion.BAR0: RegionSpec(regs.BAR0_SIZE, RegionFlags.READ | RegionFlags.WRITE),
-        PciRegion.BAR1: RegionSpec(BAR1_SIZE, RegionFlags.READ | RegionFlags.WRITE),
-        PciRegion.CONFIG: RegionSpec(CONFIG_SIZE, RegionFlags.READ | RegionFlags.WRITE),
-    }
     NUM_REGIONS = 9  # VFIO_PCI_NUM_REGIONS
 
     def __init__(self, serial: int = 0x7E10_0000_0000_0001, *, mps: int = DEFAULT_MPS,
-                 mrrs: int = DEFAULT_MRRS, events: PlatformEvents | None = None) -> None:
+                 mrrs: int = DEFAULT_MRRS, events: PlatformEvents | None = None,
+                 personality: PersonalityFactory = AcceleratorPersonality) -> None:
         self.serial = serial
+        self.personality: Personality = personality(self)
+        self.layout: FunctionLayout = self.personality.layout
+        #: the BAR of the MSI-X table and PBA (IS_NON_TEE_MEM in the interface report)
+        self.msix_bar = self.layout.msix_bar
+        flags = RegionFlags.READ | RegionFlags.WRITE
+        self.REGIONS = {PciRegion.BAR0: RegionSpec(self.layout.bar0_size, flags),
+                        PciRegion(self.msix_bar): RegionSpec(BAR1_SIZE, flags),
+                        PciRegion.CONFIG: RegionSpec(CONFIG_SIZE, flags)}
         # --mps: Device Capabilities Max_Payload_Size Supported; --mrrs: Device Control
         # Max_Read_Request_Size after reset.  The link follows Device Control.
         self._config_options = {"mps_supported": check_tlp_size("Max_Payload_Size", mps),
@@ -106,36 +115,50 @@ class TeeIoDevice:
         self.events = events if events is not None else PlatformEvents()
         #: the device's only way out: its end of the link (``link.py``)
         self.link_end = LinkEndpoint()
-        self.irq = IrqController(MSIX_VECTORS, self._intx_allowed)
+        self.irq = IrqController(self.layout.msix_vectors, self._intx_allowed)
         self._lock = threading.RLock()
         # TDISP (tdi_attached): the DSM and its TDISP responder; tee enforces.
         self.dsm: DeviceSecurityManager | None = None
         self.tdisp: TdispResponder | None = None
         self.tee = TeeEnforcement(self)
-        self.engine = DmaEngine(self)
-        self.bar0 = Bar0Registers(irq_count=lambda: self.irq.signalled,
-                                  interrupts_changed=lambda: self.engine.update_irq(0),
-                                  go=self.engine.start_job)
-        self.msix = MsixTable()
+        self.msix = MsixTable(self.layout.msix_vectors)
         self.link_end.mmio_completer = self
         # DOE: one dispatcher for the config-space mailbox and the host socket, serialised
         # by the device lock.  Protocols (SPDM 0001:01, secured SPDM 0001:02) register here.
         self.doe = DoeDispatcher(lock=self._lock)
         self.doe_mailbox = DoeMailbox(self.doe.handle_object,
-                                      interrupt_message_number=DOE_MSIX_VECTOR)
+                                      interrupt_message_number=self.layout.doe_vector)
         # The IDE capability model lives as long as the device (the DSM's IDE_KM responder
         # holds it); a reset moves it onto the fresh registers (_reset_state).
-        self.config, self.ide = build_config_and_ide(self.serial, **self._config_options)
+        self.config, self.ide = build_config_and_ide(self.serial, **self._config_options,
+                                                   layout=self.layout)
         self.ide.listeners.append(self._ide_event)
         self.link_end.on_error.append(self._link_error)
         self.link_end.attach_ide_capability(self.ide, lock=self._lock)
         self._reset_state()
-        self.engine.start()
+        self.personality.start()
 
     # -- the parts' state, under the names it always had ------------------------------------
     @property
+    def accelerator(self) -> AcceleratorPersonality:
+        """The accelerator personality (AttributeError with another one)."""
+        if not isinstance(self.personality, AcceleratorPersonality):
+            raise AttributeError(f"the device is {self.layout.info.name}, not an accelerator")
+        return self.personality
+
+    @property
+    def bar0(self) -> Bar0Registers:
+        """The accelerator's BAR0 register file."""
+        return self.accelerator.bar0
+
+    @property
+    def engine(self) -> DmaEngine:
+        """The accelerator's DMA engine."""
+        return self.accelerator.engine
+
+    @property
     def r(self) -> dict[R, int]:
-        """The BAR0 registers."""
+        """The accelerator's BAR0 registers."""
         return self.bar0.r
 
     @property
@@ -149,7 +172,7 @@ class TeeIoDevice:
     @property
     def listeners(self) -> list[Callable[[TeeIoDevice], None]]:
         """Called (with the device) after each DMA job's result was applied."""
-        return self.engine.listeners
+        return self.personality.listeners
 
     @property
     def total(self) -> dict[str, int]:
@@ -183,21 +206,21 @@ class TeeIoDevice:
 
     # -- state ------------------------------------------------------------------------------
     def _reset_state(self) -> None:
-        old, self.config = self.config, build_config(self.serial, **self._config_options)
+        old, self.config = self.config, build_config(self.serial, **self._config_options,
+                                                layout=self.layout)
         aer.carry_sticky(old, self.config, AER_CAP)     # sticky: FLR keeps them (§7.4)
         apply_device_control(self.config, self.link_end)    # MPS, MRRS, tags back to defaults
         # Conventional reset / FLR: IDE registers to defaults, keys invalidated, streams
         # Insecure (PCIe 6.x §6.33.6).
         self.ide.cs = self.config
         self.ide.reset()
-        self.bar0.reset()
         self.msix.reset()
 
     def reset(self, reason: str = "client_reset") -> None:
         """Function-level reset of device state (DMA maps and eventfds belong to the client).
         *reason* names who reset it in the platform event (``platform_events.py``)."""
         with self._lock:
-            self.engine.drop_jobs()
+            self.personality.reset()     # work in flight dropped, BAR0 to its defaults
             self.tee.security_event(TdiEvent.FLR)
             self._reset_state()
             # The device's IDE keys are gone (§6.33.6): the platform takes the root port's
@@ -209,7 +232,7 @@ class TeeIoDevice:
         log.info("device reset")
 
     def close(self) -> None:
-        self.engine.close()
+        self.personality.close()
 
     def link_attached(self) -> None:
         """The platform connected the endpoint to a link: it follows Device Control."""
@@ -224,10 +247,18 @@ class TeeIoDevice:
             self.dsm = dsm
             self.tdisp = dsm.tdisp
             dsm.lock = self._lock            # the DOE dispatcher's lock too
+            dsm.set_device_measurements(self.measurements())
+            if self.layout.info.measured:    # the report names the personality too
+                dsm.tdisp.device_specific_info = configuration_text(self.layout.info)
             dsm.tdisp.on_transition.append(self.tee.transition)
             dsm.tdisp.ide_listeners.append(self.tee.check_bound_stream)
             if dsm.security_event not in self.security_listeners:
                 self.security_listeners.append(dsm.security_event)
+
+    def measurements(self) -> tuple[MeasurementSource, ...]:
+        """What the device measures of itself beside its firmware: its configuration
+        (``teeio/personality.py``; none for the accelerator)."""
+        return configuration_measurements(self.layout.info.name)
 
     def tdi_state(self) -> TdiState:
         return self.tdisp.state if self.tdisp is not None else TdiState.CONFIG_UNLOCKED
@@ -238,8 +269,12 @@ class TeeIoDevice:
     def mmio_bars(self) -> list[tuple[int, int, int]]:
         """(BAR index, base address, size) of the memory BARs as assigned in config space."""
         with self._lock:
-            return [(bar, self.config.get(Reg.BAR0 + 4 * bar, 4) & ~0xF & 0xFFFFFFFF, size)
-                    for bar, size in ((0, regs.BAR0_SIZE), (1, BAR1_SIZE))]
+            return [(bar, bar_address(self.config, bar), size)
+                    for bar, size in ((0, self.layout.bar0_size), (self.msix_bar, BAR1_SIZE))]
+
+    def bar0_address(self) -> int:
+        """BAR0's address as assigned now (both halves of a 64-bit BAR)."""
+        return bar_address(self.config, 0)
 
     def firmware_update(self, elf: Path) -> tuple[MeasurementSource, ...]:
         """A firmware update from the host (DSM: NO_FW_UPDATE, re-measurement); a refusal
@@ -260,9 +295,8 @@ class TeeIoDevice:
                 "tdi": self.tdi_status(),
                 "tdisp_refusals": self.tdisp_refusals(),
                 "scrubs": self.scrubs,
-                "dma_jobs": self.total["jobs"],
-                "dma_bytes": self.total["bytes"],
-                "dma_errors": self.total["errors"],
+                "personality": self.layout.info.name,
+                **self.personality.stats(),
                 "irq_signalled": self.irq.signalled,
                 "irq_signalled_intx": self.irq.signalled_by_type["intx"],
                 "irq_signalled_msix": self.irq.signalled_by_type["msix"],
@@ -309,8 +343,9 @@ class TeeIoDevice:
 
     def _doe_interrupt(self) -> None:
         # §6.30.3: DOE interrupts are MSI/MSI-X only, never INTx.
-        if self.doe_mailbox.take_interrupt() and self.irq.msix_ready(DOE_MSIX_VECTOR):
-            self.irq.raise_msix(DOE_MSIX_VECTOR)
+        vector = self.layout.doe_vector
+        if self.doe_mailbox.take_interrupt() and self.irq.msix_ready(vector):
+            self.irq.raise_msix(vector)
 
     # -- region access ------------------------------------------------------------------------
     def check_bounds(self, index: int, offset: int, count: int) -> None:
@@ -360,11 +395,11 @@ class TeeIoDevice:
         """The completer (link.MmioCompleter): serve a memory request per §11.2.1, or None
         (Unsupported Request)."""
         with self._lock:
-            offset = req.address - (self.config.get(Reg.BAR0, 4) & ~0xF & 0xFFFFFFFF)
-            in_bar = offset >= 0 and offset + req.length <= regs.BAR0_SIZE
+            offset = req.address - self.bar0_address()
+            in_bar = offset >= 0 and offset + req.length <= self.layout.bar0_size
             if not self.tee.mmio_allowed(req, in_bar):
                 return None
             if req.write:
-                self.bar0.write(offset, req.data)
+                self.personality.bar0_write(offset, req.data)
                 return b""
-            return self.bar0.read(offset, req.length)
+            return self.personality.bar0_read(offset, req.length)

@@ -58,6 +58,11 @@ class TdiHost(Protocol):
         """(BAR index, base address, size in bytes) of each implemented memory BAR."""
         ...
 
+    @property
+    def msix_bar(self) -> int:
+        """The BAR of the MSI-X table and PBA (BAR1, or BAR2 behind a 64-bit BAR0)."""
+        ...
+
     def tdi_attached(self, dsm: DeviceSecurityManager) -> None:
         """The DSM now serves TDISP for this function (``dsm.tdisp`` is set)."""
         ...
@@ -74,6 +79,9 @@ class TdiHooks:
 
     def mmio_bars(self) -> Sequence[tuple[int, int, int]]:
         return self.host.mmio_bars()
+
+    def msix_bar(self) -> int:
+        return self.host.msix_bar
 
     def stream_configured(self, stream_id: int) -> bool:
         return self.ide_km is None or self.ide_km.store.has_stream(stream_id)
@@ -130,6 +138,13 @@ class DeviceSecurityManager:
         self.responder.on_session_end.append(self._session_ended)
         self.ide_km: IdeKmResponder | None = None
         self.tdisp: TdispResponder | None = None
+        #: the device's measurements of itself (its configuration), kept across updates
+        self.device_measurements: tuple[MeasurementSource, ...] = ()
+
+    def set_device_measurements(self, extra: Sequence[MeasurementSource]) -> None:
+        """Report *extra* (the device's configuration) beside the firmware's measurements."""
+        self.device_measurements = tuple(extra)
+        self.responder.measurements = {m.index: m for m in (*self.measurements, *extra)}
 
     def attach(self, doe: DoeDispatcher, ide: IdeKeyStore | None = None, *,
                requester_id: int = 0, segment: int = 0, tdi: TdiHost | None = None) -> None:
@@ -283,7 +298,8 @@ class DeviceSecurityManager:
                     f"firmware update refused: the TDI is {self.tdisp.state.name} with "
                     "NO_FW_UPDATE (PCIe 6.x §11.3.6)", refused=True)
             self.measurements = measurements
-            self.responder.measurements = {m.index: m for m in measurements}
+            self.responder.measurements = {m.index: m for m in (*measurements,
+                                                                *self.device_measurements)}
             self.firmware_path = elf
             log.warning("firmware updated from %s: %d measurement blocks", elf,
                         len(measurements))

@@ -8,13 +8,14 @@ device; the transports talk to it, and TEE MMIO reaches the device as TLPs (PCIe
 
 from __future__ import annotations
 
-from teeio.pcie.config import Reg
 from teeio.tdisp.defs import TdiState
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dma import DmaMapSet
 from vfio_user_dev.link.capture import CaptureWriter
 from vfio_user_dev.link.interfaces import DEFAULT_MPS, DEFAULT_MRRS, ROOT_PORT_ID, MmioRequest
 from vfio_user_dev.link.wire import Link
+from vfio_user_dev.personality import PersonalityFactory
+from vfio_user_dev.personality.accelerator import AcceleratorPersonality
 from vfio_user_dev.platform_events import Event, PlatformEvents
 from vfio_user_dev.protocol import PciRegion
 from vfio_user_dev.root_port import RootPort
@@ -24,11 +25,13 @@ DEFAULT_SERIAL = 0x7E10_0000_0000_0001
 
 class Platform:
     def __init__(self, serial: int = DEFAULT_SERIAL, *, mps: int = DEFAULT_MPS,
-                 mrrs: int = DEFAULT_MRRS, capture: CaptureWriter | None = None) -> None:
+                 mrrs: int = DEFAULT_MRRS, capture: CaptureWriter | None = None,
+                 personality: PersonalityFactory = AcceleratorPersonality) -> None:
         self.events = PlatformEvents()
         self.dma = DmaMapSet()
         self.root_port = RootPort(self.dma, events=self.events)
-        self.device = TeeIoDevice(serial, mps=mps, mrrs=mrrs, events=self.events)
+        self.device = TeeIoDevice(serial, mps=mps, mrrs=mrrs, events=self.events,
+                                  personality=personality)
         self.link = Link(self.device.link_end, self.root_port, mps=mps, mrrs=mrrs,
                          capture=capture)
         self.device.link_attached()         # the link follows Device Control from now on
@@ -80,7 +83,7 @@ class Platform:
         dev = self.device
         with dev.lock:
             rid = dev.link_end.requester_id
-            address = (dev.config.get(Reg.BAR0, 4) & ~0xF & 0xFFFFFFFF) + offset
+            address = dev.bar0_address() + offset
             if (dev.tdi_state() is TdiState.CONFIG_UNLOCKED and not self.link.tapped
                     and self.root_port.mmio_in_clear(rid, allow_tee=not host)):
                 return dev.mmio_request(MmioRequest(write, ROOT_PORT_ID, address, count, data))

@@ -85,6 +85,7 @@ class TeeEnforcement:
             if after is not before or actions & TdiAction.QUIESCE:
                 # QUIESCE: queued and running DMA jobs see the new epoch and stop.
                 self.epoch += 1
+                dev.personality.quiesce()
             if actions & TdiAction.SCRUB_SECRETS:
                 self._scrub()
             if actions & TdiAction.REVOKE_TEE_ACCESS:
@@ -105,13 +106,11 @@ class TeeEnforcement:
                      actions.name if actions else "none")
 
     def _scrub(self) -> None:
-        """SCRUB_SECRETS: TVM data in BAR0 and the DMA engine's job state are gone."""
-        dev = self.device
-        dev.engine.drop_jobs()          # a running or queued job's result is dropped
-        dev.bar0.scrub()
-        dev.engine.update_irq(new_bits=0)
+        """SCRUB_SECRETS: TVM data in the personality's state (BAR0, work in flight) is
+        gone."""
+        what = self.device.personality.scrub()
         self.scrubs += 1
-        log.info("TDI secrets scrubbed (BAR0 data and DMA registers, job state)")
+        log.info("TDI secrets scrubbed (%s)", what)
 
     # -- the bound IDE stream (§11.2.6) ---------------------------------------------------------
     def _bound_stream_ok(self) -> bool:

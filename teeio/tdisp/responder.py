@@ -88,6 +88,10 @@ class TdispDeviceHooks(Protocol):
         assigned now in config space."""
         ...
 
+    def msix_bar(self) -> int:
+        """The BAR holding the MSI-X table and PBA: reported IS_NON_TEE_MEM, not locked."""
+        ...
+
     def stream_configured(self, stream_id: int) -> bool:
         """Whether *stream_id* is a configured stream of the device's IDE capability."""
         ...
@@ -327,8 +331,9 @@ class TdispResponder:
         + MMIO_REPORTING_OFFSET) >> 12, Range ID = BAR index.  The MSI-X BAR is not locked,
         so it is IS_NON_TEE_MEM (without the MSIX_TABLE/PBA attributes of locked tables)."""
         ranges = []
+        msix_bar = self.hooks.msix_bar()
         for index, base, size in sorted(self.hooks.mmio_bars()):
-            attrs = (MmioRangeAttributes.IS_NON_TEE_MEM if index == MSIX_BAR
+            attrs = (MmioRangeAttributes.IS_NON_TEE_MEM if index == msix_bar
                      else MmioRangeAttributes(0))
             ranges.append(MmioRange(page_number(base, req.mmio_reporting_offset),
                                     max(1, (size + 0xFFF) >> 12), attrs, index))

@@ -29,6 +29,8 @@ from tsm.tdisp import TdispClient
 from vfio_user_dev import ide_host
 from vfio_user_dev.dsm import DeviceSecurityManager
 from vfio_user_dev.link.capture import CaptureWriter, read_capture
+from vfio_user_dev.personality import PersonalityFactory
+from vfio_user_dev.personality.accelerator import AcceleratorPersonality
 from vfio_user_dev.platform import Platform
 from vfio_user_dev.platform_ctl import PlatformControlServer
 from vfio_user_dev.protocol import DmaFlags, PciRegion
@@ -60,11 +62,12 @@ class TeeRig:
     side of every step."""
 
     def __init__(self, tmp: Path, identity: pki.Identity, *, capture: bool = False,
-                 heartbeat_period: int = 60) -> None:
+                 heartbeat_period: int = 60,
+                 personality: PersonalityFactory = AcceleratorPersonality) -> None:
         self.clock = FakeClock()
         self.capture_path = tmp / "link.pcap" if capture else None
         self.machine = Platform(capture=CaptureWriter(self.capture_path)
-                                if self.capture_path else None)
+                                if self.capture_path else None, personality=personality)
         self.device = self.machine.device
         self.rid = self.device.link_end.requester_id
         self.fd = os.memfd_create("tee-guest")
@@ -83,8 +86,9 @@ class TeeRig:
         self.platform.start()
         self.rp = PlatformClient(str(tmp / "platform.sock"), token)
         # The VMM assigned the BARs and enabled the function.
-        self.cfg_write(Reg.BAR0, BAR0_ADDR)
-        self.cfg_write(Reg.BAR0 + 4, BAR1_ADDR)
+        self.cfg_write(Reg.BAR0, BAR0_ADDR)            # (a 64-bit BAR0's upper half: 0)
+        self.msix_addr = max(BAR1_ADDR, BAR0_ADDR + self.device.layout.bar0_size)
+        self.cfg_write(Reg.BAR0 + 4 * self.device.msix_bar, self.msix_addr)
         self.cfg_write(Reg.COMMAND, Command.MEMORY_SPACE | Command.BUS_MASTER)
         self.req = self.requester()
         self.sid = self.req.start_session(0)

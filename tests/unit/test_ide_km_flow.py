@@ -52,6 +52,9 @@ class Hooks:
     def __init__(self, km: IdeKmResponder) -> None:
         self.km = km
 
+    def msix_bar(self) -> int:
+        return 1
+
     def mmio_bars(self) -> Sequence[tuple[int, int, int]]:
         return [(0, 0xFE00_0000, 0x1000)]
 

@@ -62,6 +62,9 @@ class Device:
         self.streams = {STREAM}
         self.keys: dict[tuple[int, int], set[KeyName]] | None = {(SESSION, STREAM): PR_KEYS}
 
+    def msix_bar(self) -> int:
+        return 1
+
     def mmio_bars(self) -> Sequence[tuple[int, int, int]]:
         return self.bars
 

@@ -47,6 +47,10 @@ BAR0_SIZE = 0x4000      # registers + doorbells for IO_QUEUES + 1 queue pairs, 1
 class Bus(Protocol):
     """What the controller needs from the device around it."""
 
+    def begin_command(self) -> None:
+        """A command is about to be fetched: its DMA (fetch, PRP lists, data, completion)
+        goes out as the device allows now, and not at all once that changed (QUIESCE)."""
+
     def dma_read(self, address: int, length: int) -> bytes: ...
 
     def dma_write(self, address: int, data: bytes) -> None: ...
@@ -219,6 +223,7 @@ class NvmeController:
 
     def _process(self, sq: SubmissionQueue, cq: CompletionQueue, addr: int,
                  generation: int) -> None:
+        self.bus.begin_command()
         try:
             cmd = Command.decode(self.bus.dma_read(addr, SQE_SIZE))
         except Exception as exc:           # noqa: BLE001 - any bus refusal is fatal here
