@@ -205,3 +205,10 @@ def test_protocol_decode_error_class() -> None:
         Mine.decode(b"\x08")
     assert err.value.offset == 0 and "expected 0x7" in err.value.reason
     assert Mine.decode(b"\x07") == Mine()
+
+
+def test_declare_says_init_as_the_kind_does() -> None:
+    from teeio.codec import Fixed, declare
+    with pytest.raises(TypeError, match="init=True"):
+        declare(Fixed(1, 0))
+    assert declare(Fixed(1, 0), 0, init=False).init is False
