@@ -17,7 +17,7 @@ import struct
 from typing import Any
 
 from teeio import codec
-from teeio.codec import Field, Reader, Reserved, Struct, UInt, Writer
+from teeio.codec import REST, Data, Field, Reader, Reserved, Struct, UInt, Writer
 
 __all__ = ["MAX_JSON_DEPTH", "Argsz", "Capabilities", "ProtocolError", "Unused",
            "VfioDecodeError", "compile_layout", "json_too_deep"]
@@ -140,12 +140,19 @@ class Capabilities(Field):
             raise ValueError(f"{self.name} must be a dict")
 
     def strategy(self, known: Any, ctx: Any) -> Any:
-        from hypothesis import strategies as st
-        scalar = (st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70)
-                  | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8))
-        value = scalar | st.lists(scalar, max_size=3) \
-            | st.dictionaries(st.text(max_size=6), scalar, max_size=3)
-        return st.dictionaries(st.text(max_size=12), value, max_size=4)
+        # from the core's bytes strategy (a role does not import hypothesis itself)
+        return Data(REST).strategy(known, ctx).map(_sample_capabilities)
+
+
+def _sample_capabilities(seed: bytes) -> dict[str, object]:
+    """Capabilities made from *seed* (property tests): every kind of JSON value."""
+    caps: dict[str, object] = {}
+    for i in range(0, len(seed) - 2, 3):
+        kind, a, b = seed[i] % 7, seed[i + 1], seed[i + 2]
+        values: list[object] = [None, a % 2 == 1, (a - b) << 60, f"s\u00e9{a:02x}", a / 4,
+                                [a, b, None], {"x": a, "y": [b]}]
+        caps[f"k{i}"] = values[kind]
+    return caps
 
 
 _FORMAT = {1: "B", 2: "H", 4: "I", 8: "Q"}

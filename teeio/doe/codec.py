@@ -31,6 +31,7 @@ from teeio.codec import (
     Reader,
     Reserved,
     Struct,
+    UInt,
     Writer,
     declare,
     u8,
@@ -153,10 +154,9 @@ class _Header2(Field):
             raise ValueError(f"connection id {value!r} exceeds 12 bits")
 
     def strategy(self, known: Any, ctx: Any) -> Any:
-        from hypothesis import strategies as st
-        if _has_connection_id(known["vendor_id"], known["data_object_type"]):
-            return st.integers(0, 0xFFF)
-        return st.just(0)
+        # composed from the core's strategies: hypothesis stays teeio.codec's import
+        mask = 0xFFF if _has_connection_id(known["vendor_id"], known["data_object_type"]) else 0
+        return UInt(2).strategy(known, ctx).map(lambda v: v & mask)
 
 
 class _Payload(Data):
@@ -173,8 +173,7 @@ class _Payload(Data):
             raise ValueError(f"DOE payload of {len(value)} bytes exceeds 2^18 DW")
 
     def strategy(self, known: Any, ctx: Any) -> Any:
-        from hypothesis import strategies as st
-        return st.integers(0, 16).flatmap(lambda n: st.binary(min_size=4 * n, max_size=4 * n))
+        return super().strategy(known, ctx).map(lambda b: b[:len(b) & ~3])
 
 
 # -- data objects -------------------------------------------------------------------------------

@@ -178,11 +178,9 @@ class _U8Prefixed(Field):
             raise ValueError(f"{self.name} entries must be bytes (0..255)")
 
     def strategy(self, known: Any, ctx: Any) -> Any:
-        from hypothesis import strategies as st
-        if self.entries:
-            return st.lists(st.integers(0, 0xFF), min_size=max(self.min_count, 1),
-                            max_size=8).map(tuple)
-        return st.binary(max_size=8)
+        # composed from the core's strategies: hypothesis stays teeio.codec's import
+        s = Data(REST, max_size=8).strategy(known, ctx)
+        return s.map(lambda b: tuple(b) or (TDISP_VERSION_1_0,)) if self.entries else s
 
 
 def _u8_prefixed(count_name: str, default: Any, **kw: Any) -> Any:
