@@ -17,12 +17,12 @@ import dataclasses
 import enum
 import struct
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Self, dataclass_transform
 
 __all__ = [
-    "REST", "DecodeError", "Field", "declare", "ProtocolError", "Reader", "Struct", "Writer",
-    "data", "fixed", "items", "iter_fields", "nested", "raw", "reserved", "strategy", "u8",
-    "u16", "u24", "u32", "u64", "uint",
+    "REST", "DecodeError", "Field", "ProtocolError", "Reader", "Struct", "Writer",
+    "data", "declare", "fixed", "items", "iter_fields", "nested", "raw", "reserved",
+    "strategy", "u8", "u16", "u24", "u32", "u64", "uint",
 ]
 
 #: size/count of a field that takes the rest of the input
@@ -386,9 +386,7 @@ class Raw(Field):
 
 # --- declaring fields ------------------------------------------------------------------------
 
-def declare(spec: Field, default: Any = dataclasses.MISSING) -> Any:
-    """The dataclass field for *spec*: how a protocol declares a field kind of its own
-    (a subclass of :class:`Field`)."""
+def _declare(spec: Field, default: Any = dataclasses.MISSING) -> Any:
     meta = {"codec": spec}
     if not spec.init:
         return dataclasses.field(default=default if default is not dataclasses.MISSING
@@ -404,7 +402,7 @@ def uint(size: int, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     """An unsigned integer of ``size`` bytes; ``kind`` (an enum) decodes to it and rejects
     unknown values; ``reserved_mask`` bits must be zero; ``length_of``/``count_of`` derive
     it from a later bytes/items field at encode time."""
-    return declare(UInt(size, **kw), default)
+    return _declare(UInt(size, **kw), default)
 
 
 def u8(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -427,30 +425,39 @@ def u64(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     return uint(8, default, **kw)
 
 
-def fixed(size: int, value: int, *, big: bool = False,
-          init: Literal[False] = False) -> Any:
-    return declare(Fixed(size, value, big=big), value)
+def declare(spec: Field, default: Any = dataclasses.MISSING, *, init: bool = True) -> Any:
+    """A field of a protocol's own kind (a :class:`Field` subclass).  ``init`` must say what
+    ``spec.init`` says: type checkers read it (and ``default=`` by keyword) from the call."""
+    if init != spec.init:
+        raise TypeError(f"declare: init={init} but {type(spec).__name__}.init={spec.init}")
+    return _declare(spec, default)
+
+
+# ``init: Literal[False]`` below is for type checkers only (Struct's dataclass_transform)
+
+def fixed(size: int, value: int, *, big: bool = False, init: Literal[False] = False) -> Any:
+    return _declare(Fixed(size, value, big=big), value)
 
 
 def reserved(size: int, *, init: Literal[False] = False) -> Any:
-    return declare(Reserved(size))
+    return _declare(Reserved(size))
 
 
 def data(size: SizeSpec, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    return declare(Data(size, **kw), default)
+    return _declare(Data(size, **kw), default)
 
 
 def nested(kind: type[Struct], default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    return declare(Nested(kind, **kw), default)
+    return _declare(Nested(kind, **kw), default)
 
 
 def items(kind: type[Struct], count: SizeSpec, default: Any = dataclasses.MISSING,
           **kw: Any) -> Any:
-    return declare(Items(kind, count, **kw), default)
+    return _declare(Items(kind, count, **kw), default)
 
 
 def raw(*, init: Literal[False] = False) -> Any:
-    return declare(Raw())
+    return _declare(Raw())
 
 
 # --- messages --------------------------------------------------------------------------------
@@ -475,8 +482,11 @@ def _present(spec: Field, known: Known, ctx: Any) -> bool:
     return spec.when is None or spec.when(known, ctx)
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(fixed, reserved, raw, declare))
 class Struct:
-    """Base of every declared message; subclasses are ``@dataclass(frozen=True)``."""
+    """Base of every declared message; subclasses are ``@dataclass(frozen=True)``.  (The
+    dataclass_transform lets type checkers leave constant and derived fields out of
+    ``__init__``, as the runtime does.)"""
 
     _codec_plan: ClassVar[tuple[Field, ...] | None] = None
     #: what :meth:`decode` raises: a protocol's subclass of DecodeError taking

@@ -9,7 +9,10 @@ The token never crosses the socket and is never logged.
 The server is the device server's (it owns the root port); the client,
 :class:`PlatformClient`, is what the TSM uses.  Both build every message with the helpers
 here (:func:`canonical`, :func:`derive_keys`, :func:`message_mac`, :func:`wrap_key`,
-:func:`unwrap_key`), and name a stream's state with :class:`StreamState`.  The client
+:func:`unwrap_key`; the wrapped key's bytes are :class:`KeyBlob`, declared on
+:mod:`teeio.codec`), and name a stream's state with :class:`StreamState`.  What a client
+receives has one strict decode each: :func:`decode_hello`, :func:`decode_response`
+(:class:`PlatformCtlError` ``malformed`` saying what is wrong).  The client
 sends and receives through :class:`teeio.transport.LineConnection`, so this module holds
 no socket code of its own.
 
@@ -69,6 +72,7 @@ import hmac
 import json
 import os
 import secrets
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -77,12 +81,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from teeio.codec import DecodeError, Struct, data, u64
 from teeio.ide import IdeKey
 from teeio.transport.line_client import LineConnection
 
-__all__ = ["KEY_AAD", "MAX_LINE", "NONCE_LEN", "PROTOCOL", "TOKEN_LEN", "PlatformClient",
-           "PlatformCtlError", "StreamState", "canonical", "derive_keys", "message_mac",
-           "read_credential", "unwrap_key", "wrap_key", "write_credential"]
+__all__ = ["KEY_AAD", "MAX_LINE", "NONCE_LEN", "PROTOCOL", "TOKEN_LEN", "Hello", "KeyBlob",
+           "PlatformClient", "PlatformCtlError", "Response", "StreamState", "canonical",
+           "decode_hello", "decode_response", "derive_keys", "message_mac", "read_credential",
+           "unwrap_key", "wrap_key", "write_credential"]
 
 PROTOCOL = "teeio-platform/1"
 TOKEN_LEN = 32
@@ -113,6 +119,79 @@ class PlatformCtlError(Exception):
         super().__init__(f"{code}: {message}")
 
 
+# -- the JSON bodies a client receives: one strict decode each ---------------------------------
+
+def _object(line: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise PlatformCtlError("malformed", f"{what} is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise PlatformCtlError("malformed", f"{what} is not a JSON object")
+    return obj
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The server's greeting: ``{"type": "hello", "protocol": PROTOCOL, "nonce": hex}``."""
+
+    nonce: bytes
+
+
+def decode_hello(line: bytes) -> Hello:
+    obj = _object(line, "greeting")
+    if obj.get("type") != "hello" or obj.get("protocol") != PROTOCOL:
+        raise PlatformCtlError("malformed", f"unexpected greeting {obj!r}")
+    nonce = obj.get("nonce")
+    try:
+        raw = bytes.fromhex(nonce) if isinstance(nonce, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != NONCE_LEN:
+        raise PlatformCtlError("malformed", f"greeting: 'nonce' must be {NONCE_LEN} bytes "
+                                            f"in hex, got {nonce!r}")
+    return Hello(raw)
+
+
+@dataclass(frozen=True)
+class Response:
+    """One response: ``{"seq", "ok": true, "result": {...}, "mac"}`` or ``{"seq" (or
+    null), "ok": false, "error": {"code", "message"}, "mac" (when authenticated)}``.
+    :attr:`body` is the object as received, what :attr:`mac` covers."""
+
+    seq: int | None
+    ok: bool
+    result: dict[str, Any] | None
+    error_code: str | None
+    error_message: str | None
+    mac: str | None
+    body: dict[str, Any]
+
+
+def decode_response(line: bytes) -> Response:
+    obj = _object(line, "response")
+    seq, ok, mac = obj.get("seq"), obj.get("ok"), obj.get("mac")
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)
+                            or not 0 <= seq < 1 << 64):
+        raise PlatformCtlError("malformed", f"response 'seq' must be an integer 0..2^64-1 or "
+                                            f"null, got {seq!r}")
+    if not isinstance(ok, bool):
+        raise PlatformCtlError("malformed", f"response 'ok' must be true or false, got {ok!r}")
+    if mac is not None and not isinstance(mac, str):
+        raise PlatformCtlError("malformed", "response 'mac' must be a string")
+    if ok:
+        result = obj.get("result")
+        if not isinstance(result, dict):
+            raise PlatformCtlError("malformed", "response 'result' must be an object")
+        return Response(seq, ok, result, None, None, mac, obj)
+    err = obj.get("error")
+    if not isinstance(err, dict) or not isinstance(err.get("code"), str) \
+            or not isinstance(err.get("message"), str):
+        raise PlatformCtlError("malformed", "response 'error' must be an object with string "
+                                            "'code' and 'message'")
+    return Response(seq, ok, None, err["code"], err["message"], mac, obj)
+
+
 def canonical(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
@@ -129,16 +208,33 @@ def message_mac(k_mac: bytes, kind: bytes, nonce: bytes, msg: dict[str, Any]) ->
     return hmac.new(k_mac, kind + nonce + canonical(body), hashlib.sha256).hexdigest()
 
 
+def _key_field() -> Any:
+    f = data(32)
+    f.repr = False          # a key: never in a repr
+    return f
+
+
+@dataclass(frozen=True)
+class KeyBlob(Struct):
+    """What ``wrapped_key`` encrypts: the key, then the IFV big-endian (the binary part of
+    the channel; its envelope is the JSON request and its MAC)."""
+
+    key: bytes = _key_field()
+    ifv: int = u64(big=True)
+
+
 def wrap_key(k_wrap: bytes, seq: int, key: IdeKey) -> str:
-    blob = key.key + key.ifv.to_bytes(8, "big")
+    blob = KeyBlob(key.key, key.ifv).encode()
     return AESGCM(k_wrap).encrypt(seq.to_bytes(12, "big"), blob, KEY_AAD).hex()
 
 
 def unwrap_key(k_wrap: bytes, seq: int, wrapped: str) -> IdeKey:
     blob = AESGCM(k_wrap).decrypt(seq.to_bytes(12, "big"), bytes.fromhex(wrapped), KEY_AAD)
-    if len(blob) != 40:
-        raise ValueError("wrapped key must hold 32 key bytes and an 8-byte IFV")
-    return IdeKey(blob[:32], int.from_bytes(blob[32:], "big"))
+    try:
+        k = KeyBlob.decode(blob)
+    except DecodeError:     # not chained: the error keeps the raw (secret) bytes
+        raise ValueError("wrapped key must hold 32 key bytes and an 8-byte IFV") from None
+    return IdeKey(k.key, k.ifv)
 
 
 def write_credential(path: Path) -> bytes:
@@ -176,10 +272,7 @@ class PlatformClient:
     def __init__(self, path: str, token: bytes, timeout: float = 10.0) -> None:
         self.conn = LineConnection(path, timeout, MAX_LINE)
         try:
-            hello = self.recv()
-            if hello.get("type") != "hello" or hello.get("protocol") != PROTOCOL:
-                raise PlatformCtlError("malformed", f"unexpected greeting {hello!r}")
-            self.nonce = bytes.fromhex(str(hello["nonce"]))
+            self.nonce = decode_hello(self._line()).nonce
         except BaseException:
             self.conn.close()
             raise
@@ -198,14 +291,15 @@ class PlatformClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def recv(self) -> dict[str, Any]:
+    def _line(self) -> bytes:
         line = self.conn.recv_line()
         if not line:
             raise ConnectionError("platform control socket closed")
-        msg = json.loads(line)
-        if not isinstance(msg, dict):
-            raise PlatformCtlError("malformed", "response is not an object")
-        return msg
+        return line
+
+    def recv(self) -> dict[str, Any]:
+        """The next response, strictly decoded, as the object received."""
+        return decode_response(self._line()).body
 
     def send_raw(self, data: bytes) -> dict[str, Any]:
         """Send *data* as it is (tests: malformed or forged requests); the reply."""
@@ -224,22 +318,17 @@ class PlatformClient:
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         msg = self.request(op, args)
-        reply = self.send_raw(canonical(msg) + b"\n")
-        mac = reply.get("mac")
-        if not isinstance(mac, str) or not hmac.compare_digest(
-                mac, message_mac(self._k_mac, b"rsp", self.nonce, reply)):
-            err = reply.get("error") or {}
-            raise PlatformCtlError(str(err.get("code", "unauthenticated")),
-                                   f"response not authenticated: {err.get('message', '')}")
-        if reply.get("seq") != msg["seq"]:
-            raise PlatformCtlError("malformed", f"response to seq {reply.get('seq')}, "
-                                                f"sent {msg['seq']}")
-        if not reply.get("ok"):
-            err = reply["error"]
-            raise PlatformCtlError(str(err["code"]), str(err["message"]))
-        result = reply["result"]
-        assert isinstance(result, dict)
-        return result
+        self.conn.send(canonical(msg) + b"\n")
+        rsp = decode_response(self._line())
+        if rsp.mac is None or not hmac.compare_digest(
+                rsp.mac, message_mac(self._k_mac, b"rsp", self.nonce, rsp.body)):
+            raise PlatformCtlError(rsp.error_code or "unauthenticated",
+                                   f"response not authenticated: {rsp.error_message or ''}")
+        if rsp.seq != msg["seq"]:
+            raise PlatformCtlError("malformed", f"response to seq {rsp.seq}, sent {msg['seq']}")
+        if rsp.result is None:
+            raise PlatformCtlError(rsp.error_code or "malformed", rsp.error_message or "")
+        return rsp.result
 
     def key_prog(self, stream_id: int, direction: str, substream: str, key_set: int,
                  key: IdeKey) -> None:

@@ -8,6 +8,9 @@ Every message starts with a 16-byte header::
     +-------+-------+---------------+---------------+---------------+
     flags: bits 0-3 type (0 command, 1 reply), bit 4 No_reply, bit 5 Error
 
+Every header and payload is declared on :mod:`teeio.codec`; the struct constants
+(``HEADER``, ``DMA_MAP``, ``REGION_RW``...) are compiled from those declarations, and the
+hot messages (the header, REGION_READ/REGION_WRITE) encode and decode through them.
 Decoders take the payload (bytes after the header) and validate it; a short or
 inconsistent payload raises :class:`ProtocolError` carrying the errno the reply
 must use.  Interop note (DMA_READ/DMA_WRITE): we use the spec's layout,
@@ -20,13 +23,36 @@ those headers would corrupt every DMA (QEMU answers E2BIG to its writes).
 from __future__ import annotations
 
 import errno
-import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+from typing import Any, ClassVar, Self
 
-HEADER = struct.Struct("<HHIII")
-HEADER_SIZE = HEADER.size  # 16
+from teeio.codec import REST, DecodeError, Reader, Struct, data, declare, u16, u32, u64
+
+from .wire import (
+    MAX_JSON_DEPTH,
+    Argsz,
+    Capabilities,
+    ProtocolError,
+    Unused,
+    VfioDecodeError,
+    compile_layout,
+    json_too_deep,
+)
+
+__all__ = [
+    "ACTION_MASK", "DATA_MASK", "DEVICE_INFO", "DMA_MAP", "DMA_RW", "DMA_UNMAP", "HEADER",
+    "HEADER_SIZE", "IRQ_INFO", "IRQ_SET", "MAX_DATA_XFER", "MAX_DMA_MAPS", "MAX_JSON_DEPTH",
+    "MAX_MESSAGE", "MAX_MSG_FDS", "REGION_INFO", "REGION_RW", "TYPE_MASK", "Command",
+    "DeviceFlags", "DeviceInfo", "DmaAccess", "DmaFlags", "DmaMap", "DmaUnmap", "Flags",
+    "Header", "IrqInfo", "IrqInfoFlags", "IrqInfoRequest", "IrqSet", "IrqSetFlags", "PciIrq",
+    "PciRegion", "ProtocolError", "RegionAccess", "RegionFlags", "RegionInfo",
+    "RegionInfoRequest", "VfioDecodeError", "Version", "decode_argsz", "decode_dma_rw",
+    "encode_dma_rw", "error_reply", "json_too_deep", "message", "reply",
+]
+
+HEADER_SIZE = 16
 
 MAX_DATA_XFER = 1 << 20       # our max_data_xfer_size (spec default)
 MAX_MSG_FDS = 8
@@ -34,9 +60,6 @@ MAX_MESSAGE = MAX_DATA_XFER + 4096  # any larger message is refused (E2BIG)
 # Live DMA maps a client may hold at once: the VERSION capability "max_dma_maps" (the
 # spec's default is 65535; a server may announce fewer).  Beyond it DMA_MAP is ENOSPC.
 MAX_DMA_MAPS = 4096
-# VERSION capabilities are a shallow JSON object ("capabilities" -> "migration" -> its
-# fields: depth 3); anything nested deeper is refused before the parser recurses into it.
-MAX_JSON_DEPTH = 8
 
 
 class Command(IntEnum):
@@ -127,30 +150,60 @@ class PciIrq(IntEnum):
     REQ = 4
 
 
-class ProtocolError(Exception):
-    """A malformed or refused message; ``errno`` goes into the error reply."""
+# --- messages ------------------------------------------------------------------------
 
-    def __init__(self, err: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = err
+@dataclass(frozen=True)
+class _Message(Struct):
+    """A vfio-user header or payload.  ``decode`` names the message in its errors
+    (``WHAT``), takes trailing bytes only where the spec lets ``argsz`` grow
+    (``TRAILING``), then applies the rules the layout cannot say (:meth:`_validate`)."""
+
+    DECODE_ERROR = VfioDecodeError
+    WHAT: ClassVar[str] = ""
+    TRAILING: ClassVar[bool] = False
+
+    @classmethod
+    def decode(cls, buf: bytes | bytearray | memoryview, ctx: Any = None) -> Self:
+        try:
+            obj = cls.pull(Reader(buf), ctx) if cls.TRAILING else super().decode(buf, ctx)
+        except DecodeError as exc:
+            raise VfioDecodeError(exc.raw, exc.offset, f"{cls.WHAT}: {exc.reason}") from None
+        obj._validate()
+        return obj
+
+    def _validate(self) -> None:
+        """Raise :class:`ProtocolError` for a decoded message the server must refuse."""
 
 
 @dataclass(frozen=True)
-class Header:
-    msg_id: int
-    command: int
-    size: int
-    flags: int
-    error: int = 0
+class Header(_Message):
+    WHAT = "header"
+    msg_id: int = u16()
+    command: int = u16()
+    size: int = u32()
+    flags: int = u32()
+    error: int = u32(0)
 
-    def encode(self) -> bytes:
+    # The hot path: one precompiled struct (HEADER, from the declaration above) both ways;
+    # its range checks stand in for the field checks.
+    def __post_init__(self) -> None:
+        try:
+            HEADER.pack(self.msg_id, self.command, self.size, self.flags, self.error)
+        except struct.error as exc:
+            raise ValueError(f"Header: {exc}") from None
+
+    def encode(self, ctx: Any = None) -> bytes:
         return HEADER.pack(self.msg_id, self.command, self.size, self.flags, self.error)
 
     @classmethod
-    def decode(cls, data: bytes) -> Header:
-        if len(data) < HEADER_SIZE:
-            raise ProtocolError(errno.EINVAL, f"header needs 16 bytes, got {len(data)}")
-        return cls(*HEADER.unpack_from(data))
+    def decode(cls, buf: bytes | bytearray | memoryview, ctx: Any = None) -> Self:
+        """The header at the start of *buf*; what follows is not looked at."""
+        if len(buf) < HEADER_SIZE:
+            raise VfioDecodeError(buf, len(buf), f"header needs 16 bytes, got {len(buf)}")
+        obj = object.__new__(cls)
+        d = obj.__dict__
+        d["msg_id"], d["command"], d["size"], d["flags"], d["error"] = HEADER.unpack_from(buf)
+        return obj
 
     @property
     def is_reply(self) -> bool:
@@ -171,9 +224,12 @@ class Header:
             return f"UNKNOWN({self.command})"
 
 
+HEADER = compile_layout(Header)
+
+
 def message(msg_id: int, command: int, payload: bytes = b"", flags: int = 0,
             error: int = 0) -> bytes:
-    return Header(msg_id, command, HEADER_SIZE + len(payload), flags, error).encode() + payload
+    return HEADER.pack(msg_id, command, HEADER_SIZE + len(payload), flags, error) + payload
 
 
 def reply(req: Header, payload: bytes = b"") -> bytes:
@@ -184,251 +240,263 @@ def error_reply(req: Header, err: int) -> bytes:
     return message(req.msg_id, req.command, b"", Flags.REPLY | Flags.ERROR, err)
 
 
-def _need(payload: bytes, size: int, what: str, exact: bool = False) -> None:
-    if len(payload) < size or (exact and len(payload) != size):
-        raise ProtocolError(errno.EINVAL,
-                            f"{what}: payload of {len(payload)} bytes, expected "
-                            f"{'exactly ' if exact else 'at least '}{size}")
+def _need(payload: bytes, size: int, what: str) -> None:
+    if len(payload) < size:
+        raise VfioDecodeError(payload, len(payload), f"{what}: payload of {len(payload)} "
+                                                     f"bytes, expected at least {size}")
 
 
 # --- VERSION -------------------------------------------------------------------------
 
-def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether JSON *text* nests arrays and objects more than *limit* deep, found without
-    recursion (brackets inside strings do not count), so that a hostile document cannot
-    exhaust the parser's stack."""
-    if text.count("[") + text.count("{") <= limit:
-        return False
-    depth = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif ch in "]}":
-            depth -= 1
-    return False
-
-
 @dataclass(frozen=True)
-class Version:
-    major: int
-    minor: int
-    capabilities: dict[str, object] = field(default_factory=dict)
+class Version(_Message):
+    """Spec "Version": major, minor, then the capabilities as a NUL-terminated JSON
+    string ``{"capabilities": {...}}`` (absent when there are none)."""
 
-    def encode(self) -> bytes:
-        body = struct.pack("<HH", self.major, self.minor)
-        if self.capabilities:
-            body += json.dumps({"capabilities": self.capabilities},
-                               separators=(",", ":")).encode() + b"\0"
-        return body
+    WHAT = "VERSION"
+    major: int = u16()
+    minor: int = u16()
+    capabilities: dict[str, object] = declare(Capabilities(), default=None)
 
-    @classmethod
-    def decode(cls, payload: bytes) -> Version:
-        _need(payload, 4, "VERSION")
-        major, minor = struct.unpack_from("<HH", payload)
-        caps: dict[str, object] = {}
-        rest = payload[4:].rstrip(b"\0")
-        if rest:
-            # Spec "Version": the capabilities are a NUL-terminated JSON string.  Bounded
-            # before parsing: nesting depth (a deep document would raise RecursionError)
-            # and, through ValueError, integers longer than the interpreter converts.
-            try:
-                text = rest.decode()
-            except UnicodeDecodeError as exc:
-                raise ProtocolError(errno.EINVAL, f"VERSION: bad JSON: {exc}") from None
-            if json_too_deep(text):
-                raise ProtocolError(errno.EINVAL, f"VERSION: JSON nested deeper than "
-                                                  f"{MAX_JSON_DEPTH} levels")
-            try:
-                doc = json.loads(text)
-            except (ValueError, RecursionError) as exc:    # JSONDecodeError is a ValueError
-                raise ProtocolError(errno.EINVAL, f"VERSION: bad JSON: {exc}") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("capabilities", {}), dict):
-                raise ProtocolError(errno.EINVAL, "VERSION: capabilities must be an object")
-            caps = dict(doc.get("capabilities", {}))
-        return cls(major, minor, caps)
+    def __init__(self, major: int, minor: int,
+                 capabilities: dict[str, object] | None = None) -> None:
+        object.__setattr__(self, "major", major)
+        object.__setattr__(self, "minor", minor)
+        object.__setattr__(self, "capabilities", {} if capabilities is None else capabilities)
+        self.__post_init__()
 
 
 # --- DMA_MAP / DMA_UNMAP -----------------------------------------------------------------
 
-DMA_MAP = struct.Struct("<IIQQQ")      # argsz flags offset address size
-DMA_UNMAP = struct.Struct("<IIQQ")     # argsz flags address size
+@dataclass(frozen=True)
+class DmaMap(_Message):
+    """argsz (32 when sent; a larger one is accepted), flags, offset, address, size."""
+
+    WHAT = "DMA_MAP"
+    argsz: int = declare(Argsz(32), init=False)
+    flags: int = u32()
+    offset: int = u64()
+    address: int = u64()
+    size: int = u64()
+
+    def _validate(self) -> None:
+        if self.size == 0 or self.address + self.size > 1 << 64:
+            raise ProtocolError(errno.EINVAL, f"DMA_MAP: bad range {self.address:#x}"
+                                              f"+{self.size:#x}")
 
 
 @dataclass(frozen=True)
-class DmaMap:
-    flags: int
-    offset: int
-    address: int
-    size: int
+class DmaUnmap(_Message):
+    WHAT = "DMA_UNMAP"
+    argsz: int = u32()
+    flags: int = u32()
+    address: int = u64()
+    size: int = u64()
 
-    def encode(self) -> bytes:
-        return DMA_MAP.pack(DMA_MAP.size, self.flags, self.offset, self.address, self.size)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> DmaMap:
-        _need(payload, DMA_MAP.size, "DMA_MAP", exact=True)
-        argsz, flags, offset, address, size = DMA_MAP.unpack(payload)
-        if argsz < DMA_MAP.size:
-            raise ProtocolError(errno.EINVAL, f"DMA_MAP: argsz {argsz} < 32")
-        if size == 0 or address + size > 1 << 64:
-            raise ProtocolError(errno.EINVAL, f"DMA_MAP: bad range {address:#x}+{size:#x}")
-        return cls(flags, offset, address, size)
+    def _validate(self) -> None:
+        if self.argsz < DMA_UNMAP.size:
+            raise ProtocolError(errno.EINVAL, f"DMA_UNMAP: argsz {self.argsz} < 24")
+        if self.flags != 0:
+            raise ProtocolError(errno.EINVAL, f"DMA_UNMAP: unsupported flags {self.flags:#x}")
 
 
-@dataclass(frozen=True)
-class DmaUnmap:
-    argsz: int
-    flags: int
-    address: int
-    size: int
-
-    def encode(self) -> bytes:
-        return DMA_UNMAP.pack(self.argsz, self.flags, self.address, self.size)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> DmaUnmap:
-        _need(payload, DMA_UNMAP.size, "DMA_UNMAP", exact=True)
-        argsz, flags, address, size = DMA_UNMAP.unpack(payload)
-        if argsz < DMA_UNMAP.size:
-            raise ProtocolError(errno.EINVAL, f"DMA_UNMAP: argsz {argsz} < 24")
-        if flags != 0:
-            raise ProtocolError(errno.EINVAL, f"DMA_UNMAP: unsupported flags {flags:#x}")
-        return cls(argsz, flags, address, size)
+DMA_MAP = compile_layout(DmaMap)
+DMA_UNMAP = compile_layout(DmaUnmap)
 
 
 # --- DEVICE_GET_INFO / REGION_INFO / IRQ_INFO ------------------------------------------
 
-DEVICE_INFO = struct.Struct("<IIII")     # argsz flags num_regions num_irqs
-REGION_INFO = struct.Struct("<IIIIQQ")   # argsz flags index cap_offset size offset
-IRQ_INFO = struct.Struct("<IIII")        # argsz flags index count
-IRQ_SET = struct.Struct("<IIIII")        # argsz flags index start count
+@dataclass(frozen=True)
+class DeviceInfo(_Message):
+    """DEVICE_GET_INFO reply."""
+
+    WHAT = "DEVICE_GET_INFO"
+    argsz: int = u32()
+    flags: int = u32()
+    num_regions: int = u32()
+    num_irqs: int = u32()
+
+
+@dataclass(frozen=True)
+class RegionInfo(_Message):
+    """DEVICE_GET_REGION_INFO reply (the request has the same layout)."""
+
+    WHAT = "DEVICE_GET_REGION_INFO"
+    argsz: int = u32()
+    flags: int = u32()
+    index: int = u32()
+    cap_offset: int = u32()
+    size: int = u64()
+    offset: int = u64()
+
+
+@dataclass(frozen=True)
+class IrqInfo(_Message):
+    """DEVICE_GET_IRQ_INFO reply (the request has the same layout)."""
+
+    WHAT = "DEVICE_GET_IRQ_INFO"
+    argsz: int = u32()
+    flags: int = u32()
+    index: int = u32()
+    count: int = u32()
+
+
+DEVICE_INFO = compile_layout(DeviceInfo)
+REGION_INFO = compile_layout(RegionInfo)
+IRQ_INFO = compile_layout(IrqInfo)
 
 
 def decode_argsz(payload: bytes, fixed: int, what: str) -> int:
     _need(payload, 4, what)
-    (argsz,) = struct.unpack_from("<I", payload)
+    argsz = Reader(payload).pull_u32()
     if argsz < fixed:
-        raise ProtocolError(errno.EINVAL, f"{what}: argsz {argsz} < {fixed}")
-    return int(argsz)
+        raise VfioDecodeError(payload, 0, f"{what}: argsz {argsz} < {fixed}")
+    return argsz
 
 
 @dataclass(frozen=True)
-class RegionInfoRequest:
-    argsz: int
-    index: int
+class RegionInfoRequest(_Message):
+    """What the server reads of a DEVICE_GET_REGION_INFO request: argsz (at least 32,
+    anything beyond ignored) and the index."""
 
-    @classmethod
-    def decode(cls, payload: bytes) -> RegionInfoRequest:
-        _need(payload, REGION_INFO.size, "DEVICE_GET_REGION_INFO")
-        argsz, _flags, index, _cap, _size, _off = REGION_INFO.unpack_from(payload)
-        if argsz < REGION_INFO.size:
-            raise ProtocolError(errno.EINVAL, f"DEVICE_GET_REGION_INFO: argsz {argsz} < 32")
-        return cls(argsz, index)
+    WHAT = "DEVICE_GET_REGION_INFO"
+    TRAILING = True
+    argsz: int = u32()
+    _flags: None = declare(Unused(4), init=False)
+    index: int = u32()
+    _rest: None = declare(Unused(20), init=False)      # cap_offset, size, offset
 
-
-@dataclass(frozen=True)
-class IrqInfoRequest:
-    argsz: int
-    index: int
-
-    @classmethod
-    def decode(cls, payload: bytes) -> IrqInfoRequest:
-        _need(payload, IRQ_INFO.size, "DEVICE_GET_IRQ_INFO")
-        argsz, _flags, index, _count = IRQ_INFO.unpack_from(payload)
-        if argsz < IRQ_INFO.size:
-            raise ProtocolError(errno.EINVAL, f"DEVICE_GET_IRQ_INFO: argsz {argsz} < 16")
-        return cls(argsz, index)
+    def _validate(self) -> None:
+        if self.argsz < REGION_INFO.size:
+            raise ProtocolError(errno.EINVAL, f"DEVICE_GET_REGION_INFO: argsz {self.argsz} < 32")
 
 
 @dataclass(frozen=True)
-class IrqSet:
-    flags: int
-    index: int
-    start: int
-    count: int
-    data: bytes = b""
+class IrqInfoRequest(_Message):
+    """What the server reads of a DEVICE_GET_IRQ_INFO request: argsz (at least 16) and
+    the index."""
 
-    def encode(self) -> bytes:
-        return IRQ_SET.pack(IRQ_SET.size + len(self.data), self.flags, self.index,
-                            self.start, self.count) + self.data
+    WHAT = "DEVICE_GET_IRQ_INFO"
+    TRAILING = True
+    argsz: int = u32()
+    _flags: None = declare(Unused(4), init=False)
+    index: int = u32()
+    _count: None = declare(Unused(4), init=False)
 
-    @classmethod
-    def decode(cls, payload: bytes) -> IrqSet:
-        _need(payload, IRQ_SET.size, "DEVICE_SET_IRQS")
-        argsz, flags, index, start, count = IRQ_SET.unpack_from(payload)
-        data = payload[IRQ_SET.size:]
-        if argsz != len(payload):
-            raise ProtocolError(errno.EINVAL,
-                                f"DEVICE_SET_IRQS: argsz {argsz} != payload {len(payload)}")
-        d = flags & DATA_MASK
-        a = flags & ACTION_MASK
-        unknown = flags & ~int(DATA_MASK | ACTION_MASK)  # int: ~IntFlag would be 0
+    def _validate(self) -> None:
+        if self.argsz < IRQ_INFO.size:
+            raise ProtocolError(errno.EINVAL, f"DEVICE_GET_IRQ_INFO: argsz {self.argsz} < 16")
+
+
+# --- DEVICE_SET_IRQS ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IrqSet(_Message):
+    """argsz (the whole payload), flags (one DATA_*, one ACTION_*), index, start, count,
+    then a bool per vector with DATA_BOOL."""
+
+    WHAT = "DEVICE_SET_IRQS"
+    argsz: int = declare(Argsz(20, tail="data"), init=False)
+    flags: int = u32()
+    index: int = u32()
+    start: int = u32()
+    count: int = u32()
+    data: bytes = data(REST, b"")
+
+    def _validate(self) -> None:
+        d = self.flags & DATA_MASK
+        a = self.flags & ACTION_MASK
+        unknown = self.flags & ~int(DATA_MASK | ACTION_MASK)  # int: ~IntFlag would be 0
         if bin(d).count("1") != 1 or bin(a).count("1") != 1 or unknown:
-            raise ProtocolError(errno.EINVAL, f"DEVICE_SET_IRQS: bad flags {flags:#x}")
-        if d == IrqSetFlags.DATA_BOOL and len(data) != count:
+            raise ProtocolError(errno.EINVAL, f"DEVICE_SET_IRQS: bad flags {self.flags:#x}")
+        if d == IrqSetFlags.DATA_BOOL and len(self.data) != self.count:
             raise ProtocolError(errno.EINVAL, "DEVICE_SET_IRQS: bool array length != count")
-        if d != IrqSetFlags.DATA_BOOL and data:
+        if d != IrqSetFlags.DATA_BOOL and self.data:
             raise ProtocolError(errno.EINVAL, "DEVICE_SET_IRQS: unexpected data")
-        return cls(flags, index, start, count, bytes(data))
+
+
+IRQ_SET = compile_layout(IrqSet)
 
 
 # --- REGION_READ / REGION_WRITE -----------------------------------------------------------
 
-REGION_RW = struct.Struct("<QII")  # offset region count
-
-
 @dataclass(frozen=True)
-class RegionAccess:
-    offset: int
-    region: int
-    count: int
-    data: bytes = b""
+class RegionAccess(_Message):
+    """offset, region, count, then the data (REGION_WRITE and the REGION_READ reply)."""
 
-    def encode(self) -> bytes:
+    WHAT = "REGION access"
+    offset: int = u64()
+    region: int = u32()
+    count: int = u32()
+    data: bytes = data(REST, b"")
+
+    # The hot path, as for Header: REGION_RW (compiled from the declaration) both ways.
+    def __post_init__(self) -> None:
+        try:
+            REGION_RW.pack(self.offset, self.region, self.count)
+        except struct.error as exc:
+            raise ValueError(f"RegionAccess: {exc}") from None
+        if not isinstance(self.data, bytes):
+            raise ValueError("RegionAccess: data must be bytes")
+
+    def encode(self, ctx: Any = None) -> bytes:
         return REGION_RW.pack(self.offset, self.region, self.count) + self.data
 
     @classmethod
-    def decode(cls, payload: bytes, with_data: bool) -> RegionAccess:
-        _need(payload, REGION_RW.size, "REGION access")
-        offset, region, count = REGION_RW.unpack_from(payload)
-        data = payload[REGION_RW.size:]
+    def decode(cls, buf: bytes | bytearray | memoryview, ctx: Any = None, *,
+               with_data: bool | None = None) -> Self:
+        """REGION_READ request (``with_data`` false: no data allowed) or REGION_WRITE
+        request / REGION_READ reply (``with_data``: exactly ``count`` bytes)."""
+        with_data = bool(ctx) if with_data is None else with_data
+        if len(buf) < REGION_RW.size:
+            raise VfioDecodeError(buf, len(buf), f"REGION access: payload of {len(buf)} "
+                                                 f"bytes, expected at least 16")
+        offset, region, count = REGION_RW.unpack_from(buf)
+        tail = buf[REGION_RW.size:]
         if count > MAX_DATA_XFER:
-            raise ProtocolError(errno.E2BIG, f"REGION access: count {count} > max_data_xfer_size")
-        if with_data and len(data) != count:
-            raise ProtocolError(errno.EINVAL,
-                                f"REGION_WRITE: count {count} but {len(data)} data bytes")
-        if not with_data and data:
-            raise ProtocolError(errno.EINVAL, "REGION_READ: unexpected data")
-        return cls(offset, region, count, bytes(data))
+            raise ProtocolError(errno.E2BIG, f"REGION access: count {count} > "
+                                             f"max_data_xfer_size")
+        if with_data and len(tail) != count:
+            raise VfioDecodeError(buf, REGION_RW.size, f"REGION_WRITE: count {count} but "
+                                                       f"{len(tail)} data bytes")
+        if not with_data and tail:
+            raise VfioDecodeError(buf, REGION_RW.size, "REGION_READ: unexpected data")
+        obj = object.__new__(cls)
+        obj.__dict__.update(offset=offset, region=region, count=count, data=bytes(tail))
+        return obj
+
+
+REGION_RW = compile_layout(RegionAccess)
 
 
 # --- DMA_READ / DMA_WRITE (server -> client) -------------------------------------------------
 
-DMA_RW = struct.Struct("<QQ")   # address count ; data follows at payload offset 16
+@dataclass(frozen=True)
+class DmaAccess(_Message):
+    """address, count (u64: the spec's layout, data at payload offset 16), then the data
+    (DMA_WRITE and the DMA_READ reply)."""
+
+    WHAT = "DMA access"
+    address: int = u64()
+    count: int = u64()
+    data: bytes = data(REST, b"")
+
+
+DMA_RW = compile_layout(DmaAccess)
 
 
 def encode_dma_rw(address: int, count: int, data: bytes = b"") -> bytes:
+    """A DmaAccess's bytes, through its compiled layout (DMA_RW)."""
     return DMA_RW.pack(address, count) + data
 
 
 def decode_dma_rw(payload: bytes, with_data: bool) -> tuple[int, int, bytes]:
     _need(payload, DMA_RW.size, "DMA access")
     address, count = DMA_RW.unpack_from(payload)
-    data = payload[DMA_RW.size:]
+    data = bytes(payload[DMA_RW.size:])
     if with_data and len(data) != count:
-        raise ProtocolError(errno.EINVAL, f"DMA access: count {count}, {len(data)} data bytes")
+        raise VfioDecodeError(payload, DMA_RW.size, f"DMA access: count {count}, "
+                                                    f"{len(data)} data bytes")
     if not with_data and data:
-        raise ProtocolError(errno.EINVAL, "DMA access: unexpected data")
-    return int(address), int(count), bytes(data)
+        raise VfioDecodeError(payload, DMA_RW.size, "DMA access: unexpected data")
+    return int(address), int(count), data

@@ -1,4 +1,4 @@
-"""DOE data objects, Discovery and the DOE socket header (``teeio/doe.py``): DoeError
+"""DOE data objects, Discovery and the DOE socket header (``teeio/doe/``): DoeError
 (socket header: ValueError) or a value; stable re-encoding."""
 
 from __future__ import annotations

@@ -312,19 +312,19 @@ def length_of(size: int, data_field: str, *, init: Literal[False] = False) -> An
 
 def ignored(size: int, *, when: Condition | None = None,
             init: Literal[False] = False) -> Any:
-    return declare(Ignored(size, when=when))
+    return declare(Ignored(size, when=when), init=False)
 
 
 def derived(size: int, fn: Callable[[Known], int], *,
             valid: Callable[[int], bool] | None = None,
             reason: Callable[[int], str] | None = None,
             init: Literal[False] = False) -> Any:
-    return declare(Derived(size, fn, valid=valid, reason=reason))
+    return declare(Derived(size, fn, valid=valid, reason=reason), init=False)
 
 
 def message_length(size: int, at: int, fn: Callable[[Known], int], *,
                    init: Literal[False] = False) -> Any:
-    return declare(MessageLength(size, at, fn))
+    return declare(MessageLength(size, at, fn), init=False)
 
 
 def sized(size: SizeFn, default: Any = dataclasses.MISSING, *,

@@ -7,8 +7,10 @@ Every message starts with the 16-byte common header (Table 11-5), all fields LE:
     [8..15] INTERFACE_ID reserved
     [16..]  payload
 
-On the wire a message is the payload of an SPDM VENDOR_DEFINED_REQUEST/RESPONSE (PCI-SIG)
-after the Protocol ID byte 0x01: :func:`to_vendor_payload` / :func:`from_vendor_payload`.
+Each message is one declaration on :mod:`teeio.codec` (the header's fields come from
+:class:`TdispHeader`, the MessageType is fixed per class).  On the wire a message is the
+payload of an SPDM VENDOR_DEFINED_REQUEST/RESPONSE (PCI-SIG) after the Protocol ID byte
+0x01: :func:`to_vendor_payload` / :func:`from_vendor_payload`.
 
 Decoders are strict: exact size, reserved bytes zero, known enum values; any violation is a
 :class:`TdispDecodeError` carrying the TDISP error code the responder answers with
@@ -19,9 +21,32 @@ left to the responder (it compares the whole id against the TDIs it hosts: INVAL
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass, field
-from typing import ClassVar, Self, TypeVar
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, overload
+
+from teeio.codec import (
+    REST,
+    Data,
+    DecodeError,
+    Field,
+    Fixed,
+    ProtocolError,
+    Reader,
+    Struct,
+    UInt,
+    Writer,
+    data,
+    declare,
+    fixed,
+    nested,
+    reserved,
+    u8,
+    u16,
+    u32,
+    u64,
+    uint,
+)
 
 from .defs import (
     FUNCTION_ID_REQUESTER_ID_MASK,
@@ -49,79 +74,185 @@ __all__ = [
     "MESSAGE_CLASSES", "MmioRange", "SetMmioAttributeRequest", "SetMmioAttributeResponse",
     "StartInterfaceRequest", "StartInterfaceResponse", "StopInterfaceRequest",
     "StopInterfaceResponse", "TdispCapabilities", "TdispDecodeError", "TdispError",
-    "TdispErrorResponse", "TdispMessage", "TdispVersion", "UnbindP2pStreamRequest",
-    "UnbindP2pStreamResponse", "VdmRequest", "VdmResponse", "decode_message",
-    "from_vendor_payload", "function_id", "to_vendor_payload",
+    "TdispErrorResponse", "TdispHeader", "TdispMessage", "TdispVersion",
+    "UnbindP2pStreamRequest", "UnbindP2pStreamResponse", "VdmRequest", "VdmResponse",
+    "decode_message", "from_vendor_payload", "function_id", "to_vendor_payload",
 ]
-
-_M = TypeVar("_M", bound="TdispMessage")
 
 
 # --- errors --------------------------------------------------------------------------------------
 
-class TdispError(Exception):
+class TdispError(ProtocolError):
     """A protocol error that becomes a TDISP_ERROR response (code, data, extended data)."""
+
+    code: ErrorCode
 
     def __init__(self, code: ErrorCode, message: str = "", data: int = 0,
                  ext: bytes = b"") -> None:
+        super().__init__(ErrorCode(code), message or ErrorCode(code).name)
         self.code = ErrorCode(code)
         self.data = data & 0xFFFFFFFF
         self.ext = bytes(ext)
-        super().__init__(message or self.code.name)
 
     def to_response(self, function_id: int) -> TdispErrorResponse:
         return TdispErrorResponse(function_id, self.code, self.data, self.ext)
 
 
-class TdispDecodeError(TdispError, ValueError):
-    """A malformed TDISP message; keeps the raw bytes and the failing offset."""
+class TdispDecodeError(TdispError, DecodeError):
+    """A malformed TDISP message: the core's (raw, offset, reason) plus the TDISP error code
+    the responder answers with (INVALID_REQUEST unless told otherwise).
 
-    def __init__(self, message: str, raw: bytes = b"", offset: int = 0,
+    Also accepted, for existing callers: ``(reason, raw, offset)``."""
+
+    @overload
+    def __init__(self, raw: bytes, offset: int, reason: str,
+                 code: ErrorCode = ErrorCode.INVALID_REQUEST, data: int = 0) -> None: ...
+
+    @overload
+    def __init__(self, raw: str, offset: bytes = b"", reason: int = 0,
+                 code: ErrorCode = ErrorCode.INVALID_REQUEST, data: int = 0) -> None: ...
+
+    def __init__(self, raw: Any, offset: Any = b"", reason: Any = 0,
                  code: ErrorCode = ErrorCode.INVALID_REQUEST, data: int = 0) -> None:
-        self.raw = bytes(raw)
-        self.offset = offset
-        super().__init__(code, f"TDISP: {message} (at offset {offset} of {len(raw)} bytes)",
-                         data)
+        if isinstance(raw, str):            # (reason, raw, offset)
+            raw, offset, reason = offset, reason, raw
+        self.raw, self.offset, self.reason = bytes(raw), int(offset), str(reason)
+        self.code, self.data, self.ext = ErrorCode(code), data & 0xFFFFFFFF, b""
+        # not the cooperative chain: ProtocolError and DecodeError take different arguments
+        Exception.__init__(self, f"TDISP: {self.reason} (at offset {self.offset} of "
+                                 f"{len(self.raw)} bytes)")
 
 
-# --- field helpers -------------------------------------------------------------------------------
-
-def _check(name: str, v: int, bits: int) -> None:
-    if not 0 <= v < 1 << bits:
-        raise ValueError(f"{name} = {v} does not fit in {bits} bits")
+def _wrap(exc: DecodeError) -> TdispDecodeError:
+    return exc if isinstance(exc, TdispDecodeError) \
+        else TdispDecodeError(exc.raw, exc.offset, exc.reason)
 
 
-def _zero(raw: bytes, start: int, end: int, what: str) -> None:
-    for i in range(start, end):
-        if raw[i]:
-            raise TdispDecodeError(f"reserved {what} byte is 0x{raw[i]:02x}", raw, i)
+# --- TDISP field kinds ---------------------------------------------------------------------------
+
+class _Version(Fixed):
+    """TDISPVersion: 1.0 when built; on decode a whole header must be there, and another
+    version is VERSION_MISMATCH (§11.3.1)."""
+
+    def __init__(self) -> None:
+        super().__init__(1, TDISP_VERSION_1_0)
+
+    def pull(self, r: Reader, known: Any, ctx: Any) -> Any:
+        if r.remaining < HEADER_SIZE:
+            raise TdispDecodeError(r.buf, r.end, "truncated: no 16-byte TDISP header")
+        v = r.buf[r.pos]
+        if v not in SUPPORTED_VERSIONS:
+            raise TdispDecodeError(r.buf, r.pos, f"TDISPVersion 0x{v:02x} not supported",
+                                   ErrorCode.VERSION_MISMATCH)
+        r.pos += 1
+        return v
+
+
+class _U8Prefixed(Field):
+    """A u8 count then that many bytes: VERSION_NUM_COUNT + entries (a tuple of ints) or
+    VENDOR_ID_LEN + VENDOR_ID (bytes).  Errors point at the count."""
+
+    def __init__(self, count_name: str, *, entries: bool = False, min_count: int = 0) -> None:
+        self.count_name, self.entries, self.min_count = count_name, entries, min_count
+
+    def pull(self, r: Reader, known: Any, ctx: Any) -> Any:
+        at = r.pos
+        n = r.pull_u8(self.count_name)
+        if n < self.min_count:
+            raise r.fail(f"{self.count_name} is {n}", at)
+        if n > r.remaining:
+            raise r.fail(f"{self.count_name} {n} runs past the end", at)
+        value = r.pull_bytes(n, self.name)
+        return tuple(value) if self.entries else value
+
+    def push(self, w: Writer, value: Any, known: Any, ctx: Any) -> None:
+        w.push_u8(len(value))
+        w.push_bytes(bytes(value))
+
+    def check(self, value: Any) -> None:
+        if not isinstance(value, tuple if self.entries else bytes):
+            raise ValueError(f"{self.name} must be a {'tuple' if self.entries else 'bytes'}")
+        if not self.min_count <= len(value) <= 0xFF:
+            raise ValueError(f"{self.name} needs {self.min_count}..255 entries")
+        if self.entries and not all(isinstance(v, int) and 0 <= v <= 0xFF for v in value):
+            raise ValueError(f"{self.name} entries must be bytes (0..255)")
+
+    def strategy(self, known: Any, ctx: Any) -> Any:
+        # composed from the core's strategies: hypothesis stays teeio.codec's import
+        s = Data(REST, max_size=8).strategy(known, ctx)
+        return s.map(lambda b: tuple(b) or (TDISP_VERSION_1_0,)) if self.entries else s
+
+
+def _u8_prefixed(count_name: str, default: Any, **kw: Any) -> Any:
+    return declare(_U8Prefixed(count_name, **kw), default)
+
+
+def _secret(size: int) -> Any:
+    """Bytes of a fixed size kept out of ``repr`` (the START_INTERFACE_NONCE)."""
+    f = data(size, bytes(size))
+    f.repr = False
+    return f
+
+
+def _check_fields(obj: Struct) -> None:
+    """Before the core's checks: bytes-likes and lists are taken as bytes and tuples."""
+    for spec in obj.fields_spec():
+        v = getattr(obj, spec.name)
+        if isinstance(spec, Data) and isinstance(v, (bytearray, memoryview)):
+            object.__setattr__(obj, spec.name, bytes(v))
+        elif isinstance(spec, _U8Prefixed) and isinstance(v, (list, bytes, bytearray)):
+            object.__setattr__(obj, spec.name, tuple(v) if spec.entries else bytes(v))
+
+
+def _finish_fields(obj: Struct) -> None:
+    """After them: values of enum-kinded fields become the enum; derived lengths must fit."""
+    for spec in obj.fields_spec():
+        if not isinstance(spec, UInt):
+            continue
+        if not spec.init:
+            spec.check(getattr(obj, spec.name))
+        elif spec.kind is not None:
+            object.__setattr__(obj, spec.name, spec.kind(getattr(obj, spec.name)))
 
 
 def function_id(requester_id: int, segment: int | None = None) -> int:
     """FUNCTION_ID from a Requester ID (bus << 8 | dev << 3 | fn) and optional segment."""
-    _check("requester_id", requester_id, 16)
+    if not 0 <= requester_id <= 0xFFFF:
+        raise ValueError(f"requester_id = {requester_id} does not fit in 16 bits")
     if segment is None:
         return requester_id
-    _check("segment", segment, 8)
+    if not 0 <= segment <= 0xFF:
+        raise ValueError(f"segment = {segment} does not fit in 8 bits")
     return requester_id | segment << FUNCTION_ID_REQUESTER_SEGMENT_SHIFT \
         | FUNCTION_ID_REQUESTER_SEGMENT_VALID
 
 
-# --- base ----------------------------------------------------------------------------------------
+# --- header and base -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class TdispMessage:
-    """Common header; subclasses add the payload (``_payload`` / ``_parse``)."""
+class TdispHeader(Struct):
+    """The common header (Table 11-5) of any message, MessageType not checked: what
+    :func:`decode_message` reads to pick the class."""
 
-    MESSAGE_TYPE: ClassVar[MessageType]
-    PAYLOAD_SIZE: ClassVar[int | None] = 0      # None: variable, checked by ``_parse``
-
-    function_id: int
-    #: set by ``decode`` from the header; always 1.0 when built locally
-    version: int = field(default=TDISP_VERSION_1_0, init=False)
+    DECODE_ERROR = TdispDecodeError
+    version: int = declare(_Version(), TDISP_VERSION_1_0, init=False)
+    message_type: int = u8()
+    _r0: None = reserved(2)
+    function_id: int = u32()
+    _r1: None = reserved(8)         # INTERFACE_ID[8..15]
 
     def __post_init__(self) -> None:
-        _check("function_id", self.function_id, 32)
+        _check_fields(self)
+        super().__post_init__()
+        _finish_fields(self)
+
+    @classmethod
+    def peek(cls, raw: bytes) -> TdispHeader:
+        """The header at the start of *raw* (the rest is not looked at)."""
+        try:
+            return cls.pull(Reader(raw))
+        except DecodeError as exc:
+            raise _wrap(exc) from None
 
     @property
     def requester_id(self) -> int:
@@ -134,137 +265,71 @@ class TdispMessage:
         return (self.function_id & FUNCTION_ID_REQUESTER_SEGMENT_MASK) \
             >> FUNCTION_ID_REQUESTER_SEGMENT_SHIFT
 
-    def encode(self) -> bytes:
-        head = struct.pack("<BBHIQ", self.version, self.MESSAGE_TYPE, 0, self.function_id, 0)
-        return head + self._payload()
 
-    def _payload(self) -> bytes:
-        return b""
+@dataclass(frozen=True)
+class TdispMessage(TdispHeader):
+    """A message: the header with its MessageType fixed (``message_type`` redeclared with
+    :func:`~teeio.codec.fixed`, which also sets :attr:`MESSAGE_TYPE`), then the payload."""
 
-    @classmethod
-    def decode(cls: type[_M], data: bytes) -> _M:
-        raw = bytes(data)
-        version, mtype, fid = _header(raw)
-        if mtype != cls.MESSAGE_TYPE:
-            raise TdispDecodeError(f"MessageType 0x{mtype:02x}, expected "
-                                   f"{cls.MESSAGE_TYPE.name}", raw, 1)
-        if cls.PAYLOAD_SIZE is not None and len(raw) != HEADER_SIZE + cls.PAYLOAD_SIZE:
-            raise TdispDecodeError(f"{cls.MESSAGE_TYPE.name} must be "
-                                   f"{HEADER_SIZE + cls.PAYLOAD_SIZE} bytes, got {len(raw)}",
-                                   raw, min(len(raw), HEADER_SIZE + cls.PAYLOAD_SIZE))
-        msg = cls._parse(fid, raw)
-        object.__setattr__(msg, "version", version)
-        return msg
+    MESSAGE_TYPE: ClassVar[MessageType]
 
-    @classmethod
-    def _parse(cls: type[_M], fid: int, raw: bytes) -> _M:
-        return cls(fid)
-
-
-def _header(raw: bytes) -> tuple[int, int, int]:
-    if len(raw) < HEADER_SIZE:
-        raise TdispDecodeError("truncated: no 16-byte TDISP header", raw, len(raw))
-    version, mtype, rsvd, fid, rsvd2 = struct.unpack_from("<BBHIQ", raw)
-    if version not in SUPPORTED_VERSIONS:
-        raise TdispDecodeError(f"TDISPVersion 0x{version:02x} not supported", raw, 0,
-                               ErrorCode.VERSION_MISMATCH)
-    _zero(raw, 2, 4, "header")
-    _zero(raw, 8, 16, "INTERFACE_ID")
-    return version, mtype, fid
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        declared = cls.__dict__.get("message_type")
+        if isinstance(declared, dataclasses.Field) and isinstance(declared.default, int):
+            cls.MESSAGE_TYPE = MessageType(declared.default)
 
 
 # --- MMIO_RANGE (Table 11-15; also the SET_MMIO_ATTRIBUTE payload) ------------------------------
 
 @dataclass(frozen=True)
-class MmioRange:
+class MmioRange(Struct):
     """One 16-byte MMIO_RANGE: first 4K page *number* (MMIO_REPORTING_OFFSET already
     applied), number of 4K pages, attributes [15:0], Range ID [31:16] (BAR index for BARs)."""
 
+    DECODE_ERROR = TdispDecodeError
     SIZE: ClassVar[int] = 16
-    first_page: int
-    number_of_pages: int
-    attributes: MmioRangeAttributes = MmioRangeAttributes(0)
-    range_id: int = 0
+    first_page: int = u64()
+    number_of_pages: int = u32()
+    attributes: MmioRangeAttributes = u16(MmioRangeAttributes(0), kind=MmioRangeAttributes,
+                                          reserved_mask=MMIO_RANGE_ATTRIBUTES_RESERVED)
+    range_id: int = u16(0)
 
     def __post_init__(self) -> None:
-        _check("first_page", self.first_page, 64)
-        _check("number_of_pages", self.number_of_pages, 32)
-        _check("range_id", self.range_id, 16)
-        if self.attributes & MMIO_RANGE_ATTRIBUTES_RESERVED or self.attributes < 0:
-            raise ValueError(f"MMIO range attributes 0x{self.attributes:x}: reserved bits")
-        object.__setattr__(self, "attributes", MmioRangeAttributes(self.attributes))
-
-    def encode(self) -> bytes:
-        return struct.pack("<QIHH", self.first_page, self.number_of_pages, self.attributes,
-                           self.range_id)
+        super().__post_init__()
+        _finish_fields(self)
 
     @classmethod
     def decode_at(cls, raw: bytes, off: int) -> MmioRange:
-        if len(raw) < off + cls.SIZE:
-            raise TdispDecodeError("truncated MMIO_RANGE", raw, len(raw))
-        page, n, attrs, rid = struct.unpack_from("<QIHH", raw, off)
-        if attrs & MMIO_RANGE_ATTRIBUTES_RESERVED:
-            raise TdispDecodeError(f"MMIO_RANGE attributes 0x{attrs:04x}: reserved bits set",
-                                   raw, off + 12)
-        return cls(page, n, MmioRangeAttributes(attrs), rid)
+        """The range at *off* of a larger structure (the TDI report)."""
+        try:
+            return cls.pull(Reader(raw, off))
+        except DecodeError as exc:
+            raise _wrap(exc) from None
 
 
 # --- version and capabilities (§11.3.3–11.3.6) ----------------------------------------------------
 
 @dataclass(frozen=True)
 class GetTdispVersion(TdispMessage):
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.GET_TDISP_VERSION
+    message_type: MessageType = fixed(1, MessageType.GET_TDISP_VERSION)
 
 
 @dataclass(frozen=True)
 class TdispVersion(TdispMessage):
     """[16] VERSION_NUM_COUNT (>= 1), then one byte per version."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.TDISP_VERSION
-    PAYLOAD_SIZE: ClassVar[int | None] = None
-    versions: tuple[int, ...] = (TDISP_VERSION_1_0,)
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "versions", tuple(self.versions))
-        if not 1 <= len(self.versions) <= 0xFF:
-            raise ValueError("TDISP_VERSION needs 1..255 version entries")
-        for v in self.versions:
-            _check("version entry", v, 8)
-
-    def _payload(self) -> bytes:
-        return bytes((len(self.versions), *self.versions))
-
-    @classmethod
-    def _parse(cls, fid: int, raw: bytes) -> TdispVersion:
-        if len(raw) < HEADER_SIZE + 1:
-            raise TdispDecodeError("TDISP_VERSION without VERSION_NUM_COUNT", raw, len(raw))
-        n = raw[HEADER_SIZE]
-        if n == 0:
-            raise TdispDecodeError("VERSION_NUM_COUNT is 0", raw, HEADER_SIZE)
-        if len(raw) != HEADER_SIZE + 1 + n:
-            raise TdispDecodeError(f"TDISP_VERSION with {n} entries must be "
-                                   f"{HEADER_SIZE + 1 + n} bytes", raw,
-                                   min(len(raw), HEADER_SIZE + 1 + n))
-        return cls(fid, tuple(raw[HEADER_SIZE + 1:]))
+    message_type: MessageType = fixed(1, MessageType.TDISP_VERSION)
+    versions: tuple[int, ...] = _u8_prefixed("VERSION_NUM_COUNT", (TDISP_VERSION_1_0,),
+                                             entries=True, min_count=1)
 
 
 @dataclass(frozen=True)
 class GetTdispCapabilities(TdispMessage):
     """[16..19] TSM_CAPS (reserved in 1.0, carried as is)."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.GET_TDISP_CAPABILITIES
-    PAYLOAD_SIZE: ClassVar[int | None] = 4
-    tsm_caps: int = 0
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check("tsm_caps", self.tsm_caps, 32)
-
-    def _payload(self) -> bytes:
-        return struct.pack("<I", self.tsm_caps)
-
-    @classmethod
-    def _parse(cls, fid: int, raw: bytes) -> GetTdispCapabilities:
-        return cls(fid, struct.unpack_from("<I", raw, HEADER_SIZE)[0])
+    message_type: MessageType = fixed(1, MessageType.GET_TDISP_CAPABILITIES)
+    tsm_caps: int = u32(0)
 
 
 @dataclass(frozen=True)
@@ -273,38 +338,17 @@ class TdispCapabilities(TdispMessage):
     [36..37] LOCK_INTERFACE_FLAGS_SUPPORTED, [38..40] reserved, [41] DEV_ADDR_WIDTH,
     [42] NUM_REQ_THIS, [43] NUM_REQ_ALL."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.TDISP_CAPABILITIES
-    PAYLOAD_SIZE: ClassVar[int | None] = 28
-    dsm_caps: int = 0
-    req_msgs_supported: int = 0
-    lock_interface_flags_supported: int = 0
-    dev_addr_width: int = 52
-    num_req_this: int = 1
-    num_req_all: int = 1
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check("dsm_caps", self.dsm_caps, 32)
-        _check("req_msgs_supported", self.req_msgs_supported, 128)
-        _check("lock_interface_flags_supported", self.lock_interface_flags_supported, 16)
-        for name in ("dev_addr_width", "num_req_this", "num_req_all"):
-            _check(name, getattr(self, name), 8)
+    message_type: MessageType = fixed(1, MessageType.TDISP_CAPABILITIES)
+    dsm_caps: int = u32(0)
+    req_msgs_supported: int = uint(16, 0)
+    lock_interface_flags_supported: int = u16(0)
+    _r2: None = reserved(3)
+    dev_addr_width: int = u8(52)
+    num_req_this: int = u8(1)
+    num_req_all: int = u8(1)
 
     def supports(self, code: MessageType) -> bool:
         return code.is_request and bool(self.req_msgs_supported >> (code - 0x80) & 1)
-
-    def _payload(self) -> bytes:
-        return (struct.pack("<I", self.dsm_caps)
-                + self.req_msgs_supported.to_bytes(16, "little")
-                + struct.pack("<H3xBBB", self.lock_interface_flags_supported,
-                              self.dev_addr_width, self.num_req_this, self.num_req_all))
-
-    @classmethod
-    def _parse(cls, fid: int, raw: bytes) -> TdispCapabilities:
-        _zero(raw, 38, 41, "TDISP_CAPABILITIES")
-        (caps,) = struct.unpack_from("<I", raw, 16)
-        mask = int.from_bytes(raw[20:36], "little")
-        flags, width, this, all_ = struct.unpack_from("<H3xBBB", raw, 36)
-        return cls(fid, caps, mask, flags, width, this, all_)
 
 
 # --- lock (§11.3.7–11.3.8) -----------------------------------------------------------------------
@@ -315,64 +359,21 @@ class LockInterfaceRequest(TdispMessage):
     (u64 on the wire; added modulo 2**64, i.e. two's complement), [28..35]
     BIND_P2P_ADDRESS_MASK."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.LOCK_INTERFACE_REQUEST
-    PAYLOAD_SIZE: ClassVar[int | None] = 20
-    flags: LockInterfaceFlags = LockInterfaceFlags(0)
-    default_stream_id: int = 0
-    mmio_reporting_offset: int = 0
-    bind_p2p_address_mask: int = 0
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 <= self.flags <= 0xFFFF or self.flags & LOCK_INTERFACE_FLAGS_RESERVED:
-            raise ValueError(f"LOCK_INTERFACE flags 0x{self.flags:x}: reserved bits")
-        object.__setattr__(self, "flags", LockInterfaceFlags(self.flags))
-        _check("default_stream_id", self.default_stream_id, 8)
-        _check("mmio_reporting_offset", self.mmio_reporting_offset, 64)
-        _check("bind_p2p_address_mask", self.bind_p2p_address_mask, 64)
-
-    def _payload(self) -> bytes:
-        return struct.pack("<HBxQQ", self.flags, self.default_stream_id,
-                           self.mmio_reporting_offset, self.bind_p2p_address_mask)
-
-    @classmethod
-    def _parse(cls, fid: int, raw: bytes) -> LockInterfaceRequest:
-        flags, sid, off, mask = struct.unpack_from("<HBxQQ", raw, HEADER_SIZE)
-        if flags & LOCK_INTERFACE_FLAGS_RESERVED:
-            raise TdispDecodeError(f"LOCK_INTERFACE FLAGS 0x{flags:04x}: reserved bits set",
-                                   raw, HEADER_SIZE)
-        _zero(raw, 19, 20, "LOCK_INTERFACE_REQUEST")
-        return cls(fid, LockInterfaceFlags(flags), sid, off, mask)
-
-
-def _check_nonce(nonce: bytes) -> None:
-    if len(nonce) != START_INTERFACE_NONCE_SIZE:
-        raise ValueError(f"START_INTERFACE_NONCE must be {START_INTERFACE_NONCE_SIZE} bytes")
+    message_type: MessageType = fixed(1, MessageType.LOCK_INTERFACE_REQUEST)
+    flags: LockInterfaceFlags = u16(LockInterfaceFlags(0), kind=LockInterfaceFlags,
+                                    reserved_mask=LOCK_INTERFACE_FLAGS_RESERVED)
+    default_stream_id: int = u8(0)
+    _r2: None = reserved(1)
+    mmio_reporting_offset: int = u64(0)
+    bind_p2p_address_mask: int = u64(0)
 
 
 @dataclass(frozen=True)
-class _NonceMessage(TdispMessage):
-    """A message whose whole payload is the 32-byte START_INTERFACE_NONCE."""
-
-    PAYLOAD_SIZE: ClassVar[int | None] = START_INTERFACE_NONCE_SIZE
-    nonce: bytes = field(default=bytes(START_INTERFACE_NONCE_SIZE), repr=False)
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "nonce", bytes(self.nonce))
-        _check_nonce(self.nonce)
-
-    def _payload(self) -> bytes:
-        return self.nonce
-
-    @classmethod
-    def _parse(cls, fid: int, raw: bytes) -> Self:
-        return cls(fid, raw[HEADER_SIZE:])
-
-
-@dataclass(frozen=True)
-class LockInterfaceResponse(_NonceMessage):
+class LockInterfaceResponse(TdispMessage):
     """[16..47] START_INTERFACE_NONCE."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.LOCK_INTERFACE_RESPONSE
+    message_type: MessageType = fixed(1, MessageType.LOCK_INTERFACE_RESPONSE)
+    nonce: bytes = _secret(START_INTERFACE_NONCE_SIZE)
 
 
 # --- report (§11.3.9–11.3.10) --------------------------------------------------------------------
@@ -381,21 +382,9 @@ class LockInterfaceResponse(_NonceMessage):
 class GetDeviceInterfaceReport(TdispMessage):
     """[16..17] OFFSET, [18..19] LENGTH (the most the requester takes)."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.GET_DEVICE_INTERFACE_REPORT
-    PAYLOAD_SIZE: ClassVar[int | None] = 4
-    offset: int = 0
-    length: int = 0xFFFF
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check("offset", self.offset, 16)
-        _check("length", self.length, 16)
-
-    def _payload(self) -> bytes:
-        return struct.pack("<HH", self.offset, self.length)
-
-    @classmethod
-    def _parse(cls, fid: int, raw: bytes) -> GetDeviceInterfaceReport:
-        return cls(fid, *struct.unpack_from("<HH", raw, HEADER_SIZE))
+    message_type: MessageType = fixed(1, MessageType.GET_DEVICE_INTERFACE_REPORT)
+    offset: int = u16(0)
+    length: int = u16(0xFFFF)
 
 
 @dataclass(frozen=True)
@@ -403,84 +392,58 @@ class DeviceInterfaceReportResponse(TdispMessage):
     """DEVICE_INTERFACE_REPORT: [16..17] PORTION_LENGTH, [18..19] REMAINDER_LENGTH,
     [20..] the portion of the report structure (:mod:`.report`)."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.DEVICE_INTERFACE_REPORT
-    PAYLOAD_SIZE: ClassVar[int | None] = None
-    portion: bytes = b""
-    remainder_length: int = 0
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "portion", bytes(self.portion))
-        _check("portion length", len(self.portion), 16)
-        _check("remainder_length", self.remainder_length, 16)
+    message_type: MessageType = fixed(1, MessageType.DEVICE_INTERFACE_REPORT)
+    portion_length: int = u16(length_of="portion")
+    remainder_length: int = u16(0)
+    portion: bytes = data("portion_length", b"", max_size=0xFFFF)
 
-    def _payload(self) -> bytes:
-        return struct.pack("<HH", len(self.portion), self.remainder_length) + self.portion
-
-    @classmethod
-    def _parse(cls, fid: int, raw: bytes) -> DeviceInterfaceReportResponse:
-        if len(raw) < HEADER_SIZE + 4:
-            raise TdispDecodeError("DEVICE_INTERFACE_REPORT truncated", raw, len(raw))
-        plen, rem = struct.unpack_from("<HH", raw, HEADER_SIZE)
-        if len(raw) != HEADER_SIZE + 4 + plen:
-            raise TdispDecodeError(f"PORTION_LENGTH {plen} does not match the "
-                                   f"{len(raw) - HEADER_SIZE - 4} bytes that follow",
-                                   raw, HEADER_SIZE)
-        return cls(fid, raw[HEADER_SIZE + 4:], rem)
+    def __init__(self, function_id: int, portion: bytes = b"",
+                 remainder_length: int = 0) -> None:
+        """Arguments in the order callers use (portion first), not the wire's."""
+        object.__setattr__(self, "function_id", function_id)
+        object.__setattr__(self, "portion", portion)
+        object.__setattr__(self, "remainder_length", remainder_length)
+        self.__post_init__()
 
 
 # --- state (§11.3.11–11.3.12) --------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class GetDeviceInterfaceState(TdispMessage):
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.GET_DEVICE_INTERFACE_STATE
+    message_type: MessageType = fixed(1, MessageType.GET_DEVICE_INTERFACE_STATE)
 
 
 @dataclass(frozen=True)
 class DeviceInterfaceState(TdispMessage):
     """[16] TDI_STATE."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.DEVICE_INTERFACE_STATE
-    PAYLOAD_SIZE: ClassVar[int | None] = 1
-    tdi_state: TdiState = TdiState.CONFIG_UNLOCKED
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "tdi_state", TdiState(self.tdi_state))
-
-    def _payload(self) -> bytes:
-        return bytes((self.tdi_state,))
-
-    @classmethod
-    def _parse(cls, fid: int, raw: bytes) -> DeviceInterfaceState:
-        try:
-            state = TdiState(raw[HEADER_SIZE])
-        except ValueError:
-            raise TdispDecodeError(f"TDI_STATE {raw[HEADER_SIZE]} unknown", raw,
-                                   HEADER_SIZE) from None
-        return cls(fid, state)
+    message_type: MessageType = fixed(1, MessageType.DEVICE_INTERFACE_STATE)
+    tdi_state: TdiState = u8(TdiState.CONFIG_UNLOCKED, kind=TdiState)
 
 
 # --- start / stop (§11.3.13–11.3.16) -------------------------------------------------------------
 
 @dataclass(frozen=True)
-class StartInterfaceRequest(_NonceMessage):
+class StartInterfaceRequest(TdispMessage):
     """[16..47] START_INTERFACE_NONCE (the one LOCK_INTERFACE_RESPONSE returned)."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.START_INTERFACE_REQUEST
+    message_type: MessageType = fixed(1, MessageType.START_INTERFACE_REQUEST)
+    nonce: bytes = _secret(START_INTERFACE_NONCE_SIZE)
 
 
 @dataclass(frozen=True)
 class StartInterfaceResponse(TdispMessage):
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.START_INTERFACE_RESPONSE
+    message_type: MessageType = fixed(1, MessageType.START_INTERFACE_RESPONSE)
 
 
 @dataclass(frozen=True)
 class StopInterfaceRequest(TdispMessage):
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.STOP_INTERFACE_REQUEST
+    message_type: MessageType = fixed(1, MessageType.STOP_INTERFACE_REQUEST)
 
 
 @dataclass(frozen=True)
 class StopInterfaceResponse(TdispMessage):
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.STOP_INTERFACE_RESPONSE
+    message_type: MessageType = fixed(1, MessageType.STOP_INTERFACE_RESPONSE)
 
 
 # --- P2P and MMIO attributes (§11.3.17–11.3.20; optional) ----------------------------------------
@@ -489,54 +452,36 @@ class StopInterfaceResponse(TdispMessage):
 class BindP2pStreamRequest(TdispMessage):
     """[16] P2P_STREAM_ID (1.0 layout; newer libspdm adds a STREAM_CONFIG byte — not here)."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.BIND_P2P_STREAM_REQUEST
-    PAYLOAD_SIZE: ClassVar[int | None] = 1
-    p2p_stream_id: int = 0
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check("p2p_stream_id", self.p2p_stream_id, 8)
-
-    def _payload(self) -> bytes:
-        return bytes((self.p2p_stream_id,))
-
-    @classmethod
-    def _parse(cls, fid: int, raw: bytes) -> BindP2pStreamRequest:
-        return cls(fid, raw[HEADER_SIZE])
+    message_type: MessageType = fixed(1, MessageType.BIND_P2P_STREAM_REQUEST)
+    p2p_stream_id: int = u8(0)
 
 
 @dataclass(frozen=True)
 class BindP2pStreamResponse(TdispMessage):
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.BIND_P2P_STREAM_RESPONSE
+    message_type: MessageType = fixed(1, MessageType.BIND_P2P_STREAM_RESPONSE)
 
 
 @dataclass(frozen=True)
 class UnbindP2pStreamRequest(BindP2pStreamRequest):
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.UNBIND_P2P_STREAM_REQUEST
+    message_type: MessageType = fixed(1, MessageType.UNBIND_P2P_STREAM_REQUEST)
 
 
 @dataclass(frozen=True)
 class UnbindP2pStreamResponse(TdispMessage):
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.UNBIND_P2P_STREAM_RESPONSE
+    message_type: MessageType = fixed(1, MessageType.UNBIND_P2P_STREAM_RESPONSE)
 
 
 @dataclass(frozen=True)
 class SetMmioAttributeRequest(TdispMessage):
     """[16..31] one MMIO_RANGE (only IS_NON_TEE_MEM is settable — a responder rule)."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.SET_MMIO_ATTRIBUTE_REQUEST
-    PAYLOAD_SIZE: ClassVar[int | None] = MmioRange.SIZE
-    mmio_range: MmioRange = MmioRange(0, 0)
-    def _payload(self) -> bytes:
-        return self.mmio_range.encode()
-
-    @classmethod
-    def _parse(cls, fid: int, raw: bytes) -> SetMmioAttributeRequest:
-        return cls(fid, MmioRange.decode_at(raw, HEADER_SIZE))
+    message_type: MessageType = fixed(1, MessageType.SET_MMIO_ATTRIBUTE_REQUEST)
+    mmio_range: MmioRange = nested(MmioRange, MmioRange(0, 0))
 
 
 @dataclass(frozen=True)
 class SetMmioAttributeResponse(TdispMessage):
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.SET_MMIO_ATTRIBUTE_RESPONSE
+    message_type: MessageType = fixed(1, MessageType.SET_MMIO_ATTRIBUTE_RESPONSE)
 
 
 @dataclass(frozen=True)
@@ -544,39 +489,15 @@ class VdmRequest(TdispMessage):
     """[16] REGISTRY_ID, [17] VENDOR_ID_LEN, VENDOR_ID, vendor data (after the common
     header, as libspdm lays it out; the spec table's offsets are UNCONFIRMED)."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.VDM_REQUEST
-    PAYLOAD_SIZE: ClassVar[int | None] = None
-    registry_id: int = 0
-    vendor_id: bytes = b""
-    vendor_data: bytes = b""
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check("registry_id", self.registry_id, 8)
-        object.__setattr__(self, "vendor_id", bytes(self.vendor_id))
-        object.__setattr__(self, "vendor_data", bytes(self.vendor_data))
-        _check("vendor_id length", len(self.vendor_id), 8)
-
-    def _payload(self) -> bytes:
-        return bytes((self.registry_id, len(self.vendor_id))) + self.vendor_id + self.vendor_data
-
-    @classmethod
-    def _parse(cls: type[_V], fid: int, raw: bytes) -> _V:
-        if len(raw) < HEADER_SIZE + 2:
-            raise TdispDecodeError("VDM message truncated", raw, len(raw))
-        reg, vlen = raw[HEADER_SIZE], raw[HEADER_SIZE + 1]
-        end = HEADER_SIZE + 2 + vlen
-        if len(raw) < end:
-            raise TdispDecodeError(f"VENDOR_ID_LEN {vlen} runs past the end", raw,
-                                   HEADER_SIZE + 1)
-        return cls(fid, reg, raw[HEADER_SIZE + 2:end], raw[end:])
-
-
-_V = TypeVar("_V", bound=VdmRequest)
+    message_type: MessageType = fixed(1, MessageType.VDM_REQUEST)
+    registry_id: int = u8(0)
+    vendor_id: bytes = _u8_prefixed("VENDOR_ID_LEN", b"")
+    vendor_data: bytes = data(REST, b"")
 
 
 @dataclass(frozen=True)
 class VdmResponse(VdmRequest):
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.VDM_RESPONSE
+    message_type: MessageType = fixed(1, MessageType.VDM_RESPONSE)
 
 
 # --- TDISP_ERROR (§11.3.23) ----------------------------------------------------------------------
@@ -587,26 +508,10 @@ class TdispErrorResponse(TdispMessage):
 
     ``error_code`` is kept as an int so a requester can carry codes it does not know."""
 
-    MESSAGE_TYPE: ClassVar[MessageType] = MessageType.TDISP_ERROR
-    PAYLOAD_SIZE: ClassVar[int | None] = None
-    error_code: int = ErrorCode.UNSPECIFIED
-    error_data: int = 0
-    extended_error_data: bytes = b""
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check("error_code", self.error_code, 32)
-        _check("error_data", self.error_data, 32)
-        object.__setattr__(self, "extended_error_data", bytes(self.extended_error_data))
-
-    def _payload(self) -> bytes:
-        return struct.pack("<II", self.error_code, self.error_data) + self.extended_error_data
-
-    @classmethod
-    def _parse(cls, fid: int, raw: bytes) -> TdispErrorResponse:
-        if len(raw) < HEADER_SIZE + 8:
-            raise TdispDecodeError("TDISP_ERROR truncated", raw, len(raw))
-        code, data = struct.unpack_from("<II", raw, HEADER_SIZE)
-        return cls(fid, code, data, raw[HEADER_SIZE + 8:])
+    message_type: MessageType = fixed(1, MessageType.TDISP_ERROR)
+    error_code: int = u32(ErrorCode.UNSPECIFIED)
+    error_data: int = u32(0)
+    extended_error_data: bytes = data(REST, b"")
 
 
 # --- dispatch ------------------------------------------------------------------------------------
@@ -628,14 +533,14 @@ def decode_message(data: bytes) -> TdispMessage:
     is UNSUPPORTED_REQUEST with ERROR_DATA = the code (§11.3.1); other unknown codes are
     INVALID_REQUEST."""
     raw = bytes(data)
-    _, mtype, _ = _header(raw)
+    mtype = TdispHeader.peek(raw).message_type
     try:
         cls = MESSAGE_CLASSES[MessageType(mtype)]
     except ValueError:
         if mtype >= 0x80:
-            raise TdispDecodeError(f"request code 0x{mtype:02x} not supported", raw, 1,
+            raise TdispDecodeError(raw, 1, f"request code 0x{mtype:02x} not supported",
                                    ErrorCode.UNSUPPORTED_REQUEST, data=mtype) from None
-        raise TdispDecodeError(f"MessageType 0x{mtype:02x} unknown", raw, 1) from None
+        raise TdispDecodeError(raw, 1, f"MessageType 0x{mtype:02x} unknown") from None
     return cls.decode(raw)
 
 
@@ -648,5 +553,5 @@ def from_vendor_payload(payload: bytes) -> TdispMessage:
     """Inverse of :func:`to_vendor_payload` (what ``PciSigProtocolMux`` hands a handler)."""
     raw = bytes(payload)
     if not raw or raw[0] != PCI_PROTOCOL_ID_TDISP:
-        raise TdispDecodeError("payload does not start with Protocol ID 0x01 (TDISP)", raw, 0)
+        raise TdispDecodeError(raw, 0, "payload does not start with Protocol ID 0x01 (TDISP)")
     return decode_message(raw[1:])

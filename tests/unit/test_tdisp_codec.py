@@ -6,9 +6,10 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from teeio.codec import DecodeError, ProtocolError, Struct, strategy
 from teeio.ide_km import PciSigProtocol
 from teeio.tdisp import codec as c
 from teeio.tdisp.defs import (
@@ -74,6 +75,37 @@ def test_round_trip(msg: c.TdispMessage) -> None:
     assert c.from_vendor_payload(c.to_vendor_payload(msg)) == msg
     assert raw[0] == 0x10 and raw[1] == msg.MESSAGE_TYPE
     assert raw[4:8] == msg.function_id.to_bytes(4, "little") and raw[8:16] == bytes(8)
+
+
+@pytest.mark.parametrize("cls", [*c.MESSAGE_CLASSES.values(), c.MmioRange],
+                         ids=lambda k: k.__name__)
+def test_declared_round_trip(cls: type[Struct]) -> None:
+    """decode(encode(m)) == m and a byte-identical re-encode, for values the declaration
+    itself generates (teeio.codec.strategy)."""
+    @settings(max_examples=60, deadline=None)
+    @given(strategy(cls))
+    def run(m: Struct) -> None:
+        wire = m.encode()
+        back = cls.decode(wire)
+        assert back == m and back.encode() == wire
+        if isinstance(m, c.TdispMessage):
+            assert c.decode_message(wire) == m and wire[1] == m.MESSAGE_TYPE
+    run()
+
+
+def test_errors_are_the_core_errors() -> None:
+    e = _err(b"\x11" + c.GetTdispVersion(1).encode()[1:])
+    assert isinstance(e, DecodeError) and isinstance(e, ProtocolError)
+    assert e.code is ErrorCode.VERSION_MISMATCH and e.offset == 0 and "0x11" in e.reason
+    with pytest.raises(c.TdispDecodeError) as ei:                   # via the class, too
+        c.GetTdispVersion.decode(b"\x11" + c.GetTdispVersion(1).encode()[1:])
+    assert ei.value.code is ErrorCode.VERSION_MISMATCH
+    with pytest.raises(c.TdispDecodeError) as ei:
+        c.StopInterfaceRequest.decode(c.StopInterfaceResponse(1).encode())
+    assert ei.value.offset == 1 and ei.value.code is ErrorCode.INVALID_REQUEST
+    assert isinstance(c.TdispError(ErrorCode.BUSY), ProtocolError)
+    legacy = c.TdispDecodeError("why", b"abc", 2)                   # (reason, raw, offset)
+    assert (legacy.raw, legacy.offset, legacy.reason) == (b"abc", 2, "why")
 
 
 @given(REPORTS)
