@@ -75,6 +75,14 @@ def test_goal_is_the_wall_ratio_to_spdm_emu(tsm_ms: float, met: bool) -> None:
     assert g["cpu_ratio"] == 4.0 and g["reason"] is None
 
 
+def test_goal_says_when_spdm_emu_mostly_waited() -> None:
+    legs = {"tsm_attest_session": leg("tsm_attest_session", 250.0, 200.0),
+            "spdm_emu_requester": leg("spdm_emu_requester", 1000.0, 60.0)}
+    g = bench_cli.goal(legs, [])
+    assert g["met"] is True and g["ratio"] == 0.25
+    assert g["reason"] is not None and "940 of its 1000 ms off the CPU" in g["reason"]
+
+
 def test_spdm_emu_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TEEIO_SPDM_EMU", raising=False)
     monkeypatch.delenv("TEEIO_SPDM_EMU_BIN", raising=False)
