@@ -25,11 +25,6 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from elftools.common.exceptions import ELFError
-from elftools.construct import ConstructError
-from elftools.elf.constants import SH_FLAGS
-from elftools.elf.elffile import ELFFile
-
 
 class DmtfValueType(IntEnum):
     """DMTFSpecMeasurementValueType bits 6:0 (DSP0274 1.2 Table "DMTF measurement")."""
@@ -275,6 +270,9 @@ class _ElfSection(NamedTuple):
 
 def _elf_sections(data: bytes) -> list[_ElfSection]:
     """Every section header of the ELF *data*, read eagerly (pyelftools is lazy)."""
+    from elftools.common.exceptions import ELFError
+    from elftools.construct import ConstructError
+    from elftools.elf.elffile import ELFFile
     try:
         elf = ELFFile(io.BytesIO(data))
         out = []
@@ -301,6 +299,10 @@ def _elf_sections(data: bytes) -> list[_ElfSection]:
 
 def _load_image(data: bytes) -> bytes:
     """Index 5: ELF header || program header table || every PT_LOAD segment's file bytes."""
+    from elftools.common.exceptions import ELFError
+    from elftools.construct import ConstructError
+    from elftools.elf.elffile import ELFFile
+
     def span(what: str, off: int, size: int) -> bytes:
         if off < 0 or size < 0 or off + size > len(data):
             raise FirmwareImageError(f"{what} ({size} bytes at {off:#x}) extends past the "
@@ -333,6 +335,7 @@ def _load_image(data: bytes) -> bytes:
 def measure_elf(image: bytes | str | os.PathLike[str]) -> list[MeasurementSource]:
     """Measurements 1..5 (:data:`FIRMWARE_INDICES`) of a firmware ELF (bytes, or a path to
     read); see the table above."""
+    from elftools.elf.constants import SH_FLAGS
     data = image if isinstance(image, bytes) else Path(image).read_bytes()
     sections = _elf_sections(data)
     by_addr = sorted(sections, key=lambda s: s.addr)

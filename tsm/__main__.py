@@ -6,6 +6,10 @@
     teeio-tsm daemon ...    the persistent TSM: sessions, TDIs, GHCx per VM (tsm/daemon.py)
     teeio-tsm ctl OP ...    drive the daemon: connect, bind, lock, stop, status... (tsm/ctl.py)
     teeio-tsm status        the daemon's status (``ctl status``)
+
+Only the chosen command's module is imported (its options are added on dispatch), so a
+command pays for its own imports alone: ``attest`` never loads the daemon, the control
+API or the GHCx server.
 """
 
 from __future__ import annotations
@@ -13,55 +17,80 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from types import ModuleType
 
-from tsm import attest, ctl, daemon, tdisp
-from tsm import ide_cli as ide
+#: Command -> its one-line help, in the order ``teeio-tsm --help`` lists them.
+COMMANDS = {
+    "attest": "attest a device over its DOE transport (SPDM)",
+    "ide": "a Selective IDE stream: device (IDE_KM) and root port",
+    "tdisp": "TDISP for the device's TDI, over an IDE stream",
+    "daemon": "run the TSM daemon in the foreground (logs to stderr)",
+    "ctl": "send one request to the TSM daemon",
+    "status": "the TSM daemon's status (ctl status)",
+}
+
+
+def load(command: str) -> ModuleType:
+    """The module implementing *command*, imported now."""
+    if command == "attest":
+        from tsm import attest
+        return attest
+    if command == "ide":
+        from tsm import ide_cli
+        return ide_cli
+    if command == "tdisp":
+        from tsm import tdisp
+        return tdisp
+    if command == "daemon":
+        from tsm import daemon
+        return daemon
+    if command in ("ctl", "status"):
+        from tsm import ctl
+        return ctl
+    raise KeyError(command)
+
+
+def chosen_command(argv: list[str]) -> str | None:
+    """The command *argv* names: its first word that is not an option (the top-level
+    parser has no option taking a value), if it is one of :data:`COMMANDS`."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
+def parser(command: str | None) -> argparse.ArgumentParser:
+    """Every command listed; only *command*'s own parser gets its options."""
+    ap = argparse.ArgumentParser(prog="teeio-tsm", description="The host TSM.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name != command:
+            continue
+        mod = load(name)
+        if name == "status":
+            mod.add_socket_arguments(p)
+            mod.add_status_arguments(p)
+        else:
+            p.description = (mod.__doc__ or "").split("\n\n")[0]
+            mod.add_arguments(p)
+        p.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log to stderr (-v: progress, -vv: every SPDM message in hex)")
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="teeio-tsm", description="The host TSM.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    att = sub.add_parser("attest", help="attest a device over its DOE transport (SPDM)",
-                         description=(attest.__doc__ or "").split("\n\n")[0])
-    attest.add_arguments(att)
-    idep = sub.add_parser("ide", help="a Selective IDE stream: device (IDE_KM) and root port",
-                          description=(ide.__doc__ or "").split("\n\n")[0])
-    ide.add_arguments(idep)
-    tdp = sub.add_parser("tdisp", help="TDISP for the device's TDI, over an IDE stream",
-                         description=(tdisp.__doc__ or "").split("\n\n")[0])
-    tdisp.add_arguments(tdp)
-    dmn = sub.add_parser("daemon", help="run the TSM daemon in the foreground (logs to stderr)",
-                         description=(daemon.__doc__ or "").split("\n\n")[0])
-    daemon.add_arguments(dmn)
-    ctlp = sub.add_parser("ctl", help="send one request to the TSM daemon",
-                          description=(ctl.__doc__ or "").split("\n\n")[0])
-    ctl.add_arguments(ctlp)
-    stp = sub.add_parser("status", help="the TSM daemon's status (ctl status)")
-    ctl.add_socket_arguments(stp)
-    ctl.add_status_arguments(stp)
-    for p in (att, idep, tdp, dmn, ctlp, stp):
-        p.add_argument("-v", "--verbose", action="count", default=0,
-                       help="log to stderr (-v: progress, -vv: every SPDM message in hex)")
-    ns = ap.parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    ap = parser(chosen_command(args))
+    ns = ap.parse_args(args)
     level = {0: logging.WARNING, 1: logging.INFO}.get(ns.verbose, logging.DEBUG)
     if ns.command == "daemon":
         level = min(level, logging.INFO)      # a daemon tells what it does
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if ns.command == "attest":
-        return attest.run_command(ns)
-    if ns.command == "ide":
-        return ide.run_command(ns)
-    if ns.command == "tdisp":
-        return tdisp.run_command(ns)
+    mod = load(ns.command)
     if ns.command == "daemon":
-        return daemon.run_command(ns, argv)
-    if ns.command == "ctl":
-        return ctl.run_command(ns)
+        return int(mod.run_command(ns, argv))
     if ns.command == "status":
         ns.ctl_op = "status"
-        return ctl.run_command(ns)
-    ap.error(f"unknown command {ns.command!r}")
-    return 2
+    return int(mod.run_command(ns))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,8 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-
-from teeio import pki
 from teeio.doe import (
     PCI_SIG_VENDOR_ID,
     DataObjectType,
@@ -35,35 +31,35 @@ from teeio.doe import (
     protocol_name,
 )
 from teeio.doe_pcap import DoePcapWriter, SessionSecretLog
-from teeio.measurements import (
-    MeasurementBlock,
-)
 from teeio.refcheck import (
     Comparison,
     compare_measurements,
     parse_reference_values,
     value_type_name,
 )
-from teeio.spdm import Requester, RequesterError
-from teeio.spdm import crypto as spdm_crypto
-from teeio.spdm.defs import (
-    MEAS_OP_ALL,
-    NONCE_SIZE,
-    AeadSuite,
-    BaseAsymAlgo,
-    BaseHashAlgo,
-    DheGroup,
-    KeyUpdateOp,
-    MeasurementHashAlgo,
-    version_str,
-)
 from tsm.doe_client import DoeClient, DoeTransportError
+
+if TYPE_CHECKING:   # SPDM and X.509 are imported when the flow runs, not for --help
+    from cryptography import x509
+
+    from teeio.measurements import MeasurementBlock
+    from teeio.spdm import Requester
+    from teeio.spdm.defs import (
+        AeadSuite,
+        BaseAsymAlgo,
+        BaseHashAlgo,
+        DheGroup,
+        MeasurementHashAlgo,
+    )
 
 log = logging.getLogger(__name__)
 
 EVIDENCE_FORMAT = "teeio-attestation-evidence/1"
 SPDM = (PCI_SIG_VENDOR_ID, DataObjectType.CMA_SPDM)
 SECURED_SPDM = (PCI_SIG_VENDOR_ID, DataObjectType.SECURED_CMA_SPDM)
+#: DSP0274 §10.11 GET_MEASUREMENTS Nonce (= teeio.spdm.defs.NONCE_SIZE, which the options
+#: cannot import without loading all of SPDM).
+NONCE_SIZE = 32
 
 
 class AttestError(Exception):
@@ -84,6 +80,7 @@ def parse_nonce(text: str) -> bytes:
 
 
 def load_anchors(path: Path) -> list[x509.Certificate]:
+    from teeio import pki
     try:
         return pki.load_anchors(path)
     except (OSError, ValueError) as exc:
@@ -195,6 +192,7 @@ def _alg(enum: type[BaseAsymAlgo | BaseHashAlgo | MeasurementHashAlgo | DheGroup
 
 
 def _fingerprint(cert: x509.Certificate) -> str:
+    from cryptography.hazmat.primitives import hashes
     return cert.fingerprint(hashes.SHA384()).hex(":").upper()
 
 
@@ -251,6 +249,18 @@ def authenticate(opts: AttestOptions, run: Attestation, client: DoeClient, where
                  ) -> tuple[Requester, tuple[MeasurementBlock, ...]]:
     """Steps 1-5 over *client*; with ``opts.session`` the device must also offer
     Secured CMA/SPDM."""
+    from teeio import pki
+    from teeio.spdm import Requester
+    from teeio.spdm import crypto as spdm_crypto
+    from teeio.spdm.defs import (
+        MEAS_OP_ALL,
+        AeadSuite,
+        BaseAsymAlgo,
+        BaseHashAlgo,
+        DheGroup,
+        MeasurementHashAlgo,
+        version_str,
+    )
     out, ev = run.out, run.evidence
     client.hello()
     try:
@@ -335,6 +345,7 @@ def authenticate(opts: AttestOptions, run: Attestation, client: DoeClient, where
 
 
 def _session(req: Requester, run: Attestation, signed: tuple[MeasurementBlock, ...]) -> None:
+    from teeio.spdm.defs import MEAS_OP_ALL, KeyUpdateOp, version_str
     out = run.out
     out("session:")
     sid = req.start_session(0)
@@ -396,6 +407,7 @@ def add_debug_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run_command(ns: argparse.Namespace) -> int:
+    from teeio.spdm import RequesterError
     opts = AttestOptions(trust_anchor=ns.trust_anchor, doe_socket=ns.doe_socket,
                          doe_tcp_port=ns.doe_tcp_port, host=ns.host,
                          reference_values=ns.reference_values, nonce=ns.nonce,

@@ -39,6 +39,26 @@ class DoeTransportError(RuntimeError):
     """The peer broke the socket protocol, went away, or did not answer in time."""
 
 
+def tcp_connection(host: str, port: int, timeout: float) -> socket.socket:
+    """``socket.create_connection``, except that an IP address literal is connected to
+    directly: resolving it with getaddrinfo would load the IDNA codec and its stringprep
+    tables, a noticeable share of a command-line tool's start-up."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            s.settimeout(timeout)
+            s.connect((host, port))
+        except OSError:
+            s.close()
+            raise
+        return s
+    return socket.create_connection((host, port), timeout)
+
+
 class DoeClient:
     def __init__(self, sock: socket.socket, timeout: float = DEFAULT_TIMEOUT,
                  capture: DoePcapWriter | None = None) -> None:
@@ -60,7 +80,7 @@ class DoeClient:
     @classmethod
     def connect_tcp(cls, port: int = SOCKET_DEFAULT_PORT, host: str = "127.0.0.1",
                     timeout: float = DEFAULT_TIMEOUT) -> DoeClient:
-        return cls(socket.create_connection((host, port), timeout), timeout)
+        return cls(tcp_connection(host, port, timeout), timeout)
 
     def close(self) -> None:
         self.sock.close()

@@ -30,6 +30,8 @@ from teeio.transport.unix import listen_private
 
 log = logging.getLogger(__name__)
 
+#: TCP_QUICKACK (linux/tcp.h); the socket module exposes it on Linux only.
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
 #: Clients served at once; one more is closed as soon as it is accepted.
 MAX_CONNECTIONS = 8
 #: Seconds a new connection has to complete its first message; also how long an
@@ -59,6 +61,7 @@ class _Deadline:
         self.sock = sock
         self.idle = idle
         self.message = message
+        self.quickack = sock.family in (socket.AF_INET, socket.AF_INET6)
         self.until: float | None = None    # the current message's deadline, once begun
         self.answered = False              # a whole message has been received
         self.last = time.monotonic()       # when the last message ended (or it connected)
@@ -87,6 +90,12 @@ class _Deadline:
                 if left <= 0:
                     raise TimeoutError
                 self.sock.settimeout(left)
+            if self.quickack:
+                # A peer that writes one message in several segments without TCP_NODELAY
+                # (spdm-emu does) waits on Nagle for our delayed ACK of the first: ACK at
+                # once.  Linux clears the flag after use, so it is set before each read.
+                with contextlib.suppress(OSError):
+                    self.sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
             chunk = self.sock.recv(min(n - len(buf), 1 << 16))
             if not chunk:
                 raise _Closed("peer closed the connection")

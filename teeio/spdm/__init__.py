@@ -7,6 +7,8 @@
 or keeps time.
 """
 
+from typing import TYPE_CHECKING
+
 from .errors import (
     CertificateError,
     DecodeError,
@@ -20,8 +22,33 @@ from .errors import (
     VerificationError,
     VerifyDataError,
 )
-from .requester import MeasurementResult, Requester, RequesterConfig, verify_measurement_transcript
-from .responder import Responder, ResponderConfig
+
+if TYPE_CHECKING:
+    from .requester import (
+        MeasurementResult,
+        Requester,
+        RequesterConfig,
+        verify_measurement_transcript,
+    )
+    from .responder import Responder, ResponderConfig
+
+#: The two ends are imported on first use: a requester never loads the responder.
+_REQUESTER = frozenset({"MeasurementResult", "Requester", "RequesterConfig",
+                        "verify_measurement_transcript"})
+_RESPONDER = frozenset({"Responder", "ResponderConfig"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _REQUESTER:
+        from . import requester as end
+    elif name in _RESPONDER:
+        from . import responder as end  # type: ignore[no-redef]
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(end, name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CertificateError", "DecodeError", "DropRequest", "ErrorResponse", "MalformedResponse",
