@@ -261,8 +261,11 @@ class DmaEngine:
         r, config, irq = dev.bar0.r, dev.config, dev.irq
         level = r[R.INT_STATUS] & r[R.INT_ENABLE]
         if irq.msix_ready(0):
-            config.poke(Reg.STATUS, 2, config.get(Reg.STATUS, 2) & ~_INTERRUPT_STATUS)
-            irq.set_intx(False)  # a function using MSI-X never asserts INTx
+            status = config.get(Reg.STATUS, 2)
+            if status & _INTERRUPT_STATUS:
+                config.poke(Reg.STATUS, 2, status & ~_INTERRUPT_STATUS)
+            if irq.intx_asserted:
+                irq.set_intx(False)  # a function using MSI-X never asserts INTx
             if new_bits & r[R.INT_ENABLE]:
                 irq.raise_msix(0)
             return
