@@ -52,6 +52,8 @@ class Bar0Registers:
         self.r[R.DMA_BYTES_HI] = (total >> 32) & 0xFFFFFFFF
 
     def read(self, offset: int, count: int) -> bytes:
+        if count == 4 and not offset & 3:           # one whole register
+            return self.reg_read(offset).to_bytes(4, "little")
         out = bytearray()
         for pos in range(offset & ~3, offset + count, 4):
             out += self.reg_read(pos).to_bytes(4, "little")
@@ -65,6 +67,11 @@ class Bar0Registers:
         return 0 if reg is None else self.r[reg]       # reserved: reads as zero
 
     def write(self, offset: int, data: bytes) -> None:
+        if not (offset | len(data)) & 3:            # whole registers, in address order
+            for pos in range(0, len(data), 4):
+                self.reg_write(offset + pos, int.from_bytes(data[pos:pos + 4], "little"),
+                               0xFFFFFFFF)
+            return
         end = offset + len(data)
         pos = offset
         while pos < end:

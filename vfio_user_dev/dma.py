@@ -30,6 +30,9 @@ RemoteWrite = Callable[[int, bytes], None]
 Inode = tuple[int, int]      # (st_dev, st_ino) of the file a map came from
 
 
+_READ, _WRITE = int(DmaFlags.READ), int(DmaFlags.WRITE)     # plain ints: cheaper to test
+
+
 class DmaFault(Exception):
     """A device access to guest memory that no live map allows."""
 
@@ -81,7 +84,9 @@ class DmaMapSet:
         self._regions: list[DmaRegion] = []   # sorted by address, never overlapping
         self._starts: list[int] = []          # their addresses, for bisect
         self.max_maps = MAX_DMA_MAPS
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiters = 0                     # unmaps and clears waiting for users to go
         self.remote_read: RemoteRead | None = None
         self.remote_write: RemoteWrite | None = None
         self.maps_total = 0
@@ -185,8 +190,7 @@ class DmaMapSet:
                 raise ProtocolError(errno.ENOENT,
                                     f"DMA_UNMAP {address:#x}+{size:#x}: no such map")
             # Release every reference before replying (spec: in-flight DMA too).
-            while r.users:
-                self._cond.wait()
+            self._wait_while(lambda: r.users > 0)
             # Waiting let other threads in: look the map up again (it may have moved in
             # the list, or been removed by a concurrent unmap or clear).
             i = bisect.bisect_left(self._starts, address)
@@ -201,14 +205,22 @@ class DmaMapSet:
 
     def clear(self) -> None:
         with self._cond:
-            while any(r.users for r in self._regions):
-                self._cond.wait()
+            self._wait_while(lambda: any(r.users for r in self._regions))
             for r in self._regions:
                 _drop_memory(r)
             gone = [MapEvent("unmap", _backing(r)) for r in self._regions]
             self._regions.clear()
             self._starts.clear()
         self._notify(gone)
+
+    def _wait_while(self, busy: Callable[[], bool]) -> None:
+        """Wait (the lock held) until *busy* is false: accesses release their maps."""
+        self._waiters += 1
+        try:
+            while busy():
+                self._cond.wait()
+        finally:
+            self._waiters -= 1
 
     def _notify(self, events: list[MapEvent]) -> None:
         for ev in events:
@@ -224,6 +236,18 @@ class DmaMapSet:
         with self._cond:
             return tuple(_backing(r) for r, _, _ in self._pieces(address, size, 0))
 
+    def direct(self, address: int, length: int) -> bool:
+        """Whether a device access to guest range *address*+*length* never waits for the
+        client: every byte of it is mapped or reached through its fd, none only through
+        DMA_READ/DMA_WRITE messages.  A range not wholly mapped counts too: an access to
+        it faults before it touches anything."""
+        with self._lock:
+            try:
+                pieces = self._pieces(address, length, 0)
+            except DmaFault:
+                return True
+        return all(r.mem is not None for r, _, _ in pieces)
+
     def snapshot(self) -> list[tuple[int, int, int, bool]]:
         with self._cond:
             return [(r.address, r.size, r.flags, r.mem is not None) for r in self._regions]
@@ -234,7 +258,7 @@ class DmaMapSet:
         if i >= 0 and address < self._regions[i].end:
             r = self._regions[i]
             if need and not r.flags & need:
-                kind = "read" if need == DmaFlags.READ else "write"
+                kind = "read" if need == _READ else "write"
                 raise DmaFault(f"DMA {kind} at {address:#x}: map is not {kind}able")
             return r
         raise DmaFault(f"DMA to unmapped address {address:#x}")
@@ -260,8 +284,8 @@ class DmaMapSet:
         """*length* bytes at guest *address*; with *pinned*, only from maps with those ids.
         Mapped pieces are copied first, under references; pieces reached over the socket
         come after those are released (see :meth:`_acquire`)."""
-        with self._cond:
-            pieces = self._pieces(address, length, DmaFlags.READ, pinned)
+        with self._lock:
+            pieces = self._pieces(address, length, _READ, pinned)
             held = self._acquire(pieces)
         chunks: list[bytes | None] = []
         try:
@@ -278,8 +302,8 @@ class DmaMapSet:
     def write(self, address: int, data: bytes, pinned: Collection[int] | None = None) -> None:
         """*data* to guest *address*; with *pinned*, only into maps with those ids (mapped
         pieces first, as for :meth:`read`)."""
-        with self._cond:
-            pieces = self._pieces(address, len(data), DmaFlags.WRITE, pinned)
+        with self._lock:
+            pieces = self._pieces(address, len(data), _WRITE, pinned)
             held = self._acquire(pieces)
         remote: list[tuple[int, int, int]] = []
         try:
@@ -310,10 +334,13 @@ class DmaMapSet:
         return held
 
     def _release(self, held: list[DmaRegion]) -> None:
-        with self._cond:
+        if not held:
+            return
+        with self._lock:
             for r in held:
                 r.users -= 1
-            self._cond.notify_all()
+            if self._waiters:
+                self._cond.notify_all()
 
     def _remote_read(self, address: int, n: int) -> bytes:
         if self.remote_read is None:

@@ -3,7 +3,8 @@ the function's interrupt (INT_STATUS & INT_ENABLE as MSI-X vector 0 or INTx).
 
 Jobs reach memory only through the device's link endpoint, gated per PCIe 6.x §11.2.1
 (``enforcement.dma_route``; QUIESCE aborts a job, late completions of a read issued in
-RUN are dropped).  Design notes: docs/device-internals.md.
+RUN are dropped).  A short job on the link's clear path runs at once, on the thread that
+wrote GO; any other runs on the engine thread.  Design notes: docs/device-internals.md.
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vfio_user_dev.device")     # the device model's one log
 
+KiB = 1 << 10
+#: the longest job of each kind that runs at once on the thread that wrote GO (when its
+#: transfers take the link's clear path into memory this process reaches directly):
+#: about as long as a register round trip costs, so that the vCPU is not held up longer
+INLINE_MAX: dict[int, int] = {Op.COPY: regs.MAX_DMA_LEN, Op.FILL: regs.MAX_DMA_LEN,
+                              Op.SHA256: 64 * KiB}
+
+_BUS_MASTER = int(Command.BUS_MASTER)
+_INTERRUPT_STATUS = int(Status.INTERRUPT_STATUS)
+_DONE, _ERROR, _BUSY = int(St.DONE), int(St.ERROR), int(St.BUSY)
+_DMA_DONE, _DMA_ERROR = int(Irq.DMA_DONE), int(Irq.DMA_ERROR)
+_NOTIFY = "notify"      # queued after an inline job: call the listeners on the engine thread
+
 
 @dataclass
 class DmaJob:
@@ -47,18 +61,26 @@ class DmaRefused(DmaFault):
 
 
 class DmaEngine:
-    """One job at a time on its own thread.  ``generation`` moves on at every reset and
-    scrub: a job of an older generation is dropped, before or after it ran.  The caller
-    holds the device lock around :meth:`start_job`, :meth:`finish` and
-    :meth:`update_irq`."""
+    """One job at a time, on its own thread or (short ones, the engine idle) at once.
+    ``generation`` moves on at every reset and scrub: a job of an older generation is
+    dropped, before or after it ran.  The caller holds the device lock around
+    :meth:`start_job`, :meth:`finish` and :meth:`update_irq`."""
 
     def __init__(self, device: TeeIoDevice) -> None:
         self.device = device
         self.generation = 0
         self.total = {"jobs": 0, "bytes": 0, "errors": 0}
-        #: called (with the device) after each job's result was applied
+        #: jobs by where they ran: at once on the GO writer's thread, or the engine thread
+        self.runs = {"inline": 0, "engine_thread": 0}
+        #: called (with the device) after each job's result was applied, on the engine
+        #: thread and without the device lock
         self.listeners: list[Callable[[TeeIoDevice], None]] = []
-        self._jobs: queue.Queue[DmaJob | None] = queue.Queue()
+        #: whether an access to guest range (address, length) never waits for the client
+        #: (no DMA_READ/DMA_WRITE message): the platform's DMA map set answers.  Until it
+        #: is set, every job that touches memory runs on the engine thread.
+        self.direct_memory: Callable[[int, int], bool] = lambda _address, _length: False
+        self._jobs: queue.SimpleQueue[DmaJob | str | None] = queue.SimpleQueue()
+        self._queued = 0        # jobs and notifications handed to the thread, not done yet
         self.thread = threading.Thread(target=self._loop, name="dma-engine", daemon=True)
 
     def start(self) -> None:
@@ -76,10 +98,10 @@ class DmaEngine:
     def start_job(self, op: int) -> None:
         dev = self.device
         r = dev.bar0.r
-        if r[R.STATUS] & St.BUSY:
+        if r[R.STATUS] & _BUSY:
             self.finish(regs.DmaError.BUSY)
             return
-        r[R.STATUS] = St.BUSY
+        r[R.STATUS] = _BUSY
         job = DmaJob(op, r[R.DMA_SRC_LO] | r[R.DMA_SRC_HI] << 32,
                      r[R.DMA_DST_LO] | r[R.DMA_DST_HI] << 32,
                      r[R.DMA_LEN], r[R.DMA_PATTERN], self.generation, dev.tee.epoch)
@@ -88,7 +110,37 @@ class DmaEngine:
             job.refused = route
         else:
             job.t_bit, job.stream_id = route
+        if self._queued == 0 and self._inline(job):
+            # No thread switch: the job runs here, under the device lock its GO holds, so
+            # no TDI transition, reset or unmap comes in between (they take that lock or
+            # come from this same thread).
+            self.runs["inline"] += 1
+            self._apply(job, *self._execute(job))
+            if self.listeners:
+                self._queued += 1
+                self._jobs.put(_NOTIFY)
+            return
+        self._queued += 1
         self._jobs.put(job)
+
+    def _inline(self, job: DmaJob) -> bool:
+        """Whether *job* runs at once: it touches no memory (refused, Bus Master off, bad
+        length or opcode), or it is short and its transfers take the link's clear path
+        (no Secure IDE stream, nothing watching the link) into memory reached directly,
+        so that it never waits for the client (whose messages this thread may serve)."""
+        dev = self.device
+        limit = INLINE_MAX.get(job.op)
+        if (job.refused is not None or limit is None or not 0 < job.length <= regs.MAX_DMA_LEN
+                or not dev.config.get(Reg.COMMAND, 2) & _BUS_MASTER):
+            return True
+        if job.length > limit:
+            return False
+        link = dev.link_end.link
+        if link is None or link.tapped or any(st.secure for st in dev.ide.streams):
+            return False
+        if job.op != Op.FILL and not self.direct_memory(job.src, job.length):
+            return False
+        return self.direct_memory(job.dst, 32 if job.op == Op.SHA256 else job.length)
 
     # -- the engine thread ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -97,28 +149,44 @@ class DmaEngine:
             job = self._jobs.get()
             if job is None:
                 return
-            if job.generation != self.generation:
-                continue        # reset or scrubbed before it ran: dropped
             try:
-                code, moved = self._run(job)
+                if isinstance(job, str):
+                    self._notify()
+                elif job.generation == self.generation:  # else reset or scrubbed: dropped
+                    self.runs["engine_thread"] += 1
+                    code, moved = self._execute(job)
+                    with dev.lock:
+                        if job.generation != self.generation:
+                            continue  # reset while running: the result is dropped
+                        self._apply(job, code, moved)
+                    self._notify()
+            finally:
+                with dev.lock:
+                    self._queued -= 1
+
+    def _notify(self) -> None:
+        for fn in list(self.listeners):
+            try:
+                fn(self.device)
             except Exception:
-                log.exception("DMA engine bug while running %s", job)
-                code, moved = regs.DmaError.INTERNAL, 0
-            with dev.lock:
-                if job.generation != self.generation:
-                    continue  # reset while running: the result is dropped
-                self.total["bytes"] += moved
-                dev.bar0.add_bytes(moved)
-                self.finish(code)
-            for fn in list(self.listeners):
-                try:
-                    fn(dev)
-                except Exception:
-                    log.exception("device listener failed")
+                log.exception("device listener failed")
+
+    def _execute(self, job: DmaJob) -> tuple[regs.DmaError, int]:
+        try:
+            return self._run(job)
+        except Exception:
+            log.exception("DMA engine bug while running %s", job)
+            return regs.DmaError.INTERNAL, 0
+
+    def _apply(self, job: DmaJob, code: regs.DmaError, moved: int) -> None:
+        """Under the device lock: the job's result in the registers, and its interrupt."""
+        self.total["bytes"] += moved
+        self.device.bar0.add_bytes(moved)
+        self.finish(code)
 
     def _run(self, job: DmaJob) -> tuple[regs.DmaError, int]:
         dev = self.device
-        if not dev.config.get(Reg.COMMAND, 2) & Command.BUS_MASTER:
+        if not dev.config.get(Reg.COMMAND, 2) & _BUS_MASTER:
             return regs.DmaError.BUS_MASTER_OFF, 0
         if job.refused is not None:     # §11.2.1: no requests in CONFIG_LOCKED / ERROR
             with dev.lock:
@@ -132,9 +200,7 @@ class DmaEngine:
                 self._write(job, job.dst, data)
                 return regs.DmaError.NONE, 2 * job.length
             if job.op == Op.FILL:
-                pat = job.pattern.to_bytes(4, "little")
-                data = (pat * (job.length // 4 + 1))[:job.length]
-                self._write(job, job.dst, data)
+                self._write(job, job.dst, fill_pattern(job.pattern, job.length))
                 return regs.DmaError.NONE, job.length
             if job.op == Op.SHA256:
                 digest = hashlib.sha256(self._read(job, job.src, job.length)).digest()
@@ -175,14 +241,14 @@ class DmaEngine:
     def finish(self, code: regs.DmaError) -> None:
         r = self.device.bar0.r
         if code == regs.DmaError.NONE:
-            r[R.STATUS] = St.DONE
-            bit = Irq.DMA_DONE
+            r[R.STATUS] = _DONE
+            bit = _DMA_DONE
             r[R.DMA_JOBS] = (r[R.DMA_JOBS] + 1) & 0xFFFFFFFF
             self.total["jobs"] += 1
         else:
-            busy = r[R.STATUS] & St.BUSY if code == regs.DmaError.BUSY else 0
-            r[R.STATUS] = busy | St.ERROR | (int(code) << 8)
-            bit = Irq.DMA_ERROR
+            busy = r[R.STATUS] & _BUSY if code == regs.DmaError.BUSY else 0
+            r[R.STATUS] = busy | _ERROR | (int(code) << 8)
+            bit = _DMA_ERROR
             self.total["errors"] += 1
         r[R.INT_STATUS] |= bit
         self.update_irq(new_bits=bit)
@@ -195,13 +261,23 @@ class DmaEngine:
         r, config, irq = dev.bar0.r, dev.config, dev.irq
         level = r[R.INT_STATUS] & r[R.INT_ENABLE]
         if irq.msix_ready(0):
-            config.poke(Reg.STATUS, 2, config.get(Reg.STATUS, 2) & ~Status.INTERRUPT_STATUS)
-            irq.set_intx(False)  # a function using MSI-X never asserts INTx
+            status = config.get(Reg.STATUS, 2)
+            if status & _INTERRUPT_STATUS:
+                config.poke(Reg.STATUS, 2, status & ~_INTERRUPT_STATUS)
+            if irq.intx_asserted:
+                irq.set_intx(False)  # a function using MSI-X never asserts INTx
             if new_bits & r[R.INT_ENABLE]:
                 irq.raise_msix(0)
             return
-        status = config.get(Reg.STATUS, 2) & ~Status.INTERRUPT_STATUS
+        status = config.get(Reg.STATUS, 2) & ~_INTERRUPT_STATUS
         if level:
-            status |= Status.INTERRUPT_STATUS
+            status |= _INTERRUPT_STATUS
         config.poke(Reg.STATUS, 2, status)
         irq.set_intx(bool(level), event=bool(new_bits & r[R.INT_ENABLE]))
+
+
+def fill_pattern(pattern: int, length: int) -> bytes:
+    """*length* bytes of the 32-bit *pattern* repeated little-endian (FILL)."""
+    pat = pattern.to_bytes(4, "little")
+    data = pat * (length >> 2)
+    return data + pat[:length & 3] if length & 3 else data

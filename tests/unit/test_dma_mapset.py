@@ -457,3 +457,15 @@ def test_unmappable_file_range_is_einval(ms: DmaMapSet, offset: int, size: int) 
     assert exc.value.errno == errno.EINVAL
     assert ms.snapshot() == []
     assert_closed(fd)
+
+
+def test_direct_says_whether_an_access_can_wait_for_the_client(ms: DmaMapSet) -> None:
+    view = map_memfd(ms, 0x10000, 2 * PAGE)
+    os.close(view)
+    ms.map(0x10000 + 2 * PAGE, PAGE, RW, 0, None)          # reached over the socket only
+    assert ms.direct(0x10000, 2 * PAGE)
+    assert ms.direct(0x10000 + PAGE, 16)
+    assert not ms.direct(0x10000 + 2 * PAGE - 8, 16)        # spans into the socket map
+    assert not ms.direct(0x10000 + 2 * PAGE, 4)
+    assert ms.direct(0x90000, 16)                           # unmapped: faults at once
+    assert ms.direct(0x10000 + 3 * PAGE - 4, 8)             # runs off the end: faults too

@@ -1,0 +1,341 @@
+"""The DMA engine's cost, measured with the device server in its own process
+(``bench.dma_server``): the fixed cost of one job split by step on the server side, and
+COPY / FILL / SHA-256 throughput per size against memcpy measured alternately in the
+same run, each with its spread over the rounds; whether the goals are met.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import mmap
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypedDict, cast
+
+from bench.common import Spread, gc_paused, mbps, spread
+from bench.dma_jobs import BAR0, FILL_PATTERN, GUEST_BASE, DmaDriver, KiB, MiB, guest_memory
+from teeio.device_regs import MAX_DMA_LEN, Irq, Op, R
+from vfio_user_dev.client import Client
+from vfio_user_dev.protocol import IrqSetFlags, PciIrq
+
+SIZES = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB)
+OPS = (Op.COPY, Op.FILL, Op.SHA256)
+SPLIT_OP, SPLIT_SIZE = Op.COPY, 4 * KiB        # the small job whose fixed cost is split
+SRC_OFF, DST_OFF = 0, 8 * MiB
+GUEST_SIZE = 16 * MiB
+FIXED_COST_GOAL_US = 100.0
+COPY_GOAL_RATIO = 0.8
+COPY_GOAL_SIZES = (1 * MiB, 4 * MiB)
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class CostSettings:
+    rounds: int            # engine and memcpy points alternate this many times per size
+    split_jobs: int        # jobs of the fixed-cost split (per mode)
+    budget_ns: int         # time per throughput point (when not a fixed count)
+    min_reps: int
+    max_reps: int
+
+    @classmethod
+    def from_args(cls, quick: bool, iterations: int | None, rounds: int | None) -> CostSettings:
+        if iterations is not None:
+            return cls(rounds or 2, max(iterations, 2), 0, iterations, iterations)
+        if quick:
+            return cls(rounds or 2, 300, 30_000_000, 2, 2_000)
+        return cls(rounds or 5, 2000, 200_000_000, 3, 100_000)
+
+
+# -- the server process -----------------------------------------------------------------------
+class ServerProcess:
+    """``python -m bench.dma_server`` on *path*; it inherits this process's CPU pinning."""
+
+    def __init__(self, path: str) -> None:
+        env = dict(os.environ)
+        # The child imports the same code as this process: PYTHONPATH as given, else the
+        # project this module is in.
+        env.setdefault("PYTHONPATH", str(PROJECT))
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.dma_server", path],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+        self.hello = self._read()
+        if not self.hello.get("ready"):
+            raise RuntimeError(f"bench.dma_server did not start: {self.hello}")
+
+    def _read(self) -> dict[str, Any]:
+        line = cast(IO[str], self.proc.stdout).readline()
+        if not line:
+            raise RuntimeError(f"bench.dma_server exited ({self.proc.wait()})")
+        return cast(dict[str, Any], json.loads(line))
+
+    def command(self, cmd: str) -> dict[str, Any]:
+        stdin = cast(IO[str], self.proc.stdin)
+        stdin.write(cmd + "\n")
+        stdin.flush()
+        answer = self._read()
+        if "error" in answer:
+            raise RuntimeError(f"bench.dma_server: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            cast(IO[str], self.proc.stdin).close()       # end of input: it shuts down
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def out_of_process() -> Iterator[tuple[ServerProcess, Client]]:
+    """The device server in a child process and a negotiated client in this one."""
+    with tempfile.TemporaryDirectory(prefix="teeio-bench-") as tmp:
+        srv = ServerProcess(os.path.join(tmp, "vfio-user.sock"))
+        try:
+            client = Client.connect(os.path.join(tmp, "vfio-user.sock"))
+            try:
+                client.version()
+                yield srv, client
+            finally:
+                client.close()
+        finally:
+            srv.close()
+
+
+# -- result types -------------------------------------------------------------------------------
+class Step(TypedDict):
+    per_job: float          # how many times per job
+    cpu_us: float           # server CPU per job (median per occurrence x per_job)
+    wall_us: float | None   # server wall time per job, where it means one
+
+
+class FixedCost(TypedDict):
+    job: str
+    mode: str
+    jobs: int
+    messages_per_job: float
+    steps: dict[str, Step]
+    total_cpu_us: float
+    total_wall_us: float
+    dma_cpu_us: float
+    handoff_wait_wall_us: float | None
+    client_us_per_job: float
+    jobs_inline: int
+    jobs_engine_thread: int
+
+
+class ThroughputPoint(TypedDict):
+    op: str
+    size: int
+    jobs_per_op: int
+    engine_end_to_end_MBps: Spread
+    engine_server_MBps: Spread
+    memcpy_MBps: Spread
+    hashlib_MBps: Spread | None
+    ratio_end_to_end: Spread
+    ratio_server: Spread
+
+
+class Goal(TypedDict):
+    target: str
+    judged_on: str
+    measured: dict[str, float]
+    met: bool
+
+
+# -- driving jobs -------------------------------------------------------------------------------
+def job_runner(drv: DmaDriver, op: Op, size: int) -> Callable[[], None]:
+    """One *size* operation: consecutive jobs of at most MAX_DMA_LEN bytes each."""
+    chunks = [(off, min(MAX_DMA_LEN, size - off)) for off in range(0, size, MAX_DMA_LEN)]
+    src, dst = GUEST_BASE + SRC_OFF, GUEST_BASE + DST_OFF
+
+    def run() -> None:
+        for off, n in chunks:
+            drv.run(op, src + off, dst + off, n, FILL_PATTERN)
+    return run
+
+
+def check_result(mm: mmap.mmap, op: Op, size: int) -> None:
+    """The destination holds what one run of *op* over *size* bytes must leave."""
+    for off in range(0, size, MAX_DMA_LEN):
+        n = min(MAX_DMA_LEN, size - off)
+        src, dst = SRC_OFF + off, DST_OFF + off
+        if op == Op.COPY:
+            ok = mm[dst:dst + n] == mm[src:src + n]
+        elif op == Op.FILL:
+            ok = mm[dst:dst + n] == FILL_PATTERN.to_bytes(4, "little") * (n // 4)
+        else:
+            ok = mm[dst:dst + 32] == hashlib.sha256(mm[src:src + n]).digest()
+        if not ok:
+            raise RuntimeError(f"{op.name} of {size} bytes: wrong result at +{off:#x}")
+
+
+def _loop(fn: Callable[[], object], s: CostSettings) -> tuple[int, int]:
+    """(reps, ns) of *fn* for the settings' budget, after one warm-up call."""
+    fn()
+    with gc_paused():
+        reps = 0
+        t0 = time.perf_counter_ns()
+        elapsed = 0
+        while reps < s.min_reps or (elapsed < s.budget_ns and reps < s.max_reps):
+            fn()
+            reps += 1
+            elapsed = time.perf_counter_ns() - t0
+    return reps, elapsed
+
+
+# -- 1. the fixed cost of a job, split ------------------------------------------------------------
+def fixed_cost(srv: ServerProcess, c: Client, s: CostSettings, mode: str) -> FixedCost:
+    """*mode* "default": jobs run where the engine puts them; "engine_thread": every job
+    that touches memory is handed to the engine thread (the server's ``threaded``)."""
+    srv.command("threaded" if mode == "engine_thread" else "default")
+    drv = DmaDriver(c)
+    job = job_runner(drv, SPLIT_OP, SPLIT_SIZE)
+    for _ in range(20):
+        job()
+    srv.command("reset")
+    with gc_paused():
+        t0 = time.perf_counter_ns()
+        for _ in range(s.split_jobs):
+            job()
+        client_ns = time.perf_counter_ns() - t0
+    rep = srv.command("report")
+    return split_steps(rep, s.split_jobs, mode, client_ns / 1000 / s.split_jobs)
+
+
+def split_steps(rep: dict[str, Any], jobs: int, mode: str, client_us: float) -> FixedCost:
+    """The server's report of *jobs* small jobs as steps per job."""
+    st: dict[str, dict[str, float]] = rep["steps"]
+    counts: dict[str, int] = rep["counts"]
+    messages = counts.get("messages", 0)
+
+    def step(name: str, per_job: float | None = None, wall: bool = True) -> Step:
+        d = st.get(name, {"n": 0, "cpu_median_us": 0.0, "wall_median_us": 0.0})
+        k = d["n"] / jobs if per_job is None else per_job
+        return Step(per_job=round(k, 3), cpu_us=round(d["cpu_median_us"] * k, 3),
+                    wall_us=round(d["wall_median_us"] * k, 3) if wall else None)
+
+    transport_us = counts.get("transport_cpu_ns", 0) / 1000 / max(messages, 1)
+    steps = {
+        "register_writes": step("register_write"),
+        "go_write": step("go_write"),
+        "status_polls": step("register_read"),
+        "transport": Step(per_job=round(messages / jobs, 3),
+                          cpu_us=round(transport_us * messages / jobs, 3), wall_us=None),
+        "handoff": step("start_job", 1.0),
+        "completion": step("completion", 1.0),
+        "interrupt": step("interrupt", 1.0),
+    }
+    wait = st.get("handoff_wait")
+    return FixedCost(
+        job=f"{SPLIT_OP.name} {SPLIT_SIZE}", mode=mode, jobs=jobs,
+        messages_per_job=round(messages / jobs, 3), steps=steps,
+        total_cpu_us=round(sum(x["cpu_us"] for x in steps.values()), 3),
+        total_wall_us=round(sum(x["wall_us"] or 0.0 for x in steps.values())
+                            + (wait["wall_median_us"] if wait else 0.0), 3),
+        dma_cpu_us=step("dma", 1.0)["cpu_us"],
+        handoff_wait_wall_us=wait["wall_median_us"] if wait else None,
+        client_us_per_job=round(client_us, 3),
+        jobs_inline=counts.get("jobs_inline", 0),
+        jobs_engine_thread=counts.get("jobs_engine_thread", 0))
+
+
+# -- 2. throughput per size against memcpy, alternating ---------------------------------------
+def throughput(srv: ServerProcess, c: Client, mm: mmap.mmap, s: CostSettings,
+               sizes: tuple[int, ...] = SIZES) -> list[ThroughputPoint]:
+    srv.command("default")
+    drv = DmaDriver(c)
+    view = memoryview(mm)
+    out: list[ThroughputPoint] = []
+    try:
+        for op in OPS:
+            for size in sizes:
+                out.append(_point(srv, drv, mm, view, op, size, s))
+    finally:
+        view.release()
+    return out
+
+
+def _point(srv: ServerProcess, drv: DmaDriver, mm: mmap.mmap, view: memoryview, op: Op,
+           size: int, s: CostSettings) -> ThroughputPoint:
+    job = job_runner(drv, op, size)
+    jobs = -(-size // MAX_DMA_LEN)
+    mm[DST_OFF:DST_OFF + size] = bytes(size)
+    job()
+    check_result(mm, op, size)
+
+    def memcpy() -> None:
+        view[DST_OFF:DST_OFF + size] = view[SRC_OFF:SRC_OFF + size]
+
+    def sha() -> None:
+        for off in range(0, size, MAX_DMA_LEN):
+            hashlib.sha256(view[SRC_OFF + off:SRC_OFF + off + min(MAX_DMA_LEN, size - off)])
+
+    e2e, server, base, hashed = [], [], [], []
+    for _ in range(s.rounds):           # engine, memcpy, engine, memcpy ...
+        srv.command("reset")
+        reps, ns = _loop(job, s)
+        e2e.append(mbps(size * reps, ns))
+        job_us = srv.command("report")["steps"]["job"]["wall_median_us"]
+        server.append(size / (job_us * jobs) if job_us else 0.0)
+        reps, ns = _loop(memcpy, s)
+        base.append(mbps(size * reps, ns))
+        if op == Op.SHA256:
+            reps, ns = _loop(sha, s)
+            hashed.append(mbps(size * reps, ns))
+    return ThroughputPoint(
+        op=op.name, size=size, jobs_per_op=jobs, engine_end_to_end_MBps=spread(e2e, 2),
+        engine_server_MBps=spread(server, 2), memcpy_MBps=spread(base, 2),
+        hashlib_MBps=spread(hashed, 2) if hashed else None,
+        ratio_end_to_end=spread([e / b for e, b in zip(e2e, base, strict=True)], 4),
+        ratio_server=spread([e / b for e, b in zip(server, base, strict=True)], 4))
+
+
+# -- 3. goals --------------------------------------------------------------------------------------
+def goals(split: FixedCost, points: list[ThroughputPoint]) -> dict[str, Goal]:
+    copy = {p["size"]: p for p in points if p["op"] == "COPY" and p["size"] in COPY_GOAL_SIZES}
+    server = {str(n): p["ratio_server"]["median"] for n, p in copy.items()}
+    e2e = {str(n): p["ratio_end_to_end"]["median"] for n, p in copy.items()}
+    return {
+        "fixed_cost": Goal(
+            target=f"server-side fixed cost per job <= {FIXED_COST_GOAL_US:g} us",
+            judged_on="server CPU per job, sum of the steps of dma_fixed_cost (default mode)",
+            measured={"total_cpu_us": split["total_cpu_us"],
+                      "total_wall_us": split["total_wall_us"]},
+            met=split["total_cpu_us"] <= FIXED_COST_GOAL_US),
+        "copy_throughput": Goal(
+            target=f"COPY >= {COPY_GOAL_RATIO:g}x memcpy at >= 1 MiB (fd-mapped, IDE off)",
+            judged_on="ratio_server: the engine's time on the server (GO to completion) "
+                      "against memcpy, median over the rounds; ratio_end_to_end for "
+                      "reference (adds the register round trips)",
+            measured={**{f"ratio_server {k}": v for k, v in server.items()},
+                      **{f"ratio_end_to_end {k}": v for k, v in e2e.items()}},
+            met=bool(server) and min(server.values()) >= COPY_GOAL_RATIO),
+    }
+
+
+def bench_dma_cost(srv: ServerProcess, c: Client, s: CostSettings
+                   ) -> tuple[list[FixedCost], list[ThroughputPoint], dict[str, Goal]]:
+    """Every job signals its completion on MSI-X vector 0 (an eventfd of this process,
+    never read: the driver polls STATUS)."""
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        c.set_irqs(PciIrq.MSIX, IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER, 0, 1,
+                   [efd])
+        c.write32(BAR0, R.INT_ENABLE, Irq.DMA_DONE | Irq.DMA_ERROR)
+        with guest_memory(c, GUEST_SIZE) as mm:
+            mm[SRC_OFF:SRC_OFF + 4 * MiB] = os.urandom(4 * MiB)
+            splits = [fixed_cost(srv, c, s, mode) for mode in ("default", "engine_thread")]
+            points = throughput(srv, c, mm, s)
+    finally:
+        os.close(efd)
+    return splits, points, goals(splits[0], points)
