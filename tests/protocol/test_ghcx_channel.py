@@ -12,6 +12,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -288,6 +289,10 @@ def test_reordered_frames(world: tuple[GhcxClient, TsmServer, Relay]) -> None:
     relay.once("g2t", hold)
     relay.once("g2t", lambda b: encode_frame(b) + encode_frame(relay.held.pop()))
     assert call(client, MsgType.TDI_LOCK)["lock_epoch"] == 1
+    # the guest has its answer (to the retry) before the TSM reads the late original
+    deadline = time.monotonic() + 5
+    while server.channel.counters["replay"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
     assert server.channel.counters["replay"] == 1
     assert server.served[MsgType.TDI_LOCK] == 1
     # TSM → guest: hold the response; deliver the cached re-send first, then the original
