@@ -63,7 +63,7 @@ def test_ctl_socket_errors_and_survival(ctl: str) -> None:
 
 def test_ctl_deep_nesting_idle_timeout_and_connection_bound(tmp_path: Path) -> None:
     path = str(tmp_path / "ctl.sock")
-    server = CtlServer(path, dispatch, idle_timeout=1.0, max_connections=2).start()
+    server = CtlServer(path, dispatch, idle_timeout=2.0, max_connections=2).start()
     try:
         with CtlClient(path) as c:
             for raw in (b"[" * 60000 + b"\n", b'{"op": ' + b"[" * 60000 + b"\n"):
@@ -71,10 +71,10 @@ def test_ctl_deep_nesting_idle_timeout_and_connection_bound(tmp_path: Path) -> N
                 assert reply["ok"] is False and reply["error"]["code"] == "malformed"
             assert c.call("echo", a=1) == {"args": {"a": 1}}
             # a silent client is closed after the idle timeout
-            c.sock.settimeout(5)
+            c.sock.settimeout(10)
             t0 = time.monotonic()
             assert c.sock.recv(1) == b""
-            assert time.monotonic() - t0 < 4
+            assert time.monotonic() - t0 < 8
         # at most 2 at once: the third is told "busy" and closed; a slot frees up again
         a, b = CtlClient(path), CtlClient(path)
         assert a.call("echo") == b.call("echo") == {"args": {}}
