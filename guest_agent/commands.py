@@ -214,7 +214,7 @@ def format_accept(report: dict[str, Any]) -> str:
     lines: list[str] = []
     pre = report.get("precheck") or {}
     if pre.get("action") == "already":
-        return str(pre["message"])
+        return "\n".join([str(pre["message"]), *_format_nvme(report)])
     if pre.get("action") == "refuse":
         return ""           # the one-line error says it all
     lines.append(f"accept on {report.get('bdf', 'the device')} (Command register "

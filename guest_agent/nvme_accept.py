@@ -67,11 +67,10 @@ def run(policy: tdi_verify.GuestPolicy, *, pause_at: str = "",
         if decision.action == "refuse":
             report.update(info=info.encode(), ok=False, error=decision.message)
             return report
-        if decision.action == "already":
+        if decision.action == "already":        # windows for RAM added since, the driver
             report["info"] = info.encode()
-            if driver_of(dev) != DRIVER:
-                _hand_over(report, steps, checks, client, dev)
-            report["ok"] = checks.ok or not checks.items
+            _hand_over(report, steps, checks, client, dev)
+            report["ok"] = checks.ok
             return report
         if decision.action == "restart":
             report["restart_stop"] = steps.run(
@@ -139,7 +138,10 @@ def _hand_over(report: dict[str, Any], steps: Steps, checks: Checks, client: Ghc
     report["windows"] = steps.run("dma_windows", lambda: ram_windows(client, ram))
     checks.add("ram_covered", len(report["windows"]) == len(ram),
                ranges=len(ram), windows=len(report["windows"]))
-    report["driver"] = steps.run("bind_driver", lambda: linux_driver.bind(dev, DRIVER))
+    if driver_of(dev) == DRIVER:
+        report["driver"] = {"driver": DRIVER, "bdf": dev.name, "bound_already": True}
+    else:
+        report["driver"] = steps.run("bind_driver", lambda: linux_driver.bind(dev, DRIVER))
     report["nvme"] = steps.run("nvme_namespaces", lambda: linux_driver.nvme_namespaces(dev))
     checks.add("nvme_live", report["nvme"]["state"] == "live" and
                bool(report["nvme"]["namespaces"]), **report["nvme"])

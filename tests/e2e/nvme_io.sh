@@ -1,7 +1,7 @@
 # The guest's side of tests/e2e/test_nvme_guest.py, run by qemu_configs/guest/run.sh
 # (teeio.mode=sh) after journeys.PRELUDE, with SEED (hex) set: Linux's stock nvme driver
 # doing real I/O over an accepted TDI, then the host breaks the TDI while I/O runs.
-# Namespace layout (64 MiB): ext4 [0, 16M), fio [16M, 24M), a plaintext pattern at 32M,
+# Namespace layout (64 MiB): ext4 [0, 16M), fio [16M, 18M) and [20M, 22M), a plaintext pattern at 32M,
 # the in-flight writer from 40M (16 KiB blocks), the after-ERROR marker at 60M.
 cd /tmp                                   # fio and friends write into the cwd
 # A dead controller is noticed after one I/O timeout (default 30 s): keep the run short.
@@ -38,7 +38,7 @@ umount /mnt/nv
 debugfs -R "blocks /two.bin" $D > $R/blocks.txt
 
 # 3. fio with crc32c verification, queue depths 1 and 8; then a known pattern at 32M
-fio --filename=$D --size=4M --rw=randrw --bs=4k --ioengine=libaio --direct=1 \
+fio --filename=$D --size=2M --rw=randrw --bs=4k --ioengine=libaio --direct=1 \
     --verify=crc32c --verify_fatal=1 --verify_state_save=0 --randseed=$((0x$SEED)) \
     --output-format=json --output=$R/fio.json \
     --name=qd1 --offset=16M --iodepth=1 --name=qd8 --offset=20M --iodepth=8
@@ -63,7 +63,7 @@ while [ "$(cat /tmp/writes 2>/dev/null || echo 0)" -lt 3 ]; do sleep 0.1; done
 pause io
 wait $WRITER                              # bounded: every write is (timeout 60)
 dmesg > $R/dmesg.txt
-cat /sys/bus/pci/devices/*/nvme/*/state > $R/ctrl-state.txt 2>&1 || true
+cat /sys/bus/pci/devices/*/nvme/*/state > $R/ctrl-state.txt 2>/dev/null || true
 # one more write: Linux refuses it (the dead controller's disk has no capacity left) or the
 # disk is gone; either way it never reaches the device
 if [ -b $D ]; then

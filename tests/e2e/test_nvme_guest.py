@@ -159,8 +159,10 @@ def _check_after_error(j: Journey, seed: int, ns: Path, at_error: str) -> None:
     assert 3 <= done <= landed, (done, landed)     # each write that completed is there
     # the driver saw a dead controller and gave up within its timeout: no hang
     dmesg = (j.results / "dmesg.txt").read_text()
-    assert re.search(r"nvme nvme\d+: (controller is down|I/O tag \d+ .*timeout|"
-                     r"Removing after probe failure)", dmesg), dmesg[-3000:]
+    assert re.search(r"nvme nvme\d+: controller is down; will reset: CSTS=0xffffffff", dmesg)
+    assert re.search(r"nvme nvme\d+: (Disabling device after reset failure|Removing after "
+                     r"probe failure)", dmesg), dmesg[-3000:]
+    assert (j.results / "ctrl-state.txt").read_text().split() in (["dead"], ["deleting"], [])
     assert j.guest_json("info-error.json")["info"]["state"] == "ERROR"
     after = (j.results / "after.txt").read_text()
     assert re.search(r"cannot seek|Input/output error|No such device|is gone", after), after

@@ -315,3 +315,16 @@ def test_cli_no_tee_and_the_policy_requirement(monkeypatch: pytest.MonkeyPatch,
         cli.main(["accept"])
     assert ei.value.code == 2
     assert "--policy is required (unless --no-tee)" in capsys.readouterr().err
+
+
+def test_accept_again_in_run_adds_windows_for_new_ram_and_keeps_the_driver(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """RAM hot-plugged after the first accept: one more window; the bound driver stays."""
+    tsm = AttestingTsm("RUN")
+    tsm.windows = {3: {"base": 0x1000, "size": 0x9EC00, "access": "rw"},
+                   4: {"base": 0x100000, "size": 0x3FED7000, "access": "rw"}}
+    seen = _patch_flow(monkeypatch, tsm, bound="nvme")
+    rep = nvme_accept.run(POLICY)                           # type: ignore[arg-type]
+    assert rep["ok"] and rep["driver"]["bound_already"] and "bound_in" not in seen
+    assert tsm.names() == ["TDI_INFO", "STATUS", "DMA_ACCEPT"]
+    assert tsm.calls[2][1] == {"base": 0x1_0000_0000, "size": 0x4000_0000, "access": "rw"}
