@@ -2,7 +2,8 @@
 
 Commands for a person at the VM's shell (human-readable output, ``--json`` for JSON):
 
-  accept     lock, attest, verify and accept the TDI, validate encrypted DMA (leaves RUN)
+  accept     lock, attest, verify and accept the TDI, validate encrypted DMA (leaves RUN);
+             an NVMe function: then trusted DMA over the guest's RAM and Linux's nvme driver
   tdi-info   the TDI as the TSM reports it (TDI_INFO) and the device as the guest sees it
   dma        one DMA job on the device (polled, with a DMA window in RUN)
   stop       TDI_STOP: back to CONFIG_UNLOCKED
@@ -28,9 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from guest_agent import accept, commands, dmajob, doe, selftest, spdm_probe
+from guest_agent import accept, commands, dmajob, doe, nvme_accept, selftest, spdm_probe
 from guest_agent.ghcx_client import GhcxClient, GhcxSetupError
 from guest_agent.pci import AgentError, find_device
+from teeio import tdi_verify
 from teeio.device_regs import MAX_DMA_LEN
 
 #: Modes the guest's init script runs: options they do not know are ignored (with a note).
@@ -132,10 +134,16 @@ def build_parser() -> Parser:
                         "controller with spdm_port)")
 
     p = add("accept", "lock, attest, verify and accept the TDI, then validate encrypted DMA; "
-            "the TDI stays RUN after the agent exits (unless --stop 1)")
-    p.add_argument("--policy", type=Path, required=True,
+            "the TDI stays RUN after the agent exits (unless --stop 1).  An NVMe function "
+            "(class 01:08:02): after ACCEPT a trusted-DMA window over each System RAM range, "
+            "then Linux's nvme driver is bound to it")
+    p.add_argument("--policy", type=Path,
                    help="the guest's policy (trust anchors, reference values, expected "
-                        "device), from teeio-guest-policy")
+                        "device), from teeio-guest-policy (required unless --no-tee)")
+    p.add_argument("--no-tee", action="store_true",
+                   help="NVMe only: bind Linux's nvme driver without TDISP (no lock, no "
+                        "attestation: T=0 DMA in the clear, as an ordinary assigned device); "
+                        "the TDI must be CONFIG_UNLOCKED")
     p.add_argument("--restart", action="store_true",
                    help="if the TDI is not CONFIG_UNLOCKED (RUN, CONFIG_LOCKED, ERROR), "
                         "TDI_STOP it first and run the whole flow again; without it an "
@@ -217,6 +225,13 @@ def _legacy(ns: argparse.Namespace) -> tuple[dict[str, Any], bool]:
 
 
 def _accept(ns: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    if ns.no_tee:
+        ids = {}
+        if ns.policy is not None:
+            policy = tdi_verify.load_policy(ns.policy)
+            ids = {"vendor": policy.vendor_id, "device": policy.device_id}
+        report = nvme_accept.run_plain(**ids)
+        return report, bool(report.get("ok"))
     report = accept.run(ns.policy, pause_at=ns.pause_at, sync_dir=ns.sync_dir,
                         expect=ns.expect, stop=bool(ns.stop), cycles=ns.cycles,
                         seed=_hex(ns.seed), restart=ns.restart)
@@ -367,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     ns, unknown = ap.parse_known_args(argv)
     cmd: str = ns.command
+    if cmd == "accept" and ns.policy is None and not ns.no_tee:
+        ap.error("accept: --policy is required (unless --no-tee)")
     # The init script's modes log warnings into agent.log as ever; a person's commands
     # keep to their output and one line of error unless --debug.
     logging.basicConfig(level=logging.DEBUG if ns.debug else logging.WARNING

@@ -8,79 +8,45 @@ The steps, why the TDI stays in RUN after the agent exits, and the test options
 from __future__ import annotations
 
 import hashlib
-import os
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from guest_agent import nvme_accept
 from guest_agent.commands import decide_accept
 from guest_agent.dmabuf import HugeBuffer
 from guest_agent.ghcx_client import GhcxCallError, GhcxClient, ask
-from guest_agent.pci import bars_of, rewrite_bars
+from guest_agent.pci import bars_of, msix_bars, rewrite_bars
 from guest_agent.selftest import DEVICE, VENDOR, Checks, Driver
+from guest_agent.tdi_steps import PAUSE_POINTS, Steps, accept_request, attest, pause
+from teeio import personality as personalities
 from teeio import tdi_verify
 from teeio.device_regs import DEVICE_ID_REG_VALUE, Op, R
 from teeio.ghcx.messages import (
-    Digests,
     DmaAccept,
     DmaAcceptResponse,
     DmaRelease,
-    GetEvidence,
-    TdiAccept,
     TdiInfo,
-    TdiInfoResponse,
     TdiLock,
     TdiStop,
 )
 
-PAUSE_POINTS = ("before-accept", "in-run")
-PAUSE_TIMEOUT = 90.0
+__all__ = ["PAUSE_POINTS", "accept_request", "run"]
+
 HUGE_PAGE = 2 * 1024 * 1024
 SRC, DST, DIGEST = 0x0000, 0x40000, 0x80000
-
-
-T = TypeVar("T")
-
-
-class Steps:
-    """Each step with its wall time (the LOCK -> RUN latency split the benchmark reports)."""
-
-    def __init__(self) -> None:
-        self.items: list[dict[str, Any]] = []
-        self.t0 = time.monotonic()
-
-    def run(self, name: str, fn: Callable[[], T]) -> T:
-        t = time.monotonic()
-        try:
-            out = fn()
-        except Exception as exc:
-            self.items.append({"step": name, "ok": False, "seconds": _since(t),
-                               "error": f"{type(exc).__name__}: {exc}"})
-            raise
-        self.items.append({"step": name, "ok": True, "seconds": _since(t)})
-        return out
-
-
-def _since(t: float) -> float:
-    return round(time.monotonic() - t, 4)
-
-
-def pause(sync_dir: Path, point: str) -> float:
-    t = time.monotonic()
-    (sync_dir / f"paused-{point}").write_text(str(os.getpid()))
-    resume = sync_dir / f"resume-{point}"
-    while not resume.exists():
-        if time.monotonic() - t > PAUSE_TIMEOUT:
-            raise TimeoutError(f"no {resume.name} from the host within {PAUSE_TIMEOUT:.0f} s")
-        time.sleep(0.05)
-    return _since(t)
 
 
 def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/results"),
         expect: str = "accept", stop: bool = False, seed: int = 0,
         cycles: int = 0, restart: bool = False) -> dict[str, Any]:
     policy = tdi_verify.load_policy(policy_path)
+    if (policy.vendor_id, policy.device_id) == (personalities.VENDOR_ID,
+                                                personalities.NVME.device_id):
+        if stop or cycles:
+            raise tdi_verify.PolicyError("--stop and --cycles drive the accelerator; an NVMe "
+                                         "function is handed to Linux's nvme driver")
+        return nvme_accept.run(policy, pause_at=pause_at, sync_dir=sync_dir, expect=expect,
+                               restart=restart)
     steps, checks = Steps(), Checks()
     report: dict[str, Any] = {"mode": "accept", "expect": expect, "steps": steps.items,
                               "checks": checks.items, "accepted": False}
@@ -92,8 +58,9 @@ def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/re
     # (PCIe 6.x §11.2.6; docs/tdisp-and-tsm.md, "The guest's accept flow").
     d = steps.run("enumerate", lambda: Driver(irq=False))
     report["command_register"] = [hex(v) for v in d.command]
-    bars = bars_of(d.dev)
+    bars, msix = bars_of(d.dev), msix_bars(d.cfg)
     report["bdf"], report["bars"] = d.dev.name, [[i, hex(b), s] for i, b, s in bars]
+    report["msix_bars"] = sorted(msix)
     client = steps.run("ghcx_handshake", GhcxClient.connect)
     report["ghcx"] = client.counters
     try:
@@ -112,9 +79,10 @@ def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/re
                 "restart_stop", lambda: ask(client, TdiStop()).encode())
         # CONFIG_UNLOCKED now: configure the function as the OS sees it before LOCK
         report["bars_written"] = rewrite_bars(d.cfg, bars)
-        _flow(report, steps, checks, client, d, policy, bars, pause_at, sync_dir, stop, seed)
+        _flow(report, steps, checks, client, d, policy, (bars, msix), pause_at, sync_dir,
+              stop, seed)
         if cycles and report["accepted"]:
-            report["cycles"] = [_cycle(client, policy, bars) for _ in range(cycles)]
+            report["cycles"] = [_cycle(client, policy, bars, msix) for _ in range(cycles)]
     except GhcxCallError as exc:
         report["error"] = f"GHCx {exc.code}: {exc.message}"
         checks.add("ghcx_error", False, error=report["error"])
@@ -129,13 +97,14 @@ def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/re
 
 
 def _flow(report: dict[str, Any], steps: Steps, checks: Checks, client: GhcxClient,
-          d: Driver, policy: tdi_verify.GuestPolicy, bars: list[tuple[int, int, int]],
+          d: Driver, policy: tdi_verify.GuestPolicy,
+          layout: tuple[list[tuple[int, int, int]], frozenset[int]],
           pause_at: str, sync_dir: Path, stop: bool, seed: int) -> None:
     report["lock"] = steps.run("tdi_lock", lambda: ask(client, TdiLock()).encode())
     # In CONFIG_LOCKED the TEE range answers nobody: reads are all ones (§11.2.1).
     checks.add("mmio_blocked_when_locked", d.mmio.read32(R.ID) == 0xFFFFFFFF,
                value=hex(d.mmio.read32(R.ID)))
-    evidence, info, verdict = _attest(steps, client, policy, bars)
+    evidence, info, verdict = attest(steps, client, policy, *layout)
     report["info"] = info.encode()
     report["verdict"] = verdict.as_dict()
     if not verdict.ok:
@@ -172,36 +141,17 @@ def _flow(report: dict[str, Any], steps: Steps, checks: Checks, client: GhcxClie
 
 
 def _cycle(client: GhcxClient, policy: tdi_verify.GuestPolicy,
-           bars: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
+           bars: list[tuple[int, int, int]], msix: frozenset[int]) -> list[dict[str, Any]]:
     """One more STOP -> LOCK -> evidence -> verify -> ACCEPT round (for the benchmark of
     the LOCK -> RUN latency, split by step)."""
     steps = Steps()
     steps.run("tdi_stop", lambda: ask(client, TdiStop()))
     steps.run("tdi_lock", lambda: ask(client, TdiLock()))
-    ev, info, verdict = _attest(steps, client, policy, bars)
+    ev, info, verdict = attest(steps, client, policy, bars, msix)
     if not verdict.ok:
         raise RuntimeError(f"cycle: verification failed: {verdict.first_failure()}")
     steps.run("tdi_accept", lambda: ask(client, accept_request(ev, info)))
     return steps.items
-
-
-def _attest(steps: Steps, client: GhcxClient, policy: tdi_verify.GuestPolicy,
-            bars: list[tuple[int, int, int]],
-            ) -> tuple[tdi_verify.Evidence, TdiInfoResponse, tdi_verify.Verdict]:
-    """GET_EVIDENCE with a fresh nonce of the guest's, TDI_INFO, and the guest's own
-    verification of both (:func:`teeio.tdi_verify.verify`)."""
-    nonce = os.urandom(32)
-    got = steps.run("get_evidence", lambda: ask(client, GetEvidence(nonce=nonce)))
-    info = steps.run("tdi_info", lambda: ask(client, TdiInfo()))
-    ev = tdi_verify.Evidence(got.cert_chain, got.vca, got.measurements, got.report)
-    verdict = steps.run("verify", lambda: tdi_verify.verify(policy, ev, info.encode(), nonce,
-                                                            bars))
-    return ev, info, verdict
-
-
-def accept_request(ev: tdi_verify.Evidence, info: TdiInfoResponse) -> TdiAccept:
-    """TDI_ACCEPT: the digests and lock epoch the guest verified (docs/ghcx.md)."""
-    return TdiAccept(digests=Digests(**tdi_verify.digests(ev)), lock_epoch=info.lock_epoch)
 
 
 def _dma(report: dict[str, Any], checks: Checks, client: GhcxClient, d: Driver,

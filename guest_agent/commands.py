@@ -214,7 +214,7 @@ def format_accept(report: dict[str, Any]) -> str:
     lines: list[str] = []
     pre = report.get("precheck") or {}
     if pre.get("action") == "already":
-        return str(pre["message"])
+        return "\n".join([str(pre["message"]), *_format_nvme(report)])
     if pre.get("action") == "refuse":
         return ""           # the one-line error says it all
     lines.append(f"accept on {report.get('bdf', 'the device')} (Command register "
@@ -240,7 +240,26 @@ def format_accept(report: dict[str, Any]) -> str:
                          "goes with this process); 'dma' asks for its own")
     elif report.get("refusal"):
         lines.append(f"refused: {report['refusal']}")
+    elif report.get("tee") is False:
+        lines.append("no TDISP (--no-tee): the driver's DMA is T=0, in the clear on the link")
+    lines.extend(_format_nvme(report))
     return "\n".join(lines)
+
+
+def _format_nvme(report: dict[str, Any]) -> list[str]:
+    """The NVMe personality's hand-over: trusted-DMA windows, the driver, its namespaces."""
+    lines = []
+    for w in report.get("windows", []):
+        how = "accepted" if w["new"] else "held already"
+        lines.append(f"  DMA window {w['window_id']}: {w['base']}+{w['size']:#x} (System RAM, "
+                     f"{how})")
+    nvme = report.get("nvme")
+    if nvme is not None:
+        disks = ", ".join(f"{n} ({report['nvme']['bytes'].get(n[5:], 0) // 2**20} MiB)"
+                          for n in nvme["namespaces"])
+        lines.append(f"  driver {report['driver']['driver']}: controller {nvme['controller']} "
+                     f"{nvme['state']}, {disks}")
+    return lines
 
 
 # -- dma ---------------------------------------------------------------------------------------

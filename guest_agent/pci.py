@@ -42,6 +42,11 @@ def find_device(vendor: int, device: int) -> Path:
 
 
 BAR0 = 0x10          # Base Address Register 0 (PCI 3.0 §6.2.5)
+BAR_MEM_64 = 0x4     # memory BAR type 10b: 64-bit, the next BAR is its upper half
+CAP_POINTER = 0x34
+STATUS_CAP_LIST = 1 << 4
+CAP_ID_MSIX = 0x11   # MSI-X capability (PCIe 6.x §7.7.2)
+BIR_MASK = 0x7
 
 
 class Config:
@@ -90,7 +95,39 @@ def rewrite_bars(cfg: Config, bars: list[tuple[int, int, int]]) -> list[str]:
         value = cfg.read(off, 4)
         cfg.write(off, 4, value)
         out.append(f"BAR{index}={value:#010x}")
+        if value & 0x7 == BAR_MEM_64 and index < 5:      # and its upper half
+            upper = cfg.read(off + 4, 4)
+            cfg.write(off + 4, 4, upper)
+            out.append(f"BAR{index + 1}={upper:#010x}")
     return out
+
+
+def class_code(dev: Path) -> int:
+    """Base class << 16 | sub-class << 8 | programming interface (sysfs ``class``)."""
+    return int((dev / "class").read_text(), 16)
+
+
+def find_by_class(vendor: int, device: int, klass: int) -> Path:
+    """The function *vendor*:*device* with class code *klass*."""
+    dev = find_device(vendor, device)
+    if class_code(dev) != klass:
+        raise AgentError(f"{dev.name} ({vendor:04x}:{device:04x}) has class code "
+                         f"{class_code(dev):06x}, not {klass:06x}")
+    return dev
+
+
+def msix_bars(cfg: Config) -> frozenset[int]:
+    """The BARs the MSI-X capability puts the table and the PBA in (Table BIR, PBA BIR;
+    PCIe 6.x §7.7.2.2, §7.7.2.3); empty without the capability."""
+    if not cfg.read(0x06, 2) & STATUS_CAP_LIST:
+        return frozenset()
+    ptr, seen = cfg.read(CAP_POINTER, 1) & 0xFC, set()
+    while ptr and ptr not in seen:
+        seen.add(ptr)
+        if cfg.read(ptr, 1) == CAP_ID_MSIX:
+            return frozenset({cfg.read(ptr + 4, 4) & BIR_MASK, cfg.read(ptr + 8, 4) & BIR_MASK})
+        ptr = cfg.read(ptr + 1, 1) & 0xFC
+    return frozenset()
 
 
 def bars_of(dev: Path) -> list[tuple[int, int, int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,6 @@ __all__ = ["POLICY_FORMAT", "Check", "Evidence", "GuestPolicy", "PolicyError", "
 
 POLICY_FORMAT = "teeio-guest-policy/1"
 DIGEST_ALG = "sha384"
-#: Which BAR holds what in our device (the guest's driver knows its device).
-REGISTER_BAR = 0
-MSIX_BAR = 1
 
 
 class PolicyError(ValueError):
@@ -158,10 +155,11 @@ class Verdict:
 
 
 def verify(policy: GuestPolicy, ev: Evidence, info: dict[str, Any], nonce: bytes,
-           bars: Sequence[tuple[int, int, int]]) -> Verdict:
+           bars: Sequence[tuple[int, int, int]], msix_bars: Collection[int]) -> Verdict:
     """All checks (module docstring); *bars* = (index, guest-physical base, size) of the
-    device's memory BARs as the guest sees them.  Every check runs and is reported; the
-    verdict is ok only if all pass."""
+    device's memory BARs as the guest sees them, *msix_bars* the indices of those its
+    MSI-X capability places the table and the PBA in (PCIe 6.x §7.7.2: Table BIR, PBA
+    BIR).  Every check runs and is reported; the verdict is ok only if all pass."""
     v = Verdict()
     # 1. the blobs are the ones TDI_INFO names
     theirs = info.get("digests") or {}
@@ -183,7 +181,8 @@ def verify(policy: GuestPolicy, ev: Evidence, info: dict[str, Any], nonce: bytes
     v.add("stream", stream.get("state") == "secure",
           f"IDE stream {stream.get('id')} {stream.get('state')}")
     # 7. the interface report against what the guest sees
-    _check_report(v, ev.report, int(info.get("mmio_reporting_offset", 0) or 0), bars)
+    _check_report(v, ev.report, int(info.get("mmio_reporting_offset", 0) or 0), bars,
+                  frozenset(msix_bars))
     return v
 
 
@@ -240,7 +239,12 @@ def _check_chain_and_transcript(v: Verdict, policy: GuestPolicy, ev: Evidence,
 
 
 def _check_report(v: Verdict, raw: bytes, offset: int,
-                  bars: Sequence[tuple[int, int, int]]) -> None:
+                  bars: Sequence[tuple[int, int, int]], msix_bars: frozenset[int]) -> None:
+    """§11.3.11 against the guest's own view: one range per memory BAR in ascending order,
+    Range ID = BAR index, first page from the BAR's address and the reporting offset, as
+    many pages as the BAR is long; a BAR holding the MSI-X table or PBA is IS_NON_TEE_MEM
+    (LOCK_MSIX is not asked for, so the VMM keeps them), every other BAR is TEE memory
+    (its registers are what the guest protects), and there is at least one of those."""
     try:
         rep = DeviceInterfaceReport.decode(raw)
     except TdispDecodeError as exc:
@@ -269,11 +273,13 @@ def _check_report(v: Verdict, raw: bytes, offset: int,
         if r.number_of_pages != max(1, (size + 0xFFF) >> 12):
             problems.append(f"{where}: {r.number_of_pages} pages for {size} bytes")
         non_tee = bool(r.attributes & MmioRangeAttributes.IS_NON_TEE_MEM)
-        if index == REGISTER_BAR and non_tee:
-            problems.append(f"{where}: the register BAR is reported non-TEE")
-        if index == MSIX_BAR and not non_tee:
+        if index not in msix_bars and non_tee:
+            problems.append(f"{where}: a register BAR is reported non-TEE")
+        if index in msix_bars and not non_tee:
             problems.append(f"{where}: the MSI-X BAR is reported as TEE memory, but the "
                             "table is not locked")
+    if not [i for i, _b, _s in mine if i not in msix_bars]:
+        problems.append("no TEE MMIO range: every BAR the guest sees holds MSI-X")
     v.add("report_ranges", not problems,
           "; ".join(problems) or f"{len(ranges)} MMIO ranges match the BARs "
                                   f"(reporting offset {offset:#x})")

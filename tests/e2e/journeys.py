@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from qemu_configs import image
-from qemu_configs.launcher import PROJECT_DIR, qemu_argv
+from qemu_configs.launcher import PROJECT_DIR, personality_args, qemu_argv
 from qemu_configs.tee_stack import StackOptions, TeeStack
 from teeio.platform_channel import PlatformClient, read_credential
 from tsm.ctl import CtlClient
@@ -41,8 +41,10 @@ BOOT_TIMEOUT = 240.0
 
 
 class Journey:
-    def __init__(self, workdir: Path, seed: int = 1) -> None:
-        self.stack = TeeStack(StackOptions(workdir, seed=seed, stop=False))
+    def __init__(self, workdir: Path, seed: int = 1, personality: str = "accelerator",
+                 nvme_size: str | None = None) -> None:
+        self.stack = TeeStack(StackOptions(workdir, seed=seed, stop=False,
+                                           personality=personality))
         self.wd = self.stack.wd
         self.results = self.wd / "results"
         self.sock = self.wd / "vfio-user.sock"
@@ -51,12 +53,13 @@ class Journey:
         self.boots = 0
         self.stack.prepare()
         self.stack.start_tsm()
-        self.vm = self.stack.vm_options()
+        self.vm = replace(self.stack.vm_options(), nvme_size=nvme_size)
         env = dict(os.environ, PYTHONPATH=str(PROJECT_DIR))
         with open(self.wd / "device.log", "wb") as log:
             self.device = subprocess.Popen(
                 [sys.executable, "-m", "vfio_user_dev", "--socket", str(self.sock),
-                 "--stats-file", str(self.wd / "device-stats.json"), *self.vm.device_args],
+                 "--stats-file", str(self.wd / "device-stats.json"),
+                 *personality_args(self.vm, self.wd), *self.vm.device_args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self._wait(lambda: all(p.exists() for p in (self.sock, self.stack.host_sock,
                                                     self.stack.platform_sock)),

@@ -257,7 +257,7 @@ def _patch_accept(monkeypatch: pytest.MonkeyPatch, tsm: FakeTsm,
             self.writes: list[tuple[int, int, int]] = []
 
         def read(self, off: int, size: int) -> int:
-            return self.regs[off]
+            return self.regs.get(off, 0)          # no capability list: no MSI-X BAR
 
         def write(self, off: int, size: int, value: int) -> None:
             self.writes.append((off, size, value))
@@ -449,8 +449,8 @@ def test_accept_whole_flow_over_typed_messages(monkeypatch: pytest.MonkeyPatch) 
     seen: dict[str, Any] = {}
 
     def verify(policy: Any, ev: tdi_verify.Evidence, info: dict[str, Any], nonce: bytes,
-               bars: Any) -> tdi_verify.Verdict:
-        seen.update(ev=ev, info=info, nonce=nonce)
+               bars: Any, msix_bars: Any) -> tdi_verify.Verdict:
+        seen.update(ev=ev, info=info, nonce=nonce, msix_bars=msix_bars)
         v = tdi_verify.Verdict()
         v.add("all", True)
         return v

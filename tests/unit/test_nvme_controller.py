@@ -44,6 +44,7 @@ def test_identify_controller_namespace_and_lists(
     assert host.call(host.admin, 0x06, prp1=DATA, cdw=(1,)) == (0, 0)
     idc = bus.mem[DATA:DATA + 4096]
     assert idc[24:40] == b"TEEIO TDISP NVMe" and idc[512] == 0x66 and idc[513] == 0x44
+    assert struct.unpack_from("<HH", idc, 0) == (0x1234, 0x1234)           # VID = PCI's
     assert struct.unpack_from("<I", idc, 516)[0] == 1                      # NN
     assert host.call(host.admin, 0x06, nsid=1, prp1=DATA, cdw=(0,)) == (0, 0)
     assert struct.unpack_from("<Q", bus.mem, DATA)[0] == ns.blocks         # NSZE

@@ -23,6 +23,10 @@ from tests.protocol.test_spdm_session import Link
 SOURCES = (MeasurementSource(1, DmtfValueType.MUTABLE_FIRMWARE, b"firmware .text"),
            MeasurementSource(2, DmtfValueType.VERSION, b"1.0", as_digest=False))
 BARS = [(0, 0xFE000000, 0x1000), (1, 0xFE001000, 0x1000)]
+MSIX = {1}                       # the accelerator's MSI-X table and PBA: BAR1
+#: the NVMe personality: 64-bit BAR0 (16 KiB, registers and doorbells), MSI-X in BAR2
+NVME_BARS = [(0, 0xFE000000, 0x4000), (2, 0xFE004000, 0x1000)]
+NVME_MSIX = {2}
 OFFSET = 0x10_0000_0000
 _IDENT: list[pki.Identity] = []
 
@@ -53,9 +57,10 @@ def policy(anchor_pem: bytes | None = None, **dev: Any) -> GuestPolicy:
                             "device": {"vendor_id": "0x1234", "device_id": "0x7e10", **dev}})
 
 
-def report(offset: int = OFFSET, bars: list[tuple[int, int, int]] = BARS) -> bytes:
+def report(offset: int = OFFSET, bars: list[tuple[int, int, int]] = BARS,
+           non_tee: frozenset[int] = frozenset(MSIX)) -> bytes:
     ranges = tuple(MmioRange(page_number(base, offset), size >> 12,
-                             MmioRangeAttributes.IS_NON_TEE_MEM if i == 1
+                             MmioRangeAttributes.IS_NON_TEE_MEM if i in non_tee
                              else MmioRangeAttributes(0), i) for i, base, size in bars)
     return DeviceInterfaceReport(InterfaceInfo.DMA_WITHOUT_PASID
                                  | InterfaceInfo.NO_UPDATE_AFTER_LOCK,
@@ -90,7 +95,7 @@ def test_happy_path_passes_every_check() -> None:
     nonce = os.urandom(32)
     ev = evidence(nonce)
     v = verify(policy(leaf_subject=ident().leaf.subject.rfc4514_string()), ev, info(ev),
-               nonce, BARS)
+               nonce, BARS, MSIX)
     assert v.ok, v.first_failure()
     names = {c.name for c in v.checks}
     assert {"chain", "signature", "nonce", "measurements", "report_ranges", "device_identity",
@@ -102,7 +107,7 @@ def test_rogue_anchor_is_refused() -> None:
     nonce = os.urandom(32)
     ev = evidence(nonce)
     rogue = pki.generate_chain("P-384").root.public_bytes(Encoding.PEM)
-    v = verify(policy(rogue), ev, info(ev), nonce, BARS)
+    v = verify(policy(rogue), ev, info(ev), nonce, BARS, MSIX)
     assert not v.ok and "chain" in failed(v)
 
 
@@ -111,14 +116,14 @@ def test_tampered_firmware_fails_measurements() -> None:
     patched = (MeasurementSource(1, DmtfValueType.MUTABLE_FIRMWARE, b"firmware .text!"),
                SOURCES[1])
     ev = evidence(nonce, patched)
-    v = verify(policy(), ev, info(ev), nonce, BARS)
+    v = verify(policy(), ev, info(ev), nonce, BARS, MSIX)
     assert failed(v) == {"measurements"}
     assert v.measurements[0]["status"] == "MISMATCH"
 
 
 def test_stale_nonce_is_refused() -> None:
     ev = evidence(os.urandom(32))
-    v = verify(policy(), ev, info(ev), os.urandom(32), BARS)
+    v = verify(policy(), ev, info(ev), os.urandom(32), BARS, MSIX)
     assert failed(v) == {"nonce"}
 
 
@@ -129,7 +134,7 @@ def test_altered_response_breaks_the_signature_and_the_digest() -> None:
     r2 = bytearray(r)
     r2[12] ^= 1                     # inside the measurement record
     bad = replace(ev, measurements=(*ev.measurements[:-1], (q, bytes(r2))))
-    v = verify(policy(), bad, info(ev), nonce, BARS)
+    v = verify(policy(), bad, info(ev), nonce, BARS, MSIX)
     assert {"signature", "digest_transcript"} <= failed(v)
 
 
@@ -137,9 +142,9 @@ def test_report_must_match_the_bars_the_guest_sees() -> None:
     nonce = os.urandom(32)
     ev = evidence(nonce)
     moved = [(0, 0xFE100000, 0x1000), (1, 0xFE001000, 0x1000)]
-    v = verify(policy(), ev, info(ev), nonce, moved)
+    v = verify(policy(), ev, info(ev), nonce, moved, MSIX)
     assert failed(v) == {"report_ranges"}
-    v = verify(policy(), ev, info(ev, mmio_reporting_offset=0), nonce, BARS)
+    v = verify(policy(), ev, info(ev, mmio_reporting_offset=0), nonce, BARS, MSIX)
     assert failed(v) == {"report_ranges"}
 
 
@@ -151,8 +156,42 @@ def test_msix_bar_reported_as_tee_is_refused() -> None:
                                 | InterfaceInfo.NO_UPDATE_AFTER_LOCK,
                                 mmio_ranges=ranges).encode()
     ev = evidence(nonce, rep=rep)
-    v = verify(policy(), ev, info(ev), nonce, BARS)
+    v = verify(policy(), ev, info(ev), nonce, BARS, MSIX)
     assert failed(v) == {"report_ranges"}
+
+
+def test_nvme_layout_is_derived_from_the_bars_the_guest_sees() -> None:
+    nonce = os.urandom(32)
+    ev = evidence(nonce, rep=report(bars=NVME_BARS, non_tee=frozenset(NVME_MSIX)))
+    v = verify(policy(), ev, info(ev), nonce, NVME_BARS, NVME_MSIX)
+    assert v.ok, v.first_failure()
+    assert [r["pages"] for r in v.report["mmio_ranges"]] == [4, 1]
+    assert [r["range_id"] for r in v.report["mmio_ranges"]] == [0, 2]
+    # the same report against the accelerator's layout (MSI-X in BAR1): refused
+    assert failed(verify(policy(), ev, info(ev), nonce, BARS, MSIX)) == {"report_ranges"}
+    # BAR0 seen 4 KiB long while the report says 16 KiB: refused
+    short = [(0, 0xFE000000, 0x1000), NVME_BARS[1]]
+    v = verify(policy(), ev, info(ev), nonce, short, NVME_MSIX)
+    assert "BAR0: 4 pages for 4096 bytes" in v.first_failure()
+
+
+@pytest.mark.parametrize("non_tee,problem", [
+    (frozenset(), "BAR2: the MSI-X BAR is reported as TEE memory"),
+    (frozenset({0, 2}), "BAR0: a register BAR is reported non-TEE"),
+])
+def test_nvme_ranges_must_say_which_bar_is_tee(non_tee: frozenset[int], problem: str) -> None:
+    nonce = os.urandom(32)
+    ev = evidence(nonce, rep=report(bars=NVME_BARS, non_tee=non_tee))
+    v = verify(policy(), ev, info(ev), nonce, NVME_BARS, NVME_MSIX)
+    assert failed(v) == {"report_ranges"} and problem in v.first_failure()
+
+
+def test_a_device_with_only_msix_bars_has_no_tee_range() -> None:
+    nonce = os.urandom(32)
+    only = [(2, 0xFE004000, 0x1000)]
+    ev = evidence(nonce, rep=report(bars=only, non_tee=frozenset({2})))
+    v = verify(policy(), ev, info(ev), nonce, only, {2})
+    assert "no TEE MMIO range" in v.first_failure()
 
 
 @pytest.mark.parametrize("over,check", [
@@ -163,7 +202,7 @@ def test_msix_bar_reported_as_tee_is_refused() -> None:
 def test_tdi_info_must_say_locked_secure_no_fw_update(over: dict[str, Any], check: str) -> None:
     nonce = os.urandom(32)
     ev = evidence(nonce)
-    assert failed(verify(policy(), ev, info(ev, **over), nonce, BARS)) == {check}
+    assert failed(verify(policy(), ev, info(ev, **over), nonce, BARS, MSIX)) == {check}
 
 
 def test_digest_mismatch_is_refused() -> None:
@@ -171,13 +210,13 @@ def test_digest_mismatch_is_refused() -> None:
     ev = evidence(nonce)
     d = digests(ev)
     d["report"] = hashlib.sha384(b"another report").hexdigest()
-    assert failed(verify(policy(), ev, info(ev, digests=d), nonce, BARS)) == {"digest_report"}
+    assert failed(verify(policy(), ev, info(ev, digests=d), nonce, BARS, MSIX)) == {"digest_report"}
 
 
 def test_wrong_leaf_subject_is_refused() -> None:
     nonce = os.urandom(32)
     ev = evidence(nonce)
-    v = verify(policy(leaf_subject="CN=someone else"), ev, info(ev), nonce, BARS)
+    v = verify(policy(leaf_subject="CN=someone else"), ev, info(ev), nonce, BARS, MSIX)
     assert failed(v) == {"device_identity"}
 
 

@@ -6,6 +6,7 @@ import hashlib
 import struct
 import time
 
+from teeio import personality as personalities
 from vfio_user_dev.nvme.namespace import Namespace
 from vfio_user_dev.nvme.spec import (
     AERL,
@@ -17,7 +18,7 @@ from vfio_user_dev.nvme.spec import (
     LogPage,
 )
 
-VENDOR_ID = 0x1B36          # the PCI IDs the device's config space carries
+VENDOR_ID = personalities.VENDOR_ID     # VID and SSVID: the function's PCI vendor ID
 SUBNQN = "nqn.2026-12.io.teeio:emulated-tdisp-nvme"
 MODEL = "TEEIO TDISP NVMe"
 FIRMWARE = "teeio1.0"

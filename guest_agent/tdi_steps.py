@@ -1,0 +1,77 @@
+"""The steps every personality's ``accept`` shares: timed steps, the host's pause points,
+the guest's own attestation of a locked TDI and the TDI_ACCEPT it sends (PCIe 6.x §11.2.7).
+
+Over GHCx (docs/ghcx.md); the flow around them: docs/tdisp-and-tsm.md, "The guest's accept
+flow".
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any, TypeVar
+
+from guest_agent.ghcx_client import GhcxClient, ask
+from teeio import tdi_verify
+from teeio.ghcx.messages import Digests, GetEvidence, TdiAccept, TdiInfo, TdiInfoResponse
+
+PAUSE_POINTS = ("before-accept", "in-run")
+PAUSE_TIMEOUT = 90.0
+
+T = TypeVar("T")
+
+
+class Steps:
+    """Each step with its wall time (the LOCK -> RUN latency split the benchmark reports)."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.t0 = time.monotonic()
+
+    def run(self, name: str, fn: Callable[[], T]) -> T:
+        t = time.monotonic()
+        try:
+            out = fn()
+        except Exception as exc:
+            self.items.append({"step": name, "ok": False, "seconds": since(t),
+                               "error": f"{type(exc).__name__}: {exc}"})
+            raise
+        self.items.append({"step": name, "ok": True, "seconds": since(t)})
+        return out
+
+
+def since(t: float) -> float:
+    return round(time.monotonic() - t, 4)
+
+
+def pause(sync_dir: Path, point: str) -> float:
+    """Wait for ``resume-<point>`` from the host (tests); the seconds waited."""
+    t = time.monotonic()
+    (sync_dir / f"paused-{point}").write_text(str(os.getpid()))
+    resume = sync_dir / f"resume-{point}"
+    while not resume.exists():
+        if time.monotonic() - t > PAUSE_TIMEOUT:
+            raise TimeoutError(f"no {resume.name} from the host within {PAUSE_TIMEOUT:.0f} s")
+        time.sleep(0.05)
+    return since(t)
+
+
+def attest(steps: Steps, client: GhcxClient, policy: tdi_verify.GuestPolicy,
+           bars: list[tuple[int, int, int]], msix_bars: Collection[int],
+           ) -> tuple[tdi_verify.Evidence, TdiInfoResponse, tdi_verify.Verdict]:
+    """GET_EVIDENCE with a fresh nonce of the guest's, TDI_INFO, and the guest's own
+    verification of both (:func:`teeio.tdi_verify.verify`) against the BARs it sees."""
+    nonce = os.urandom(32)
+    got = steps.run("get_evidence", lambda: ask(client, GetEvidence(nonce=nonce)))
+    info = steps.run("tdi_info", lambda: ask(client, TdiInfo()))
+    ev = tdi_verify.Evidence(got.cert_chain, got.vca, got.measurements, got.report)
+    verdict = steps.run("verify", lambda: tdi_verify.verify(policy, ev, info.encode(), nonce,
+                                                            bars, msix_bars))
+    return ev, info, verdict
+
+
+def accept_request(ev: tdi_verify.Evidence, info: TdiInfoResponse) -> TdiAccept:
+    """TDI_ACCEPT: the digests and lock epoch the guest verified (docs/ghcx.md)."""
+    return TdiAccept(digests=Digests(**tdi_verify.digests(ev)), lock_epoch=info.lock_epoch)
