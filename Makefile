@@ -40,13 +40,17 @@ test: image
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit tests/protocol tests/integration
 
+# Every benchmark's JSON in out/, then one summary table (out/bench-summary.md, .json) and
+# the plots beside the JSON (matplotlib, the optional `bench` extra).
 bench: image
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.bench --out out/bench.json
 	$(PY) -m bench.bench_backends --out out/bench-backends.json
 	$(PY) -m bench.bench_spdm --out out/bench-spdm.json
 	$(PY) -m bench.bench_link --out out/bench-link.json
 	$(PY) -m bench.bench_tdi --out out/bench-tdi.json
 	$(PY) -m bench.bench_cli --out out/bench-cli.json
+	$(PY) -m bench.summary --out out
 
 # Coverage-guided fuzzing of every decoder and server (fuzz/): atheris (the optional `fuzz`
 # extra), niced; budget per harness: FUZZ_RUNS inputs within FUZZ_SECONDS, stateful ones
