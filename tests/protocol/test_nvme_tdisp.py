@@ -1,5 +1,5 @@
 """TDISP around the NVMe personality (PCIe 6.x §11.2), driven the way the TSM drives it
-(tests/protocol/conftest.py): the interface report and the configuration measurement
+(tests/support/tee_rig.py): the interface report and the configuration measurement
 describe the controller; in RUN its queues and data move T=1 on the bound stream, never in
 plaintext; LOCK aborts a command in flight (QUIESCE); a host write to BAR0 while LOCKED is
 UR and rewriting BAR0's address takes the TDI to ERROR, where the controller issues no DMA;
@@ -18,9 +18,9 @@ from teeio.pcie.config import Reg
 from teeio.personality import NVME, configuration_text
 from teeio.tdisp.defs import MmioRangeAttributes, TdiState
 from teeio.tlp import IdePrefix, is_protected, peek
-from tests.protocol.conftest import BAR0_ADDR, GUEST, SID, TeeRig
 from tests.protocol.lockstep import wait_until
 from tests.support.nvme_host import COMPACT, Host, HostQueue, MemfdMemory
+from tests.support.tee_rig import BAR0_ADDR, GUEST, SID, TeeRig
 from vfio_user_dev.nvme.controller import NvmeController
 from vfio_user_dev.nvme.namespace import Namespace
 from vfio_user_dev.nvme.spec import CSTS_CFS, CSTS_RDY, DOORBELL_BASE
@@ -54,15 +54,15 @@ def _rig(tmp: Path, identity: pki.Identity, capture: bool = False) -> TeeRig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, tee_identity: pki.Identity) -> Iterator[TeeRig]:
-    r = _rig(tmp_path, tee_identity)
+def rig(tmp_path: Path, identity: pki.Identity) -> Iterator[TeeRig]:
+    r = _rig(tmp_path, identity)
     yield r
     r.close()
 
 
 @pytest.fixture
-def rig_captured(tmp_path: Path, tee_identity: pki.Identity) -> Iterator[TeeRig]:
-    r = _rig(tmp_path, tee_identity, capture=True)
+def rig_captured(tmp_path: Path, identity: pki.Identity) -> Iterator[TeeRig]:
+    r = _rig(tmp_path, identity, capture=True)
     yield r
     r.close()
 
