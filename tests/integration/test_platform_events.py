@@ -133,9 +133,10 @@ def error_learnt(st: dict[str, Any]) -> bool:
 def test_host_flr_in_run(stack: Stack) -> None:
     stack.run_with_window()
     stack.device.host_call("flr")
-    st = stack.wait_tsm(error_learnt)
+    # the TSM learns the TDI's ERROR and then, a moment later, that the reset took the keys
+    st = stack.wait_tsm(lambda s: error_learnt(s) and
+                        s["devices"][0]["stream"]["state"] == "insecure")
     assert st["tdis"][0]["source"] == "device"
-    assert st["devices"][0]["stream"]["state"] == "insecure"     # the reset took the keys
     stack.assert_all_error(st)
     refreshed = stack.status(refresh=True)
     assert refreshed["tdis"][0]["state"] == "ERROR"
