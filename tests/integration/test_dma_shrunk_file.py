@@ -17,7 +17,7 @@ import pytest
 
 from teeio.device_regs import DmaError, Op, R, St
 from tests.integration.device_process import ServerProcess
-from tests.protocol.lockstep import BAR0, enable_device, error_code, ok, run_job
+from tests.support.lockstep import BAR0, enable_device, error_code, ok, run_job
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client
 from vfio_user_dev.dma import DmaFault, DmaMapSet

@@ -28,7 +28,7 @@ from teeio.platform_channel import (
 )
 from teeio.tlp import is_protected
 from tests.integration.device_process import PROJECT, DeviceProcess, StartDevice
-from tests.protocol.lockstep import enable_device, error_code, memfd, ok, run_job
+from tests.support.lockstep import enable_device, error_code, memfd, ok, run_job
 from vfio_user_dev import protocol as p
 from vfio_user_dev.link.capture import iter_tlps, read_capture
 from vfio_user_dev.protocol import Command, DmaFlags

@@ -22,8 +22,8 @@ from teeio import device_regs as regs
 from teeio.ghcx import MsgType
 from teeio.pcie.config import Command, Reg
 from tests.integration.device_process import DeviceProcess, StartDevice
-from tests.protocol.lockstep import GUEST, map_memfd
 from tests.support.ghcx_guest import Guest, lock_verify_accept
+from tests.support.lockstep import GUEST, map_memfd
 from tsm.daemon import Daemon
 from vfio_user_dev.client import Client
 from vfio_user_dev.protocol import PciRegion

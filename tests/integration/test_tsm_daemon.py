@@ -33,8 +33,8 @@ from teeio.ide import IdeKey
 from teeio.platform_channel import read_credential
 from teeio.spdm import RequesterError
 from tests.integration.device_process import PROJECT, DeviceProcess
-from tests.protocol.lockstep import GUEST, SIZE, map_memfd
 from tests.support.ghcx_guest import Guest, check_evidence, lock_verify_accept
+from tests.support.lockstep import GUEST, SIZE, map_memfd
 from tsm import guest_api
 from tsm import ide as tsm_ide
 from tsm.ctl import CtlError

@@ -21,7 +21,7 @@ import pytest
 from teeio import pki
 from teeio.device_regs import Op, St
 from tests.integration.device_process import PROJECT, DeviceProcess
-from tests.protocol.lockstep import GUEST, SIZE, enable_device, map_memfd, run_job
+from tests.support.lockstep import GUEST, SIZE, enable_device, map_memfd, run_job
 from vfio_user_dev.client import Client
 
 pytestmark = pytest.mark.timeout(120)

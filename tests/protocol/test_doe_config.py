@@ -23,8 +23,8 @@ from teeio.doe import (
     DoeStatus,
 )
 from teeio.pcie.config import ExtCapId
-from tests.conftest import RunningServer
-from tests.protocol.lockstep import (
+from tests.support.linux_doe import CTRL, RMB, STATUS, WMB, LinuxDoe, VfioConfig
+from tests.support.lockstep import (
     CONFIG,
     MEM_BM,
     event_fired,
@@ -33,7 +33,7 @@ from tests.protocol.lockstep import (
     region_read_payload,
     region_write_payload,
 )
-from tests.support.linux_doe import CTRL, RMB, STATUS, WMB, LinuxDoe, VfioConfig
+from tests.support.servers import RunningServer
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client
 from vfio_user_dev.device import DOE_CAP, DOE_MSIX_VECTOR, DSN_CAP, IDE_CAP, MSIX_CAP

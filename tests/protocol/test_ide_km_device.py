@@ -36,9 +36,9 @@ from teeio.measurements import DmtfValueType, MeasurementSource
 from teeio.pcie.ide_cap import StreamState
 from teeio.spdm import ErrorResponse, Requester, SessionError, codec
 from teeio.spdm.defs import RequestCode
-from tests.conftest import RunningServer
-from tests.protocol.lockstep import enable_device, run_job
 from tests.protocol.test_server_dma import GUEST, SIZE, map_memfd
+from tests.support.lockstep import enable_device, run_job
+from tests.support.servers import RunningServer
 from vfio_user_dev.device import IDE_CAP, TeeIoDevice
 from vfio_user_dev.dsm import DeviceSecurityManager
 from vfio_user_dev.link.interfaces import ROOT_PORT_ID

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from teeio.pcie.config import Reg, Status
-from tests.conftest import RunningServer
-from tests.protocol.lockstep import (
+from tests.support.lockstep import (
     BAR0,
     CONFIG,
     enable_device,
@@ -28,6 +27,7 @@ from tests.protocol.lockstep import (
     wait_until,
 )
 from tests.support.nvme_host import Host, MemfdMemory
+from tests.support.servers import RunningServer
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client, VfioUserError
 from vfio_user_dev.config_space import DEVCTL, DOE_CAP, MSIX_CAP

@@ -18,7 +18,7 @@ from teeio.pcie.config import Reg
 from teeio.personality import NVME, configuration_text
 from teeio.tdisp.defs import MmioRangeAttributes, TdiState
 from teeio.tlp import IdePrefix, is_protected, peek
-from tests.protocol.lockstep import wait_until
+from tests.support.lockstep import wait_until
 from tests.support.nvme_host import COMPACT, Host, HostQueue, MemfdMemory
 from tests.support.tee_rig import BAR0_ADDR, GUEST, SID, TeeRig
 from vfio_user_dev.nvme.controller import NvmeController

@@ -11,8 +11,7 @@ import os
 import pytest
 
 from teeio.device_regs import DmaError, Irq, Op, R, St
-from tests.conftest import RunningServer, both_backends
-from tests.protocol.lockstep import (
+from tests.support.lockstep import (
     BAR0,
     enable_device,
     error_code,
@@ -31,6 +30,7 @@ from tests.protocol.lockstep import (
     wait_idle,
     wait_until,
 )
+from tests.support.servers import RunningServer, both_backends
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client
 from vfio_user_dev.protocol import Command, DmaFlags, Header

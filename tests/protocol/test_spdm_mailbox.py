@@ -18,9 +18,9 @@ from teeio.measurements import DmtfValueType, MeasurementSource
 from teeio.spdm import Requester, codec
 from teeio.spdm.defs import SPDM_VERSION_12, SPDM_VERSION_13, KeyUpdateOp
 from teeio.spdm.responder import DEFAULT_FLAGS, ResponderConfig
-from tests.conftest import RunningServer
-from tests.protocol.lockstep import CONFIG
 from tests.support.linux_doe import STATUS, LinuxDoe, VfioConfig
+from tests.support.lockstep import CONFIG
+from tests.support.servers import RunningServer
 from vfio_user_dev.client import Client
 from vfio_user_dev.device import DOE_CAP
 from vfio_user_dev.dsm import DeviceSecurityManager

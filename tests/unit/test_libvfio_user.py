@@ -311,7 +311,7 @@ def test_library_sink_follows_msix_enable(device: TeeIoDevice) -> None:
 
 
 def test_the_library_has_every_declared_function() -> None:
-    from tests.conftest import libvfio_user_missing
+    from tests.support.servers import libvfio_user_missing
     if (why := libvfio_user_missing()) is not None:
         pytest.skip(f"libvfio-user leg: {why}")
     lib = lvu.load(os.environ[lvu.ENV_VAR])
