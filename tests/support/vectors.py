@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from teeio.tlp import Tlp
+
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 
 
@@ -26,3 +28,15 @@ def unhex(text: str) -> bytes:
 def number(value: int | str) -> int:
     """An integer, or one written as a string ("0x1234", "42")."""
     return value if isinstance(value, int) else int(value, 0)
+
+
+def build_tlp(spec: dict[str, Any]) -> Tlp:
+    """The TLP a vector describes: a ``memory_write`` of ``data`` (hex) or a
+    ``memory_read`` of ``length`` bytes, by ``requester_id`` with ``tag`` at ``address``."""
+    head = (number(spec["requester_id"]), number(spec["tag"]), number(spec["address"]))
+    t_bit = bool(spec.get("t_bit", False))
+    if spec["kind"] == "memory_write":
+        return Tlp.memory_write(*head, unhex(spec["data"]), t_bit=t_bit)
+    if spec["kind"] == "memory_read":
+        return Tlp.memory_read(*head, number(spec["length"]), t_bit=t_bit)
+    raise ValueError(f"no TLP kind {spec['kind']!r}")
