@@ -20,13 +20,7 @@ import pytest
 from teeio import pki
 from tests.support.dut import Dut, attach
 from tests.support.pki import shared_identity
-from tests.support.servers import (  # noqa: F401  (re-exported until importers move)
-    RunningServer,
-    backend_params,
-    both_backends,
-    libvfio_user_missing,
-    skip_unless_libvfio_user,
-)
+from tests.support.servers import RunningServer, skip_unless_libvfio_user
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.firmware_build import build
 
