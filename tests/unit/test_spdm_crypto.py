@@ -90,9 +90,12 @@ def test_hkdf_rfc5869_case1() -> None:
     assert okm == unhex(case["okm"])
 
 
+BIN_CONCAT = load("spdm_bin_concat")["vectors"]
+
+
 @pytest.mark.parametrize(("version", "length", "label", "expected"), [
     (number(v["version"]), v["length"], v["label"].encode(), unhex(v["bin_concat"]))
-    for v in load("spdm_bin_concat")["vectors"]])
+    for v in BIN_CONCAT], ids=[f"{v['version']}-{v['label']}" for v in BIN_CONCAT])
 def test_bin_concat(version: int, length: int, label: bytes, expected: bytes) -> None:
     assert bin_concat(version, length, label) == expected
 
