@@ -224,4 +224,4 @@ def event_fired(fd: int, timeout: float) -> int:
     r, _, _ = select.select([fd], [], [], timeout)
     if not r:
         return 0
-    return struct.unpack("<Q", os.read(fd, 8))[0]
+    return int(struct.unpack("<Q", os.read(fd, 8))[0])
