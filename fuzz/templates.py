@@ -1,7 +1,7 @@
 """Valid messages to seed the fuzzers with, recorded from real exchanges.
 
 :func:`rig` builds one device (``Platform``) with its DSM and an SPDM requester with a
-secured session, as ``tests/protocol/conftest.py`` does (without the platform socket);
+secured session, as ``tests/support/tee_rig.py`` does (without the platform socket);
 :func:`spdm_transcript` is every clear request and response of a whole connection.
 """
 

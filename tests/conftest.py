@@ -1,91 +1,28 @@
-"""Shared fixtures: a device server on a temporary UNIX socket, served in a thread.
+"""Fixtures every test folder may use: a device server on a temporary UNIX socket (served
+in a thread), the run's P-384 device identity, the project's firmware image and an
+in-process device under test with its DSM.
 
 The server tests run against both vfio-user transports over the same device model:
-``both_backends`` parametrises a module's ``backend`` (default "python"), and the
-libvfio-user leg skips, saying why, unless ``$TEEIO_LIBVFIO_USER`` points to a loadable
-libvfio-user.so.0.  A test marked ``python_only(reason)`` checks behaviour that belongs
-to the pure-Python transport; its libvfio-user leg skips with that reason.  A test marked
+``both_backends`` (tests/support/servers.py) parametrises a module's ``backend`` (default
+"python").  A test marked ``python_only(reason)`` checks behaviour that belongs to the
+pure-Python transport; its libvfio-user leg skips with that reason.  A test marked
 ``socket_dma`` reaches memory without an fd: its libvfio-user server opts in to socket DMA
 (refused by default on that backend).
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from vfio_user_dev import libvfio_user
-from vfio_user_dev.client import Client
-from vfio_user_dev.libvfio_user import LibVfioUserServer
-from vfio_user_dev.personality import PersonalityFactory
-from vfio_user_dev.personality.accelerator import AcceleratorPersonality
-from vfio_user_dev.platform import Platform
-from vfio_user_dev.server import Server
-
-BACKENDS = ("python", "libvfio-user")
-both_backends = pytest.mark.parametrize("backend", BACKENDS)
-
-
-@functools.cache
-def libvfio_user_missing() -> str | None:
-    """Why the libvfio-user leg cannot run here, or None."""
-    path = os.environ.get(libvfio_user.ENV_VAR)
-    if not path:
-        return (f"{libvfio_user.ENV_VAR} is not set (point it to a libvfio-user.so.0 built "
-                "from nutanix/libvfio-user to run it)")
-    try:
-        libvfio_user.load(path)
-    except libvfio_user.LibraryMissing as exc:
-        return str(exc)
-    return None
-
-
-def backend_params() -> list[object]:
-    """``backend`` values for a parametrize whose libvfio-user leg skips at collection
-    (before any fixture runs: an e2e boot needs the guest image)."""
-    why = libvfio_user_missing()
-    return ["python", pytest.param("libvfio-user", marks=pytest.mark.skipif(
-        why is not None, reason=f"libvfio-user leg: {why}"))]
-
-
-def skip_unless_libvfio_user(backend: str) -> None:
-    if backend == "libvfio-user" and (why := libvfio_user_missing()) is not None:
-        pytest.skip(f"libvfio-user leg: {why}")
-
-
-class RunningServer:
-    def __init__(self, path: Path, backend: str = "python", socket_dma: bool = False,
-                 personality: PersonalityFactory = AcceleratorPersonality) -> None:
-        self.path = str(path)
-        self.backend = backend
-        self.machine = Platform(personality=personality)
-        self.device = self.machine.device
-        self.server: Server | LibVfioUserServer
-        self.thread: threading.Thread | None = None
-        if backend == "libvfio-user":
-            self.server = LibVfioUserServer(self.path, self.machine, socket_dma=socket_dma)
-            self.server.start()
-        else:
-            self.server = Server(self.path, self.machine)
-            self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-            self.thread.start()
-
-    def client(self, negotiate: bool = True) -> Client:
-        c = Client.connect(self.path)
-        if negotiate:
-            c.version()
-        return c
-
-    def stop(self) -> None:
-        self.server.close()
-        if self.thread is not None:
-            self.thread.join(timeout=5)
-        self.machine.close()
+from teeio import pki
+from tests.support.dut import Dut, attach
+from tests.support.pki import shared_identity
+from tests.support.servers import RunningServer, skip_unless_libvfio_user
+from vfio_user_dev.device import TeeIoDevice
+from vfio_user_dev.firmware_build import build
 
 
 @pytest.fixture
@@ -104,3 +41,23 @@ def server(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Iter
     srv = RunningServer(tmp_path / "vfio-user.sock", backend, socket_dma=socket_dma)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def identity() -> pki.Identity:
+    """The run's P-384 device certificate chain (root, intermediate, leaf) and leaf key."""
+    return shared_identity("P-384")
+
+
+@pytest.fixture(scope="session")
+def firmware(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's firmware image, built once per run (vfio_user_dev.firmware_build)."""
+    return build(tmp_path_factory.mktemp("firmware") / "teeio-fw.elf")
+
+
+@pytest.fixture
+def dut(identity: pki.Identity) -> Iterator[Dut]:
+    """A device whose DSM answers SPDM, IDE_KM and TDISP for its TDI, in-process."""
+    device = TeeIoDevice()
+    yield attach(device, identity, tdi=True)
+    device.close()

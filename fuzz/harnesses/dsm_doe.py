@@ -1,5 +1,5 @@
 """The DSM behind the device's DOE dispatcher (``Platform`` + ``DeviceSecurityManager``, as
-``tests/protocol/conftest.py`` builds it), with a live secured session: raw DOE objects,
+``tests/support/tee_rig.py`` builds it), with a live secured session: raw DOE objects,
 clear SPDM requests, and application messages sealed in the session (IDE_KM, TDISP,
 HEARTBEAT, KEY_UPDATE, END_SESSION with fuzzed fields).  ``handle_object`` returns a whole
 DOE object or None, or raises DoeError; anything else is a crash.  A session the input ends

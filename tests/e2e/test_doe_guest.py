@@ -22,7 +22,6 @@ import pytest
 from qemu_configs import image
 from qemu_configs.launcher import RunResult, VmOptions, cleanup, run_vm
 from teeio.spdm.responder import DEFAULT_FLAGS, ResponderConfig
-from vfio_user_dev.firmware_build import build
 
 pytestmark = pytest.mark.e2e
 
@@ -45,11 +44,6 @@ def _boot(tmp_path: Path, mode: str = "doe-discovery",
     failed = [c for c in res.report["checks"] if not c["ok"]]
     assert not failed, f"failed guest checks: {failed}\n{_explain(res)}"
     return res, res.report, res.device_stats
-
-
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tmp_path_factory.mktemp("firmware") / "teeio-fw.elf")
 
 
 def _spdm_device(tmp_path: Path, firmware: Path) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 from qemu_configs import image
 from qemu_configs.launcher import RunResult, VmOptions, cleanup, run_vm
 from qemu_configs.verify import check_selftest
-from tests.conftest import backend_params
+from tests.support.servers import backend_params
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,6 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,21 +18,19 @@ from teeio import pki
 from teeio.measurements import FIRMWARE_INDICES
 from teeio.spdm.errors import SignatureError
 from teeio.spdm.requester import verify_measurement_transcript
-from tests.integration.device_process import started
-from tests.integration.test_doe_socket import DeviceProcess
+from tests.integration.device_process import PROJECT, DeviceProcess, StartDevice
 from vfio_user_dev.firmware_build import build
 
 pytestmark = pytest.mark.timeout(90)
 
-PROJECT = Path(__file__).resolve().parents[2]
 NONCE = bytes(range(0x40, 0x60))
 
 
 @pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def firmware_refs(firmware: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The golden firmware, its patched variant, and reference values of each (the CLI)."""
     d = tmp_path_factory.mktemp("firmware")
-    out = {"elf": build(d / "teeio-fw.elf"),
+    out = {"elf": firmware,
            "patched_elf": build(d / "teeio-fw-patched.elf", {"TEEIO_FW_PATCH": "1"})}
     for name, elf in (("ref", out["elf"]), ("patched_ref", out["patched_elf"])):
         out[name] = d / f"{name}.json"
@@ -44,15 +41,10 @@ def firmware(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def device(tmp_path: Path, firmware: dict[str, Path]) -> Iterator[Callable[..., DeviceProcess]]:
-    yield from started(lambda *args: DeviceProcess(tmp_path, *args))
-
-
-@pytest.fixture
-def spdm_device(tmp_path: Path, firmware: dict[str, Path],
-                device: Callable[..., DeviceProcess]) -> DeviceProcess:
+def spdm_device(start_device: StartDevice,
+                firmware_refs: dict[str, Path]) -> DeviceProcess:
     """A device whose identity it provisions itself into tmp/identity on start."""
-    return device("--identity", str(tmp_path / "identity"), "--firmware", str(firmware["elf"]))
+    return start_device(identity=True, firmware=firmware_refs["elf"])
 
 
 def attest(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -82,11 +74,12 @@ def measurement_lines(stdout: str) -> dict[int, str]:
 
 @pytest.mark.parametrize("session", [False, True], ids=["no-session", "session"])
 def test_attest_verifies_with_reference_values(spdm_device: DeviceProcess, tmp_path: Path,
-                                               firmware: dict[str, Path], session: bool) -> None:
+                                               firmware_refs: dict[str, Path],
+                                               session: bool) -> None:
     assert "provisioned a fresh P-384" in spdm_device.log_text()
     ident = tmp_path / "identity"
     proc = attest("--doe-socket", spdm_device.doe, "--trust-anchor",
-                  ident / "trust-anchor.pem", "--reference-values", firmware["ref"],
+                  ident / "trust-anchor.pem", "--reference-values", firmware_refs["ref"],
                   *(["--session"] if session else []))
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -115,18 +108,17 @@ def test_attest_verifies_with_reference_values(spdm_device: DeviceProcess, tmp_p
     assert ("session 0x" in spdm_device.log_text()) == session
 
 
-def test_attest_over_tcp(tmp_path: Path, firmware: dict[str, Path],
-                         device: Callable[..., DeviceProcess]) -> None:
+def test_attest_over_tcp(tmp_path: Path, firmware_refs: dict[str, Path],
+                         start_device: StartDevice) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    device("--identity", str(tmp_path / "identity"), "--firmware", str(firmware["elf"]),
-           "--doe-tcp-port", str(port))
+    start_device("--doe-tcp-port", str(port), identity=True, firmware=firmware_refs["elf"])
     # The DOE listeners listen before the vfio-user socket (what DeviceProcess waited for)
     # is created: no further wait.
     proc = attest("--doe-tcp-port", port, "--host", "127.0.0.1", "--trust-anchor",
                   tmp_path / "identity" / "trust-anchor.pem", "--reference-values",
-                  firmware["ref"], "--session")
+                  firmware_refs["ref"], "--session")
     assert proc.returncode == 0, proc.stderr
     assert f"DOE: tcp:127.0.0.1:{port}" in proc.stdout
 
@@ -164,10 +156,10 @@ def test_json_evidence_is_reverified_by_a_third_party(spdm_device: DeviceProcess
 # -- failures: one precise reason line, non-zero exit -------------------------------------------
 
 def test_wrong_trust_anchor(spdm_device: DeviceProcess, tmp_path: Path,
-                            firmware: dict[str, Path]) -> None:
+                            firmware_refs: dict[str, Path]) -> None:
     other = pki.provision(tmp_path / "other-identity")["trust_anchor"]
     proc = attest("--doe-socket", spdm_device.doe, "--trust-anchor", other,
-                  "--reference-values", firmware["ref"], "--json", tmp_path / "ev.json")
+                  "--reference-values", firmware_refs["ref"], "--json", tmp_path / "ev.json")
     text = reason(proc)
     assert "certificate chain: root is not a configured trust anchor" in text, text
     assert "SPDM version: 1.3" in proc.stdout and "measurements" not in proc.stdout
@@ -175,26 +167,26 @@ def test_wrong_trust_anchor(spdm_device: DeviceProcess, tmp_path: Path,
 
 
 def test_patched_firmware_does_not_match(spdm_device: DeviceProcess, tmp_path: Path,
-                                         firmware: dict[str, Path]) -> None:
+                                         firmware_refs: dict[str, Path]) -> None:
     evidence = tmp_path / "evidence.json"
     proc = attest("--doe-socket", spdm_device.doe, "--trust-anchor",
                   tmp_path / "identity" / "trust-anchor.pem", "--reference-values",
-                  firmware["patched_ref"], "--json", evidence)
+                  firmware_refs["patched_ref"], "--json", evidence)
     assert reason(proc).startswith("measurement 1 does not match the reference value")
     lines = measurement_lines(proc.stdout)
     assert lines[1].endswith("MISMATCH")
     assert all(lines[i].endswith("match") and not lines[i].endswith("MISMATCH")
                for i in (2, 3, 4))
-    patched = json.loads(firmware["patched_ref"].read_text())["measurements"]["1"]["sha384"]
+    patched = json.loads(firmware_refs["patched_ref"].read_text())["measurements"]["1"]["sha384"]
     assert f"{patched}  (reference)" in proc.stdout
     ev = json.loads(evidence.read_text())             # the evidence is kept, with the verdict
     assert ev["verified"] is False and ev["reason"].startswith("measurement 1 does not match")
     assert {"index": 1, "status": "MISMATCH"} in ev["reference_check"]
 
 
-def test_device_without_identity_has_no_spdm(device: Callable[..., DeviceProcess],
+def test_device_without_identity_has_no_spdm(start_device: StartDevice,
                                              tmp_path: Path) -> None:
-    dev = device()
+    dev = start_device()
     anchor = pki.provision(tmp_path / "id")["trust_anchor"]
     proc = attest("--doe-socket", dev.doe, "--trust-anchor", anchor)
     assert reason(proc) == "DOE discovery: the device does not list CMA/SPDM (0001:01)"
@@ -222,7 +214,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
 
 
 def test_device_refuses_a_half_identity_or_a_bad_firmware(tmp_path: Path,
-                                                          firmware: dict[str, Path]) -> None:
+                                                          firmware: Path) -> None:
     def device_start(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "vfio_user_dev", "--socket",
                                str(tmp_path / "v.sock"), *args], cwd=PROJECT,
@@ -231,7 +223,7 @@ def test_device_refuses_a_half_identity_or_a_bad_firmware(tmp_path: Path,
     half = tmp_path / "half"
     pki.provision(half)
     (half / "device.key").unlink()
-    proc = device_start("--identity", str(half), "--firmware", str(firmware["elf"]))
+    proc = device_start("--identity", str(half), "--firmware", str(firmware))
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-1] == (f"error: identity directory {half} has chain.pem "
                                             "but not device.key")

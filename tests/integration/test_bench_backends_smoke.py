@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench import bench_backends
-from tests.conftest import libvfio_user_missing
+from tests.support.servers import libvfio_user_missing
 from vfio_user_dev import libvfio_user
 
 OPS = [("COPY", 4096), ("COPY", 65536), ("COPY", 1 << 20), ("FILL", 1 << 20),

@@ -17,7 +17,7 @@ import pytest
 
 from teeio.device_regs import DmaError, Op, R, St
 from tests.integration.device_process import ServerProcess
-from tests.protocol.lockstep import BAR0, enable_device, error_code, ok, run_job
+from tests.support.lockstep import BAR0, enable_device, error_code, ok, run_job
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client
 from vfio_user_dev.dma import DmaFault, DmaMapSet
@@ -39,7 +39,7 @@ def memfd(sealed: bool) -> int:
 
 
 @pytest.fixture
-def device(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
+def bare_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
     sock = tmp_path / "vfio-user.sock"
     dev = ServerProcess(tmp_path / "device.log", ["--socket", str(sock)], [sock])
     yield dev, sock
@@ -47,8 +47,8 @@ def device(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
 
 
 def test_shrinking_the_mapped_file_faults_the_job_and_the_server_lives(
-        device: tuple[ServerProcess, Path]) -> None:
-    dev, sock = device
+        bare_server: tuple[ServerProcess, Path]) -> None:
+    dev, sock = bare_server
     fd = memfd(sealed=False)
     c = Client.connect(str(sock))
     try:

@@ -11,15 +11,13 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from teeio import doe_pcap
 from teeio.doe import DoeObject
-from tests.integration.device_process import PROJECT
-from tests.integration.test_doe_socket import DeviceProcess, start  # noqa: F401
+from tests.integration.device_process import PROJECT, StartDevice
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -55,10 +53,10 @@ def check_pcap(path: Path, t0: int, t1: int) -> list[bytes]:
     return objs
 
 
-def test_attest_session_capture_on_both_ends(start: Callable[..., DeviceProcess],  # noqa: F811
+def test_attest_session_capture_on_both_ends(start_device: StartDevice,
                                              tmp_path: Path) -> None:
     t0 = time.time_ns()
-    dev = start("--doe-capture", str(tmp_path / "device.pcap"), spdm=True)
+    dev = start_device("--doe-capture", str(tmp_path / "device.pcap"), identity=True)
     tsm_pcap, secrets = tmp_path / "tsm.pcap", tmp_path / "secrets.txt"
     proc = attest("--doe-socket", dev.doe, "--trust-anchor",
                   tmp_path / "identity" / "trust-anchor.pem", "--session",

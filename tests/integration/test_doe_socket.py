@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ from teeio.doe import (
     SocketTransport,
     pad_dw,
 )
-from tests.integration.device_process import PROJECT, STARTUP, ServerProcess, started
+from tests.integration.device_process import PROJECT, STARTUP, StartDevice
 from tsm.doe_client import DoeClient, DoeTransportError
 from vfio_user_dev import doe_socket
 from vfio_user_dev.client import Client
@@ -45,31 +45,6 @@ SECURED = (1, DataObjectType.SECURED_CMA_SPDM)
 GET_VERSION = bytes.fromhex("10840000")
 # VERSION: SPDM 1.0 header, reserved, two entries (1.2, 1.3), each u16 LE (DSP0274 §10.3)
 VERSION = bytes.fromhex("10040000" "00" "02" "0012" "0013")
-
-
-class DeviceProcess(ServerProcess):
-    def __init__(self, tmp: Path, *args: str) -> None:
-        self.sock = tmp / "vfio-user.sock"
-        self.doe = tmp / "doe.sock"
-        self.stats = tmp / "stats.json"
-        super().__init__(tmp / "device.log",
-                         ["--socket", str(self.sock), "--doe-socket", str(self.doe),
-                          "--stats-file", str(self.stats), *args], [self.sock, self.doe])
-
-    def client(self) -> DoeClient:
-        return DoeClient.connect_unix(str(self.doe))
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., DeviceProcess]]:
-    def device(*args: str, spdm: bool = False) -> DeviceProcess:
-        # spdm: the SPDM responder with an identity the device provisions on first start
-        # and the project's default firmware image
-        if spdm:
-            args = ("--identity", str(tmp_path / "identity"), *args)
-        return DeviceProcess(tmp_path, *args)
-
-    yield from started(device)
 
 
 def raw_call(c: DoeClient, command: int, payload: bytes = b"",
@@ -88,8 +63,8 @@ def closed_by_peer(c: DoeClient) -> bool:
 
 # -- the protocol -------------------------------------------------------------------------------
 
-def test_hello_discovery_and_spdm(start: Callable[..., DeviceProcess]) -> None:
-    dev = start(spdm=True)
+def test_hello_discovery_and_spdm(start_device: StartDevice) -> None:
+    dev = start_device(identity=True)
     assert "provisioned a fresh P-384" in dev.log_text()
     with dev.client() as c:
         c.hello()
@@ -109,8 +84,8 @@ def test_hello_discovery_and_spdm(start: Callable[..., DeviceProcess]) -> None:
 
 
 def test_product_device_lists_only_what_is_registered(
-        start: Callable[..., DeviceProcess]) -> None:
-    dev = start()
+        start_device: StartDevice) -> None:
+    dev = start_device()
     reference = TeeIoDevice()
     try:
         expected = reference.doe.protocols()
@@ -123,8 +98,8 @@ def test_product_device_lists_only_what_is_registered(
 
 
 def test_unknown_commands_get_unknown_and_the_connection_goes_on(
-        start: Callable[..., DeviceProcess]) -> None:
-    dev = start()
+        start_device: StartDevice) -> None:
+    dev = start_device()
     with dev.client() as c:
         for command in (0x1234, SocketCommand.OOB_ENCAP_KEY_UPDATE, SocketCommand.UNKNOWN):
             hdr, body = raw_call(c, command, b"xyz")
@@ -133,8 +108,8 @@ def test_unknown_commands_get_unknown_and_the_connection_goes_on(
         assert (hdr.command, body) == (SocketCommand.TEST, SERVER_HELLO)
 
 
-def test_wrong_transport_type_is_refused_and_closed(start: Callable[..., DeviceProcess]) -> None:
-    dev = start()
+def test_wrong_transport_type_is_refused_and_closed(start_device: StartDevice) -> None:
+    dev = start_device()
     with dev.client() as c:
         hdr, body = raw_call(c, SocketCommand.TEST, b"Client Hello!\0", SocketTransport.MCTP)
         assert (hdr.command, hdr.transport, body) == (SocketCommand.UNKNOWN, 2, b"")
@@ -143,8 +118,8 @@ def test_wrong_transport_type_is_refused_and_closed(start: Callable[..., DeviceP
         c.hello()
 
 
-def test_oversize_payload_is_drained_without_desync(start: Callable[..., DeviceProcess]) -> None:
-    dev = start(spdm=True)
+def test_oversize_payload_is_drained_without_desync(start_device: StartDevice) -> None:
+    dev = start_device(identity=True)
     with dev.client() as c:
         hdr, body = raw_call(c, SocketCommand.NORMAL, bytes(SOCKET_MAX_PAYLOAD + 4))
         assert (hdr.command, body) == (SocketCommand.NORMAL, b"")
@@ -153,8 +128,8 @@ def test_oversize_payload_is_drained_without_desync(start: Callable[..., DeviceP
     assert "exceeds" in dev.log_text()
 
 
-def test_continue_ends_the_connection_only(start: Callable[..., DeviceProcess]) -> None:
-    dev = start()
+def test_continue_ends_the_connection_only(start_device: StartDevice) -> None:
+    dev = start_device()
     c = dev.client()
     c.hello()
     c.send(SocketCommand.CONTINUE)
@@ -167,8 +142,8 @@ def test_continue_ends_the_connection_only(start: Callable[..., DeviceProcess]) 
         c2.end_session()
 
 
-def test_shutdown_keeps_the_listener_by_default(start: Callable[..., DeviceProcess]) -> None:
-    dev = start()
+def test_shutdown_keeps_the_listener_by_default(start_device: StartDevice) -> None:
+    dev = start_device()
     c = dev.client()
     c.hello()
     c.send(SocketCommand.SHUTDOWN)
@@ -183,8 +158,8 @@ def test_shutdown_keeps_the_listener_by_default(start: Callable[..., DeviceProce
     assert dev.proc.poll() is None
 
 
-def test_exit_on_shutdown_ends_the_device_server(start: Callable[..., DeviceProcess]) -> None:
-    dev = start("--doe-exit-on-shutdown")
+def test_exit_on_shutdown_ends_the_device_server(start_device: StartDevice) -> None:
+    dev = start_device("--doe-exit-on-shutdown")
     with dev.client() as c:
         c.hello()
         c.shutdown()
@@ -192,11 +167,11 @@ def test_exit_on_shutdown_ends_the_device_server(start: Callable[..., DeviceProc
     assert not dev.doe.exists() and not dev.sock.exists()
 
 
-def test_tcp_port(start: Callable[..., DeviceProcess]) -> None:
+def test_tcp_port(start_device: StartDevice) -> None:
     with socket.socket() as probe:          # a free port (the listener sets SO_REUSEADDR)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    dev = start("--doe-tcp-port", str(port), spdm=True)
+    dev = start_device("--doe-tcp-port", str(port), identity=True)
     deadline = time.monotonic() + STARTUP
     while f"127.0.0.1:{port}" not in dev.log_text():
         assert time.monotonic() < deadline
@@ -210,8 +185,8 @@ def test_tcp_port(start: Callable[..., DeviceProcess]) -> None:
         c.hello()
 
 
-def test_client_timeout_is_bounded(start: Callable[..., DeviceProcess]) -> None:
-    dev = start()
+def test_client_timeout_is_bounded(start_device: StartDevice) -> None:
+    dev = start_device()
     c = DoeClient.connect_unix(str(dev.doe), timeout=0.3)
     try:
         c.sock.sendall(SocketHeader(SocketCommand.NORMAL, 2, 8).encode())  # payload never sent
@@ -236,8 +211,8 @@ class VfioConfig:
         self.c.write32(PciRegion.CONFIG, off, value)
 
 
-def test_socket_and_mailbox_at_the_same_time(start: Callable[..., DeviceProcess]) -> None:
-    dev = start(spdm=True)
+def test_socket_and_mailbox_at_the_same_time(start_device: StartDevice) -> None:
+    dev = start_device(identity=True)
     errors: list[str] = []
     rounds = {"socket": 150, "mailbox": 60}
     # GET_VERSION is answered the same in any connection state, so the two requesters may
@@ -286,10 +261,10 @@ def test_socket_and_mailbox_at_the_same_time(start: Callable[..., DeviceProcess]
 
 # -- several clients, timeouts, limits --------------------------------------------------------
 
-def test_a_silent_client_does_not_block_the_tsm(start: Callable[..., DeviceProcess]) -> None:
+def test_a_silent_client_does_not_block_the_tsm(start_device: StartDevice) -> None:
     """A local process that connects and says nothing must not hold the socket: the
     requester behind it is served at once."""
-    dev = start(spdm=True)
+    dev = start_device(identity=True)
     squatters = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
     try:
         for s in squatters:
@@ -349,7 +324,7 @@ class _Rig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[_Rig]:
+def doe_rig(tmp_path: Path) -> Iterator[_Rig]:
     r = _Rig(tmp_path / "doe.sock")
     yield r
     r.server.close()
@@ -368,17 +343,17 @@ def _closed_within(s: socket.socket, seconds: float) -> bool:
     return True
 
 
-def test_idle_and_trickling_connections_are_closed(rig: _Rig,
+def test_idle_and_trickling_connections_are_closed(doe_rig: _Rig,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(doe_socket, "IDLE_TIMEOUT", 0.3)
     monkeypatch.setattr(doe_socket, "MESSAGE_TIMEOUT", 0.6)
-    idle = rig.raw()
+    idle = doe_rig.raw()
     t0 = time.monotonic()
     assert _closed_within(idle, 5)
     assert time.monotonic() - t0 < 3
     idle.close()
     # a message begun must be finished in MESSAGE_TIMEOUT, however it trickles in
-    trickle = rig.raw()
+    trickle = doe_rig.raw()
     msg = SocketHeader(SocketCommand.TEST, 2, len(CLIENT_HELLO)).encode() + CLIENT_HELLO
     t0 = time.monotonic()
     with pytest.raises((BrokenPipeError, ConnectionResetError)):
@@ -388,7 +363,7 @@ def test_idle_and_trickling_connections_are_closed(rig: _Rig,
     assert time.monotonic() - t0 < 3
     trickle.close()
     # once it has exchanged a message, a client may stay idle (the TSM between heartbeats)
-    with rig.client() as c:
+    with doe_rig.client() as c:
         c.hello()
         time.sleep(1.0)
         c.hello()
@@ -447,29 +422,29 @@ def test_connections_are_capped(tmp_path: Path) -> None:
         r.server.close()
 
 
-def test_payload_beyond_the_discard_limit_closes_the_connection(rig: _Rig) -> None:
-    with rig.client() as c:
+def test_payload_beyond_the_discard_limit_closes_the_connection(doe_rig: _Rig) -> None:
+    with doe_rig.client() as c:
         c.hello()
         c.send(SocketCommand.NORMAL, b"")   # header only would be a valid empty NORMAL
         assert c.receive() == (SocketHeader(SocketCommand.NORMAL, 2, 0), b"")
         c.sock.sendall(SocketHeader(SocketCommand.NORMAL, 2,
                                     doe_socket.MAX_DISCARD + 1).encode())
         assert closed_by_peer(c)
-    with rig.client() as c:
+    with doe_rig.client() as c:
         c.hello()
 
 
 def test_a_failing_handler_is_answered_and_the_server_serves_on(
-        rig: _Rig, caplog: pytest.LogCaptureFixture) -> None:
+        doe_rig: _Rig, caplog: pytest.LogCaptureFixture) -> None:
     boom = DoeObject(*_Rig.BOOM, b"\0\0\0\0").encode()
     with caplog.at_level(logging.INFO, logger="vfio_user_dev.doe_socket"):
-        with rig.client() as c:
+        with doe_rig.client() as c:
             c.hello()
             assert c.exchange(boom) is None          # answered: "no response"
             assert c.exchange(boom) is None
             c.hello()                                # the connection goes on
-        with rig.client() as c:                      # and so does the server
+        with doe_rig.client() as c:                      # and so does the server
             assert c.discover() == [(1, 0), _Rig.BOOM]
     failures = [r for r in caplog.records if "the device failed" in r.getMessage()]
-    assert len(failures) == 2 and rig.server.internal_errors == 2
+    assert len(failures) == 2 and doe_rig.server.internal_errors == 2
     assert failures[0].exc_info is not None and failures[1].exc_info is None

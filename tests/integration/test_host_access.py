@@ -10,46 +10,28 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from teeio.device_regs import R
 from teeio.pcie.config import Reg
-from tests.integration.device_process import PROJECT, ServerProcess, started
+from tests.integration.device_process import PROJECT, DeviceProcess, StartDevice
 from vfio_user_dev import firmware_build
 from vfio_user_dev.device import DEVCTL
-from vfio_user_dev.host_access import MAX_LINE, HostAccessClient, HostAccessError
+from vfio_user_dev.host_access import MAX_LINE, HostAccessError
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class HostDevice(ServerProcess):
-    def __init__(self, tmp: Path, *args: str) -> None:
-        self.sock = tmp / "vfio-user.sock"
-        self.host = tmp / "host.sock"
-        super().__init__(tmp / "device.log",
-                         ["--socket", str(self.sock), "--host-socket", str(self.host),
-                          "--identity", str(tmp / "identity"), *args],
-                         [self.sock, self.host])
-
-    def client(self) -> HostAccessClient:
-        return HostAccessClient(str(self.host))
-
-
 @pytest.fixture
-def start_device() -> Iterator[Callable[..., HostDevice]]:
-    yield from started(HostDevice)
+def host_device(start_device: StartDevice) -> DeviceProcess:
+    """The device server with its host access socket (and an identity, no DOE socket)."""
+    return start_device(doe=False, identity=True, host=True)
 
 
-@pytest.fixture
-def dev(start_device: Callable[..., HostDevice], tmp_path: Path) -> HostDevice:
-    return start_device(tmp_path)
-
-
-def test_config_and_bar_access(dev: HostDevice) -> None:
-    with dev.client() as c:
+def test_config_and_bar_access(host_device: DeviceProcess) -> None:
+    with host_device.host_client() as c:
         assert c.call("config_read", offset=0, size=4) == {"value": 0x7E10_1234}
         assert c.call("config_write", offset=Reg.CACHE_LINE_SIZE, size=1,
                       value=0x10) == {"value": 0x10}
@@ -73,18 +55,18 @@ def test_config_and_bar_access(dev: HostDevice) -> None:
         assert c.call("config_read", offset=Reg.CACHE_LINE_SIZE, size=1)["value"] == 0
 
 
-def test_protected_config_write_is_applied(dev: HostDevice) -> None:
+def test_protected_config_write_is_applied(host_device: DeviceProcess) -> None:
     """The host's config writes take QEMU's path: a Device Control write completes (with
     an unlocked TDI nothing else happens)."""
-    with dev.client() as c:
+    with host_device.host_client() as c:
         before = c.call("config_read", offset=DEVCTL, size=2)["value"]
         after = c.call("config_write", offset=DEVCTL, size=2, value=before ^ 1 << 11)
         assert after["value"] == before ^ 1 << 11
         assert c.call("stats")["tdi"]["state"] == "CONFIG_UNLOCKED"
 
 
-def test_errors_keep_the_connection_serving(dev: HostDevice) -> None:
-    with dev.client() as c:
+def test_errors_keep_the_connection_serving(host_device: DeviceProcess) -> None:
+    with host_device.host_client() as c:
         def err(reply: dict[str, object]) -> str:
             assert reply["ok"] is False, reply
             e = reply["error"]
@@ -125,12 +107,12 @@ def test_errors_keep_the_connection_serving(dev: HostDevice) -> None:
         assert e.value.code == "bad_args"
         assert c.call("config_read", offset=0, size=2) == {"value": 0x1234}
     # A new connection works as well.
-    with dev.client() as c:
+    with host_device.host_client() as c:
         assert c.call("config_read", offset=2, size=2) == {"value": 0x7E10}
 
 
-def test_link_faults(dev: HostDevice) -> None:
-    with dev.client() as c:
+def test_link_faults(host_device: DeviceProcess) -> None:
+    with host_device.host_client() as c:
         assert c.call("link_inject", kind="FLIP_PAYLOAD", count=2, bit=3) == {"armed": 2}
         assert c.call("link_inject", kind="drop", direction="downstream") == {"armed": 1}
         assert c.call("stats")["link"]["faults_armed"] == 3
@@ -138,22 +120,22 @@ def test_link_faults(dev: HostDevice) -> None:
         assert c.call("stats")["link"]["faults_armed"] == 0
 
 
-def test_firmware_update(dev: HostDevice, tmp_path: Path) -> None:
+def test_firmware_update(host_device: DeviceProcess, tmp_path: Path) -> None:
     try:
         patched = firmware_build.build(tmp_path / "fw-patched.elf", {"TEEIO_FW_PATCH": "1"})
     except firmware_build.FirmwareBuildError as exc:    # gcc is a declared dependency
         pytest.fail(f"the patched firmware does not build: {exc}")
-    with dev.client() as c:
+    with host_device.host_client() as c:
         result = c.call("fw_update", path=str(patched))
         assert result["measurements"] and all(m["size"] > 0 for m in result["measurements"])
         with pytest.raises(HostAccessError) as e:
             c.call("fw_update", path=str(tmp_path / "missing.elf"))
         assert e.value.code == "failed"
         assert c.call("stats")["tdisp_refusals"] == {}
-    assert "firmware updated from" in dev.log_text()
+    assert "firmware updated from" in host_device.log_text()
 
 
-def test_fw_update_refuses_what_is_not_a_bounded_regular_file(dev: HostDevice,
+def test_fw_update_refuses_what_is_not_a_bounded_regular_file(host_device: DeviceProcess,
                                                                 tmp_path: Path) -> None:
     """A FIFO, a device node, a symbolic link or an oversized file: one-line errors at once,
     and the device (its lock) is never held up by the file the host named."""
@@ -169,7 +151,7 @@ def test_fw_update_refuses_what_is_not_a_bounded_regular_file(dev: HostDevice,
     expected = [(fifo, "not a regular file"), (Path("/dev/zero"), "not a regular file"),
                 (big, f"{17 << 20} bytes, more than the {16 << 20}-byte limit"),
                 (link, "a symbolic link, refused"), (tmp_path, "not a regular file")]
-    with dev.client() as c, dev.client() as other:
+    with host_device.host_client() as c, host_device.host_client() as other:
         c.conn.sock.settimeout(5)
         for path, message in expected:
             t0 = time.monotonic()
@@ -183,10 +165,10 @@ def test_fw_update_refuses_what_is_not_a_bounded_regular_file(dev: HostDevice,
         assert c.call("stats")["tdisp_refusals"] == {}
 
 
-def test_cli_prints_json(dev: HostDevice) -> None:
+def test_cli_prints_json(host_device: DeviceProcess) -> None:
     def cli(*args: str) -> tuple[int, dict[str, object]]:
         p = subprocess.run([sys.executable, "-m", "vfio_user_dev.host_access", "--socket",
-                            str(dev.host), *args], cwd=PROJECT, capture_output=True,
+                            str(host_device.host), *args], cwd=PROJECT, capture_output=True,
                            text=True, timeout=30)
         return p.returncode, json.loads(p.stdout)
 

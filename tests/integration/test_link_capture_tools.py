@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.link_rig import GUEST, Rig, payload
+from tests.support.link_rig import GUEST, Rig, payload
 from vfio_user_dev.link.capture import read_capture
 from vfio_user_dev.link.faults import Fault, FaultKind
 from vfio_user_dev.link.interfaces import LinkFault

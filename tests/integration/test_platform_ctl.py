@@ -12,7 +12,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,9 @@ from teeio.platform_channel import (
     read_credential,
 )
 from teeio.tlp import is_protected
-from tests.integration.device_process import PROJECT, ServerProcess, started
-from tests.protocol.lockstep import enable_device, error_code, memfd, ok, run_job
+from tests.integration.device_process import PROJECT, DeviceProcess, StartDevice
+from tests.support.lockstep import enable_device, error_code, memfd, ok, run_job
 from vfio_user_dev import protocol as p
-from vfio_user_dev.client import Client
 from vfio_user_dev.link.capture import iter_tlps, read_capture
 from vfio_user_dev.protocol import Command, DmaFlags
 
@@ -44,38 +42,13 @@ RID = 0x0100
 SID = 1
 
 
-class DeviceProcess(ServerProcess):
-    def __init__(self, tmp: Path, *args: str) -> None:
-        self.sock = tmp / "vfio-user.sock"
-        self.plat = tmp / "platform.sock"
-        self.cred = tmp / "platform.cred"
-        self.capture = tmp / "link.pcap"
-        super().__init__(tmp / "device.log",
-                         ["--socket", str(self.sock), "--platform-socket", str(self.plat),
-                          "--platform-credential", str(self.cred),
-                          "--link-capture", str(self.capture), *args], [self.sock, self.plat])
-
-    def token(self) -> bytes:
-        return read_credential(self.cred)
-
-    def platform(self, token: bytes | None = None) -> PlatformClient:
-        return PlatformClient(str(self.plat), self.token() if token is None else token)
-
-    def vfio(self) -> Client:
-        c = Client.connect(str(self.sock))
-        c.version()
-        return c
-
+#: The device server with the platform socket and the link capture (no DOE socket).
+PLATFORM = {"doe": False, "platform": True, "capture": True}
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., DeviceProcess]]:
-    yield from started(lambda *args: DeviceProcess(tmp_path, *args))
-
-
-@pytest.fixture
-def dev(start: Callable[..., DeviceProcess]) -> DeviceProcess:
-    return start()
+def platform_device(start_device: StartDevice) -> DeviceProcess:
+    return start_device(**PLATFORM)
 
 
 def raw(c: PlatformClient, obj: Any) -> dict[str, Any]:
@@ -103,17 +76,17 @@ def key_the_root_port(c: PlatformClient, sid: int = SID) -> list[IdeKey]:
 
 # -- the credential ------------------------------------------------------------------------------
 
-def test_credential_and_socket_are_private(dev: DeviceProcess) -> None:
-    assert stat.S_IMODE(os.stat(dev.cred).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(dev.plat).st_mode) == 0o600
-    assert len(dev.cred.read_text().strip()) == 64
-    os.chmod(dev.cred, 0o644)
+def test_credential_and_socket_are_private(platform_device: DeviceProcess) -> None:
+    assert stat.S_IMODE(os.stat(platform_device.cred).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(platform_device.plat).st_mode) == 0o600
+    assert len(platform_device.cred.read_text().strip()) == 64
+    os.chmod(platform_device.cred, 0o644)
     with pytest.raises(PermissionError, match="0600"):
-        read_credential(dev.cred)
+        read_credential(platform_device.cred)
 
 
-def test_missing_or_wrong_credential_is_refused(dev: DeviceProcess) -> None:
-    with dev.platform() as good, dev.platform(token=os.urandom(32)) as bad:
+def test_missing_or_wrong_credential_is_refused(platform_device: DeviceProcess) -> None:
+    with platform_device.platform() as good, platform_device.platform(token=os.urandom(32)) as bad:
         # no MAC at all
         assert code(raw(bad, {"seq": 1, "op": "stream_setup", "args": {"stream_id": 5}})) \
             == "unauthenticated"
@@ -125,7 +98,7 @@ def test_missing_or_wrong_credential_is_refused(dev: DeviceProcess) -> None:
             bad.call("status")
         # a request signed for another connection (its nonce) is no good here either
         stolen = good.request("stream_setup", {"stream_id": 6})
-        with dev.platform() as third:
+        with platform_device.platform() as third:
             assert code(raw(third, canonical(stolen) + b"\n")) == "unauthenticated"
         # nothing changed; the rightful client is served, and sees the failures counted
         st = good.call("status")
@@ -135,11 +108,11 @@ def test_missing_or_wrong_credential_is_refused(dev: DeviceProcess) -> None:
         good.call("stream_setup", stream_id=7)
         again = good.request("stream_setup", {"stream_id": 7}, seq=good.seq)
         assert code(raw(good, canonical(again) + b"\n")) == "replay"
-    assert dev.token().hex() not in dev.log_text()
+    assert platform_device.token().hex() not in platform_device.log_text()
 
 
-def test_malformed_requests_get_clear_errors(dev: DeviceProcess) -> None:
-    with dev.platform() as c:
+def test_malformed_requests_get_clear_errors(platform_device: DeviceProcess) -> None:
+    with platform_device.platform() as c:
         assert code(raw(c, b"this is not json\n")) == "malformed"
         assert code(raw(c, b"[1, 2, 3]\n")) == "malformed"
         assert code(raw(c, b"[" * 30000 + b"\n")) == "malformed"        # RecursionError
@@ -165,11 +138,11 @@ def test_malformed_requests_get_clear_errors(dev: DeviceProcess) -> None:
             assert info.value.code == want, (op, args, info.value)
             assert info.value.message
         assert c.call("status")["server"]["errors"] >= 14     # and it still serves
-    assert dev.proc.poll() is None
+    assert platform_device.proc.poll() is None
 
 
-def test_status_reports_link_stream_and_refusals(start: Callable[..., DeviceProcess]) -> None:
-    dev = start("--mps", "128", "--mrrs", "256")
+def test_status_reports_link_stream_and_refusals(start_device: StartDevice) -> None:
+    dev = start_device("--mps", "128", "--mrrs", "256", **PLATFORM)
     with dev.platform() as c:
         st = c.call("status")
         assert set(st) == {"link", "endpoint", "root_port", "server"}
@@ -192,8 +165,8 @@ def test_status_reports_link_stream_and_refusals(start: Callable[..., DeviceProc
 
 
 def test_windows_enforced_on_dma_jobs_and_remap_is_a_security_event(
-        start: Callable[..., DeviceProcess]) -> None:
-    dev = start("--mps", "128")
+        start_device: StartDevice) -> None:
+    dev = start_device("--mps", "128", **PLATFORM)
     fd = memfd("plat-guest", SIZE)
     v = dev.vfio()
     try:
@@ -259,14 +232,14 @@ def test_option_rules(tmp_path: Path) -> None:
     assert r.returncode == 2 and "Max_Payload_Size must be one of" in r.stderr
 
 
-def test_many_connections_do_not_lock_out_the_tsm(dev: DeviceProcess) -> None:
+def test_many_connections_do_not_lock_out_the_tsm(platform_device: DeviceProcess) -> None:
     idle = []
     try:
         for _ in range(6):                  # squatters that never authenticate
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(str(dev.plat))
+            s.connect(str(platform_device.plat))
             idle.append(s)
-        with dev.platform() as c:
+        with platform_device.platform() as c:
             assert c.call("status")["server"]["connections"] == 7
     finally:
         for s in idle:

@@ -21,18 +21,11 @@ import pytest
 from teeio import device_regs as regs
 from teeio.ghcx import MsgType
 from teeio.pcie.config import Command, Reg
-from teeio.platform_channel import PlatformClient, read_credential
-from tests.integration.test_doe_socket import DeviceProcess
-from tests.integration.test_tsm_daemon import (
-    Guest,
-    connect_request,
-    lock_verify_accept,
-)
-from tests.integration.test_tsm_ide import firmware  # noqa: F401
-from tests.protocol.test_server_dma import GUEST, map_memfd
+from tests.integration.device_process import DeviceProcess, StartDevice
+from tests.support.ghcx_guest import Guest, lock_verify_accept
+from tests.support.lockstep import GUEST, map_memfd
 from tsm.daemon import Daemon
 from vfio_user_dev.client import Client
-from vfio_user_dev.host_access import HostAccessClient
 from vfio_user_dev.protocol import PciRegion
 
 pytestmark = pytest.mark.timeout(120)
@@ -41,56 +34,8 @@ pytestmark = pytest.mark.timeout(120)
 PROMPT = 1.0
 
 
-class EventDevice(DeviceProcess):
-    """The device server with identity, firmware, platform and host sockets."""
-
-    def __init__(self, tmp: Path, firmware_elf: Path) -> None:
-        self.identity = tmp / "identity"
-        self.plat = tmp / "platform.sock"
-        self.cred = tmp / "platform.cred"
-        self.host = tmp / "host.sock"
-        super().__init__(tmp, "--identity", str(self.identity), "--firmware", str(firmware_elf),
-                         "--platform-socket", str(self.plat), "--platform-credential",
-                         str(self.cred), "--host-socket", str(self.host))
-        deadline = time.monotonic() + 15
-        while not (self.plat.exists() and self.host.exists()):
-            assert time.monotonic() < deadline, self.log_text()
-            time.sleep(0.02)
-
-    def host_call(self, op: str, **args: Any) -> dict[str, Any]:
-        with HostAccessClient(str(self.host)) as c:
-            reply = c.request(op, **args)
-        assert reply.get("ok"), reply
-        result = reply.get("result", {})
-        assert isinstance(result, dict)
-        return result
-
-    def platform(self) -> dict[str, Any]:
-        with PlatformClient(str(self.plat), read_credential(self.cred)) as rp:
-            return rp.call("status")["root_port"]  # type: ignore[no-any-return]
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-
-    def fds_settle(self, at_most: int, within: float = 2.0) -> int:
-        """The open fds once at most *at_most* (the server closes a finished host or
-        platform connection on its own thread, a moment after the client did)."""
-        deadline = time.monotonic() + within
-        while (n := self.fds()) > at_most and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return n
-
-
-@pytest.fixture
-def device(tmp_path: Path, firmware: Path) -> Iterator[EventDevice]:  # noqa: F811
-    dev = EventDevice(tmp_path, firmware)
-    yield dev
-    dev.stop()
-    print(f"--- device log ---\n{dev.log_text()}")
-
-
 class Stack:
-    def __init__(self, tmp: Path, device: EventDevice) -> None:
+    def __init__(self, tmp: Path, device: DeviceProcess) -> None:
         self.device = device
         self.vmm = Client.connect(str(device.sock))     # QEMU's part
         self.vmm.version()
@@ -98,7 +43,7 @@ class Stack:
         self.enable()
         self.daemon = Daemon(tmp / "tsm")
         self.daemon.start()
-        req = connect_request(device)   # type: ignore[arg-type]
+        req = device.connect_request()
         self.daemon.ctl_request("connect", req)
         self.daemon.ctl_request("bind", {"vm": "vm0", "device": "dev0",
                                          "ghcx_socket": str(tmp / "ghcx.sock")})
@@ -140,7 +85,7 @@ class Stack:
     def run_with_window(self) -> int:
         lock_verify_accept(self.guest, self.anchor)
         wid = self.guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000})["window_id"]
-        assert [w["id"] for w in self.device.platform()["windows"]] == [wid]
+        assert [w["id"] for w in self.device.root_port()["windows"]] == [wid]
         assert self.tdi()["mmio_private"] is True
         return int(wid)
 
@@ -151,7 +96,7 @@ class Stack:
     def assert_all_error(self, st: dict[str, Any]) -> None:
         """Every party: the device, the root port, the TSM, the guest."""
         assert self.device_tdi() == "ERROR"
-        rp = self.device.platform()
+        rp = self.device.root_port()
         assert rp["windows"] == [] and rp["mmio_private"] == {}
         tdi = st["tdis"][0]
         assert tdi["state"] == "ERROR" and tdi["mmio_private"] is False
@@ -160,7 +105,7 @@ class Stack:
         refused = self.guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000},
                                   error="state")
         assert "RUN" in refused["message"]
-        assert self.device.platform()["windows"] == []
+        assert self.device.root_port()["windows"] == []
         again = self.guest.call(MsgType.TDI_LOCK, error="state")
         assert "STOP it first" in again["message"]
 
@@ -172,8 +117,11 @@ class Stack:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, device: EventDevice) -> Iterator[Stack]:
-    s = Stack(tmp_path, device)
+def stack(tmp_path: Path, start_device: StartDevice, firmware: Path) -> Iterator[Stack]:
+    """The device server with identity, firmware, platform and host sockets, its TSM and
+    its guest."""
+    s = Stack(tmp_path, start_device(identity=True, firmware=firmware, platform=True,
+                                     host=True))
     yield s
     s.close()
 
@@ -185,9 +133,10 @@ def error_learnt(st: dict[str, Any]) -> bool:
 def test_host_flr_in_run(stack: Stack) -> None:
     stack.run_with_window()
     stack.device.host_call("flr")
-    st = stack.wait_tsm(error_learnt)
+    # the TSM learns the TDI's ERROR and then, a moment later, that the reset took the keys
+    st = stack.wait_tsm(lambda s: error_learnt(s) and
+                        s["devices"][0]["stream"]["state"] == "insecure")
     assert st["tdis"][0]["source"] == "device"
-    assert st["devices"][0]["stream"]["state"] == "insecure"     # the reset took the keys
     stack.assert_all_error(st)
     refreshed = stack.status(refresh=True)
     assert refreshed["tdis"][0]["state"] == "ERROR"

@@ -14,12 +14,10 @@ Device and daemon logs are printed at teardown."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,15 +27,14 @@ from typing import Any
 
 import pytest
 
-from teeio import pki
-from teeio.ghcx import FrameDecoder, GuestChannel, MsgType, Response
+from teeio.ghcx import MsgType
 from teeio.ghcx import keys as ghcx_keys
 from teeio.ide import IdeKey
-from teeio.platform_channel import PlatformClient, read_credential
-from teeio.spdm import RequesterError, codec
-from teeio.spdm.requester import parse_vca, verify_measurement_transcript
-from tests.integration.test_tsm_ide import PROJECT, IdeDevice, firmware  # noqa: F401
-from tests.protocol.test_server_dma import GUEST, SIZE, map_memfd
+from teeio.platform_channel import read_credential
+from teeio.spdm import RequesterError
+from tests.integration.device_process import PROJECT, DeviceProcess
+from tests.support.ghcx_guest import Guest, check_evidence, lock_verify_accept
+from tests.support.lockstep import GUEST, SIZE, map_memfd
 from tsm import guest_api
 from tsm import ide as tsm_ide
 from tsm.ctl import CtlError
@@ -51,14 +48,6 @@ from vfio_user_dev.client import Client
 pytestmark = pytest.mark.timeout(120)
 
 STARTUP = 30.0
-
-
-@pytest.fixture
-def device(tmp_path: Path, firmware: Path) -> Iterator[IdeDevice]:  # noqa: F811
-    dev = IdeDevice(tmp_path, firmware)
-    yield dev
-    dev.stop()
-    print(f"--- device log ---\n{dev.log_text()}")
 
 
 class DaemonProcess:
@@ -120,98 +109,16 @@ def daemons(tmp_path: Path) -> Iterator[list[DaemonProcess]]:
         print(f"--- daemon log ---\n{procs[0].log_text()}")
 
 
-class Guest:
-    """The guest agent's side of GHCx, over the VM's socket (what QEMU relays)."""
-
-    def __init__(self, path: Path, secret: bytes, vm: str) -> None:
-        self.path = path
-        self.channel = GuestChannel(secret, vm)
-        self.connect()
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(str(self.path))
-        self.decoder = FrameDecoder()
-        self.bodies: list[bytes] = []
-
-    def _body(self) -> bytes:
-        while not self.bodies:
-            data = self.sock.recv(1 << 16)
-            assert data, "the TSM closed the GHCx connection"
-            self.bodies += self.decoder.feed(data)
-        return self.bodies.pop(0)
-
-    def hello(self) -> bytes:
-        self.sock.sendall(self.channel.hello())
-        return self.channel.accept_hello_ack(self._body())
-
-    def raw_call(self, mtype: MsgType, payload: dict[str, Any]) -> Response | MsgType:
-        _rid, frame = self.channel.request(mtype, payload)
-        self.sock.sendall(frame)
-        return self.channel.open(self._body())
-
-    def call(self, mtype: MsgType, payload: dict[str, Any] | None = None,
-             error: str | None = None) -> dict[str, Any]:
-        rsp = self.raw_call(mtype, payload or {})
-        assert isinstance(rsp, Response), rsp
-        assert rsp.error == error, f"{mtype.name}: {rsp.error}: {rsp.message}"
-        return {"error": rsp.error, "message": rsp.message} if error else rsp.payload
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def check_evidence(ev: dict[str, Any], nonce: bytes, anchor: Path) -> dict[str, str]:
-    """What the guest checks: the chain to its anchor, the MEASUREMENTS signature over
-    VCA + L1, its own nonce in the signed request.  Returns the blobs' SHA-384 digests."""
-    chain, vca = bytes.fromhex(ev["cert_chain"]), bytes.fromhex(ev["vca"])
-    pairs = [(bytes.fromhex(q), bytes.fromhex(r)) for q, r in ev["measurements"]]
-    report = bytes.fromhex(ev["report"])
-    neg, _ = parse_vca(vca)
-    _root, certs = pki.parse_spdm_cert_chain(chain, "sha384")
-    leaf_key = pki.verify_chain(certs, pki.load_anchors(anchor))
-    assert verify_measurement_transcript(vca, pairs, leaf_key, neg)
-    assert codec.GetMeasurements.decode(pairs[-1][0]).nonce == nonce
-    return {"cert_chain": hashlib.sha384(chain).hexdigest(),
-            "transcript": hashlib.sha384(vca + b"".join(q + r for q, r in pairs)).hexdigest(),
-            "report": hashlib.sha384(report).hexdigest()}
-
-
-def lock_verify_accept(guest: Guest, anchor: Path) -> dict[str, Any]:
-    """The guest's accept flow: LOCK, evidence with its nonce, TDI_INFO, ACCEPT."""
-    locked = guest.call(MsgType.TDI_LOCK)
-    assert locked["state"] == "CONFIG_LOCKED"
-    nonce = os.urandom(32)
-    digests = check_evidence(guest.call(MsgType.GET_EVIDENCE, {"nonce": nonce.hex()}), nonce,
-                             anchor)
-    info = guest.call(MsgType.TDI_INFO)
-    assert info["state"] == "CONFIG_LOCKED" and info["lock_epoch"] == locked["lock_epoch"]
-    assert info["digests"] == digests and info["digest_alg"] == "sha384"
-    assert info["stream"] == {"id": 3, "state": "secure"} and info["lock_flags"] & 1
-    accepted = guest.call(MsgType.TDI_ACCEPT, {"digests": digests,
-                                               "lock_epoch": info["lock_epoch"]})
-    assert accepted == {"state": "RUN", "dma_stream": 3}
-    return {"digests": digests, "lock_epoch": info["lock_epoch"]}
-
-
-def root_port(dev: IdeDevice) -> dict[str, Any]:
-    with PlatformClient(str(dev.plat), read_credential(dev.cred)) as rp:
-        st = rp.call("status")["root_port"]
-        assert isinstance(st, dict)
-        return st
-
-
-def connect_args(dev: IdeDevice) -> list[str | Path]:
+def connect_args(dev: DeviceProcess) -> list[str | Path]:
     return ["connect", "--device", "dev0", "--doe-socket", dev.doe, "--trust-anchor",
             dev.identity / "trust-anchor.pem", "--platform-socket", dev.plat,
             "--platform-credential", dev.cred, "--stream-id", "3"]
 
 
-def test_guest_flow_stale_epoch_and_restart(tmp_path: Path, device: IdeDevice,
+def test_guest_flow_stale_epoch_and_restart(tmp_path: Path, ide_device: DeviceProcess,
                                             daemons: list[DaemonProcess]) -> None:
-    anchor = device.identity / "trust-anchor.pem"
-    vfio = Client.connect(str(device.sock))         # QEMU's part: guest RAM mapped for DMA
+    anchor = ide_device.identity / "trust-anchor.pem"
+    vfio = Client.connect(str(ide_device.sock))         # QEMU's part: guest RAM mapped for DMA
     vfio.version()
     memfd = map_memfd(vfio, "tsm-daemon")
     state = tmp_path / "tsm"
@@ -219,7 +126,7 @@ def test_guest_flow_stale_epoch_and_restart(tmp_path: Path, device: IdeDevice,
     daemons.append(d)
     assert (state / "ctl.sock").stat().st_mode & 0o777 == 0o600
 
-    out = d.ctl(*connect_args(device)).stdout
+    out = d.ctl(*connect_args(ide_device)).stdout
     assert out.startswith("connect dev0: session 0x") and "stream 3 secure" in out
     ghcx = tmp_path / "ghcx.sock"
     d.ctl("bind", "--vm", "vm0", "--device", "dev0", "--ghcx-socket", ghcx)
@@ -245,13 +152,13 @@ def test_guest_flow_stale_epoch_and_restart(tmp_path: Path, device: IdeDevice,
 
     # DMA windows only for memory the VMM mapped; released ones are gone
     win = guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000, "access": "rw"})
-    assert [w["id"] for w in root_port(device)["windows"]] == [win["window_id"]]
+    assert [w["id"] for w in ide_device.root_port()["windows"]] == [win["window_id"]]
     assert guest.call(MsgType.STATUS)["windows"] == [
         {"window_id": win["window_id"], "base": GUEST, "size": 0x1000, "access": "rw"}]
     guest.call(MsgType.DMA_ACCEPT, {"base": GUEST + SIZE, "size": 0x1000}, error="refused")
     assert guest.call(MsgType.DMA_RELEASE, {"window_id": win["window_id"]}) == {}
     guest.call(MsgType.DMA_RELEASE, {"window_id": win["window_id"]}, error="refused")
-    assert root_port(device)["windows"] == []
+    assert ide_device.root_port()["windows"] == []
 
     # behind the guest's back: STOP and LOCK again -> the old epoch is refused, not started
     assert d.ctl("stop", "--vm", "vm0").stdout == "stop dev0: CONFIG_UNLOCKED\n"
@@ -288,8 +195,8 @@ def test_guest_flow_stale_epoch_and_restart(tmp_path: Path, device: IdeDevice,
     assert (tdi["state"], tdi["reason"], tdi["lock_epoch"]) == ("ERROR", REASON_RESTART, 3)
     assert st["devices"][0]["connected"] and st["vms"][0]["windows"] == []
     assert "ERROR" in d2.ctl("status").stdout
-    assert "TDI RUN -> ERROR" in device.log_text()          # the device ended the session
-    assert root_port(device)["windows"] == []
+    assert "TDI RUN -> ERROR" in ide_device.log_text()          # the device ended the session
+    assert ide_device.root_port()["windows"] == []
     records = [json.loads(line) for line in (state / JOURNAL_NAME).read_text().splitlines()]
     restart = max(i for i, r in enumerate(records) if r["type"] == "daemon_start")
     after = records[restart:]
@@ -315,7 +222,7 @@ def test_guest_flow_stale_epoch_and_restart(tmp_path: Path, device: IdeDevice,
     vfio.close()
 
 
-def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, device: IdeDevice,
+def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, ide_device: DeviceProcess,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """In-process daemon so the test sees the secrets it handles: none of the IDE keys,
@@ -356,17 +263,17 @@ def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, device: IdeDevi
     d = Daemon(state, heartbeat=0.05)
     try:
         d.start()
-        args = connect_args(device)
-        d.ctl_request("connect", {"device": "dev0", "doe_socket": str(device.doe),
+        args = connect_args(ide_device)
+        d.ctl_request("connect", {"device": "dev0", "doe_socket": str(ide_device.doe),
                                   "trust_anchor": str(args[6]),
-                                  "platform_socket": str(device.plat),
-                                  "platform_credential": str(device.cred), "stream_id": 3})
+                                  "platform_socket": str(ide_device.plat),
+                                  "platform_credential": str(ide_device.cred), "stream_id": 3})
         d.ctl_request("bind", {"vm": "vm0", "device": "dev0",
                                "ghcx_socket": str(tmp_path / "ghcx.sock")})
         secret = (state / "vms" / "vm0.secret").read_bytes()
         guest = Guest(tmp_path / "ghcx.sock", secret, "vm0")
         guest.hello()
-        lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+        lock_verify_accept(guest, ide_device.identity / "trust-anchor.pem")
         statuses.append(json.dumps(d.ctl_request("status", {}), sort_keys=True))
         guest.call(MsgType.TDI_STOP)
         guest.close()
@@ -388,12 +295,12 @@ def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, device: IdeDevi
     assert len(keys) == 6
     assert len(start_nonces) == 1 and len(start_nonces[0]) == 32
     assert len(session_keys) == 8                  # the guest's and the TSM's derivation
-    token = read_credential(device.cred)
+    token = read_credential(ide_device.cred)
     journal = (state / JOURNAL_NAME).read_bytes()
     logs = "\n".join(r.getMessage() for r in caplog.records).encode()
     assert any(r.levelno == logging.DEBUG and r.name.startswith("teeio.spdm")
                for r in caplog.records)        # the session's messages were logged
-    device_log = device.log_text().encode()
+    device_log = ide_device.log_text().encode()
     for blob in (journal, logs, *(st.encode() for st in statuses), device_log):
         for material in [secret, token, *start_nonces, *session_keys, *(k.key for k in keys)]:
             assert material not in blob
@@ -401,20 +308,13 @@ def test_no_secret_or_key_in_the_journal_or_logs(tmp_path: Path, device: IdeDevi
             assert material.hex().upper().encode() not in blob
 
 
-def connect_request(dev: IdeDevice) -> dict[str, Any]:
-    return {"device": "dev0", "doe_socket": str(dev.doe),
-            "trust_anchor": str(dev.identity / "trust-anchor.pem"),
-            "platform_socket": str(dev.plat), "platform_credential": str(dev.cred),
-            "stream_id": 3}
-
-
-def start_inproc(tmp_path: Path, device: IdeDevice, **options: Any) -> tuple[Daemon, Guest]:
+def start_inproc(tmp_path: Path, ide_device: DeviceProcess, **options: Any) -> tuple[Daemon, Guest]:
     """An in-process daemon, dev0 connected and bound to vm0, the guest's handshake done."""
     state = tmp_path / "tsm"
     d = Daemon(state, **options)
     try:
         d.start()
-        d.ctl_request("connect", connect_request(device))
+        d.ctl_request("connect", ide_device.connect_request())
         d.ctl_request("bind", {"vm": "vm0", "device": "dev0",
                                "ghcx_socket": str(tmp_path / "ghcx.sock")})
         guest = Guest(tmp_path / "ghcx.sock", (state / "vms" / "vm0.secret").read_bytes(),
@@ -427,8 +327,8 @@ def start_inproc(tmp_path: Path, device: IdeDevice, **options: Any) -> tuple[Dae
 
 
 @pytest.fixture
-def inproc(tmp_path: Path, device: IdeDevice) -> Iterator[tuple[Daemon, Guest]]:
-    d, guest = start_inproc(tmp_path, device)
+def inproc(tmp_path: Path, ide_device: DeviceProcess) -> Iterator[tuple[Daemon, Guest]]:
+    d, guest = start_inproc(tmp_path, ide_device)
     try:
         yield d, guest
         guest.close()
@@ -456,7 +356,7 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None
         time.sleep(0.02)
 
 
-def after_reconnect(d: Daemon, device: IdeDevice, guest: Guest, secret: bytes) -> None:
+def after_reconnect(d: Daemon, ide_device: DeviceProcess, guest: Guest, secret: bytes) -> None:
     """The binding and secret are kept; the TDI is ERROR (at the device too) until the
     guest STOPs it; the stream is Secure again; the guest can start over."""
     assert d.vms["vm0"].server is not None
@@ -465,32 +365,32 @@ def after_reconnect(d: Daemon, device: IdeDevice, guest: Guest, secret: bytes) -
     assert dev.link.session_up and dev.stream_state == "secure" and dev.last_error is None
     assert (dev.tdi.state.name, dev.tdi.vm) == ("ERROR", "vm0")
     assert device_tdi_state(d) == "ERROR"
-    assert root_port(device)["windows"] == [] and d.vms["vm0"].windows == {}
+    assert ide_device.root_port()["windows"] == [] and d.vms["vm0"].windows == {}
     info = guest.call(MsgType.TDI_INFO)
     assert info["state"] == "ERROR" and "SPDM session lost" in info["reason"]
     guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000}, error="state")
     guest.call(MsgType.TDI_LOCK, error="state")
     assert guest.call(MsgType.TDI_STOP) == {"state": "CONFIG_UNLOCKED"}
-    lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+    lock_verify_accept(guest, ide_device.identity / "trust-anchor.pem")
     guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000})
 
 
-def test_lost_session_reconnects_on_its_own(tmp_path: Path, device: IdeDevice,
+def test_lost_session_reconnects_on_its_own(tmp_path: Path, ide_device: DeviceProcess,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed HEARTBEAT: fail-safe (ERROR, windows revoked), then the daemon reconnects
     by itself (backoff), keeping the VM bound with its secret."""
-    vfio = Client.connect(str(device.sock))
+    vfio = Client.connect(str(ide_device.sock))
     vfio.version()
     memfd = map_memfd(vfio, "tsm-reconnect")
-    d, guest = start_inproc(tmp_path, device, heartbeat=0.05,
+    d, guest = start_inproc(tmp_path, ide_device, heartbeat=0.05,
                             reconnect_delays=(0.05, 0.1, 0.2))
     try:
         secret = Path(d.vms["vm0"].secret_file).read_bytes()
-        lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+        lock_verify_accept(guest, ide_device.identity / "trust-anchor.pem")
         guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000})
         lose_session(d, monkeypatch)
         wait_for(lambda: d.counters["reconnects"] == 1, "no reconnect")
-        after_reconnect(d, device, guest, secret)
+        after_reconnect(d, ide_device, guest, secret)
     finally:
         guest.close()
         d.close()
@@ -498,29 +398,29 @@ def test_lost_session_reconnects_on_its_own(tmp_path: Path, device: IdeDevice,
         vfio.close()
 
 
-def test_bound_device_reconnected_by_hand(tmp_path: Path, device: IdeDevice,
+def test_bound_device_reconnected_by_hand(tmp_path: Path, ide_device: DeviceProcess,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Without automatic reconnects (or after they gave up): `ctl connect` with the same
     parameters, or `ctl reconnect`, re-establishes the bound device."""
-    vfio = Client.connect(str(device.sock))
+    vfio = Client.connect(str(ide_device.sock))
     vfio.version()
     memfd = map_memfd(vfio, "tsm-reconnect")
-    d, guest = start_inproc(tmp_path, device, heartbeat=0.05, reconnect_delays=())
+    d, guest = start_inproc(tmp_path, ide_device, heartbeat=0.05, reconnect_delays=())
     try:
         secret = Path(d.vms["vm0"].secret_file).read_bytes()
         with pytest.raises(CtlError, match="already connected"):
             d.ctl_request("reconnect", {"device": "dev0"})
-        lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+        lock_verify_accept(guest, ide_device.identity / "trust-anchor.pem")
         lose_session(d, monkeypatch)
         assert not d.devices["dev0"].link.session_up
         with pytest.raises(CtlError, match="reconnect it as it was connected"):
-            d.ctl_request("connect", connect_request(device) | {"stream_id": 4})
-        st = d.ctl_request("connect", connect_request(device))
+            d.ctl_request("connect", ide_device.connect_request() | {"stream_id": 4})
+        st = d.ctl_request("connect", ide_device.connect_request())
         assert st["connected"] and st["stream"]["state"] == "secure"
-        after_reconnect(d, device, guest, secret)
+        after_reconnect(d, ide_device, guest, secret)
         lose_session(d, monkeypatch)
         assert d.ctl_request("reconnect", {"device": "dev0"})["connected"]
-        after_reconnect(d, device, guest, secret)
+        after_reconnect(d, ide_device, guest, secret)
     finally:
         guest.close()
         d.close()
@@ -535,7 +435,7 @@ def device_tdi_state(d: Daemon) -> str:
 
 
 def test_accept_with_private_mmio_failure_really_stops(
-        inproc: tuple[Daemon, Guest], device: IdeDevice,
+        inproc: tuple[Daemon, Guest], ide_device: DeviceProcess,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The platform cannot open (nor close) private MMIO at ACCEPT: the TSM still sends
     STOP_INTERFACE, so the TDI is CONFIG_UNLOCKED at the device too and DMA_ACCEPT is
@@ -552,7 +452,7 @@ def test_accept_with_private_mmio_failure_really_stops(
     locked = guest.call(MsgType.TDI_LOCK)
     nonce = os.urandom(32)
     digests = check_evidence(guest.call(MsgType.GET_EVIDENCE, {"nonce": nonce.hex()}), nonce,
-                             device.identity / "trust-anchor.pem")
+                             ide_device.identity / "trust-anchor.pem")
     refused = guest.call(MsgType.TDI_ACCEPT, {"digests": digests,
                                               "lock_epoch": locked["lock_epoch"]},
                          error="refused")
@@ -560,14 +460,14 @@ def test_accept_with_private_mmio_failure_really_stops(
     assert guest.call(MsgType.TDI_INFO)["state"] == "CONFIG_UNLOCKED"
     assert device_tdi_state(d) == "CONFIG_UNLOCKED"
     guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000}, error="state")
-    assert root_port(device)["windows"] == []
+    assert ide_device.root_port()["windows"] == []
     assert d.counters["platform_errors"] >= 1
 
 
-def test_stop_failure_marks_the_tdi_error(inproc: tuple[Daemon, Guest], device: IdeDevice,
+def test_stop_failure_marks_the_tdi_error(inproc: tuple[Daemon, Guest], ide_device: DeviceProcess,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     d, guest = inproc
-    lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+    lock_verify_accept(guest, ide_device.identity / "trust-anchor.pem")
 
     def no_stop(self: Any) -> None:
         raise TdispClientError("STOP_INTERFACE: injected failure")
@@ -583,24 +483,24 @@ def test_stop_failure_marks_the_tdi_error(inproc: tuple[Daemon, Guest], device: 
 
 
 
-def test_device_error_revokes_the_platform_side(tmp_path: Path, device: IdeDevice) -> None:
+def test_device_error_revokes_the_platform_side(tmp_path: Path, ide_device: DeviceProcess) -> None:
     """The device leaves RUN behind the TSM's back (the VMM writes a BAR: ERROR); the TSM
     learns it at the guest's next TDI_INFO and revokes the VM's windows and private MMIO
     at the platform too, not only in its record."""
-    vfio = Client.connect(str(device.sock))
+    vfio = Client.connect(str(ide_device.sock))
     vfio.version()
     memfd = map_memfd(vfio, "tsm-device-error")
-    d, guest = start_inproc(tmp_path, device)
+    d, guest = start_inproc(tmp_path, ide_device)
     try:
-        lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+        lock_verify_accept(guest, ide_device.identity / "trust-anchor.pem")
         guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000})
-        assert len(root_port(device)["windows"]) == 1
+        assert len(ide_device.root_port()["windows"]) == 1
         vfio.write32(7, 0x10, 0xFFFFFFFF)             # BAR0 write in RUN: ERROR
         info = guest.call(MsgType.TDI_INFO)
         # the guest's TDI_INFO asks the device, maybe before the platform's event came
         assert info["state"] == "ERROR"
         assert info["reason"] in ("device reported ERROR", "device: RUN -> ERROR on BAR_WRITE")
-        assert root_port(device)["windows"] == [] and d.vms["vm0"].windows == {}
+        assert ide_device.root_port()["windows"] == [] and d.vms["vm0"].windows == {}
         assert not d.devices["dev0"].tdi.mmio_private
         assert guest.call(MsgType.STATUS)["windows"] == []
     finally:
@@ -610,21 +510,21 @@ def test_device_error_revokes_the_platform_side(tmp_path: Path, device: IdeDevic
         vfio.close()
 
 
-def test_dma_windows_per_vm_are_capped(tmp_path: Path, device: IdeDevice,
+def test_dma_windows_per_vm_are_capped(tmp_path: Path, ide_device: DeviceProcess,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(guest_api, "MAX_WINDOWS_PER_VM", 2)
-    vfio = Client.connect(str(device.sock))
+    vfio = Client.connect(str(ide_device.sock))
     vfio.version()
     memfd = map_memfd(vfio, "tsm-window-cap")
-    d, guest = start_inproc(tmp_path, device)
+    d, guest = start_inproc(tmp_path, ide_device)
     try:
-        lock_verify_accept(guest, device.identity / "trust-anchor.pem")
+        lock_verify_accept(guest, ide_device.identity / "trust-anchor.pem")
         first = guest.call(MsgType.DMA_ACCEPT, {"base": GUEST, "size": 0x1000})
         guest.call(MsgType.DMA_ACCEPT, {"base": GUEST + 0x1000, "size": 0x1000})
         refused = guest.call(MsgType.DMA_ACCEPT, {"base": GUEST + 0x2000, "size": 0x1000},
                              error="refused")
         assert "at most 2" in refused["message"]
-        assert len(root_port(device)["windows"]) == 2
+        assert len(ide_device.root_port()["windows"]) == 2
         guest.call(MsgType.DMA_RELEASE, {"window_id": first["window_id"]})
         guest.call(MsgType.DMA_ACCEPT, {"base": GUEST + 0x2000, "size": 0x1000})
     finally:
@@ -634,7 +534,7 @@ def test_dma_windows_per_vm_are_capped(tmp_path: Path, device: IdeDevice,
         vfio.close()
 
 
-def test_daemon_doe_capture_and_session_secrets(tmp_path: Path, device: IdeDevice,
+def test_daemon_doe_capture_and_session_secrets(tmp_path: Path, ide_device: DeviceProcess,
                                                 daemons: list[DaemonProcess]) -> None:
     """``--doe-capture`` and ``--export-session-secrets`` on the daemon: its DOE connection
     (attestation, the session, IDE_KM, TDISP) in spdm_dump's pcap, the secret 0600, loud;
@@ -646,7 +546,7 @@ def test_daemon_doe_capture_and_session_secrets(tmp_path: Path, device: IdeDevic
                       "--export-session-secrets", secrets)
     daemons.append(d)
     assert "WARNING" in d.log_text() and str(secrets) in d.log_text()
-    out = d.ctl(*connect_args(device)).stdout
+    out = d.ctl(*connect_args(ide_device)).stdout
     sid = int(out.split("session 0x", 1)[1].split()[0].rstrip(":,"), 16)
     objs = [DoeObject.decode(r.data) for r in doe_pcap.read(cap).records]
     assert doe_pcap.read(cap).linktype == 292

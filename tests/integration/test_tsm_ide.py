@@ -13,67 +13,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import pytest
 
 from teeio import pki
 from teeio.device_regs import Op, St
-from tests.integration.test_doe_socket import DeviceProcess
-from tests.protocol.lockstep import enable_device, run_job
-from tests.protocol.test_server_dma import GUEST, SIZE, map_memfd
+from tests.integration.device_process import PROJECT, DeviceProcess
+from tests.support.lockstep import GUEST, SIZE, enable_device, map_memfd, run_job
 from vfio_user_dev.client import Client
-from vfio_user_dev.firmware_build import build
 
 pytestmark = pytest.mark.timeout(120)
-
-PROJECT = Path(__file__).resolve().parents[2]
-
-
-class IdeDevice(DeviceProcess):
-    def __init__(self, tmp: Path, firmware: Path) -> None:
-        self.identity = tmp / "identity"
-        self.plat = tmp / "platform.sock"
-        self.cred = tmp / "platform.cred"
-        super().__init__(tmp, "--identity", str(self.identity), "--firmware", str(firmware),
-                         "--platform-socket", str(self.plat), "--platform-credential",
-                         str(self.cred))
-
-    def args(self, *extra: str | Path) -> list[str]:
-        return ["--doe-socket", str(self.doe), "--trust-anchor",
-                str(self.identity / "trust-anchor.pem"), "--platform-socket", str(self.plat),
-                "--platform-credential", str(self.cred), *map(str, extra)]
-
-    def stats_doc(self) -> dict[str, Any]:
-        doc = json.loads(self.stats.read_text())
-        assert isinstance(doc, dict)
-        return doc
-
-    def ide_tlps(self, more_than: int = 0) -> int:
-        """The endpoint's IDE TLP count once it exceeds *more_than* (the stats file is
-        written just after a job's status is)."""
-        deadline = time.monotonic() + 5
-        while True:
-            n = int(self.stats_doc()["link_endpoint"]["ide_tlps_tx"])
-            if n > more_than or time.monotonic() > deadline:
-                return n
-            time.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tmp_path_factory.mktemp("firmware") / "teeio-fw.elf")
-
-
-@pytest.fixture
-def device(tmp_path: Path, firmware: Path) -> Iterator[IdeDevice]:
-    dev = IdeDevice(tmp_path, firmware)
-    yield dev
-    dev.stop()
-    print(f"--- device log ---\n{dev.log_text()}")
-
 
 def tsm_ide(*args: str | Path) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, "-m", "tsm", "ide", *map(str, args)], cwd=PROJECT,
@@ -94,7 +45,7 @@ def failure(proc: subprocess.CompletedProcess[str], command: str) -> str:
 class Dma:
     """Plays the guest: memory mapped with an fd, DMA jobs started through BAR0."""
 
-    def __init__(self, dev: IdeDevice) -> None:
+    def __init__(self, dev: DeviceProcess) -> None:
         self.client = Client.connect(str(dev.sock))
         self.client.version()
         self.fd = map_memfd(self.client, "tsm-ide")
@@ -132,19 +83,19 @@ def read_until(stream: IO[str], marker: str, lines: list[str], timeout: float = 
     assert found.get(timeout=timeout), f"no {marker!r} in:\n" + "\n".join(lines)
 
 
-def test_demo_with_dma_running_across_the_refresh(device: IdeDevice) -> None:
+def test_demo_with_dma_running_across_the_refresh(ide_device: DeviceProcess) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "tsm", "ide", "demo", "--pause",
-                             *device.args()], cwd=PROJECT, stdin=subprocess.PIPE,
+                             *ide_device.tsm_args()], cwd=PROJECT, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
     lines: list[str] = []
-    dma = Dma(device)
+    dma = Dma(ide_device)
     try:
         read_until(proc.stdout, "PAUSE stream Secure with K0", lines)
         assert "device: selective block 0 stream 1 enabled, SECURE (QUERY_RESP)" in lines
         for _ in range(3):
             dma.job()
-        tx0 = device.ide_tlps()
+        tx0 = ide_device.ide_tlps()
         assert tx0 > 0                         # the jobs crossed the link under IDE
 
         # DMA keeps running while the demo switches K0 -> K1.
@@ -172,8 +123,8 @@ def test_demo_with_dma_running_across_the_refresh(device: IdeDevice) -> None:
         assert dma.jobs - before >= 2
         assert "refresh: K0 -> K1; each receiver switches at the first TLP under K1" in lines
         dma.job()
-        assert device.ide_tlps(tx0) > tx0
-        doc = device.stats_doc()
+        assert ide_device.ide_tlps(tx0) > tx0
+        doc = ide_device.stats_doc()
         assert doc["link_endpoint"]["ide_failures"] == 0 and doc["dma_errors"] == 0
 
         proc.stdin.write("\n")
@@ -195,17 +146,17 @@ def test_demo_with_dma_running_across_the_refresh(device: IdeDevice) -> None:
         dma.close()
 
 
-def test_setup_status_teardown(device: IdeDevice, tmp_path: Path) -> None:
-    dma = Dma(device)        # the "guest" stays connected: a disconnect resets the device
+def test_setup_status_teardown(ide_device: DeviceProcess, tmp_path: Path) -> None:
+    dma = Dma(ide_device)        # the "guest" stays connected: a disconnect resets the device
     try:
-        _setup_status_teardown(device, tmp_path, dma)
+        _setup_status_teardown(ide_device, tmp_path, dma)
     finally:
         dma.close()
 
 
-def _setup_status_teardown(device: IdeDevice, tmp_path: Path, dma: Dma) -> None:
+def _setup_status_teardown(ide_device: DeviceProcess, tmp_path: Path, dma: Dma) -> None:
     status_json = tmp_path / "status.json"
-    proc = tsm_ide("setup", *device.args("--stream-id", "7", "--block", "1",
+    proc = tsm_ide("setup", *ide_device.tsm_args("--stream-id", "7", "--block", "1",
                                          "--json", status_json))
     assert proc.returncode == 0, proc.stderr
     assert "left open in the device" in proc.stdout
@@ -216,56 +167,56 @@ def _setup_status_teardown(device: IdeDevice, tmp_path: Path, dma: Dma) -> None:
 
     # The stream stays Secure after the TSM exits: the guest's DMA goes over IDE.
     dma.job()
-    assert device.ide_tlps() > 0
+    assert ide_device.ide_tlps() > 0
 
     # status without --query: no SPDM, the session survives.
-    proc = tsm_ide("status", *device.args("--stream-id", "7", "--block", "1"))
+    proc = tsm_ide("status", *ide_device.tsm_args("--stream-id", "7", "--block", "1"))
     assert proc.returncode == 0
     assert "device: selective block 1 stream 7 enabled, SECURE (host register read)" \
         in proc.stdout
     assert "root port: stream 7 enabled, SECURE, key sets in use K0" in proc.stdout
 
     # refresh cannot run without setup's session.
-    reason = failure(tsm_ide("refresh", *device.args("--stream-id", "7")), "refresh")
+    reason = failure(tsm_ide("refresh", *ide_device.tsm_args("--stream-id", "7")), "refresh")
     assert "needs the SPDM session" in reason and "demo" in reason
 
     # status --query opens a new SPDM session, which ends setup's: keys gone, Insecure.
-    proc = tsm_ide("status", *device.args("--stream-id", "7", "--block", "1", "--query"))
+    proc = tsm_ide("status", *ide_device.tsm_args("--stream-id", "7", "--block", "1", "--query"))
     assert proc.returncode == 0
     assert "device: selective block 1 stream 7 enabled, INSECURE (QUERY_RESP)" in proc.stdout
-    assert "closed" in device.log_text()
+    assert "closed" in ide_device.log_text()
 
-    proc = tsm_ide("teardown", *device.args("--stream-id", "7", "--block", "1"))
+    proc = tsm_ide("teardown", *ide_device.tsm_args("--stream-id", "7", "--block", "1"))
     assert proc.returncode == 0, proc.stderr
     assert "root port: no stream 7" in proc.stdout
     assert "device: selective block 1 stream 0 disabled, INSECURE (QUERY_RESP)" in proc.stdout
     dma.job()                                            # in the clear again
 
 
-def test_setup_guards_and_teardown_after_a_device_reset(device: IdeDevice) -> None:
-    assert tsm_ide("setup", *device.args("--stream-id", "2")).returncode == 0
-    reason = failure(tsm_ide("setup", *device.args("--stream-id", "3")), "setup")
+def test_setup_guards_and_teardown_after_a_device_reset(ide_device: DeviceProcess) -> None:
+    assert tsm_ide("setup", *ide_device.tsm_args("--stream-id", "2")).returncode == 0
+    reason = failure(tsm_ide("setup", *ide_device.tsm_args("--stream-id", "3")), "setup")
     assert reason == "selective block 0 is enabled for stream 2; tear that one down first"
-    reason = failure(tsm_ide("setup", *device.args("--stream-id", "2", "--block", "1")),
+    reason = failure(tsm_ide("setup", *ide_device.tsm_args("--stream-id", "2", "--block", "1")),
                      "setup")
     assert reason.startswith("stream 2 is already on selective block 0")
     # A vfio-user client that goes away resets the device: its IDE registers and keys are
     # gone, the root port still has the stream.  Teardown copes with that.
-    client = Client.connect(str(device.sock))
+    client = Client.connect(str(ide_device.sock))
     client.version()
     client.close()
     deadline = time.monotonic() + 5
-    while "device reset" not in device.log_text():
+    while "device reset" not in ide_device.log_text():
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    proc = tsm_ide("teardown", *device.args("--stream-id", "2"))
+    proc = tsm_ide("teardown", *ide_device.tsm_args("--stream-id", "2"))
     assert proc.returncode == 0, proc.stderr
     assert "root port: no stream 2" in proc.stdout
 
 
-def test_failures_name_the_reason(device: IdeDevice, tmp_path: Path) -> None:
+def test_failures_name_the_reason(ide_device: DeviceProcess, tmp_path: Path) -> None:
     other = pki.provision(tmp_path / "other", "P-384")["trust_anchor"]
-    args = device.args()
+    args = ide_device.tsm_args()
     args[args.index("--trust-anchor") + 1] = str(other)
     reason = failure(tsm_ide("setup", *args), "setup")
     assert "certificate" in reason.lower() or "chain" in reason.lower()
@@ -273,17 +224,17 @@ def test_failures_name_the_reason(device: IdeDevice, tmp_path: Path) -> None:
     wrong = tmp_path / "wrong.cred"
     wrong.write_text("00" * 32 + "\n")
     wrong.chmod(0o600)
-    args = device.args()
+    args = ide_device.tsm_args()
     args[args.index("--platform-credential") + 1] = str(wrong)
     reason = failure(tsm_ide("status", *args), "status")
     assert "unauthenticated" in reason
 
     loose = tmp_path / "loose.cred"
-    loose.write_text(device.cred.read_text())
+    loose.write_text(ide_device.cred.read_text())
     loose.chmod(0o644)
     args[args.index("--platform-credential") + 1] = str(loose)
     assert "0600" in failure(tsm_ide("status", *args), "status")
 
-    args = device.args("--block", "5")
+    args = ide_device.tsm_args("--block", "5")
     reason = failure(tsm_ide("demo", *args), "demo")
     assert reason == "the device has no Selective IDE stream block 5 (2 blocks)"

@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_tsm_ide import PROJECT, IdeDevice, firmware  # noqa: F401
+from tests.integration.device_process import PROJECT, DeviceProcess
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def device(tmp_path: Path, firmware: Path) -> Iterator[IdeDevice]:  # noqa: F811
-    dev = IdeDevice(tmp_path, firmware)
-    yield dev
-    dev.stop()
-    print(f"--- device log ---\n{dev.log_text()}")
 
 
 def tsm_tdisp(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -32,8 +23,8 @@ def tsm_tdisp(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def test_demo(device: IdeDevice) -> None:
-    proc = tsm_tdisp("demo", *device.args("--stream-id", "3"))
+def test_demo(ide_device: DeviceProcess) -> None:
+    proc = tsm_tdisp("demo", *ide_device.tsm_args("--stream-id", "3"))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[-1] == "tdisp demo: done"
@@ -49,11 +40,11 @@ def test_demo(device: IdeDevice) -> None:
              "START_INTERFACE: acknowledged", "STOP_INTERFACE: acknowledged",
              "K_SET_STOP for K0 and K1 at both ends; root port stream removed"]
     assert [lines.index(x) for x in order] == sorted(lines.index(x) for x in order)
-    assert "TDISP: STOP: TDI RUN -> CONFIG_UNLOCKED" in device.log_text()
+    assert "TDISP: STOP: TDI RUN -> CONFIG_UNLOCKED" in ide_device.log_text()
 
 
-def test_failure_is_one_line(device: IdeDevice) -> None:
-    proc = tsm_tdisp("demo", *device.args("--block", "5"))
+def test_failure_is_one_line(ide_device: DeviceProcess) -> None:
+    proc = tsm_tdisp("demo", *ide_device.tsm_args("--block", "5"))
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
         "tdisp demo FAILED: the device has no Selective IDE stream block 5 (2 blocks)"]

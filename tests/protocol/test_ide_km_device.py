@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
 from teeio import pki
 from teeio.device_regs import Op, St
-from teeio.doe import PCI_SIG_VENDOR_ID, DataObjectType, DoeObject, pad_dw
+from teeio.doe import DataObjectType
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
 from teeio.ide_km import (
     PCI_SIG_STANDARD_ID,
@@ -32,70 +31,19 @@ from teeio.ide_km import (
     QueryResp,
     key_to_wire,
 )
-from teeio.measurements import DmtfValueType, MeasurementSource
 from teeio.pcie.ide_cap import StreamState
 from teeio.spdm import ErrorResponse, Requester, SessionError, codec
 from teeio.spdm.defs import RequestCode
-from tests.conftest import RunningServer
-from tests.protocol.lockstep import enable_device, run_job
-from tests.protocol.test_server_dma import GUEST, SIZE, map_memfd
+from tests.support.dut import SEL0, SEL0_CTL, Dut, attach, km, vendor
+from tests.support.lockstep import GUEST, SIZE, enable_device, map_memfd, run_job
+from tests.support.servers import RunningServer
 from vfio_user_dev.device import IDE_CAP, TeeIoDevice
-from vfio_user_dev.dsm import DeviceSecurityManager
 from vfio_user_dev.link.interfaces import ROOT_PORT_ID
-from vfio_user_dev.protocol import PciRegion
 
 pytestmark = pytest.mark.timeout(60)
 
-MEASUREMENTS = (MeasurementSource(1, DmtfValueType.MUTABLE_FIRMWARE, b"firmware code"),)
 SID = 5                                   # the Stream ID the tests give selective block 0
-SEL0 = IDE_CAP + 0x14                     # selective block 0 (after the Link block)
-SEL0_CTL, SEL0_STS = SEL0 + 4, SEL0 + 8
 LINK_CTL = IDE_CAP + 0x0C
-
-
-@pytest.fixture(scope="module")
-def identity() -> pki.Identity:
-    return pki.generate_chain("P-384")
-
-
-@dataclass
-class Dut:
-    device: TeeIoDevice
-    dsm: DeviceSecurityManager
-    identity: pki.Identity
-
-    def send(self, doe_type: int, payload: bytes) -> bytes:
-        rsp = self.device.doe.handle_object(
-            DoeObject(PCI_SIG_VENDOR_ID, doe_type, pad_dw(payload)).encode())
-        return b"" if rsp is None else DoeObject.decode(rsp).payload
-
-    def raw(self, doe_type: int, payload: bytes) -> bytes | None:
-        """One DOE object to the device: the response payload, or None (no response)."""
-        rsp = self.device.doe.handle_object(
-            DoeObject(PCI_SIG_VENDOR_ID, doe_type, pad_dw(payload)).encode())
-        return None if rsp is None else DoeObject.decode(rsp).payload
-
-    def requester(self) -> Requester:
-        req = Requester(self.send, [self.identity.root], name="tsm")
-        req.init_connection()
-        req.get_digests()
-        req.get_certificate(0)
-        return req
-
-    def cfg_write(self, off: int, value: int) -> None:
-        self.device.region_write(PciRegion.CONFIG, off, value.to_bytes(4, "little"))
-
-    def cfg_read(self, off: int) -> int:
-        return int.from_bytes(self.device.region_read(PciRegion.CONFIG, off, 4), "little")
-
-    def state(self) -> int:
-        return self.cfg_read(SEL0_STS) & 0xF
-
-
-def attach(device: TeeIoDevice, identity: pki.Identity) -> Dut:
-    dsm = DeviceSecurityManager(identity, MEASUREMENTS, name="dsm")
-    dsm.attach(device.doe, device.ide, requester_id=device.link_end.requester_id)
-    return Dut(device, dsm, identity)
 
 
 @pytest.fixture
@@ -103,15 +51,6 @@ def dut(identity: pki.Identity) -> Iterator[Dut]:
     device = TeeIoDevice()
     yield attach(device, identity)
     device.close()
-
-
-def km(req: Requester, sid: int, port: int = 0) -> IdeKmClient:
-    return IdeKmClient(lambda p: req.vendor_request(PCI_SIG_STANDARD_ID, PCI_SIG_VENDOR_ID, p,
-                                                    sid), port)
-
-
-def vendor(req: Requester, payload: bytes, sid: int | None) -> bytes:
-    return req.vendor_request(PCI_SIG_STANDARD_ID, PCI_SIG_VENDOR_ID, payload, sid)
 
 
 def keys() -> dict[tuple[Direction, SubStream], IdeKey]:

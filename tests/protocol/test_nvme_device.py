@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from teeio.pcie.config import Reg, Status
-from tests.conftest import RunningServer
-from tests.protocol.lockstep import (
+from tests.support.lockstep import (
     BAR0,
     CONFIG,
     enable_device,
@@ -28,6 +27,7 @@ from tests.protocol.lockstep import (
     wait_until,
 )
 from tests.support.nvme_host import Host, MemfdMemory
+from tests.support.servers import RunningServer
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client, VfioUserError
 from vfio_user_dev.config_space import DEVCTL, DOE_CAP, MSIX_CAP
@@ -71,7 +71,7 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
+def nvme_rig(tmp_path: Path) -> Iterator[Rig]:
     path = tmp_path / "ns.img"
     srv = RunningServer(tmp_path / "vfio-user.sock",
                         personality=nvme_personality(Namespace(path, BLOCKS * 512)))
@@ -102,8 +102,8 @@ def region_size(c: Client, index: int) -> int:
 
 # -- what the VMM sees ------------------------------------------------------------------------
 
-def test_config_space_and_regions(rig: Rig) -> None:
-    c = rig.client
+def test_config_space_and_regions(nvme_rig: Rig) -> None:
+    c = nvme_rig.client
     assert cfg(c, Reg.VENDOR_ID) == 0x7E11_1234
     assert cfg(c, Reg.CLASS_CODE, 3) == 0x010802            # mass storage, NVM, NVMe
     assert cfg(c, Reg.BAR0) == BAR0_ADDR & 0xFFFFFFFF | 0b100    # 64-bit memory BAR
@@ -125,8 +125,8 @@ def test_config_space_and_regions(rig: Rig) -> None:
 
 # -- a driver's life ----------------------------------------------------------------------------
 
-def test_identify_io_queues_msix_and_flush(rig: Rig) -> None:
-    c, host, srv = rig.client, rig.host, rig.server
+def test_identify_io_queues_msix_and_flush(nvme_rig: Rig) -> None:
+    c, host, srv = nvme_rig.client, nvme_rig.host, nvme_rig.server
     fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(VECTORS)]
     try:
         for start in range(0, VECTORS, 8):       # at most max_msg_fds a message, as QEMU
@@ -151,7 +151,7 @@ def test_identify_io_queues_msix_and_flush(rig: Rig) -> None:
         out = data + 0x10000
         assert host.call(q, READ, nsid=1, prp1=out, cdw=(10, 0, 7)) == (0, 0)
         assert host.bus.read(out, 4096) == pattern
-        with open(rig.namespace, "rb") as f:
+        with open(nvme_rig.namespace, "rb") as f:
             f.seek(10 * 512)
             assert f.read(4096) == pattern                                     # on the media
         assert host.call(q, FLUSH, nsid=1) == (0, 0)
@@ -168,8 +168,8 @@ def test_identify_io_queues_msix_and_flush(rig: Rig) -> None:
             os.close(fd)
 
 
-def test_intx_when_msix_is_off(rig: Rig) -> None:
-    c, host = rig.client, rig.host
+def test_intx_when_msix_is_off(nvme_rig: Rig) -> None:
+    c, host = nvme_rig.client, nvme_rig.host
     intx = os.eventfd(0, os.EFD_NONBLOCK)
     try:
         c.set_irqs(PciIrq.INTX, EVENTFD_TRIGGER, 0, 1, [intx])
@@ -184,18 +184,18 @@ def test_intx_when_msix_is_off(rig: Rig) -> None:
         os.close(intx)
 
 
-def test_a_dma_outside_guest_memory_fails_the_command(rig: Rig) -> None:
-    host = rig.host
+def test_a_dma_outside_guest_memory_fails_the_command(nvme_rig: Rig) -> None:
+    host = nvme_rig.host
     host.enable()
     status, _ = host.call(host.admin, 0x06, prp1=0x7000_0000, cdw=(1,))  # nothing mapped
     assert status == 0x04                                      # Data Transfer Error
-    nvme = rig.server.machine.stats()["nvme"]
+    nvme = nvme_rig.server.machine.stats()["nvme"]
     assert isinstance(nvme, dict) and nvme["dma_faults"] == 1
 
 
 @pytest.mark.parametrize("how", ["initiate_flr", "device_reset"])
-def test_reset_resets_the_controller(rig: Rig, how: str) -> None:
-    c, host = rig.client, rig.host
+def test_reset_resets_the_controller(nvme_rig: Rig, how: str) -> None:
+    c, host = nvme_rig.client, nvme_rig.host
     host.enable()
     host.create_io_queue(1, 4)
     assert host.r32(NvmeReg.CSTS) & CSTS_RDY
@@ -211,7 +211,7 @@ def test_reset_resets_the_controller(rig: Rig, how: str) -> None:
     enable_device(c)
     assert host.r32(NvmeReg.CSTS) == 0 and host.r32(NvmeReg.CC) == 0
     assert host.r32(NvmeReg.AQA) == 0
-    ctl = rig.server.device.personality.controller  # type: ignore[attr-defined]
+    ctl = nvme_rig.server.device.personality.controller  # type: ignore[attr-defined]
     assert ctl.status()["io_sqs"] == []
     # and it comes back with a fresh admin queue pair
     fresh = Host(ClientBar0(c), host.bus, base=GUEST)
@@ -219,9 +219,9 @@ def test_reset_resets_the_controller(rig: Rig, how: str) -> None:
     assert fresh.call(fresh.admin, 0x06, prp1=fresh.data, cdw=(1,)) == (0, 0)
 
 
-def test_msix_table_is_region_bar2(rig: Rig) -> None:
+def test_msix_table_is_region_bar2(nvme_rig: Rig) -> None:
     """The MSI-X table is served as region BAR2 (BAR1 is BAR0's upper half)."""
-    c = rig.client
+    c = nvme_rig.client
     c.region_write(PciRegion.BAR2, 0, b"\x11\x22\x33\x44")
     assert c.region_read(PciRegion.BAR2, 0, 4) == b"\x11\x22\x33\x44"
     with pytest.raises(VfioUserError):

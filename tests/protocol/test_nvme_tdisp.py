@@ -1,5 +1,5 @@
 """TDISP around the NVMe personality (PCIe 6.x §11.2), driven the way the TSM drives it
-(tests/protocol/conftest.py): the interface report and the configuration measurement
+(tests/support/tee_rig.py): the interface report and the configuration measurement
 describe the controller; in RUN its queues and data move T=1 on the bound stream, never in
 plaintext; LOCK aborts a command in flight (QUIESCE); a host write to BAR0 while LOCKED is
 UR and rewriting BAR0's address takes the TDI to ERROR, where the controller issues no DMA;
@@ -18,9 +18,9 @@ from teeio.pcie.config import Reg
 from teeio.personality import NVME, configuration_text
 from teeio.tdisp.defs import MmioRangeAttributes, TdiState
 from teeio.tlp import IdePrefix, is_protected, peek
-from tests.protocol.conftest import BAR0_ADDR, GUEST, SID, TeeRig
-from tests.protocol.lockstep import wait_until
+from tests.support.lockstep import wait_until
 from tests.support.nvme_host import COMPACT, Host, HostQueue, MemfdMemory
+from tests.support.tee_rig import BAR0_ADDR, GUEST, SID, TeeRig
 from vfio_user_dev.nvme.controller import NvmeController
 from vfio_user_dev.nvme.namespace import Namespace
 from vfio_user_dev.nvme.spec import CSTS_CFS, CSTS_RDY, DOORBELL_BASE
@@ -54,15 +54,15 @@ def _rig(tmp: Path, identity: pki.Identity, capture: bool = False) -> TeeRig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, tee_identity: pki.Identity) -> Iterator[TeeRig]:
-    r = _rig(tmp_path, tee_identity)
+def nvme_tee(tmp_path: Path, identity: pki.Identity) -> Iterator[TeeRig]:
+    r = _rig(tmp_path, identity)
     yield r
     r.close()
 
 
 @pytest.fixture
-def rig_captured(tmp_path: Path, tee_identity: pki.Identity) -> Iterator[TeeRig]:
-    r = _rig(tmp_path, tee_identity, capture=True)
+def nvme_tee_captured(tmp_path: Path, identity: pki.Identity) -> Iterator[TeeRig]:
+    r = _rig(tmp_path, identity, capture=True)
     yield r
     r.close()
 
@@ -109,15 +109,15 @@ def upstream(rig: TeeRig) -> int:
 
 # -- what the verifier sees ---------------------------------------------------------------------
 
-def test_report_and_measurements_describe_the_controller(rig: TeeRig) -> None:
-    rig.lock()
-    rep = rig.tdisp.get_report()
+def test_report_and_measurements_describe_the_controller(nvme_tee: TeeRig) -> None:
+    nvme_tee.lock()
+    rep = nvme_tee.tdisp.get_report()
     ranges = [(r.first_page, r.number_of_pages, r.attributes, r.range_id)
               for r in rep.mmio_ranges]
     assert ranges == [(BAR0_ADDR >> 12, 4, MmioRangeAttributes(0), 0),       # registers
-                      (rig.msix_addr >> 12, 1, MmioRangeAttributes.IS_NON_TEE_MEM, 2)]
+                      (nvme_tee.msix_addr >> 12, 1, MmioRangeAttributes.IS_NON_TEE_MEM, 2)]
     assert rep.device_specific_info == configuration_text(NVME)
-    blocks = {b.index: b for b in rig.req.get_measurements(session_id=rig.sid).blocks}
+    blocks = {b.index: b for b in nvme_tee.req.get_measurements(session_id=nvme_tee.sid).blocks}
     assert sorted(blocks) == [1, 6]
     assert blocks[6].raw and blocks[6].value == configuration_text(NVME)
     assert b"personality=nvme" in blocks[6].value
@@ -130,8 +130,8 @@ def test_the_accelerator_reports_no_configuration_measurement(tee_rig: TeeRig) -
 
 # -- RUN: T=1 on the bound stream -----------------------------------------------------------------
 
-def test_io_in_run_is_t1_and_never_in_plaintext(rig_captured: TeeRig) -> None:
-    rig = rig_captured
+def test_io_in_run_is_t1_and_never_in_plaintext(nvme_tee_captured: TeeRig) -> None:
+    rig = nvme_tee_captured
     run_with_window(rig)
     t1_before = rig.machine.root_port.counters["mmio_t1"]
     host, q = ready_host(rig)
@@ -156,11 +156,11 @@ def test_io_in_run_is_t1_and_never_in_plaintext(rig_captured: TeeRig) -> None:
 
 # -- QUIESCE, ERROR ---------------------------------------------------------------------------
 
-def test_lock_aborts_a_command_in_flight(rig: TeeRig, monkeypatch: pytest.MonkeyPatch
+def test_lock_aborts_a_command_in_flight(nvme_tee: TeeRig, monkeypatch: pytest.MonkeyPatch
                                          ) -> None:
-    rig.setup_stream()
-    host, q = ready_host(rig)
-    ns = nvme(rig).namespace
+    nvme_tee.setup_stream()
+    host, q = ready_host(nvme_tee)
+    ns = nvme(nvme_tee).namespace
     entered, release = threading.Event(), threading.Event()
     real_write = ns.write
 
@@ -172,20 +172,20 @@ def test_lock_aborts_a_command_in_flight(rig: TeeRig, monkeypatch: pytest.Monkey
     host.bus.write(host.data, b"\x5a" * 4096)
     host.submit(q, WRITE, nsid=1, prp1=host.data, cdw=(0, 0, 7))
     assert entered.wait(5), "the command never reached the media"
-    rig.lock()                                     # QUIESCE: the command was fetched before
-    before = upstream(rig)
+    nvme_tee.lock()                                # QUIESCE: the command was fetched before
+    before = upstream(nvme_tee)
     release.set()
-    wait_until(lambda: controller(rig).csts & CSTS_CFS, "the controller's fatal status")
-    assert upstream(rig) == before                 # no completion posted, nothing sent
+    wait_until(lambda: controller(nvme_tee).csts & CSTS_CFS, "the controller's fatal status")
+    assert upstream(nvme_tee) == before            # no completion posted, nothing sent
     assert host.bus.read(q.cq_base, 16) == bytes(16)
-    assert refusals(rig) == {"dma_aborted": 1}
+    assert refusals(nvme_tee) == {"dma_aborted": 1}
 
 
 def test_host_bar0_writes_while_locked_and_no_dma_in_error(
-        rig: TeeRig, monkeypatch: pytest.MonkeyPatch) -> None:
-    rig.setup_stream()
-    host, q = ready_host(rig)
-    bus = nvme(rig).bus
+        nvme_tee: TeeRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    nvme_tee.setup_stream()
+    host, q = ready_host(nvme_tee)
+    bus = nvme(nvme_tee).bus
     arrived, go = threading.Event(), threading.Event()
     real_begin = bus.begin_command
 
@@ -197,50 +197,50 @@ def test_host_bar0_writes_while_locked_and_no_dma_in_error(
     host.bus.write(host.data, b"\xa5" * 4096)
     host.submit(q, WRITE, nsid=1, prp1=host.data, cdw=(0, 0, 7))   # rung in CONFIG_UNLOCKED
     assert arrived.wait(5)
-    rig.lock()
+    nvme_tee.lock()
     # The host's T=0 MMIO to TEE memory of a locked TDI: UR, the controller never sees it.
-    doorbells = controller(rig).stats["bad_doorbells"]
-    RigBar0(rig, host=True).write(DOORBELL_BASE + 8 * q.qid, (3).to_bytes(4, "little"))
-    assert RigBar0(rig, host=True).read(NvmeReg.CSTS, 4) == ALL_ONES
-    assert controller(rig).stats["bad_doorbells"] == doorbells
-    assert rig.state() is TdiState.CONFIG_LOCKED
-    assert refusals(rig) == {"mmio_t0_not_unlocked": 2}
+    doorbells = controller(nvme_tee).stats["bad_doorbells"]
+    RigBar0(nvme_tee, host=True).write(DOORBELL_BASE + 8 * q.qid, (3).to_bytes(4, "little"))
+    assert RigBar0(nvme_tee, host=True).read(NvmeReg.CSTS, 4) == ALL_ONES
+    assert controller(nvme_tee).stats["bad_doorbells"] == doorbells
+    assert nvme_tee.state() is TdiState.CONFIG_LOCKED
+    assert refusals(nvme_tee) == {"mmio_t0_not_unlocked": 2}
     # The host rewrites BAR0's address behind the TVM's back: the write completes, ERROR.
-    rig.machine.region_write(PciRegion.CONFIG, Reg.BAR0, BAR0_ADDR.to_bytes(4, "little"),
+    nvme_tee.machine.region_write(PciRegion.CONFIG, Reg.BAR0, BAR0_ADDR.to_bytes(4, "little"),
                              host=True)
-    assert rig.state() is TdiState.ERROR
-    before = upstream(rig)
+    assert nvme_tee.state() is TdiState.ERROR
+    before = upstream(nvme_tee)
     go.set()                                    # the command is fetched in ERROR: refused
-    wait_until(lambda: controller(rig).csts & CSTS_CFS, "the controller's fatal status")
-    assert upstream(rig) == before                       # nothing crossed the link
-    assert nvme(rig).namespace.read(0, 8) == bytes(4096)
+    wait_until(lambda: controller(nvme_tee).csts & CSTS_CFS, "the controller's fatal status")
+    assert upstream(nvme_tee) == before                  # nothing crossed the link
+    assert nvme(nvme_tee).namespace.read(0, 8) == bytes(4096)
     assert host.bus.read(q.cq_base, 16) == bytes(16)
-    assert refusals(rig) == {"mmio_t0_not_unlocked": 2, "dma_not_allowed": 1}
-    counters = rig.machine.stats()["nvme"]
+    assert refusals(nvme_tee) == {"mmio_t0_not_unlocked": 2, "dma_not_allowed": 1}
+    counters = nvme_tee.machine.stats()["nvme"]
     assert isinstance(counters, dict) and counters["dma_refused"] == 1
 
 
 # -- SCRUB and FLR reset the controller ------------------------------------------------------------
 
-def test_stop_scrubs_the_controller(rig: TeeRig) -> None:
-    run_with_window(rig)
-    host, _ = ready_host(rig)
+def test_stop_scrubs_the_controller(nvme_tee: TeeRig) -> None:
+    run_with_window(nvme_tee)
+    host, _ = ready_host(nvme_tee)
     assert host.r32(NvmeReg.CSTS) & CSTS_RDY
-    rig.private_mmio(False)
-    rig.tdisp.stop()
-    assert rig.state() is TdiState.CONFIG_UNLOCKED
-    assert rig.machine.stats()["scrubs"] == 1
+    nvme_tee.private_mmio(False)
+    nvme_tee.tdisp.stop()
+    assert nvme_tee.state() is TdiState.CONFIG_UNLOCKED
+    assert nvme_tee.machine.stats()["scrubs"] == 1
     assert host.r32(NvmeReg.CSTS) == 0 and host.r32(NvmeReg.AQA) == 0     # T=0 again
-    assert int.from_bytes(RigBar0(rig).read(NvmeReg.ASQ, 8), "little") == 0
-    assert controller(rig).status()["io_sqs"] == []
+    assert int.from_bytes(RigBar0(nvme_tee).read(NvmeReg.ASQ, 8), "little") == 0
+    assert controller(nvme_tee).status()["io_sqs"] == []
 
 
-def test_flr_in_run_errors_the_tdi_and_resets_the_controller(rig: TeeRig) -> None:
-    run_with_window(rig)
-    host, _ = ready_host(rig)
+def test_flr_in_run_errors_the_tdi_and_resets_the_controller(nvme_tee: TeeRig) -> None:
+    run_with_window(nvme_tee)
+    host, _ = ready_host(nvme_tee)
     assert host.r32(NvmeReg.CSTS) & CSTS_RDY
-    rig.machine.reset("host_flr")
-    assert rig.state() is TdiState.ERROR
-    ctl = controller(rig)
+    nvme_tee.machine.reset("host_flr")
+    assert nvme_tee.state() is TdiState.ERROR
+    ctl = controller(nvme_tee)
     assert (ctl.csts, ctl.cc, ctl.aqa) == (0, 0, 0)
     assert ctl.status()["io_sqs"] == [] and ctl.status()["io_cqs"] == []

@@ -11,13 +11,15 @@ import os
 import pytest
 
 from teeio.device_regs import DmaError, Irq, Op, R, St
-from tests.conftest import RunningServer, both_backends
-from tests.protocol.lockstep import (
+from tests.support.lockstep import (
     BAR0,
+    GUEST,
+    SIZE,
     enable_device,
     error_code,
     expect_error,
     fds_named,
+    map_memfd,
     mapped,
     memfd,
     ok,
@@ -31,28 +33,18 @@ from tests.protocol.lockstep import (
     wait_idle,
     wait_until,
 )
+from tests.support.servers import RunningServer, both_backends
 from vfio_user_dev import protocol as p
-from vfio_user_dev.client import Client
 from vfio_user_dev.protocol import Command, DmaFlags, Header
 
 pytestmark = [pytest.mark.timeout(10), both_backends]
 
 RW = DmaFlags.READ | DmaFlags.WRITE
-GUEST = 0x1_0000_0000  # above 4 GiB: exercises the *_HI address registers
-SIZE = 0x10000
 # Why some tests are python-only: libvfio-user (without the twin socket, which our client
 # and QEMU do not offer) waits for a DMA reply on the command socket, so a client command
 # sent while a DMA_READ/DMA_WRITE is outstanding is taken for the reply.
 OUTSTANDING = ("client commands while a DMA request is outstanding: libvfio-user reads the "
                "reply off the command socket")
-
-
-def map_memfd(c: Client, name: str, address: int = GUEST, size: int = SIZE,
-              flags: int = RW) -> int:
-    """Map a fresh memfd at *address*; returns our fd (the server got its own copy)."""
-    fd = memfd(name, size)
-    ok(c, Command.DMA_MAP, p.DmaMap(flags, 0, address, size).encode(), fds=[fd])
-    return fd
 
 
 # -- DMA_MAP with an fd ----------------------------------------------------------------------

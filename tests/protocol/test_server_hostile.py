@@ -20,8 +20,7 @@ import tracemalloc
 import pytest
 
 from teeio.device_regs import R
-from tests.conftest import RunningServer
-from tests.protocol.lockstep import (
+from tests.support.lockstep import (
     BAR0,
     expect_error,
     fds_named,
@@ -34,6 +33,7 @@ from tests.protocol.lockstep import (
     send,
     wait_until,
 )
+from tests.support.servers import RunningServer
 from vfio_user_dev import protocol as p
 from vfio_user_dev import server as server_mod
 from vfio_user_dev.client import Client

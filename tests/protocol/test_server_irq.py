@@ -11,8 +11,7 @@ import pytest
 from teeio.device_regs import Irq, Op, R, St
 from teeio.pcie.config import Command as PciCommand
 from teeio.pcie.config import Reg, Status
-from tests.conftest import RunningServer, both_backends
-from tests.protocol.lockstep import (
+from tests.support.lockstep import (
     BAR0,
     BAR1,
     CONFIG,
@@ -25,6 +24,7 @@ from tests.protocol.lockstep import (
     run_job,
     wait_until,
 )
+from tests.support.servers import RunningServer, both_backends
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client
 from vfio_user_dev.protocol import Command, IrqSetFlags, PciIrq

@@ -10,8 +10,7 @@ import pytest
 
 from teeio.device_regs import CMD_GO, DmaError, Irq, Op, R, St
 from teeio.pcie.config import Reg
-from tests.conftest import RunningServer, both_backends
-from tests.protocol.lockstep import (
+from tests.support.lockstep import (
     BAR0,
     CONFIG,
     MEM_BM,
@@ -31,6 +30,7 @@ from tests.protocol.lockstep import (
     start_job,
     wait_until,
 )
+from tests.support.servers import RunningServer, both_backends
 from vfio_user_dev import protocol as p
 from vfio_user_dev.protocol import Command, Flags, Header, IrqSetFlags, PciIrq
 

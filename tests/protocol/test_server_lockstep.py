@@ -11,8 +11,7 @@ import struct
 import pytest
 
 from teeio.device_regs import CMD_GO, Op, R, St
-from tests.conftest import RunningServer, both_backends
-from tests.protocol.lockstep import (
+from tests.support.lockstep import (
     BAR0,
     BAR1,
     CONFIG,
@@ -28,6 +27,7 @@ from tests.protocol.lockstep import (
     send,
     wait_until,
 )
+from tests.support.servers import RunningServer, both_backends
 from vfio_user_dev import protocol as p
 from vfio_user_dev.client import Client
 from vfio_user_dev.protocol import (

@@ -7,9 +7,7 @@ import pytest
 
 from teeio.spdm import RequesterConfig, codec
 from teeio.spdm.defs import ErrorCode
-
-from .test_spdm_negative import error_of
-from .test_spdm_session import make_pair
+from tests.support.spdm_pair import error_of, make_pair
 
 H = bytes.fromhex
 GET_VERSION = H("10840000")

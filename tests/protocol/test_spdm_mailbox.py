@@ -6,7 +6,6 @@ the TSM's full requester runs over the same mailbox."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,9 +18,9 @@ from teeio.measurements import DmtfValueType, MeasurementSource
 from teeio.spdm import Requester, codec
 from teeio.spdm.defs import SPDM_VERSION_12, SPDM_VERSION_13, KeyUpdateOp
 from teeio.spdm.responder import DEFAULT_FLAGS, ResponderConfig
-from tests.conftest import RunningServer
-from tests.protocol.lockstep import CONFIG
-from tests.protocol.test_doe_config import STATUS, LinuxDoe, VfioConfig
+from tests.support.linux_doe import STATUS, LinuxDoe, VfioConfig
+from tests.support.lockstep import CONFIG
+from tests.support.servers import RunningServer
 from vfio_user_dev.client import Client
 from vfio_user_dev.device import DOE_CAP
 from vfio_user_dev.dsm import DeviceSecurityManager
@@ -36,23 +35,12 @@ MEASUREMENTS = (
 )
 
 
-@pytest.fixture(scope="module")
-def identity() -> pki.Identity:
-    return pki.generate_chain("P-384")
-
-
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def dsm(server: RunningServer, identity: pki.Identity) -> DeviceSecurityManager:
+    """Every test here talks to the device's DSM (attached before ``c`` connects)."""
     manager = DeviceSecurityManager(identity, MEASUREMENTS, name="dsm")
     manager.attach(server.device.doe)
     return manager
-
-
-@pytest.fixture
-def c(server: RunningServer, dsm: DeviceSecurityManager) -> Iterator[Client]:
-    client = server.client()
-    yield client
-    client.close()
 
 
 def test_discovery_lists_both_spdm_protocols(server: RunningServer, c: Client) -> None:

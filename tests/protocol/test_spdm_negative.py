@@ -33,16 +33,10 @@ from teeio.spdm.defs import (
     RegistryId,
 )
 from teeio.spdm.errors import DropRequest, NegotiationError, SpdmError
-
-from .test_spdm_session import MEASUREMENTS, Link, connect, identity, make_pair
+from tests.support.pki import shared_identity
+from tests.support.spdm_pair import MEASUREMENTS, Link, connect, error_of, make_pair
 
 H = bytes.fromhex
-
-
-def error_of(rsp: bytes) -> tuple[int, int, int]:
-    """(version, ErrorCode, data) of an ERROR response; fails if it is not one."""
-    assert len(rsp) >= 4 and rsp[1] == 0x7F, f"not an ERROR: {rsp.hex()}"
-    return rsp[0], rsp[2], rsp[3]
 
 
 def vca_only(alg: str = "P-384") -> tuple[Requester, Responder, Link]:
@@ -372,7 +366,7 @@ def test_wrong_trust_anchor() -> None:
 
 def impostor(alg: str = "P-384") -> Responder:
     """A responder presenting the genuine chain but signing with another key."""
-    genuine = identity(alg)
+    genuine = shared_identity(alg)
     fake = pki.Identity(genuine.certs, pki.new_key(alg))
     return Responder(fake, MEASUREMENTS)
 
@@ -380,7 +374,7 @@ def impostor(alg: str = "P-384") -> Responder:
 @pytest.mark.parametrize("step", ["challenge", "measurements", "key_exchange"])
 def test_bad_signature(step: str) -> None:
     link = Link(impostor())
-    req = Requester(link, [identity("P-384").root])
+    req = Requester(link, [shared_identity("P-384").root])
     connect(req)
     with pytest.raises(SignatureError, match="signature"):
         if step == "challenge":
@@ -491,7 +485,7 @@ def test_third_party_transcript_check_rejects_tampering() -> None:
     with pytest.raises(MalformedResponse, match="VCA"):
         verify_measurement_transcript(result.vca[:-1], [(q, r)], leaf)
     with pytest.raises(SignatureError):
-        verify_measurement_transcript(result.vca, [(q, r)], identity("P-256").leaf_key
+        verify_measurement_transcript(result.vca, [(q, r)], shared_identity("P-256").leaf_key
                                       .public_key())
     with pytest.raises(MalformedResponse, match="pair"):
         verify_measurement_transcript(result.vca, [(q, r), (q, r)], leaf)

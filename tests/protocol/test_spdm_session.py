@@ -11,7 +11,6 @@ re-checked here with the raw ``cryptography`` API, independently of
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -19,14 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from teeio import pki
-from teeio.measurements import DmtfValueType, MeasurementSource
-from teeio.spdm import (
-    Requester,
-    RequesterConfig,
-    Responder,
-    ResponderConfig,
-    verify_measurement_transcript,
-)
+from teeio.spdm import verify_measurement_transcript
 from teeio.spdm.defs import (
     DOE_TYPE_SECURED_SPDM,
     DOE_TYPE_SPDM,
@@ -40,68 +32,14 @@ from teeio.spdm.defs import (
     RegistryId,
 )
 from teeio.spdm.requester import parse_vca
-
-MEASUREMENTS = (
-    MeasurementSource(1, DmtfValueType.IMMUTABLE_ROM, b"boot rom v1"),
-    MeasurementSource(2, DmtfValueType.MUTABLE_FIRMWARE, b"firmware image"),
-    MeasurementSource(3, DmtfValueType.HARDWARE_CONFIG, b"\x01\x02", as_digest=False),
-    MeasurementSource(0x10, DmtfValueType.VERSION, b"1.2.3"),
-)
+from tests.support.pki import shared_identity
+from tests.support.spdm_pair import MEASUREMENTS, connect, make_pair
 
 EXPECTED = {   # key algorithm -> (BaseAsymAlgo, BaseHashAlgo, DHE group)
     "P-384": (BaseAsymAlgo.ECDSA_P384, BaseHashAlgo.SHA_384, DheGroup.SECP_384_R1),
     "P-256": (BaseAsymAlgo.ECDSA_P256, BaseHashAlgo.SHA_256, DheGroup.SECP_256_R1),
     "RSA-3072": (BaseAsymAlgo.RSASSA_3072, BaseHashAlgo.SHA_384, DheGroup.SECP_384_R1),
 }
-
-_IDENTITIES: dict[str, pki.Identity] = {}
-
-
-def identity(alg: str) -> pki.Identity:
-    if alg not in _IDENTITIES:
-        _IDENTITIES[alg] = pki.generate_chain(alg)
-    return _IDENTITIES[alg]
-
-
-@dataclass
-class Link:
-    """A DOE mailbox stand-in: pads each object to a DW like PCIe DOE; logs the exact
-    (unpadded) payloads each way."""
-
-    responder: Responder
-    log: list[tuple[int, bytes, bytes]] = field(default_factory=list)
-
-    def __call__(self, doe_type: int, payload: bytes) -> bytes:
-        padded = payload + bytes(-len(payload) % 4)
-        if doe_type == DOE_TYPE_SPDM:
-            rsp: bytes | None = self.responder.handle_spdm(padded)
-        elif doe_type == DOE_TYPE_SECURED_SPDM:
-            rsp = self.responder.handle_secured(padded)
-        else:
-            raise AssertionError(f"DOE type {doe_type}")
-        out = b"" if rsp is None else rsp
-        self.log.append((doe_type, payload, out))
-        return out + bytes(-len(out) % 4)
-
-
-def make_pair(alg: str = "P-384", versions: tuple[int, ...] = (0x12, 0x13),
-              rsp_config: ResponderConfig | None = None,
-              req_config: RequesterConfig | None = None,
-              anchors: list[object] | None = None) -> tuple[Requester, Responder, Link]:
-    ident = identity(alg)
-    rsp = Responder(ident, MEASUREMENTS, rsp_config or ResponderConfig(versions=versions),
-                    name="dev")
-    link = Link(rsp)
-    req = Requester(link, [ident.root] if anchors is None else anchors,  # type: ignore[arg-type]
-                    req_config or RequesterConfig(), name="tsm")
-    return req, rsp, link
-
-
-def connect(req: Requester) -> None:
-    req.init_connection()
-    req.get_digests()
-    req.get_certificate(0)
-
 
 def independent_verify(pub: object, version: int, hash_alg: int, context: bytes,
                        transcript: bytes, signature: bytes) -> None:
@@ -135,7 +73,7 @@ def test_full_connection(alg: str, version: int) -> None:
 
     digests = req.get_digests()
     chain = req.get_certificate(0)
-    assert chain == pki.spdm_cert_chain(list(identity(alg).certs),
+    assert chain == pki.spdm_cert_chain(list(shared_identity(alg).certs),
                                         "sha384" if hsh == BaseHashAlgo.SHA_384 else "sha256")
     assert digests[0] == hashlib.new("sha384" if hsh == BaseHashAlgo.SHA_384 else "sha256",
                                      chain).digest()
@@ -157,7 +95,7 @@ def test_full_connection(alg: str, version: int) -> None:
     assert result.blocks[2].raw and result.blocks[2].value == b"\x01\x02"
     assert len(result.transcript) == 3             # count, index 2, and the signed pair
     assert result.transcript[-1][0][4:36] == nonce  # our nonce is in the signed request
-    leaf = identity(alg).leaf_key.public_key()
+    leaf = shared_identity(alg).leaf_key.public_key()
     assert verify_measurement_transcript(result.vca, result.transcript, leaf)
     last_rsp = result.transcript[-1][1]
     body = b"".join(q + r for q, r in result.transcript[:-1]) + result.transcript[-1][0]
@@ -198,7 +136,7 @@ def test_challenge_and_key_exchange_signatures_independently() -> None:
     req, _, link = make_pair("P-384", versions=(0x12,))
     connect(req)
     auth = req.challenge(0)
-    leaf = identity("P-384").leaf_key.public_key()
+    leaf = shared_identity("P-384").leaf_key.public_key()
     clear = [(q, r) for t, q, r in link.log if t == DOE_TYPE_SPDM]
     vca = b"".join(q + r for q, r in clear[:3])
     assert vca == req.vca
@@ -228,7 +166,7 @@ def test_transcript_resets_between_measurements() -> None:
     result = req.get_measurements(2)
     assert len(result.transcript) == 1
     assert verify_measurement_transcript(result.vca, result.transcript,
-                                         identity("P-256").leaf_key.public_key())
+                                         shared_identity("P-256").leaf_key.public_key())
 
 
 def test_multiple_sessions_and_reconnect() -> None:

@@ -11,14 +11,13 @@ BAR / Command writes while locked do too."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
-from teeio import pki
 from teeio.doe import DataObjectType
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
-from teeio.ide_km import PCI_SIG_STANDARD_ID, IdeKmClient
+from teeio.ide_km import PCI_SIG_STANDARD_ID
 from teeio.pcie.config import Command, Reg
 from teeio.spdm import Requester, RequesterConfig, RequesterError, codec
 from teeio.tdisp.codec import (
@@ -53,9 +52,8 @@ from teeio.tdisp.defs import (
 )
 from teeio.tdisp.report import ReportReader
 from teeio.tdisp.responder import LOCK_FLAGS_SUPPORTED
-from tests.protocol.test_ide_km_device import MEASUREMENTS, Dut, km, vendor
-from vfio_user_dev.device import BAR1_SIZE, TeeIoDevice
-from vfio_user_dev.dsm import DeviceSecurityManager
+from tests.support.dut import Dut, km, program_pr_keys, vendor
+from vfio_user_dev.device import BAR1_SIZE
 from vfio_user_dev.protocol import PciRegion
 
 pytestmark = pytest.mark.timeout(60)
@@ -63,21 +61,6 @@ pytestmark = pytest.mark.timeout(60)
 FID = 0xBEEF                        # what spdm-emu's requester sends
 OFFSET = 0xD000_0000                # spdm-emu's MMIO_REPORTING_OFFSET
 BAR0_ADDR, BAR1_ADDR = 0xFE00_0000, 0xFE00_1000
-
-
-@pytest.fixture(scope="module")
-def identity() -> pki.Identity:
-    return pki.generate_chain("P-384")
-
-
-@pytest.fixture
-def dut(identity: pki.Identity) -> Iterator[Dut]:
-    device = TeeIoDevice()
-    dsm = DeviceSecurityManager(identity, MEASUREMENTS, name="dsm")
-    dsm.attach(device.doe, device.ide, requester_id=device.link_end.requester_id, tdi=device)
-    device.security_listeners.append(dsm.security_event)
-    yield Dut(device, dsm, identity)
-    device.close()
 
 
 Send = Callable[[TdispMessage], TdispMessage]
@@ -89,15 +72,6 @@ def tdisp(req: Requester, sid: int | None) -> Send:
         assert rsp[0] == 0x01
         return decode_message(rsp[1:])
     return send
-
-
-def program_pr_keys(c: IdeKmClient, stream: int = 0) -> None:
-    """What spdm-emu does before LOCK: K0 Rx and Tx PR keys of stream 0, then K_SET_GO."""
-    c.query()
-    for d in Direction:
-        c.key_prog(stream, KeySet.K0, d, SubStream.PR, IdeKey.generate())
-    for d in Direction:
-        c.k_set_go(stream, KeySet.K0, d, SubStream.PR)
 
 
 def lock_req(flags: int = LOCK_FLAGS_SUPPORTED) -> LockInterfaceRequest:

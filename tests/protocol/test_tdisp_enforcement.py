@@ -1,5 +1,5 @@
 """TDISP enforcement in the device (PCIe 6.x §11.2.1, §11.2.6),
-driven the way the TSM drives it (tests/protocol/conftest.py: SPDM session, Selective IDE
+driven the way the TSM drives it (tests/support/tee_rig.py: SPDM session, Selective IDE
 stream through IDE_KM and the platform socket, LOCK/START with TdispClient, windows and
 private MMIO on the platform socket).
 
@@ -26,13 +26,14 @@ from pathlib import Path
 
 import pytest
 
+from teeio import pki
 from teeio.device_regs import DEVICE_ID_REG_VALUE, DmaError, Op, R
 from teeio.ide import KeySet
 from teeio.measurements import measure_elf
 from teeio.pcie.config import Command, Reg
 from teeio.tdisp.defs import LockInterfaceFlags, TdiState
 from teeio.tlp import IdePrefix, is_protected, peek
-from tests.protocol.conftest import (
+from tests.support.tee_rig import (
     BAR0_ADDR,
     GUEST,
     SID,
@@ -396,10 +397,8 @@ def test_events_in_config_unlocked_change_nothing(tee_rig: TeeRig) -> None:
 # -- heartbeat (DSP0274 §10.17) -------------------------------------------------------------
 
 @pytest.fixture
-def hb_rig(tmp_path: Path, tee_identity: object) -> Iterator[TeeRig]:
-    from teeio import pki
-    assert isinstance(tee_identity, pki.Identity)
-    rig = TeeRig(tmp_path, tee_identity, heartbeat_period=2)
+def hb_rig(tmp_path: Path, identity: pki.Identity) -> Iterator[TeeRig]:
+    rig = TeeRig(tmp_path, identity, heartbeat_period=2)
     yield rig
     rig.close()
 
@@ -445,10 +444,8 @@ def test_heartbeat_watchdog_thread(hb_rig: TeeRig) -> None:
     assert rig.dsm.heartbeat_timeouts == 1
 
 
-def test_heartbeat_off(tmp_path: Path, tee_identity: object) -> None:
-    from teeio import pki
-    assert isinstance(tee_identity, pki.Identity)
-    rig = TeeRig(tmp_path, tee_identity, heartbeat_period=0)
+def test_heartbeat_off(tmp_path: Path, identity: pki.Identity) -> None:
+    rig = TeeRig(tmp_path, identity, heartbeat_period=0)
     try:
         rig.lock()
         rig.clock.advance(10_000)

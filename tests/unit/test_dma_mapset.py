@@ -16,6 +16,8 @@ from vfio_user_dev.protocol import DmaFlags, ProtocolError
 PAGE = os.sysconf("SC_PAGE_SIZE")
 RW = DmaFlags.READ | DmaFlags.WRITE
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
 
 def memfd(size: int, name: str = "dma-test") -> int:
     """Sealed against resizing, as QEMU passes guest RAM (so the set maps it)."""
@@ -35,13 +37,6 @@ def maps_of(name: str) -> int:
     """Number of mappings of memfd *name* in this process."""
     with open("/proc/self/maps") as f:
         return sum(1 for line in f if f"/memfd:{name} " in line)
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = set(os.listdir("/proc/self/fd"))
-    yield
-    assert set(os.listdir("/proc/self/fd")) - before == set()
 
 
 @pytest.fixture

@@ -43,20 +43,17 @@ from teeio.doe import (
     pad_dw,
     protocol_name,
 )
+from tests.support.doe_box import READY, Box, dw
 
 SPDM = (PCI_SIG_VENDOR_ID, DataObjectType.CMA_SPDM)
 SECURED = (PCI_SIG_VENDOR_ID, DataObjectType.SECURED_CMA_SPDM)
 DISCOVERY = (PCI_SIG_VENDOR_ID, DataObjectType.DOE_DISCOVERY)
-READY, BUSY, ERROR = DoeStatus.DATA_OBJECT_READY, DoeStatus.BUSY, DoeStatus.ERROR
+BUSY, ERROR = DoeStatus.BUSY, DoeStatus.ERROR
 Exchange = Callable[[DoeObject], DoeObject | None]
 
 
 def echo(payload: bytes) -> bytes:
     return payload
-
-
-def dw(data: bytes) -> list[int]:
-    return [int.from_bytes(data[i:i + 4], "little") for i in range(0, len(data), 4)]
 
 
 def disc_obj(index: int, version: int = 2) -> bytes:
@@ -391,40 +388,6 @@ def test_discovery_walk_errors(exchange: Exchange, why: str) -> None:
 
 
 # -- mailbox ------------------------------------------------------------------------------------
-
-class Box:
-    """A mailbox with a clock the test moves, and helpers that act like a driver."""
-
-    def __init__(self, dispatcher: DoeDispatcher | None = None, **kw: object) -> None:
-        self.d = dispatcher or DoeDispatcher()
-        self.mb = DoeMailbox(self.d.handle_object, **kw)  # type: ignore[arg-type]
-        self.now = 100.0
-
-    def rd(self, reg: DoeReg) -> int:
-        return self.mb.read(reg, self.now)
-
-    def wr(self, reg: DoeReg, value: int, be: int = 0xF) -> None:
-        self.mb.write(reg, value, self.now, be)
-
-    def status(self) -> int:
-        return self.rd(DoeReg.STATUS)
-
-    def state(self) -> MailboxState:
-        return self.mb.state
-
-    def send(self, obj: bytes, go: bool = True) -> None:
-        for v in dw(obj):
-            self.wr(DoeReg.WRITE_MAILBOX, v)
-        if go:   # read-modify-write: a bare Go would also clear Interrupt Enable (RW)
-            self.wr(DoeReg.CONTROL, self.rd(DoeReg.CONTROL) | DoeControl.GO)
-
-    def receive(self) -> bytes:
-        out = b""
-        while self.status() & READY:
-            out += self.rd(DoeReg.READ_MAILBOX).to_bytes(4, "little")
-            self.wr(DoeReg.READ_MAILBOX, 0)
-        return out
-
 
 def test_mailbox_happy_path_discovery() -> None:
     b = Box()

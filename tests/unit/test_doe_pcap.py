@@ -20,7 +20,7 @@ from teeio.doe_pcap import (
     PcapFormatError,
     SessionSecretLog,
 )
-from tests.unit.test_doe import Box
+from tests.support.doe_box import Box
 
 T0 = 1_700_000_000_123_456_789
 

@@ -358,7 +358,7 @@ def test_mux_routes_by_protocol_id() -> None:
 
 def test_over_a_secured_spdm_session() -> None:
     from teeio.spdm.defs import MeasSummaryHashType
-    from tests.protocol.test_spdm_session import connect, make_pair
+    from tests.support.spdm_pair import connect, make_pair
 
     req, spdm_rsp, _ = make_pair("P-256", versions=(0x12,))
     cap, km = device()

@@ -19,6 +19,8 @@ UNMASK = IrqSetFlags.ACTION_UNMASK
 TRIGGER = IrqSetFlags.ACTION_TRIGGER
 VECTORS = 4
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
 
 class Intx:
     """The Command register's Interrupt Disable bit, as the device exposes it."""
@@ -28,13 +30,6 @@ class Intx:
 
     def __call__(self) -> bool:
         return self.allowed
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = set(os.listdir("/proc/self/fd"))
-    yield
-    assert set(os.listdir("/proc/self/fd")) - before == set()
 
 
 @pytest.fixture

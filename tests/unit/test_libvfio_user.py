@@ -10,6 +10,7 @@ import logging
 import mmap
 import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -136,18 +137,6 @@ def test_device_cli_without_the_library(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 # -- callbacks: exceptions become errno, never escape into C -------------------------------------
-
-@pytest.fixture
-def machine() -> Iterator[Platform]:
-    m = Platform()
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def device(machine: Platform) -> TeeIoDevice:
-    return machine.device
-
 
 @pytest.fixture
 def callbacks(machine: Platform) -> lvu.DeviceCallbacks:
@@ -322,7 +311,7 @@ def test_library_sink_follows_msix_enable(device: TeeIoDevice) -> None:
 
 
 def test_the_library_has_every_declared_function() -> None:
-    from tests.conftest import libvfio_user_missing
+    from tests.support.servers import libvfio_user_missing
     if (why := libvfio_user_missing()) is not None:
         pytest.skip(f"libvfio-user leg: {why}")
     lib = lvu.load(os.environ[lvu.ENV_VAR])
@@ -716,7 +705,12 @@ def test_a_stale_socket_is_replaced(tmp_path: Path, machine: Platform) -> None:
     old.bind(str(path))
     old.close()
     server = Server(str(path), machine)
-    server.close()
+    try:
+        assert stat.S_ISSOCK(path.stat().st_mode)
+        with socket.socket(socket.AF_UNIX) as probe:
+            assert probe.connect_ex(str(path)) == 0         # the new server listens there
+    finally:
+        server.close()
 
 
 def test_socket_dma_option_needs_the_libvfio_user_backend(

@@ -5,13 +5,12 @@ older pcap, other files refused, the listing."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from teeio.tlp import Tlp, TlpType, is_protected
-from tests.unit.link_rig import GUEST, PATTERN, Rig, payload
+from tests.support.link_rig import GUEST, PATTERN, Rig, payload
 from vfio_user_dev.link.capture import (
     CaptureFlags,
     CaptureRecord,
@@ -23,12 +22,6 @@ from vfio_user_dev.link.capture_cli import main
 from vfio_user_dev.link.interfaces import LinkDirection
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def cap(tmp_path: Path) -> Iterator[Rig]:
-    with Rig(tmp_path, capture=True) as r:
-        yield r
 
 
 def test_capture_holds_plaintext_without_ide(cap: Rig) -> None:

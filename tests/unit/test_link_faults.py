@@ -4,24 +4,17 @@ goes Insecure at both ends and nothing lands; selection by predicate and count."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from teeio.tlp import TlpType
-from tests.unit.link_rig import GUEST, SIZE, Rig, payload
+from tests.support.link_rig import GUEST, SIZE, Rig, payload
 from vfio_user_dev.link.capture import CaptureFlags, read_capture
 from vfio_user_dev.link.faults import Fault, FaultKind, TlpView
 from vfio_user_dev.link.interfaces import LinkDirection, LinkFault
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def cap(tmp_path: Path) -> Iterator[Rig]:
-    with Rig(tmp_path, capture=True) as r:
-        yield r
 
 
 def test_clear_faults_go_unnoticed_without_ide(cap: Rig) -> None:

@@ -12,7 +12,7 @@ import pytest
 from teeio.pcie import aer
 from teeio.pcie.config import ConfigSpace
 from teeio.tlp import Tlp, TlpType
-from tests.unit.link_rig import GUEST, RID, SIZE, Rig
+from tests.support.link_rig import GUEST, RID, SIZE, Rig
 from vfio_user_dev.device import (
     AER_CAP,
     DEVCAP,
@@ -28,13 +28,6 @@ from vfio_user_dev.platform import Platform
 from vfio_user_dev.protocol import DmaFlags, PciRegion
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def cap(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path, capture=True)
-    yield r
-    r.close()
 
 
 def tlps(r: Rig) -> list[Tlp]:
@@ -184,14 +177,10 @@ def test_set_payload_sizes_changes_the_split(cap: Rig) -> None:
 
 @pytest.fixture
 def machine() -> Iterator[Platform]:
+    """The conftest's platform, with Max_Payload_Size 512 on its link."""
     m = Platform(mps=512)
     yield m
     m.close()
-
-
-@pytest.fixture
-def device(machine: Platform) -> TeeIoDevice:
-    return machine.device
 
 
 def cfg16(d: TeeIoDevice, off: int) -> int:

@@ -5,7 +5,6 @@ no plaintext on the wire, the T bit (§11.2.1), key refresh, a clear TLP after I
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,24 +15,12 @@ from teeio.pcie.ide_cap import STS_FAIL_MSG, IdeCapability, StreamState
 from teeio.pcie.ide_cap import IdeStream as CapStream
 from teeio.pcie.ide_cap import build as build_ide_cap
 from teeio.tlp import is_protected, peek
-from tests.unit.link_rig import GUEST, PATTERN, RID, SID, Rig, payload, program_pair
+from tests.support.link_rig import GUEST, PATTERN, RID, SID, Rig, payload, program_pair
 from vfio_user_dev.link.faults import Fault, FaultKind
 from vfio_user_dev.link.interfaces import LinkDirection, LinkFault
 from vfio_user_dev.link.streams import IdeStreamEnd
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    with Rig(tmp_path) as r:
-        yield r
-
-
-@pytest.fixture
-def cap(tmp_path: Path) -> Iterator[Rig]:
-    with Rig(tmp_path, capture=True) as r:
-        yield r
 
 
 def test_ide_round_trip_and_no_plaintext_on_the_wire(cap: Rig) -> None:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from teeio.tlp import TlpType, count_pieces, count_read_tlps
-from tests.unit.link_rig import GUEST, RID, SID, SIZE, Rig, payload
+from tests.support.link_rig import GUEST, RID, SID, SIZE, Rig, payload
 from vfio_user_dev.dma import DmaMapSet
 from vfio_user_dev.link.capture import iter_tlps, read_capture
 from vfio_user_dev.link.endpoint import LinkEndpoint
@@ -21,18 +20,6 @@ from vfio_user_dev.link.wire import Link
 from vfio_user_dev.root_port import RootPort
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    with Rig(tmp_path) as r:
-        yield r
-
-
-@pytest.fixture
-def cap(tmp_path: Path) -> Iterator[Rig]:
-    with Rig(tmp_path, capture=True) as r:
-        yield r
 
 
 @pytest.mark.parametrize("bad", [0, 64, 100, 8192])

@@ -20,7 +20,7 @@ Rig = tuple[Host, NvmeController, FakeBus, Namespace]
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
+def controller_rig(tmp_path: Path) -> Iterator[Rig]:
     ctl, bus, ns = make_controller(tmp_path)
     host = Host(ctl, bus)
     yield host, ctl, bus, ns
@@ -28,8 +28,8 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     ns.close()
 
 
-def test_registers_after_reset(rig: Rig) -> None:
-    host, ctl, _, _ = rig
+def test_registers_after_reset(controller_rig: Rig) -> None:
+    host, ctl, _, _ = controller_rig
     assert int.from_bytes(ctl.read(Reg.CAP, 8), "little") == CAP_VALUE
     assert host.r32(Reg.VS) == 0x00010400
     assert host.r32(Reg.CSTS) == 0 and host.r32(Reg.CC) == 0
@@ -38,8 +38,8 @@ def test_registers_after_reset(rig: Rig) -> None:
 
 
 def test_identify_controller_namespace_and_lists(
-        rig: Rig) -> None:
-    host, _, bus, ns = rig
+        controller_rig: Rig) -> None:
+    host, _, bus, ns = controller_rig
     host.enable()
     assert host.call(host.admin, 0x06, prp1=DATA, cdw=(1,)) == (0, 0)
     idc = bus.mem[DATA:DATA + 4096]
@@ -58,8 +58,8 @@ def test_identify_controller_namespace_and_lists(
 
 
 def test_bad_admin_opcode_and_features(
-        rig: Rig) -> None:
-    host, _, _, _ = rig
+        controller_rig: Rig) -> None:
+    host, _, _, _ = controller_rig
     host.enable()
     assert host.call(host.admin, 0x7F)[0] == Status.INVALID_OPCODE
     st, dw0 = host.call(host.admin, 0x09, cdw=(0x07, 63 << 16 | 63))     # Number of Queues
@@ -70,8 +70,8 @@ def test_bad_admin_opcode_and_features(
     assert host.call(host.admin, 0x09, cdw=(0x07, 0xFFFF))[0] == Status.INVALID_FIELD
 
 
-def test_log_pages(rig: Rig) -> None:
-    host, _, bus, _ = rig
+def test_log_pages(controller_rig: Rig) -> None:
+    host, _, bus, _ = controller_rig
     host.enable()
     assert host.call(host.admin, 0x02, prp1=DATA, cdw=(127 << 16 | 0x02,)) == (0, 0)
     assert bus.mem[DATA + 3] == 100                                       # available spare
@@ -81,8 +81,8 @@ def test_log_pages(rig: Rig) -> None:
     assert host.call(host.admin, 0x02, prp1=DATA, cdw=(0x42,))[0] == Status.INVALID_LOG_PAGE
 
 
-def test_queue_creation_errors(rig: Rig) -> None:
-    host, _, _, _ = rig
+def test_queue_creation_errors(controller_rig: Rig) -> None:
+    host, _, _, _ = controller_rig
     host.enable()
     a = host.admin
     assert host.call(a, 0x01, prp1=0x40000, cdw=(15 << 16 | 1, 1 << 16 | 1))[0] == \
@@ -102,8 +102,8 @@ def test_queue_creation_errors(rig: Rig) -> None:
 
 
 def test_write_read_round_trip_with_prp_lists_across_pages(
-        rig: Rig) -> None:
-    host, _, bus, ns = rig
+        controller_rig: Rig) -> None:
+    host, _, bus, ns = controller_rig
     host.enable()
     q = host.create_io_queue(1, 16)
     data = os.urandom(7 * PAGE)
@@ -122,8 +122,8 @@ def test_write_read_round_trip_with_prp_lists_across_pages(
 
 
 def test_prp_list_chained_across_list_pages(
-        rig: Rig) -> None:
-    host, _, bus, ns = rig
+        controller_rig: Rig) -> None:
+    host, _, bus, ns = controller_rig
     host.enable()
     q = host.create_io_queue(1, 16)
     n_pages = 32                                 # MDTS: 128 KiB
@@ -143,17 +143,17 @@ def test_prp_list_chained_across_list_pages(
     (DATA + 2, 0, "PRP1 not dword aligned"),
     (DATA, DATA + 0x10, "PRP2 page with an offset"),
 ])
-def test_bad_prps_are_prp_offset_invalid(rig: Rig,
+def test_bad_prps_are_prp_offset_invalid(controller_rig: Rig,
                                          prp1: int, prp2: int, why: str) -> None:
-    host, _, _, _ = rig
+    host, _, _, _ = controller_rig
     host.enable()
     q = host.create_io_queue(1, 16)
     assert host.call(q, 0x02, nsid=1, prp1=prp1, prp2=prp2, cdw=(0, 0, 15))[0] == \
         Status.PRP_OFFSET_INVALID, why
 
 
-def test_io_errors(rig: Rig) -> None:
-    host, _, bus, ns = rig
+def test_io_errors(controller_rig: Rig) -> None:
+    host, _, bus, ns = controller_rig
     host.enable()
     q = host.create_io_queue(1, 16)
     assert host.call(q, 0x02, nsid=1, prp1=DATA, cdw=(ns.blocks - 1, 0, 1))[0] == \
@@ -168,8 +168,8 @@ def test_io_errors(rig: Rig) -> None:
         Status.LBA_OUT_OF_RANGE
 
 
-def test_flush_write_zeroes_and_dsm(rig: Rig) -> None:
-    host, _, bus, ns = rig
+def test_flush_write_zeroes_and_dsm(controller_rig: Rig) -> None:
+    host, _, bus, ns = controller_rig
     host.enable()
     q = host.create_io_queue(1, 16)
     os.pwrite(ns.fd, b"\xff" * 4096, 0)
@@ -183,8 +183,8 @@ def test_flush_write_zeroes_and_dsm(rig: Rig) -> None:
     assert host.call(q, 0x09, nsid=1, prp1=DATA, cdw=(0, 4))[0] == Status.LBA_OUT_OF_RANGE
 
 
-def test_queue_wraparound_and_phase(rig: Rig) -> None:
-    host, _, bus, _ = rig
+def test_queue_wraparound_and_phase(controller_rig: Rig) -> None:
+    host, _, bus, _ = controller_rig
     host.enable()
     q = host.create_io_queue(1, 4)
     for round_ in range(10):                    # 10 x 3 commands through a 4-entry ring
@@ -195,8 +195,8 @@ def test_queue_wraparound_and_phase(rig: Rig) -> None:
     assert bus.vectors.count(1) >= 30
 
 
-def test_aer_held_and_limit(rig: Rig) -> None:
-    host, _, _, _ = rig
+def test_aer_held_and_limit(controller_rig: Rig) -> None:
+    host, _, _, _ = controller_rig
     host.enable()
     cids = [host.submit(host.admin, 0x0C) for _ in range(4)]
     assert host.call(host.admin, 0x0C)[0] == Status.AER_LIMIT_EXCEEDED
@@ -205,8 +205,8 @@ def test_aer_held_and_limit(rig: Rig) -> None:
 
 
 def test_controller_reset_mid_io_completes_nothing_after(
-        rig: Rig) -> None:
-    host, ctl, bus, _ = rig
+        controller_rig: Rig) -> None:
+    host, ctl, bus, _ = controller_rig
     host.enable()
     q = host.create_io_queue(1, 16)
     bus.refuse = False
@@ -223,8 +223,8 @@ def test_controller_reset_mid_io_completes_nothing_after(
 
 
 def test_refused_dma_on_sq_fetch_is_controller_fatal(
-        rig: Rig) -> None:
-    host, ctl, bus, _ = rig
+        controller_rig: Rig) -> None:
+    host, ctl, bus, _ = controller_rig
     host.enable()
     bus.refuse = True
     host.submit(host.admin, 0x06, prp1=DATA, cdw=(1,))
@@ -236,8 +236,8 @@ def test_refused_dma_on_sq_fetch_is_controller_fatal(
     assert ctl.stats["commands"] == 0
 
 
-def test_intx_when_msix_is_off(rig: Rig) -> None:
-    host, _, bus, _ = rig
+def test_intx_when_msix_is_off(controller_rig: Rig) -> None:
+    host, _, bus, _ = controller_rig
     bus.msix = False
     host.enable()
     cid = host.submit(host.admin, 0x06, prp1=DATA, cdw=(1,))
@@ -255,8 +255,8 @@ def test_intx_when_msix_is_off(rig: Rig) -> None:
     assert bus.vectors == []
 
 
-def test_shutdown_notification_flushes(rig: Rig) -> None:
-    host, _, _, ns = rig
+def test_shutdown_notification_flushes(controller_rig: Rig) -> None:
+    host, _, _, ns = controller_rig
     host.enable()
     host.w32(Reg.CC, host.r32(Reg.CC) | 1 << 14)
     assert host.r32(Reg.CSTS) & 0xC == 0x8 and ns.counters["flushes"] == 1

@@ -27,7 +27,6 @@ from teeio.refcheck import compare_measurements, parse_reference_values
 from teeio.tdi_verify import load_policy
 from tsm.refvalues import main as refvalues
 from vfio_user_dev.config_space import ACCELERATOR_LAYOUT, bar_address, build_config
-from vfio_user_dev.firmware_build import build
 from vfio_user_dev.personality.nvme import NVME_LAYOUT
 
 
@@ -73,11 +72,6 @@ def test_config_space_identity_per_personality() -> None:
     assert nvme.get(Reg.BAR0, 4) == 0xFFFF_C004               # 16 KiB
     assert bar_address(nvme, 0) == 0x12_FFFF_C000
     assert NVME_LAYOUT.doe_vector == NVME_LAYOUT.msix_vectors - 1 == 9
-
-
-@pytest.fixture(scope="module")
-def firmware(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tmp_path_factory.mktemp("fw") / "fw.elf")
 
 
 def _refs(firmware: Path, tmp: Path, name: str) -> dict[int, dict[str, object]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
-from tests.unit.link_rig import GUEST, RID, SID, SIZE, Rig, program_pair
+from tests.support.link_rig import GUEST, RID, SID, SIZE, Rig, program_pair
 from vfio_user_dev.dma import DmaFault
 from vfio_user_dev.link.interfaces import LinkFault
 from vfio_user_dev.link.streams import IdeStreamEnd

@@ -8,7 +8,6 @@ import ctypes
 import errno
 import logging
 import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -26,13 +25,6 @@ from vfio_user_dev.protocol import Command, Flags, Header, IrqSetFlags, PciIrq, 
 from vfio_user_dev.session import Reply, Session
 
 RW = p.DmaFlags.READ | p.DmaFlags.WRITE
-
-
-@pytest.fixture
-def machine() -> Iterator[Platform]:
-    m = Platform()
-    yield m
-    m.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,14 @@ from vfio_user_dev.platform import Platform
 from vfio_user_dev.platform_ctl import PlatformControlServer
 
 
-@pytest.fixture
-def device() -> Iterator[Platform]:
-    d = Platform()
-    yield d
-    d.close()
-
-
 def test_a_regular_file_at_the_socket_path_is_not_deleted(tmp_path: Path,
-                                                          device: Platform) -> None:
+                                                          machine: Platform) -> None:
     f = tmp_path / "precious.txt"
     f.write_text("keep me")
     with pytest.raises(OSError, match="not a socket"):
-        HostAccessServer(str(f), device)
+        HostAccessServer(str(f), machine)
     with pytest.raises(OSError, match="not a socket"):
-        PlatformControlServer(str(f), b"t" * 32, device.root_port, device.link)
+        PlatformControlServer(str(f), b"t" * 32, machine.root_port, machine.link)
     assert f.read_text() == "keep me"
 
 
@@ -47,12 +39,12 @@ def _closed_within(s: socket.socket, seconds: float) -> bool:
     return True
 
 
-def test_platform_connection_must_authenticate_in_time(tmp_path: Path, device: Platform,
+def test_platform_connection_must_authenticate_in_time(tmp_path: Path, machine: Platform,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(platform_ctl, "AUTH_DEADLINE", 0.3)
     token = b"k" * 32
-    srv = PlatformControlServer(str(tmp_path / "p.sock"), token, device.root_port,
-                                device.link).start()
+    srv = PlatformControlServer(str(tmp_path / "p.sock"), token, machine.root_port,
+                                machine.link).start()
     try:
         squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         squatter.connect(str(tmp_path / "p.sock"))
@@ -66,10 +58,10 @@ def test_platform_connection_must_authenticate_in_time(tmp_path: Path, device: P
         srv.close()
 
 
-def test_host_access_idle_connection_is_closed(tmp_path: Path, device: Platform,
+def test_host_access_idle_connection_is_closed(tmp_path: Path, machine: Platform,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(host_access, "IDLE_TIMEOUT", 0.3)
-    srv = HostAccessServer(str(tmp_path / "h.sock"), device).start()
+    srv = HostAccessServer(str(tmp_path / "h.sock"), machine).start()
     try:
         idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         idle.connect(str(tmp_path / "h.sock"))
@@ -79,12 +71,12 @@ def test_host_access_idle_connection_is_closed(tmp_path: Path, device: Platform,
         srv.close()
 
 
-def test_an_unforeseen_error_closes_only_that_connection(tmp_path: Path, device: Platform,
+def test_an_unforeseen_error_closes_only_that_connection(tmp_path: Path, machine: Platform,
                                                          monkeypatch: pytest.MonkeyPatch
                                                          ) -> None:
     """A bug answering one line (not the peer's fault) closes that connection, is
     counted, and the server serves the next client."""
-    srv = HostAccessServer(str(tmp_path / "h.sock"), device).start()
+    srv = HostAccessServer(str(tmp_path / "h.sock"), machine).start()
     try:
         real = HostAccessServer.answer
         calls = {"n": 0}

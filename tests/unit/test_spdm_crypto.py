@@ -1,6 +1,7 @@
 """Known-answer tests for the SPDM crypto building blocks.
 
-Provenance of every vector:
+The vectors are data in tests/vectors/ (spdm_secured_message, hkdf_rfc5869,
+spdm_bin_concat, ecdsa_rfc6979, ecdh_rfc5903).  Provenance of every vector:
 
 * DSP0277 secured-message records: DMTF libspdm
   ``unit_test/test_spdm_secured_message/encode_decode.c`` (HEAD 7199f34), tests 1, 2
@@ -28,23 +29,22 @@ from teeio.spdm import crypto, key_schedule, opaque
 from teeio.spdm.defs import AeadSuite, BaseAsymAlgo, BaseHashAlgo, DheGroup
 from teeio.spdm.key_schedule import TrafficKeys, bin_concat
 from teeio.spdm.secured import SecuredMessageError, decode_record, encode_record
+from tests.support.vectors import load, number, unhex
 
 H = bytes.fromhex
-KEY = bytes(range(32))
-SALT = bytes(2 * i for i in range(12))
-SESSION_ID = 0x00112233
-APP = bytes(range(16))
+RECORDS = load("spdm_secured_message")
+KEY = unhex(RECORDS["key"])
+SALT = unhex(RECORDS["salt"])
+SESSION_ID = number(RECORDS["session_id"])
+APP = unhex(RECORDS["application_data"])
 TK = TrafficKeys(secret=b"", key=KEY, iv=SALT)
 
 
 # --- DSP0277 record layer (libspdm encode_decode.c) -------------------------------------------
 
 @pytest.mark.parametrize(("seq", "ciphertext", "mac"), [
-    (0, "9bfed3b7043d3286603d861733d67f959a20", "3d4fac58cb706cf5a0270af673f0fe36"),   # test 1
-    (1, "f41996dcc6785e8c747259f42722b91b1f56", "1dca9f09d8803a9a548ef09b53b9ab1f"),   # test 8
-    (0xAA55AA55AA55AA55, "0dea75eac691374994975263f8c08f6c1aa4",
-     "0dcdb48ad6fa240479d5d8d2fe281914"),                                                # test 2
-])
+    (number(v["sequence_number"]), v["ciphertext"], v["mac"]) for v in RECORDS["libspdm"]],
+    ids=[f"test{v['test']}" for v in RECORDS["libspdm"]])
 def test_libspdm_record_vectors(seq: int, ciphertext: str, mac: str) -> None:
     record = encode_record(SESSION_ID, TK, seq, APP, seq_num_size=8)
     header = H("33221100") + seq.to_bytes(8, "little") + H("2200")
@@ -54,12 +54,12 @@ def test_libspdm_record_vectors(seq: int, ciphertext: str, mac: str) -> None:
 
 def test_pci_doe_record_has_no_sequence_number() -> None:
     # Same inputs, DOE binding: AAD = SessionID || Length only (derived vector, §6.2).
+    doe0, doe1 = RECORDS["pci_doe"]
+    assert number(doe0["sequence_number"]) == 0 and number(doe1["sequence_number"]) == 1
     record = encode_record(SESSION_ID, TK, 0, APP)
-    assert record.hex() == ("332211002200" "9bfed3b7043d3286603d861733d67f959a20"
-                            "f14aab9d7ecdf47d44c989d8d267f715")
+    assert record == unhex(doe0["record"])
     record1 = encode_record(SESSION_ID, TK, 1, APP)
-    assert record1.hex() == ("332211002200" "f41996dcc6785e8c747259f42722b91b1f56"
-                             "a9295bd85f677aa2c42b1ca0005c39b4")
+    assert record1 == unhex(doe1["record"])
     assert decode_record(record1 + bytes(2), TK, 1) == APP   # DOE DW padding ignored
 
 
@@ -82,22 +82,22 @@ def test_record_replay_and_tamper_fail() -> None:
 # --- HKDF / key schedule labels ------------------------------------------------------------------
 
 def test_hkdf_rfc5869_case1() -> None:
-    prk = crypto.hkdf_extract(BaseHashAlgo.SHA_256, bytes(range(13)), b"\x0b" * 22)
-    assert prk == H("077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5")
-    okm = crypto.hkdf_expand(BaseHashAlgo.SHA_256, prk, bytes(range(0xF0, 0xFA)), 42)
-    assert okm == H("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c"
-                    "5db02d56ecc4c5bf34007208d5b887185865")
+    (case,) = load("hkdf_rfc5869")["vectors"]
+    assert case["hash"] == "SHA-256"
+    prk = crypto.hkdf_extract(BaseHashAlgo.SHA_256, unhex(case["salt"]), unhex(case["ikm"]))
+    assert prk == unhex(case["prk"])
+    okm = crypto.hkdf_expand(BaseHashAlgo.SHA_256, prk, unhex(case["info"]), case["length"])
+    assert okm == unhex(case["okm"])
+
+
+BIN_CONCAT = load("spdm_bin_concat")["vectors"]
 
 
 @pytest.mark.parametrize(("version", "length", "label", "expected"), [
-    (0x12, 32, b"key", "20007370646d312e32206b6579"),
-    (0x12, 12, b"iv", "0c007370646d312e32206976"),
-    (0x12, 48, b"finished", "30007370646d312e322066696e6973686564"),
-    (0x12, 48, b"derived", "30007370646d312e322064657269766564"),
-    (0x13, 48, b"traffic upd", "3000" + b"spdm1.3 traffic upd".hex()),
-])
-def test_bin_concat(version: int, length: int, label: bytes, expected: str) -> None:
-    assert bin_concat(version, length, label).hex() == expected
+    (number(v["version"]), v["length"], v["label"].encode(), unhex(v["bin_concat"]))
+    for v in BIN_CONCAT], ids=[f"{v['version']}-{v['label']}" for v in BIN_CONCAT])
+def test_bin_concat(version: int, length: int, label: bytes, expected: bytes) -> None:
+    assert bin_concat(version, length, label) == expected
 
 
 def test_bin_concat_with_context() -> None:
@@ -151,12 +151,11 @@ def test_signing_prefix_bytes(version: int, context: bytes, pad: int) -> None:
 
 
 def test_ecdsa_p256_rfc6979_verifies_raw_r_s() -> None:
-    pub = ec.EllipticCurvePublicNumbers(
-        0x60FED4BA255A9D31C961EB74C6356D68C049B8923B61FA6CE669622E60F29FB6,
-        0x7903FE1008B8BC99A41AE9E95628BC64F2F1B20C2D7E9F5177A3C294D4462299,
-        ec.SECP256R1()).public_key()
-    sig = H("EFD48B2AACB6A8FD1140DD9CD45E81D69D2C877B56AAF991C34D0EA84EAF3716"
-            "F7CB1C942D657C41D436C7A1B6E29F65F3E900DBB9AFF4064DC4AB2F843ACDA8")
+    v = load("ecdsa_rfc6979")
+    assert (v["curve"], v["hash"], v["message"]) == ("P-256", "SHA-256", "sample")
+    pub = ec.EllipticCurvePublicNumbers(int(v["public_x"], 16), int(v["public_y"], 16),
+                                        ec.SECP256R1()).public_key()
+    sig = unhex(v["signature_r_s"])
     crypto.verify(pub, BaseAsymAlgo.ECDSA_P256, BaseHashAlgo.SHA_256, b"sample", sig)
     with pytest.raises(crypto.CryptoError):
         crypto.verify(pub, BaseAsymAlgo.ECDSA_P256, BaseHashAlgo.SHA_256, b"samplf", sig)
@@ -196,15 +195,13 @@ def test_rsassa_3072() -> None:
 # --- ECDHE ---------------------------------------------------------------------------------------
 
 def test_ecdh_rfc5903_p256() -> None:
+    v = load("ecdh_rfc5903")
+    assert v["curve"] == "P-256"
     mine = crypto.DheKeyPair(DheGroup.SECP_256_R1, ec.derive_private_key(
-        0xC88F01F510D9AC3F70A292DAA2316DE544E9AAB8AFE84049C62A9C57862D1433, ec.SECP256R1()))
-    assert mine.public_bytes() == H(
-        "DAD0B65394221CF9B051E1FECA5787D098DFE637FC90B9EF945D0C3772581180"
-        "5271A0461CDB8252D61F1C456FA3E59AB1F45B33ACCF5F58389E0577B8990BB3")
-    peer = H("D12DFB5289C8D4F81208B70270398C342296970A0BCCB74C736FC7554494BF63"
-             "56FBF3CA366CC23E8157854C13C58D6AAC23F046ADA30F8353E74F33039872AB")
-    assert mine.shared_secret(peer) == H(
-        "D6840F6B42F6EDAFD13116E0E12565202FEF8E9ECE7DCE03812464D04B9442DE")
+        int(v["private_i"], 16), ec.SECP256R1()))
+    assert mine.public_bytes() == unhex(v["public_i"])
+    peer = unhex(v["public_r"])
+    assert mine.shared_secret(peer) == unhex(v["shared_secret"])
     assert "private" not in repr(mine)
 
 

@@ -18,7 +18,8 @@ from teeio.spdm.defs import MEAS_OP_ALL
 from teeio.tdi_verify import Evidence, GuestPolicy, digests, policy_from_doc, verify
 from teeio.tdisp.defs import InterfaceInfo, LockInterfaceFlags, MmioRangeAttributes
 from teeio.tdisp.report import DeviceInterfaceReport, MmioRange, page_number
-from tests.protocol.test_spdm_session import Link
+from tests.support.pki import shared_identity as ident
+from tests.support.spdm_pair import Link
 
 SOURCES = (MeasurementSource(1, DmtfValueType.MUTABLE_FIRMWARE, b"firmware .text"),
            MeasurementSource(2, DmtfValueType.VERSION, b"1.0", as_digest=False))
@@ -28,13 +29,6 @@ MSIX = {1}                       # the accelerator's MSI-X table and PBA: BAR1
 NVME_BARS = [(0, 0xFE000000, 0x4000), (2, 0xFE004000, 0x1000)]
 NVME_MSIX = {2}
 OFFSET = 0x10_0000_0000
-_IDENT: list[pki.Identity] = []
-
-
-def ident() -> pki.Identity:
-    if not _IDENT:
-        _IDENT.append(pki.generate_chain("P-384"))
-    return _IDENT[0]
 
 
 def refs(sources: tuple[MeasurementSource, ...] = SOURCES) -> dict[str, Any]:

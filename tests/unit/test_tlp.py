@@ -15,6 +15,7 @@ from teeio.tlp import (
     TlpError,
     TlpType,
 )
+from tests.support.vectors import load, unhex
 
 u16 = st.integers(0, 0xFFFF)
 tag10 = st.integers(0, 0x3FF)
@@ -108,27 +109,30 @@ def test_truncation_and_extension_rejected(t: Tlp, data: st.DataObject) -> None:
         Tlp.decode(wire + b"\0\0\0\0")
 
 
-# --- golden layouts (hand-derived from the §2.2 figures) --------------------------------------
+# --- golden layouts (hand-derived from the §2.2 figures: tests/vectors/tlp_headers.json) ------
+
+GOLDEN = {name: unhex(v["header"]) for name, v in load("tlp_headers")["headers"].items()}
+
 
 def test_golden_mwr64_header() -> None:
     t = Tlp(TlpType.MWR64, requester_id=0x0100, tag=0x2A5, address=0x1_2345_6780,
             data=bytes(8), tc=1, attr=0b110)
     # Fmt 011 Type 00000; T9=1 TC=1 T8=0 Attr2=1; TD=0 EP=0 Attr[1:0]=10 AT=00 Len=2
-    assert t.header().hex() == "60" "94" "20" "02" "0100" "a5" "ff" "00000001" "23456780"
+    assert t.header() == GOLDEN["mwr64"]
 
 
 def test_golden_mrd32_single_dw() -> None:
     t = Tlp.memory_read(0x0008, 0x05, 0xFEE0_0001, 2)
     assert t.type is TlpType.MRD32 and t.length == 1
-    assert t.header().hex() == "00000001" "0008" "05" "06" "fee00000"
+    assert t.header() == GOLDEN["mrd32_single_dw"]
 
 
 def test_golden_cpld_and_ide_prefix() -> None:
     req = Tlp.memory_read(0x0100, 0x07, 0x1000_0004, 8, stream_id=3, t_bit=True)
     cpl = Tlp.completion_for(req, 0x0200, bytes(range(8)))
     # prefix 92, byte1 = Sub-Stream CPL(2)<<4 | T<<2 | M = 0x25, stream 3, counter 0
-    assert cpl.header().hex() == ("92250300" "4a000002" "0200" "00" "08" "0100" "07" "04")
-    assert IdePrefix.decode(bytes.fromhex("92250300")) == IdePrefix(
+    assert cpl.header() == GOLDEN["cpld_with_ide_prefix"]
+    assert IdePrefix.decode(GOLDEN["ide_prefix"]) == IdePrefix(
         SubStream.CPL, 3, t_bit=True)
 
 

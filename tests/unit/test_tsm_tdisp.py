@@ -5,12 +5,10 @@ TDISP_ERROR with a known and an unknown code."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from teeio import pki
 from teeio.pcie.config import Command, Reg
 from teeio.spdm import Requester
 from teeio.tdisp.codec import (
@@ -22,30 +20,13 @@ from teeio.tdisp.codec import (
     to_vendor_payload,
 )
 from teeio.tdisp.defs import InterfaceInfo, LockInterfaceFlags, TdiState
-from tests.protocol.test_ide_km_device import MEASUREMENTS, Dut, km
-from tests.protocol.test_tdisp_device import program_pr_keys
+from tests.support.dut import Dut, km, program_pr_keys
 from tsm.tdisp import TdispClient, TdispClientError, TdispRequestError
-from vfio_user_dev.device import BAR1_SIZE, TeeIoDevice
-from vfio_user_dev.dsm import DeviceSecurityManager
+from vfio_user_dev.device import BAR1_SIZE
 
 pytestmark = pytest.mark.timeout(60)
 
 BAR0_ADDR, BAR1_ADDR = 0xFE00_0000, 0xFE00_1000
-
-
-@pytest.fixture(scope="module")
-def identity() -> pki.Identity:
-    return pki.generate_chain("P-384")
-
-
-@pytest.fixture
-def dut(identity: pki.Identity) -> Iterator[Dut]:
-    device = TeeIoDevice()
-    dsm = DeviceSecurityManager(identity, MEASUREMENTS, name="dsm")
-    dsm.attach(device.doe, device.ide, requester_id=device.link_end.requester_id, tdi=device)
-    device.security_listeners.append(dsm.security_event)
-    yield Dut(device, dsm, identity)
-    device.close()
 
 
 def client(dut: Dut, keys: bool = True, chunk: int = 16) -> TdispClient:

@@ -181,11 +181,24 @@ def error_code(status: int) -> int:
 
 # -- host resources -----------------------------------------------------------------------------
 
+GUEST = 0x1_0000_0000  # above 4 GiB: exercises the *_HI address registers
+SIZE = 0x10000
+RW = p.DmaFlags.READ | p.DmaFlags.WRITE
+
+
 def memfd(name: str, size: int) -> int:
     """Guest RAM as QEMU's memory-backend-memfd passes it: sealed against resizing."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+    return fd
+
+
+def map_memfd(c: Client, name: str, address: int = GUEST, size: int = SIZE,
+              flags: int = RW) -> int:
+    """Map a fresh memfd at *address*; returns our fd (the server got its own copy)."""
+    fd = memfd(name, size)
+    ok(c, Command.DMA_MAP, p.DmaMap(flags, 0, address, size).encode(), fds=[fd])
     return fd
 
 
@@ -211,4 +224,4 @@ def event_fired(fd: int, timeout: float) -> int:
     r, _, _ = select.select([fd], [], [], timeout)
     if not r:
         return 0
-    return struct.unpack("<Q", os.read(fd, 8))[0]
+    return int(struct.unpack("<Q", os.read(fd, 8))[0])
