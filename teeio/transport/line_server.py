@@ -114,35 +114,41 @@ class LineServer(Generic[S]):
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            with conn:
-                state = self.opened(conn)
-                with conn.makefile("rb") as rfile:
-                    while True:
-                        line = rfile.readline(self.max_line + 1)
-                        if not line:
+            self._serve_lines(conn)
+        finally:
+            # The slot is free before the peer sees the close: a client that reconnects
+            # the moment it is closed is never told that every slot is taken.
+            with self._conns_lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _serve_lines(self, conn: socket.socket) -> None:
+        try:
+            state = self.opened(conn)
+            with conn.makefile("rb") as rfile:
+                while True:
+                    line = rfile.readline(self.max_line + 1)
+                    if not line:
+                        return
+                    if len(line) > self.max_line and not line.endswith(b"\n"):
+                        while line and not line.endswith(b"\n"):   # skip the rest of it
+                            line = rfile.readline(self.max_line)
+                        reply = self.too_long(state)
+                    elif self.skip_blank_lines and not line.strip():
+                        continue
+                    else:
+                        try:
+                            reply = self.answer(state, conn, line)
+                        except Exception:
+                            # a bug, not the peer's fault: logged (a few times, with
+                            # the traceback), this connection closed, the server on
+                            self.unforeseen += 1
+                            if self.unforeseen <= UNFORESEEN_LOGGED:
+                                log.exception("%s: unforeseen error answering a line; "
+                                              "connection closed", self.name)
                             return
-                        if len(line) > self.max_line and not line.endswith(b"\n"):
-                            while line and not line.endswith(b"\n"):   # skip the rest of it
-                                line = rfile.readline(self.max_line)
-                            reply = self.too_long(state)
-                        elif self.skip_blank_lines and not line.strip():
-                            continue
-                        else:
-                            try:
-                                reply = self.answer(state, conn, line)
-                            except Exception:
-                                # a bug, not the peer's fault: logged (a few times, with
-                                # the traceback), this connection closed, the server on
-                                self.unforeseen += 1
-                                if self.unforeseen <= UNFORESEEN_LOGGED:
-                                    log.exception("%s: unforeseen error answering a line; "
-                                                  "connection closed", self.name)
-                                return
-                        conn.sendall(self.encode(reply) + b"\n")
+                    conn.sendall(self.encode(reply) + b"\n")
         except TimeoutError:
             log.info("%s connection timed out: closed", self.name)
         except OSError as exc:
             log.info("%s connection ended: %s", self.name, exc)
-        finally:
-            with self._conns_lock:
-                self._conns.discard(conn)

@@ -247,3 +247,19 @@ def test_ghcx_server(tmp_path: Path) -> None:
     finally:
         server.close()
     assert not os.path.exists(path)
+
+
+def test_a_client_closed_for_idleness_may_reconnect_at_once(tmp_path: Path) -> None:
+    """The slot is released before the close reaches the client: reconnecting the moment
+    the server hung up is served, never told "busy" (one slot, so any leak shows)."""
+    path = str(tmp_path / "ctl.sock")
+    server = CtlServer(path, dispatch, idle_timeout=0.05, max_connections=1).start()
+    try:
+        for _ in range(30):                             # each one reconnects at once
+            with CtlClient(path) as c:
+                assert c.call("echo") == {"args": {}}
+                c.sock.settimeout(5)
+                assert c.sock.recv(1) == b""            # closed for idleness
+        assert server.counters["busy"] == 0
+    finally:
+        server.close()
