@@ -35,7 +35,8 @@ class Platform:
         self.link = Link(self.device.link_end, self.root_port, mps=mps, mrrs=mrrs,
                          capture=capture)
         self.device.link_attached()         # the link follows Device Control from now on
-        self.device.engine.direct_memory = self.dma.direct     # which jobs may run inline
+        if isinstance(self.device.personality, AcceleratorPersonality):
+            self.device.engine.direct_memory = self.dma.direct     # jobs run inline
         self.events.listeners.append(self._enforce)
         self.root_port.window_gate = self._window_gate
 
