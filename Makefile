@@ -49,6 +49,7 @@ bench: image
 	$(PY) -m bench.bench_spdm --out out/bench-spdm.json
 	$(PY) -m bench.bench_link --out out/bench-link.json
 	$(PY) -m bench.bench_tdi --out out/bench-tdi.json
+	$(PY) -m bench.bench_nvme --out out/bench-nvme.json
 	$(PY) -m bench.bench_cli --out out/bench-cli.json
 	$(PY) -m bench.summary --out out
 
