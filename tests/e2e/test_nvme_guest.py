@@ -47,7 +47,7 @@ def marker(kind: str, seed: int, n: int) -> bytes:
 
 
 @pytest.fixture
-def journey(guest_image: image.GuestImage, tmp_path: Path) -> Iterator[Journey]:
+def nvme_journey(guest_image: image.GuestImage, tmp_path: Path) -> Iterator[Journey]:
     j = Journey(tmp_path / "run", seed=secrets.randbits(32), personality="nvme",
                 nvme_size=NS_SIZE)
     try:
@@ -57,8 +57,8 @@ def journey(guest_image: image.GuestImage, tmp_path: Path) -> Iterator[Journey]:
         print(j.diagnose())
 
 
-def test_stock_nvme_driver_over_an_accepted_tdi(journey: Journey) -> None:
-    j = journey
+def test_stock_nvme_driver_over_an_accepted_tdi(nvme_journey: Journey) -> None:
+    j = nvme_journey
     seed = j.stack.opts.seed
     ns = j.wd / "nvme-namespace.img"
     t0 = time.monotonic()
