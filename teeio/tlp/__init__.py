@@ -10,7 +10,13 @@
 
 from __future__ import annotations
 
-from .build_runs import completion_parts, memory_read_headers, memory_write_parts
+from .build_runs import (
+    completion_parts,
+    completion_run,
+    memory_read_headers,
+    memory_write_parts,
+    memory_write_split,
+)
 from .fields import (
     ADDR32_LIMIT,
     MAX_PAYLOAD,
@@ -23,8 +29,13 @@ from .fields import (
 from .packet import Tlp, peek
 from .parse_runs import (
     CompletionFields,
+    CompletionRun,
     RequestFields,
+    RequestRun,
+    cpl_payload_length,
+    parse_ide_completion_runs,
     parse_ide_completions,
+    parse_ide_request_runs,
     parse_ide_requests,
 )
 from .prefix import (
@@ -50,9 +61,11 @@ from .sizing import (
 
 __all__ = [
     "ADDR32_LIMIT", "IDE_PREFIX_BYTE0", "MAC_BYTES", "MAX_PAYLOAD", "PREFIX_LEN", "RCB",
-    "TLP_SIZES", "CompletionFields", "CplStatus", "IdePrefix", "RequestFields", "SubStream",
+    "TLP_SIZES", "CompletionFields", "CompletionRun", "CplStatus", "IdePrefix",
+    "RequestFields", "RequestRun", "SubStream", "cpl_payload_length",
+    "parse_ide_completion_runs", "parse_ide_request_runs",
     "Tlp", "TlpDecodeError", "TlpError", "TlpType", "byte_span", "check_tlp_size",
-    "completion_parts", "completion_spans", "count_completions", "count_pieces",
+    "completion_parts", "completion_run", "completion_spans", "memory_write_split", "count_completions", "count_pieces",
     "count_read_tlps", "is_protected", "memory_read_headers", "memory_write_parts",
     "parse_ide_completions", "parse_ide_requests", "peek", "prefix_stream_id", "split",
     "substream_of",

@@ -9,9 +9,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from teeio.ide import MAC_LEN
-from teeio.tlp import CompletionFields, CplStatus, Tlp
+from teeio.tlp import PREFIX_LEN, CompletionRun, CplStatus, Tlp
 from vfio_user_dev.link.interfaces import LinkFault
+
+CPL_HEADER_LEN = PREFIX_LEN + 12        # IDE prefix and a 3-DW completion header
 
 
 @dataclass
@@ -93,25 +94,37 @@ class OutstandingReads:
         p.data += chunk
         p.status = CplStatus.SC if len(p.data) == p.length else None
 
-    def complete_run(self, fields: Sequence[CompletionFields], plains: Sequence[bytes],
-                     wires: Sequence[bytes], start: int, requester_id: int) -> None:
-        """Ordinary successful CplDs ``wires[start:start + len(plains)]`` (their parsed
-        *fields*, their decrypted payloads *plains*) without building TLP objects: what
-        :meth:`complete` does for each, in the same order."""
+    def complete_runs(self, runs: Sequence[CompletionRun], plains: Sequence[bytes],
+                      wires: Sequence[bytes], start: int, requester_id: int) -> None:
+        """Ordinary successful CplDs ``wires[start:start + len(plains)]`` (parsed as
+        *runs*, :func:`teeio.tlp.parse_ide_completion_runs`; their decrypted payloads
+        *plains*) without building TLP objects: what :meth:`complete` does for each, in
+        the same order.  A run's completions after its first each carry the next whole
+        payload of the read, so when the first is in order they all are."""
         pending = self.pending
-        for i, ((requester, tag, count, lower), plain) in enumerate(zip(fields, plains,
-                                                                        strict=True)):
+        pos, n = 0, len(plains)
+        for (requester, tag, count, lower), k in runs:
+            if pos >= n:
+                break
+            k = min(k, n - pos)
             p = pending.get(tag)
             if (p is not None and requester == requester_id and p.error is None
                     and p.status is None):
                 have = len(p.data)
                 lead = lower & 3
+                plain = plains[pos]
                 if (count == p.length - have and lower == (p.address + have) & 0x7F
                         and lead < len(plain)):
-                    p.data += plain[lead:lead + count]
+                    if k == 1:
+                        p.data += plain[lead:lead + count]
+                    else:                   # lead 0: whole payloads, Byte Count following
+                        p.data += b"".join(plains[pos:pos + k])[:count]
                     p.status = CplStatus.SC if len(p.data) == p.length else None
+                    pos += k
                     continue
             # Anything unusual: the per-TLP code decides (and records) exactly as ever.
-            wire = wires[start + i]
-            self.complete(Tlp.decode(bytes(wire[:len(wire) - len(plain) - MAC_LEN])
-                                     + bytes(plain)), requester_id)
+            for j in range(pos, pos + k):
+                wire = wires[start + j]             # prefix (M set: checked) and header
+                image = bytes((wire[0], wire[1] | 1)) + bytes(wire[2:CPL_HEADER_LEN])
+                self.complete(Tlp.decode(image + bytes(plains[j])), requester_id)
+            pos += k

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from teeio.ide import IdeKeyStateError
-from teeio.tlp import CplStatus, SubStream, Tlp, TlpType, completion_parts, completion_spans
+from teeio.tlp import CplStatus, SubStream, Tlp, TlpType, completion_run
 from vfio_user_dev.dma import DmaFault, DmaMapSet
 from vfio_user_dev.link.interfaces import LinkFault, RootPortReply
 from vfio_user_dev.root_port.context import Burst, PortContext
@@ -116,10 +116,9 @@ class DmaExecutor:
         for req, data in group:
             base = req.address
             for a, n, tag in req.pieces or ((base, req.length, req.tag),):
-                h, p = completion_parts(req.requester_id, tag, self._ctx.completer_id, a,
-                                        data[a - base:a - base + n],
-                                        completion_spans(a, n, self._ctx.mps), tc=req.tc,
-                                        attr=req.attr)
+                h, p = completion_run(req.requester_id, tag, self._ctx.completer_id, a,
+                                      data[a - base:a - base + n], self._ctx.mps, tc=req.tc,
+                                      attr=req.attr)
                 headers += h
                 payloads += p
         if stream is None:
