@@ -15,7 +15,7 @@ import hmac
 import logging
 import secrets
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 

@@ -55,8 +55,7 @@ def seal_units(key: IdeKey, counter: int, prefix: bytes, headers: Sequence[bytes
     counters they used (one per unit, from *counter*).  *prefix*: the IDE prefix with M
     set; the TLPs of a unit but its last go with M clear and no MAC (§6.33.4)."""
     if ide_accel.enabled():
-        return key.accel.seal(counter, prefix, _as_list(headers), _as_list(payloads),
-                              unit_tlps)
+        return key.accel.seal(counter, prefix, list(headers), list(payloads), unit_tlps)
     enc, iv = key.aead.encrypt, _IV.pack
     if unit_tlps == 1:                      # no aggregation: one invocation per TLP
         out = []
@@ -93,7 +92,8 @@ def open_units(key: IdeKey, counter: int, wires: Sequence[bytes], start: int, st
     how many TLPs, how many units).  Stops before the first unit that is incomplete,
     breaks those limits or fails its MAC check; nothing of it is returned."""
     if ide_accel.enabled() and counter <= COUNTER_MAX:
-        return key.accel.open(_as_list(wires), start, stop, counter, unit_tlps)
+        return key.accel.open(wires if isinstance(wires, list) else list(wires), start, stop,
+                              counter, unit_tlps)
     compare = hmac.compare_digest
     enc = key.aead.encrypt
     out: list[bytes] = []
@@ -148,7 +148,3 @@ def open_units(key: IdeKey, counter: int, wires: Sequence[bytes], start: int, st
         i += len(unit)
     return out, i - start, units
 
-
-def _as_list(items: Sequence[bytes] | Sequence[bytes | memoryview]
-             ) -> list[bytes | memoryview]:
-    return items if isinstance(items, list) else list(items)

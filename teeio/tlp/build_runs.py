@@ -49,7 +49,7 @@ def _request_header(kind32: int, requester_id: int, tag: int, address: int, size
                       last << 4 | first, start), n
 
 
-def memory_write_parts(requester_id: int, address: int, data: bytes,
+def memory_write_parts(requester_id: int, address: int, data: bytes | memoryview,
                        pieces: Sequence[tuple[int, int]], *, tag: int = 0, tc: int = 0,
                        attr: int = 0) -> tuple[list[bytes], list[bytes | memoryview]]:
     """Headers (no IDE prefix) and DW-padded payloads of the MWr TLPs that write the
