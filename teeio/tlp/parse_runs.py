@@ -108,14 +108,21 @@ def parse_ide_request_runs(wires: Sequence[bytes], start: int, stream_id: int,
             last = min(nxt + (end - i) * step, _ADDR_END[hlen])
             if 0x1000 % step or nxt % step:
                 last = min(last, (nxt | 0xFFF) + 2 - step)
-            for pred in [fixed + pack(a) for a in range(nxt, last, step)]:
-                w = wires[i]
-                if not (w.startswith(pred, 2)
-                        and (w[:2] == pb1 and len(w) == with_mac
-                             or aggregation and w[:2] == pb0 and len(w) == without)):
-                    break
-                i += 1
-                k += 1
+            # The first guess alone (a read's next MRd has another tag), then the rest.
+            guesses = [fixed + pack(nxt)] if nxt < last else []
+            while guesses:
+                for pred in guesses:
+                    w = wires[i]
+                    if not (w.startswith(pred, 2)
+                            and (w[:2] == pb1 and len(w) == with_mac
+                                 or aggregation and w[:2] == pb0 and len(w) == without)):
+                        guesses = []
+                        break
+                    i += 1
+                    k += 1
+                else:
+                    guesses = ([fixed + pack(a) for a in range(nxt + step, last, step)]
+                               if k == 2 else [])
         out.append((fields, k))
     return out
 
