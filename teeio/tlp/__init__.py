@@ -10,13 +10,7 @@
 
 from __future__ import annotations
 
-from .build_runs import (
-    completion_parts,
-    completion_run,
-    memory_read_headers,
-    memory_write_parts,
-    memory_write_split,
-)
+from .build_runs import completion_parts, memory_read_headers, memory_write_parts
 from .fields import (
     ADDR32_LIMIT,
     MAX_PAYLOAD,
@@ -58,12 +52,20 @@ from .sizing import (
     count_read_tlps,
     split,
 )
+from .templates import (
+    completion_headers,
+    completion_run,
+    completion_runs,
+    memory_read_tagged,
+    memory_write_split,
+)
 
 __all__ = [
     "ADDR32_LIMIT", "CompletionFields", "CompletionRun", "CplStatus", "IDE_PREFIX_BYTE0",
     "IdePrefix", "MAC_BYTES", "MAX_PAYLOAD", "PREFIX_LEN", "RCB", "RequestFields", "RequestRun",
     "SubStream", "TLP_SIZES", "Tlp", "TlpDecodeError", "TlpError", "TlpType", "byte_span",
-    "check_tlp_size", "completion_parts", "completion_run", "completion_spans",
+    "check_tlp_size", "completion_headers", "completion_parts", "completion_runs",
+    "memory_read_tagged", "completion_run", "completion_spans",
     "count_completions", "count_pieces", "count_read_tlps", "cpl_payload_length",
     "is_protected", "memory_read_headers", "memory_write_parts", "memory_write_split",
     "parse_ide_completion_runs", "parse_ide_completions", "parse_ide_request_runs",

@@ -4,9 +4,8 @@ objects (PCIe 6.x §2.2.7 memory requests, §2.2.9 completions): the link's fast
 Each function gives byte for byte what the :class:`~teeio.tlp.packet.Tlp` class gives for
 the same TLPs (the unit tests compare them); they leave out its validation, so the
 callers pass only what it would accept: pieces of 1..4096 bytes that do not cross a
-4 KiB boundary.  :func:`memory_write_split` and :func:`completion_run` build the regular
-middle of a transfer (whole MPS-sized TLPs) from one header template each, only the
-address or the Byte Count filled in per TLP.
+4 KiB boundary.  The regular middle of a transfer is built from header templates in
+:mod:`.templates`.
 """
 
 from __future__ import annotations
@@ -15,17 +14,13 @@ import struct
 from collections.abc import Sequence
 
 from .fields import ADDR32_LIMIT, TlpType
-from .sizing import RCB, completion_spans, split
 
 _REQ3 = struct.Struct(">BBBBHBBI")
 _REQ4 = struct.Struct(">BBBBHBBQ")
 _CPL = struct.Struct(">BBBBHBBHBB")
-_ADDR32 = struct.Struct(">I").pack
-_ADDR64 = struct.Struct(">Q").pack
-_BC = struct.Struct(">H").pack
 
 
-def _dw0_bits(tag: int, tc: int, attr: int) -> tuple[int, int]:
+def dw0_bits(tag: int, tc: int, attr: int) -> tuple[int, int]:
     """Bytes 1 and 2 of DW0 without the Length bits."""
     return ((tag >> 9 & 1) << 7 | tc << 4 | (tag >> 8 & 1) << 3 | (attr >> 2) << 2,
             (attr & 3) << 4)
@@ -56,7 +51,7 @@ def memory_write_parts(requester_id: int, address: int, data: bytes | memoryview
     byte ranges *pieces* of *data* (which starts at byte *address*): for each piece
     ``(a, n)``, ``Tlp.memory_write(requester_id, tag, a, data[a - address:][:n], tc=tc,
     attr=attr)``'s ``header()`` and ``data``."""
-    b1, b2 = _dw0_bits(tag, tc, attr)
+    b1, b2 = dw0_bits(tag, tc, attr)
     view = memoryview(data)
     headers: list[bytes] = []
     payloads: list[bytes | memoryview] = []
@@ -91,7 +86,7 @@ def memory_read_headers(requester_id: int, pieces: Sequence[tuple[int, int]], *,
     kind = int(TlpType.MRD32)
     for i, (a, n) in enumerate(pieces):
         tag = first_tag + i
-        b1, b2 = _dw0_bits(tag, tc, attr)
+        b1, b2 = dw0_bits(tag, tc, attr)
         out.append(_request_header(kind, requester_id, tag, a, n, b1, b2)[0])
     return out
 
@@ -103,7 +98,7 @@ def completion_parts(requester_id: int, tag: int, completer_id: int, address: in
     (read at byte *address*) in the byte ranges *spans*, each carrying the bytes still
     due as its Byte Count: ``Tlp(CPLD, requester_id, tag, data=padded, completer_id=...,
     byte_count=remaining, lower_address=a & 0x7F, tc=tc, attr=attr)``."""
-    b1, b2 = _dw0_bits(tag, tc, attr)
+    b1, b2 = dw0_bits(tag, tc, attr)
     view = memoryview(data)
     remaining = len(view)
     headers: list[bytes] = []
@@ -123,64 +118,3 @@ def completion_parts(requester_id: int, tag: int, completer_id: int, address: in
         remaining -= n
     return headers, payloads
 
-
-def memory_write_split(requester_id: int, address: int, data: bytes | memoryview, size: int,
-                       *, tag: int = 0, tc: int = 0, attr: int = 0
-                       ) -> tuple[list[bytes], list[bytes | memoryview]]:
-    """``memory_write_parts(requester_id, address, data, split(address, len(data), size),
-    ...)``; the whole *size*-byte TLPs between the first and the last from a template."""
-    n = len(data)
-    end = address + n
-    first_end = (address // size + 1) * size
-    last = (end - 1) // size * size
-    if first_end >= last or size <= 4:
-        return memory_write_parts(requester_id, address, data, split(address, n, size),
-                                  tag=tag, tc=tc, attr=attr)
-    view = memoryview(data)
-    headers, payloads = memory_write_parts(requester_id, address, view[:first_end - address],
-                                           [(address, first_end - address)], tag=tag, tc=tc,
-                                           attr=attr)
-    b1, b2 = _dw0_bits(tag, tc, attr)
-    dws = size >> 2
-    kind = int(TlpType.MWR32)
-    dw1 = requester_id.to_bytes(2, "big") + bytes((tag & 0xFF, 0xFF))
-    for lo, hi in ((first_end, min(last, ADDR32_LIMIT)), (max(first_end, ADDR32_LIMIT), last)):
-        if lo >= hi:
-            continue
-        wide = lo >= ADDR32_LIMIT
-        head = bytes((kind | 0x20 if wide else kind, b1, b2 | dws >> 8 & 3, dws & 0xFF)) + dw1
-        pack = _ADDR64 if wide else _ADDR32
-        headers += [head + pack(a) for a in range(lo, hi, size)]
-        payloads += [view[o:o + size] for o in range(lo - address, hi - address, size)]
-    h, p = memory_write_parts(requester_id, last, view[last - address:], [(last, end - last)],
-                              tag=tag, tc=tc, attr=attr)
-    return headers + h, payloads + p
-
-
-def completion_run(requester_id: int, tag: int, completer_id: int, address: int,
-                   data: bytes | memoryview, mps: int, *, tc: int = 0, attr: int = 0
-                   ) -> tuple[list[bytes], list[bytes | memoryview]]:
-    """``completion_parts(requester_id, tag, completer_id, address, data,
-    completion_spans(address, len(data), mps), ...)``: after the first, every completion but
-    the last carries *mps* bytes from an RCB boundary; those from a template."""
-    n = len(data)
-    end = address + n
-    first_end = end if end - (address & ~3) <= mps else (address + mps) & ~(RCB - 1)
-    if first_end == end or mps % 128 or end - first_end <= mps:
-        return completion_parts(requester_id, tag, completer_id, address, data,
-                                completion_spans(address, n, mps), tc=tc, attr=attr)
-    view = memoryview(data)
-    last = first_end + (end - first_end - 1) // mps * mps     # where the last one starts
-    headers, payloads = completion_parts(requester_id, tag, completer_id, address, view,
-                                         [(address, first_end - address)], tc=tc, attr=attr)
-    b1, b2 = _dw0_bits(tag, tc, attr)
-    dws = mps >> 2
-    pre = bytes((TlpType.CPLD, b1, b2 | dws >> 8 & 3, dws & 0xFF)) + completer_id.to_bytes(
-        2, "big")
-    # Lower Address stays first_end's: each step is a multiple of 128 bytes.
-    post = requester_id.to_bytes(2, "big") + bytes((tag & 0xFF, first_end & 0x7F))
-    headers += [pre + _BC(r & 0xFFF) + post for r in range(end - first_end, end - last, -mps)]
-    payloads += [view[o:o + mps] for o in range(first_end - address, last - address, mps)]
-    h, p = completion_parts(requester_id, tag, completer_id, last, view[last - address:],
-                            [(last, end - last)], tc=tc, attr=attr)
-    return headers + h, payloads + p

@@ -23,7 +23,8 @@ RequestFields = tuple[bool, int, int, int, int, bool, int, int, int]
 # (requester_id, tag, byte_count, lower_address)
 CompletionFields = tuple[int, int, int, int]
 #: a run: the first TLP's fields and how many TLPs (it and those that continue it: each
-#: the next ``byte_count`` bytes, all bytes enabled, the fields otherwise the same)
+#: the next ``byte_count`` bytes, all bytes enabled, an MRd with the next tag, the fields
+#: otherwise the same)
 RequestRun = tuple[RequestFields, int]
 #: a run of the completions of one read: the first one's fields and how many (each the
 #: next whole payload of the same size, aligned, Byte Count and Lower Address following)
@@ -41,8 +42,8 @@ _ADDR_END = {16: ADDR32_LIMIT, 20: 1 << 64}    # by header length (prefix includ
 def parse_ide_request_runs(wires: Sequence[bytes], start: int, stream_id: int,
                            aggregation: bool = False) -> list[RequestRun]:
     """:func:`parse_ide_requests` as runs: a run of TLPs that each continue the one before
-    (same prefix but M, same header but the address, the next ``byte_count`` bytes, all
-    bytes enabled) is one entry."""
+    (same prefix but M, same header but the address -- and an MRd's tag, one up -- the
+    next ``byte_count`` bytes, all bytes enabled) is one entry."""
     out: list[RequestRun] = []
     spans = _SPANS
     head, addr32, addr64 = _HEAD.unpack_from, _ADDR32.unpack_from, _ADDR64.unpack_from
@@ -99,17 +100,23 @@ def parse_ide_request_runs(wires: Sequence[bytes], start: int, stream_id: int,
         if count == step and n > 1:             # all bytes enabled: predict the next one
             pb1, pb0 = bytes((p0, p1 | 1)), bytes((p0, p1 & 0xFE))
             with_mac, without = hlen + data + MAC_BYTES, hlen + data
-            fixed = w[2:12]                     # stream, counter, DW0, DW1
             pack = _ADDR64.pack if hlen == 20 else _ADDR32.pack
             nxt = address + step
             # How many could follow: up to the end of the wires, none crossing 4 KiB (only
             # within this page unless step divides 4 KiB and the address is a multiple of
-            # it), while the address fits the header's form.
+            # it), while the address fits the header's form -- and, for MRds, each with the
+            # next tag (its low byte not wrapping).
             last = min(nxt + (end - i) * step, _ADDR_END[hlen])
             if 0x1000 % step or nxt % step:
                 last = min(last, (nxt | 0xFFF) + 2 - step)
-            # The first guess alone (a read's next MRd has another tag), then the rest.
-            guesses = [fixed + pack(nxt)] if nxt < last else []
+            if write:
+                fixed = w[2:12]                 # stream, counter, DW0, DW1
+                guesses = [fixed + pack(nxt)] if nxt < last else []
+            else:
+                fixed, be_byte = w[2:10], bytes((be,))  # stream, counter, DW0, RID | BE
+                last = min(last, nxt + (0xFF - tag) * step)
+                guesses = [fixed + bytes((tag + 1,)) + be_byte + pack(nxt)] if nxt < last else []
+            # The first guess alone, then the rest.
             while guesses:
                 for pred in guesses:
                     w = wires[i]
@@ -121,8 +128,15 @@ def parse_ide_request_runs(wires: Sequence[bytes], start: int, stream_id: int,
                     i += 1
                     k += 1
                 else:
-                    guesses = ([fixed + pack(a) for a in range(nxt + step, last, step)]
-                               if k == 2 else [])
+                    if k != 2:
+                        guesses = []
+                    elif write:
+                        guesses = [fixed + pack(a) for a in range(nxt + step, last, step)]
+                    else:
+                        guesses = [fixed + bytes((t,)) + be_byte + pack(a)
+                                   for t, a in zip(range(tag + 2, 0x100),
+                                                   range(nxt + step, last, step),
+                                                   strict=False)]
         out.append((fields, k))
     return out
 
@@ -138,7 +152,8 @@ def parse_ide_requests(wires: Sequence[bytes], start: int, stream_id: int,
     for f, k in parse_ide_request_runs(wires, start, stream_id, aggregation):
         out.append(f)
         write, rid, tag, tc, attr, t_bit, a, count, lo = f
-        out += [(write, rid, tag, tc, attr, t_bit, a + j * count, count, lo)
+        step = 0 if write else 1
+        out += [(write, rid, tag + j * step, tc, attr, t_bit, a + j * count, count, lo)
                 for j in range(1, k)]
     return out
 

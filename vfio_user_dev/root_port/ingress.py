@@ -113,10 +113,12 @@ class Ingress:
                     if write:
                         parts.append(plains[pos][lo:lo + count])
                     pieces.append((a, count, tag))
-                else:                       # whole payloads (lo 0), one after the other
-                    if write:
-                        parts += plains[pos:pos + k]
+                elif write:                 # whole payloads (lo 0), one after the other
+                    parts += plains[pos:pos + k]
                     pieces += [(b, count, tag) for b in range(a, a + k * count, count)]
+                else:                       # MRds with consecutive tags
+                    pieces += [(b, count, tag + j) for j, b in
+                               enumerate(range(a, a + k * count, count))]
                 gathered += k
                 pos += k
                 continue
@@ -125,8 +127,9 @@ class Ingress:
                 run = None
             for j in range(k):
                 plain = plains[pos + j]
-                req = Request(write, rid, a + j * count, count, t_bit, stream, tag=tag, tc=tc,
-                              attr=attr, data=bytes(plain[lo:lo + count]) if write else b"")
+                req = Request(write, rid, a + j * count, count, t_bit, stream,
+                              tag=tag if write else tag + j, tc=tc, attr=attr,
+                              data=bytes(plain[lo:lo + count]) if write else b"")
                 self._admit(req, burst, reply, admitted, *self.check(req))
             pos += k
         if run is not None:
