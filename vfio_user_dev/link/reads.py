@@ -9,7 +9,15 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from teeio.tlp import PREFIX_LEN, CompletionRun, CplStatus, Tlp
+from teeio.tlp import (
+    IDE_PREFIX_BYTE0,
+    MAC_BYTES,
+    PREFIX_LEN,
+    CompletionRun,
+    CplStatus,
+    Tlp,
+    completion_headers,
+)
 from vfio_user_dev.link.interfaces import LinkFault
 
 CPL_HEADER_LEN = PREFIX_LEN + 12        # IDE prefix and a 3-DW completion header
@@ -34,21 +42,91 @@ class PendingRead:
 class OutstandingReads:
     """The MRds of one batch, by tag, and what their completions brought.  Counts
     ``unexpected_completions``, ``completion_timeouts``, ``ur_completions`` and ``faults``
-    in the endpoint's *counters*."""
+    in the endpoint's *counters*.
+
+    The common case needs no per-read state: when the batch's completions arrive in one
+    burst exactly as the completer splits them (PCIe 6.x §2.3.1.1, at the link's MPS) --
+    :meth:`expected` predicts each one's header, :meth:`match` compares -- and pass the IDE
+    check, their payloads joined are the data (:meth:`take_all`).  Anything else goes
+    through the per-read table :attr:`pending`, made when first needed."""
 
     def __init__(self, counters: dict[str, int], log: logging.Logger) -> None:
-        self.pending: dict[int, PendingRead] = {}
+        self._pending: dict[int, PendingRead] | None = {}
+        self._tags: Sequence[int] = ()
+        self._pieces: Sequence[tuple[int, int]] = ()
+        self._mps = 0
+        self._joined: bytes | None = None
         self._counters = counters
         self._log = log
 
-    def start(self, tags: Sequence[int], pieces: Sequence[tuple[int, int]]) -> None:
-        """MRds for *pieces* are about to go out, the i-th tagged ``tags[i]``."""
-        self.pending = {tag: PendingRead(a, n) for tag, (a, n) in zip(tags, pieces,
-                                                                     strict=True)}
+    @property
+    def pending(self) -> dict[int, PendingRead]:
+        """The outstanding MRds by tag (made when first needed)."""
+        if self._pending is None:
+            self._pending = {tag: PendingRead(a, n) for tag, (a, n) in zip(
+                self._tags, self._pieces, strict=True)}
+        return self._pending
+
+    def start(self, tags: Sequence[int], pieces: Sequence[tuple[int, int]],
+              mps: int = 0) -> None:
+        """MRds for *pieces* are about to go out, the i-th tagged ``tags[i]``; *mps*: the
+        Max_Payload_Size the completer splits their completions by (0: unknown, no
+        prediction)."""
+        self._tags, self._pieces, self._mps = tags, pieces, mps
+        self._pending = None
+        self._joined = None
 
     def clear(self) -> None:
         """Completed, or given up (completion timeout)."""
-        self.pending = {}
+        self._tags, self._pieces = (), ()
+        self._pending = {}
+        self._joined = None
+
+    def expected(self, requester_id: int, completer_id: int) -> tuple[list[bytes], list[int]]:
+        """The headers (without the IDE prefix) and payload lengths of the batch's CplDs
+        as a completer with *completer_id* sends them, all successful, split at the MPS
+        on RCB boundaries; ``([], [])`` unless no completion has come yet and every read is
+        of whole DWs (then the payloads are exactly the data)."""
+        if self._pending is not None or not self._mps or any(
+                (a | n) & 3 for a, n in self._pieces):
+            return [], []
+        return completion_headers(requester_id, completer_id,
+                                  [(a, n, t) for (a, n), t in zip(self._pieces, self._tags,
+                                                                  strict=True)], self._mps)
+
+    def match(self, wires: Sequence[bytes], start: int, stream_id: int, aggregation: bool,
+              requester_id: int) -> int:
+        """How many of ``wires[start:]`` are the batch's completions as :meth:`expected`
+        predicts them (IDE-protected on *stream_id*, the MAC where M says, §6.33.6): all
+        of them, or 0."""
+        first = wires[start]
+        if len(first) < 16:
+            return 0
+        headers, lengths = self.expected(requester_id, first[8] << 8 | first[9])
+        n = len(headers)
+        if not n or len(wires) - start < n:
+            return 0
+        mask, want = (0xF8, 0x20) if aggregation else (0xF9, 0x21)
+        ids = bytes((stream_id, 0))
+        for w, h, size in zip(wires[start:start + n], headers, lengths, strict=True):
+            c = w[1]
+            if not (w.startswith(ids, 2) and w.startswith(h, 4) and w[0] == IDE_PREFIX_BYTE0
+                    and c & mask == want
+                    and len(w) == CPL_HEADER_LEN + size + (MAC_BYTES if c & 1 else 0)):
+                return 0
+        return n
+
+    def complete_all(self, plains: Sequence[bytes]) -> None:
+        """The batch's completions, as :meth:`match` found them, passed the IDE check:
+        *plains* are their payloads, in order."""
+        self._joined = b"".join(plains)
+        self._pending = {}
+
+    def take_all(self) -> bytes:
+        """The data of the whole batch, in order; LinkFault if any part did not arrive."""
+        if self._joined is not None:
+            return self._joined
+        return b"".join([self.take(tag) for tag in self._tags])
 
     def take(self, tag: int) -> bytearray:
         """The data read by the MRd tagged *tag*; LinkFault if it did not all arrive."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from teeio.tlp import memory_read_headers
+from teeio.tlp import memory_read_tagged
 
 MAX_OUTSTANDING = 256           # 8-bit tags (Extended Tag Field Enable set, §7.5.3.4)
 TAGS_5BIT = 32                  # Extended Tag Field Enable clear: tags 0..31 (§2.2.6.2)
@@ -62,14 +62,6 @@ class TagAllocator:
 def read_headers(requester_id: int, pieces: Sequence[tuple[int, int]],
                  tags: Sequence[int]) -> list[bytes]:
     """MRd headers for *pieces*, the i-th tagged ``tags[i]``
-    (:func:`~teeio.tlp.memory_read_headers` for each run of consecutive tags)."""
-    out: list[bytes] = []
-    i = 0
-    while i < len(pieces):
-        j = i + 1
-        while j < len(pieces) and tags[j] == tags[j - 1] + 1:
-            j += 1
-        out += memory_read_headers(requester_id, pieces[i:j], first_tag=tags[i])
-        i = j
-    return out
+    (:func:`~teeio.tlp.memory_read_tagged`)."""
+    return memory_read_tagged(requester_id, pieces, tags)
 
