@@ -8,12 +8,15 @@
  *
  *   Gcm(key: bytes)                      one key, its AES key schedule made once
  *   Gcm.seal(counter, prefix, headers, payloads, unit_tlps) -> (wires, units)
- *   Gcm.open(wires, start, stop, counter, unit_tlps) -> (plaintexts, consumed, units)
+ *   Gcm.open(wires, start, stop, counter, unit_tlps, joined=False)
+ *       -> (plaintexts, consumed, units)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <openssl/crypto.h>
+#include <openssl/core_names.h>
 #include <openssl/evp.h>
+#include <openssl/params.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -45,7 +48,33 @@ gcm_start(GcmObject *self, uint64_t counter, int enc)
 {
     unsigned char iv[IV_LEN];
     iv_of(iv, counter);
-    return EVP_CipherInit_ex(self->ctx, NULL, NULL, NULL, iv, enc) == 1;
+    return EVP_CipherInit_ex2(self->ctx, NULL, NULL, iv, enc, NULL) == 1;
+}
+
+/* The unit's MAC: the GCM tag's 12 leading bytes (§6.33.5), after the last data. */
+static int
+gcm_get_mac(GcmObject *self, unsigned char mac[MAC_LEN])
+{
+    int outl;
+    OSSL_PARAM params[2];
+    params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, mac, MAC_LEN);
+    params[1] = OSSL_PARAM_construct_end();
+    return EVP_EncryptFinal_ex(self->ctx, mac, &outl) == 1
+        && EVP_CIPHER_CTX_get_params(self->ctx, params) == 1;
+}
+
+/* Whether the unit's MAC checks out (constant time, in libcrypto), after the last data. */
+static int
+gcm_check_mac(GcmObject *self, const unsigned char *mac)
+{
+    int outl;
+    unsigned char tmp[16];
+    OSSL_PARAM params[2];
+    params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, (void *)mac,
+                                                  MAC_LEN);
+    params[1] = OSSL_PARAM_construct_end();
+    return EVP_CIPHER_CTX_set_params(self->ctx, params) == 1
+        && EVP_DecryptFinal_ex(self->ctx, tmp, &outl) == 1;
 }
 
 static int
@@ -206,12 +235,9 @@ Gcm_seal(GcmObject *self, PyObject *args)
             if (!gcm_data(self, out + PREFIX_LEN + hlen, pv.views[k].buf, plen))
                 goto crypto_error;
         }
-        int outl;
         PyObject *last = PyList_GET_ITEM(wires, j - 1);
-        unsigned char *mac = (unsigned char *)PyBytes_AS_STRING(last)
-            + PyBytes_GET_SIZE(last) - MAC_LEN;
-        if (EVP_EncryptFinal_ex(self->ctx, mac, &outl) != 1
-                || EVP_CIPHER_CTX_ctrl(self->ctx, EVP_CTRL_GCM_GET_TAG, MAC_LEN, mac) != 1)
+        if (!gcm_get_mac(self, (unsigned char *)PyBytes_AS_STRING(last)
+                         + PyBytes_GET_SIZE(last) - MAC_LEN))
             goto crypto_error;
         ctr++;
         units++;
@@ -242,40 +268,54 @@ framing(const unsigned char *w, Py_ssize_t len, Py_ssize_t *hlen, Py_ssize_t *bl
     return *blen >= 0;
 }
 
-/* open(wires, start, stop, counter, unit_tlps) -> (plaintexts, consumed, units)
+/* open(wires, start, stop, counter, unit_tlps, joined=False)
+ *     -> (plaintexts, consumed, units)
  *
  * Checks and decrypts whole units of wires[start:stop] in order, as
  * teeio.ide_runs.open_units does: a unit is the TLPs up to and including the next one with
  * M set, at most unit_tlps of them and at most 256 DW of payload when more than one.  Stops
  * before the first unit that is incomplete, breaks those limits or fails its MAC check:
- * nothing of it is returned (plaintext is only released once the MAC checks out). */
+ * nothing of it is returned (plaintext is only released once the MAC checks out).
+ * plaintexts: a list of each TLP's payload, or with joined one bytes object of them all. */
 static PyObject *
 Gcm_open(GcmObject *self, PyObject *args)
 {
     PyObject *wires_in;
     Py_ssize_t start, stop;
     unsigned long long counter;
-    int unit_tlps;
-    if (!PyArg_ParseTuple(args, "O!nnKi:open", &PyList_Type, &wires_in, &start, &stop,
-                          &counter, &unit_tlps))
+    int unit_tlps, joined = 0;
+    if (!PyArg_ParseTuple(args, "O!nnKi|p:open", &PyList_Type, &wires_in, &start, &stop,
+                          &counter, &unit_tlps, &joined))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(wires_in);
     if (start < 0 || stop > n || start > stop || unit_tlps < 1 || unit_tlps > UNIT_TLPS_MAX) {
         PyErr_SetString(PyExc_ValueError, "open: bad range or unit size");
         return NULL;
     }
-    PyObject *plains = PyList_New(0);
+    PyObject *plains = NULL;        /* list, or with joined the bytes being filled */
+    Py_ssize_t room = 0, pos = 0;   /* joined: its size, and how much is filled */
+    if (joined) {
+        for (Py_ssize_t w = start; w < stop; w++) {
+            Py_ssize_t len = PyObject_Length(PyList_GET_ITEM(wires_in, w));
+            if (len < 0)
+                return NULL;
+            room += len;
+        }
+        plains = PyBytes_FromStringAndSize(NULL, room);
+    } else {
+        plains = PyList_New(0);
+    }
     if (plains == NULL)
         return NULL;
     Py_buffer views[UNIT_TLPS_MAX];
     PyObject *outs[UNIT_TLPS_MAX];
     Py_ssize_t hl[UNIT_TLPS_MAX], bl[UNIT_TLPS_MAX];
     uint64_t ctr = counter;
-    int exhausted = 0;
+    int exhausted = 0, failed = 0;
     Py_ssize_t units = 0, i = start;
     while (i < stop && !exhausted) {
         /* the unit: TLPs up to the one with M set */
-        Py_ssize_t count = 0, total = 0;
+        Py_ssize_t count = 0, total = 0, k;
         int complete = 0, ok = 1;
         while (i + count < stop && count < unit_tlps) {
             Py_buffer *v = &views[count];
@@ -296,64 +336,63 @@ Gcm_open(GcmObject *self, PyObject *args)
                 break;
             }
         }
-        if (ok && complete && count > 1 && total > UNIT_PAYLOAD_MAX)
-            ok = 0;
-        if (ok && complete) {
-            Py_ssize_t k;
-            int good = gcm_start(self, ctr, 0);
+        int good = ok && complete && (count == 1 || total <= UNIT_PAYLOAD_MAX);
+        Py_ssize_t unit_pos = pos;
+        if (good) {
+            good = gcm_start(self, ctr, 0);
             for (k = 0; good && k < count; k++)
                 good = gcm_aad(self, views[k].buf, hl[k]);
             for (k = 0; k < count; k++)
                 outs[k] = NULL;
             for (k = 0; good && k < count; k++) {
-                if (bl[k] == 0) {
+                unsigned char *to;
+                if (joined) {
+                    to = (unsigned char *)PyBytes_AS_STRING(plains) + pos;
+                } else if (bl[k] == 0) {
                     Py_INCREF(empty_bytes);
                     outs[k] = empty_bytes;
                     continue;
+                } else {
+                    outs[k] = PyBytes_FromStringAndSize(NULL, bl[k]);
+                    if (outs[k] == NULL) {
+                        failed = 1;
+                        break;
+                    }
+                    to = (unsigned char *)PyBytes_AS_STRING(outs[k]);
                 }
-                outs[k] = PyBytes_FromStringAndSize(NULL, bl[k]);
-                if (outs[k] == NULL)
-                    break;
-                good = gcm_data(self, (unsigned char *)PyBytes_AS_STRING(outs[k]),
-                                (const unsigned char *)views[k].buf + hl[k], bl[k]);
+                good = gcm_data(self, to, (const unsigned char *)views[k].buf + hl[k], bl[k]);
+                if (joined)
+                    pos += bl[k];
             }
-            if (good && k == count) {
-                int outl;
-                unsigned char tmp[16];
-                const unsigned char *mac = (const unsigned char *)views[count - 1].buf
-                    + views[count - 1].len - MAC_LEN;
-                good = EVP_CIPHER_CTX_ctrl(self->ctx, EVP_CTRL_GCM_SET_TAG, MAC_LEN,
-                                           (void *)mac) == 1
-                    && EVP_DecryptFinal_ex(self->ctx, tmp, &outl) == 1;
-            } else {
-                good = 0;
-            }
+            good = good && !failed && k == count
+                && gcm_check_mac(self, (const unsigned char *)views[count - 1].buf
+                                 + views[count - 1].len - MAC_LEN);
             for (k = 0; k < count; k++) {
-                if (good && PyList_Append(plains, outs[k]) < 0)
-                    good = -1;
+                if (good && !joined && PyList_Append(plains, outs[k]) < 0)
+                    failed = 1;
                 Py_XDECREF(outs[k]);
             }
-            if (good == 1) {
-                if (ctr == UINT64_MAX)
-                    exhausted = 1;      /* the caller's counter is now past 2^64 - 1 */
-                ctr++;
-                units++;
-                for (k = 0; k < count; k++)
-                    PyBuffer_Release(&views[k]);
-                i += count;
-                continue;
-            }
-            if (good < 0 || PyErr_Occurred()) {
-                for (k = 0; k < count; k++)
-                    PyBuffer_Release(&views[k]);
-                Py_DECREF(plains);
-                return NULL;
+            if (!good && joined) {      /* unreleased plaintext of the failed unit */
+                memset(PyBytes_AS_STRING(plains) + unit_pos, 0, pos - unit_pos);
+                pos = unit_pos;
             }
         }
-        for (Py_ssize_t k = 0; k < count; k++)
+        for (k = 0; k < count; k++)
             PyBuffer_Release(&views[k]);
-        break;
+        if (failed) {
+            Py_DECREF(plains);
+            return NULL;
+        }
+        if (!good)
+            break;
+        if (ctr == UINT64_MAX)
+            exhausted = 1;              /* the caller's counter is now past 2^64 - 1 */
+        ctr++;
+        units++;
+        i += count;
     }
+    if (joined && _PyBytes_Resize(&plains, pos) < 0)
+        return NULL;
     /* the plaintexts of the units that passed; nothing of the one that did not */
     PyObject *result = Py_BuildValue("(Onn)", plains, i - start, units);
     Py_DECREF(plains);
@@ -364,7 +403,8 @@ static PyMethodDef Gcm_methods[] = {
     {"seal", (PyCFunction)Gcm_seal, METH_VARARGS,
      "seal(counter, prefix, headers, payloads, unit_tlps) -> (wires, units)"},
     {"open", (PyCFunction)Gcm_open, METH_VARARGS,
-     "open(wires, start, stop, counter, unit_tlps) -> (plaintexts, consumed, units)"},
+     "open(wires, start, stop, counter, unit_tlps, joined=False)"
+     " -> (plaintexts, consumed, units)"},
     {NULL, NULL, 0, NULL},
 };
 

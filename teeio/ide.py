@@ -15,15 +15,23 @@ import hmac
 import logging
 import secrets
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import ide_accel
-from .ide_runs import UNIT_PAYLOAD_MAX, UNIT_TLPS_MAX, UNIT_TLPS_MODES, open_units, seal_units
+from .ide_runs import (
+    UNIT_PAYLOAD_MAX,
+    UNIT_TLPS_MAX,
+    UNIT_TLPS_MODES,
+    open_units,
+    open_units_joined,
+    seal_units,
+)
 from .tlp import IDE_PREFIX_BYTE0, PREFIX_LEN, IdePrefix, SubStream, Tlp, TlpError
 
 __all__ = [
@@ -447,31 +455,50 @@ class IdeRx(_IdeEndpoint):
         does first (:func:`teeio.tlp.parse_ide_requests` / ``parse_ide_completions``):
         well-formed, of this stream, sub-stream matching the TLP type."""
         out: list[bytes] = []
+        for plains, _ in self._open_runs(wires, start, stop, False):
+            out += plains
+        return out
+
+    def open_many_joined(self, wires: Sequence[bytes], start: int,
+                         stop: int) -> tuple[bytes, int]:
+        """:meth:`open_many` with the plaintext payloads joined into one bytes object: it
+        and how many TLPs passed."""
+        parts: list[bytes] = []
+        taken = 0
+        for plain, n in self._open_runs(wires, start, stop, True):
+            parts.append(plain)
+            taken += n
+        return b"".join(parts), taken
+
+    def _open_runs(self, wires: Sequence[bytes], start: int, stop: int,
+                   joined: bool) -> Iterator[tuple[Any, int]]:
+        """:meth:`open_many`'s work, a run of one sub-stream and key set at a time: its
+        plaintexts (a list, or *joined* one bytes object) and how many TLPs passed."""
         if self.insecure_reason is not None:
-            return out
+            return
         unit_tlps = UNIT_TLPS_MAX if self.aggregation else 1
+        opener = open_units_joined if joined else open_units
         i = start
         while i < stop:
             b1 = wires[i][1]
             sub = b1 >> 4 & 7
             if sub > 2:
-                break
+                return
             st = self._subs[SubStream(sub)]
             ks = b1 >> 1 & 1
             key = st.keys[ks]
             if st.active != ks or key is None or not st.go[ks] or st.pending:
-                break
+                return
             same = b1 & 0x72                    # sub-stream and K (T and M may vary)
             j = i + 1
             while j < stop and wires[j][1] & 0x72 == same:
                 j += 1
-            plains, taken, units = open_units(key, st.counter, wires, i, j, unit_tlps)
+            plains, taken, units = opener(key, st.counter, wires, i, j, unit_tlps)
             st.counter += units
-            out += plains
+            yield plains, taken
             i += taken
             if i < j:
-                break
-        return out
+                return
 
 
 def _substream(b1: int) -> SubStream | None:

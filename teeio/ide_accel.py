@@ -25,7 +25,8 @@ class GcmEngine(Protocol):
              ) -> tuple[list[bytes], int]: ...
 
     def open(self, wires: Sequence[bytes], start: int, stop: int, counter: int,
-             unit_tlps: int) -> tuple[list[bytes], int, int]: ...
+             unit_tlps: int, joined: bool = False
+             ) -> tuple[list[bytes] | bytes, int, int]: ...
 
 
 def _load() -> ModuleType | None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .ide import IdeKey
 
 __all__ = ["UNIT_PAYLOAD_MAX", "UNIT_TLPS_MAX", "UNIT_TLPS_MODES", "open_units",
-           "seal_units", "unit_sizes"]
+           "open_units_joined", "seal_units", "unit_sizes"]
 
 UNIT_TLPS_MAX = 8               # §6.33.6: a receiver takes units of up to 8 TLPs
 UNIT_PAYLOAD_MAX = 256 * 4      # §6.33.6: at most 256 DW of payload in a unit
@@ -92,8 +92,10 @@ def open_units(key: IdeKey, counter: int, wires: Sequence[bytes], start: int, st
     how many TLPs, how many units).  Stops before the first unit that is incomplete,
     breaks those limits or fails its MAC check; nothing of it is returned."""
     if ide_accel.enabled() and counter <= COUNTER_MAX:
-        return key.accel.open(wires if isinstance(wires, list) else list(wires), start, stop,
-                              counter, unit_tlps)
+        plains, taken, units = key.accel.open(wires if isinstance(wires, list) else list(wires),
+                                              start, stop, counter, unit_tlps)
+        assert isinstance(plains, list)
+        return plains, taken, units
     compare = hmac.compare_digest
     enc = key.aead.encrypt
     out: list[bytes] = []
@@ -148,3 +150,15 @@ def open_units(key: IdeKey, counter: int, wires: Sequence[bytes], start: int, st
         i += len(unit)
     return out, i - start, units
 
+
+
+def open_units_joined(key: IdeKey, counter: int, wires: Sequence[bytes], start: int,
+                      stop: int, unit_tlps: int = 1) -> tuple[bytes, int, int]:
+    """:func:`open_units` with the plaintext payloads joined into one bytes object."""
+    if ide_accel.enabled() and counter <= COUNTER_MAX:
+        plain, taken, units = key.accel.open(wires if isinstance(wires, list) else list(wires),
+                                             start, stop, counter, unit_tlps, True)
+        assert isinstance(plain, bytes)
+        return plain, taken, units
+    plains, taken, units = open_units(key, counter, wires, start, stop, unit_tlps)
+    return b"".join(plains), taken, units

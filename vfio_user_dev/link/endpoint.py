@@ -307,12 +307,13 @@ class LinkEndpoint:
             # The common case: the batch's completions just as predicted, one comparison each.
             n = self.reads.match(wires, start, rx.stream_id, rx.aggregation, self.requester_id)
             if n:
-                plains = rx.open_many(wires, start, start + n)
-                if len(plains) == n:
+                joined, taken = rx.open_many_joined(wires, start, start + n)
+                if taken == n:
                     self._started.add((stream.stream_id, SubStream.CPL))
                     self.counters["ide_tlps_rx"] += n
-                    self.reads.complete_all(plains)
+                    self.reads.complete_all(joined)
                     return start + n
+                plains = self.reads.split_payloads(joined, taken)
             found = parse_ide_completion_runs(wires, start, rx.stream_id, rx.aggregation)
             if not n:
                 total = sum(k for _, k in found)

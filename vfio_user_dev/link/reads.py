@@ -55,6 +55,7 @@ class OutstandingReads:
         self._tags: Sequence[int] = ()
         self._pieces: Sequence[tuple[int, int]] = ()
         self._mps = 0
+        self._lengths: list[int] = []           # of the completions match() expected
         self._joined: bytes | None = None
         self._counters = counters
         self._log = log
@@ -103,6 +104,7 @@ class OutstandingReads:
         if len(first) < 16:
             return 0
         headers, lengths = self.expected(requester_id, first[8] << 8 | first[9])
+        self._lengths = lengths
         n = len(headers)
         if not n or len(wires) - start < n:
             return 0
@@ -116,11 +118,21 @@ class OutstandingReads:
                 return 0
         return n
 
-    def complete_all(self, plains: Sequence[bytes]) -> None:
+    def complete_all(self, joined: bytes) -> None:
         """The batch's completions, as :meth:`match` found them, passed the IDE check:
-        *plains* are their payloads, in order."""
-        self._joined = b"".join(plains)
+        *joined* is their payloads, one after the other: the batch's data."""
+        self._joined = joined
         self._pending = {}
+
+    def split_payloads(self, joined: bytes, count: int) -> list[bytes]:
+        """The payloads of the first *count* completions :meth:`match` found, from
+        *joined*, one after the other."""
+        out = []
+        pos = 0
+        for size in self._lengths[:count]:
+            out.append(joined[pos:pos + size])
+            pos += size
+        return out
 
     def take_all(self) -> bytes:
         """The data of the whole batch, in order; LinkFault if any part did not arrive."""

@@ -83,66 +83,73 @@ class Ingress:
         rx = stream.rx
         found = parse_ide_request_runs(wires, start, rx.stream_id, rx.aggregation)
         total = sum(k for _, k in found)
-        plains = rx.open_many(wires, start, start + total) if found else []
-        taken = len(plains)
+        # The payloads of the TLPs that passed, one after the other (DW-padded, as sent).
+        joined, taken = rx.open_many_joined(wires, start, start + total) if found else (b"", 0)
         if not taken:
             return start
         self._ctx.counters["tlps_in"] += taken
         quick = not self._windows.windows   # no window to check against, nor to pin to
         in_range = stream.has_rid
         run: Request | None = None          # contiguous admitted requests being gathered
-        parts: list[bytes] = []             # its payloads (writes)
+        parts: list[tuple[int, int]] = []   # its payloads (writes): ranges of joined
         pieces: list[tuple[int, int, int]] = []
         gathered = 0
         kinds = set()
-        pos = 0
+        pos = off = 0
         for (write, rid, tag, tc, attr, t_bit, a, count, lo), k in found:
             if pos >= taken:
                 break
             k = min(k, taken - pos)         # a run is k TLPs, each the next count bytes
+            size = (lo + count + 3) & ~3 if write else 0    # each one's payload
             kinds.add(write)
             if quick and not t_bit and in_range(rid):   # admitted, not pinned (check)
                 if (run is None or run.address + run.length != a or run.write != write
                         or run.requester_id != rid or run.tc != tc or run.attr != attr):
                     if run is not None:
-                        self._close_run(run, parts, pieces, admitted)
+                        self._close_run(run, joined, parts, pieces, admitted)
                     run = Request(write, rid, a, 0, False, stream, tc=tc, attr=attr)
                     parts, pieces = [], []
                 run.length += count * k
                 if k == 1:
                     if write:
-                        parts.append(plains[pos][lo:lo + count])
+                        parts.append((off + lo, off + lo + count))
                     pieces.append((a, count, tag))
                 elif write:                 # whole payloads (lo 0), one after the other
-                    parts += plains[pos:pos + k]
+                    parts.append((off, off + k * count))
                     pieces += [(b, count, tag) for b in range(a, a + k * count, count)]
                 else:                       # MRds with consecutive tags
                     pieces += [(b, count, tag + j) for j, b in
                                enumerate(range(a, a + k * count, count))]
                 gathered += k
                 pos += k
+                off += size * k
                 continue
             if run is not None:
-                self._close_run(run, parts, pieces, admitted)
+                self._close_run(run, joined, parts, pieces, admitted)
                 run = None
             for j in range(k):
-                plain = plains[pos + j]
+                at = off + j * size + lo
                 req = Request(write, rid, a + j * count, count, t_bit, stream,
                               tag=tag if write else tag + j, tc=tc, attr=attr,
-                              data=bytes(plain[lo:lo + count]) if write else b"")
+                              data=joined[at:at + count] if write else b"")
                 self._admit(req, burst, reply, admitted, *self.check(req))
             pos += k
+            off += size * k
         if run is not None:
-            self._close_run(run, parts, pieces, admitted)
+            self._close_run(run, joined, parts, pieces, admitted)
         stream.started.update(SubStream.PR if k else SubStream.NPR for k in kinds)
         self._ctx.counters["tlps_admitted"] += gathered
         return start + taken
 
     @staticmethod
-    def _close_run(run: Request, parts: list[bytes], pieces: list[tuple[int, int, int]],
-                   admitted: list[Admitted]) -> None:
+    def _close_run(run: Request, joined: bytes, parts: list[tuple[int, int]],
+                   pieces: list[tuple[int, int, int]], admitted: list[Admitted]) -> None:
         if run.write:
-            run.data = b"".join(parts)
+            if all(parts[i][1] == parts[i + 1][0] for i in range(len(parts) - 1)):
+                run.data = joined[parts[0][0]:parts[-1][1]]     # all of it: no copy
+            else:
+                view = memoryview(joined)
+                run.data = b"".join([view[s:e] for s, e in parts])
         run.pieces = pieces
         admitted.append(Admitted(run, None))
 
