@@ -20,6 +20,7 @@ __all__ = ["completion_headers", "completion_run", "completion_runs", "memory_re
 _ADDR32 = struct.Struct(">I").pack
 _ADDR64 = struct.Struct(">Q").pack
 _BC = struct.Struct(">H").pack
+_TAG_LOWER0 = [bytes((tag, 0)) for tag in range(256)]   # Tag[7:0], Lower Address 0
 
 
 def memory_write_split(requester_id: int, address: int, data: bytes | memoryview, size: int,
@@ -146,6 +147,19 @@ def _completions(requester_id: int, completer_id: int,
     pre = bytes((TlpType.CPLD, b1, b2 | dws >> 8 & 3, dws & 0xFF)) + completer_id.to_bytes(
         2, "big")
     rid = requester_id.to_bytes(2, "big")
+    # The common case: every read of the same length, from a 128-byte boundary, of whole
+    # mps-sized completions, 8-bit tags: every header from one template.
+    n0 = pieces[0][1] if pieces else 0
+    if n0 and not (n0 % mps or mps % 128) and not [
+            1 for a, n, tag in pieces if a & 0x7F or n != n0 or tag > 0xFF]:
+        bcs = [pre + _BC(r & 0xFFF) + rid for r in range(n0, 0, -mps)]
+        posts = _TAG_LOWER0
+        headers += [bc + posts[tag] for _, _, tag in pieces for bc in bcs]
+        if view is None:
+            lengths += [mps] * (len(bcs) * len(pieces))
+        else:
+            payloads += [view[o:o + mps] for o in range(0, n0 * len(pieces), mps)]
+        return
     counts: dict[int, list[bytes]] = {}     # Byte Count fields of a regular read, by length
     off = 0
     for a, n, tag in pieces:
@@ -160,13 +174,13 @@ def _completions(requester_id: int, completer_id: int,
                 payloads += p
             off += n
             continue
-        bcs = counts.get(n)
-        if bcs is None:
-            bcs = counts[n] = [_BC(r & 0xFFF) for r in range(n, 0, -mps)]
+        fields = counts.get(n)
+        if fields is None:
+            fields = counts[n] = [_BC(r & 0xFFF) for r in range(n, 0, -mps)]
         post = rid + bytes((tag, 0))          # Lower Address 0: from a 128-byte boundary
-        headers += [pre + bc + post for bc in bcs]
+        headers += [pre + bc + post for bc in fields]
         if view is None:
-            lengths += [mps] * len(bcs)
+            lengths += [mps] * len(fields)
         else:
             payloads += [view[o:o + mps] for o in range(off, off + n, mps)]
         off += n
