@@ -56,6 +56,11 @@ class StreamCtl(IntFlag):
     TEE_LIMITED = 1 << 23         # Selective only
 
 
+# Tx Aggregation Mode NPR [3:2], PR [5:4], CPL [7:6] (§7.9.26.4.1 / .5.2): 00b none,
+# 01b up to 2 TLPs, 10b up to 4, 11b up to 8 per aggregated unit (§6.33.6).
+CTL_AGG_SHIFT = {SubStream.NPR: 2, SubStream.PR: 4, SubStream.CPL: 6}
+CTL_AGG_MASK = 0xFC
+AGG_UNIT_TLPS = (1, 2, 4, 8)    # by Tx Aggregation Mode value
 CTL_ALG_SHIFT, CTL_ALG_MASK = 14, 0x1F << 14
 CTL_TC_SHIFT, CTL_TC_MASK = 19, 0x7 << 19
 CTL_ID_SHIFT, CTL_ID_MASK = 24, 0xFF << 24
@@ -135,6 +140,11 @@ class IdeStream:
     def tc(self) -> int:
         return (self.control & CTL_TC_MASK) >> CTL_TC_SHIFT
 
+    def tx_aggregation(self, substream: SubStream) -> int:
+        """TLPs per aggregated unit its Tx Aggregation Mode selects for *substream* (1:
+        no aggregation)."""
+        return AGG_UNIT_TLPS[self.control >> CTL_AGG_SHIFT[SubStream(substream)] & 3]
+
     @property
     def default_stream(self) -> bool:
         return bool(self.control & StreamCtl.DEFAULT_STREAM)
@@ -199,15 +209,30 @@ class IdeStream:
             self.cap.report_failure(self, e.reason)
             raise
 
+    def receive(self, wire: bytes) -> list[Tlp]:
+        """Check a received IDE TLP: the TLPs of the aggregated unit it completes (none
+        while one is open, §6.33.6); a failure makes the stream Insecure and is re-raised."""
+        if not self.secure:
+            raise IdeIntegrityError(self.stream_id, "stream is not Secure"
+                                    f"{f' ({self.failure})' if self.failure else ''}")
+        try:
+            return self.rx.receive(wire)
+        except IdeIntegrityError as e:
+            self.cap.report_failure(self, e.reason)
+            raise
+
 
 class IdeCapability:
     """The IDE capability of one function: registers in a ConfigSpace + stream state."""
 
     def __init__(self, cs: ConfigSpace, offset: int, streams: list[IdeStream],
-                 name: str = "") -> None:
+                 name: str = "", aggregation: bool = False) -> None:
         self.cs = cs
         self.offset = offset
         self.streams = streams
+        #: Aggregation Supported (§6.33.6): the receivers take aggregated units and the Tx
+        #: Aggregation Mode fields are writable
+        self.aggregation = aggregation
         self.listeners: list[Listener] = []
         self.log = log.getChild(name) if name else log
 
@@ -237,7 +262,9 @@ class IdeCapability:
             changed = (old ^ ctl) & (CTL_ID_MASK | CTL_TC_MASK | CTL_ALG_MASK)
             if changed & CTL_ID_MASK:
                 # New Stream ID: the engines (and their keys) belong to the old one.
-                st.tx, st.rx = IdeTx(st.stream_id), IdeRx(st.stream_id)
+                st.tx, st.rx = IdeTx(st.stream_id), IdeRx(st.stream_id, self.aggregation)
+            for sub in CTL_AGG_SHIFT:
+                st.tx.set_aggregation(sub, st.tx_aggregation(sub))
             if on and not was_on:
                 st.failure = None
             elif was_on and on and changed:
@@ -325,7 +352,7 @@ class IdeCapability:
     def reset(self) -> None:
         """Conventional reset or FLR: registers to defaults, keys invalidated (§6.33.6)."""
         for st in self.streams:
-            st.tx, st.rx = IdeTx(0), IdeRx(0)
+            st.tx, st.rx = IdeTx(0), IdeRx(0, self.aggregation)
             for o in range(st.ctl_off, st.end, 4):
                 if o != st.base or st.kind is StreamKind.LINK:
                     self.cs.poke(o, 4, 0)
@@ -371,14 +398,17 @@ class IdeCapability:
 
 
 def build(cs: ConfigSpace, offset: int, *, link: bool = True, n_selective: int = 2,
-          n_addr: int = 1, tee_limited: bool = True, name: str = "") -> IdeCapability:
-    """Add the IDE extended capability at *offset* and return its model."""
+          n_addr: int = 1, tee_limited: bool = True, name: str = "",
+          aggregation: bool = False) -> IdeCapability:
+    """Add the IDE extended capability at *offset* and return its model.  *aggregation*:
+    Aggregation Supported (§6.33.6), with writable Tx Aggregation Mode fields."""
     if not 1 <= n_selective <= 256:
         raise ValueError("need 1..256 selective IDE streams")
     if not 0 <= n_addr <= 15:
         raise ValueError("need 0..15 address association blocks")
     cap = (IdeCapReg.SELECTIVE_IDE | IdeCapReg.IDE_KM | (n_selective - 1) << 16
-           | (IdeCapReg.LINK_IDE if link else 0) | (IdeCapReg.TEE_LIMITED if tee_limited else 0))
+           | (IdeCapReg.LINK_IDE if link else 0) | (IdeCapReg.TEE_LIMITED if tee_limited else 0)
+           | (IdeCapReg.AGGREGATION if aggregation else 0))
     # Algorithms [12:8] = 0 (AES-GCM-256, 96-bit MAC); #TCs - 1 [15:13] = 0.
     sel_size = SEL_BLOCK_BASE_SIZE + ADDR_BLOCK_SIZE * n_addr
     body_len = 8 + (LINK_BLOCK_SIZE if link else 0) + n_selective * sel_size
@@ -386,13 +416,15 @@ def build(cs: ConfigSpace, offset: int, *, link: bool = True, n_selective: int =
     cs.set(offset + 4, 4, int(cap))
     cs.set(offset + 8, 4, 0)                                  # IDE Control: RsvdP
 
-    ctl_common = int(StreamCtl.ENABLE) | CTL_ALG_MASK | CTL_TC_MASK | CTL_ID_MASK
-    model = IdeCapability(cs, offset, [], name)
+    ctl_common = (int(StreamCtl.ENABLE) | CTL_ALG_MASK | CTL_TC_MASK | CTL_ID_MASK
+                  | (CTL_AGG_MASK if aggregation else 0))
+    model = IdeCapability(cs, offset, [], name, aggregation)
     off = offset + 0x0C
     if link:
         cs.set(off, 4, 0, wmask=ctl_common)
         cs.set(off + 4, 4, 0, w1c=STS_FAIL_MSG)
-        model.streams.append(IdeStream(model, StreamKind.LINK, 0, off, IdeTx(0), IdeRx(0)))
+        model.streams.append(IdeStream(model, StreamKind.LINK, 0, off, IdeTx(0),
+                                       IdeRx(0, aggregation)))
         off += LINK_BLOCK_SIZE
     sel_ctl = ctl_common | int(StreamCtl.DEFAULT_STREAM) | (
         int(StreamCtl.TEE_LIMITED) if tee_limited else 0)
@@ -408,6 +440,6 @@ def build(cs: ConfigSpace, offset: int, *, link: bool = True, n_selective: int =
             cs.set(ab + 4, 4, 0, wmask=0xFFFFFFFF)            # Memory Limit Upper
             cs.set(ab + 8, 4, 0, wmask=0xFFFFFFFF)            # Memory Base Upper
         model.streams.append(IdeStream(model, StreamKind.SELECTIVE, i, off, IdeTx(0),
-                                       IdeRx(0)))
+                                       IdeRx(0, aggregation)))
         off += sel_size
     return model
