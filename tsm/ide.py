@@ -311,5 +311,5 @@ def ide_client(req: Requester, sid: int, port_index: int = 0) -> IdeKmClient:
 
 
 __all__ = ["CAP_AGGREGATION", "DEFAULT_STREAM_ID", "IdeError", "IdeRegisters", "KeyTable",
-           "PlatformCalls", "SelectiveStream", "StreamBlock", "fresh_keys", "ide_client", "program_root_port",
-           "root_port_go", "root_port_stream"]
+           "PlatformCalls", "SelectiveStream", "StreamBlock", "fresh_keys", "ide_client",
+           "program_root_port", "root_port_go", "root_port_stream"]
