@@ -295,11 +295,22 @@ Gcm_open(GcmObject *self, PyObject *args)
     PyObject *plains = NULL;        /* list, or with joined the bytes being filled */
     Py_ssize_t room = 0, pos = 0;   /* joined: its size, and how much is filled */
     if (joined) {
+        /* The payloads' total, so that the common case (all pass) needs no resize: a
+         * block of exactly the size the last one had is reused by malloc, a bigger one
+         * would come fresh from the kernel, page by page. */
         for (Py_ssize_t w = start; w < stop; w++) {
-            Py_ssize_t len = PyObject_Length(PyList_GET_ITEM(wires_in, w));
-            if (len < 0)
-                return NULL;
-            room += len;
+            Py_buffer v;
+            Py_ssize_t hlen, blen;
+            int m, ok;
+            if (PyObject_GetBuffer(PyList_GET_ITEM(wires_in, w), &v, PyBUF_SIMPLE) < 0) {
+                PyErr_Clear();
+                break;
+            }
+            ok = framing(v.buf, v.len, &hlen, &blen, &m);
+            PyBuffer_Release(&v);
+            if (!ok)
+                break;
+            room += blen;
         }
         plains = PyBytes_FromStringAndSize(NULL, room);
     } else {
@@ -391,7 +402,7 @@ Gcm_open(GcmObject *self, PyObject *args)
         units++;
         i += count;
     }
-    if (joined && _PyBytes_Resize(&plains, pos) < 0)
+    if (joined && pos != room && _PyBytes_Resize(&plains, pos) < 0)
         return NULL;
     /* the plaintexts of the units that passed; nothing of the one that did not */
     PyObject *result = Py_BuildValue("(Onn)", plains, i - start, units);
