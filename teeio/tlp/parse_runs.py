@@ -37,6 +37,7 @@ _CPL_HEAD = struct.Struct(">BBBBBBBBHBBHBB")   # IDE prefix and a completion hea
 _SPANS = ((0, 0),) + tuple(byte_span(be) for be in range(1, 16))   # by byte-enable value
 _BC = struct.Struct(">H")
 _ADDR_END = {16: ADDR32_LIMIT, 20: 1 << 64}    # by header length (prefix included)
+_TAG_BE_ALL = [bytes((tag, 0xFF)) for tag in range(256)]    # Tag[7:0], every byte enabled
 
 
 def parse_ide_request_runs(wires: Sequence[bytes], start: int, stream_id: int,
@@ -98,7 +99,7 @@ def parse_ide_request_runs(wires: Sequence[bytes], start: int, stream_id: int,
         i += 1
         k = 1
         if count == step and n > 1:             # all bytes enabled: predict the next one
-            pb1, pb0 = bytes((p0, p1 | 1)), bytes((p0, p1 & 0xFE))
+            b1, b0 = p1 | 1, p1 & 0xFE
             with_mac, without = hlen + data + MAC_BYTES, hlen + data
             pack = _ADDR64.pack if hlen == 20 else _ADDR32.pack
             nxt = address + step
@@ -112,17 +113,18 @@ def parse_ide_request_runs(wires: Sequence[bytes], start: int, stream_id: int,
             if write:
                 fixed = w[2:12]                 # stream, counter, DW0, DW1
                 guesses = [fixed + pack(nxt)] if nxt < last else []
-            else:
-                fixed, be_byte = w[2:10], bytes((be,))  # stream, counter, DW0, RID | BE
+            else:                               # (all bytes enabled: BE 0xFF)
+                fixed, tag_be = w[2:10], _TAG_BE_ALL    # stream, counter, DW0, RID | tag, BE
                 last = min(last, nxt + (0xFF - tag) * step)
-                guesses = [fixed + bytes((tag + 1,)) + be_byte + pack(nxt)] if nxt < last else []
+                guesses = [fixed + tag_be[tag + 1] + pack(nxt)] if nxt < last else []
             # The first guess alone, then the rest.
             while guesses:
                 for pred in guesses:
                     w = wires[i]
-                    if not (w.startswith(pred, 2)
-                            and (w[:2] == pb1 and len(w) == with_mac
-                                 or aggregation and w[:2] == pb0 and len(w) == without)):
+                    c = w[1]
+                    if not (w.startswith(pred, 2) and w[0] == p0
+                            and (c == b1 and len(w) == with_mac
+                                 or aggregation and c == b0 and len(w) == without)):
                         guesses = []
                         break
                     i += 1
@@ -133,7 +135,7 @@ def parse_ide_request_runs(wires: Sequence[bytes], start: int, stream_id: int,
                     elif write:
                         guesses = [fixed + pack(a) for a in range(nxt + step, last, step)]
                     else:
-                        guesses = [fixed + bytes((t,)) + be_byte + pack(a)
+                        guesses = [fixed + tag_be[t] + pack(a)
                                    for t, a in zip(range(tag + 2, 0x100),
                                                    range(nxt + step, last, step),
                                                    strict=False)]
@@ -190,7 +192,7 @@ def parse_ide_completion_runs(wires: Sequence[bytes], start: int, stream_id: int
         i += 1
         k = 1
         if not lower & 3 and not step & 0x7F:    # aligned, whole 128s: predict the next
-            pb1, pb0 = bytes((p0, p1 | 1)), bytes((p0, p1 & 0xFE))
+            b1, b0 = p1 | 1, p1 & 0xFE
             with_mac, without = 16 + step + MAC_BYTES, 16 + step
             # stream, counter, DW0, Completer ID | Byte Count | RID, tag, Lower Address
             fixed, tail = w[2:10], w[12:16]     # (Lower Address: up by 128s, unchanged)
@@ -198,9 +200,10 @@ def parse_ide_completion_runs(wires: Sequence[bytes], start: int, stream_id: int
                          for r in range(count - step, max(0, count - (end - i + 1) * step),
                                         -step)]:
                 w = wires[i]
-                if not (w.startswith(pred, 2)
-                        and (w[:2] == pb1 and len(w) == with_mac
-                             or aggregation and w[:2] == pb0 and len(w) == without)):
+                c = w[1]
+                if not (w.startswith(pred, 2) and w[0] == p0
+                        and (c == b1 and len(w) == with_mac
+                             or aggregation and c == b0 and len(w) == without)):
                     break
                 i += 1
                 k += 1

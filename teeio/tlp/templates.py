@@ -21,6 +21,7 @@ _ADDR32 = struct.Struct(">I").pack
 _ADDR64 = struct.Struct(">Q").pack
 _BC = struct.Struct(">H").pack
 _TAG_LOWER0 = [bytes((tag, 0)) for tag in range(256)]   # Tag[7:0], Lower Address 0
+_TAG_BE_ALL = [bytes((tag, 0xFF)) for tag in range(256)]  # Tag[7:0], every byte enabled
 
 
 def memory_write_split(requester_id: int, address: int, data: bytes | memoryview, size: int,
@@ -94,6 +95,20 @@ def memory_read_tagged(requester_id: int, pieces: Sequence[tuple[int, int]],
     kind = int(TlpType.MRD32)
     b1, b2 = dw0_bits(0, tc, attr)
     rid = requester_id.to_bytes(2, "big")
+    if len(pieces) > 2:                 # the middle: whole MRRS-sized reads, as a rule
+        n = pieces[1][1]
+        middle, mid_tags = pieces[1:-1], tags[1:-1]
+        if not n & 3 and n > 4 and not [
+                1 for (a, m), t in zip(middle, mid_tags, strict=True)
+                if a & 3 or m != n or a < ADDR32_LIMIT or t > 0xFF]:
+            dws = n >> 2
+            head = bytes((kind | 0x20, b1, b2 | dws >> 8 & 3, dws & 0xFF)) + rid
+            tag_be = _TAG_BE_ALL
+            return (memory_read_tagged(requester_id, pieces[:1], tags[:1], tc=tc, attr=attr)
+                    + [head + tag_be[t] + _ADDR64(a) for (a, _), t in zip(middle, mid_tags,
+                                                                          strict=True)]
+                    + memory_read_tagged(requester_id, pieces[-1:], tags[-1:], tc=tc,
+                                         attr=attr))
     heads: dict[tuple[int, bool], bytes] = {}
     for (a, n), tag in zip(pieces, tags, strict=True):
         if (a | n) & 3 or n <= 4 or tag > 0xFF:
@@ -101,12 +116,12 @@ def memory_read_tagged(requester_id: int, pieces: Sequence[tuple[int, int]],
                                        attr=attr)
             continue
         wide = a >= ADDR32_LIMIT
-        head = heads.get((n, wide))
-        if head is None:
+        known = heads.get((n, wide))
+        if known is None:
             dws = n >> 2
-            head = heads[(n, wide)] = bytes((kind | 0x20 if wide else kind, b1,
-                                             b2 | dws >> 8 & 3, dws & 0xFF)) + rid
-        out.append(head + bytes((tag, 0xFF)) + (_ADDR64(a) if wide else _ADDR32(a)))
+            known = heads[(n, wide)] = bytes((kind | 0x20 if wide else kind, b1,
+                                              b2 | dws >> 8 & 3, dws & 0xFF)) + rid
+        out.append(known + bytes((tag, 0xFF)) + (_ADDR64(a) if wide else _ADDR32(a)))
     return out
 
 
