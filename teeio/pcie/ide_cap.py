@@ -240,6 +240,24 @@ class IdeCapability:
     def end(self) -> int:
         return self.streams[-1].end if self.streams else self.offset + 0x0C
 
+    def set_aggregation_supported(self, on: bool) -> None:
+        """Aggregation Supported (IDE Capability bit 4, §6.33.6): the Tx Aggregation Mode
+        fields of every stream block become writable (or read 0 again) and the receivers
+        take aggregated units (or refuse them)."""
+        reg = self.cs.get(self.offset + 4, 4) & ~IdeCapReg.AGGREGATION
+        self.cs.poke(self.offset + 4, 4, reg | (IdeCapReg.AGGREGATION if on else 0))
+        self.aggregation = on
+        for st in self.streams:
+            ctl = st.ctl_off
+            mask = int.from_bytes(self.cs.wmask[ctl:ctl + 4], "little") & ~CTL_AGG_MASK
+            self.cs.wmask[ctl:ctl + 4] = (mask | (CTL_AGG_MASK if on else 0)).to_bytes(
+                4, "little")
+            if not on:
+                self.cs.poke(ctl, 4, self.cs.get(ctl, 4) & ~CTL_AGG_MASK)
+            st.rx.aggregation = on
+            for sub in CTL_AGG_SHIFT:
+                st.tx.set_aggregation(sub, st.tx_aggregation(sub))
+
     def contains(self, off: int, size: int = 1) -> bool:
         return off < self.end and off + size > self.offset
 
@@ -407,8 +425,7 @@ def build(cs: ConfigSpace, offset: int, *, link: bool = True, n_selective: int =
     if not 0 <= n_addr <= 15:
         raise ValueError("need 0..15 address association blocks")
     cap = (IdeCapReg.SELECTIVE_IDE | IdeCapReg.IDE_KM | (n_selective - 1) << 16
-           | (IdeCapReg.LINK_IDE if link else 0) | (IdeCapReg.TEE_LIMITED if tee_limited else 0)
-           | (IdeCapReg.AGGREGATION if aggregation else 0))
+           | (IdeCapReg.LINK_IDE if link else 0) | (IdeCapReg.TEE_LIMITED if tee_limited else 0))
     # Algorithms [12:8] = 0 (AES-GCM-256, 96-bit MAC); #TCs - 1 [15:13] = 0.
     sel_size = SEL_BLOCK_BASE_SIZE + ADDR_BLOCK_SIZE * n_addr
     body_len = 8 + (LINK_BLOCK_SIZE if link else 0) + n_selective * sel_size
@@ -416,15 +433,13 @@ def build(cs: ConfigSpace, offset: int, *, link: bool = True, n_selective: int =
     cs.set(offset + 4, 4, int(cap))
     cs.set(offset + 8, 4, 0)                                  # IDE Control: RsvdP
 
-    ctl_common = (int(StreamCtl.ENABLE) | CTL_ALG_MASK | CTL_TC_MASK | CTL_ID_MASK
-                  | (CTL_AGG_MASK if aggregation else 0))
-    model = IdeCapability(cs, offset, [], name, aggregation)
+    ctl_common = int(StreamCtl.ENABLE) | CTL_ALG_MASK | CTL_TC_MASK | CTL_ID_MASK
+    model = IdeCapability(cs, offset, [], name)
     off = offset + 0x0C
     if link:
         cs.set(off, 4, 0, wmask=ctl_common)
         cs.set(off + 4, 4, 0, w1c=STS_FAIL_MSG)
-        model.streams.append(IdeStream(model, StreamKind.LINK, 0, off, IdeTx(0),
-                                       IdeRx(0, aggregation)))
+        model.streams.append(IdeStream(model, StreamKind.LINK, 0, off, IdeTx(0), IdeRx(0)))
         off += LINK_BLOCK_SIZE
     sel_ctl = ctl_common | int(StreamCtl.DEFAULT_STREAM) | (
         int(StreamCtl.TEE_LIMITED) if tee_limited else 0)
@@ -440,6 +455,8 @@ def build(cs: ConfigSpace, offset: int, *, link: bool = True, n_selective: int =
             cs.set(ab + 4, 4, 0, wmask=0xFFFFFFFF)            # Memory Limit Upper
             cs.set(ab + 8, 4, 0, wmask=0xFFFFFFFF)            # Memory Base Upper
         model.streams.append(IdeStream(model, StreamKind.SELECTIVE, i, off, IdeTx(0),
-                                       IdeRx(0, aggregation)))
+                                       IdeRx(0)))
         off += sel_size
+    if aggregation:
+        model.set_aggregation_supported(True)
     return model
