@@ -12,13 +12,12 @@ from __future__ import annotations
 import hmac
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import ide_accel
 from .tlp import MAC_BYTES, PREFIX_LEN
-
-if TYPE_CHECKING:
-    from .ide import IdeKey
 
 __all__ = ["UNIT_PAYLOAD_MAX", "UNIT_TLPS_MAX", "UNIT_TLPS_MODES", "open_units",
            "open_units_joined", "seal_units", "unit_sizes"]
@@ -27,6 +26,18 @@ UNIT_TLPS_MAX = 8               # §6.33.6: a receiver takes units of up to 8 TL
 UNIT_PAYLOAD_MAX = 256 * 4      # §6.33.6: at most 256 DW of payload in a unit
 UNIT_TLPS_MODES = (1, 2, 4, 8)  # Tx Aggregation Mode 00b..11b (§7.9.26.4.1): 1 = none
 COUNTER_MAX = (1 << 64) - 1
+
+
+
+class IdeKey(Protocol):
+    """What these functions need of a key (:class:`teeio.ide.IdeKey`): its engines."""
+
+    @property
+    def aead(self) -> AESGCM: ...
+
+    @property
+    def accel(self) -> ide_accel.GcmEngine: ...
+
 
 _IV = struct.Struct(">4xQ")
 _TAG_LEN = 16
