@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from itertools import repeat
+from operator import itemgetter
 
 from .fields import ADDR32_LIMIT, MAX_PAYLOAD, TlpType, byte_span
 from .prefix import IDE_PREFIX_BYTE0, MAC_BYTES
@@ -38,6 +40,7 @@ _SPANS = ((0, 0),) + tuple(byte_span(be) for be in range(1, 16))   # by byte-ena
 _BC = struct.Struct(">H")
 _ADDR_END = {16: ADDR32_LIMIT, 20: 1 << 64}    # by header length (prefix included)
 _TAG_BE_ALL = [bytes((tag, 0xFF)) for tag in range(256)]    # Tag[7:0], every byte enabled
+_BYTE0, _BYTE1 = itemgetter(0), itemgetter(1)
 
 
 def parse_ide_request_runs(wires: Sequence[bytes], start: int, stream_id: int,
@@ -117,30 +120,46 @@ def parse_ide_request_runs(wires: Sequence[bytes], start: int, stream_id: int,
                 fixed, tag_be = w[2:10], _TAG_BE_ALL    # stream, counter, DW0, RID | tag, BE
                 last = min(last, nxt + (0xFF - tag) * step)
                 guesses = [fixed + tag_be[tag + 1] + pack(nxt)] if nxt < last else []
-            # The first guess alone, then the rest.
-            while guesses:
-                for pred in guesses:
-                    w = wires[i]
-                    c = w[1]
-                    if not (w.startswith(pred, 2) and w[0] == p0
-                            and (c == b1 and len(w) == with_mac
-                                 or aggregation and c == b0 and len(w) == without)):
-                        guesses = []
-                        break
-                    i += 1
-                    k += 1
+            # The first guess alone, then the rest at once.
+            frame = (p0, b1, b0 if aggregation else -1, with_mac, without)
+            if guesses and _matching(wires, i, guesses, *frame):
+                i += 1
+                k += 1
+                if write:
+                    guesses = [fixed + pack(a) for a in range(nxt + step, last, step)]
                 else:
-                    if k != 2:
-                        guesses = []
-                    elif write:
-                        guesses = [fixed + pack(a) for a in range(nxt + step, last, step)]
-                    else:
-                        guesses = [fixed + tag_be[t] + pack(a)
-                                   for t, a in zip(range(tag + 2, 0x100),
-                                                   range(nxt + step, last, step),
-                                                   strict=False)]
+                    guesses = [fixed + tag_be[t] + pack(a)
+                               for t, a in zip(range(tag + 2, 0x100),
+                                               range(nxt + step, last, step), strict=False)]
+                more = _matching(wires, i, guesses, *frame)
+                i += more
+                k += more
         out.append((fields, k))
     return out
+
+
+def _matching(wires: Sequence[bytes], i: int, preds: list[bytes], p0: int, b1: int, b0: int,
+              with_mac: int, without: int) -> int:
+    """How many of ``wires[i:]``, one after the other, are exactly as predicted: bytes 2..
+    of each its prediction, byte 0 *p0*, byte 1 *b1* with the MAC (*with_mac* bytes in
+    all) or *b0* without it (*without* bytes; -1: not allowed).  The checks run over the
+    whole window in C-level passes; only a mismatch is looked for one by one."""
+    got = wires[i:i + len(preds)]
+    n = len(got)
+    if not n:
+        return 0
+    heads = list(map(bytes.startswith, got, preds, repeat(2)))
+    firsts = bytes(map(_BYTE0, got))
+    seconds = bytes(map(_BYTE1, got))
+    sizes = {b1: with_mac, b0: without}
+    want = [sizes.get(c, -1) for c in seconds]
+    lengths = list(map(len, got))
+    if all(heads) and firsts.count(p0) == n and lengths == want:
+        return n
+    for j in range(n):
+        if not (heads[j] and firsts[j] == p0 and lengths[j] == want[j]):
+            return j
+    return n
 
 
 def parse_ide_requests(wires: Sequence[bytes], start: int, stream_id: int,
