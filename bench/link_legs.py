@@ -94,9 +94,10 @@ def summarise(size: int, pairs: list[tuple[int, int, int, int]]) -> dict[str, fl
 
 
 def backends() -> list[str]:
-    """The implementations a leg can run on here: the C accelerator if it was built, and
-    always the pure-Python reference."""
-    return (["c"] if ide_accel.available() else []) + ["python"]
+    """The implementations a leg can run on here: the C accelerator if it was built (and
+    ``TEEIO_IDE_ACCEL=0`` does not leave it out), and always the pure-Python reference."""
+    use_c = ide_accel.available() and os.environ.get("TEEIO_IDE_ACCEL", "1") != "0"
+    return (["c"] if use_c else []) + ["python"]
 
 
 @contextmanager

@@ -59,7 +59,7 @@ def test_bench_link_quick_json(tmp_path: Path, capsys: pytest.CaptureFixture[str
              and r["direction"] == "write")
     assert w["tlps"] == 48
 
-    paths = ["c", "python"] if ide_accel.available() else ["python"]
+    paths = ["c", "python"] if ide_accel.enabled() else ["python"]
     legs = report["ide_legs"]
     assert [(g["mps"], g["backend"], g["aggregation"], g["direction"]) for g in legs] == [
         (mps, b, agg, d) for mps in (256, 4096) for b in paths for agg in (1, 8)
