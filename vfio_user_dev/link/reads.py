@@ -23,7 +23,10 @@ from teeio.tlp import (
 from vfio_user_dev.link.interfaces import LinkFault
 
 CPL_HEADER_LEN = PREFIX_LEN + 12        # IDE prefix and a 3-DW completion header
-_PREFIX = itemgetter(slice(0, PREFIX_LEN))
+_BYTE0, _BYTE1 = itemgetter(0), itemgetter(1)
+# IDE prefix byte 1 with T and K masked out (and M too where aggregation allows it clear)
+_SUB_STREAM_M = {False: bytes(b & 0xF9 for b in range(256)),
+                 True: bytes(b & 0xF8 for b in range(256))}
 
 
 @dataclass
@@ -111,21 +114,23 @@ class OutstandingReads:
         n = len(headers)
         if not n or len(wires) - start < n:
             return 0
-        mask, want = (0xF8, 0x20) if aggregation else (0xF9, 0x21)
+        want = 0x20 if aggregation else 0x21     # CPL, M (masked out with aggregation)
         got = wires[start:start + n]
         # One comparison per completion, in C: its header is the one predicted.
         if not all(map(bytes.startswith, got, headers, repeat(PREFIX_LEN))):
             return 0
-        # Prefixes (a few kinds at most): IDE, CPL with the MAC (or either with
-        # aggregation, §6.33.6), this stream, PR_Sent_Counter 0.
-        for pfx in set(map(_PREFIX, got)):
-            if pfx[0] != IDE_PREFIX_BYTE0 or pfx[1] & mask != want or pfx[2:] != bytes(
-                    (stream_id, 0)):
-                return 0
+        # Prefixes: IDE, CPL with the MAC (or either with aggregation, §6.33.6), this
+        # stream, PR_Sent_Counter 0 -- in C-level passes too.
+        seconds = bytes(map(_BYTE1, got))
+        if (bytes(map(_BYTE0, got)).count(IDE_PREFIX_BYTE0) != n
+                or seconds.translate(_SUB_STREAM_M[aggregation]).count(want) != n
+                or not all(map(bytes.startswith, got, repeat(bytes((stream_id, 0))),
+                               repeat(2)))):
+            return 0
         sizes = list(map(len, got))
         if aggregation:                     # the MAC only where M says
-            sizes = [size - (w[1] & 1) * MAC_BYTES for size, w in zip(sizes, got,
-                                                                       strict=True)]
+            sizes = [size - (c & 1) * MAC_BYTES for size, c in zip(sizes, seconds,
+                                                                    strict=True)]
             extra = 0
         else:
             extra = MAC_BYTES
