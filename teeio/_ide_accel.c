@@ -135,6 +135,33 @@ Gcm_dealloc(GcmObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* A bytes-like object's memory: an exact bytes object's own (borrowed: the list that holds
+ * it keeps it, and no Python code runs while it is used), else its buffer (obj set, to be
+ * released).  0 if it has none. */
+static int
+get_view(PyObject *o, Py_buffer *v)
+{
+    if (PyBytes_CheckExact(o)) {
+        v->buf = PyBytes_AS_STRING(o);
+        v->len = PyBytes_GET_SIZE(o);
+        v->obj = NULL;
+        return 1;
+    }
+    if (PyObject_GetBuffer(o, v, PyBUF_SIMPLE) < 0) {
+        v->obj = NULL;
+        return 0;
+    }
+    return 1;
+}
+
+static void
+release_view(Py_buffer *v)
+{
+    if (v->obj != NULL)
+        PyBuffer_Release(v);
+    v->obj = NULL;
+}
+
 /* The buffers of a list of bytes-like objects (released by release_all). */
 typedef struct {
     Py_ssize_t n;
@@ -147,8 +174,7 @@ release_all(Views *v)
     if (v->views == NULL)
         return;
     for (Py_ssize_t i = 0; i < v->n; i++)
-        if (v->views[i].obj != NULL)
-            PyBuffer_Release(&v->views[i]);
+        release_view(&v->views[i]);
     PyMem_Free(v->views);
     v->views = NULL;
 }
@@ -163,8 +189,7 @@ get_all(PyObject *seq, Views *v, const char *what)
         return 0;
     }
     for (Py_ssize_t i = 0; i < v->n; i++) {
-        if (PyObject_GetBuffer(PyList_GET_ITEM(seq, i), &v->views[i], PyBUF_SIMPLE) < 0) {
-            v->views[i].obj = NULL;
+        if (!get_view(PyList_GET_ITEM(seq, i), &v->views[i])) {
             PyErr_Format(PyExc_TypeError, "%s[%zd] is not a contiguous bytes-like object",
                          what, i);
             release_all(v);
@@ -218,9 +243,17 @@ Gcm_seal(GcmObject *self, PyObject *args)
         if (!gcm_start(self, ctr, 1))
             goto crypto_error;
         for (Py_ssize_t k = i; k < j; k++) {
-            if (!gcm_aad(self, k == j - 1 ? last_prefix : inner_prefix, PREFIX_LEN)
-                    || !gcm_aad(self, hv.views[k].buf, hv.views[k].len))
+            unsigned char aad[PREFIX_LEN + 16];     /* prefix || header, one update */
+            Py_ssize_t hlen = hv.views[k].len;
+            memcpy(aad, k == j - 1 ? last_prefix : inner_prefix, PREFIX_LEN);
+            if (hlen <= 16) {
+                memcpy(aad + PREFIX_LEN, hv.views[k].buf, hlen);
+                if (!gcm_aad(self, aad, PREFIX_LEN + hlen))
+                    goto crypto_error;
+            } else if (!gcm_aad(self, aad, PREFIX_LEN)
+                       || !gcm_aad(self, hv.views[k].buf, hlen)) {
                 goto crypto_error;
+            }
         }
         for (Py_ssize_t k = i; k < j; k++) {
             Py_ssize_t hlen = hv.views[k].len, plen = pv.views[k].len;
@@ -302,12 +335,12 @@ Gcm_open(GcmObject *self, PyObject *args)
             Py_buffer v;
             Py_ssize_t hlen, blen;
             int m, ok;
-            if (PyObject_GetBuffer(PyList_GET_ITEM(wires_in, w), &v, PyBUF_SIMPLE) < 0) {
+            if (!get_view(PyList_GET_ITEM(wires_in, w), &v)) {
                 PyErr_Clear();
                 break;
             }
             ok = framing(v.buf, v.len, &hlen, &blen, &m);
-            PyBuffer_Release(&v);
+            release_view(&v);
             if (!ok)
                 break;
             room += blen;
@@ -330,7 +363,7 @@ Gcm_open(GcmObject *self, PyObject *args)
         int complete = 0, ok = 1;
         while (i + count < stop && count < unit_tlps) {
             Py_buffer *v = &views[count];
-            if (PyObject_GetBuffer(PyList_GET_ITEM(wires_in, i + count), v, PyBUF_SIMPLE) < 0) {
+            if (!get_view(PyList_GET_ITEM(wires_in, i + count), v)) {
                 PyErr_Clear();
                 ok = 0;
                 break;
@@ -389,7 +422,7 @@ Gcm_open(GcmObject *self, PyObject *args)
             }
         }
         for (k = 0; k < count; k++)
-            PyBuffer_Release(&views[k]);
+            release_view(&views[k]);
         if (failed) {
             Py_DECREF(plains);
             return NULL;
