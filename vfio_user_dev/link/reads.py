@@ -94,8 +94,8 @@ class OutstandingReads:
         as a completer with *completer_id* sends them, all successful, split at the MPS
         on RCB boundaries; ``([], [])`` unless no completion has come yet and every read is
         of whole DWs (then the payloads are exactly the data)."""
-        if self._pending is not None or not self._mps or any(
-                (a | n) & 3 for a, n in self._pieces):
+        if self._pending is not None or not self._mps or [
+                1 for a, n in self._pieces if (a | n) & 3]:
             return [], []
         return completion_headers(requester_id, completer_id,
                                   [(a, n, t) for (a, n), t in zip(self._pieces, self._tags,

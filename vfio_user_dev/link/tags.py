@@ -45,6 +45,10 @@ class TagAllocator:
                 raise ValueError(f"{n} tags wanted, {self.space - len(self._busy)} free")
             out: list[int] = []
             tag = self._next
+            if not self._busy:              # none outstanding: the next n, round-robin
+                space = self.space
+                out = [t % space for t in range(tag, tag + n)]
+                tag = (tag + n) % space
             while len(out) < n:
                 if tag not in self._busy and tag < self.space:
                     out.append(tag)
