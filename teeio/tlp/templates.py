@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from operator import itemgetter
 
 from .build_runs import completion_parts, dw0_bits, memory_read_headers, memory_write_parts
 from .fields import ADDR32_LIMIT, TlpType
@@ -22,6 +23,15 @@ _ADDR64 = struct.Struct(">Q").pack
 _BC = struct.Struct(">H").pack
 _TAG_LOWER0 = [bytes((tag, 0)) for tag in range(256)]   # Tag[7:0], Lower Address 0
 _TAG_BE_ALL = [bytes((tag, 0xFF)) for tag in range(256)]  # Tag[7:0], every byte enabled
+_ADDRESS, _LENGTH, _TAG = itemgetter(0), itemgetter(1), itemgetter(2)
+
+
+def _contiguous(pieces: Sequence[tuple[int, ...]], address: int, length: int) -> bool:
+    """Whether *pieces* are ranges of *length* bytes one after the other from *address*
+    (checked in C-level passes, no per-piece bytecode)."""
+    n = len(pieces)
+    return (list(map(_ADDRESS, pieces)) == list(range(address, address + n * length, length))
+            and list(map(_LENGTH, pieces)).count(length) == n)
 
 
 def memory_write_split(requester_id: int, address: int, data: bytes | memoryview, size: int,
@@ -96,17 +106,16 @@ def memory_read_tagged(requester_id: int, pieces: Sequence[tuple[int, int]],
     b1, b2 = dw0_bits(0, tc, attr)
     rid = requester_id.to_bytes(2, "big")
     if len(pieces) > 2:                 # the middle: whole MRRS-sized reads, as a rule
-        n = pieces[1][1]
+        a0, n = pieces[1]
         middle, mid_tags = pieces[1:-1], tags[1:-1]
-        if not n & 3 and n > 4 and not [
-                1 for (a, m), t in zip(middle, mid_tags, strict=True)
-                if a & 3 or m != n or a < ADDR32_LIMIT or t > 0xFF]:
+        if (not (a0 | n) & 3 and n > 4 and a0 >= ADDR32_LIMIT and max(mid_tags) <= 0xFF
+                and _contiguous(middle, a0, n)):
             dws = n >> 2
             head = bytes((kind | 0x20, b1, b2 | dws >> 8 & 3, dws & 0xFF)) + rid
             tag_be = _TAG_BE_ALL
             return (memory_read_tagged(requester_id, pieces[:1], tags[:1], tc=tc, attr=attr)
-                    + [head + tag_be[t] + _ADDR64(a) for (a, _), t in zip(middle, mid_tags,
-                                                                          strict=True)]
+                    + [head + tag_be[t] + _ADDR64(a) for a, t in zip(
+                        range(a0, a0 + n * len(middle), n), mid_tags, strict=True)]
                     + memory_read_tagged(requester_id, pieces[-1:], tags[-1:], tc=tc,
                                          attr=attr))
     heads: dict[tuple[int, bool], bytes] = {}
@@ -164,9 +173,9 @@ def _completions(requester_id: int, completer_id: int,
     rid = requester_id.to_bytes(2, "big")
     # The common case: every read of the same length, from a 128-byte boundary, of whole
     # mps-sized completions, 8-bit tags: every header from one template.
-    n0 = pieces[0][1] if pieces else 0
-    if n0 and not (n0 % mps or mps % 128) and not [
-            1 for a, n, tag in pieces if a & 0x7F or n != n0 or tag > 0xFF]:
+    a0, n0 = (pieces[0][0], pieces[0][1]) if pieces else (0, 0)
+    if (n0 and not (a0 & 0x7F or n0 % mps or mps % 128) and max(map(_TAG, pieces)) <= 0xFF
+            and _contiguous(pieces, a0, n0)):
         bcs = [pre + _BC(r & 0xFFF) + rid for r in range(n0, 0, -mps)]
         posts = _TAG_LOWER0
         headers += [bc + posts[tag] for _, _, tag in pieces for bc in bcs]
