@@ -18,6 +18,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
+from operator import itemgetter
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -489,16 +490,19 @@ class IdeRx(_IdeEndpoint):
             key = st.keys[ks]
             if st.active != ks or key is None or not st.go[ks] or st.pending:
                 return
-            same = b1 & 0x72                    # sub-stream and K (T and M may vary)
-            j = i + 1
-            while j < stop and wires[j][1] & 0x72 == same:
-                j += 1
+            # The run of this sub-stream and K (T and M may vary), found in C-level passes.
+            kinds = bytes(map(_BYTE1, wires[i:stop])).translate(_SUB_STREAM_K)
+            j = stop - len(kinds.lstrip(kinds[:1]))
             plains, taken, units = opener(key, st.counter, wires, i, j, unit_tlps)
             st.counter += units
             yield plains, taken
             i += taken
             if i < j:
                 return
+
+
+_BYTE1 = itemgetter(1)
+_SUB_STREAM_K = bytes(b & 0x72 for b in range(256))   # IDE prefix byte 1: sub-stream, K
 
 
 def _substream(b1: int) -> SubStream | None:
