@@ -1,9 +1,11 @@
 """IDE TLP protection (PCIe 6.x §6.33.4-§6.33.6): AES-GCM-256, 96-bit MAC, two key sets.
 
 One :class:`IdeTx` / :class:`IdeRx` per IDE stream and direction, with per-sub-stream key
-slots and implicit counters (IV per §6.33.5); any receive failure leaves the receiver
-Insecure until reset (§6.33.6).  Wire form, MAC check, key-set switching and what is
-simplified: docs/ide-and-link.md, "How a TLP is protected".
+slots and implicit counters (IV per §6.33.5), and aggregation (§6.33.6: a Tx Aggregation
+Mode per sub-stream; a receiver that supports it joins the units); any receive failure
+leaves the receiver Insecure until reset (§6.33.6).  Wire form, MAC check, key-set
+switching, aggregation and what is simplified: docs/ide-and-link.md, "How a TLP is
+protected".
 """
 
 from __future__ import annotations
@@ -13,18 +15,30 @@ import hmac
 import logging
 import secrets
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
+from operator import itemgetter
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from . import ide_accel
+from .ide_runs import (
+    UNIT_PAYLOAD_MAX,
+    UNIT_TLPS_MAX,
+    UNIT_TLPS_MODES,
+    open_units,
+    open_units_joined,
+    seal_units,
+)
 from .tlp import IDE_PREFIX_BYTE0, PREFIX_LEN, IdePrefix, SubStream, Tlp, TlpError
 
 __all__ = [
-    "KEY_LEN", "MAC_LEN", "Direction", "IdeError", "IdeIntegrityError", "IdeKey",
-    "IdeKeyStateError", "IdeRx", "IdeTx", "KeySet", "KeySlot", "SubStream", "gcm_iv",
+    "KEY_LEN", "MAC_LEN", "UNIT_PAYLOAD_MAX", "UNIT_TLPS_MAX", "UNIT_TLPS_MODES", "Direction",
+    "IdeError", "IdeIntegrityError", "IdeKey", "IdeKeyStateError", "IdeRx", "IdeTx", "KeySet",
+    "KeySlot", "SubStream", "gcm_iv",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,6 +108,11 @@ class IdeKey:
         """The AES-GCM engine of this key (made once: key expansion is not per TLP)."""
         return AESGCM(self.key)
 
+    @functools.cached_property
+    def accel(self) -> ide_accel.GcmEngine:
+        """This key's engine in the C accelerator (:mod:`teeio.ide_accel`), made once."""
+        return ide_accel.gcm(self.key)
+
 
 _IV = struct.Struct(">4xQ")
 _TAG_LEN = 16
@@ -128,6 +147,8 @@ class _SubState:
     go: list[bool] = field(default_factory=lambda: [False, False])
     active: KeySet | None = None
     counter: int = 0
+    # Rx: the TLPs of an aggregated unit received so far (§6.33.6): (A, C, decoded shell)
+    pending: list[tuple[bytes, bytes, Tlp]] = field(default_factory=list, repr=False)
 
 
 class _IdeEndpoint:
@@ -196,9 +217,23 @@ class _IdeEndpoint:
 
 
 class IdeTx(_IdeEndpoint):
-    """The transmit side of one IDE stream."""
+    """The transmit side of one IDE stream.  :attr:`aggregation`: the Tx Aggregation Mode
+    of each sub-stream as TLPs per unit (1: none; 2, 4, 8: §7.9.26.4.1), which
+    :meth:`protect_many` applies."""
 
     direction = Direction.TX
+
+    def __init__(self, stream_id: int) -> None:
+        super().__init__(stream_id)
+        self.aggregation = {s: 1 for s in SubStream}
+
+    def set_aggregation(self, substream: SubStream, unit_tlps: int) -> None:
+        """Tx Aggregation Mode of *substream*: at most *unit_tlps* TLPs per aggregated unit
+        (1 turns aggregation off)."""
+        if unit_tlps not in UNIT_TLPS_MODES:
+            raise ValueError(f"aggregation: {unit_tlps} TLPs per unit is not one of "
+                             f"{UNIT_TLPS_MODES}")
+        self.aggregation[SubStream(substream)] = unit_tlps
 
     def go(self, key_set: KeySet, substream: SubStream | None = None) -> None:
         """K_SET_GO (Tx): use *key_set* from the next TLP on; its counter restarts at the IFV."""
@@ -212,7 +247,8 @@ class IdeTx(_IdeEndpoint):
                 st.counter = key.ifv
 
     def protect(self, tlp: Tlp) -> bytes:
-        """``header (A) || AES-GCM ciphertext of the payload || 96-bit MAC``.
+        """``header (A) || AES-GCM ciphertext of the payload || 96-bit MAC``: one TLP, never
+        aggregated.
 
         The TLP gets this stream's id and the active K in its IDE prefix."""
         if tlp.stream_id is not None and tlp.stream_id != self.stream_id:
@@ -238,10 +274,12 @@ class IdeTx(_IdeEndpoint):
                      payloads: Sequence[bytes | memoryview],
                      stream_id: int | None = None) -> list[bytes]:
         """Protect a run of TLPs of one sub-stream given as header bytes without the IDE
-        prefix (:func:`teeio.tlp.memory_write_parts` and friends) and DW-padded payloads:
-        for each, exactly the bytes :meth:`protect` returns for the same TLP with *t_bit*,
-        with consecutive counters.  *stream_id*: the stream the caller meant (an error if
-        not this one).  All or nothing: nothing is protected if any would fail."""
+        prefix (:func:`teeio.tlp.memory_write_parts` and friends) and DW-padded payloads,
+        aggregated as :attr:`aggregation` says (§6.33.6; the run's last TLP always ends a
+        unit).  Without aggregation, for each exactly the bytes :meth:`protect` returns for
+        the same TLP with *t_bit*, with consecutive counters.  *stream_id*: the stream the
+        caller meant (an error if not this one).  All or nothing: nothing is protected if
+        any would fail."""
         if stream_id is not None and stream_id != self.stream_id:
             raise IdeKeyStateError(f"TLP for stream {stream_id} handed to the Tx of "
                                    f"stream {self.stream_id}")
@@ -256,27 +294,25 @@ class IdeTx(_IdeEndpoint):
                                    "exhausted; refresh the keys")
         prefix = bytes((IDE_PREFIX_BYTE0, int(s) << 4 | int(t_bit) << 2 | int(st.active) << 1 | 1,
                         self.stream_id, 0))
-        enc, iv = key.aead.encrypt, _IV.pack
-        out = []
-        for header, payload in zip(headers, payloads, strict=True):
-            aad = prefix + header
-            out.append(aad + enc(iv(ctr), payload, aad)[:-_TAG_EXTRA])
-            ctr += 1
+        out, units = seal_units(key, ctr, prefix, headers, payloads, self.aggregation[s])
         if self.log.isEnabledFor(logging.DEBUG):
-            self.log.debug("--> %s K%d ctr %d..%d: %d TLPs", s.name, st.active, st.counter,
-                           ctr - 1, len(out))
-        st.counter = ctr
+            self.log.debug("--> %s K%d ctr %d..%d: %d TLPs", s.name, st.active, ctr,
+                           ctr + units - 1, len(out))
+        st.counter = ctr + units
         return out
 
 
 class IdeRx(_IdeEndpoint):
-    """The receive side of one IDE stream."""
+    """The receive side of one IDE stream.  :attr:`aggregation`: whether it takes
+    aggregated units (the port's Aggregation Supported, §6.33.6); without it a TLP without
+    a MAC is a failure."""
 
     direction = Direction.RX
 
-    def __init__(self, stream_id: int) -> None:
+    def __init__(self, stream_id: int, aggregation: bool = False) -> None:
         super().__init__(stream_id)
         self.insecure_reason: str | None = None
+        self.aggregation = aggregation
 
     def go(self, key_set: KeySet, substream: SubStream | None = None) -> None:
         """K_SET_GO (Rx): accept TLPs tagged with *key_set*.  The receiver switches to it
@@ -304,6 +340,7 @@ class IdeRx(_IdeEndpoint):
         if st.active == ks and st.go[other] and pending is not None:
             st.active = other
             st.counter = pending.ifv
+            st.pending = []
             self.log.debug("%s switched to %s (%s reprogrammed)", SubStream(substream).name,
                            other.name, ks.name)
         super().program(key_set, substream, key)
@@ -319,28 +356,50 @@ class IdeRx(_IdeEndpoint):
         return IdeIntegrityError(self.stream_id, reason)
 
     def unprotect(self, wire: bytes) -> Tlp:
-        """Check and decrypt one protected TLP; any failure makes the stream Insecure."""
+        """Check and decrypt one protected TLP that carries its own MAC (a unit of one);
+        any failure makes the stream Insecure.  A TLP of an aggregated unit is
+        :meth:`receive`'s: IdeKeyStateError, nothing changed."""
+        if self.aggregation and len(wire) > PREFIX_LEN and wire[0] == IDE_PREFIX_BYTE0:
+            sub = _substream(wire[1])
+            if not wire[1] & 1 or (sub is not None and self._subs[sub].pending):
+                raise IdeKeyStateError(f"stream {self.stream_id}: a TLP of an aggregated "
+                                       "unit; use receive()")
+        return self.receive(wire)[0]
+
+    def receive(self, wire: bytes) -> list[Tlp]:
+        """Check one protected TLP: the TLPs of the unit it completes, decrypted, once the
+        unit's MAC checks out (none while an aggregated unit is still open, §6.33.6); any
+        failure makes the stream Insecure."""
         wire = bytes(wire)
         if self.insecure_reason is not None:
             raise IdeIntegrityError(self.stream_id,
                                     f"stream is Insecure ({self.insecure_reason})")
+        mac_len = MAC_LEN
+        image = wire                # the TLP as if it carried its MAC (M set)
+        if self.aggregation and len(wire) > PREFIX_LEN and wire[0] == IDE_PREFIX_BYTE0 \
+                and not wire[1] & 1:
+            mac_len = 0
+            image = wire[:1] + bytes((wire[1] | 1,)) + wire[2:]
         try:
-            prefix = IdePrefix.decode(wire[:PREFIX_LEN])
-            hlen = Tlp.header_length(wire)
+            prefix = IdePrefix.decode(image[:PREFIX_LEN])
+            hlen = Tlp.header_length(image)
         except (TlpError, IndexError) as e:
             raise self._fail(f"not an IDE TLP: {e}") from None
-        if len(wire) < hlen + MAC_LEN:
+        if len(wire) < hlen + mac_len:
             raise self._fail(f"truncated: {len(wire)} bytes cannot hold header and MAC")
         if prefix.stream_id != self.stream_id:
             raise self._fail(f"misrouted TLP for stream {prefix.stream_id}")
-        aad, body, mac = wire[:hlen], wire[hlen:-MAC_LEN], wire[-MAC_LEN:]
+        end = len(wire) - mac_len
+        aad, body, mac = wire[:hlen], wire[hlen:end], wire[end:]
         try:
-            shell = Tlp.decode(aad + body)
+            shell = Tlp.decode(image[:hlen] + body)
         except TlpError as e:
             raise self._fail(f"malformed IDE TLP: {e}") from None
         s = prefix.substream
         st = self._subs[s]
         ks = KeySet(prefix.key_set)
+        if st.pending and ks != st.active:
+            raise self._fail(f"{s.name}: K toggled inside an aggregated unit (§6.33.6)")
         key = st.keys[ks]
         if key is None or not st.go[ks]:
             raise self._fail(f"{s.name} TLP uses key set {ks.name}, which is not GO "
@@ -356,67 +415,98 @@ class IdeRx(_IdeEndpoint):
             self.log.debug("%s switched to %s", s.name, ks.name)
         if st.counter > COUNTER_MAX:
             raise self._fail(f"{s.name}: invocation counter exhausted")
+        st.pending.append((aad, body, shell))
+        unit = st.pending
+        if len(unit) > 1 and sum(len(b) for _, b, _ in unit) > UNIT_PAYLOAD_MAX:
+            raise self._fail(f"{s.name}: aggregated unit carries more than "
+                             f"{UNIT_PAYLOAD_MAX // 4} DW of payload (§6.33.6)")
+        if mac_len == 0:
+            if len(unit) >= UNIT_TLPS_MAX:
+                raise self._fail(f"{s.name}: aggregated unit of more than {UNIT_TLPS_MAX} "
+                                 "TLPs (§6.33.6)")
+            return []
+        st.pending = []
         try:
-            plain = _open(key, st.counter, aad, body, mac)
+            plain = _open(key, st.counter, b"".join(a for a, _, _ in unit),
+                          b"".join(b for _, b, _ in unit), mac)
         except InvalidTag:
             raise self._fail(f"{s.name} MAC check failed (counter {st.counter}, "
                              f"{ks.name})") from None
         if self.log.isEnabledFor(logging.DEBUG):
             self.log.debug("<-- %s K%d ctr %d: %s", s.name, ks, st.counter, wire.hex())
         st.counter += 1
-        return replace(shell, data=plain)
+        out = []
+        pos = 0
+        for _, b, tlp in unit:
+            out.append(replace(tlp, data=plain[pos:pos + len(b)]))
+            pos += len(b)
+        return out
 
     def open_many(self, wires: Sequence[bytes], start: int, stop: int) -> list[bytes]:
-        """Check and decrypt ``wires[start:stop]`` in order, as :meth:`unprotect` would,
-        while each one is the common case: the key set it names is the one in use on its
-        sub-stream, the counter is not exhausted and its MAC checks out.  Returns the
-        plaintext payloads (DW-padded, as on the wire) of those that passed; the first that
-        did not is left untouched -- no counter moved, nothing recorded -- for
-        :meth:`unprotect` to handle (key-set switch, or the failure that makes the stream
-        Insecure).
+        """Check and decrypt whole units of ``wires[start:stop]`` in order, as
+        :meth:`receive` would, while each is the common case: the key set it names is the
+        one in use on its sub-stream, no unit is pending there, the counter is not
+        exhausted, the unit is complete within the range and its MAC checks out.  Returns
+        the plaintext payloads (DW-padded, as on the wire) of the TLPs that passed; the
+        first unit that did not is left untouched -- no counter moved, nothing recorded --
+        for :meth:`receive` to handle (key-set switch, an open unit, or the failure that
+        makes the stream Insecure).
 
-        The caller must have checked every wire's prefix and header as :meth:`unprotect`
+        The caller must have checked every wire's prefix and header as :meth:`receive`
         does first (:func:`teeio.tlp.parse_ide_requests` / ``parse_ide_completions``):
         well-formed, of this stream, sub-stream matching the TLP type."""
         out: list[bytes] = []
-        if self.insecure_reason is not None:
-            return out
-        compare = hmac.compare_digest
-        iv_of = _IV.pack
-        last_b1 = -1
-        enc: Callable[..., bytes] | None = None
-        st = self._subs[SubStream.PR]
-        ctr = 0
-        for i in range(start, stop):
-            wire = wires[i]
-            b1 = wire[1]
-            if b1 != last_b1:                   # sub-stream or key set (or T) changed
-                if enc is not None:
-                    st.counter = ctr
-                st = self._subs[SubStream(b1 >> 4 & 7)]
-                ks = b1 >> 1 & 1
-                key = st.keys[ks]
-                if st.active != ks or key is None or not st.go[ks]:
-                    return out
-                enc = key.aead.encrypt
-                ctr = st.counter
-                last_b1 = b1
-            assert enc is not None
-            if ctr > COUNTER_MAX:
-                break
-            iv = iv_of(ctr)
-            hlen = PREFIX_LEN + (16 if wire[PREFIX_LEN] & 0x20 else 12)
-            aad = wire[:hlen]
-            if len(wire) == hlen + MAC_LEN:      # no payload: the tag is all there is
-                plain = b""
-                if not compare(enc(iv, plain, aad)[:MAC_LEN], wire[hlen:]):
-                    break
-            else:
-                plain = enc(iv, wire[hlen:-MAC_LEN], aad)[:-_TAG_LEN]
-                if not compare(enc(iv, plain, aad)[-_TAG_LEN:-_TAG_EXTRA], wire[-MAC_LEN:]):
-                    break
-            ctr += 1
-            out.append(plain)
-        if enc is not None:
-            st.counter = ctr
+        for plains, _ in self._open_runs(wires, start, stop, False):
+            out += plains
         return out
+
+    def open_many_joined(self, wires: Sequence[bytes], start: int,
+                         stop: int) -> tuple[bytes, int]:
+        """:meth:`open_many` with the plaintext payloads joined into one bytes object: it
+        and how many TLPs passed."""
+        parts: list[bytes] = []
+        taken = 0
+        for plain, n in self._open_runs(wires, start, stop, True):
+            parts.append(plain)
+            taken += n
+        return b"".join(parts), taken
+
+    def _open_runs(self, wires: Sequence[bytes], start: int, stop: int,
+                   joined: bool) -> Iterator[tuple[Any, int]]:
+        """:meth:`open_many`'s work, a run of one sub-stream and key set at a time: its
+        plaintexts (a list, or *joined* one bytes object) and how many TLPs passed."""
+        if self.insecure_reason is not None:
+            return
+        unit_tlps = UNIT_TLPS_MAX if self.aggregation else 1
+        opener = open_units_joined if joined else open_units
+        i = start
+        while i < stop:
+            b1 = wires[i][1]
+            sub = b1 >> 4 & 7
+            if sub > 2:
+                return
+            st = self._subs[SubStream(sub)]
+            ks = b1 >> 1 & 1
+            key = st.keys[ks]
+            if st.active != ks or key is None or not st.go[ks] or st.pending:
+                return
+            # The run of this sub-stream and K (T and M may vary), found in C-level passes.
+            kinds = bytes(map(_BYTE1, wires[i:stop])).translate(_SUB_STREAM_K)
+            j = stop - len(kinds.lstrip(kinds[:1]))
+            plains, taken, units = opener(key, st.counter, wires, i, j, unit_tlps)
+            st.counter += units
+            yield plains, taken
+            i += taken
+            if i < j:
+                return
+
+
+_BYTE1 = itemgetter(1)
+_SUB_STREAM_K = bytes(b & 0x72 for b in range(256))   # IDE prefix byte 1: sub-stream, K
+
+
+def _substream(b1: int) -> SubStream | None:
+    try:
+        return SubStream(b1 >> 4 & 7)
+    except ValueError:
+        return None

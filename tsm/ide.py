@@ -3,8 +3,9 @@
 A stream joins a Selective IDE stream block of the device, keyed through IDE_KM in an SPDM
 secured session (§6.33.3, :class:`teeio.ide_km.IdeKmClient`), and the root port's stream,
 keyed over the platform control socket with the same keys in mirrored directions: the
-device's Tx key is the root port's Rx key.  ``teeio-tsm ide`` (:mod:`tsm.ide_cli`) and
-the TSM daemon drive it.
+device's Tx key is the root port's Rx key; optionally with IDE aggregation (§6.33.6) at
+both ends when both support it.  ``teeio-tsm ide`` (:mod:`tsm.ide_cli`) and the TSM
+daemon drive it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from teeio.ide import Direction, IdeKey, KeySet, SubStream
+from teeio.ide import UNIT_TLPS_MODES, Direction, IdeKey, KeySet, SubStream
 from teeio.ide_km import PCI_SIG_STANDARD_ID, PCI_SIG_VENDOR_ID, IdeKmClient, QueryResp
 from teeio.platform_channel import StreamState
 from teeio.spdm import Requester
@@ -23,6 +24,7 @@ from tsm.ide_regs import IdeError, IdeRegisters, StreamBlock
 log = logging.getLogger(__name__)
 
 DEFAULT_STREAM_ID = 1
+CAP_AGGREGATION = 1 << 4        # IDE Capability: Aggregation Supported (§7.9.26.2)
 KeyTable = dict[tuple[Direction, SubStream], IdeKey]
 _RP_DIR = {Direction.RX: "rx", Direction.TX: "tx"}
 
@@ -81,6 +83,15 @@ class SelectiveStream:
     device_rid: int | None = None
     cap_offset: int = 0
     query: QueryResp | None = field(default=None, repr=False)
+    #: TLPs per aggregated unit asked for (§6.33.6; 1: none), on every sub-stream at both
+    #: ends -- used only if both support aggregation; :attr:`aggregation_used` says
+    aggregation: int = 1
+    aggregation_used: int = 1
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in UNIT_TLPS_MODES:
+            raise IdeError(f"aggregation: {self.aggregation} TLPs per unit is not one of "
+                           f"{', '.join(map(str, UNIT_TLPS_MODES))}")
 
     # -- device side: IDE_KM and the host's register access --------------------------------
     def _km(self) -> IdeKmClient:
@@ -141,10 +152,13 @@ class SelectiveStream:
                                f"{b.index}; tear it down first (or pick another --stream-id)")
         rp_status = self.rp.call("status")["root_port"]
         rp_rid = int(rp_status["completer_id"])
+        modes = self._aggregation_modes(regs.capability, bool(rp_status.get(
+            "aggregation_supported")))
 
-        # Host: the block's registers (Stream ID, Enable clear; RID and address association).
+        # Host: the block's registers (Stream ID, Tx Aggregation Mode, Enable clear; RID and
+        # address association).
         self.host_read()
-        self.host_write(sel.control_offset, self.stream_id << 24)
+        self.host_write(sel.control_offset, self.stream_id << 24 | modes)
         self.host_write(sel.offset + 0x0C, rp_rid << 8)                # RID Limit
         self.host_write(sel.offset + 0x10, rp_rid << 8 | 1)            # RID Base, Valid
         if sel.addr:                                                   # all of memory
@@ -163,13 +177,34 @@ class SelectiveStream:
         self.rp.call("stream_setup", stream_id=self.stream_id, rid_base=self.device_rid,
                      rid_limit=self.device_rid)
         out(f"root port: stream {self.stream_id} for RID {self.device_rid:#06x}")
+        if self.aggregation_used > 1:      # before Enable (§6.33.6)
+            self.rp.call("stream_aggregation", stream_id=self.stream_id,
+                         unit_tlps={s.name: self.aggregation_used for s in SubStream})
 
         self.key_set = KeySet.K0
         self._program(self.key_set)
         self.rp.call("stream_enable", stream_id=self.stream_id, enable=True)
-        self.host_write(sel.control_offset, self.stream_id << 24 | 1)
+        self.host_write(sel.control_offset, self.stream_id << 24 | modes | 1)
         out("enabled: root port, then device (host config write of Enable)")
         return self._expect_secure("after setup")
+
+    def _aggregation_modes(self, device_capability: int, root_port: bool) -> int:
+        """The Tx Aggregation Mode bits of the device's Stream Control (NPR [3:2], PR [5:4],
+        CPL [7:6], §7.9.26.4.1) for :attr:`aggregation` -- 0 unless it is asked for and both
+        ends support it (Aggregation Supported) -- and :attr:`aggregation_used`."""
+        self.aggregation_used = 1
+        if self.aggregation == 1:
+            return 0
+        missing = [who for who, ok in (("device", device_capability & CAP_AGGREGATION),
+                                       ("root port", root_port)) if not ok]
+        if missing:
+            self.out(f"aggregation: not supported by the {' and the '.join(missing)}; off")
+            return 0
+        self.aggregation_used = self.aggregation
+        code = UNIT_TLPS_MODES.index(self.aggregation)
+        self.out(f"aggregation: up to {self.aggregation} TLPs per MAC on every sub-stream, "
+                 "both ends")
+        return code << 2 | code << 4 | code << 6
 
     def _program(self, key_set: KeySet) -> None:
         """Fresh keys for *key_set*: KEY_PROG × 6 at both ends, then K_SET_GO Rx at both,
@@ -253,6 +288,7 @@ class SelectiveStream:
             self.out(f"root port: stream {rp.get('id')} {enabled}, "
                      f"{str(rp.get('state')).upper()}, key sets in use {'/'.join(active)}{why}")
         return {"stream_id": self.stream_id, "key_set": self.key_set.name,
+                "aggregation": self.aggregation_used,
                 "device": dev, "device_via": "query_resp" if via else "host_config",
                 "root_port": rp}
 
@@ -274,6 +310,6 @@ def ide_client(req: Requester, sid: int, port_index: int = 0) -> IdeKmClient:
 
 
 
-__all__ = ["DEFAULT_STREAM_ID", "IdeError", "IdeRegisters", "KeyTable", "PlatformCalls",
-           "SelectiveStream", "StreamBlock", "fresh_keys", "ide_client", "program_root_port",
-           "root_port_go", "root_port_stream"]
+__all__ = ["CAP_AGGREGATION", "DEFAULT_STREAM_ID", "IdeError", "IdeRegisters", "KeyTable",
+           "PlatformCalls", "SelectiveStream", "StreamBlock", "fresh_keys", "ide_client",
+           "program_root_port", "root_port_go", "root_port_stream"]

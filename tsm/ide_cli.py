@@ -5,7 +5,8 @@ by the TSM.
         (--doe-socket PATH | --doe-tcp-port N [--host H]) --trust-anchor PEM
         [--reference-values JSON] [--nonce HEX]
         --platform-socket PATH --platform-credential FILE
-        [--stream-id N] [--block N] [--query] [--pause | --hold SECONDS] [--json OUT]
+        [--stream-id N] [--block N] [--aggregation N] [--query]
+        [--pause | --hold SECONDS] [--json OUT]
 
 The device is attested as ``teeio-tsm attest`` does it, then a KEY_EXCHANGE/FINISH
 session carries IDE_KM (PCIe 6.x §6.33.3) for :class:`tsm.ide.SelectiveStream`.  The
@@ -53,6 +54,7 @@ class IdeOptions:
     pause: bool = False
     hold: float = 0.0
     json_out: Path | None = None
+    aggregation: int = 1
 
 
 def platform_client(opts: IdeOptions) -> PlatformClient:
@@ -114,7 +116,8 @@ def run_ide(command: str, opts: IdeOptions, run: Attestation) -> dict[str, Any]:
                            "(teeio-tsm daemon)")
         end = command != "setup"
         with spdm_session(opts, run, end) as (req, sid):
-            s = SelectiveStream(rp, ide_client(req, sid), opts.stream_id, opts.block, out)
+            s = SelectiveStream(rp, ide_client(req, sid), opts.stream_id, opts.block, out,
+                                aggregation=opts.aggregation)
             if command == "status":
                 return s.status(True)
             if command == "setup":
@@ -151,6 +154,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help=f"IDE Stream ID (default {DEFAULT_STREAM_ID})")
     ap.add_argument("--block", type=int, default=0, metavar="N",
                     help="the device's Selective IDE stream block to use (default 0)")
+    ap.add_argument("--aggregation", type=int, choices=(1, 2, 4, 8), default=1, metavar="N",
+                    help="setup: IDE aggregation, up to N TLPs per MAC on every sub-stream "
+                         "(PCIe 6.x §6.33.6), if both ends support it (default 1: none)")
     ap.add_argument("--query", action="store_true",
                     help="status: read the device's registers via QUERY_RESP in a new SPDM "
                          "session (this ends the session setup left open)")
@@ -187,7 +193,7 @@ def run_command(ns: argparse.Namespace) -> int:
                              session=True, debug=debug),
         platform_socket=ns.platform_socket, platform_credential=ns.platform_credential,
         stream_id=ns.stream_id, block=ns.block, query=ns.query, pause=ns.pause,
-        hold=ns.hold, json_out=ns.json_out)
+        hold=ns.hold, json_out=ns.json_out, aggregation=ns.aggregation)
     run = Attestation(out=print)
     command: str = ns.ide_command
     try:

@@ -115,6 +115,7 @@ class PlatformControlServer(LineServer[_Session]):
             "stream_reset": self._stream_reset, "key_prog": self._key_prog,
             "key_set_go": self._key_set_go, "key_set_stop": self._key_set_stop,
             "stream_enable": self._stream_enable, "window_authorise": self._window_authorise,
+            "stream_aggregation": self._stream_aggregation,
             "window_reauthorise": self._window_reauthorise,
             "window_revoke": self._window_revoke, "mmio_private": self._mmio_private,
         }
@@ -258,6 +259,17 @@ class PlatformControlServer(LineServer[_Session]):
         state = self.root_port.enable_stream(_arg(args, "stream_id", int),
                                              _arg(args, "enable", bool, True))
         return {"state": StreamState(state)}
+
+    def _stream_aggregation(self, s: _Session, seq: int, args: dict[str, Any]) -> dict[str, Any]:
+        """The root port's Tx Aggregation Mode of a stream (PCIe 6.x §6.33.6), before its
+        Enable: ``unit_tlps`` maps sub-streams (PR, NPR, CPL) to TLPs per unit (1, 2, 4, 8)."""
+        modes = _arg(args, "unit_tlps", dict)
+        if not all(isinstance(k, str) and k.upper() in _SUBSTREAMS and isinstance(v, int)
+                   and not isinstance(v, bool) for k, v in modes.items()):
+            raise PlatformCtlError("bad_args", "'unit_tlps' maps PR, NPR, CPL to 1, 2, 4 or 8")
+        self.root_port.set_aggregation(_arg(args, "stream_id", int),
+                                       {_SUBSTREAMS[k.upper()]: v for k, v in modes.items()})
+        return {}
 
     def _window_authorise(self, s: _Session, seq: int, args: dict[str, Any]) -> dict[str, Any]:
         access = _arg(args, "access", str, "rw")

@@ -56,6 +56,11 @@ class StreamCtl(IntFlag):
     TEE_LIMITED = 1 << 23         # Selective only
 
 
+# Tx Aggregation Mode NPR [3:2], PR [5:4], CPL [7:6] (§7.9.26.4.1 / .5.2): 00b none,
+# 01b up to 2 TLPs, 10b up to 4, 11b up to 8 per aggregated unit (§6.33.6).
+CTL_AGG_SHIFT = {SubStream.NPR: 2, SubStream.PR: 4, SubStream.CPL: 6}
+CTL_AGG_MASK = 0xFC
+AGG_UNIT_TLPS = (1, 2, 4, 8)    # by Tx Aggregation Mode value
 CTL_ALG_SHIFT, CTL_ALG_MASK = 14, 0x1F << 14
 CTL_TC_SHIFT, CTL_TC_MASK = 19, 0x7 << 19
 CTL_ID_SHIFT, CTL_ID_MASK = 24, 0xFF << 24
@@ -135,6 +140,11 @@ class IdeStream:
     def tc(self) -> int:
         return (self.control & CTL_TC_MASK) >> CTL_TC_SHIFT
 
+    def tx_aggregation(self, substream: SubStream) -> int:
+        """TLPs per aggregated unit its Tx Aggregation Mode selects for *substream* (1:
+        no aggregation)."""
+        return AGG_UNIT_TLPS[self.control >> CTL_AGG_SHIFT[SubStream(substream)] & 3]
+
     @property
     def default_stream(self) -> bool:
         return bool(self.control & StreamCtl.DEFAULT_STREAM)
@@ -199,21 +209,54 @@ class IdeStream:
             self.cap.report_failure(self, e.reason)
             raise
 
+    def receive(self, wire: bytes) -> list[Tlp]:
+        """Check a received IDE TLP: the TLPs of the aggregated unit it completes (none
+        while one is open, §6.33.6); a failure makes the stream Insecure and is re-raised."""
+        if not self.secure:
+            raise IdeIntegrityError(self.stream_id, "stream is not Secure"
+                                    f"{f' ({self.failure})' if self.failure else ''}")
+        try:
+            return self.rx.receive(wire)
+        except IdeIntegrityError as e:
+            self.cap.report_failure(self, e.reason)
+            raise
+
 
 class IdeCapability:
     """The IDE capability of one function: registers in a ConfigSpace + stream state."""
 
     def __init__(self, cs: ConfigSpace, offset: int, streams: list[IdeStream],
-                 name: str = "") -> None:
+                 name: str = "", aggregation: bool = False) -> None:
         self.cs = cs
         self.offset = offset
         self.streams = streams
+        #: Aggregation Supported (§6.33.6): the receivers take aggregated units and the Tx
+        #: Aggregation Mode fields are writable
+        self.aggregation = aggregation
         self.listeners: list[Listener] = []
         self.log = log.getChild(name) if name else log
 
     @property
     def end(self) -> int:
         return self.streams[-1].end if self.streams else self.offset + 0x0C
+
+    def set_aggregation_supported(self, on: bool) -> None:
+        """Aggregation Supported (IDE Capability bit 4, §6.33.6): the Tx Aggregation Mode
+        fields of every stream block become writable (or read 0 again) and the receivers
+        take aggregated units (or refuse them)."""
+        reg = self.cs.get(self.offset + 4, 4) & ~IdeCapReg.AGGREGATION
+        self.cs.poke(self.offset + 4, 4, reg | (IdeCapReg.AGGREGATION if on else 0))
+        self.aggregation = on
+        for st in self.streams:
+            ctl = st.ctl_off
+            mask = int.from_bytes(self.cs.wmask[ctl:ctl + 4], "little") & ~CTL_AGG_MASK
+            self.cs.wmask[ctl:ctl + 4] = (mask | (CTL_AGG_MASK if on else 0)).to_bytes(
+                4, "little")
+            if not on:
+                self.cs.poke(ctl, 4, self.cs.get(ctl, 4) & ~CTL_AGG_MASK)
+            st.rx.aggregation = on
+            for sub in CTL_AGG_SHIFT:
+                st.tx.set_aggregation(sub, st.tx_aggregation(sub))
 
     def contains(self, off: int, size: int = 1) -> bool:
         return off < self.end and off + size > self.offset
@@ -237,7 +280,9 @@ class IdeCapability:
             changed = (old ^ ctl) & (CTL_ID_MASK | CTL_TC_MASK | CTL_ALG_MASK)
             if changed & CTL_ID_MASK:
                 # New Stream ID: the engines (and their keys) belong to the old one.
-                st.tx, st.rx = IdeTx(st.stream_id), IdeRx(st.stream_id)
+                st.tx, st.rx = IdeTx(st.stream_id), IdeRx(st.stream_id, self.aggregation)
+            for sub in CTL_AGG_SHIFT:
+                st.tx.set_aggregation(sub, st.tx_aggregation(sub))
             if on and not was_on:
                 st.failure = None
             elif was_on and on and changed:
@@ -325,7 +370,7 @@ class IdeCapability:
     def reset(self) -> None:
         """Conventional reset or FLR: registers to defaults, keys invalidated (§6.33.6)."""
         for st in self.streams:
-            st.tx, st.rx = IdeTx(0), IdeRx(0)
+            st.tx, st.rx = IdeTx(0), IdeRx(0, self.aggregation)
             for o in range(st.ctl_off, st.end, 4):
                 if o != st.base or st.kind is StreamKind.LINK:
                     self.cs.poke(o, 4, 0)
@@ -371,8 +416,10 @@ class IdeCapability:
 
 
 def build(cs: ConfigSpace, offset: int, *, link: bool = True, n_selective: int = 2,
-          n_addr: int = 1, tee_limited: bool = True, name: str = "") -> IdeCapability:
-    """Add the IDE extended capability at *offset* and return its model."""
+          n_addr: int = 1, tee_limited: bool = True, name: str = "",
+          aggregation: bool = False) -> IdeCapability:
+    """Add the IDE extended capability at *offset* and return its model.  *aggregation*:
+    Aggregation Supported (§6.33.6), with writable Tx Aggregation Mode fields."""
     if not 1 <= n_selective <= 256:
         raise ValueError("need 1..256 selective IDE streams")
     if not 0 <= n_addr <= 15:
@@ -410,4 +457,6 @@ def build(cs: ConfigSpace, offset: int, *, link: bool = True, n_selective: int =
         model.streams.append(IdeStream(model, StreamKind.SELECTIVE, i, off, IdeTx(0),
                                        IdeRx(0)))
         off += sel_size
+    if aggregation:
+        model.set_aggregation_supported(True)
     return model

@@ -23,8 +23,13 @@ from .fields import (
 from .packet import Tlp, peek
 from .parse_runs import (
     CompletionFields,
+    CompletionRun,
     RequestFields,
+    RequestRun,
+    cpl_payload_length,
+    parse_ide_completion_runs,
     parse_ide_completions,
+    parse_ide_request_runs,
     parse_ide_requests,
 )
 from .prefix import (
@@ -47,13 +52,22 @@ from .sizing import (
     count_read_tlps,
     split,
 )
+from .templates import (
+    completion_headers,
+    completion_run,
+    completion_runs,
+    memory_read_tagged,
+    memory_write_split,
+)
 
 __all__ = [
-    "ADDR32_LIMIT", "IDE_PREFIX_BYTE0", "MAC_BYTES", "MAX_PAYLOAD", "PREFIX_LEN", "RCB",
-    "TLP_SIZES", "CompletionFields", "CplStatus", "IdePrefix", "RequestFields", "SubStream",
-    "Tlp", "TlpDecodeError", "TlpError", "TlpType", "byte_span", "check_tlp_size",
-    "completion_parts", "completion_spans", "count_completions", "count_pieces",
-    "count_read_tlps", "is_protected", "memory_read_headers", "memory_write_parts",
-    "parse_ide_completions", "parse_ide_requests", "peek", "prefix_stream_id", "split",
-    "substream_of",
+    "ADDR32_LIMIT", "CompletionFields", "CompletionRun", "CplStatus", "IDE_PREFIX_BYTE0",
+    "IdePrefix", "MAC_BYTES", "MAX_PAYLOAD", "PREFIX_LEN", "RCB", "RequestFields", "RequestRun",
+    "SubStream", "TLP_SIZES", "Tlp", "TlpDecodeError", "TlpError", "TlpType", "byte_span",
+    "check_tlp_size", "completion_headers", "completion_parts", "completion_runs",
+    "memory_read_tagged", "completion_run", "completion_spans",
+    "count_completions", "count_pieces", "count_read_tlps", "cpl_payload_length",
+    "is_protected", "memory_read_headers", "memory_write_parts", "memory_write_split",
+    "parse_ide_completion_runs", "parse_ide_completions", "parse_ide_request_runs",
+    "parse_ide_requests", "peek", "prefix_stream_id", "split", "substream_of",
 ]

@@ -4,7 +4,8 @@ objects (PCIe 6.x §2.2.7 memory requests, §2.2.9 completions): the link's fast
 Each function gives byte for byte what the :class:`~teeio.tlp.packet.Tlp` class gives for
 the same TLPs (the unit tests compare them); they leave out its validation, so the
 callers pass only what it would accept: pieces of 1..4096 bytes that do not cross a
-4 KiB boundary.
+4 KiB boundary.  The regular middle of a transfer is built from header templates in
+:mod:`.templates`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ _REQ4 = struct.Struct(">BBBBHBBQ")
 _CPL = struct.Struct(">BBBBHBBHBB")
 
 
-def _dw0_bits(tag: int, tc: int, attr: int) -> tuple[int, int]:
+def dw0_bits(tag: int, tc: int, attr: int) -> tuple[int, int]:
     """Bytes 1 and 2 of DW0 without the Length bits."""
     return ((tag >> 9 & 1) << 7 | tc << 4 | (tag >> 8 & 1) << 3 | (attr >> 2) << 2,
             (attr & 3) << 4)
@@ -43,14 +44,14 @@ def _request_header(kind32: int, requester_id: int, tag: int, address: int, size
                       last << 4 | first, start), n
 
 
-def memory_write_parts(requester_id: int, address: int, data: bytes,
+def memory_write_parts(requester_id: int, address: int, data: bytes | memoryview,
                        pieces: Sequence[tuple[int, int]], *, tag: int = 0, tc: int = 0,
                        attr: int = 0) -> tuple[list[bytes], list[bytes | memoryview]]:
     """Headers (no IDE prefix) and DW-padded payloads of the MWr TLPs that write the
     byte ranges *pieces* of *data* (which starts at byte *address*): for each piece
     ``(a, n)``, ``Tlp.memory_write(requester_id, tag, a, data[a - address:][:n], tc=tc,
     attr=attr)``'s ``header()`` and ``data``."""
-    b1, b2 = _dw0_bits(tag, tc, attr)
+    b1, b2 = dw0_bits(tag, tc, attr)
     view = memoryview(data)
     headers: list[bytes] = []
     payloads: list[bytes | memoryview] = []
@@ -85,7 +86,7 @@ def memory_read_headers(requester_id: int, pieces: Sequence[tuple[int, int]], *,
     kind = int(TlpType.MRD32)
     for i, (a, n) in enumerate(pieces):
         tag = first_tag + i
-        b1, b2 = _dw0_bits(tag, tc, attr)
+        b1, b2 = dw0_bits(tag, tc, attr)
         out.append(_request_header(kind, requester_id, tag, a, n, b1, b2)[0])
     return out
 
@@ -97,7 +98,7 @@ def completion_parts(requester_id: int, tag: int, completer_id: int, address: in
     (read at byte *address*) in the byte ranges *spans*, each carrying the bytes still
     due as its Byte Count: ``Tlp(CPLD, requester_id, tag, data=padded, completer_id=...,
     byte_count=remaining, lower_address=a & 0x7F, tc=tc, attr=attr)``."""
-    b1, b2 = _dw0_bits(tag, tc, attr)
+    b1, b2 = dw0_bits(tag, tc, attr)
     view = memoryview(data)
     remaining = len(view)
     headers: list[bytes] = []
@@ -116,3 +117,4 @@ def completion_parts(requester_id: int, tag: int, completer_id: int, address: in
             payloads.append(bytes(lead) + view[off:off + n] + bytes(dws * 4 - lead - n))
         remaining -= n
     return headers, payloads
+

@@ -22,7 +22,15 @@ from .fields import (
     byte_span,
     check_range,
 )
-from .prefix import IDE_PREFIX_BYTE0, PREFIX_LEN, IdePrefix, SubStream, is_protected, substream_of
+from .prefix import (
+    IDE_PREFIX_BYTE0,
+    PREFIX_LEN,
+    IdePrefix,
+    SubStream,
+    is_protected,
+    substream_of,
+    with_mac_bit,
+)
 
 # Memory request header, 64-bit form (4 DW; the 3-DW 32-bit form has no Address[63:32]
 # and carries Address[31:2] | PH in DW2)::
@@ -388,11 +396,11 @@ class Tlp:
 
 
 def peek(wire: bytes) -> Tlp | None:
-    """The TLP's header fields (payload zeroed: it may be ciphertext), or None if the
-    header does not parse."""
+    """The TLP's header fields (payload zeroed: it may be ciphertext; a TLP of an
+    aggregated unit read as if M were set), or None if the header does not parse."""
     try:
         hlen = Tlp.header_length(wire)
-        head = wire[:hlen]
+        head = with_mac_bit(wire[:hlen])
         off = PREFIX_LEN if is_protected(wire) else 0
         t = TlpType(head[off])
         n = (head[off + 2] & 3) << 8 | head[off + 3]

@@ -97,9 +97,18 @@ def is_protected(wire: bytes) -> bool:
     return wire[:1] == bytes((IDE_PREFIX_BYTE0,))
 
 
+def with_mac_bit(wire: bytes) -> bytes:
+    """*wire* with the IDE prefix's M bit set: a TLP of an aggregated unit (§6.33.6) as the
+    codec reads a TLP (:class:`IdePrefix` models M = 1 only).  Unchanged if it has no IDE
+    prefix."""
+    if len(wire) < 2 or wire[0] != IDE_PREFIX_BYTE0 or wire[1] & 1:
+        return bytes(wire)
+    return bytes((wire[0], wire[1] | 1)) + bytes(wire[2:])
+
+
 def prefix_stream_id(wire: bytes) -> int | None:
-    """The Stream ID in *wire*'s IDE prefix (None: no valid prefix)."""
+    """The Stream ID in *wire*'s IDE prefix (None: no valid prefix; M may be clear)."""
     try:
-        return IdePrefix.decode(wire[:PREFIX_LEN]).stream_id
+        return IdePrefix.decode(with_mac_bit(wire[:PREFIX_LEN])).stream_id
     except TlpError:
         return None

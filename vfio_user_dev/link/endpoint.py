@@ -22,8 +22,8 @@ from teeio.tlp import (
     Tlp,
     TlpError,
     is_protected,
-    memory_write_parts,
-    parse_ide_completions,
+    memory_write_split,
+    parse_ide_completion_runs,
     prefix_stream_id,
     split,
 )
@@ -133,8 +133,7 @@ class LinkEndpoint:
         if stream is None and not link.tapped:
             link.clear_write(self.requester_id, address, data)
             return
-        headers, payloads = memory_write_parts(self.requester_id, address, data,
-                                               split(address, len(data), link.mps))
+        headers, payloads = memory_write_split(self.requester_id, address, data, link.mps)
         with self._ide_lock:
             wires = self._encode_many(SubStream.PR, headers, payloads, stream, t_bit)
         reply = link.send_upstream(wires)
@@ -153,7 +152,7 @@ class LinkEndpoint:
         if stream is None and not link.tapped:
             return link.clear_read(self.requester_id, address, length)
         pieces = split(address, length, link.mrrs)
-        out = bytearray()
+        out: list[bytes] = []
         pos = 0
         while pos < len(pieces):
             # At most as many MRds outstanding as there are tags (Extended Tag Field Enable
@@ -166,20 +165,19 @@ class LinkEndpoint:
                 self.counters["faults"] += 1
                 raise LinkFault(f"MRd not sent: {exc}") from None
             try:
-                self.reads.start(tags, batch)
+                self.reads.start(tags, batch, link.mps)
                 headers = read_headers(self.requester_id, batch, tags)
                 with self._ide_lock:
                     wires = self._encode_many(SubStream.NPR, headers, [b""] * len(headers),
                                               stream, t_bit)
                 reply = link.send_upstream(wires)
                 self._check_after(stream, reply)
-                for tag in tags:
-                    out += self.reads.take(tag)
+                out.append(self.reads.take_all())
             finally:
                 # Completed, or given up (completion timeout): the tags are free again.
                 self.reads.clear()
                 self.tags.free(tags)
-        return bytes(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def _route(self, t_bit: bool | None = None,
                stream_id: int | None = None) -> tuple[StreamPort | None, bool]:
@@ -231,31 +229,37 @@ class LinkEndpoint:
         out: list[bytes] = []
         for wire in wires:
             with self._ide_lock:
-                tlp = self._ingress(wire, "mmio_discarded")
-            if tlp is None:
-                continue
-            if not tlp.type.is_request:
-                self.counters["mmio_discarded"] += 1
-                self.log.warning("unexpected %s from the root port: discarded", tlp.type.name)
-                continue
-            self.counters["mmio_requests"] += 1
-            write = tlp.type.has_data
-            req = MmioRequest(write, tlp.requester_id, tlp.byte_address, tlp.request_byte_count,
-                              tlp.payload_bytes() if write else b"", tlp.t_bit, tlp.stream_id)
-            result = (self.mmio_completer.mmio_request(req)
-                      if self.mmio_completer is not None else None)
-            if result is None:
-                self.counters["mmio_ur"] += 1
-                self._error(LinkError.UNSUPPORTED_REQUEST, bare_header(tlp))
-            if write:
-                continue            # posted: a UR is only logged by the completer (§2.3.1)
-            cpl = (Tlp.completion_for(tlp, self.requester_id, result) if result is not None
-                   else Tlp.completion_for(tlp, self.requester_id, status=CplStatus.UR))
-            with self._ide_lock:
-                wire_out = self._encode_completion(cpl)
-            if wire_out is not None:
-                out.append(wire_out)
+                tlps = self._ingress(wire, "mmio_discarded")
+            for tlp in tlps:
+                cpl = self._mmio_request(tlp)
+                if cpl is None:
+                    continue
+                with self._ide_lock:
+                    wire_out = self._encode_completion(cpl)
+                if wire_out is not None:
+                    out.append(wire_out)
         return out
+
+    def _mmio_request(self, tlp: Tlp) -> Tlp | None:
+        """One memory request from the root port to :attr:`mmio_completer`: the completion
+        to send back (None: a posted write, or discarded)."""
+        if not tlp.type.is_request:
+            self.counters["mmio_discarded"] += 1
+            self.log.warning("unexpected %s from the root port: discarded", tlp.type.name)
+            return None
+        self.counters["mmio_requests"] += 1
+        write = tlp.type.has_data
+        req = MmioRequest(write, tlp.requester_id, tlp.byte_address, tlp.request_byte_count,
+                          tlp.payload_bytes() if write else b"", tlp.t_bit, tlp.stream_id)
+        result = (self.mmio_completer.mmio_request(req)
+                  if self.mmio_completer is not None else None)
+        if result is None:
+            self.counters["mmio_ur"] += 1
+            self._error(LinkError.UNSUPPORTED_REQUEST, bare_header(tlp))
+        if write:
+            return None         # posted: a UR is only logged by the completer (§2.3.1)
+        return (Tlp.completion_for(tlp, self.requester_id, result) if result is not None
+                else Tlp.completion_for(tlp, self.requester_id, status=CplStatus.UR))
 
     def _encode_completion(self, cpl: Tlp) -> bytes | None:
         if cpl.stream_id is None:
@@ -282,8 +286,8 @@ class LinkEndpoint:
             i = self._receive_run(wires, i)
             if i < n:
                 with self._ide_lock:
-                    tlp = self._ingress(wires[i])
-                if tlp is not None:
+                    tlps = self._ingress(wires[i])
+                for tlp in tlps:
                     self.reads.complete(tlp, self.requester_id)
                 i += 1
 
@@ -300,46 +304,58 @@ class LinkEndpoint:
             if stream is None or not stream.is_secure():
                 return start
             rx = stream.rx
-            fields = parse_ide_completions(wires, start, rx.stream_id)
-            plains = rx.open_many(wires, start, start + len(fields)) if fields else []
+            # The common case: the batch's completions just as predicted, one comparison each.
+            n = self.reads.match(wires, start, rx.stream_id, rx.aggregation, self.requester_id)
+            if n:
+                joined, taken = rx.open_many_joined(wires, start, start + n)
+                if taken == n:
+                    self._started.add((stream.stream_id, SubStream.CPL))
+                    self.counters["ide_tlps_rx"] += n
+                    self.reads.complete_all(joined)
+                    return start + n
+                plains = self.reads.split_payloads(joined, taken)
+            found = parse_ide_completion_runs(wires, start, rx.stream_id, rx.aggregation)
+            if not n:
+                total = sum(k for _, k in found)
+                plains = rx.open_many(wires, start, start + total) if found else []
             if not plains:
                 return start
             self._started.add((stream.stream_id, SubStream.CPL))
             self.counters["ide_tlps_rx"] += len(plains)
-        del fields[len(plains):]
-        self.reads.complete_run(fields, plains, wires, start, self.requester_id)
+        self.reads.complete_runs(found, plains, wires, start, self.requester_id)
         return start + len(plains)
 
-    def _ingress(self, wire: bytes, discard: str = "unexpected_completions") -> Tlp | None:
-        """IDE check and decode of one TLP from the root port; None: discarded (counted
-        under *discard*)."""
+    def _ingress(self, wire: bytes, discard: str = "unexpected_completions") -> list[Tlp]:
+        """IDE check and decode of one TLP from the root port: the TLPs it delivers (none
+        if it was discarded, counted under *discard*, or while an aggregated unit is open;
+        all of the unit's with its last TLP, §6.33.6)."""
         if is_protected(wire):
             sid = prefix_stream_id(wire)
             stream = None if sid is None else self._secure_stream_id(sid)
             if stream is None:
                 self.counters[discard] += 1
                 self.log.warning("IDE TLP but the device's stream is not Secure: discarded")
-                return None
+                return []
             try:
-                tlp = stream.rx.unprotect(wire)
+                tlps = stream.rx.receive(wire)
             except IdeIntegrityError as exc:
                 self._ide_failed(stream, exc.reason, wire[PREFIX_LEN:PREFIX_LEN + 16])
-                return None
-            self._started.add((stream.stream_id, tlp.substream))
+                return []
+            self._started.add((stream.stream_id, SubStream(wire[1] >> 4 & 7)))
             self.counters["ide_tlps_rx"] += 1
-            return tlp
+            return tlps
         try:
             tlp = Tlp.decode(wire)
         except TlpError as exc:
             self.counters[discard] += 1
             self.log.warning("malformed TLP discarded: %s", exc)
-            return None
+            return []
         for stream in self._streams():
             if (stream.stream_id, tlp.substream) in self._started and stream.is_secure():
                 self._ide_failed(stream, f"non-IDE {tlp.type.name} on {tlp.substream.name} "
                                          "after IDE started", bare_header(tlp))
-                return None
-        return tlp
+                return []
+        return [tlp]
 
     def _ide_failed(self, stream: StreamPort, reason: str, header: bytes = b"") -> None:
         self._error(LinkError.IDE_CHECK_FAILED, header)

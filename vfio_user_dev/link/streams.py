@@ -12,6 +12,7 @@ from teeio.ide import IdeRx, IdeTx
 from teeio.pcie.ide_cap import IdeCapability, StreamKind
 from teeio.pcie.ide_cap import IdeStream as CapIdeStream
 from teeio.platform_channel import StreamState
+from teeio.tlp import SubStream
 
 
 class StreamPort(Protocol):
@@ -80,19 +81,31 @@ class IdeStreamEnd:
     """One Partner Port's end of a Selective IDE Stream (§6.33; the root port's streams
     extend it): Tx and Rx key state, Enable, and the Secure / Insecure state (§6.33.4,
     §7.9.26: Secure once enabled with a GO key set in every sub-stream and direction; any
-    failure makes it Insecure until it is reset and keyed again)."""
+    failure makes it Insecure until it is reset and keyed again).  *aggregation*: the port
+    supports IDE aggregation (§6.33.6): its Rx takes aggregated units, and its Tx
+    aggregates as :meth:`set_aggregation` (the Tx Aggregation Mode fields) says."""
 
-    def __init__(self, stream_id: int, rid_base: int = 0, rid_limit: int = 0xFFFF) -> None:
+    def __init__(self, stream_id: int, rid_base: int = 0, rid_limit: int = 0xFFFF,
+                 aggregation: bool = False) -> None:
         self.stream_id = stream_id
         self.rid_base = rid_base
         self.rid_limit = rid_limit
+        self.aggregation_supported = aggregation
         self.tx = IdeTx(stream_id)
-        self.rx = IdeRx(stream_id)
+        self.rx = IdeRx(stream_id, aggregation)
         self.enabled = False
         self.insecure_reason: str | None = None
 
     def keys_ready(self) -> bool:
         return self.tx.all_active() and self.rx.all_active()
+
+    def set_aggregation(self, unit_tlps: dict[SubStream, int]) -> None:
+        """Tx Aggregation Mode per sub-stream, as TLPs per unit (1: none; 2, 4, 8).
+        ValueError if the port does not support aggregation and a value is not 1."""
+        if not self.aggregation_supported and any(n != 1 for n in unit_tlps.values()):
+            raise ValueError(f"stream {self.stream_id}: aggregation is not supported here")
+        for sub, n in unit_tlps.items():
+            self.tx.set_aggregation(sub, n)
 
     def is_secure(self) -> bool:
         return (self.enabled and self.insecure_reason is None

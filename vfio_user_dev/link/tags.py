@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from teeio.tlp import memory_read_headers
+from teeio.tlp import memory_read_tagged
 
 MAX_OUTSTANDING = 256           # 8-bit tags (Extended Tag Field Enable set, §7.5.3.4)
 TAGS_5BIT = 32                  # Extended Tag Field Enable clear: tags 0..31 (§2.2.6.2)
@@ -45,6 +45,10 @@ class TagAllocator:
                 raise ValueError(f"{n} tags wanted, {self.space - len(self._busy)} free")
             out: list[int] = []
             tag = self._next
+            if not self._busy:              # none outstanding: the next n, round-robin
+                space = self.space
+                out = [t % space for t in range(tag, tag + n)]
+                tag = (tag + n) % space
             while len(out) < n:
                 if tag not in self._busy and tag < self.space:
                     out.append(tag)
@@ -62,14 +66,6 @@ class TagAllocator:
 def read_headers(requester_id: int, pieces: Sequence[tuple[int, int]],
                  tags: Sequence[int]) -> list[bytes]:
     """MRd headers for *pieces*, the i-th tagged ``tags[i]``
-    (:func:`~teeio.tlp.memory_read_headers` for each run of consecutive tags)."""
-    out: list[bytes] = []
-    i = 0
-    while i < len(pieces):
-        j = i + 1
-        while j < len(pieces) and tags[j] == tags[j - 1] + 1:
-            j += 1
-        out += memory_read_headers(requester_id, pieces[i:j], first_tag=tags[i])
-        i = j
-    return out
+    (:func:`~teeio.tlp.memory_read_tagged`)."""
+    return memory_read_tagged(requester_id, pieces, tags)
 

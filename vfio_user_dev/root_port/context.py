@@ -66,8 +66,12 @@ class PortContext:
     """The state the root port's parts share; its lock guards configuration and IDE state
     and is never held while guest memory is accessed."""
 
-    def __init__(self, completer_id: int, name: str, events: PlatformEvents) -> None:
+    def __init__(self, completer_id: int, name: str, events: PlatformEvents,
+                 aggregation: bool = True) -> None:
         self.completer_id = completer_id
+        #: Aggregation Supported (PCIe 6.x §6.33.6): the stream ends take aggregated units
+        #: and may be told to aggregate what they send
+        self.aggregation = aggregation
         self.log = log.getChild(name)
         self.lock = threading.RLock()
         #: the platform's event log (``platform_events.py``): IDE failures, remaps, this

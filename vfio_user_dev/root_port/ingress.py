@@ -16,7 +16,7 @@ from teeio.tlp import (
     Tlp,
     TlpError,
     is_protected,
-    parse_ide_requests,
+    parse_ide_request_runs,
     peek,
     prefix_stream_id,
     split,
@@ -45,13 +45,14 @@ class Ingress:
         """Check one TLP (through a :class:`~teeio.tlp.Tlp`); admitted requests go to
         *admitted*, refused posted writes to *reply*."""
         self._ctx.counters["tlps_in"] += 1
-        req = self._decode(wire, burst)
-        if isinstance(req, str):
+        reqs = self._decode(wire, burst)
+        if isinstance(reqs, str):
             head = peek(wire)
             if head is not None and head.type.is_request and head.type.has_data:
-                reply.refused_posted.append(req)    # a posted write that never lands
+                reply.refused_posted.append(reqs)   # a posted write that never lands
             return
-        self._admit(req, burst, reply, admitted, *self.check(req))
+        for req in reqs:
+            self._admit(req, burst, reply, admitted, *self.check(req))
 
     def _admit(self, req: Request, burst: Burst, reply: RootPortReply,
                admitted: list[Admitted], pin: frozenset[int] | None, reason: str | None,
@@ -79,57 +80,83 @@ class Ingress:
         stream = self._streams.streams.get(first[2])
         if stream is None or not stream.is_secure():
             return start
-        fields = parse_ide_requests(wires, start, stream.rx.stream_id)
-        plains = stream.rx.open_many(wires, start, start + len(fields)) if fields else []
-        if not plains:
+        rx = stream.rx
+        found = parse_ide_request_runs(wires, start, rx.stream_id, rx.aggregation)
+        total = sum(k for _, k in found)
+        # The payloads of the TLPs that passed, one after the other (DW-padded, as sent).
+        joined, taken = rx.open_many_joined(wires, start, start + total) if found else (b"", 0)
+        if not taken:
             return start
-        self._ctx.counters["tlps_in"] += len(plains)
+        self._ctx.counters["tlps_in"] += taken
         quick = not self._windows.windows   # no window to check against, nor to pin to
         in_range = stream.has_rid
         run: Request | None = None          # contiguous admitted requests being gathered
-        parts: list[bytes] = []             # its payloads (writes)
+        parts: list[tuple[int, int]] = []   # its payloads (writes): ranges of joined
         pieces: list[tuple[int, int, int]] = []
         gathered = 0
         kinds = set()
-        del fields[len(plains):]
-        for (write, rid, tag, tc, attr, t_bit, a, count, lo), plain in zip(fields, plains,
-                                                                           strict=True):
+        pos = off = 0
+        for (write, rid, tag, tc, attr, t_bit, a, count, lo), k in found:
+            if pos >= taken:
+                break
+            k = min(k, taken - pos)         # a run is k TLPs, each the next count bytes
+            size = (lo + count + 3) & ~3 if write else 0    # each one's payload
             kinds.add(write)
             if quick and not t_bit and in_range(rid):   # admitted, not pinned (check)
                 if (run is None or run.address + run.length != a or run.write != write
                         or run.requester_id != rid or run.tc != tc or run.attr != attr):
                     if run is not None:
-                        self._close_run(run, parts, pieces, admitted)
+                        self._close_run(run, joined, parts, pieces, admitted)
                     run = Request(write, rid, a, 0, False, stream, tc=tc, attr=attr)
                     parts, pieces = [], []
-                run.length += count
-                if write:
-                    parts.append(plain[lo:lo + count])
-                pieces.append((a, count, tag))
-                gathered += 1
+                run.length += count * k
+                if k == 1:
+                    if write:
+                        parts.append((off + lo, off + lo + count))
+                    pieces.append((a, count, tag))
+                elif write:                 # whole payloads (lo 0), one after the other
+                    parts.append((off, off + k * count))
+                    pieces += [(b, count, tag) for b in range(a, a + k * count, count)]
+                else:                       # MRds with consecutive tags
+                    pieces += [(b, count, tag + j) for j, b in
+                               enumerate(range(a, a + k * count, count))]
+                gathered += k
+                pos += k
+                off += size * k
                 continue
             if run is not None:
-                self._close_run(run, parts, pieces, admitted)
+                self._close_run(run, joined, parts, pieces, admitted)
                 run = None
-            req = Request(write, rid, a, count, t_bit, stream, tag=tag, tc=tc, attr=attr,
-                          data=bytes(plain[lo:lo + count]) if write else b"")
-            self._admit(req, burst, reply, admitted, *self.check(req))
+            for j in range(k):
+                at = off + j * size + lo
+                req = Request(write, rid, a + j * count, count, t_bit, stream,
+                              tag=tag if write else tag + j, tc=tc, attr=attr,
+                              data=joined[at:at + count] if write else b"")
+                self._admit(req, burst, reply, admitted, *self.check(req))
+            pos += k
+            off += size * k
         if run is not None:
-            self._close_run(run, parts, pieces, admitted)
+            self._close_run(run, joined, parts, pieces, admitted)
         stream.started.update(SubStream.PR if k else SubStream.NPR for k in kinds)
         self._ctx.counters["tlps_admitted"] += gathered
-        return start + len(plains)
+        return start + taken
 
     @staticmethod
-    def _close_run(run: Request, parts: list[bytes], pieces: list[tuple[int, int, int]],
-                   admitted: list[Admitted]) -> None:
+    def _close_run(run: Request, joined: bytes, parts: list[tuple[int, int]],
+                   pieces: list[tuple[int, int, int]], admitted: list[Admitted]) -> None:
         if run.write:
-            run.data = b"".join(parts)
+            if all(parts[i][1] == parts[i + 1][0] for i in range(len(parts) - 1)):
+                run.data = joined[parts[0][0]:parts[-1][1]]     # all of it: no copy
+            else:
+                view = memoryview(joined)
+                run.data = b"".join([view[s:e] for s, e in parts])
         run.pieces = pieces
         admitted.append(Admitted(run, None))
 
-    def _decode(self, wire: bytes, burst: Burst) -> Request | str:
-        """IDE check and decode of one TLP: the request, or why it was discarded."""
+    def _decode(self, wire: bytes, burst: Burst) -> list[Request] | str:
+        """IDE check and decode of one TLP: the requests it delivers (none while an
+        aggregated unit is open, all of the unit's with its last TLP, §6.33.6), or why it
+        was discarded."""
         refuse = self._ctx.refuse
         stream: RootPortStream | None = None
         if is_protected(wire):
@@ -143,11 +170,11 @@ class Ingress:
                 return refuse(burst, None, "ide", f"IDE TLP on stream {sid}, which is "
                               f"not Secure ({stream.insecure_reason or 'not enabled'})")
             try:
-                tlp = stream.rx.unprotect(wire)
+                tlps = stream.rx.receive(wire)
             except IdeIntegrityError as exc:
                 self._streams.ide_failed(stream, exc.reason, burst)
                 return refuse(burst, None, "ide", exc.reason)
-            stream.started.add(tlp.substream)
+            stream.started.add(SubStream(wire[1] >> 4 & 7))     # checked by receive()
         else:
             try:
                 tlp = Tlp.decode(wire)
@@ -159,13 +186,18 @@ class Ingress:
                           f"{tlp.substream.name} after IDE started")
                 self._streams.ide_failed(owner, reason, burst)
                 return refuse(burst, None, "ide", reason)
-        if not tlp.type.is_request:
-            return refuse(burst, None, "malformed",
-                          f"unexpected {tlp.type.name} from the device")
-        write = tlp.type.has_data
-        return Request(write, tlp.requester_id, tlp.byte_address, tlp.request_byte_count,
-                       tlp.t_bit, stream, tag=tlp.tag, tc=tlp.tc, attr=tlp.attr,
-                       data=tlp.payload_bytes() if write else b"")
+            tlps = [tlp]
+        out = []
+        for tlp in tlps:
+            if not tlp.type.is_request:
+                return refuse(burst, None, "malformed",
+                              f"unexpected {tlp.type.name} from the device")
+            write = tlp.type.has_data
+            out.append(Request(write, tlp.requester_id, tlp.byte_address,
+                               tlp.request_byte_count, tlp.t_bit, stream, tag=tlp.tag,
+                               tc=tlp.tc, attr=tlp.attr,
+                               data=tlp.payload_bytes() if write else b""))
+        return out
 
     def check(self, req: Request) -> tuple[frozenset[int] | None, str | None, str]:
         """(pinned map ids, refusal reason key or None, detail) for one request."""

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from teeio.ide import IdeKeyStateError
-from teeio.tlp import CplStatus, SubStream, Tlp, TlpType, completion_parts, completion_spans
+from teeio.tlp import CplStatus, SubStream, Tlp, TlpType, completion_runs
 from vfio_user_dev.dma import DmaFault, DmaMapSet
 from vfio_user_dev.link.interfaces import LinkFault, RootPortReply
 from vfio_user_dev.root_port.context import Burst, PortContext
@@ -114,14 +114,11 @@ class DmaExecutor:
         headers: list[bytes] = []
         payloads: list[bytes | memoryview] = []
         for req, data in group:
-            base = req.address
-            for a, n, tag in req.pieces or ((base, req.length, req.tag),):
-                h, p = completion_parts(req.requester_id, tag, self._ctx.completer_id, a,
-                                        data[a - base:a - base + n],
-                                        completion_spans(a, n, self._ctx.mps), tc=req.tc,
-                                        attr=req.attr)
-                headers += h
-                payloads += p
+            h, p = completion_runs(req.requester_id, self._ctx.completer_id,
+                                   req.pieces or ((req.address, req.length, req.tag),), data,
+                                   self._ctx.mps, tc=req.tc, attr=req.attr)
+            headers += h
+            payloads += p
         if stream is None:
             reply.completions += [h + p for h, p in zip(headers, payloads, strict=True)]
             counters["completions_out"] += len(headers)

@@ -10,7 +10,15 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from teeio.ide import IdeIntegrityError, IdeKeyStateError
-from teeio.tlp import CplStatus, Tlp, TlpError, is_protected, prefix_stream_id, split
+from teeio.tlp import (
+    CplStatus,
+    SubStream,
+    Tlp,
+    TlpError,
+    is_protected,
+    prefix_stream_id,
+    split,
+)
 from vfio_user_dev.link.interfaces import LinkFault
 from vfio_user_dev.root_port.context import Burst, PortContext, RootPortError
 from vfio_user_dev.root_port.streams import RootPortStream, StreamTable
@@ -159,65 +167,70 @@ class MmioPort:
             data: dict[int, bytearray] = {tag: bytearray() for tag in reads}
             with ctx.lock:
                 for wire in completions:
-                    cpl = self._completion(wire, burst)
-                    if cpl is None:
-                        continue
-                    req = reads.get(cpl.tag)
-                    if (req is None or cpl.requester_id != ctx.completer_id
-                            or cpl.tag in answers):
-                        # No outstanding read with this Requester ID and tag: an Unexpected
-                        # Completion (§2.3.2), discarded and counted.
-                        counters["mmio_completions_discarded"] += 1
-                        ctx.refuse(burst, None, "unexpected_completion",
-                                   f"{cpl.type.name} tag {cpl.tag} for "
-                                   f"{cpl.requester_id:#06x}: no such read outstanding")
-                        continue
-                    if t_bit and (stream is None or cpl.stream_id != stream.stream_id):
-                        # A T=1 read is answered on its stream or not at all (§11.2.1).
-                        counters["mmio_completions_discarded"] += 1
-                        answers[cpl.tag] = None
-                        continue
-                    if cpl.status != CplStatus.SC:
-                        counters["mmio_ur"] += 1
-                        answers[cpl.tag] = None
-                        continue
-                    data[cpl.tag] += cpl.payload_bytes()
-                    if len(data[cpl.tag]) >= req.request_byte_count:
-                        answers[cpl.tag] = bytes(data[cpl.tag])
+                    for cpl in self._completions(wire, burst):
+                        req = reads.get(cpl.tag)
+                        if (req is None or cpl.requester_id != ctx.completer_id
+                                or cpl.tag in answers):
+                            # No outstanding read with this Requester ID and tag: an Unexpected
+                            # Completion (§2.3.2), discarded and counted.
+                            counters["mmio_completions_discarded"] += 1
+                            ctx.refuse(burst, None, "unexpected_completion",
+                                       f"{cpl.type.name} tag {cpl.tag} for "
+                                       f"{cpl.requester_id:#06x}: no such read outstanding")
+                            continue
+                        if t_bit and (stream is None or cpl.stream_id != stream.stream_id):
+                            # A T=1 read is answered on its stream or not at all (§11.2.1).
+                            counters["mmio_completions_discarded"] += 1
+                            answers[cpl.tag] = None
+                            continue
+                        if cpl.status != CplStatus.SC:
+                            counters["mmio_ur"] += 1
+                            answers[cpl.tag] = None
+                            continue
+                        data[cpl.tag] += cpl.payload_bytes()
+                        if len(data[cpl.tag]) >= req.request_byte_count:
+                            answers[cpl.tag] = bytes(data[cpl.tag])
             return {caller[tag]: got for tag, got in answers.items()}
         finally:
             ctx.finish_burst(burst)
 
-    def _completion(self, wire: bytes, burst: Burst) -> Tlp | None:
-        """IDE check and decode of one completion from the device.  Under the lock."""
+    def _completions(self, wire: bytes, burst: Burst) -> list[Tlp]:
+        """IDE check and decode of one completion from the device: the completions it
+        delivers (none while an aggregated unit is open, §6.33.6, or if it was discarded;
+        all of a unit's with its last TLP).  Under the lock."""
         ctx = self._ctx
         if is_protected(wire):
             sid = prefix_stream_id(wire)
             s = None if sid is None else self._streams.streams.get(sid)
             if s is None or not s.is_secure():
                 ctx.counters["mmio_completions_discarded"] += 1
-                return None
+                return []
             try:
-                tlp = s.rx.unprotect(wire)
+                tlps = s.rx.receive(wire)
             except IdeIntegrityError as exc:
                 self._streams.ide_failed(s, exc.reason, burst)
                 ctx.refuse(burst, None, "ide", exc.reason)
-                return None
-            s.started.add(tlp.substream)
+                return []
+            s.started.add(SubStream(wire[1] >> 4 & 7))     # checked by receive()
         else:
             try:
                 tlp = Tlp.decode(wire)
             except TlpError as exc:
                 ctx.refuse(burst, None, "malformed", str(exc))
-                return None
+                return []
             owner = self._streams.of_rid(tlp.completer_id)
             if owner is not None and owner.is_secure() and tlp.substream in owner.started:
                 reason = (f"non-IDE {tlp.type.name} from {tlp.completer_id:#06x} on "
                           f"{tlp.substream.name} after IDE started")
                 self._streams.ide_failed(owner, reason, burst)
                 ctx.refuse(burst, None, "ide", reason)
-                return None
-        if not tlp.type.is_completion:
-            ctx.refuse(burst, None, "malformed", f"{tlp.type.name} where a completion was due")
-            return None
-        return tlp
+                return []
+            tlps = [tlp]
+        out = []
+        for tlp in tlps:
+            if not tlp.type.is_completion:
+                ctx.refuse(burst, None, "malformed",
+                           f"{tlp.type.name} where a completion was due")
+                continue
+            out.append(tlp)
+        return out

@@ -26,10 +26,12 @@ class RootPort:
     """The upstream end of the link; the TSM programs it through platform control."""
 
     def __init__(self, dma: DmaMapSet, *, completer_id: int = ROOT_PORT_ID,
-                 name: str = "rp0", events: PlatformEvents | None = None) -> None:
+                 name: str = "rp0", events: PlatformEvents | None = None,
+                 aggregation: bool = True) -> None:
         self.dma = dma
         self._ctx = ctx = PortContext(completer_id, name,
-                                      events if events is not None else PlatformEvents())
+                                      events if events is not None else PlatformEvents(),
+                                      aggregation)
         self._streams = StreamTable(ctx, self._revoke_stream)
         self._windows = WindowTable(ctx, dma, self._streams)
         self._mmio = MmioPort(ctx, self._streams)
@@ -106,6 +108,14 @@ class RootPort:
     def key_set_stop(self, stream_id: int, key_set: KeySet, direction: Direction,
                      substream: SubStream | None = None) -> None:
         self._streams.key_set_stop(stream_id, key_set, direction, substream)
+
+    @property
+    def aggregation_supported(self) -> bool:
+        """Aggregation Supported (PCIe 6.x §6.33.6) at this port."""
+        return self._ctx.aggregation
+
+    def set_aggregation(self, stream_id: int, unit_tlps: dict[SubStream, int]) -> None:
+        self._streams.set_aggregation(stream_id, unit_tlps)
 
     def enable_stream(self, stream_id: int, enable: bool = True) -> str:
         return self._streams.enable_stream(stream_id, enable)
@@ -217,6 +227,7 @@ class RootPort:
         with self._lock:
             return {
                 "completer_id": self.completer_id,
+                "aggregation_supported": self._ctx.aggregation,
                 "streams": [s.as_dict() for s in self.streams.values()],
                 "windows": [w.as_dict() for w in self.windows.values()],
                 "refusals": dict(self.refusals),

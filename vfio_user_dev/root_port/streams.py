@@ -18,8 +18,9 @@ class RootPortStream(IdeStreamEnd):
     """The root port's end of one Selective IDE stream, plus the sub-streams on which IDE
     TLPs have arrived (after which a non-IDE TLP from its requesters is a failure)."""
 
-    def __init__(self, stream_id: int, rid_base: int, rid_limit: int) -> None:
-        super().__init__(stream_id, rid_base, rid_limit)
+    def __init__(self, stream_id: int, rid_base: int, rid_limit: int,
+                 aggregation: bool = False) -> None:
+        super().__init__(stream_id, rid_base, rid_limit, aggregation)
         self.started: set[SubStream] = set()
 
     def reset(self) -> None:
@@ -43,7 +44,8 @@ class RootPortStream(IdeStreamEnd):
         return {"id": self.stream_id, "state": self.state(), "enabled": self.enabled,
                 "rid_base": self.rid_base, "rid_limit": self.rid_limit,
                 "insecure_reason": self.insecure_reason or self.rx.insecure_reason,
-                "started": sorted(s.name for s in self.started), "keys": keys}
+                "started": sorted(s.name for s in self.started), "keys": keys,
+                "aggregation": {s.name: self.tx.aggregation[s] for s in SubStream}}
 
 
 class StreamTable:
@@ -70,7 +72,8 @@ class StreamTable:
                     raise RootPortError(f"RID range {rid_base:#06x}..{rid_limit:#06x} overlaps "
                                         f"stream {other.stream_id}'s")
             old = self.streams.get(stream_id)
-            self.streams[stream_id] = RootPortStream(stream_id, rid_base, rid_limit)
+            self.streams[stream_id] = RootPortStream(stream_id, rid_base, rid_limit,
+                                                     self._ctx.aggregation)
             if old is not None:
                 self._revoke_stream(stream_id, f"stream {stream_id} set up again")
         self._ctx.log.info("stream %d set up for RIDs %#06x..%#06x", stream_id, rid_base,
@@ -146,6 +149,22 @@ class StreamTable:
                 self.changed(s, f"K_SET_STOP {KeySet(key_set).name}")
         self._ctx.log.info("stream %d %s K_SET_STOP %s", stream_id, Direction(direction).name,
                            KeySet(key_set).name)
+
+    def set_aggregation(self, stream_id: int, unit_tlps: dict[SubStream, int]) -> None:
+        """The Tx Aggregation Mode of the root port's end of *stream_id*, per sub-stream
+        (TLPs per unit: 1, 2, 4 or 8; §6.33.6).  Software sets it before Enable (§6.33.6):
+        refused while the stream is enabled."""
+        with self._ctx.lock:
+            s = self.get(stream_id)
+            if s.enabled:
+                raise RootPortError(f"stream {stream_id} is enabled: set aggregation before "
+                                    "Enable (§6.33.6)")
+            try:
+                s.set_aggregation(unit_tlps)
+            except ValueError as exc:
+                raise RootPortError(str(exc)) from None
+        self._ctx.log.info("stream %d Tx aggregation: %s", stream_id,
+                           ", ".join(f"{SubStream(k).name} {v}" for k, v in unit_tlps.items()))
 
     def enable_stream(self, stream_id: int, enable: bool = True) -> str:
         """Set or clear Enable; Secure needs a GO key set in all six (direction, sub-stream)
