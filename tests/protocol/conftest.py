@@ -2,7 +2,8 @@
 a DSM-attached device driven the way the TSM does, in-process (tests/support/tee_rig.py):
 an SPDM secured session over the device's DOE dispatcher, a Selective IDE stream set up by
 ``tsm.ide.SelectiveStream``, TDISP through ``tsm.tdisp.TdispClient``, trusted-DMA windows
-and private MMIO on the platform socket -- and a memfd-backed guest."""
+and private MMIO on the platform socket -- and a memfd-backed guest; two firmware
+images that differ, for firmware updates."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from teeio import pki
 from tests.support.servers import RunningServer
 from tests.support.tee_rig import TeeRig
+from vfio_user_dev import firmware_build
 from vfio_user_dev.client import Client
 
 
@@ -37,3 +39,14 @@ def tee_rig_captured(tmp_path: Path, identity: pki.Identity) -> Iterator[TeeRig]
     rig = TeeRig(tmp_path, identity, capture=True)
     yield rig
     rig.close()
+
+
+@pytest.fixture(scope="module")
+def fw_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two firmware images that measure differently (the second one patched)."""
+    d = tmp_path_factory.mktemp("fw")
+    try:
+        return (firmware_build.build(d / "fw.elf"),
+                firmware_build.build(d / "fw2.elf", {"TEEIO_FW_PATCH": "1"}))
+    except firmware_build.FirmwareBuildError as exc:    # gcc is a declared dependency
+        pytest.fail(f"the firmware images do not build: {exc}")

@@ -303,7 +303,7 @@ def test_dsn_extended_capability(cs: ConfigSpace) -> None:
     hdr = r32(cs, 0x100)
     assert hdr & 0xFFFF == 3 == int(ExtCapId.DEVICE_SERIAL_NUMBER)
     assert (hdr >> 16) & 0xF == 1                # version
-    assert hdr >> 20 == 0x110                    # next: DOE (tests/unit/test_doe.py)
+    assert hdr >> 20 == 0x110                    # next: DOE (tests/unit/test_doe_mailbox.py)
     assert int.from_bytes(cs.read(0x104, 8), "little") == SERIAL
     assert cs.find_ext_capability(ExtCapId.DEVICE_SERIAL_NUMBER) == 0x100
     assert cs.find_ext_capability(ExtCapId.DOE) == 0x110
