@@ -8,7 +8,7 @@ from __future__ import annotations
 from teeio.device_regs import Op
 from teeio.pcie.ide_cap import CTL_AGG_MASK, IdeCapReg
 from teeio.tlp import IDE_PREFIX_BYTE0, SubStream
-from tests.protocol.conftest import GUEST, SID, TeeRig, status_error
+from tests.support.tee_rig import GUEST, SID, TeeRig, status_error
 from tsm.ide import SelectiveStream
 
 

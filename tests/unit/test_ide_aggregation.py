@@ -51,7 +51,7 @@ def pair(unit_tlps: int = 8, rx_aggregation: bool = True) -> tuple[IdeTx, IdeRx]
 
 
 @pytest.fixture(params=["c", "python"])
-def backend(request: pytest.FixtureRequest) -> object:
+def ide_path(request: pytest.FixtureRequest) -> object:
     if request.param == "c" and not ide_accel.available():
         pytest.skip("the C accelerator is not built")
     before = ide_accel.set_enabled(request.param == "c")
@@ -74,7 +74,7 @@ def test_unit_sizes_follow_the_count_and_payload_limits() -> None:
 
 
 def test_an_aggregated_unit_is_one_gcm_invocation_over_the_concatenation(
-        backend: str) -> None:
+        ide_path: str) -> None:
     """Two MWrs of 256 B: A = prefix1 || header1 || prefix2 || header2, P = payload1 ||
     payload2, one IV (the unit's counter), the MAC (12 leading tag bytes) on the second
     only, M clear on the first (§6.33.4, §6.33.6); checked against AESGCM directly."""
@@ -129,7 +129,7 @@ def test_other_sub_streams_may_interleave_a_unit() -> None:
     assert got == [[], [], [], ["MRD64", "MRD64"], ["MWR64"] * 3]
 
 
-def test_a_tampered_or_dropped_tlp_fails_the_whole_unit(backend: str) -> None:
+def test_a_tampered_or_dropped_tlp_fails_the_whole_unit(ide_path: str) -> None:
     for change in ("flip", "drop", "replay"):
         tx, rx = pair(4)
         wires = tx.protect_many(SubStream.PR, False, *writes(8))
@@ -195,7 +195,7 @@ def test_unprotect_is_for_whole_tlps_only() -> None:
     assert rx.unprotect(single).data == b"abcd"
 
 
-def test_aggregation_off_sends_exactly_what_protect_sends(backend: str) -> None:
+def test_aggregation_off_sends_exactly_what_protect_sends(ide_path: str) -> None:
     tx_many, _ = pair(1)
     tx_one, _ = pair(1)
     headers, payloads = writes(5)

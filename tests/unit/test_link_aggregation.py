@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from teeio import ide_accel
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
 from teeio.tlp import MAC_BYTES, PREFIX_LEN
-from tests.unit.link_rig import GUEST, RID, SID, SIZE, Rig
+from tests.support.link_rig import GUEST, RID, SID, SIZE, Rig
 from vfio_user_dev.dma import DmaFault
 from vfio_user_dev.link.faults import Fault, FaultKind
 from vfio_user_dev.link.interfaces import LinkDirection
