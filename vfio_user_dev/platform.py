@@ -12,7 +12,7 @@ from teeio.tdisp.defs import TdiState
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dma import DmaMapSet
 from vfio_user_dev.link.capture import CaptureWriter
-from vfio_user_dev.link.interfaces import DEFAULT_MPS, DEFAULT_MRRS, ROOT_PORT_ID, MmioRequest
+from vfio_user_dev.link.interfaces import DEFAULT_MPS, DEFAULT_MRRS
 from vfio_user_dev.link.wire import Link
 from vfio_user_dev.personality import PersonalityFactory
 from vfio_user_dev.personality.accelerator import AcceleratorPersonality
@@ -21,6 +21,9 @@ from vfio_user_dev.protocol import PciRegion
 from vfio_user_dev.root_port import RootPort
 
 DEFAULT_SERIAL = 0x7E10_0000_0000_0001
+# The access path's constants, looked up once (an enum class attribute costs a call).
+_BAR0 = int(PciRegion.BAR0)
+_UNLOCKED = TdiState.CONFIG_UNLOCKED
 
 
 class Platform:
@@ -35,6 +38,8 @@ class Platform:
         self.link = Link(self.device.link_end, self.root_port, mps=mps, mrrs=mrrs,
                          capture=capture)
         self.device.link_attached()         # the link follows Device Control from now on
+        self._device_lock = self.device.lock
+        self._bar0_size = self.device.layout.bar0_size
         self.events.listeners.append(self._enforce)
         self.root_port.window_gate = self._window_gate
 
@@ -61,17 +66,20 @@ class Platform:
     def region_read(self, index: int, offset: int, count: int, *,
                     host: bool = False) -> bytes:
         """A read of region *index* (the VMM's; *host*: the host's own path, always T=0)."""
-        if index == PciRegion.BAR0:
-            self.device.check_bounds(index, offset, count)
+        if index == _BAR0:
+            if count == 0 or offset < 0 or offset + count > self._bar0_size:
+                self.device.check_bounds(index, offset, count)     # refuses, saying why
             got = self._bar0(False, offset, count, b"", host)
             return b"\xff" * count if got is None else got
         return self.device.region_read(index, offset, count, host=host)
 
     def region_write(self, index: int, offset: int, data: bytes, *,
                      host: bool = False) -> None:
-        if index == PciRegion.BAR0:
-            self.device.check_bounds(index, offset, len(data))
-            self._bar0(True, offset, len(data), bytes(data), host)
+        if index == _BAR0:
+            count = len(data)
+            if count == 0 or offset < 0 or offset + count > self._bar0_size:
+                self.device.check_bounds(index, offset, count)     # refuses, saying why
+            self._bar0(True, offset, count, bytes(data), host)
             return
         self.device.region_write(index, offset, data, host=host)
 
@@ -81,12 +89,15 @@ class Platform:
         once the TSM opened private MMIO), or the direct path (module docstring).  Under
         the device's lock, so an access and a TDI transition never interleave."""
         dev = self.device
-        with dev.lock:
+        with self._device_lock:
             rid = dev.link_end.requester_id
-            address = dev.bar0_address() + offset
-            if (dev.tdi_state() is TdiState.CONFIG_UNLOCKED and not self.link.tapped
+            state = dev.tdi_state()
+            if (state is _UNLOCKED and not self.link.tapped
                     and self.root_port.mmio_in_clear(rid, allow_tee=not host)):
-                return dev.mmio_request(MmioRequest(write, ROOT_PORT_ID, address, count, data))
+                # T=0 in the clear, nothing watching: straight to the completer (what it
+                # does with the root port's MmioRequest of T=0 in the clear)
+                return dev.mmio_direct(state, write, offset, count, data)
+            address = dev.bar0_address() + offset
             if write:
                 self.root_port.mmio_write(rid, address, data, allow_tee=not host)
                 return b""
