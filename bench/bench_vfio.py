@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NotRequired, TypedDict
+from typing import IO, NamedTuple, NotRequired, TypedDict
 
 from bench.bench import HostMeta, _positive, emit_report, host_meta
 from teeio.device_regs import R
@@ -111,17 +111,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def threads_on(pid: int, cpu: int) -> tuple[bool, int]:
-    """Whether every thread of process *pid* may run on *cpu* only; how many it has."""
-    ok, n = True, 0
-    with contextlib.suppress(FileNotFoundError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                ok &= os.sched_getaffinity(int(tid)) == {cpu}
-                n += 1
-    return ok, n
-
-
 @contextlib.contextmanager
 def pinned(cpu: int) -> Iterator[None]:
     """This process on *cpu* alone while it starts the peers (they inherit it)."""
@@ -143,41 +132,58 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+class Server(NamedTuple):
+    path: str
+    proc: subprocess.Popen[bytes]
+    errlog: IO[bytes]
+
+
+@contextlib.contextmanager
+def servers(legs: Sequence[str], cpu: int) -> Iterator[dict[str, Server]]:
+    """Every leg's server, started pinned to *cpu*, serving clients one after the other
+    (idle between its rounds) until the run is over."""
+    with tempfile.TemporaryDirectory(prefix="teeio-bench-vfio-") as tmp, \
+            contextlib.ExitStack() as stack:
+        out: dict[str, Server] = {}
+        with pinned(cpu):
+            for leg in legs:
+                path = os.path.join(tmp, f"{leg}.sock")
+                errlog = stack.enter_context(open(os.path.join(tmp, f"{leg}.err"), "w+b"))
+                proc = subprocess.Popen(server_command(leg, path), env=_env(),
+                                        stdout=subprocess.DEVNULL, stderr=errlog)
+                stack.callback(stop, proc)
+                out[leg] = Server(path, proc, errlog)
+        yield out
+
+
 class Round(TypedDict):
     samples_ns: list[int]
     server_cpu_us: float | None
     client_cpu_us: float
 
 
-def run_leg(leg: str, cpu: int, n: int, warmup: int
+def run_leg(leg: str, server: Server, cpu: int, n: int, warmup: int
             ) -> tuple[dict[str, Round], bool, int]:
-    """One round of *leg*: a fresh server and client; per operation the samples and CPU
+    """One round of *leg*: a new client of its server; per operation the samples and CPU
     times, whether every thread of both was pinned to *cpu*, and how many threads the
     server had."""
     region, offset = TARGET[leg]
-    with tempfile.TemporaryDirectory(prefix="teeio-bench-vfio-") as tmp:
-        path = os.path.join(tmp, "vfio-user.sock")
-        errlog = open(os.path.join(tmp, "server.err"), "w+b")   # noqa: SIM115
-        with errlog, pinned(cpu):
-            server = subprocess.Popen(server_command(leg, path), env=_env(),
-                                      stdout=subprocess.DEVNULL, stderr=errlog)
-            try:
-                got = subprocess.run(
-                    [sys.executable, "-m", "bench.vfio_peers", "client", path, str(region),
-                     str(offset), str(n), str(warmup), str(server.pid)],
-                    env=_env(), capture_output=True, timeout=600, check=False)
-                verified, threads = threads_on(server.pid, cpu)
-            finally:
-                stop(server)
-            if got.returncode != 0:
-                errlog.seek(0)
-                raise RuntimeError(f"{leg} leg failed: client: {got.stderr.decode()[-2000:]}"
-                                   f" server: {errlog.read().decode()[-2000:]}")
+    with pinned(cpu):
+        got = subprocess.run(
+            [sys.executable, "-m", "bench.vfio_peers", "client", server.path, str(region),
+             str(offset), str(n), str(warmup), str(server.proc.pid)],
+            env=_env(), capture_output=True, timeout=600, check=False)
+    if got.returncode != 0:
+        server.errlog.seek(0)
+        raise RuntimeError(f"{leg} leg failed: client: {got.stderr.decode()[-2000:]}"
+                           f" server: {server.errlog.read().decode()[-2000:]}")
     result = json.loads(got.stdout)
-    verified &= result["affinity"] == [cpu]
+    threads = result["server_threads"]   # the client looked while the server served it
+    verified = result["affinity"] == [cpu] and bool(threads) and all(
+        t == [cpu] for t in threads)
     return {op: Round(samples_ns=result[f"{op}_ns"], server_cpu_us=result["server_cpu_us"][op],
                       client_cpu_us=result["client_cpu_us"][op])
-            for op in OPS}, verified, threads + 1
+            for op in OPS}, verified, len(threads) + 1
 
 
 def percentile(sorted_ns: Sequence[int], q: float) -> float:
@@ -197,15 +203,26 @@ def op_stats(rounds: Sequence[Round]) -> OpStats:
                                        3))
 
 
+PAIRS = (("python", "c-sample"), ("python", "echo"), ("libvfio-user", "c-sample"),
+         ("echo", "c-sample"), ("python", "libvfio-user"))
+
+
 def ratios(legs: dict[str, LegResult]) -> dict[str, dict[str, float]]:
-    """a/b of the median round trips, for each pair that ran."""
+    """a/b of the median round trips (``read``, ``write``), and the median over the rounds
+    of a/b of the round medians (``read_paired``, ``write_paired``: a's and b's rounds
+    ran next to each other, so load on the host hits both), for each pair that ran."""
     out: dict[str, dict[str, float]] = {}
-    for a, b in (("python", "c-sample"), ("python", "echo"), ("libvfio-user", "c-sample"),
-                 ("echo", "c-sample"), ("python", "libvfio-user")):
-        la, lb = legs[a], legs[b]
-        if "read" in la and "read" in lb and "write" in la and "write" in lb:
-            out[f"{a}/{b}"] = {op: round(la[op]["median_us"] / lb[op]["median_us"], 3)  # type: ignore[literal-required]
-                               for op in OPS}
+    for a, b in PAIRS:
+        sa, sb = legs[a], legs[b]
+        if "read" not in sa or "read" not in sb:
+            continue
+        out[f"{a}/{b}"] = row = {}
+        for op in OPS:
+            oa, ob = sa[op], sb[op]     # type: ignore[literal-required]
+            row[op] = round(oa["median_us"] / ob["median_us"], 3)
+            row[f"{op}_paired"] = round(statistics.median(
+                x / y for x, y in zip(oa["round_medians_us"], ob["round_medians_us"],
+                                      strict=True)), 3)
     return out
 
 
@@ -225,8 +242,9 @@ def goal(r: dict[str, dict[str, float]], skipped: dict[str, str]) -> Goal:
 def build_notes(order: Sequence[str], cpu: int, verified: bool,
                 skipped: dict[str, str]) -> str:
     notes = [
-        "Each leg is a server process and a client process (bench/vfio_peers.py, the same "
-        "client for every leg, importing no project module), started afresh each round.",
+        "Each leg is a server process, started once and idle between its rounds, and a new "
+        "client process each round (bench/vfio_peers.py, the same client for every leg, "
+        "importing no project module).",
         f"The legs alternated ({' '.join(order)}); a leg's median and p10/p90 are over "
         "all its samples, round_medians_us per round.",
         "The client negotiates VERSION, then times one 4-byte REGION_READ or REGION_WRITE "
@@ -256,14 +274,15 @@ def run(n: int, warmup: int, rounds: int, cpu: int | None) -> Report:
                                                   for leg in legs}
     order: list[str] = []
     verified, threads = True, 0
-    for _ in range(rounds):          # ABCD ABCD ...: drift on the host hits every leg alike
-        for leg in legs:
-            got, ok, count = run_leg(leg, cpu, n, warmup)
-            verified &= ok
-            threads = max(threads, count)
-            for op in OPS:
-                samples[leg][op].append(got[op])
-            order.append(leg)
+    with servers(legs, cpu) as running:
+        for _ in range(rounds):      # ABCD ABCD ...: drift on the host hits every leg alike
+            for leg in legs:
+                got, ok, count = run_leg(leg, running[leg], cpu, n, warmup)
+                verified &= ok
+                threads = max(threads, count)
+                for op in OPS:
+                    samples[leg][op].append(got[op])
+                order.append(leg)
     results: dict[str, LegResult] = {}
     for leg in LEGS:
         if leg in skipped:
@@ -287,20 +306,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="vfio-user round trips: this server, a Python floor, libvfio-user, and "
                     "libvfio-user's C sample server, each with a client process")
     ap.add_argument("--out", type=Path, help="also write the JSON here (parent dirs are created)")
-    ap.add_argument("--quick", action="store_true", help="2000 round trips a round, 2 rounds")
+    ap.add_argument("--quick", action="store_true", help="1000 round trips a round, 3 rounds")
     ap.add_argument("--iterations", type=_positive, metavar="N",
-                    help="round trips of each kind per round (default 20000)")
+                    help="round trips of each kind per round (default 2000)")
     ap.add_argument("--rounds", type=_positive, metavar="N",
-                    help="rounds per leg, the legs alternating (default 5)")
+                    help="rounds per leg, the legs alternating (default 20)")
     ap.add_argument("--cpu", type=int, help="CPU to pin to (default: the lowest allowed one)")
     return ap.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    n = args.iterations or (2000 if args.quick else 20000)
-    rounds = args.rounds or (2 if args.quick else 5)
-    report = run(n, max(1, min(n // 10, 2000)), rounds, args.cpu)
+    n = args.iterations or (1000 if args.quick else 2000)
+    rounds = args.rounds or (3 if args.quick else 20)
+    report = run(n, max(1, min(n // 10, 500)), rounds, args.cpu)
     emit_report(report, args.out)
     for leg, result in report["legs"].items():
         if "skipped" in result:

@@ -1,8 +1,9 @@
 """The processes of ``bench/bench_vfio.py``: the servers under test and the one client.
 
-``python -m bench.vfio_peers serve KIND PATH`` serves on the UNIX socket PATH until its
-first client leaves (KIND ``python``: this server; ``libvfio-user``: this device model
-behind libvfio-user; ``echo``: the least a Python vfio-user server can do, the floor).
+``python -m bench.vfio_peers serve KIND PATH`` serves clients one after the other on the
+UNIX socket PATH until terminated (KIND ``python``: this server; ``libvfio-user``: this
+device model behind libvfio-user; ``echo``: the least a Python vfio-user server can do,
+the floor).
 ``python -m bench.vfio_peers client PATH REGION OFFSET N WARMUP [SERVER_PID]`` negotiates
 VERSION, then times N REGION_READ and N REGION_WRITE round trips of 4 bytes (vfio-user
 spec "VFIO_USER_VERSION", "VFIO_USER_REGION_READ/WRITE") and prints them as JSON, with
@@ -12,6 +13,7 @@ client imports no project module: every leg gets the same one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
@@ -79,7 +81,7 @@ def round_trips(sock: socket.socket, request: bytes, n: int) -> list[int]:
         receive(sock, buf, view)
         out[i] = clock() - t0
         flags |= buf[8]
-    if flags & ERROR or not flags & REPLY:
+    if n and (flags & ERROR or not flags & REPLY):
         raise RuntimeError(f"error reply: {bytes(buf[:HEADER.size]).hex()}")
     return out
 
@@ -94,6 +96,15 @@ def cpu_ns(pid: int) -> int:
         except (OSError, ValueError, IndexError):
             pass        # a thread that just exited
     return total
+
+
+def affinities(pid: int) -> list[list[int]]:
+    """The CPUs each thread of process *pid* may run on (taken while it serves us)."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):      # a thread that just exited
+            out.append(sorted(os.sched_getaffinity(int(tid))))
+    return out
 
 
 def measured(sock: socket.socket, request: bytes, n: int,
@@ -125,54 +136,52 @@ def client(path: str, region: int, offset: int, n: int, warmup: int,
         reads, read_server, read_client = measured(sock, read, n, server)
         round_trips(sock, write, warmup)
         writes, write_server, write_client = measured(sock, write, n, server)
+        server_threads = affinities(server) if server is not None else []
     finally:
         gc.enable()
         sock.close()
     return {"read_ns": reads, "write_ns": writes,
             "server_cpu_us": {"read": read_server, "write": write_server},
             "client_cpu_us": {"read": read_client, "write": write_client},
-            "affinity": sorted(os.sched_getaffinity(0))}
+            "affinity": sorted(os.sched_getaffinity(0)), "server_threads": server_threads}
 
 
 # -- the servers ---------------------------------------------------------------------------
 def echo(path: str) -> None:
-    """The floor: one client, each message answered from the bytes received, no model
-    (REGION_READ reads zeros, REGION_WRITE is dropped).  The client never pipelines, so
-    one message arrives at a time."""
+    """The floor: each message answered from the bytes received, no model (REGION_READ
+    reads zeros, REGION_WRITE is dropped); clients one after the other.  The client never
+    pipelines, so one message arrives at a time."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
-    conn, _ = listener.accept()
     buf = bytearray(1 << 16)
     view = memoryview(buf)
     version = version_payload()
-    try:
-        while True:
-            got = conn.recv_into(buf)
-            if not got:
-                return
-            while got < HEADER.size or got < HEADER.unpack_from(buf)[2]:
-                n = conn.recv_into(view[got:])
-                if not n:
-                    return
-                got += n
-            msg_id, command, _size, _flags, _err = HEADER.unpack_from(buf)
-            if command == REGION_READ:
-                count = REGION_RW.unpack_from(buf, 16)[2]
-                conn.send(HEADER.pack(msg_id, command, 32 + count, REPLY, 0) + buf[16:32]
-                          + bytes(count))
-            elif command == REGION_WRITE:
-                conn.send(HEADER.pack(msg_id, command, 32, REPLY, 0) + buf[16:32])
-            elif command == VERSION:
-                conn.send(message(msg_id, command, version, REPLY))
-            else:
-                conn.send(HEADER.pack(msg_id, command, 16, REPLY | ERROR, errno.ENOSYS))
-    finally:
-        conn.close()
-        listener.close()
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            while True:
+                got = conn.recv_into(buf)
+                while got and (got < HEADER.size or got < HEADER.unpack_from(buf)[2]):
+                    more = conn.recv_into(view[got:])
+                    got = got + more if more else 0
+                if not got:
+                    break
+                msg_id, command, _size, _flags, _err = HEADER.unpack_from(buf)
+                if command == REGION_READ:
+                    count = REGION_RW.unpack_from(buf, 16)[2]
+                    conn.send(HEADER.pack(msg_id, command, 32 + count, REPLY, 0) + buf[16:32]
+                              + bytes(count))
+                elif command == REGION_WRITE:
+                    conn.send(HEADER.pack(msg_id, command, 32, REPLY, 0) + buf[16:32])
+                elif command == VERSION:
+                    conn.send(message(msg_id, command, version, REPLY))
+                else:
+                    conn.send(HEADER.pack(msg_id, command, 16, REPLY | ERROR, errno.ENOSYS))
 
 
 def serve(kind: str, path: str) -> None:
+    """Serve clients one after the other until terminated."""
     if kind == "echo":
         echo(path)
         return
@@ -183,12 +192,11 @@ def serve(kind: str, path: str) -> None:
         if kind == "python":
             from vfio_user_dev.server import Server
 
-            Server(path, platform).serve_forever(max_clients=1)
+            Server(path, platform).serve_forever()
         elif kind == "libvfio-user":
             from vfio_user_dev.libvfio_user import LibVfioUserServer
 
-            server = LibVfioUserServer(path, platform)
-            server.serve_forever(max_clients=1)
+            LibVfioUserServer(path, platform).serve_forever()
         else:
             raise SystemExit(f"unknown server kind {kind!r}")
     finally:

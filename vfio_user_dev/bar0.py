@@ -8,6 +8,7 @@ writes, as do the read-only registers.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import cast
 
@@ -26,6 +27,8 @@ SCRUBBED = (R.SCRATCH, R.STATUS, R.INT_STATUS, R.DMA_SRC_LO, R.DMA_SRC_HI,
 _IRQ_COUNT, _INT_ENABLE, _INT_STATUS, _DMA_CMD = (int(r) for r in (
     R.IRQ_COUNT, R.INT_ENABLE, R.INT_STATUS, R.DMA_CMD))
 _READ_WRITE = frozenset(int(r) for r in READ_WRITE)
+_STORED = _READ_WRITE - {_INT_ENABLE}      # a write stores them, and that is all it does
+_U32 = struct.Struct("<I")                  # one register's bytes
 
 
 class Bar0Registers:
@@ -59,9 +62,8 @@ class Bar0Registers:
 
     def read(self, offset: int, count: int) -> bytes:
         if count == 4 and not offset & 3:       # one whole register: the common access
-            value = (self.irq_count() & 0xFFFFFFFF if offset == _IRQ_COUNT
-                     else self._by_offset.get(offset, 0))
-            return value.to_bytes(4, "little")
+            return _U32.pack(self.irq_count() & 0xFFFFFFFF if offset == _IRQ_COUNT
+                             else self._by_offset.get(offset, 0))
         out = bytearray()
         for pos in range(offset & ~3, offset + count, 4):
             out += self.reg_read(pos).to_bytes(4, "little")
@@ -76,7 +78,10 @@ class Bar0Registers:
     def write(self, offset: int, data: bytes) -> None:
         end = offset + len(data)
         if end - offset == 4 and not offset & 3:    # one whole register: the common access
-            self.reg_write(offset, int.from_bytes(data, "little"), 0xFFFFFFFF)
+            if offset in _STORED:
+                self._by_offset[offset] = _U32.unpack(data)[0]
+            else:
+                self.reg_write(offset, _U32.unpack(data)[0], 0xFFFFFFFF)
             return
         pos = offset
         while pos < end:

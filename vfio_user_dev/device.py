@@ -64,7 +64,7 @@ from vfio_user_dev.personality import Personality, PersonalityFactory
 from vfio_user_dev.personality.accelerator import AcceleratorPersonality
 from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.protocol import PciIrq, PciRegion, ProtocolError, RegionFlags
-from vfio_user_dev.tee import TeeEnforcement
+from vfio_user_dev.tee import T0_SERVED, TeeEnforcement
 
 if TYPE_CHECKING:
     from teeio.tdisp.responder import TdispResponder
@@ -413,7 +413,7 @@ class TeeIoDevice:
         over directly, under the device lock (inside BAR0, *offset* from its base; the TDI
         in *state*): what :meth:`mmio_request` does for it, without a request object (the
         hot path)."""
-        if not self.tee.mmio_t0_allowed(state, write, offset, count):
+        if state not in T0_SERVED and not self.tee.mmio_t0_allowed(state, write, offset, count):
             return None
         if write:
             self.personality.bar0_write(offset, data)

@@ -65,43 +65,57 @@ class Platform:
     # -- the transports' view ---------------------------------------------------------------
     def region_read(self, index: int, offset: int, count: int, *,
                     host: bool = False) -> bytes:
-        """A read of region *index* (the VMM's; *host*: the host's own path, always T=0)."""
-        if index == _BAR0:
-            if count == 0 or offset < 0 or offset + count > self._bar0_size:
-                self.device.check_bounds(index, offset, count)     # refuses, saying why
-            got = self._bar0(False, offset, count, b"", host)
-            return b"\xff" * count if got is None else got
-        return self.device.region_read(index, offset, count, host=host)
-
-    def region_write(self, index: int, offset: int, data: bytes, *,
-                     host: bool = False) -> None:
-        if index == _BAR0:
-            count = len(data)
-            if count == 0 or offset < 0 or offset + count > self._bar0_size:
-                self.device.check_bounds(index, offset, count)     # refuses, saying why
-            self._bar0(True, offset, count, bytes(data), host)
-            return
-        self.device.region_write(index, offset, data, host=host)
-
-    def _bar0(self, write: bool, offset: int, count: int, data: bytes,
-              host: bool) -> bytes | None:
-        """The CPU's access to BAR0: MRd/MWr TLPs from the root port down the link (T=1
-        once the TSM opened private MMIO), or the direct path (module docstring).  Under
-        the device's lock, so an access and a TDI transition never interleave."""
+        """A read of region *index* (the VMM's; *host*: the host's own path, always T=0).
+        BAR0 is the CPU's access: MRd TLPs from the root port down the link (T=1 once the
+        TSM opened private MMIO), or the direct path (module docstring); all ones when
+        not completed.  Under the device's lock, so an access and a TDI transition never
+        interleave."""
+        if index != _BAR0:
+            return self.device.region_read(index, offset, count, host=host)
+        if count == 0 or offset < 0 or offset + count > self._bar0_size:
+            self.device.check_bounds(index, offset, count)     # refuses, saying why
         dev = self.device
-        with self._device_lock:
+        lock = self._device_lock
+        lock.acquire()          # not "with": no bound methods made on every access
+        try:
             rid = dev.link_end.requester_id
             state = dev.tdi_state()
             if (state is _UNLOCKED and not self.link.tapped
-                    and self.root_port.mmio_in_clear(rid, allow_tee=not host)):
+                    and self.root_port.mmio_in_clear(rid, not host)):
                 # T=0 in the clear, nothing watching: straight to the completer (what it
                 # does with the root port's MmioRequest of T=0 in the clear)
-                return dev.mmio_direct(state, write, offset, count, data)
-            address = dev.bar0_address() + offset
-            if write:
-                self.root_port.mmio_write(rid, address, data, allow_tee=not host)
-                return b""
-            return self.root_port.mmio_read(rid, address, count, allow_tee=not host)
+                got = dev.mmio_direct(state, False, offset, count, b"")
+            else:
+                got = self.root_port.mmio_read(rid, dev.bar0_address() + offset, count,
+                                               allow_tee=not host)
+        finally:
+            lock.release()
+        return b"\xff" * count if got is None else got
+
+    def region_write(self, index: int, offset: int, data: bytes, *,
+                     host: bool = False) -> None:
+        """A write to region *index*; BAR0 as :meth:`region_read` says, with MWr TLPs."""
+        if index != _BAR0:
+            self.device.region_write(index, offset, data, host=host)
+            return
+        count = len(data)
+        if count == 0 or offset < 0 or offset + count > self._bar0_size:
+            self.device.check_bounds(index, offset, count)     # refuses, saying why
+        data = bytes(data)
+        dev = self.device
+        lock = self._device_lock
+        lock.acquire()
+        try:
+            rid = dev.link_end.requester_id
+            state = dev.tdi_state()
+            if (state is _UNLOCKED and not self.link.tapped
+                    and self.root_port.mmio_in_clear(rid, not host)):
+                dev.mmio_direct(state, True, offset, count, data)     # as in region_read
+            else:
+                self.root_port.mmio_write(rid, dev.bar0_address() + offset, data,
+                                          allow_tee=not host)
+        finally:
+            lock.release()
 
     def reset(self, reason: str = "client_reset") -> None:
         """The device is reset (*reason* in its event); the platform follows its events."""

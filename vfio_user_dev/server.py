@@ -328,8 +328,11 @@ class Connection:
                         # The hot path (Session.region_access): a reply always (flags 0).
                         out = session.region_access(msg_id, command, view, at, size)
                         if out is not None:
-                            with send_lock:
+                            send_lock.acquire()     # not "with": no bound methods made
+                            try:
                                 sock.sendall(out)
+                            finally:
+                                send_lock.release()
                             counters["tx"] += 1
                         continue
                     hdr = Header.decode(view[at:at + p.HEADER_SIZE])

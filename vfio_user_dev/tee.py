@@ -52,7 +52,7 @@ def written(offset: int, data: bytes, reg: int, old: int, size: int = 2) -> int:
 
 # The TDI states in which mmio_refusal serves a T=0 request in the clear whatever else
 # holds (so the hot path needs no call; §11.2.1), found once from the rule itself.
-_T0_SERVED = tuple(state for state in TdiState
+T0_SERVED = tuple(state for state in TdiState
                    if all(mmio_refusal(state, False, None, None, access) is None
                           for access in (False, True)))
 
@@ -225,7 +225,7 @@ class TeeEnforcement:
         """:meth:`mmio_allowed` for a T=0 request in the clear at *offset* inside BAR0
         (the platform's direct path), the TDI in *state* (read under the device lock):
         the same rule, the same refusal."""
-        if state in _T0_SERVED:
+        if state in T0_SERVED:
             return True
         refusal = mmio_refusal(state, False, None, None, self.tee_access)
         if refusal is not None:
