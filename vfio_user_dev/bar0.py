@@ -76,13 +76,13 @@ class Bar0Registers:
         return self._by_offset.get(off, 0)      # every register is a key; reserved: zero
 
     def write(self, offset: int, data: bytes) -> None:
-        end = offset + len(data)
-        if end - offset == 4 and not offset & 3:    # one whole register: the common access
+        if len(data) == 4 and not offset & 3:      # one whole register: the common access
             if offset in _STORED:
                 self._by_offset[offset] = _U32.unpack(data)[0]
             else:
                 self.reg_write(offset, _U32.unpack(data)[0], 0xFFFFFFFF)
             return
+        end = offset + len(data)
         pos = offset
         while pos < end:
             base = pos & ~3

@@ -79,7 +79,8 @@ class Platform:
         lock.acquire()          # not "with": no bound methods made on every access
         try:
             rid = dev.link_end.requester_id
-            state = dev.tdi_state()
+            tdisp = dev.tdisp         # dev.tdi_state(), without the call
+            state = _UNLOCKED if tdisp is None else tdisp.state
             if (state is _UNLOCKED and not self.link.tapped
                     and self.root_port.mmio_in_clear(rid, not host)):
                 # T=0 in the clear, nothing watching: straight to the completer (what it
@@ -101,13 +102,15 @@ class Platform:
         count = len(data)
         if count == 0 or offset < 0 or offset + count > self._bar0_size:
             self.device.check_bounds(index, offset, count)     # refuses, saying why
-        data = bytes(data)
+        if type(data) is not bytes:
+            data = bytes(data)
         dev = self.device
         lock = self._device_lock
         lock.acquire()
         try:
             rid = dev.link_end.requester_id
-            state = dev.tdi_state()
+            tdisp = dev.tdisp         # dev.tdi_state(), without the call
+            state = _UNLOCKED if tdisp is None else tdisp.state
             if (state is _UNLOCKED and not self.link.tapped
                     and self.root_port.mmio_in_clear(rid, not host)):
                 dev.mmio_direct(state, True, offset, count, data)     # as in region_read

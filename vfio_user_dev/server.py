@@ -311,6 +311,9 @@ class Connection:
         session, counters, sock, send_lock = self.session, self.counters, self.sock, \
             self._send_lock
         debugging = msglog.isEnabledFor
+        # What isEnabledFor answers from (cleared whenever a level changes): a cached False
+        # spares the hot path the call; anything else asks.
+        debug_cache: dict[int, bool] = getattr(msglog, "_cache", {})
         try:
             for view, at, n, fds in inbox.messages():
                 try:
@@ -324,7 +327,7 @@ class Connection:
                     counters["rx"] += 1
                     if (flags == 0 and command in _REGION_ACCESS
                             and not fds and session.negotiated
-                            and not debugging(_DEBUG)):
+                            and (debug_cache.get(_DEBUG) is False or not debugging(_DEBUG))):
                         # The hot path (Session.region_access): a reply always (flags 0).
                         out = session.region_access(msg_id, command, view, at, size)
                         if out is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ Request = Callable[[Command, bytes], tuple[Header, bytes]]
 REGION_READ, REGION_WRITE = int(Command.REGION_READ), int(Command.REGION_WRITE)
 _ACCESS = p.REGION_MSG.size           # header + offset, region, count: 32 bytes
 _REPLY = int(p.Flags.REPLY)
+_DATA4 = struct.Struct("4s")          # a register's worth of data, copied out in one call
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ class Session:
                         data = self.ops.region_read(region, offset, count)
                         return p.REGION_MSG.pack(msg_id, command, _ACCESS + len(data), _REPLY,
                                                  0, offset, region, count) + data
-                    self.ops.region_write(region, offset, bytes(buf[at + _ACCESS:at + size]))
+                    self.ops.region_write(region, offset, _DATA4.unpack_from(buf, at + _ACCESS)[0]
+                                          if count == 4 else bytes(buf[at + _ACCESS:at + size]))
                     return p.REGION_MSG.pack(msg_id, command, _ACCESS, _REPLY, 0, offset,
                                              region, count)
                 except ProtocolError as exc:
