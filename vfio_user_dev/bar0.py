@@ -8,7 +8,9 @@ writes, as do the read-only registers.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
+from typing import cast
 
 from teeio import device_regs as regs
 from teeio.device_regs import R
@@ -21,6 +23,12 @@ READ_WRITE = frozenset({R.SCRATCH, R.INT_ENABLE, R.DMA_SRC_LO, R.DMA_SRC_HI, R.D
 #: the registers SCRUB_SECRETS clears (TVM data and the DMA engine's job state, §11.2)
 SCRUBBED = (R.SCRATCH, R.STATUS, R.INT_STATUS, R.DMA_SRC_LO, R.DMA_SRC_HI,
             R.DMA_DST_LO, R.DMA_DST_HI, R.DMA_LEN, R.DMA_PATTERN)
+# Plain ints for the access paths (an int compares and hashes like its register).
+_IRQ_COUNT, _INT_ENABLE, _INT_STATUS, _DMA_CMD = (int(r) for r in (
+    R.IRQ_COUNT, R.INT_ENABLE, R.INT_STATUS, R.DMA_CMD))
+_READ_WRITE = frozenset(int(r) for r in READ_WRITE)
+_STORED = _READ_WRITE - {_INT_ENABLE}      # a write stores them, and that is all it does
+_U32 = struct.Struct("<I")                  # one register's bytes
 
 
 class Bar0Registers:
@@ -34,6 +42,7 @@ class Bar0Registers:
         self.interrupts_changed = interrupts_changed
         self.go = go
         self.r: dict[R, int] = {}
+        self._by_offset = cast(dict[int, int], self.r)  # the same dict, as looked up by offset
         self.reset()
 
     def reset(self) -> None:
@@ -52,8 +61,9 @@ class Bar0Registers:
         self.r[R.DMA_BYTES_HI] = (total >> 32) & 0xFFFFFFFF
 
     def read(self, offset: int, count: int) -> bytes:
-        if count == 4 and not offset & 3:           # one whole register
-            return self.reg_read(offset).to_bytes(4, "little")
+        if count == 4 and not offset & 3:       # one whole register: the common access
+            return _U32.pack(self.irq_count() & 0xFFFFFFFF if offset == _IRQ_COUNT
+                             else self._by_offset.get(offset, 0))
         out = bytearray()
         for pos in range(offset & ~3, offset + count, 4):
             out += self.reg_read(pos).to_bytes(4, "little")
@@ -61,16 +71,16 @@ class Bar0Registers:
         return bytes(out[start:start + count])
 
     def reg_read(self, off: int) -> int:
-        if off == R.IRQ_COUNT:
+        if off == _IRQ_COUNT:
             return self.irq_count() & 0xFFFFFFFF
-        reg = REGISTERS.get(off)
-        return 0 if reg is None else self.r[reg]       # reserved: reads as zero
+        return self._by_offset.get(off, 0)      # every register is a key; reserved: zero
 
     def write(self, offset: int, data: bytes) -> None:
-        if not (offset | len(data)) & 3:            # whole registers, in address order
-            for pos in range(0, len(data), 4):
-                self.reg_write(offset + pos, int.from_bytes(data[pos:pos + 4], "little"),
-                               0xFFFFFFFF)
+        if len(data) == 4 and not offset & 3:      # one whole register: the common access
+            if offset in _STORED:
+                self._by_offset[offset] = _U32.unpack(data)[0]
+            else:
+                self.reg_write(offset, _U32.unpack(data)[0], 0xFFFFFFFF)
             return
         end = offset + len(data)
         pos = offset
@@ -89,13 +99,13 @@ class Bar0Registers:
         reg = REGISTERS.get(off)
         if reg is None:
             return                      # reserved: ignores writes
-        if reg in READ_WRITE:
+        if off in _READ_WRITE:
             self.r[reg] = value
-            if reg == R.INT_ENABLE:
+            if off == _INT_ENABLE:
                 self.interrupts_changed()
-        elif reg == R.INT_STATUS:
+        elif off == _INT_STATUS:
             self.r[R.INT_STATUS] &= ~(value & bytemask)
             self.interrupts_changed()
-        elif reg == R.DMA_CMD and value & regs.CMD_GO:
+        elif off == _DMA_CMD and value & regs.CMD_GO:
             self.go(value & 0xF)
         # the read-only registers ignore writes

@@ -64,7 +64,7 @@ from vfio_user_dev.personality import Personality, PersonalityFactory
 from vfio_user_dev.personality.accelerator import AcceleratorPersonality
 from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.protocol import PciIrq, PciRegion, ProtocolError, RegionFlags
-from vfio_user_dev.tee import TeeEnforcement
+from vfio_user_dev.tee import T0_SERVED, TeeEnforcement
 
 if TYPE_CHECKING:
     from teeio.tdisp.responder import TdispResponder
@@ -86,6 +86,7 @@ class RegionSpec:
 
 
 BAR0_IS_TEE_MMIO = "BAR0 is TEE MMIO: it is reached through the platform's root port"
+_UNLOCKED = TdiState.CONFIG_UNLOCKED    # looked up once (an enum class attribute costs a call)
 
 
 class TeeIoDevice:
@@ -106,6 +107,8 @@ class TeeIoDevice:
         self.REGIONS = {PciRegion.BAR0: RegionSpec(self.layout.bar0_size, flags),
                         PciRegion(self.msix_bar): RegionSpec(BAR1_SIZE, flags),
                         PciRegion.CONFIG: RegionSpec(CONFIG_SIZE, flags)}
+        #: region index -> size, for the bounds check of every access
+        self._region_size = {int(index): spec.size for index, spec in self.REGIONS.items()}
         # --mps: Device Capabilities Max_Payload_Size Supported; --mrrs: Device Control
         # Max_Read_Request_Size after reset.  The link follows Device Control.
         self._config_options = {"mps_supported": check_tlp_size("Max_Payload_Size", mps),
@@ -261,7 +264,7 @@ class TeeIoDevice:
         return configuration_measurements(self.layout.info.name)
 
     def tdi_state(self) -> TdiState:
-        return self.tdisp.state if self.tdisp is not None else TdiState.CONFIG_UNLOCKED
+        return self.tdisp.state if self.tdisp is not None else _UNLOCKED
 
     def bound_stream(self) -> int | None:
         return self.tdisp.default_stream_id if self.tdisp is not None else None
@@ -350,12 +353,12 @@ class TeeIoDevice:
     # -- region access ------------------------------------------------------------------------
     def check_bounds(self, index: int, offset: int, count: int) -> None:
         """EINVAL unless *index* is a region of the device and the access lies in it."""
-        spec = self.REGIONS.get(PciRegion(index)) if index in set(PciRegion) else None
-        if spec is None:
+        size = self._region_size.get(index)
+        if size is None:
             raise ProtocolError(errno.EINVAL, f"region {index} is not implemented")
-        if count == 0 or offset < 0 or offset + count > spec.size:
+        if count == 0 or offset < 0 or offset + count > size:
             raise ProtocolError(errno.EINVAL, f"region {index}: access {offset:#x}+{count} "
-                                              f"outside {spec.size:#x}")
+                                              f"outside {size:#x}")
 
     def region_read(self, index: int, offset: int, count: int, *,
                     host: bool = False) -> bytes:
@@ -403,3 +406,16 @@ class TeeIoDevice:
                 self.personality.bar0_write(offset, req.data)
                 return b""
             return self.personality.bar0_read(offset, req.length)
+
+    def mmio_direct(self, state: TdiState, write: bool, offset: int, count: int,
+                    data: bytes) -> bytes | None:
+        """The completer for the CPU's T=0 request in the clear that the platform hands
+        over directly, under the device lock (inside BAR0, *offset* from its base; the TDI
+        in *state*): what :meth:`mmio_request` does for it, without a request object (the
+        hot path)."""
+        if state not in T0_SERVED and not self.tee.mmio_t0_allowed(state, write, offset, count):
+            return None
+        if write:
+            self.personality.bar0_write(offset, data)
+            return b""
+        return self.personality.bar0_read(offset, count)

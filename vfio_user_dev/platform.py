@@ -12,7 +12,7 @@ from teeio.tdisp.defs import TdiState
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dma import DmaMapSet
 from vfio_user_dev.link.capture import CaptureWriter
-from vfio_user_dev.link.interfaces import DEFAULT_MPS, DEFAULT_MRRS, ROOT_PORT_ID, MmioRequest
+from vfio_user_dev.link.interfaces import DEFAULT_MPS, DEFAULT_MRRS
 from vfio_user_dev.link.wire import Link
 from vfio_user_dev.personality import PersonalityFactory
 from vfio_user_dev.personality.accelerator import AcceleratorPersonality
@@ -21,6 +21,9 @@ from vfio_user_dev.protocol import PciRegion
 from vfio_user_dev.root_port import RootPort
 
 DEFAULT_SERIAL = 0x7E10_0000_0000_0001
+# The access path's constants, looked up once (an enum class attribute costs a call).
+_BAR0 = int(PciRegion.BAR0)
+_UNLOCKED = TdiState.CONFIG_UNLOCKED
 
 
 class Platform:
@@ -38,6 +41,8 @@ class Platform:
         if isinstance(self.device.personality, AcceleratorPersonality):
             # which DMA jobs may run inline, on the thread that wrote GO
             self.device.engine.direct_memory = self.dma.direct
+        self._device_lock = self.device.lock
+        self._bar0_size = self.device.layout.bar0_size
         self.events.listeners.append(self._enforce)
         self.root_port.window_gate = self._window_gate
 
@@ -63,37 +68,60 @@ class Platform:
     # -- the transports' view ---------------------------------------------------------------
     def region_read(self, index: int, offset: int, count: int, *,
                     host: bool = False) -> bytes:
-        """A read of region *index* (the VMM's; *host*: the host's own path, always T=0)."""
-        if index == PciRegion.BAR0:
-            self.device.check_bounds(index, offset, count)
-            got = self._bar0(False, offset, count, b"", host)
-            return b"\xff" * count if got is None else got
-        return self.device.region_read(index, offset, count, host=host)
+        """A read of region *index* (the VMM's; *host*: the host's own path, always T=0).
+        BAR0 is the CPU's access: MRd TLPs from the root port down the link (T=1 once the
+        TSM opened private MMIO), or the direct path (module docstring); all ones when
+        not completed.  Under the device's lock, so an access and a TDI transition never
+        interleave."""
+        if index != _BAR0:
+            return self.device.region_read(index, offset, count, host=host)
+        if count == 0 or offset < 0 or offset + count > self._bar0_size:
+            self.device.check_bounds(index, offset, count)     # refuses, saying why
+        dev = self.device
+        lock = self._device_lock
+        lock.acquire()          # not "with": no bound methods made on every access
+        try:
+            rid = dev.link_end.requester_id
+            tdisp = dev.tdisp         # dev.tdi_state(), without the call
+            state = _UNLOCKED if tdisp is None else tdisp.state
+            if (state is _UNLOCKED and not self.link.tapped
+                    and self.root_port.mmio_in_clear(rid, not host)):
+                # T=0 in the clear, nothing watching: straight to the completer (what it
+                # does with the root port's MmioRequest of T=0 in the clear)
+                got = dev.mmio_direct(state, False, offset, count, b"")
+            else:
+                got = self.root_port.mmio_read(rid, dev.bar0_address() + offset, count,
+                                               allow_tee=not host)
+        finally:
+            lock.release()
+        return b"\xff" * count if got is None else got
 
     def region_write(self, index: int, offset: int, data: bytes, *,
                      host: bool = False) -> None:
-        if index == PciRegion.BAR0:
-            self.device.check_bounds(index, offset, len(data))
-            self._bar0(True, offset, len(data), bytes(data), host)
+        """A write to region *index*; BAR0 as :meth:`region_read` says, with MWr TLPs."""
+        if index != _BAR0:
+            self.device.region_write(index, offset, data, host=host)
             return
-        self.device.region_write(index, offset, data, host=host)
-
-    def _bar0(self, write: bool, offset: int, count: int, data: bytes,
-              host: bool) -> bytes | None:
-        """The CPU's access to BAR0: MRd/MWr TLPs from the root port down the link (T=1
-        once the TSM opened private MMIO), or the direct path (module docstring).  Under
-        the device's lock, so an access and a TDI transition never interleave."""
+        count = len(data)
+        if count == 0 or offset < 0 or offset + count > self._bar0_size:
+            self.device.check_bounds(index, offset, count)     # refuses, saying why
+        if type(data) is not bytes:
+            data = bytes(data)
         dev = self.device
-        with dev.lock:
+        lock = self._device_lock
+        lock.acquire()
+        try:
             rid = dev.link_end.requester_id
-            address = dev.bar0_address() + offset
-            if (dev.tdi_state() is TdiState.CONFIG_UNLOCKED and not self.link.tapped
-                    and self.root_port.mmio_in_clear(rid, allow_tee=not host)):
-                return dev.mmio_request(MmioRequest(write, ROOT_PORT_ID, address, count, data))
-            if write:
-                self.root_port.mmio_write(rid, address, data, allow_tee=not host)
-                return b""
-            return self.root_port.mmio_read(rid, address, count, allow_tee=not host)
+            tdisp = dev.tdisp         # dev.tdi_state(), without the call
+            state = _UNLOCKED if tdisp is None else tdisp.state
+            if (state is _UNLOCKED and not self.link.tapped
+                    and self.root_port.mmio_in_clear(rid, not host)):
+                dev.mmio_direct(state, True, offset, count, data)     # as in region_read
+            else:
+                self.root_port.mmio_write(rid, dev.bar0_address() + offset, data,
+                                          allow_tee=not host)
+        finally:
+            lock.release()
 
     def reset(self, reason: str = "client_reset") -> None:
         """The device is reset (*reason* in its event); the platform follows its events."""

@@ -44,10 +44,10 @@ from .wire import (
 __all__ = [
     "ACTION_MASK", "DATA_MASK", "DEVICE_INFO", "DMA_MAP", "DMA_RW", "DMA_UNMAP", "HEADER",
     "HEADER_SIZE", "IRQ_INFO", "IRQ_SET", "MAX_DATA_XFER", "MAX_DMA_MAPS", "MAX_JSON_DEPTH",
-    "MAX_MESSAGE", "MAX_MSG_FDS", "REGION_INFO", "REGION_RW", "TYPE_MASK", "Command",
-    "DeviceFlags", "DeviceInfo", "DmaAccess", "DmaFlags", "DmaMap", "DmaUnmap", "Flags",
-    "Header", "IrqInfo", "IrqInfoFlags", "IrqInfoRequest", "IrqSet", "IrqSetFlags", "PciIrq",
-    "PciRegion", "ProtocolError", "RegionAccess", "RegionFlags", "RegionInfo",
+    "MAX_MESSAGE", "MAX_MSG_FDS", "REGION_INFO", "REGION_MSG", "REGION_RW", "TYPE_MASK",
+    "Command", "DeviceFlags", "DeviceInfo", "DmaAccess", "DmaFlags", "DmaMap", "DmaUnmap",
+    "Flags", "Header", "IrqInfo", "IrqInfoFlags", "IrqInfoRequest", "IrqSet", "IrqSetFlags",
+    "PciIrq", "PciRegion", "ProtocolError", "RegionAccess", "RegionFlags", "RegionInfo",
     "RegionInfoRequest", "VfioDecodeError", "Version", "decode_argsz", "decode_dma_rw",
     "encode_dma_rw", "error_reply", "json_too_deep", "message", "reply",
 ]
@@ -467,6 +467,8 @@ class RegionAccess(_Message):
 
 
 REGION_RW = compile_layout(RegionAccess)
+#: a REGION_READ/REGION_WRITE message up to its data: header and access in one struct
+REGION_MSG = struct.Struct(HEADER.format + REGION_RW.format.lstrip("<"))
 
 
 # --- DMA_READ / DMA_WRITE (server -> client) -------------------------------------------------

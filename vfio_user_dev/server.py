@@ -16,7 +16,9 @@ import itertools
 import logging
 import os
 import socket
+import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from teeio.transport import remove_stale_socket
@@ -24,14 +26,18 @@ from vfio_user_dev import protocol as p
 from vfio_user_dev.dma import DmaFault
 from vfio_user_dev.loglimit import LogLimiter
 from vfio_user_dev.platform import Platform
-from vfio_user_dev.protocol import Command, Header
-from vfio_user_dev.session import Reply, Session
+from vfio_user_dev.protocol import HEADER, Command, Header
+from vfio_user_dev.session import REGION_READ, REGION_WRITE, Reply, Session
 
 log = logging.getLogger(__name__)
 msglog = logging.getLogger("vfio_user_dev.msg")
 
 DMA_REPLY_TIMEOUT = 10.0
 CHUNK = 1 << 20         # largest single read from the socket
+_SIZE, _SIZE_OFFSET = struct.Struct("<I"), 4     # the header's size field
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)     # a plain int: IntFlag's & costs a call
+_DEBUG = logging.DEBUG
+_REGION_ACCESS = frozenset({REGION_READ, REGION_WRITE})     # Session.region_access's
 
 
 class Disconnected(Exception):
@@ -56,7 +62,7 @@ def recv_exact(sock: socket.socket, n: int, fds: list[int],
                 arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
                 fds.extend(arr)
         if max_fds is not None:
-            if flags & socket.MSG_CTRUNC and len(fds) <= max_fds:
+            if flags & _MSG_CTRUNC and len(fds) <= max_fds:
                 fds.append(-1)
             while len(fds) > max_fds + 1:
                 fd = fds.pop()
@@ -66,6 +72,150 @@ def recv_exact(sock: socket.socket, n: int, fds: list[int],
             raise Disconnected("peer closed the connection")
         buf += data
     return bytes(buf)
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, typ, cdata in ancdata:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def _cap_fds(fds: list[int], max_fds: int) -> None:
+    """Keep at most one fd beyond *max_fds*, closing the others at once."""
+    while len(fds) > max_fds + 1:
+        fd = fds.pop()
+        if fd >= 0:
+            os.close(fd)
+
+
+class Inbox:
+    """The client's messages, read ahead into one preallocated buffer: one
+    ``recvmsg_into`` brings whatever has arrived, often a whole message or several.
+
+    SCM_RIGHTS fds: the kernel ends a read right after the bytes that carried fds, so the
+    fds of a read belong to the message that holds its last byte -- the one its sender
+    sent them with (a sender sends each message with its fds in one sendmsg).  They are
+    kept by message, at most ``max_fds`` + 1 each (fds the kernel had to discard,
+    MSG_CTRUNC, count as one more: a -1), so that a sender cannot pile up fds in this
+    process.  A message longer than ``MAX_MESSAGE`` is skipped in bounded chunks, never
+    buffered whole."""
+
+    def __init__(self, sock: socket.socket, max_fds: int = p.MAX_MSG_FDS,
+                 capacity: int = p.MAX_MESSAGE) -> None:
+        self.sock = sock
+        self.buf = bytearray(capacity)
+        self.view = memoryview(self.buf)
+        self._whole = [self.view]     # recvmsg_into's buffers when buf is empty
+        self.start = 0          # the next message's first byte in buf
+        self.end = 0            # the end of the bytes read
+        self._base = 0          # the stream offset of buf[0]
+        self._max_fds = max_fds
+        self._anc = socket.CMSG_SPACE(max_fds * 4)
+        self._fds: dict[int, list[int]] = {}    # message (its stream offset) -> its fds
+
+    def _size_at(self, at: int) -> int:
+        size: int = _SIZE.unpack_from(self.buf, at + _SIZE_OFFSET)[0]
+        return size if size > p.HEADER_SIZE else p.HEADER_SIZE
+
+    def messages(self) -> Iterator[tuple[memoryview, int, int, list[int]]]:
+        """The messages, each as (where, at, n, fds): *n* bytes (its size as its header
+        claims, at least the header) at offset *at* in *where*, valid until the next one
+        is asked for; *fds* are the caller's to close or keep.  One longer than
+        ``MAX_MESSAGE`` comes once skipped, as its header alone.  Raises Disconnected at
+        the end of the stream.  Positions live in locals between messages (the hot path);
+        the attributes follow them where a read brought fds."""
+        buf, view, whole, anc, fdmap = self.buf, self.view, self._whole, self._anc, self._fds
+        recvmsg_into = self.sock.recvmsg_into
+        at, end = self.start, self.end
+        while True:
+            if end - at >= p.HEADER_SIZE:
+                n = _SIZE.unpack_from(buf, at + _SIZE_OFFSET)[0]
+                if n < p.HEADER_SIZE:
+                    n = p.HEADER_SIZE
+                if end - at >= n:
+                    yield view, at, n, fdmap.pop(self._base + at, []) if fdmap else []
+                    at += n
+                    continue
+                if n > p.MAX_MESSAGE:
+                    header = memoryview(bytes(view[at:at + p.HEADER_SIZE]))
+                    self.start, self.end = at, end
+                    fds = self.skip(n)
+                    yield header, 0, n, fds
+                    at, end = self.start, self.end
+                    continue
+                need = n
+            else:
+                need = p.HEADER_SIZE
+            # Read more, with room for *need* bytes from the message's start.
+            if at == end:                       # all consumed: the usual case
+                self._base += end
+                at = end = 0
+            elif len(buf) - at < need:
+                buf[:end - at] = buf[at:end]
+                self._base += at
+                at, end = 0, end - at
+            nbytes, ancdata, flags, _addr = recvmsg_into(
+                whole if end == 0 else [view[end:]], anc)
+            end += nbytes
+            if ancdata or flags & _MSG_CTRUNC or not nbytes:
+                self.start, self.end = at, end
+                self._arrived(nbytes, ancdata, flags, None)
+
+    def skip(self, n: int) -> list[int]:
+        """Drop the next message (*n* bytes, more than fit), reading the rest of it in
+        bounded chunks and nothing beyond; its fds."""
+        owner = self._base + self.start
+        take = min(n, self.end - self.start)
+        self.start += take
+        n -= take
+        while n:
+            self._base += self.end
+            nbytes, ancdata, flags, _addr = self.sock.recvmsg_into(
+                [self.view[:min(n, len(self.buf))]], self._anc)
+            self.start = self.end = nbytes
+            self._arrived(nbytes, ancdata, flags, owner)
+            n -= nbytes
+        return self._fds.pop(owner, [])
+
+    def close(self) -> None:
+        """Close the fds no message took (the client left halfway)."""
+        for fds in self._fds.values():
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+        self._fds.clear()
+
+    def _arrived(self, nbytes: int, ancdata: list[tuple[int, int, bytes]], flags: int,
+                 owner: int | None) -> None:
+        """What came with a read of *nbytes* (now at the end of ``buf``): its fds, kept for
+        *owner* (a message's stream offset; None: the message of the last byte read), or
+        the end of the stream."""
+        fds = _received_fds(ancdata)
+        if not nbytes:
+            for fd in fds:
+                os.close(fd)
+            raise Disconnected("peer closed the connection")
+        if fds or flags & _MSG_CTRUNC:
+            self._keep(self._owner() if owner is None else owner, fds,
+                       bool(flags & _MSG_CTRUNC))
+
+    def _keep(self, owner: int, got: list[int], truncated: bool) -> None:
+        fds = self._fds.setdefault(owner, [])
+        fds.extend(got)
+        if truncated and len(fds) <= self._max_fds:
+            fds.append(-1)
+        _cap_fds(fds, self._max_fds)
+
+    def _owner(self) -> int:
+        """The stream offset of the message that holds the last byte read."""
+        last, at = self.end - 1, self.start
+        while self.end - at >= p.HEADER_SIZE and at + self._size_at(at) <= last:
+            at += self._size_at(at)
+        return self._base + at
 
 
 def send_all(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> None:
@@ -157,28 +307,45 @@ class Connection:
     def serve(self) -> None:
         self.platform.dma.remote_read = self.dma_read
         self.platform.dma.remote_write = self.dma_write
+        inbox = Inbox(self.sock)
+        session, counters, sock, send_lock = self.session, self.counters, self.sock, \
+            self._send_lock
+        debugging = msglog.isEnabledFor
+        # What isEnabledFor answers from (cleared whenever a level changes): a cached False
+        # spares the hot path the call; anything else asks.
+        debug_cache: dict[int, bool] = getattr(msglog, "_cache", {})
         try:
-            while True:
-                fds: list[int] = []
+            for view, at, n, fds in inbox.messages():
                 try:
-                    raw = recv_exact(self.sock, p.HEADER_SIZE, fds, p.MAX_MSG_FDS)
-                    hdr = Header.decode(raw)
-                    payload = b""
-                    if hdr.size > p.MAX_MESSAGE:
-                        # Skipped in bounded chunks, never buffered whole.
-                        self._drain(hdr.size - p.HEADER_SIZE, fds)
-                        self._send_reply(self.session.reject(
-                            hdr, errno.E2BIG, f"message of {hdr.size} bytes is too big"))
+                    msg_id, command, size, flags, _ = HEADER.unpack_from(view, at)
+                    if size > p.MAX_MESSAGE:
+                        # Skipped in bounded chunks (Inbox), never buffered whole.
+                        self._send_reply(session.reject(
+                            Header.decode(view[at:]), errno.E2BIG,
+                            f"message of {size} bytes is too big"))
                         continue
-                    if hdr.size > p.HEADER_SIZE:
-                        payload = recv_exact(self.sock, hdr.size - p.HEADER_SIZE, fds,
-                                             p.MAX_MSG_FDS)
-                    self.counters["rx"] += 1
+                    counters["rx"] += 1
+                    if (flags == 0 and command in _REGION_ACCESS
+                            and not fds and session.negotiated
+                            and (debug_cache.get(_DEBUG) is False or not debugging(_DEBUG))):
+                        # The hot path (Session.region_access): a reply always (flags 0).
+                        out = session.region_access(msg_id, command, view, at, size)
+                        if out is not None:
+                            send_lock.acquire()     # not "with": no bound methods made
+                            try:
+                                sock.sendall(out)
+                            finally:
+                                send_lock.release()
+                            counters["tx"] += 1
+                        continue
+                    hdr = Header.decode(view[at:at + p.HEADER_SIZE])
                     if len(fds) > p.MAX_MSG_FDS:
                         # Spec "Version": max_msg_fds is what we receive in one message.
-                        self._send_reply(self.session.reject(
+                        self._send_reply(session.reject(
                             hdr, errno.EINVAL, f"more than {p.MAX_MSG_FDS} fds"))
                         continue
+                    payload = bytes(view[at + p.HEADER_SIZE:at + n]) if n > p.HEADER_SIZE \
+                        else b""
                     self._dispatch(hdr, payload, fds)
                 finally:
                     # Whatever no handler took: the fds of messages that take none too.
@@ -196,16 +363,13 @@ class Connection:
                                   "connection dropped after an internal error: %r", exc,
                                   exc_info=exc)
         finally:
+            inbox.close()
             self.closed.set()
             with self._pending_lock:
                 for pend in self._pending.values():
                     pend.event.set()
             self.platform.dma.remote_read = None
             self.platform.dma.remote_write = None
-
-    def _drain(self, n: int, fds: list[int]) -> None:
-        while n:
-            n -= len(recv_exact(self.sock, min(n, CHUNK), fds, p.MAX_MSG_FDS))
 
     def _dispatch(self, hdr: Header, payload: bytes, fds: list[int]) -> None:
         """A reply goes to the request waiting for it; a command to the session, whose

@@ -50,6 +50,18 @@ def written(offset: int, data: bytes, reg: int, old: int, size: int = 2) -> int:
     return value
 
 
+# The TDI states in which mmio_refusal serves a T=0 request in the clear whatever else
+# holds (so the hot path needs no call; §11.2.1), found once from the rule itself.
+T0_SERVED = tuple(state for state in TdiState
+                   if all(mmio_refusal(state, False, None, None, access) is None
+                          for access in (False, True)))
+
+
+def _what(write: bool, address: int, length: int) -> str:
+    """A memory request as a refusal names it."""
+    return f"{'MWr' if write else 'MRd'} {address:#x}+{length}"
+
+
 @dataclass(frozen=True)
 class ConfigSnapshot:
     """What a config write is judged against (§11.2.6): the registers before it."""
@@ -197,17 +209,35 @@ class TeeEnforcement:
         """Whether a memory request to BAR0 (*in_bar*: it lies inside) is served; a
         refusal is counted (the completer answers Unsupported Request)."""
         dev = self.device
-        what = f"{'MWr' if req.write else 'MRd'} {req.address:#x}+{req.length}"
         if not in_bar:
-            self.refusals.add("mmio_outside_bar", f"{what}: not in BAR0")
+            self.refusals.add("mmio_outside_bar",
+                              f"{_what(req.write, req.address, req.length)}: not in BAR0")
             return False
         refusal = mmio_refusal(dev.tdi_state(), req.t_bit, req.stream_id,
                                dev.bound_stream(), self.tee_access)
         if refusal is not None:
-            kind, detail = refusal
-            self.refusals.add(kind, f"{what}: {detail}: Unsupported Request")
+            self._refused(refusal, req.write, req.address, req.length)
             return False
         return True
+
+    def mmio_t0_allowed(self, state: TdiState, write: bool, offset: int, length: int
+                        ) -> bool:
+        """:meth:`mmio_allowed` for a T=0 request in the clear at *offset* inside BAR0
+        (the platform's direct path), the TDI in *state* (read under the device lock):
+        the same rule, the same refusal."""
+        if state in T0_SERVED:
+            return True
+        refusal = mmio_refusal(state, False, None, None, self.tee_access)
+        if refusal is not None:
+            self._refused(refusal, write, self.device.bar0_address() + offset, length)
+            return False
+        return True
+
+    def _refused(self, refusal: tuple[str, str], write: bool, address: int,
+                 length: int) -> None:
+        kind, detail = refusal
+        self.refusals.add(kind, f"{_what(write, address, length)}: {detail}: "
+                                "Unsupported Request")
 
     # -- firmware update (the DSM measures it) --------------------------------------------------
     def firmware_update(self, elf: Path) -> tuple[MeasurementSource, ...]:

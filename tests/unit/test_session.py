@@ -262,3 +262,67 @@ def test_both_transports_go_through_the_same_operations(
     assert callbacks.reset(None, lvu.VfuResetType.VFU_RESET_PCI_FLR) == 0
     assert calls == [("read", PciRegion.CONFIG, 8), ("client_reset", 0, 0),
                      ("read", PciRegion.CONFIG, 8), ("flr", 0, 0)]
+
+
+# -- the hot path (Session.region_access) answers as handle() does ---------------------------
+
+def _fresh() -> tuple[Platform, Session]:
+    m = Platform()
+    s = Session(m)
+    s.negotiated = True
+    return m, s
+
+
+REGION_CASES = [
+    ("read BAR0", Command.REGION_READ, p.REGION_RW.pack(R.SCRATCH, PciRegion.BAR0, 4)),
+    ("read BAR0 two bytes", Command.REGION_READ, p.REGION_RW.pack(R.ID + 1, PciRegion.BAR0, 2)),
+    ("read config", Command.REGION_READ, p.REGION_RW.pack(0, PciRegion.CONFIG, 8)),
+    ("write BAR0", Command.REGION_WRITE, p.REGION_RW.pack(R.SCRATCH, PciRegion.BAR0, 4)
+     + b"\x01\x02\x03\x04"),
+    ("write BAR0 byte", Command.REGION_WRITE, p.REGION_RW.pack(R.SCRATCH + 3, 0, 1) + b"\x7f"),
+    ("write config", Command.REGION_WRITE, p.REGION_RW.pack(Reg.COMMAND, PciRegion.CONFIG, 2)
+     + b"\x06\x00"),
+    ("outside BAR0", Command.REGION_READ, p.REGION_RW.pack(0xFFFE, PciRegion.BAR0, 4)),
+    ("count 0", Command.REGION_READ, p.REGION_RW.pack(0, PciRegion.BAR0, 0)),
+    ("no such region", Command.REGION_READ, p.REGION_RW.pack(0, 5, 4)),
+    ("region beyond the enum", Command.REGION_WRITE, p.REGION_RW.pack(0, 99, 1) + b"\0"),
+    ("read with data", Command.REGION_READ, p.REGION_RW.pack(0, 0, 4) + b"\0\0\0\0"),
+    ("write short of count", Command.REGION_WRITE, p.REGION_RW.pack(0, 0, 4) + b"\0"),
+    ("short payload", Command.REGION_READ, p.REGION_RW.pack(0, 0, 4)[:10]),
+    ("no payload", Command.REGION_WRITE, b""),
+    ("count beyond max_data_xfer", Command.REGION_READ,
+     p.REGION_RW.pack(0, 0, p.MAX_DATA_XFER + 1)),
+]
+
+
+@pytest.mark.parametrize(("name", "command", "payload"), REGION_CASES,
+                         ids=[c[0] for c in REGION_CASES])
+def test_region_access_answers_as_handle_does(name: str, command: int, payload: bytes) -> None:
+    hdr, _ = cmd(command, payload, msg_id=0x1234)
+    raw = hdr.encode() + payload
+    m1, general = _fresh()
+    m2, fast = _fresh()
+    try:
+        expected = general.handle(hdr, payload, [])
+        assert expected is not None
+        buf = memoryview(bytearray(b"\xee" * 8 + raw + b"\xee" * 64))   # not alone in it
+        got = fast.region_access(0x1234, command, buf, 8, len(raw))
+        assert got == expected.data
+        assert fast.counters == general.counters
+        assert m2.device.r == m1.device.r and bytes(m2.device.config.data) == bytes(
+            m1.device.config.data)
+    finally:
+        m1.close()
+        m2.close()
+
+
+def test_region_access_answers_eio_for_an_unforeseen_failure(
+        session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: DeviceOperations, index: int, offset: int, count: int) -> bytes:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(DeviceOperations, "region_read", broken)
+    raw = p.message(9, Command.REGION_READ, p.REGION_RW.pack(0, 0, 4))
+    out = session.region_access(9, Command.REGION_READ, memoryview(raw), 0, len(raw))
+    assert out is not None and Header.decode(out).error == errno.EIO
+    assert session.counters["internal_errors"] == 1

@@ -25,6 +25,10 @@ class AcceleratorPersonality:
         self.bar0 = Bar0Registers(irq_count=lambda: device.irq.signalled,
                                   interrupts_changed=lambda: self.engine.update_irq(0),
                                   go=self.engine.start_job)
+        # TEE MMIO the TDISP gate let through: straight to the register file (one call
+        # less on every access)
+        self.bar0_read: Callable[[int, int], bytes] = self.bar0.read
+        self.bar0_write: Callable[[int, bytes], None] = self.bar0.write
 
     @property
     def listeners(self) -> list[Callable[[TeeIoDevice], None]]:
@@ -33,11 +37,6 @@ class AcceleratorPersonality:
     def start(self) -> None:
         self.engine.start()
 
-    def bar0_read(self, offset: int, count: int) -> bytes:
-        return self.bar0.read(offset, count)
-
-    def bar0_write(self, offset: int, data: bytes) -> None:
-        self.bar0.write(offset, data)
 
     def reset(self) -> None:
         self.engine.drop_jobs()
