@@ -46,6 +46,7 @@ bench: image
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.bench --out out/bench.json
 	$(PY) -m bench.bench_backends --out out/bench-backends.json
+	$(PY) -m bench.bench_vfio --out out/bench-vfio.json
 	$(PY) -m bench.bench_spdm --out out/bench-spdm.json
 	$(PY) -m bench.bench_link --out out/bench-link.json
 	$(PY) -m bench.bench_tdi --out out/bench-tdi.json

@@ -125,6 +125,32 @@ def install(platform: Platform, probes: Probes) -> None:
         return out
 
     Session.handle = timed_handle                             # type: ignore[method-assign]
+    region_access = Session.region_access
+
+    def timed_region_access(self: Session, msg_id: int, command: int, buf: memoryview,
+                            at: int, size: int) -> bytes | None:
+        acc = probes.nested()
+        acc[0] = acc[1] = 0
+        w0, c0 = wall(), cpu()
+        out = region_access(self, msg_id, command, buf, at, size)
+        if out is None:                   # not taken on the hot path: handle() counts it
+            return out
+        w, c = wall() - w0 - acc[0], cpu() - c0 - acc[1]
+        probes.count("messages")
+        offset, region, _count = p.REGION_RW.unpack_from(buf, at + p.HEADER_SIZE)
+        if region == PciRegion.BAR0:
+            step = "register_read" if command == Command.REGION_READ else (
+                "go_write" if offset == R.DMA_CMD else "register_write")
+            probes.add(step, w, c)
+        return out
+
+    Session.region_access = timed_region_access               # type: ignore[method-assign]
+    inbox_init = server_mod.Inbox.__init__
+
+    def timed_inbox_init(self: server_mod.Inbox, sock: Any, *args: Any, **kwargs: Any) -> None:
+        inbox_init(self, _TimedSocket(sock, probes), *args, **kwargs)  # type: ignore[arg-type]
+
+    server_mod.Inbox.__init__ = timed_inbox_init              # type: ignore[method-assign]
     recv_exact, send_all = server_mod.recv_exact, server_mod.send_all
 
     def timed_recv(*args: Any, **kwargs: Any) -> bytes:
@@ -145,6 +171,23 @@ def install(platform: Platform, probes: Probes) -> None:
     server_mod.send_all = timed_send
     _install_engine(platform.device.engine, probes)
     platform.device.bar0.go = platform.device.engine.start_job
+
+
+class _TimedSocket:
+    """The connection's socket as the Inbox sees it: reads counted as transport time."""
+
+    def __init__(self, sock: Any, probes: Probes) -> None:
+        self._sock, self._probes = sock, probes
+
+    def recvmsg_into(self, *args: Any) -> Any:
+        c0 = cpu()
+        try:
+            return self._sock.recvmsg_into(*args)
+        finally:
+            self._probes.count("transport_cpu_ns", cpu() - c0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 def _install_engine(engine: DmaEngine, probes: Probes) -> None:
