@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,13 +18,6 @@ from vfio_user_dev.link.interfaces import ROOT_PORT_ID, MmioRequest
 from vfio_user_dev.platform import Platform
 from vfio_user_dev.protocol import PciRegion, ProtocolError
 from vfio_user_dev.tee import T0_SERVED
-
-
-@pytest.fixture
-def machine() -> Iterator[Platform]:
-    m = Platform()
-    yield m
-    m.close()
 
 
 def recording_registers() -> tuple[Bar0Registers, list[object]]:
