@@ -17,7 +17,16 @@ from guest_agent.dmabuf import HugeBuffer
 from guest_agent.ghcx_client import GhcxCallError, GhcxClient, ask
 from guest_agent.pci import bars_of, msix_bars, rewrite_bars
 from guest_agent.selftest import DEVICE, VENDOR, Checks, Driver
-from guest_agent.tdi_steps import PAUSE_POINTS, Steps, accept_request, attest, pause
+from guest_agent.tdi_steps import (
+    PAUSE_POINTS,
+    Steps,
+    accept_request,
+    attest,
+    channel_record,
+    ghcx_failed,
+    pause,
+    verdict,
+)
 from teeio import personality as personalities
 from teeio import tdi_verify
 from teeio.device_regs import DEVICE_ID_REG_VALUE, Op, R
@@ -84,16 +93,10 @@ def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/re
         if cycles and report["accepted"]:
             report["cycles"] = [_cycle(client, policy, bars, msix) for _ in range(cycles)]
     except GhcxCallError as exc:
-        report["error"] = f"GHCx {exc.code}: {exc.message}"
-        checks.add("ghcx_error", False, error=report["error"])
+        ghcx_failed(report, checks, exc)
     finally:
-        report["ghcx"] = client.counters
-        report["tsm_restarted"] = client.tsm_restarted
-    if expect == "refuse":
-        report["ok"] = not report["accepted"] and bool(report.get("refusal"))
-    else:
-        report["ok"] = bool(report["accepted"]) and checks.ok
-    return report
+        channel_record(report, client)
+    return verdict(report, checks, expect)
 
 
 def _flow(report: dict[str, Any], steps: Steps, checks: Checks, client: GhcxClient,

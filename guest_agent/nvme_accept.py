@@ -27,7 +27,15 @@ from guest_agent.pci import (
     rewrite_bars,
 )
 from guest_agent.selftest import Checks
-from guest_agent.tdi_steps import Steps, accept_request, attest, pause
+from guest_agent.tdi_steps import (
+    Steps,
+    accept_request,
+    attest,
+    channel_record,
+    ghcx_failed,
+    pause,
+    verdict,
+)
 from teeio import personality as personalities
 from teeio import tdi_verify
 from teeio.ghcx.messages import DmaAccept, Status, TdiInfo, TdiLock, TdiStop
@@ -83,16 +91,10 @@ def run(policy: tdi_verify.GuestPolicy, *, pause_at: str = "",
         report["bars_written"] = rewrite_bars(cfg, bars)
         _flow(report, steps, checks, client, dev, policy, (bars, msix), pause_at, sync_dir)
     except GhcxCallError as exc:
-        report["error"] = f"GHCx {exc.code}: {exc.message}"
-        checks.add("ghcx_error", False, error=report["error"])
+        ghcx_failed(report, checks, exc)
     finally:
-        report["ghcx"] = client.counters
-        report["tsm_restarted"] = client.tsm_restarted
-    if expect == "refuse":
-        report["ok"] = not report["accepted"] and bool(report.get("refusal"))
-    else:
-        report["ok"] = bool(report["accepted"]) and checks.ok
-    return report
+        channel_record(report, client)
+    return verdict(report, checks, expect)
 
 
 def _flow(report: dict[str, Any], steps: Steps, checks: Checks, client: GhcxClient,

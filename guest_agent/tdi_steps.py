@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
-from guest_agent.ghcx_client import GhcxClient, ask
+from guest_agent.ghcx_client import GhcxCallError, GhcxClient, ask
 from teeio import tdi_verify
 from teeio.ghcx.messages import Digests, GetEvidence, TdiAccept, TdiInfo, TdiInfoResponse
 
@@ -75,3 +75,24 @@ def attest(steps: Steps, client: GhcxClient, policy: tdi_verify.GuestPolicy,
 def accept_request(ev: tdi_verify.Evidence, info: TdiInfoResponse) -> TdiAccept:
     """TDI_ACCEPT: the digests and lock epoch the guest verified (docs/ghcx.md)."""
     return TdiAccept(digests=Digests(**tdi_verify.digests(ev)), lock_epoch=info.lock_epoch)
+
+
+def ghcx_failed(report: dict[str, Any], checks: Any, exc: GhcxCallError) -> None:
+    """The TSM answered a call with an error: the flow ends there, and says why."""
+    report["error"] = f"GHCx {exc.code}: {exc.message}"
+    checks.add("ghcx_error", False, error=report["error"])
+
+
+def channel_record(report: dict[str, Any], client: GhcxClient) -> None:
+    """What the channel saw (retries, REHELLOs …), whatever became of the flow."""
+    report["ghcx"] = client.counters
+    report["tsm_restarted"] = client.tsm_restarted
+
+
+def verdict(report: dict[str, Any], checks: Any, expect: str) -> dict[str, Any]:
+    """``ok``: accepted with every check passed, or (``expect == "refuse"``) refused."""
+    if expect == "refuse":
+        report["ok"] = not report["accepted"] and bool(report.get("refusal"))
+    else:
+        report["ok"] = bool(report["accepted"]) and checks.ok
+    return report
