@@ -74,7 +74,9 @@ class Link:
     @property
     def tapped(self) -> bool:
         """Whether something looks at TLP bytes (a capture or an armed fault)."""
-        return self.capture is not None or any(not f.done for f in self.faults)
+        # (checked on every BAR0 access: no generator unless a fault was ever injected)
+        return self.capture is not None or bool(self.faults) and any(
+            not f.done for f in self.faults)
 
     # -- taps ---------------------------------------------------------------------------
     def inject(self, fault: Fault) -> Fault:

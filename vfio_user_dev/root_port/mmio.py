@@ -81,8 +81,12 @@ class MmioPort:
     def mmio_in_clear(self, requester_id: int, allow_tee: bool = True) -> bool:
         """Whether MMIO to *requester_id* would cross in the clear with T=0 (the device may
         then take a direct path when nothing watches the link)."""
-        with self._ctx.lock:
+        lock = self._ctx.lock            # acquire/release: no context-manager call per access
+        lock.acquire()
+        try:
             return self._route(requester_id, allow_tee) == (None, False)
+        finally:
+            lock.release()
 
     def mmio_read(self, requester_id: int, address: int, length: int, *,
                   allow_tee: bool = True) -> bytes | None:
