@@ -418,12 +418,14 @@ def guest_modes() -> list[str]:
 
 def interrupt_on_signals() -> None:
     """SIGTERM and SIGHUP end the run like Ctrl-C: KeyboardInterrupt, so the same cleanup
-    runs (QEMU, the device server, the TSM daemon, their sockets); once, quietly."""
+    runs (QEMU, the device server, the TSM daemon, their sockets); once, quietly.  SIGINT is
+    taken too: a process started in the background by a non-interactive shell inherits it
+    ignored, and Ctrl-C (or ``kill -INT``) must still clean up."""
     def _interrupt(signum: int, _frame: object) -> None:
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)       # the cleanup is not cut short
         raise KeyboardInterrupt
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _interrupt)
 
 
