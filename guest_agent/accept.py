@@ -24,6 +24,7 @@ from guest_agent.tdi_steps import (
     attest,
     channel_record,
     ghcx_failed,
+    lock_and_accept,
     pause,
     verdict,
 )
@@ -103,26 +104,13 @@ def _flow(report: dict[str, Any], steps: Steps, checks: Checks, client: GhcxClie
           d: Driver, policy: tdi_verify.GuestPolicy,
           layout: tuple[list[tuple[int, int, int]], frozenset[int]],
           pause_at: str, sync_dir: Path, stop: bool, seed: int) -> None:
-    report["lock"] = steps.run("tdi_lock", lambda: ask(client, TdiLock()).encode())
-    # In CONFIG_LOCKED the TEE range answers nobody: reads are all ones (§11.2.1).
-    checks.add("mmio_blocked_when_locked", d.mmio.read32(R.ID) == 0xFFFFFFFF,
-               value=hex(d.mmio.read32(R.ID)))
-    evidence, info, verdict = attest(steps, client, policy, *layout)
-    report["info"] = info.encode()
-    report["verdict"] = verdict.as_dict()
-    if not verdict.ok:
-        report["refusal"] = verdict.first_failure()
-        steps.run("tdi_stop", lambda: ask(client, TdiStop()))
+    def check_locked() -> None:             # reads are all ones
+        checks.add("mmio_blocked_when_locked", d.mmio.read32(R.ID) == 0xFFFFFFFF,
+                   value=hex(d.mmio.read32(R.ID)))
+
+    if not lock_and_accept(report, steps, client, policy, layout, pause_at, sync_dir,
+                           check_locked):
         return
-    if pause_at == "before-accept":
-        report["paused_seconds"] = pause(sync_dir, "before-accept")
-    try:
-        report["accept"] = steps.run("tdi_accept", lambda: ask(
-            client, accept_request(evidence, info)).encode())
-    except GhcxCallError as exc:
-        report["refusal"] = f"TDI_ACCEPT refused: {exc.code}: {exc.message}"
-        return
-    report["accepted"] = True
     # RUN: the register BAR now answers through the TEE path (T=1 over the IDE stream).
     checks.add("mmio_in_run", d.mmio.read32(R.ID) == DEVICE_ID_REG_VALUE,
                value=hex(d.mmio.read32(R.ID)))

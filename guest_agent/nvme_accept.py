@@ -29,16 +29,15 @@ from guest_agent.pci import (
 from guest_agent.selftest import Checks
 from guest_agent.tdi_steps import (
     Steps,
-    accept_request,
-    attest,
     channel_record,
     ghcx_failed,
+    lock_and_accept,
     pause,
     verdict,
 )
 from teeio import personality as personalities
 from teeio import tdi_verify
-from teeio.ghcx.messages import DmaAccept, Status, TdiInfo, TdiLock, TdiStop
+from teeio.ghcx.messages import DmaAccept, Status, TdiInfo, TdiStop
 from teeio.tdisp.defs import TdiState
 
 NVME = personalities.NVME
@@ -102,26 +101,13 @@ def _flow(report: dict[str, Any], steps: Steps, checks: Checks, client: GhcxClie
           layout: tuple[list[tuple[int, int, int]], frozenset[int]],
           pause_at: str, sync_dir: Path) -> None:
     mmio = Mmio(dev, 0)
-    report["lock"] = steps.run("tdi_lock", lambda: ask(client, TdiLock()).encode())
-    # In CONFIG_LOCKED the TEE range answers nobody: reads are all ones (§11.2.1).
-    vs = mmio.read32(REG_VS)
-    checks.add("mmio_blocked_when_locked", vs == ALL_ONES, value=hex(vs))
-    evidence, info, verdict = attest(steps, client, policy, *layout)
-    report["info"] = info.encode()
-    report["verdict"] = verdict.as_dict()
-    if not verdict.ok:
-        report["refusal"] = verdict.first_failure()
-        steps.run("tdi_stop", lambda: ask(client, TdiStop()))
+    def check_locked() -> None:             # reads are all ones
+        vs = mmio.read32(REG_VS)
+        checks.add("mmio_blocked_when_locked", vs == ALL_ONES, value=hex(vs))
+
+    if not lock_and_accept(report, steps, client, policy, layout, pause_at, sync_dir,
+                           check_locked):
         return
-    if pause_at == "before-accept":
-        report["paused_seconds"] = pause(sync_dir, "before-accept")
-    try:
-        report["accept"] = steps.run("tdi_accept", lambda: ask(
-            client, accept_request(evidence, info)).encode())
-    except GhcxCallError as exc:
-        report["refusal"] = f"TDI_ACCEPT refused: {exc.code}: {exc.message}"
-        return
-    report["accepted"] = True
     # RUN: the controller's registers answer through the TEE path (T=1 on the IDE stream).
     vs = mmio.read32(REG_VS)
     checks.add("mmio_in_run", vs == VERSION_1_4, value=hex(vs))

@@ -15,7 +15,15 @@ from typing import Any, TypeVar
 
 from guest_agent.ghcx_client import GhcxCallError, GhcxClient, ask
 from teeio import tdi_verify
-from teeio.ghcx.messages import Digests, GetEvidence, TdiAccept, TdiInfo, TdiInfoResponse
+from teeio.ghcx.messages import (
+    Digests,
+    GetEvidence,
+    TdiAccept,
+    TdiInfo,
+    TdiInfoResponse,
+    TdiLock,
+    TdiStop,
+)
 
 PAUSE_POINTS = ("before-accept", "in-run")
 PAUSE_TIMEOUT = 90.0
@@ -96,3 +104,31 @@ def verdict(report: dict[str, Any], checks: Any, expect: str) -> dict[str, Any]:
     else:
         report["ok"] = bool(report["accepted"]) and checks.ok
     return report
+
+
+def lock_and_accept(report: dict[str, Any], steps: Steps, client: GhcxClient,
+                    policy: tdi_verify.GuestPolicy,
+                    layout: tuple[list[tuple[int, int, int]], frozenset[int]],
+                    pause_at: str, sync_dir: Path, check_locked: Callable[[], None]) -> bool:
+    """LOCK, the guest's own attestation, then ACCEPT (PCIe 6.x §11.2.7): True once
+    accepted.  *check_locked* looks at the TEE range in CONFIG_LOCKED, where it answers
+    nobody (§11.2.1).  A failed verdict STOPs the TDI; a refusal is in ``report``."""
+    report["lock"] = steps.run("tdi_lock", lambda: ask(client, TdiLock()).encode())
+    check_locked()
+    evidence, info, verdict = attest(steps, client, policy, *layout)
+    report["info"] = info.encode()
+    report["verdict"] = verdict.as_dict()
+    if not verdict.ok:
+        report["refusal"] = verdict.first_failure()
+        steps.run("tdi_stop", lambda: ask(client, TdiStop()))
+        return False
+    if pause_at == "before-accept":
+        report["paused_seconds"] = pause(sync_dir, "before-accept")
+    try:
+        report["accept"] = steps.run("tdi_accept", lambda: ask(
+            client, accept_request(evidence, info)).encode())
+    except GhcxCallError as exc:
+        report["refusal"] = f"TDI_ACCEPT refused: {exc.code}: {exc.message}"
+        return False
+    report["accepted"] = True
+    return True
