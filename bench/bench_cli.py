@@ -43,7 +43,7 @@ from typing import TypedDict
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from bench.bench import HostMeta, emit_report, host_meta
+from bench.common import HostMeta, emit_report, host_meta, positive
 from vfio_user_dev.firmware_build import build
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -465,13 +465,6 @@ def run(s: Settings, spdm_emu: str | None) -> Report:
                   goal=goal(results, skipped), notes=NOTES)
 
 
-def _at_least_two(text: str) -> int:
-    v = int(text)
-    if v < 2:
-        raise argparse.ArgumentTypeError("must be at least 2")
-    return v
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m bench.bench_cli",
@@ -479,7 +472,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "spdm-emu's spdm_requester_emu doing the same flow")
     ap.add_argument("--out", type=Path, help="also write the JSON here (parent dirs are created)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds (7; default 21)")
-    ap.add_argument("--iterations", type=_at_least_two, metavar="N",
+    ap.add_argument("--iterations", type=positive, metavar="N",
                     help="exact count of timed rounds (one warm-up round before them)")
     ap.add_argument("--spdm-emu", metavar="PATH",
                     help="spdm_requester_emu to compare with (default: $TEEIO_SPDM_EMU, "

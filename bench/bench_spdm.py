@@ -38,6 +38,7 @@ from bench.bench import (
     pin_process,
     restore_affinity,
 )
+from bench.common import positive
 from teeio import pki
 from teeio.doe import PCI_SIG_VENDOR_ID, DoeDispatcher, DoeObject, pad_dw
 from teeio.measurements import DmtfValueType, FirmwareManifest, MeasurementSource
@@ -498,13 +499,6 @@ def run(s: Settings, cpu: int | None) -> Report:
     return Report(meta=meta, results=results, crypto=crypto_results, notes=NOTES)
 
 
-def _at_least_two(text: str) -> int:
-    v = int(text)
-    if v < 2:
-        raise argparse.ArgumentTypeError("must be at least 2")
-    return v
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m bench.bench_spdm",
@@ -513,7 +507,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, help="also write the JSON here (parent dirs are created)")
     ap.add_argument("--quick", action="store_true",
                     help="a shorter time budget per measurement (a few seconds in all)")
-    ap.add_argument("--iterations", type=_at_least_two, metavar="N",
+    ap.add_argument("--iterations", type=positive, metavar="N",
                     help="exact count of connects (and crypto-only sequences) per measurement, "
                          "overriding the time budget")
     ap.add_argument("--cpu", type=int, help="CPU to pin to (default: the lowest allowed one)")
