@@ -38,9 +38,7 @@ class Platform:
         self.link = Link(self.device.link_end, self.root_port, mps=mps, mrrs=mrrs,
                          capture=capture)
         self.device.link_attached()         # the link follows Device Control from now on
-        if isinstance(self.device.personality, AcceleratorPersonality):
-            # which DMA jobs may run inline, on the thread that wrote GO
-            self.device.engine.direct_memory = self.dma.direct
+        self.device.personality.memory_attached(self.dma.direct)
         self._device_lock = self.device.lock
         self._bar0_size = self.device.layout.bar0_size
         self.events.listeners.append(self._enforce)

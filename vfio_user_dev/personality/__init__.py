@@ -39,6 +39,10 @@ class Personality(Protocol):
     def bar0_write(self, offset: int, data: bytes) -> None:
         """A TEE MMIO write to BAR0 the TDISP gate let through (§11.2.1)."""
 
+    def memory_attached(self, direct: Callable[[int, int], bool]) -> None:
+        """The platform's DMA map set is in place: *direct* says whether a guest range is
+        reached without waiting for the client (work that may run inline)."""
+
     def reset(self) -> None:
         """Function-level or device reset (§6.6.2): work in flight issues no more DMA and
         is dropped; registers to their defaults."""

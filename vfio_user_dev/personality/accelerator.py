@@ -38,6 +38,9 @@ class AcceleratorPersonality:
         self.engine.start()
 
 
+    def memory_attached(self, direct: Callable[[int, int], bool]) -> None:
+        self.engine.direct_memory = direct      # which jobs may run inline, on GO's thread
+
     def reset(self) -> None:
         self.engine.drop_jobs()
         self.bar0.reset()

@@ -52,6 +52,9 @@ class NvmePersonality:
     def bar0_write(self, offset: int, data: bytes) -> None:
         self.controller.write(offset, data)
 
+    def memory_attached(self, direct: Callable[[int, int], bool]) -> None:
+        """Nothing to learn: every command runs on the controller's own thread."""
+
     def reset(self) -> None:
         self.bus.quiesce()              # a command in flight issues no more DMA
         self.controller.reset()         # CSTS.RDY = 0, queues gone, registers to defaults
