@@ -57,6 +57,7 @@ from bench.dma_cost import (
     FixedCost,
     Goal,
     ThroughputPoint,
+    UnprobedCost,
     bench_dma_cost,
     out_of_process,
 )
@@ -105,6 +106,7 @@ class Report(TypedDict):
     meta: Meta
     region_access: RegionAccess
     dma_fixed_cost: list[FixedCost]
+    dma_unprobed_cost: list[UnprobedCost]
     dma_throughput: list[ThroughputPoint]
     goals: dict[str, Goal]
     notes: str
@@ -163,12 +165,18 @@ def bench_region_access(c: Client, s: Settings) -> RegionAccess:
 NOTES = (
     "The device server runs in a child process (bench.dma_server) pinned, like this "
     "client, to meta.cpu_pinned; client and server threads never share a GIL. Region "
+    "access, dma_unprobed_cost and dma_throughput use a server with no probe but the "
+    "job's wall clock (two clock reads per job); dma_fixed_cost uses a second server "
+    "with every probe. Region "
     "access: one REGION_READ/REGION_WRITE round trip each on BAR0 SCRATCH, timed per "
     "operation with perf_counter_ns; posted writes (No_reply) are timed as a batch of N "
     "plus one fencing REGION_READ, per_op_us = total / N. DMA: guest memory is a 16 MiB "
     "memfd sealed against resizing, passed with DMA_MAP (fd-mapped), IDE off; a job is "
-    "programmed like guest_agent's driver does (32-bit non-posted writes of SRC_LO/HI, "
-    "DST_LO/HI, LEN[, PATTERN], then DMA_CMD=GO|op) and STATUS polled until BUSY clears. "
+    "programmed like guest_agent's driver does (32-bit writes of SRC_LO/HI, DST_LO/HI, "
+    "LEN[, PATTERN], then DMA_CMD=GO|op) and STATUS polled until BUSY clears; the writes "
+    "are posted (NO_REPLY) as QEMU's vfio-user client sends a guest's BAR writes by "
+    "default, and also non-posted (x-no-posted-writes=on) in the cost runs, whose "
+    "'writes' field says which. "
     "dma_fixed_cost: the server's probes (CPU time of the server's threads, and wall time) "
     "per step of a small job, median per occurrence times occurrences per job: "
     "register_writes, go_write (without the job), status_polls (REGION_READ handling), "
@@ -178,7 +186,11 @@ NOTES = (
     "(dma_cpu_us) are not part of the fixed cost. Mode default: jobs run where the engine "
     "puts them (a short job on the clear path at once, on the thread that wrote GO); mode "
     "engine_thread: every job goes to the engine thread, handoff_wait_wall_us being the "
-    "wait until that thread starts it. Probes add about meta.probe_overhead_us each. "
+    "wait until that thread starts it. Probes add about meta.probe_overhead_us each "
+    "(two CPU clock reads, a system call each). dma_unprobed_cost: the unprobed server "
+    "process's CPU time (all threads) per small job, from its process_time_ns before and "
+    "after split_jobs jobs: every message, the job, completion and interrupt; the goal "
+    "is judged on it. "
     "dma_throughput: per op and size, engine end to end (client: first register write to "
     "the STATUS read without BUSY) and on the server (median probe time from the GO "
     "reaching the engine to the job's completion, times jobs per op), each against memcpy "
@@ -212,13 +224,13 @@ def run(s: Settings, cpu: int | None, rounds: int | None = None) -> Report:
     cost = CostSettings.from_args(s.quick, s.fixed, rounds)
     saved = pin_process(cpu)  # before the server is started, so that it inherits it
     try:
-        with out_of_process() as (srv, client):
+        with out_of_process("job") as (srv, client):
             verified = all_threads_on(cpu)
             region = bench_region_access(client, s)
-            splits, points, met = bench_dma_cost(srv, client, cost)
-            verified &= all_threads_on(cpu)
             server_pinned = process_threads_on(srv.proc.pid, cpu)
             overhead = float(srv.hello.get("probe_overhead_us", 0.0))
+        splits, unprobed, points, met = bench_dma_cost(cost)
+        verified &= all_threads_on(cpu)
     finally:
         restore_affinity(saved)
     meta = Meta(
@@ -228,6 +240,7 @@ def run(s: Settings, cpu: int | None, rounds: int | None = None) -> Report:
         quick=s.quick, iterations=s.fixed, rounds=cost.rounds,
         elapsed_s=round(time.perf_counter() - started, 3))
     return Report(meta=meta, region_access=region, dma_fixed_cost=splits,
+                  dma_unprobed_cost=unprobed,
                   dma_throughput=points, goals=met, notes=NOTES)
 
 

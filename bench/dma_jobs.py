@@ -51,23 +51,26 @@ class DmaResult(TypedDict):
 
 
 class DmaDriver:
-    """Programs jobs through BAR0 like a guest driver would, polling STATUS."""
+    """Programs jobs through BAR0 like a guest driver would, polling STATUS.  *posted*:
+    the register writes go as QEMU's vfio-user client sends a guest's BAR writes by
+    default (no reply awaited; ``x-no-posted-writes=on`` makes each wait for one)."""
 
-    def __init__(self, c: Client) -> None:
+    def __init__(self, c: Client, posted: bool = False) -> None:
         self.c = c
+        self.posted = posted
         self.polls = 0
         self.jobs = 0
 
     def run(self, op: Op, src: int, dst: int, length: int, pattern: int = 0) -> None:
-        c = self.c
-        c.write32(BAR0, R.DMA_SRC_LO, src & 0xFFFF_FFFF)
-        c.write32(BAR0, R.DMA_SRC_HI, src >> 32)
-        c.write32(BAR0, R.DMA_DST_LO, dst & 0xFFFF_FFFF)
-        c.write32(BAR0, R.DMA_DST_HI, dst >> 32)
-        c.write32(BAR0, R.DMA_LEN, length)
+        c, posted = self.c, self.posted
+        c.write32(BAR0, R.DMA_SRC_LO, src & 0xFFFF_FFFF, posted)
+        c.write32(BAR0, R.DMA_SRC_HI, src >> 32, posted)
+        c.write32(BAR0, R.DMA_DST_LO, dst & 0xFFFF_FFFF, posted)
+        c.write32(BAR0, R.DMA_DST_HI, dst >> 32, posted)
+        c.write32(BAR0, R.DMA_LEN, length, posted)
         if op == Op.FILL:
-            c.write32(BAR0, R.DMA_PATTERN, pattern)
-        c.write32(BAR0, R.DMA_CMD, CMD_GO | int(op))
+            c.write32(BAR0, R.DMA_PATTERN, pattern, posted)
+        c.write32(BAR0, R.DMA_CMD, CMD_GO | int(op), posted)
         for _ in range(POLL_LIMIT):
             status = c.read32(BAR0, R.STATUS)
             self.polls += 1

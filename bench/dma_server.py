@@ -4,7 +4,8 @@ server's side of each step inside it.
 
 Run as ``python -m bench.dma_server SOCKET``: it serves one vfio-user client on SOCKET
 and answers one command per line on stdin with one JSON line on stdout: ``reset``
-(forget the samples), ``report`` (the samples since the last reset, summarised),
+(forget the samples), ``report`` (the samples since the last reset, summarised), ``cpu``
+(this process's CPU time so far, all threads),
 ``threaded`` / ``default`` (where jobs run, see :func:`control`), ``quit``.
 
 Probes, each timing wall clock (``perf_counter_ns``) and this thread's CPU time
@@ -212,24 +213,25 @@ def _install_engine(engine: DmaEngine, probes: Probes) -> None:
             if not local.ran and not local.finished:     # queued for the engine thread
                 probes.pending_go.append((w0, w1))
 
-    def timed_run(job: Any) -> Any:
+    def timed_run(job: Any, *args: Any) -> Any:
         inline = getattr(local, "in_start", False)
         w0, c0 = wall(), cpu()
-        if inline:
-            local.ran = True
-            local.this_job = local.job_start
-            probes.count("jobs_inline")
-        else:
+        if not inline:
             start, end = probes.pending_go.popleft()
             probes.add("handoff_wait", w0 - end, 0)
             local.this_job = start
             probes.count("jobs_engine_thread")
-        out = run(job)
+        out = run(job, *args)
         w, c = wall() - w0, cpu() - c0
-        probes.add("dma", w, c)
         if inline:
             local.inner[0] += w
             local.inner[1] += c
+            if out is None:           # not a job for this thread: the engine thread's
+                return out
+            local.ran = True
+            local.this_job = local.job_start
+            probes.count("jobs_inline")
+        probes.add("dma", w, c)
         return out
 
     def timed_finish(code: Any) -> None:
@@ -258,9 +260,28 @@ def _install_engine(engine: DmaEngine, probes: Probes) -> None:
             irq[1] += cpu() - c0
 
     engine.start_job = timed_start_job                        # type: ignore[method-assign]
-    engine._run = timed_run                                   # type: ignore[method-assign]
+    engine._run = timed_run                          # type: ignore[method-assign,assignment]
     engine.finish = timed_finish                              # type: ignore[method-assign]
     engine.update_irq = timed_update_irq                      # type: ignore[method-assign]
+
+
+def install_job_clock(engine: DmaEngine, probes: Probes) -> None:
+    """Only the ``job`` step (wall clock, GO reaching the engine to the job's completion):
+    two clock reads per job, no CPU clock (a system call each) and no other probe, so
+    that the process's own CPU time per job is that of an unprobed server."""
+    start_job, finish = engine.start_job, engine.finish
+    started = [0]
+
+    def clocked_start_job(op: int) -> None:
+        started[0] = wall()
+        start_job(op)
+
+    def clocked_finish(code: Any) -> None:
+        finish(code)
+        probes.add("job", wall() - started[0], 0)
+
+    engine.start_job = clocked_start_job                      # type: ignore[method-assign]
+    engine.finish = clocked_finish                            # type: ignore[method-assign]
 
 
 def probe_overhead_us(n: int = 20_000) -> float:
@@ -279,27 +300,25 @@ def control(probes: Probes, engine: DmaEngine, lines: Callable[[], str],
     stops).  ``threaded``: every job that touches memory goes to the engine thread (none
     runs at once); ``default`` undoes it.  A command that fails is answered with its
     error, so that the parent never waits for an answer that does not come."""
-    # An engine that runs every job on its thread has no direct_memory: nothing to switch.
-    direct = getattr(engine, "direct_memory", None)
     try:
         while (line := lines().strip()) not in ("quit", ""):
             try:
-                out(json.dumps(_command(probes, engine, direct, line)))
+                out(json.dumps(_command(probes, engine, line)))
             except Exception as exc:
                 out(json.dumps({"error": f"{line[:40]!r}: {exc!r}"}))
     finally:
         stop()
 
 
-def _command(probes: Probes, engine: DmaEngine, direct: Callable[[int, int], bool] | None,
-             line: str) -> dict[str, Any]:
+def _command(probes: Probes, engine: DmaEngine, line: str) -> dict[str, Any]:
     if line == "reset":
         probes.reset()
+    elif line == "cpu":
+        return {"cpu_ns": time.process_time_ns()}
     elif line == "report":
         return probes.report()
     elif line in ("threaded", "default"):
-        if direct is not None:
-            engine.direct_memory = direct if line == "default" else lambda _a, _n: False
+        engine.memory_inline = line == "default"
     else:
         return {"error": f"unknown command {line[:40]!r}"}
     return {"ok": True}
@@ -308,10 +327,17 @@ def _command(probes: Probes, engine: DmaEngine, direct: Callable[[int, int], boo
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.dma_server")
     ap.add_argument("socket")
+    ap.add_argument("--probes", choices=("steps", "job"), default="steps",
+                    help="steps: every probe of the module docstring; job: only the job's "
+                         "wall time (the process's CPU time is then an unprobed server's)")
     args = ap.parse_args(argv)
     platform = Platform()
     probes = Probes()
-    install(platform, probes)
+    if args.probes == "steps":
+        install(platform, probes)
+    else:
+        install_job_clock(platform.device.engine, probes)
+        platform.device.bar0.go = platform.device.engine.start_job
     server = Server(args.socket, platform)
 
     def out(text: str) -> None:

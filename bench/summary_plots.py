@@ -156,7 +156,8 @@ def dma(plt: Any, docs: Docs) -> Any:
                 left += v["cpu_us"]
             ax.barh(y, cost["dma_cpu_us"], left=left, color="white", edgecolor="grey",
                     hatch="//", label="transfers (not fixed)" if y == 0 else None)
-        ax.set_yticks(range(len(costs)), [c["mode"] for c in costs])
+        ax.set_yticks(range(len(costs)), [f"{c['mode']}\n{c.get('writes', '')}".strip()
+                                          for c in costs])
         ax.set_xlabel("server CPU per job (µs)")
         op, _, size = str(costs[0]["job"]).partition(" ")
         ax.set_title(f"fixed cost of one {op} {_size(int(size))} job", fontsize=10)

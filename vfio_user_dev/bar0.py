@@ -42,7 +42,8 @@ class Bar0Registers:
         self.interrupts_changed = interrupts_changed
         self.go = go
         self.r: dict[R, int] = {}
-        self._by_offset = cast(dict[int, int], self.r)  # the same dict, as looked up by offset
+        #: the same dict, as looked up by offset (a plain int: no IntEnum lookup)
+        self.by_offset = cast(dict[int, int], self.r)
         self.reset()
 
     def reset(self) -> None:
@@ -63,7 +64,7 @@ class Bar0Registers:
     def read(self, offset: int, count: int) -> bytes:
         if count == 4 and not offset & 3:       # one whole register: the common access
             return _U32.pack(self.irq_count() & 0xFFFFFFFF if offset == _IRQ_COUNT
-                             else self._by_offset.get(offset, 0))
+                             else self.by_offset.get(offset, 0))
         out = bytearray()
         for pos in range(offset & ~3, offset + count, 4):
             out += self.reg_read(pos).to_bytes(4, "little")
@@ -73,12 +74,12 @@ class Bar0Registers:
     def reg_read(self, off: int) -> int:
         if off == _IRQ_COUNT:
             return self.irq_count() & 0xFFFFFFFF
-        return self._by_offset.get(off, 0)      # every register is a key; reserved: zero
+        return self.by_offset.get(off, 0)      # every register is a key; reserved: zero
 
     def write(self, offset: int, data: bytes) -> None:
         if len(data) == 4 and not offset & 3:      # one whole register: the common access
             if offset in _STORED:
-                self._by_offset[offset] = _U32.unpack(data)[0]
+                self.by_offset[offset] = _U32.unpack(data)[0]
             else:
                 self.reg_write(offset, _U32.unpack(data)[0], 0xFFFFFFFF)
             return

@@ -47,10 +47,16 @@ class DmaRegion:
     users: int = 0
     map_id: int = 0
     inode: Inode | None = None
+    end: int = field(init=False)
+    #: the memory as a memoryview when this process maps it (a memmove reaches it)
+    view: memoryview | None = field(init=False, default=None, repr=False)
 
-    @property
-    def end(self) -> int:
-        return self.address + self.size
+    def __post_init__(self) -> None:
+        self.end = self.address + self.size
+        if isinstance(self.mem, memoryview):
+            self.view = self.mem
+        elif isinstance(self.mem, mmap.mmap):
+            self.view = memoryview(self.mem)
 
 
 @dataclass(frozen=True)
@@ -322,6 +328,32 @@ class DmaMapSet:
         for pos, done, n in remote:
             self._remote_write(pos, data[done:done + n])
 
+    def copy_direct(self, src: int, dst: int, length: int) -> bool:
+        """*length* bytes from guest *src* to guest *dst* in one memmove, when each range
+        lies in one map this process maps and that allows the access; the result is that
+        of reading the source and then writing it (overlap included).  False, and
+        nothing touched, otherwise: the caller reads and writes (which says why)."""
+        starts, regions = self._starts, self._regions
+        with self._lock:
+            i = bisect.bisect_right(starts, src) - 1
+            j = bisect.bisect_right(starts, dst) - 1
+            if i < 0 or j < 0 or length <= 0:
+                return False
+            rs, rd = regions[i], regions[j]
+            vs, vd = rs.view, rd.view
+            if (vs is None or vd is None or src + length > rs.end or dst + length > rd.end
+                    or not rs.flags & _READ or not rd.flags & _WRITE):
+                return False
+            rs.users += 1
+            rd.users += 1
+        try:
+            # Held maps are not unmapped (nor their views released) until let go.
+            so, do = src - rs.address, dst - rd.address
+            vd[do:do + length] = vs[so:so + length]
+        finally:
+            self._release([rs, rd])
+        return True
+
     @staticmethod
     def _acquire(pieces: list[tuple[DmaRegion, int, int]]) -> list[DmaRegion]:
         # Only mapped regions hold references, and only while their bytes are copied: no
@@ -375,6 +407,9 @@ _OFF_MAX = (1 << 63) - 1
 
 
 def _drop_memory(r: DmaRegion) -> None:
+    if r.view is not None:
+        r.view.release()        # before the mmap closes: it refuses while exported
+        r.view = None
     if isinstance(r.mem, memoryview):
         r.mem.release()
     elif r.mem is not None:

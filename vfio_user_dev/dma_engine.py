@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING
 from teeio import device_regs as regs
 from teeio.device_regs import Irq, Op, R, St
 from teeio.pcie.config import Command, Reg, Status
+from teeio.tdisp.defs import TdiState
 from vfio_user_dev.dma import DmaFault
 from vfio_user_dev.enforcement import dma_route
 
 if TYPE_CHECKING:
+    from vfio_user_dev.bar0 import Bar0Registers
     from vfio_user_dev.device import TeeIoDevice
 
 log = logging.getLogger("vfio_user_dev.device")     # the device model's one log
@@ -36,6 +38,16 @@ INLINE_MAX: dict[int, int] = {Op.COPY: regs.MAX_DMA_LEN, Op.FILL: regs.MAX_DMA_L
                               Op.SHA256: 64 * KiB}
 
 _BUS_MASTER = int(Command.BUS_MASTER)
+_COMMAND = int(Reg.COMMAND)
+# Register offsets as plain ints: an IntEnum member costs a lookup on every use.
+_STATUS, _INT_STATUS, _DMA_JOBS = int(R.STATUS), int(R.INT_STATUS), int(R.DMA_JOBS)
+_SRC_LO, _SRC_HI, _DST_LO, _DST_HI = (int(R.DMA_SRC_LO), int(R.DMA_SRC_HI), int(R.DMA_DST_LO),
+                                      int(R.DMA_DST_HI))
+_LEN, _PATTERN, _INT_ENABLE = int(R.DMA_LEN), int(R.DMA_PATTERN), int(R.INT_ENABLE)
+_NO_ERROR = regs.DmaError.NONE
+_STATUS_REG = int(Reg.STATUS)   # its Interrupt Status bit (3) is in the low byte
+_CLEAR_ROUTE = dma_route(TdiState.CONFIG_UNLOCKED, False, None)     # no TDISP: T=0
+_COPY = int(Op.COPY)
 _INTERRUPT_STATUS = int(Status.INTERRUPT_STATUS)
 _DONE, _ERROR, _BUSY = int(St.DONE), int(St.ERROR), int(St.BUSY)
 _DMA_DONE, _DMA_ERROR = int(Irq.DMA_DONE), int(Irq.DMA_ERROR)
@@ -66,6 +78,9 @@ class DmaEngine:
     dropped, before or after it ran.  The caller holds the device lock around
     :meth:`start_job`, :meth:`finish` and :meth:`update_irq`."""
 
+    #: the register file it runs jobs from (set by the personality that owns both)
+    bar0: Bar0Registers
+
     def __init__(self, device: TeeIoDevice) -> None:
         self.device = device
         self.generation = 0
@@ -79,6 +94,8 @@ class DmaEngine:
         #: (no DMA_READ/DMA_WRITE message): the platform's DMA map set answers.  Until it
         #: is set, every job that touches memory runs on the engine thread.
         self.direct_memory: Callable[[int, int], bool] = lambda _address, _length: False
+        #: False: every job that touches memory runs on the engine thread (to compare)
+        self.memory_inline = True
         self._jobs: queue.SimpleQueue[DmaJob | str | None] = queue.SimpleQueue()
         self._queued = 0        # jobs and notifications handed to the thread, not done yet
         self.thread = threading.Thread(target=self._loop, name="dma-engine", daemon=True)
@@ -97,25 +114,31 @@ class DmaEngine:
     # -- hand-off from BAR0 (DMA_CMD with GO) -------------------------------------------------
     def start_job(self, op: int) -> None:
         dev = self.device
-        r = dev.bar0.r
-        if r[R.STATUS] & _BUSY:
+        r = self.bar0.by_offset
+        if r[_STATUS] & _BUSY:
             self.finish(regs.DmaError.BUSY)
             return
-        r[R.STATUS] = _BUSY
-        job = DmaJob(op, r[R.DMA_SRC_LO] | r[R.DMA_SRC_HI] << 32,
-                     r[R.DMA_DST_LO] | r[R.DMA_DST_HI] << 32,
-                     r[R.DMA_LEN], r[R.DMA_PATTERN], self.generation, dev.tee.epoch)
-        route = dma_route(dev.tdi_state(), dev.tee.tee_access, dev.bound_stream())
+        r[_STATUS] = _BUSY
+        tee = dev.tee
+        job = DmaJob(op, r[_SRC_LO] | r[_SRC_HI] << 32, r[_DST_LO] | r[_DST_HI] << 32,
+                     r[_LEN], r[_PATTERN], self.generation, tee.epoch)
+        tdisp = dev.tdisp
+        route = (_CLEAR_ROUTE if tdisp is None else
+                 dma_route(tdisp.state, tee.tee_access, tdisp.default_stream_id))
         if isinstance(route, str):
             job.refused = route
         else:
             job.t_bit, job.stream_id = route
-        if self._queued == 0 and self._inline(job):
-            # No thread switch: the job runs here, under the device lock its GO holds, so
-            # no TDI transition, reset or unmap comes in between (they take that lock or
-            # come from this same thread).
+        # No thread switch for a job that needs no one else: it runs here, under the
+        # device lock its GO holds, so no TDI transition, reset or unmap comes in between
+        # (they take that lock or come from this same thread).  A COPY tries one memmove
+        # first.
+        if self._queued == 0 and (op == _COPY and self.memory_inline or self._inline(job)) and (
+                (done := self._execute(job, inline=True)) is not None
+                or op == _COPY and self._inline(job)
+                and (done := self._execute(job)) is not None):
             self.runs["inline"] += 1
-            self._apply(job, *self._execute(job))
+            self._apply(job, *done)
             if self.listeners:
                 self._queued += 1
                 self._jobs.put(_NOTIFY)
@@ -131,9 +154,9 @@ class DmaEngine:
         dev = self.device
         limit = INLINE_MAX.get(job.op)
         if (job.refused is not None or limit is None or not 0 < job.length <= regs.MAX_DMA_LEN
-                or not dev.config.get(Reg.COMMAND, 2) & _BUS_MASTER):
+                or not dev.config.data[_COMMAND] & _BUS_MASTER):
             return True
-        if job.length > limit:
+        if job.length > limit or not self.memory_inline:
             return False
         link = dev.link_end.link
         if link is None or link.tapped or any(st.secure for st in dev.ide.streams):
@@ -154,7 +177,7 @@ class DmaEngine:
                     self._notify()
                 elif job.generation == self.generation:  # else reset or scrubbed: dropped
                     self.runs["engine_thread"] += 1
-                    code, moved = self._execute(job)
+                    code, moved = self._execute(job) or (regs.DmaError.INTERNAL, 0)
                     with dev.lock:
                         if job.generation != self.generation:
                             continue  # reset while running: the result is dropped
@@ -171,9 +194,9 @@ class DmaEngine:
             except Exception:
                 log.exception("device listener failed")
 
-    def _execute(self, job: DmaJob) -> tuple[regs.DmaError, int]:
+    def _execute(self, job: DmaJob, inline: bool = False) -> tuple[regs.DmaError, int] | None:
         try:
-            return self._run(job)
+            return self._run(job, inline)
         except Exception:
             log.exception("DMA engine bug while running %s", job)
             return regs.DmaError.INTERNAL, 0
@@ -181,12 +204,15 @@ class DmaEngine:
     def _apply(self, job: DmaJob, code: regs.DmaError, moved: int) -> None:
         """Under the device lock: the job's result in the registers, and its interrupt."""
         self.total["bytes"] += moved
-        self.device.bar0.add_bytes(moved)
+        self.bar0.add_bytes(moved)
         self.finish(code)
 
-    def _run(self, job: DmaJob) -> tuple[regs.DmaError, int]:
+    def _run(self, job: DmaJob, inline: bool = False) -> tuple[regs.DmaError, int] | None:
+        """The job's transfers and result.  *inline* (on the GO writer's thread): a COPY
+        runs only if it is one memmove on the link's clear path, else None and nothing
+        done (it goes to the engine thread)."""
         dev = self.device
-        if not dev.config.get(Reg.COMMAND, 2) & _BUS_MASTER:
+        if not dev.config.data[_COMMAND] & _BUS_MASTER:
             return regs.DmaError.BUS_MASTER_OFF, 0
         if job.refused is not None:     # §11.2.1: no requests in CONFIG_LOCKED / ERROR
             with dev.lock:
@@ -196,6 +222,13 @@ class DmaEngine:
             return regs.DmaError.BAD_LENGTH, 0
         try:
             if job.op == Op.COPY:
+                if not job.t_bit and job.stream_id is None:
+                    self._check(job)
+                    if dev.link_end.copy_clear(job.src, job.dst, job.length,
+                                               direct_only=inline):
+                        return regs.DmaError.NONE, 2 * job.length
+                if inline:
+                    return None
                 data = self._read(job, job.src, job.length)
                 self._write(job, job.dst, data)
                 return regs.DmaError.NONE, 2 * job.length
@@ -239,34 +272,33 @@ class DmaEngine:
 
     # -- completion and the function's interrupt ------------------------------------------------
     def finish(self, code: regs.DmaError) -> None:
-        r = self.device.bar0.r
-        if code == regs.DmaError.NONE:
-            r[R.STATUS] = _DONE
+        r = self.bar0.by_offset
+        if code is _NO_ERROR:
+            r[_STATUS] = _DONE
             bit = _DMA_DONE
-            r[R.DMA_JOBS] = (r[R.DMA_JOBS] + 1) & 0xFFFFFFFF
+            r[_DMA_JOBS] = (r[_DMA_JOBS] + 1) & 0xFFFFFFFF
             self.total["jobs"] += 1
         else:
-            busy = r[R.STATUS] & _BUSY if code == regs.DmaError.BUSY else 0
-            r[R.STATUS] = busy | _ERROR | (int(code) << 8)
+            busy = r[_STATUS] & _BUSY if code == regs.DmaError.BUSY else 0
+            r[_STATUS] = busy | _ERROR | (int(code) << 8)
             bit = _DMA_ERROR
             self.total["errors"] += 1
-        r[R.INT_STATUS] |= bit
-        self.update_irq(new_bits=bit)
+        r[_INT_STATUS] |= bit
+        self.update_irq(bit)
 
     def update_irq(self, new_bits: int) -> None:
         """Signal INT_STATUS & INT_ENABLE: MSI-X vector 0 on a new event when it is ready
         (INTx then never asserted, §7.7.2.2), else the INTx level and Status Interrupt
         Status (§7.5.1.2)."""
         dev = self.device
-        r, config, irq = dev.bar0.r, dev.config, dev.irq
-        level = r[R.INT_STATUS] & r[R.INT_ENABLE]
+        r, config, irq = self.bar0.by_offset, dev.config, dev.irq
+        level = r[_INT_STATUS] & r[_INT_ENABLE]
         if irq.msix_ready(0):
-            status = config.get(Reg.STATUS, 2)
-            if status & _INTERRUPT_STATUS:
-                config.poke(Reg.STATUS, 2, status & ~_INTERRUPT_STATUS)
+            if config.data[_STATUS_REG] & _INTERRUPT_STATUS:
+                config.poke(Reg.STATUS, 2, config.get(Reg.STATUS, 2) & ~_INTERRUPT_STATUS)
             if irq.intx_asserted:
                 irq.set_intx(False)  # a function using MSI-X never asserts INTx
-            if new_bits & r[R.INT_ENABLE]:
+            if new_bits & r[_INT_ENABLE]:
                 irq.raise_msix(0)
             return
         status = config.get(Reg.STATUS, 2) & ~_INTERRUPT_STATUS

@@ -38,6 +38,7 @@ _SIZE, _SIZE_OFFSET = struct.Struct("<I"), 4     # the header's size field
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)     # a plain int: IntFlag's & costs a call
 _DEBUG = logging.DEBUG
 _REGION_ACCESS = frozenset({REGION_READ, REGION_WRITE})     # Session.region_access's
+_POSTED = int(p.Flags.NO_REPLY)     # a posted REGION_WRITE (QEMU's default for BAR writes)
 
 
 class Disconnected(Exception):
@@ -325,12 +326,14 @@ class Connection:
                             f"message of {size} bytes is too big"))
                         continue
                     counters["rx"] += 1
-                    if (flags == 0 and command in _REGION_ACCESS
+                    if ((flags == 0 and command in _REGION_ACCESS
+                         or flags == _POSTED and command == REGION_WRITE)
                             and not fds and session.negotiated
                             and (debug_cache.get(_DEBUG) is False or not debugging(_DEBUG))):
-                        # The hot path (Session.region_access): a reply always (flags 0).
+                        # The hot path (Session.region_access): a reply unless posted
+                        # (an error too: a posted write takes none, spec "Header").
                         out = session.region_access(msg_id, command, view, at, size)
-                        if out is not None:
+                        if out is not None and not flags:
                             send_lock.acquire()     # not "with": no bound methods made
                             try:
                                 sock.sendall(out)

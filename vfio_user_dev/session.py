@@ -90,8 +90,9 @@ class Session:
 
     def region_access(self, msg_id: int, command: int, buf: memoryview, at: int, size: int
                       ) -> bytes | None:
-        """:meth:`handle` for a REGION_READ or REGION_WRITE (*command*) that wants its reply
-        (flags 0), came without fds from a negotiated client, and whose *size* bytes are
+        """:meth:`handle` for a REGION_READ or REGION_WRITE (*command*; a write may be
+        posted: its reply is then not sent, and on an error none is made) that came
+        without fds from a negotiated client, and whose *size* bytes are
         at *at* in *buf* (at least a header's): decoded in place with the precompiled
         structs and answered without message objects (the hot path).  Anything malformed
         takes :meth:`handle`, which says why."""

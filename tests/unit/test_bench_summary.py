@@ -88,6 +88,21 @@ def test_dma_rows_exact(tmp_path: Path) -> None:
     assert s.notes == [f"{n}: missing" for n in summary.ORDER if n != "bench.json"]
 
 
+def test_dma_fixed_cost_row_takes_the_unprobed_server(tmp_path: Path) -> None:
+    doc = bench_doc()
+    doc["dma_unprobed_cost"] = [
+        {"job": "COPY 4096", "mode": "default", "writes": "posted", "jobs": 300,
+         "server_cpu_us": 80.0, "client_us_per_job": 200.0},
+        {"job": "COPY 4096", "mode": "default", "writes": "non_posted", "jobs": 300,
+         "server_cpu_us": 150.0, "client_us_per_job": 400.0}]
+    doc["goals"]["fixed_cost"]["measured"] = {"server_cpu_us": 80.0, "total_cpu_us": 540.0}
+    doc["goals"]["fixed_cost"]["met"] = True
+    rows, _ = rows_for(tmp_path, "bench.json", doc)
+    assert rows[0] == ("| bench | DMA fixed cost per COPY 4 KiB job, server CPU, posted writes "
+                       "| 80 µs | goal budget: 100 µs | 0.8 | — | server-side fixed cost per "
+                       "job <= 100 us | yes |")
+
+
 def test_goal_met_flags_carried_and_new_goals_listed(tmp_path: Path) -> None:
     doc = bench_doc()
     doc["goals"]["copy_throughput"]["met"] = True

@@ -51,6 +51,7 @@ class LinkEndpoint:
         self.requester_id = requester_id
         self.link: UpstreamPort | None = None
         self._streams: Callable[[], Sequence[StreamPort]] = list
+        self._any_secure: Callable[[], bool] = _never     # whether any of them is Secure
         # Held around the per-TLP IDE work (protect, check, failure reporting), never
         # around memory access: the lock under which the device's IDE_KM changes keys.
         self._ide_lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
@@ -77,6 +78,7 @@ class LinkEndpoint:
         """The one IDE stream the device's DMA uses while it is Secure (None: no IDE).
         *lock*: the one its key management holds while it changes the stream's keys."""
         self._streams = (lambda: [stream]) if stream is not None else list
+        self._any_secure = stream.is_secure if stream is not None else _never
         self._ide_lock = lock if lock is not None else contextlib.nullcontext()
         self._started.clear()
 
@@ -87,6 +89,7 @@ class LinkEndpoint:
         in :func:`capability_streams` order.  *lock*: the one held while IDE_KM and config
         writes change the capability (the device lock)."""
         self._streams = lambda: capability_streams(cap)
+        self._any_secure = lambda: any(b.secure for b in cap.streams)
         self._ide_lock = lock if lock is not None else contextlib.nullcontext()
         self._started.clear()
 
@@ -96,6 +99,8 @@ class LinkEndpoint:
         self.tags.set_space(MAX_OUTSTANDING if enabled else TAGS_5BIT)
 
     def _secure_stream(self) -> StreamPort | None:
+        if not self._started and not self._any_secure():
+            return None         # what the loop below finds, without ordering the streams
         for s in self._streams():
             if s.is_secure():
                 return s
@@ -178,6 +183,29 @@ class LinkEndpoint:
                 self.reads.clear()
                 self.tags.free(tags)
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def copy_clear(self, src: int, dst: int, length: int, *, direct_only: bool = False
+                   ) -> bool:
+        """A T=0 read of *src* whose data is written to *dst*, when both go in the clear
+        with nobody watching the link (as one memmove where the root port can; with
+        *direct_only*, only that way).  False, and nothing sent, otherwise: the caller
+        reads and writes."""
+        if length <= 0:
+            return True
+        _check_dma_range(src, length)
+        _check_dma_range(dst, length)
+        link = self._require_link()
+        if link.tapped:
+            return False
+        with self._ide_lock:
+            # A Secure stream carries every DMA (T=0 too); one that was used (started)
+            # is looked at by the TLP path, which drops it once it is no longer Secure.
+            if self._started or self._any_secure():
+                return False
+        if not link.clear_copy(self.requester_id, src, dst, length, direct_only=direct_only):
+            return False
+        self.counters["transfers"] += 2
+        return True
 
     def _route(self, t_bit: bool | None = None,
                stream_id: int | None = None) -> tuple[StreamPort | None, bool]:
@@ -408,6 +436,10 @@ def bare_header(tlp: Tlp) -> bytes:
     """*tlp*'s header without its IDE prefix (what an error Header Log records)."""
     head = tlp.header()
     return head[PREFIX_LEN:] if tlp.stream_id is not None else head
+
+
+def _never() -> bool:
+    return False
 
 
 def _check_dma_range(address: int, length: int) -> None:

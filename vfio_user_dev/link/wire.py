@@ -164,6 +164,25 @@ class Link:
         self.counters["bytes_downstream"] += len(data)
         return data
 
+    def clear_copy(self, requester_id: int, src: int, dst: int, length: int, *,
+                   direct_only: bool = False) -> bool:
+        """:meth:`clear_read` of *src* whose data :meth:`clear_write` puts at *dst*, with
+        the same counts; as one memmove where the root port can.  *direct_only*: only
+        that way (False, and nothing done, when it cannot)."""
+        if self.root_port.copy_direct(requester_id, src, dst, length):
+            counters = self.counters
+            counters["clear_transfers"] += 2
+            mrd, cpl = count_read_tlps(src, length, self.mrrs, self.mps)
+            counters["tlps_upstream"] += mrd + count_pieces(dst, length, self.mps)
+            counters["tlps_downstream"] += cpl
+            counters["bytes_downstream"] += length
+            counters["bytes_upstream"] += length
+            return True
+        if direct_only:
+            return False
+        self.clear_write(requester_id, dst, self.clear_read(requester_id, src, length))
+        return True
+
     def ide_fail_message_upstream(self, stream_id: int, reason: str) -> None:
         self.counters["ide_fail_messages_up"] += 1
         self.root_port.ide_fail_message(stream_id, reason)

@@ -25,6 +25,7 @@ class AcceleratorPersonality:
         self.bar0 = Bar0Registers(irq_count=lambda: device.irq.signalled,
                                   interrupts_changed=lambda: self.engine.update_irq(0),
                                   go=self.engine.start_job)
+        self.engine.bar0 = self.bar0
         # TEE MMIO the TDISP gate let through: straight to the register file (one call
         # less on every access)
         self.bar0_read: Callable[[int, int], bytes] = self.bar0.read

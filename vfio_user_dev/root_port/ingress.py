@@ -224,6 +224,22 @@ class Ingress:
         return None, None, ""
 
     # -- clear fast path (no IDE, nobody watching the wire; see link/endpoint.py) ------------
+    def clear_copy_whole(self, rid: int, src: int, dst: int, length: int) -> bool:
+        """Whether :meth:`clear_plan` would admit a T=0 read of *src* and a T=0 write of
+        *dst* (*length* bytes each) whole, refusing nothing; no side effect."""
+        with self._ctx.lock:
+            owner = self._streams.of_rid(rid)
+            if owner is not None and owner.is_secure() and owner.started:
+                return False
+            return (self._windows.touching(src, length) is None
+                    and self._windows.touching(dst, length) is None)
+
+    def clear_copy_done(self) -> None:
+        """Count a copy that :meth:`clear_copy_whole` admitted, as its two plans would."""
+        with self._ctx.lock:
+            self._ctx.counters["clear_transfers"] += 2
+            self._ctx.counters["tlps_admitted"] += 2
+
     def clear_plan(self, write: bool, rid: int, address: int, length: int, size: int,
                    burst: Burst) -> Plan:
         """Runs (start, length, refusal reason or None, pin) for a T=0 transfer split into

@@ -186,6 +186,9 @@ class RootPort:
     def clear_read(self, requester_id: int, address: int, length: int, mrrs: int) -> bytes:
         return self._executor.clear_read(requester_id, address, length, mrrs)
 
+    def copy_direct(self, requester_id: int, src: int, dst: int, length: int) -> bool:
+        return self._executor.copy_direct(requester_id, src, dst, length)
+
     # -- events -------------------------------------------------------------------------------
     def events_since(self, seq: int = 0, kinds: Sequence[str] | None = None
                      ) -> list[dict[str, object]]:
