@@ -99,7 +99,7 @@ def test_dma_fixed_cost_row_takes_the_unprobed_server(tmp_path: Path) -> None:
     doc["goals"]["fixed_cost"]["met"] = True
     rows, _ = rows_for(tmp_path, "bench.json", doc)
     assert rows[0] == ("| bench | DMA fixed cost per COPY 4 KiB job, server CPU, posted writes "
-                       "| 80 µs | goal budget: 100 µs | 0.8 | — | server-side fixed cost per "
+                       "| 80.0 µs | goal budget: 100 µs | 0.8 | — | server-side fixed cost per "
                        "job <= 100 us | yes |")
 
 
