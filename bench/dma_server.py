@@ -19,7 +19,8 @@ Probes, each timing wall clock (``perf_counter_ns``) and this thread's CPU time
 * ``start_job``: the engine's hand-off (job, route, where it runs), without the DMA and
   completion inside it when the job runs at once; ``handoff_wait``: for a job on the
   engine thread, from the end of ``start_job`` until the thread starts it (wall);
-* ``dma``: the job's transfers (the engine's ``_run``); ``completion``: STATUS, counters,
+* ``dma``: the job's transfers (the engine's ``_run``, or its COPY fast path's
+  ``_copy_now``); ``completion``: STATUS, counters,
   INT_STATUS (``finish`` without ``update_irq``); ``interrupt``: ``update_irq`` (MSI-X
   vector 0 or INTx, the eventfd write);
 * ``job``: from the start of ``start_job`` to the end of ``finish`` (wall), the engine's
@@ -194,6 +195,7 @@ class _TimedSocket:
 def _install_engine(engine: DmaEngine, probes: Probes) -> None:
     start_job, run, finish, update_irq = (engine.start_job, engine._run, engine.finish,
                                           engine.update_irq)
+    copy_now = engine._copy_now
     local = probes.local
 
     def timed_start_job(op: int) -> None:
@@ -234,6 +236,20 @@ def _install_engine(engine: DmaEngine, probes: Probes) -> None:
         probes.add("dma", w, c)
         return out
 
+    def timed_copy_now(src: int, dst: int, length: int) -> bool:
+        """The COPY fast path's transfer (inline, on the GO writer's thread): "dma"."""
+        w0, c0 = wall(), cpu()
+        done = copy_now(src, dst, length)
+        w, c = wall() - w0, cpu() - c0
+        if done:                # else the try is part of the hand-off
+            local.inner[0] += w
+            local.inner[1] += c
+            local.ran = True
+            local.this_job = local.job_start
+            probes.count("jobs_inline")
+            probes.add("dma", w, c)
+        return done
+
     def timed_finish(code: Any) -> None:
         local.irq = [0, 0]
         w0, c0 = wall(), cpu()
@@ -261,6 +277,7 @@ def _install_engine(engine: DmaEngine, probes: Probes) -> None:
 
     engine.start_job = timed_start_job                        # type: ignore[method-assign]
     engine._run = timed_run                          # type: ignore[method-assign,assignment]
+    engine._copy_now = timed_copy_now                         # type: ignore[method-assign]
     engine.finish = timed_finish                              # type: ignore[method-assign]
     engine.update_irq = timed_update_irq                      # type: ignore[method-assign]
 

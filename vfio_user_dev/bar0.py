@@ -29,6 +29,7 @@ _IRQ_COUNT, _INT_ENABLE, _INT_STATUS, _DMA_CMD = (int(r) for r in (
 _READ_WRITE = frozenset(int(r) for r in READ_WRITE)
 _STORED = _READ_WRITE - {_INT_ENABLE}      # a write stores them, and that is all it does
 _U32 = struct.Struct("<I")                  # one register's bytes
+_BYTES_LO, _BYTES_HI = int(R.DMA_BYTES_LO), int(R.DMA_BYTES_HI)
 
 
 class Bar0Registers:
@@ -57,9 +58,10 @@ class Bar0Registers:
 
     def add_bytes(self, n: int) -> None:
         """DMA_BYTES_HI:LO += *n*."""
-        total = (self.r[R.DMA_BYTES_HI] << 32 | self.r[R.DMA_BYTES_LO]) + n
-        self.r[R.DMA_BYTES_LO] = total & 0xFFFFFFFF
-        self.r[R.DMA_BYTES_HI] = (total >> 32) & 0xFFFFFFFF
+        r = self.by_offset
+        total = (r[_BYTES_HI] << 32 | r[_BYTES_LO]) + n
+        r[_BYTES_LO] = total & 0xFFFFFFFF
+        r[_BYTES_HI] = (total >> 32) & 0xFFFFFFFF
 
     def read(self, offset: int, count: int) -> bytes:
         if count == 4 and not offset & 3:       # one whole register: the common access

@@ -351,7 +351,11 @@ class DmaMapSet:
             so, do = src - rs.address, dst - rd.address
             vd[do:do + length] = vs[so:so + length]
         finally:
-            self._release([rs, rd])
+            with self._lock:
+                rs.users -= 1
+                rd.users -= 1
+                if self._waiters:
+                    self._cond.notify_all()
         return True
 
     @staticmethod

@@ -30,8 +30,12 @@ log = logging.getLogger(__name__)
 EVENTFD_LINK = "anon_inode:[eventfd]"
 
 
+_ONE = (1).to_bytes(8, "little")       # an eventfd signal
+_MSIX = int(PciIrq.MSIX)                # the dicts' key, as a plain int (cheaper to hash)
+
+
 def _signal(fd: int) -> None:
-    os.write(fd, (1).to_bytes(8, "little"))
+    os.write(fd, _ONE)
 
 
 def is_eventfd(fd: int) -> bool:
@@ -227,11 +231,11 @@ class IrqController:
     # -- device side --------------------------------------------------------------------
     def msix_ready(self, vector: int = 0) -> bool:
         with self._lock:
-            if self.counts[PciIrq.MSIX] <= vector:
+            if self.counts[_MSIX] <= vector:
                 return False
             if self.sink is not None:
                 return self.sink.ready(PciIrq.MSIX, vector)
-            return self.trigger[PciIrq.MSIX][vector] is not None
+            return self.trigger[_MSIX][vector] is not None
 
     def mask(self, index: int, vectors: range, masked: bool) -> None:
         """ACTION_MASK / ACTION_UNMASK of *vectors* (an unmask replays what is pending)."""
@@ -243,10 +247,10 @@ class IrqController:
 
     def raise_msix(self, vector: int) -> None:
         with self._lock:
-            if self.masked[PciIrq.MSIX][vector]:
-                self.pending[PciIrq.MSIX][vector] = True
+            if self.masked[_MSIX][vector]:
+                self.pending[_MSIX][vector] = True
                 return
-            self._fire(PciIrq.MSIX, vector)
+            self._fire(_MSIX, vector)
 
     def set_intx(self, level: bool, event: bool = False) -> None:
         """The INTx line level; *event*: a new interrupt event made (or kept) it high.

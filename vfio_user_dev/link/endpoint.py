@@ -192,9 +192,12 @@ class LinkEndpoint:
         reads and writes."""
         if length <= 0:
             return True
-        _check_dma_range(src, length)
-        _check_dma_range(dst, length)
-        link = self._require_link()
+        if src < 0 or dst < 0 or (src if src > dst else dst) + length > _ADDRESS_END:
+            _check_dma_range(src, length)      # raises, saying which
+            _check_dma_range(dst, length)
+        link = self.link
+        if link is None:
+            raise LinkFault("device is not connected to a link")
         if link.tapped:
             return False
         with self._ide_lock:
@@ -442,6 +445,9 @@ def _never() -> bool:
     return False
 
 
+_ADDRESS_END = 1 << 64
+
+
 def _check_dma_range(address: int, length: int) -> None:
-    if address < 0 or address + length > 1 << 64:
+    if address < 0 or address + length > _ADDRESS_END:
         raise LinkFault(f"bad DMA range {address:#x}+{length:#x}")

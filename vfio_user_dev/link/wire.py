@@ -51,6 +51,8 @@ class Link:
                              ide_fail_messages_down=0, clear_transfers=0)
         self.counters.update(mmio_bursts=0)
         self.counters.update(payload_size_changes=0)
+        #: (TLPs upstream, downstream) of a clear copy, by what they depend on
+        self._copy_tlps: dict[tuple[int, int, int, int, int], tuple[int, int]] = {}
         endpoint.link = self
         root_port.attach_link(self.mps, self.ide_fail_message_downstream,
                               self.send_downstream, self.mrrs)
@@ -170,11 +172,18 @@ class Link:
         the same counts; as one memmove where the root port can.  *direct_only*: only
         that way (False, and nothing done, when it cannot)."""
         if self.root_port.copy_direct(requester_id, src, dst, length):
+            # TLP counts depend on the addresses only below 4 KiB (MPS, MRRS <= 4096)
+            key = (src & 0xFFF, dst & 0xFFF, length, self.mrrs, self.mps)
+            tlps = self._copy_tlps.get(key)
+            if tlps is None:
+                if len(self._copy_tlps) >= 256:
+                    self._copy_tlps.clear()
+                mrd, cpl = count_read_tlps(src, length, self.mrrs, self.mps)
+                tlps = self._copy_tlps[key] = (mrd + count_pieces(dst, length, self.mps), cpl)
             counters = self.counters
             counters["clear_transfers"] += 2
-            mrd, cpl = count_read_tlps(src, length, self.mrrs, self.mps)
-            counters["tlps_upstream"] += mrd + count_pieces(dst, length, self.mps)
-            counters["tlps_downstream"] += cpl
+            counters["tlps_upstream"] += tlps[0]
+            counters["tlps_downstream"] += tlps[1]
             counters["bytes_downstream"] += length
             counters["bytes_upstream"] += length
             return True

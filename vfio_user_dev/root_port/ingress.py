@@ -6,7 +6,7 @@ Every refusal is counted by reason.  Design notes: docs/root-port-internals.md."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from teeio.ide import IdeIntegrityError
 from teeio.tlp import (
@@ -224,21 +224,29 @@ class Ingress:
         return None, None, ""
 
     # -- clear fast path (no IDE, nobody watching the wire; see link/endpoint.py) ------------
-    def clear_copy_whole(self, rid: int, src: int, dst: int, length: int) -> bool:
-        """Whether :meth:`clear_plan` would admit a T=0 read of *src* and a T=0 write of
-        *dst* (*length* bytes each) whole, refusing nothing; no side effect."""
-        with self._ctx.lock:
+    def clear_copy(self, rid: int, src: int, dst: int, length: int,
+                   copy: Callable[[int, int, int], bool]) -> bool:
+        """A T=0 read of *src* and a T=0 write of *dst* (*length* bytes each) that
+        :meth:`clear_plan` would admit whole, refusing nothing, done by *copy* (outside
+        the lock, as memory is always touched) and counted as those two plans would
+        count them.  False, with nothing done or counted, when they would not be admitted
+        whole or *copy* could not do it."""
+        ctx = self._ctx
+        with ctx.lock:
             owner = self._streams.of_rid(rid)
             if owner is not None and owner.is_secure() and owner.started:
                 return False
-            return (self._windows.touching(src, length) is None
-                    and self._windows.touching(dst, length) is None)
-
-    def clear_copy_done(self) -> None:
-        """Count a copy that :meth:`clear_copy_whole` admitted, as its two plans would."""
-        with self._ctx.lock:
-            self._ctx.counters["clear_transfers"] += 2
-            self._ctx.counters["tlps_admitted"] += 2
+            windows = self._windows
+            if windows.touching(src, length) is not None \
+                    or windows.touching(dst, length) is not None:
+                return False
+        if not copy(src, dst, length):
+            return False
+        with ctx.lock:
+            counters = ctx.counters
+            counters["clear_transfers"] += 2
+            counters["tlps_admitted"] += 2
+        return True
 
     def clear_plan(self, write: bool, rid: int, address: int, length: int, size: int,
                    burst: Burst) -> Plan:

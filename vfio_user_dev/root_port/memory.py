@@ -175,11 +175,7 @@ class DmaExecutor:
         """A T=0 read of *src* whose data goes to *dst* as one memmove, when both are
         admitted whole (as :meth:`clear_read` and :meth:`clear_write` would) into mapped
         memory; False, with nothing done or counted, otherwise."""
-        if (self._ingress.clear_copy_whole(requester_id, src, dst, length)
-                and self._dma.copy_direct(src, dst, length)):
-            self._ingress.clear_copy_done()
-            return True
-        return False
+        return self._ingress.clear_copy(requester_id, src, dst, length, self._dma.copy_direct)
 
     def clear_read(self, requester_id: int, address: int, length: int, mrrs: int) -> bytes:
         burst = Burst()
