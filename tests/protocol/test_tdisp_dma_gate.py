@@ -42,6 +42,28 @@ def test_dma_requester_table(tee_rig: TeeRig, state: TdiState) -> None:
         assert rig.machine.stats()["tdisp_refusals"] == {"dma_not_allowed": 1}
 
 
+@pytest.mark.parametrize("state", list(TdiState))
+def test_copy_requester_table(tee_rig: TeeRig, state: TdiState) -> None:
+    """COPY too (in CONFIG_UNLOCKED, one memmove where the memory is mapped)."""
+    rig = tee_rig
+    to_state(rig, state)
+    link = rig.machine.link.counters
+    before = link["tlps_upstream"]
+    base = WIN if state is TdiState.RUN else GUEST + 0x100
+    rig.poke(base - GUEST, b"copied!!" * 8)
+    status = rig.dma_direct(Op.COPY, base, base + 0x200, 64)
+    data = rig.mem(base + 0x200 - GUEST, 64)
+    if state in (TdiState.CONFIG_UNLOCKED, TdiState.RUN):
+        assert status_error(status) is None
+        assert data == b"copied!!" * 8
+        assert link["tlps_upstream"] > before
+    else:
+        assert status_error(status) == DmaError.FAULT
+        assert data == bytes(64)
+        assert link["tlps_upstream"] == before
+        assert rig.machine.stats()["tdisp_refusals"] == {"dma_not_allowed": 1}
+
+
 def test_dma_in_run_is_t1_on_the_bound_stream(tee_rig_captured: TeeRig) -> None:
     rig = tee_rig_captured
     rig.run()

@@ -4,6 +4,7 @@ ends (PCIe 6.x §6.33.3: Rx GO at both partners first, then Tx, then Enable)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 from types import TracebackType
@@ -34,9 +35,13 @@ class Rig:
     """A memfd-backed guest, its root port and a device link endpoint joined by a Link."""
 
     def __init__(self, tmp: Path | None = None, *, mps: int = 256, mrrs: int = 512,
-                 capture: bool = False) -> None:
-        self.fd = os.memfd_create("link-test")
+                 capture: bool = False, sealed: bool = False) -> None:
+        """*sealed*: the memfd cannot shrink (as QEMU passes guest RAM), so the map set
+        maps it; else it is reached through its fd."""
+        self.fd = os.memfd_create("link-test", os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, SIZE)
+        if sealed:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
         self.dma = DmaMapSet()
         self.dma.map(GUEST, SIZE, DmaFlags.READ | DmaFlags.WRITE, 0, os.dup(self.fd))
         self.rp = RootPort(self.dma)

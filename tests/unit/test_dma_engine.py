@@ -202,3 +202,23 @@ def test_fill_pattern(length: int) -> None:
     pattern = 0xA5C3_0F5A
     want = (pattern.to_bytes(4, "little") * (length // 4 + 1))[:length]
     assert fill_pattern(pattern, length) == want
+
+
+def test_clear_copy_is_one_memmove_on_the_go_writers_thread(plat: Platform, guest: int) -> None:
+    """A T=0 COPY between two mapped ranges: done before the GO write returns, counted on
+    the link as its read and write, the same bytes as any other way."""
+    data = os.urandom(1 << 20)
+    os.pwrite(guest, data, 0)
+    link = dict(plat.link.counters)
+    st = go(plat, Op.COPY, GUEST, GUEST + (2 << 20), 1 << 20)
+    assert st == St.DONE
+    assert os.pread(guest, 1 << 20, 2 << 20) == data
+    assert plat.device.engine.runs == {"inline": 1, "engine_thread": 0}
+    after = plat.link.counters
+    assert after["clear_transfers"] - link["clear_transfers"] == 2
+    assert after["bytes_upstream"] - link["bytes_upstream"] == 1 << 20
+    assert after["bytes_downstream"] - link["bytes_downstream"] == 1 << 20
+    assert after["tlps_upstream"] > link["tlps_upstream"]
+    assert int.from_bytes(plat.region_read(PciRegion.BAR0, R.DMA_BYTES_LO, 4), "little") \
+        == 2 << 20
+

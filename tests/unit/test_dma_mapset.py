@@ -464,3 +464,45 @@ def test_direct_says_whether_an_access_can_wait_for_the_client(ms: DmaMapSet) ->
     assert not ms.direct(0x10000 + 2 * PAGE, 4)
     assert ms.direct(0x90000, 16)                           # unmapped: faults at once
     assert ms.direct(0x10000 + 3 * PAGE - 4, 8)             # runs off the end: faults too
+
+
+# --- one memmove between two mappings ---------------------------------------------------------
+
+def test_copy_direct_between_mappings(ms: DmaMapSet) -> None:
+    a = map_memfd(ms, 0x10000, 2 * PAGE, name="copy-a")
+    b = map_memfd(ms, 0x20000, 2 * PAGE, name="copy-b")
+    os.pwrite(a, b"0123456789" * 100, 5)
+    assert ms.copy_direct(0x10005, 0x20007, 1000) is True
+    assert os.pread(b, 1000, 7) == b"0123456789" * 100
+    assert ms.copy_direct(0x10005, 0x10006, 1000) is True       # overlap: read, then write
+    assert os.pread(a, 1000, 6) == b"0123456789" * 100
+    for fd in (a, b):
+        os.close(fd)
+
+
+@pytest.mark.timeout(30)
+def test_copy_direct_refuses_what_it_cannot_do_in_one_memmove(ms: DmaMapSet) -> None:
+    a = map_memfd(ms, 0x10000, PAGE, name="copy-a")
+    b = map_memfd(ms, 0x10000 + PAGE, PAGE, name="copy-b")       # adjacent: a span of two
+    ro = map_memfd(ms, 0x30000, PAGE, flags=DmaFlags.READ, name="copy-ro")
+    plain = os.memfd_create("copy-plain")                        # can shrink: fd access
+    os.ftruncate(plain, PAGE)
+    ms.map(0x40000, PAGE, RW, 0, os.dup(plain))
+    ms.map(0x50000, PAGE, RW, 0, None)                           # over the socket
+    os.pwrite(a, b"A" * PAGE, 0)
+    cases = [(0x10000 + PAGE - 8, 0x30000, 16),     # source spans two maps
+             (0x10000, 0x30000, 16),                # read-only destination
+             (0x10000, 0x40000, 16),                # destination reached through its fd
+             (0x40000, 0x10000, 16),                # source reached through its fd
+             (0x10000, 0x50000, 16),                # destination over the socket
+             (0x10000, 0x60000, 16),                # unmapped destination
+             (0x10000, 0x10000 + 2 * PAGE - 8, 16),  # destination runs past its map
+             (0x10000, 0x10000 + PAGE, 0)]          # nothing to copy
+    for src, dst, n in cases:
+        assert ms.copy_direct(src, dst, n) is False, (hex(src), hex(dst), n)
+    assert os.pread(ro, PAGE, 0) == bytes(PAGE) and os.pread(plain, PAGE, 0) == bytes(PAGE)
+    assert os.pread(b, PAGE, 0) == bytes(PAGE)
+    ms.unmap(0x10000, PAGE)           # no reference left behind: it does not wait
+    ms.unmap(0x10000 + PAGE, PAGE)
+    for fd in (a, b, ro, plain):
+        os.close(fd)

@@ -1,0 +1,114 @@
+"""A device COPY on the link's clear path (vfio_user_dev/link/endpoint.py ``copy_clear``):
+one memmove between two mappings when the root port admits both halves whole, else its
+read then its write; either way the same bytes land, the same counts move, and every
+root-port check applies (PCIe 6.x §11.2.1: T=0 never into a trusted window)."""
+
+from __future__ import annotations
+
+import fcntl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.link_rig import GUEST, RID, SID, SIZE, Rig
+from vfio_user_dev.dma import DmaFault
+from vfio_user_dev.link.interfaces import LinkFault
+
+pytestmark = pytest.mark.timeout(30)
+
+SRC, DST = GUEST + 0x1003, GUEST + 0x8005      # unaligned: uneven TLP counts
+N = 20_000
+
+
+@pytest.fixture(params=["mapped", "fd"])
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    """Guest memory this process maps (a sealed memfd) or reaches through its fd."""
+    r = Rig(sealed=request.param == "mapped")
+    yield r
+    r.close()
+
+
+def counts(r: Rig) -> dict[str, object]:
+    """The link's and the root port's counters, and the endpoint's transfers."""
+    rp = {k: v for k, v in r.rp.status().items() if isinstance(v, int)}
+    return {"link": dict(r.link.counters), "rp": rp, "ep": r.ep.counters["transfers"]}
+
+
+def pattern(n: int, seed: int = 7) -> bytes:
+    return bytes((i * seed + (i >> 8)) & 0xFF for i in range(n))
+
+
+def test_copy_lands_and_counts_as_its_read_and_write(rig: Rig) -> None:
+    data = pattern(N)
+    rig.poke(SRC - GUEST, data)
+    with Rig(sealed=False) as ref:          # the same transfer as a read then a write
+        ref.poke(SRC - GUEST, data)
+        ref.ep.write(DST, ref.ep.read(SRC, N))
+        assert rig.ep.copy_clear(SRC, DST, N) is True
+        assert rig.mem(DST - GUEST, N) == data == ref.mem(DST - GUEST, N)
+        assert counts(rig) == counts(ref)
+
+
+def test_direct_only_copies_only_between_mappings(rig: Rig) -> None:
+    data = pattern(4096, 3)
+    rig.poke(SRC - GUEST, data)
+    before = counts(rig)
+    done = rig.ep.copy_clear(SRC, DST, 4096, direct_only=True)
+    if fcntl.fcntl(rig.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:     # mapped
+        assert done is True and rig.mem(DST - GUEST, 4096) == data
+    else:                                    # reached through the fd: nothing done
+        assert done is False
+        assert rig.mem(DST - GUEST, 4096) == bytes(4096) and counts(rig) == before
+
+
+@pytest.mark.parametrize("shift", [100, -100, 0])
+def test_overlapping_copy_is_a_read_then_a_write(rig: Rig, shift: int) -> None:
+    data = pattern(8192, 5)
+    rig.poke(SRC - GUEST, data)
+    assert rig.ep.copy_clear(SRC, SRC + shift, 8192)
+    assert rig.mem(SRC + shift - GUEST, 8192) == data
+
+
+def test_t0_copy_into_a_window_is_refused_whatever_the_memory(rig: Rig) -> None:
+    win = DST & ~0xFFF
+    rig.rp.setup_stream(SID, RID, RID)
+    rig.rp.authorise_window(RID, SID, win, 0x2000)
+    private = b"private!" * 128
+    rig.poke(DST - GUEST, private)
+    rig.poke(SRC - GUEST, b"evil" * 256)
+    assert rig.ep.copy_clear(SRC, DST, 1024, direct_only=True) is False   # not as a memmove
+    with pytest.raises(LinkFault, match="refused"):
+        rig.ep.copy_clear(SRC, DST, 1024)
+    assert rig.mem(DST - GUEST, 1024) == private
+    assert rig.rp.status()["refusals_total"] > 0
+
+
+def test_t0_copy_out_of_a_window_is_refused_too(rig: Rig) -> None:
+    win = SRC & ~0xFFF
+    rig.rp.setup_stream(SID, RID, RID)
+    rig.rp.authorise_window(RID, SID, win, 0x2000)
+    rig.poke(SRC - GUEST, b"secret" * 100)
+    with pytest.raises(LinkFault, match="refused"):
+        rig.ep.copy_clear(SRC, DST, 600)
+    assert rig.mem(DST - GUEST, 600) == bytes(600)
+
+
+def test_a_secure_stream_or_a_tap_sends_tlps_instead(tmp_path: Path) -> None:
+    with Rig(tmp_path, capture=True, sealed=True) as tapped:
+        assert tapped.ep.copy_clear(SRC, DST, 64) is False     # the caller reads and writes
+    with Rig(sealed=True) as secure:
+        secure.secure()
+        assert secure.ep.copy_clear(SRC, DST, 64) is False
+        assert secure.link.counters["clear_transfers"] == 0
+
+
+def test_a_copy_past_the_mapped_memory_faults_before_touching_anything(rig: Rig) -> None:
+    rig.poke(SRC - GUEST, b"x" * 16)
+    end = GUEST + SIZE
+    assert rig.ep.copy_clear(SRC, end - 8, 16, direct_only=True) is False
+    with pytest.raises(DmaFault, match="unmapped"):
+        rig.ep.copy_clear(SRC, end - 8, 16)
+    with pytest.raises(LinkFault, match="bad DMA range"):
+        rig.ep.copy_clear(-1, DST, 16)
+    assert rig.mem(SIZE - 8, 8) == bytes(8)
