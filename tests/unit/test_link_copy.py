@@ -22,7 +22,7 @@ N = 20_000
 
 
 @pytest.fixture(params=["mapped", "fd"])
-def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+def copy_rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
     """Guest memory this process maps (a sealed memfd) or reaches through its fd."""
     r = Rig(sealed=request.param == "mapped")
     yield r
@@ -39,59 +39,64 @@ def pattern(n: int, seed: int = 7) -> bytes:
     return bytes((i * seed + (i >> 8)) & 0xFF for i in range(n))
 
 
-def test_copy_lands_and_counts_as_its_read_and_write(rig: Rig) -> None:
+def test_copy_lands_and_counts_as_its_read_and_write(copy_rig: Rig) -> None:
+    r = copy_rig
     data = pattern(N)
-    rig.poke(SRC - GUEST, data)
+    r.poke(SRC - GUEST, data)
     with Rig(sealed=False) as ref:          # the same transfer as a read then a write
         ref.poke(SRC - GUEST, data)
         ref.ep.write(DST, ref.ep.read(SRC, N))
-        assert rig.ep.copy_clear(SRC, DST, N) is True
-        assert rig.mem(DST - GUEST, N) == data == ref.mem(DST - GUEST, N)
-        assert counts(rig) == counts(ref)
+        assert r.ep.copy_clear(SRC, DST, N) is True
+        assert r.mem(DST - GUEST, N) == data == ref.mem(DST - GUEST, N)
+        assert counts(r) == counts(ref)
 
 
-def test_direct_only_copies_only_between_mappings(rig: Rig) -> None:
+def test_direct_only_copies_only_between_mappings(copy_rig: Rig) -> None:
+    r = copy_rig
     data = pattern(4096, 3)
-    rig.poke(SRC - GUEST, data)
-    before = counts(rig)
-    done = rig.ep.copy_clear(SRC, DST, 4096, direct_only=True)
-    if fcntl.fcntl(rig.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:     # mapped
-        assert done is True and rig.mem(DST - GUEST, 4096) == data
+    r.poke(SRC - GUEST, data)
+    before = counts(r)
+    done = r.ep.copy_clear(SRC, DST, 4096, direct_only=True)
+    if fcntl.fcntl(r.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:     # mapped
+        assert done is True and r.mem(DST - GUEST, 4096) == data
     else:                                    # reached through the fd: nothing done
         assert done is False
-        assert rig.mem(DST - GUEST, 4096) == bytes(4096) and counts(rig) == before
+        assert r.mem(DST - GUEST, 4096) == bytes(4096) and counts(r) == before
 
 
 @pytest.mark.parametrize("shift", [100, -100, 0])
-def test_overlapping_copy_is_a_read_then_a_write(rig: Rig, shift: int) -> None:
+def test_overlapping_copy_is_a_read_then_a_write(copy_rig: Rig, shift: int) -> None:
+    r = copy_rig
     data = pattern(8192, 5)
-    rig.poke(SRC - GUEST, data)
-    assert rig.ep.copy_clear(SRC, SRC + shift, 8192)
-    assert rig.mem(SRC + shift - GUEST, 8192) == data
+    r.poke(SRC - GUEST, data)
+    assert r.ep.copy_clear(SRC, SRC + shift, 8192)
+    assert r.mem(SRC + shift - GUEST, 8192) == data
 
 
-def test_t0_copy_into_a_window_is_refused_whatever_the_memory(rig: Rig) -> None:
+def test_t0_copy_into_a_window_is_refused_whatever_the_memory(copy_rig: Rig) -> None:
+    r = copy_rig
     win = DST & ~0xFFF
-    rig.rp.setup_stream(SID, RID, RID)
-    rig.rp.authorise_window(RID, SID, win, 0x2000)
+    r.rp.setup_stream(SID, RID, RID)
+    r.rp.authorise_window(RID, SID, win, 0x2000)
     private = b"private!" * 128
-    rig.poke(DST - GUEST, private)
-    rig.poke(SRC - GUEST, b"evil" * 256)
-    assert rig.ep.copy_clear(SRC, DST, 1024, direct_only=True) is False   # not as a memmove
+    r.poke(DST - GUEST, private)
+    r.poke(SRC - GUEST, b"evil" * 256)
+    assert r.ep.copy_clear(SRC, DST, 1024, direct_only=True) is False   # not as a memmove
     with pytest.raises(LinkFault, match="refused"):
-        rig.ep.copy_clear(SRC, DST, 1024)
-    assert rig.mem(DST - GUEST, 1024) == private
-    assert rig.rp.status()["refusals_total"] > 0
+        r.ep.copy_clear(SRC, DST, 1024)
+    assert r.mem(DST - GUEST, 1024) == private
+    assert r.rp.status()["refusals_total"] > 0
 
 
-def test_t0_copy_out_of_a_window_is_refused_too(rig: Rig) -> None:
+def test_t0_copy_out_of_a_window_is_refused_too(copy_rig: Rig) -> None:
+    r = copy_rig
     win = SRC & ~0xFFF
-    rig.rp.setup_stream(SID, RID, RID)
-    rig.rp.authorise_window(RID, SID, win, 0x2000)
-    rig.poke(SRC - GUEST, b"secret" * 100)
+    r.rp.setup_stream(SID, RID, RID)
+    r.rp.authorise_window(RID, SID, win, 0x2000)
+    r.poke(SRC - GUEST, b"secret" * 100)
     with pytest.raises(LinkFault, match="refused"):
-        rig.ep.copy_clear(SRC, DST, 600)
-    assert rig.mem(DST - GUEST, 600) == bytes(600)
+        r.ep.copy_clear(SRC, DST, 600)
+    assert r.mem(DST - GUEST, 600) == bytes(600)
 
 
 def test_a_secure_stream_or_a_tap_sends_tlps_instead(tmp_path: Path) -> None:
@@ -103,12 +108,13 @@ def test_a_secure_stream_or_a_tap_sends_tlps_instead(tmp_path: Path) -> None:
         assert secure.link.counters["clear_transfers"] == 0
 
 
-def test_a_copy_past_the_mapped_memory_faults_before_touching_anything(rig: Rig) -> None:
-    rig.poke(SRC - GUEST, b"x" * 16)
+def test_a_copy_past_the_mapped_memory_faults_before_touching_anything(copy_rig: Rig) -> None:
+    r = copy_rig
+    r.poke(SRC - GUEST, b"x" * 16)
     end = GUEST + SIZE
-    assert rig.ep.copy_clear(SRC, end - 8, 16, direct_only=True) is False
+    assert r.ep.copy_clear(SRC, end - 8, 16, direct_only=True) is False
     with pytest.raises(DmaFault, match="unmapped"):
-        rig.ep.copy_clear(SRC, end - 8, 16)
+        r.ep.copy_clear(SRC, end - 8, 16)
     with pytest.raises(LinkFault, match="bad DMA range"):
-        rig.ep.copy_clear(-1, DST, 16)
-    assert rig.mem(SIZE - 8, 8) == bytes(8)
+        r.ep.copy_clear(-1, DST, 16)
+    assert r.mem(SIZE - 8, 8) == bytes(8)
