@@ -18,7 +18,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from teeio.doe import (
     protocol_name,
 )
 from teeio.doe_pcap import DoePcapWriter, SessionSecretLog
+from teeio.lite_dataclass import dataclass
 from teeio.refcheck import (
     Comparison,
     compare_measurements,

@@ -12,11 +12,11 @@ never a re-encoding.  Sizes set by the negotiated algorithms come from a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 from teeio import codec as core
 from teeio.codec import Reader, Struct, data, u8, u16, u32
+from teeio.lite_dataclass import dataclass
 
 from .defs import (
     ALG_STRUCT_FIXED_COUNT,
