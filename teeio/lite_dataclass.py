@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Callable
 from operator import attrgetter
 from typing import Any, TypeVar, cast, dataclass_transform, overload
+from weakref import WeakSet
 
 __all__ = ["dataclass"]
 
@@ -29,6 +30,7 @@ _STANDARD_ONLY = ("order", "unsafe_hash", "slots", "weakref_slot")
 _LOCK = _thread.RLock()     # a frozen base's flag is lowered while the fields are collected
 _set = object.__setattr__
 _repr_running: set[tuple[int, int]] = set()
+_DONE: WeakSet[type] = WeakSet()  # classes declared here (so no InitVar pseudo-fields)
 _NEED: Any = object()        # __init__: a value the caller or a default_factory must give
 
 
@@ -60,8 +62,8 @@ def _is_initvar(annotation: Any) -> bool:
 
 def _has_initvar(cls: type) -> bool:
     own = cls.__dict__.get("__annotations__", {}).values()
-    inherited = (f.type for b in cls.__mro__[1:]
-                 for f in getattr(b, "__dataclass_fields__", {}).values())
+    inherited = (f.type for b in cls.__mro__[1:] if b not in _DONE
+                 for f in b.__dict__.get("__dataclass_fields__", {}).values())
     return any(_is_initvar(a) for a in own) or any(_is_initvar(a) for a in inherited)
 
 
@@ -115,6 +117,7 @@ def _process(cls: _C, *, init: bool = True, repr: bool = True, eq: bool = True,
         type.__setattr__(cls, "__signature__", _LazySignature(cls))
     if needs_doc:
         type.__setattr__(cls, "__doc__", _LazyDoc(cls))
+    _DONE.add(cls)
     return cls
 
 

@@ -87,7 +87,10 @@ def _requester_context_size(known: Known, ctx: Any) -> int:
 
 
 def _code_name(code: int) -> str:
-    return (RequestCode(code).name if code in set(RequestCode) else ResponseCode(code).name)
+    return (RequestCode(code).name if code in _REQUEST_CODES else ResponseCode(code).name)
+
+
+_REQUEST_CODES = frozenset(RequestCode)
 
 
 # --- §9 the header --------------------------------------------------------------------------------
