@@ -18,6 +18,7 @@ import argparse
 import atexit
 import gc
 import logging
+import os
 import sys
 from types import ModuleType
 
@@ -62,12 +63,38 @@ def chosen_command(argv: list[str]) -> str | None:
     return word if word in COMMANDS else None
 
 
+def terminal_columns() -> int:
+    """The width ``shutil.get_terminal_size().columns`` gives ($COLUMNS, else the
+    terminal's, else 80), without importing shutil and its compression modules."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's own, its default width taken from :func:`terminal_columns` (argparse
+    makes one for every option it adds)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         terminal_columns() - 2 if width is None else width)
+
+
 def parser(command: str | None) -> argparse.ArgumentParser:
     """Every command listed; only *command*'s own parser gets its options."""
-    ap = argparse.ArgumentParser(prog="teeio-tsm", description="The host TSM.")
+    ap = argparse.ArgumentParser(prog="teeio-tsm", description="The host TSM.",
+                                 formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, formatter_class=HelpFormatter)
         if name != command:
             continue
         mod = load(name)
