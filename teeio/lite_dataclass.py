@@ -32,6 +32,7 @@ _set = object.__setattr__
 _repr_running: set[tuple[int, int]] = set()
 _DONE: WeakSet[type] = WeakSet()  # classes declared here (so no InitVar pseudo-fields)
 _NEED: Any = object()        # __init__: a value the caller or a default_factory must give
+_HOT = 32                    # calls of a class's generic __init__ before it is compiled
 
 
 @overload
@@ -168,8 +169,13 @@ def _init_fn(cls: type, fields: tuple[dataclasses.Field[Any], ...],
     direct = frozen and cls.__dictoffset__ != 0 and not any(
         hasattr(type(getattr(cls, n, None)), "__set__") for n in template)
     assign = _set if frozen else setattr
+    calls = 0
 
     def __init__(self: Any, /, *args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == _HOT and cls.__dict__.get("__init__") is __init__:
+            type.__setattr__(cls, "__init__", _compiled_init(cls, fields, direct, frozen))
         values = template.copy()
         if args:
             if len(args) > len(positional):
@@ -198,6 +204,42 @@ def _init_fn(cls: type, fields: tuple[dataclasses.Field[Any], ...],
         if post_init:
             self.__post_init__()
     return __init__
+
+
+def _compiled_init(cls: type, fields: tuple[dataclasses.Field[Any], ...], direct: bool,
+                   frozen: bool) -> Callable[..., None]:
+    """The ``__init__`` the standard decorator would compile, for a class built often: the
+    same parameters, assignments in field order and ``__post_init__`` call."""
+    me = "__dataclass_self__" if any(f.name == "self" for f in fields) else "self"
+    ns: dict[str, Any] = {"_NEED": _NEED, "_set": _set}
+    params: list[str] = [me]
+    kw_only: list[str] = []
+    body = ["_d = " + me + ".__dict__"] if direct else []
+    for f in fields:
+        n = f.name
+        if f.default_factory is not _MISSING:
+            ns["_fact_" + n] = f.default_factory
+            value = f"_fact_{n}() if {n} is _NEED else {n}" if f.init else f"_fact_{n}()"
+        elif f.init:
+            value = n
+        else:
+            continue                      # the class attribute is its default
+        if f.init:
+            if f.default is not _MISSING:
+                ns["_dflt_" + n] = f.default
+            default = ("=_NEED" if f.default_factory is not _MISSING
+                       else f"=_dflt_{n}" if f.default is not _MISSING else "")
+            (kw_only if f.kw_only else params).append(n + default)
+        body.append(f"_d[{n!r}] = {value}" if direct else
+                    f"_set({me}, {n!r}, {value})" if frozen else f"{me}.{n} = {value}")
+    if hasattr(cls, "__post_init__"):
+        body.append(me + ".__post_init__()")
+    signature = ", ".join(params + (["*", *kw_only] if kw_only else []))
+    exec(f"def __init__({signature}):\n    " + "\n    ".join(body or ["pass"]), ns)
+    fn = ns["__init__"]
+    fn.__code__ = fn.__code__.replace(co_qualname=f"{cls.__qualname__}.__init__")
+    fn.__qualname__ = f"{cls.__qualname__}.__init__"
+    return fn  # type: ignore[no-any-return]
 
 
 def _missing(where: str, missing: list[str], keyword_only: frozenset[str]) -> str:

@@ -165,3 +165,21 @@ def test_post_init_kw_only_and_standard_fallback() -> None:
         a: int = 0
 
     assert Ordered(1) < Ordered(2)    # order= goes to the standard decorator
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_a_class_built_often_gets_a_compiled_init_that_behaves_alike(
+        params: dict[str, Any]) -> None:
+    for std, ours in pairs(params):
+        generic = ours.__init__
+        for _ in range(40):
+            ours(1)
+        assert ours.__init__ is not generic
+        for args, kwargs in CALLS:
+            a, b = std(*args, **kwargs), ours(*args, **kwargs)
+            assert dataclasses.asdict(a) == dataclasses.asdict(b)
+            assert list(vars(a)) == list(vars(b))
+            assert (a == std(*args, **kwargs)) == (b == ours(*args, **kwargs))
+        for args, kwargs in BAD_CALLS:
+            assert outcome(std, *args, **kwargs) == outcome(ours, *args, **kwargs)
+        assert str(inspect.signature(std)) == str(inspect.signature(ours))
