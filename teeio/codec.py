@@ -478,6 +478,16 @@ def _plan(cls: type) -> tuple[Field, ...]:
     return out
 
 
+def _names(cls: type) -> tuple[str, ...]:
+    """The dataclass field names of *cls*, in order (cached on the class)."""
+    cached = cls.__dict__.get("_codec_names")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    out = tuple(f.name for f in dataclasses.fields(cls))
+    cls._codec_names = out  # type: ignore[attr-defined]
+    return out
+
+
 def _present(spec: Field, known: Known, ctx: Any) -> bool:
     return spec.when is None or spec.when(known, ctx)
 
@@ -489,13 +499,13 @@ class Struct:
     ``__init__``, as the runtime does.)"""
 
     _codec_plan: ClassVar[tuple[Field, ...] | None] = None
+    _codec_names: ClassVar[tuple[str, ...] | None] = None
     #: what :meth:`decode` raises: a protocol's subclass of DecodeError taking
     #: ``(raw, offset, reason)``, e.g. one that also carries the protocol's error code
     DECODE_ERROR: ClassVar[type[DecodeError]] = DecodeError
 
     def __post_init__(self) -> None:
-        known: dict[str, Any] = {f.name: getattr(self, f.name)
-                                 for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        known: dict[str, Any] = {n: getattr(self, n) for n in _names(type(self))}
         for spec in _plan(type(self)):
             if spec.init:
                 if _present(spec, known, None):
@@ -508,8 +518,7 @@ class Struct:
         return _plan(cls)
 
     def _values(self, ctx: Any) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name)
-                for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {n: getattr(self, n) for n in _names(type(self))}
 
     def push(self, w: Writer, ctx: Any = None) -> None:
         values = self._values(ctx)

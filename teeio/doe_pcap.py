@@ -14,9 +14,11 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import BinaryIO, TextIO
+
+from teeio.lite_dataclass import dataclass
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,11 @@ import io
 import os
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from teeio.lite_dataclass import dataclass
 
 
 class DmtfValueType(IntEnum):

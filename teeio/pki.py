@@ -15,13 +15,15 @@ import datetime
 import hashlib
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+
+from teeio.lite_dataclass import dataclass
 
 OID_DMTF_EKU_RESPONDER_AUTH = x509.ObjectIdentifier("1.3.6.1.4.1.412.274.3")
 OID_DMTF_EKU_REQUESTER_AUTH = x509.ObjectIdentifier("1.3.6.1.4.1.412.274.4")
@@ -51,7 +53,7 @@ class Identity:
         return self.certs[-1]
 
     def ders(self) -> list[bytes]:
-        return [c.public_bytes(serialization.Encoding.DER) for c in self.certs]
+        return [_der(c) for c in self.certs]
 
 
 def new_key(alg: str) -> PrivateKey:
@@ -110,6 +112,7 @@ def generate_chain(alg: str = "P-384", device_name: str = "teeio TEE-IO device")
 
 
 def _write_key(path: Path, key: PrivateKey) -> None:
+    from cryptography.hazmat.primitives import serialization
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -121,7 +124,8 @@ def _write_key(path: Path, key: PrivateKey) -> None:
 
 
 def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
+    from cryptography.hazmat.primitives.serialization import Encoding
+    return cert.public_bytes(Encoding.PEM)
 
 
 def provision(outdir: Path, alg: str = "P-384") -> dict[str, Path]:
@@ -138,7 +142,8 @@ def provision(outdir: Path, alg: str = "P-384") -> dict[str, Path]:
 
 def load_identity(directory: Path) -> Identity:
     certs = x509.load_pem_x509_certificates((directory / "chain.pem").read_bytes())
-    key = serialization.load_pem_private_key((directory / "device.key").read_bytes(), None)
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    key = load_pem_private_key((directory / "device.key").read_bytes(), None)
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ChainError(f"{directory / 'device.key'}: unsupported key type")
     return Identity(tuple(certs), key)
@@ -149,7 +154,10 @@ def load_anchors(path: Path) -> list[x509.Certificate]:
 
 
 def _der(c: x509.Certificate) -> bytes:
-    return c.public_bytes(serialization.Encoding.DER)
+    # serialization (with its SSH key formats) is imported only where a certificate is
+    # encoded: verifying a chain received as DER encodes none.
+    from cryptography.hazmat.primitives.serialization import Encoding
+    return c.public_bytes(Encoding.DER)
 
 
 def _self_signed(cert: x509.Certificate) -> bool:
@@ -170,9 +178,8 @@ def verify_chain(certs: list[x509.Certificate], anchors: list[x509.Certificate],
     if not anchors:
         raise ChainError("no trust anchor configured")
     now = now or datetime.datetime.now(datetime.UTC)
-    anchor_ders = {_der(a) for a in anchors}
     first = certs[0]
-    if _der(first) not in anchor_ders:
+    if first not in anchors:        # x509.Certificate equality is equality of the DER
         if _self_signed(first):
             # A self-signed root that is not itself an anchor is another CA, even when an
             # anchor has the same name (every provisioned root has).
@@ -261,6 +268,8 @@ def parse_spdm_cert_chain(blob: bytes, hash_name: str) -> tuple[bytes, list[x509
         end = pos + hdr + size
         if end > len(ders):
             raise ChainError(f"certificate {len(certs)} is truncated")
+        if not certs:
+            root_der = ders[pos:end]    # RootHash is over the root certificate's DER
         try:
             certs.append(x509.load_der_x509_certificate(ders[pos:end]))
         except ValueError as exc:
@@ -268,6 +277,6 @@ def parse_spdm_cert_chain(blob: bytes, hash_name: str) -> tuple[bytes, list[x509
         pos = end
     if not certs:
         raise ChainError("certificate chain holds no certificate")
-    if HASHES[hash_name](_der(certs[0])).digest() != root_hash:
+    if HASHES[hash_name](root_der).digest() != root_hash:
         raise ChainError("RootHash does not match the chain's root certificate")
     return root_hash, certs

@@ -9,9 +9,9 @@ ELF (:func:`teeio.measurements.reference_values`, docs/design.md decision 11).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from teeio.lite_dataclass import dataclass
 from teeio.measurements import (
     MEASUREMENT_HASHES,
     REFERENCE_FORMAT,

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import socket
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ from teeio.doe import (
     protocol_name,
 )
 from teeio.doe_pcap import DoePcapWriter, SessionSecretLog
+from teeio.lite_dataclass import dataclass
 from teeio.refcheck import (
     Comparison,
     compare_measurements,
@@ -89,6 +89,7 @@ def load_anchors(path: Path) -> list[x509.Certificate]:
 
 def load_reference_values(path: Path) -> dict[int, dict[str, Any]]:
     """``teeio-refvalues`` JSON -> {index: entry}."""
+    import json  # only with --reference-values (or --json): not on the plain path
     try:
         return parse_reference_values(json.loads(path.read_text()))
     except (OSError, ValueError) as exc:
@@ -426,6 +427,7 @@ def run_command(ns: argparse.Namespace) -> int:
         run.evidence.update({"verified": not reason, "reason": reason or None})
         try:
             opts.json_out.parent.mkdir(parents=True, exist_ok=True)
+            import json
             opts.json_out.write_text(json.dumps(run.evidence, indent=2, sort_keys=True) + "\n")
         except OSError as exc:
             reason = reason or f"cannot write {opts.json_out}: {exc}"

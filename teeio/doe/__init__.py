@@ -12,6 +12,8 @@ socket) and the guest agent (requester over config space).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .codec import (
     DISCOVERY_VERSION,
     HEADER_BYTES,
@@ -40,22 +42,41 @@ from .emu_socket import (
     SocketHeader,
     SocketTransport,
 )
-from .mailbox import (
-    DOE_CAP_SIZE,
-    DOE_CAP_VERSION,
-    DOE_EXT_CAP_ID,
-    DOE_TIMEOUT,
-    MAILBOX_TRANSITIONS,
-    STATE_STATUS,
-    DoeCapabilities,
-    DoeControl,
-    DoeMailbox,
-    DoeReg,
-    DoeStatus,
-    MailboxEvent,
-    MailboxState,
-    interrupt_condition,
-)
+
+if TYPE_CHECKING:
+    from .mailbox import (
+        DOE_CAP_SIZE,
+        DOE_CAP_VERSION,
+        DOE_EXT_CAP_ID,
+        DOE_TIMEOUT,
+        MAILBOX_TRANSITIONS,
+        STATE_STATUS,
+        DoeCapabilities,
+        DoeControl,
+        DoeMailbox,
+        DoeReg,
+        DoeStatus,
+        MailboxEvent,
+        MailboxState,
+        interrupt_condition,
+    )
+
+#: The mailbox (the device's registers) is imported on first use: a requester over the
+#: socket never loads it.
+_MAILBOX = frozenset({
+    "DOE_CAP_SIZE", "DOE_CAP_VERSION", "DOE_EXT_CAP_ID", "DOE_TIMEOUT", "MAILBOX_TRANSITIONS",
+    "STATE_STATUS", "DoeCapabilities", "DoeControl", "DoeMailbox", "DoeReg", "DoeStatus",
+    "MailboxEvent", "MailboxState", "interrupt_condition"})
+
+
+def __getattr__(name: str) -> object:
+    if name not in _MAILBOX:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import mailbox
+    value = getattr(mailbox, name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CLIENT_HELLO", "DISCOVERY_VERSION", "DOE_CAP_SIZE", "DOE_CAP_VERSION", "DOE_EXT_CAP_ID",

@@ -19,7 +19,6 @@ silently discards it (§6.30.1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Self
 
@@ -37,6 +36,7 @@ from teeio.codec import (
     u8,
     u16,
 )
+from teeio.lite_dataclass import dataclass
 
 __all__ = [
     "DISCOVERY_VERSION", "HEADER_BYTES", "INVALID_VENDOR_ID", "MAX_OBJECT_BYTES",

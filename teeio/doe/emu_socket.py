@@ -6,10 +6,10 @@ tools.  A big-endian 12-byte header (command, transport type, payload size), the
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
 
 from teeio.codec import Struct, u32
+from teeio.lite_dataclass import dataclass
 
 from .codec import MAX_OBJECT_BYTES
 

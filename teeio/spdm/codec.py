@@ -12,11 +12,11 @@ never a re-encoding.  Sizes set by the negotiated algorithms come from a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 from teeio import codec as core
 from teeio.codec import Reader, Struct, data, u8, u16, u32
+from teeio.lite_dataclass import dataclass
 
 from .defs import (
     ALG_STRUCT_FIXED_COUNT,
@@ -87,7 +87,10 @@ def _requester_context_size(known: Known, ctx: Any) -> int:
 
 
 def _code_name(code: int) -> str:
-    return (RequestCode(code).name if code in set(RequestCode) else ResponseCode(code).name)
+    return (RequestCode(code).name if code in _REQUEST_CODES else ResponseCode(code).name)
+
+
+_REQUEST_CODES = frozenset(RequestCode)
 
 
 # --- §9 the header --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac as _hmac
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+from teeio.lite_dataclass import dataclass
 
 from .defs import (
     SIGNING_CONTEXT_SIZE,

@@ -7,7 +7,9 @@ reaches ``repr``.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from teeio.lite_dataclass import dataclass
 
 from . import crypto
 from .defs import (

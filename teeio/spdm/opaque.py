@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from teeio.lite_dataclass import dataclass
 
 from .defs import SM_DATA_VERSION, RegistryId, SmDataId
 from .errors import DecodeError

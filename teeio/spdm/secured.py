@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import struct
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import Enum
+
+from teeio.lite_dataclass import dataclass
 
 from . import crypto
 from .key_schedule import DataSecrets, HandshakeSecrets, TrafficKeys

@@ -7,7 +7,9 @@ docs/attestation.md, "Transcripts".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from teeio.lite_dataclass import dataclass
 
 from .defs import RequestCode
 

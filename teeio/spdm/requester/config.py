@@ -5,8 +5,9 @@ GET_MEASUREMENTS exchange leaves for a verifier (§10.11, L1 transcript §15).""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from teeio.lite_dataclass import dataclass
 from teeio.measurements import MeasurementBlock
 
 from .. import codec
