@@ -49,6 +49,7 @@ class Platform:
         self.device.link_attached()         # the link follows Device Control from now on
         self.device.personality.memory_attached(self.dma.direct)
         self._device_lock = self.device.lock
+        self._unlocked_read, self._unlocked_write = self.device.unlocked_completer()
         self._bar0_size = self.device.layout.bar0_size
         self.events.listeners.append(self._enforce)
         self.root_port.window_gate = self._window_gate
@@ -103,6 +104,7 @@ class Platform:
             self.device.check_bounds(index, offset, count)     # refuses, saying why
         dev = self.device
         lock = self._device_lock
+        got: bytes | None
         lock.acquire()          # not "with": no bound methods made on every access
         try:
             rid = dev.link_end.requester_id
@@ -113,7 +115,7 @@ class Platform:
                     and self._direct_gen == self.changes.value else self._decide(rid, host)):
                 # T=0 in the clear, nothing watching: straight to the completer (what it
                 # does with the root port's MmioRequest of T=0 in the clear)
-                got = dev.mmio_direct(state, False, offset, count, b"")
+                got = self._unlocked_read(offset, count)
             else:
                 got = self.root_port.mmio_read(rid, dev.bar0_address() + offset, count,
                                                allow_tee=not host)
@@ -142,7 +144,7 @@ class Platform:
             if state is _UNLOCKED and (
                     self._direct if not host and rid == self._direct_rid
                     and self._direct_gen == self.changes.value else self._decide(rid, host)):
-                dev.mmio_direct(state, True, offset, count, data)     # as in region_read
+                self._unlocked_write(offset, data)        # as in region_read
             else:
                 self.root_port.mmio_write(rid, dev.bar0_address() + offset, data,
                                           allow_tee=not host)
