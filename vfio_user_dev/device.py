@@ -407,15 +407,12 @@ class TeeIoDevice:
                 return b""
             return self.personality.bar0_read(offset, req.length)
 
-    def mmio_direct(self, state: TdiState, write: bool, offset: int, count: int,
-                    data: bytes) -> bytes | None:
-        """The completer for the CPU's T=0 request in the clear that the platform hands
-        over directly, under the device lock (inside BAR0, *offset* from its base; the TDI
-        in *state*): what :meth:`mmio_request` does for it, without a request object (the
-        hot path)."""
-        if state not in T0_SERVED and not self.tee.mmio_t0_allowed(state, write, offset, count):
-            return None
-        if write:
-            self.personality.bar0_write(offset, data)
-            return b""
-        return self.personality.bar0_read(offset, count)
+    def unlocked_completer(self) -> tuple[Callable[[int, int], bytes],
+                                          Callable[[int, bytes], None]]:
+        """BAR0's read and write (*offset* from its base, inside it) for the CPU's T=0
+        request in the clear while the TDI is CONFIG_UNLOCKED, called under the device
+        lock: what :meth:`mmio_request` does for it, without a request object (the
+        platform's direct path).  §11.2.1 serves every such request in that state
+        (``tee.T0_SERVED``), so nothing is refused: the personality's registers."""
+        assert _UNLOCKED in T0_SERVED
+        return self.personality.bar0_read, self.personality.bar0_write

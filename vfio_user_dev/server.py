@@ -131,18 +131,19 @@ class Inbox:
         the attributes follow them where a read brought fds."""
         buf, view, whole, anc, fdmap = self.buf, self.view, self._whole, self._anc, self._fds
         recvmsg_into = self.sock.recvmsg_into
+        header_size, max_message = p.HEADER_SIZE, p.MAX_MESSAGE
         at, end = self.start, self.end
         while True:
-            if end - at >= p.HEADER_SIZE:
+            if end - at >= header_size:
                 n = _SIZE.unpack_from(buf, at + _SIZE_OFFSET)[0]
-                if n < p.HEADER_SIZE:
-                    n = p.HEADER_SIZE
+                if n < header_size:
+                    n = header_size
                 if end - at >= n:
                     yield view, at, n, fdmap.pop(self._base + at, []) if fdmap else []
                     at += n
                     continue
-                if n > p.MAX_MESSAGE:
-                    header = memoryview(bytes(view[at:at + p.HEADER_SIZE]))
+                if n > max_message:
+                    header = memoryview(bytes(view[at:at + header_size]))
                     self.start, self.end = at, end
                     fds = self.skip(n)
                     yield header, 0, n, fds
@@ -150,7 +151,7 @@ class Inbox:
                     continue
                 need = n
             else:
-                need = p.HEADER_SIZE
+                need = header_size
             # Read more, with room for *need* bytes from the message's start.
             if at == end:                       # all consumed: the usual case
                 self._base += end
@@ -315,11 +316,12 @@ class Connection:
         # What isEnabledFor answers from (cleared whenever a level changes): a cached False
         # spares the hot path the call; anything else asks.
         debug_cache: dict[int, bool] = getattr(msglog, "_cache", {})
+        max_message = p.MAX_MESSAGE
         try:
             for view, at, n, fds in inbox.messages():
                 try:
                     msg_id, command, size, flags, _ = HEADER.unpack_from(view, at)
-                    if size > p.MAX_MESSAGE:
+                    if size > max_message:
                         # Skipped in bounded chunks (Inbox), never buffered whole.
                         self._send_reply(session.reject(
                             Header.decode(view[at:]), errno.E2BIG,

@@ -31,11 +31,17 @@ HandlerResult = bytes | tuple[bytes, list[int]]
 #: the transport's blocking round trip for a server -> client request: (reply header, payload)
 Request = Callable[[Command, bytes], tuple[Header, bytes]]
 
-# The hot path's constants as plain ints (spec "VFIO_USER_REGION_READ/WRITE").
+# The hot path's constants as plain ints and bound methods, looked up once (spec
+# "VFIO_USER_REGION_READ/WRITE").
 REGION_READ, REGION_WRITE = int(Command.REGION_READ), int(Command.REGION_WRITE)
 _ACCESS = p.REGION_MSG.size           # header + offset, region, count: 32 bytes
+_HEADER_SIZE = p.HEADER_SIZE
+_MAX_DATA_XFER = p.MAX_DATA_XFER
 _REPLY = int(p.Flags.REPLY)
-_DATA4 = struct.Struct("4s")          # a register's worth of data, copied out in one call
+_access_fields = p.REGION_RW.unpack_from
+_pack_reply = p.REGION_MSG.pack
+_pack_reply4 = struct.Struct(p.REGION_MSG.format + "4s").pack   # with a register's data
+_data4 = struct.Struct("4s").unpack_from     # a register's worth, copied out in one call
 
 
 @dataclass(frozen=True)
@@ -97,18 +103,21 @@ class Session:
         structs and answered without message objects (the hot path).  Anything malformed
         takes :meth:`handle`, which says why."""
         if size >= _ACCESS:
-            offset, region, count = p.REGION_RW.unpack_from(buf, at + p.HEADER_SIZE)
-            if count <= p.MAX_DATA_XFER and size == _ACCESS + (
+            offset, region, count = _access_fields(buf, at + _HEADER_SIZE)
+            if count <= _MAX_DATA_XFER and size == _ACCESS + (
                     count if command == REGION_WRITE else 0):
                 try:
                     if command == REGION_READ:
                         data = self.ops.region_read(region, offset, count)
-                        return p.REGION_MSG.pack(msg_id, command, _ACCESS + len(data), _REPLY,
-                                                 0, offset, region, count) + data
-                    self.ops.region_write(region, offset, _DATA4.unpack_from(buf, at + _ACCESS)[0]
+                        if len(data) == 4:
+                            return _pack_reply4(msg_id, command, _ACCESS + 4, _REPLY, 0,
+                                                offset, region, count, data)
+                        return _pack_reply(msg_id, command, _ACCESS + len(data), _REPLY, 0,
+                                           offset, region, count) + data
+                    self.ops.region_write(region, offset, _data4(buf, at + _ACCESS)[0]
                                           if count == 4 else bytes(buf[at + _ACCESS:at + size]))
-                    return p.REGION_MSG.pack(msg_id, command, _ACCESS, _REPLY, 0, offset,
-                                             region, count)
+                    return _pack_reply(msg_id, command, _ACCESS, _REPLY, 0, offset, region,
+                                       count)
                 except ProtocolError as exc:
                     out = self.reject(Header.decode(buf[at:]), exc.errno, str(exc))
                 except DmaFault as exc:

@@ -220,19 +220,6 @@ class TeeEnforcement:
             return False
         return True
 
-    def mmio_t0_allowed(self, state: TdiState, write: bool, offset: int, length: int
-                        ) -> bool:
-        """:meth:`mmio_allowed` for a T=0 request in the clear at *offset* inside BAR0
-        (the platform's direct path), the TDI in *state* (read under the device lock):
-        the same rule, the same refusal."""
-        if state in T0_SERVED:
-            return True
-        refusal = mmio_refusal(state, False, None, None, self.tee_access)
-        if refusal is not None:
-            self._refused(refusal, write, self.device.bar0_address() + offset, length)
-            return False
-        return True
-
     def _refused(self, refusal: tuple[str, str], write: bool, address: int,
                  length: int) -> None:
         kind, detail = refusal

@@ -1,11 +1,10 @@
 """The CPU's BAR0 access path without the link (vfio_user_dev/platform.py direct path,
-device.py mmio_direct, tee.py mmio_t0_allowed, bar0.py): the same gate, the same refusals
+device.py unlocked_completer, tee.py T0_SERVED, bar0.py): the same gate, the same refusals
 and the same register effects as the general path (PCIe 6.x §11.2.1)."""
 
 from __future__ import annotations
 
 import errno
-import logging
 
 import pytest
 
@@ -44,23 +43,31 @@ def test_a_whole_register_access_does_what_the_byte_enable_path_does(offset: int
     assert fast.read(offset, 4) == fast.read(offset, 2) + fast.read(offset + 2, 2)
 
 
-@pytest.mark.parametrize("state", list(TdiState))
-def test_the_direct_gate_is_the_completer_rule(state: TdiState, caplog: pytest.LogCaptureFixture,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    served = mmio_refusal(state, False, None, None, False) is None
-    assert (state in T0_SERVED) == served
+def test_the_direct_path_serves_only_what_the_completer_serves_unasked() -> None:
+    """The platform takes the direct path in CONFIG_UNLOCKED only; there the completer's
+    rule serves every T=0 request in the clear, so the direct path has nothing to refuse."""
+    assert T0_SERVED == (TdiState.CONFIG_UNLOCKED,)
+    for state in TdiState:
+        served = all(mmio_refusal(state, False, None, None, access) is None
+                     for access in (False, True))
+        assert served == (state in T0_SERVED)
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_the_unlocked_completer_does_what_the_general_one_does(write: bool) -> None:
     direct, general = TeeIoDevice(), TeeIoDevice()
     try:
-        for dev in (direct, general):
-            monkeypatch.setattr(dev, "tdi_state", lambda: state)
-        caplog.set_level(logging.INFO, logger="vfio_user_dev.device")
+        assert direct.tdi_state() is TdiState.CONFIG_UNLOCKED
+        read, write_reg = direct.unlocked_completer()
+        value = b"\x11\x22\x33\x44"
         with direct.lock:
-            got = direct.mmio_direct(state, False, int(R.SCRATCH), 4, b"")
-        req = MmioRequest(False, ROOT_PORT_ID, general.bar0_address() + R.SCRATCH, 4)
-        assert (got is not None) == served == (general.mmio_request(req) is not None)
-        assert direct.refusals.as_dict() == general.refusals.as_dict()
-        texts = [r.getMessage() for r in caplog.records if "refusal" in r.getMessage()]
-        assert len(texts) == (0 if served else 2) and len(set(texts)) <= 1
+            got = write_reg(int(R.SCRATCH), value) if write else read(int(R.SCRATCH), 4)
+        req = MmioRequest(write, ROOT_PORT_ID, general.bar0_address() + R.SCRATCH, 4,
+                          value if write else b"")
+        expected = general.mmio_request(req)
+        assert (b"" if write else got) == expected
+        assert direct.r == general.r
+        assert direct.refusals.as_dict() == general.refusals.as_dict() == {}
     finally:
         direct.close()
         general.close()

@@ -19,6 +19,20 @@ DEFAULT_REQUESTER_ID = 0x0100   # 01:00.0, the function behind the root port
 ROOT_PORT_ID = 0x0008           # 00:01.0, the completer of every DMA read
 
 
+class Generation:
+    """A counter bumped after every change of the state it stands for (the link's taps,
+    the root port's MMIO routing): whoever caches a decision drawn from that state keeps
+    the value it read *before* deciding, and decides again once the value differs."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def bump(self) -> None:
+        self.value += 1
+
+
 class LinkDirection(enum.IntEnum):
     UPSTREAM = 0      # device -> root port
     DOWNSTREAM = 1    # root port -> device

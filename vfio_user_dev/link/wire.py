@@ -17,6 +17,7 @@ from vfio_user_dev.link.faults import Fault, TlpView, apply_faults
 from vfio_user_dev.link.interfaces import (
     DEFAULT_MPS,
     DEFAULT_MRRS,
+    Generation,
     LinkDirection,
     RootPortPort,
     RootPortReply,
@@ -32,16 +33,20 @@ class Link:
     """Joins a :class:`LinkEndpoint` (downstream) and a root port (upstream).
 
     *mps* and *mrrs* are the sizes TLPs are split by until :meth:`set_payload_sizes`
-    changes them (the device does after every Device Control write and reset)."""
+    changes them (the device does after every Device Control write and reset).
+    :attr:`taps` (its own unless given) is bumped after every change of :attr:`tapped`
+    (a capture set or cleared, a fault armed, fired or cleared)."""
 
     def __init__(self, endpoint: LinkEndpoint, root_port: RootPortPort, *,
                  mps: int = DEFAULT_MPS, mrrs: int = DEFAULT_MRRS,
-                 capture: CaptureWriter | None = None) -> None:
+                 capture: CaptureWriter | None = None, taps: Generation | None = None
+                 ) -> None:
         self.mps = check_tlp_size("Max_Payload_Size", mps)
         self.mrrs = check_tlp_size("Max_Read_Request_Size", mrrs)
         self.endpoint = endpoint
         self.root_port = root_port
-        self.capture = capture
+        self.taps = taps if taps is not None else Generation()
+        self._writer = capture
         self.faults: list[Fault] = []
         self._lock = threading.Lock()
         self.index = {d: 0 for d in LinkDirection}
@@ -76,27 +81,39 @@ class Link:
     @property
     def tapped(self) -> bool:
         """Whether something looks at TLP bytes (a capture or an armed fault)."""
-        # (checked on every BAR0 access: no generator unless a fault was ever injected)
-        return self.capture is not None or bool(self.faults) and any(
+        return self._writer is not None or bool(self.faults) and any(
             not f.done for f in self.faults)
 
-    # -- taps ---------------------------------------------------------------------------
+    # -- taps (each change bumps :attr:`taps`, after it is made) ------------------------
+    @property
+    def capture(self) -> CaptureWriter | None:
+        """Where every TLP crossing is written (None: nowhere)."""
+        return self._writer
+
+    @capture.setter
+    def capture(self, writer: CaptureWriter | None) -> None:
+        with self._lock:
+            self._writer = writer
+        self.taps.bump()
+
     def inject(self, fault: Fault) -> Fault:
         if fault.nth < 1:
             raise ValueError("Fault.nth counts from 1")
         with self._lock:
             self.faults.append(fault)
+        self.taps.bump()
         return fault
 
     def clear_faults(self) -> None:
         with self._lock:
             self.faults.clear()
+        self.taps.bump()
 
     def _tap(self, direction: LinkDirection, wires: Sequence[bytes]) -> list[bytes]:
         name = direction.name.lower()
         with self._lock:
-            if self.capture is None and not any(not f.done and f.direction == direction
-                                                for f in self.faults):
+            if self._writer is None and not any(not f.done and f.direction == direction
+                                                 for f in self.faults):
                 # Nothing looks at these TLPs: count them, as the loop below would.
                 self.index[direction] += len(wires)
                 self.counters[f"tlps_{name}"] += len(wires)
@@ -110,6 +127,8 @@ class Link:
                                peek(wire) if self.faults else None)
                 armed = [f for f in self.faults if not f.done and f.direction == direction]
             copies, tampered = apply_faults(armed, view)
+            if armed:
+                self.taps.bump()        # one of them may have fired: done, no longer armed
             flags = CaptureFlags.TAMPERED if tampered else CaptureFlags(0)
             if not copies:
                 self.counters["dropped"] += 1
@@ -127,8 +146,9 @@ class Link:
         return out
 
     def _capture(self, direction: LinkDirection, wire: bytes, flags: int) -> None:
-        if self.capture is not None:
-            self.capture.write(direction, wire, flags)
+        capture = self._writer
+        if capture is not None:
+            capture.write(direction, wire, flags)
 
     # -- crossing -------------------------------------------------------------------------
     def send_upstream(self, wires: Sequence[bytes]) -> RootPortReply:
@@ -136,8 +156,9 @@ class Link:
         the endpoint before this returns."""
         reply = self.root_port.receive(self._tap(LinkDirection.UPSTREAM, wires))
         completions = self._tap(LinkDirection.DOWNSTREAM, reply.completions)
-        if self.capture is not None:
-            self.capture.flush()
+        capture = self._writer
+        if capture is not None:
+            capture.flush()
         self.endpoint.receive(completions)
         return reply
 
@@ -147,8 +168,9 @@ class Link:
         self.counters["mmio_bursts"] += 1
         requests = self._tap(LinkDirection.DOWNSTREAM, wires)
         completions = self._tap(LinkDirection.UPSTREAM, self.endpoint.receive_requests(requests))
-        if self.capture is not None:
-            self.capture.flush()
+        capture = self._writer
+        if capture is not None:
+            capture.flush()
         return completions
 
     def clear_write(self, requester_id: int, address: int, data: bytes) -> None:
@@ -203,11 +225,11 @@ class Link:
     def status(self) -> dict[str, object]:
         return {
             "mps": self.mps, "mrrs": self.mrrs,
-            "capture": None if self.capture is None else str(self.capture.path),
+            "capture": None if self._writer is None else str(self._writer.path),
             "faults_armed": sum(1 for f in self.faults if not f.done),
             **self.counters,
         }
 
     def close(self) -> None:
-        if self.capture is not None:
-            self.capture.close()
+        if self._writer is not None:
+            self._writer.close()

@@ -5,13 +5,15 @@ the counters, the refusal accounting, the platform event log and what the link a
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from vfio_user_dev.link.interfaces import Generation
 from vfio_user_dev.platform_events import PlatformEvents
 
 
@@ -67,13 +69,16 @@ class PortContext:
     and is never held while guest memory is accessed."""
 
     def __init__(self, completer_id: int, name: str, events: PlatformEvents,
-                 aggregation: bool = True) -> None:
+                 aggregation: bool = True, routes: Generation | None = None) -> None:
         self.completer_id = completer_id
         #: Aggregation Supported (PCIe 6.x §6.33.6): the stream ends take aggregated units
         #: and may be told to aggregate what they send
         self.aggregation = aggregation
         self.log = log.getChild(name)
         self.lock = threading.RLock()
+        #: bumped after every change of what routes MMIO (the streams, their keys, Enable
+        #: and Secure state, private MMIO): see :meth:`changing`
+        self.routes = routes if routes is not None else Generation()
         #: the platform's event log (``platform_events.py``): IDE failures, remaps, this
         #: end's stream changes, and what the root port revoked by itself
         self.events = events
@@ -91,6 +96,16 @@ class PortContext:
         self.mrrs = 512
         self.ide_fail_sink: Callable[[int, str], None] | None = None
         self.downstream: Callable[[Sequence[bytes]], list[bytes]] | None = None
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """The lock, held over a change of what routes MMIO; :attr:`routes` is bumped on
+        the way out, even when the change failed halfway."""
+        with self.lock:
+            try:
+                yield
+            finally:
+                self.routes.bump()
 
     def event(self, kind: str, **data: object) -> None:
         self.events.emit(kind, **data)

@@ -38,7 +38,7 @@ class MmioPort:
         on *stream_id*, which must exist here and cover the device's RID; or off again."""
         if not 0 <= requester_id <= 0xFFFF:
             raise RootPortError(f"bad requester ID {requester_id:#x}")
-        with self._ctx.lock:
+        with self._ctx.changing():
             if enable:
                 s = self._streams.get(stream_id)
                 if not s.has_rid(requester_id):
@@ -60,6 +60,7 @@ class MmioPort:
         closed = [(rid, sid) for rid, sid in self.mmio_private.items() if which(rid, sid)]
         for rid, sid in closed:
             del self.mmio_private[rid]
+            self._ctx.routes.bump()
             self._ctx.event("mmio_private", requester_id=rid, stream=sid, enabled=False,
                             reason=reason)
         return len(closed)
@@ -80,7 +81,8 @@ class MmioPort:
 
     def mmio_in_clear(self, requester_id: int, allow_tee: bool = True) -> bool:
         """Whether MMIO to *requester_id* would cross in the clear with T=0 (the device may
-        then take a direct path when nothing watches the link)."""
+        then take a direct path when nothing watches the link).  What it answers changes
+        only with ``ctx.routes``."""
         lock = self._ctx.lock            # acquire/release: no context-manager call per access
         lock.acquire()
         try:

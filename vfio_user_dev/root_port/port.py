@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from teeio.ide import Direction, IdeKey, KeySet
 from teeio.tlp import SubStream
 from vfio_user_dev.dma import DmaMapSet
-from vfio_user_dev.link.interfaces import ROOT_PORT_ID, RootPortReply
+from vfio_user_dev.link.interfaces import ROOT_PORT_ID, Generation, RootPortReply
 from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.root_port.context import Burst, PortContext
 from vfio_user_dev.root_port.ingress import Ingress
@@ -27,11 +27,11 @@ class RootPort:
 
     def __init__(self, dma: DmaMapSet, *, completer_id: int = ROOT_PORT_ID,
                  name: str = "rp0", events: PlatformEvents | None = None,
-                 aggregation: bool = True) -> None:
+                 aggregation: bool = True, routes: Generation | None = None) -> None:
         self.dma = dma
         self._ctx = ctx = PortContext(completer_id, name,
                                       events if events is not None else PlatformEvents(),
-                                      aggregation)
+                                      aggregation, routes)
         self._streams = StreamTable(ctx, self._revoke_stream)
         self._windows = WindowTable(ctx, dma, self._streams)
         self._mmio = MmioPort(ctx, self._streams)
@@ -47,6 +47,9 @@ class RootPort:
         self.streams: dict[int, RootPortStream] = self._streams.streams
         self.windows: dict[int, Window] = self._windows.windows
         self.mmio_private: dict[int, int] = self._mmio.mmio_private
+        #: bumped after every change of what :meth:`mmio_in_clear` answers from (its own
+        #: unless *routes* is given)
+        self.routes = ctx.routes
 
     @property
     def completer_id(self) -> int:

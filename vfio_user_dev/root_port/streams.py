@@ -51,7 +51,9 @@ class RootPortStream(IdeStreamEnd):
 class StreamTable:
     """The stream ends by stream ID, as the TSM configures them (platform control: the
     KEY_PROG / K_SET_GO / K_SET_STOP steps IDE_KM gives the device, Enable, reset).
-    *revoke_stream* (under the lock) revokes what rides on a stream that left Secure."""
+    *revoke_stream* (under the lock) revokes what rides on a stream that left Secure.
+    Every change is made under ``ctx.changing()`` or, already under the lock, bumps
+    ``ctx.routes`` itself: MMIO routing (``mmio.py``) reads these streams."""
 
     def __init__(self, ctx: PortContext, revoke_stream: Callable[[int, str], None]) -> None:
         self._ctx = ctx
@@ -65,7 +67,7 @@ class StreamTable:
         if not 0 <= stream_id <= 0xFF or not 0 <= rid_base <= rid_limit <= 0xFFFF:
             raise RootPortError(f"bad stream {stream_id} or RID range {rid_base:#x}.."
                                 f"{rid_limit:#x}")
-        with self._ctx.lock:
+        with self._ctx.changing():
             for other in self.streams.values():
                 if other.stream_id != stream_id and other.rid_base <= rid_limit \
                         and rid_base <= other.rid_limit:
@@ -80,7 +82,7 @@ class StreamTable:
                            rid_limit)
 
     def remove_stream(self, stream_id: int) -> None:
-        with self._ctx.lock:
+        with self._ctx.changing():
             self.get(stream_id)
             del self.streams[stream_id]
             self._revoke_stream(stream_id, f"stream {stream_id} removed")
@@ -108,7 +110,7 @@ class StreamTable:
 
     def program_key(self, stream_id: int, key_set: KeySet, direction: Direction,
                     substream: SubStream, key: IdeKey) -> None:
-        with self._ctx.lock:
+        with self._ctx.changing():
             s = self.get(stream_id)
             end = s.rx if direction == Direction.RX else s.tx
             try:
@@ -128,7 +130,7 @@ class StreamTable:
 
     def key_set_go(self, stream_id: int, key_set: KeySet, direction: Direction,
                    substream: SubStream | None = None) -> None:
-        with self._ctx.lock:
+        with self._ctx.changing():
             s = self.get(stream_id)
             end = s.rx if direction == Direction.RX else s.tx
             try:
@@ -141,7 +143,7 @@ class StreamTable:
 
     def key_set_stop(self, stream_id: int, key_set: KeySet, direction: Direction,
                      substream: SubStream | None = None) -> None:
-        with self._ctx.lock:
+        with self._ctx.changing():
             s = self.get(stream_id)
             before = s.state()
             (s.rx if direction == Direction.RX else s.tx).stop(key_set, substream)
@@ -154,7 +156,7 @@ class StreamTable:
         """The Tx Aggregation Mode of the root port's end of *stream_id*, per sub-stream
         (TLPs per unit: 1, 2, 4 or 8; §6.33.6).  Software sets it before Enable (§6.33.6):
         refused while the stream is enabled."""
-        with self._ctx.lock:
+        with self._ctx.changing():
             s = self.get(stream_id)
             if s.enabled:
                 raise RootPortError(f"stream {stream_id} is enabled: set aggregation before "
@@ -169,7 +171,7 @@ class StreamTable:
     def enable_stream(self, stream_id: int, enable: bool = True) -> str:
         """Set or clear Enable; Secure needs a GO key set in all six (direction, sub-stream)
         slots.  Returns the state."""
-        with self._ctx.lock:
+        with self._ctx.changing():
             s = self.get(stream_id)
             if enable and not s.keys_ready():
                 raise RootPortError(f"stream {stream_id}: not every sub-stream and direction "
@@ -188,14 +190,14 @@ class StreamTable:
         return state
 
     def reset_stream(self, stream_id: int) -> None:
-        with self._ctx.lock:
+        with self._ctx.changing():
             s = self.get(stream_id)
             s.reset()
             self.changed(s, "reset by the TSM")
         self._ctx.log.info("stream %d reset: keys invalidated, Insecure", stream_id)
 
     def invalidate_all(self, reason: str) -> None:
-        with self._ctx.lock:
+        with self._ctx.changing():
             for s in self.streams.values():
                 s.reset()
                 self.changed(s, reason)
@@ -204,7 +206,7 @@ class StreamTable:
     def reset_carrying(self, requester_id: int, reason: str) -> None:
         """The device *requester_id* was reset (its keys are gone, §6.33.6): this end of
         every stream that carries it and is keyed, enabled or Secure is reset too."""
-        with self._ctx.lock:
+        with self._ctx.changing():
             for s in self.streams.values():
                 if s.has_rid(requester_id) and (s.enabled or s.keys_ready()
                                                 or s.state() is StreamState.SECURE):
@@ -213,6 +215,7 @@ class StreamTable:
 
     def changed(self, s: RootPortStream, reason: str) -> None:
         """Under the lock: this end of *s* changed; if it is no longer Secure, revoke."""
+        self._ctx.routes.bump()
         state = s.state()
         self._ctx.event("rp_stream", end="root_port", stream=s.stream_id, state=state,
                         reason=reason)
@@ -224,6 +227,7 @@ class StreamTable:
         """Under the lock: an IDE check failed on *stream*: Insecure, and an IDE Fail
         Message to the device when the burst finishes."""
         stream.mark_insecure(reason)
+        self._ctx.routes.bump()
         self._ctx.counters["ide_failures"] += 1
         self._ctx.event("ide_fail", stream=stream.stream_id, how="detected", reason=reason)
         self.changed(stream, f"IDE check failed: {reason}")
@@ -233,7 +237,7 @@ class StreamTable:
 
     def ide_fail_message(self, stream_id: int, reason: str) -> None:
         """The device's IDE Fail Message: the stream is Insecure here too (§6.33.6)."""
-        with self._ctx.lock:
+        with self._ctx.changing():
             s = self.streams.get(stream_id)
             self._ctx.counters["ide_failures"] += 1
             self._ctx.event("ide_fail", stream=stream_id, how="message", reason=reason)
