@@ -90,11 +90,14 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def parser(command: str | None) -> argparse.ArgumentParser:
-    """Every command listed; only *command*'s own parser gets its options."""
+    """Every command listed (*command* None: the top-level help or a usage error), else
+    only *command*'s parser, with its options: the others are never looked at then."""
     ap = argparse.ArgumentParser(prog="teeio-tsm", description="The host TSM.",
                                  formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
+        if command is not None and name != command:
+            continue
         p = sub.add_parser(name, help=help_text, formatter_class=HelpFormatter)
         if name != command:
             continue
