@@ -12,6 +12,7 @@ from bench import bench_cli
 
 STATS = ("median_ms", "p10_ms", "p90_ms", "mean_ms")
 LEGS = ["floor", "tsm_help", "tsm_attest_help", "tsm_attest_session"]
+INSTALLED_LEGS = ["floor_installed", bench_cli.INSTALLED]
 
 
 @pytest.mark.timeout(240)
@@ -31,7 +32,15 @@ def test_bench_cli_tiny_run_json(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert meta["elapsed_s"] > 0 and "--doe-tcp-port" in meta["device_command"]
 
     legs = {leg["name"]: leg for leg in report["legs"]}
-    assert list(legs) == LEGS
+    skipped = {s["name"]: s["reason"] for s in report["skipped"]}
+    if bench_cli.INSTALLED in skipped:      # no installed copy could be made: says why
+        assert list(legs) == LEGS and skipped[bench_cli.INSTALLED]
+        assert report["goal"]["judged_on"] == "tsm_attest_session"
+    else:
+        assert list(legs) == LEGS + INSTALLED_LEGS
+        assert report["goal"]["judged_on"] == bench_cli.INSTALLED
+        installed = legs[bench_cli.INSTALLED]["command"]
+        assert "--session" in installed and not installed[0].startswith(str(bench_cli.PROJECT))
     for leg in legs.values():
         assert leg["n"] == 2, leg["name"]
         assert all(leg["wall"][k] > 0 for k in STATS), leg["name"]
@@ -43,8 +52,7 @@ def test_bench_cli_tiny_run_json(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert legs["tsm_attest_session"]["wall"]["median_ms"] > legs["floor"]["wall"]["median_ms"]
     assert "--session" in legs["tsm_attest_session"]["command"]
 
-    assert report["skipped"] == [{"name": "spdm_emu_requester",
-                                  "reason": report["goal"]["reason"]}]
+    assert skipped["spdm_emu_requester"] == report["goal"]["reason"]
     assert "TEEIO_SPDM_EMU" in report["goal"]["reason"]
     assert report["goal"]["met"] is None and report["goal"]["ratio"] is None
 
@@ -108,3 +116,14 @@ def test_importtime_is_parsed_by_module() -> None:
                                             "cryptography.x509", "json", "elftools")] == [
         "tsm", "teeio.spdm", "teeio (other)", "cryptography", "stdlib",
         "other (site, third party)"]
+
+
+def test_goal_is_judged_on_the_installed_copy_when_there_is_one() -> None:
+    legs = {"tsm_attest_session": leg("tsm_attest_session", 300.0, 200.0),
+            bench_cli.INSTALLED: leg(bench_cli.INSTALLED, 240.0, 190.0),
+            "spdm_emu_requester": leg("spdm_emu_requester", 100.0, 50.0)}
+    g = bench_cli.goal(legs, [])
+    assert g["judged_on"] == bench_cli.INSTALLED and g["ratio"] == 2.4 and g["met"] is True
+    del legs[bench_cli.INSTALLED]
+    g = bench_cli.goal(legs, [])
+    assert g["judged_on"] == "tsm_attest_session" and g["met"] is False

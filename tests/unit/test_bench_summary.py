@@ -198,8 +198,9 @@ def test_cli_goal_without_spdm_emu_is_unknown(tmp_path: Path) -> None:
     assert rows == [
         "| cli | CLI start-up: teeio-tsm --help, wall | 114 ms | floor (python -c pass): "
         "60.0 ms | 1.90 | p10–p90 113–115 ms | — | — |",
-        "| cli | teeio-tsm attest --session, wall | 443 ms | spdm_emu_requester: not run | — "
-        "| p10–p90 442–444 ms | ≤ 2.5× spdm_emu_requester | n/a |",
+        "| cli | teeio-tsm attest --session (editable checkout), wall | 443 ms | "
+        "spdm_emu_requester: not run | — | p10–p90 442–444 ms | ≤ 2.5× spdm_emu_requester "
+        "| n/a |",
     ]
     assert s.goal_counts()["unknown"] == 1
     # the same reason once; no affinity note for a benchmark that does not pin
