@@ -22,45 +22,27 @@ pytestmark = pytest.mark.timeout(60)
 
 # -- the requester table (§11.2.1) ------------------------------------------------------------
 
+@pytest.mark.parametrize("op", [Op.FILL, Op.COPY])
 @pytest.mark.parametrize("state", list(TdiState))
-def test_dma_requester_table(tee_rig: TeeRig, state: TdiState) -> None:
+def test_dma_requester_table(tee_rig: TeeRig, state: TdiState, op: Op) -> None:
+    """FILL, and COPY (in CONFIG_UNLOCKED one memmove where the memory is mapped)."""
     rig = tee_rig
     to_state(rig, state)
     link = rig.machine.link.counters
     before = link["tlps_upstream"]
-    target = WIN if state is TdiState.RUN else GUEST + 0x100   # private buffer vs shared
-    status = rig.dma_direct(Op.FILL, 0, target, 256, 0xC0FFEE11)
-    data = rig.mem(target - GUEST, 4)
-    if state in (TdiState.CONFIG_UNLOCKED, TdiState.RUN):
-        assert status_error(status) is None
-        assert data == (0xC0FFEE11).to_bytes(4, "little")
-        assert link["tlps_upstream"] > before
-    else:
-        assert status_error(status) == DmaError.FAULT
-        assert data == bytes(4)
-        assert link["tlps_upstream"] == before                 # nothing crossed
-        assert rig.machine.stats()["tdisp_refusals"] == {"dma_not_allowed": 1}
-
-
-@pytest.mark.parametrize("state", list(TdiState))
-def test_copy_requester_table(tee_rig: TeeRig, state: TdiState) -> None:
-    """COPY too (in CONFIG_UNLOCKED, one memmove where the memory is mapped)."""
-    rig = tee_rig
-    to_state(rig, state)
-    link = rig.machine.link.counters
-    before = link["tlps_upstream"]
-    base = WIN if state is TdiState.RUN else GUEST + 0x100
-    rig.poke(base - GUEST, b"copied!!" * 8)
-    status = rig.dma_direct(Op.COPY, base, base + 0x200, 64)
+    base = WIN if state is TdiState.RUN else GUEST + 0x100   # private buffer vs shared
+    expect = b"copied!!" * 8 if op == Op.COPY else (0xC0FFEE11).to_bytes(4, "little") * 16
+    rig.poke(base - GUEST, expect)
+    status = rig.dma_direct(op, base, base + 0x200, 64, 0xC0FFEE11)
     data = rig.mem(base + 0x200 - GUEST, 64)
     if state in (TdiState.CONFIG_UNLOCKED, TdiState.RUN):
         assert status_error(status) is None
-        assert data == b"copied!!" * 8
+        assert data == expect
         assert link["tlps_upstream"] > before
     else:
         assert status_error(status) == DmaError.FAULT
         assert data == bytes(64)
-        assert link["tlps_upstream"] == before
+        assert link["tlps_upstream"] == before                 # nothing crossed
         assert rig.machine.stats()["tdisp_refusals"] == {"dma_not_allowed": 1}
 
 
