@@ -156,14 +156,20 @@ def dma(plt: Any, docs: Docs) -> Any:
                 left += v["cpu_us"]
             ax.barh(y, cost["dma_cpu_us"], left=left, color="white", edgecolor="grey",
                     hatch="//", label="transfers (not fixed)" if y == 0 else None)
-        ax.set_yticks(range(len(costs)), [f"{c['mode']}\n{c.get('writes', '')}".strip()
-                                          for c in costs])
+        ax.set_yticks(range(len(costs)), [_cost_label(c) for c in costs], fontsize=8)
         ax.set_xlabel("server CPU per job (µs)")
         op, _, size = str(costs[0]["job"]).partition(" ")
         ax.set_title(f"fixed cost of one {op} {_size(int(size))} job", fontsize=10)
         ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     fig.suptitle("DMA engine: throughput per size against memcpy (band: min–max of rounds)")
     return fig
+
+
+def _cost_label(cost: dict[str, Any]) -> str:
+    """A fixed-cost run's short name: its writes, and where its jobs ran if not default."""
+    writes = str(cost.get("writes", "")).replace("_", "-")
+    where = "" if cost.get("mode") == "default" else str(cost.get("mode")).replace("_", " ")
+    return "\n".join(x for x in (writes, where) if x) or str(cost.get("mode"))
 
 
 def tdi(plt: Any, docs: Docs) -> Any:
