@@ -231,7 +231,7 @@ def cli(plt: Any, docs: Docs) -> Any:
         err = [[m - leg[key]["p10_ms"] for m, leg in zip(med, legs, strict=True)],
                [leg[key]["p90_ms"] - m for m, leg in zip(med, legs, strict=True)]]
         ax.bar([x + off for x in xs], med, 0.4, yerr=err, capsize=3, label=label)
-    ax.set_xticks(list(xs), [leg["name"] for leg in legs], fontsize=8)
+    ax.set_xticks(list(xs), [leg["name"].replace("_", "\n", 2) for leg in legs], fontsize=7)
     ax.set_ylabel("ms per process")
     ax.legend()
     ax.set_title("CLI processes, spawn to exit")
