@@ -22,8 +22,8 @@ from bench import summary_plots
 
 #: The benchmarks' files in the order ``make bench`` writes them; any other bench-*.json
 #: found is read after them.
-ORDER = ("bench.json", "bench-backends.json", "bench-spdm.json", "bench-link.json",
-         "bench-tdi.json", "bench-cli.json", "bench-nvme.json")
+ORDER = ("bench.json", "bench-backends.json", "bench-vfio.json", "bench-spdm.json",
+         "bench-link.json", "bench-tdi.json", "bench-cli.json", "bench-nvme.json")
 SUMMARY_JSON, SUMMARY_MD = "bench-summary.json", "bench-summary.md"
 COLUMNS = ("bench", "figure", "value", "anchor", "ratio", "spread", "goal", "met")
 #: What a deriver may trip over when a benchmark's JSON changes shape.
@@ -250,6 +250,35 @@ def backend_rows(doc: Doc, goals: Goals, notes: list[str]) -> list[Row]:
     return rows
 
 
+def vfio_rows(doc: Doc, goals: Goals, notes: list[str]) -> list[Row]:
+    """bench-vfio.json: each server's round trips against libvfio-user's C sample server
+    (the goal on this server's), the spread over the rounds' medians."""
+    legs: Mapping[str, Any] = doc["legs"]
+    c = legs.get("c-sample")
+    g = goals.take("goal")
+    for s in doc.get("skipped") or []:
+        notes.append(f"vfio: the {s.get('name')} leg was skipped: {s.get('reason')}")
+    rows: list[Row] = []
+    for name, leg in legs.items():
+        for kind in ("read", "write"):
+            st = leg.get(kind)
+            if not st or name == "c-sample":
+                continue
+            rounds = [float(x) for x in st.get("round_medians_us") or []]
+            spread = (f"{100 * (max(rounds) - min(rounds)) / st['median_us']:.0f}%"
+                      if len(rounds) > 1 and st["median_us"] else "—")
+            value = float(st["median_us"])
+            row = Row("vfio", f"REGION_{kind.upper()} round trip, {name} server", value, "µs",
+                      spread=spread)
+            if c is not None and c.get(kind):
+                row.anchor = f"libvfio-user C sample, same run: {num(c[kind]['median_us'])} µs"
+                row.ratio = value / float(c[kind]["median_us"])
+            if name == "python":
+                row = row.with_goal(g)
+            rows.append(row)
+    return rows
+
+
 def spdm_rows(doc: Doc, goals: Goals, notes: list[str]) -> list[Row]:
     """bench-spdm.json: a full connect against the cryptography it contains."""
     return [Row("spdm", f"SPDM connect, {r['key']} {r['path']}",
@@ -346,7 +375,8 @@ def cli_rows(doc: Doc, goals: Goals, notes: list[str]) -> list[Row]:
 
 
 DERIVERS: dict[str, Deriver] = {
-    "bench.json": dma_rows, "bench-backends.json": backend_rows, "bench-spdm.json": spdm_rows,
+    "bench.json": dma_rows, "bench-backends.json": backend_rows, "bench-vfio.json": vfio_rows,
+    "bench-spdm.json": spdm_rows,
     "bench-link.json": link_rows, "bench-tdi.json": tdi_rows, "bench-cli.json": cli_rows,
 }
 

@@ -18,8 +18,8 @@ Doc = Mapping[str, Any]
 Docs = Mapping[str, Doc]
 SHAPE_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError)
 #: The files the named plots below read; any other bench-*.json gets a generic plot.
-KNOWN = frozenset({"bench.json", "bench-backends.json", "bench-spdm.json", "bench-link.json",
-                   "bench-tdi.json", "bench-cli.json"})
+KNOWN = frozenset({"bench.json", "bench-backends.json", "bench-vfio.json", "bench-spdm.json",
+                   "bench-link.json", "bench-tdi.json", "bench-cli.json"})
 #: Leaf names the generic plot draws (a figure per item: throughput, rate, time).
 GENERIC_SUFFIXES = ("MBps", "mbps", "iops", "IOPS", "_ms", "_us", "median")
 GENERIC_LABELS = ("name", "leg", "backend", "mode", "op", "path", "workload", "rw", "size",
@@ -64,6 +64,9 @@ def roundtrips(plt: Any, docs: Docs) -> Any:
     if "region_access" in docs.get("bench.json", {}):
         servers.append(("python, child process\n(bench.json)",
                         [docs["bench.json"]["region_access"]]))
+    for name, leg in (docs.get("bench-vfio.json", {}).get("legs") or {}).items():
+        if leg.get("read") and leg.get("write"):     # its client in a process of its own
+            servers.append((f"{name}\n(bench-vfio.json)", [leg]))
     if not servers:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
@@ -74,14 +77,17 @@ def roundtrips(plt: Any, docs: Docs) -> Any:
             n = len(rounds)
             for j, ra in enumerate(rounds):
                 x = i + (j - (n - 1) / 2) * 0.1
-                s = ra[key]
+                s = ra.get(key)
+                if s is None:
+                    continue
                 if key == "write_posted":
                     ax.plot([x], [s["per_op_us"]], "o", color=f"C{i}")
                     continue
                 ax.errorbar([x], [s["median_us"]], yerr=[[s["median_us"] - s["p10_us"]],
                                                          [s["p90_us"] - s["median_us"]]],
                             fmt="o", color=f"C{i}", capsize=3)
-        ax.set_xticks(range(len(servers)), [s[0] for s in servers], fontsize=8)
+        ax.set_xticks(range(len(servers)), [s[0] for s in servers], fontsize=7, rotation=30,
+                      ha="right")
         ax.set_xlim(-0.6, len(servers) - 0.4)
         ax.set_yscale("log")
         ax.set_ylabel("µs")

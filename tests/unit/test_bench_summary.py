@@ -289,3 +289,19 @@ def test_plots_written_beside_the_json(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(n.startswith("bench-link.png: not drawn") for n in s.notes)
     assert s.plots_skipped is None
+
+
+def test_vfio_rows_against_the_c_sample(tmp_path: Path) -> None:
+    def leg(read: float, write: float, rounds: list[float]) -> dict[str, object]:
+        return {"read": {"median_us": read, "round_medians_us": rounds},
+                "write": {"median_us": write, "round_medians_us": [write]}}
+    doc = {"legs": {"python": leg(20.0, 21.0, [19.0, 20.0, 21.0]),
+                    "c-sample": leg(16.0, 15.0, [16.0])},
+           "goal": {"target": 1.5, "met": True, "read_ratio": 1.25, "write_ratio": 1.4}}
+    rows, s = rows_for(tmp_path, "bench-vfio.json", doc)
+    assert rows == [
+        "| vfio | REGION_READ round trip, python server | 20.0 µs | libvfio-user C sample, same "
+        "run: 16.0 µs | 1.25 | 10% | target 1.5 | yes |",
+        "| vfio | REGION_WRITE round trip, python server | 21.0 µs | libvfio-user C sample, "
+        "same run: 15.0 µs | 1.40 | — | target 1.5 | yes |"]
+    assert s.goal_counts()["met"] == 2
