@@ -52,7 +52,11 @@ class Daemon(RecoveryMixin, ReconcileMixin, GuestApiMixin, ControlApiMixin):
         self.debug = debug
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.journal, records = Journal.open(state_dir)
-        self._replay(records)
+        try:
+            self._replay(records)
+        except BaseException:
+            self.journal.close()    # a journal that cannot be replayed is let go at once
+            raise
         self.replayed = len(records)
 
     def __repr__(self) -> str:

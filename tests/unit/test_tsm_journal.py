@@ -234,3 +234,21 @@ def test_journal_is_not_followed_through_a_symlink(tmp_path: Path) -> None:
     with pytest.raises(JournalError, match="journal"):
         Daemon(state, reconnect_delays=())
     assert victim.read_bytes() == b"keep me"
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+def test_a_journal_that_cannot_be_replayed_is_closed(tmp_path: Path) -> None:
+    """Found by fuzz/harnesses/journal_replay.py: a replay that refused a record left the
+    journal's file open, one fd per failed start, until the fuzzer's process ran out of
+    them.  A refused start lets it go, and a start on the mended journal works."""
+    state = tmp_path / "tsm"
+    state.mkdir(mode=0o700)
+    (state / JOURNAL_NAME).write_bytes(
+        b'{"seq": 1, "type": "daemon_start", "boot_id": "00", "pid": 1}\n'
+        b'{"seq": 2, "type": "window", "vm": "vm0", "window_id": 1, "base": 4096}\n')
+    for _ in range(3):
+        with pytest.raises(JournalError, match="line 2"):
+            Daemon(state, reconnect_delays=())
+    (state / JOURNAL_NAME).write_bytes(
+        b'{"seq": 1, "type": "daemon_start", "boot_id": "00", "pid": 1}\n')
+    Daemon(state, reconnect_delays=()).close()
