@@ -215,25 +215,24 @@ def _install_engine(engine: DmaEngine, probes: Probes) -> None:
             if not local.ran and not local.finished:     # queued for the engine thread
                 probes.pending_go.append((w0, w1))
 
-    def timed_run(job: Any, *args: Any) -> Any:
+    def timed_run(job: Any) -> Any:
         inline = getattr(local, "in_start", False)
         w0, c0 = wall(), cpu()
-        if not inline:
+        if inline:
+            local.ran = True
+            local.this_job = local.job_start
+            probes.count("jobs_inline")
+        else:
             start, end = probes.pending_go.popleft()
             probes.add("handoff_wait", w0 - end, 0)
             local.this_job = start
             probes.count("jobs_engine_thread")
-        out = run(job, *args)
+        out = run(job)
         w, c = wall() - w0, cpu() - c0
+        probes.add("dma", w, c)
         if inline:
             local.inner[0] += w
             local.inner[1] += c
-            if out is None:           # not a job for this thread: the engine thread's
-                return out
-            local.ran = True
-            local.this_job = local.job_start
-            probes.count("jobs_inline")
-        probes.add("dma", w, c)
         return out
 
     def timed_copy_now(src: int, dst: int, length: int) -> bool:
@@ -276,7 +275,7 @@ def _install_engine(engine: DmaEngine, probes: Probes) -> None:
             irq[1] += cpu() - c0
 
     engine.start_job = timed_start_job                        # type: ignore[method-assign]
-    engine._run = timed_run                          # type: ignore[method-assign,assignment]
+    engine._run = timed_run                                   # type: ignore[method-assign]
     engine._copy_now = timed_copy_now                         # type: ignore[method-assign]
     engine.finish = timed_finish                              # type: ignore[method-assign]
     engine.update_irq = timed_update_irq                      # type: ignore[method-assign]

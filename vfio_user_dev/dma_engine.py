@@ -148,14 +148,10 @@ class DmaEngine:
             job.t_bit, job.stream_id = route
         # No thread switch for a job that needs no one else: it runs here, under the
         # device lock its GO holds, so no TDI transition, reset or unmap comes in between
-        # (they take that lock or come from this same thread).  A COPY tries one memmove
-        # first.
-        if self._queued == 0 and (op == _COPY and self.memory_inline or self._inline(job)) and (
-                (done := self._execute(job, inline=True)) is not None
-                or op == _COPY and self._inline(job)
-                and (done := self._execute(job)) is not None):
+        # (they take that lock or come from this same thread).
+        if self._queued == 0 and self._inline(job):
             self.runs["inline"] += 1
-            self._apply(job, *done)
+            self._apply(job, *self._execute(job))
             if self.listeners:
                 self._queued += 1
                 self._jobs.put(_NOTIFY)
@@ -203,7 +199,7 @@ class DmaEngine:
                     self._notify()
                 elif job.generation == self.generation:  # else reset or scrubbed: dropped
                     self.runs["engine_thread"] += 1
-                    code, moved = self._execute(job) or (regs.DmaError.INTERNAL, 0)
+                    code, moved = self._execute(job)
                     with dev.lock:
                         if job.generation != self.generation:
                             continue  # reset while running: the result is dropped
@@ -220,9 +216,9 @@ class DmaEngine:
             except Exception:
                 log.exception("device listener failed")
 
-    def _execute(self, job: DmaJob, inline: bool = False) -> tuple[regs.DmaError, int] | None:
+    def _execute(self, job: DmaJob) -> tuple[regs.DmaError, int]:
         try:
-            return self._run(job, inline)
+            return self._run(job)
         except Exception:
             log.exception("DMA engine bug while running %s", job)
             return regs.DmaError.INTERNAL, 0
@@ -233,10 +229,8 @@ class DmaEngine:
         self.bar0.add_bytes(moved)
         self.finish(code)
 
-    def _run(self, job: DmaJob, inline: bool = False) -> tuple[regs.DmaError, int] | None:
-        """The job's transfers and result.  *inline* (on the GO writer's thread): a COPY
-        runs only if it is one memmove on the link's clear path, else None and nothing
-        done (it goes to the engine thread)."""
+    def _run(self, job: DmaJob) -> tuple[regs.DmaError, int]:
+        """The job's transfers and result (a T=0 COPY as one memmove where it can)."""
         dev = self.device
         if not dev.config.data[_COMMAND] & _BUS_MASTER:
             return regs.DmaError.BUS_MASTER_OFF, 0
@@ -250,11 +244,8 @@ class DmaEngine:
             if job.op == Op.COPY:
                 if not job.t_bit and job.stream_id is None:
                     self._check(job)
-                    if dev.link_end.copy_clear(job.src, job.dst, job.length,
-                                               direct_only=inline):
+                    if dev.link_end.copy_clear(job.src, job.dst, job.length):
                         return regs.DmaError.NONE, 2 * job.length
-                if inline:
-                    return None
                 data = self._read(job, job.src, job.length)
                 self._write(job, job.dst, data)
                 return regs.DmaError.NONE, 2 * job.length

@@ -37,7 +37,6 @@ class RootPort:
         self._mmio = MmioPort(ctx, self._streams)
         self._ingress = Ingress(ctx, self._streams, self._windows)
         self._executor = DmaExecutor(ctx, dma, self._ingress)
-        self.copy_direct = self._executor.copy_direct     # type: ignore[method-assign]
         self._lock = ctx.lock
         self.log = ctx.log
         self.platform_events = ctx.events
@@ -191,7 +190,6 @@ class RootPort:
         return self._executor.clear_read(requester_id, address, length, mrrs)
 
     def copy_direct(self, requester_id: int, src: int, dst: int, length: int) -> bool:
-        """See :meth:`DmaExecutor.copy_direct` (replaced by it on each instance)."""
         return self._executor.copy_direct(requester_id, src, dst, length)
 
     # -- events -------------------------------------------------------------------------------
