@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypedDict, cast
 
-from bench.common import Spread, gc_paused, mbps, spread
+from bench.common import Spread, gc_paused, mbps, spread, timed
 from bench.dma_jobs import BAR0, FILL_PATTERN, GUEST_BASE, DmaDriver, KiB, MiB, guest_memory
 from teeio.device_regs import MAX_DMA_LEN, Irq, Op, R
 from vfio_user_dev.client import Client
@@ -44,6 +44,7 @@ class CostSettings:
     budget_ns: int         # time per throughput point (when not a fixed count)
     min_reps: int
     max_reps: int
+    warmup: int = 1        # calls before a throughput point is timed (bench.common.timed)
 
     @classmethod
     def from_args(cls, quick: bool, iterations: int | None, rounds: int | None) -> CostSettings:
@@ -192,20 +193,6 @@ def check_result(mm: mmap.mmap, op: Op, size: int) -> None:
             raise RuntimeError(f"{op.name} of {size} bytes: wrong result at +{off:#x}")
 
 
-def _loop(fn: Callable[[], object], s: CostSettings) -> tuple[int, int]:
-    """(reps, ns) of *fn* for the settings' budget, after one warm-up call."""
-    fn()
-    with gc_paused():
-        reps = 0
-        t0 = time.perf_counter_ns()
-        elapsed = 0
-        while reps < s.min_reps or (elapsed < s.budget_ns and reps < s.max_reps):
-            fn()
-            reps += 1
-            elapsed = time.perf_counter_ns() - t0
-    return reps, elapsed
-
-
 # -- 1. the fixed cost of a job, split ------------------------------------------------------------
 #: how the register writes of a job reach the server: as QEMU sends a guest's BAR writes
 #: by default (posted, no reply), and with ``x-no-posted-writes=on`` (each answered)
@@ -214,47 +201,50 @@ WRITES = {"posted": True, "non_posted": False}
 COST_RUNS = (("default", "posted"), ("default", "non_posted"), ("engine_thread", "posted"))
 
 
-def fixed_cost(srv: ServerProcess, c: Client, s: CostSettings, mode: str,
-               writes: str = "posted") -> FixedCost:
-    """*mode* "default": jobs run where the engine puts them; "engine_thread": every job
-    that touches memory is handed to the engine thread (the server's ``threaded``).
-    *writes*: a key of :data:`WRITES`."""
+def small_jobs(srv: ServerProcess, c: Client, mode: str, writes: str) -> Callable[[], None]:
+    """One small job (:data:`SPLIT_OP` of :data:`SPLIT_SIZE`), warmed up.  *mode*
+    "default": jobs run where the engine puts them; "engine_thread": every job that
+    touches memory is handed to the engine thread (the server's ``threaded``).  *writes*:
+    a key of :data:`WRITES`."""
     srv.command("threaded" if mode == "engine_thread" else "default")
-    drv = DmaDriver(c, WRITES[writes])
-    job = job_runner(drv, SPLIT_OP, SPLIT_SIZE)
+    job = job_runner(DmaDriver(c, WRITES[writes]), SPLIT_OP, SPLIT_SIZE)
     for _ in range(20):
         job()
-    srv.command("reset")
+    return job
+
+
+def client_ns(job: Callable[[], None], n: int) -> int:
+    """The client's wall time for *n* runs of *job*, the collector paused."""
     with gc_paused():
         t0 = time.perf_counter_ns()
-        for _ in range(s.split_jobs):
+        for _ in range(n):
             job()
-        client_ns = time.perf_counter_ns() - t0
+        return time.perf_counter_ns() - t0
+
+
+def fixed_cost(srv: ServerProcess, c: Client, s: CostSettings, mode: str,
+               writes: str = "posted") -> FixedCost:
+    """The probed server's split of small jobs (*mode*, *writes*: :func:`small_jobs`)."""
+    job = small_jobs(srv, c, mode, writes)
+    srv.command("reset")
+    ns = client_ns(job, s.split_jobs)
     rep = srv.command("report")
-    return split_steps(rep, s.split_jobs, mode, client_ns / 1000 / s.split_jobs, writes)
+    return split_steps(rep, s.split_jobs, mode, ns / 1000 / s.split_jobs, writes)
 
 
 def unprobed_cost(srv: ServerProcess, c: Client, s: CostSettings, mode: str,
                   writes: str = "posted") -> UnprobedCost:
     """The whole server's CPU time per small job (every message, the job, completion and
     interrupt), on a server with no probe but the job clock: its process CPU time before
-    and after the jobs.  *mode* and *writes* as for :func:`fixed_cost`."""
-    srv.command("threaded" if mode == "engine_thread" else "default")
-    drv = DmaDriver(c, WRITES[writes])
-    job = job_runner(drv, SPLIT_OP, SPLIT_SIZE)
-    for _ in range(20):
-        job()
-    with gc_paused():
-        cpu0 = srv.command("cpu")["cpu_ns"]
-        t0 = time.perf_counter_ns()
-        for _ in range(s.split_jobs):
-            job()
-        client_ns = time.perf_counter_ns() - t0
-        cpu1 = srv.command("cpu")["cpu_ns"]
+    and after the jobs.  *mode* and *writes* as for :func:`small_jobs`."""
+    job = small_jobs(srv, c, mode, writes)
+    cpu0 = srv.command("cpu")["cpu_ns"]
+    ns = client_ns(job, s.split_jobs)
+    cpu1 = srv.command("cpu")["cpu_ns"]
     return UnprobedCost(job=f"{SPLIT_OP.name} {SPLIT_SIZE}", mode=mode, writes=writes,
                         jobs=s.split_jobs,
                         server_cpu_us=round((cpu1 - cpu0) / 1000 / s.split_jobs, 3),
-                        client_us_per_job=round(client_ns / 1000 / s.split_jobs, 3))
+                        client_us_per_job=round(ns / 1000 / s.split_jobs, 3))
 
 
 def split_steps(rep: dict[str, Any], jobs: int, mode: str, client_us: float,
@@ -329,14 +319,14 @@ def _point(srv: ServerProcess, drv: DmaDriver, mm: mmap.mmap, view: memoryview, 
     e2e, server, base, hashed = [], [], [], []
     for _ in range(s.rounds):           # engine, memcpy, engine, memcpy ...
         srv.command("reset")
-        reps, ns = _loop(job, s)
+        reps, ns = timed(job, s)
         e2e.append(mbps(size * reps, ns))
         job_us = srv.command("report")["steps"]["job"]["wall_median_us"]
         server.append(size / (job_us * jobs) if job_us else 0.0)
-        reps, ns = _loop(memcpy, s)
+        reps, ns = timed(memcpy, s)
         base.append(mbps(size * reps, ns))
         if op == Op.SHA256:
-            reps, ns = _loop(sha, s)
+            reps, ns = timed(sha, s)
             hashed.append(mbps(size * reps, ns))
     return ThroughputPoint(
         op=op.name, size=size, jobs_per_op=jobs, engine_end_to_end_MBps=spread(e2e, 2),
