@@ -244,6 +244,7 @@ def plot(report: dict[str, Any], out: Path) -> list[str]:
         return []
     mpl.use("Agg")
     plt: Any = importlib.import_module("matplotlib.pyplot")
+    out.parent.mkdir(parents=True, exist_ok=True)     # beside the JSON, written after them
     written = []
     for key, title, log in (("iops", "IOPS", True), ("mb_s", "MB/s", True),
                             ("guest_cpu_us_per_io", "guest CPU µs per I/O", True)):
