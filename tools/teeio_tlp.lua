@@ -12,7 +12,9 @@
 --   request:    DW1 Requester ID | Tag[7:0] | Last BE, First BE;  then Address (32 or 64 bit)
 --   completion: DW1 Completer ID | Status[7:5] BCM[4] ByteCount[11:8] | ByteCount[7:0]
 --               DW2 Requester ID | Tag[7:0] | Lower Address[6:0]
---   then the payload (for IDE TLPs: ciphertext), then the 12-byte IDE MAC when protected.
+--   then the payload (for IDE TLPs: ciphertext), then the 12-byte IDE MAC when protected
+--   and M is set.  With IDE aggregation (§6.33.6) up to 8 TLPs of one sub-stream share one
+--   MAC: the unit's last TLP has M set and carries it, the others have M clear and no MAC.
 --
 -- Use:  tshark -X lua_script:tools/teeio_tlp.lua -r link.pcap -V
 --       wireshark -X lua_script:tools/teeio_tlp.lua link.pcap
@@ -70,6 +72,7 @@ function p.dissector(tvb, pinfo, tree)
     local t = tree:add(p, tvb(), "teeio-emu PCIe TLP")
     local off = 0
     local protected = false
+    local has_mac = false
     local info = {}
     if tvb(0, 1):uint() == 0x92 then
         protected = true
@@ -80,11 +83,13 @@ function p.dissector(tvb, pinfo, tree)
         pt:add(f.tbit, tvb(1, 1), band(b1, 4) ~= 0)
         pt:add(f.keyset, tvb(1, 1), band(shr(b1, 1), 1))
         pt:add(f.mbit, tvb(1, 1), band(b1, 1) ~= 0)
+        has_mac = band(b1, 1) ~= 0
         pt:add(f.stream_id, tvb(2, 1))
         pt:add(f.pr_sent, tvb(3, 1))
-        info[#info + 1] = string.format("IDE stream %d K%d T=%d %s", tvb(2, 1):uint(),
+        info[#info + 1] = string.format("IDE stream %d K%d T=%d %s%s", tvb(2, 1):uint(),
                                         band(shr(b1, 1), 1), band(shr(b1, 2), 1),
-                                        (SUBSTREAMS[band(shr(b1, 4), 7)] or "?"):match("^%S+"))
+                                        (SUBSTREAMS[band(shr(b1, 4), 7)] or "?"):match("^%S+"),
+                                        has_mac and "" or " (aggregated, MAC later)")
         off = 4
     end
     if n < off + 12 then
@@ -143,12 +148,16 @@ function p.dissector(tvb, pinfo, tree)
                                         tag, addr:tohex():gsub("^0+(%x)", "%1"), len)
     end
     local body = off + hdr
-    local tail = protected and MAC_LEN or 0
+    -- Only a TLP with M set carries the MAC; one of an aggregated unit before its last
+    -- carries none (§6.33.6), its ciphertext runs to the end.
+    local tail = has_mac and MAC_LEN or 0
     if n - tail > body then
         t:add(f.payload, tvb(body, n - tail - body))
     end
-    if protected and n >= body + MAC_LEN then
+    if has_mac and n >= body + MAC_LEN then
         t:add(f.mac, tvb(n - MAC_LEN, MAC_LEN))
+    elseif has_mac then
+        t:add_expert_info(PI_MALFORMED, PI_ERROR, "M is set but the TLP is too short for its MAC")
     end
     local dir = ""
     if pinfo.p2p_dir == P2P_DIR_RECV then dir = "up   " elseif pinfo.p2p_dir == P2P_DIR_SENT then dir = "down " end

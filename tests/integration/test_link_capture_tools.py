@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,3 +87,41 @@ def test_tshark_reads_it_and_the_lua_dissector_decodes_it(capture: Path) -> None
     verbose = run(tshark, "-X", f"lua_script:{LUA}", "-r", capture, "-V").stdout
     assert "teeio: tampered" in verbose                 # the fault tap's opt_comment
     assert "IDE MAC: " in verbose
+
+
+@pytest.fixture
+def aggregated(tmp_path: Path) -> Iterator[Path]:
+    """A 1 KiB IDE write with aggregation of 4 at both ends (MPS 256): four MWr64 in one
+    aggregated unit (§6.33.6), only the last with M set and the MAC."""
+    r = Rig(tmp_path, capture=True)
+    try:
+        r.secure(aggregation=4)
+        r.ep.write(GUEST + 0x3000, payload(1024))
+        assert r.mem(0x3000, 1024) == payload(1024)
+    finally:
+        r.close()
+    assert r.capture_path is not None
+    yield r.capture_path
+
+
+def test_the_capture_lister_marks_tlps_that_carry_no_mac(aggregated: Path) -> None:
+    proc = run(sys.executable, "-m", "vfio_user_dev.link", aggregated)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4 and all("MWR64" in ln and "ide stream=3" in ln for ln in lines)
+    assert ["aggregated (MAC later)" in ln for ln in lines] == [True, True, True, False]
+
+
+def test_the_lua_dissector_reads_an_aggregated_unit(aggregated: Path) -> None:
+    tshark = tool("tshark")
+    fields = run(tshark, "-X", f"lua_script:{LUA}", "-r", aggregated, "-T", "fields",
+                 "-e", "teeio_tlp.ide.m", "-e", "teeio_tlp.payload", "-e", "teeio_tlp.ide.mac")
+    rows = [ln.split("\t") for ln in fields.stdout.splitlines()]
+    assert len(rows) == 4
+    assert [r[0] in ("1", "True") for r in rows] == [False, False, False, True]
+    # every TLP's ciphertext is its whole 256-byte payload; only the last has a MAC
+    assert [len(r[1].replace(":", "")) // 2 for r in rows] == [256] * 4
+    assert [len(r[2].replace(":", "")) // 2 for r in rows] == [0, 0, 0, 12]
+    info = run(tshark, "-X", f"lua_script:{LUA}", "-r", aggregated).stdout.splitlines()
+    assert ["(aggregated, MAC later)" in ln for ln in info] == [True, True, True, False]
+    verbose = run(tshark, "-X", f"lua_script:{LUA}", "-r", aggregated, "-V").stdout
+    assert "Malformed" not in verbose and "Expert Info" not in verbose

@@ -69,13 +69,19 @@ class Rig:
         self.link.capture.flush()
         return [r.data for r in read_capture(self.capture_path)]
 
-    def secure(self, sid: int = SID, key_set: KeySet = KeySet.K0) -> IdeStreamEnd:
+    def secure(self, sid: int = SID, key_set: KeySet = KeySet.K0,
+               aggregation: int = 1) -> IdeStreamEnd:
         """Key a stream at both ends (as the TSM would, via IDE_KM and platform control):
-        Rx GO at both partners first, then Tx (§6.33.3), then Enable."""
-        dev = IdeStreamEnd(sid)
+        Rx GO at both partners first, then Tx (§6.33.3), then Enable.  *aggregation* > 1:
+        both ends aggregate up to that many TLPs per MAC on every sub-stream (§6.33.6)."""
+        dev = IdeStreamEnd(sid, aggregation=aggregation > 1)
         if not self.rp.has_stream(sid):
             self.rp.setup_stream(sid, RID, RID)
         program_pair(self.rp, dev, sid, key_set)
+        if aggregation > 1:
+            modes = dict.fromkeys(SubStream, aggregation)
+            dev.set_aggregation(modes)
+            self.rp.set_aggregation(sid, modes)
         dev.enabled = True
         assert self.rp.enable_stream(sid) == "secure"
         assert dev.is_secure()

@@ -12,6 +12,8 @@ from pathlib import Path
 from teeio.tlp import peek
 from vfio_user_dev.link.capture import CaptureFlags, CaptureRecord, read_capture
 
+_M_BIT = 0x01        # IDE prefix byte 1, bit 0: the MAC follows this TLP
+
 
 def _describe(rec: CaptureRecord) -> str:
     tlp = peek(rec.data)
@@ -22,6 +24,9 @@ def _describe(rec: CaptureRecord) -> str:
             what += f" addr={tlp.address:#x} len={tlp.length_dw}DW"
         if tlp.stream_id is not None:
             what += f" ide stream={tlp.stream_id} K{tlp.key_set} T={int(tlp.t_bit)}"
+            if not rec.data[1] & _M_BIT:
+                # §6.33.6: a TLP of an aggregated unit before its last carries no MAC
+                what += " aggregated (MAC later)"
     flags = ",".join((f.name or "?").lower() for f in CaptureFlags if rec.flags & f) or "-"
     return (f"{rec.timestamp_ns / 1e9:.6f} {'up  ' if rec.direction == 0 else 'down'} "
             f"{flags:8} {len(rec.data):5} {what}")
