@@ -130,12 +130,12 @@ def install(platform: Platform, probes: Probes) -> None:
     region_access = Session.region_access
 
     def timed_region_access(self: Session, msg_id: int, command: int, buf: memoryview,
-                            at: int, size: int) -> bytes | None:
+                            at: int, size: int, posted: bool = False) -> bytes | None:
         acc = probes.nested()
         acc[0] = acc[1] = 0
         w0, c0 = wall(), cpu()
-        out = region_access(self, msg_id, command, buf, at, size)
-        if out is None:                   # not taken on the hot path: handle() counts it
+        out = region_access(self, msg_id, command, buf, at, size, posted)
+        if out is None and not posted:    # not taken on the hot path: handle() counts it
             return out
         w, c = wall() - w0 - acc[0], cpu() - c0 - acc[1]
         probes.count("messages")

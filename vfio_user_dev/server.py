@@ -334,8 +334,8 @@ class Connection:
                             and (debug_cache.get(_DEBUG) is False or not debugging(_DEBUG))):
                         # The hot path (Session.region_access): a reply unless posted
                         # (an error too: a posted write takes none, spec "Header").
-                        out = session.region_access(msg_id, command, view, at, size)
-                        if out is not None and not flags:
+                        out = session.region_access(msg_id, command, view, at, size, flags != 0)
+                        if out is not None:
                             send_lock.acquire()     # not "with": no bound methods made
                             try:
                                 sock.sendall(out)

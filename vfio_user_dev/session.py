@@ -94,10 +94,10 @@ class Session:
         body, reply_fds = out if isinstance(out, tuple) else (out, None)
         return Reply(p.reply(hdr, body), reply_fds)
 
-    def region_access(self, msg_id: int, command: int, buf: memoryview, at: int, size: int
-                      ) -> bytes | None:
+    def region_access(self, msg_id: int, command: int, buf: memoryview, at: int, size: int,
+                      posted: bool = False) -> bytes | None:
         """:meth:`handle` for a REGION_READ or REGION_WRITE (*command*; a write may be
-        posted: its reply is then not sent, and on an error none is made) that came
+        *posted*: then no reply is made, nor one on an error) that came
         without fds from a negotiated client, and whose *size* bytes are
         at *at* in *buf* (at least a header's): decoded in place with the precompiled
         structs and answered without message objects (the hot path).  Anything malformed
@@ -116,6 +116,8 @@ class Session:
                                            offset, region, count) + data
                     self.ops.region_write(region, offset, _data4(buf, at + _ACCESS)[0]
                                           if count == 4 else bytes(buf[at + _ACCESS:at + size]))
+                    if posted:
+                        return None
                     return _pack_reply(msg_id, command, _ACCESS, _REPLY, 0, offset, region,
                                        count)
                 except ProtocolError as exc:

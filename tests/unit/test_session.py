@@ -326,3 +326,25 @@ def test_region_access_answers_eio_for_an_unforeseen_failure(
     out = session.region_access(9, Command.REGION_READ, memoryview(raw), 0, len(raw))
     assert out is not None and Header.decode(out).error == errno.EIO
     assert session.counters["internal_errors"] == 1
+
+
+@pytest.mark.parametrize(("name", "command", "payload"),
+                         [c for c in REGION_CASES if c[1] == Command.REGION_WRITE],
+                         ids=[c[0] for c in REGION_CASES if c[1] == Command.REGION_WRITE])
+def test_a_posted_write_on_the_hot_path_makes_no_reply(name: str, command: int,
+                                                       payload: bytes) -> None:
+    """Spec "Header": a message with No_reply gets no reply, an error neither; the write
+    itself and the counters are those of handle() on the same message."""
+    hdr, _ = cmd(command, payload, Flags.NO_REPLY, msg_id=0x55)
+    raw = hdr.encode() + payload
+    m1, general = _fresh()
+    m2, fast = _fresh()
+    try:
+        assert general.handle(hdr, payload, []) is None
+        assert fast.region_access(0x55, command, memoryview(raw), 0, len(raw), True) is None
+        assert fast.counters == general.counters
+        assert m2.device.r == m1.device.r and bytes(m2.device.config.data) == bytes(
+            m1.device.config.data)
+    finally:
+        m1.close()
+        m2.close()
