@@ -241,7 +241,10 @@ def format_accept(report: dict[str, Any]) -> str:
     elif report.get("refusal"):
         lines.append(f"refused: {report['refusal']}")
     elif report.get("tee") is False:
-        lines.append("no TDISP (--no-tee): the driver's DMA is T=0, in the clear on the link")
+        lines.append("no TDISP (--no-tee): the driver's DMA is T=0 (in the clear on the link "
+                     "unless the host keeps an IDE stream up)")
+        if report.get("note"):
+            lines.append(f"  {report['note']}")
     lines.extend(_format_nvme(report))
     return "\n".join(lines)
 

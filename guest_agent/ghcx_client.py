@@ -285,15 +285,22 @@ class GhcxClient:
     @classmethod
     def connect(cls, *, port_name: str = PORT_NAME, sys_root: Path = VIRTIO_PORTS,
                 dev_root: Path = DEV, fw_cfg_root: Path = FW_CFG_ROOT,
-                handshake: bool = True) -> GhcxClient:
-        """In the guest: read the launch secret and VM id, open the port, handshake."""
+                handshake: bool = True, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                handshake_retries: int = CALL_RETRIES) -> GhcxClient:
+        """In the guest: read the launch secret and VM id, open the port, handshake
+        (each attempt waits up to *handshake_timeout* to send HELLO and as long for the
+        HELLO_ACK)."""
         secret, vm_id = read_launch_config(fw_cfg_root)
         path = find_port(port_name, sys_root, dev_root)
         fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-        client = cls(FdTransport(fd), secret, vm_id)
+        client = cls(FdTransport(fd), secret, vm_id, handshake_timeout=handshake_timeout)
         log.info("GHCx: %s on %s", vm_id, path)
         if handshake:
-            client.handshake()
+            try:
+                client.handshake(retries=handshake_retries)
+            except BaseException:
+                client.close()          # the port's fd with it: nobody else holds it
+                raise
         return client
 
     def close(self) -> None:

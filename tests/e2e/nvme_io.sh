@@ -1,8 +1,12 @@
 # The guest's side of tests/e2e/test_nvme_guest.py, run by qemu_configs/guest/run.sh
 # (teeio.mode=sh) after journeys.PRELUDE, with SEED (hex) set: Linux's stock nvme driver
-# doing real I/O over an accepted TDI, then the host breaks the TDI while I/O runs.
+# doing real I/O over an accepted TDI, then the host breaks the TDI while I/O runs; then,
+# in the same boot, the guest recovers (accept --restart) and finally binds the same
+# driver with no TEE at all (stop; the host unbinds the VM and disconnects the device;
+# accept --no-tee).
 # Namespace layout (64 MiB): ext4 [0, 16M), fio [16M, 18M) and [20M, 22M), a plaintext pattern at 32M,
-# the in-flight writer from 40M (16 KiB blocks), the after-ERROR marker at 60M.
+# the in-flight writer from 40M (16 KiB blocks), the after-recovery marker at 48M, the
+# cleartext (no-TEE) marker at 52M, the after-ERROR marker at 60M.
 cd /tmp                                   # fio and friends write into the cwd
 # A dead controller is noticed after one I/O timeout (default 30 s): keep the run short.
 modprobe nvme_core io_timeout=8 admin_timeout=8
@@ -75,3 +79,38 @@ else
     echo "$D is gone" > $R/after.txt
 fi
 $A tdi-info --json > $R/info-error.json
+pause after-error                         # the host checks the media and every party
+
+# 5. recovery in the same boot: --restart stops the TDI (ERROR -> CONFIG_UNLOCKED), unbinds
+# the dead controller's driver, then locks, attests, accepts and binds nvme again
+$A accept --restart --policy $R/policy.json --report $R/accept-restart.json \
+    > $R/accept-restart.txt
+cat $R/accept-restart.txt
+D=$(python3 -c 'import json; print(json.load(open("/mnt/results/accept-restart.json"))["nvme"]["namespaces"][0])')
+mount $D /mnt/nv
+(cd /mnt/nv && sha256sum -c $R/sums.txt) > $R/sums-recovered.txt
+data nvme-file-3 200000 > /mnt/nv/three.bin
+(cd /mnt/nv && sha256sum three.bin) > $R/sums-three.txt
+sync
+umount /mnt/nv
+marker recovered 65536 > /tmp/recovered.bin
+dd if=/tmp/recovered.bin of=$D bs=64k seek=768 oflag=direct conv=notrunc,nocreat status=none
+$A tdi-info --json > $R/info-recovered.json
+pause recovered                           # the host: every party says RUN again
+
+# 6. the same driver with no TEE: unbind it (clearing Bus Master Enable in RUN is a TDISP
+# security event: ERROR) and stop the TDI; the host then forgets this VM and tears the IDE
+# stream down; the driver binds over T=0, in the clear.  Only the cleartext marker is
+# written and read back (nothing of the TEE-era data)
+BDF=$(python3 -c 'import json; print(json.load(open("/mnt/results/accept-restart.json"))["bdf"])')
+echo $BDF > /sys/bus/pci/drivers/nvme/unbind
+$A stop > $R/stop.txt
+pause stopped
+$A accept --no-tee --policy $R/policy.json --report $R/accept-plain.json > $R/accept-plain.txt
+cat $R/accept-plain.txt
+D=$(python3 -c 'import json; print(json.load(open("/mnt/results/accept-plain.json"))["nvme"]["namespaces"][0])')
+marker cleartext 65536 > /tmp/cleartext.bin
+dd if=/tmp/cleartext.bin of=$D bs=64k seek=832 oflag=direct conv=notrunc,nocreat status=none
+dd if=$D of=/tmp/cleartext-back.bin bs=64k skip=832 count=1 iflag=direct status=none
+cmp /tmp/cleartext.bin /tmp/cleartext-back.bin && echo same > $R/cleartext-back.txt
+lspci -nnk -s $BDF > $R/lspci-plain.txt

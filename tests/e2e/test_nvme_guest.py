@@ -7,8 +7,12 @@ ext4 file system survives umount, fsck and mount; fio verifies with crc32c at qu
 1 and 8.  The host recomputes what the guest wrote from the namespace file.  Then, while a
 writer runs, the host writes a doorbell (refused: Unsupported Request) and rewrites the
 BAR0 register: the TDI goes to ERROR, the driver sees a dead controller and gives up within
-its timeout, nothing written after the ERROR reaches the media, and the link capture holds
-none of the guest's data in the clear.
+its timeout and nothing written after the ERROR reaches the media.  In the same boot the
+guest recovers (``accept --restart``: stop, lock, attest, accept, the driver again) and
+finds its file system intact; then it stops the TDI, the host unbinds the VM and
+disconnects the device (no TSM, no IDE stream), and the guest binds the same driver with
+no TEE (``accept --no-tee``).  The link capture holds none of the guest's TEE-era data in
+the clear, and does hold what it wrote without the TEE (the check can fail).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import pytest
 
 from guest_agent.testdata import stream
 from qemu_configs import image
-from qemu_configs.tee_stack import capture_summary
+from qemu_configs.tee_stack import DEVICE, capture_summary
 from tests.e2e.journeys import Journey
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -33,6 +37,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 MIB = 1 << 20
 NS_SIZE = "64M"
 PATTERN_OFF, INFLIGHT_OFF, AFTER_OFF = 32 * MIB, 40 * MIB, 60 * MIB
+RECOVERED_OFF, CLEARTEXT_OFF = 48 * MIB, 52 * MIB
 INFLIGHT_BLOCK = 16 * 1024
 SCRIPT = Path(__file__).with_name("nvme_io.sh")
 #: The TSM learns the device's ERROR from the platform within this long.
@@ -82,10 +87,22 @@ def test_stock_nvme_driver_over_an_accepted_tdi(nvme_journey: Journey) -> None:
     time.sleep(0.5)                                  # a write in flight lands or not: now
     at_error = hashlib.sha256(ns.read_bytes()).hexdigest()
     j.resume("io")
+    j.paused("after-error")
+    _check_after_error(j, seed, ns, at_error)
+    j.agree("ERROR")
+    assert "ERROR" in j.tsm_cli("status").stdout
+
+    # -- the guest recovers in the same boot, then binds the driver with no TEE --------------
+    j.resume("after-error")
+    j.paused("recovered")
+    _check_recovered(j, seed, ns)
+    j.resume("recovered")
+    j.paused("stopped")
+    _forget_the_device(j)
+    j.resume("stopped")
     j.finished()
     total = time.monotonic() - t0
-    _check_after_error(j, seed, ns, at_error)
-    assert "ERROR" in j.tsm_cli("status").stdout
+    _check_plain(j, seed, ns)
     print(f"NVMe e2e: guest at the pause after {booted:.1f} s, the TSM said ERROR "
           f"{took * 1000:.0f} ms after the BAR write, guest done after {total:.1f} s")
 
@@ -97,6 +114,9 @@ def test_stock_nvme_driver_over_an_accepted_tdi(nvme_journey: Journey) -> None:
                "file": stream(seed, "nvme-file-2", 64)}
     cap = capture_summary(j.stack.capture, needles)
     assert cap["plaintext_found"] == [], cap
+    # the same search finds what the guest wrote at T=0, in the clear
+    plain = capture_summary(j.stack.capture, {"cleartext": marker("cleartext", seed, 64)})
+    assert plain["plaintext_found"] == ["cleartext"], plain
     assert cap["ide_protected"] > 1000, cap          # the driver's I/O, all of it T=1
     print(f"link capture: {cap['tlps']} TLPs, {cap['ide_protected']} IDE-protected, "
           f"{j.stack.capture.stat().st_size // MIB} MiB")
@@ -142,6 +162,58 @@ def _check_accept_and_io(j: Journey, seed: int, ns: Path) -> None:
     for job in fio["jobs"]:
         assert job["error"] == 0 and job["write"]["io_bytes"] > 0 and \
             job["read"]["io_bytes"] > 0, job["jobname"]
+
+
+def _check_recovered(j: Journey, seed: int, ns: Path) -> None:
+    acc = j.guest_json("accept-restart.json")
+    assert acc["ok"] and acc["accepted"], acc
+    assert acc["precheck"]["state"] == "ERROR" and acc["precheck"]["action"] == "restart"
+    assert acc["driver"]["driver"] == "nvme" and acc["nvme"]["state"] == "live", acc
+    tdi = j.agree("RUN")
+    assert tdi["lock_epoch"] > j.guest_json("info-run.json")["info"]["lock_epoch"], tdi
+    assert j.guest_json("info-recovered.json")["info"]["state"] == "RUN"
+    assert len(j.tsm()["vms"][0]["windows"]) == len(acc["system_ram"]) >= 1
+    # the file system the guest wrote before the ERROR, read back through the new TDI
+    checked = (j.results / "sums-recovered.txt").read_text()
+    assert "one.bin: OK" in checked and "two.bin: OK" in checked, checked
+    three = stream(seed, "nvme-file-3", 200000)
+    assert hashlib.sha256(three).hexdigest() in (j.results / "sums-three.txt").read_text()
+    with open(ns, "rb") as f:
+        f.seek(RECOVERED_OFF)
+        assert f.read(65536) == marker("recovered", seed, 65536)
+        f.seek(AFTER_OFF)
+        assert marker("after-error", seed, 64) not in f.read(4 * MIB)
+
+
+def _forget_the_device(j: Journey) -> None:
+    """The guest stopped its TDI: the host unbinds the VM and disconnects the device, and
+    every party says so: the TSM knows no device, the root port's stream and the device's
+    are down, the device's TDI is CONFIG_UNLOCKED."""
+    j.agree("CONFIG_UNLOCKED")
+    # the driver's unbind cleared Bus Master Enable in RUN: ERROR, then the stop
+    assert "ERROR -> CONFIG_UNLOCKED" in (j.results / "stop.txt").read_text()
+    j.tsm_cli("unbind", "--vm", j.stack.opts.vm_id)
+    j.tsm_cli("disconnect", "--device", DEVICE)
+    tsm = j.tsm()
+    assert tsm["devices"] == [] and tsm["tdis"] == [] and tsm["vms"] == [], tsm
+    assert all(s["state"] != "secure" for s in j.root_port()["streams"]), j.root_port()
+    stats = j.device_stats()
+    assert stats["tdi"]["state"] == "CONFIG_UNLOCKED", stats["tdi"]
+    assert all(s["state"] != "secure" for s in stats["ide"]), stats["ide"]
+
+
+def _check_plain(j: Journey, seed: int, ns: Path) -> None:
+    acc = j.guest_json("accept-plain.json")
+    assert acc["ok"] and acc["tee"] is False and "tdi_state" not in acc, acc
+    assert acc["note"].startswith("no GHCx"), acc          # the TSM no longer serves this VM
+    print(f"accept --no-tee: {acc['note']}")
+    assert acc["driver"]["driver"] == "nvme" and acc["nvme"]["state"] == "live", acc
+    assert j.device_stats()["tdi"]["state"] == "CONFIG_UNLOCKED"
+    assert "Kernel driver in use: nvme" in (j.results / "lspci-plain.txt").read_text()
+    assert (j.results / "cleartext-back.txt").read_text().split() == ["same"]
+    with open(ns, "rb") as f:
+        f.seek(CLEARTEXT_OFF)
+        assert f.read(65536) == marker("cleartext", seed, 65536)
 
 
 def _check_after_error(j: Journey, seed: int, ns: Path, at_error: str) -> None:

@@ -427,6 +427,30 @@ def test_find_port(tmp_path: Path) -> None:
         find_port(PORT_NAME, tmp_path / "missing", dev)
 
 
+def test_connect_closes_the_port_when_nobody_answers(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port with no TSM behind it (the host unbound the VM): the handshake gives up and
+    the port's fd is closed, not left open in a process that goes on without GHCx."""
+    fw = tmp_path / "fw_cfg" / "by_name"
+    for name, raw in ((FW_CFG_SECRET, SECRET), (FW_CFG_VM_ID, b"vm0")):
+        (fw / name).mkdir(parents=True)
+        (fw / name / "raw").write_bytes(raw)
+    sys_root, dev = tmp_path / "virtio-ports", tmp_path / "dev"
+    (sys_root / "vport1p1").mkdir(parents=True)
+    (sys_root / "vport1p1" / "name").write_text(PORT_NAME + "\n")
+    dev.mkdir()
+    (dev / "vport1p1").write_bytes(b"")
+
+    def silent(self: GhcxClient, *, timeout: float | None = None, retries: int = 3) -> bytes:
+        raise GhcxTimeout(f"no valid HELLO_ACK after {retries + 1} attempts")
+
+    monkeypatch.setattr(GhcxClient, "handshake", silent)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(GhcxTimeout):
+        GhcxClient.connect(sys_root=sys_root, dev_root=dev, fw_cfg_root=fw.parent)
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
 def test_fw_cfg(tmp_path: Path) -> None:
     root = tmp_path / "qemu_fw_cfg"
     calls: list[str] = []

@@ -16,7 +16,13 @@ import pytest
 
 import guest_agent.__main__ as cli
 from guest_agent import accept, linux_driver, nvme_accept
-from guest_agent.ghcx_client import GhcxCallError, GhcxClient, GhcxSetupError
+from guest_agent.ghcx_client import (
+    GhcxCallError,
+    GhcxClient,
+    GhcxSetupError,
+    GhcxTimeout,
+    GhcxTransportError,
+)
 from guest_agent.pci import AgentError, Config, msix_bars, rewrite_bars
 from teeio import tdi_verify
 from teeio.ghcx import MsgType
@@ -205,7 +211,7 @@ def _patch_flow(monkeypatch: pytest.MonkeyPatch, tsm: FakeTsm,
     monkeypatch.setattr(linux_driver, "nvme_namespaces", lambda d: {
         "controller": "nvme0", "state": "live", "namespaces": ["/dev/nvme0n1"],
         "bytes": {"nvme0n1": 64 << 20}})
-    monkeypatch.setattr(GhcxClient, "connect", staticmethod(lambda: tsm))
+    monkeypatch.setattr(GhcxClient, "connect", staticmethod(lambda **_: tsm))
 
     def verify(policy: Any, ev: tdi_verify.Evidence, info: dict[str, Any], nonce: bytes,
                bars: Any, msix: Any) -> tdi_verify.Verdict:
@@ -297,12 +303,34 @@ def test_no_tee_binds_on_an_unlocked_tdi_and_refuses_a_locked_one(
 def test_no_tee_without_ghcx_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = _patch_flow(monkeypatch, AttestingTsm())
 
-    def no_port() -> None:
+    def no_port(**_: object) -> None:
         raise GhcxSetupError("no virtio-serial port named org.teeio.ghcx.0")
 
     monkeypatch.setattr(GhcxClient, "connect", staticmethod(no_port))
     rep = nvme_accept.run_plain()
     assert rep["ok"] and "the TSM was not asked" in rep["note"] and seen["driver"] == "nvme"
+
+
+@pytest.mark.parametrize("silence", [GhcxTimeout("no valid HELLO_ACK after 4 attempts"),
+                                     GhcxTransportError("GHCx peer closed the socket")])
+def test_no_tee_when_no_tsm_answers_on_the_port(monkeypatch: pytest.MonkeyPatch,
+                                                silence: Exception) -> None:
+    """The port exists but the host unbound the VM: nobody answers the handshake."""
+    seen = _patch_flow(monkeypatch, AttestingTsm())
+
+    def unanswered(**kw: object) -> None:
+        asked.append(kw)
+        raise silence
+
+    asked: list[dict[str, object]] = []
+
+    monkeypatch.setattr(GhcxClient, "connect", staticmethod(unanswered))
+    rep = nvme_accept.run_plain()
+    assert rep["ok"] and rep["note"].startswith("no GHCx answer") and seen["driver"] == "nvme"
+    assert "the TSM was not asked" in rep["note"] and "tdi_state" not in rep
+    # a short handshake: a VM nobody serves is not kept waiting long
+    assert asked == [{"handshake_timeout": nvme_accept.NO_TEE_HANDSHAKE_TIMEOUT,
+                      "handshake_retries": nvme_accept.NO_TEE_HANDSHAKE_RETRIES}]
 
 
 def test_cli_no_tee_and_the_policy_requirement(monkeypatch: pytest.MonkeyPatch,
