@@ -145,15 +145,20 @@ def _matching(wires: Sequence[bytes], i: int, preds: list[bytes], p0: int, b1: i
     all) or *b0* without it (*without* bytes; -1: not allowed).  The checks run over the
     whole window in C-level passes; only a mismatch is looked for one by one."""
     got = wires[i:i + len(preds)]
-    n = len(got)
-    if not n:
+    lengths = list(map(len, got))
+    if not lengths:
         return 0
+    if min(lengths) < 2:                # a runt: the run ends before the first one
+        n = next(j for j, size in enumerate(lengths) if size < 2)
+        if not n:
+            return 0
+        got, lengths = got[:n], lengths[:n]
+    n = len(got)
     heads = list(map(bytes.startswith, got, preds, repeat(2)))
     firsts = bytes(map(_BYTE0, got))
     seconds = bytes(map(_BYTE1, got))
     sizes = {b1: with_mac, b0: without}
     want = [sizes.get(c, -1) for c in seconds]
-    lengths = list(map(len, got))
     if all(heads) and firsts.count(p0) == n and lengths == want:
         return n
     for j in range(n):
@@ -219,9 +224,9 @@ def parse_ide_completion_runs(wires: Sequence[bytes], start: int, stream_id: int
                          for r in range(count - step, max(0, count - (end - i + 1) * step),
                                         -step)]:
                 w = wires[i]
-                c = w[1]
+                # (bytes 2.. as predicted first: a runt never gets its byte 1 read)
                 if not (w.startswith(pred, 2) and w[0] == p0
-                        and (c == b1 and len(w) == with_mac
+                        and ((c := w[1]) == b1 and len(w) == with_mac
                              or aggregation and c == b0 and len(w) == without)):
                     break
                 i += 1
