@@ -1,7 +1,8 @@
 """The link's IDE receivers fed hostile TLPs (PCIe 6.x §6.33.4-§6.33.6): a malicious
 device's bursts at the root port (``RootPort.receive``) and a malicious host's completions
-at the device's end (``LinkEndpoint.receive``), aggregation off or on (up to 2, 4 or 8
-TLPs per MAC), through the C accelerator's batches or the Python reference.
+and MMIO requests at the device's end (``LinkEndpoint.receive``, ``receive_requests``),
+aggregation off or on (up to 2, 4 or 8 TLPs per MAC), through the C accelerator's batches
+or the Python reference.
 
 Every input gets a freshly keyed stream with fixed keys, so the seeds' units verify and
 their mutations reach decryption, the unit logic and the memory writes.  The contract: no
@@ -21,7 +22,12 @@ from teeio import ide_accel
 from teeio.ide import Direction, IdeKey, KeySet, SubStream
 from vfio_user_dev.dma import DmaMapSet
 from vfio_user_dev.link.endpoint import LinkEndpoint
-from vfio_user_dev.link.interfaces import DEFAULT_REQUESTER_ID, LinkFault, RootPortReply
+from vfio_user_dev.link.interfaces import (
+    DEFAULT_REQUESTER_ID,
+    LinkFault,
+    MmioRequest,
+    RootPortReply,
+)
 from vfio_user_dev.link.streams import IdeStreamEnd
 from vfio_user_dev.link.wire import Link
 from vfio_user_dev.protocol import DmaFlags
@@ -33,6 +39,23 @@ GUEST, SIZE = 0x1_0000_0000, 64 * 1024
 UNITS = (1, 2, 4, 8)            # TLPs per aggregated unit (1: aggregation off)
 MAX_UNIT = 8                    # §6.33.6
 MAX_TLPS = 64                   # TLPs per input
+MMIO = 0xFE00_0000              # the device's registers, as the root port addresses them
+
+
+class Registers:
+    """4 KiB of device registers at :data:`MMIO` (the endpoint's MMIO completer)."""
+
+    def __init__(self) -> None:
+        self.mem = bytearray(4096)
+
+    def mmio_request(self, req: MmioRequest) -> bytes | None:
+        off = req.address - MMIO
+        if not 0 <= off <= len(self.mem) - req.length:
+            return None                                     # Unsupported Request
+        if req.write:
+            self.mem[off:off + req.length] = req.data
+            return b""
+        return bytes(self.mem[off:off + req.length])
 
 
 class World:
@@ -46,6 +69,7 @@ class World:
         self.dma.map(GUEST, SIZE, DmaFlags.READ | DmaFlags.WRITE, 0, os.dup(self.fd))
         self.rp = RootPort(self.dma)
         self.ep = LinkEndpoint(RID)
+        self.ep.mmio_completer = Registers()
         self.link = Link(self.ep, self.rp)
         self.rp.setup_stream(SID, RID, RID)
         self.dev = IdeStreamEnd(SID, aggregation=unit > 1)
@@ -82,14 +106,15 @@ def open_units(world: World) -> list[int]:
     return out
 
 
-def traffic(unit: int) -> tuple[list[list[bytes]], list[list[bytes]]]:
-    """The bursts a 1 KiB write and a 1 KiB read put on the link with *unit* TLPs per
-    aggregated unit: upstream (the device's MWrs, then its MRd) and downstream (the root
-    port's CplDs)."""
+def traffic(unit: int) -> tuple[list[list[bytes]], list[list[bytes]], list[list[bytes]]]:
+    """The bursts a 1 KiB DMA write and read and an MMIO write and read put on the link
+    with *unit* TLPs per aggregated unit: upstream (the device's MWrs, then its MRd),
+    downstream completions (the root port's CplDs) and downstream requests (MMIO)."""
     w = World(unit)
     up: list[list[bytes]] = []
     down: list[list[bytes]] = []
-    receive, deliver = w.rp.receive, w.ep.receive
+    mmio: list[list[bytes]] = []
+    receive, deliver, requests = w.rp.receive, w.ep.receive, w.ep.receive_requests
 
     def recv_up(wires: Sequence[bytes]) -> RootPortReply:
         up.append(list(wires))
@@ -99,24 +124,31 @@ def traffic(unit: int) -> tuple[list[list[bytes]], list[list[bytes]]]:
         down.append(list(wires))
         deliver(wires)
 
+    def recv_requests(wires: Sequence[bytes]) -> list[bytes]:
+        mmio.append(list(wires))
+        return requests(wires)
+
     w.rp.receive = recv_up                                  # type: ignore[method-assign]
     w.ep.receive = recv_down                                # type: ignore[method-assign]
+    w.ep.receive_requests = recv_requests                   # type: ignore[method-assign]
     try:
         w.ep.write(GUEST + 0x1000, bytes(range(256)) * 4)   # MWr: one unit of 4
         w.ep.read(GUEST + 0x1000, 1024)                     # MRd, then CplDs
+        w.rp.mmio_write(RID, MMIO + 0x10, b"abcdefgh")
+        assert w.rp.mmio_read(RID, MMIO + 0x10, 8) == b"abcdefgh"
     finally:
         w.close()
-    return up, down
+    return up, down, mmio
 
 
 @lru_cache(maxsize=1)
 def _seeds() -> list[bytes]:
     out = []
     for k, unit in enumerate(UNITS):
-        up, down = traffic(unit)
-        out += [bytes([k << 2]) + frames(wires) for wires in up]
-        out += [bytes([k << 2 | 1]) + frames(wires) for wires in down]
-        out.append(bytes([k << 2 | 2]) + frames(up[0]))      # the same, in Python
+        for where, bursts in enumerate(traffic(unit)):
+            out += [bytes([k << 3 | where]) + frames(wires) for wires in bursts if wires]
+            out += [bytes([k << 3 | 4 | where]) + frames(wires)     # the same, in Python
+                    for wires in bursts[:1] if wires]
     return out
 
 
@@ -130,13 +162,15 @@ def one_input(data: bytes) -> None:
     sel = data[0]
     b = Bytes(data[1:])
     wires = [b.chunk() for _ in range(MAX_TLPS) if b.left]
-    unit = UNITS[(sel >> 2) & 3]
-    before = ide_accel.set_enabled(not sel & 2)
+    unit = UNITS[(sel >> 3) & 3]
+    before = ide_accel.set_enabled(not sel & 4)
     w = World(unit)
     try:
         try:
-            if sel & 1:
+            if sel & 3 == 1:
                 w.ep.receive(wires)
+            elif sel & 3 == 2:
+                w.ep.receive_requests(wires)
             else:
                 w.rp.receive(wires)
         except LinkFault:

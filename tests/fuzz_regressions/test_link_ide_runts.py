@@ -18,7 +18,7 @@ RUNTS = [b"", b"\x92"]
 
 @pytest.mark.parametrize("runt", RUNTS, ids=["empty", "one byte"])
 def test_a_runt_ends_a_run_of_requests(runt: bytes) -> None:
-    up, _ = traffic(4)
+    up, _, _ = traffic(4)
     unit = up[0]                                  # a 1 KiB write: one aggregated unit of 4
     wires = [unit[0], runt, *unit[1:]]
     assert [k for _, k in parse_ide_request_runs(wires, 0, SID, True)] == [1]
@@ -33,7 +33,7 @@ def test_a_runt_ends_a_run_of_requests(runt: bytes) -> None:
 
 @pytest.mark.parametrize("runt", RUNTS, ids=["empty", "one byte"])
 def test_a_runt_ends_a_run_of_completions(runt: bytes) -> None:
-    _, down = traffic(4)
+    _, down, _ = traffic(4)
     cpls = next(b for b in down if b)             # the read's four CplDs
     assert [k for _, k in parse_ide_completion_runs(cpls, 0, SID, True)] == [2, 2]
     wires = [cpls[0], runt, *cpls[1:]]
