@@ -1,14 +1,14 @@
 """The link's IDE receivers fed hostile TLPs (PCIe 6.x §6.33.4-§6.33.6): a malicious
 device's bursts at the root port (``RootPort.receive``) and a malicious host's completions
-and MMIO requests at the device's end (``LinkEndpoint.receive``, ``receive_requests``),
-aggregation off or on (up to 2, 4 or 8 TLPs per MAC), through the C accelerator's batches
-or the Python reference.
+and MMIO requests at the device's end (completions in place of the root port's to a 1 KiB
+read the device makes; ``receive_requests``), aggregation off or on (up to 2, 4 or 8 TLPs
+per MAC), through the C accelerator's batches or the Python reference.
 
 Every input gets a freshly keyed stream with fixed keys, so the seeds' units verify and
 their mutations reach decryption, the unit logic and the memory writes.  The contract: no
 exception (a refusal is a count, an IDE Check Failed makes the stream Insecure; a read
-the device's end gives up on is a LinkFault); no open aggregated unit of 8 TLPs or more;
-the status still reads.
+the device's end gives up on is a LinkFault, else it returns every byte it asked for); no
+open aggregated unit of 8 TLPs or more; the status still reads.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from vfio_user_dev.dma import DmaMapSet
 from vfio_user_dev.link.endpoint import LinkEndpoint
 from vfio_user_dev.link.interfaces import (
     DEFAULT_REQUESTER_ID,
+    LinkDirection,
     LinkFault,
     MmioRequest,
     RootPortReply,
@@ -152,6 +153,17 @@ def _seeds() -> list[bytes]:
     return out
 
 
+def read_with(w: World, completions: list[bytes]) -> None:
+    """The device reads 1 KiB of guest memory and gets *completions* instead of the root
+    port's (the link's tap swapped): all 1024 bytes come back, or a LinkFault says why."""
+    def tap(direction: LinkDirection, wires: Sequence[bytes]) -> list[bytes]:
+        return list(completions if direction is LinkDirection.DOWNSTREAM else wires)
+
+    w.link._tap = tap                                       # type: ignore[method-assign]
+    got = w.ep.read(GUEST + 0x1000, 1024)
+    check(len(got) == 1024, f"a 1 KiB read returned {len(got)} bytes")
+
+
 def seeds() -> list[bytes]:
     return list(_seeds())
 
@@ -168,13 +180,13 @@ def one_input(data: bytes) -> None:
     try:
         try:
             if sel & 3 == 1:
-                w.ep.receive(wires)
+                read_with(w, wires)
             elif sel & 3 == 2:
                 w.ep.receive_requests(wires)
             else:
                 w.rp.receive(wires)
         except LinkFault:
-            pass        # the endpoint's read machinery reporting a refusal: a clear error
+            pass        # a read the device's end gave up on (timeout, UR, IDE failure)
         check(all(n < MAX_UNIT for n in open_units(w)),
               f"an open aggregated unit holds {max(open_units(w))} TLPs")
         w.rp.status()
