@@ -130,12 +130,8 @@ class DmaEngine:
             # What the general path below does for a T=0 COPY (CONFIG_UNLOCKED: any
             # requests, in the clear) that is one memmove, without its job object.
             self.runs["inline"] += 1
-            self.total["bytes"] += 2 * length
-            self.bar0.add_bytes(2 * length)
-            self.finish(_NO_ERROR)
-            if self.listeners:
-                self._queued += 1
-                self._jobs.put(_NOTIFY)
+            self._apply(_NO_ERROR, 2 * length)
+            self._notify_later()
             return
         tee = dev.tee
         job = DmaJob(op, r[_SRC_LO] | r[_SRC_HI] << 32, r[_DST_LO] | r[_DST_HI] << 32,
@@ -151,10 +147,8 @@ class DmaEngine:
         # (they take that lock or come from this same thread).
         if self._queued == 0 and self._inline(job):
             self.runs["inline"] += 1
-            self._apply(job, *self._execute(job))
-            if self.listeners:
-                self._queued += 1
-                self._jobs.put(_NOTIFY)
+            self._apply(*self._execute(job))
+            self._notify_later()
             return
         self._queued += 1
         self._jobs.put(job)
@@ -203,11 +197,17 @@ class DmaEngine:
                     with dev.lock:
                         if job.generation != self.generation:
                             continue  # reset while running: the result is dropped
-                        self._apply(job, code, moved)
+                        self._apply(code, moved)
                     self._notify()
             finally:
                 with dev.lock:
                     self._queued -= 1
+
+    def _notify_later(self) -> None:
+        """After a job run at once: the listeners are called on the engine thread."""
+        if self.listeners:
+            self._queued += 1
+            self._jobs.put(_NOTIFY)
 
     def _notify(self) -> None:
         for fn in list(self.listeners):
@@ -223,8 +223,8 @@ class DmaEngine:
             log.exception("DMA engine bug while running %s", job)
             return regs.DmaError.INTERNAL, 0
 
-    def _apply(self, job: DmaJob, code: regs.DmaError, moved: int) -> None:
-        """Under the device lock: the job's result in the registers, and its interrupt."""
+    def _apply(self, code: regs.DmaError, moved: int) -> None:
+        """Under the device lock: a job's result in the registers, and its interrupt."""
         self.total["bytes"] += moved
         self.bar0.add_bytes(moved)
         self.finish(code)

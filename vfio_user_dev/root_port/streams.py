@@ -227,7 +227,6 @@ class StreamTable:
         """Under the lock: an IDE check failed on *stream*: Insecure, and an IDE Fail
         Message to the device when the burst finishes."""
         stream.mark_insecure(reason)
-        self._ctx.routes.bump()
         self._ctx.counters["ide_failures"] += 1
         self._ctx.event("ide_fail", stream=stream.stream_id, how="detected", reason=reason)
         self.changed(stream, f"IDE check failed: {reason}")
