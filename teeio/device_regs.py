@@ -20,25 +20,45 @@
     0x040 DMA_BYTES_LO RO   bytes moved (read+written) since reset, bits 31:0
     0x044 DMA_BYTES_HI RO   ... bits 63:32
     0x048 IRQ_COUNT    RO   interrupts signalled since reset
+    0x04C BATCH_DONE   RO   descriptors the last BATCH completed (all of them, or the
+                            index of the one that failed)
 
     opcodes: 1 COPY  (SRC -> DST, LEN bytes)
              2 FILL  (PATTERN -> DST, LEN bytes)
              3 SHA256 (hash of SRC[0:LEN] -> DST, 32 bytes)
+             4 BATCH (SRC: a list of LEN / 32 descriptors, 1 .. 64, run in order)
+
+    descriptor (32 bytes, little-endian), one COPY, FILL or SHA256 job:
+      +0x00 u32 opcode  +0x04 u32 length  +0x08 u64 source  +0x10 u64 destination
+      +0x18 u32 pattern +0x1C u32 reserved, zero
 
 A job runs asynchronously in the device's engine: STATUS.BUSY is set while it
 runs; on completion DONE (or ERROR with a code) is set, INT_STATUS gets DMA_DONE
 (or DMA_ERROR), and if enabled in INT_ENABLE an interrupt is raised: MSI-X
 vector 0 when the client configured it, INTx otherwise.
+
+A BATCH reads its descriptor list from memory (one DMA read, gated like the job's own
+requests), then runs the descriptors one after the other as if each had its own GO,
+with one completion and one interrupt for all of them: it is how a driver keeps the
+engine busy without a register round trip and an interrupt per transfer (as Intel DSA's
+Batch descriptor does).  The first descriptor that fails stops the batch: STATUS has its
+error code and BATCH_DONE its index; the ones before it took effect.  A descriptor with a
+BATCH opcode, or a non-zero reserved field, is BAD_OPCODE.  DMA_JOBS counts a batch as
+one job; DMA_BYTES counts the list read and every descriptor's bytes.
 """
 
 from __future__ import annotations
 
+import struct
 from enum import IntEnum, IntFlag
 
 BAR0_SIZE = 4096
 DEVICE_ID_REG_VALUE = 0x7E10_1234
-REGMAP_VERSION = 0x0001_0000
+REGMAP_VERSION = 0x0001_0001     # 1.1: BATCH and BATCH_DONE
 MAX_DMA_LEN = 1 << 20
+#: BATCH: bytes per descriptor, and descriptors per batch at most
+DESCRIPTOR_SIZE = 32
+MAX_BATCH = 64
 
 
 class R(IntEnum):
@@ -59,6 +79,7 @@ class R(IntEnum):
     DMA_BYTES_LO = 0x040
     DMA_BYTES_HI = 0x044
     IRQ_COUNT = 0x048
+    BATCH_DONE = 0x04C
 
 
 class St(IntFlag):
@@ -76,6 +97,7 @@ class Op(IntEnum):
     COPY = 1
     FILL = 2
     SHA256 = 3
+    BATCH = 4
 
 
 CMD_GO = 1 << 31
@@ -91,3 +113,12 @@ class DmaError(IntEnum):
     BUS_MASTER_OFF = 4  # Command.Bus Master Enable clear
     BUSY = 5           # GO while a job was running
     INTERNAL = 6       # an emulator bug (logged with its traceback); the device keeps serving
+
+
+#: one BATCH descriptor: opcode, length, source, destination, pattern, reserved
+DESCRIPTOR = struct.Struct("<IIQQII")
+
+
+def descriptor(op: int, src: int, dst: int, length: int, pattern: int = 0) -> bytes:
+    """One BATCH descriptor's 32 bytes."""
+    return DESCRIPTOR.pack(op, length, src, dst, pattern, 0)

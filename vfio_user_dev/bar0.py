@@ -22,7 +22,7 @@ READ_WRITE = frozenset({R.SCRATCH, R.INT_ENABLE, R.DMA_SRC_LO, R.DMA_SRC_HI, R.D
                         R.DMA_DST_HI, R.DMA_LEN, R.DMA_PATTERN})
 #: the registers SCRUB_SECRETS clears (TVM data and the DMA engine's job state, §11.2)
 SCRUBBED = (R.SCRATCH, R.STATUS, R.INT_STATUS, R.DMA_SRC_LO, R.DMA_SRC_HI,
-            R.DMA_DST_LO, R.DMA_DST_HI, R.DMA_LEN, R.DMA_PATTERN)
+            R.DMA_DST_LO, R.DMA_DST_HI, R.DMA_LEN, R.DMA_PATTERN, R.BATCH_DONE)
 # Plain ints for the access paths (an int compares and hashes like its register).
 _IRQ_COUNT, _INT_ENABLE, _INT_STATUS, _DMA_CMD = (int(r) for r in (
     R.IRQ_COUNT, R.INT_ENABLE, R.INT_STATUS, R.DMA_CMD))

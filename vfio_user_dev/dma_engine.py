@@ -4,7 +4,8 @@ the function's interrupt (INT_STATUS & INT_ENABLE as MSI-X vector 0 or INTx).
 Jobs reach memory only through the device's link endpoint, gated per PCIe 6.x §11.2.1
 (``enforcement.dma_route``; QUIESCE aborts a job, late completions of a read issued in
 RUN are dropped).  A short job on the link's clear path runs at once, on the thread that
-wrote GO; any other runs on the engine thread.  Design notes: docs/device-internals.md.
+wrote GO; any other, and every BATCH, runs on the engine thread.  Design notes:
+docs/device-internals.md.
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ KiB = 1 << 10
 #: transfers take the link's clear path into memory this process reaches directly):
 #: about as long as a register round trip costs, so that the vCPU is not held up longer
 INLINE_MAX: dict[int, int] = {Op.COPY: regs.MAX_DMA_LEN, Op.FILL: regs.MAX_DMA_LEN,
-                              Op.SHA256: 64 * KiB}
+                              Op.SHA256: 64 * KiB, Op.BATCH: 0}
+#: the opcodes a BATCH descriptor may carry (no BATCH in a BATCH)
+DESCRIPTOR_OPS = frozenset({int(Op.COPY), int(Op.FILL), int(Op.SHA256)})
+_BATCH = int(Op.BATCH)
+_BATCH_DONE = int(R.BATCH_DONE)
+_BATCH_MAX_BYTES = regs.MAX_BATCH * regs.DESCRIPTOR_SIZE
 
 _BUS_MASTER = int(Command.BUS_MASTER)
 _COMMAND = int(Reg.COMMAND)
@@ -67,6 +73,14 @@ class DmaJob:
     t_bit: bool = False             # its requests: T=1 on the bound stream (RUN) or T=0
     stream_id: int | None = None
     refused: str | None = None      # why TDISP does not let the device issue it
+    done: int = 0                   # BATCH: descriptors completed
+
+
+def valid_length(op: int, length: int) -> bool:
+    """DMA_LEN for *op*: 1 .. 1 MiB bytes; for a BATCH, whole descriptors, 1 .. 64."""
+    if op == _BATCH:
+        return 0 < length <= _BATCH_MAX_BYTES and not length % regs.DESCRIPTOR_SIZE
+    return 0 < length <= regs.MAX_DMA_LEN
 
 
 class DmaRefused(DmaFault):
@@ -147,7 +161,7 @@ class DmaEngine:
         # (they take that lock or come from this same thread).
         if self._queued == 0 and self._inline(job):
             self.runs["inline"] += 1
-            self._apply(*self._execute(job))
+            self._apply(*self._execute(job), job)
             self._notify_later()
             return
         self._queued += 1
@@ -169,7 +183,7 @@ class DmaEngine:
         so that it never waits for the client (whose messages this thread may serve)."""
         dev = self.device
         limit = INLINE_MAX.get(job.op)
-        if (job.refused is not None or limit is None or not 0 < job.length <= regs.MAX_DMA_LEN
+        if (job.refused is not None or limit is None or not valid_length(job.op, job.length)
                 or not dev.config.data[_COMMAND] & _BUS_MASTER):
             return True
         if job.length > limit or not self.memory_inline:
@@ -197,7 +211,7 @@ class DmaEngine:
                     with dev.lock:
                         if job.generation != self.generation:
                             continue  # reset while running: the result is dropped
-                        self._apply(code, moved)
+                        self._apply(code, moved, job)
                     self._notify()
             finally:
                 with dev.lock:
@@ -223,8 +237,10 @@ class DmaEngine:
             log.exception("DMA engine bug while running %s", job)
             return regs.DmaError.INTERNAL, 0
 
-    def _apply(self, code: regs.DmaError, moved: int) -> None:
+    def _apply(self, code: regs.DmaError, moved: int, job: DmaJob | None = None) -> None:
         """Under the device lock: a job's result in the registers, and its interrupt."""
+        if job is not None and job.op == _BATCH:
+            self.bar0.by_offset[_BATCH_DONE] = job.done
         self.total["bytes"] += moved
         self.bar0.add_bytes(moved)
         self.finish(code)
@@ -238,7 +254,7 @@ class DmaEngine:
             with dev.lock:
                 dev.tee.refusals.add("dma_not_allowed", f"{job.refused}: nothing sent")
             return regs.DmaError.FAULT, 0
-        if not 0 < job.length <= regs.MAX_DMA_LEN:
+        if not valid_length(job.op, job.length):
             return regs.DmaError.BAD_LENGTH, 0
         try:
             if job.op == Op.COPY:
@@ -256,10 +272,32 @@ class DmaEngine:
                 digest = hashlib.sha256(self._read(job, job.src, job.length)).digest()
                 self._write(job, job.dst, digest)
                 return regs.DmaError.NONE, job.length + len(digest)
+            if job.op == _BATCH:
+                return self._run_batch(job)
         except DmaFault as exc:
             log.warning("DMA fault: %s", exc)
             return regs.DmaError.FAULT, 0
         return regs.DmaError.BAD_OPCODE, 0
+
+    def _run_batch(self, job: DmaJob) -> tuple[regs.DmaError, int]:
+        """A BATCH: its descriptor list read like any of the job's reads, then each
+        descriptor run as a job of its own with the batch's route and TDI epoch (so that
+        QUIESCE stops the rest), up to the first that fails (``job.done``: how many
+        completed)."""
+        table = self._read(job, job.src, job.length)
+        moved = job.length
+        for op, length, src, dst, pattern, reserved in regs.DESCRIPTOR.iter_unpack(table):
+            if job.generation != self.generation:
+                break           # reset or scrubbed while it ran: the result is dropped
+            if op not in DESCRIPTOR_OPS or reserved:
+                return regs.DmaError.BAD_OPCODE, moved
+            code, n = self._run(DmaJob(op, src, dst, length, pattern, job.generation,
+                                       job.epoch, job.t_bit, job.stream_id))
+            if code is not _NO_ERROR:
+                return code, moved
+            moved += n
+            job.done += 1
+        return _NO_ERROR, moved
 
     def _check(self, job: DmaJob) -> None:
         """QUIESCE: a job whose TDI changed state since it started issues nothing more."""

@@ -10,14 +10,15 @@ import time
 
 import pytest
 
-from teeio.device_regs import DmaError, Op, R
+from teeio.device_regs import DmaError, Op, R, descriptor
 from teeio.tdisp.defs import TdiState
-from teeio.tlp import IdePrefix, is_protected, peek
+from teeio.tlp import IdePrefix, TlpType, is_protected, peek
 from tests.support.tdi_gates import to_state
 from tests.support.tee_rig import GUEST, SID, WIN, WIN_SIZE, TeeRig, status_error
 from vfio_user_dev.device import DEVCTL
 
 pytestmark = pytest.mark.timeout(60)
+REQUESTS = (TlpType.MRD32, TlpType.MRD64, TlpType.MWR32, TlpType.MWR64)
 
 
 # -- the requester table (§11.2.1) ------------------------------------------------------------
@@ -163,3 +164,75 @@ def test_completions_after_run_are_dropped(tee_rig: TeeRig) -> None:
     assert status_error(status) == DmaError.FAULT
     assert rig.mem(WIN - GUEST + 0x100, 8) == bytes(8)    # the data went nowhere
     assert rig.machine.stats()["tdisp_refusals"]["dma_late_completion"] == 1  # type: ignore[index]
+
+
+# -- BATCH: its list read and every descriptor gated like the job's own requests -------------
+
+@pytest.mark.parametrize("state", list(TdiState))
+def test_batch_follows_the_requester_table(tee_rig: TeeRig, state: TdiState) -> None:
+    """The descriptor list is read, and each descriptor issued, as the TDI state allows:
+    in the clear in CONFIG_UNLOCKED, T=1 into the private window in RUN, not at all in
+    CONFIG_LOCKED or ERROR (one refusal for the batch, nothing crosses the link)."""
+    rig = tee_rig
+    to_state(rig, state)
+    link = rig.machine.link.counters
+    base = WIN if state is TdiState.RUN else GUEST + 0x100
+    rig.poke(base - GUEST, b"batched!" * 8)
+    rig.poke(base + 0x800 - GUEST,
+             descriptor(Op.COPY, base, base + 0x200, 64)
+             + descriptor(Op.FILL, 0, base + 0x300, 16, 0xA1B2C3D4))
+    before = link["tlps_upstream"]
+    status = rig.dma_direct(Op.BATCH, base + 0x800, 0, 64)
+    if state in (TdiState.CONFIG_UNLOCKED, TdiState.RUN):
+        assert status_error(status) is None
+        assert rig.mem(base + 0x200 - GUEST, 64) == b"batched!" * 8
+        assert rig.mem(base + 0x300 - GUEST, 16) == (0xA1B2C3D4).to_bytes(4, "little") * 4
+        assert rig.device.r[R.BATCH_DONE] == 2
+    else:
+        assert status_error(status) == DmaError.FAULT
+        assert rig.mem(base + 0x200 - GUEST, 64) == bytes(64)
+        assert link["tlps_upstream"] == before
+        assert rig.machine.stats()["tdisp_refusals"] == {"dma_not_allowed": 1}
+        assert rig.device.r[R.BATCH_DONE] == 0
+
+
+def test_batch_in_run_reads_its_list_and_writes_t1_on_the_bound_stream(
+        tee_rig_captured: TeeRig) -> None:
+    rig = tee_rig_captured
+    rig.run()
+    rig.poke(WIN + 0x800 - GUEST, descriptor(Op.FILL, 0, WIN, 64, 0x01020304))
+    assert status_error(rig.dma_direct(Op.BATCH, WIN + 0x800, 0, 32)) is None
+    requests = [t for w in rig.records() if is_protected(w)
+                and (t := peek(w)) is not None and t.type in REQUESTS]
+    assert all(t.t_bit and t.stream_id == SID for t in requests)
+    # the list read and the FILL's write, both T=1 on the bound stream
+    assert {t.type for t in requests} == {TlpType.MRD64, TlpType.MWR64}
+    # The same list outside the window: its read is refused at the root port.
+    rig.poke(0x800, descriptor(Op.FILL, 0, WIN, 64, 5))
+    assert status_error(rig.dma_direct(Op.BATCH, GUEST + 0x800, 0, 32)) == DmaError.FAULT
+    assert rig.device.r[R.BATCH_DONE] == 0
+    assert rig.mem(WIN - GUEST, 4) == (0x01020304).to_bytes(4, "little")
+
+
+def test_lock_during_a_batch_stops_its_remaining_descriptors(tee_rig: TeeRig) -> None:
+    """QUIESCE (§11.2.1): the TDI locked while a batch runs; the descriptor that was being
+    issued finishes, the next one issues nothing."""
+    rig = tee_rig
+    rig.setup_stream()
+    real_write = rig.device.link_end.write
+    locked = [False]
+
+    def write_then_lock(address: int, data: bytes, **kw: object) -> None:
+        real_write(address, data, **kw)  # type: ignore[arg-type]
+        if not locked[0]:
+            locked[0] = True
+            rig.lock()
+    rig.device.link_end.write = write_then_lock  # type: ignore[method-assign]
+    rig.poke(0x800, descriptor(Op.FILL, 0, GUEST, 4, 0x1111)
+             + descriptor(Op.FILL, 0, GUEST + 0x100, 4, 0x2222))
+    status = rig.dma_direct(Op.BATCH, GUEST + 0x800, 0, 64)
+    assert status_error(status) == DmaError.FAULT
+    assert rig.device.r[R.BATCH_DONE] == 1
+    assert rig.mem(0, 4) == (0x1111).to_bytes(4, "little")
+    assert rig.mem(0x100, 4) == bytes(4)                 # never issued
+    assert rig.machine.stats()["tdisp_refusals"] == {"dma_aborted": 1}

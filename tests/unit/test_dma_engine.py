@@ -13,7 +13,19 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from teeio.device_regs import CMD_GO, DmaError, Op, R, St
+from teeio.device_regs import (
+    CMD_GO,
+    DESCRIPTOR,
+    DESCRIPTOR_SIZE,
+    MAX_BATCH,
+    MAX_DMA_LEN,
+    DmaError,
+    Irq,
+    Op,
+    R,
+    St,
+    descriptor,
+)
 from teeio.pcie.config import Command, Reg
 from vfio_user_dev.device import TeeIoDevice
 from vfio_user_dev.dma_engine import INLINE_MAX, fill_pattern
@@ -222,3 +234,112 @@ def test_clear_copy_is_one_memmove_on_the_go_writers_thread(plat: Platform, gues
     assert int.from_bytes(plat.region_read(PciRegion.BAR0, R.DMA_BYTES_LO, 4), "little") \
         == 2 << 20
 
+
+
+# -- BATCH: a list of descriptors, one GO, one completion ----------------------------------------
+LIST = 0x300000          # where the tests put the descriptor list (offset in the memfd)
+
+
+def batch(plat: Platform, guest: int, *descs: bytes, length: int | None = None) -> int:
+    """Write *descs* at LIST, start a BATCH of them and wait: STATUS after it."""
+    table = b"".join(descs)
+    os.pwrite(guest, table, LIST)
+    go(plat, Op.BATCH, GUEST + LIST, 0, len(table) if length is None else length)
+    return wait_idle(plat)
+
+
+def reg(plat: Platform, r: R) -> int:
+    return int.from_bytes(plat.region_read(PciRegion.BAR0, r, 4), "little")
+
+
+def test_batch_runs_every_kind_of_descriptor_with_one_completion(
+        plat: Platform, guest: int) -> None:
+    src = os.urandom(0x3000)
+    os.pwrite(guest, src, 0)
+    descs = (descriptor(Op.COPY, GUEST, GUEST + 0x10000, 0x3000),
+             descriptor(Op.FILL, 0, GUEST + 0x20000, 4099, 0x11223344),
+             descriptor(Op.SHA256, GUEST, GUEST + 0x30000, 0x3000))
+    assert batch(plat, guest, *descs) == St.DONE
+    assert os.pread(guest, 0x3000, 0x10000) == src
+    assert os.pread(guest, 4099, 0x20000) == (b"\x44\x33\x22\x11" * 1025)[:4099]
+    assert os.pread(guest, 32, 0x30000) == hashlib.sha256(src).digest()
+    assert reg(plat, R.BATCH_DONE) == 3
+    assert reg(plat, R.DMA_JOBS) == 1                  # the batch is one job
+    assert reg(plat, R.DMA_BYTES_LO) == 96 + 2 * 0x3000 + 4099 + 0x3000 + 32
+    assert reg(plat, R.INT_STATUS) == Irq.DMA_DONE
+    assert plat.device.engine.runs == {"inline": 0, "engine_thread": 1}
+
+
+def test_batch_stops_at_the_first_descriptor_that_fails(plat: Platform, guest: int) -> None:
+    os.pwrite(guest, b"first!!!", 0)
+    st = batch(plat, guest,
+               descriptor(Op.COPY, GUEST, GUEST + 0x10000, 8),
+               descriptor(Op.COPY, 0x10, GUEST + 0x20000, 8),      # unmapped source
+               descriptor(Op.FILL, 0, GUEST + 0x30000, 8, 0x55555555))
+    assert st & St.ERROR and st >> 8 == DmaError.FAULT
+    assert reg(plat, R.BATCH_DONE) == 1
+    assert os.pread(guest, 8, 0x10000) == b"first!!!"              # took effect
+    assert os.pread(guest, 8, 0x30000) == bytes(8)                 # never ran
+    assert reg(plat, R.DMA_JOBS) == 0
+    assert reg(plat, R.DMA_BYTES_LO) == 3 * 32 + 16    # the list and the first COPY
+
+
+@pytest.mark.parametrize(("bad", "code"), [
+    (descriptor(Op.BATCH, GUEST, 0, 32), DmaError.BAD_OPCODE),         # no batch in a batch
+    (descriptor(0xE, GUEST, GUEST, 8), DmaError.BAD_OPCODE),
+    (DESCRIPTOR.pack(Op.FILL, 8, 0, GUEST, 1, 1), DmaError.BAD_OPCODE),  # reserved set
+    (descriptor(Op.FILL, 0, GUEST, 0), DmaError.BAD_LENGTH),
+    (descriptor(Op.COPY, GUEST, GUEST + 0x10000, MAX_DMA_LEN + 1), DmaError.BAD_LENGTH),
+])
+def test_bad_descriptor_is_refused_with_its_index(plat: Platform, guest: int, bad: bytes,
+                                                  code: DmaError) -> None:
+    good = descriptor(Op.FILL, 0, GUEST + 0x20000, 4, 0x01020304)
+    st = batch(plat, guest, good, good, bad, good)
+    assert st & St.ERROR and st >> 8 == code
+    assert reg(plat, R.BATCH_DONE) == 2
+
+
+@pytest.mark.parametrize("length", [0, 31, 33, DESCRIPTOR_SIZE * MAX_BATCH + DESCRIPTOR_SIZE])
+def test_batch_list_length_is_whole_descriptors_up_to_the_limit(
+        plat: Platform, guest: int, length: int) -> None:
+    st = batch(plat, guest, descriptor(Op.FILL, 0, GUEST, 4, 1), length=length)
+    assert st & St.ERROR and st >> 8 == DmaError.BAD_LENGTH
+    assert reg(plat, R.BATCH_DONE) == 0
+    assert plat.device.engine.runs == {"inline": 1, "engine_thread": 0}   # nothing read
+
+
+def test_longest_batch_runs_whole(plat: Platform, guest: int) -> None:
+    descs = [descriptor(Op.FILL, 0, GUEST + 0x10000 + 4 * i, 4, i) for i in range(MAX_BATCH)]
+    assert batch(plat, guest, *descs) == St.DONE
+    assert reg(plat, R.BATCH_DONE) == MAX_BATCH
+    got = os.pread(guest, 4 * MAX_BATCH, 0x10000)
+    assert got == b"".join(i.to_bytes(4, "little") for i in range(MAX_BATCH))
+
+
+def test_batch_list_outside_every_map_faults_before_any_descriptor(
+        plat: Platform, guest: int) -> None:
+    go(plat, Op.BATCH, GUEST + SIZE, 0, 64)
+    st = wait_idle(plat)
+    assert st & St.ERROR and st >> 8 == DmaError.FAULT
+    assert reg(plat, R.BATCH_DONE) == 0
+
+
+def test_bus_master_cleared_mid_batch_stops_the_rest(plat: Platform, guest: int) -> None:
+    """Each descriptor is gated as a job of its own: Bus Master cleared after the first
+    one ran (here, from its own write's hook) stops the second."""
+    link_end = plat.device.link_end
+    real_write = link_end.write
+    calls = 0
+
+    def write_then_clear(address: int, data: bytes, **kw: object) -> None:
+        nonlocal calls
+        calls += 1
+        real_write(address, data, **kw)  # type: ignore[arg-type]
+        plat.device.config.data[Reg.COMMAND] &= ~int(Command.BUS_MASTER)
+
+    link_end.write = write_then_clear  # type: ignore[method-assign]
+    st = batch(plat, guest, descriptor(Op.FILL, 0, GUEST + 0x10000, 4, 7),
+               descriptor(Op.FILL, 0, GUEST + 0x20000, 4, 8))
+    assert st & St.ERROR and st >> 8 == DmaError.BUS_MASTER_OFF
+    assert reg(plat, R.BATCH_DONE) == 1 and calls == 1
+    assert os.pread(guest, 4, 0x20000) == bytes(4)
