@@ -28,7 +28,7 @@ HARNESSES = (
     "vfio_protocol", "doe_object", "spdm_codec", "spdm_secured", "ide_km", "tdisp",
     "ghcx_frames", "ghcx_channel", "platform_ctl", "tsm_ctl", "journal_records",
     "link_capture", "doe_pcap", "tlp", "spdm_responder", "dsm_doe", "journal_replay",
-    "vfio_server", "doe_socket", "link_ide", "nvme_commands",
+    "vfio_server", "doe_socket", "link_ide", "nvme_commands", "dma_batch",
 )
 
 
