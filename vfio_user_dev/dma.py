@@ -17,7 +17,7 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from vfio_user_dev.dma_file import FileMemory, MemoryGone, cannot_shrink
@@ -36,6 +36,9 @@ _READ, _WRITE = int(DmaFlags.READ), int(DmaFlags.WRITE)     # plain ints: cheape
 class DmaFault(Exception):
     """A device access to guest memory that no live map allows."""
 
+
+#: one copy between two guest ranges: (source, destination, length)
+Copy = tuple[int, int, int]
 
 @dataclass
 class DmaRegion:
@@ -135,7 +138,7 @@ class DmaMapSet:
                     if mem is not None:
                         mem.close()
                     raise
-                region = DmaRegion(address, size, flags, fd_offset, mem, map_id=self._next_id,
+                region = DmaRegion(address, size, int(flags), fd_offset, mem, map_id=self._next_id,
                                    inode=inode)
                 self._insert(region)
         finally:
@@ -153,7 +156,7 @@ class DmaMapSet:
                              f"expected {size} of 'B'")
         with self._cond:
             self._check_free(address, size)
-            region = DmaRegion(address, size, flags, fd_offset, view, map_id=self._next_id,
+            region = DmaRegion(address, size, int(flags), fd_offset, view, map_id=self._next_id,
                                inode=inode)
             self._insert(region)
         self._notify([MapEvent("map", _backing(region))])
@@ -333,30 +336,48 @@ class DmaMapSet:
         lies in one map this process maps and that allows the access; the result is that
         of reading the source and then writing it (overlap included).  False, and
         nothing touched, otherwise: the caller reads and writes (which says why)."""
+        return self.copy_direct_many(((src, dst, length),)) == 1
+
+    def copy_direct_many(self, copies: Sequence[Copy],
+                         proceed: Callable[[], bool] | None = None) -> int:
+        """Each of *copies* (source, destination, length) as :meth:`copy_direct` does it,
+        in order, the maps looked up and held once for all of them; it stops before the
+        first it cannot do so, or before the first for which *proceed* (asked before
+        each) says no.  How many it did."""
         starts, regions = self._starts, self._regions
+        todo: list[tuple[memoryview, int, memoryview, int, int]] = []
+        held: list[DmaRegion] = []
         with self._lock:
-            i = bisect.bisect_right(starts, src) - 1
-            j = bisect.bisect_right(starts, dst) - 1
-            if i < 0 or j < 0 or length <= 0:
-                return False
-            rs, rd = regions[i], regions[j]
-            vs, vd = rs.view, rd.view
-            if (vs is None or vd is None or src + length > rs.end or dst + length > rd.end
-                    or not rs.flags & _READ or not rd.flags & _WRITE):
-                return False
-            rs.users += 1
-            rd.users += 1
+            for src, dst, length in copies:
+                i = bisect.bisect_right(starts, src) - 1
+                j = bisect.bisect_right(starts, dst) - 1
+                if i < 0 or j < 0 or length <= 0:
+                    break
+                rs, rd = regions[i], regions[j]
+                vs, vd = rs.view, rd.view
+                if (vs is None or vd is None or src + length > rs.end or dst + length > rd.end
+                        or not rs.flags & _READ or not rd.flags & _WRITE):
+                    break
+                rs.users += 1
+                rd.users += 1
+                held += (rs, rd)
+                todo.append((vs, src - rs.address, vd, dst - rd.address, length))
+        done = 0
         try:
             # Held maps are not unmapped (nor their views released) until let go.
-            so, do = src - rs.address, dst - rd.address
-            vd[do:do + length] = vs[so:so + length]
+            for vs, so, vd, do, length in todo:
+                if proceed is not None and not proceed():
+                    break
+                vd[do:do + length] = vs[so:so + length]
+                done += 1
         finally:
-            with self._lock:
-                rs.users -= 1
-                rd.users -= 1
-                if self._waiters:
-                    self._cond.notify_all()
-        return True
+            if held:
+                with self._lock:
+                    for r in held:
+                        r.users -= 1
+                    if self._waiters:
+                        self._cond.notify_all()
+        return done
 
     @staticmethod
     def _acquire(pieces: list[tuple[DmaRegion, int, int]]) -> list[DmaRegion]:

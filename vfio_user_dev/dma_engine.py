@@ -14,7 +14,7 @@ import hashlib
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,7 @@ from teeio import device_regs as regs
 from teeio.device_regs import Irq, Op, R, St
 from teeio.pcie.config import Command, Reg, Status
 from teeio.tdisp.defs import TdiState
-from vfio_user_dev.dma import DmaFault
+from vfio_user_dev.dma import Copy, DmaFault
 from vfio_user_dev.enforcement import dma_route
 
 if TYPE_CHECKING:
@@ -283,12 +283,23 @@ class DmaEngine:
         """A BATCH: its descriptor list read like any of the job's reads, then each
         descriptor run as a job of its own with the batch's route and TDI epoch (so that
         QUIESCE stops the rest), up to the first that fails (``job.done``: how many
-        completed)."""
-        table = self._read(job, job.src, job.length)
+        completed).  A run of T=0 COPYs on the link's clear path goes as memmoves, the
+        gates looked at once for the run and the job's own (TDI epoch, reset, Bus Master)
+        before each; whatever that way does not take runs as any job does."""
+        descs = list(regs.DESCRIPTOR.iter_unpack(self._read(job, job.src, job.length)))
         moved = job.length
-        for op, length, src, dst, pattern, reserved in regs.DESCRIPTOR.iter_unpack(table):
-            if job.generation != self.generation:
-                break           # reset or scrubbed while it ran: the result is dropped
+        clear = not job.t_bit and job.stream_id is None
+        i = 0
+        while i < len(descs) and job.generation == self.generation:  # else reset: dropped
+            if clear:
+                copies = list(_copy_run(descs, i))
+                done = self._copy_many(job, copies) if copies else 0
+                if done:
+                    moved += 2 * sum(c[2] for c in copies[:done])
+                    job.done += done
+                    i += done
+                    continue
+            op, length, src, dst, pattern, reserved = descs[i]
             if op not in DESCRIPTOR_OPS or reserved:
                 return regs.DmaError.BAD_OPCODE, moved
             code, n = self._run(DmaJob(op, src, dst, length, pattern, job.generation,
@@ -297,7 +308,21 @@ class DmaEngine:
                 return code, moved
             moved += n
             job.done += 1
+            i += 1
         return _NO_ERROR, moved
+
+    def _copy_many(self, job: DmaJob, copies: list[Copy]) -> int:
+        """T=0 COPYs of *job* (a BATCH) as memmoves while its own gates hold."""
+        dev = self.device
+        tee, config = dev.tee, dev.config
+
+        def proceed() -> bool:
+            return (job.generation == self.generation and job.epoch == tee.epoch
+                    and bool(config.data[_COMMAND] & _BUS_MASTER))
+        try:
+            return dev.link_end.copy_clear_many(copies, proceed)
+        except DmaFault:
+            return 0            # the general path says why
 
     def _check(self, job: DmaJob) -> None:
         """QUIESCE: a job whose TDI changed state since it started issues nothing more."""
@@ -361,6 +386,15 @@ class DmaEngine:
             status |= _INTERRUPT_STATUS
         config.poke(Reg.STATUS, 2, status)
         irq.set_intx(bool(level), event=bool(new_bits & r[R.INT_ENABLE]))
+
+
+def _copy_run(descs: list[tuple[int, ...]], start: int) -> Iterator[Copy]:
+    """The COPY descriptors from *start* on that are well formed, as (source,
+    destination, length), up to the first that is not."""
+    for op, length, src, dst, _pattern, reserved in descs[start:]:
+        if op != _COPY or reserved or not 0 < length <= regs.MAX_DMA_LEN:
+            return
+        yield src, dst, length
 
 
 def fill_pattern(pattern: int, length: int) -> bytes:

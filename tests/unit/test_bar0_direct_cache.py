@@ -229,10 +229,12 @@ def test_the_hosts_path_is_decided_on_every_access(m: Platform) -> None:
 #: OPERATIONS below
 NOT_ROUTING = {
     "RootPort": {"events_since", "status", "has_stream", "key_programmed", "mmio_in_clear",
-                 "mmio_read", "mmio_write", "receive", "clear_write", "clear_read", "copy_direct",
+                 "mmio_read", "mmio_write", "receive", "clear_write", "clear_read",
+                 "copy_direct_many",
                  "authorise_window", "reauthorise_window", "revoke_window", "attach_link",
                  "completer_id", "mps", "mrrs", "window_gate", "aggregation_supported"},
     "Link": {"set_payload_sizes", "send_upstream", "send_downstream", "clear_write", "clear_copy",
+             "clear_copy_many",
              "clear_read", "ide_fail_message_upstream", "ide_fail_message_downstream",
              "status", "close", "tapped"},
 }

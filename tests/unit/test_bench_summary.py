@@ -69,6 +69,35 @@ def rows_for(tmp_path: Path, name: str, doc: object) -> tuple[list[str], summary
 HEADER = "| bench | figure | value | anchor | ratio | spread | goal | met |"
 
 
+def test_copy_goal_goes_to_the_batch_rows(tmp_path: Path) -> None:
+    """With a batch leg the COPY goal is judged there; single jobs keep their rows."""
+    doc = bench_doc()
+    batch = [dict(point("COPY_BATCH", n, server, 20000.0), jobs_per_go=64)
+             for n, server in ((1 << 20, 17000.0), (4 << 20, 16500.0))]
+    doc["dma_throughput"] = doc["dma_throughput"][:3] + batch
+    doc["goals"]["copy_throughput"] = {
+        "target": "COPY >= 0.8x memcpy at >= 1 MiB",
+        "measured": {"ratio_server 1048576": 0.85, "ratio_server 4194304": 0.825,
+                     "single_job_ratio_server 1048576": 0.12}, "met": True}
+    rows, s = rows_for(tmp_path, "bench.json", doc)
+    goal = "COPY >= 0.8x memcpy at >= 1 MiB"
+    assert rows[1:] == [
+        "| bench | DMA COPY 1 MiB, server (GO → completion) | 2,400 MB/s | memcpy, same run: "
+        "20,000 MB/s | 0.12 | 1.4% | — | — |",
+        "| bench | DMA COPY 4 MiB, server (GO → completion) | 2,000 MB/s | memcpy, same run: "
+        "16,000 MB/s | 0.125 | 12% | — | — |",
+        "| bench | DMA COPY 4 MiB, end to end (client) | 200 MB/s | memcpy, same run: "
+        "16,000 MB/s | 0.0125 | 22% | — | — |",
+        "| bench | DMA COPY 1 MiB, 64 jobs per GO (BATCH), server (GO → completion) "
+        f"| 17,000 MB/s | memcpy, same run: 20,000 MB/s | 0.85 | 5.0% | {goal} | yes |",
+        "| bench | DMA COPY 4 MiB, 64 jobs per GO (BATCH), server (GO → completion) "
+        f"| 16,500 MB/s | memcpy, same run: 20,000 MB/s | 0.825 | 5.0% | {goal} | yes |",
+        "| bench | DMA COPY 4 MiB, 64 jobs per GO (BATCH), end to end (client) | 1,650 MB/s "
+        "| memcpy, same run: 20,000 MB/s | 0.0825 | 22% | — | — |",
+    ]
+    assert s.goal_counts()["met"] == 2
+
+
 def test_dma_rows_exact(tmp_path: Path) -> None:
     rows, s = rows_for(tmp_path, "bench.json", bench_doc())
     copy_goal = "COPY >= 0.8x memcpy at >= 1 MiB"

@@ -27,6 +27,7 @@ from teeio.tlp import (
     prefix_stream_id,
     split,
 )
+from vfio_user_dev.dma import Copy
 from vfio_user_dev.link.interfaces import (
     DEFAULT_REQUESTER_ID,
     IdeFailEvent,
@@ -209,6 +210,29 @@ class LinkEndpoint:
             return False
         self.counters["transfers"] += 2
         return True
+
+    def copy_clear_many(self, copies: Sequence[Copy],
+                        proceed: Callable[[], bool] | None = None) -> int:
+        """Copies (source, destination, length) done as :meth:`copy_clear` does with
+        *direct_only*, in order, the link's state looked at once for all of them and
+        *proceed* asked before each; it stops before the first it cannot do that way (a
+        bad range included).  How many: the caller does the next one otherwise."""
+        n = 0
+        for src, dst, length in copies:
+            if length <= 0 or src < 0 or dst < 0 or (src if src > dst else dst) + length \
+                    > _ADDRESS_END:
+                break
+            n += 1
+        link = self.link
+        if not n or link is None or link.tapped:
+            return 0
+        with self._ide_lock:
+            if self._started or self._any_secure():
+                return 0
+        done = link.clear_copy_many(self.requester_id,
+                                    copies if n == len(copies) else copies[:n], proceed)
+        self.counters["transfers"] += 2 * done
+        return done
 
     def _route(self, t_bit: bool | None = None,
                stream_id: int | None = None) -> tuple[StreamPort | None, bool]:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vfio_user_dev.dma import DmaFault
+from vfio_user_dev.dma import Copy, DmaFault
 
 DEFAULT_MPS = 256
 DEFAULT_MRRS = 512
@@ -81,7 +81,8 @@ class RootPortPort(Protocol):
 
     def clear_read(self, requester_id: int, address: int, length: int, mrrs: int) -> bytes: ...
 
-    def copy_direct(self, requester_id: int, src: int, dst: int, length: int) -> bool: ...
+    def copy_direct_many(self, requester_id: int, copies: Sequence[Copy],
+                         proceed: Callable[[], bool] | None = None) -> int: ...
 
     def ide_fail_message(self, stream_id: int, reason: str) -> None: ...
 
@@ -110,6 +111,9 @@ class UpstreamPort(Protocol):
 
     def clear_copy(self, requester_id: int, src: int, dst: int, length: int, *,
                    direct_only: bool = False) -> bool: ...
+
+    def clear_copy_many(self, requester_id: int, copies: Sequence[Copy],
+                        proceed: Callable[[], bool] | None = None) -> int: ...
 
     def ide_fail_message_upstream(self, stream_id: int, reason: str) -> None: ...
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from teeio.tlp import check_tlp_size, count_pieces, count_read_tlps, peek
+from vfio_user_dev.dma import Copy
 from vfio_user_dev.link.capture import CaptureFlags, CaptureWriter
 from vfio_user_dev.link.faults import Fault, TlpView, apply_faults
 from vfio_user_dev.link.interfaces import (
@@ -193,26 +194,41 @@ class Link:
         """:meth:`clear_read` of *src* whose data :meth:`clear_write` puts at *dst*, with
         the same counts; as one memmove where the root port can.  *direct_only*: only
         that way (False, and nothing done, when it cannot)."""
-        if self.root_port.copy_direct(requester_id, src, dst, length):
-            # TLP counts depend on the addresses only below 4 KiB (MPS, MRRS <= 4096)
-            key = (src & 0xFFF, dst & 0xFFF, length, self.mrrs, self.mps)
-            tlps = self._copy_tlps.get(key)
-            if tlps is None:
-                if len(self._copy_tlps) >= 256:
-                    self._copy_tlps.clear()
-                mrd, cpl = count_read_tlps(src, length, self.mrrs, self.mps)
-                tlps = self._copy_tlps[key] = (mrd + count_pieces(dst, length, self.mps), cpl)
-            counters = self.counters
-            counters["clear_transfers"] += 2
-            counters["tlps_upstream"] += tlps[0]
-            counters["tlps_downstream"] += tlps[1]
-            counters["bytes_downstream"] += length
-            counters["bytes_upstream"] += length
+        if self.clear_copy_many(requester_id, ((src, dst, length),)):
             return True
         if direct_only:
             return False
         self.clear_write(requester_id, dst, self.clear_read(requester_id, src, length))
         return True
+
+    def clear_copy_many(self, requester_id: int, copies: Sequence[Copy],
+                        proceed: Callable[[], bool] | None = None) -> int:
+        """Copies done as memmoves by the root port (:meth:`clear_copy`'s way, *proceed*
+        asked before each), from the first while it can; each counted as its read and
+        write.  How many."""
+        done = self.root_port.copy_direct_many(requester_id, copies, proceed)
+        if done:
+            mrrs, mps, cache = self.mrrs, self.mps, self._copy_tlps
+            up = down = moved = 0
+            for src, dst, length in copies[:done] if done < len(copies) else copies:
+                # TLP counts depend on the addresses only below 4 KiB (MPS, MRRS <= 4096)
+                key = (src & 0xFFF, dst & 0xFFF, length, mrrs, mps)
+                tlps = cache.get(key)
+                if tlps is None:
+                    if len(cache) >= 256:
+                        cache.clear()
+                    mrd, cpl = count_read_tlps(src, length, mrrs, mps)
+                    tlps = cache[key] = (mrd + count_pieces(dst, length, mps), cpl)
+                up += tlps[0]
+                down += tlps[1]
+                moved += length
+            counters = self.counters
+            counters["clear_transfers"] += 2 * done
+            counters["tlps_upstream"] += up
+            counters["tlps_downstream"] += down
+            counters["bytes_downstream"] += moved
+            counters["bytes_upstream"] += moved
+        return done
 
     def ide_fail_message_upstream(self, stream_id: int, reason: str) -> None:
         self.counters["ide_fail_messages_up"] += 1

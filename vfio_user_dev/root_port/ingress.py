@@ -21,6 +21,7 @@ from teeio.tlp import (
     prefix_stream_id,
     split,
 )
+from vfio_user_dev.dma import Copy
 from vfio_user_dev.link.interfaces import LinkFault, RootPortReply
 from vfio_user_dev.root_port.context import Burst, PortContext
 from vfio_user_dev.root_port.requests import Admitted, Request
@@ -224,29 +225,32 @@ class Ingress:
         return None, None, ""
 
     # -- clear fast path (no IDE, nobody watching the wire; see link/endpoint.py) ------------
-    def clear_copy(self, rid: int, src: int, dst: int, length: int,
-                   copy: Callable[[int, int, int], bool]) -> bool:
-        """A T=0 read of *src* and a T=0 write of *dst* (*length* bytes each) that
-        :meth:`clear_plan` would admit whole, refusing nothing, done by *copy* (outside
-        the lock, as memory is always touched) and counted as those two plans would
-        count them.  False, with nothing done or counted, when they would not be admitted
-        whole or *copy* could not do it."""
+    def clear_copy_many(self, rid: int, copies: Sequence[Copy],
+                        copy: Callable[[Sequence[Copy], Callable[[], bool] | None], int],
+                        proceed: Callable[[], bool] | None = None) -> int:
+        """T=0 copies (each a read of its source whose data is written to its
+        destination) that :meth:`clear_plan` would admit whole, refusing nothing, done by
+        *copy* (outside the lock, as memory is always touched; *proceed* asked before
+        each) and counted as those plans would count them.  Those before the first that
+        would not be admitted whole; how many *copy* did."""
         ctx = self._ctx
         with ctx.lock:
             owner = self._streams.of_rid(rid)
             if owner is not None and owner.is_secure() and owner.started:
-                return False
-            windows = self._windows
-            if windows.touching(src, length) is not None \
-                    or windows.touching(dst, length) is not None:
-                return False
-        if not copy(src, dst, length):
-            return False
-        with ctx.lock:
-            counters = ctx.counters
-            counters["clear_transfers"] += 2
-            counters["tlps_admitted"] += 2
-        return True
+                return 0
+            touching = self._windows.touching
+            n = 0
+            for src, dst, length in copies:
+                if touching(src, length) is not None or touching(dst, length) is not None:
+                    break
+                n += 1
+        done = copy(copies if n == len(copies) else copies[:n], proceed) if n else 0
+        if done:
+            with ctx.lock:
+                counters = ctx.counters
+                counters["clear_transfers"] += 2 * done
+                counters["tlps_admitted"] += 2 * done
+        return done
 
     def clear_plan(self, write: bool, rid: int, address: int, length: int, size: int,
                    burst: Burst) -> Plan:

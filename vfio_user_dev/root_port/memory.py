@@ -5,12 +5,12 @@ docs/root-port-internals.md."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from teeio.ide import IdeKeyStateError
 from teeio.tlp import CplStatus, SubStream, Tlp, TlpType, completion_runs
-from vfio_user_dev.dma import DmaFault, DmaMapSet
+from vfio_user_dev.dma import Copy, DmaFault, DmaMapSet
 from vfio_user_dev.link.interfaces import LinkFault, RootPortReply
 from vfio_user_dev.root_port.context import Burst, PortContext
 from vfio_user_dev.root_port.ingress import Ingress
@@ -171,11 +171,14 @@ class DmaExecutor:
         finally:
             self._ctx.finish_burst(burst)
 
-    def copy_direct(self, requester_id: int, src: int, dst: int, length: int) -> bool:
-        """A T=0 read of *src* whose data goes to *dst* as one memmove, when both are
-        admitted whole (as :meth:`clear_read` and :meth:`clear_write` would) into mapped
-        memory; False, with nothing done or counted, otherwise."""
-        return self._ingress.clear_copy(requester_id, src, dst, length, self._dma.copy_direct)
+    def copy_direct_many(self, requester_id: int, copies: Sequence[Copy],
+                         proceed: Callable[[], bool] | None = None) -> int:
+        """T=0 copies (a read of the source whose data goes to the destination), each as
+        one memmove, while both ranges are admitted whole (as :meth:`clear_read` and
+        :meth:`clear_write` would) into mapped memory and *proceed* (asked before each)
+        agrees; how many, from the first (the rest: nothing done or counted)."""
+        return self._ingress.clear_copy_many(requester_id, copies, self._dma.copy_direct_many,
+                                             proceed)
 
     def clear_read(self, requester_id: int, address: int, length: int, mrrs: int) -> bytes:
         burst = Burst()

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from teeio.ide import Direction, IdeKey, KeySet
 from teeio.tlp import SubStream
-from vfio_user_dev.dma import DmaMapSet
+from vfio_user_dev.dma import Copy, DmaMapSet
 from vfio_user_dev.link.interfaces import ROOT_PORT_ID, Generation, RootPortReply
 from vfio_user_dev.platform_events import PlatformEvents
 from vfio_user_dev.root_port.context import Burst, PortContext
@@ -189,8 +189,9 @@ class RootPort:
     def clear_read(self, requester_id: int, address: int, length: int, mrrs: int) -> bytes:
         return self._executor.clear_read(requester_id, address, length, mrrs)
 
-    def copy_direct(self, requester_id: int, src: int, dst: int, length: int) -> bool:
-        return self._executor.copy_direct(requester_id, src, dst, length)
+    def copy_direct_many(self, requester_id: int, copies: Sequence[Copy],
+                         proceed: Callable[[], bool] | None = None) -> int:
+        return self._executor.copy_direct_many(requester_id, copies, proceed)
 
     # -- events -------------------------------------------------------------------------------
     def events_since(self, seq: int = 0, kinds: Sequence[str] | None = None
