@@ -506,3 +506,20 @@ def test_copy_direct_refuses_what_it_cannot_do_in_one_memmove(ms: DmaMapSet) -> 
     ms.unmap(0x10000 + PAGE, PAGE)
     for fd in (a, b, ro, plain):
         os.close(fd)
+
+
+def test_copy_direct_many_stops_at_the_first_it_cannot_do_and_lets_go(ms: DmaMapSet) -> None:
+    a = map_memfd(ms, 0x10000, PAGE, name="many-a")
+    ms.map(0x50000, PAGE, RW, 0, None)                           # over the socket
+    os.pwrite(a, b"abcdefgh", 0)
+    copies = [(0x10000, 0x10100, 8), (0x10000, 0x10200, 8), (0x10000, 0x50000, 8),
+              (0x10000, 0x10300, 8)]
+    assert ms.copy_direct_many(copies) == 2
+    assert os.pread(a, 8, 0x100) == os.pread(a, 8, 0x200) == b"abcdefgh"
+    assert os.pread(a, 8, 0x300) == bytes(8)
+    told = iter([True, False])
+    assert ms.copy_direct_many(copies[3:] * 2, lambda: next(told)) == 1
+    assert os.pread(a, 8, 0x300) == b"abcdefgh"
+    assert ms.copy_direct_many([]) == 0
+    ms.unmap(0x10000, PAGE)           # no reference left behind: it does not wait
+    os.close(a)

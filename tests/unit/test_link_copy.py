@@ -118,3 +118,60 @@ def test_a_copy_past_the_mapped_memory_faults_before_touching_anything(copy_rig:
     with pytest.raises(LinkFault, match="bad DMA range"):
         r.ep.copy_clear(-1, DST, 16)
     assert r.mem(SIZE - 8, 8) == bytes(8)
+
+
+# -- several copies at once (a BATCH's run of COPYs) -------------------------------------------
+
+def test_many_copies_land_and_count_as_the_same_copies_one_by_one() -> None:
+    copies = [(SRC, DST, 4096), (SRC + 5, DST + 0x3000, 1000), (DST, SRC + 0x6000, 4096)]
+    with Rig(sealed=True) as many, Rig(sealed=True) as single:
+        for r in (many, single):
+            r.poke(SRC - GUEST, pattern(0x7000))
+        assert many.ep.copy_clear_many(copies) == 3
+        for src, dst, n in copies:
+            assert single.ep.copy_clear(src, dst, n, direct_only=True)
+        assert many.mem(0, SIZE) == single.mem(0, SIZE)
+        assert counts(many) == counts(single)
+
+
+def test_many_copies_stop_where_one_could_not_be_a_memmove() -> None:
+    """A copy into a trusted window, past the memory or with a bad range ends the run
+    there: those before it are done and counted, it and the rest are not touched."""
+    with Rig(sealed=True) as r:
+        r.rp.setup_stream(SID, RID, RID)
+        r.rp.authorise_window(RID, SID, GUEST + 0xC000, 0x1000)
+        r.poke(SRC - GUEST, pattern(64))
+        ends = {GUEST + 0xC000: "window", GUEST + SIZE - 8: "past the memory", -1: "bad"}
+        for bad_dst in ends:
+            before = counts(r)
+            copies = [(SRC, DST, 64), (SRC, bad_dst, 16), (SRC, DST + 0x100, 64)]
+            assert r.ep.copy_clear_many(copies) == 1, ends[bad_dst]
+            assert r.ep.counters["transfers"] - before["ep"] == 2     # type: ignore[operator]
+            assert r.mem(DST + 0x100 - GUEST, 64) == bytes(64)
+        assert r.mem(0xC000, 16) == bytes(16)
+
+
+def test_many_copies_ask_before_each_and_stop_when_told() -> None:
+    asked = 0
+
+    def proceed() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked <= 2
+    with Rig(sealed=True) as r:
+        r.poke(SRC - GUEST, pattern(64))
+        copies = [(SRC, DST + i * 0x100, 64) for i in range(4)]
+        assert r.ep.copy_clear_many(copies, proceed) == 2
+        assert asked == 3
+        assert [r.mem(DST + i * 0x100 - GUEST, 64) == pattern(64) for i in range(4)] == [
+            True, True, False, False]
+        assert r.link.counters["clear_transfers"] == 4
+
+
+def test_many_copies_on_a_watched_link_or_a_secure_stream_are_none(tmp_path: Path) -> None:
+    with Rig(tmp_path, capture=True, sealed=True) as tapped:
+        assert tapped.ep.copy_clear_many([(SRC, DST, 64)]) == 0
+    with Rig(sealed=True) as secure:
+        secure.secure()
+        assert secure.ep.copy_clear_many([(SRC, DST, 64)]) == 0
+        assert secure.link.counters["clear_transfers"] == 0
