@@ -30,7 +30,7 @@ from guest_agent.tdi_steps import (
 )
 from teeio import personality as personalities
 from teeio import tdi_verify
-from teeio.device_regs import DEVICE_ID_REG_VALUE, Op, R
+from teeio.device_regs import DEVICE_ID_REG_VALUE, Op, R, descriptor
 from teeio.ghcx.messages import (
     DmaAccept,
     DmaAcceptResponse,
@@ -44,6 +44,7 @@ __all__ = ["PAUSE_POINTS", "accept_request", "run"]
 
 HUGE_PAGE = 2 * 1024 * 1024
 SRC, DST, DIGEST = 0x0000, 0x40000, 0x80000
+BATCH_LIST, BATCH_DST = 0xC0000, 0xC1000     # a BATCH's descriptors, and its output
 
 
 def run(policy_path: Path, *, pause_at: str = "", sync_dir: Path = Path("/mnt/results"),
@@ -170,6 +171,16 @@ def _dma(report: dict[str, Any], checks: Checks, client: GhcxClient, d: Driver,
                digest=digest.hex(), **res)
     report["private_sha256"] = digest.hex()
     report["private_pattern"] = data[:32].hex()
+    # A BATCH: its descriptor list sits in the private buffer too, read with T=1.
+    fill = (pattern ^ 0xFFFF).to_bytes(4, "little") * 1024
+    private.write(BATCH_LIST, descriptor(Op.FILL, 0, private.phys + BATCH_DST, 4096,
+                                         pattern ^ 0xFFFF)
+                  + descriptor(Op.COPY, private.phys + SRC, private.phys + BATCH_DST + 4096,
+                               4096))
+    private.write(BATCH_DST, b"\x66" * 8192)
+    res = d.run_job(Op.BATCH, private.phys + BATCH_LIST, 0, 64)
+    checks.add("private_batch", res["done"] and private.read(BATCH_DST, 8192)
+               == fill + data[:4096], descriptors=2, **res)
     # T=1 DMA outside every window: refused at the root port, nothing lands.
     other.write(0, b"\x11" * 4096)
     res = d.run_job(Op.FILL, 0, other.phys, 4096, pattern)
