@@ -38,7 +38,8 @@ def test_demo_locks_attests_accepts_and_validates_dma(demo_run: tuple[int, str, 
     assert "FAIL" not in out
     for name in ("verify:chain", "verify:signature", "verify:nonce", "verify:measurements",
                  "verify:report_ranges", "accepted", "guest:private_sha256",
-                 "guest:unaccepted_buffer_refused", "guest:released_buffer_refused",
+                 "guest:private_batch", "guest:unaccepted_buffer_refused",
+                 "guest:released_buffer_refused",
                  "host_recomputes_sha256", "link_ciphertext_only"):
         assert f"[PASS] {name}:" in out, name
     summary = json.loads((tmp_path / "demo-summary.json").read_text())
