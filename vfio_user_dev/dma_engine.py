@@ -299,6 +299,8 @@ class DmaEngine:
                     job.done += done
                     i += done
                     continue
+                if job.generation != self.generation:
+                    break       # what stopped the run: a reset
             op, length, src, dst, pattern, reserved = descs[i]
             if op not in DESCRIPTOR_OPS or reserved:
                 return regs.DmaError.BAD_OPCODE, moved

@@ -175,3 +175,24 @@ def test_many_copies_on_a_watched_link_or_a_secure_stream_are_none(tmp_path: Pat
         secure.secure()
         assert secure.ep.copy_clear_many([(SRC, DST, 64)]) == 0
         assert secure.link.counters["clear_transfers"] == 0
+
+
+def test_a_window_granted_while_copies_run_stops_the_rest() -> None:
+    """The windows were looked at before the first copy: one granted between two copies
+    stops the run, and the copy into it is refused when done the ordinary way."""
+    asked = 0
+    with Rig(sealed=True) as r:
+        r.rp.setup_stream(SID, RID, RID)
+
+        def grant_before_second() -> bool:
+            nonlocal asked
+            asked += 1
+            if asked == 2:
+                r.rp.authorise_window(RID, SID, GUEST + 0xC000, 0x1000)
+            return True
+        r.poke(SRC - GUEST, b"evil" * 16)
+        copies = [(SRC, DST, 64), (SRC, GUEST + 0xC000, 64)]
+        assert r.ep.copy_clear_many(copies, grant_before_second) == 1
+        with pytest.raises(LinkFault, match="refused"):
+            r.ep.copy_clear(SRC, GUEST + 0xC000, 64)
+        assert r.mem(0xC000, 64) == bytes(64)

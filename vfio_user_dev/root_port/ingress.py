@@ -232,19 +232,25 @@ class Ingress:
         destination) that :meth:`clear_plan` would admit whole, refusing nothing, done by
         *copy* (outside the lock, as memory is always touched; *proceed* asked before
         each) and counted as those plans would count them.  Those before the first that
-        would not be admitted whole; how many *copy* did."""
+        would not be admitted whole; how many *copy* did.  A window granted meanwhile
+        stops it: the rest were checked against the windows before."""
         ctx = self._ctx
+        windows = self._windows
         with ctx.lock:
             owner = self._streams.of_rid(rid)
             if owner is not None and owner.is_secure() and owner.started:
                 return 0
-            touching = self._windows.touching
+            granted = windows.granted
+            touching = windows.touching
             n = 0
             for src, dst, length in copies:
                 if touching(src, length) is not None or touching(dst, length) is not None:
                     break
                 n += 1
-        done = copy(copies if n == len(copies) else copies[:n], proceed) if n else 0
+
+        def go_on() -> bool:    # the windows last, the nearest to the memmove
+            return (proceed is None or proceed()) and windows.granted == granted
+        done = copy(copies if n == len(copies) else copies[:n], go_on) if n else 0
         if done:
             with ctx.lock:
                 counters = ctx.counters

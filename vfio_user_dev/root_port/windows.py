@@ -129,6 +129,12 @@ class WindowTable:
                             reason=reason)
         return len(gone)
 
+    @property
+    def granted(self) -> int:
+        """How many windows were ever granted: a range found touching none is looked at
+        again once this moved."""
+        return self._next_window - 1
+
     # -- look-ups (under the lock) ------------------------------------------------------------
     def lookup(self, requester_id: int, stream_id: int | None, address: int,
                length: int) -> Window | None:
