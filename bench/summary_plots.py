@@ -150,7 +150,8 @@ def dma(plt: Any, docs: Docs) -> Any:
         _log2_sizes(ax, sizes, "size")
         ax.set_yscale("log")
         ax.set_ylabel("MB/s")
-        ax.set_title(op, fontsize=10)
+        ax.set_title(f"COPY, {mine[0].get('jobs_per_go', 64)} jobs per GO (BATCH)"
+                     if op == "COPY_BATCH" else op, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     if costs:
