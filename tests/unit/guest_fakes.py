@@ -21,7 +21,10 @@ from guest_agent import commands, selftest, testdata
 from guest_agent.ghcx_client import GhcxCallError, GhcxClient, GhcxSetupError
 from teeio.device_regs import (
     CMD_GO,
+    DESCRIPTOR,
+    DESCRIPTOR_SIZE,
     DEVICE_ID_REG_VALUE,
+    MAX_BATCH,
     MAX_DMA_LEN,
     DmaError,
     Irq,
@@ -183,12 +186,39 @@ class FakeBar:
         src = r[R.DMA_SRC_LO] | r[R.DMA_SRC_HI] << 32
         dst = r[R.DMA_DST_LO] | r[R.DMA_DST_HI] << 32
         n, op = r[R.DMA_LEN], self.last_op()
+        code = self._batch(src, n) if op == Op.BATCH else self._job(op, src, dst, n,
+                                                                    r[R.DMA_PATTERN])
+        if code == DmaError.NONE:
+            r[R.STATUS] = St.DONE
+            r[R.DMA_JOBS] += 1
+            r[R.INT_STATUS] |= Irq.DMA_DONE
+        else:
+            r[R.STATUS] = St.ERROR | code << 8
+            r[R.INT_STATUS] |= Irq.DMA_ERROR
+
+    def _batch(self, table: int, n: int) -> DmaError:
+        """A BATCH: the descriptors in order, up to the first that fails."""
+        if n % DESCRIPTOR_SIZE or not 0 < n <= DESCRIPTOR_SIZE * MAX_BATCH:
+            return DmaError.BAD_LENGTH
+        if not self._in_window(table, n):
+            return DmaError.FAULT
+        self.r[R.BATCH_DONE] = 0
+        for op, length, src, dst, pattern, reserved in DESCRIPTOR.iter_unpack(
+                self.mem.dma_read(table, n)):
+            code = (DmaError.BAD_OPCODE if op == Op.BATCH or reserved
+                    else self._job(op, src, dst, length, pattern))
+            if code != DmaError.NONE:
+                return code
+            self.r[R.BATCH_DONE] += 1
+        return DmaError.NONE
+
+    def _job(self, op: int, src: int, dst: int, n: int, pattern: int) -> DmaError:
         code = DmaError.NONE
         if not 0 < n <= MAX_DMA_LEN:
             code = DmaError.BAD_LENGTH
         elif op == Op.FILL:
             if self._in_window(dst, n):
-                self.mem.dma_write(dst, testdata.fill_bytes(r[R.DMA_PATTERN], n))
+                self.mem.dma_write(dst, testdata.fill_bytes(pattern, n))
             else:
                 code = DmaError.FAULT
         elif op == Op.COPY:
@@ -203,13 +233,7 @@ class FakeBar:
                 code = DmaError.FAULT
         else:
             code = DmaError.BAD_OPCODE
-        if code == DmaError.NONE:
-            r[R.STATUS] = St.DONE
-            r[R.DMA_JOBS] += 1
-            r[R.INT_STATUS] |= Irq.DMA_DONE
-        else:
-            r[R.STATUS] = St.ERROR | code << 8
-            r[R.INT_STATUS] |= Irq.DMA_ERROR
+        return code
 
     def last_op(self) -> int:
         return next(v for o, v in reversed(self.writes) if o == R.DMA_CMD) & 0xF

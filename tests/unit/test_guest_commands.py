@@ -470,6 +470,7 @@ def test_accept_whole_flow_over_typed_messages(monkeypatch: pytest.MonkeyPatch) 
     assert rep["window"] == {"window_id": 8} and rep["window_released"] == 8
     assert all(c["ok"] for c in rep["checks"]), rep["checks"]
     assert {c["name"] for c in rep["checks"]} >= {"mmio_blocked_when_locked", "mmio_in_run",
+                                                  "private_batch",
                                                   "unaccepted_buffer_refused",
                                                   "released_buffer_refused"}
     assert tsm.state == "RUN" and tsm.windows == {}
