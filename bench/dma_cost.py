@@ -184,21 +184,25 @@ class Goal(TypedDict):
 
 
 # -- driving jobs -------------------------------------------------------------------------------
+def chunks(size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the jobs of at most MAX_DMA_LEN bytes one *size* operation is."""
+    return [(off, min(MAX_DMA_LEN, size - off)) for off in range(0, size, MAX_DMA_LEN)]
+
+
 def job_runner(drv: DmaDriver, op: Op, size: int) -> Callable[[], None]:
     """One *size* operation: consecutive jobs of at most MAX_DMA_LEN bytes each."""
-    chunks = [(off, min(MAX_DMA_LEN, size - off)) for off in range(0, size, MAX_DMA_LEN)]
+    parts = chunks(size)
     src, dst = GUEST_BASE + SRC_OFF, GUEST_BASE + DST_OFF
 
     def run() -> None:
-        for off, n in chunks:
+        for off, n in parts:
             drv.run(op, src + off, dst + off, n, FILL_PATTERN)
     return run
 
 
 def check_result(mm: mmap.mmap, op: Op, size: int) -> None:
     """The destination holds what one run of *op* over *size* bytes must leave."""
-    for off in range(0, size, MAX_DMA_LEN):
-        n = min(MAX_DMA_LEN, size - off)
+    for off, n in chunks(size):
         src, dst = SRC_OFF + off, DST_OFF + off
         if op == Op.COPY:
             ok = mm[dst:dst + n] == mm[src:src + n]
@@ -321,32 +325,44 @@ def throughput(srv: ServerProcess, c: Client, mm: mmap.mmap, s: CostSettings,
 def _point(srv: ServerProcess, drv: DmaDriver, mm: mmap.mmap, view: memoryview, op: Op,
            size: int, s: CostSettings) -> ThroughputPoint:
     job = job_runner(drv, op, size)
-    jobs = -(-size // MAX_DMA_LEN)
+    parts = chunks(size)
     mm[DST_OFF:DST_OFF + size] = bytes(size)
     job()
     check_result(mm, op, size)
 
+    def sha() -> None:
+        for off, n in parts:
+            hashlib.sha256(view[SRC_OFF + off:SRC_OFF + off + n])
+
+    # each job clock covers one of the op's jobs
+    return _alternate(srv, op.name, size, job, size, size / len(parts), 1, view, s,
+                      sha if op == Op.SHA256 else None)
+
+
+def _alternate(srv: ServerProcess, op: str, size: int, run: Callable[[], None], moved: int,
+               per_clock: float, jobs_per_go: int, view: memoryview, s: CostSettings,
+               hashed_too: Callable[[], None] | None = None) -> ThroughputPoint:
+    """The point of *op* at *size*: *run* (which moves *moved* bytes; the server's job
+    clock covers *per_clock* of them) against memcpy of *size* bytes[, and *hashed_too*],
+    alternating over the rounds: engine, memcpy, engine, memcpy ..."""
+
     def memcpy() -> None:
         view[DST_OFF:DST_OFF + size] = view[SRC_OFF:SRC_OFF + size]
 
-    def sha() -> None:
-        for off in range(0, size, MAX_DMA_LEN):
-            hashlib.sha256(view[SRC_OFF + off:SRC_OFF + off + min(MAX_DMA_LEN, size - off)])
-
     e2e, server, base, hashed = [], [], [], []
-    for _ in range(s.rounds):           # engine, memcpy, engine, memcpy ...
+    for _ in range(s.rounds):
         srv.command("reset")
-        reps, ns = timed(job, s)
-        e2e.append(mbps(size * reps, ns))
+        reps, ns = timed(run, s)
+        e2e.append(mbps(moved * reps, ns))
         job_us = srv.command("report")["steps"]["job"]["wall_median_us"]
-        server.append(size / (job_us * jobs) if job_us else 0.0)
+        server.append(per_clock / job_us if job_us else 0.0)
         reps, ns = timed(memcpy, s)
         base.append(mbps(size * reps, ns))
-        if op == Op.SHA256:
-            reps, ns = timed(sha, s)
+        if hashed_too is not None:
+            reps, ns = timed(hashed_too, s)
             hashed.append(mbps(size * reps, ns))
     return ThroughputPoint(
-        op=op.name, size=size, jobs_per_op=jobs, jobs_per_go=1,
+        op=op, size=size, jobs_per_op=len(chunks(size)), jobs_per_go=jobs_per_go,
         engine_end_to_end_MBps=spread(e2e, 2),
         engine_server_MBps=spread(server, 2), memcpy_MBps=spread(base, 2),
         hashlib_MBps=spread(hashed, 2) if hashed else None,
@@ -367,11 +383,11 @@ class BatchDriver:
     def load(self, size: int) -> int:
         """The list for COPY of *size* bytes (SRC_OFF to DST_OFF), repeated to fill a
         batch; how many times per GO."""
-        chunks = [(off, min(MAX_DMA_LEN, size - off)) for off in range(0, size, MAX_DMA_LEN)]
-        reps = MAX_BATCH // len(chunks)
+        parts = chunks(size)
+        reps = MAX_BATCH // len(parts)
         src, dst = GUEST_BASE + SRC_OFF, GUEST_BASE + DST_OFF
         table = b"".join(descriptor(Op.COPY, src + off, dst + off, n)
-                         for off, n in chunks) * reps
+                         for off, n in parts) * reps
         self.mm[LIST_OFF:LIST_OFF + len(table)] = table
         self.length = len(table)
         return reps
@@ -410,28 +426,11 @@ def batch_throughput(srv: ServerProcess, c: Client, mm: mmap.mmap, irq: int,
             mm[DST_OFF:DST_OFF + size] = bytes(size)
             drv.run()
             check_result(mm, Op.COPY, size)
-            if (done := c.read32(BAR0, R.BATCH_DONE)) != reps * -(-size // MAX_DMA_LEN):
+            if (done := c.read32(BAR0, R.BATCH_DONE)) != drv.length // DESCRIPTOR_SIZE:
                 raise RuntimeError(f"BATCH of COPY {size}: BATCH_DONE {done}")
-
-            def memcpy(n: int = size) -> None:
-                view[DST_OFF:DST_OFF + n] = view[SRC_OFF:SRC_OFF + n]
-
-            e2e, server, base = [], [], []
-            for _ in range(s.rounds):
-                srv.command("reset")
-                n, ns = timed(drv.run, s)
-                e2e.append(mbps(size * reps * n, ns))
-                job_us = srv.command("report")["steps"]["job"]["wall_median_us"]
-                server.append(size * reps / job_us if job_us else 0.0)
-                n, ns = timed(memcpy, s)
-                base.append(mbps(size * n, ns))
-            out.append(ThroughputPoint(
-                op=BATCH_OP, size=size, jobs_per_op=-(-size // MAX_DMA_LEN),
-                jobs_per_go=drv.length // DESCRIPTOR_SIZE,
-                engine_end_to_end_MBps=spread(e2e, 2), engine_server_MBps=spread(server, 2),
-                memcpy_MBps=spread(base, 2), hashlib_MBps=None,
-                ratio_end_to_end=spread([e / b for e, b in zip(e2e, base, strict=True)], 4),
-                ratio_server=spread([e / b for e, b in zip(server, base, strict=True)], 4)))
+            # one job clock covers the whole batch
+            out.append(_alternate(srv, BATCH_OP, size, drv.run, size * reps, size * reps,
+                                  drv.length // DESCRIPTOR_SIZE, view, s))
     finally:
         view.release()
     return out
