@@ -394,7 +394,7 @@ def _copy_run(descs: list[tuple[int, ...]], start: int) -> Iterator[Copy]:
     """The COPY descriptors from *start* on that are well formed, as (source,
     destination, length), up to the first that is not."""
     for op, length, src, dst, _pattern, reserved in descs[start:]:
-        if op != _COPY or reserved or not 0 < length <= regs.MAX_DMA_LEN:
+        if op != _COPY or reserved or not valid_length(op, length):
             return
         yield src, dst, length
 

@@ -79,9 +79,9 @@ def one_input(data: bytes) -> None:
         plat.region_write(PciRegion.CONFIG, Reg.COMMAND, command.to_bytes(2, "little"))
         if sel & 2:
             plat.link.inject(Fault(FaultKind.DROP, nth=1 << 30))     # watched, never fires
-        for reg, value in ((R.DMA_SRC_LO, LIST), (R.DMA_SRC_HI, GUEST >> 32),
+        for reg, value in ((R.DMA_SRC_LO, GUEST + LIST), (R.DMA_SRC_HI, (GUEST + LIST) >> 32),
                            (R.DMA_LEN, length)):
-            _bar0_write(plat, reg, GUEST + value if reg == R.DMA_SRC_LO else value)
+            _bar0_write(plat, reg, value)            # the low word: masked to 32 bits
         ended = threading.Event()           # the engine calls listeners after each job
         plat.device.listeners.append(lambda _dev: ended.set())
         _bar0_write(plat, R.DMA_CMD, CMD_GO | Op.BATCH)

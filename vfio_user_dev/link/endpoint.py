@@ -193,23 +193,27 @@ class LinkEndpoint:
         reads and writes."""
         if length <= 0:
             return True
-        if src < 0 or dst < 0 or (src if src > dst else dst) + length > _ADDRESS_END:
+        if not _copy_in_range(src, dst, length):
             _check_dma_range(src, length)      # raises, saying which
             _check_dma_range(dst, length)
         link = self.link
         if link is None:
             raise LinkFault("device is not connected to a link")
+        if not self._clear_path(link):
+            return False
+        if not link.clear_copy(self.requester_id, src, dst, length, direct_only=direct_only):
+            return False
+        self.counters["transfers"] += 2
+        return True
+
+    def _clear_path(self, link: UpstreamPort) -> bool:
+        """Whether DMA may skip the TLPs: nobody watches *link* and no stream is in use."""
         if link.tapped:
             return False
         with self._ide_lock:
             # A Secure stream carries every DMA (T=0 too); one that was used (started)
             # is looked at by the TLP path, which drops it once it is no longer Secure.
-            if self._started or self._any_secure():
-                return False
-        if not link.clear_copy(self.requester_id, src, dst, length, direct_only=direct_only):
-            return False
-        self.counters["transfers"] += 2
-        return True
+            return not (self._started or self._any_secure())
 
     def copy_clear_many(self, copies: Sequence[Copy],
                         proceed: Callable[[], bool] | None = None) -> int:
@@ -219,16 +223,12 @@ class LinkEndpoint:
         bad range included).  How many: the caller does the next one otherwise."""
         n = 0
         for src, dst, length in copies:
-            if length <= 0 or src < 0 or dst < 0 or (src if src > dst else dst) + length \
-                    > _ADDRESS_END:
+            if length <= 0 or not _copy_in_range(src, dst, length):
                 break
             n += 1
         link = self.link
-        if not n or link is None or link.tapped:
+        if not n or link is None or not self._clear_path(link):
             return 0
-        with self._ide_lock:
-            if self._started or self._any_secure():
-                return 0
         done = link.clear_copy_many(self.requester_id,
                                     copies if n == len(copies) else copies[:n], proceed)
         self.counters["transfers"] += 2 * done
@@ -470,6 +470,11 @@ def _never() -> bool:
 
 
 _ADDRESS_END = 1 << 64
+
+
+def _copy_in_range(src: int, dst: int, length: int) -> bool:
+    """Whether both ranges of a copy lie in the 64-bit address space."""
+    return src >= 0 and dst >= 0 and (src if src > dst else dst) + length <= _ADDRESS_END
 
 
 def _check_dma_range(address: int, length: int) -> None:
